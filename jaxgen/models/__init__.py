@@ -1,0 +1,17 @@
+"""Model registry: `model.kind` in the config picks the constructor."""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from jaxgen.models.transformer import Transformer
+
+# jaxgen places every array itself (abstract state -> shardings -> jit), so
+# variables must not try to shard themselves when created.
+nnx.use_eager_sharding(False)
+
+MODELS = {"transformer": Transformer}
+
+
+def build_model(cfg, rngs: nnx.Rngs) -> nnx.Module:
+    return MODELS[cfg.kind](cfg, rngs)

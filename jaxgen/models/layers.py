@@ -1,0 +1,98 @@
+"""Building blocks shared by the model families.
+
+Shape letters: B batch, L length, D model width, H query heads, K key/value
+heads, Dh head width, F MLP width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def matmul(x: jax.Array, w: jax.Array, compute_dtype) -> jax.Array:
+    """x @ w with inputs in compute_dtype, accumulated and returned in float32.
+
+    Contracting the last axis of x against the first of w keeps every matmul a
+    plain 2-D GEMM after XLA folds the leading axes, which is much faster on CPU
+    than batched 3-D contractions.
+    """
+    return jnp.dot(x.astype(compute_dtype), w.astype(compute_dtype), preferred_element_type=jnp.float32)
+
+
+class Linear(nnx.Module):
+    """A bias-free projection whose weight carries logical axis names."""
+
+    def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], *, std: float, param_dtype, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(std)
+        self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), param_dtype), out_sharding=axes)
+
+    def __call__(self, x: jax.Array, compute_dtype) -> jax.Array:
+        return matmul(x, self.kernel[...], compute_dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, eps: float, param_dtype, axis_name: str = "norm"):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(axis_name,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # Statistics in float32 whatever the compute dtype.
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return normed * self.scale[...].astype(jnp.float32)
+
+
+def rope_tables(positions_BL: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of shape (B, L, Dh/2) for rotary position embedding."""
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles_BLd = positions_BL[..., None].astype(jnp.float32) * inv_freq
+    return jnp.cos(angles_BLd), jnp.sin(angles_BLd)
+
+
+def apply_rope(x_BLHd: jax.Array, cos_BLd: jax.Array, sin_BLd: jax.Array) -> jax.Array:
+    """Rotate the two halves of each head (the Hugging Face Llama layout, so exports need no permutation)."""
+    half = x_BLHd.shape[-1] // 2
+    x1, x2 = x_BLHd[..., :half], x_BLHd[..., half:]
+    cos, sin = cos_BLd[:, :, None, :], sin_BLd[:, :, None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BLHd.dtype)
+
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole layer
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat(fn, policy: str):
+    """Wrap a layer function in jax.checkpoint per the configured policy ('none' leaves it alone)."""
+    if policy == "none":
+        return fn
+    return jax.checkpoint(fn, policy=REMAT_POLICIES[policy], prevent_cse=False)
+
+
+def run_stacked(layers: nnx.Module, body, carry, *, scan: bool, remat_policy: str):
+    """Apply a stack of layers created with a leading 'layers' axis.
+
+    `body(layer, carry) -> carry`. With `scan` one layer is compiled and looped
+    (fast compile, what large models need); without it the stack is unrolled,
+    which gives XLA more room to fuse on small models. Parameters are laid out
+    the same way either way, so checkpoints do not depend on the choice.
+    """
+    graphdef, state = nnx.split(layers)
+
+    def step(carry, layer_state):
+        return body(nnx.merge(graphdef, layer_state), carry), None
+
+    step = remat(step, remat_policy)
+    if scan:
+        carry, _ = jax.lax.scan(step, carry, state)
+        return carry
+    n_layers = jax.tree.leaves(state)[0].shape[0]
+    for i in range(n_layers):
+        carry, _ = step(carry, jax.tree.map(lambda a: a[i], state))
+    return carry

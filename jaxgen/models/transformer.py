@@ -1,0 +1,142 @@
+"""Decoder-only Llama-family transformer in Flax NNX.
+
+RMSNorm, rotary positions, grouped-query causal attention through
+`jax.nn.dot_product_attention` (cuDNN flash attention on GPUs when asked),
+SwiGLU MLP, optional tied embeddings, layers stacked and scanned.
+
+Shape letters: B batch, L length, D d_model, H query heads, K kv heads,
+Dh head_dim, F d_ff, V vocab. Logical parameter axes: vocab, embed, q_heads,
+kv_heads, mlp, norm, layers.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxgen.config import TransformerConfig
+from jaxgen.models.layers import DTYPES, Linear, RMSNorm, apply_rope, matmul, rope_tables, run_stacked
+from jaxgen.sharding import constrain
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, h, k, dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
+        pd, std = DTYPES[cfg.param_dtype], cfg.init_std
+        out_std = std / (2 * cfg.n_layers) ** 0.5  # residual branches start small
+        self.wq = Linear(d, h * dh, ("embed", "q_heads"), std=std, param_dtype=pd, rngs=rngs)
+        self.wk = Linear(d, k * dh, ("embed", "kv_heads"), std=std, param_dtype=pd, rngs=rngs)
+        self.wv = Linear(d, k * dh, ("embed", "kv_heads"), std=std, param_dtype=pd, rngs=rngs)
+        self.wo = Linear(h * dh, d, ("q_heads", "embed"), std=out_std, param_dtype=pd, rngs=rngs)
+
+    def __call__(self, x_BLD: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        cd = DTYPES[cfg.compute_dtype]
+        b, l, _ = x_BLD.shape
+        dh = cfg.resolved_head_dim
+        q_BLHd = self.wq(x_BLD, cd).reshape(b, l, cfg.n_heads, dh)
+        k_BLKd = self.wk(x_BLD, cd).reshape(b, l, cfg.n_kv_heads, dh)
+        v_BLKd = self.wv(x_BLD, cd).reshape(b, l, cfg.n_kv_heads, dh)
+        q_BLHd = constrain(apply_rope(q_BLHd, cos, sin), ("act_batch", "act_length", "act_heads", None))
+        k_BLKd = constrain(apply_rope(k_BLKd, cos, sin), ("act_batch", "act_length", "act_kv_heads", None))
+        v_BLKd = constrain(v_BLKd, ("act_batch", "act_length", "act_kv_heads", None))
+        out_BLHd = jax.nn.dot_product_attention(
+            q_BLHd.astype(cd), k_BLKd.astype(cd), v_BLKd.astype(cd), is_causal=True,
+            implementation=cfg.attention,
+        )
+        return self.wo(out_BLHd.reshape(b, l, cfg.n_heads * dh), cd)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, f = cfg.d_model, cfg.d_ff
+        pd, std = DTYPES[cfg.param_dtype], cfg.init_std
+        self.w_gate = Linear(d, f, ("embed", "mlp"), std=std, param_dtype=pd, rngs=rngs)
+        self.w_up = Linear(d, f, ("embed", "mlp"), std=std, param_dtype=pd, rngs=rngs)
+        self.w_down = Linear(f, d, ("mlp", "embed"), std=std / (2 * cfg.n_layers) ** 0.5, param_dtype=pd, rngs=rngs)
+
+    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+        cd = DTYPES[self.cfg.compute_dtype]
+        h_BLF = jax.nn.silu(self.w_gate(x_BLD, cd)) * self.w_up(x_BLD, cd)
+        h_BLF = constrain(h_BLF, ("act_batch", "act_length", "act_mlp"))
+        return self.w_down(h_BLF, cd)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+        pd = DTYPES[cfg.param_dtype]
+        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x_BLD: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), cos, sin)
+        x_BLD = x_BLD + self.mlp(self.mlp_norm(x_BLD))
+        return constrain(x_BLD, ("act_batch", "act_length", "act_embed"))
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pd = DTYPES[cfg.param_dtype]
+        init = nnx.initializers.normal(cfg.init_std)
+        self.embed = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.d_model), pd), out_sharding=("vocab", "embed"))
+
+        @nnx.split_rngs(splits=cfg.n_layers)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_layers(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, rngs)
+
+        self.layers = make_layers(rngs)
+        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
+        if not cfg.tie_embeddings:
+            self.lm_head = Linear(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), std=cfg.init_std, param_dtype=pd, rngs=rngs)
+
+    def __call__(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None) -> jax.Array:
+        """Logits (B, L, V) in float32."""
+        cfg = self.cfg
+        cd = DTYPES[cfg.compute_dtype]
+        if positions_BL is None:
+            positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+        # Gather from a whole table: a lookup into a vocab- or embed-sharded table
+        # makes the SPMD partitioner fall back to replicating it anyway, less efficiently.
+        table_VD = constrain(self.embed[...], (None, None))
+        x_BLD = jnp.take(table_VD, tokens_BL, axis=0).astype(jnp.float32)
+        x_BLD = constrain(x_BLD, ("act_batch", "act_length", "act_embed"))
+        cos, sin = rope_tables(positions_BL, cfg.resolved_head_dim, cfg.rope_theta)
+        x_BLD = run_stacked(
+            self.layers, lambda layer, x: layer(x, cos, sin), x_BLD, scan=cfg.scan_layers, remat_policy=cfg.remat
+        )
+        x_BLD = self.final_norm(x_BLD)
+        if cfg.tie_embeddings:
+            logits_BLV = matmul(x_BLD, self.embed[...].T, cd)
+        else:
+            logits_BLV = self.lm_head(x_BLD, cd)
+        return constrain(logits_BLV, ("act_batch", "act_length", "act_vocab"))
+
+
+def param_count(cfg: TransformerConfig) -> int:
+    """Closed-form parameter count, used by tests and reports."""
+    d, f, dh = cfg.d_model, cfg.d_ff, cfg.resolved_head_dim
+    attn = d * cfg.n_heads * dh * 2 + d * cfg.n_kv_heads * dh * 2
+    per_layer = attn + 3 * d * f + 2 * d
+    head = 0 if cfg.tie_embeddings else d * cfg.vocab_size
+    return cfg.vocab_size * d + cfg.n_layers * per_layer + d + head
+
+
+def flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), PaLM appendix B convention.
+
+    6 x (parameters that take part in matmuls: every layer weight and the
+    output projection, not the embedding gather) + 12 x layers x heads x
+    head_dim x seq_len for the attention scores and weighted sum (counted for
+    the full square, which is what the XLA kernel computes).
+    """
+    d, f, dh = cfg.d_model, cfg.d_ff, cfg.resolved_head_dim
+    matmul_params = cfg.n_layers * (d * cfg.n_heads * dh * 2 + d * cfg.n_kv_heads * dh * 2 + 3 * d * f)
+    matmul_params += d * cfg.vocab_size
+    return 6.0 * matmul_params + 12.0 * cfg.n_layers * cfg.n_heads * dh * seq_len

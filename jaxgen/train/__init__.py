@@ -1,0 +1,1 @@
+"""Train state, optimizer, tasks, the pure step and the loop."""

@@ -1,0 +1,95 @@
+"""The pure train and eval steps, and their compilation with explicit shardings."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxgen.sharding import BATCH_AXES, Rules, activation_rules, replicated
+from jaxgen.train.state import StateLayout, TrainState
+from jaxgen.train.tasks import Task
+
+
+def _split_microbatches(batch: dict, n: int) -> dict:
+    """(B, ...) -> (n, B/n, ...), microbatch m = rows m, m+n, m+2n, ...
+
+    Striding keeps every microbatch spread over all data-parallel devices
+    instead of putting whole microbatches on a few of them.
+    """
+    return jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    graphdef: nnx.GraphDef, microbatches: int) -> Callable:
+    def summed_loss(params, batch, rng):
+        return task.loss(nnx.merge(graphdef, params), batch, rng)
+
+    grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(state.rng, state.step)
+        if microbatches == 1:
+            (loss_sum, weight), grads = grad_fn(state.params, batch, rng)
+        else:
+            def accumulate(carry, micro):
+                i, micro_batch = micro
+                (l, w), g = grad_fn(state.params, micro_batch, jax.random.fold_in(rng, i))
+                acc_l, acc_w, acc_g = carry
+                return (acc_l + l, acc_w + w, jax.tree.map(jnp.add, acc_g, g)), None
+
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            micro = (jnp.arange(microbatches), _split_microbatches(batch, microbatches))
+            (loss_sum, weight, grads), _ = jax.lax.scan(accumulate, (0.0, 0.0, zeros), micro)
+        weight = jnp.maximum(weight, 1.0)
+        grads = jax.tree.map(lambda g, p: (g / weight).astype(p.dtype), grads, state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss_sum / weight,
+            "grad_norm": optax.tree.norm(grads),
+            "lr": schedule(state.step),
+        }
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def make_eval_step(task: Task, graphdef: nnx.GraphDef) -> Callable:
+    def eval_step(params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
+        return task.loss(nnx.merge(graphdef, params), batch, jax.random.PRNGKey(0))
+
+    return eval_step
+
+
+def with_rules(fn: Callable, mesh: Mesh, rules: Rules) -> Callable:
+    """Trace `fn` with the activation sharding rules active."""
+    def wrapped(*args):
+        with activation_rules(mesh, rules):
+            return fn(*args)
+
+    return wrapped
+
+
+def compile_train_step(train_step: Callable, layout: StateLayout, mesh: Mesh, rules: Rules) -> Callable:
+    """jit with the state's shardings in and out; the old state's buffers are donated."""
+    batch_spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(BATCH_AXES))
+    return jax.jit(
+        with_rules(train_step, mesh, rules),
+        in_shardings=(layout.shardings, batch_spec),
+        out_shardings=(layout.shardings, replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+def compile_eval_step(eval_step: Callable, layout: StateLayout, mesh: Mesh, rules: Rules) -> Callable:
+    batch_spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(BATCH_AXES))
+    return jax.jit(
+        with_rules(eval_step, mesh, rules),
+        in_shardings=(layout.shardings.params, batch_spec),
+        out_shardings=replicated(mesh),
+    )

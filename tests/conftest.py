@@ -1,0 +1,28 @@
+"""Every test sees 8 simulated CPU devices; this must run before JAX initialises.
+
+XLA_FLAGS (rather than jax.config) so that CLI runs in subprocesses get them too.
+"""
+
+import os
+import pathlib
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from jaxgen.config import Config, load_config  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "configs" / "lm_tiny.yaml"
+
+
+def tiny_config(*overrides: str) -> Config:
+    return load_config(TINY_CONFIG, list(overrides))
+
+
+@pytest.fixture(scope="session")
+def devices():
+    assert len(jax.devices()) == 8, "tests need 8 simulated CPU devices"
+    return jax.devices()

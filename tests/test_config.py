@@ -1,0 +1,70 @@
+"""A user's config mistakes each get one clear message before any device work."""
+
+import pytest
+
+from jaxgen.config import Config, ConfigError, load_config, parse_overrides
+from jaxgen.sharding import mesh_shape
+
+from conftest import TINY_CONFIG, tiny_config
+
+
+def test_yaml_then_overrides():
+    cfg = tiny_config("train.steps=50", "mesh.fsdp=4", "optimizer.clip_norm=null")
+    assert cfg.train.steps == 50
+    assert cfg.mesh.fsdp == 4
+    assert cfg.optimizer.clip_norm is None
+    assert cfg.model.d_model == 64  # from the YAML file
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = tiny_config("sharding.preset=tp", "sharding.rules.embed=fsdp")
+    path = tmp_path / "config.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path) == cfg
+
+
+def test_config_is_frozen():
+    with pytest.raises(Exception):
+        Config().train.steps = 3
+
+
+def test_unknown_key_names_closest_valid_key():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.stpes'.*Did you mean 'train.steps'"):
+        tiny_config("train.stpes=5")
+    with pytest.raises(ConfigError, match=r"unknown config key 'modle'.*Did you mean 'model'"):
+        load_config(None, ["modle.d_model=3"])
+
+
+def test_wrong_type_names_field_and_expected_type():
+    with pytest.raises(ConfigError, match=r"'train.steps' = 'many'.*expected int"):
+        tiny_config("train.steps=many")
+    with pytest.raises(ConfigError, match=r"'sharding.preset' = 'zero3'.*'dp', 'fsdp', 'tp' or 'fsdp_tp'"):
+        tiny_config("sharding.preset=zero3")
+
+
+def test_cross_field_errors_name_both_values():
+    with pytest.raises(ConfigError, match=r"model.n_heads=4 must be a multiple of model.n_kv_heads=3"):
+        tiny_config("model.n_kv_heads=3")
+    with pytest.raises(ConfigError, match=r"data.seq_len=128 exceeds model.max_seq_len=64"):
+        tiny_config("data.seq_len=128")
+
+
+def test_bad_override_syntax_and_missing_file():
+    with pytest.raises(ConfigError, match="not of the form section.key=value"):
+        parse_overrides(["train.steps"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(TINY_CONFIG.with_name("nope.yaml"))
+
+
+def test_mesh_product_must_match_devices():
+    with pytest.raises(ConfigError, match=r"the mesh has 6 devices but 8 are present"):
+        mesh_shape(tiny_config("mesh.data=3", "mesh.fsdp=2").mesh, 8)
+    with pytest.raises(ConfigError, match=r"only one mesh axis may be -1"):
+        mesh_shape(tiny_config("mesh.data=-1", "mesh.fsdp=-1").mesh, 8)
+    with pytest.raises(ConfigError, match=r"use 3 devices, which does not divide the 8"):
+        mesh_shape(tiny_config("mesh.fsdp=3").mesh, 8)
+
+
+def test_minus_one_fills_remaining_devices():
+    assert mesh_shape(tiny_config("mesh.data=-1", "mesh.tensor=2").mesh, 8) == (4, 1, 2)
+    assert mesh_shape(tiny_config("mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=2").mesh, 8) == (1, 4, 2)

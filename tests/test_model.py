@@ -1,0 +1,74 @@
+"""The transformer: causal, the size the formula says, and layout-independent."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxgen.models import build_model
+from jaxgen.models.transformer import param_count
+
+from conftest import tiny_config
+
+
+def logits(cfg, tokens, seed=0):
+    return build_model(cfg.model, nnx.Rngs(seed))(tokens)
+
+
+@pytest.fixture
+def tokens():
+    return jax.random.randint(jax.random.PRNGKey(1), (2, 32), 0, 512)
+
+
+def test_causal_future_tokens_never_change_past_logits(tokens):
+    cfg = tiny_config()
+    t = 12
+    changed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 7) % 512)
+    before, after = logits(cfg, tokens), logits(cfg, changed)
+    np.testing.assert_array_equal(before[:, : t + 1], after[:, : t + 1])
+    assert not np.allclose(before[:, t + 1:], after[:, t + 1:])
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_param_count_matches_formula(tie, kv_heads):
+    cfg = tiny_config(f"model.tie_embeddings={tie}", f"model.n_kv_heads={kv_heads}").model
+    abstract = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0)))
+    counted = sum(x.size for x in jax.tree.leaves(nnx.state(abstract)))
+    assert counted == param_count(cfg)
+    d, v, f, L = 64, 512, 192, 2
+    attn = 2 * d * d + 2 * d * (kv_heads * 16)
+    assert counted == v * d + L * (attn + 3 * d * f + 2 * d) + d + (0 if tie else d * v)
+
+
+@pytest.mark.parametrize("override", ["model.scan_layers=false", "model.remat=full", "model.remat=dots_saveable"])
+def test_layer_scan_and_remat_do_not_change_the_function(tokens, override):
+    base, variant = tiny_config(), tiny_config(override)
+
+    def loss_and_grad(cfg):
+        model = build_model(cfg.model, nnx.Rngs(0))
+        graphdef, params = nnx.split(model)
+        f = lambda p: jnp.mean(nnx.merge(graphdef, p)(tokens) ** 2)
+        return jax.value_and_grad(f)(params)
+
+    (l0, g0), (l1, g1) = loss_and_grad(base), loss_and_grad(variant)
+    np.testing.assert_allclose(l0, l1, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g0, g1)
+
+
+def test_bf16_compute_with_f32_params(tokens):
+    cfg = tiny_config("model.compute_dtype=bfloat16")
+    model = build_model(cfg.model, nnx.Rngs(0))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model)))
+    out = model(tokens)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, logits(tiny_config(), tokens), atol=0.05)
+
+
+def test_gradients_reach_every_parameter(tokens):
+    model = build_model(tiny_config().model, nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    grads = jax.grad(lambda p: jnp.mean(nnx.merge(graphdef, p)(tokens) ** 2))(params)
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        assert float(jnp.abs(g).max()) > 0, jax.tree_util.keystr(path)

@@ -1,0 +1,102 @@
+"""Sharded training equals one device, under every preset; placement follows the rules."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxgen.data.pipeline import to_global
+from jaxgen.sharding import make_mesh
+from jaxgen.train.build import build_training
+
+from conftest import tiny_config
+
+STEPS = 3
+# Adam divides by sqrt(v) + eps, so a gradient element near zero turns float
+# reordering noise (~1e-9) into an update difference of up to lr. A larger eps
+# bounds that amplification and lets the comparison stay tight.
+ADAM_EPS = "optimizer.eps=1e-3"
+
+
+def random_batches(cfg, n):
+    rng = np.random.default_rng(0)
+    b, l = cfg.data.batch_size, cfg.data.seq_len
+    windows = rng.integers(0, cfg.model.vocab_size, size=(n, b, l + 1), dtype=np.int32)
+    return [{"inputs": w[:, :-1], "targets": w[:, 1:], "weights": np.ones((b, l), np.float32)} for w in windows]
+
+
+def train_steps(cfg, devices):
+    training = build_training(cfg, make_mesh(cfg.mesh, devices))
+    state = training.init_state()
+    losses = []
+    for batch in random_batches(cfg, STEPS):
+        state, metrics = training.train_step(state, to_global(batch, training.mesh))
+        losses.append(float(metrics["loss"]))
+    return losses, state, training
+
+
+@pytest.fixture(scope="module")
+def single_device():
+    losses, state, _ = train_steps(tiny_config("mesh.data=1", ADAM_EPS), jax.devices()[:1])
+    return losses, jax.device_get(state.params)
+
+
+@pytest.mark.parametrize(
+    "preset,mesh",
+    [("dp", (2, 2, 2)), ("fsdp", (2, 2, 2)), ("tp", (2, 2, 2)), ("fsdp_tp", (2, 2, 2)), ("fsdp_tp", (1, 4, 2))],
+)
+def test_sharded_step_equals_single_device(single_device, devices, preset, mesh):
+    d, f, t = mesh
+    cfg = tiny_config(f"sharding.preset={preset}", f"mesh.data={d}", f"mesh.fsdp={f}", f"mesh.tensor={t}", ADAM_EPS)
+    losses, state, _ = train_steps(cfg, devices)
+    ref_losses, ref_params = single_device
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-6)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), jax.device_get(state.params), ref_params
+    )
+
+
+EXPECTED_SPECS = {
+    # preset: (layers/attn/wq, layers/mlp/w_down, embed, final_norm)
+    "dp": (P(None, None, None), P(None, None, None), P(None, None), P(None)),
+    "fsdp": (P(None, "fsdp", None), P(None, None, "fsdp"), P(None, "fsdp"), P(None)),
+    "tp": (P(None, None, "tensor"), P(None, "tensor", None), P("tensor", None), P(None)),
+    "fsdp_tp": (P(None, "fsdp", "tensor"), P(None, "tensor", "fsdp"), P("tensor", "fsdp"), P(None)),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(EXPECTED_SPECS))
+def test_parameter_and_optimizer_shardings_follow_the_rules(devices, preset):
+    cfg = tiny_config(f"sharding.preset={preset}", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+    training = build_training(cfg, make_mesh(cfg.mesh, devices))
+    state = training.init_state()
+    p = state.params
+    actual = (p["layers"]["attn"]["wq"]["kernel"], p["layers"]["mlp"]["w_down"]["kernel"], p["embed"],
+              p["final_norm"]["scale"])
+    for array, spec in zip(actual, EXPECTED_SPECS[preset]):
+        assert array.sharding.spec == spec
+    # Adam's moments live where their parameters live.
+    mu = state.opt_state[1][0].mu
+    assert mu["layers"]["attn"]["wq"]["kernel"].sharding.spec == EXPECTED_SPECS[preset][0]
+
+
+def test_custom_rules_override_the_preset(devices):
+    cfg = tiny_config("sharding.preset=fsdp", "mesh.data=2", "mesh.fsdp=4", "sharding.rules.mlp=fsdp",
+                      "sharding.rules.embed=null")
+    training = build_training(cfg, make_mesh(cfg.mesh, devices))
+    spec = training.layout.shardings.params["layers"]["mlp"]["w_up"]["kernel"].spec
+    assert spec == P(None, None, "fsdp")
+
+
+def test_indivisible_parameter_names_path_and_axes(devices):
+    cfg = tiny_config("sharding.preset=tp", "mesh.data=1", "mesh.tensor=8", "model.d_ff=100")
+    with pytest.raises(ValueError, match=r"parameter layers/mlp/w_down/kernel of shape \(2, 100, 64\).*\('tensor',\).*not divisible by 8"):
+        build_training(cfg, make_mesh(cfg.mesh, devices))
+
+
+def test_indivisible_heads_name_the_activation_axis(devices):
+    cfg = tiny_config("sharding.preset=tp", "mesh.data=1", "mesh.tensor=8")
+    training = build_training(cfg, make_mesh(cfg.mesh, devices))
+    batch = to_global(random_batches(cfg, 1)[0], training.mesh)
+    with pytest.raises(ValueError, match=r"activation .*act_heads.*\(16, 64, 4, 16\).*\('tensor',\).*4 is not divisible by 8"):
+        training.train_step.lower(training.init_state(), batch)
