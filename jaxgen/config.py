@@ -33,7 +33,7 @@ class TransformerConfig(_Section):
     """Decoder-only Llama-family LM."""
 
     kind: Literal["transformer"] = "transformer"
-    vocab_size: int = Field(4096, gt=0)
+    vocab_size: int = Field(2048, gt=0)
     d_model: int = Field(256, gt=0)
     n_layers: int = Field(4, gt=0)
     n_heads: int = Field(4, gt=0)
@@ -41,7 +41,7 @@ class TransformerConfig(_Section):
     n_kv_heads: int = Field(2, gt=0)
     head_dim: int | None = Field(None, gt=0, description="default d_model // n_heads")
     d_ff: int = Field(768, gt=0)
-    max_seq_len: int = Field(256, gt=0)
+    max_seq_len: int = Field(128, gt=0)
     rope_theta: float = Field(10_000.0, gt=0)
     norm_eps: float = Field(1e-5, gt=0)
     tie_embeddings: bool = False
@@ -116,20 +116,20 @@ class DataConfig(_Section):
     path: str | None = None
     # A sentencepiece model; null = train one on the training text into the run directory.
     tokenizer: str | None = None
-    seq_len: int = Field(256, gt=0)
+    seq_len: int = Field(128, gt=0)
     # Global batch (all devices, all processes), in sequences.
-    batch_size: int = Field(16, gt=0)
+    batch_size: int = Field(32, gt=0)
     # Every n-th document goes to the held-out split.
     eval_every_nth_doc: int = Field(50, ge=2)
     seed: int = 0
 
 
 class TrainConfig(_Section):
-    steps: int = Field(150, gt=0)
+    steps: int = Field(120, gt=0)
     # Gradient accumulation: the global batch is split into this many sequential microbatches.
     microbatches: int = Field(1, gt=0)
     seed: int = 0
-    eval_every: int = Field(50, gt=0)
+    eval_every: int = Field(40, gt=0)
     eval_batches: int = Field(8, gt=0)
     # Per-device peak FLOP/s for MFU; null = known accelerator table, or measured on CPU.
     peak_flops_per_device: float | None = Field(None, gt=0)

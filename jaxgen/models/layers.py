@@ -20,7 +20,9 @@ def matmul(x: jax.Array, w: jax.Array, compute_dtype) -> jax.Array:
     plain 2-D GEMM after XLA folds the leading axes, which is much faster on CPU
     than batched 3-D contractions.
     """
-    return jnp.dot(x.astype(compute_dtype), w.astype(compute_dtype), preferred_element_type=jnp.float32)
+    x_2d = x.reshape(-1, x.shape[-1]).astype(compute_dtype)
+    y_2d = jnp.dot(x_2d, w.astype(compute_dtype), preferred_element_type=jnp.float32)
+    return y_2d.reshape(*x.shape[:-1], w.shape[-1])
 
 
 class Linear(nnx.Module):

@@ -35,9 +35,9 @@ class Training:
         return init_state(self.task, self.tx, self.layout, self.cfg.train.seed)
 
 
-def build_training(cfg: Config, mesh: Mesh) -> Training:
+def build_training(cfg: Config, mesh: Mesh, task: Task | None = None) -> Training:
     rules = resolve_rules(cfg.sharding.preset, cfg.sharding.rules)
-    task = make_task(cfg)
+    task = task or make_task(cfg)
     tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
     layout = plan_state(task, tx, mesh, rules, cfg.train.seed)
     train_step = make_train_step(task, tx, schedule, layout.graphdef, cfg.train.microbatches)

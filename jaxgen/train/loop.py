@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
-import shutil
 import time
 
 import jax
@@ -21,12 +20,10 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from jaxgen.config import Config, ConfigError
 from jaxgen.data.pipeline import to_global
-from jaxgen.data.text import RandomWindows, eval_batches, split_documents, tokenize_stream
-from jaxgen.data.tokenizer import Tokenizer, train_tokenizer
-from jaxgen.generate import generate_text
 from jaxgen.metrics import MetricsWriter, peak_flops_per_device, plot_loss_curve
 from jaxgen.sharding import data_parallel_size, make_mesh
 from jaxgen.train.build import build_training
+from jaxgen.train.tasks import make_task
 
 log = logging.getLogger("jaxgen")
 
@@ -39,24 +36,6 @@ def prepare_run_dir(run_dir: pathlib.Path, cfg: Config) -> None:
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
-
-
-def prepare_tokenizer(cfg: Config, run_dir: pathlib.Path, train_docs: list[str]) -> Tokenizer:
-    """The run's tokenizer, always stored in the run directory so the run is self-contained."""
-    target = run_dir / "tokenizer.model"
-    if cfg.data.tokenizer is None:
-        tokenizer = train_tokenizer(train_docs, cfg.model.vocab_size, target) if jax.process_index() == 0 else None
-    else:
-        tokenizer = Tokenizer(cfg.data.tokenizer)
-        if jax.process_index() == 0:
-            shutil.copyfile(tokenizer.path, target)
-    tokenizer = tokenizer or Tokenizer(target)
-    if tokenizer.vocab_size != cfg.model.vocab_size:
-        raise ConfigError(
-            f"tokenizer {str(tokenizer.path)!r} has {tokenizer.vocab_size} pieces but model.vocab_size="
-            f"{cfg.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size}"
-        )
-    return tokenizer
 
 
 def train(cfg: Config, run_dir: str | pathlib.Path) -> dict:
@@ -76,24 +55,20 @@ def train(cfg: Config, run_dir: str | pathlib.Path) -> dict:
     log.info("mesh %s on %d %s devices", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
 
     # ------------------------------------------------------------------ data
-    train_docs, held_out_docs = split_documents(cfg.data.path, cfg.data.eval_every_nth_doc)
-    tokenizer = prepare_tokenizer(cfg, run_dir, train_docs)
-    train_tokens = tokenize_stream(tokenizer, train_docs)
-    eval_tokens = tokenize_stream(tokenizer, held_out_docs)
-    log.info("data: %d train tokens, %d held-out tokens", len(train_tokens), len(eval_tokens))
-    train_data = RandomWindows(train_tokens, cfg.data.seq_len, cfg.data.batch_size, cfg.data.seed)
-    eval_set = [to_global(b, mesh) for b in eval_batches(eval_tokens, cfg.data.seq_len, cfg.data.batch_size, cfg.train.eval_batches)]
+    task = make_task(cfg)
+    data = task.make_data(run_dir)
+    eval_set = [to_global(batch, mesh) for batch in data.eval]
 
     # ------------------------------------------------------------------ model & state
-    training = build_training(cfg, mesh)
-    task, layout = training.task, training.layout
+    training = build_training(cfg, mesh, task)
+    layout = training.layout
     state = training.init_state()
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(layout.abstract.params))
     log.info("model: %s parameters", f"{n_params:,}")
 
     # ------------------------------------------------------------------ compile
     compile_start = time.perf_counter()
-    first_batch = to_global(next(train_data), mesh)
+    first_batch = to_global(next(data.train), mesh)
     train_step = training.train_step.lower(state, first_batch).compile()
     eval_step = training.eval_step
     compile_s = time.perf_counter() - compile_start
@@ -141,7 +116,7 @@ def train(cfg: Config, run_dir: str | pathlib.Path) -> dict:
         for step in range(1, cfg.train.steps + 1):
             state, metrics = train_step(state, batch)
             if step < cfg.train.steps:
-                batch = to_global(next(train_data), mesh)  # host work overlaps the device step
+                batch = to_global(next(data.train), mesh)  # host work overlaps the device step
             if pending:
                 last = record(*pending)
                 pending = None
@@ -171,11 +146,8 @@ def train(cfg: Config, run_dir: str | pathlib.Path) -> dict:
         "mfu_median": float(np.median(throughput)) * task.flops_per_unit() / total_peak,
         "compile_s": compile_s,
     }
-    if cfg.train.sample_tokens and is_main:
-        summary["sample"] = generate_text(
-            layout.graphdef, state.params, tokenizer, cfg.train.sample_prompt, cfg.train.sample_tokens,
-            cfg.model.max_seq_len, seed=cfg.train.seed,
-        )
+    if is_main:
+        summary.update(task.sample(layout.graphdef, state.params, data, run_dir))
     summary["wall_s"] = time.perf_counter() - wall_start
     if is_main:
         plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")

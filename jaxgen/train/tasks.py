@@ -7,6 +7,7 @@ batch represents. The trainer, checkpoints and launchers are task-agnostic.
 
 from __future__ import annotations
 
+import pathlib
 from typing import Protocol
 
 import jax
@@ -15,6 +16,8 @@ import optax
 from flax import nnx
 
 from jaxgen.config import Config
+from jaxgen.data.lm import LMData, build_lm_data
+from jaxgen.generate import generate_text
 from jaxgen.models import build_model
 from jaxgen.models.transformer import flops_per_token
 
@@ -31,6 +34,12 @@ class Task(Protocol):
     def units_per_batch(self) -> int: ...
 
     def flops_per_unit(self) -> float: ...
+
+    def make_data(self, run_dir: pathlib.Path):
+        """An object with `.train` (a resumable BatchIterator) and `.eval` (fixed host-local batches)."""
+
+    def sample(self, graphdef: nnx.GraphDef, params: dict, data, run_dir: pathlib.Path) -> dict:
+        """Show what the model does now (text, an image grid); returns summary entries."""
 
 
 class LanguageModelTask:
@@ -54,6 +63,17 @@ class LanguageModelTask:
 
     def flops_per_unit(self) -> float:
         return flops_per_token(self.cfg.model, self.cfg.data.seq_len)
+
+    def make_data(self, run_dir: pathlib.Path) -> LMData:
+        return build_lm_data(self.cfg, run_dir)
+
+    def sample(self, graphdef, params, data: LMData, run_dir) -> dict:
+        train = self.cfg.train
+        if not train.sample_tokens:
+            return {}
+        text = generate_text(graphdef, params, data.tokenizer, train.sample_prompt, train.sample_tokens,
+                             self.cfg.model.max_seq_len, seed=train.seed)
+        return {"sample": text}
 
 
 def make_task(cfg: Config) -> Task:
