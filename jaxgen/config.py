@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import difflib
 import pathlib
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 
 class ConfigError(ValueError):
@@ -73,6 +73,89 @@ class TransformerConfig(_Section):
         if self.resolved_head_dim % 2:
             raise ValueError(f"head dimension {self.resolved_head_dim} must be even for rotary embeddings")
         return self
+
+
+# Named DiT sizes (Peebles & Xie 2023) plus a CPU-sized one: width, depth, heads.
+DIT_SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"d_model": 128, "n_layers": 4, "n_heads": 4},
+    "S": {"d_model": 384, "n_layers": 12, "n_heads": 6},
+    "B": {"d_model": 768, "n_layers": 12, "n_heads": 12},
+    "L": {"d_model": 1024, "n_layers": 24, "n_heads": 16},
+    "XL": {"d_model": 1152, "n_layers": 28, "n_heads": 16},
+}
+
+
+class DiTConfig(_Section):
+    """Diffusion transformer over image patches, conditioned on time and class."""
+
+    kind: Literal["dit"] = "dit"
+    # "DiT-XL/2" style names fill d_model, n_layers, n_heads and patch_size; keys given explicitly win.
+    size: str | None = None
+    image_size: int = Field(8, gt=0)
+    channels: int = Field(1, gt=0)
+    patch_size: int = Field(2, gt=0)
+    d_model: int = Field(128, gt=0)
+    n_layers: int = Field(4, gt=0)
+    n_heads: int = Field(4, gt=0)
+    d_ff: int | None = Field(None, gt=0, description="default 4 * d_model")
+    # Class labels 0..num_classes-1; label num_classes is the null class of classifier-free guidance.
+    num_classes: int = Field(10, gt=0)
+    # Width of the sinusoidal timestep features fed to the timestep MLP.
+    freq_dim: int = Field(256, gt=0)
+    # Also predict the per-pixel variance interpolation of Improved DDPM (doubles the output channels).
+    learn_sigma: bool = False
+    norm_eps: float = Field(1e-6, gt=0)
+    init_std: float = Field(0.02, gt=0)
+    param_dtype: DType = "float32"
+    compute_dtype: DType = "float32"
+    scan_layers: bool = True
+    remat: RematPolicy = "none"
+    attention: Literal["xla", "cudnn"] = "xla"
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _fill_from_size(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("size") is None:
+            return data
+        name = data["size"]
+        valid = ["tiny"] + [f"DiT-{s}/{p}" for s in ("S", "B", "L", "XL") for p in (2, 4, 8)]
+        if name not in valid:
+            raise ValueError(f"model.size={name!r} is not a known DiT size; valid: {', '.join(valid)}")
+        family, _, patch = name.removeprefix("DiT-").partition("/")
+        preset = {**DIT_SIZES[family], **({"patch_size": int(patch)} if patch else {})}
+        return {**preset, **data}
+
+    @property
+    def resolved_d_ff(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+    @property
+    def out_channels(self) -> int:
+        return 2 * self.channels if self.learn_sigma else self.channels
+
+    @pydantic.model_validator(mode="after")
+    def _check_shapes(self) -> DiTConfig:
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"model.image_size={self.image_size} is not divisible by model.patch_size={self.patch_size}"
+            )
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
+        if self.d_model % 4:
+            raise ValueError(f"model.d_model={self.d_model} must be a multiple of 4 for 2-D sin-cos positions")
+        return self
+
+
+def _model_kind(value: Any) -> str:
+    """Configs that name no `kind` are language models, as they were before DiT existed."""
+    return value.get("kind", "transformer") if isinstance(value, dict) else getattr(value, "kind", "transformer")
+
+
+ModelConfig = Annotated[
+    Annotated[TransformerConfig, Tag("transformer")] | Annotated[DiTConfig, Tag("dit")],
+    Discriminator(_model_kind),
+]
+MODEL_CONFIGS: dict[str, type[BaseModel]] = {"transformer": TransformerConfig, "dit": DiTConfig}
 
 
 class MeshConfig(_Section):
@@ -138,6 +221,69 @@ class TrainConfig(_Section):
     sample_prompt: str = "And God said"
 
 
+class ImagesConfig(_Section):
+    """Image datasets for diffusion models; pixels are scaled to [-1, 1]."""
+
+    # digits: sklearn's bundled 8x8 grey digits (10 classes); shapes: procedural 32x32 RGB shapes (6 classes).
+    source: Literal["digits", "shapes"] = "digits"
+    # Every n-th image goes to the held-out split.
+    eval_every_nth: int = Field(5, ge=2)
+    # Random horizontal flips of training images (not for digits, whose mirror images are other glyphs).
+    hflip: bool = False
+    # Number of images the procedural shapes source draws.
+    shapes_count: int = Field(12_000, gt=0)
+
+
+# Image source -> (side, channels, classes); the model must match its data.
+IMAGE_SOURCES = {"digits": (8, 1, 10), "shapes": (32, 3, 6)}
+
+
+class DiffusionConfig(_Section):
+    """How images are noised, what the model predicts, and how samples are drawn."""
+
+    # eps / v: DDPM-style prediction of the noise or of v; flow: rectified-flow velocity.
+    objective: Literal["eps", "v", "flow"] = "flow"
+    schedule: Literal["linear", "cosine"] = "cosine"  # DDPM objectives only
+    timesteps: int = Field(1000, ge=2)  # DDPM objectives only
+    # Flow objective: where training times t in (0, 1) are drawn from.
+    flow_time: Literal["uniform", "logit_normal"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    # Weight of the per-step variational-bound term that trains a learned variance (model.learn_sigma);
+    # 1 is Improved DDPM's lambda = 1/T on the whole bound.
+    vlb_weight: float = Field(1.0, ge=0)
+    # Probability a training label is replaced by the null class, so one model is also unconditional.
+    label_dropout: float = Field(0.1, ge=0, le=1)
+    # Exponential moving average of parameters: decay ramps linearly from 0 to ema_decay over ema_warmup steps.
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    ema_warmup: int = Field(100, ge=0)
+    sampler: Literal["ddpm", "ddim", "euler", "heun"] = "heun"
+    sample_steps: int = Field(32, gt=0)
+    ddim_eta: float = Field(0.0, ge=0)
+    guidance_scale: float = Field(2.0, ge=0)
+    # Sample grids every this many steps (and always at the end); 0 = only at the end.
+    sample_every: int = Field(0, ge=0)
+    samples_per_class: int = Field(10, gt=0)
+    # Held-out loss is measured on this many evenly spaced noise levels, with fixed noise.
+    eval_timesteps: int = Field(8, gt=0)
+    # At the end of a digits run: Frechet distance and conditional accuracy in a digits classifier's features.
+    quality_eval: bool = True
+
+    @pydantic.model_validator(mode="after")
+    def _check_sampler(self) -> DiffusionConfig:
+        if self.objective != "flow" and self.sample_steps > self.timesteps:
+            raise ValueError(
+                f"diffusion.sample_steps={self.sample_steps} exceeds diffusion.timesteps={self.timesteps}"
+            )
+        flow_sampler = self.sampler in ("euler", "heun")
+        if flow_sampler != (self.objective == "flow"):
+            valid = "euler, heun" if self.objective == "flow" else "ddpm, ddim"
+            raise ValueError(
+                f"diffusion.sampler={self.sampler!r} does not fit diffusion.objective={self.objective!r}; valid: {valid}"
+            )
+        return self
+
+
 class LoggingConfig(_Section):
     every: int = Field(10, gt=0)
     tensorboard: bool = True
@@ -145,17 +291,19 @@ class LoggingConfig(_Section):
 
 
 class Config(_Section):
-    model: TransformerConfig = Field(default_factory=TransformerConfig)
+    model: ModelConfig = Field(default_factory=TransformerConfig)
     mesh: MeshConfig = Field(default_factory=MeshConfig)
     sharding: ShardingConfig = Field(default_factory=ShardingConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    images: ImagesConfig = Field(default_factory=ImagesConfig)
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
 
     @pydantic.model_validator(mode="after")
     def _check_cross_fields(self) -> Config:
-        if self.data.seq_len > self.model.max_seq_len:
+        if isinstance(self.model, TransformerConfig) and self.data.seq_len > self.model.max_seq_len:
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
             )
@@ -164,6 +312,21 @@ class Config(_Section):
                 f"data.batch_size={self.data.batch_size} is not divisible by "
                 f"train.microbatches={self.train.microbatches}"
             )
+        return self
+
+    @pydantic.model_validator(mode="after")
+    def _check_image_model(self) -> Config:
+        if not isinstance(self.model, DiTConfig):
+            return self
+        size, channels, classes = IMAGE_SOURCES[self.images.source]
+        m = self.model
+        if (m.image_size, m.channels, m.num_classes) != (size, channels, classes):
+            raise ValueError(
+                f"images.source={self.images.source!r} holds {size}x{size}x{channels} images in {classes} classes; "
+                f"set model.image_size={size}, model.channels={channels}, model.num_classes={classes}"
+            )
+        if m.learn_sigma and self.diffusion.objective == "flow":
+            raise ValueError("model.learn_sigma=true needs a DDPM objective (diffusion.objective: eps or v)")
         return self
 
     def to_yaml(self) -> str:
@@ -229,6 +392,9 @@ def _schema_at(loc: tuple) -> type[BaseModel] | None:
     """The pydantic model that holds the last element of a validation-error location."""
     model: type[BaseModel] | None = Config
     for part in loc[:-1]:
+        if model is None and part in MODEL_CONFIGS:  # the tag of a `model.kind` union member
+            model = MODEL_CONFIGS[part]
+            continue
         field = model.model_fields.get(part) if model else None
         annotation = field.annotation if field else None
         model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
@@ -238,10 +404,13 @@ def _schema_at(loc: tuple) -> type[BaseModel] | None:
 def _explain(err: pydantic.ValidationError) -> str:
     lines = []
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if isinstance(p, str))
+        tagged = tuple(p for p in e["loc"] if isinstance(p, str))
+        # Users write `model.d_model`, not the union member's tag `model.dit.d_model`.
+        is_tagged = len(tagged) > 1 and tagged[0] == "model" and tagged[1] in MODEL_CONFIGS
+        loc = tagged[:1] + tagged[2:] if is_tagged else tagged
         dotted = ".".join(loc) or "<config>"
         if e["type"] == "extra_forbidden":
-            holder = _schema_at(loc)
+            holder = _schema_at(tagged)
             valid = sorted(holder.model_fields) if holder else []
             close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
             parent = ".".join(loc[:-1])
@@ -252,7 +421,7 @@ def _explain(err: pydantic.ValidationError) -> str:
         elif e["type"] == "value_error":
             lines.append(f"{dotted}: {e['msg'].removeprefix('Value error, ')}")
         else:
-            holder = _schema_at(loc)
+            holder = _schema_at(tagged)
             field = holder.model_fields.get(loc[-1]) if holder and loc else None
             expected = _type_name(field.annotation) if field else "a valid value"
             lines.append(f"config key '{dotted}' = {e['input']!r}: {e['msg']} (expected {expected})")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from flax import nnx
 
+from jaxgen.models.dit import DiT
 from jaxgen.models.transformer import Transformer
 
 # jaxgen places every array itself (abstract state -> shardings -> jit), so
 # variables must not try to shard themselves when created.
 nnx.use_eager_sharding(False)
 
-MODELS = {"transformer": Transformer}
+MODELS = {"transformer": Transformer, "dit": DiT}
 
 
 def build_model(cfg, rngs: nnx.Rngs) -> nnx.Module:

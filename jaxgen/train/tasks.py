@@ -77,4 +77,8 @@ class LanguageModelTask:
 
 
 def make_task(cfg: Config) -> Task:
+    if cfg.model.kind == "dit":
+        from jaxgen.train.diffusion_task import DiffusionTask  # keeps image dependencies out of LM runs
+
+        return DiffusionTask(cfg)
     return LanguageModelTask(cfg)

@@ -1,0 +1,1 @@
+"""Diffusion math: noise schedules, training objectives, samplers, guidance. All pure functions."""

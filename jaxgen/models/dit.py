@@ -1,0 +1,187 @@
+"""Diffusion Transformer (Peebles & Xie 2023) in Flax NNX.
+
+Images are cut into patches, embedded, given fixed 2-D sin-cos positions and
+run through transformer blocks whose LayerNorms are modulated by the sum of a
+timestep embedding and a class embedding (adaLN-Zero). The modulation and the
+final projection start at zero, so every block starts as the identity and the
+untrained model predicts exactly zero. Label `num_classes` is the null class
+that classifier-free guidance conditions on for the unconditional prediction.
+
+Shape letters: B batch, H W image height and width, C channels, N patches,
+P patch pixels (patch_size^2 x channels), D d_model, F d_ff, A attention heads,
+Dh head width, E timestep frequency features. Logical parameter axes: embed,
+q_heads, mlp, layers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxgen.config import DiTConfig
+from jaxgen.models.layers import DTYPES, Linear, run_stacked
+from jaxgen.sharding import constrain
+
+
+def patchify(x_BHWC: jax.Array, p: int) -> jax.Array:
+    """(B, H, W, C) -> (B, N, p*p*C), patches in row-major order."""
+    b, h, w, c = x_BHWC.shape
+    x = x_BHWC.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(x_BNP: jax.Array, p: int, h: int, w: int) -> jax.Array:
+    """Inverse of `patchify`."""
+    b, _, pp_c = x_BNP.shape
+    c = pp_c // (p * p)
+    x = x_BNP.reshape(b, h // p, w // p, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h, w, c)
+
+
+def sincos_1d(positions: np.ndarray, dim: int) -> np.ndarray:
+    """(n,) -> (n, dim): sines then cosines at geometrically spaced frequencies."""
+    omega = 1.0 / 10_000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2))
+    angles = positions.astype(np.float64)[:, None] * omega[None, :]
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def sincos_2d(grid: int, dim: int) -> np.ndarray:
+    """(grid*grid, dim) fixed position embedding: half the width for rows, half for columns."""
+    rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+    return np.concatenate([sincos_1d(rows.ravel(), dim // 2), sincos_1d(cols.ravel(), dim // 2)], axis=1).astype(np.float32)
+
+
+def timestep_features(t_B: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
+    """(B,) times on a 0..1000 scale -> (B, dim) cosines then sines."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    angles_BE = t_B.astype(jnp.float32)[:, None] * freqs[None, :]
+    return jnp.concatenate([jnp.cos(angles_BE), jnp.sin(angles_BE)], axis=-1)
+
+
+def layer_norm(x: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm without its own scale and shift: adaLN supplies both."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    return (x32 - mean) * jax.lax.rsqrt(var + eps)
+
+
+def modulate(x_BND: jax.Array, shift_BD: jax.Array, scale_BD: jax.Array) -> jax.Array:
+    return x_BND * (1 + scale_BD[:, None, :]) + shift_BD[:, None, :]
+
+
+class Bias(nnx.Module):
+    def __init__(self, dim: int, axis: str | None, param_dtype):
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=(axis,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x + self.bias[...].astype(x.dtype)
+
+
+class Block(nnx.Module):
+    """Pre-norm attention and MLP, each modulated by the condition and gated by it (gates start at zero)."""
+
+    def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, f = cfg.d_model, cfg.resolved_d_ff
+        pd, std = DTYPES[cfg.param_dtype], cfg.init_std
+        self.modulation = Linear(d, 6 * d, ("embed", "mlp"), std=0.0, param_dtype=pd, rngs=rngs)
+        self.modulation_bias = Bias(6 * d, "mlp", pd)
+        self.wqkv = Linear(d, 3 * d, ("embed", "q_heads"), std=std, param_dtype=pd, rngs=rngs)
+        self.wo = Linear(d, d, ("q_heads", "embed"), std=std, param_dtype=pd, rngs=rngs)
+        self.w_in = Linear(d, f, ("embed", "mlp"), std=std, param_dtype=pd, rngs=rngs)
+        self.b_in = Bias(f, "mlp", pd)
+        self.w_out = Linear(f, d, ("mlp", "embed"), std=std, param_dtype=pd, rngs=rngs)
+
+    def attention(self, x_BND: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        cd = DTYPES[cfg.compute_dtype]
+        b, n, d = x_BND.shape
+        a = cfg.n_heads
+        qkv = self.wqkv(x_BND, cd).reshape(b, n, 3, a, d // a)
+        q_BNAd, k_BNAd, v_BNAd = (
+            constrain(qkv[:, :, i], ("act_batch", "act_length", "act_heads", None)).astype(cd) for i in range(3)
+        )
+        out_BNAd = jax.nn.dot_product_attention(q_BNAd, k_BNAd, v_BNAd, implementation=cfg.attention)
+        return self.wo(out_BNAd.reshape(b, n, d), cd)
+
+    def mlp(self, x_BND: jax.Array) -> jax.Array:
+        cd = DTYPES[self.cfg.compute_dtype]
+        h_BNF = jax.nn.gelu(self.b_in(self.w_in(x_BND, cd)), approximate=True)
+        h_BNF = constrain(h_BNF, ("act_batch", "act_length", "act_mlp"))
+        return self.w_out(h_BNF, cd)
+
+    def __call__(self, x_BND: jax.Array, c_BD: jax.Array) -> jax.Array:
+        cd, eps = DTYPES[self.cfg.compute_dtype], self.cfg.norm_eps
+        mod_B6D = self.modulation_bias(self.modulation(jax.nn.silu(c_BD), cd))
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod_B6D, 6, axis=-1)
+        x_BND = x_BND + gate_a[:, None, :] * self.attention(modulate(layer_norm(x_BND, eps), shift_a, scale_a))
+        x_BND = x_BND + gate_m[:, None, :] * self.mlp(modulate(layer_norm(x_BND, eps), shift_m, scale_m))
+        return constrain(x_BND, ("act_batch", "act_length", "act_embed"))
+
+
+class DiT(nnx.Module):
+    def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, e, p = cfg.d_model, cfg.freq_dim, cfg.patch_size
+        pd, std = DTYPES[cfg.param_dtype], cfg.init_std
+        patch_pixels = p * p * cfg.channels
+        # Patch embedding: the DiT paper's strided convolution is this matmul on flattened patches.
+        self.patch_embed = Linear(patch_pixels, d, (None, "embed"), std=(1 / patch_pixels) ** 0.5, param_dtype=pd, rngs=rngs)
+        self.patch_bias = Bias(d, "embed", pd)
+        self.t_in = Linear(e, d, (None, "embed"), std=std, param_dtype=pd, rngs=rngs)
+        self.t_in_bias = Bias(d, "embed", pd)
+        self.t_out = Linear(d, d, ("embed", "embed"), std=std, param_dtype=pd, rngs=rngs)
+        self.t_out_bias = Bias(d, "embed", pd)
+        init = nnx.initializers.normal(std)
+        # One extra row: the null class. Rows stay whole: class counts (11, 1001) rarely divide a mesh axis.
+        self.class_embed = nnx.Param(init(rngs.params(), (cfg.num_classes + 1, d), pd), out_sharding=(None, "embed"))
+
+        @nnx.split_rngs(splits=cfg.n_layers)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_layers(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, rngs)
+
+        self.layers = make_layers(rngs)
+        self.final_modulation = Linear(d, 2 * d, ("embed", "mlp"), std=0.0, param_dtype=pd, rngs=rngs)
+        self.final_modulation_bias = Bias(2 * d, "mlp", pd)
+        self.final = Linear(d, p * p * cfg.out_channels, ("embed", None), std=0.0, param_dtype=pd, rngs=rngs)
+        self.final_bias = Bias(p * p * cfg.out_channels, None, pd)
+
+    def __call__(self, x_BHWC: jax.Array, t_B: jax.Array, labels_B: jax.Array) -> jax.Array:
+        """Prediction (B, H, W, out_channels) in float32; `t_B` on a 0..1000 scale, labels in 0..num_classes."""
+        cfg = self.cfg
+        cd, p = DTYPES[cfg.compute_dtype], cfg.patch_size
+        _, h, w, _ = x_BHWC.shape
+        x_BND = self.patch_bias(self.patch_embed(patchify(x_BHWC.astype(jnp.float32), p), cd))
+        x_BND = x_BND + jnp.asarray(sincos_2d(h // p, cfg.d_model))[None]
+        x_BND = constrain(x_BND, ("act_batch", "act_length", "act_embed"))
+
+        t_BD = self.t_in_bias(self.t_in(timestep_features(t_B, cfg.freq_dim), cd))
+        t_BD = self.t_out_bias(self.t_out(jax.nn.silu(t_BD), cd))
+        # Gather from the whole (small) table, as the LM does for its embedding.
+        y_BD = jnp.take(constrain(self.class_embed[...], (None, None)), labels_B, axis=0).astype(jnp.float32)
+        c_BD = t_BD + y_BD
+
+        x_BND = run_stacked(self.layers, lambda layer, x: layer(x, c_BD), x_BND,
+                            scan=cfg.scan_layers, remat_policy=cfg.remat)
+        mod = self.final_modulation_bias(self.final_modulation(jax.nn.silu(c_BD), cd))
+        shift_BD, scale_BD = jnp.split(mod, 2, axis=-1)
+        x_BND = modulate(layer_norm(x_BND, cfg.norm_eps), shift_BD, scale_BD)
+        out_BNP = self.final_bias(self.final(x_BND, cd))
+        return unpatchify(out_BNP, p, h, w)
+
+
+def flops_per_image(cfg: DiTConfig) -> float:
+    """Training FLOPs per image (forward + backward): 6 x matmul parameters x the tokens they see,
+    plus the attention scores and weighted sum over the full N x N square."""
+    d, f, p = cfg.d_model, cfg.resolved_d_ff, cfg.patch_size
+    n = (cfg.image_size // p) ** 2
+    per_token = p * p * cfg.channels * d + cfg.n_layers * (4 * d * d + 2 * d * f) + d * p * p * cfg.out_channels
+    per_image = cfg.freq_dim * d + d * d + cfg.n_layers * 6 * d * d + 2 * d * d  # conditioning paths
+    return 6.0 * (n * per_token + per_image) + 12.0 * cfg.n_layers * d * n * n
