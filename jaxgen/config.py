@@ -194,17 +194,77 @@ class OptimizerConfig(_Section):
     clip_norm: float | None = Field(1.0, gt=0)
 
 
-class DataConfig(_Section):
-    # Text files (glob, .gz accepted); null = the bundled King James Bible.
+SOURCE_KINDS = ("path", "tfds", "array_record", "text", "jsonl")
+
+
+class _SourceFields(_Section):
+    """Where documents come from: set at most one kind (none = the bundled King James Bible)."""
+
+    # A dataset directory written by `jaxgen data prepare` (its train/validation splits).
     path: str | None = None
-    # A sentencepiece model; null = train one on the training text into the run directory.
+    # A TFDS dataset by name ("lm1b", "name/config:1.0.0"), already prepared in tfds_data_dir.
+    tfds: str | None = None
+    # TFDS data directory; null = TFDS's default (~/tensorflow_datasets or $TFDS_DATA_DIR).
+    tfds_data_dir: str | None = None
+    # Globs (.gz accepted): ArrayRecord files of UTF-8 documents; text files, one document per
+    # non-empty line; JSONL files, one document per line in its `field`.
+    array_record: str | None = None
+    text: str | None = None
+    jsonl: str | None = None
+    # The document field of JSONL lines and of TFDS / prepared records.
+    field: str = "text"
+    # Split names, for the sources that have splits (path, tfds); the others hold out
+    # every data.eval_every_nth_doc-th document instead.
+    train_split: str = "train"
+    eval_split: str = "validation"
+
+    @property
+    def kinds(self) -> list[str]:
+        return [kind for kind in SOURCE_KINDS if getattr(self, kind) is not None]
+
+
+class SourceConfig(_SourceFields):
+    """One component of data.mixture."""
+
+    # Relative share of documents drawn from this source.
+    weight: float = Field(1.0, gt=0)
+
+    @pydantic.model_validator(mode="after")
+    def _exactly_one_kind(self) -> SourceConfig:
+        if len(self.kinds) != 1:
+            raise ValueError(f"each data.mixture entry needs exactly one of {', '.join(SOURCE_KINDS)}; got {self.kinds or 'none'}")
+        return self
+
+
+class DataConfig(_SourceFields):
+    # Several weighted sources instead of the single one above.
+    mixture: list[SourceConfig] = Field(default_factory=list)
+    # A sentencepiece model; null = the prepared dataset's own, else train one on the
+    # training documents into the run directory.
     tokenizer: str | None = None
     seq_len: int = Field(128, gt=0)
     # Global batch (all devices, all processes), in sequences.
     batch_size: int = Field(32, gt=0)
-    # Every n-th document goes to the held-out split.
+    # For sources without splits: every n-th document goes to the held-out split.
     eval_every_nth_doc: int = Field(50, ge=2)
     seed: int = 0
+    # Streamed sources (text, jsonl) are shuffled within a window of this many documents;
+    # random-access ones (path, tfds, array_record) are shuffled whole, every epoch.
+    shuffle_window: int = Field(10_000, gt=0)
+    # Worker processes that tokenize and pack; 0 = a background thread in the trainer.
+    workers: int = Field(0, ge=0)
+    # Batches made ahead, per worker.
+    prefetch: int = Field(4, gt=0)
+    # A document that is not valid UTF-8 is skipped (with a counted warning) or fails the run.
+    invalid_utf8: Literal["skip", "error"] = "skip"
+
+    @pydantic.model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if len(self.kinds) > 1:
+            raise ValueError(f"set only one data source, got {', '.join(f'data.{k}' for k in self.kinds)}")
+        if self.kinds and self.mixture:
+            raise ValueError(f"data.{self.kinds[0]} and data.mixture are exclusive; put every source in data.mixture")
+        return self
 
 
 class TrainConfig(_Section):

@@ -1,19 +1,32 @@
-"""Everything the LM task reads: tokenizer, training stream, held-out batches."""
+"""Everything the LM task reads: tokenizer, training stream, held-out batches.
+
+Training batches come from the grain pipeline: configured sources -> this
+process's share -> shuffle -> tokenize -> pack -> batch -> prefetch. Each batch
+holds this process's rows, `inputs`/`targets` (int32), `weights` (float32, 0 on
+padding) and the packing marks `segment_ids`/`positions` (int32), all
+(per_process_batch, seq_len).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import pathlib
 import shutil
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
-from jaxgen.config import Config, ConfigError
-from jaxgen.data.pipeline import BatchIterator
-from jaxgen.data.text import RandomWindows, eval_batches, split_documents, tokenize_stream
-from jaxgen.data.tokenizer import Tokenizer, train_tokenizer
+from jaxgen.config import Config, ConfigError, DataConfig
+from jaxgen.data.corpus import DataError
+from jaxgen.data.packing import batch_rows, pack_documents
+from jaxgen.data.pipeline import BatchIterator, GrainBatches, prefetched, process_rows, this_process
+from jaxgen.data.prepare import read_prepared_metadata
+from jaxgen.data.sources import mixed_documents, one_pass_documents
+from jaxgen.data.splits import Shard
+from jaxgen.data.tokenizer import MAX_TRAINING_SENTENCES, Tokenizer, train_tokenizer
 
 log = logging.getLogger("jaxgen")
 
@@ -25,32 +38,82 @@ class LMData:
     eval: list[dict[str, np.ndarray]]  # fixed held-out batches, host-local
 
 
-def prepare_tokenizer(cfg: Config, run_dir: pathlib.Path, train_docs: list[str]) -> Tokenizer:
-    """The run's tokenizer, always stored in the run directory so the run is self-contained."""
+def prepared_datasets(data: DataConfig) -> list[dict]:
+    """Metadata of every prepared dataset (data.path) among the sources."""
+    return [read_prepared_metadata(s.path) | {"path": s.path}
+            for s in data.mixture or [data] if s.path is not None and pathlib.Path(s.path).is_dir()]
+
+
+def prepare_tokenizer(cfg: Config, run_dir: pathlib.Path) -> Tokenizer:
+    """The run's tokenizer, always stored in the run directory so the run is self-contained.
+
+    data.tokenizer if set; else the one a pre-tokenized prepared dataset carries; else one
+    trained on the training documents.
+    """
     target = run_dir / "tokenizer.model"
-    if cfg.data.tokenizer is None:
-        tokenizer = train_tokenizer(train_docs, cfg.model.vocab_size, target) if jax.process_index() == 0 else None
-    else:
-        tokenizer = Tokenizer(cfg.data.tokenizer)
-        if jax.process_index() == 0:
-            shutil.copyfile(tokenizer.path, target)
-    tokenizer = tokenizer or Tokenizer(target)
+    pretokenized = [d for d in prepared_datasets(cfg.data) if d["tokenizer"]]
+    given = cfg.data.tokenizer or (str(pathlib.Path(pretokenized[0]["path"]) / "tokenizer.model") if pretokenized else None)
+    if jax.process_index() == 0:
+        if given is None:
+            documents = itertools.islice(one_pass_documents(cfg.data, "train"), MAX_TRAINING_SENTENCES)
+            train_tokenizer(documents, cfg.model.vocab_size, target)
+        else:
+            shutil.copyfile(Tokenizer(given).path, target)
+    if jax.process_count() > 1:
+        # Only process 0 writes the file; the others may read it only once it is complete.
+        multihost_utils.sync_global_devices("jaxgen tokenizer written")
+    tokenizer = Tokenizer(given or target)
     if tokenizer.vocab_size != cfg.model.vocab_size:
         raise ConfigError(
-            f"tokenizer {str(tokenizer.path)!r} has {tokenizer.vocab_size} pieces but model.vocab_size="
+            f"tokenizer {given or str(target)!r} has {tokenizer.vocab_size} pieces but model.vocab_size="
             f"{cfg.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size}"
         )
+    for dataset in pretokenized:
+        if dataset["tokenizer"]["sha256"] != tokenizer.sha256:
+            raise DataError(
+                f"data.path {dataset['path']!r} was tokenized with another tokenizer than {given!r}; "
+                "unset data.tokenizer to use the dataset's own, or prepare the dataset again"
+            )
     return tokenizer
 
 
-def build_lm_data(cfg: Config, run_dir: pathlib.Path) -> LMData:
-    train_docs, held_out_docs = split_documents(cfg.data.path, cfg.data.eval_every_nth_doc)
-    tokenizer = prepare_tokenizer(cfg, run_dir, train_docs)
-    train_tokens = tokenize_stream(tokenizer, train_docs)
-    eval_tokens = tokenize_stream(tokenizer, held_out_docs)
-    log.info("data: %d train tokens, %d held-out tokens", len(train_tokens), len(eval_tokens))
+def check_holds_one_batch(data: DataConfig, tokenizer: Tokenizer) -> None:
+    """The training documents must fill one global batch; repeating a tinier corpus hides a mistake."""
+    needed = data.batch_size * data.seq_len
+    found = 0
+    for document in one_pass_documents(data, "train"):
+        found += 1 + (len(tokenizer.encode_document(document)) if isinstance(document, str) else len(document))
+        if found >= needed:
+            return
+    raise DataError(
+        f"the training documents hold {found} tokens, fewer than one batch of "
+        f"data.batch_size x data.seq_len = {data.batch_size} x {data.seq_len} = {needed}"
+    )
+
+
+def train_batches(data: DataConfig, tokenizer: Tokenizer, shard: Shard) -> GrainBatches:
+    """This process's rows of every global training batch, endless and resumable."""
+    per_process = process_rows(data.batch_size, shard)
+    packed = pack_documents(mixed_documents(data, "train", shard), tokenizer, data.seq_len)
+    batches = batch_rows(packed, per_process.stop - per_process.start)
+    return GrainBatches(prefetched(batches, data.workers, data.prefetch))
+
+
+def eval_batches(data: DataConfig, tokenizer: Tokenizer, n_batches: int, shard: Shard) -> list[dict[str, np.ndarray]]:
+    """Fixed held-out batches: every process packs the same global batches and keeps its rows."""
+    packed = pack_documents(mixed_documents(data, "eval", Shard()), tokenizer, data.seq_len)
+    global_batches = iter(batch_rows(packed, data.batch_size))
+    rows = process_rows(data.batch_size, shard)
+    return [{name: field[rows] for name, field in next(global_batches).items()} for _ in range(n_batches)]
+
+
+def build_lm_data(cfg: Config, run_dir: pathlib.Path, shard: Shard | None = None) -> LMData:
+    """`shard` (default: this JAX process) picks which rows of each global batch are read here."""
+    shard = shard or this_process()
+    tokenizer = prepare_tokenizer(cfg, run_dir)
+    check_holds_one_batch(cfg.data, tokenizer)
     return LMData(
         tokenizer=tokenizer,
-        train=RandomWindows(train_tokens, cfg.data.seq_len, cfg.data.batch_size, cfg.data.seed),
-        eval=eval_batches(eval_tokens, cfg.data.seq_len, cfg.data.batch_size, cfg.train.eval_batches),
+        train=train_batches(cfg.data, tokenizer, shard),
+        eval=eval_batches(cfg.data, tokenizer, cfg.train.eval_batches, shard),
     )

@@ -2,17 +2,23 @@
 
 A pipeline yields *host-local* numpy batches (this process's rows of the global
 batch) and can save and restore its position; `to_global` assembles them into
-one global array with the trainer's batch sharding.
+one global array with the trainer's batch sharding. `GrainBatches` adapts any
+grain dataset of such batches to that interface, whatever its records are
+(tokens, images).
 """
 
 from __future__ import annotations
 
+import ast
+import weakref
 from typing import Any, Protocol
 
+import grain
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxgen.data.splits import Shard
 from jaxgen.sharding import batch_sharding
 
 
@@ -32,10 +38,55 @@ def to_global(host_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
     }
 
 
-def process_rows(global_batch: int) -> slice:
-    """The rows of each global batch that this JAX process supplies."""
-    n, i = jax.process_count(), jax.process_index()
-    if global_batch % n:
-        raise ValueError(f"global batch size {global_batch} is not divisible by {n} processes")
-    per = global_batch // n
-    return slice(i * per, (i + 1) * per)
+def this_process() -> Shard:
+    return Shard(jax.process_index(), jax.process_count())
+
+
+def process_rows(global_batch: int, shard: Shard) -> slice:
+    """The rows of each global batch that the process `shard` supplies."""
+    if global_batch % shard.count:
+        raise ValueError(f"global batch size {global_batch} is not divisible by {shard.count} processes")
+    per = global_batch // shard.count
+    return slice(shard.index * per, (shard.index + 1) * per)
+
+
+def prefetched(dataset: grain.IterDataset, workers: int, buffer: int) -> grain.IterDataset:
+    """Batches made ahead of time: in `workers` processes, or in one background thread when 0."""
+    if workers == 0:
+        return grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=buffer)
+    # grain's worker processes read absl flags, which a non-absl program never parses.
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    return dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=buffer))
+
+
+class GrainBatches:
+    """A `BatchIterator` over a grain dataset; its state is grain's, JSON-serialisable."""
+
+    def __init__(self, dataset: grain.IterDataset):
+        self._holder = [iter(dataset)]
+        # Prefetch threads and worker processes must stop before the interpreter tears down,
+        # or the process aborts at exit; finalizers run at exit while modules are still alive.
+        self.close = weakref.finalize(self, _close_and_drop, self._holder)
+
+    def __iter__(self) -> GrainBatches:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        # Copies out of grain's worker shared memory, which must not outlive the iterator.
+        return {name: np.array(field) for name, field in next(self._holder[0]).items()}
+
+    def get_state(self) -> dict[str, str]:
+        # grain's state holds tuples that a JSON round trip would turn into lists (and grain then
+        # misreads), so it travels as a Python literal inside a JSON-safe dict.
+        return {"grain_state": repr(self._holder[0].get_state())}
+
+    def set_state(self, state: dict[str, str]) -> None:
+        self._holder[0].set_state(ast.literal_eval(state["grain_state"]))
+
+
+def _close_and_drop(holder: list) -> None:
+    # Dropping the last reference lets grain's own __del__ run now rather than mid-teardown.
+    holder.pop().close()

@@ -9,6 +9,9 @@ import hashlib
 import io
 import pathlib
 from collections.abc import Iterable
+from typing import Literal
+
+import numpy as np
 
 import sentencepiece as spm
 
@@ -17,7 +20,14 @@ from jaxgen.data.corpus import DataError
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 
 
-def train_tokenizer(documents: Iterable[str], vocab_size: int, out: str | pathlib.Path, model_type: str = "bpe") -> "Tokenizer":
+ModelType = Literal["bpe", "unigram"]
+
+# Sentencepiece holds its training sentences in memory; beyond this many it trains on a
+# uniform sample of them, so a corpus of any size can be streamed in.
+MAX_TRAINING_SENTENCES = 2_000_000
+
+
+def train_tokenizer(documents: Iterable[str], vocab_size: int, out: str | pathlib.Path, model_type: ModelType = "bpe") -> "Tokenizer":
     """Train on streamed documents and write `out` atomically (never a half-written model)."""
     out = pathlib.Path(out)
     proto = io.BytesIO()
@@ -28,7 +38,7 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, out: str | pathli
             normalization_rule_name="identity", byte_fallback=True, remove_extra_whitespaces=False,
             split_digits=True, character_coverage=1.0,
             unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1,
-            input_sentence_size=0, num_threads=2, minloglevel=2,
+            input_sentence_size=MAX_TRAINING_SENTENCES, shuffle_input_sentence=True, num_threads=2, minloglevel=2,
         )
     except RuntimeError as err:
         raise DataError(f"sentencepiece could not train a {vocab_size}-token {model_type} model: {err}") from None
@@ -58,5 +68,16 @@ class Tokenizer:
     def encode(self, texts: list[str]) -> list[list[int]]:
         return self._sp.encode(texts)
 
+    def encode_document(self, text: str) -> np.ndarray:
+        return np.asarray(self._sp.encode(text), np.int32)
+
     def decode(self, ids: list[int]) -> str:
         return self._sp.decode(ids)
+
+    def __getstate__(self) -> dict:
+        # Pickled into grain worker processes: the model bytes travel, not the C++ object.
+        return {"path": self.path, "model_bytes": self._model_bytes}
+
+    def __setstate__(self, state: dict) -> None:
+        self.path, self._model_bytes = state["path"], state["model_bytes"]
+        self._sp = spm.SentencePieceProcessor(model_proto=self._model_bytes)

@@ -1,0 +1,56 @@
+"""Documents -> next-token training rows: tokenize, pack, batch.
+
+Each document becomes `inputs = [BOS, t1..tn]` and `targets = [t1..tn, EOS]`, so
+every token is predicted exactly once however documents are cut. Packing is
+grain's concatenate-and-split: documents are laid end to end and cut every
+`seq_len` tokens, a document crossing a cut continuing in the next row.
+`segment_ids` (1, 2, ... per document piece within a row; 0 = padding) and
+`positions` (0, 1, ... within each piece) mark the boundaries, so attention can
+be masked per document.
+"""
+
+from __future__ import annotations
+
+import grain
+import numpy as np
+
+from jaxgen.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
+
+# What one row of a batch holds; the model reads inputs/targets/weights.
+ROW_FIELDS = ("inputs", "targets", "weights", "segment_ids", "positions")
+
+
+class TokenizeDocument(grain.transforms.Map):
+    """A document (text, or token ids from a pre-tokenized dataset) -> shifted input/target ids."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def map(self, document: str | np.ndarray) -> dict[str, np.ndarray]:
+        ids = self.tokenizer.encode_document(document) if isinstance(document, str) else document.astype(np.int32)
+        return {
+            "inputs": np.concatenate([np.array([BOS_ID], np.int32), ids]),
+            "targets": np.concatenate([ids, np.array([EOS_ID], np.int32)]),
+        }
+
+
+def rows_of_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """grain's packed features -> the trainer's field names; padding gets zero loss weight."""
+    segment_ids = packed["inputs_segment_ids"].astype(np.int32)
+    return {
+        "inputs": packed["inputs"],
+        "targets": packed["targets"],
+        "weights": (segment_ids > 0).astype(np.float32),
+        "segment_ids": segment_ids,
+        "positions": packed["inputs_positions"].astype(np.int32),
+    }
+
+
+def pack_documents(documents: grain.IterDataset, tokenizer: Tokenizer, seq_len: int) -> grain.IterDataset:
+    """Rows of exactly `seq_len` tokens, documents concatenated and split."""
+    tokens = documents.map(TokenizeDocument(tokenizer))
+    return grain.experimental.ConcatThenSplitIterDataset(tokens, length_struct={"inputs": seq_len, "targets": seq_len})
+
+
+def batch_rows(packed: grain.IterDataset, batch_size: int) -> grain.IterDataset:
+    return packed.batch(batch_size, drop_remainder=True).map(rows_of_batch)

@@ -1,0 +1,160 @@
+"""Document sources chosen in config, each opened as a grain dataset of documents.
+
+A document is text (`str`), or token ids (`np.ndarray`) from a pre-tokenized
+prepared dataset. Random-access sources follow the plain protocol grain reads,
+`__len__` and `__getitem__(index) -> record`: prepared datasets and TFDS
+datasets (ArrayRecord, through `tfds.data_source`), ArrayRecord files by glob,
+and any in-memory record source (e.g. images). They are sharded by slicing, so
+each process reads only its share, and shuffled whole every epoch. Text and
+JSONL files are streamed (see streaming.py) and shuffled within a window.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import grain
+import numpy as np
+
+from jaxgen.config import DataConfig, SourceConfig
+from jaxgen.data.corpus import BUNDLED_CORPUS, DataError, InvalidUtf8, SkipCounter, decode_utf8, resolve_files
+from jaxgen.data.prepare import PREPARED_MARKER
+from jaxgen.data.splits import HeldOutView, HoldOut, Part, Shard
+from jaxgen.data.streaming import DocumentStream
+from jaxgen.data.tfrecord import TfdsTfRecordStream, tensorflow_available
+
+Document = str | np.ndarray
+
+
+class RandomAccessSource(Protocol):
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Any: ...
+
+
+class RecordDocument(grain.transforms.Map):
+    """A source record -> its document; None (dropped by grain) for invalid UTF-8 when skipping."""
+
+    def __init__(self, field: str, invalid_utf8: InvalidUtf8, name: str):
+        self.field, self.invalid_utf8, self.name = field, invalid_utf8, name
+        self._skipped = SkipCounter(f"records of invalid UTF-8 in {name}")
+
+    def map(self, record: Any) -> Document | None:
+        if isinstance(record, dict):
+            if "tokens" in record:
+                return np.asarray(record["tokens"], np.int32)
+            if self.field not in record:
+                raise DataError(f"{self.name} records have no field {self.field!r} (data.field); they hold {sorted(record)}")
+            record = record[self.field]
+        if isinstance(record, bytes):
+            return decode_utf8(record, f"a record of {self.name}", self.invalid_utf8, self._skipped)
+        if isinstance(record, str):
+            return record
+        raise DataError(f"{self.name} holds {type(record).__name__} records, not text")
+
+
+def describe(source: DataConfig | SourceConfig) -> str:
+    kind = source.kinds[0] if source.kinds else None
+    return f"data.{kind} {getattr(source, kind)!r}" if kind else "the bundled corpus"
+
+
+def open_prepared(path: str, split: str) -> RandomAccessSource:
+    """A split of a dataset directory written by `jaxgen data prepare` (read through TFDS)."""
+    import tensorflow_datasets as tfds
+
+    directory = pathlib.Path(path).expanduser()
+    if not directory.is_dir():
+        raise DataError(f"data.path {path!r} is not a directory; create one with `jaxgen data prepare --input GLOB --out {path}`")
+    if not (directory / PREPARED_MARKER).is_file():
+        raise DataError(
+            f"data.path {path!r} is not a complete prepared dataset (no {PREPARED_MARKER}); "
+            "an interrupted `jaxgen data prepare` leaves this state; run it again"
+        )
+    builder = tfds.builder_from_directory(str(directory))
+    if split not in builder.info.splits:
+        raise DataError(f"data.path {path!r} has no split {split!r}; it has {sorted(builder.info.splits)}")
+    return builder.as_data_source(split=split)
+
+
+def open_tfds(name: str, data_dir: str | None, split: str) -> RandomAccessSource | None:
+    """A TFDS split stored as ArrayRecord; None when it is stored as TFRecord (read by `tfrecord.py`)."""
+    import tensorflow_datasets as tfds
+
+    where = f"data.tfds {name!r} in {data_dir or 'the default TFDS data_dir'}"
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise DataError(f"{where}: no such dataset; prepare it there first (tfds build {name})") from None
+    except NotImplementedError:
+        if not tensorflow_available():
+            raise DataError(
+                f"{where} is stored as TFRecord, which needs TensorFlow to read: pip install 'jaxgen[tf]' "
+                "(or rebuild it with --file_format=array_record)"
+            ) from None
+        return None
+    except (ValueError, AssertionError) as err:
+        if "split" in str(err).lower():
+            raise DataError(f"{where}: {err}") from None
+        raise
+
+
+def open_array_records(pattern: str) -> RandomAccessSource:
+    files = resolve_files(pattern, "data.array_record")
+    return grain.sources.ArrayRecordDataSource([str(f) for f in files])
+
+
+def open_documents(source: DataConfig | SourceConfig, data: DataConfig, part: Part, shard: Shard, *,
+                   seed: int | None, epochs: int | None = None) -> grain.IterDataset:
+    """One source's documents of one part, for `epochs` passes (None = forever); shuffled when seeded."""
+    name = describe(source)
+    if source.text is not None or source.jsonl is not None or not source.kinds:
+        files = [BUNDLED_CORPUS] if not source.kinds else resolve_files(
+            source.text or source.jsonl, "data.text" if source.text else "data.jsonl")
+        stream = DocumentStream(files, field=source.field if source.jsonl else None,
+                                holdout=HoldOut(data.eval_every_nth_doc, part), shard=shard,
+                                invalid_utf8=data.invalid_utf8, name=name, epochs=epochs)
+        if seed is None:
+            return stream
+        return grain.experimental.WindowShuffleIterDataset(stream, window_size=data.shuffle_window, seed=seed)
+
+    split = source.train_split if part == "train" else source.eval_split
+    if source.path is not None:
+        records = open_prepared(source.path, split)
+    elif source.tfds is not None:
+        records = open_tfds(source.tfds, source.tfds_data_dir, split)
+    else:
+        records = HeldOutView(open_array_records(source.array_record), HoldOut(data.eval_every_nth_doc, part))
+    to_document = RecordDocument(source.field, data.invalid_utf8, name)
+    if records is None:
+        stream = TfdsTfRecordStream(source.tfds, source.tfds_data_dir, split, shard, seed, epochs)
+        return stream.map(to_document).filter(is_document)
+    dataset = grain.MapDataset.source(records)[shard.index::shard.count]
+    if len(dataset) == 0:
+        raise DataError(f"{name} holds {len(records)} {part} records, too few for {shard.count} processes to get one each")
+    if seed is not None:
+        dataset = dataset.shuffle(seed=seed)
+    return dataset.repeat(epochs).map(to_document).to_iter_dataset()
+
+
+def is_document(document: Document | None) -> bool:
+    return document is not None
+
+
+def mixed_documents(data: DataConfig, part: Part, shard: Shard) -> grain.IterDataset:
+    """All configured sources, endless, drawn in proportion to their weights (one source: itself).
+    Training documents are shuffled; evaluation documents come in a fixed order."""
+    sources = data.mixture or [data]
+    seeds = np.random.SeedSequence(data.seed).generate_state(len(sources))
+    seeds = [int(seed) if part == "train" else None for seed in seeds]
+    datasets = [open_documents(s, data, part, shard, seed=seed) for s, seed in zip(sources, seeds)]
+    if len(datasets) == 1:
+        return datasets[0]
+    return grain.IterDataset.mix(datasets, weights=[s.weight for s in sources])
+
+
+def one_pass_documents(data: DataConfig, part: Part) -> Iterator[Document]:
+    """Every document of the part once, source after source, in a fixed order."""
+    for source in data.mixture or [data]:
+        yield from open_documents(source, data, part, Shard(), seed=None, epochs=1)

@@ -1,0 +1,107 @@
+"""Text and JSONL files as an endless, resumable grain stream of documents.
+
+Files are read line by line (never whole), epoch after epoch. The position is a
+handful of integers (epoch, file, byte offset, document counters), so the state
+is exact and JSON-serialisable; restoring seeks straight to the offset.
+
+Sharding is by document: among the documents of the chosen part, reader i of n
+keeps those whose counter is i mod n. grain's worker processes split a shard
+again through `set_slice`, so workers and processes compose.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import IO, Any
+
+import grain
+
+from jaxgen.data.corpus import DataError, InvalidUtf8, SkipCounter, decode_utf8, line_document, open_binary
+from jaxgen.data.splits import HoldOut, Shard
+
+
+class DocumentStream(grain.IterDataset):
+    """Documents of text files (field=None) or JSONL files (the `field` of each line), for
+    `epochs` passes (None = forever)."""
+
+    def __init__(self, files: list[pathlib.Path], *, field: str | None, holdout: HoldOut | None,
+                 shard: Shard, invalid_utf8: InvalidUtf8, name: str, epochs: int | None = None):
+        super().__init__()
+        self.files, self.field, self.holdout = list(files), field, holdout
+        self.shard, self.invalid_utf8, self.name, self.epochs = shard, invalid_utf8, name, epochs
+        # grain may slice the same copy again (e.g. when restoring workers): always from this.
+        self.process_shard = shard
+
+    def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+        # grain hands each worker process `slice(worker, None, workers)`; striding is the only
+        # split a stream supports, so it is used for sequential slicing too.
+        del sequential_slice
+        self.shard = self.process_shard.within(sl.start or 0, sl.step or 1)
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _DocumentIterator(self)
+
+    def __str__(self) -> str:
+        return f"DocumentStream({self.name}, {len(self.files)} files, {self.shard})"
+
+
+_START = {"epoch": 0, "file": 0, "offset": 0, "ordinal": 0, "selected": 0}
+
+
+class _DocumentIterator(grain.DatasetIterator):
+    def __init__(self, stream: DocumentStream):
+        super().__init__()
+        self._stream = stream
+        self._position = dict(_START)
+        self._handle: IO[bytes] | None = None
+        self._skipped = SkipCounter("lines of invalid UTF-8")
+
+    def __next__(self) -> str:
+        stream, pos = self._stream, self._position
+        while True:
+            if self._handle is None:
+                if stream.epochs is not None and pos["epoch"] == stream.epochs:
+                    raise StopIteration
+                self._handle = open_binary(stream.files[pos["file"]])
+                self._handle.seek(pos["offset"])
+            raw = self._handle.readline()
+            if not raw:
+                self._next_file()
+                continue
+            where = f"{stream.files[pos['file']]}: line at byte {pos['offset']}"
+            pos["offset"] += len(raw)
+            line = decode_utf8(raw, where, stream.invalid_utf8, self._skipped)
+            doc = None if line is None else line_document(line, stream.field, where)
+            if doc is None:
+                continue
+            pos["ordinal"] += 1
+            if stream.holdout and not stream.holdout.keeps(pos["ordinal"] - 1):
+                continue
+            pos["selected"] += 1
+            if (pos["selected"] - 1) % stream.shard.count == stream.shard.index:
+                return doc
+
+    def _next_file(self) -> None:
+        stream, pos = self._stream, self._position
+        self._handle.close()
+        self._handle = None
+        pos["file"] += 1
+        pos["offset"] = 0
+        if pos["file"] < len(stream.files):
+            return
+        if pos["selected"] <= stream.shard.index:
+            part = stream.holdout.part if stream.holdout else "all"
+            raise DataError(
+                f"{stream.name} holds {pos['selected']} documents for the {part} split, too few for "
+                f"{stream.shard.count} readers (processes x workers) to get one each"
+            )
+        pos.update(_START, epoch=pos["epoch"] + 1)
+
+    def get_state(self) -> dict[str, Any]:
+        return dict(self._position)
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        self._position.update({key: int(state[key]) for key in _START})

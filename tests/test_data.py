@@ -1,0 +1,175 @@
+"""The streaming pipeline's promises: same seed same batches, exact resume, disjoint
+process shares, packing that loses nothing, and the LM data the trainer gets."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from jaxgen.data.corpus import BUNDLED_CORPUS, iter_documents
+from jaxgen.data.lm import build_lm_data, eval_batches, train_batches
+from jaxgen.data.packing import batch_rows, pack_documents
+from jaxgen.data.sources import mixed_documents, one_pass_documents, open_documents
+from jaxgen.data.splits import HoldOut, Shard
+from jaxgen.data.tokenizer import BOS_ID, EOS_ID, train_tokenizer
+
+from conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    documents = itertools.islice(iter_documents([BUNDLED_CORPUS]), 3000)
+    return train_tokenizer(documents, 512, tmp_path_factory.mktemp("tok") / "kjv512.model")
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    """Two files of numbered documents, small enough that an epoch is a few batches."""
+    directory = tmp_path_factory.mktemp("corpus")
+    for name, docs in [("a.txt", range(0, 60)), ("b.txt", range(60, 100))]:
+        (directory / name).write_text("".join(f"document {i} says {'amen ' * (i % 7)}\n" for i in docs))
+    return str(directory / "*.txt")
+
+
+def take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for name in x:
+            np.testing.assert_array_equal(x[name], y[name], err_msg=name)
+
+
+def test_batches_have_the_trainer_fields_and_shapes(tokenizer):
+    cfg = tiny_config("data.batch_size=8", "data.seq_len=32")
+    batch = next(train_batches(cfg.data, tokenizer, Shard()))
+    assert {name: (x.shape, x.dtype.name) for name, x in batch.items()} == {
+        "inputs": ((8, 32), "int32"), "targets": ((8, 32), "int32"), "weights": ((8, 32), "float32"),
+        "segment_ids": ((8, 32), "int32"), "positions": ((8, 32), "int32"),
+    }
+    # Next-token pairs: within a document, each target is the next row's input.
+    same_doc = batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1]
+    np.testing.assert_array_equal(batch["targets"][:, :-1][same_doc], batch["inputs"][:, 1:][same_doc])
+
+
+def test_same_seed_same_batches_other_seed_other_batches(tokenizer, small_corpus):
+    def first(seed):
+        cfg = tiny_config(f"data.text={small_corpus}", f"data.seed={seed}", "data.batch_size=4",
+                          "data.seq_len=16", "data.shuffle_window=20")
+        return take(train_batches(cfg.data, tokenizer, Shard()), 5)
+
+    assert_same_batches(first(0), first(0))
+    assert not np.array_equal(first(0)[0]["inputs"], first(1)[0]["inputs"])
+
+
+@pytest.mark.parametrize("workers,consumed", [(0, 0), (0, 3), (0, 40), (2, 1), (2, 7)],
+                         ids=["start", "mid-epoch", "epochs-later", "workers-start", "workers"])
+def test_resume_gives_exactly_the_uninterrupted_stream(tokenizer, small_corpus, workers, consumed):
+    # 98 short training documents fill ~30 batches of 4x16 tokens, so 40 batches cross an epoch boundary.
+    cfg = tiny_config(f"data.text={small_corpus}", "data.batch_size=4", "data.seq_len=16",
+                      "data.shuffle_window=20", f"data.workers={workers}")
+    uninterrupted = train_batches(cfg.data, tokenizer, Shard())
+    take(uninterrupted, consumed)
+    state = json.loads(json.dumps(uninterrupted.get_state()))  # as a checkpoint stores it
+    expected = take(uninterrupted, 12)
+    uninterrupted.close()
+
+    resumed = train_batches(cfg.data, tokenizer, Shard())
+    resumed.set_state(state)
+    assert_same_batches(take(resumed, 12), expected)
+    resumed.close()
+
+
+def test_forty_batches_of_the_small_corpus_cross_an_epoch_boundary(tokenizer, small_corpus):
+    cfg = tiny_config(f"data.text={small_corpus}", "data.batch_size=4", "data.seq_len=16", "data.shuffle_window=20")
+    batches = train_batches(cfg.data, tokenizer, Shard())
+    take(batches, 40)
+    assert "'epoch': 1" in batches.get_state()["grain_state"]
+    batches.close()
+
+
+@pytest.mark.parametrize("source", ["text", "array_record"])
+def test_two_processes_read_disjoint_shares_that_cover_the_data(source, small_corpus, tmp_path):
+    if source == "text":
+        cfg = tiny_config(f"data.text={small_corpus}")
+    else:
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        writer = ArrayRecordWriter(str(tmp_path / "docs.array_record"), "group_size:1")
+        for i in range(101):
+            writer.write(f"record {i}".encode())
+        writer.close()
+        cfg = tiny_config(f"data.array_record={tmp_path}/*.array_record")
+    shares = [list(open_documents(cfg.data, cfg.data, "train", Shard(i, 2), seed=3, epochs=1)) for i in range(2)]
+    everything = list(one_pass_documents(cfg.data, "train"))
+    assert not set(shares[0]) & set(shares[1])
+    assert sorted(shares[0] + shares[1]) == sorted(everything)
+    assert abs(len(shares[0]) - len(shares[1])) <= 1
+
+
+def test_held_out_documents_never_reach_training(small_corpus):
+    cfg = tiny_config(f"data.text={small_corpus}", "data.eval_every_nth_doc=10")
+    train = list(one_pass_documents(cfg.data, "train"))
+    held_out = list(one_pass_documents(cfg.data, "eval"))
+    assert [d.split()[1] for d in held_out] == [str(i) for i in range(9, 100, 10)]
+    assert len(train) == 90 and not set(train) & set(held_out)
+
+
+def test_packing_keeps_every_token_once_and_marks_boundaries(tokenizer, small_corpus):
+    cfg = tiny_config(f"data.text={small_corpus}")
+    documents = list(one_pass_documents(cfg.data, "train"))
+    stream = open_documents(cfg.data, cfg.data, "train", Shard(), seed=None, epochs=1)
+    rows = list(batch_rows(pack_documents(stream, tokenizer, 24), 1))
+    inputs, targets, segments, positions = (np.concatenate([r[k][0] for r in rows])
+                                            for k in ("inputs", "targets", "segment_ids", "positions"))
+    real = segments > 0  # the stream's tail is padded, with zero weight
+    assert all((r["weights"] == (r["segment_ids"] > 0)).all() for r in rows)
+    expected = np.concatenate([[BOS_ID, *tokenizer.encode_document(d)] for d in documents])
+    np.testing.assert_array_equal(inputs[real], expected)
+    np.testing.assert_array_equal(targets[real], np.concatenate([[*tokenizer.encode_document(d), EOS_ID] for d in documents]))
+    assert (inputs[real] == BOS_ID).sum() == len(documents)
+    for r in rows:
+        seg, pos = r["segment_ids"][0], r["positions"][0]
+        # Segments count the documents (or pieces of one) in a row from 1; positions count
+        # from 0 within each segment; every segment but a row's first starts with BOS.
+        kept = seg[seg > 0]
+        assert kept[0] == 1 and set(np.diff(kept)) <= {0, 1}
+        segment_starts = np.flatnonzero(np.diff(seg, prepend=0) != 0)
+        np.testing.assert_array_equal(np.flatnonzero((pos == 0) & (seg > 0)), segment_starts[seg[segment_starts] > 0])
+        assert (r["inputs"][0][segment_starts[seg[segment_starts] > 1]] == BOS_ID).all()
+
+
+def test_mixture_draws_documents_by_weight(tmp_path):
+    (tmp_path / "a.txt").write_text("".join(f"alpha {i}\n" for i in range(500)))
+    (tmp_path / "b.txt").write_text("".join(f"beta {i}\n" for i in range(500)))
+    cfg = tiny_config(f"data.mixture=[{{text: '{tmp_path}/a.txt', weight: 3}}, {{text: '{tmp_path}/b.txt', weight: 1}}]")
+    drawn = list(itertools.islice(mixed_documents(cfg.data, "train", Shard()), 400))
+    assert sum(d.startswith("alpha") for d in drawn) == 300
+
+
+def test_eval_batches_are_fixed_and_per_process_rows_tile_the_global_batch(tokenizer):
+    cfg = tiny_config("data.batch_size=8", "data.seq_len=32")
+    whole = eval_batches(cfg.data, tokenizer, 3, Shard())
+    assert_same_batches(whole, eval_batches(cfg.data, tokenizer, 3, Shard()))
+    halves = [eval_batches(cfg.data, tokenizer, 3, Shard(i, 2)) for i in range(2)]
+    for full, first, second in zip(whole, *halves):
+        np.testing.assert_array_equal(full["inputs"], np.concatenate([first["inputs"], second["inputs"]]))
+
+
+def test_build_lm_data_on_the_bundled_corpus_trains_and_stores_the_tokenizer(tmp_path):
+    cfg = tiny_config("data.batch_size=8")
+    data = build_lm_data(cfg, tmp_path, Shard(1, 2))
+    assert data.tokenizer.vocab_size == 512 and (tmp_path / "tokenizer.model").is_file()
+    assert next(data.train)["inputs"].shape == (4, 64)
+    assert len(data.eval) == cfg.train.eval_batches and data.eval[0]["inputs"].shape == (4, 64)
+    data.train.close()
+
+
+def test_held_out_split_is_the_same_every_nth_rule_everywhere():
+    rule = HoldOut(3, "train")
+    assert [rule.ordinal(i) for i in range(5)] == [i for i in range(8) if rule.keeps(i)][:5]
+    assert rule.size(7) == 5 and HoldOut(3, "eval").size(7) == 2

@@ -1,0 +1,213 @@
+"""Sources a user points the config at, `jaxgen data prepare` / `jaxgen tokenizer train`,
+and one clear error for every bad input."""
+
+import gzip
+import itertools
+import json
+import logging
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxgen.config import ConfigError
+from jaxgen.data.corpus import BUNDLED_CORPUS, DataError, iter_documents
+from jaxgen.data.lm import build_lm_data, prepare_tokenizer, train_batches
+from jaxgen.data.prepare import prepare_dataset
+from jaxgen.data.sources import one_pass_documents
+from jaxgen.data.splits import Shard
+from jaxgen.data.tokenizer import Tokenizer, train_tokenizer
+
+from conftest import REPO, tiny_config
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    documents = itertools.islice(iter_documents([BUNDLED_CORPUS]), 3000)
+    return train_tokenizer(documents, 512, tmp_path_factory.mktemp("tok") / "kjv512.model")
+
+
+@pytest.fixture(scope="module")
+def jsonl_corpus(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("jsonl")
+    with gzip.open(directory / "part-0.jsonl.gz", "wt") as f:
+        for i in range(200):
+            f.write(json.dumps({"id": i, "body": f"record {i}: in the beginning was the word"}) + "\n")
+    return directory
+
+
+def documents_of(*overrides, part="train"):
+    return list(one_pass_documents(tiny_config(*overrides).data, part))
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def test_jsonl_gzip_source_reads_the_named_field(jsonl_corpus):
+    documents = documents_of(f"data.jsonl={jsonl_corpus}/*.jsonl.gz", "data.field=body")
+    assert len(documents) == 196 and documents[0] == "record 0: in the beginning was the word"
+
+
+def test_prepared_dataset_round_trips_text_and_tokens_and_splits(jsonl_corpus, tokenizer, tmp_path):
+    prepare_dataset(f"{jsonl_corpus}/*.jsonl.gz", tmp_path / "text", field="body", progress=False, shard_size=64)
+    summary = prepare_dataset(f"{jsonl_corpus}/*.jsonl.gz", tmp_path / "ids", field="body", tokenizer=tokenizer, progress=False)
+    assert summary["documents"] == {"train": 196, "validation": 4}
+    train = documents_of(f"data.path={tmp_path / 'text'}")
+    assert train == documents_of(f"data.jsonl={jsonl_corpus}/*.jsonl.gz", "data.field=body")
+    assert len(list((tmp_path / "text").glob("corpus-train.array_record-*-of-00004"))) == 4
+    ids = documents_of(f"data.path={tmp_path / 'ids'}", part="eval")
+    assert [tokenizer.decode(x.tolist()) for x in ids] == documents_of(
+        f"data.jsonl={jsonl_corpus}/*.jsonl.gz", "data.field=body", part="eval")
+
+
+def test_pretokenized_dataset_brings_its_tokenizer_and_refuses_another(jsonl_corpus, tokenizer, tmp_path):
+    prepare_dataset(f"{jsonl_corpus}/*.jsonl.gz", tmp_path / "ids", field="body", tokenizer=tokenizer, progress=False)
+    cfg = tiny_config(f"data.path={tmp_path / 'ids'}", "data.batch_size=4", "data.seq_len=16")
+    assert prepare_tokenizer(cfg, tmp_path).sha256 == tokenizer.sha256
+    other = train_tokenizer(itertools.islice(iter_documents([BUNDLED_CORPUS]), 500), 512, tmp_path / "other.model")
+    cfg = tiny_config(f"data.path={tmp_path / 'ids'}", f"data.tokenizer={other.path}")
+    with pytest.raises(DataError, match="tokenized with another tokenizer"):
+        prepare_tokenizer(cfg, tmp_path)
+
+
+def test_tfds_dataset_by_name_and_data_dir_without_tensorflow(jsonl_corpus, tmp_path):
+    prepare_dataset(f"{jsonl_corpus}/*.jsonl.gz", tmp_path / "tfds" / "corpus" / "1.0.0", field="body", progress=False)
+    documents = documents_of("data.tfds=corpus", f"data.tfds_data_dir={tmp_path / 'tfds'}")
+    assert documents == documents_of(f"data.path={tmp_path / 'tfds' / 'corpus' / '1.0.0'}")
+
+
+def test_tfrecord_dataset_without_tensorflow_says_to_install_the_extra(jsonl_corpus, tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    if __import__("importlib").util.find_spec("tensorflow"):
+        pytest.skip("TensorFlow is installed, so TFRecord datasets are readable")
+    version_dir = tmp_path / "tfds" / "corpus" / "1.0.0"
+    prepare_dataset(f"{jsonl_corpus}/*.jsonl.gz", version_dir, field="body", progress=False)
+    info = json.loads((version_dir / "dataset_info.json").read_text())
+    (version_dir / "dataset_info.json").write_text(json.dumps(info | {"fileFormat": "tfrecord"}))
+    with pytest.raises(DataError, match=r"stored as TFRecord.*pip install 'jaxgen\[tf\]'"):
+        documents_of("data.tfds=corpus", f"data.tfds_data_dir={tmp_path / 'tfds'}")
+
+
+def test_mixture_of_prepared_and_text_sources_trains(jsonl_corpus, tokenizer, tmp_path):
+    prepare_dataset(f"{jsonl_corpus}/*.jsonl.gz", tmp_path / "ds", field="body", progress=False)
+    cfg = tiny_config(f"data.mixture=[{{path: '{tmp_path / 'ds'}', weight: 1}}, {{text: '{BUNDLED_CORPUS}', weight: 1}}]",
+                      "data.batch_size=4", "data.seq_len=16")
+    batches = train_batches(cfg.data, tokenizer, Shard())
+    text = tokenizer.decode(next(batches)["inputs"].ravel().tolist())
+    batches.close()
+    assert "record" in text and "the" in text
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def test_cli_trains_a_tokenizer_and_prepares_a_pretokenized_dataset(jsonl_corpus, tmp_path):
+    def jaxgen(*args):
+        result = subprocess.run([sys.executable, "-m", "jaxgen", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result
+
+    out = json.loads(jaxgen("tokenizer", "train", "--input", str(BUNDLED_CORPUS), "--vocab-size", "400",
+                            "--model-type", "unigram", "--out", str(tmp_path / "t.model")).stdout)
+    assert out["vocab_size"] == 400 and Tokenizer(tmp_path / "t.model").sha256 == out["sha256"]
+    result = jaxgen("data", "prepare", "--input", f"{jsonl_corpus}/*.jsonl.gz", "--field", "body",
+                    "--tokenizer", str(tmp_path / "t.model"), "--out", str(tmp_path / "ds"))
+    assert json.loads(result.stdout)["tokenizer"]["vocab_size"] == 400
+    assert "doc" in result.stderr  # the progress bar
+    assert (tmp_path / "ds" / "tokenizer.model").read_bytes() == (tmp_path / "t.model").read_bytes()
+
+
+def test_tokenizer_is_lossless_on_any_text(tokenizer):
+    text = "Ünïcode — tabs\tand  double  spaces, digits 12345, emoji 🙂 and 中文"
+    assert tokenizer.decode(tokenizer.encode_document(text).tolist()) == text
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("key", ["text", "jsonl", "array_record"])
+def test_a_glob_matching_nothing_names_the_pattern(key, tmp_path):
+    with pytest.raises(DataError, match=rf"data.{key} '{tmp_path}/nothing\*' matches no files"):
+        documents_of(f"data.{key}={tmp_path}/nothing*")
+
+
+def test_a_missing_prepared_dataset_names_the_path(tmp_path):
+    with pytest.raises(DataError, match=rf"data.path '{tmp_path}/absent' is not a directory"):
+        documents_of(f"data.path={tmp_path}/absent")
+
+
+def test_an_empty_file_is_named(tmp_path):
+    (tmp_path / "a.txt").write_text("one document\n")
+    with gzip.open(tmp_path / "b.txt.gz", "wb"):
+        pass
+    with pytest.raises(DataError, match=r"file '.*b.txt.gz' is empty"):
+        documents_of(f"data.text={tmp_path}/*")
+
+
+def test_invalid_utf8_is_skipped_with_a_count_or_fails_by_config(tmp_path, caplog):
+    (tmp_path / "a.txt").write_bytes(b"good one\nbad \xff\xfe line\ngood two\n")
+    with caplog.at_level(logging.WARNING, logger="jaxgen"):
+        assert documents_of(f"data.text={tmp_path}/a.txt", "data.eval_every_nth_doc=50") == ["good one", "good two"]
+    assert "skipped 1 lines of invalid UTF-8" in caplog.text and "line at byte 9" in caplog.text
+    with pytest.raises(DataError, match=r"a.txt: line at byte 9 is not valid UTF-8.*data.invalid_utf8=skip"):
+        documents_of(f"data.text={tmp_path}/a.txt", "data.invalid_utf8=error")
+
+
+def test_jsonl_without_the_field_names_file_field_and_keys(jsonl_corpus):
+    with pytest.raises(DataError, match=r"part-0.jsonl.gz: line at byte 0 has no field 'text' \(data.field\); it holds \['body', 'id'\]"):
+        documents_of(f"data.jsonl={jsonl_corpus}/*.jsonl.gz")
+
+
+def test_a_corpus_smaller_than_one_batch_is_refused(tmp_path, tokenizer):
+    (tmp_path / "tiny.txt").write_text("".join(f"line {i}\n" for i in range(60)))
+    cfg = tiny_config(f"data.text={tmp_path}/tiny.txt", f"data.tokenizer={tokenizer.path}")
+    with pytest.raises(DataError, match=r"hold \d+ tokens, fewer than one batch of data.batch_size x data.seq_len = 16 x 64 = 1024"):
+        build_lm_data(cfg, tmp_path)
+
+
+def test_a_tokenizer_of_another_vocab_size_is_refused(tmp_path, tokenizer):
+    cfg = tiny_config(f"data.tokenizer={tokenizer.path}", "model.vocab_size=1024")
+    with pytest.raises(ConfigError, match=r"has 512 pieces but model.vocab_size=1024; set model.vocab_size=512"):
+        prepare_tokenizer(cfg, tmp_path)
+
+
+def test_an_interrupted_prepare_leaves_nothing_that_looks_complete(jsonl_corpus, tokenizer, tmp_path, monkeypatch):
+    calls = itertools.count()
+
+    def encode_then_interrupt(text):
+        if next(calls) == 100:
+            raise KeyboardInterrupt
+        return np.zeros(3, np.int32)
+
+    monkeypatch.setattr(tokenizer, "encode_document", encode_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset(f"{jsonl_corpus}/*.jsonl.gz", tmp_path / "ds", field="body", tokenizer=tokenizer, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    # A process killed outright leaves only the hidden partial directory; a dataset
+    # directory without the completion marker is refused by name.
+    prepare_dataset(f"{jsonl_corpus}/*.jsonl.gz", tmp_path / "ds", field="body", progress=False)
+    (tmp_path / "ds" / "jaxgen_dataset.json").unlink()
+    with pytest.raises(DataError, match=rf"data.path '{tmp_path}/ds' is not a complete prepared dataset"):
+        documents_of(f"data.path={tmp_path}/ds")
+
+
+def test_prepare_refuses_to_overwrite(jsonl_corpus, tmp_path):
+    (tmp_path / "ds").mkdir()
+    with pytest.raises(DataError, match=r"--out '.*ds' already exists"):
+        prepare_dataset(f"{jsonl_corpus}/*.jsonl.gz", tmp_path / "ds", field="body", progress=False)
+
+
+def test_a_missing_split_names_the_splits_there(jsonl_corpus, tmp_path):
+    prepare_dataset(f"{jsonl_corpus}/*.jsonl.gz", tmp_path / "ds", field="body", progress=False)
+    with pytest.raises(DataError, match=r"has no split 'test'; it has \['train', 'validation'\]"):
+        documents_of(f"data.path={tmp_path}/ds", "data.eval_split=test", part="eval")
+
+
+def test_too_few_documents_for_the_readers_is_explained(tmp_path):
+    (tmp_path / "one.txt").write_text("only document\n")
+    cfg = tiny_config(f"data.text={tmp_path}/one.txt")
+    from jaxgen.data.sources import open_documents
+
+    with pytest.raises(DataError, match=r"holds 1 documents for the train split, too few for 2 readers"):
+        list(itertools.islice(open_documents(cfg.data, cfg.data, "train", Shard(1, 2), seed=None), 1))
