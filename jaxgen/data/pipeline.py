@@ -22,6 +22,15 @@ from jaxgen.data.splits import Shard
 from jaxgen.sharding import batch_sharding
 
 
+class RandomAccessSource(Protocol):
+    """What grain reads by index: prepared/TFDS/ArrayRecord splits, in-memory images, ..."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Any:
+        """One record: text, bytes, or a dict of numpy values (e.g. {'image': uint8 HxWxC, 'label': int})."""
+
+
 class BatchIterator(Protocol):
     def __next__(self) -> dict[str, np.ndarray]: ...
 
@@ -60,6 +69,20 @@ def prefetched(dataset: grain.IterDataset, workers: int, buffer: int) -> grain.I
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
     return dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=buffer))
+
+
+def record_batches(records: RandomAccessSource, global_batch: int, shard: Shard, *, seed: int,
+                   workers: int = 0, prefetch: int = 4) -> GrainBatches:
+    """This process's rows of endless global batches of whole records, shuffled every epoch.
+
+    Each process reads only its slice of the records; a batch stacks the records' fields.
+    """
+    dataset = grain.MapDataset.source(records)[shard.index::shard.count]
+    if len(dataset) == 0:
+        raise ValueError(f"{len(records)} records are too few for {shard.count} processes to get one each")
+    rows = process_rows(global_batch, shard)
+    dataset = dataset.shuffle(seed=seed).repeat(None).to_iter_dataset()
+    return GrainBatches(prefetched(dataset.batch(rows.stop - rows.start, drop_remainder=True), workers, prefetch))
 
 
 class GrainBatches:

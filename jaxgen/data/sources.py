@@ -1,10 +1,10 @@
 """Document sources chosen in config, each opened as a grain dataset of documents.
 
 A document is text (`str`), or token ids (`np.ndarray`) from a pre-tokenized
-prepared dataset. Random-access sources follow the plain protocol grain reads,
-`__len__` and `__getitem__(index) -> record`: prepared datasets and TFDS
-datasets (ArrayRecord, through `tfds.data_source`), ArrayRecord files by glob,
-and any in-memory record source (e.g. images). They are sharded by slicing, so
+prepared dataset. Random-access sources follow the plain protocol grain reads
+(`pipeline.RandomAccessSource`: `__len__`, `__getitem__(index) -> record`):
+prepared datasets and TFDS datasets (ArrayRecord, through `tfds.data_source`)
+and ArrayRecord files by glob. They are sharded by slicing, so
 each process reads only its share, and shuffled whole every epoch. Text and
 JSONL files are streamed (see streaming.py) and shuffled within a window.
 """
@@ -13,25 +13,20 @@ from __future__ import annotations
 
 import pathlib
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any
 
 import grain
 import numpy as np
 
 from jaxgen.config import DataConfig, SourceConfig
 from jaxgen.data.corpus import BUNDLED_CORPUS, DataError, InvalidUtf8, SkipCounter, decode_utf8, resolve_files
+from jaxgen.data.pipeline import RandomAccessSource
 from jaxgen.data.prepare import PREPARED_MARKER
 from jaxgen.data.splits import HeldOutView, HoldOut, Part, Shard
 from jaxgen.data.streaming import DocumentStream
 from jaxgen.data.tfrecord import TfdsTfRecordStream, tensorflow_available
 
 Document = str | np.ndarray
-
-
-class RandomAccessSource(Protocol):
-    def __len__(self) -> int: ...
-
-    def __getitem__(self, index: int) -> Any: ...
 
 
 class RecordDocument(grain.transforms.Map):
@@ -94,7 +89,7 @@ def open_tfds(name: str, data_dir: str | None, split: str) -> RandomAccessSource
                 "(or rebuild it with --file_format=array_record)"
             ) from None
         return None
-    except (ValueError, AssertionError) as err:
+    except ValueError as err:
         if "split" in str(err).lower():
             raise DataError(f"{where}: {err}") from None
         raise

@@ -57,6 +57,17 @@ class Tokenizer:
         self._model_bytes = self.path.read_bytes()
         self._sp = spm.SentencePieceProcessor(model_proto=self._model_bytes)
 
+    @classmethod
+    def from_bytes(cls, model_bytes: bytes, path: str | pathlib.Path) -> Tokenizer:
+        """A model received in memory; `path` is where its file lives (possibly on another host)."""
+        tokenizer = cls.__new__(cls)
+        tokenizer.__setstate__({"path": pathlib.Path(path), "model_bytes": model_bytes})
+        return tokenizer
+
+    @property
+    def model_bytes(self) -> bytes:
+        return self._model_bytes
+
     @property
     def vocab_size(self) -> int:
         return self._sp.get_piece_size()
