@@ -8,7 +8,9 @@ import json
 import logging
 import pathlib
 import sys
+import traceback
 
+from jaxgen import distributed
 from jaxgen.config import ConfigError, load_config
 from jaxgen.data.corpus import DataError
 
@@ -20,6 +22,7 @@ def default_run_dir(config_path: str | None) -> pathlib.Path:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)  # every config error surfaces before JAX starts
+    distributed.initialize(distributed_settings(args))
     from jaxgen.train.loop import train
 
     run_dir = pathlib.Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
@@ -32,6 +35,43 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_launch_local(args: argparse.Namespace) -> int:
+    from jaxgen.launch import launch_local
+
+    command = args.jaxgen_args[1:] if args.jaxgen_args[:1] == ["--"] else args.jaxgen_args
+    if not command:
+        raise ConfigError("jaxgen launch local: give the command after --, e.g. -- train --config configs/lm_tiny.yaml")
+    return launch_local([sys.executable, "-m", "jaxgen", *command], args.processes, args.devices_per_process, args.port)
+
+
+def distributed_settings(args: argparse.Namespace) -> distributed.DistributedSettings:
+    return distributed.settings_from({name: getattr(args, name) for name in distributed.ENV})
+
+
+def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "multi-process runs (each flag falls back to its JAXGEN_* environment variable; a single process needs none)"
+    )
+    env = distributed.ENV
+    group.add_argument("--coordinator-address", metavar="HOST:PORT", help=f"process 0's address [{env['coordinator_address']}]")
+    group.add_argument("--num-processes", type=int, metavar="N", help=f"processes in the run [{env['num_processes']}]")
+    group.add_argument("--process-id", type=int, metavar="I", help=f"this process, 0..N-1 [{env['process_id']}]")
+    group.add_argument("--cluster", choices=distributed.CLUSTERS,
+                       help=f"auto (default): explicit settings or a detected multi-process SLURM / Open MPI / "
+                            f"Kubernetes / GKE TPU job; jax: always use JAX's detection (Cloud TPU VMs); none [{env['cluster']}]")
+    group.add_argument("--init-timeout", dest="init_timeout_s", type=int, metavar="S",
+                       help=f"seconds to wait for all processes to join (default 300) [{env['init_timeout_s']}]")
+    group.add_argument("--heartbeat-timeout", dest="heartbeat_timeout_s", type=int, metavar="S",
+                       help=f"seconds of silence before a process counts as dead (default 30) [{env['heartbeat_timeout_s']}]")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxgen", description="Train generative models with JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -40,11 +80,36 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML config file (default: the embedded default config)")
     train.add_argument("--run-dir", help="output directory (default: runs/<config-name>-<timestamp>)")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=50")
+    add_distributed_flags(train)
     train.set_defaults(func=cmd_train)
+
+    launch = commands.add_parser("launch", help="start a multi-process run").add_subparsers(dest="where", required=True)
+    local = launch.add_parser(
+        "local", help="N processes on this machine over loopback, each with M CPU devices",
+        usage="jaxgen launch local [--processes N] [--devices-per-process M] [--port P] -- train ARGS...",
+    )
+    local.add_argument("--processes", type=positive_int, default=2, metavar="N", help="JAX processes (default 2)")
+    local.add_argument("--devices-per-process", type=positive_int, default=4, metavar="M",
+                       help="simulated CPU devices per process (default 4)")
+    local.add_argument("--port", type=positive_int, metavar="P", help="coordinator port on 127.0.0.1 (default: a free one)")
+    local.add_argument("jaxgen_args", nargs=argparse.REMAINDER, metavar="-- COMMAND ARGS", help="the jaxgen command each process runs")
+    local.set_defaults(func=cmd_launch_local)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point. In a multi-process run a failing process leaves at once (see `distributed.exit_status`)."""
+    try:
+        status = run_command(argv)
+    except Exception:
+        if not distributed.is_multiprocess():
+            raise
+        traceback.print_exc()
+        status = 1
+    return distributed.exit_status(status)
+
+
+def run_command(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("jaxgen").setLevel(logging.INFO)

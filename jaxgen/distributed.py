@@ -1,0 +1,282 @@
+"""One JAX process per host (or per GPU), joined by `jax.distributed`.
+
+jaxgen never schedules processes: the cluster's engine (SLURM's `srun`, a
+Kubernetes indexed Job or JobSet, `gcloud ... tpu-vm ssh --worker=all`,
+`jaxgen launch local`) starts one process per host and each calls `initialize`
+before JAX touches a device. Where the coordinator is and how many processes
+there are comes from explicit settings (flags or JAXGEN_* variables) or from
+JAX's own detection of the cluster; a single process needs nothing at all.
+
+Also here: what processes must agree on while running (`next_in_lockstep`: every
+process stops at the same step when any runs out of data) and how a failing
+process leaves (`exit_status`: at once, so its peers fail fast instead of
+hanging in a collective).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal, get_args
+
+import numpy as np
+
+from jaxgen.config import ConfigError
+from jaxgen.data.corpus import DataError
+
+log = logging.getLogger("jaxgen")
+
+Cluster = Literal["auto", "jax", "none"]
+CLUSTERS: tuple[str, ...] = get_args(Cluster)
+
+# Setting -> the environment variable that supplies it when no flag does.
+ENV = {
+    "coordinator_address": "JAXGEN_COORDINATOR_ADDRESS",
+    "num_processes": "JAXGEN_NUM_PROCESSES",
+    "process_id": "JAXGEN_PROCESS_ID",
+    "cluster": "JAXGEN_CLUSTER",
+    "init_timeout_s": "JAXGEN_INIT_TIMEOUT",
+    "heartbeat_timeout_s": "JAXGEN_HEARTBEAT_TIMEOUT",
+}
+
+
+class DistributedError(ConfigError):
+    """Multi-process settings that cannot work; the message names the bad value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedSettings:
+    # HOST:PORT where process 0 serves the coordination service; every process gives the same.
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    # auto: explicit settings if given, else JAX's detection when the environment shows a
+    # multi-process job (SLURM, Open MPI, Kubernetes indexed Job, multi-host TPU on GKE);
+    # jax: always let JAX detect (Cloud TPU VMs, found through the metadata server); none: never.
+    cluster: Cluster = "auto"
+    # How long processes wait for each other to start (pods and nodes come up slowly).
+    init_timeout_s: int = 300
+    # A process silent this long is declared dead and every other process stops. This is
+    # what ends a run whose peer died: collectives waiting for it do not fail by themselves.
+    # Heartbeats come from a native thread, so busy hosts still send them (JAX's default: 100 s).
+    heartbeat_timeout_s: int = 30
+
+    @property
+    def explicit(self) -> bool:
+        return any(v is not None for v in (self.coordinator_address, self.num_processes, self.process_id))
+
+
+def settings_from(flags: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> DistributedSettings:
+    """Flags (None = not given) win over JAXGEN_* environment variables, which win over defaults."""
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(DistributedSettings):
+        value = flags.get(field.name)
+        if value is None and ENV[field.name] in environ:
+            kind = int if field.type.startswith("int") else str  # annotations are strings here
+            value = _parse_env(ENV[field.name], environ[ENV[field.name]], kind)
+        if value is not None:
+            values[field.name] = value
+    settings = DistributedSettings(**values)
+    validate(settings)
+    return settings
+
+
+def _parse_env(name: str, raw: str, kind: type) -> Any:
+    try:
+        return kind(raw)
+    except ValueError:
+        raise DistributedError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def validate(s: DistributedSettings) -> None:
+    if s.cluster not in CLUSTERS:
+        raise DistributedError(f"cluster {s.cluster!r} is not one of {', '.join(CLUSTERS)}")
+    for name, flag in (("init_timeout_s", "--init-timeout"), ("heartbeat_timeout_s", "--heartbeat-timeout")):
+        if getattr(s, name) <= 0:
+            raise DistributedError(f"{flag} / {ENV[name]} = {getattr(s, name)} must be a positive number of seconds")
+    if not s.explicit:
+        return
+    if s.cluster == "none":
+        raise DistributedError("cluster 'none' contradicts the coordinator address / process settings given")
+    missing = [name for name in ("coordinator_address", "num_processes", "process_id") if getattr(s, name) is None]
+    if missing:
+        raise DistributedError(
+            f"explicit multi-process settings need all of coordinator address, number of processes and "
+            f"process id; missing {', '.join(missing)} (flags --coordinator-address/--num-processes/"
+            f"--process-id or {', '.join(ENV[m] for m in missing)})"
+        )
+    check_address(s.coordinator_address)
+    if s.num_processes < 1:
+        raise DistributedError(f"number of processes {s.num_processes} must be at least 1")
+    if not 0 <= s.process_id < s.num_processes:
+        raise DistributedError(
+            f"process id {s.process_id} is out of range for {s.num_processes} processes (valid: 0..{s.num_processes - 1})"
+        )
+
+
+def check_address(address: str) -> None:
+    """HOST:PORT with a numeric port; IPv6 hosts in brackets ([::1]:1234)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host:
+        raise DistributedError(f"coordinator address {address!r} must be HOST:PORT, e.g. 10.0.0.1:1234")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise DistributedError(f"coordinator address {address!r}: write an IPv6 host in brackets, e.g. [::1]:1234")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise DistributedError(f"coordinator address {address!r} has port {port!r}; it must be 1..65535")
+
+
+def detect_cluster(environ: Mapping[str, str] = os.environ) -> str | None:
+    """Which multi-process cluster engine launched this process, if any.
+
+    Only the markers of a job with several processes count: a single-task SLURM
+    job or a lone pod trains alone without contacting anything.
+    """
+
+    def count(name: str) -> int:
+        value = environ.get(name, "")
+        return int(value) if value.isdigit() else 0
+
+    if "SLURM_JOB_ID" in environ and "SLURM_STEP_NODELIST" in environ and count("SLURM_NTASKS") > 1:
+        return "SLURM"
+    if "OMPI_MCA_orte_hnp_uri" in environ and count("OMPI_COMM_WORLD_SIZE") > 1:
+        return "Open MPI"
+    if "KUBERNETES_SERVICE_HOST" in environ and "JOB_COMPLETION_INDEX" in environ:
+        return "Kubernetes indexed Job"
+    hosts = environ.get("TPU_WORKER_HOSTNAMES") or environ.get("TPU_PROCESS_ADDRESSES") or ""
+    if "," in hosts:
+        return "Cloud TPU on GKE"
+    return None
+
+
+def initialize_kwargs(s: DistributedSettings, environ: Mapping[str, str] = os.environ) -> dict | None:
+    """Arguments for `jax.distributed.initialize`, or None when this process runs alone."""
+    timeouts = {"initialization_timeout": s.init_timeout_s, "heartbeat_timeout_seconds": s.heartbeat_timeout_s}
+    if s.explicit:
+        return {"coordinator_address": s.coordinator_address, "num_processes": s.num_processes,
+                "process_id": s.process_id, **timeouts}
+    if s.cluster == "jax" or (s.cluster == "auto" and detect_cluster(environ)):
+        return timeouts
+    return None
+
+
+def wait_for_coordinator(address: str, timeout_s: float) -> None:
+    """Block until process 0's coordinator accepts connections, or raise a clear error.
+
+    JAX's own client aborts the whole process (no Python exception) when it cannot
+    register in time; checking first turns the commonest mistakes (a wrong address
+    or port, process 0 not started) into a message naming the address.
+    """
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=min(5.0, timeout_s)):
+                return
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                raise DistributedError(
+                    f"no coordinator answered at {address} within {timeout_s:g}s ({err.strerror or err}). Check that "
+                    f"process 0 is running, that every process was given the same coordinator address, and that "
+                    f"its port is reachable from here"
+                ) from None
+            time.sleep(0.5)
+
+
+def initialize(settings: DistributedSettings) -> None:
+    """Join the other processes of this run; must run before any JAX computation."""
+    kwargs = initialize_kwargs(settings)
+    if kwargs is None:
+        return
+    import jax
+
+    where = kwargs.get("coordinator_address") or f"{detect_cluster() or 'JAX cluster detection'}"
+    log.info("joining a multi-process run via %s (waiting up to %ds for the others)", where, settings.init_timeout_s)
+    if settings.explicit and settings.process_id != 0:
+        wait_for_coordinator(settings.coordinator_address, settings.init_timeout_s)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (RuntimeError, ValueError) as err:  # e.g. called twice, or after JAX already ran a computation
+        raise DistributedError(f"could not join the multi-process run via {where}: {err}") from None
+    log.info("process %d of %d: %d local devices of %d", jax.process_index(), jax.process_count(),
+             jax.local_device_count(), jax.device_count())
+
+
+def is_multiprocess() -> bool:
+    import jax
+
+    return jax.distributed.is_initialized() and jax.process_count() > 1
+
+
+def exit_status(code: int) -> int:
+    """Return `code`; but a multi-process run that fails leaves at once.
+
+    A normal exit waits in JAX's shutdown barrier for every peer (up to 5
+    minutes), while a peer may wait in a collective for this process. Leaving at
+    once stops this process's heartbeats, so the peers are stopped within the
+    heartbeat timeout, sooner where a collective notices the closed connection.
+    """
+    if code == 0 or not is_multiprocess():
+        return code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
+# ----------------------------------------------------------------------------- agreement while running
+
+
+class DataExhausted(DataError):
+    """Some process has no batch for the next step; every process stops at that step."""
+
+
+_HAS_BATCH, _RAN_OUT, _FAILED = 0, 1, 2
+
+
+def next_in_lockstep(batches: Iterator[dict[str, np.ndarray]], step: int) -> dict[str, np.ndarray]:
+    """This process's batch for `step`, returned on every process or on none.
+
+    Processes may hold uneven shares of the data: one may run out (a finite
+    share) or fail to read (a share with no documents, a bad record) while the
+    others have batches. Before a batch is used, the processes exchange one
+    status each; if any has no batch, all raise at this same step, instead of
+    one leaving and the others waiting for it in the step's collectives until
+    the heartbeat timeout kills them. The exchange is one tiny collective per
+    step, and only in multi-process runs.
+    """
+    error: DataError | None = None
+    try:
+        batch, status = next(batches), _HAS_BATCH
+    except StopIteration:
+        batch, status = None, _RAN_OUT
+    except DataError as err:
+        batch, status, error = None, _FAILED, err
+    statuses = _gather_statuses(status)
+    if (statuses == _HAS_BATCH).all():
+        return batch
+    if error is not None:
+        raise error
+    ran_out = ", ".join(str(i) for i in np.flatnonzero(statuses == _RAN_OUT))
+    failed = ", ".join(str(i) for i in np.flatnonzero(statuses == _FAILED))
+    what = [f"ran out on process {ran_out}" if ran_out else "", f"failed on process {failed} (see its log)" if failed else ""]
+    raise DataExhausted(
+        f"training data {' and '.join(w for w in what if w)} before step {step} ({len(statuses)} processes); "
+        f"every process stops at step {step}. Give every process an equal share of the data, or set "
+        f"train.steps <= {step - 1}"
+    )
+
+
+def _gather_statuses(status: int) -> np.ndarray:
+    """Every process's status, indexed by process."""
+    import jax
+
+    if jax.process_count() == 1:
+        return np.asarray([status])
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(status, np.int32))).reshape(-1)

@@ -1,0 +1,127 @@
+"""`jaxgen launch local`: N JAX processes on this machine, joined over loopback.
+
+The same multi-controller program a cluster runs, on one host: each process
+gets M simulated CPU devices and the JAXGEN_* variables that `jaxgen.distributed`
+reads. Output lines are prefixed with the process index. When one process
+fails, the others are stopped (they could only wait for it); the launcher's
+exit status is the first failure's. SIGTERM / SIGINT to the launcher reach every
+process, so a run saves its checkpoint as it would under a cluster scheduler.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import TextIO
+
+from jaxgen.distributed import ENV
+
+# After one process fails, how long the others get to exit by themselves before SIGKILL.
+STOP_GRACE_S = 5.0
+
+
+def free_port() -> int:
+    """A TCP port on loopback that is free now (the coordinator binds it moments later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def process_env(base: Mapping[str, str], index: int, processes: int, devices_per_process: int, port: int) -> dict:
+    """Environment of process `index`: its place in the run and its CPU devices."""
+    kept_flags = [f for f in base.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    return {
+        **base,
+        ENV["coordinator_address"]: f"127.0.0.1:{port}",
+        ENV["num_processes"]: str(processes),
+        ENV["process_id"]: str(index),
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": " ".join([*kept_flags, f"--xla_force_host_platform_device_count={devices_per_process}"]),
+        "PYTHONUNBUFFERED": "1",  # lines appear as they are printed, in order across processes
+    }
+
+
+def exit_code(returncode: int) -> int:
+    """A shell-style status: killed by signal N reads as 128 + N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def launch_local(command: Sequence[str], processes: int, devices_per_process: int, port: int | None = None,
+                 out: TextIO = sys.stdout) -> int:
+    """Run `command` (an argv) as `processes` JAX processes; returns the run's exit status."""
+    if processes < 1:
+        raise ValueError(f"--processes {processes} must be at least 1")
+    if devices_per_process < 1:
+        raise ValueError(f"--devices-per-process {devices_per_process} must be at least 1")
+    if not command:
+        raise ValueError("no command to launch; put it after --, e.g. -- train --config configs/lm_tiny.yaml")
+    port = port or free_port()
+    procs = [
+        subprocess.Popen(list(command), env=process_env(os.environ, i, processes, devices_per_process, port),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+        for i in range(processes)
+    ]
+    lock = threading.Lock()
+    copiers = [threading.Thread(target=_copy_prefixed, args=(p.stdout, f"[{i}] ", out, lock), daemon=True)
+               for i, p in enumerate(procs)]
+    for t in copiers:
+        t.start()
+
+    def forward(signum, frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        status = _wait(procs, out, lock)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for t in copiers:
+            t.join(timeout=STOP_GRACE_S)
+    return status
+
+
+def _wait(procs: list[subprocess.Popen], out: TextIO, lock: threading.Lock) -> int:
+    """Wait for all; on the first failure stop the rest. Returns 0 or the first failure's status."""
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+        if failed:
+            index, code = failed[0]
+            with lock:
+                print(f"[launch] process {index} exited with status {exit_code(code)}; stopping the others",
+                      file=out, flush=True)
+            _stop(procs)
+            return exit_code(code)
+        if all(c == 0 for c in codes):
+            return 0
+        time.sleep(0.1)
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    # Peers of a failed process usually fail by themselves within a second (their
+    # collectives lose a partner) and a preempted run's peers are finishing their
+    # save, so they get a grace period. Then SIGKILL: in a multi-process run JAX
+    # takes SIGTERM as a preemption notice, which a run missing a process cannot honour.
+    deadline = time.monotonic() + STOP_GRACE_S
+    for p in procs:
+        try:
+            p.wait(timeout=max(deadline - time.monotonic(), 0))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _copy_prefixed(stream: TextIO, prefix: str, out: TextIO, lock: threading.Lock) -> None:
+    for line in stream:
+        with lock:
+            out.write(prefix + line)
+            out.flush()

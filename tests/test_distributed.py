@@ -1,0 +1,117 @@
+"""Multi-process settings: where they come from, what is rejected, when JAX is asked to join."""
+
+import socket
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from jaxgen import distributed
+from jaxgen.data.corpus import DataError
+from jaxgen.distributed import DataExhausted, DistributedError, DistributedSettings, settings_from
+
+from conftest import REPO
+
+EXPLICIT_ENV = {"JAXGEN_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAXGEN_NUM_PROCESSES": "4", "JAXGEN_PROCESS_ID": "3"}
+
+
+def test_environment_supplies_settings_and_flags_win():
+    s = settings_from({}, EXPLICIT_ENV)
+    assert (s.coordinator_address, s.num_processes, s.process_id) == ("10.0.0.1:1234", 4, 3)
+    s = settings_from({"process_id": 0, "heartbeat_timeout_s": 10}, EXPLICIT_ENV)
+    assert (s.process_id, s.heartbeat_timeout_s, s.init_timeout_s) == (0, 10, 300)
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"coordinator_address": "10.0.0.1"}, "'10.0.0.1' must be HOST:PORT"),
+    ({"coordinator_address": "10.0.0.1:http"}, "has port 'http'"),
+    ({"coordinator_address": "10.0.0.1:70000"}, "has port '70000'; it must be 1..65535"),
+    ({"coordinator_address": "::1:1234"}, "IPv6 host in brackets"),
+    ({"process_id": 4}, "process id 4 is out of range for 4 processes (valid: 0..3)"),
+    ({"num_processes": 0, "process_id": 0}, "number of processes 0 must be at least 1"),
+    ({"cluster": "none"}, "cluster 'none' contradicts"),
+    ({"init_timeout_s": 0}, "--init-timeout / JAXGEN_INIT_TIMEOUT = 0 must be a positive number of seconds"),
+])
+def test_bad_settings_name_the_value(flags, message):
+    with pytest.raises(DistributedError) as err:
+        settings_from(flags, EXPLICIT_ENV)
+    assert message in str(err.value)
+
+
+def test_partial_explicit_settings_say_what_is_missing():
+    with pytest.raises(DistributedError, match="missing num_processes, process_id .*JAXGEN_NUM_PROCESSES"):
+        settings_from({"coordinator_address": "host:1"}, {})
+    with pytest.raises(DistributedError, match=r"JAXGEN_PROCESS_ID='one' is not an integer"):
+        settings_from({}, {**EXPLICIT_ENV, "JAXGEN_PROCESS_ID": "one"})
+
+
+SLURM = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[01-02]", "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
+
+
+@pytest.mark.parametrize("environ, cluster", [
+    ({}, None),
+    ({**SLURM, "SLURM_NTASKS": "16"}, "SLURM"),
+    ({**SLURM, "SLURM_NTASKS": "1"}, None),  # one task: an interactive allocation trains alone
+    ({"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:1", "OMPI_COMM_WORLD_SIZE": "2"}, "Open MPI"),
+    ({"KUBERNETES_SERVICE_HOST": "10.96.0.1", "JOB_COMPLETION_INDEX": "1"}, "Kubernetes indexed Job"),
+    ({"KUBERNETES_SERVICE_HOST": "10.96.0.1"}, None),  # a lone pod, not an indexed Job
+    ({"TPU_WORKER_HOSTNAMES": "host-0,host-1"}, "Cloud TPU on GKE"),
+    ({"TPU_WORKER_HOSTNAMES": "host-0"}, None),
+])
+def test_only_multi_process_cluster_jobs_are_detected(environ, cluster):
+    assert distributed.detect_cluster(environ) == cluster
+
+
+def test_when_jax_distributed_is_initialised():
+    timeouts = {"initialization_timeout": 300, "heartbeat_timeout_seconds": 30}
+    assert distributed.initialize_kwargs(DistributedSettings(), {}) is None
+    assert distributed.initialize_kwargs(DistributedSettings(), {**SLURM, "SLURM_NTASKS": "2"}) == timeouts
+    assert distributed.initialize_kwargs(DistributedSettings(cluster="none"), {**SLURM, "SLURM_NTASKS": "2"}) is None
+    assert distributed.initialize_kwargs(DistributedSettings(cluster="jax"), {}) == timeouts
+    assert distributed.initialize_kwargs(settings_from({}, EXPLICIT_ENV), {}) == {
+        "coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3, **timeouts}
+
+
+def test_a_single_process_needs_no_set_up():
+    distributed.initialize(DistributedSettings())
+    assert not jax.distributed.is_initialized()
+    assert distributed.exit_status(3) == 3
+
+
+def test_running_out_of_data_names_the_process_and_step():
+    batches = iter([{"x": 1}, {"x": 2}])
+    assert [distributed.next_in_lockstep(batches, step)["x"] for step in (1, 2)] == [1, 2]
+    with pytest.raises(DataExhausted, match=r"ran out on process 0 before step 3 \(1 processes\); .* train.steps <= 2"):
+        distributed.next_in_lockstep(batches, 3)
+
+
+def test_a_process_that_cannot_read_its_data_reports_its_own_error():
+    def failing():
+        raise DataError("shard 3 holds no documents")
+        yield
+
+    with pytest.raises(DataError, match="shard 3 holds no documents"):
+        distributed.next_in_lockstep(failing(), 1)
+
+
+def jaxgen_cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "jaxgen", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_cli_rejects_a_coordinator_address_without_port(tmp_path):
+    result = jaxgen_cli("train", "--run-dir", str(tmp_path / "r"), "--coordinator-address", "localhost",
+                        "--num-processes", "2", "--process-id", "0")
+    assert result.returncode == 2
+    assert "coordinator address 'localhost' must be HOST:PORT" in result.stderr
+
+
+def test_missing_peers_end_in_a_clear_error_not_a_hang(tmp_path):
+    with socket.socket() as s:  # a port where no coordinator will ever listen
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    result = jaxgen_cli("train", "--run-dir", str(tmp_path / "r"), "--coordinator-address", address,
+                        "--num-processes", "2", "--process-id", "1", "--init-timeout", "2")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"no coordinator answered at {address} within 2s" in result.stderr

@@ -1,0 +1,178 @@
+"""Real JAX processes joined over loopback: the multi-host story on one machine.
+
+Every test bounds its processes with a watchdog and kills them (by process
+group) whatever happens, so a hang fails the test instead of the whole suite.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from jaxgen.data.corpus import BUNDLED_CORPUS
+from jaxgen.launch import free_port, process_env
+from jaxgen.metrics import read_metrics
+
+from conftest import REPO, TINY_CONFIG
+
+WORKER = REPO / "tests" / "multiprocess_worker.py"
+WATCHDOG_S = 240
+
+
+class Run:
+    """Processes of one multi-process run, started directly (no launcher to rescue them)."""
+
+    def __init__(self, argv: list[str], processes: int, devices_per_process: int, logs):
+        port = free_port()
+        self.logs = [logs / f"process{i}.log" for i in range(processes)]
+        self.procs = [
+            subprocess.Popen(argv, cwd=REPO, env=process_env(os.environ, i, processes, devices_per_process, port),
+                             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+            for i, log in enumerate(self.logs)
+        ]
+
+    def wait(self, timeout: float = WATCHDOG_S) -> list[int]:
+        deadline = time.monotonic() + timeout
+        try:
+            return [p.wait(timeout=max(deadline - time.monotonic(), 0.1)) for p in self.procs]
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"processes still running after {timeout}s (a hang); logs:\n{self.output()}")
+
+    def wait_for_line(self, index: int, text: str, timeout: float = WATCHDOG_S) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.logs[index].read_text():
+            if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
+                self.kill()
+                pytest.fail(f"process {index} never printed {text!r}; logs:\n{self.output()}")
+            time.sleep(0.2)
+
+    def results(self) -> list[dict]:
+        lines = [line for log in self.logs for line in log.read_text().splitlines() if line.startswith("RESULT:")]
+        return sorted((json.loads(line.removeprefix("RESULT:")) for line in lines), key=lambda r: r["process"])
+
+    def output(self) -> str:
+        return "\n".join(f"--- process {i}\n{log.read_text()[-3000:]}" for i, log in enumerate(self.logs))
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+@pytest.fixture
+def runs():
+    started: list[Run] = []
+
+    def start(argv, processes, devices_per_process, logs):
+        logs.mkdir(parents=True, exist_ok=True)
+        started.append(Run(argv, processes, devices_per_process, logs))
+        return started[-1]
+
+    yield start
+    for run in started:
+        run.kill()
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    """The first 3,000 verses: enough text for the tiny config, quick to tokenize."""
+    path = tmp_path_factory.mktemp("corpus") / "verses.txt"
+    with gzip.open(BUNDLED_CORPUS, "rt", encoding="utf-8") as f:
+        path.write_text("".join(line for _, line in zip(range(3000), f)))
+    return path
+
+
+def tiny_train_args(small_corpus, run_dir, *overrides):
+    return ["train", "--config", str(TINY_CONFIG), "--run-dir", str(run_dir), f"data.text={small_corpus}",
+            "logging.every=1", "logging.progress_bar=false", "logging.tensorboard=false",
+            "train.sample_tokens=0", "train.peak_flops_per_device=1e11", *overrides]
+
+
+# Adam's eps bounds how much float reordering noise near-zero gradients can amplify (see test_sharding).
+SAME_LOSS_OVERRIDES = ["mesh.data=1", "mesh.fsdp=8", "optimizer.eps=1e-3"]
+
+
+def test_two_processes_of_four_devices_train_like_one_process_of_eight(runs, tmp_path, devices):
+    from multiprocess_worker import train_losses
+
+    run = runs([sys.executable, str(WORKER), "losses", "3", *SAME_LOSS_OVERRIDES], 2, 4, tmp_path)
+    reference = train_losses(3, SAME_LOSS_OVERRIDES)  # this process: 8 devices, no jax.distributed
+    assert run.wait() == [0, 0], run.output()
+    results = run.results()
+    assert [r["process"] for r in results] == [0, 1]
+    for r in results:
+        np.testing.assert_allclose(r["losses"], reference["losses"], rtol=1e-5)
+        np.testing.assert_allclose(r["param_norm"], reference["param_norm"], rtol=1e-5)
+    assert reference["losses"][-1] < reference["losses"][0]
+
+
+def test_killing_one_process_makes_the_other_exit_nonzero_within_a_minute(runs, tmp_path, small_corpus):
+    # The dp preset compiles fastest; the gradient all-reduce still spans both processes.
+    argv = [sys.executable, "-m", "jaxgen", *tiny_train_args(small_corpus, tmp_path / "run", "train.steps=100000",
+                                                              "sharding.preset=dp", "mesh.data=8")]
+    run = runs(argv, 2, 4, tmp_path / "logs")
+    # Mid-training the survivor waits in a collective that never completes by itself;
+    # JAX's heartbeat timeout (jaxgen's default: 30 s) is what ends it.
+    run.wait_for_line(0, "compiled in")
+    killed_at = time.monotonic()
+    os.kill(run.procs[1].pid, signal.SIGKILL)
+    status = run.wait(timeout=60)[0]
+    assert status != 0, run.output()
+    print(f"survivor exited with status {status} after {time.monotonic() - killed_at:.1f}s")
+
+
+@pytest.mark.parametrize("end, message", [
+    ("stop", "training data ran out on process 1 before step 3 (2 processes); every process stops at step 3"),
+    ("error", "training data failed on process 1 (see its log) before step 3 (2 processes)"),
+])
+def test_uneven_data_shares_end_every_process_at_the_same_step(runs, tmp_path, end, message):
+    run = runs([sys.executable, str(WORKER), "uneven", end, "4", "2"], 2, 2, tmp_path)
+    assert run.wait() == [0, 0], run.output()
+    first, second = run.results()
+    assert first["stopped_at"] == second["stopped_at"] == 3
+    # Each of the two steps summed every process's rows: 4 devices x 2 rows of the step's value.
+    assert first["sums"] == second["sums"] == [0.0, 8.0]
+    assert message in first["message"]
+    if end == "stop":
+        assert second["message"] == first["message"]
+    else:  # the process that failed reports its own error
+        assert (second["error"], second["message"]) == ("DataError", "process 1 cannot read its share")
+
+
+@pytest.fixture(scope="module")
+def launched_run(tmp_path_factory, small_corpus):
+    """`jaxgen launch local` around a real `jaxgen train`: 2 processes x 4 CPU devices."""
+    run_dir = tmp_path_factory.mktemp("launched") / "run"
+    argv = [sys.executable, "-m", "jaxgen", "launch", "local", "--processes", "2", "--devices-per-process", "4", "--",
+            *tiny_train_args(small_corpus, run_dir, "train.steps=3", "mesh.data=2", "mesh.fsdp=4")]
+    launcher = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    try:
+        output, _ = launcher.communicate(timeout=WATCHDOG_S)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+    return run_dir, launcher.returncode, output
+
+
+def test_launch_local_trains_with_prefixed_output_and_one_writer(launched_run):
+    run_dir, status, output = launched_run
+    assert status == 0, output[-5000:]
+    lines = output.splitlines()
+    assert any(line.startswith("[0] ") and "process 0 of 2: 4 local devices of 8" in line for line in lines)
+    assert any(line.startswith("[1] ") and "process 1 of 2: 4 local devices of 8" in line for line in lines)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    # Only process 0 writes: each step appears once, not once per process.
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 3]
