@@ -35,6 +35,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from jaxgen.data.prepare import prepare_dataset
+    from jaxgen.data.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else None
+    summary = prepare_dataset(args.input, args.out, field=args.field, tokenizer=tokenizer,
+                              validation_every_nth=args.validation_every_nth, invalid_utf8=args.invalid_utf8)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from jaxgen.data.corpus import iter_documents, resolve_files
+    from jaxgen.data.tokenizer import train_tokenizer
+
+    documents = iter_documents(resolve_files(args.input, "--input"), args.field, args.invalid_utf8)
+    tokenizer = train_tokenizer(documents, args.vocab_size, args.out, args.model_type)
+    print(json.dumps({"out": str(tokenizer.path), "vocab_size": tokenizer.vocab_size, "sha256": tokenizer.sha256}))
+    return 0
+
+
 def cmd_launch_local(args: argparse.Namespace) -> int:
     from jaxgen.launch import launch_local
 
@@ -94,6 +115,27 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--port", type=positive_int, metavar="P", help="coordinator port on 127.0.0.1 (default: a free one)")
     local.add_argument("jaxgen_args", nargs=argparse.REMAINDER, metavar="-- COMMAND ARGS", help="the jaxgen command each process runs")
     local.set_defaults(func=cmd_launch_local)
+
+    inputs = argparse.ArgumentParser(add_help=False)
+    inputs.add_argument("--input", required=True, metavar="GLOB", help="text files (a document per line) or .jsonl files; .gz accepted")
+    inputs.add_argument("--field", default="text", help="the document field of .jsonl lines (default: text)")
+    inputs.add_argument("--invalid-utf8", choices=["skip", "error"], default="skip",
+                        help="skip lines that are not UTF-8 (counted in a warning; default) or fail")
+
+    data = commands.add_parser("data", help="prepare datasets").add_subparsers(dest="action", required=True)
+    prepare = data.add_parser("prepare", parents=[inputs], help="convert text/JSONL files into an ArrayRecord dataset (data.path)")
+    prepare.add_argument("--out", required=True, metavar="DIR", help="new dataset directory")
+    prepare.add_argument("--tokenizer", metavar="FILE.model", help="store token ids made with this sentencepiece model instead of text")
+    prepare.add_argument("--validation-every-nth", type=positive_int, default=50, metavar="N",
+                         help="every N-th document goes to the validation split (default 50)")
+    prepare.set_defaults(func=cmd_data_prepare)
+
+    tokenizer = commands.add_parser("tokenizer", help="train tokenizers").add_subparsers(dest="action", required=True)
+    tok_train = tokenizer.add_parser("train", parents=[inputs], help="train a lossless sentencepiece model (data.tokenizer)")
+    tok_train.add_argument("--vocab-size", type=positive_int, required=True, metavar="N")
+    tok_train.add_argument("--out", required=True, metavar="FILE.model")
+    tok_train.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    tok_train.set_defaults(func=cmd_tokenizer_train)
     return parser
 
 
