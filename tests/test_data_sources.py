@@ -64,11 +64,20 @@ def test_prepared_dataset_round_trips_text_and_tokens_and_splits(jsonl_corpus, t
 def test_pretokenized_dataset_brings_its_tokenizer_and_refuses_another(jsonl_corpus, tokenizer, tmp_path):
     prepare_dataset(f"{jsonl_corpus}/*.jsonl.gz", tmp_path / "ids", field="body", tokenizer=tokenizer, progress=False)
     cfg = tiny_config(f"data.path={tmp_path / 'ids'}", "data.batch_size=4", "data.seq_len=16")
-    assert prepare_tokenizer(cfg, tmp_path).sha256 == tokenizer.sha256
+    (tmp_path / "run1").mkdir()
+    assert prepare_tokenizer(cfg, tmp_path / "run1").sha256 == tokenizer.sha256
     other = train_tokenizer(itertools.islice(iter_documents([BUNDLED_CORPUS]), 500), 512, tmp_path / "other.model")
     cfg = tiny_config(f"data.path={tmp_path / 'ids'}", f"data.tokenizer={other.path}")
+    (tmp_path / "run2").mkdir()
     with pytest.raises(DataError, match="tokenized with another tokenizer"):
-        prepare_tokenizer(cfg, tmp_path)
+        prepare_tokenizer(cfg, tmp_path / "run2")
+
+
+def test_a_resumed_run_keeps_its_tokenizer_and_refuses_another(tokenizer, tmp_path):
+    kept = prepare_tokenizer(tiny_config(), tmp_path)  # trained on the bundled corpus
+    assert prepare_tokenizer(tiny_config(), tmp_path).sha256 == kept.sha256
+    with pytest.raises(ConfigError, match="differs from the tokenizer this run directory was trained with"):
+        prepare_tokenizer(tiny_config(f"data.tokenizer={tokenizer.path}"), tmp_path)
 
 
 def test_tfds_dataset_by_name_and_data_dir_without_tensorflow(jsonl_corpus, tmp_path):
@@ -87,6 +96,42 @@ def test_tfrecord_dataset_without_tensorflow_says_to_install_the_extra(jsonl_cor
     (version_dir / "dataset_info.json").write_text(json.dumps(info | {"fileFormat": "tfrecord"}))
     with pytest.raises(DataError, match=r"stored as TFRecord.*pip install 'jaxgen\[tf\]'"):
         documents_of("data.tfds=corpus", f"data.tfds_data_dir={tmp_path / 'tfds'}")
+
+
+def as_tfrecord_dataset(version_dir):
+    """Rewrite a prepared dataset's ArrayRecord shards as TFRecord, as `tfds build` would store them."""
+    import tensorflow as tf
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    for shard in sorted(version_dir.glob("corpus-*.array_record-*")):
+        reader = ArrayRecordReader(str(shard))
+        with tf.io.TFRecordWriter(str(shard).replace(".array_record-", ".tfrecord-")) as writer:
+            for record in reader.read_all():
+                writer.write(record)
+        reader.close()
+        shard.unlink()
+    info = json.loads((version_dir / "dataset_info.json").read_text())
+    (version_dir / "dataset_info.json").write_text(json.dumps(info | {"fileFormat": "tfrecord"}))
+
+
+def test_tfrecord_dataset_streams_with_tensorflow(tmp_path):
+    pytest.importorskip("tensorflow")
+    from jaxgen.data.sources import open_documents
+
+    (tmp_path / "docs.txt").write_text("".join(f"doc {i}\n" for i in range(120)))
+    prepare_dataset(str(tmp_path / "docs.txt"), tmp_path / "tfds" / "corpus" / "1.0.0", progress=False)
+    as_tfrecord_dataset(tmp_path / "tfds" / "corpus" / "1.0.0")
+    cfg = tiny_config("data.tfds=corpus", f"data.tfds_data_dir={tmp_path / 'tfds'}").data
+    train, held_out = (list(one_pass_documents(cfg, part)) for part in ("train", "eval"))
+    assert held_out == ["doc 49", "doc 99"] and sorted(train + held_out) == sorted(f"doc {i}" for i in range(120))
+    shares = [list(open_documents(cfg, cfg, "train", Shard(i, 2), seed=None, epochs=1)) for i in range(2)]
+    assert not set(shares[0]) & set(shares[1]) and sorted(shares[0] + shares[1]) == sorted(train)
+    stream = iter(open_documents(cfg, cfg, "train", Shard(), seed=5))
+    [next(stream) for _ in range(130)]  # into the second epoch
+    state, expected = stream.get_state(), [next(stream) for _ in range(20)]
+    resumed = iter(open_documents(cfg, cfg, "train", Shard(), seed=5))
+    resumed.set_state(state)
+    assert [next(resumed) for _ in range(20)] == expected
 
 
 def test_mixture_of_prepared_and_text_sources_trains(jsonl_corpus, tokenizer, tmp_path):

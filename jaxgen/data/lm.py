@@ -47,22 +47,16 @@ def prepared_datasets(data: DataConfig) -> list[dict]:
 def prepare_tokenizer(cfg: Config, run_dir: pathlib.Path) -> Tokenizer:
     """The run's tokenizer, always stored in the run directory so the run is self-contained.
 
-    data.tokenizer if set; else the one a pre-tokenized prepared dataset carries; else one
-    trained on the training documents.
+    A resumed run keeps the one in its run directory; a new run takes data.tokenizer if set,
+    else the one a pre-tokenized prepared dataset carries, else one trained on the training
+    documents. Process 0 decides and sends the model to the others, so run directories need
+    not be shared and no process reads a half-written file.
     """
     target = run_dir / "tokenizer.model"
     pretokenized = [d for d in prepared_datasets(cfg.data) if d["tokenizer"]]
     given = cfg.data.tokenizer or (str(pathlib.Path(pretokenized[0]["path"]) / "tokenizer.model") if pretokenized else None)
-    if jax.process_index() == 0:
-        if given is None:
-            documents = itertools.islice(one_pass_documents(cfg.data, "train"), MAX_TRAINING_SENTENCES)
-            train_tokenizer(documents, cfg.model.vocab_size, target)
-        else:
-            shutil.copyfile(Tokenizer(given).path, target)
-    if jax.process_count() > 1:
-        # Only process 0 writes the file; the others may read it only once it is complete.
-        multihost_utils.sync_global_devices("jaxgen tokenizer written")
-    tokenizer = Tokenizer(given or target)
+    model_bytes = tokenizer_on_process_0(cfg, target, given) if jax.process_index() == 0 else None
+    tokenizer = Tokenizer.from_bytes(bytes_from_process_0(model_bytes), target)
     if tokenizer.vocab_size != cfg.model.vocab_size:
         raise ConfigError(
             f"tokenizer {given or str(target)!r} has {tokenizer.vocab_size} pieces but model.vocab_size="
@@ -75,6 +69,32 @@ def prepare_tokenizer(cfg: Config, run_dir: pathlib.Path) -> Tokenizer:
                 "unset data.tokenizer to use the dataset's own, or prepare the dataset again"
             )
     return tokenizer
+
+
+def tokenizer_on_process_0(cfg: Config, target: pathlib.Path, given: str | None) -> bytes:
+    """The model bytes of the run's tokenizer, written to `target` if not there yet."""
+    if target.exists():  # a resumed run keeps the tokenizer it was trained with
+        kept = Tokenizer(target)
+        if given is not None and Tokenizer(given).sha256 != kept.sha256:
+            raise ConfigError(
+                f"data.tokenizer={given!r} differs from the tokenizer this run directory was trained with "
+                f"({target}); resume with the checkpoint's tokenizer or choose another --run-dir"
+            )
+        return kept.model_bytes
+    if given is not None:
+        shutil.copyfile(Tokenizer(given).path, target)
+        return Tokenizer(target).model_bytes
+    documents = itertools.islice(one_pass_documents(cfg.data, "train"), MAX_TRAINING_SENTENCES)
+    return train_tokenizer(documents, cfg.model.vocab_size, target).model_bytes
+
+
+def bytes_from_process_0(payload: bytes | None) -> bytes:
+    """Process 0's bytes on every process."""
+    if jax.process_count() == 1:
+        return payload
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(len(payload) if payload else 0)))
+    buffer = np.frombuffer(payload, np.uint8) if payload else np.zeros(size, np.uint8)
+    return np.asarray(multihost_utils.broadcast_one_to_all(buffer)).tobytes()
 
 
 def check_holds_one_batch(data: DataConfig, tokenizer: Tokenizer) -> None:

@@ -34,7 +34,7 @@ class RecordDocument(grain.transforms.Map):
 
     def __init__(self, field: str, invalid_utf8: InvalidUtf8, name: str):
         self.field, self.invalid_utf8, self.name = field, invalid_utf8, name
-        self._skipped = SkipCounter(f"records of invalid UTF-8 in {name}")
+        self._skipped = SkipCounter("records of invalid UTF-8")
 
     def map(self, record: Any) -> Document | None:
         if isinstance(record, dict):
