@@ -234,7 +234,7 @@ def test_an_interrupted_prepare_leaves_nothing_that_looks_complete(jsonl_corpus,
     prepare_dataset(f"{jsonl_corpus}/*.jsonl.gz", tmp_path / "ds", field="body", progress=False)
     (tmp_path / "ds" / "jaxgen_dataset.json").unlink()
     with pytest.raises(DataError, match=rf"data.path '{tmp_path}/ds' is not a complete prepared dataset"):
-        documents_of(f"data.path={tmp_path}/ds")
+        build_lm_data(tiny_config(f"data.path={tmp_path}/ds"), tmp_path)
 
 
 def test_prepare_refuses_to_overwrite(jsonl_corpus, tmp_path):

@@ -40,8 +40,8 @@ class LMData:
 
 def prepared_datasets(data: DataConfig) -> list[dict]:
     """Metadata of every prepared dataset (data.path) among the sources."""
-    return [read_prepared_metadata(s.path) | {"path": s.path}
-            for s in data.mixture or [data] if s.path is not None and pathlib.Path(s.path).is_dir()]
+    found = [(s.path, read_prepared_metadata(s.path)) for s in data.mixture or [data] if s.path is not None]
+    return [metadata | {"path": path} for path, metadata in found if metadata is not None]
 
 
 def prepare_tokenizer(cfg: Config, run_dir: pathlib.Path) -> Tokenizer:

@@ -120,5 +120,7 @@ def prepare_dataset(input_pattern: str, out: str | pathlib.Path, *, field: str =
     return summary
 
 
-def read_prepared_metadata(path: str | pathlib.Path) -> dict:
-    return json.loads((pathlib.Path(path).expanduser() / PREPARED_MARKER).read_text())
+def read_prepared_metadata(path: str | pathlib.Path) -> dict | None:
+    """What `prepare_dataset` recorded, or None if `path` is not a complete prepared dataset."""
+    marker = pathlib.Path(path).expanduser() / PREPARED_MARKER
+    return json.loads(marker.read_text()) if marker.is_file() else None
