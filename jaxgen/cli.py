@@ -155,11 +155,21 @@ def run_command(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("jaxgen").setLevel(logging.INFO)
+    from jaxgen.checkpoint import CheckpointError, CheckpointWriteError
+    from jaxgen.train.loop import NonFiniteError
+    from jaxgen.train.preemption import EXIT_PREEMPTED, Preempted
+
     try:
         return args.func(args)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, CheckpointError) as err:
         print(f"jaxgen: error: {err}", file=sys.stderr)
         return 2
+    except (NonFiniteError, CheckpointWriteError) as err:
+        print(f"jaxgen: error: {err}", file=sys.stderr)
+        return 1
+    except Preempted as err:
+        print(f"jaxgen: {err}; run the same command again to resume", file=sys.stderr)
+        return EXIT_PREEMPTED
 
 
 if __name__ == "__main__":

@@ -279,6 +279,24 @@ class TrainConfig(_Section):
     # Tokens generated from the final model as a sample; 0 disables.
     sample_tokens: int = Field(48, ge=0)
     sample_prompt: str = "And God said"
+    # A non-finite loss or gradient: "skip" leaves params and optimizer state
+    # untouched and counts it; "abort" stops the run (exit 1) without saving.
+    nonfinite: Literal["skip", "abort"] = "skip"
+
+
+class CheckpointConfig(_Section):
+    # Save every N steps and/or every M minutes (null disables either); the last step always saves.
+    every: int | None = Field(100, gt=0)
+    every_minutes: float | None = Field(None, gt=0)
+    # Retention: the latest `keep` checkpoints, plus every step divisible by `keep_every`.
+    keep: int = Field(3, gt=0)
+    keep_every: int | None = Field(None, gt=0)
+    # "auto": the same command with the same --run-dir continues from the latest checkpoint.
+    resume: Literal["auto", "never"] = "auto"
+    # Start from another run's parameters only (fine-tuning): a run directory or a checkpoint step directory.
+    init_from: str | None = None
+    # Write in the background while training continues.
+    async_save: bool = True
 
 
 class ImagesConfig(_Section):
@@ -357,6 +375,7 @@ class Config(_Section):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     images: ImagesConfig = Field(default_factory=ImagesConfig)
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)

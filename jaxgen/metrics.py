@@ -45,9 +45,13 @@ def peak_flops_per_device(configured: float | None) -> tuple[float, str]:
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: pathlib.Path, tensorboard: bool):
+    def __init__(self, run_dir: pathlib.Path, tensorboard: bool, resume_step: int | None = None):
+        """`resume_step`: a resumed run drops the records a crashed run wrote after its checkpoint."""
         self.enabled = jax.process_index() == 0
         self.path = run_dir / "metrics.jsonl"
+        if self.enabled and resume_step is not None:
+            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self._tb = None
         if self.enabled and tensorboard:
             from tensorboardX import SummaryWriter  # writes event files without TensorFlow

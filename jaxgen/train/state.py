@@ -26,6 +26,7 @@ class TrainState:
     params: dict
     opt_state: Any
     rng: jax.Array  # the run's base key; step keys are folded from it
+    nonfinite_steps: jax.Array  # int32 scalar: updates skipped for a non-finite loss or gradient
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,14 +53,15 @@ def plan_state(task: Task, tx: optax.GradientTransformation, mesh: Mesh, rules: 
     opt_shardings = optax.tree_map_params(
         tx, lambda _, s: s, abstract.opt_state, p_shardings, transform_non_params=lambda _: rep
     )
-    shardings = TrainState(step=rep, params=p_shardings, opt_state=opt_shardings, rng=rep)
+    shardings = TrainState(step=rep, params=p_shardings, opt_state=opt_shardings, rng=rep, nonfinite_steps=rep)
     return StateLayout(graphdef=graphdef, abstract=abstract, shardings=shardings)
 
 
 def _fresh_state(task: Task, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
     _, params = _model_parts(task, rng)
     params = nnx.to_pure_dict(params)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(step=zero, params=params, opt_state=tx.init(params), rng=rng, nonfinite_steps=zero)
 
 
 def init_state(task: Task, tx: optax.GradientTransformation, layout: StateLayout, seed: int) -> TrainState:

@@ -47,14 +47,22 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
             (loss_sum, weight, grads), _ = jax.lax.scan(accumulate, (0.0, 0.0, zeros), micro)
         weight = jnp.maximum(weight, 1.0)
         grads = jax.tree.map(lambda g, p: (g / weight).astype(p.dtype), grads, state.params)
+        loss, grad_norm = loss_sum / weight, optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {
-            "loss": loss_sum / weight,
-            "grad_norm": optax.tree.norm(grads),
-            "lr": schedule(state.step),
-        }
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        # A non-finite loss or gradient must not reach the weights: keep the old
+        # params and optimizer state bit for bit, count the skip, move on.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep_if_bad(params, state.params),
+            opt_state=keep_if_bad(opt_state, state.opt_state),
+            nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+        )
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
+                   "nonfinite_steps": new_state.nonfinite_steps}
+        return new_state, metrics
 
     return train_step
 

@@ -1,0 +1,46 @@
+"""Stop cleanly when the scheduler says so (SIGTERM) or the user presses Ctrl-C (SIGINT).
+
+The loop asks `reached(step)` after every step. In a multi-process run JAX's
+coordination service propagates a SIGTERM on any host to all of them and picks
+one step where every process stops together; a single process just notices its
+own signal. Either way the run saves at that step boundary, waits for the save
+and exits with EXIT_PREEMPTED so a wrapper or scheduler can requeue it.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import jax
+from jax.experimental import multihost_utils
+
+# EX_TEMPFAIL from sysexits.h: "try again later". launch/ scripts requeue on it.
+EXIT_PREEMPTED = 75
+
+
+class Preempted(Exception):
+    def __init__(self, step: int):
+        super().__init__(f"preempted: saved a checkpoint at step {step} and stopped")
+        self.step = step
+
+
+class PreemptionWatch:
+    def __init__(self):
+        self._signalled: int | None = None
+        self._multi_process = jax.process_count() > 1
+        # With several processes JAX's own SIGTERM handler drives the agreement; a
+        # local-only flag there would stop one process and hang the others.
+        signals = [] if self._multi_process else [signal.SIGTERM, signal.SIGINT]
+        self._previous = {s: signal.signal(s, self._on_signal) for s in signals}
+
+    def _on_signal(self, signum, frame) -> None:
+        self._signalled = signum
+
+    def reached(self, step: int) -> bool:
+        if self._multi_process:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self._signalled is not None
+
+    def close(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)

@@ -1,0 +1,25 @@
+"""Run `jaxgen` and die hard around one checkpoint save, as a preempted or crashing host would.
+
+    python crash_driver.py after-commit STEP -- train ARGS...   # checkpoint STEP is durable, then os._exit
+    python crash_driver.py during-save STEP -- train ARGS...    # os._exit while STEP is being written
+"""
+
+import os
+import sys
+
+from jaxgen import checkpoint, cli
+
+mode, crash_step = sys.argv[1], int(sys.argv[2])
+original_save = checkpoint.Checkpointer.save
+
+
+def save_then_die(self, step, *args, **kwargs):
+    original_save(self, step, *args, **kwargs)
+    if step == crash_step:
+        if mode == "after-commit":
+            self.wait()
+        os._exit(137)
+
+
+checkpoint.Checkpointer.save = save_then_die
+sys.exit(cli.main(sys.argv[sys.argv.index("--") + 1:]))

@@ -1,0 +1,260 @@
+"""Runs die and come back: exact resume, resharding restore, preemption, crashes, bad checkpoints."""
+
+import json
+import os
+import pathlib
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from jaxgen.checkpoint import Checkpointer, CheckpointError, checkpoint_dir, restore_params
+from jaxgen.config import load_config
+from jaxgen.data.pipeline import to_global
+from jaxgen.metrics import read_metrics
+from jaxgen.sharding import make_mesh
+from jaxgen.train.build import build_training
+from jaxgen.train.loop import NonFiniteError, train
+from jaxgen.train.preemption import EXIT_PREEMPTED
+
+from conftest import REPO, TINY_CONFIG, tiny_config
+from test_sharding import random_batches
+
+DRIVER = pathlib.Path(__file__).with_name("crash_driver.py")
+# Short runs that log every step so losses can be compared step by step.
+SHORT = ["train.steps=8", "checkpoint.every=4", "logging.every=1", "train.eval_every=8", "train.sample_tokens=0"]
+
+
+def run(args, devices=8, driver=None, timeout=300, **popen):
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    prefix = [sys.executable, str(DRIVER), *driver, "--"] if driver else [sys.executable, "-m", "jaxgen"]
+    return subprocess.run([*prefix, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, **popen)
+
+
+def train_args(run_dir, *overrides):
+    return ["train", "--config", str(TINY_CONFIG), "--run-dir", str(run_dir), *SHORT, *overrides]
+
+
+def losses(run_dir):
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+def saved_params(run_dir, step):
+    """Params of a checkpoint, restored onto one device."""
+    cfg = load_config(run_dir / "config.yaml", ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"])
+    layout = build_training(cfg, make_mesh(cfg.mesh, jax.devices()[:1])).layout
+    state, _, _ = Checkpointer(checkpoint_dir(run_dir), cfg.checkpoint).restore(layout, step)
+    return jax.device_get(state.params)
+
+
+def assert_trees_equal(a, b):
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+@pytest.mark.parametrize("devices,mesh", [(1, []), (8, ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2",
+                                                        "sharding.preset=fsdp_tp"])])
+def test_resume_after_a_hard_kill_is_bit_identical(tmp_path, devices, mesh):
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    assert run(train_args(straight, *mesh), devices).returncode == 0
+
+    died = run(train_args(crashed, *mesh), devices, driver=["after-commit", "4"])
+    assert died.returncode == 137
+    assert max(losses(crashed)) <= 4  # died before step 5
+
+    resumed = run(train_args(crashed, *mesh), devices)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stderr
+    expected, got = losses(straight), losses(crashed)
+    assert [got[s] for s in range(5, 9)] == [expected[s] for s in range(5, 9)]  # bit-identical floats
+    assert_trees_equal(saved_params(crashed, 8), saved_params(straight, 8))
+
+
+def test_restore_reshards_onto_fewer_devices(tmp_path, devices):
+    cfg8 = tiny_config("mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", "sharding.preset=fsdp_tp")
+    training8 = build_training(cfg8, make_mesh(cfg8.mesh, devices))
+    state = training8.init_state()
+    batches = random_batches(cfg8, 2)
+    state, _ = training8.train_step(state, to_global(batches[0], training8.mesh))
+    directory = tmp_path / "checkpoints"
+    saver = Checkpointer(directory, cfg8.checkpoint)
+    saver.save(1, state, {"step": 1}, {"tokenizer_sha256": None})
+    saver.wait()
+    reference = jax.device_get(state.params)
+    _, next_metrics = training8.train_step(state, to_global(batches[1], training8.mesh))
+
+    for n, mesh in ((4, ["mesh.fsdp=2", "mesh.tensor=2"]), (1, ["mesh.fsdp=1"])):
+        cfg = tiny_config("mesh.data=1", *mesh, "sharding.preset=fsdp_tp")
+        training = build_training(cfg, make_mesh(cfg.mesh, devices[:n]))
+        restored, data_state, _ = Checkpointer(directory, cfg.checkpoint).restore(training.layout)
+        assert data_state == {"step": 1}
+        for array, sharding in zip(jax.tree.leaves(restored), jax.tree.leaves(training.layout.shardings)):
+            assert array.sharding == sharding  # placed straight into the new layout
+        assert_trees_equal(jax.device_get(restored.params), reference)
+        _, metrics = training.train_step(restored, to_global(batches[1], training.mesh))
+        np.testing.assert_allclose(float(metrics["loss"]), float(next_metrics["loss"]), rtol=1e-6)
+
+
+def test_sigterm_saves_at_the_next_step_and_exits_75(tmp_path):
+    run_dir = tmp_path / "preempted"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    args = train_args(run_dir, "train.steps=100000", "checkpoint.every=null", "logging.every=1")
+    proc = subprocess.Popen([sys.executable, "-m", "jaxgen", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(losses(run_dir)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == EXIT_PREEMPTED, stderr[-2000:]
+    assert "preempted: saved a checkpoint at step" in stderr
+    steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(steps) == 1 and steps[0] >= 3
+    assert saved_params(run_dir, steps[0])  # loadable
+
+
+def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
+    run_dir = tmp_path / "torn"
+    died = run(train_args(run_dir), driver=["during-save", "8"])
+    assert died.returncode == 137
+    assert saved_params(run_dir, 4)  # the previous checkpoint still loads
+    # Whatever the kill left, plus a torn directory of the shape Orbax writes before its atomic rename.
+    torn = run_dir / "checkpoints" / "12.orbax-checkpoint-tmp-1234567"
+    (torn / "state").mkdir(parents=True)
+    (torn / "state" / "half_written").write_bytes(b"\0" * 100)
+
+    resumed = run(train_args(run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed_from"] in (4, 8)  # 8 only if its commit beat the kill
+    assert [p.name for p in (run_dir / "checkpoints").iterdir() if "tmp" in p.name] == []
+
+
+def test_failing_write_is_an_error_and_keeps_the_last_good_checkpoint(tmp_path):
+    run_dir = tmp_path / "full"
+    args = train_args(run_dir, "train.steps=400", "checkpoint.every=2", "checkpoint.keep=1", "logging.every=50")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    # With SIGXFSZ ignored an over-limit write fails with EFBIG, as a full disk fails with ENOSPC.
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "jaxgen", *args], cwd=REPO, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, restore_signals=False)
+    finally:
+        signal.signal(signal.SIGXFSZ, previous)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "checkpoints" / "2" / "commit_success.txt").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (16 * 1024, 16 * 1024))
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1
+    assert "jaxgen: error: writing a checkpoint to" in stderr and "is intact" in stderr
+    good = [int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert good, "retention deleted the last good checkpoint"
+    assert saved_params(run_dir, max(good))
+
+
+def test_nonfinite_skip_leaves_state_bit_identical(devices):
+    cfg = tiny_config("mesh.data=8")
+    training = build_training(cfg, make_mesh(cfg.mesh, devices))
+    state = training.init_state()
+    bad = random_batches(cfg, 1)[0]
+    bad["weights"][0, 0] = np.nan
+    before = jax.device_get((state.params, state.opt_state))
+    state, metrics = training.train_step(state, to_global(bad, training.mesh))
+    assert not np.isfinite(float(metrics["loss"]))
+    assert int(state.step) == 1 and int(state.nonfinite_steps) == 1
+    assert_trees_equal(jax.device_get((state.params, state.opt_state)), before)
+
+
+class PoisonedBatches:
+    """A data iterator whose n-th batch has NaN loss weights."""
+
+    def __init__(self, inner, poisoned_batch: int):
+        self.inner, self.poisoned_batch, self.served = inner, poisoned_batch, 0
+
+    def __next__(self):
+        batch = next(self.inner)
+        self.served += 1
+        if self.served == self.poisoned_batch:
+            batch = {**batch, "weights": batch["weights"] * np.nan}
+        return batch
+
+    def get_state(self):
+        return self.inner.get_state()
+
+    def set_state(self, state):
+        self.inner.set_state(state)
+
+
+def test_nonfinite_abort_stops_without_saving_the_bad_state(tmp_path, monkeypatch):
+    from jaxgen.train import tasks
+
+    make_data = tasks.LanguageModelTask.make_data
+
+    def poisoned(self, run_dir):
+        data = make_data(self, run_dir)
+        data.train = PoisonedBatches(data.train, poisoned_batch=3)
+        return data
+
+    monkeypatch.setattr(tasks.LanguageModelTask, "make_data", poisoned)
+    cfg = tiny_config("train.nonfinite=abort", "train.steps=6", "checkpoint.every=2", "train.sample_tokens=0")
+    with pytest.raises(NonFiniteError, match="non-finite"):
+        train(cfg, tmp_path / "nan")
+    steps = sorted(int(p.name) for p in (tmp_path / "nan" / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [2]
+
+
+def test_shape_mismatch_lists_differing_parameters(tmp_path, devices):
+    cfg = tiny_config("mesh.data=1")
+    training = build_training(cfg, make_mesh(cfg.mesh, devices[:1]))
+    saver = Checkpointer(tmp_path / "ck", cfg.checkpoint)
+    saver.save(1, training.init_state(), {"step": 1}, {})
+    saver.wait()
+    wider = tiny_config("mesh.data=1", "model.d_ff=256")
+    layout = build_training(wider, make_mesh(wider.mesh, devices[:1])).layout
+    with pytest.raises(CheckpointError, match=r"3 parameters differ[\s\S]*layers/mlp/w_down/kernel: "
+                                              r"checkpoint \(2, 192, 64\), model \(2, 256, 64\)"):
+        Checkpointer(tmp_path / "ck", cfg.checkpoint).restore(layout)
+    with pytest.raises(CheckpointError, match="w_gate"):
+        restore_params(tmp_path / "ck", layout)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    result = run(train_args(run_dir, "train.steps=4"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return run_dir
+
+
+def test_a_different_tokenizer_is_refused_on_resume(finished_run, tmp_path):
+    from jaxgen.data.corpus import BUNDLED_CORPUS, iter_documents
+    from jaxgen.data.tokenizer import train_tokenizer
+
+    docs = [d for _, d in zip(range(4000), iter_documents([BUNDLED_CORPUS]))]
+    other = train_tokenizer(docs, 512, tmp_path / "other.model")
+    before = {p.name: p.read_bytes() for p in finished_run.iterdir() if p.is_file()}
+    result = run(train_args(finished_run, "train.steps=6", f"data.tokenizer={other.path}"))
+    assert result.returncode == 2
+    assert "resume with the checkpoint's tokenizer" in result.stderr
+    assert {p.name: p.read_bytes() for p in finished_run.iterdir() if p.is_file()} == before  # nothing touched
+
+
+def test_init_from_starts_a_new_run_from_saved_params(finished_run, tmp_path):
+    tuned = tmp_path / "tuned"
+    result = run(train_args(tuned, "train.steps=2", f"checkpoint.init_from={finished_run}",
+                            f"data.tokenizer={finished_run / 'tokenizer.model'}"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    evals = {r["step"]: r["eval_loss"] for r in read_metrics(tuned / "metrics.jsonl") if "eval_loss" in r}
+    source = {r["step"]: r["eval_loss"] for r in read_metrics(finished_run / "metrics.jsonl") if "eval_loss" in r}
+    assert evals[0] == pytest.approx(source[4], rel=1e-5)
