@@ -65,6 +65,78 @@ def cmd_launch_local(args: argparse.Namespace) -> int:
     return launch_local([sys.executable, "-m", "jaxgen", *command], args.processes, args.devices_per_process, args.port)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    distributed.initialize(distributed_settings(args))
+    from jaxgen.evaluate import evaluate_run
+
+    for result in evaluate_run(args.run_dir, args.step, args.overrides, all_steps=args.all):
+        print(json.dumps(result))
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from jaxgen.runs import load_run_config
+
+    if load_run_config(args.run_dir, args.overrides).model.kind != "transformer":
+        from jaxgen.generate_images import sample_images
+
+        try:
+            labels = [int(x) for x in args.labels.split(",")] if args.labels else []
+        except ValueError:
+            raise ConfigError(f"--labels {args.labels!r} is not a comma-separated list of integers, e.g. 0,1,2") from None
+        print(json.dumps(sample_images(
+            args.run_dir, labels, args.num_per_label, guidance=args.guidance, sampler=args.sampler, steps=args.steps,
+            seed=args.seed, out=args.out, save_array=args.save_array, step=args.step, overrides=args.overrides,
+        )))
+        return 0
+    from jaxgen.data.tokenizer import BOS_ID, Tokenizer
+    from jaxgen.generate import Sampling, generate
+    from jaxgen.runs import open_run
+
+    run = open_run(args.run_dir, args.step, args.overrides)
+    tokenizer = Tokenizer(pathlib.Path(args.run_dir) / "tokenizer.model")
+    prompts = args.prompt or [""]
+    ids = [[BOS_ID, *tokenizer.encode([p])[0]] for p in prompts]
+    room = run.cfg.model.max_seq_len - max(len(i) for i in ids)
+    if room < 1:
+        raise ConfigError(f"the longest prompt fills the model's context (model.max_seq_len={run.cfg.model.max_seq_len})")
+    streamed: list[int] = []
+
+    def stream(i, tokens_B, done_B) -> None:  # one prompt: print each piece as it is generated
+        if not bool(done_B[0]) and int(tokens_B[0]) != 2:
+            before = tokenizer.decode(ids[0][1:] + streamed)
+            streamed.append(int(tokens_B[0]))
+            print(tokenizer.decode(ids[0][1:] + streamed)[len(before):], end="", flush=True)
+
+    if len(prompts) == 1:
+        print(prompts[0], end="", flush=True)
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    outputs = generate(run.training.layout.graphdef, run.params, ids, min(args.max_new_tokens, room), sampling,
+                       args.seed, on_token=stream if len(prompts) == 1 else None)
+    if len(prompts) == 1:
+        print()
+    else:
+        for prompt_ids, new in zip(ids, outputs):
+            print(json.dumps({"prompt": tokenizer.decode(prompt_ids[1:]), "text": tokenizer.decode(prompt_ids[1:] + new)}))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from jaxgen.export import export_run
+
+    out = export_run(args.run_dir, args.out, args.format, args.dtype, args.step, args.overrides)
+    print(f"exported to {out}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from jaxgen.export import import_hf
+
+    out = import_hf(args.source, args.out)
+    print(f"imported into {out}; fine-tune with checkpoint.init_from={out} data.tokenizer={out}/tokenizer.model")
+    return 0
+
+
 def distributed_settings(args: argparse.Namespace) -> distributed.DistributedSettings:
     return distributed.settings_from({name: getattr(args, name) for name in distributed.ENV})
 
@@ -136,6 +208,44 @@ def build_parser() -> argparse.ArgumentParser:
     tok_train.add_argument("--out", required=True, metavar="FILE.model")
     tok_train.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
     tok_train.set_defaults(func=cmd_tokenizer_train)
+
+    checkpoint = argparse.ArgumentParser(add_help=False)
+    checkpoint.add_argument("--run-dir", required=True, metavar="DIR", help="a run directory with checkpoints")
+    checkpoint.add_argument("--step", type=int, metavar="N", help="checkpoint step (default: the latest)")
+    checkpoint.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data or mesh keys")
+
+    evaluate = commands.add_parser("eval", parents=[checkpoint], help="held-out loss, perplexity, bits per byte")
+    evaluate.add_argument("--all", action="store_true", help="evaluate every checkpoint of the run")
+    add_distributed_flags(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
+
+    sample = commands.add_parser("sample", parents=[checkpoint], help="generate text (LM) or an image grid (DiT)")
+    sample.add_argument("--prompt", action="append", help="LM prompt; repeat for a batch (default: empty)")
+    sample.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    sample.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0 = off)")
+    sample.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    sample.add_argument("--max-new-tokens", type=positive_int, default=64)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--labels", help="DiT: comma-separated class labels, e.g. 0,1,2")
+    sample.add_argument("--num-per-label", type=positive_int, default=8, help="DiT: samples per label")
+    sample.add_argument("--guidance", type=float, help="DiT: classifier-free guidance scale (default: the config's)")
+    sample.add_argument("--sampler", help="DiT: ddpm, ddim, euler or heun (default: the config's)")
+    sample.add_argument("--steps", type=positive_int, help="DiT: sampling steps (default: the config's)")
+    sample.add_argument("--out", help="DiT: the PNG grid to write (default: RUN_DIR/samples/sample.png)")
+    sample.add_argument("--save-array", metavar="FILE.npz", help="DiT: also save images (N,H,W[,C] in [0,1]) and labels")
+    sample.set_defaults(func=cmd_sample)
+
+    export = commands.add_parser("export", parents=[checkpoint], help="write weights for other tools")
+    export.add_argument("--format", choices=["hf", "safetensors"], default="hf",
+                        help="hf: a Hugging Face LlamaForCausalLM directory; safetensors: the raw parameter tree")
+    export.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    export.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) output directory")
+    export.set_defaults(func=cmd_export)
+
+    import_ = commands.add_parser("import", help="a local Hugging Face Llama checkpoint into a jaxgen run directory")
+    import_.add_argument("--from", dest="source", required=True, metavar="HF_DIR")
+    import_.add_argument("--out", required=True, metavar="DIR")
+    import_.set_defaults(func=cmd_import)
     return parser
 
 
@@ -156,12 +266,13 @@ def run_command(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("jaxgen").setLevel(logging.INFO)
     from jaxgen.checkpoint import CheckpointError, CheckpointWriteError
+    from jaxgen.export import ExportError
     from jaxgen.train.loop import NonFiniteError
     from jaxgen.train.preemption import EXIT_PREEMPTED, Preempted
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError) as err:
+    except (ConfigError, DataError, CheckpointError, ExportError) as err:
         print(f"jaxgen: error: {err}", file=sys.stderr)
         return 2
     except (NonFiniteError, CheckpointWriteError) as err:

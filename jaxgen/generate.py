@@ -1,48 +1,116 @@
-"""LM text generation by full re-computation over a fixed-size buffer.
+"""LM decoding with a KV cache: batched prompts, greedy or sampled, jitted end to end.
 
-Simple and exact: each new token re-runs the model on the whole buffer. Good for
-the short samples the trainer prints; a KV-cache decoder replaces it for long
-generations.
+Prompts are left-padded to a common length so every row writes its next token
+into the same cache slot; padded slots are masked out of attention and each
+row's rotary positions start at its first real token. The decode loop is one
+`lax.while_loop` that stops when every row has produced EOS; tokens can be
+streamed to the host as they are produced through an ordered io_callback.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.experimental import io_callback
 
 from jaxgen.data.tokenizer import BOS_ID, EOS_ID
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "max_new_tokens", "temperature"))
-def _generate(graphdef, params, buffer_1T, prompt_len: int, max_new_tokens: int, temperature: float, rng):
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+
+
+def sample_logits(logits_BV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
+    """Next token per row: argmax at temperature 0, else a draw from the truncated, tempered softmax."""
+    if sampling.temperature == 0:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logits_BV = logits_BV / sampling.temperature
+    if sampling.top_k:
+        kth_B1 = jax.lax.top_k(logits_BV, sampling.top_k)[0][:, -1:]
+        logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+    if sampling.top_p < 1.0:
+        sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+        cumulative_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
+        cutoff_index_B = jnp.sum(cumulative_BV < sampling.top_p, axis=-1)
+        cutoff_B1 = jnp.take_along_axis(sorted_BV, cutoff_index_B[:, None], axis=-1)
+        logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
+    return jax.random.categorical(key, logits_BV).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "stream"))
+def _decode(graphdef, params, tokens_BP, pad_B, key, max_new_tokens: int, sampling: Sampling, stream: Callable | None):
     model = nnx.merge(graphdef, params)
+    b, p = tokens_BP.shape
+    t = p + max_new_tokens
+    slots_T = jnp.arange(t)
+    key_valid_BT = slots_T[None, :] >= pad_B[:, None]
+    positions_BP = jnp.maximum(slots_T[None, :p] - pad_B[:, None], 0)
 
-    def next_token(t, carry):
-        buffer, rng = carry
-        logits_V = model(buffer)[0, t - 1]
-        rng, key = jax.random.split(rng)
-        if temperature == 0:
-            token = jnp.argmax(logits_V)
-        else:
-            token = jax.random.categorical(key, logits_V / temperature)
-        return buffer.at[0, t].set(token.astype(buffer.dtype)), rng
+    logits_BPV, cache = model.decode(tokens_BP, positions_BP, model.init_cache(b, t), 0, key_valid_BT)
+    key, first_key = jax.random.split(key)
+    token_B = sample_logits(logits_BPV[:, -1], first_key, sampling)
+    out_BN = jnp.zeros((b, max_new_tokens), jnp.int32)
 
-    buffer, _ = jax.lax.fori_loop(prompt_len, prompt_len + max_new_tokens, next_token, (buffer_1T, rng))
-    return buffer
+    def emit(i, token_B, done_B):
+        if stream is not None:
+            io_callback(stream, None, i, token_B, done_B, ordered=True)
+
+    def cond(carry):
+        i, _, _, _, done_B, _ = carry
+        return (i < max_new_tokens) & ~jnp.all(done_B)
+
+    def body(carry):
+        i, token_B, cache, out_BN, done_B, key = carry
+        token_B = jnp.where(done_B, EOS_ID, token_B)
+        out_BN = out_BN.at[:, i].set(token_B)
+        emit(i, token_B, done_B)
+        done_B = done_B | (token_B == EOS_ID)
+        slot = p + i
+        logits_B1V, cache = model.decode(token_B[:, None], (slot - pad_B)[:, None], cache, slot, key_valid_BT)
+        key, step_key = jax.random.split(key)
+        return i + 1, sample_logits(logits_B1V[:, 0], step_key, sampling), cache, out_BN, done_B, key
+
+    start = (jnp.int32(0), token_B, cache, out_BN, jnp.zeros((b,), bool), key)
+    _, _, _, out_BN, _, _ = jax.lax.while_loop(cond, body, start)
+    return out_BN
+
+
+def generate(graphdef, params, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
+             seed: int = 0, on_token: Callable[[int, np.ndarray, np.ndarray], None] | None = None) -> list[list[int]]:
+    """New tokens for each prompt (without the prompt), cut at EOS.
+
+    `on_token(i, tokens_B, done_B)` is called on the host for every decoding step.
+    """
+    if not prompts or any(not p for p in prompts):
+        raise ValueError("every prompt needs at least one token (a BOS token is enough)")
+    width = max(len(p) for p in prompts)
+    tokens_BP = np.zeros((len(prompts), width), np.int32)
+    for row, prompt in zip(tokens_BP, prompts):
+        row[width - len(prompt):] = prompt
+    pad_B = np.asarray([width - len(p) for p in prompts], np.int32)
+    out_BN = _decode(graphdef, params, jnp.asarray(tokens_BP), jnp.asarray(pad_B), jax.random.PRNGKey(seed),
+                     max_new_tokens, sampling, on_token)
+    results = []
+    for row in np.asarray(jax.device_get(out_BN)).tolist():
+        results.append(row[: row.index(EOS_ID)] if EOS_ID in row else row)
+    return results
 
 
 def generate_text(graphdef, params, tokenizer, prompt: str, max_new_tokens: int, max_len: int,
                   temperature: float = 0.8, seed: int = 0) -> str:
-    """Continue `prompt`; stops at EOS or the model's context length."""
+    """Continue one prompt; stops at EOS or the model's context length."""
     prompt_ids = [BOS_ID, *tokenizer.encode([prompt])[0][-(max_len - 2):]]
     max_new_tokens = min(max_new_tokens, max_len - len(prompt_ids))
-    buffer = jnp.zeros((1, len(prompt_ids) + max_new_tokens), jnp.int32).at[0, : len(prompt_ids)].set(jnp.asarray(prompt_ids))
-    out = _generate(graphdef, params, buffer, len(prompt_ids), max_new_tokens, temperature, jax.random.PRNGKey(seed))
-    ids = [int(t) for t in jax.device_get(out)[0, 1:]]
-    if EOS_ID in ids[len(prompt_ids) - 1:]:
-        ids = ids[: ids.index(EOS_ID, len(prompt_ids) - 1)]
+    new_ids = generate(graphdef, params, [prompt_ids], max_new_tokens, Sampling(temperature=temperature), seed)[0]
     # Decoding prompt and continuation together keeps the space between them.
-    return tokenizer.decode(ids)
+    return tokenizer.decode(prompt_ids[1:] + new_ids)

@@ -98,3 +98,17 @@ def run_stacked(layers: nnx.Module, body, carry, *, scan: bool, remat_policy: st
     for i in range(n_layers):
         carry, _ = step(carry, jax.tree.map(lambda a: a[i], state))
     return carry
+
+
+def scan_stacked(layers: nnx.Module, body, carry, xs):
+    """Like `run_stacked`, with a per-layer input and output: `body(layer, carry, x) -> (carry, y)`.
+
+    Used by decoding, where each layer reads and returns its own slice of the KV cache.
+    """
+    graphdef, state = nnx.split(layers)
+
+    def step(carry, layer_and_x):
+        layer_state, x = layer_and_x
+        return body(nnx.merge(graphdef, layer_state), carry, x)
+
+    return jax.lax.scan(step, carry, (state, xs))

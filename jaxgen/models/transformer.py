@@ -16,7 +16,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgen.config import TransformerConfig
-from jaxgen.models.layers import DTYPES, Linear, RMSNorm, apply_rope, matmul, rope_tables, run_stacked
+from jaxgen.models.layers import (
+    DTYPES, Linear, RMSNorm, apply_rope, matmul, rope_tables, run_stacked, scan_stacked,
+)
 from jaxgen.sharding import constrain
 
 
@@ -31,7 +33,8 @@ class Attention(nnx.Module):
         self.wv = Linear(d, k * dh, ("embed", "kv_heads"), std=std, param_dtype=pd, rngs=rngs)
         self.wo = Linear(h * dh, d, ("q_heads", "embed"), std=out_std, param_dtype=pd, rngs=rngs)
 
-    def __call__(self, x_BLD: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    def project(self, x_BLD: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries, keys and values of new tokens, rotated to their positions."""
         cfg = self.cfg
         cd = DTYPES[cfg.compute_dtype]
         b, l, _ = x_BLD.shape
@@ -42,11 +45,29 @@ class Attention(nnx.Module):
         q_BLHd = constrain(apply_rope(q_BLHd, cos, sin), ("act_batch", "act_length", "act_heads", None))
         k_BLKd = constrain(apply_rope(k_BLKd, cos, sin), ("act_batch", "act_length", "act_kv_heads", None))
         v_BLKd = constrain(v_BLKd, ("act_batch", "act_length", "act_kv_heads", None))
-        out_BLHd = jax.nn.dot_product_attention(
-            q_BLHd.astype(cd), k_BLKd.astype(cd), v_BLKd.astype(cd), is_causal=True,
-            implementation=cfg.attention,
-        )
-        return self.wo(out_BLHd.reshape(b, l, cfg.n_heads * dh), cd)
+        return q_BLHd.astype(cd), k_BLKd.astype(cd), v_BLKd.astype(cd)
+
+    def __call__(self, x_BLD: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        q_BLHd, k_BLKd, v_BLKd = self.project(x_BLD, cos, sin)
+        out_BLHd = jax.nn.dot_product_attention(q_BLHd, k_BLKd, v_BLKd, is_causal=True,
+                                                implementation=self.cfg.attention)
+        return self.output(out_BLHd)
+
+    def output(self, out_BLHd: jax.Array) -> jax.Array:
+        b, l, h, dh = out_BLHd.shape
+        return self.wo(out_BLHd.reshape(b, l, h * dh), DTYPES[self.cfg.compute_dtype])
+
+    def decode(self, x_BLD, cos, sin, cache: tuple[jax.Array, jax.Array], start: jax.Array, key_valid_BT: jax.Array):
+        """Attend from L new tokens, written at buffer slots [start, start+L), to everything cached so far."""
+        q_BLHd, k_BLKd, v_BLKd = self.project(x_BLD, cos, sin)
+        k_BTKd = jax.lax.dynamic_update_slice_in_dim(cache[0], k_BLKd.astype(cache[0].dtype), start, axis=1)
+        v_BTKd = jax.lax.dynamic_update_slice_in_dim(cache[1], v_BLKd.astype(cache[1].dtype), start, axis=1)
+        l, t = x_BLD.shape[1], k_BTKd.shape[1]
+        causal_LT = jnp.arange(t)[None, :] <= start + jnp.arange(l)[:, None]
+        mask_B1LT = (causal_LT[None] & key_valid_BT[:, None, :])[:, None]
+        out_BLHd = jax.nn.dot_product_attention(q_BLHd, k_BTKd.astype(q_BLHd.dtype), v_BTKd.astype(q_BLHd.dtype),
+                                                mask=mask_B1LT)
+        return self.output(out_BLHd), (k_BTKd, v_BTKd)
 
 
 class MLP(nnx.Module):
@@ -78,6 +99,11 @@ class Block(nnx.Module):
         x_BLD = x_BLD + self.mlp(self.mlp_norm(x_BLD))
         return constrain(x_BLD, ("act_batch", "act_length", "act_embed"))
 
+    def decode(self, x_BLD, cos, sin, cache, start, key_valid_BT):
+        attn_BLD, cache = self.attn.decode(self.attn_norm(x_BLD), cos, sin, cache, start, key_valid_BT)
+        x_BLD = x_BLD + attn_BLD
+        return x_BLD + self.mlp(self.mlp_norm(x_BLD)), cache
+
 
 class Transformer(nnx.Module):
     def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
@@ -99,24 +125,48 @@ class Transformer(nnx.Module):
     def __call__(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None) -> jax.Array:
         """Logits (B, L, V) in float32."""
         cfg = self.cfg
-        cd = DTYPES[cfg.compute_dtype]
         if positions_BL is None:
             positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
-        # Gather from a whole table: a lookup into a vocab- or embed-sharded table
-        # makes the SPMD partitioner fall back to replicating it anyway, less efficiently.
-        table_VD = constrain(self.embed[...], (None, None))
-        x_BLD = jnp.take(table_VD, tokens_BL, axis=0).astype(jnp.float32)
-        x_BLD = constrain(x_BLD, ("act_batch", "act_length", "act_embed"))
+        x_BLD = self.embed_tokens(tokens_BL)
         cos, sin = rope_tables(positions_BL, cfg.resolved_head_dim, cfg.rope_theta)
         x_BLD = run_stacked(
             self.layers, lambda layer, x: layer(x, cos, sin), x_BLD, scan=cfg.scan_layers, remat_policy=cfg.remat
         )
+        return self.logits(x_BLD)
+
+    def logits(self, x_BLD: jax.Array) -> jax.Array:
+        cd = DTYPES[self.cfg.compute_dtype]
         x_BLD = self.final_norm(x_BLD)
-        if cfg.tie_embeddings:
+        if self.cfg.tie_embeddings:
             logits_BLV = matmul(x_BLD, self.embed[...].T, cd)
         else:
             logits_BLV = self.lm_head(x_BLD, cd)
         return constrain(logits_BLV, ("act_batch", "act_length", "act_vocab"))
+
+    def embed_tokens(self, tokens_BL: jax.Array) -> jax.Array:
+        # Gather from a whole table: a lookup into a vocab- or embed-sharded table
+        # makes the SPMD partitioner fall back to replicating it anyway, less efficiently.
+        table_VD = constrain(self.embed[...], (None, None))
+        x_BLD = jnp.take(table_VD, tokens_BL, axis=0).astype(jnp.float32)
+        return constrain(x_BLD, ("act_batch", "act_length", "act_embed"))
+
+    def init_cache(self, batch: int, length: int) -> tuple[jax.Array, jax.Array]:
+        """Empty key and value caches, (layers, B, T, K, Dh) each, in the compute dtype."""
+        cfg = self.cfg
+        shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.resolved_head_dim)
+        return jnp.zeros(shape, DTYPES[cfg.compute_dtype]), jnp.zeros(shape, DTYPES[cfg.compute_dtype])
+
+    def decode(self, tokens_BL, positions_BL, cache, start, key_valid_BT):
+        """Logits of L new tokens written at buffer slots [start, start+L) of the cache, and the new cache.
+
+        `key_valid_BT` marks the slots holding real tokens (False for left padding).
+        """
+        x_BLD = self.embed_tokens(tokens_BL)
+        cos, sin = rope_tables(positions_BL, self.cfg.resolved_head_dim, self.cfg.rope_theta)
+        x_BLD, cache = scan_stacked(
+            self.layers, lambda layer, x, c: layer.decode(x, cos, sin, c, start, key_valid_BT), x_BLD, cache
+        )
+        return self.logits(x_BLD), cache
 
 
 def param_count(cfg: TransformerConfig) -> int:

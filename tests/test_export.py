@@ -1,0 +1,144 @@
+"""After training: evaluate, generate, export to Hugging Face and import back."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxgen.config import load_config
+from jaxgen.export import ExportError, export_hf, export_run, import_hf
+from jaxgen.generate import Sampling, generate, sample_logits
+from jaxgen.metrics import read_metrics
+from jaxgen.models import build_model
+from jaxgen.runs import open_run
+
+from conftest import REPO, TINY_CONFIG, tiny_config
+
+
+def jaxgen_cli(*args):
+    return subprocess.run([sys.executable, "-m", "jaxgen", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("export") / "run"
+    result = jaxgen_cli("train", "--config", str(TINY_CONFIG), "--run-dir", str(run_dir), "train.steps=10",
+                        "train.eval_every=10", "train.sample_tokens=0", "model.n_kv_heads=2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return run_dir
+
+
+def test_eval_reproduces_the_loops_eval_loss(trained):
+    result = jaxgen_cli("eval", "--run-dir", str(trained))
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    logged = [r["eval_loss"] for r in read_metrics(trained / "metrics.jsonl") if r.get("step") == 10 and "eval_loss" in r]
+    assert report["step"] == 10
+    assert report["eval_loss"] == pytest.approx(logged[0], rel=1e-6)
+    assert report["perplexity"] == pytest.approx(np.exp(report["eval_loss"]))
+    assert 0 < report["bits_per_byte"] < report["eval_loss"] / np.log(2)  # a token is more than one byte
+    assert json.loads((trained / "eval.jsonl").read_text().splitlines()[-1]) == report
+
+
+def test_hf_export_loads_in_transformers_with_equal_logits(trained, tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "hf"
+    result = jaxgen_cli("export", "--run-dir", str(trained), "--format", "hf", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    run = open_run(trained)
+    model = nnx.merge(run.training.layout.graphdef, run.params)
+    tokens = np.random.default_rng(0).integers(0, 512, (2, 48))
+    ours = np.asarray(model(jnp.asarray(tokens)))
+    theirs = hf_model(torch.tensor(tokens)).logits.detach().numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    from jaxgen.data.tokenizer import Tokenizer
+
+    text = "And God said, Let there be light: and there was light. 1611"
+    assert hf_tokenizer(text)["input_ids"] == [1, *Tokenizer(trained / "tokenizer.model").encode([text])[0]]
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"]) == (1, 2)
+
+
+def test_sharded_bf16_export_and_import_round_trip(trained, tmp_path):
+    from safetensors import safe_open
+
+    run = open_run(trained)
+    sharded = export_hf(run, tmp_path / "sharded", dtype="float32", max_shard_bytes=200_000)
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+
+    back = import_hf(sharded, tmp_path / "back")
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(run.params), jax.device_get(open_run(back).params))
+
+    half = export_run(trained, tmp_path / "bf16", fmt="safetensors", dtype="bfloat16")
+    with safe_open(half / "model.safetensors", framework="numpy") as f:
+        assert "layers/attn/wq/kernel" in f.keys()
+        assert f.get_slice("layers/attn/wq/kernel").get_dtype() == "BF16"
+    assert (half / "config.yaml").exists()
+
+
+def test_export_and_import_errors_name_the_problem(trained, tmp_path):
+    with pytest.raises(Exception, match="does not exist"):
+        export_run(tmp_path / "missing", tmp_path / "o1")
+    with pytest.raises(Exception, match=r"no checkpoint for step 7; available: \[10\]"):
+        export_run(trained, tmp_path / "o2", step=7)
+    dit_run = tmp_path / "dit_run"
+    dit_run.mkdir()
+    (dit_run / "config.yaml").write_text((REPO / "configs" / "dit_digits.yaml").read_text())
+    with pytest.raises(ExportError, match=r"model.kind='dit' has no Hugging Face Llama equivalent"):
+        export_run(dit_run, tmp_path / "o3", fmt="hf")
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ExportError, match=r"\['GPT2LMHeadModel'\].*jaxgen imports LlamaForCausalLM"):
+        import_hf(gpt2, tmp_path / "o4")
+    biased = tmp_path / "biased"
+    shutil.copytree(trained, biased / "x")
+    (biased / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                                                    "attention_bias": True}))
+    with pytest.raises(ExportError, match=r"attention_bias=True is not supported"):
+        import_hf(biased, tmp_path / "o5")
+
+
+def test_kv_cache_generation_equals_full_recomputation():
+    cfg = tiny_config()
+    model = build_model(cfg.model, nnx.Rngs(3))
+    graphdef, params = nnx.split(model)
+    prompts = [[1, 5, 9, 33, 100, 7], [1, 77], [1, 300, 12, 40]]
+    cached = generate(graphdef, nnx.to_pure_dict(params), prompts, 10, Sampling(temperature=0))
+
+    for prompt, got in zip(prompts, cached):
+        tokens = list(prompt)
+        for _ in range(10):
+            tokens.append(int(jnp.argmax(model(jnp.asarray([tokens]))[0, -1])))
+        expected = tokens[len(prompt):]
+        assert got == (expected[: expected.index(2)] if 2 in expected else expected)
+
+
+def test_top_k_and_top_p_truncate_the_distribution():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+    keys = jax.random.split(jax.random.PRNGKey(0), 200)
+    draw = lambda s: {int(sample_logits(logits, k, s)[0]) for k in keys}  # noqa: E731
+    assert draw(Sampling(temperature=1.0, top_k=2)) == {0, 1}
+    assert draw(Sampling(temperature=1.0, top_p=0.7)) == {0, 1}
+    assert draw(Sampling(temperature=1.0, top_p=0.01)) == {0}
+    assert draw(Sampling(temperature=1.0)) == {0, 1, 2, 3}
+
+
+def test_cli_sample_is_greedy_and_deterministic(trained):
+    args = ["sample", "--run-dir", str(trained), "--prompt", "And God said", "--temperature", "0",
+            "--max-new-tokens", "12"]
+    first, second = jaxgen_cli(*args), jaxgen_cli(*args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stdout == second.stdout and first.stdout.startswith("And God said")
