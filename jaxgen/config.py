@@ -339,6 +339,8 @@ class DiffusionConfig(_Section):
     sample_steps: int = Field(32, gt=0)
     ddim_eta: float = Field(0.0, ge=0)
     guidance_scale: float = Field(2.0, ge=0)
+    # Noise levels (0 = data, 1 = pure noise) where guidance applies; elsewhere the conditional prediction is used.
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
     # Sample grids every this many steps (and always at the end); 0 = only at the end.
     sample_every: int = Field(0, ge=0)
     samples_per_class: int = Field(10, gt=0)
@@ -353,6 +355,9 @@ class DiffusionConfig(_Section):
             raise ValueError(
                 f"diffusion.sample_steps={self.sample_steps} exceeds diffusion.timesteps={self.timesteps}"
             )
+        lo, hi = self.guidance_interval
+        if not 0 <= lo <= hi <= 1:
+            raise ValueError(f"diffusion.guidance_interval={[lo, hi]} must be [low, high] with 0 <= low <= high <= 1")
         flow_sampler = self.sampler in ("euler", "heun")
         if flow_sampler != (self.objective == "flow"):
             valid = "euler, heun" if self.objective == "flow" else "ddpm, ddim"

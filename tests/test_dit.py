@@ -37,15 +37,15 @@ def test_output_is_exactly_zero_at_init_and_blocks_start_as_identity():
     cfg = tiny_dit_config("model.learn_sigma=true", "diffusion.objective=eps", "diffusion.sampler=ddim").model
     model = build_model(cfg, nnx.Rngs(0))
     batch = digit_batch(load_config(DIT_CONFIG), 4)
-    out = model(jnp.asarray(batch["images"]), jnp.array([0.0, 10.0, 500.0, 999.0]), jnp.asarray(batch["labels"]))
+    t = jnp.array([0.0, 10.0, 500.0, 999.0])
+    out = nnx.jit(lambda m, x, t, y: m(x, t, y))(model, jnp.asarray(batch["images"]), t, jnp.asarray(batch["labels"]))
     assert out.shape == (4, 8, 8, 2)
     assert np.all(np.asarray(out) == 0.0)
     # adaLN-Zero: every gate is zero, so each block passes its input through unchanged.
     x_BND = jax.random.normal(jax.random.PRNGKey(1), (4, 16, 32))
-    layer = nnx.merge(*nnx.split(model.layers))  # the stacked blocks, applied to layer 0's slice below
-    graphdef, state = nnx.split(layer)
-    block0 = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))
-    np.testing.assert_array_equal(block0(x_BND, jnp.ones((4, 32))), x_BND)
+    graphdef, stacked = nnx.split(model.layers)
+    block0 = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], stacked))
+    np.testing.assert_array_equal(nnx.jit(lambda b, x, c: b(x, c))(block0, x_BND, jnp.ones((4, 32))), x_BND)
 
 
 def test_patchify_round_trips_and_keeps_patches_contiguous():

@@ -20,9 +20,10 @@ def guided(model_fn: Callable, scale: jax.Array, null_label: int, guided_channel
     """(x, t, labels) -> output pushed away from the unconditional prediction.
 
     cond + (scale - 1) (cond - uncond): scale 1 is exactly the conditional
-    prediction, 0 the unconditional one. Both halves run as one batch. Only
-    the first `guided_channels` are guided; any learned-variance channels
-    after them are taken from the conditional prediction.
+    prediction, 0 the unconditional one; `scale` is a scalar or one per
+    image. Both halves run as one batch. Only the first `guided_channels` are
+    guided; any learned-variance channels after them are taken from the
+    conditional prediction.
     """
 
     def denoise(x_BHWC: jax.Array, t_B: jax.Array, labels_B: jax.Array) -> jax.Array:
@@ -32,7 +33,8 @@ def guided(model_fn: Callable, scale: jax.Array, null_label: int, guided_channel
         )
         cond, uncond = jnp.split(both, 2)
         g = guided_channels
-        pushed = cond[..., :g] + (scale - 1) * (cond[..., :g] - uncond[..., :g])
+        scale_B = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), t_B.shape).reshape(-1, 1, 1, 1)
+        pushed = cond[..., :g] + (scale_B - 1) * (cond[..., :g] - uncond[..., :g])
         return jnp.concatenate([pushed, cond[..., g:]], axis=-1)
 
     return denoise

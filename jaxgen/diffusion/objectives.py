@@ -109,6 +109,10 @@ class Objective:
         mids = (np.arange(k) + 0.5) / k
         return (mids if self.is_flow else np.floor(mids * self.timesteps)).astype(np.float32)
 
+    def noise_level(self, t_B: jax.Array) -> jax.Array:
+        """Times as a fraction of the way from data (0) to pure noise (1)."""
+        return t_B if self.is_flow else t_B / (self.timesteps - 1)
+
     def model_time(self, t_B: jax.Array) -> jax.Array:
         """Times on the 0..1000 scale the DiT's timestep features are tuned for."""
         return t_B * 1000.0 if self.is_flow else t_B * (1000.0 / self.timesteps)

@@ -65,6 +65,10 @@ class DiffusionTask:
         loss_B = self.objective.loss_per_image(out, x0_BHWC, eps_BHWC, t_B)
         return jnp.sum(loss_B), jnp.asarray(b, jnp.float32)
 
+    def ema_settings(self) -> tuple[float, int]:
+        """The trainer keeps this parameter average; samples and evaluation use it."""
+        return self.cfg.diffusion.ema_decay, self.cfg.diffusion.ema_warmup
+
     def units_per_batch(self) -> int:
         return self.cfg.data.batch_size
 
@@ -78,12 +82,12 @@ class DiffusionTask:
         log.info("data: %s, %d train and %d held-out images", cfg.images.source, len(train_set), len(held_out))
         return ImageData(
             train=RandomImageBatches(train_set, cfg.data.batch_size, cfg.data.seed, cfg.images.hflip),
-            eval=self._with_fixed_noise(fixed_batches(held_out, cfg.data.batch_size, cfg.train.eval_batches)),
+            eval=self.with_fixed_noise(fixed_batches(held_out, cfg.data.batch_size, cfg.train.eval_batches)),
             train_set=train_set,
             held_out=held_out,
         )
 
-    def _with_fixed_noise(self, batches: list[dict]) -> list[dict]:
+    def with_fixed_noise(self, batches: list[dict]) -> list[dict]:
         """Row i of every held-out batch is scored at grid time i mod K, with noise fixed by the data seed."""
         grid = self.objective.eval_times(self.cfg.diffusion.eval_timesteps)
         rng = np.random.default_rng([self.cfg.data.seed, 1])

@@ -1,0 +1,117 @@
+"""The diffusion task end to end: image data, held-out loss, overfitting, `jaxgen train`, sample quality figures."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import scipy.linalg
+
+from jaxgen.data.images import RandomImageBatches, fixed_batches, load_digits, make_shapes, split_images
+from jaxgen.data.pipeline import to_global
+from jaxgen.evaluate_images import frechet_distance
+from jaxgen.sharding import make_mesh
+from jaxgen.train.build import build_training
+from jaxgen.train.diffusion_task import DiffusionTask
+
+from test_dit import DIT_CONFIG, tiny_dit_config
+from test_train import jaxgen_cli
+
+
+def test_digits_are_scaled_to_plus_minus_one_and_split_deterministically():
+    digits = load_digits()
+    assert digits.images.shape == (1797, 8, 8, 1) and digits.images.dtype == np.float32
+    assert digits.images.min() == -1.0 and digits.images.max() == 1.0
+    assert sorted(set(digits.labels.tolist())) == list(range(10))
+    train, held = split_images(digits, 5)
+    assert len(train) + len(held) == 1797 and len(held) == 359
+    np.testing.assert_array_equal(held.images[0], digits.images[4])
+
+
+def test_shapes_are_reproducible_rgb_pictures_of_six_classes():
+    a, b = make_shapes(60, seed=3), make_shapes(60, seed=3)
+    np.testing.assert_array_equal(a.images, b.images)
+    assert a.images.shape == (60, 32, 32, 3) and -1 <= a.images.min() and a.images.max() <= 1
+    assert np.bincount(a.labels).tolist() == [10] * 6
+    assert not np.array_equal(a.images, make_shapes(60, seed=4).images)
+    # Every picture has a foreground: some pixels differ clearly from the background corner.
+    assert np.all(np.abs(a.images - a.images[:, :1, :1]).max(axis=(1, 2, 3)) > 0.2)
+
+
+def test_training_batches_resume_and_flip():
+    digits = load_digits()
+    it = RandomImageBatches(digits, 8, seed=0, hflip=False)
+    next(it)
+    state = it.get_state()
+    expected = next(it)
+    it.set_state(state)
+    np.testing.assert_array_equal(next(it)["images"], expected["images"])
+    flipped = RandomImageBatches(digits, 64, seed=0, hflip=True)
+    plain = RandomImageBatches(digits, 64, seed=0, hflip=False)
+    f, p = next(flipped), next(plain)
+    np.testing.assert_array_equal(f["labels"], p["labels"])
+    mirrored = [np.array_equal(fi, pi[:, ::-1]) and not np.array_equal(fi, pi) for fi, pi in zip(f["images"], p["images"])]
+    assert 10 < sum(mirrored) < 54
+
+
+def test_held_out_batches_carry_a_fixed_time_grid_and_fixed_noise(tmp_path):
+    task = DiffusionTask(tiny_dit_config("diffusion.eval_timesteps=4"))
+    first, second = task.make_data(tmp_path).eval, task.make_data(tmp_path).eval
+    assert len(first) == task.cfg.train.eval_batches
+    for a, b in zip(first, second):
+        for key in ("images", "labels", "t", "noise"):
+            np.testing.assert_array_equal(a[key], b[key])
+    np.testing.assert_allclose(first[0]["t"][:5], [0.125, 0.375, 0.625, 0.875, 0.125])
+
+
+def test_overfitting_one_batch_drives_the_loss_near_zero(devices):
+    cfg = tiny_dit_config("model.d_model=64", "optimizer.lr=1e-2", "optimizer.warmup_steps=10",
+                          "optimizer.decay=constant", "mesh.data=1")
+    training = build_training(cfg, make_mesh(cfg.mesh, devices[:1]))
+    task = training.task
+    batch = task.with_fixed_noise(fixed_batches(load_digits(), 16, 1))[0]
+    batch = to_global(batch, training.mesh)
+    state = training.init_state()
+    losses = []
+    for _ in range(100):
+        state, metrics = training.train_step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.02 * losses[0], losses[::20]
+
+
+def test_frechet_distance_matches_the_matrix_square_root_formula():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((400, 5))
+    b = rng.standard_normal((300, 5)) @ rng.standard_normal((5, 5)) + 0.5
+    mu_a, mu_b, ca, cb = a.mean(0), b.mean(0), np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    expected = np.sum((mu_a - mu_b) ** 2) + np.trace(ca + cb - 2 * scipy.linalg.sqrtm(ca @ cb).real)
+    np.testing.assert_allclose(frechet_distance(a, b), expected, rtol=1e-6)
+    assert abs(frechet_distance(a, a)) < 1e-9
+    np.testing.assert_allclose(frechet_distance(a, a + 2.0), 5 * 4.0, rtol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def dit_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("dit") / "run"
+    result = jaxgen_cli("train", "--config", str(DIT_CONFIG), "--run-dir", str(run_dir), "model.size=null",
+                        "model.d_model=32", "model.n_layers=2", "model.freq_dim=32", "data.batch_size=32",
+                        "train.steps=10", "train.eval_every=5", "logging.every=5", "mesh.fsdp=2",
+                        "diffusion.samples_per_class=3", "diffusion.sample_steps=4", "diffusion.quality_eval=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def test_jaxgen_train_writes_a_sample_grid_one_row_per_class(dit_run):
+    import matplotlib.image
+
+    summary = json.loads((dit_run / "summary.json").read_text())
+    assert summary["eval_loss_final"] < summary["eval_loss_initial"]
+    assert summary["images_per_s_median"] > 0
+    grid = matplotlib.image.imread(dit_run / "samples" / "final.png")
+    cell = 33  # 8x8 digits enlarged 4x, plus a one-pixel gap
+    assert grid.shape[:2] == (10 * cell + 1, 3 * cell + 1)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(dit_run / "tensorboard"))
+    events.Reload()
+    assert "samples" in events.Tags()["images"]
