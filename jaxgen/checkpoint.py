@@ -184,8 +184,12 @@ def _shapes_by_path(tree) -> dict[str, tuple]:
     return {param_path(path): tuple(leaf.shape) for path, leaf in leaves}
 
 
-def restore_params(path: str | pathlib.Path, layout: StateLayout) -> dict:
-    """Parameters only, from a run directory (latest step) or one step directory, for fine-tuning."""
+def restore_params(path: str | pathlib.Path, layout: StateLayout, use_ema: bool = False) -> dict:
+    """Parameters only, from a run directory (latest step) or one step directory.
+
+    `use_ema`: the parameter average instead, where the checkpoint has one (what
+    sampling and evaluation use); fine-tuning starts from the parameters themselves.
+    """
     path = pathlib.Path(path).absolute()
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
@@ -200,15 +204,22 @@ def restore_params(path: str | pathlib.Path, layout: StateLayout) -> dict:
     step = manager.latest_step() if step is None else step
     if step is None:
         raise CheckpointError(f"checkpoint.init_from={str(path)!r} holds no checkpoint")
-    check_shapes(manager.item_metadata(step)["state"], layout, f"{path}/{step}")
-    target = abstract_target(layout)
+    metadata = manager.item_metadata(step)["state"]
+    check_shapes(metadata, layout, f"{path}/{step}")
+    key = "ema_params" if use_ema and _has_ema(metadata) else "params"
+    target = {key: abstract_target(layout).params}
     restored = manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            {"params": target.params},
-            restore_args=jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), {"params": target.params}),
+            target,
+            restore_args=jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), target),
             partial_restore=True,
         ))
     )
     manager.close()
-    log.info("loaded parameters from %s step %d", path, step)
-    return restored["state"]["params"]
+    log.info("loaded %s from %s step %d", key, path, step)
+    return restored["state"][key]
+
+
+def _has_ema(metadata) -> bool:
+    ema = metadata.get("ema_params") if hasattr(metadata, "get") else getattr(metadata, "ema_params", None)
+    return bool(ema)

@@ -54,5 +54,5 @@ def open_run(run_dir: str | pathlib.Path, step: int | None = None, overrides: li
     if step not in steps:
         raise CheckpointError(f"run directory {str(run_dir)!r} has no checkpoint for step {step}; available: {steps}")
     training = build_training(cfg, make_mesh(cfg.mesh))
-    params = restore_params(checkpoint_dir(run_dir) / str(step), training.layout)
+    params = restore_params(checkpoint_dir(run_dir) / str(step), training.layout, use_ema=True)
     return OpenedRun(run_dir=run_dir, cfg=cfg, training=training, step=step, params=params)

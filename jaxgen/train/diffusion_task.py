@@ -65,6 +65,11 @@ class DiffusionTask:
         loss_B = self.objective.loss_per_image(out, x0_BHWC, eps_BHWC, t_B)
         return jnp.sum(loss_B), jnp.asarray(b, jnp.float32)
 
+    @property
+    def sample_every(self) -> int:
+        """The trainer writes a sample grid every this many steps (0: only at the end)."""
+        return self.cfg.diffusion.sample_every
+
     def ema_settings(self) -> tuple[float, int]:
         """The trainer keeps this parameter average; samples and evaluation use it."""
         return self.cfg.diffusion.ema_decay, self.cfg.diffusion.ema_warmup
@@ -120,13 +125,15 @@ class DiffusionTask:
         images = self.generate(graphdef, params, labels, self.cfg.train.seed, d.guidance_scale)
         picture = image_grid(images, rows=n_classes)
         name = "final.png" if step is None else f"step_{step:07d}.png"
+        summary = {"samples": str(run_dir / "samples" / name)}
+        if jax.process_index() != 0:  # every process sampled (params are sharded); one writes
+            return summary
         save_png(picture, run_dir / "samples" / name)
         if self.cfg.logging.tensorboard:
             from tensorboardX import SummaryWriter
 
             with SummaryWriter(str(run_dir / "tensorboard")) as tb:
                 tb.add_image("samples", picture, self.cfg.train.steps if step is None else step, dataformats="HWC")
-        summary = {"samples": str(run_dir / "samples" / name)}
         if step is None and d.quality_eval and self.cfg.images.source == "digits":
             from jaxgen.evaluate_images import sample_quality
 

@@ -32,6 +32,11 @@ from jaxgen.train.tasks import make_task
 log = logging.getLogger("jaxgen")
 
 
+def sampling_params(state) -> dict:
+    """What evaluation and samples use: the parameter average when the task keeps one."""
+    return state.ema_params if state.ema_params is not None else state.params
+
+
 class NonFiniteError(RuntimeError):
     """train.nonfinite=abort and a step produced a non-finite loss or gradient."""
 
@@ -129,7 +134,7 @@ def train(cfg: Config, run_dir: str | pathlib.Path) -> dict:
     writer = MetricsWriter(run_dir, cfg.logging.tensorboard, resume_step=start_step if resume_step else None)
 
     def evaluate(step: int) -> float:
-        sums = [training.eval_step(state.params, b) for b in eval_set]
+        sums = [training.eval_step(sampling_params(state), b) for b in eval_set]
         loss_sum, weight = (float(sum(x)) for x in zip(*jax.device_get(sums)))
         eval_loss = loss_sum / max(weight, 1.0)
         writer.write(step, {"eval_loss": eval_loss})
@@ -162,6 +167,7 @@ def train(cfg: Config, run_dir: str | pathlib.Path) -> dict:
             raise NonFiniteError(f"non-finite loss or gradient by step {step}; the last checkpoint is kept")
         ckpt.save(step, state, data_state, meta)
 
+    sample_every = getattr(task, "sample_every", 0)  # tasks that show progress pictures while training
     preemption = PreemptionWatch()
     eval_history = [evaluate(0)] if start_step == 0 else []
     clock["time"] = time.perf_counter()
@@ -186,6 +192,9 @@ def train(cfg: Config, run_dir: str | pathlib.Path) -> dict:
                         pending = None
                     eval_history.append(evaluate(step))
                     bar.set_postfix(eval_loss=f"{eval_history[-1]:.3f}")
+                    clock.update(time=time.perf_counter(), step=step)
+                if sample_every and step % sample_every == 0 and not final:  # every process computes
+                    task.sample(layout.graphdef, sampling_params(state), data, run_dir, step=step)
                     clock.update(time=time.perf_counter(), step=step)
                 stop = preemption.reached(step)
                 if stop or ckpt.due(step, final):
@@ -216,8 +225,10 @@ def train(cfg: Config, run_dir: str | pathlib.Path) -> dict:
         "mfu_median": float(np.median(throughput)) * task.flops_per_unit() / total_peak if throughput else None,
         "compile_s": compile_s,
     }
+    # Every process takes part in sampling from sharded params; the task writes files on process 0 only.
+    samples = task.sample(layout.graphdef, sampling_params(state), data, run_dir)
     if is_main:
-        summary.update(task.sample(layout.graphdef, state.params, data, run_dir))
+        summary.update(samples)
     summary["wall_s"] = time.perf_counter() - wall_start
     if is_main:
         plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")

@@ -27,6 +27,8 @@ class TrainState:
     opt_state: Any
     rng: jax.Array  # the run's base key; step keys are folded from it
     nonfinite_steps: jax.Array  # int32 scalar: updates skipped for a non-finite loss or gradient
+    # Moving average of params for sampling and evaluation, when the task asks for one (else None).
+    ema_params: dict | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +55,8 @@ def plan_state(task: Task, tx: optax.GradientTransformation, mesh: Mesh, rules: 
     opt_shardings = optax.tree_map_params(
         tx, lambda _, s: s, abstract.opt_state, p_shardings, transform_non_params=lambda _: rep
     )
-    shardings = TrainState(step=rep, params=p_shardings, opt_state=opt_shardings, rng=rep, nonfinite_steps=rep)
+    shardings = TrainState(step=rep, params=p_shardings, opt_state=opt_shardings, rng=rep, nonfinite_steps=rep,
+                           ema_params=p_shardings if abstract.ema_params is not None else None)
     return StateLayout(graphdef=graphdef, abstract=abstract, shardings=shardings)
 
 
@@ -61,7 +64,14 @@ def _fresh_state(task: Task, tx: optax.GradientTransformation, rng: jax.Array) -
     _, params = _model_parts(task, rng)
     params = nnx.to_pure_dict(params)
     zero = jnp.zeros((), jnp.int32)
-    return TrainState(step=zero, params=params, opt_state=tx.init(params), rng=rng, nonfinite_steps=zero)
+    ema = jax.tree.map(jnp.copy, params) if task_ema(task) else None
+    return TrainState(step=zero, params=params, opt_state=tx.init(params), rng=rng, nonfinite_steps=zero, ema_params=ema)
+
+
+def task_ema(task: Task) -> tuple[float, int] | None:
+    """(decay, warm-up steps) of the parameter average the task samples from, or None."""
+    settings = getattr(task, "ema_settings", None)
+    return settings() if settings else None
 
 
 def init_state(task: Task, tx: optax.GradientTransformation, layout: StateLayout, seed: int) -> TrainState:

@@ -11,7 +11,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxgen.sharding import BATCH_AXES, Rules, activation_rules, replicated
-from jaxgen.train.state import StateLayout, TrainState
+from jaxgen.train.ema import ema_update
+from jaxgen.train.state import StateLayout, TrainState, task_ema
 from jaxgen.train.tasks import Task
 
 
@@ -26,6 +27,8 @@ def _split_microbatches(batch: dict, n: int) -> dict:
 
 def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     graphdef: nnx.GraphDef, microbatches: int) -> Callable:
+    ema = task_ema(task)
+
     def summed_loss(params, batch, rng):
         return task.loss(nnx.merge(graphdef, params), batch, rng)
 
@@ -54,11 +57,15 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
         # params and optimizer state bit for bit, count the skip, move on.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        ema_params = state.ema_params
+        if ema is not None:
+            ema_params = keep_if_bad(ema_update(state.ema_params, params, state.step + 1, *ema), state.ema_params)
         new_state = state.replace(
             step=state.step + 1,
             params=keep_if_bad(params, state.params),
             opt_state=keep_if_bad(opt_state, state.opt_state),
             nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+            ema_params=ema_params,
         )
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
                    "nonfinite_steps": new_state.nonfinite_steps}
