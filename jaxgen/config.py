@@ -54,6 +54,9 @@ class TransformerConfig(_Section):
     remat: RematPolicy = "none"
     # "cudnn" selects the fused flash-attention kernel on NVIDIA GPUs.
     attention: Literal["xla", "cudnn"] = "xla"
+    # Packed rows hold several documents: attend only within one's own document, with
+    # positions restarting at each document (from the batch's segment_ids/positions).
+    document_mask: bool = False
 
     @property
     def resolved_head_dim(self) -> int:

@@ -72,3 +72,18 @@ def test_gradients_reach_every_parameter(tokens):
     grads = jax.grad(lambda p: jnp.mean(nnx.merge(graphdef, p)(tokens) ** 2))(params)
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
         assert float(jnp.abs(g).max()) > 0, jax.tree_util.keystr(path)
+
+
+def test_document_mask_makes_packed_documents_independent():
+    cfg = tiny_config("model.document_mask=true")
+    model = build_model(cfg.model, nnx.Rngs(0))
+    doc_a = jax.random.randint(jax.random.PRNGKey(1), (1, 10), 3, 512)
+    doc_b = jax.random.randint(jax.random.PRNGKey(2), (1, 14), 3, 512)
+    packed = jnp.concatenate([doc_a, doc_b], axis=1)
+    segments = jnp.asarray([[1] * 10 + [2] * 14])
+    positions = jnp.asarray([list(range(10)) + list(range(14))])
+    together = model(packed, positions, segments)
+    np.testing.assert_allclose(together[:, :10], model(doc_a), atol=1e-5)
+    np.testing.assert_allclose(together[:, 10:], model(doc_b), atol=1e-5)
+    # Without the mask the second document sees the first.
+    assert not np.allclose(model(packed)[:, 10:], model(doc_b), atol=1e-3)

@@ -47,9 +47,11 @@ class Attention(nnx.Module):
         v_BLKd = constrain(v_BLKd, ("act_batch", "act_length", "act_kv_heads", None))
         return q_BLHd.astype(cd), k_BLKd.astype(cd), v_BLKd.astype(cd)
 
-    def __call__(self, x_BLD: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    def __call__(self, x_BLD: jax.Array, cos: jax.Array, sin: jax.Array, segments_BL: jax.Array | None) -> jax.Array:
         q_BLHd, k_BLKd, v_BLKd = self.project(x_BLD, cos, sin)
-        out_BLHd = jax.nn.dot_product_attention(q_BLHd, k_BLKd, v_BLKd, is_causal=True,
+        # Same-document mask on top of the causal one; None keeps the plain causal kernel.
+        mask_B1LL = None if segments_BL is None else (segments_BL[:, :, None] == segments_BL[:, None, :])[:, None]
+        out_BLHd = jax.nn.dot_product_attention(q_BLHd, k_BLKd, v_BLKd, mask=mask_B1LL, is_causal=True,
                                                 implementation=self.cfg.attention)
         return self.output(out_BLHd)
 
@@ -94,8 +96,8 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_BLD: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), cos, sin)
+    def __call__(self, x_BLD: jax.Array, cos: jax.Array, sin: jax.Array, segments_BL: jax.Array | None) -> jax.Array:
+        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), cos, sin, segments_BL)
         x_BLD = x_BLD + self.mlp(self.mlp_norm(x_BLD))
         return constrain(x_BLD, ("act_batch", "act_length", "act_embed"))
 
@@ -122,15 +124,17 @@ class Transformer(nnx.Module):
         if not cfg.tie_embeddings:
             self.lm_head = Linear(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), std=cfg.init_std, param_dtype=pd, rngs=rngs)
 
-    def __call__(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None) -> jax.Array:
-        """Logits (B, L, V) in float32."""
+    def __call__(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None,
+                 segments_BL: jax.Array | None = None) -> jax.Array:
+        """Logits (B, L, V) in float32; `segments_BL` (document ids) restricts attention to each document."""
         cfg = self.cfg
         if positions_BL is None:
             positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
         x_BLD = self.embed_tokens(tokens_BL)
         cos, sin = rope_tables(positions_BL, cfg.resolved_head_dim, cfg.rope_theta)
         x_BLD = run_stacked(
-            self.layers, lambda layer, x: layer(x, cos, sin), x_BLD, scan=cfg.scan_layers, remat_policy=cfg.remat
+            self.layers, lambda layer, x: layer(x, cos, sin, segments_BL), x_BLD, scan=cfg.scan_layers,
+            remat_policy=cfg.remat,
         )
         return self.logits(x_BLD)
 

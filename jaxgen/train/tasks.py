@@ -53,7 +53,10 @@ class LanguageModelTask:
 
     def loss(self, model, batch, rng):
         del rng  # no dropout in this model family
-        logits_BLV = model(batch["inputs"])
+        if self.cfg.model.document_mask:
+            logits_BLV = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+        else:
+            logits_BLV = model(batch["inputs"])
         token_loss_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch["targets"])
         weights_BL = batch["weights"].astype(jnp.float32)
         return jnp.sum(token_loss_BL * weights_BL), jnp.sum(weights_BL)
