@@ -115,3 +115,18 @@ def test_jaxgen_train_writes_a_sample_grid_one_row_per_class(dit_run):
     events = EventAccumulator(str(dit_run / "tensorboard"))
     events.Reload()
     assert "samples" in events.Tags()["images"]
+
+
+def test_jaxgen_sample_writes_a_grid_and_the_arrays_from_the_ema(dit_run, tmp_path):
+    result = jaxgen_cli("sample", "--run-dir", str(dit_run), "--labels", "0,3,7", "--num-per-label", "2",
+                        "--guidance", "2", "--steps", "4", "--out", str(tmp_path / "grid.png"),
+                        "--save-array", str(tmp_path / "samples.npz"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "loaded ema_params" in result.stderr
+    arrays = np.load(tmp_path / "samples.npz")
+    assert arrays["images"].shape == (6, 8, 8)
+    assert 0 <= arrays["images"].min() and arrays["images"].max() <= 1
+    assert arrays["labels"].tolist() == [0, 0, 3, 3, 7, 7]
+    assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
+    bad = jaxgen_cli("sample", "--run-dir", str(dit_run), "--labels", "0,12")
+    assert bad.returncode == 2 and "each label must be in 0..9" in bad.stderr
