@@ -286,3 +286,20 @@ def test_ema_and_optimizer_state_resume_bit_identically(tmp_path, devices):
     # Sampling and evaluation read the average; fine-tuning reads the params.
     assert_trees_equal(jax.device_get(restore_params(tmp_path / "ck", training.layout, use_ema=True)), saved.ema_params)
     assert_trees_equal(jax.device_get(restore_params(tmp_path / "ck", training.layout)), saved.params)
+
+
+def test_async_save_survives_the_next_donated_steps(tmp_path, devices):
+    """The loop keeps training (donating the state's buffers) while a save is written."""
+    cfg = tiny_config("mesh.data=1", "mesh.fsdp=2")
+    training = build_training(cfg, make_mesh(cfg.mesh, devices[:2]))
+    batches = [to_global(b, training.mesh) for b in random_batches(cfg, 6)]
+    state, _ = training.train_step(training.init_state(), batches[0])
+    saved = jax.device_get(state)
+    saver = Checkpointer(tmp_path / "ck", cfg.checkpoint)
+    saver.save(1, state, {}, {})
+    for batch in batches[1:]:
+        state, _ = training.train_step(state, batch)
+    jax.block_until_ready(state)
+    saver.wait()
+    restored, _, _ = Checkpointer(tmp_path / "ck", cfg.checkpoint).restore(training.layout)
+    assert_trees_equal(jax.device_get(restored), saved)
