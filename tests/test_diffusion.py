@@ -177,3 +177,24 @@ def test_ema_update_averages_towards_the_parameters():
     for step in range(100, 110):
         e = ema_update(e, params, step, 0.9, 100)
     np.testing.assert_allclose(e["w"], 1 - 0.9**10, rtol=1e-5)
+
+
+def test_learned_variance_term_trains_only_the_variance_and_skips_the_first_step():
+    objective = Objective(kind="eps", channels=1, learn_sigma=True, alpha_bars=alpha_bars("linear", 100))
+    rng = np.random.default_rng(0)
+    out, x0, eps = (jnp.asarray(rng.standard_normal((4, 4, 4, c)), jnp.float32) for c in (2, 1, 1))
+    t = jnp.array([0.0, 10.0, 50.0, 99.0])
+    grad = jax.grad(lambda o: objective.loss_per_image(o, x0, eps, t).sum())(out)
+    # The mean channel sees only the MSE: d/dpred mean((pred - eps)^2) = 2 (pred - eps) / pixels.
+    np.testing.assert_allclose(grad[..., :1], 2 * (out[..., :1] - eps) / 16, rtol=1e-5, atol=1e-7)
+    assert np.all(np.asarray(grad[0, ..., 1]) == 0)
+    assert np.all(np.abs(np.asarray(grad[1:, ..., 1])).max(axis=(1, 2)) > 0)
+
+
+def test_ddpm_with_learned_variance_still_lands_on_the_data():
+    objective = Objective(kind="eps", channels=1, learn_sigma=True, alpha_bars=alpha_bars("cosine", 100))
+    exact = oracle(Objective(kind="eps", channels=1, alpha_bars=objective.alpha_bars))
+    denoise = lambda x, t_B: jnp.concatenate([exact(x, t_B), jnp.full_like(x, 0.5)], axis=-1)
+    x_T = jax.random.normal(jax.random.PRNGKey(0), (5, 4, 4, 1))
+    out = ddpm_sample(denoise, objective, x_T, 10, jax.random.PRNGKey(1))
+    np.testing.assert_allclose(out, jnp.broadcast_to(POINT, x_T.shape), atol=1e-4)
