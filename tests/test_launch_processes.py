@@ -20,11 +20,20 @@ import pytest
 from jaxgen.data.corpus import BUNDLED_CORPUS
 from jaxgen.launch import free_port, process_env
 from jaxgen.metrics import read_metrics
+from jaxgen.train.preemption import EXIT_PREEMPTED
 
 from conftest import REPO, TINY_CONFIG
 
 WORKER = REPO / "tests" / "multiprocess_worker.py"
 WATCHDOG_S = 240
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Processes running one program (same config, same process layout) compile it once between them."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("jax_cache")))
+        yield
 
 
 class Run:
@@ -98,6 +107,12 @@ def tiny_train_args(small_corpus, run_dir, *overrides):
             "train.sample_tokens=0", "train.peak_flops_per_device=1e11", *overrides]
 
 
+# Parameters split over all 8 devices: each process holds, and checkpoints, only its half.
+ACROSS_PROCESSES = ["mesh.data=1", "mesh.fsdp=8"]
+# A run that trains until stopped (killed or preempted), saving only when told to.
+ENDLESS = ["train.steps=100000", "checkpoint.every=100000", *ACROSS_PROCESSES]
+
+
 # Adam's eps bounds how much float reordering noise near-zero gradients can amplify (see test_sharding).
 SAME_LOSS_OVERRIDES = ["mesh.data=1", "mesh.fsdp=8", "optimizer.eps=1e-3"]
 
@@ -117,18 +132,14 @@ def test_two_processes_of_four_devices_train_like_one_process_of_eight(runs, tmp
 
 
 def test_killing_one_process_makes_the_other_exit_nonzero_within_a_minute(runs, tmp_path, small_corpus):
-    # The dp preset compiles fastest; the gradient all-reduce still spans both processes.
-    argv = [sys.executable, "-m", "jaxgen", *tiny_train_args(small_corpus, tmp_path / "run", "train.steps=100000",
-                                                              "sharding.preset=dp", "mesh.data=8")]
+    argv = [sys.executable, "-m", "jaxgen", *tiny_train_args(small_corpus, tmp_path / "run", *ENDLESS)]
     run = runs(argv, 2, 4, tmp_path / "logs")
     # Mid-training the survivor waits in a collective that never completes by itself;
     # JAX's heartbeat timeout (jaxgen's default: 30 s) is what ends it.
     run.wait_for_line(0, "compiled in")
-    killed_at = time.monotonic()
     os.kill(run.procs[1].pid, signal.SIGKILL)
-    status = run.wait(timeout=60)[0]
-    assert status != 0, run.output()
-    print(f"survivor exited with status {status} after {time.monotonic() - killed_at:.1f}s")
+    survivor_status = run.wait(timeout=60)[0]  # fails the test if process 0 is still running
+    assert survivor_status != 0, run.output()
 
 
 @pytest.mark.parametrize("end, message", [
@@ -149,21 +160,30 @@ def test_uneven_data_shares_end_every_process_at_the_same_step(runs, tmp_path, e
         assert (second["error"], second["message"]) == ("DataError", "process 1 cannot read its share")
 
 
-@pytest.fixture(scope="module")
-def launched_run(tmp_path_factory, small_corpus):
-    """`jaxgen launch local` around a real `jaxgen train`: 2 processes x 4 CPU devices."""
-    run_dir = tmp_path_factory.mktemp("launched") / "run"
-    argv = [sys.executable, "-m", "jaxgen", "launch", "local", "--processes", "2", "--devices-per-process", "4", "--",
-            *tiny_train_args(small_corpus, run_dir, "train.steps=3", "mesh.data=2", "mesh.fsdp=4")]
-    launcher = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+def launch_local(*argv: str) -> tuple[int, str]:
+    """`jaxgen launch local ARGV...` under a watchdog; (exit status, combined output)."""
+    launcher = subprocess.Popen([sys.executable, "-m", "jaxgen", "launch", "local", *argv], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         output, _ = launcher.communicate(timeout=WATCHDOG_S)
     finally:
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
             launcher.wait()
-    return run_dir, launcher.returncode, output
+    return launcher.returncode, output
+
+
+def eval_losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["eval_loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "eval_loss" in r}
+
+
+@pytest.fixture(scope="module")
+def launched_run(tmp_path_factory, small_corpus):
+    """`jaxgen launch local` around a real `jaxgen train`: 2 processes x 4 CPU devices, 3 steps."""
+    run_dir = tmp_path_factory.mktemp("launched") / "run"
+    status, output = launch_local("--processes", "2", "--devices-per-process", "4", "--",
+                                  *tiny_train_args(small_corpus, run_dir, "train.steps=3", *ACROSS_PROCESSES))
+    return run_dir, status, output
 
 
 def test_launch_local_trains_with_prefixed_output_and_one_writer(launched_run):
@@ -175,4 +195,61 @@ def test_launch_local_trains_with_prefixed_output_and_one_writer(launched_run):
     records = read_metrics(run_dir / "metrics.jsonl")
     # Only process 0 writes: each step appears once, not once per process.
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
-    assert [r["step"] for r in records if "eval_loss" in r] == [0, 3]
+    assert list(eval_losses(run_dir)) == [0, 3]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(launched_run, small_corpus, tmp_path_factory):
+    """One process started from the 2-process run's checkpoint, on another mesh (data x fsdp = 2 x 4)."""
+    two_process_run, status, output = launched_run
+    assert status == 0, output[-5000:]
+    run_dir = tmp_path_factory.mktemp("one_process") / "run"
+    args = tiny_train_args(small_corpus, run_dir, "train.steps=3", "mesh.data=2", "mesh.fsdp=4",
+                           f"checkpoint.init_from={two_process_run}", *same_tokenizer(two_process_run))
+    result = subprocess.run([sys.executable, "-m", "jaxgen", *args], cwd=REPO, capture_output=True, text=True,
+                            timeout=WATCHDOG_S)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return run_dir
+
+
+def same_tokenizer(run_dir) -> list[str]:
+    """Later runs tokenize exactly as the first did, so held-out batches are identical."""
+    return [f"data.tokenizer={run_dir / 'tokenizer.model'}"]
+
+
+def test_two_process_checkpoint_restores_in_one_process_resharded(launched_run, one_process_run):
+    # A run started from restored parameters evaluates them at step 0, on the same held-out batches.
+    two_process_run, _, _ = launched_run
+    np.testing.assert_allclose(eval_losses(one_process_run)[0], eval_losses(two_process_run)[3], rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def preempted_run(launched_run, one_process_run, small_corpus, tmp_path_factory):
+    """Two processes start from the one-process checkpoint; then process 1 alone gets SIGTERM."""
+    tmp = tmp_path_factory.mktemp("preempted")
+    run_dir = tmp / "run"
+    args = tiny_train_args(small_corpus, run_dir, *ENDLESS, f"checkpoint.init_from={one_process_run}",
+                           *same_tokenizer(launched_run[0]))
+    run = Run([sys.executable, "-m", "jaxgen", *args], 2, 4, tmp)
+    try:
+        run.wait_for_line(0, "compiled in")
+        time.sleep(2)  # a few steps in
+        os.kill(run.procs[1].pid, signal.SIGTERM)
+        statuses = run.wait(timeout=120)
+    finally:
+        run.kill()
+    return run_dir, run, statuses
+
+
+def test_one_process_checkpoint_restores_in_two_processes_resharded(one_process_run, preempted_run):
+    run_dir, _, _ = preempted_run
+    np.testing.assert_allclose(eval_losses(run_dir)[0], eval_losses(one_process_run)[3], rtol=1e-5)
+
+
+def test_sigterm_to_one_process_makes_both_save_at_the_same_step_and_stop(preempted_run):
+    run_dir, run, statuses = preempted_run
+    assert statuses == [EXIT_PREEMPTED, EXIT_PREEMPTED], run.output()
+    saved = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(saved) == 1 and saved[0] > 0, saved
+    for log in run.logs:
+        assert f"preempted: saved a checkpoint at step {saved[0]}" in log.read_text()
