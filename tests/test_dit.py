@@ -103,10 +103,9 @@ def single_device_dit():
     return train_steps(tiny_dit_config("mesh.data=1", ADAM_EPS), jax.devices()[:1])
 
 
-@pytest.mark.parametrize("preset,mesh", [("fsdp", (2, 4, 1)), ("fsdp_tp", (2, 2, 2))])
-def test_sharded_dit_step_equals_single_device(single_device_dit, devices, preset, mesh):
-    d, f, t = mesh
-    cfg = tiny_dit_config(f"sharding.preset={preset}", f"mesh.data={d}", f"mesh.fsdp={f}", f"mesh.tensor={t}", ADAM_EPS)
+def test_sharded_dit_step_equals_single_device(single_device_dit, devices):
+    # fsdp_tp on a 2x2x2 mesh splits the batch, the embed axis and the heads/MLP at once.
+    cfg = tiny_dit_config("sharding.preset=fsdp_tp", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", ADAM_EPS)
     losses, params = train_steps(cfg, devices)
     ref_losses, ref_params = single_device_dit
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-6)
