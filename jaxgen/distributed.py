@@ -264,10 +264,10 @@ def next_in_lockstep(batches: Iterator[dict[str, np.ndarray]], step: int) -> dic
     ran_out = ", ".join(str(i) for i in np.flatnonzero(statuses == _RAN_OUT))
     failed = ", ".join(str(i) for i in np.flatnonzero(statuses == _FAILED))
     what = [f"ran out on process {ran_out}" if ran_out else "", f"failed on process {failed} (see its log)" if failed else ""]
+    fewer_steps = f", or set train.steps <= {step - 1}" if step > 1 else ""
     raise DataExhausted(
         f"training data {' and '.join(w for w in what if w)} before step {step} ({len(statuses)} processes); "
-        f"every process stops at step {step}. Give every process an equal share of the data, or set "
-        f"train.steps <= {step - 1}"
+        f"every process stops at step {step}. Give every process an equal share of the data{fewer_steps}"
     )
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from jaxgen.data.corpus import BUNDLED_CORPUS
+from jaxgen.data.tokenizer import train_tokenizer
 from jaxgen.launch import free_port, process_env
 from jaxgen.metrics import read_metrics
 from jaxgen.train.preemption import EXIT_PREEMPTED
@@ -158,6 +159,21 @@ def test_uneven_data_shares_end_every_process_at_the_same_step(runs, tmp_path, e
         assert second["message"] == first["message"]
     else:  # the process that failed reports its own error
         assert (second["error"], second["message"]) == ("DataError", "process 1 cannot read its share")
+
+
+def test_a_process_without_training_documents_stops_every_process_at_step_one(runs, tmp_path, small_corpus):
+    # One long training document (every 2nd document is held out): process 1's share is empty.
+    verses = small_corpus.read_text().splitlines()
+    corpus = tmp_path / "one_document.txt"
+    corpus.write_text(" ".join(verses[:300]) + "\n" + verses[300] + "\n")
+    tokenizer = train_tokenizer(verses, 512, tmp_path / "tokenizer.model")
+    args = tiny_train_args(small_corpus, tmp_path / "run", f"data.text={corpus}", "data.eval_every_nth_doc=2",
+                           f"data.tokenizer={tokenizer.path}")
+    run = runs([sys.executable, "-m", "jaxgen", *args], 2, 4, tmp_path / "logs")
+    assert run.wait(timeout=120) == [2, 2], run.output()
+    logs = [log.read_text() for log in run.logs]
+    assert "jaxgen: error: training data failed on process 1 (see its log) before step 1 (2 processes)" in logs[0]
+    assert "too few for 2 readers" in logs[1]
 
 
 def launch_local(*argv: str) -> tuple[int, str]:

@@ -23,6 +23,7 @@ from jaxgen import __version__
 from jaxgen.checkpoint import Checkpointer, CheckpointError, checkpoint_dir, restore_params
 from jaxgen.config import Config, ConfigError
 from jaxgen.data.pipeline import to_global
+from jaxgen.distributed import next_in_lockstep
 from jaxgen.metrics import MetricsWriter, peak_flops_per_device, plot_loss_curve
 from jaxgen.sharding import data_parallel_size, make_mesh
 from jaxgen.train.build import build_training
@@ -121,7 +122,7 @@ def train(cfg: Config, run_dir: str | pathlib.Path) -> dict:
 
     # ------------------------------------------------------------------ compile
     compile_start = time.perf_counter()
-    batch = to_global(next(data.train), mesh)
+    batch = to_global(next_in_lockstep(data.train, start_step + 1), mesh)
     train_step = training.train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - compile_start
 
@@ -179,7 +180,7 @@ def train(cfg: Config, run_dir: str | pathlib.Path) -> dict:
                 state, metrics = train_step(state, batch)
                 data_state = data.train.get_state()  # position after exactly `step` batches
                 if not final:
-                    batch = to_global(next(data.train), mesh)  # host work overlaps the device step
+                    batch = to_global(next_in_lockstep(data.train, step + 1), mesh)  # overlaps the device step
                 if pending:
                     record(*pending)
                     pending = None
