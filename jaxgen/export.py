@@ -20,7 +20,7 @@ import sentencepiece as spm
 from jax.experimental import multihost_utils
 
 from jaxgen.checkpoint import Checkpointer, checkpoint_dir
-from jaxgen.config import Config, ConfigError, TransformerConfig
+from jaxgen.config import Config, TransformerConfig
 from jaxgen.data.tokenizer import BOS_ID, EOS_ID, UNK_ID, Tokenizer
 from jaxgen.runs import OpenedRun, open_run
 from jaxgen.safetensors_stream import tensor_names_in, write_sharded

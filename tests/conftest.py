@@ -26,3 +26,15 @@ def tiny_config(*overrides: str) -> Config:
 def devices():
     assert len(jax.devices()) == 8, "tests need 8 simulated CPU devices"
     return jax.devices()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    """A 512-piece sentencepiece model of the bundled corpus, trained once per test session."""
+    import itertools
+
+    from jaxgen.data.corpus import BUNDLED_CORPUS, iter_documents
+    from jaxgen.data.tokenizer import train_tokenizer
+
+    documents = itertools.islice(iter_documents([BUNDLED_CORPUS]), 3000)
+    return train_tokenizer(documents, 512, tmp_path_factory.mktemp("tok") / "kjv512.model")

@@ -7,21 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from jaxgen.data.corpus import BUNDLED_CORPUS, iter_documents
 from jaxgen.data.lm import build_lm_data, eval_batches, train_batches
 from jaxgen.data.packing import batch_rows, pack_documents
 from jaxgen.data.pipeline import record_batches
 from jaxgen.data.sources import mixed_documents, one_pass_documents, open_documents
 from jaxgen.data.splits import HoldOut, Shard
-from jaxgen.data.tokenizer import BOS_ID, EOS_ID, train_tokenizer
+from jaxgen.data.tokenizer import BOS_ID, EOS_ID
 
 from conftest import tiny_config
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    documents = itertools.islice(iter_documents([BUNDLED_CORPUS]), 3000)
-    return train_tokenizer(documents, 512, tmp_path_factory.mktemp("tok") / "kjv512.model")
 
 
 @pytest.fixture(scope="module")

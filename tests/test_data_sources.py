@@ -23,12 +23,6 @@ from conftest import REPO, tiny_config
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    documents = itertools.islice(iter_documents([BUNDLED_CORPUS]), 3000)
-    return train_tokenizer(documents, 512, tmp_path_factory.mktemp("tok") / "kjv512.model")
-
-
-@pytest.fixture(scope="module")
 def jsonl_corpus(tmp_path_factory):
     directory = tmp_path_factory.mktemp("jsonl")
     with gzip.open(directory / "part-0.jsonl.gz", "wt") as f:

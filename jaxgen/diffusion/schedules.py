@@ -8,7 +8,6 @@ sqrt(1 - alpha_bar) eps. Tables are computed in float64 and stored in float32.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 
