@@ -33,16 +33,19 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
     return lengths
 
 
+def held_out_sums(run: OpenedRun, data) -> tuple[float, float]:
+    """(summed loss, summed weight) over the task's fixed held-out batches, as the training loop computes them."""
+    sums = [run.training.eval_step(run.params, to_global(batch, run.training.mesh)) for batch in data.eval]
+    loss_sum, weight_sum = (float(sum(x)) for x in zip(*jax.device_get(sums)))
+    return loss_sum, weight_sum
+
+
 def evaluate_lm(run: OpenedRun, data) -> dict:
     """Loss (nats/token), perplexity and bits per byte over the fixed held-out batches."""
     byte_lengths = token_byte_lengths(data.tokenizer)
-    loss_sum = weight_sum = 0.0
-    n_bytes = 0
-    for batch in data.eval:
-        l, w = jax.device_get(run.training.eval_step(run.params, to_global(batch, run.training.mesh)))
-        loss_sum, weight_sum = loss_sum + float(l), weight_sum + float(w)
-        # Every process sees only its rows; the byte count must cover all of them.
-        n_bytes += int(np.sum(byte_lengths[batch["targets"]] * batch["weights"]))
+    loss_sum, weight_sum = held_out_sums(run, data)
+    # Every process sees only its rows; the byte count must cover all of them.
+    n_bytes = sum(int(np.sum(byte_lengths[batch["targets"]] * batch["weights"])) for batch in data.eval)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -56,6 +59,19 @@ def evaluate_lm(run: OpenedRun, data) -> dict:
     }
 
 
+def evaluate_images(run: OpenedRun, data) -> dict:
+    """Held-out diffusion loss (fixed noise levels and noise); for digits, sample quality too."""
+    loss_sum, weight_sum = held_out_sums(run, data)
+    result = {"eval_loss": loss_sum / max(weight_sum, 1.0)}
+    if run.cfg.images.source == "digits":
+        from jaxgen.evaluate_images import sample_quality
+
+        task = make_task(run.cfg)
+        result.update(sample_quality(task, run.training.layout.graphdef, run.params, data,
+                                     run.cfg.diffusion.guidance_scale))
+    return result
+
+
 def evaluate_run(run_dir: str | pathlib.Path, step: int | None = None, overrides: list[str] = (),
                  all_steps: bool = False) -> list[dict]:
     """Evaluate one checkpoint (latest by default) or all of them; appends each result to RUN_DIR/eval.jsonl."""
@@ -67,10 +83,7 @@ def evaluate_run(run_dir: str | pathlib.Path, step: int | None = None, overrides
     results = []
     for s in steps:
         run = open_run(run_dir, s, overrides)
-        if hasattr(task, "evaluate"):
-            metrics = task.evaluate(run, data)
-        else:
-            metrics = evaluate_lm(run, data)
+        metrics = evaluate_lm(run, data) if cfg.model.kind == "transformer" else evaluate_images(run, data)
         result = {"step": run.step, **metrics}
         if jax.process_index() == 0:
             with (run_dir / "eval.jsonl").open("a") as f:

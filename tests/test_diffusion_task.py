@@ -9,6 +9,7 @@ import scipy.linalg
 from jaxgen.data.images import RandomImageBatches, fixed_batches, load_digits, make_shapes, split_images
 from jaxgen.data.pipeline import to_global
 from jaxgen.evaluate_images import frechet_distance
+from jaxgen.metrics import read_metrics
 from jaxgen.sharding import make_mesh
 from jaxgen.train.build import build_training
 from jaxgen.train.diffusion_task import DiffusionTask
@@ -129,3 +130,12 @@ def test_jaxgen_sample_writes_a_grid_and_the_arrays_from_the_ema(dit_run, tmp_pa
     assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
     bad = jaxgen_cli("sample", "--run-dir", str(dit_run), "--labels", "0,12")
     assert bad.returncode == 2 and "each label must be in 0..9" in bad.stderr
+
+
+def test_jaxgen_eval_reports_the_loops_held_out_loss_and_sample_quality(dit_run):
+    result = jaxgen_cli("eval", "--run-dir", str(dit_run))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    logged = [r["eval_loss"] for r in read_metrics(dit_run / "metrics.jsonl") if r["step"] == 10 and "eval_loss" in r]
+    assert report["eval_loss"] == pytest.approx(logged[0], rel=1e-6)
+    assert {"frechet_distance", "frechet_floor", "conditional_accuracy"} <= set(report)
