@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 from jaxgen.checkpoint import Checkpointer, checkpoint_dir
 from jaxgen.config import Config, TransformerConfig
 from jaxgen.data.tokenizer import BOS_ID, EOS_ID, UNK_ID, Tokenizer
-from jaxgen.runs import OpenedRun, open_run
+from jaxgen.runs import OpenedRun, load_run_config, open_run
 from jaxgen.safetensors_stream import tensor_names_in, write_sharded
 from jaxgen.sharding import make_mesh, param_path
 from jaxgen.train.state import TrainState
@@ -184,7 +184,7 @@ def export_run(run_dir: str | pathlib.Path, out: str | pathlib.Path, fmt: str = 
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"unknown export dtype {dtype!r}; valid: {', '.join(EXPORT_DTYPES)}")
     if fmt == "hf":
-        llama_config(_peek_config(run_dir, overrides))  # a DiT fails here, before any restore
+        llama_config(load_run_config(run_dir, overrides))  # a DiT fails here, before any restore
     if out is not None and pathlib.Path(out).exists() and any(pathlib.Path(out).iterdir()):
         raise ExportError(f"output directory {str(out)!r} exists and is not empty")
     run = open_run(run_dir, step, overrides)
@@ -192,12 +192,6 @@ def export_run(run_dir: str | pathlib.Path, out: str | pathlib.Path, fmt: str = 
     path = writer(run, out, dtype)
     log.info("exported step %d of %s to %s (%s, %s)", run.step, run_dir, path, fmt, dtype)
     return path
-
-
-def _peek_config(run_dir, overrides) -> Config:
-    from jaxgen.runs import load_run_config
-
-    return load_run_config(run_dir, overrides)
 
 
 # ----------------------------------------------------------------------------- import
