@@ -17,6 +17,7 @@ import numpy as np
 from jaxgen.data.pipeline import to_global
 from jaxgen.data.tokenizer import Tokenizer
 from jaxgen.runs import OpenedRun, committed_steps, load_run_config, open_run
+from jaxgen.train.step import held_out_sums
 from jaxgen.train.tasks import make_task
 
 
@@ -33,17 +34,16 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
     return lengths
 
 
-def held_out_sums(run: OpenedRun, data) -> tuple[float, float]:
-    """(summed loss, summed weight) over the task's fixed held-out batches, as the training loop computes them."""
-    sums = [run.training.eval_step(run.params, to_global(batch, run.training.mesh)) for batch in data.eval]
-    loss_sum, weight_sum = (float(sum(x)) for x in zip(*jax.device_get(sums)))
-    return loss_sum, weight_sum
+def run_held_out_sums(run: OpenedRun, data) -> tuple[float, float]:
+    """The training loop's held-out sums, for a restored checkpoint."""
+    batches = [to_global(batch, run.training.mesh) for batch in data.eval]
+    return held_out_sums(run.training.eval_step, run.params, batches)
 
 
 def evaluate_lm(run: OpenedRun, data) -> dict:
     """Loss (nats/token), perplexity and bits per byte over the fixed held-out batches."""
     byte_lengths = token_byte_lengths(data.tokenizer)
-    loss_sum, weight_sum = held_out_sums(run, data)
+    loss_sum, weight_sum = run_held_out_sums(run, data)
     # Every process sees only its rows; the byte count must cover all of them.
     n_bytes = sum(int(np.sum(byte_lengths[batch["targets"]] * batch["weights"])) for batch in data.eval)
     if jax.process_count() > 1:
@@ -61,7 +61,7 @@ def evaluate_lm(run: OpenedRun, data) -> dict:
 
 def evaluate_images(run: OpenedRun, data) -> dict:
     """Held-out diffusion loss (fixed noise levels and noise); for digits, sample quality too."""
-    loss_sum, weight_sum = held_out_sums(run, data)
+    loss_sum, weight_sum = run_held_out_sums(run, data)
     result = {"eval_loss": loss_sum / max(weight_sum, 1.0)}
     if run.cfg.images.source == "digits":
         from jaxgen.evaluate_images import sample_quality

@@ -28,6 +28,7 @@ from jaxgen.metrics import MetricsWriter, peak_flops_per_device, plot_loss_curve
 from jaxgen.sharding import data_parallel_size, make_mesh
 from jaxgen.train.build import build_training
 from jaxgen.train.preemption import Preempted, PreemptionWatch
+from jaxgen.train.step import held_out_sums
 from jaxgen.train.tasks import make_task
 
 log = logging.getLogger("jaxgen")
@@ -135,8 +136,7 @@ def train(cfg: Config, run_dir: str | pathlib.Path) -> dict:
     writer = MetricsWriter(run_dir, cfg.logging.tensorboard, resume_step=start_step if resume_step else None)
 
     def evaluate(step: int) -> float:
-        sums = [training.eval_step(sampling_params(state), b) for b in eval_set]
-        loss_sum, weight = (float(sum(x)) for x in zip(*jax.device_get(sums)))
+        loss_sum, weight = held_out_sums(training.eval_step, sampling_params(state), eval_set)
         eval_loss = loss_sum / max(weight, 1.0)
         writer.write(step, {"eval_loss": eval_loss})
         return eval_loss

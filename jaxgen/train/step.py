@@ -81,6 +81,13 @@ def make_eval_step(task: Task, graphdef: nnx.GraphDef) -> Callable:
     return eval_step
 
 
+def held_out_sums(eval_step: Callable, params: dict, global_batches: list[dict]) -> tuple[float, float]:
+    """(summed loss, summed weight) over fixed held-out batches; the loop and `jaxgen eval` share it."""
+    sums = [eval_step(params, batch) for batch in global_batches]
+    loss_sum, weight_sum = (float(sum(x)) for x in zip(*jax.device_get(sums)))
+    return loss_sum, weight_sum
+
+
 def with_rules(fn: Callable, mesh: Mesh, rules: Rules) -> Callable:
     """Trace `fn` with the activation sharding rules active."""
     def wrapped(*args):
