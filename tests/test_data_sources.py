@@ -97,7 +97,7 @@ def as_tfrecord_dataset(version_dir):
     import tensorflow as tf
     from array_record.python.array_record_module import ArrayRecordReader
 
-    for shard in sorted(version_dir.glob("corpus-*.array_record-*")):
+    for shard in sorted(version_dir.glob("*.array_record-*")):
         reader = ArrayRecordReader(str(shard))
         with tf.io.TFRecordWriter(str(shard).replace(".array_record-", ".tfrecord-")) as writer:
             for record in reader.read_all():

@@ -24,7 +24,8 @@ from jaxgen.data.pipeline import RandomAccessSource
 from jaxgen.data.prepare import PREPARED_MARKER
 from jaxgen.data.splits import HeldOutView, HoldOut, Part, Shard
 from jaxgen.data.streaming import DocumentStream
-from jaxgen.data.tfrecord import TfdsTfRecordStream, tensorflow_available
+from jaxgen.data.tfds_builders import description, open_builder, open_split
+from jaxgen.data.tfrecord import TfdsTfRecordStream
 
 Document = str | np.ndarray
 
@@ -75,24 +76,7 @@ def open_prepared(path: str, split: str) -> RandomAccessSource:
 
 def open_tfds(name: str, data_dir: str | None, split: str) -> RandomAccessSource | None:
     """A TFDS split stored as ArrayRecord; None when it is stored as TFRecord (read by `tfrecord.py`)."""
-    import tensorflow_datasets as tfds
-
-    where = f"data.tfds {name!r} in {data_dir or 'the default TFDS data_dir'}"
-    try:
-        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except tfds.core.registered.DatasetNotFoundError:
-        raise DataError(f"{where}: no such dataset; prepare it there first (tfds build {name})") from None
-    except NotImplementedError:
-        if not tensorflow_available():
-            raise DataError(
-                f"{where} is stored as TFRecord, which needs TensorFlow to read: pip install 'jaxgen[tf]' "
-                "(or rebuild it with --file_format=array_record)"
-            ) from None
-        return None
-    except ValueError as err:
-        if "split" in str(err).lower():
-            raise DataError(f"{where}: {err}") from None
-        raise
+    return open_split(open_builder("data.tfds", name, data_dir), split, description("data.tfds", name, data_dir))
 
 
 def open_array_records(pattern: str) -> RandomAccessSource:

@@ -1,0 +1,69 @@
+"""TFDS datasets by name, already prepared in a data directory: the builder and its splits.
+
+Text (`data.tfds`) and image (`images.tfds`) sources open datasets the same way,
+so every way a name can fail (no such directory, no such dataset, not prepared,
+no such split, TFRecord without TensorFlow) is one `DataError` naming the config
+key and what would be valid, raised before any device work.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+from jaxgen.data.corpus import DataError
+from jaxgen.data.pipeline import RandomAccessSource
+from jaxgen.data.tfrecord import tensorflow_available
+
+
+def description(key: str, name: str, data_dir: str | None) -> str:
+    return f"{key} {name!r} in {data_dir or 'the default TFDS data_dir'}"
+
+
+def prepared_names(data_dir: pathlib.Path) -> list[str]:
+    """Datasets prepared under `data_dir` (NAME/[CONFIG/]VERSION/dataset_info.json)."""
+    infos = list(data_dir.glob("*/*/dataset_info.json")) + list(data_dir.glob("*/*/*/dataset_info.json"))
+    return sorted({str(info.parent.parent.relative_to(data_dir)) for info in infos})
+
+
+def open_builder(key: str, name: str, data_dir: str | None) -> Any:
+    """The `tfds` builder of a prepared dataset; `key` is the config key that named it (e.g. data.tfds)."""
+    import tensorflow_datasets as tfds
+
+    root = pathlib.Path(data_dir or tfds.core.constants.get_default_data_dir()).expanduser()
+    if data_dir is not None and not root.is_dir():
+        raise DataError(f"{key}_data_dir {data_dir!r} is not a directory")
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        builder = None
+    if builder is None or not builder.is_prepared():
+        found = prepared_names(root) if root.is_dir() else []
+        raise DataError(
+            f"{description(key, name, data_dir)}: no such prepared dataset (prepared there: {found or 'none'}); "
+            f"prepare it first: tfds build {name} --data_dir={root} --file_format=array_record"
+        )
+    return builder
+
+
+def split_size(builder: Any, split: str, what: str) -> int:
+    """Records in a split (sub-splits such as 'train[:90%]' and 'train+test' included)."""
+    try:
+        return builder.info.splits[split].num_examples
+    except (KeyError, ValueError) as err:
+        raise DataError(f"{what}: {err}") from None
+
+
+def open_split(builder: Any, split: str, what: str) -> RandomAccessSource | None:
+    """Random access to one split; None when the dataset is stored as TFRecord (streamed by `tfrecord.py`)."""
+    import tensorflow_datasets as tfds
+
+    split_size(builder, split, what)
+    if builder.info.file_format == tfds.core.FileFormat.TFRECORD:
+        if not tensorflow_available():
+            raise DataError(
+                f"{what} is stored as TFRecord, which needs TensorFlow to read: pip install 'jaxgen[tf]' "
+                "(or rebuild it with --file_format=array_record)"
+            )
+        return None
+    return builder.as_data_source(split=split)
