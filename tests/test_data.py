@@ -9,7 +9,6 @@ import pytest
 
 from jaxgen.data.lm import build_lm_data, eval_batches, train_batches
 from jaxgen.data.packing import batch_rows, pack_documents
-from jaxgen.data.pipeline import record_batches
 from jaxgen.data.sources import mixed_documents, one_pass_documents, open_documents
 from jaxgen.data.splits import HoldOut, Shard
 from jaxgen.data.tokenizer import BOS_ID, EOS_ID
@@ -168,35 +167,3 @@ def test_held_out_split_is_the_same_every_nth_rule_everywhere():
     rule = HoldOut(3, "train")
     assert [rule.ordinal(i) for i in range(5)] == [i for i in range(8) if rule.keeps(i)][:5]
     assert rule.size(7) == 5 and HoldOut(3, "eval").size(7) == 2
-
-
-class Digits:
-    """An image source as the diffusion task has them: random access to {image, label} records."""
-
-    def __len__(self):
-        return 30
-
-    def __getitem__(self, i):
-        return {"image": np.full((8, 8, 1), i, np.uint8), "label": np.int32(i % 10)}
-
-
-def test_image_records_batch_shard_and_resume_through_the_same_pipeline():
-    def labels_seen(shard, n_batches):
-        batches = record_batches(Digits(), 6, shard, seed=0)
-        images = np.concatenate([next(batches)["image"][:, 0, 0, 0] for _ in range(n_batches)])
-        batches.close()
-        return images
-
-    first = next(record_batches(Digits(), 6, Shard(0, 2), seed=0))
-    assert first["image"].shape == (3, 8, 8, 1) and first["image"].dtype == np.uint8
-    # One epoch of each process's 15 records is 5 batches of 3 rows.
-    shares = [set(labels_seen(Shard(i, 2), 5)) for i in range(2)]
-    assert shares[0].isdisjoint(shares[1]) and shares[0] | shares[1] == set(range(30))
-
-    batches = record_batches(Digits(), 6, Shard(), seed=1)
-    take(batches, 7)  # into the second epoch
-    state = json.loads(json.dumps(batches.get_state()))
-    expected = take(batches, 4)
-    resumed = record_batches(Digits(), 6, Shard(), seed=1)
-    resumed.set_state(state)
-    assert_same_batches(take(resumed, 4), expected)

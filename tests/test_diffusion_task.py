@@ -1,4 +1,4 @@
-"""The diffusion task end to end: image data, held-out loss, overfitting, `jaxgen train`, sample quality figures."""
+"""The diffusion task end to end: held-out loss, overfitting, `jaxgen train`, sample quality figures."""
 
 import json
 
@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from jaxgen.data.images import RandomImageBatches, fixed_batches, load_digits, make_shapes, split_images
+from jaxgen.data.image_batches import held_out_batches
+from jaxgen.data.images import open_images
 from jaxgen.data.pipeline import to_global
+from jaxgen.data.splits import Shard
 from jaxgen.evaluate_images import frechet_distance
 from jaxgen.metrics import read_metrics
 from jaxgen.sharding import make_mesh
@@ -16,42 +18,6 @@ from jaxgen.train.diffusion_task import DiffusionTask
 
 from test_dit import DIT_CONFIG, tiny_dit_config
 from test_train import jaxgen_cli
-
-
-def test_digits_are_scaled_to_plus_minus_one_and_split_deterministically():
-    digits = load_digits()
-    assert digits.images.shape == (1797, 8, 8, 1) and digits.images.dtype == np.float32
-    assert digits.images.min() == -1.0 and digits.images.max() == 1.0
-    assert sorted(set(digits.labels.tolist())) == list(range(10))
-    train, held = split_images(digits, 5)
-    assert len(train) + len(held) == 1797 and len(held) == 359
-    np.testing.assert_array_equal(held.images[0], digits.images[4])
-
-
-def test_shapes_are_reproducible_rgb_pictures_of_six_classes():
-    a, b = make_shapes(60, seed=3), make_shapes(60, seed=3)
-    np.testing.assert_array_equal(a.images, b.images)
-    assert a.images.shape == (60, 32, 32, 3) and -1 <= a.images.min() and a.images.max() <= 1
-    assert np.bincount(a.labels).tolist() == [10] * 6
-    assert not np.array_equal(a.images, make_shapes(60, seed=4).images)
-    # Every picture has a foreground: some pixels differ clearly from the background corner.
-    assert np.all(np.abs(a.images - a.images[:, :1, :1]).max(axis=(1, 2, 3)) > 0.2)
-
-
-def test_training_batches_resume_and_flip():
-    digits = load_digits()
-    it = RandomImageBatches(digits, 8, seed=0, hflip=False)
-    next(it)
-    state = it.get_state()
-    expected = next(it)
-    it.set_state(state)
-    np.testing.assert_array_equal(next(it)["images"], expected["images"])
-    flipped = RandomImageBatches(digits, 64, seed=0, hflip=True)
-    plain = RandomImageBatches(digits, 64, seed=0, hflip=False)
-    f, p = next(flipped), next(plain)
-    np.testing.assert_array_equal(f["labels"], p["labels"])
-    mirrored = [np.array_equal(fi, pi[:, ::-1]) and not np.array_equal(fi, pi) for fi, pi in zip(f["images"], p["images"])]
-    assert 10 < sum(mirrored) < 54
 
 
 def test_held_out_batches_carry_a_fixed_time_grid_and_fixed_noise(tmp_path):
@@ -69,7 +35,7 @@ def test_overfitting_one_batch_drives_the_loss_near_zero(devices):
                           "optimizer.decay=constant", "mesh.data=1")
     training = build_training(cfg, make_mesh(cfg.mesh, devices[:1]))
     task = training.task
-    batch = task.with_fixed_noise(fixed_batches(load_digits(), 16, 1))[0]
+    batch = task.with_fixed_noise(held_out_batches(open_images(cfg), 16, 1, Shard()))[0]
     batch = to_global(batch, training.mesh)
     state = training.init_state()
     losses = []

@@ -1,42 +1,88 @@
-"""In-memory image sources for diffusion models: labelled images in [-1, 1], NHWC.
+"""Labelled image datasets for diffusion models, served as uint8 records.
 
-`digits`: the 1,797 8x8 grey handwritten digits bundled with scikit-learn.
+A source hands out records {'image': uint8 (H, W, C), 'label': int} for a
+train and a held-out part; the training pipeline (image_batches.py) shuffles,
+shards, scales and flips them. Built in:
+`digits`: the 1,797 8x8 grey handwritten digits bundled with scikit-learn
+(4-bit intensities 0..16, kept exact); every n-th image is held out.
 `shapes`: procedural 32x32 RGB pictures of six shapes in random colours,
 positions and sizes, drawn with anti-aliased edges; a seed fixes the set.
-Training batches are a pure function of (seed, batch number), so they are the
-same on any number of processes and resuming needs only the counter.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import grain
 import numpy as np
 
-from jaxgen.data.pipeline import process_rows, this_process
+from jaxgen.config import Config
+from jaxgen.data.pipeline import RandomAccessSource, endless_records
+from jaxgen.data.splits import HeldOutView, HoldOut, Part, Shard
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "ring", "cross", "diamond")
+DIGIT_LEVELS = 16  # sklearn's digits count ink in 0..16
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageSet:
+    """Images already scaled for the model, in memory (sample-quality figures need them all at once)."""
+
     images: np.ndarray  # (N, H, W, C) float32 in [-1, 1]
     labels: np.ndarray  # (N,) int32
-    class_names: tuple[str, ...]
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, index: np.ndarray) -> ImageSet:
-        return ImageSet(self.images[index], self.labels[index], self.class_names)
+
+def to_model_range(pixels: np.ndarray, white: int) -> np.ndarray:
+    """uint8 pixels in 0..white -> float32 in [-1, 1]."""
+    return pixels.astype(np.float32) / white * 2.0 - 1.0
 
 
-def load_digits() -> ImageSet:
-    from sklearn.datasets import load_digits as sklearn_digits
+class InMemoryRecords:
+    """Random access to in-memory images and labels as records."""
 
-    bunch = sklearn_digits()
-    images = bunch.images.astype(np.float32) / 16.0 * 2.0 - 1.0  # pixel values are 0..16
-    return ImageSet(images[..., None], bunch.target.astype(np.int32), tuple(str(d) for d in range(10)))
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return {"image": self.images[i], "label": self.labels[i]}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSource:
+    """One labelled image dataset: random access to its train and held-out records."""
+
+    name: str  # for logs and errors
+    parts: dict[Part, RandomAccessSource]
+    white: int = 255  # the pixel value of full intensity
+    image_key: str = "image"
+    label_key: str = "label"
+    # Threads reading records ahead: None = grain's default (files); records in memory need none.
+    read_threads: int | None = None
+
+    def size(self, part: Part) -> int:
+        return len(self.parts[part])
+
+    def records(self, part: Part, shard: Shard, seed: int | None) -> grain.IterDataset:
+        """This process's records of a part, endless; shuffled every epoch when seeded, else in order."""
+        return endless_records(self.parts[part], shard, seed, self.read_threads)
+
+
+def held_out_parts(records: RandomAccessSource, every_nth: int) -> dict[Part, RandomAccessSource]:
+    """Deterministic (train, held-out) parts of a source without splits: every n-th record is held out."""
+    return {part: HeldOutView(records, HoldOut(every_nth, part)) for part in ("train", "eval")}
+
+
+def digits_records() -> InMemoryRecords:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return InMemoryRecords(bunch.images.astype(np.uint8)[..., None], bunch.target.astype(np.int32))
 
 
 def _shape_coverage(kind: str, dx: np.ndarray, dy: np.ndarray, r: np.ndarray) -> np.ndarray:
@@ -59,7 +105,7 @@ def _shape_coverage(kind: str, dx: np.ndarray, dy: np.ndarray, r: np.ndarray) ->
     return np.clip(0.5 - sdf, 0.0, 1.0)
 
 
-def make_shapes(n: int, seed: int = 0, size: int = 32) -> ImageSet:
+def make_shapes(n: int, seed: int = 0, size: int = 32) -> InMemoryRecords:
     """`n` pictures, classes in turn; colours, centres, sizes and backgrounds drawn from `seed`."""
     rng = np.random.default_rng(seed)
     labels = (np.arange(n) % len(SHAPE_CLASSES)).astype(np.int32)
@@ -68,57 +114,20 @@ def make_shapes(n: int, seed: int = 0, size: int = 32) -> ImageSet:
     fg = rng.uniform(0.35, 1.0, (n, 3))
     bg = rng.uniform(0.0, 0.3, (n, 3))
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
-    images = np.empty((n, size, size, 3), np.float32)
+    images = np.empty((n, size, size, 3), np.uint8)
     for label, kind in enumerate(SHAPE_CLASSES):
         idx = np.flatnonzero(labels == label)
         dx, dy = xx[None] - cx[idx, None, None], yy[None] - cy[idx, None, None]
         cover = _shape_coverage(kind, dx, dy, r[idx, None, None])[..., None]
-        images[idx] = cover * fg[idx, None, None, :] + (1 - cover) * bg[idx, None, None, :]
-    return ImageSet(images * 2.0 - 1.0, labels, SHAPE_CLASSES)
+        images[idx] = np.round(255 * (cover * fg[idx, None, None, :] + (1 - cover) * bg[idx, None, None, :]))
+    return InMemoryRecords(images, labels)
 
 
-def load_images(source: str, seed: int, shapes_count: int) -> ImageSet:
-    return load_digits() if source == "digits" else make_shapes(shapes_count, seed)
-
-
-def split_images(images: ImageSet, every_nth: int) -> tuple[ImageSet, ImageSet]:
-    """Deterministic (train, held-out) split: every n-th image is held out."""
-    held = np.arange(len(images)) % every_nth == every_nth - 1
-    return images.subset(np.flatnonzero(~held)), images.subset(np.flatnonzero(held))
-
-
-class RandomImageBatches:
-    """Infinite training batches of images drawn with replacement, optionally mirrored left-right."""
-
-    def __init__(self, images: ImageSet, global_batch: int, seed: int, hflip: bool):
-        self.images, self.global_batch, self.seed, self.hflip = images, global_batch, seed, hflip
-        self.rows = process_rows(global_batch, this_process())
-        self.step = 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng([self.seed, self.step])
-        index = rng.integers(0, len(self.images), self.global_batch)[self.rows]
-        flip = (rng.random(self.global_batch) < 0.5)[self.rows] if self.hflip else np.zeros(len(index), bool)
-        self.step += 1
-        x = self.images.images[index]
-        x = np.where(flip[:, None, None, None], x[:, :, ::-1], x)
-        return {"images": x, "labels": self.images.labels[index]}
-
-    def get_state(self) -> dict:
-        return {"step": self.step}
-
-    def set_state(self, state: dict) -> None:
-        self.step = int(state["step"])
-
-
-def fixed_batches(images: ImageSet, global_batch: int, n_batches: int) -> list[dict[str, np.ndarray]]:
-    """The first n_batches x global_batch held-out images (wrapping round a small split), this process's rows."""
-    index = np.arange(n_batches * global_batch) % len(images)
-    rows = process_rows(global_batch, this_process())
-    return [
-        {"images": images.images[b][rows], "labels": images.labels[b][rows]}
-        for b in index.reshape(n_batches, global_batch)
-    ]
+def open_images(cfg: Config) -> ImageSource:
+    """The configured image source."""
+    images = cfg.images
+    if images.source == "digits":
+        parts = held_out_parts(digits_records(), images.eval_every_nth)
+        return ImageSource("digits", parts, white=DIGIT_LEVELS, read_threads=0)
+    parts = held_out_parts(make_shapes(images.shapes_count, cfg.data.seed), images.eval_every_nth)
+    return ImageSource("shapes", parts, read_threads=0)

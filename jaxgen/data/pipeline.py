@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import weakref
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import grain
@@ -71,17 +72,32 @@ def prefetched(dataset: grain.IterDataset, workers: int, buffer: int) -> grain.I
     return dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=buffer))
 
 
-def record_batches(records: RandomAccessSource, global_batch: int, shard: Shard, *, seed: int,
-                   workers: int = 0, prefetch: int = 4) -> GrainBatches:
-    """This process's rows of endless global batches of whole records, shuffled every epoch.
+def endless_records(records: RandomAccessSource, shard: Shard, seed: int | None,
+                     read_threads: int | None = None) -> grain.IterDataset:
+    """This process's slice of the records, endless: shuffled whole every epoch when seeded, else in order.
 
-    Each process reads only its slice of the records; a batch stacks the records' fields.
+    `read_threads` fetch records ahead (None: grain's default, for files); in-memory records want 0.
     """
     dataset = grain.MapDataset.source(records)[shard.index::shard.count]
     if len(dataset) == 0:
         raise ValueError(f"{len(records)} records are too few for {shard.count} processes to get one each")
+    if seed is not None:
+        dataset = dataset.shuffle(seed=seed)
+    options = None if read_threads is None else grain.ReadOptions(num_threads=read_threads)
+    return dataset.repeat(None).to_iter_dataset(options)
+
+
+def record_batches(records: grain.IterDataset, global_batch: int, shard: Shard, *, seed: int,
+                   transforms: Sequence[grain.transforms.Map | grain.transforms.RandomMap] = (),
+                   workers: int = 0, prefetch: int = 4) -> GrainBatches:
+    """This process's rows of endless global batches of whole records, each record transformed first.
+
+    Random transforms draw from (seed, process, record position), so batches are the same
+    however often the pipeline is restored, and processes do not mirror each other's draws.
+    """
     rows = process_rows(global_batch, shard)
-    dataset = dataset.shuffle(seed=seed).repeat(None).to_iter_dataset()
+    process_seed = int(np.random.SeedSequence([seed, shard.index]).generate_state(1)[0])
+    dataset = records.seed(process_seed).apply(list(transforms)) if transforms else records
     return GrainBatches(prefetched(dataset.batch(rows.stop - rows.start, drop_remainder=True), workers, prefetch))
 
 

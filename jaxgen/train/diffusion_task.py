@@ -9,6 +9,7 @@ held-out loss is the same measurement at every evaluation.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import pathlib
 
@@ -18,8 +19,9 @@ import numpy as np
 from flax import nnx
 
 from jaxgen.config import Config
-from jaxgen.data.images import ImageSet, RandomImageBatches, fixed_batches, load_images, split_images
-from jaxgen.data.pipeline import BatchIterator
+from jaxgen.data.image_batches import held_out_batches, image_set, train_batches
+from jaxgen.data.images import ImageSet, ImageSource, open_images
+from jaxgen.data.pipeline import BatchIterator, this_process
 from jaxgen.diffusion.grid import image_grid, save_png
 from jaxgen.diffusion.guidance import drop_labels
 from jaxgen.diffusion.objectives import make_objective
@@ -34,8 +36,15 @@ log = logging.getLogger("jaxgen")
 class ImageData:
     train: BatchIterator  # host-local batches, resumable
     eval: list[dict[str, np.ndarray]]  # fixed held-out batches with their times and noise, host-local
-    train_set: ImageSet
-    held_out: ImageSet
+    source: ImageSource
+
+    @functools.cached_property
+    def train_set(self) -> ImageSet:
+        return image_set(self.source, "train")
+
+    @functools.cached_property
+    def held_out(self) -> ImageSet:
+        return image_set(self.source, "eval")
 
 
 class DiffusionTask:
@@ -82,14 +91,13 @@ class DiffusionTask:
 
     def make_data(self, run_dir: pathlib.Path) -> ImageData:
         cfg = self.cfg
-        images = load_images(cfg.images.source, cfg.data.seed, cfg.images.shapes_count)
-        train_set, held_out = split_images(images, cfg.images.eval_every_nth)
-        log.info("data: %s, %d train and %d held-out images", cfg.images.source, len(train_set), len(held_out))
+        source = open_images(cfg)
+        log.info("data: %s, %d train and %d held-out images", source.name, source.size("train"), source.size("eval"))
+        shard = this_process()
         return ImageData(
-            train=RandomImageBatches(train_set, cfg.data.batch_size, cfg.data.seed, cfg.images.hflip),
-            eval=self.with_fixed_noise(fixed_batches(held_out, cfg.data.batch_size, cfg.train.eval_batches)),
-            train_set=train_set,
-            held_out=held_out,
+            train=train_batches(source, cfg, shard),
+            eval=self.with_fixed_noise(held_out_batches(source, cfg.data.batch_size, cfg.train.eval_batches, shard)),
+            source=source,
         )
 
     def with_fixed_noise(self, batches: list[dict]) -> list[dict]:
