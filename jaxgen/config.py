@@ -303,19 +303,38 @@ class CheckpointConfig(_Section):
 
 
 class ImagesConfig(_Section):
-    """Image datasets for diffusion models; pixels are scaled to [-1, 1]."""
+    """Image datasets for diffusion models: uint8 images and integer labels, scaled to [-1, 1] as they load."""
 
-    # digits: sklearn's bundled 8x8 grey digits (10 classes); shapes: procedural 32x32 RGB shapes (6 classes).
-    source: Literal["digits", "shapes"] = "digits"
-    # Every n-th image goes to the held-out split.
+    # digits: sklearn's bundled 8x8 grey digits (10 classes); shapes: procedural 32x32 RGB shapes (6 classes);
+    # tfds: a TFDS image dataset (images.tfds), whose size, channels and classes the model must match.
+    source: Literal["digits", "shapes", "tfds"] = "digits"
+    # Every n-th image goes to the held-out split (digits, shapes; TFDS datasets have their own splits).
     eval_every_nth: int = Field(5, ge=2)
     # Random horizontal flips of training images (not for digits, whose mirror images are other glyphs).
     hflip: bool = False
     # Number of images the procedural shapes source draws.
     shapes_count: int = Field(12_000, gt=0)
+    # images.source=tfds: a dataset by name ("mnist", "name/config:1.0.0") already prepared in tfds_data_dir
+    # (ArrayRecord needs no TensorFlow; TFRecord needs the tf extra).
+    tfds: str | None = None
+    # TFDS data directory; null = TFDS's default (~/tensorflow_datasets or $TFDS_DATA_DIR).
+    tfds_data_dir: str | None = None
+    # TFDS split names (sub-splits such as "train[:90%]" too).
+    train_split: str = "train"
+    eval_split: str = "test"
+    # TFDS features holding the uint8 (H, W, C) image and the class label.
+    image_key: str = "image"
+    label_key: str = "label"
+
+    @pydantic.model_validator(mode="after")
+    def _tfds_named(self) -> ImagesConfig:
+        if (self.source == "tfds") != (self.tfds is not None):
+            raise ValueError("images.source=tfds and images.tfds=NAME go together: set both or neither")
+        return self
 
 
-# Image source -> (side, channels, classes); the model must match its data.
+# Built-in image source -> (side, channels, classes); the model must match its data
+# (TFDS datasets are checked against their feature spec when they are opened).
 IMAGE_SOURCES = {"digits": (8, 1, 10), "shapes": (32, 3, 6)}
 
 
@@ -405,13 +424,14 @@ class Config(_Section):
     def _check_image_model(self) -> Config:
         if not isinstance(self.model, DiTConfig):
             return self
-        size, channels, classes = IMAGE_SOURCES[self.images.source]
         m = self.model
-        if (m.image_size, m.channels, m.num_classes) != (size, channels, classes):
-            raise ValueError(
-                f"images.source={self.images.source!r} holds {size}x{size}x{channels} images in {classes} classes; "
-                f"set model.image_size={size}, model.channels={channels}, model.num_classes={classes}"
-            )
+        if self.images.source in IMAGE_SOURCES:
+            size, channels, classes = IMAGE_SOURCES[self.images.source]
+            if (m.image_size, m.channels, m.num_classes) != (size, channels, classes):
+                raise ValueError(
+                    f"images.source={self.images.source!r} holds {size}x{size}x{channels} images in {classes} "
+                    f"classes; set model.image_size={size}, model.channels={channels}, model.num_classes={classes}"
+                )
         if m.learn_sigma and self.diffusion.objective == "flow":
             raise ValueError("model.learn_sigma=true needs a DDPM objective (diffusion.objective: eps or v)")
         return self

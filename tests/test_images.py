@@ -1,16 +1,92 @@
-"""Built-in image sources for diffusion runs (digits, shapes) through the grain pipeline: scaled to
-[-1, 1], shuffled, sharded per process, optionally mirrored, resumable."""
+"""Image sources for diffusion runs: digits, shapes and a TFDS dataset this test prepares itself
+(ArrayRecord, no download, no TensorFlow), all through the same grain pipeline: scaled to
+[-1, 1], shuffled, sharded per process, optionally mirrored, resumable; one clear error each
+for a dataset that cannot serve the model."""
 
+import io
 import json
+import shutil
 
 import numpy as np
+import pytest
 
-from jaxgen.data.image_batches import image_set, train_batches
+from jaxgen.config import ConfigError
+from jaxgen.data.corpus import DataError
+from jaxgen.data.image_batches import held_out_batches, image_set, train_batches
 from jaxgen.data.images import make_shapes, open_images
 from jaxgen.data.splits import Shard
 
 from test_data import assert_same_batches, take
-from test_dit import tiny_dit_config
+from test_dit import DIT_CONFIG, tiny_dit_config
+from test_train import jaxgen_cli
+
+tfds = pytest.importorskip("tensorflow_datasets")
+
+TRAIN_RECORDS, TEST_RECORDS = 40, 12
+
+
+def marked_image(i: int, height: int, width: int) -> np.ndarray:
+    """Random grey pixels with the record number in the top-left corner and both extremes present."""
+    pixels = np.random.default_rng(i).integers(0, 256, (height, width, 1), dtype=np.uint8)
+    pixels[0, 0, 0], pixels[0, 1, 0], pixels[0, 2, 0] = i, 0, 255
+    return pixels
+
+
+class TinyImagesConfig(tfds.core.BuilderConfig):
+    def __init__(self, *, width: int, as_tensor: bool, **kwargs):
+        super().__init__(**kwargs)
+        self.width, self.as_tensor = width, as_tensor
+
+
+class TinyImages(tfds.core.GeneratorBasedBuilder):
+    """8x8 grey images in 10 classes (the digits DiT's shape): `tensor` stores raw uint8 tensors, `wide` 8x6 PNGs."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = [
+        TinyImagesConfig(name="png", width=8, as_tensor=False),
+        TinyImagesConfig(name="tensor", width=8, as_tensor=True),
+        TinyImagesConfig(name="wide", width=6, as_tensor=False),
+    ]
+
+    def _info(self):
+        shape = (8, self.builder_config.width, 1)
+        image = (tfds.features.Tensor(shape=shape, dtype=np.uint8) if self.builder_config.as_tensor
+                 else tfds.features.Image(shape=shape, encoding_format="png"))
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": image, "label": tfds.features.ClassLabel(num_classes=10)}))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(range(TRAIN_RECORDS)),
+                "test": self._generate_examples(range(100, 100 + TEST_RECORDS))}
+
+    def _generate_examples(self, numbers):
+        import PIL.Image
+
+        for i in numbers:
+            pixels = marked_image(i, 8, self.builder_config.width)
+            if not self.builder_config.as_tensor:  # PNG bytes made by PIL: tfds would encode with TensorFlow
+                png = io.BytesIO()
+                PIL.Image.fromarray(pixels[..., 0]).save(png, format="png")
+                pixels = png.getvalue()
+            yield i, {"image": pixels, "label": i % 10}
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("tfds")
+    for config in ("png", "tensor", "wide"):
+        TinyImages(data_dir=str(data_dir), config=config, file_format="array_record").download_and_prepare()
+    return data_dir
+
+
+def tfds_config(data_dir, *overrides, name="tiny_images/png"):
+    return tiny_dit_config("images.source=tfds", f"images.tfds={name}", f"images.tfds_data_dir={data_dir}",
+                           "data.batch_size=8", *overrides)
+
+
+def corner_marks(batches) -> list[int]:
+    """Record numbers from the top-left pixels (scaled back from [-1, 1])."""
+    return [int(round((x + 1) * 127.5)) for batch in batches for x in batch["images"][:, 0, 0, 0]]
 
 
 # ----------------------------------------------------------------------------- built-in sources
@@ -59,3 +135,116 @@ def test_digit_batches_mirror_half_the_images_and_resume_exactly():
     resumed = train_batches(open_images(mirrored), mirrored, Shard())
     resumed.set_state(state)
     assert_same_batches(take(resumed, 5), expected)
+
+
+# ----------------------------------------------------------------------------- a TFDS dataset
+
+
+@pytest.mark.parametrize("name", ["tiny_images/png", "tiny_images/tensor"])
+def test_tfds_images_come_scaled_shuffled_and_whole(tfds_dir, name):
+    cfg = tfds_config(tfds_dir, name=name)
+    source = open_images(cfg)
+    assert (source.size("train"), source.size("eval")) == (TRAIN_RECORDS, TEST_RECORDS)
+    batches = train_batches(source, cfg, Shard())
+    epoch = take(batches, TRAIN_RECORDS // 8)
+    batch = epoch[0]
+    assert batch["images"].shape == (8, 8, 8, 1) and batch["images"].dtype == np.float32
+    assert batch["labels"].dtype == np.int32
+    assert batch["images"].min() == -1.0 and batch["images"].max() == 1.0
+    marks = corner_marks(epoch)
+    assert sorted(marks) == list(range(TRAIN_RECORDS)) and marks != sorted(marks)  # one shuffled epoch
+    i = marks[0]
+    np.testing.assert_allclose(batch["images"][0], marked_image(i, 8, 8) / 127.5 - 1.0, atol=1e-6)
+    assert batch["labels"][0] == i % 10
+    assert corner_marks(take(batches, TRAIN_RECORDS // 8)) != marks  # the next epoch in another order
+    again = train_batches(open_images(cfg), cfg, Shard())
+    assert_same_batches(take(again, 3), epoch[:3])
+
+
+def test_tfds_processes_read_disjoint_shares_and_the_same_held_out_batches(tfds_dir):
+    cfg = tfds_config(tfds_dir, "train.eval_batches=2")
+    source = open_images(cfg)
+    # Each of two processes holds 20 records: one epoch is 5 batches of its 4 rows.
+    shares = [set(corner_marks(take(train_batches(source, cfg, Shard(i, 2)), 5))) for i in range(2)]
+    assert shares[0].isdisjoint(shares[1]) and shares[0] | shares[1] == set(range(TRAIN_RECORDS))
+    halves = [held_out_batches(source, 8, 2, Shard(i, 2)) for i in range(2)]
+    whole = held_out_batches(source, 8, 2, Shard())
+    marks = corner_marks(whole)  # the split's records in its stored order, wrapping round
+    assert sorted(marks[:TEST_RECORDS]) == list(range(100, 100 + TEST_RECORDS)) and marks[TEST_RECORDS:] == marks[:4]
+    assert marks == corner_marks(held_out_batches(source, 8, 2, Shard()))
+    for b in range(2):
+        np.testing.assert_array_equal(np.concatenate([h[b]["images"] for h in halves]), whole[b]["images"])
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_tfds_batches_resume_exactly_with_mirroring(tfds_dir, workers):
+    cfg = tfds_config(tfds_dir, "images.hflip=true", f"data.workers={workers}")
+    batches = train_batches(open_images(cfg), cfg, Shard())
+    take(batches, 7)  # into the second epoch
+    state = json.loads(json.dumps(batches.get_state()))
+    expected = take(batches, 6)
+    resumed = train_batches(open_images(cfg), cfg, Shard())
+    resumed.set_state(state)
+    assert_same_batches(take(resumed, 6), expected)
+    for pipeline in (batches, resumed):
+        pipeline.close()
+
+
+def test_tfds_errors_name_the_dataset_and_what_would_be_valid(tfds_dir, tmp_path):
+    with pytest.raises(DataError, match=r"'tiny_imagez/png'.*no such prepared dataset.*tiny_images/png"):
+        open_images(tfds_config(tfds_dir, name="tiny_imagez/png"))
+    with pytest.raises(DataError, match=r"'mnist'.*no such prepared dataset"):  # known to TFDS, not prepared here
+        open_images(tfds_config(tfds_dir, name="mnist"))
+    with pytest.raises(DataError, match=r"images.tfds_data_dir '.*nowhere' is not a directory"):
+        open_images(tfds_config(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match=r"images.eval_split.*Unknown split 'validation'.*\['train', 'test'\]"):
+        open_images(tfds_config(tfds_dir, "images.eval_split=validation"))
+    with pytest.raises(DataError, match=r"holds 8x6 images, but the model takes square images of model.image_size=8"):
+        open_images(tfds_config(tfds_dir, name="tiny_images/wide"))
+    with pytest.raises(ConfigError, match=r"holds 8x8x1 images in 10 classes.*set model.image_size=8, "
+                                          r"model.channels=1, model.num_classes=10"):
+        open_images(tfds_config(tfds_dir, "model.image_size=16", "model.num_classes=12"))
+    with pytest.raises(DataError, match=r"no feature 'pixels' \(images.image_key\); its features: \['image', 'label'\]"):
+        open_images(tfds_config(tfds_dir, "images.image_key=pixels"))
+    with pytest.raises(ConfigError, match="images.source=tfds and images.tfds=NAME go together"):
+        tiny_dit_config("images.source=tfds")
+
+
+def test_tfrecord_images_without_tensorflow_say_to_install_the_extra(tfds_dir, tmp_path):
+    if __import__("importlib").util.find_spec("tensorflow"):
+        pytest.skip("TensorFlow is installed, so TFRecord datasets are readable")
+    shutil.copytree(tfds_dir / "tiny_images", tmp_path / "tiny_images")
+    info_path = tmp_path / "tiny_images" / "png" / "1.0.0" / "dataset_info.json"
+    info_path.write_text(json.dumps(json.loads(info_path.read_text()) | {"fileFormat": "tfrecord"}))
+    with pytest.raises(DataError, match=r"stored as TFRecord.*pip install 'jaxgen\[tf\]'"):
+        open_images(tfds_config(tmp_path))
+
+
+def test_tfrecord_images_stream_with_tensorflow(tfds_dir, tmp_path):
+    pytest.importorskip("tensorflow")
+    from test_data_sources import as_tfrecord_dataset
+
+    shutil.copytree(tfds_dir / "tiny_images", tmp_path / "tiny_images")
+    as_tfrecord_dataset(tmp_path / "tiny_images" / "png" / "1.0.0")
+    cfg = tfds_config(tmp_path, "images.hflip=true")
+    source = open_images(cfg)
+    assert sorted(corner_marks(held_out_batches(source, 8, 2, Shard()))[:TEST_RECORDS]) == list(range(100, 112))
+    batches = train_batches(source, cfg, Shard())
+    assert sorted(corner_marks(take(batches, TRAIN_RECORDS // 8))) == list(range(TRAIN_RECORDS))
+    state, expected = batches.get_state(), take(batches, 3)
+    resumed = train_batches(open_images(cfg), cfg, Shard())
+    resumed.set_state(state)
+    assert_same_batches(take(resumed, 3), expected)
+
+
+def test_jaxgen_train_a_dit_on_the_tfds_dataset(tfds_dir, tmp_path):
+    result = jaxgen_cli("train", "--config", str(DIT_CONFIG), "--run-dir", str(tmp_path / "run"), "model.size=null",
+                        "model.d_model=32", "model.n_layers=1", "model.freq_dim=32", "images.source=tfds",
+                        "images.tfds=tiny_images/png", f"images.tfds_data_dir={tfds_dir}", "data.batch_size=8",
+                        "train.steps=3", "train.eval_every=3", "train.eval_batches=1", "diffusion.samples_per_class=1",
+                        "diffusion.sample_steps=2", "logging.progress_bar=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"data: tiny_images/png, {TRAIN_RECORDS} train and {TEST_RECORDS} held-out images" in result.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 3 and np.isfinite(summary["eval_loss_final"])
+    assert (tmp_path / "run" / "samples" / "final.png").is_file()

@@ -7,6 +7,7 @@ shards, scales and flips them. Built in:
 (4-bit intensities 0..16, kept exact); every n-th image is held out.
 `shapes`: procedural 32x32 RGB pictures of six shapes in random colours,
 positions and sizes, drawn with anti-aliased edges; a seed fixes the set.
+TFDS datasets come from tfds_images.py.
 """
 
 from __future__ import annotations
@@ -124,8 +125,13 @@ def make_shapes(n: int, seed: int = 0, size: int = 32) -> InMemoryRecords:
 
 
 def open_images(cfg: Config) -> ImageSource:
-    """The configured image source."""
+    """The configured image source; a TFDS dataset is checked against the model before anything is read
+    (and TFDS is imported only then)."""
     images = cfg.images
+    if images.source == "tfds":
+        from jaxgen.data.tfds_images import open_tfds_images
+
+        return open_tfds_images(images, cfg.model)
     if images.source == "digits":
         parts = held_out_parts(digits_records(), images.eval_every_nth)
         return ImageSource("digits", parts, white=DIGIT_LEVELS, read_threads=0)
