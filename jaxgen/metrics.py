@@ -21,9 +21,12 @@ KNOWN_PEAK_FLOPS = {
 
 
 def measure_matmul_peak(n: int = 1024, repeats: int = 5, dtype=jnp.float32) -> float:
-    """FLOP/s of an n x n matmul on the default device: the practical peak on CPUs."""
+    """FLOP/s of an n x n matmul on the default device: the practical peak on CPUs.
+
+    Inputs in `dtype`, accumulated in float32, as the models' matmuls are.
+    """
     a = jnp.ones((n, n), dtype)
-    mm = jax.jit(lambda x: x @ x)
+    mm = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
     mm(a).block_until_ready()
     times = []
     for _ in range(repeats):
@@ -33,15 +36,15 @@ def measure_matmul_peak(n: int = 1024, repeats: int = 5, dtype=jnp.float32) -> f
     return 2 * n**3 / float(np.median(times))
 
 
-def peak_flops_per_device(configured: float | None) -> tuple[float, str]:
-    """(FLOP/s, where the figure came from) for MFU."""
+def peak_flops_per_device(configured: float | None, compute_dtype: str = "float32") -> tuple[float, str]:
+    """(FLOP/s, where the figure came from) for MFU: configured, a data sheet, or measured in the compute dtype."""
     if configured:
         return configured, "config"
     kind = jax.devices()[0].device_kind
     for name, flops in KNOWN_PEAK_FLOPS.items():
         if name.lower() in kind.lower():
             return flops, f"data sheet ({kind})"
-    return measure_matmul_peak(), f"measured f32 matmul ({kind})"
+    return measure_matmul_peak(dtype=jnp.dtype(compute_dtype)), f"measured {compute_dtype} matmul ({kind})"
 
 
 class MetricsWriter:

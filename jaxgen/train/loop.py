@@ -128,7 +128,7 @@ def train(cfg: Config, run_dir: str | pathlib.Path) -> dict:
     compile_s = time.perf_counter() - compile_start
 
     units_per_step = task.units_per_batch()
-    peak, peak_source = peak_flops_per_device(cfg.train.peak_flops_per_device)
+    peak, peak_source = peak_flops_per_device(cfg.train.peak_flops_per_device, cfg.model.compute_dtype)
     # Simulated CPU devices share one host's cores: the host peak is the whole budget.
     total_peak = peak if jax.devices()[0].platform == "cpu" else peak * mesh.size
     log.info("compiled in %.1fs; MFU against %.3g FLOP/s (%s)", compile_s, total_peak, peak_source)
