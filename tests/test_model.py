@@ -42,7 +42,7 @@ def test_param_count_matches_formula(tie, kv_heads):
     assert counted == v * d + L * (attn + 3 * d * f + 2 * d) + d + (0 if tie else d * v)
 
 
-@pytest.mark.parametrize("override", ["model.scan_layers=false", "model.remat=full", "model.remat=dots_saveable"])
+@pytest.mark.parametrize("override", ["model.scan_layers=false", "model.remat=none", "model.remat=full", "model.remat=dots_with_no_batch_dims_saveable"])
 def test_layer_scan_and_remat_do_not_change_the_function(tokens, override):
     base, variant = tiny_config(), tiny_config(override)
 
