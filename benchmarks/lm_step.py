@@ -26,12 +26,14 @@ The last line is the summary: `mfu`, `vs_torch_eager`, `bf16_speedup`, ...
     flock /tmp/jaxgen-bench.lock python benchmarks/lm_step.py               # default config, ~6 min on 2 cores
     python benchmarks/lm_step.py --config nanogpt --no-tradeoff
     python benchmarks/lm_step.py --config 1b --no-torch --no-tradeoff        # on a GPU
+    python benchmarks/lm_step.py --config 1b --no-torch --no-tradeoff model.attention=cudnn
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import statistics
 import sys
 import time
@@ -55,7 +57,7 @@ CONFIGS: dict[str, list[str]] = {
     # About 1B parameters, for one accelerator.
     "1b": ["model.vocab_size=32000", "model.d_model=2048", "model.n_layers=18", "model.n_heads=16",
            "model.n_kv_heads=8", "model.d_ff=5632", "model.max_seq_len=2048", "data.seq_len=2048",
-           "data.batch_size=8", "model.remat=dots_with_no_batch_dims_saveable", "model.attention=cudnn"],
+           "data.batch_size=8", "model.remat=dots_with_no_batch_dims_saveable"],
 }
 
 
@@ -162,10 +164,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per contestant per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="jaxgen compute dtypes to time")
     parser.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--torch-compile", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--tradeoff", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
+    for dtype in args.dtypes.split(","):
+        if dtype not in ("float32", "bfloat16"):
+            parser.error(f"--dtypes takes float32 and/or bfloat16, got {dtype!r}")
 
     overrides = CONFIGS[args.config] + args.overrides
     cfg = load_config(None, overrides)
@@ -179,11 +185,11 @@ def main() -> None:
           "data_sheet_bf16_tflops": sheet / 1e12 if sheet else None})
 
     contestants = {}
-    for dtype in ("float32", "bfloat16"):
+    for dtype in args.dtypes.split(","):
         contestants[f"jaxgen_{dtype}"] = JaxgenStep(cfg.model_copy(
             update={"model": cfg.model.model_copy(update={"compute_dtype": dtype})}))
     if args.torch:
-        sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+        sys.path.insert(0, str(pathlib.Path(__file__).parent))  # torch_reference.py sits beside this file
         modes = ("eager", "compile") if args.torch_compile else ("eager",)
         for mode in modes:
             for dtype in ("float32", "bfloat16"):
@@ -209,27 +215,22 @@ def main() -> None:
     if args.tradeoff:
         tradeoff(cfg, args)
 
-    summary = {
-        "config": args.config,
-        "tokens_per_s_f32": tokens_per_s["jaxgen_float32"],
-        "tokens_per_s_bf16": tokens_per_s["jaxgen_bfloat16"],
-        "mfu": tokens_per_s["jaxgen_float32"] * fpt / peaks["float32"],
-        "mfu_bf16": tokens_per_s["jaxgen_bfloat16"] * fpt / peaks["bfloat16"],
-        "bf16_speedup": tokens_per_s["jaxgen_bfloat16"] / tokens_per_s["jaxgen_float32"],
-    }
-    if sheet:
-        summary["mfu_bf16_vs_data_sheet"] = tokens_per_s["jaxgen_bfloat16"] * fpt / sheet
-    if args.torch:
-        summary |= {
-            "vs_torch_eager": tokens_per_s["jaxgen_float32"] / tokens_per_s["torch_eager_float32"],
-            "bf16_vs_torch_eager_autocast": tokens_per_s["jaxgen_bfloat16"] / tokens_per_s["torch_eager_bfloat16"],
-        }
-        if args.torch_compile:
-            summary |= {
-                "vs_torch_compile": tokens_per_s["jaxgen_float32"] / tokens_per_s["torch_compile_float32"],
-                "bf16_vs_torch_compile_autocast":
-                    tokens_per_s["jaxgen_bfloat16"] / tokens_per_s["torch_compile_bfloat16"],
-            }
+    summary = {"config": args.config}
+    f32, bf16 = tokens_per_s.get("jaxgen_float32"), tokens_per_s.get("jaxgen_bfloat16")
+    if f32:
+        summary |= {"tokens_per_s_f32": f32, "mfu": f32 * fpt / peaks["float32"]}
+    if bf16:
+        summary |= {"tokens_per_s_bf16": bf16, "mfu_bf16": bf16 * fpt / peaks["bfloat16"]}
+        if sheet:
+            summary["mfu_bf16_vs_data_sheet"] = bf16 * fpt / sheet
+    if f32 and bf16:
+        summary["bf16_speedup"] = bf16 / f32
+    for mode in ("eager", "compile"):
+        peer_f32, peer_bf16 = tokens_per_s.get(f"torch_{mode}_float32"), tokens_per_s.get(f"torch_{mode}_bfloat16")
+        if f32 and peer_f32:
+            summary[f"vs_torch_{mode}"] = f32 / peer_f32
+        if bf16 and peer_bf16:
+            summary[f"bf16_vs_torch_{mode}_autocast"] = bf16 / peer_bf16
     emit(summary)
 
 
