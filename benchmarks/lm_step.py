@@ -61,8 +61,32 @@ CONFIGS: dict[str, list[str]] = {
 }
 
 
-class JaxgenStep:
-    """One compiled jaxgen train step on one device, with its state and a fixed batch."""
+class Contestant:
+    """A train step with its model, optimizer state and a fixed batch; `step()` returns the loss."""
+
+    name = "contestant"
+    compile_s: float
+    tokens_per_step: int
+
+    def step(self) -> float:
+        raise NotImplementedError
+
+    def run(self, steps: int) -> list[float]:
+        """Seconds per step, each ending with the loss on the host (as the loop's logging does)."""
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            loss = self.step()
+            times.append(time.perf_counter() - start)
+        if not np.isfinite(loss):
+            raise RuntimeError(f"{self.name} produced a non-finite loss")
+        return times
+
+
+class JaxgenStep(Contestant):
+    """One compiled jaxgen train step on one device."""
+
+    name = "jaxgen"
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -81,16 +105,9 @@ class JaxgenStep:
         self.compile_s = time.perf_counter() - start
         self.tokens_per_step = b * seq
 
-    def run(self, steps: int) -> list[float]:
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            self.state, metrics = self.compiled(self.state, self.batch)
-            loss = float(metrics["loss"])  # a host fetch, as the loop's logging does
-            times.append(time.perf_counter() - start)
-        if not np.isfinite(loss):
-            raise RuntimeError("jaxgen produced a non-finite loss")
-        return times
+    def step(self) -> float:
+        self.state, metrics = self.compiled(self.state, self.batch)
+        return float(metrics["loss"])
 
     def memory(self) -> dict:
         m = self.compiled.memory_analysis()
@@ -105,7 +122,11 @@ class JaxgenStep:
         return out
 
 
-class TorchStep:
+class TorchStep(Contestant):
+    """The same model in PyTorch (benchmarks/torch_reference.py)."""
+
+    name = "PyTorch"
+
     def __init__(self, cfg, mode: str, dtype: str):
         import torch
 
@@ -113,22 +134,17 @@ class TorchStep:
 
         torch.manual_seed(0)
         model = Llama(**shape_of(cfg.model))
-        self.step = make_step(torch.compile(model) if mode == "compile" else model, dtype)
+        self.train_step = make_step(torch.compile(model) if mode == "compile" else model, dtype)
         b, seq = cfg.data.batch_size, cfg.data.seq_len
         tokens = torch.randint(0, cfg.model.vocab_size, (b, seq + 1))
         self.inputs, self.targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
         start = time.perf_counter()
-        self.step(self.inputs, self.targets)  # compiles in compile mode
+        self.step()  # compiles in compile mode
         self.compile_s = time.perf_counter() - start
         self.tokens_per_step = b * seq
 
-    def run(self, steps: int) -> list[float]:
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            self.step(self.inputs, self.targets)
-            times.append(time.perf_counter() - start)
-        return times
+    def step(self) -> float:
+        return self.train_step(self.inputs, self.targets)
 
 
 def take_turns(contestants: dict, rounds: int, steps: int, warmup: int) -> dict[str, float]:
