@@ -24,32 +24,31 @@ def matmul(x: jax.Array, w: jax.Array, compute_dtype) -> jax.Array:
     """
     x_2d = x.reshape(-1, x.shape[-1])
     if jnp.dtype(compute_dtype) == jnp.float32:
+        # Full precision needs no custom gradient: JAX's own rule is already all-f32.
         y_2d = jnp.dot(x_2d.astype(jnp.float32), w.astype(jnp.float32))
     else:
-        y_2d = _low_precision_matmul(x_2d, w, jnp.dtype(compute_dtype))
+        y_2d = _low_precision_matmul(x_2d, w, jnp.dtype(compute_dtype), x_2d.dtype, w.dtype)
     return y_2d.reshape(*x.shape[:-1], w.shape[-1])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _low_precision_matmul(x_MK: jax.Array, w_KN: jax.Array, compute_dtype) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _low_precision_matmul(x_MK: jax.Array, w_KN: jax.Array, compute_dtype, x_dtype, w_dtype) -> jax.Array:
     return jnp.dot(x_MK.astype(compute_dtype), w_KN.astype(compute_dtype), preferred_element_type=jnp.float32)
 
 
-def _low_precision_matmul_fwd(x_MK, w_KN, compute_dtype):
+def _low_precision_matmul_fwd(x_MK, w_KN, compute_dtype, x_dtype, w_dtype):
     x_c, w_c = x_MK.astype(compute_dtype), w_KN.astype(compute_dtype)
-    # Zero-size arrays remember the input dtypes (residuals must be arrays).
-    dtypes = (jnp.zeros((0,), x_MK.dtype), jnp.zeros((0,), w_KN.dtype))
-    return jnp.dot(x_c, w_c, preferred_element_type=jnp.float32), (x_c, w_c, dtypes)
+    return jnp.dot(x_c, w_c, preferred_element_type=jnp.float32), (x_c, w_c)
 
 
-def _low_precision_matmul_bwd(compute_dtype, residuals, g_MN):
+def _low_precision_matmul_bwd(compute_dtype, x_dtype, w_dtype, residuals, g_MN):
     # Mixed precision as usually meant: the two backward matmuls also take inputs in the
     # compute dtype and accumulate in float32. JAX's own rule would pair the float32
     # cotangent with the low-precision operand, which promotes both to float32.
-    x_c, w_c, (x_like, w_like) = residuals
+    x_c, w_c = residuals
     g_c = g_MN.astype(compute_dtype)
-    dx = jnp.dot(g_c, w_c.T, preferred_element_type=jnp.float32).astype(x_like.dtype)
-    dw = jnp.dot(x_c.T, g_c, preferred_element_type=jnp.float32).astype(w_like.dtype)
+    dx = jnp.dot(g_c, w_c.T, preferred_element_type=jnp.float32).astype(x_dtype)
+    dw = jnp.dot(x_c.T, g_c, preferred_element_type=jnp.float32).astype(w_dtype)
     return dx, dw
 
 
