@@ -47,9 +47,42 @@ def _low_precision_matmul_bwd(compute_dtype, x_dtype, w_dtype, residuals, g_MN):
     # cotangent with the low-precision operand, which promotes both to float32.
     x_c, w_c = residuals
     g_c = g_MN.astype(compute_dtype)
-    dx = jnp.dot(g_c, w_c.T, preferred_element_type=jnp.float32).astype(x_dtype)
-    dw = jnp.dot(x_c.T, g_c, preferred_element_type=jnp.float32).astype(w_dtype)
-    return dx, dw
+    # g @ w.T written as a contraction of both last axes rather than with `.T`: a
+    # transpose op would hand XLA:CPU a column-major operand, which it runs in float32.
+    dx = jax.lax.dot_general(g_c, w_c, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    dw = jax.lax.platform_dependent(x_c, g_c, cpu=_weight_grad_cpu, default=_weight_grad)
+    return dx.astype(x_dtype), dw.astype(w_dtype)
+
+
+def _weight_grad(x_MK: jax.Array, g_MN: jax.Array) -> jax.Array:
+    """x.T @ g: both operands contract their leading (token) axis."""
+    return jax.lax.dot_general(x_MK, g_MN, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _weight_grad_cpu(x_MK: jax.Array, g_MN: jax.Array) -> jax.Array:
+    """x.T @ g as a plain row-major GEMM, the only low-precision form XLA:CPU keeps.
+
+    XLA:CPU runs bf16 dots in its GEMM library (YNNPACK) only when the left operand
+    contracts its last axis; a transposed left operand is silently upcast to float32,
+    which measured 2-3x slower. So the smaller operand is transposed in memory first:
+    a copy of a few MiB against a GEMM over every token.
+    """
+    k, n = x_MK.shape[1], g_MN.shape[1]
+    if k <= n:
+        return jnp.dot(_transposed_copy(x_MK), g_MN, preferred_element_type=jnp.float32)
+    # (g.T @ x).T; the barrier keeps XLA from folding the final transpose back into the dot.
+    dw_NK = jax.lax.optimization_barrier(jnp.dot(_transposed_copy(g_MN), x_MK, preferred_element_type=jnp.float32))
+    return _transposed_copy(dw_NK)
+
+
+def _transposed_copy(a: jax.Array) -> jax.Array:
+    """a.T materialized row-major.
+
+    A bare transpose is only a layout change that XLA folds into the consuming dot.
+    Passing it through an optimization barrier with a unit axis (which keeps any
+    sharding of a intact) forces the data to be moved.
+    """
+    return jax.lax.optimization_barrier(a.T[:, :, None])[:, :, 0]
 
 
 _low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
