@@ -27,6 +27,7 @@ class _Section(BaseModel):
 
 DType = Literal["float32", "bfloat16", "float16"]
 RematPolicy = Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"]
+AttentionImpl = Literal["auto", "xla", "cudnn", "cpu"]
 
 
 class TransformerConfig(_Section):
@@ -55,8 +56,10 @@ class TransformerConfig(_Section):
     # default model this is both faster than "none" (less memory traffic: the scan no longer
     # stacks every intermediate) and half its temporary memory; benchmarks/lm_step.py shows each policy.
     remat: RematPolicy = "dots_saveable"
-    # "cudnn" selects the fused flash-attention kernel on NVIDIA GPUs.
-    attention: Literal["xla", "cudnn"] = "xla"
+    # "auto": jaxgen's CPU-tuned attention when compiling for CPU, XLA's elsewhere.
+    # "xla" is jax.nn.dot_product_attention's portable lowering, "cudnn" its fused
+    # flash-attention kernel on NVIDIA GPUs, "cpu" models/attention.py on any platform.
+    attention: AttentionImpl = "auto"
     # Packed rows hold several documents: attend only within one's own document, with
     # positions restarting at each document (from the batch's segment_ids/positions).
     document_mask: bool = False
@@ -116,7 +119,7 @@ class DiTConfig(_Section):
     compute_dtype: DType = "float32"
     scan_layers: bool = True
     remat: RematPolicy = "none"
-    attention: Literal["xla", "cudnn"] = "xla"
+    attention: AttentionImpl = "auto"
 
     @pydantic.model_validator(mode="before")
     @classmethod

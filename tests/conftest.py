@@ -5,6 +5,7 @@ XLA_FLAGS (rather than jax.config) so that CLI runs in subprocesses get them too
 
 import os
 import pathlib
+import re
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -20,6 +21,21 @@ TINY_CONFIG = REPO / "configs" / "lm_tiny.yaml"
 
 def tiny_config(*overrides: str) -> Config:
     return load_config(TINY_CONFIG, list(overrides))
+
+
+def compiled_dot_operand_types(compiled_text: str) -> list[tuple[str, str]]:
+    """Element types of both operands of every dot XLA actually runs, fusion bodies included.
+
+    XLA:CPU silently upcasts a bf16 dot it cannot give its GEMM library (for instance
+    one with a transposed operand) to f32, so this is how tests see that bf16 holds.
+    """
+    types, found = {}, []
+    for line in compiled_text.splitlines():
+        if m := re.match(r"\s*(?:ROOT )?(%[\w.\-]+) = (\w+)\[", line):
+            types[m.group(1)] = m.group(2)
+        if m := re.search(r" dot\((%[\w.\-]+), (%[\w.\-]+)\)", line):
+            found.append((types[m.group(1)], types[m.group(2)]))
+    return found
 
 
 @pytest.fixture(scope="session")

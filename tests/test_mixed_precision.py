@@ -1,7 +1,6 @@
 """bfloat16 compute with float32 parameters: the matmuls really run in bf16, and training matches f32."""
 
 import itertools
-import re
 
 import jax
 import jax.extend
@@ -16,7 +15,7 @@ from jaxgen.models.layers import _weight_grad, _weight_grad_cpu, matmul
 from jaxgen.sharding import make_mesh
 from jaxgen.train.build import build_training
 
-from conftest import tiny_config
+from conftest import compiled_dot_operand_types, tiny_config
 
 STEPS = 30
 
@@ -29,17 +28,6 @@ def dot_input_dtypes(jaxpr) -> list[tuple[str, ...]]:
             found.append(tuple(str(v.aval.dtype) for v in eqn.invars) + (str(eqn.params["preferred_element_type"]),))
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
             found += dot_input_dtypes(sub)
-    return found
-
-
-def compiled_dot_operand_types(compiled_text: str) -> list[tuple[str, str]]:
-    """Element types of both operands of every dot XLA actually runs, fusion bodies included."""
-    types, found = {}, []
-    for line in compiled_text.splitlines():
-        if m := re.match(r"\s*(?:ROOT )?(%[\w.\-]+) = (\w+)\[", line):
-            types[m.group(1)] = m.group(2)
-        if m := re.search(r" dot\((%[\w.\-]+), (%[\w.\-]+)\)", line):
-            found.append((types[m.group(1)], types[m.group(2)]))
     return found
 
 

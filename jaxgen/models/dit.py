@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from jaxgen.config import DiTConfig
+from jaxgen.models.attention import dot_product_attention
 from jaxgen.models.layers import DTYPES, Linear, run_stacked
 from jaxgen.sharding import constrain
 
@@ -107,7 +108,7 @@ class Block(nnx.Module):
         q_BNAd, k_BNAd, v_BNAd = (
             constrain(qkv[:, :, i], ("act_batch", "act_length", "act_heads", None)).astype(cd) for i in range(3)
         )
-        out_BNAd = jax.nn.dot_product_attention(q_BNAd, k_BNAd, v_BNAd, implementation=cfg.attention)
+        out_BNAd = dot_product_attention(q_BNAd, k_BNAd, v_BNAd, is_causal=False, implementation=cfg.attention)
         return self.wo(out_BNAd.reshape(b, n, d), cd)
 
     def mlp(self, x_BND: jax.Array) -> jax.Array:

@@ -1,7 +1,8 @@
 """Decoder-only Llama-family transformer in Flax NNX.
 
-RMSNorm, rotary positions, grouped-query causal attention through
-`jax.nn.dot_product_attention` (cuDNN flash attention on GPUs when asked),
+RMSNorm, rotary positions, grouped-query causal attention (models/attention.py:
+a CPU-tuned kernel on CPU, `jax.nn.dot_product_attention` elsewhere, cuDNN flash
+attention on GPUs when asked),
 SwiGLU MLP, optional tied embeddings, layers stacked and scanned.
 
 Shape letters: B batch, L length, D d_model, H query heads, K kv heads,
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgen.config import TransformerConfig
+from jaxgen.models.attention import dot_product_attention
 from jaxgen.models.layers import (
     DTYPES, Linear, RMSNorm, apply_rope, matmul, rope_tables, run_stacked, scan_stacked,
 )
@@ -49,10 +51,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BLD: jax.Array, cos: jax.Array, sin: jax.Array, segments_BL: jax.Array | None) -> jax.Array:
         q_BLHd, k_BLKd, v_BLKd = self.project(x_BLD, cos, sin)
-        # Same-document mask on top of the causal one; None keeps the plain causal kernel.
-        mask_B1LL = None if segments_BL is None else (segments_BL[:, :, None] == segments_BL[:, None, :])[:, None]
-        out_BLHd = jax.nn.dot_product_attention(q_BLHd, k_BLKd, v_BLKd, mask=mask_B1LL, is_causal=True,
-                                                implementation=self.cfg.attention)
+        # Segments add a same-document mask on top of the causal one.
+        out_BLHd = dot_product_attention(q_BLHd, k_BLKd, v_BLKd, is_causal=True, segments_BL=segments_BL,
+                                         implementation=self.cfg.attention)
         return self.output(out_BLHd)
 
     def output(self, out_BLHd: jax.Array) -> jax.Array:
