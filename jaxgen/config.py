@@ -63,6 +63,12 @@ class TransformerConfig(_Section):
     # Packed rows hold several documents: attend only within one's own document, with
     # positions restarting at each document (from the batch's segment_ids/positions).
     document_mask: bool = False
+    # Each layer runs the batch as this many independent slices (rows i, i+n, i+2n, ...,
+    # so no data moves between devices). XLA:CPU then keeps both cores on matmuls, one
+    # slice's while another's inputs are still being computed (8-12% faster steps on the
+    # default model); on GPUs and TPUs it would only shrink the matmuls. "auto": 4 when
+    # compiling for CPU (2 or 1 if the per-device batch does not divide by 4), else 1.
+    batch_slices: Annotated[int, Field(gt=0)] | Literal["auto"] = "auto"
 
     @property
     def resolved_head_dim(self) -> int:
@@ -423,6 +429,13 @@ class Config(_Section):
             raise ValueError(
                 f"data.batch_size={self.data.batch_size} is not divisible by "
                 f"train.microbatches={self.train.microbatches}"
+            )
+        slices = getattr(self.model, "batch_slices", "auto")
+        microbatch = self.data.batch_size // self.train.microbatches
+        if slices != "auto" and microbatch % slices:
+            raise ValueError(
+                f"model.batch_slices={slices} does not divide the batch each step sees "
+                f"({microbatch} = data.batch_size / train.microbatches); use a divisor of it or auto"
             )
         return self
 

@@ -154,6 +154,20 @@ def activation_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
         _active.reset(token)
 
 
+def activation_shards(logical_axis: str) -> tuple[int, str | None]:
+    """How many ways `constrain` splits an activation axis, and the mesh's platform.
+
+    (1, None) outside `activation_rules`.
+    """
+    active = _active.get()
+    if active is None:
+        return 1, None
+    mesh, rules = active
+    entry = logical_to_spec((logical_axis,), rules)[0]
+    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    return int(np.prod([mesh.shape[n] for n in names])), mesh.devices.flat[0].platform
+
+
 def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
     """Sharding constraint by logical names; a no-op outside `activation_rules`."""
     active = _active.get()

@@ -42,7 +42,8 @@ def test_param_count_matches_formula(tie, kv_heads):
     assert counted == v * d + L * (attn + 3 * d * f + 2 * d) + d + (0 if tie else d * v)
 
 
-@pytest.mark.parametrize("override", ["model.scan_layers=false", "model.remat=none", "model.remat=full", "model.remat=dots_with_no_batch_dims_saveable"])
+@pytest.mark.parametrize("override", ["model.scan_layers=false", "model.remat=none", "model.remat=full",
+                                      "model.remat=dots_with_no_batch_dims_saveable", "model.batch_slices=1"])
 def test_layer_scan_and_remat_do_not_change_the_function(tokens, override):
     base, variant = tiny_config(), tiny_config(override)
 
@@ -87,3 +88,41 @@ def test_document_mask_makes_packed_documents_independent():
     np.testing.assert_allclose(together[:, 10:], model(doc_b), atol=1e-5)
     # Without the mask the second document sees the first.
     assert not np.allclose(model(packed)[:, 10:], model(doc_b), atol=1e-3)
+
+
+@pytest.mark.parametrize("slices", [2, 4])
+def test_batch_slices_do_not_change_the_function_with_packed_documents(slices):
+    """Slices take interleaved rows; positions and document ids must travel with their rows."""
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (8, 32), 0, 512)
+    positions = jnp.tile(jnp.concatenate([jnp.arange(12), jnp.arange(20)]), (8, 1))
+    segments = jnp.tile(jnp.repeat(jnp.array([0, 1]), jnp.array([12, 20]), total_repeat_length=32), (8, 1))
+    segments = segments + jnp.arange(8)[:, None] * 2  # every row its own documents
+
+    def loss_and_grad(cfg):
+        graphdef, params = nnx.split(build_model(cfg.model, nnx.Rngs(0)))
+        f = lambda p: jnp.mean(nnx.merge(graphdef, p)(tokens, positions, segments) ** 2)
+        return jax.value_and_grad(f)(params)
+
+    base = loss_and_grad(tiny_config("model.batch_slices=1", "model.document_mask=true"))
+    sliced = loss_and_grad(tiny_config(f"model.batch_slices={slices}", "model.document_mask=true"))
+    np.testing.assert_allclose(base[0], sliced[0], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), base[1], sliced[1])
+
+
+def test_auto_batch_slices_follow_the_per_device_batch(devices):
+    from jaxgen.config import MeshConfig
+    from jaxgen.models.layers import resolve_batch_slices
+    from jaxgen.sharding import activation_rules, make_mesh, resolve_rules
+
+    assert resolve_batch_slices("auto", 32) == 4  # CPU, no mesh
+    mesh = make_mesh(MeshConfig(data=8, fsdp=1, tensor=1), devices)
+    with activation_rules(mesh, resolve_rules("dp")):
+        assert [resolve_batch_slices("auto", b) for b in (64, 16, 8)] == [4, 2, 1]
+        with pytest.raises(ValueError, match=r"batch_slices=4 does not divide the per-device batch 2 "
+                                             r"\(batch 16 over 8 devices\)"):
+            resolve_batch_slices(4, 16)
+
+
+def test_batch_slices_must_divide_the_batch():
+    with pytest.raises(Exception, match=r"model.batch_slices=3 does not divide the batch each step sees \(8 "):
+        tiny_config("model.batch_slices=3", "data.batch_size=8")

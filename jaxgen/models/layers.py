@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxgen.sharding import activation_shards
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -86,6 +88,38 @@ def _transposed_copy(a: jax.Array) -> jax.Array:
 
 
 _low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
+
+
+def resolve_batch_slices(setting: int | str, batch: int) -> int:
+    """The number of independent batch slices each layer runs (`model.batch_slices`)."""
+    shards, platform = activation_shards("act_batch")
+    per_device = batch // shards
+    if setting == "auto":
+        if (platform or jax.default_backend()) != "cpu":
+            return 1
+        return next(n for n in (4, 2, 1) if per_device % n == 0)
+    if per_device % setting:
+        raise ValueError(f"model.batch_slices={setting} does not divide the per-device batch {per_device} "
+                         f"(batch {batch} over {shards} devices); use a divisor of it or auto")
+    return setting
+
+
+def split_batch(x_B: jax.Array | None, n: int) -> tuple:
+    """n slices of the leading axis, slice i holding rows i, i+n, i+2n, ...
+
+    Interleaved rather than contiguous: each device's rows stay on that device (when
+    its share divides by n), so slicing a batch-sharded array moves no data.
+    """
+    if x_B is None or n == 1:
+        return (x_B,) * n
+    return tuple(x_B.reshape(x_B.shape[0] // n, n, *x_B.shape[1:])[:, i] for i in range(n))
+
+
+def merge_batch(slices: tuple[jax.Array, ...]) -> jax.Array:
+    """Inverse of `split_batch`."""
+    if len(slices) == 1:
+        return slices[0]
+    return jnp.stack(slices, axis=1).reshape(-1, *slices[0].shape[1:])
 
 
 class Linear(nnx.Module):

@@ -19,7 +19,8 @@ from flax import nnx
 from jaxgen.config import TransformerConfig
 from jaxgen.models.attention import dot_product_attention
 from jaxgen.models.layers import (
-    DTYPES, Linear, RMSNorm, apply_rope, matmul, rope_tables, run_stacked, scan_stacked,
+    DTYPES, Linear, RMSNorm, apply_rope, matmul, merge_batch, resolve_batch_slices, rope_tables, run_stacked,
+    scan_stacked, split_batch,
 )
 from jaxgen.sharding import constrain
 
@@ -133,11 +134,17 @@ class Transformer(nnx.Module):
             positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
         x_BLD = self.embed_tokens(tokens_BL)
         cos, sin = rope_tables(positions_BL, cfg.resolved_head_dim, cfg.rope_theta)
-        x_BLD = run_stacked(
-            self.layers, lambda layer, x: layer(x, cos, sin, segments_BL), x_BLD, scan=cfg.scan_layers,
-            remat_policy=cfg.remat,
-        )
-        return self.logits(x_BLD)
+        # Independent batch slices through every layer (model.batch_slices): more
+        # matmuls that XLA:CPU can run side by side. One slice is the plain model.
+        n = resolve_batch_slices(cfg.batch_slices, tokens_BL.shape[0])
+        per_slice = list(zip(split_batch(cos, n), split_batch(sin, n), split_batch(segments_BL, n)))
+
+        def layer_body(layer, xs):
+            return tuple(layer(x, cos, sin, segments) for x, (cos, sin, segments) in zip(xs, per_slice))
+
+        xs = run_stacked(self.layers, layer_body, split_batch(x_BLD, n), scan=cfg.scan_layers,
+                         remat_policy=cfg.remat)
+        return self.logits(merge_batch(xs))
 
     def logits(self, x_BLD: jax.Array) -> jax.Array:
         cd = DTYPES[self.cfg.compute_dtype]
