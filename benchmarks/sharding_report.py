@@ -224,34 +224,46 @@ def _calls(instruction: Instruction) -> Iterator[tuple[str, int]]:
             yield name.strip().lstrip("%"), times
 
 
-def parse_collectives(hlo_text: str, num_devices: int) -> list[Collective]:
-    """Every collective reachable from the entry computation: fusions, calls, loop bodies included.
+def walk_instructions(hlo_text: str) -> Iterator[tuple[Instruction, str, dict[str, str], int, bool]]:
+    """Every instruction reachable from the entry computation, fusions, calls and loop bodies included.
 
-    Every branch of a conditional counts as taken. Raises if a loop holding a
-    collective has no known trip count, since its traffic per step is unknown.
+    Yields (instruction, its computation's name, the types of that computation's values
+    by name, executions per step, whether an enclosing loop has no known trip count). Every branch of a
+    conditional counts as taken.
     """
     computations, entry = parse_computations(hlo_text)
-    found: list[Collective] = []
 
-    def walk(name: str, times: int, in_unknown_loop: bool) -> None:
+    def walk(name: str, times: int, in_unknown_loop: bool):
         instructions = computations[name]
         types = {i.name: i.type_text for i in instructions}
         for instruction in instructions:
-            kind = instruction.opcode.removesuffix("-start")
-            if kind in COLLECTIVES:
-                if in_unknown_loop:
-                    raise ValueError(f"{instruction.name} is in a loop with no known trip count")
-                operand = sum(_operand_bytes(o, types) for o in instruction.operands)
-                group = 0 if kind == "collective-permute" else replica_group_size(instruction.attributes, num_devices)
-                buffer = operand * group if kind == "all-gather" else operand
-                found.append(Collective(kind, group, buffer, times, name))
+            yield instruction, name, types, times, in_unknown_loop
             if instruction.opcode in ("async-update", "async-done"):
                 continue  # they name the computation their async-start already ran
             unknown = instruction.opcode == "while" and not _TRIP_COUNT.search(instruction.attributes)
             for called, factor in _calls(instruction):
-                walk(called, times * factor, in_unknown_loop or unknown)
+                yield from walk(called, times * factor, in_unknown_loop or unknown)
 
-    walk(entry, 1, False)
+    yield from walk(entry, 1, False)
+
+
+def parse_collectives(hlo_text: str, num_devices: int) -> list[Collective]:
+    """Every collective the compiled step runs (see `walk_instructions`).
+
+    Raises if a loop holding a collective has no known trip count, since its traffic
+    per step is unknown.
+    """
+    found: list[Collective] = []
+    for instruction, computation, types, times, in_unknown_loop in walk_instructions(hlo_text):
+        kind = instruction.opcode.removesuffix("-start")
+        if kind not in COLLECTIVES:
+            continue
+        if in_unknown_loop:
+            raise ValueError(f"{instruction.name} is in a loop with no known trip count")
+        operand = sum(_operand_bytes(o, types) for o in instruction.operands)
+        group = 0 if kind == "collective-permute" else replica_group_size(instruction.attributes, num_devices)
+        buffer = operand * group if kind == "all-gather" else operand
+        found.append(Collective(kind, group, buffer, times, computation))
     return found
 
 
