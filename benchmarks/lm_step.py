@@ -11,9 +11,11 @@ medians after warm-up.
 Model FLOPs per token follow PaLM (appendix B): 6 x matmul parameters +
 12 x layers x heads x head_dim x seq_len for attention (see
 `jaxgen.models.transformer.flops_per_token`); no credit for recomputation.
-MFU = tokens/s x FLOPs per token / peak, where the peak is a matmul measured
-in this run on this device (CPU: f32 and bf16-in/f32-accumulate separately;
-accelerators: the data-sheet bf16 peak as well). Peak memory is XLA's
+MFU = tokens/s x FLOPs per token / peak, where the peak is the best of the
+matmuls measured before every round and after the last, on this device
+(CPU: f32 and bf16-in/f32-accumulate separately; accelerators: the data-sheet
+bf16 peak as well). Each contestant's per-round medians are printed beside its
+overall median, so the run's own spread is visible. Peak memory is XLA's
 `memory_analysis()` of the compiled step (arguments + outputs + temporaries -
 aliased donations); on GPUs the allocator's peak is reported too.
 
@@ -32,11 +34,13 @@ The last line is the summary: `mfu`, `vs_torch_eager`, `bf16_speedup`, ...
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import statistics
 import sys
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -147,21 +151,47 @@ class TorchStep(Contestant):
         return self.train_step(self.inputs, self.targets)
 
 
-def take_turns(contestants: dict, rounds: int, steps: int, warmup: int) -> dict[str, float]:
-    """Median step seconds of each contestant, timed round-robin."""
+@dataclasses.dataclass
+class Timing:
+    """Step seconds of one contestant: the median of every timed step, and each round's median."""
+
+    median_s: float
+    round_medians_s: list[float]
+
+
+def take_turns(contestants: dict, rounds: int, steps: int, warmup: int,
+               before_round: Callable[[], None] = lambda: None) -> dict[str, Timing]:
+    """Time each contestant round-robin, so drift in machine speed hits them alike."""
     for c in contestants.values():
         c.run(warmup)
-    times: dict[str, list[float]] = {name: [] for name in contestants}
+    times: dict[str, list[list[float]]] = {name: [] for name in contestants}
     for _ in range(rounds):
+        before_round()
         for name, c in contestants.items():
-            times[name] += c.run(steps)
-    return {name: statistics.median(t) for name, t in times.items()}
+            times[name].append(c.run(steps))
+    return {name: Timing(statistics.median(t for r in per_round for t in r),
+                         [statistics.median(r) for r in per_round]) for name, per_round in times.items()}
 
 
-def matmul_peaks() -> dict[str, float]:
-    """FLOP/s of the best of a few square matmul sizes, f32 and bf16 inputs (f32 accumulation)."""
-    return {name: max(measure_matmul_peak(n, repeats=7, dtype=dtype) for n in (1024, 2048))
-            for name, dtype in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16))}
+class MatmulPeaks:
+    """FLOP/s of the best of a few square matmul sizes, f32 and bf16 inputs (f32 accumulation).
+
+    Measured again before every round: on a shared machine the same matmul varies by
+    10-20% within minutes, and the best figure of the run is the honest denominator
+    (a single slow measurement would inflate every MFU).
+    """
+
+    DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+    def __init__(self):
+        self.measured: dict[str, list[float]] = {name: [] for name in self.DTYPES}
+
+    def measure(self) -> None:
+        for name, dtype in self.DTYPES.items():
+            self.measured[name].append(max(measure_matmul_peak(n, repeats=7, dtype=dtype) for n in (1024, 2048)))
+
+    def __getitem__(self, dtype: str) -> float:
+        return max(self.measured[dtype])
 
 
 def data_sheet_peak() -> float | None:
@@ -192,12 +222,10 @@ def main() -> None:
     overrides = CONFIGS[args.config] + args.overrides
     cfg = load_config(None, overrides)
     device = jax.devices()[0]
-    peaks = matmul_peaks()
     sheet = data_sheet_peak()
     emit({"device": device.device_kind, "platform": device.platform, "config": args.config,
           "overrides": overrides, "params": param_count(cfg.model),
           "flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len),
-          "peak_f32_gflops": peaks["float32"] / 1e9, "peak_bf16_gflops": peaks["bfloat16"] / 1e9,
           "data_sheet_bf16_tflops": sheet / 1e12 if sheet else None})
 
     contestants = {}
@@ -210,16 +238,22 @@ def main() -> None:
         for mode in modes:
             for dtype in ("float32", "bfloat16"):
                 contestants[f"torch_{mode}_{dtype}"] = TorchStep(cfg, mode, dtype)
-    medians = take_turns(contestants, args.rounds, args.steps, args.warmup)
+    peaks = MatmulPeaks()
+    timings = take_turns(contestants, args.rounds, args.steps, args.warmup, before_round=peaks.measure)
+    peaks.measure()
+    emit({"peak_f32_gflops": peaks["float32"] / 1e9, "peak_bf16_gflops": peaks["bfloat16"] / 1e9,
+          **{f"peak_{name}_gflops_each_round": [round(f / 1e9, 1) for f in measured]
+             for name, measured in peaks.measured.items()}})
 
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
     tokens_per_s = {}
-    for name, seconds in medians.items():
+    for name, timing in timings.items():
         c = contestants[name]
-        tps = c.tokens_per_step / seconds
+        tps = c.tokens_per_step / timing.median_s
         tokens_per_s[name] = tps
         dtype = name.rsplit("_", 1)[1]
-        record = {"contestant": name, "step_ms": 1e3 * seconds, "tokens_per_s": tps,
+        record = {"contestant": name, "step_ms": 1e3 * timing.median_s,
+                  "step_ms_each_round": [round(1e3 * t, 1) for t in timing.round_medians_s], "tokens_per_s": tps,
                   "achieved_gflops": tps * fpt / 1e9, "mfu_vs_measured_peak": tps * fpt / peaks[dtype],
                   "compile_s": c.compile_s}
         if isinstance(c, JaxgenStep):
@@ -257,7 +291,7 @@ def tradeoff(cfg, args) -> None:
             variant = cfg.model_copy(update={"model": cfg.model.model_copy(
                 update={"scan_layers": scan, "remat": remat, "compute_dtype": "float32"})})
             step = JaxgenStep(variant)
-            seconds = take_turns({"x": step}, 1, args.steps * 2, args.warmup)["x"]
+            seconds = take_turns({"x": step}, 1, args.steps * 2, args.warmup)["x"].median_s
             emit({"tradeoff": True, "scan_layers": scan, "remat": remat, "step_ms": 1e3 * seconds,
                   "tokens_per_s": step.tokens_per_step / seconds, "compile_s": step.compile_s, **step.memory()})
             del step
