@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import pathlib
 import re
@@ -37,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))  # the sibling benchmark scripts
-from lm_step import JaxgenStep, MatmulPeaks  # noqa: E402
+from lm_step import JaxgenStep, MatmulPeaks, emit  # noqa: E402
 from sharding_report import walk_instructions  # noqa: E402
 
 from jaxgen.config import load_config  # noqa: E402
@@ -148,10 +147,6 @@ def time_in_torch(dot: Dot, repeats: int = 16) -> float:
         torch.matmul(a, b)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def emit(record: dict) -> None:
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}), flush=True)
 
 
 def main() -> None:
