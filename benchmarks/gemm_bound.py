@@ -123,23 +123,36 @@ def time_in_xla(dot: Dot, chain: int = 16, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def time_in_torch(dot: Dot, repeats: int = 16) -> float:
-    """Seconds per dot in PyTorch: operands permuted as views to (batch, free, contracted) x (batch, contracted, free)."""
+def torch_operands(dot: Dot, values: tuple | None = None) -> tuple:
+    """The dot's operands as PyTorch (batch..., free, contracted) and (batch..., contracted, free) matrices.
+
+    Permuted views of row-major tensors (a view wherever each group is a single axis, as in
+    every dot of these models), so MKL / oneDNN see the transposes as flags, as they do
+    under `torch.nn.functional.linear`. `values` (two arrays in the HLO operand shapes)
+    fills them; ones otherwise.
+    """
     import torch
 
     dtypes = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
-    (lhs_c, rhs_c), (lhs_b, rhs_b) = dot.contracting, dot.batch
 
-    def operand(array, contracted, batch, contracted_last):
+    def operand(array, contracted, batch, contracted_last, value):
         dtype, shape = array
         free = [d for d in range(len(shape)) if d not in contracted and d not in batch]
         first, second = (free, list(contracted)) if contracted_last else (list(contracted), free)
-        t = torch.ones(shape, dtype=dtypes[dtype]).permute(list(batch) + first + second)
-        # A view wherever one group is a single axis (every dot of these models); made before timing.
+        t = torch.ones(shape, dtype=dtypes[dtype]) if value is None else torch.tensor(value, dtype=dtypes[dtype])
+        t = t.permute(list(batch) + first + second)
         return t.reshape(*t.shape[:len(batch)], math.prod(shape[d] for d in first), -1)
 
-    a = operand(dot.lhs, lhs_c, lhs_b, contracted_last=True)
-    b = operand(dot.rhs, rhs_c, rhs_b, contracted_last=False)
+    (lhs_c, rhs_c), (lhs_b, rhs_b) = dot.contracting, dot.batch
+    lhs_value, rhs_value = values or (None, None)
+    return (operand(dot.lhs, lhs_c, lhs_b, True, lhs_value), operand(dot.rhs, rhs_c, rhs_b, False, rhs_value))
+
+
+def time_in_torch(dot: Dot, repeats: int = 16) -> float:
+    """Seconds per dot in PyTorch (`torch_operands`), the operands made before timing."""
+    import torch
+
+    a, b = torch_operands(dot)
     torch.matmul(a, b)
     times = []
     for _ in range(repeats):

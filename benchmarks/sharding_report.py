@@ -228,8 +228,8 @@ def walk_instructions(hlo_text: str) -> Iterator[tuple[Instruction, str, dict[st
     """Every instruction reachable from the entry computation, fusions, calls and loop bodies included.
 
     Yields (instruction, its computation's name, the types of that computation's values
-    by name, executions per step, whether an enclosing loop has no known trip count). Every branch of a
-    conditional counts as taken.
+    by name, executions per step, whether an enclosing loop has no known trip count).
+    Every branch of a conditional counts as taken.
     """
     computations, entry = parse_computations(hlo_text)
 

@@ -6,6 +6,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
@@ -41,6 +42,26 @@ def test_dots_in_a_scanned_loop_count_once_per_trip_with_their_layout(gemm_bound
     assert transposed_times == 1
     assert transposed.flops == 2 * 32 * 16 * 64
     assert transposed.describe().endswith("TN -> f32")
+
+
+@pytest.mark.parametrize("contracting,batch,rhs_shape", [
+    (((1,), (1,)), ((), ()), (12, 8)),  # g @ w.T
+    (((0,), (0,)), ((), ()), (16, 12)),  # x.T @ g
+    (((3,), (3,)), ((0, 1), (0, 1)), (2, 2, 12, 8)),  # attention scores, batched over (B, K)
+])
+def test_torch_operands_compute_the_same_product_as_the_hlo_dot(gemm_bound, contracting, batch, rhs_shape):
+    import torch
+
+    lhs_shape = (2, 2, 16, 8) if batch[0] else (16, 8)
+    dot = gemm_bound.Dot(lhs=("f32", lhs_shape), rhs=("f32", rhs_shape), contracting=contracting, batch=batch,
+                         out_dtype="f32")
+    rng = np.random.default_rng(0)
+    lhs, rhs = rng.standard_normal(lhs_shape, np.float32), rng.standard_normal(rhs_shape, np.float32)
+    expected = jax.lax.dot_general(lhs, rhs, (contracting, batch), precision="highest")
+    a, b = gemm_bound.torch_operands(dot, (lhs, rhs))
+    got = torch.matmul(a, b).numpy()
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_batched_dot_is_timed_in_xla_and_torch(gemm_bound):
