@@ -41,7 +41,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxgen.config import Config, ConfigError, TransformerConfig, load_config
+from jaxgen.config import Config, TransformerConfig, load_config
+from jaxgen.errors import ConfigError
 from jaxgen.models.transformer import param_count
 from jaxgen.sharding import BATCH_AXES, make_mesh, param_path
 from jaxgen.train.build import Training, build_training

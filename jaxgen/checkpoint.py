@@ -27,6 +27,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 from jaxgen.config import CheckpointConfig
+from jaxgen.errors import CheckpointError, CheckpointWriteError
 from jaxgen.sharding import param_path
 from jaxgen.train.state import StateLayout, TrainState
 
@@ -42,14 +43,6 @@ def _handlers() -> dict:
         "data": ocp.JsonCheckpointHandler(),
         "meta": ocp.JsonCheckpointHandler(),
     }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be used as asked; the message says what differs."""
-
-
-class CheckpointWriteError(RuntimeError):
-    """Writing a checkpoint failed (disk full, permissions, ...); earlier ones are intact."""
 
 
 def checkpoint_dir(run_dir: pathlib.Path) -> pathlib.Path:

@@ -11,8 +11,8 @@ import sys
 import traceback
 
 from jaxgen import distributed
-from jaxgen.config import ConfigError, load_config
-from jaxgen.data.corpus import DataError
+from jaxgen.config import load_config
+from jaxgen.errors import ConfigError, JaxgenError
 
 
 def default_run_dir(config_path: str | None) -> pathlib.Path:
@@ -265,19 +265,13 @@ def run_command(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("jaxgen").setLevel(logging.INFO)
-    from jaxgen.checkpoint import CheckpointError, CheckpointWriteError
-    from jaxgen.export import ExportError
-    from jaxgen.train.loop import NonFiniteError
     from jaxgen.train.preemption import EXIT_PREEMPTED, Preempted
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, ExportError) as err:
+    except JaxgenError as err:
         print(f"jaxgen: error: {err}", file=sys.stderr)
-        return 2
-    except (NonFiniteError, CheckpointWriteError) as err:
-        print(f"jaxgen: error: {err}", file=sys.stderr)
-        return 1
+        return err.exit_status
     except Preempted as err:
         print(f"jaxgen: {err}; run the same command again to resume", file=sys.stderr)
         return EXIT_PREEMPTED

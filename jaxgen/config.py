@@ -16,9 +16,7 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-
-class ConfigError(ValueError):
-    """A configuration the user wrote cannot be used; the message says why."""
+from jaxgen.errors import ConfigError
 
 
 class _Section(BaseModel):

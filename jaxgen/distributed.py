@@ -26,8 +26,7 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 
-from jaxgen.config import ConfigError
-from jaxgen.data.corpus import DataError
+from jaxgen.errors import ConfigError, DataError
 
 log = logging.getLogger("jaxgen")
 

@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 from jaxgen.checkpoint import Checkpointer, checkpoint_dir
 from jaxgen.config import Config, TransformerConfig
 from jaxgen.data.tokenizer import BOS_ID, EOS_ID, UNK_ID, Tokenizer
+from jaxgen.errors import ExportError
 from jaxgen.runs import OpenedRun, load_run_config, open_run
 from jaxgen.safetensors_stream import tensor_names_in, write_sharded
 from jaxgen.sharding import make_mesh, param_path
@@ -31,10 +32,6 @@ log = logging.getLogger("jaxgen")
 
 EXPORT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 DEFAULT_MAX_SHARD_BYTES = 2 * 2**30
-
-
-class ExportError(ValueError):
-    """The export or import cannot be done as asked; the message names the option."""
 
 
 # Hugging Face Llama name, jaxgen param path, one tensor per layer?, stored transposed?

@@ -6,8 +6,8 @@ import pathlib
 
 import numpy as np
 
-from jaxgen.config import ConfigError
 from jaxgen.diffusion.grid import image_grid, save_png
+from jaxgen.errors import ConfigError
 from jaxgen.runs import open_run
 from jaxgen.train.tasks import make_task
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 
-from jaxgen.checkpoint import CheckpointError, checkpoint_dir, restore_params
-from jaxgen.config import Config, ConfigError, load_config
+from jaxgen.checkpoint import checkpoint_dir, restore_params
+from jaxgen.config import Config, load_config
+from jaxgen.errors import CheckpointError, ConfigError
 from jaxgen.sharding import make_mesh
 from jaxgen.train.build import Training, build_training
 

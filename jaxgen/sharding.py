@@ -18,7 +18,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from jaxgen.config import ConfigError, MeshConfig
+from jaxgen.config import MeshConfig
+from jaxgen.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # every data-parallel axis splits the batch

@@ -66,8 +66,8 @@ def uneven(shares: list[int], end: str) -> dict:
     share without documents does (end="error").
     """
     from jaxgen.config import MeshConfig
-    from jaxgen.data.corpus import DataError
     from jaxgen.data.pipeline import to_global
+    from jaxgen.errors import DataError
     from jaxgen.sharding import make_mesh
 
     mesh = make_mesh(MeshConfig())

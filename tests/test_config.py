@@ -2,7 +2,8 @@
 
 import pytest
 
-from jaxgen.config import Config, ConfigError, load_config, parse_overrides
+from jaxgen.config import Config, load_config, parse_overrides
+from jaxgen.errors import ConfigError
 from jaxgen.sharding import mesh_shape
 
 from conftest import TINY_CONFIG, tiny_config

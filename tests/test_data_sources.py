@@ -11,13 +11,13 @@ import sys
 import numpy as np
 import pytest
 
-from jaxgen.config import ConfigError
-from jaxgen.data.corpus import BUNDLED_CORPUS, DataError, iter_documents
+from jaxgen.data.corpus import BUNDLED_CORPUS, iter_documents
 from jaxgen.data.lm import build_lm_data, prepare_tokenizer, train_batches
 from jaxgen.data.prepare import prepare_dataset
 from jaxgen.data.sources import one_pass_documents
 from jaxgen.data.splits import Shard
 from jaxgen.data.tokenizer import Tokenizer, train_tokenizer
+from jaxgen.errors import ConfigError, DataError
 
 from conftest import REPO, tiny_config
 

@@ -8,8 +8,8 @@ import jax
 import pytest
 
 from jaxgen import distributed
-from jaxgen.data.corpus import DataError
 from jaxgen.distributed import DataExhausted, DistributedError, DistributedSettings, settings_from
+from jaxgen.errors import DataError
 
 from conftest import REPO
 

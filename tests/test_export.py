@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxgen.export import ExportError, export_hf, export_run, import_hf
+from jaxgen.errors import ExportError
+from jaxgen.export import export_hf, export_run, import_hf
 from jaxgen.generate import Sampling, generate, sample_logits
 from jaxgen.metrics import read_metrics
 from jaxgen.models import build_model

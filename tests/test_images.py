@@ -10,11 +10,10 @@ import shutil
 import numpy as np
 import pytest
 
-from jaxgen.config import ConfigError
-from jaxgen.data.corpus import DataError
 from jaxgen.data.image_batches import held_out_batches, image_set, train_batches
 from jaxgen.data.images import make_shapes, open_images
 from jaxgen.data.splits import Shard
+from jaxgen.errors import ConfigError, DataError
 
 from test_data import assert_same_batches, take
 from test_dit import DIT_CONFIG, tiny_dit_config

@@ -18,15 +18,13 @@ import pathlib
 from collections.abc import Iterator
 from typing import IO, Literal
 
+from jaxgen.errors import DataError
+
 BUNDLED_CORPUS = pathlib.Path(__file__).with_name("kjv.txt.gz")
 
 InvalidUtf8 = Literal["skip", "error"]
 
 log = logging.getLogger("jaxgen")
-
-
-class DataError(ValueError):
-    """Input data cannot be used; the message names the file or pattern."""
 
 
 def resolve_files(pattern: str, key: str) -> list[pathlib.Path]:

@@ -19,14 +19,14 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxgen.config import Config, ConfigError, DataConfig
-from jaxgen.data.corpus import DataError
+from jaxgen.config import Config, DataConfig
 from jaxgen.data.packing import batch_rows, pack_documents
 from jaxgen.data.pipeline import BatchIterator, GrainBatches, prefetched, process_rows, this_process
 from jaxgen.data.prepare import read_prepared_metadata
 from jaxgen.data.sources import mixed_documents, one_pass_documents
 from jaxgen.data.splits import Shard
 from jaxgen.data.tokenizer import MAX_TRAINING_SENTENCES, Tokenizer, train_tokenizer
+from jaxgen.errors import ConfigError, DataError
 
 log = logging.getLogger("jaxgen")
 

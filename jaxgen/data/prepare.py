@@ -18,9 +18,10 @@ import shutil
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxgen.data.corpus import DataError, InvalidUtf8, iter_documents, resolve_files
+from jaxgen.data.corpus import InvalidUtf8, iter_documents, resolve_files
 from jaxgen.data.splits import HoldOut
 from jaxgen.data.tokenizer import Tokenizer
+from jaxgen.errors import DataError
 
 PREPARED_MARKER = "jaxgen_dataset.json"
 DATASET_NAME = "corpus"

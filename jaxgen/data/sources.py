@@ -19,13 +19,14 @@ import grain
 import numpy as np
 
 from jaxgen.config import DataConfig, SourceConfig
-from jaxgen.data.corpus import BUNDLED_CORPUS, DataError, InvalidUtf8, SkipCounter, decode_utf8, resolve_files
+from jaxgen.data.corpus import BUNDLED_CORPUS, InvalidUtf8, SkipCounter, decode_utf8, resolve_files
 from jaxgen.data.pipeline import RandomAccessSource
 from jaxgen.data.prepare import PREPARED_MARKER
 from jaxgen.data.splits import HeldOutView, HoldOut, Part, Shard
 from jaxgen.data.streaming import DocumentStream
 from jaxgen.data.tfds_builders import description, open_builder, open_split
 from jaxgen.data.tfrecord import TfdsTfRecordStream
+from jaxgen.errors import DataError
 
 Document = str | np.ndarray
 

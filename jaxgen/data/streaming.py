@@ -16,8 +16,9 @@ from typing import IO, Any
 
 import grain
 
-from jaxgen.data.corpus import DataError, InvalidUtf8, SkipCounter, decode_utf8, line_document, open_binary
+from jaxgen.data.corpus import InvalidUtf8, SkipCounter, decode_utf8, line_document, open_binary
 from jaxgen.data.splits import HoldOut, Shard
+from jaxgen.errors import DataError
 
 
 class DocumentStream(grain.IterDataset):

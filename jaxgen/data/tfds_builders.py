@@ -11,9 +11,9 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
-from jaxgen.data.corpus import DataError
 from jaxgen.data.pipeline import RandomAccessSource
 from jaxgen.data.tfrecord import tensorflow_available
+from jaxgen.errors import DataError
 
 
 def description(key: str, name: str, data_dir: str | None) -> str:

@@ -14,12 +14,12 @@ from typing import Any
 import grain
 import numpy as np
 
-from jaxgen.config import ConfigError, DiTConfig, ImagesConfig
-from jaxgen.data.corpus import DataError
+from jaxgen.config import DiTConfig, ImagesConfig
 from jaxgen.data.images import ImageSource
 from jaxgen.data.splits import Part, Shard
 from jaxgen.data.tfds_builders import description, open_builder, open_split, split_size
 from jaxgen.data.tfrecord import TfdsTfRecordStream
+from jaxgen.errors import ConfigError, DataError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,8 +13,8 @@ from typing import Any
 
 import grain
 
-from jaxgen.data.corpus import DataError
 from jaxgen.data.splits import Shard
+from jaxgen.errors import DataError
 
 # Records shuffled at once in a training stream (TFRecord has no random access).
 SHUFFLE_BUFFER = 10_000

@@ -12,10 +12,9 @@ from collections.abc import Iterable
 from typing import Literal
 
 import numpy as np
-
 import sentencepiece as spm
 
-from jaxgen.data.corpus import DataError
+from jaxgen.errors import DataError
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 

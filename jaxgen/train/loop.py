@@ -20,10 +20,11 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from jaxgen import __version__
-from jaxgen.checkpoint import Checkpointer, CheckpointError, checkpoint_dir, restore_params
-from jaxgen.config import Config, ConfigError
+from jaxgen.checkpoint import Checkpointer, checkpoint_dir, restore_params
+from jaxgen.config import Config
 from jaxgen.data.pipeline import to_global
 from jaxgen.distributed import next_in_lockstep
+from jaxgen.errors import CheckpointError, ConfigError, NonFiniteError
 from jaxgen.metrics import MetricsWriter, peak_flops_per_device, plot_loss_curve
 from jaxgen.sharding import data_parallel_size, make_mesh
 from jaxgen.train.build import build_training
@@ -37,10 +38,6 @@ log = logging.getLogger("jaxgen")
 def sampling_params(state) -> dict:
     """What evaluation and samples use: the parameter average when the task keeps one."""
     return state.ema_params if state.ema_params is not None else state.params
-
-
-class NonFiniteError(RuntimeError):
-    """train.nonfinite=abort and a step produced a non-finite loss or gradient."""
 
 
 def prepare_run_dir(run_dir: pathlib.Path, cfg: Config, resume_step: int | None) -> None:

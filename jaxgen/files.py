@@ -1,0 +1,183 @@
+"""Files that are never half-written, and directories with one writer at a time.
+
+- `write_atomic` / `copy_atomic`: the bytes go to a hidden temporary name in the
+  same directory, reach the disk, and are renamed over the target. Readers see
+  the old file or the new one; a full disk or a kill leaves no partial file
+  under the real name.
+- `building(target)`: a directory is built under a hidden temporary name and
+  renamed into place only when the block completes.
+- `DirectoryLock`: an OS lock (flock) on a lock file. The OS drops it when the
+  holder dies, so a stale lock is simply taken over; the file names its holder
+  (host, PID, command) so that a refused second writer is told who has it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import json
+import os
+import pathlib
+import shutil
+import socket
+import sys
+from collections.abc import Iterator
+
+from jaxgen.errors import DirectoryInUse
+
+
+def _temporary_sibling(path: pathlib.Path, kind: str) -> pathlib.Path:
+    # Hidden and unique per process: never mistaken for the real file, never shared by two writers.
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}")
+
+
+def _fsync_directory(directory: pathlib.Path) -> None:
+    """Make a rename inside `directory` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | pathlib.Path, data: bytes | str) -> None:
+    """Replace `path` with `data` in one step: afterwards it holds all of `data` or what it held before."""
+    path = pathlib.Path(path)
+    tmp = _temporary_sibling(path, "tmp")
+    payload = data.encode() if isinstance(data, str) else data
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def copy_atomic(source: str | pathlib.Path, path: str | pathlib.Path) -> None:
+    """Copy `source` to `path` with `write_atomic`'s guarantee, streaming (files of any size)."""
+    path = pathlib.Path(path)
+    tmp = _temporary_sibling(path, "tmp")
+    try:
+        shutil.copyfile(source, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+@contextlib.contextmanager
+def building(target: str | pathlib.Path) -> Iterator[pathlib.Path]:
+    """Yield a hidden directory beside `target`; it becomes `target` when the block completes.
+
+    `target` must not exist or be an empty directory. If the block raises (or
+    the process dies), `target` is untouched and the temporary directory is
+    removed (or, after a kill, left hidden).
+    """
+    target = pathlib.Path(target)
+    tmp = _temporary_sibling(target, "partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_directory(target.parent)
+
+
+def _holder_now() -> dict:
+    program = pathlib.Path(sys.argv[0]).name
+    program = "python -m jaxgen" if program == "__main__.py" else program
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "since": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join([program, *sys.argv[1:]])[:300],
+    }
+
+
+def describe_holder(holder: dict | None) -> str:
+    if not holder:
+        return "another process (it left no name)"
+    return (f"process {holder.get('pid')} on host {holder.get('host')} "
+            f"(since {holder.get('since')}: {holder.get('command')})")
+
+
+class DirectoryLock:
+    """An exclusive lock on `lock_file`, held until `release` or the process's death.
+
+    `what` names the locked thing in the refusal ("run directory 'runs/a'"), and
+    `advice` says what to do instead.
+    """
+
+    def __init__(self, lock_file: str | pathlib.Path, what: str, advice: str):
+        self.lock_file = pathlib.Path(lock_file)
+        self.what, self.advice = what, advice
+        self._fd: int | None = None
+
+    def acquire(self) -> dict | None:
+        """Take the lock or raise DirectoryInUse naming its holder.
+
+        Returns the previous holder's record when it left one behind (it died
+        without releasing: the lock was taken over), else None.
+        """
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise DirectoryInUse(f"{self.what} is in use by {describe_holder(holder)}; {self.advice}") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        previous = _read_holder(fd)
+        try:
+            payload = json.dumps(_holder_now()).encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, payload, 0)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)  # closing drops the lock
+            raise
+        self._fd = fd
+        return previous
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, 0)  # an empty file means "nobody": a later taker has no one to report
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> DirectoryLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> dict | None:
+    try:
+        raw = os.pread(fd, 4096, 0)
+        return json.loads(raw) if raw.strip() else None
+    except (OSError, ValueError):
+        return None
