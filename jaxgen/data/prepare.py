@@ -4,16 +4,32 @@ The result is an ordinary TFDS dataset directory (`dataset_info.json`,
 `features.json`, `corpus-{train,validation}.array_record-NNNNN-of-NNNNN`), read
 with `tfds.builder_from_directory` and no TensorFlow. Records hold the document
 `text`, or its `tokens` when a tokenizer is given (the tokenizer is copied in
-beside them). It is written into a hidden `.NAME.partial` directory and renamed
-into place only when complete, so an interrupted run never leaves a dataset
-that looks finished; `jaxgen_dataset.json`, written last, marks completion.
+beside them).
+
+Never a dataset that looks finished but is not:
+- One prepare per `--out`: it holds the lock `.NAME.prepare.lock` beside `--out`
+  (flock, so the lock of a killed run is simply taken over); a second one is
+  refused at once, naming the holder's host and PID.
+- The dataset is built in a hidden directory (`jaxgen.files.building`) and
+  renamed into place only after every file has been read back and found to
+  hold exactly the records written to it (count and digest), tfds reports the
+  same split sizes, and everything is on disk. `jaxgen_dataset.json`, written
+  last, marks completion.
+- A failure (bad input, damaged file, full disk) removes the hidden directory
+  and the lock; a killed run's hidden directory is removed by the next run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
 import json
+import os
 import pathlib
 import shutil
+import socket
+from collections.abc import Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -22,10 +38,37 @@ from jaxgen.data.corpus import InvalidUtf8, iter_documents, resolve_files
 from jaxgen.data.splits import HoldOut
 from jaxgen.data.tokenizer import Tokenizer
 from jaxgen.errors import DataError
+from jaxgen.files import DirectoryLock, building, write_atomic
 
 PREPARED_MARKER = "jaxgen_dataset.json"
 DATASET_NAME = "corpus"
 SPLITS = ("train", "validation")
+_READ_BACK_CHUNK = 1024  # records per read while verifying: bounded memory, few calls
+
+
+class _RecordDigest:
+    """The number of records in a sequence and a digest of their bytes."""
+
+    def __init__(self):
+        self.records = 0
+        self._sha256 = hashlib.sha256()
+
+    def add(self, record: bytes) -> None:
+        # The length prefix makes record boundaries count: two records are not their concatenation.
+        self._sha256.update(len(record).to_bytes(8, "little"))
+        self._sha256.update(record)
+        self.records += 1
+
+    def hexdigest(self) -> str:
+        return self._sha256.hexdigest()
+
+
+@dataclasses.dataclass
+class _WrittenFile:
+    """One ArrayRecord file and what was written to it, to compare with what reading it back gives."""
+
+    path: pathlib.Path
+    written: _RecordDigest = dataclasses.field(default_factory=_RecordDigest)
 
 
 class _ShardedSplitWriter:
@@ -33,35 +76,49 @@ class _ShardedSplitWriter:
 
     def __init__(self, directory: pathlib.Path, split: str, shard_size: int):
         self.directory, self.split, self.shard_size = directory, split, shard_size
-        self.shard_lengths: list[int] = []
+        self.files: list[_WrittenFile] = []
         self._writer = None
+
+    @property
+    def shard_lengths(self) -> list[int]:
+        return [f.written.records for f in self.files]
 
     def write(self, record: bytes) -> None:
         from array_record.python.array_record_module import ArrayRecordWriter
 
-        if self._writer is None or self.shard_lengths[-1] == self.shard_size:
+        if self._writer is None or self.files[-1].written.records == self.shard_size:
             self.close()
+            self.files.append(_WrittenFile(self.directory / f"{self.split}-{len(self.files):05d}.unnumbered"))
             # group_size:1 keeps every record individually addressable for random access.
-            self._writer = ArrayRecordWriter(str(self._unnumbered(len(self.shard_lengths))), "group_size:1")
-            self.shard_lengths.append(0)
-        self._writer.write(record)
-        self.shard_lengths[-1] += 1
+            with _as_os_error(self.files[-1].path):
+                self._writer = ArrayRecordWriter(str(self.files[-1].path), "group_size:1")
+        with _as_os_error(self.files[-1].path):
+            self._writer.write(record)
+        self.files[-1].written.add(record)
 
     def close(self) -> None:
         if self._writer is not None:
-            self._writer.close()
+            with _as_os_error(self.files[-1].path):
+                self._writer.close()
             self._writer = None
 
     def finish(self) -> None:
         """Name the files as TFDS expects, now that their number is known."""
         self.close()
-        n = len(self.shard_lengths)
-        for i in range(n):
-            self._unnumbered(i).rename(
+        n = len(self.files)
+        for i, file in enumerate(self.files):
+            file.path = file.path.rename(
                 self.directory / f"{DATASET_NAME}-{self.split}.array_record-{i:05d}-of-{n:05d}")
 
-    def _unnumbered(self, i: int) -> pathlib.Path:
-        return self.directory / f"{self.split}-{i:05d}.unnumbered"
+
+@contextlib.contextmanager
+def _as_os_error(path: pathlib.Path) -> Iterator[None]:
+    # array_record reports a failed write (full disk, file too large) as RuntimeError;
+    # it is an I/O failure and is raised as one, naming the file.
+    try:
+        yield
+    except RuntimeError as err:
+        raise OSError(f"writing {str(path)!r}: {err}") from err
 
 
 def prepare_dataset(input_pattern: str, out: str | pathlib.Path, *, field: str = "text",
@@ -69,56 +126,148 @@ def prepare_dataset(input_pattern: str, out: str | pathlib.Path, *, field: str =
                     invalid_utf8: InvalidUtf8 = "skip", shard_size: int = 1_000_000,
                     progress: bool = True) -> dict:
     """Write the dataset; returns its summary (also stored as `jaxgen_dataset.json`)."""
+    out = pathlib.Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _prepare_lock(out):
+        if out.exists():
+            raise DataError(f"--out {str(out)!r} already exists; choose a new directory")
+        files = resolve_files(input_pattern, "--input")
+        _remove_killed_builds(out)
+        with building(out) as partial:
+            summary = _write_dataset(files, input_pattern, partial, out, field=field, tokenizer=tokenizer,
+                                     validation_every_nth=validation_every_nth, invalid_utf8=invalid_utf8,
+                                     shard_size=shard_size, progress=progress)
+    return summary
+
+
+@contextlib.contextmanager
+def _prepare_lock(out: pathlib.Path) -> Iterator[None]:
+    """Hold `out`'s prepare lock for the block, then remove its file (a finished prepare leaves no trace)."""
+    lock_file = out.with_name(f".{out.name}.prepare.lock")
+    lock = DirectoryLock(lock_file, f"--out {str(out)!r}",
+                         "wait for that prepare to finish, or choose another --out")
+    while True:
+        lock.acquire()
+        # The holder removes the file before releasing it, so we may have locked a removed
+        # file while another process locks a new one; the file at the path names its holder.
+        if _names_this_process(lock_file):
+            break
+        lock.release()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):  # a lock file left behind is harmless: nobody holds it
+            lock_file.unlink(missing_ok=True)
+        lock.release()
+
+
+def _names_this_process(lock_file: pathlib.Path) -> bool:
+    try:
+        holder = json.loads(lock_file.read_text())
+    except (OSError, ValueError):
+        return False
+    return holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()
+
+
+def _remove_killed_builds(out: pathlib.Path) -> None:
+    """Remove hidden build directories of killed prepares of `out` (`building` names them `.NAME.partial-PID`).
+
+    Only called with the lock held: no live prepare of `out` owns one.
+    """
+    for leftover in out.parent.glob(f".{out.name}.partial-*"):
+        shutil.rmtree(leftover)
+
+
+def _write_dataset(files: list[pathlib.Path], input_pattern: str, partial: pathlib.Path, out: pathlib.Path, *,
+                   field: str, tokenizer: Tokenizer | None, validation_every_nth: int,
+                   invalid_utf8: InvalidUtf8, shard_size: int, progress: bool) -> dict:
     import tensorflow_datasets as tfds
 
-    out = pathlib.Path(out)
-    if out.exists():
-        raise DataError(f"--out {str(out)!r} already exists; choose a new directory")
-    files = resolve_files(input_pattern, "--input")
-    partial = out.with_name(f".{out.name}.partial")
-    if partial.exists():  # left by an interrupted run: ours, never a finished dataset
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    try:
-        features = tfds.features.FeaturesDict(
-            {"tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32)} if tokenizer
-            else {"text": tfds.features.Text()})
-        writers = {split: _ShardedSplitWriter(partial, split, shard_size) for split in SPLITS}
-        validation = HoldOut(validation_every_nth, "eval")
-        n_tokens = 0
-        documents = iter_documents(files, field, invalid_utf8)
-        for ordinal, text in enumerate(tqdm(documents, unit="doc", disable=not progress, desc="prepare")):
-            if tokenizer:
-                ids = tokenizer.encode_document(text)
-                n_tokens += len(ids)
-                example = {"tokens": ids}
-            else:
-                example = {"text": text}
-            writers["validation" if validation.keeps(ordinal) else "train"].write(features.serialize_example(example))
-        counts = {split: sum(w.shard_lengths) for split, w in writers.items()}
-        if counts["validation"] == 0:
-            raise DataError(
-                f"--input {input_pattern!r} holds {counts['train']} documents, fewer than "
-                f"--validation-every-nth={validation_every_nth}; no validation split possible")
-        for writer in writers.values():
-            writer.finish()
-        tfds.folder_dataset.write_metadata(
-            data_dir=partial, features=features, check_data=False, version="1.0.0",
-            filename_template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
-            split_infos=[tfds.core.SplitInfo(name=s, shard_lengths=w.shard_lengths, num_bytes=0)
-                         for s, w in writers.items()],
-            description=f"jaxgen data prepare --input {input_pattern}")
-        summary = {"input": input_pattern, "files": len(files), "documents": counts,
-                   "validation_every_nth": validation_every_nth, "tokenizer": None}
+    features = tfds.features.FeaturesDict(
+        {"tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32)} if tokenizer
+        else {"text": tfds.features.Text()})
+    writers = {split: _ShardedSplitWriter(partial, split, shard_size) for split in SPLITS}
+    validation = HoldOut(validation_every_nth, "eval")
+    n_tokens = 0
+    documents = iter_documents(files, field, invalid_utf8)
+    for ordinal, text in enumerate(tqdm(documents, unit="doc", disable=not progress, desc="prepare")):
         if tokenizer:
-            shutil.copyfile(tokenizer.path, partial / "tokenizer.model")
-            summary["tokenizer"] = {"sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size, "tokens": n_tokens}
-        (partial / PREPARED_MARKER).write_text(json.dumps(summary, indent=2) + "\n")
-        partial.rename(out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+            ids = tokenizer.encode_document(text)
+            n_tokens += len(ids)
+            example = {"tokens": ids}
+        else:
+            example = {"text": text}
+        writers["validation" if validation.keeps(ordinal) else "train"].write(features.serialize_example(example))
+    counts = {split: sum(w.shard_lengths) for split, w in writers.items()}
+    if counts["validation"] == 0:
+        raise DataError(
+            f"--input {input_pattern!r} holds {counts['train']} documents, fewer than "
+            f"--validation-every-nth={validation_every_nth}; no validation split possible")
+    for writer in writers.values():
+        writer.finish()
+    tfds.folder_dataset.write_metadata(
+        data_dir=partial, features=features, check_data=False, version="1.0.0",
+        filename_template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
+        split_infos=[tfds.core.SplitInfo(name=s, shard_lengths=w.shard_lengths, num_bytes=0)
+                     for s, w in writers.items()],
+        description=f"jaxgen data prepare --input {input_pattern}")
+    summary = {"input": input_pattern, "files": len(files), "documents": counts,
+               "validation_every_nth": validation_every_nth, "tokenizer": None}
+    if tokenizer:
+        shutil.copyfile(tokenizer.path, partial / "tokenizer.model")
+        summary["tokenizer"] = {"sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size, "tokens": n_tokens}
+    _verify(partial, writers, out)
+    _sync_files(partial)
+    write_atomic(partial / PREPARED_MARKER, json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _verify(partial: pathlib.Path, writers: dict[str, _ShardedSplitWriter], out: pathlib.Path) -> None:
+    """Raise DataError unless tfds finds exactly the files written, each holding exactly its records."""
+    import tensorflow_datasets as tfds
+
+    def damaged(what: str) -> DataError:
+        return DataError(f"--out {str(out)!r} was not created: {what}; the disk or filesystem lost or "
+                         f"changed data, check it and run the same command again")
+
+    splits = tfds.builder_from_directory(partial).info.splits
+    for split, writer in writers.items():
+        if list(splits[split].shard_lengths) != writer.shard_lengths:
+            raise damaged(f"dataset_info.json gives split {split!r} files of {list(splits[split].shard_lengths)} "
+                          f"records, {writer.shard_lengths} were written")
+        for path, file in zip(splits[split].filepaths, writer.files, strict=True):
+            if path.name != file.path.name:
+                raise damaged(f"tfds reads {path.name}, {file.path.name} was written")
+            try:
+                read = _read_back(file.path)
+            except RuntimeError as err:  # array_record's report of a damaged file
+                raise damaged(f"{path.name} cannot be read back ({err})") from None
+            if read.records != file.written.records:
+                raise damaged(f"{path.name} reads back {read.records} records, {file.written.records} were written")
+            if read.hexdigest() != file.written.hexdigest():
+                raise damaged(f"{path.name} reads back {read.records} records whose bytes differ from those written")
+
+
+def _read_back(path: pathlib.Path) -> _RecordDigest:
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    reader = ArrayRecordReader(str(path))
+    try:
+        read, n = _RecordDigest(), reader.num_records()
+        for start in range(0, n, _READ_BACK_CHUNK):
+            for record in reader.read(start, min(start + _READ_BACK_CHUNK, n)):
+                read.add(record)
+    finally:
+        reader.close()
+    return read
+
+
+def _sync_files(directory: pathlib.Path) -> None:
+    # The rename into place marks the dataset complete, so its bytes must reach the disk first:
+    # after a power loss a renamed directory could otherwise hold empty files.
+    for path in directory.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
 
 
 def read_prepared_metadata(path: str | pathlib.Path) -> dict | None:

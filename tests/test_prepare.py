@@ -1,0 +1,165 @@
+"""`jaxgen data prepare` never leaves a dataset that looks finished but is not:
+one prepare per --out, every file read back before the dataset is marked
+complete, and a kill or a full disk leaves nothing the next run trips over."""
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from array_record.python import array_record_module
+
+from jaxgen.data.prepare import prepare_dataset, read_prepared_metadata
+from jaxgen.errors import DataError
+
+from conftest import REPO
+
+DOCUMENTS = 20_000  # about a second of writing: long enough to catch a prepare while it runs
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "docs.txt"
+    path.write_text("".join(f"document {i}: the quick brown fox jumps over the lazy dog\n" for i in range(DOCUMENTS)))
+    return path
+
+
+def prepare_command(corpus, out):
+    return [sys.executable, "-m", "jaxgen", "data", "prepare", "--input", str(corpus), "--out", str(out)]
+
+
+def start_prepare(corpus, out, **kwargs):
+    return subprocess.Popen(prepare_command(corpus, out), cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+def run_prepare(corpus, out, **kwargs):
+    return subprocess.run(prepare_command(corpus, out), cwd=REPO, capture_output=True, text=True, timeout=120, **kwargs)
+
+
+def wait_for(condition, what):
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if found := condition():
+            return found
+        time.sleep(0.002)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def lock_holder_pid(out):
+    try:
+        return json.loads(out.with_name(f".{out.name}.prepare.lock").read_text())["pid"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def assert_complete(out):
+    import tensorflow_datasets as tfds
+
+    summary = read_prepared_metadata(out)
+    splits = tfds.builder_from_directory(out).info.splits
+    assert summary["documents"] == {name: splits[name].num_examples for name in ("train", "validation")}
+    assert sum(summary["documents"].values()) == DOCUMENTS
+    assert all(path.stat().st_size > 0 for path in out.iterdir())
+
+
+def test_a_second_prepare_of_the_same_out_is_refused_naming_the_first(corpus, tmp_path):
+    out = tmp_path / "ds"
+    processes = [start_prepare(corpus, out), start_prepare(corpus, out)]
+    try:
+        holder = wait_for(lambda: lock_holder_pid(out), "one prepare to take the lock")
+        # Paused while holding the lock, the holder is certainly still running when the other tries.
+        os.kill(holder, signal.SIGSTOP)
+        [refused] = [p for p in processes if p.pid != holder]
+        _, refusal = refused.communicate(timeout=120)
+        os.kill(holder, signal.SIGCONT)
+        [winner] = [p for p in processes if p.pid == holder]
+        _, winner_log = winner.communicate(timeout=120)
+    finally:
+        for process in processes:
+            process.kill()
+    assert winner.returncode == 0, winner_log[-2000:]
+    assert refused.returncode == 2
+    assert refusal.count("jaxgen: error:") == 1 and "Traceback" not in refusal
+    assert f"--out '{out}' is in use by process {holder} on host " in refusal
+    assert_complete(out)
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # no lock file, no hidden build directory
+
+
+def test_a_prepare_killed_mid_write_leaves_no_dataset_and_the_rerun_succeeds(corpus, tmp_path):
+    out = tmp_path / "ds"
+    process = start_prepare(corpus, out)
+    try:
+        wait_for(lambda: list(tmp_path.glob(".ds.partial-*/train-*")), "the first records to be written")
+    finally:
+        process.kill()
+        process.communicate()
+    assert not out.exists()
+    result = run_prepare(corpus, out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_complete(out)
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # the killed run's hidden directory is removed too
+
+
+class DroppingWriter:
+    """An ArrayRecord writer on a disk that silently loses the 10th record."""
+
+    def __init__(self, path, options, writer=array_record_module.ArrayRecordWriter):
+        self.path, self.written, self._writer = path, 0, writer(path, options)
+
+    def write(self, record):
+        self.written += 1
+        if self.written != 10:
+            self._writer.write(record)
+
+    def close(self):
+        self._writer.close()
+
+
+class AlteringWriter(DroppingWriter):
+    """... that changes one byte of the 10th record (same count, other bytes)."""
+
+    def write(self, record):
+        self.written += 1
+        self._writer.write(record[:-1] + bytes([record[-1] ^ 1]) if self.written == 10 else record)
+
+
+class TruncatingWriter(DroppingWriter):
+    """... that loses the second half of each file once it is closed."""
+
+    def close(self):
+        self._writer.close()
+        os.truncate(self.path, os.path.getsize(self.path) // 2)
+
+
+@pytest.mark.parametrize("writer, damage", [
+    (DroppingWriter, r"reads back 9799 records, 9800 were written"),
+    (AlteringWriter, r"reads back 9800 records whose bytes differ from those written"),
+    (TruncatingWriter, r"cannot be read back \("),
+])
+def test_a_damaged_file_is_caught_before_the_dataset_is_marked_complete(writer, damage, corpus, tmp_path, monkeypatch):
+    small = tmp_path / "small.txt"
+    small.write_text("".join(corpus.read_text().splitlines(keepends=True)[:10_000]))
+    monkeypatch.setattr(array_record_module, "ArrayRecordWriter", writer)
+    with pytest.raises(DataError, match=rf"--out '.*ds' was not created: corpus-train.array_record-00000-of-00001 {damage}"):
+        prepare_dataset(str(small), tmp_path / "ds", progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["small.txt"]
+
+
+def test_a_full_disk_leaves_no_dataset_and_no_lock(corpus, tmp_path):
+    out = tmp_path / "ds"
+
+    def small_file_size_limit():
+        # Python ignores SIGXFSZ, so an over-limit write fails with EFBIG as a full disk fails with ENOSPC.
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+
+    result = run_prepare(corpus, out, preexec_fn=small_file_size_limit)
+    assert result.returncode != 0 and "File too large" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+    result = run_prepare(corpus, out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_complete(out)
