@@ -1,8 +1,10 @@
-"""Weights out and in: raw safetensors for any model, Hugging Face Llama format for LMs.
+"""Weights out: raw safetensors for any model, Hugging Face Llama format for LMs.
 
-Tensors move one at a time (device -> host -> file, or file -> device), so the
-host never holds the whole model twice. The Hugging Face layout is checked by
-loading it into `transformers` in the tests: the logits match jaxgen's.
+Tensors move one at a time (device -> host -> file), so the host never holds
+the whole model twice. The output directory is built under a hidden name and
+renamed into place when complete, so a killed export leaves nothing that looks
+finished. The Hugging Face layout is checked by loading it into `transformers`
+in the tests: the logits match jaxgen's. Importing it back is `jaxgen.hf_import`.
 """
 
 from __future__ import annotations
@@ -11,22 +13,22 @@ import json
 import logging
 import pathlib
 import shutil
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-import sentencepiece as spm
 from jax.experimental import multihost_utils
 
-from jaxgen.checkpoint import Checkpointer, checkpoint_dir
 from jaxgen.config import Config, TransformerConfig
-from jaxgen.data.tokenizer import BOS_ID, EOS_ID, UNK_ID, Tokenizer
+from jaxgen.data.tokenizer import BOS_ID, EOS_ID
 from jaxgen.errors import ExportError
+from jaxgen.files import building
+from jaxgen.hf_import import import_hf  # noqa: F401  (re-exported: `jaxgen import` finds it here)
 from jaxgen.runs import OpenedRun, load_run_config, open_run
-from jaxgen.safetensors_stream import tensor_names_in, write_sharded
-from jaxgen.sharding import make_mesh, param_path
-from jaxgen.train.state import TrainState
+from jaxgen.safetensors_stream import write_sharded
+from jaxgen.sharding import param_path
 
 log = logging.getLogger("jaxgen")
 
@@ -52,7 +54,16 @@ LLAMA_TENSORS = [
 ]
 
 
-def _flat(params: dict) -> dict[str, jax.Array]:
+class LlamaTensor(NamedTuple):
+    hf_name: str
+    path: str  # of the jaxgen parameter
+    layer: int | None  # index into the parameter's stacked layer axis
+    transpose: bool
+    hf_shape: tuple[int, ...]
+
+
+def flat_params(params: dict) -> dict[str, jax.Array]:
+    """Leaves by path (`layers/attn/wq/kernel`); works on arrays, abstract arrays and shardings alike."""
     return {param_path(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
 
 
@@ -63,14 +74,16 @@ def _to_host(array: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
-def _llama_plan(cfg: TransformerConfig, flat: dict[str, jax.Array]) -> list[tuple[str, str, int | None, bool]]:
-    """(HF name, jaxgen path, layer index or None, transpose) for every exported tensor."""
+def llama_plan(cfg: TransformerConfig, flat: dict) -> list[LlamaTensor]:
+    """Every Hugging Face tensor of the model whose parameters (or abstract ones) are `flat`."""
     plan = []
     for hf_name, path, per_layer, transpose in LLAMA_TENSORS:
         if path not in flat:
             continue  # lm_head of a model with tied embeddings
+        shape = tuple(flat[path].shape[1:] if per_layer else flat[path].shape)
+        hf_shape = shape[::-1] if transpose else shape
         layers = range(cfg.n_layers) if per_layer else [None]
-        plan += [(hf_name.format(i=i), path, i, transpose) for i in layers]
+        plan += [LlamaTensor(hf_name.format(i=i), path, i, transpose, hf_shape) for i in layers]
     return plan
 
 
@@ -115,40 +128,36 @@ def _write_hf_tokenizer(tokenizer_path: pathlib.Path, out: pathlib.Path, max_len
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _prepare_out(out: pathlib.Path) -> pathlib.Path:
+def refuse_nonempty_output(out: str | pathlib.Path) -> None:
+    """Refuse, before any work, an output that `files.building` could not rename into place."""
     out = pathlib.Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ExportError(f"output directory {str(out)!r} exists and is not empty")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise ExportError(f"output {str(out)!r} exists and is not an empty directory; name a new or empty one")
 
 
 def export_hf(run: OpenedRun, out: str | pathlib.Path, dtype: str = "float32",
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> pathlib.Path:
     """A directory `transformers.AutoModelForCausalLM.from_pretrained` loads."""
     hf_config = llama_config(run.cfg)  # refuse before writing anything
+    refuse_nonempty_output(out)
     target = EXPORT_DTYPES[dtype]
-    flat = _flat(run.params)
-    plan = _llama_plan(run.cfg.model, flat)
-    by_name = {name: (path, layer, transpose) for name, path, layer, transpose in plan}
-    specs = []
-    for name, path, layer, transpose in plan:
-        shape = flat[path].shape[1:] if layer is not None else flat[path].shape
-        specs.append((name, tuple(reversed(shape)) if transpose else tuple(shape), target))
+    flat = flat_params(run.params)
+    by_name = {t.hf_name: t for t in llama_plan(run.cfg.model, flat)}
+    specs = [(t.hf_name, t.hf_shape, target) for t in by_name.values()]
 
     def fetch(name: str) -> np.ndarray:
-        path, layer, transpose = by_name[name]
-        array = flat[path] if layer is None else flat[path][layer]
+        t = by_name[name]
+        array = flat[t.path] if t.layer is None else flat[t.path][t.layer]
         host = _to_host(array.astype(jnp.float32))
-        return (host.T if transpose else host).astype(target)
+        return (host.T if t.transpose else host).astype(target)
 
     if jax.process_index() == 0:
-        out = _prepare_out(out)
-        write_sharded(out, "model", specs, fetch, max_shard_bytes)
-        (out / "config.json").write_text(json.dumps({**hf_config, "torch_dtype": dtype}, indent=2) + "\n")
-        generation = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "max_length": run.cfg.model.max_seq_len}
-        (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        _write_hf_tokenizer(run.run_dir / "tokenizer.model", out, run.cfg.model.max_seq_len)
+        with building(out) as partial:
+            write_sharded(partial, "model", specs, fetch, max_shard_bytes)
+            (partial / "config.json").write_text(json.dumps({**hf_config, "torch_dtype": dtype}, indent=2) + "\n")
+            generation = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "max_length": run.cfg.model.max_seq_len}
+            (partial / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+            _write_hf_tokenizer(run.run_dir / "tokenizer.model", partial, run.cfg.model.max_seq_len)
     else:  # every process takes part in gathering sharded tensors
         for name, *_ in specs:
             fetch(name)
@@ -158,16 +167,17 @@ def export_hf(run: OpenedRun, out: str | pathlib.Path, dtype: str = "float32",
 def export_safetensors(run: OpenedRun, out: str | pathlib.Path, dtype: str = "float32",
                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> pathlib.Path:
     """The raw parameter tree (any model), keys like `layers/attn/wq/kernel`, plus jaxgen's config."""
+    refuse_nonempty_output(out)
     target = EXPORT_DTYPES[dtype]
-    flat = _flat(run.params)
+    flat = flat_params(run.params)
     specs = [(path, tuple(array.shape), target) for path, array in flat.items()]
     fetch = lambda path: _to_host(flat[path].astype(jnp.float32)).astype(target)  # noqa: E731
     if jax.process_index() == 0:
-        out = _prepare_out(out)
-        write_sharded(out, "model", specs, fetch, max_shard_bytes)
-        (out / "config.yaml").write_text(run.cfg.to_yaml())
-        if (run.run_dir / "tokenizer.model").exists():
-            shutil.copyfile(run.run_dir / "tokenizer.model", out / "tokenizer.model")
+        with building(out) as partial:
+            write_sharded(partial, "model", specs, fetch, max_shard_bytes)
+            (partial / "config.yaml").write_text(run.cfg.to_yaml())
+            if (run.run_dir / "tokenizer.model").exists():
+                shutil.copyfile(run.run_dir / "tokenizer.model", partial / "tokenizer.model")
     else:
         for path, *_ in specs:
             fetch(path)
@@ -182,118 +192,9 @@ def export_run(run_dir: str | pathlib.Path, out: str | pathlib.Path, fmt: str = 
         raise ExportError(f"unknown export dtype {dtype!r}; valid: {', '.join(EXPORT_DTYPES)}")
     if fmt == "hf":
         llama_config(load_run_config(run_dir, overrides))  # a DiT fails here, before any restore
-    if out is not None and pathlib.Path(out).exists() and any(pathlib.Path(out).iterdir()):
-        raise ExportError(f"output directory {str(out)!r} exists and is not empty")
+    refuse_nonempty_output(out)  # before the restore, the expensive part
     run = open_run(run_dir, step, overrides)
     writer = export_hf if fmt == "hf" else export_safetensors
     path = writer(run, out, dtype)
     log.info("exported step %d of %s to %s (%s, %s)", run.step, run_dir, path, fmt, dtype)
     return path
-
-
-# ----------------------------------------------------------------------------- import
-
-
-def transformer_config_from_hf(hf: dict, where: str) -> TransformerConfig:
-    """jaxgen's model config for a Llama-family config.json; anything Llama-incompatible is refused."""
-    architectures = hf.get("architectures") or [hf.get("model_type", "unknown")]
-    if hf.get("model_type") != "llama" or architectures != ["LlamaForCausalLM"]:
-        raise ExportError(
-            f"{where}: architecture {architectures} (model_type {hf.get('model_type')!r}) is not supported; "
-            "jaxgen imports LlamaForCausalLM checkpoints"
-        )
-    unsupported = {
-        "attention_bias": (hf.get("attention_bias", False), False),
-        "mlp_bias": (hf.get("mlp_bias", False), False),
-        "hidden_act": (hf.get("hidden_act", "silu"), "silu"),
-        "rope_scaling": (hf.get("rope_scaling"), None),
-    }
-    for option, (value, supported) in unsupported.items():
-        if value != supported:
-            raise ExportError(f"{where}: {option}={value!r} is not supported by jaxgen (only {supported!r})")
-    rope = hf.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default":
-        raise ExportError(f"{where}: rope_parameters.rope_type={rope['rope_type']!r} is not supported (only 'default')")
-    return TransformerConfig(
-        vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-        n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        head_dim=hf.get("head_dim"), d_ff=hf["intermediate_size"],
-        max_seq_len=hf.get("max_position_embeddings", 2048),
-        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10_000.0)), norm_eps=hf.get("rms_norm_eps", 1e-6),
-        tie_embeddings=hf.get("tie_word_embeddings", False), init_std=hf.get("initializer_range", 0.02),
-    )
-
-
-def import_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path) -> pathlib.Path:
-    """A jaxgen run directory (config, tokenizer, checkpoint at step 0) from a local Llama checkpoint.
-
-    Fine-tune from it with `checkpoint.init_from=OUT`.
-    """
-    from safetensors import safe_open
-
-    hf_dir = pathlib.Path(hf_dir)
-    if not (hf_dir / "config.json").is_file():
-        raise ExportError(f"{str(hf_dir)!r} is not a Hugging Face model directory (no config.json)")
-    model_cfg = transformer_config_from_hf(json.loads((hf_dir / "config.json").read_text()), str(hf_dir))
-    if not (hf_dir / "tokenizer.model").is_file():
-        raise ExportError(f"{str(hf_dir)!r} has no sentencepiece tokenizer.model, which jaxgen's data pipeline needs")
-    tokenizer = Tokenizer(hf_dir / "tokenizer.model")
-    sp = spm.SentencePieceProcessor(model_file=str(hf_dir / "tokenizer.model"))
-    ids = (sp.unk_id(), sp.bos_id(), sp.eos_id())
-    if tokenizer.vocab_size != model_cfg.vocab_size or ids != (UNK_ID, BOS_ID, EOS_ID):
-        raise ExportError(
-            f"{hf_dir}/tokenizer.model has {tokenizer.vocab_size} pieces with unk, bos, eos = {ids}; jaxgen needs "
-            f"vocab_size={model_cfg.vocab_size} with unk, bos, eos = {(UNK_ID, BOS_ID, EOS_ID)}"
-        )
-    files = dict(tensor_names_in(hf_dir))
-    out = _prepare_out(out)
-    cfg = Config(model=model_cfg, data={"seq_len": min(model_cfg.max_seq_len, 128),
-                                        "tokenizer": str(out / "tokenizer.model")})
-
-    from jaxgen.train.build import build_training
-
-    training = build_training(cfg, make_mesh(cfg.mesh))
-    layout = training.layout
-    wanted = _flat(layout.abstract.params)
-    shardings = _flat(layout.shardings.params)
-    plan = _llama_plan(model_cfg, wanted)
-    missing = [name for name, *_ in plan if name not in files]
-    if missing:
-        raise ExportError(f"{hf_dir}: tensors missing for this config: {', '.join(missing[:5])}")
-
-    def read(name: str) -> np.ndarray:
-        with safe_open(files[name], framework="numpy") as f:
-            return f.get_tensor(name)
-
-    flat_params = {}
-    for path, abstract in wanted.items():
-        entries = [(name, layer, transpose) for name, p, layer, transpose in plan if p == path]
-        host = np.empty(abstract.shape, abstract.dtype)  # one parameter (all layers) on the host at a time
-        for name, layer, transpose in entries:
-            tensor = read(name)
-            tensor = tensor.T if transpose else tensor
-            if layer is None:
-                host[...] = tensor
-            else:
-                host[layer] = tensor
-        flat_params[path] = jax.device_put(host, shardings[path])
-    params = _unflatten(flat_params, layout.abstract.params)
-    opt_state = jax.jit(training.tx.init, out_shardings=layout.shardings.opt_state)(params)
-    zero = jnp.zeros((), jnp.int32)
-    state = TrainState(step=zero, params=params, opt_state=opt_state, rng=jax.random.PRNGKey(cfg.train.seed),
-                       nonfinite_steps=zero)
-
-    shutil.copyfile(hf_dir / "tokenizer.model", out / "tokenizer.model")
-    (out / "config.yaml").write_text(cfg.to_yaml())
-    ckpt = Checkpointer(checkpoint_dir(out), cfg.checkpoint)
-    meta = {"config": cfg.model_dump(mode="json"), "tokenizer_sha256": tokenizer.sha256,
-            "tokenizer_path": str(out / "tokenizer.model"), "imported_from": str(hf_dir)}
-    ckpt.save(0, state, {}, meta)
-    ckpt.wait()
-    ckpt.close()
-    log.info("imported %s into %s", hf_dir, out)
-    return out
-
-
-def _unflatten(flat: dict[str, jax.Array], like: dict) -> dict:
-    return jax.tree_util.tree_map_with_path(lambda p, _: flat[param_path(p)], like)

@@ -1,22 +1,33 @@
-"""Write safetensors files one tensor at a time.
+"""Write safetensors files one tensor at a time; read what a directory of them holds, trusting nothing.
 
 `safetensors.numpy.save_file` wants every tensor in one dict, i.e. the whole
 model in host memory at once. The format is simple enough to stream: a JSON
 header with every tensor's dtype, shape and byte range (all known from shapes
 alone), then the raw bytes in that order. Files written here are read back
 with the `safetensors` library itself in the tests.
+
+Reading starts from the headers alone (`stored_tensors`), so a caller can check
+every tensor's shape and dtype before it reads or allocates anything, and only
+files inside the given directory are ever opened.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import numpy as np
 
-SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "int32": "I32", "int64": "I64"}
+from jaxgen.errors import ExportError
+
+SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64",
+                      "int32": "I32", "int64": "I64"}
+DTYPE_NAMES = {code: name for name, code in SAFETENSORS_DTYPES.items()}
+# Weights that only `torch.load` (unpickling) reads.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def _nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
@@ -84,16 +95,98 @@ def write_sharded(out: pathlib.Path, stem: str, specs: list, fetch: Callable[[st
     return paths
 
 
-def tensor_names_in(directory: pathlib.Path, stem: str = "model") -> Iterable[tuple[str, pathlib.Path]]:
-    """(tensor name, file) for a single file or a sharded set with its index."""
+@dataclasses.dataclass(frozen=True)
+class StoredTensor:
+    """What a safetensors header says about one tensor; no tensor data is read to learn it."""
+
+    file: pathlib.Path  # resolved: inside the directory it was found in
+    dtype: str  # numpy's name ("float32", "bfloat16"), or the format's code for types jaxgen never writes
+    shape: tuple[int, ...]
+
+
+def file_inside(directory: pathlib.Path, name: str, what: str) -> pathlib.Path:
+    """`directory / name` with links resolved, refused unless it still lies inside `directory`.
+
+    Names come from the files being read (an index's weight map), so `..`, absolute
+    paths and symlinks could otherwise make them read anything on the machine.
+    """
+    root = directory.resolve()
+    path = (directory / name).resolve()
+    if not path.is_relative_to(root):
+        raise ExportError(
+            f"{what} {name!r} resolves to {str(path)!r}, outside {str(root)!r}; only files inside it are read "
+            "(to import a directory of links, copy it with the links followed: cp -rL)"
+        )
+    return path
+
+
+def stored_tensors(directory: pathlib.Path, stem: str = "model") -> dict[str, StoredTensor]:
+    """Every tensor of `<stem>.safetensors`, or of the files `<stem>.safetensors.index.json` names.
+
+    Read from the headers alone; files outside `directory`, an index that disagrees
+    with its files and files safetensors cannot parse are refused with an ExportError.
+    """
     index = directory / f"{stem}.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [(name, directory / file) for name, file in weight_map.items()]
     single = directory / f"{stem}.safetensors"
-    if not single.exists():
-        raise FileNotFoundError(f"{directory} holds neither {single.name} nor {index.name}")
+    if index.exists():
+        return _indexed_tensors(directory, index)
+    if single.exists():
+        return _header(file_inside(directory, single.name, "weights file"))
+    raise ExportError(f"{str(directory)!r} holds neither {single.name} nor {index.name}{_pickle_advice(directory)}")
+
+
+def _pickle_advice(directory: pathlib.Path) -> str:
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not pickles:
+        return ""
+    # Unpickling runs arbitrary code, so a checkpoint from elsewhere is never loaded that way.
+    return (f"; it holds {', '.join(pickles)}, but only safetensors are read: pickles are never loaded. Convert "
+            "with transformers: from_pretrained(DIR).save_pretrained(NEW_DIR, safe_serialization=True)")
+
+
+def _indexed_tensors(directory: pathlib.Path, index: pathlib.Path) -> dict[str, StoredTensor]:
+    """The tensors of every file the index names, refused unless the index maps each one to its own file."""
+    weight_map = _weight_map(file_inside(directory, index.name, "index"))
+    tensors: dict[str, StoredTensor] = {}
+    for entry in sorted(set(weight_map.values())):
+        file = file_inside(directory, entry, f"{index.name} entry")
+        if not file.is_file():
+            raise ExportError(f"{index.name} entry {entry!r} names no file in {str(directory)!r}")
+        for name, stored in _header(file).items():
+            if weight_map.get(name) != entry:
+                raise ExportError(f"{str(file)!r} holds tensor {name!r}, which {index.name} does not map to it")
+            tensors[name] = stored
+    unheld = [name for name in weight_map if name not in tensors]
+    if unheld:
+        raise ExportError(f"{index.name} maps tensor {unheld[0]!r} to {weight_map[unheld[0]]!r}, which does not hold it")
+    return tensors
+
+
+def _weight_map(index: pathlib.Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ExportError(f"{str(index)!r} is not a safetensors index (a JSON object with a 'weight_map'): "
+                          f"{type(err).__name__}: {err}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(file, str) for file in weight_map.values()):
+        raise ExportError(f"{str(index)!r}: 'weight_map' must map tensor names to file names")
+    return weight_map
+
+
+def _header(file: pathlib.Path) -> dict[str, StoredTensor]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(file, framework="numpy") as f:
+            slices = {name: f.get_slice(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    except (SafetensorError, OSError) as err:
+        raise ExportError(f"{str(file)!r} is not a readable safetensors file: {err}") from None
+    return {name: StoredTensor(file, DTYPE_NAMES.get(s.get_dtype(), s.get_dtype()), tuple(s.get_shape()))
+            for name, s in slices.items()}
+
+
+def read_tensor(name: str, stored: StoredTensor) -> np.ndarray:
     from safetensors import safe_open
 
-    with safe_open(single, framework="numpy") as f:
-        return [(name, single) for name in f.keys()]
+    with safe_open(stored.file, framework="numpy") as f:
+        return f.get_tensor(name)

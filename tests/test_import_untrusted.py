@@ -1,0 +1,255 @@
+"""`jaxgen import` reads a Hugging Face directory someone else made: nothing in it is trusted.
+
+Each test starts from a valid directory (a tiny untrained model, exported), breaks
+one thing the way a hostile or damaged checkpoint would, and expects one error
+naming the tensor, file or key, with `--out` never created. Exports and imports
+that fail halfway leave no output behind either.
+"""
+
+import json
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from jaxgen import safetensors_stream
+from jaxgen.errors import ExportError
+from jaxgen.export import export_hf, export_safetensors, import_hf
+from jaxgen.runs import OpenedRun, open_run
+from jaxgen.sharding import make_mesh
+from jaxgen.train.build import build_training
+
+from conftest import REPO, tiny_config
+
+WEIGHTS = "model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tokenizer):
+    """A tiny Llama-style LM (vocab 512, d_model 64, 2 layers) straight from init, as export sees a run."""
+    run_dir = tmp_path_factory.mktemp("run")
+    shutil.copyfile(tokenizer.path, run_dir / "tokenizer.model")
+    cfg = tiny_config(f"data.tokenizer={run_dir / 'tokenizer.model'}")
+    training = build_training(cfg, make_mesh(cfg.mesh))
+    return OpenedRun(run_dir=run_dir, cfg=cfg, training=training, step=0, params=training.init_state().params)
+
+
+@pytest.fixture(scope="module")
+def valid_hf(tiny_run, tmp_path_factory):
+    return export_hf(tiny_run, tmp_path_factory.mktemp("valid") / "hf")
+
+
+@pytest.fixture
+def hf(valid_hf, tmp_path):
+    """A fresh copy of the valid directory for one test to break."""
+    return shutil.copytree(valid_hf, tmp_path / "hf")
+
+
+def rewrite_tensors(hf_dir, change):
+    tensors = load_file(hf_dir / WEIGHTS)
+    change(tensors)
+    save_file(tensors, hf_dir / WEIGHTS, metadata={"format": "pt"})
+
+
+def rewrite_config(hf_dir, change):
+    config = json.loads((hf_dir / "config.json").read_text())
+    change(config)
+    (hf_dir / "config.json").write_text(json.dumps(config))
+
+
+def index_everything_into(hf_dir, file_of: dict[str, str]):
+    """An index mapping every tensor to model.safetensors except those named in `file_of`."""
+    weight_map = {name: file_of.get(name, WEIGHTS) for name in load_file(hf_dir / WEIGHTS)}
+    (hf_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def refused(hf_dir, out, match):
+    with pytest.raises(ExportError, match=match) as raised:
+        import_hf(hf_dir, out)
+    assert not out.exists()
+    assert "\n" not in str(raised.value)
+    return str(raised.value)
+
+
+# ----------------------------------------------------------------------------- tensors
+
+
+@pytest.mark.parametrize("name, bad_shape, shape", [
+    ("model.embed_tokens.weight", (1, 64), (512, 64)),  # numpy would broadcast this row to all 512
+    ("model.layers.1.mlp.down_proj.weight", (192, 64), (64, 192)),  # stored the other way round
+], ids=["one_row_for_all", "transposed"])
+def test_a_tensor_of_the_wrong_shape_is_refused(hf, tmp_path, name, bad_shape, shape):
+    rewrite_tensors(hf, lambda t: t.update({name: np.zeros(bad_shape, np.float32)}))
+    refused(hf, tmp_path / "out", rf"tensor '{name}' in \S*hf/{WEIGHTS} has shape "
+                                  rf"\({bad_shape[0]}, {bad_shape[1]}\), but config.json implies \({shape[0]}, {shape[1]}\)")
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.float64])
+def test_a_tensor_of_another_dtype_than_declared_is_refused(hf, tmp_path, dtype):
+    name = "model.layers.0.self_attn.q_proj.weight"
+    rewrite_tensors(hf, lambda t: t.update({name: t[name].astype(dtype)}))
+    refused(hf, tmp_path / "out", rf"tensor '{name}' in \S*{WEIGHTS} has dtype {np.dtype(dtype).name}, "
+                                  "but config.json declares float32")
+
+
+def test_without_a_declared_dtype_all_tensors_must_agree(hf, tmp_path):
+    rewrite_config(hf, lambda c: c.pop("torch_dtype"))
+    rewrite_tensors(hf, lambda t: t.update({"model.norm.weight": t["model.norm.weight"].astype(np.float16)}))
+    refused(hf, tmp_path / "out", r"tensor 'model.norm.weight' in \S+ has dtype float16, but "
+                                  r"'model.embed_tokens.weight' has float32 and config.json declares no dtype")
+
+
+def test_a_tensor_the_config_does_not_describe_is_refused(hf, tmp_path):
+    extra = "model.layers.2.mlp.up_proj.weight"  # a third layer; config.json says two
+    rewrite_tensors(hf, lambda t: t.update({extra: t["model.layers.1.mlp.up_proj.weight"]}))
+    refused(hf, tmp_path / "out", rf"{WEIGHTS} holds tensors that config.json does not describe: {extra}")
+
+
+def test_a_missing_tensor_is_refused(hf, tmp_path):
+    rewrite_tensors(hf, lambda t: t.pop("lm_head.weight"))
+    refused(hf, tmp_path / "out", "tensors that config.json implies are missing: lm_head.weight")
+
+
+def test_float16_weights_widen_exactly_into_float32_params(hf, tmp_path, tiny_run):
+    rewrite_config(hf, lambda c: c.update(torch_dtype="float16"))
+    rewrite_tensors(hf, lambda t: t.update({name: array.astype(np.float16) for name, array in t.items()}))
+    out = tmp_path / "empty"
+    out.mkdir()  # an existing empty directory is a valid --out
+    imported = open_run(import_hf(hf, out)).params
+    expected = jax.tree.map(lambda p: np.asarray(p).astype(np.float16).astype(np.float32), tiny_run.params)
+    jax.tree.map(np.testing.assert_array_equal, expected, jax.device_get(imported))
+
+
+# ----------------------------------------------------------------------------- files
+
+
+@pytest.mark.parametrize("entry", ["../outside.safetensors", "ABSOLUTE"])
+def test_an_index_entry_outside_the_directory_is_refused(hf, tmp_path, entry):
+    save_file({"lm_head.weight": load_file(hf / WEIGHTS)["lm_head.weight"]}, tmp_path / "outside.safetensors")
+    entry = str(tmp_path / "outside.safetensors") if entry == "ABSOLUTE" else entry
+    index_everything_into(hf, {"lm_head.weight": entry})
+    refused(hf, tmp_path / "out", re.escape(f"model.safetensors.index.json entry '{entry}' resolves to "
+                                            f"'{tmp_path}/outside.safetensors', outside '{hf}'"))
+
+
+def test_a_symlink_out_of_the_directory_is_refused(hf, tmp_path):
+    save_file({"lm_head.weight": load_file(hf / WEIGHTS)["lm_head.weight"]}, tmp_path / "outside.safetensors")
+    (hf / "model-00002-of-00002.safetensors").symlink_to(tmp_path / "outside.safetensors")
+    index_everything_into(hf, {"lm_head.weight": "model-00002-of-00002.safetensors"})
+    refused(hf, tmp_path / "out", r"entry 'model-00002-of-00002.safetensors' resolves to \S+outside.safetensors'")
+
+
+class _TouchWhenUnpickled:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return self.path.touch, ()
+
+
+def test_pickled_weights_are_never_loaded(hf, tmp_path):
+    unpickled = tmp_path / "unpickled"
+    (hf / WEIGHTS).unlink()
+    (hf / "pytorch_model.bin").write_bytes(pickle.dumps(_TouchWhenUnpickled(unpickled)))
+    message = refused(hf, tmp_path / "out", r"holds pytorch_model.bin, but only safetensors are read: "
+                                            "pickles are never loaded")
+    assert "save_pretrained(NEW_DIR, safe_serialization=True)" in message
+    assert not unpickled.exists()
+
+
+def test_a_broadcastable_tensor_is_refused_by_the_cli_in_one_line(hf, tmp_path):
+    name = "model.embed_tokens.weight"
+    rewrite_tensors(hf, lambda t: t.update({name: t[name][:1]}))
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "jaxgen", "import", "--from", str(hf), "--out", str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("jaxgen: error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr
+    assert f"tensor '{name}' in {hf}/{WEIGHTS} has shape (1, 64), but config.json implies (512, 64)" in errors[0]
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- config.json
+
+
+@pytest.mark.parametrize("content, match", [
+    ("{not json", r"config.json is not valid JSON: Expecting property name"),
+    ("[64, 2]", r"config.json must hold a JSON object, not list"),
+    ({"hidden_size": None}, r"config.json: required key 'hidden_size' is missing"),
+    ({"hidden_size": "64"}, r"config.json: key 'hidden_size' = '64': Input should be a valid integer"),
+    ({"num_hidden_layers": 2.5}, r"config.json: key 'num_hidden_layers' = 2.5: Input should be a valid integer"),
+    ({"tie_word_embeddings": "no"}, r"config.json: key 'tie_word_embeddings' = 'no': Input should be a valid boolean"),
+    ({"rms_norm_eps": -1.0}, r"config.json: key 'rms_norm_eps' = -1.0: Input should be greater than 0"),
+    ({"num_attention_heads": 3}, (r"config.json: model.n_heads=3 must be a multiple of model.n_kv_heads=2 "
+                                  r"\(in config.json, model.n_heads is 'num_attention_heads', "
+                                  r"model.n_kv_heads is 'num_key_value_heads'\)")),
+    ({"rope_parameters": "default"}, r"config.json: key 'rope_parameters' = 'default': expected an object"),
+    ({"torch_dtype": "float64"}, r"config.json: key 'torch_dtype' = 'float64' cannot be imported without loss"),
+], ids=["invalid_json", "not_an_object", "missing_hidden_size", "string_for_int", "float_for_int", "string_for_bool",
+        "negative", "heads_not_a_multiple", "rope_parameters_not_an_object", "lossy_dtype"])
+def test_a_malformed_config_is_one_line_naming_the_key(hf, tmp_path, content, match):
+    if isinstance(content, dict):
+        rewrite_config(hf, lambda c: c.update(content))
+    else:
+        (hf / "config.json").write_text(content)
+    refused(hf, tmp_path / "out", match)
+
+
+def test_a_non_empty_out_is_refused_before_any_work(hf, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="exists and is not an empty directory"):
+        import_hf(hf, out)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+# ----------------------------------------------------------------------------- atomic outputs
+
+
+@pytest.fixture
+def disk_full_after_one_tensor(monkeypatch):
+    """Every safetensors file write fails after its first tensor, as on a full disk."""
+    write = safetensors_stream.write_safetensors
+
+    def write_then_fail(path, specs, fetch, metadata=None):
+        def fetch_once(name):
+            if name != specs[0][0]:
+                raise OSError(28, "No space left on device")
+            return fetch(name)
+
+        return write(path, specs, fetch_once, metadata)
+
+    monkeypatch.setattr(safetensors_stream, "write_safetensors", write_then_fail)
+
+
+@pytest.mark.parametrize("export", [export_hf, export_safetensors])
+def test_an_export_that_fails_halfway_leaves_no_output(tiny_run, tmp_path, disk_full_after_one_tensor, export):
+    with pytest.raises(OSError, match="No space left"):
+        export(tiny_run, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []  # neither --out nor its hidden partial directory
+
+
+def test_an_import_that_fails_halfway_leaves_no_output(hf, tmp_path, monkeypatch):
+    from jaxgen import hf_import
+
+    read = hf_import.read_tensor
+    calls = []
+
+    def read_then_fail(name, stored):
+        calls.append(name)
+        if len(calls) > 1:
+            raise OSError(5, "Input/output error")
+        return read(name, stored)
+
+    monkeypatch.setattr(hf_import, "read_tensor", read_then_fail)
+    with pytest.raises(OSError, match="Input/output error"):
+        import_hf(hf, tmp_path / "out" / "run")
+    assert list((tmp_path / "out").iterdir()) == []
