@@ -6,6 +6,15 @@ reads. Output lines are prefixed with the process index. When one process
 fails, the others are stopped (they could only wait for it); the launcher's
 exit status is the first failure's. SIGTERM / SIGINT to the launcher reach every
 process, so a run saves its checkpoint as it would under a cluster scheduler.
+
+When the launcher itself dies (SIGKILL, the out-of-memory killer), there is no one
+left to forward anything, so each process watches for that itself
+(`watch_launcher`, started by `python -m jaxgen` when JAXGEN_LAUNCHER_PID is set):
+within a second it sends itself SIGTERM, so the run saves a checkpoint at a step
+every process agrees on and exits with 75, and if it is still running
+ORPHAN_GRACE_S later it kills itself. No process trains on unsupervised, and a
+launcher started again on the same run directory finds no old process still
+writing there.
 """
 
 from __future__ import annotations
@@ -17,13 +26,23 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from typing import TextIO
 
 from jaxgen.distributed import ENV
 
 # After one process fails, how long the others get to exit by themselves before SIGKILL.
 STOP_GRACE_S = 5.0
+
+# Set in every process the launcher starts: the PID whose death means "stop".
+LAUNCHER_PID_ENV = "JAXGEN_LAUNCHER_PID"
+# How often a launched process checks that its launcher is still its parent.
+LAUNCHER_POLL_S = 0.5
+# How long a process whose launcher is gone may take to save and exit before it
+# kills itself. Saving a local run takes seconds; the clean stop can also never
+# come (a peer already dead, a process stuck in a collective or still compiling),
+# and the old processes must be gone before a requeued launcher starts new ones.
+ORPHAN_GRACE_S = 20.0
 
 
 def free_port() -> int:
@@ -34,7 +53,7 @@ def free_port() -> int:
 
 
 def process_env(base: Mapping[str, str], index: int, processes: int, devices_per_process: int, port: int) -> dict:
-    """Environment of process `index`: its place in the run and its CPU devices."""
+    """Environment of process `index`: its place in the run, its CPU devices and its launcher (the caller)."""
     kept_flags = [f for f in base.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
     return {
         **base,
@@ -44,6 +63,7 @@ def process_env(base: Mapping[str, str], index: int, processes: int, devices_per
         "JAX_PLATFORMS": "cpu",
         "XLA_FLAGS": " ".join([*kept_flags, f"--xla_force_host_platform_device_count={devices_per_process}"]),
         "PYTHONUNBUFFERED": "1",  # lines appear as they are printed, in order across processes
+        LAUNCHER_PID_ENV: str(os.getpid()),
     }
 
 
@@ -62,14 +82,12 @@ def launch_local(command: Sequence[str], processes: int, devices_per_process: in
     if not command:
         raise ValueError("no command to launch; put it after --, e.g. -- train --config configs/lm_tiny.yaml")
     port = port or free_port()
-    procs = [
-        subprocess.Popen(list(command), env=process_env(os.environ, i, processes, devices_per_process, port),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
-        for i in range(processes)
-    ]
+    started = [_start(command, process_env(os.environ, i, processes, devices_per_process, port))
+               for i in range(processes)]
+    procs = [proc for proc, _ in started]
     lock = threading.Lock()
-    copiers = [threading.Thread(target=_copy_prefixed, args=(p.stdout, f"[{i}] ", out, lock), daemon=True)
-               for i, p in enumerate(procs)]
+    copiers = [threading.Thread(target=_copy_prefixed, args=(output, f"[{i}] ", out, lock), daemon=True)
+               for i, (_, output) in enumerate(started)]
     for t in copiers:
         t.start()
 
@@ -87,6 +105,21 @@ def launch_local(command: Sequence[str], processes: int, devices_per_process: in
         for t in copiers:
             t.join(timeout=STOP_GRACE_S)
     return status
+
+
+def _start(command: Sequence[str], env: Mapping[str, str]) -> tuple[subprocess.Popen, TextIO]:
+    """Start one process with stdout and stderr into one pipe; returns it and the pipe's read end."""
+    read_end, write_end = os.pipe()
+    # The process also inherits the read end of its own output pipe, and never reads
+    # it. Once the launcher is gone that keeps the pipe open, so the run's next print
+    # does not fail with a broken pipe (ending the run before it can save) in the
+    # moment before `watch_launcher` notices and sends its output elsewhere.
+    try:
+        proc = subprocess.Popen(list(command), env=env, stdout=write_end, stderr=subprocess.STDOUT,
+                                pass_fds=(read_end,))
+    finally:
+        os.close(write_end)
+    return proc, open(read_end, errors="replace")
 
 
 def _wait(procs: list[subprocess.Popen], out: TextIO, lock: threading.Lock) -> int:
@@ -125,3 +158,36 @@ def _copy_prefixed(stream: TextIO, prefix: str, out: TextIO, lock: threading.Loc
         with lock:
             out.write(prefix + line)
             out.flush()
+
+
+def watch_launcher(environ: MutableMapping[str, str] = os.environ) -> None:
+    """In a process `launch_local` started: stop when the launcher is gone. Elsewhere: nothing.
+
+    Stopping is SIGTERM to itself (the run saves as if preempted and exits with 75),
+    then SIGKILL to itself if it is still running ORPHAN_GRACE_S later.
+    """
+    launcher_pid = environ.pop(LAUNCHER_PID_ENV, None)  # processes this one starts have another parent
+    if launcher_pid is not None:
+        threading.Thread(target=_stop_when_orphaned, args=(int(launcher_pid),), name="watch-launcher",
+                         daemon=True).start()
+
+
+def _stop_when_orphaned(launcher_pid: int) -> None:
+    # A process whose parent dies is adopted by init (or a subreaper), so its parent
+    # PID changes for good; unlike asking whether `launcher_pid` runs, a new process
+    # reusing that PID cannot fool this.
+    while os.getppid() == launcher_pid:
+        time.sleep(LAUNCHER_POLL_S)
+    _discard_output()
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(ORPHAN_GRACE_S)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _discard_output() -> None:
+    # No one reads this process's output any more: once the pipe filled up, the next
+    # write would block the run in the middle of stopping.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (sys.stdout.fileno(), sys.stderr.fileno()):
+        os.dup2(devnull, fd)
+    os.close(devnull)

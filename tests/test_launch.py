@@ -1,5 +1,6 @@
 """The launchers: `jaxgen launch local` as a process supervisor, and the cluster scripts' validity."""
 
+import gzip
 import io
 import os
 import pathlib
@@ -8,14 +9,16 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
 import yaml
 
-from jaxgen.launch import exit_code, launch_local, process_env
+from jaxgen.data.corpus import BUNDLED_CORPUS
+from jaxgen.launch import LAUNCHER_PID_ENV, ORPHAN_GRACE_S, exit_code, launch_local, process_env, watch_launcher
 
-from conftest import REPO
+from conftest import REPO, TINY_CONFIG
 
 LAUNCH = REPO / "launch"
 
@@ -31,6 +34,7 @@ def test_each_process_learns_its_place_and_device_count():
     assert (env["JAXGEN_NUM_PROCESSES"], env["JAXGEN_PROCESS_ID"]) == ("3", "1")
     assert env["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=4"
     assert env["JAX_PLATFORMS"] == "cpu" and env["HOME"] == "/h"
+    assert env[LAUNCHER_PID_ENV] == str(os.getpid())
 
 
 def test_output_is_prefixed_by_process_index():
@@ -92,6 +96,121 @@ def test_launch_without_a_command_explains_itself():
                             cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "give the command after --" in result.stderr
+
+
+# ----------------------------------------------------------------------------- when the launcher dies
+
+
+needs_proc = pytest.mark.skipif(not pathlib.Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+
+
+def process_stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat after the command name: state, parent PID, ...; None once the process is gone."""
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def is_running(pid: int) -> bool:
+    stat = process_stat(pid)
+    return stat is not None and stat[0] != "Z"
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`."""
+    return [int(p.name) for p in pathlib.Path("/proc").iterdir()
+            if p.name.isdigit() and (stat := process_stat(int(p.name))) and int(stat[1]) == pid]
+
+
+def wait_until_gone(pids: list[int], timeout: float) -> float:
+    """Seconds until none of `pids` runs; fails the test after `timeout`."""
+    start = time.monotonic()
+    while any(is_running(pid) for pid in pids):
+        assert time.monotonic() - start < timeout, f"still running {timeout}s later: {list(filter(is_running, pids))}"
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
+def kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def test_a_process_not_started_by_the_launcher_watches_nothing():
+    threads = threading.active_count()
+    watch_launcher({})
+    assert threading.active_count() == threads
+
+
+@needs_proc
+@pytest.mark.parametrize("on_sigterm", ["exit", "ignore"])
+def test_a_launched_process_stops_by_itself_when_its_launcher_dies(tmp_path, on_sigterm):
+    # Like a run, the process prints all the time and, asked to stop, saves (here: leaves
+    # a file, as its output goes nowhere once the launcher is gone) and exits; or it
+    # never gets that far, and must kill itself after the grace period.
+    asked_to_stop = tmp_path / "asked_to_stop"
+    process = f"""
+        import os, pathlib, signal, sys, time
+        import jaxgen.launch
+
+        jaxgen.launch.ORPHAN_GRACE_S = 1.0
+        def on_sigterm(signum, frame):
+            pathlib.Path({str(asked_to_stop)!r}).touch()
+            if {on_sigterm!r} == "exit":
+                sys.exit(75)
+        signal.signal(signal.SIGTERM, on_sigterm)
+        jaxgen.launch.watch_launcher()
+        print(os.getpid(), os.environ.get({LAUNCHER_PID_ENV!r}), flush=True)
+        while True:
+            print("step", flush=True)
+            time.sleep(0.01)
+    """
+    launcher = subprocess.Popen(python(f"""
+        from jaxgen.launch import launch_local
+        launch_local({python(process)!r}, 1, 1)
+    """), cwd=REPO, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, pid, inherited = launcher.stdout.readline().split()  # "[0] PID None"
+        assert inherited == "None"  # processes it starts do not watch the launcher
+        launcher.kill()
+        launcher.wait()
+        wait_until_gone([int(pid)], timeout=15)
+        assert asked_to_stop.exists()  # not ended by a print into the closed pipe
+    finally:
+        kill_group(launcher.pid)
+
+
+@needs_proc
+def test_killing_the_launcher_makes_its_processes_save_and_stop(tmp_path):
+    corpus = tmp_path / "verses.txt"  # the first 3,000 verses: quick to tokenize
+    with gzip.open(BUNDLED_CORPUS, "rt", encoding="utf-8") as f:
+        corpus.write_text("".join(line for _, line in zip(range(3000), f)))
+    run_dir, log = tmp_path / "run", tmp_path / "launcher.log"
+    argv = [sys.executable, "-m", "jaxgen", "launch", "local", "--processes", "2", "--devices-per-process", "1",
+            "--", "train", "--config", str(TINY_CONFIG), "--run-dir", str(run_dir), f"data.text={corpus}",
+            "train.steps=100000", "checkpoint.every=null", "logging.every=1", "train.sample_tokens=0",
+            "train.peak_flops_per_device=1e11", "logging.tensorboard=false"]
+    launcher = subprocess.Popen(argv, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                                stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.monotonic() + 240
+        while not (metrics.exists() and metrics.read_text().count('"loss"') >= 3):
+            assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-5000:]
+            time.sleep(0.2)
+        workers = children(launcher.pid)
+        assert len(workers) == 2
+        launcher.kill()
+        launcher.wait()
+        seconds = wait_until_gone(workers, timeout=ORPHAN_GRACE_S + 25)
+        saved = [int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()]
+        # The clean stop's checkpoint (`checkpoint.every=null` saves no other), at a step after the third.
+        assert len(saved) == 1 and saved[0] >= 3, f"saved {saved}; processes gone after {seconds:.1f}s"
+    finally:
+        kill_group(launcher.pid)
 
 
 # ----------------------------------------------------------------------------- cluster scripts
