@@ -63,7 +63,7 @@ def measure(total_mb: int, root: pathlib.Path, repeats: int) -> dict:
         ckpt.close()
 
         start = time.perf_counter()
-        restored, _, _ = Checkpointer(directory, CheckpointConfig()).restore(layout)
+        restored = Checkpointer(directory, CheckpointConfig()).restore(layout.target, 1).state
         jax.block_until_ready(restored)
         restore.append(time.perf_counter() - start)
         shutil.rmtree(directory)

@@ -1,22 +1,34 @@
-"""Checkpoints: Orbax `CheckpointManager` for the train state, data position and run metadata.
+"""Checkpoints of any pytree of arrays, with the data position and run metadata, verified on restore.
 
-A checkpoint at `RUN_DIR/checkpoints/<step>/` holds three items:
-  state  the whole TrainState (params, optimizer state, step, RNG, counters)
+A checkpoint at `DIR/<step>/` holds three Orbax items:
+  state  the pytree (for training: the whole TrainState)
   data   every process's data-iterator state (JSON), so batches resume exactly
-  meta   the resolved config, the tokenizer's hash and path, the process count
+  meta   the caller's metadata plus `integrity`: per array its shape, dtype,
+         two sharding-independent hashes and an all-finite flag, the hash of
+         `data`, and a hash of `meta` itself
 
 Saves are asynchronous and atomic (Orbax writes a temporary directory and
-renames it on commit), so a process killed mid-save leaves the previous
-checkpoint loadable. Restores go through abstract arrays that carry the
-*current* shardings: a checkpoint written on one mesh loads onto any other,
-each device reading only its own shards.
+renames it on commit). A restore is verified: every value read must hash to
+what was saved, or the checkpoint counts as damaged. The training run falls
+back to the newest intact checkpoint (renaming damaged ones to
+`<step>.damaged`); readers refuse a damaged one. Non-finite states are never
+saved. Retention is ours, not Orbax's: old steps are renamed out of sight
+before they are deleted, so a reader sees a step whole or not at all, and the
+newest checkpoint this process has read back intact is kept until a newer one
+has been.
+
+Restores go through abstract arrays carrying the *current* shardings: a
+checkpoint written on one mesh loads onto any other.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 import pathlib
+import shutil
 import time
 from typing import Any
 
@@ -24,22 +36,25 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
-from orbax.checkpoint import checkpoint_managers as policies
 
 from jaxgen.config import CheckpointConfig
-from jaxgen.errors import CheckpointError, CheckpointWriteError
-from jaxgen.sharding import param_path
-from jaxgen.train.state import StateLayout, TrainState
+from jaxgen.errors import CheckpointError, CheckpointWriteError, NonFiniteError
+from jaxgen.integrity import differing, json_digest, tree_digest
 
 log = logging.getLogger("jaxgen")
 
-ITEMS = ("state", "data", "meta")
+DAMAGED_SUFFIX = ".damaged"
+_DELETING_PREFIX = ".deleting-"
 
 
-def _handlers() -> dict:
-    # Named up front so a fresh manager can read metadata before any restore.
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint that cannot be read back as it was saved; the message says what is wrong."""
+
+
+def _handlers(state_handler=None) -> dict:
+    # Named up front so a fresh manager can read any item before a restore names it.
     return {
-        "state": ocp.StandardCheckpointHandler(),
+        "state": state_handler or ocp.StandardCheckpointHandler(),
         "data": ocp.JsonCheckpointHandler(),
         "meta": ocp.JsonCheckpointHandler(),
     }
@@ -49,29 +64,46 @@ def checkpoint_dir(run_dir: pathlib.Path) -> pathlib.Path:
     return pathlib.Path(run_dir).absolute() / "checkpoints"
 
 
-def abstract_target(layout: StateLayout) -> TrainState:
-    """ShapeDtypeStructs carrying the target shardings: Orbax restores straight into them."""
-    return jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), layout.abstract, layout.shardings
-    )
+def committed_steps(directory: pathlib.Path) -> list[int]:
+    """Steps whose save committed (Orbax's atomic rename gave them their plain number)."""
+    directory = pathlib.Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+@dataclasses.dataclass
+class Restored:
+    step: int
+    state: Any
+    data_state: dict  # this process's
+    meta: dict
 
 
 class Checkpointer:
-    def __init__(self, directory: pathlib.Path, cfg: CheckpointConfig):
+    """Saves and restores one directory of checkpoints.
+
+    `writer`: this object may rename damaged checkpoints and apply retention
+    (the training run that holds the run directory's lock); readers pass False.
+    """
+
+    def __init__(self, directory: pathlib.Path, cfg: CheckpointConfig, writer: bool = True):
         self.cfg = cfg
+        self.writer = writer
         self.directory = pathlib.Path(directory)
-        keep = [policies.LatestN(cfg.keep)]
-        if cfg.keep_every:
-            keep.append(policies.EveryNSteps(cfg.keep_every))
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=policies.AnyPreservationPolicy(keep),
             enable_async_checkpointing=cfg.async_save,
             # Leftovers of a save that died half-way are removed, never loaded.
-            cleanup_tmp_directories=True,
-            create=True,
+            cleanup_tmp_directories=writer,
+            create=writer,
+            read_only=not writer,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
         self._last_save_time = time.monotonic()
+        self._verified_step: int | None = None  # newest step this process read back intact
+        if writer and jax.process_index() == 0:
+            for leftover in self.directory.glob(f"{_DELETING_PREFIX}*"):  # a deletion a kill interrupted
+                shutil.rmtree(leftover, ignore_errors=True)
 
     # ------------------------------------------------------------------ when
     def due(self, step: int, final: bool) -> bool:
@@ -86,15 +118,26 @@ class Checkpointer:
         return elapsed
 
     # ------------------------------------------------------------------ save
-    def save(self, step: int, state: TrainState, data_state: dict, meta: dict) -> None:
+    def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
         """Start an asynchronous save; returns once the arrays are copied off the devices."""
-        if step in self.manager.all_steps():
+        if step in committed_steps(self.directory):
             return
+        arrays = tree_digest(state)
+        bad = [path for path, digest in arrays.items() if not digest["finite"]]
+        if bad:
+            raise NonFiniteError(
+                f"refusing to save step {step}: non-finite values in {', '.join(bad[:5])}"
+                f"{' and more' if len(bad) > 5 else ''}; the last checkpoint is kept")
+        shapes = {path: {"shape": list(leaf.shape), "dtype": str(leaf.dtype)}
+                  for path, leaf in zip(arrays, jax.tree.leaves(state))}
+        data = {"processes": gather_process_states(data_state)}
+        integrity = {"arrays": {p: {**shapes[p], **arrays[p]} for p in arrays}, "data_sha256": json_digest(data)}
+        meta = {**meta, "integrity": integrity}
+        integrity["meta_sha256"] = json_digest(meta)
+        self._surface_write_errors(self.manager.wait_until_finished)  # Orbax would wait for it anyway
+        self._apply_retention()
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave({"processes": gather_process_states(data_state)}),
-            meta=ocp.args.JsonSave(meta),
-        )
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data), meta=ocp.args.JsonSave(meta))
         self._surface_write_errors(lambda: self.manager.save(step, args=args, force=True))
         self._last_save_time = time.monotonic()
 
@@ -102,47 +145,167 @@ class Checkpointer:
         """Block until every started save is durable; raises CheckpointWriteError if one failed."""
         self._surface_write_errors(self.manager.wait_until_finished)
         self._surface_write_errors(self.manager.check_for_errors)
+        self._apply_retention()
 
     def _surface_write_errors(self, action) -> None:
         # A background write fails far from its cause; say where, and what is still safe.
         try:
             action()
         except Exception as err:
-            committed = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+            committed = committed_steps(self.directory)
             safe = f"step {committed[-1]} is intact" if committed else "no earlier checkpoint exists"
-            reason = str(err).splitlines()[0][:400]
+            reason = str(err).splitlines()[0][:400] if str(err) else type(err).__name__
             raise CheckpointWriteError(f"writing a checkpoint to {self.directory} failed: {reason}; {safe}") from err
+
+    def _apply_retention(self) -> None:
+        """Delete what neither `keep`, `keep_every` nor the newest read-back-intact checkpoint holds."""
+        if not self.writer:
+            return
+        steps = committed_steps(self.directory) if jax.process_index() == 0 else []
+        keep = set(steps[-self.cfg.keep:])
+        keep |= {s for s in steps if self.cfg.keep_every and s % self.cfg.keep_every == 0}
+        if self._verified_step is not None:
+            keep.add(self._verified_step)
+        for step in steps:
+            if step not in keep:
+                # Renamed first: a reader sees the whole step or none of it.
+                doomed = self.directory / f"{_DELETING_PREFIX}{step}-{os.getpid()}"
+                os.rename(self.directory / str(step), doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("jaxgen checkpoint retention")
+        self.manager.reload()
 
     def close(self) -> None:
         self.manager.close()
 
     # ------------------------------------------------------------------ restore
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+    def steps(self) -> list[int]:
+        return committed_steps(self.directory)
 
-    def restore(self, layout: StateLayout, step: int | None = None) -> tuple[TrainState, dict, dict]:
-        """(state in the layout's shardings, this process's data state, meta)."""
-        step = self.latest_step() if step is None else step
-        if step is None or step not in self.manager.all_steps():
-            raise CheckpointError(
-                f"no checkpoint for step {step} in {self.directory}; available: {list(self.manager.all_steps())}"
-            )
-        check_shapes(self.manager.item_metadata(step)["state"], layout, f"{self.directory}/{step}")
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_target(layout)),
-                data=ocp.args.JsonRestore(),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
+    def restore(self, target: Any, step: int) -> Restored:
+        """Checkpoint `step` read into `target`'s shardings and verified.
+
+        `target`: a pytree of jax.ShapeDtypeStruct with shardings, shaped like
+        the saved pytree. Raises DamagedCheckpoint if anything read differs
+        from what was saved, CheckpointError if it does not fit `target`.
+        """
+        where = f"checkpoint {self.directory}/{step}"
+        meta = _read_meta(self.manager, step, where)
+        check_fits(meta, target, where)
+        restored = _damage_as_error(where, lambda: self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())))
+        if json_digest(restored["data"]) != meta["integrity"]["data_sha256"]:
+            raise DamagedCheckpoint(f"{where} is damaged: its data-iterator state does not match its checksum")
+        _verify_arrays(restored["state"], meta, where)
         processes = restored["data"]["processes"]
         if len(processes) != jax.process_count():
             raise CheckpointError(
-                f"checkpoint {step} was written by {len(processes)} processes, this run has {jax.process_count()}; "
-                "the model state reshards, but each process's data position cannot be re-split"
-            )
-        return restored["state"], processes[jax.process_index()], restored["meta"]
+                f"{where} was written by {len(processes)} processes, this run has {jax.process_count()}; "
+                "the model state reshards, but each process's data position cannot be re-split")
+        if self.writer:
+            self._verified_step = step
+        return Restored(step, restored["state"], processes[jax.process_index()], meta)
+
+    def restore_newest_intact(self, target: Any) -> Restored | None:
+        """The newest checkpoint that reads back intact, or None if no step was committed.
+
+        A damaged newer one is renamed to `<step>.damaged` with a warning saying
+        what was wrong. If every committed step is damaged, nothing is renamed
+        and DamagedCheckpoint lists them: starting over would silently discard them.
+        """
+        damaged: dict[int, str] = {}
+        for step in reversed(self.steps()):
+            try:
+                restored = self.restore(target, step)
+            except DamagedCheckpoint as err:
+                damaged[step] = str(err)
+            if not _on_every_process(step not in damaged):  # one process's read failing fails them all
+                damaged.setdefault(step, f"checkpoint {self.directory}/{step} could not be read by another process")
+                continue
+            for bad_step, reason in damaged.items():
+                self._set_aside(bad_step, reason)
+            return restored
+        if damaged:
+            raise DamagedCheckpoint(
+                f"every checkpoint in {self.directory} is damaged: " + "; ".join(damaged.values())
+                + f". Move {self.directory} aside to start again from step 0")
+        return None
+
+    def _set_aside(self, step: int, reason: str) -> None:
+        log.warning("%s; falling back to an earlier checkpoint", reason)
+        if not self.writer or jax.process_index() != 0:
+            return
+        target = self.directory / f"{step}{DAMAGED_SUFFIX}"
+        n = 1
+        while target.exists():
+            target, n = self.directory / f"{step}{DAMAGED_SUFFIX}.{n}", n + 1
+        os.rename(self.directory / str(step), target)
+        log.warning("renamed the damaged checkpoint to %s (kept for inspection; delete it when done)", target)
+
+
+def _on_every_process(ok: bool) -> bool:
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+def _damage_as_error(where: str, read):
+    """Run `read`; any failure to read (missing or garbled files, decoder errors) is damage."""
+    try:
+        return read()
+    except CheckpointError:
+        raise
+    except Exception as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise DamagedCheckpoint(f"{where} is damaged or incomplete: {type(err).__name__}: {reason}") from None
+
+
+def _read_meta(manager: ocp.CheckpointManager, step: int, where: str) -> dict:
+    meta = _damage_as_error(where, lambda: manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))["meta"])
+    integrity = meta.get("integrity") if isinstance(meta, dict) else None
+    if not isinstance(integrity, dict) or "meta_sha256" not in integrity:
+        raise DamagedCheckpoint(f"{where} has no checksums (incomplete, or written by a jaxgen without them)")
+    unsigned = {**meta, "integrity": {k: v for k, v in integrity.items() if k != "meta_sha256"}}
+    if json_digest(unsigned) != integrity["meta_sha256"]:
+        raise DamagedCheckpoint(f"{where} is damaged: its metadata does not match its checksum")
+    return meta
+
+
+def check_fits(meta: dict, target: Any, where: str, prefix: str = "") -> None:
+    """Refuse a checkpoint of another shape, listing every array that differs (under `prefix` only)."""
+    saved = {p: (tuple(a["shape"]), a["dtype"]) for p, a in meta["integrity"]["arrays"].items() if p.startswith(prefix)}
+    wanted = {prefix + p: (tuple(leaf.shape), str(leaf.dtype)) for p, leaf in _named_leaves(target).items()}
+    problems = [
+        f"  {path}: checkpoint {_shape_text(saved.get(path))}, model {_shape_text(wanted.get(path))}"
+        for path in sorted(set(saved) | set(wanted))
+        if saved.get(path) != wanted.get(path)
+    ]
+    if problems:
+        shown = problems[:20] + ([f"  ... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        raise CheckpointError(f"{where} does not fit this model ({len(problems)} arrays differ):\n" + "\n".join(shown))
+
+
+def _shape_text(entry: tuple | None) -> str:
+    if entry is None:
+        return "missing"
+    shape, dtype = entry
+    return f"{shape} {dtype}"
+
+
+def _named_leaves(tree: Any) -> dict[str, Any]:
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): leaf
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _verify_arrays(tree: Any, meta: dict, where: str, prefix: str = "") -> None:
+    restored = {prefix + path: digest for path, digest in tree_digest(tree).items()}
+    bad = differing(meta["integrity"]["arrays"], restored)
+    if bad:
+        raise DamagedCheckpoint(
+            f"{where} is damaged: {len(bad)} arrays read back differ from what was saved "
+            f"({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''})")
 
 
 def gather_process_states(local: dict) -> list[dict]:
@@ -157,62 +320,48 @@ def gather_process_states(local: dict) -> list[dict]:
     return [json.loads(bytes(row[: int(n)]).decode()) for row, n in zip(rows, lengths.reshape(-1))]
 
 
-def check_shapes(saved_metadata: Any, layout: StateLayout, where: str) -> None:
-    """Refuse a checkpoint of another shape, listing every parameter that differs."""
-    saved = _shapes_by_path(saved_metadata.params if hasattr(saved_metadata, "params") else saved_metadata["params"])
-    wanted = _shapes_by_path(layout.abstract.params)
-    problems = [
-        f"  {path}: checkpoint {saved.get(path, 'missing')}, model {wanted.get(path, 'missing')}"
-        for path in sorted(set(saved) | set(wanted))
-        if saved.get(path) != wanted.get(path)
-    ]
-    if problems:
-        raise CheckpointError(
-            f"checkpoint {where} does not fit this model ({len(problems)} parameters differ):\n" + "\n".join(problems)
-        )
+def restore_subtree(path: str | pathlib.Path, keys: tuple[str, ...], target: Any, step: int | None = None,
+                    what: str = "checkpoint") -> tuple[Any, str, int]:
+    """One verified subtree of a saved state (e.g. `params`) without the rest: (subtree, its key, step).
 
-
-def _shapes_by_path(tree) -> dict[str, tuple]:
-    leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
-    return {param_path(path): tuple(leaf.shape) for path, leaf in leaves}
-
-
-def restore_params(path: str | pathlib.Path, layout: StateLayout, use_ema: bool = False) -> dict:
-    """Parameters only, from a run directory (latest step) or one step directory.
-
-    `use_ema`: the parameter average instead, where the checkpoint has one (what
-    sampling and evaluation use); fine-tuning starts from the parameters themselves.
+    `keys`: the subtrees wanted, in order of preference; the first one the
+    checkpoint holds is read (("ema_params", "params"): the average if there is
+    one). `path`: a run directory, its `checkpoints` directory or one step
+    directory (then `step` must be None). Default step: the newest committed.
+    Read only: a damaged checkpoint is refused, never renamed or replaced.
+    `what` names the source in messages (e.g. "checkpoint.init_from='runs/a'").
     """
     path = pathlib.Path(path).absolute()
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
-    step = None
     if path.name.isdigit() and (path / "state").is_dir():
         path, step = path.parent, int(path.name)
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint.init_from={str(path)!r} is not a run or checkpoint directory")
+        raise CheckpointError(f"{what}: {str(path)!r} is not a run or checkpoint directory")
+    steps = committed_steps(path)
+    if not steps:
+        raise CheckpointError(f"{what}: {str(path)!r} holds no committed checkpoint")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise CheckpointError(f"{what}: {str(path)} has no checkpoint for step {step}; available: {steps}")
+    where = f"checkpoint {path}/{step}"
     # The PyTree handler (not the Standard one) can restore a subtree: params without optimizer state.
-    handlers = {**_handlers(), "state": ocp.PyTreeCheckpointHandler()}
-    manager = ocp.CheckpointManager(path, item_handlers=handlers, options=ocp.CheckpointManagerOptions(create=False))
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise CheckpointError(f"checkpoint.init_from={str(path)!r} holds no checkpoint")
-    metadata = manager.item_metadata(step)["state"]
-    check_shapes(metadata, layout, f"{path}/{step}")
-    key = "ema_params" if use_ema and _has_ema(metadata) else "params"
-    target = {key: abstract_target(layout).params}
-    restored = manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            target,
-            restore_args=jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), target),
-            partial_restore=True,
-        ))
-    )
-    manager.close()
+    manager = ocp.CheckpointManager(path, item_handlers=_handlers(ocp.PyTreeCheckpointHandler()),
+                                    options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+    try:
+        meta = _read_meta(manager, step, where)
+        saved = meta["integrity"]["arrays"]
+        key = next((k for k in keys if any(p.startswith(f"{k}/") for p in saved)), keys[-1])
+        check_fits(meta, target, where, prefix=f"{key}/")
+        subtree = {key: target}
+        restored = _damage_as_error(where, lambda: manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                subtree,
+                restore_args=jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), subtree),
+                partial_restore=True,
+            ))))["state"][key]
+        _verify_arrays(restored, meta, where, prefix=f"{key}/")
+    finally:
+        manager.close()
     log.info("loaded %s from %s step %d", key, path, step)
-    return restored["state"][key]
-
-
-def _has_ema(metadata) -> bool:
-    ema = metadata.get("ema_params") if hasattr(metadata, "get") else getattr(metadata, "ema_params", None)
-    return bool(ema)
+    return restored, key, step

@@ -26,6 +26,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from jaxgen.train.loop import train
 
     run_dir = pathlib.Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
+    # Processes start seconds apart; all must use process 0's timestamped default.
+    run_dir = pathlib.Path(distributed.bytes_from_process_0(str(run_dir).encode()).decode())
     summary = train(cfg, run_dir)
     sample = summary.pop("sample", None)
     print(json.dumps(summary, indent=2))

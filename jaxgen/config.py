@@ -20,7 +20,8 @@ from jaxgen.errors import ConfigError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf and nan are never valid where a number is meant (an infinite learning rate poisons the weights).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 DType = Literal["float32", "bfloat16", "float16"]
@@ -292,9 +293,12 @@ class TrainConfig(_Section):
     # Tokens generated from the final model as a sample; 0 disables.
     sample_tokens: int = Field(48, ge=0)
     sample_prompt: str = "And God said"
-    # A non-finite loss or gradient: "skip" leaves params and optimizer state
-    # untouched and counts it; "abort" stops the run (exit 1) without saving.
+    # A step whose loss, gradient or update (new params / optimizer state) is not finite:
+    # "skip" keeps params and optimizer state as they were, warns and counts it;
+    # "abort" stops the run (exit 1) without saving.
     nonfinite: Literal["skip", "abort"] = "skip"
+    # Under "skip", this many skipped steps in a row stop the run (exit 1): it is not training.
+    max_consecutive_nonfinite: int = Field(20, gt=0)
 
 
 class CheckpointConfig(_Section):

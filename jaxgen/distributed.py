@@ -270,6 +270,22 @@ def next_in_lockstep(batches: Iterator[dict[str, np.ndarray]], step: int) -> dic
     )
 
 
+def bytes_from_process_0(payload: bytes | None) -> bytes:
+    """Process 0's `payload` on every process (what the others pass is ignored)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return payload
+    from jax.experimental import multihost_utils
+
+    is_0 = jax.process_index() == 0
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(len(payload or b"") if is_0 else 0)))
+    if size == 0:
+        return b""
+    buffer = np.frombuffer(payload, np.uint8) if is_0 else np.zeros(size, np.uint8)
+    return np.asarray(multihost_utils.broadcast_one_to_all(buffer)).tobytes()
+
+
 def _gather_statuses(status: int) -> np.ndarray:
     """Every process's status, indexed by process."""
     import jax

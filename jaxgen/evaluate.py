@@ -8,17 +8,22 @@ the training loop logged at step N.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import pathlib
 
 import jax
 import numpy as np
 
+from jaxgen.checkpoint import checkpoint_dir, committed_steps
 from jaxgen.data.pipeline import to_global
 from jaxgen.data.tokenizer import Tokenizer
-from jaxgen.runs import OpenedRun, committed_steps, load_run_config, open_run
+from jaxgen.errors import CheckpointError
+from jaxgen.runs import OpenedRun, load_run_config, open_run
 from jaxgen.train.step import held_out_sums
 from jaxgen.train.tasks import make_task
+
+log = logging.getLogger("jaxgen")
 
 
 def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
@@ -77,12 +82,18 @@ def evaluate_run(run_dir: str | pathlib.Path, step: int | None = None, overrides
     """Evaluate one checkpoint (latest by default) or all of them; appends each result to RUN_DIR/eval.jsonl."""
     run_dir = pathlib.Path(run_dir)
     cfg = load_run_config(run_dir, overrides)
-    steps = committed_steps(run_dir) if all_steps else [step]
+    steps = committed_steps(checkpoint_dir(run_dir)) if all_steps else [step]
     task = make_task(cfg)
     data = task.make_data(run_dir)
     results = []
     for s in steps:
-        run = open_run(run_dir, s, overrides)
+        try:
+            run = open_run(run_dir, s, overrides)
+        except CheckpointError:
+            if not all_steps or (checkpoint_dir(run_dir) / str(s)).is_dir():
+                raise
+            log.warning("checkpoint %d was deleted by the run's retention before it was evaluated; skipped", s)
+            continue
         metrics = evaluate_lm(run, data) if cfg.model.kind == "transformer" else evaluate_images(run, data)
         result = {"step": run.step, **metrics}
         if jax.process_index() == 0:

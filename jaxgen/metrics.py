@@ -5,13 +5,17 @@ Only process 0 writes; other processes get a writer that drops everything.
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import pathlib
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxgen.files import write_atomic
 
 # Dense bf16 peak FLOP/s per chip from vendor data sheets.
 KNOWN_PEAK_FLOPS = {
@@ -48,36 +52,91 @@ def peak_flops_per_device(configured: float | None, compute_dtype: str = "float3
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: pathlib.Path, tensorboard: bool, resume_step: int | None = None):
-        """`resume_step`: a resumed run drops the records a crashed run wrote after its checkpoint."""
+    def __init__(self, run_dir: pathlib.Path, tensorboard: bool, resumed_at: int | None):
+        """`resumed_at`: the checkpoint step a resumed run continues from; None for a run from step 0.
+
+        Records a killed run wrote after that point (or at all, for a run that
+        starts over) are dropped, in metrics.jsonl and for TensorBoard, so every
+        step appears once.
+        """
         self.enabled = jax.process_index() == 0
         self.path = run_dir / "metrics.jsonl"
-        if self.enabled and resume_step is not None:
-            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if self.enabled and self.path.exists():
+            kept = [r for r in read_metrics(self.path) if resumed_at is not None and r["step"] <= resumed_at]
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._tb = None
         if self.enabled and tensorboard:
-            from tensorboardX import SummaryWriter  # writes event files without TensorFlow
-
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+            self._tb = TensorBoardFile(run_dir / "tensorboard", purge_step=0 if resumed_at is None else resumed_at + 1)
 
     def write(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        record = {"step": step, **{k: float(v) for k, v in values.items()}}
+        # Non-finite values (a skipped step's loss) are null: metrics.jsonl stays strict JSON.
+        finite = {k: float(v) for k, v in values.items() if math.isfinite(float(v))}
+        record = {"step": step, **{k: finite.get(k) for k in values}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self._tb:
-            for key, value in values.items():
-                self._tb.add_scalar(key, float(value), step)
+            self._tb.add_scalars(step, finite)
+
+    def flush(self) -> None:
+        """Make everything written so far durable (at checkpoints and when the run stops)."""
+        if self._tb:
+            self._tb.flush()
 
     def close(self) -> None:
         if self._tb:
             self._tb.close()
 
 
+class TensorBoardFile:
+    """Scalars in a TensorBoard event file, written in the caller's thread (no TensorFlow needed).
+
+    tensorboardX's SummaryWriter queues events for a thread whose `flush` does
+    not drain the queue, so what a checkpoint's flush promised could still be
+    lost to a kill; here `flush` means on disk.
+    """
+
+    FLUSH_EVERY_S = 30.0
+
+    def __init__(self, directory: pathlib.Path, purge_step: int):
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+        directory.mkdir(parents=True, exist_ok=True)
+        self._events = EventsWriter(str(directory / "events"))
+        # TensorBoard hides the earlier files' events from purge_step on: a resumed run's steps appear once.
+        self._events.write_event(Event(wall_time=time.time(), step=purge_step,
+                                       session_log=SessionLog(status=SessionLog.START)))
+        self._last_flush = time.monotonic()
+
+    def add_scalars(self, step: int, values: dict[str, float]) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
+        for key, value in values.items():
+            self._events.write_event(Event(wall_time=time.time(), step=step, summary=scalar(key, value)))
+        if time.monotonic() - self._last_flush > self.FLUSH_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        self._events.flush()
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
+        self._events.close()
+
+
 def read_metrics(path: pathlib.Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    """Every complete record; a last line cut short by a kill is skipped."""
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
 
 
 def plot_loss_curve(metrics_path: pathlib.Path, out_png: pathlib.Path) -> None:
@@ -90,7 +149,7 @@ def plot_loss_curve(metrics_path: pathlib.Path, out_png: pathlib.Path) -> None:
     records = read_metrics(metrics_path)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     for key, style in (("loss", "-"), ("eval_loss", "o-")):
-        points = [(r["step"], r[key]) for r in records if key in r]
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
         if points:
             ax.plot(*zip(*points), style, label=key.replace("_", " "))
     ax.set_xlabel("step")
@@ -98,5 +157,7 @@ def plot_loss_curve(metrics_path: pathlib.Path, out_png: pathlib.Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_png)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
+    write_atomic(out_png, png.getvalue())

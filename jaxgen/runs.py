@@ -2,19 +2,25 @@
 
 Shared by `jaxgen eval`, `sample` and `export`: the checkpoint is restored
 straight into shardings for the current devices (pure data parallel unless the
-caller overrides the mesh), whatever mesh it was written on.
+caller overrides the mesh), whatever mesh it was written on. Readers only read
+committed checkpoints, verify what they read, and never change the directory:
+they may run while the run trains, and a checkpoint that retention removes
+while it is being read is replaced by the newest one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import pathlib
 
-from jaxgen.checkpoint import checkpoint_dir, restore_params
+from jaxgen.checkpoint import DamagedCheckpoint, checkpoint_dir, committed_steps, restore_subtree
 from jaxgen.config import Config, load_config
 from jaxgen.errors import CheckpointError, ConfigError
 from jaxgen.sharding import make_mesh
 from jaxgen.train.build import Training, build_training
+
+log = logging.getLogger("jaxgen")
 
 # Replicated params and a batch split over every device: works for any checkpoint
 # that fits one device; pass mesh.* overrides for larger ones.
@@ -30,11 +36,6 @@ class OpenedRun:
     params: dict
 
 
-def committed_steps(run_dir: pathlib.Path) -> list[int]:
-    directory = checkpoint_dir(run_dir)
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
-
-
 def load_run_config(run_dir: str | pathlib.Path, overrides: list[str] = ()) -> Config:
     run_dir = pathlib.Path(run_dir)
     if not run_dir.is_dir():
@@ -44,16 +45,39 @@ def load_run_config(run_dir: str | pathlib.Path, overrides: list[str] = ()) -> C
     return load_config(run_dir / "config.yaml", [*DEFAULT_MESH, *overrides])
 
 
+def read_params(run_dir: pathlib.Path, step: int | None, target: dict) -> tuple[dict, int]:
+    """Verified params (the EMA where the run keeps one) of checkpoint `step` (default: the newest)."""
+    directory = checkpoint_dir(run_dir)
+    while True:
+        steps = committed_steps(directory)
+        if not steps:
+            raise CheckpointError(f"run directory {str(run_dir)!r} holds no checkpoint")
+        wanted = steps[-1] if step is None else step
+        if wanted not in steps:
+            raise CheckpointError(f"run directory {str(run_dir)!r} has no checkpoint for step {wanted}; "
+                                  f"available: {steps}")
+        try:
+            params, _, _ = restore_subtree(directory, ("ema_params", "params"), target, wanted)
+            return params, wanted
+        except CheckpointError as err:
+            if (directory / str(wanted)).is_dir():
+                if isinstance(err, DamagedCheckpoint) and len(steps) > 1:
+                    others = [s for s in steps if s != wanted]
+                    raise DamagedCheckpoint(f"{err}; read another with --step (available: {others})") from None
+                raise
+            if step is not None:
+                raise CheckpointError(f"checkpoint {wanted} of {run_dir} was deleted while it was being read "
+                                      f"(the run's retention keeps only the newest); available now: "
+                                      f"{committed_steps(directory)}") from None
+            log.info("checkpoint %d was deleted while it was being read; reading the newest again", wanted)
+
+
 def open_run(run_dir: str | pathlib.Path, step: int | None = None, overrides: list[str] = ()) -> OpenedRun:
     """The run's config and the params of checkpoint `step` (default: the latest)."""
     run_dir = pathlib.Path(run_dir)
     cfg = load_run_config(run_dir, overrides)
-    steps = committed_steps(run_dir)
-    if not steps:
+    if not committed_steps(checkpoint_dir(run_dir)):
         raise CheckpointError(f"run directory {str(run_dir)!r} holds no checkpoint")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise CheckpointError(f"run directory {str(run_dir)!r} has no checkpoint for step {step}; available: {steps}")
     training = build_training(cfg, make_mesh(cfg.mesh))
-    params = restore_params(checkpoint_dir(run_dir) / str(step), training.layout, use_ema=True)
+    params, step = read_params(run_dir, step, training.layout.target.params)
     return OpenedRun(run_dir=run_dir, cfg=cfg, training=training, step=step, params=params)

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxgen.checkpoint import Checkpointer, checkpoint_dir, restore_params
+from jaxgen.checkpoint import Checkpointer, checkpoint_dir, restore_subtree
 from jaxgen.config import load_config
 from jaxgen.data.pipeline import to_global
 from jaxgen.errors import CheckpointError, NonFiniteError
@@ -49,8 +49,8 @@ def saved_params(run_dir, step):
     """Params of a checkpoint, restored onto one device."""
     cfg = load_config(run_dir / "config.yaml", ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"])
     layout = build_training(cfg, make_mesh(cfg.mesh, jax.devices()[:1])).layout
-    state, _, _ = Checkpointer(checkpoint_dir(run_dir), cfg.checkpoint).restore(layout, step)
-    return jax.device_get(state.params)
+    restored = Checkpointer(checkpoint_dir(run_dir), cfg.checkpoint, writer=False).restore(layout.target, step)
+    return jax.device_get(restored.state.params)
 
 
 def assert_trees_equal(a, b):
@@ -91,7 +91,8 @@ def test_restore_reshards_onto_fewer_devices(tmp_path, devices):
     for n, mesh in ((4, ["mesh.fsdp=2", "mesh.tensor=2"]), (1, ["mesh.fsdp=1"])):
         cfg = tiny_config("mesh.data=1", *mesh, "sharding.preset=fsdp_tp")
         training = build_training(cfg, make_mesh(cfg.mesh, devices[:n]))
-        restored, data_state, _ = Checkpointer(directory, cfg.checkpoint).restore(training.layout)
+        restored = Checkpointer(directory, cfg.checkpoint).restore(training.layout.target, 1)
+        restored, data_state = restored.state, restored.data_state
         assert data_state == {"step": 1}
         for array, sharding in zip(jax.tree.leaves(restored), jax.tree.leaves(training.layout.shardings)):
             assert array.sharding == sharding  # placed straight into the new layout
@@ -223,11 +224,11 @@ def test_shape_mismatch_lists_differing_parameters(tmp_path, devices):
     saver.wait()
     wider = tiny_config("mesh.data=1", "model.d_ff=256")
     layout = build_training(wider, make_mesh(wider.mesh, devices[:1])).layout
-    with pytest.raises(CheckpointError, match=r"3 parameters differ[\s\S]*layers/mlp/w_down/kernel: "
-                                              r"checkpoint \(2, 192, 64\), model \(2, 256, 64\)"):
-        Checkpointer(tmp_path / "ck", cfg.checkpoint).restore(layout)
-    with pytest.raises(CheckpointError, match="w_gate"):
-        restore_params(tmp_path / "ck", layout)
+    with pytest.raises(CheckpointError, match=r"9 arrays differ[\s\S]*params/layers/mlp/w_down/kernel: "
+                                              r"checkpoint \(2, 192, 64\) float32, model \(2, 256, 64\) float32"):
+        Checkpointer(tmp_path / "ck", cfg.checkpoint).restore(layout.target, 1)
+    with pytest.raises(CheckpointError, match=r"3 arrays differ[\s\S]*w_gate"):
+        restore_subtree(tmp_path / "ck", ("params",), layout.target.params)
 
 
 @pytest.fixture(scope="module")
@@ -280,13 +281,16 @@ def test_ema_and_optimizer_state_resume_bit_identically(tmp_path, devices):
     saver.wait()
     expected = jax.device_get(training.train_step(state, to_global(batches[2], training.mesh))[0])  # donates state
 
-    restored, _, _ = Checkpointer(tmp_path / "ck", cfg.checkpoint).restore(training.layout)
+    restored = Checkpointer(tmp_path / "ck", cfg.checkpoint).restore(training.layout.target, 2).state
     assert_trees_equal(jax.device_get(restored), saved)
     continued = jax.device_get(training.train_step(restored, to_global(batches[2], training.mesh))[0])
     assert_trees_equal(continued, expected)
     # Sampling and evaluation read the average; fine-tuning reads the params.
-    assert_trees_equal(jax.device_get(restore_params(tmp_path / "ck", training.layout, use_ema=True)), saved.ema_params)
-    assert_trees_equal(jax.device_get(restore_params(tmp_path / "ck", training.layout)), saved.params)
+    params = training.layout.target.params
+    ema, key, _ = restore_subtree(tmp_path / "ck", ("ema_params", "params"), params)
+    assert key == "ema_params"
+    assert_trees_equal(jax.device_get(ema), saved.ema_params)
+    assert_trees_equal(jax.device_get(restore_subtree(tmp_path / "ck", ("params",), params)[0]), saved.params)
 
 
 def test_async_save_survives_the_next_donated_steps(tmp_path, devices):
@@ -302,5 +306,5 @@ def test_async_save_survives_the_next_donated_steps(tmp_path, devices):
         state, _ = training.train_step(state, batch)
     jax.block_until_ready(state)
     saver.wait()
-    restored, _, _ = Checkpointer(tmp_path / "ck", cfg.checkpoint).restore(training.layout)
+    restored = Checkpointer(tmp_path / "ck", cfg.checkpoint).restore(training.layout.target, 1).state
     assert_trees_equal(jax.device_get(restored), saved)

@@ -70,7 +70,7 @@ def test_cli_config_error_exits_before_work(tmp_path):
 def test_existing_run_directory_is_not_overwritten(tiny_run):
     run_dir, _ = tiny_run
     result = jaxgen_cli("train", "--config", str(TINY_CONFIG), "--run-dir", str(run_dir), "checkpoint.resume=never")
-    assert result.returncode == 2 and "already holds a run" in result.stderr
+    assert result.returncode == 2 and "already holds checkpoints" in result.stderr and "checkpoint.resume=never" in result.stderr
 
 
 def test_gradient_accumulation_equals_the_full_batch(devices):

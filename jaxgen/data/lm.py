@@ -13,11 +13,9 @@ import dataclasses
 import itertools
 import logging
 import pathlib
-import shutil
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 from jaxgen.config import Config, DataConfig
 from jaxgen.data.packing import batch_rows, pack_documents
@@ -26,7 +24,9 @@ from jaxgen.data.prepare import read_prepared_metadata
 from jaxgen.data.sources import mixed_documents, one_pass_documents
 from jaxgen.data.splits import Shard
 from jaxgen.data.tokenizer import MAX_TRAINING_SENTENCES, Tokenizer, train_tokenizer
+from jaxgen.distributed import bytes_from_process_0
 from jaxgen.errors import ConfigError, DataError
+from jaxgen.files import write_atomic
 
 log = logging.getLogger("jaxgen")
 
@@ -57,11 +57,7 @@ def prepare_tokenizer(cfg: Config, run_dir: pathlib.Path) -> Tokenizer:
     given = cfg.data.tokenizer or (str(pathlib.Path(pretokenized[0]["path"]) / "tokenizer.model") if pretokenized else None)
     model_bytes = tokenizer_on_process_0(cfg, target, given) if jax.process_index() == 0 else None
     tokenizer = Tokenizer.from_bytes(bytes_from_process_0(model_bytes), target)
-    if tokenizer.vocab_size != cfg.model.vocab_size:
-        raise ConfigError(
-            f"tokenizer {given or str(target)!r} has {tokenizer.vocab_size} pieces but model.vocab_size="
-            f"{cfg.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size}"
-        )
+    check_vocab_size(tokenizer, cfg, given or str(target))
     for dataset in pretokenized:
         if dataset["tokenizer"]["sha256"] != tokenizer.sha256:
             raise DataError(
@@ -69,6 +65,14 @@ def prepare_tokenizer(cfg: Config, run_dir: pathlib.Path) -> Tokenizer:
                 "unset data.tokenizer to use the dataset's own, or prepare the dataset again"
             )
     return tokenizer
+
+
+def check_vocab_size(tokenizer: Tokenizer, cfg: Config, name: str) -> None:
+    if tokenizer.vocab_size != cfg.model.vocab_size:
+        raise ConfigError(
+            f"tokenizer {name!r} has {tokenizer.vocab_size} pieces but model.vocab_size="
+            f"{cfg.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size}"
+        )
 
 
 def tokenizer_on_process_0(cfg: Config, target: pathlib.Path, given: str | None) -> bytes:
@@ -82,19 +86,12 @@ def tokenizer_on_process_0(cfg: Config, target: pathlib.Path, given: str | None)
             )
         return kept.model_bytes
     if given is not None:
-        shutil.copyfile(Tokenizer(given).path, target)
-        return Tokenizer(target).model_bytes
+        tokenizer = Tokenizer(given)
+        check_vocab_size(tokenizer, cfg, given)  # before it is copied in: a refused start leaves no trace
+        write_atomic(target, tokenizer.model_bytes)
+        return tokenizer.model_bytes
     documents = itertools.islice(one_pass_documents(cfg.data, "train"), MAX_TRAINING_SENTENCES)
     return train_tokenizer(documents, cfg.model.vocab_size, target).model_bytes
-
-
-def bytes_from_process_0(payload: bytes | None) -> bytes:
-    """Process 0's bytes on every process."""
-    if jax.process_count() == 1:
-        return payload
-    size = int(multihost_utils.broadcast_one_to_all(np.int32(len(payload) if payload else 0)))
-    buffer = np.frombuffer(payload, np.uint8) if payload else np.zeros(size, np.uint8)
-    return np.asarray(multihost_utils.broadcast_one_to_all(buffer)).tobytes()
 
 
 def check_holds_one_batch(data: DataConfig, tokenizer: Tokenizer) -> None:

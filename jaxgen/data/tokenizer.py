@@ -15,6 +15,7 @@ import numpy as np
 import sentencepiece as spm
 
 from jaxgen.errors import DataError
+from jaxgen.files import write_atomic
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 
@@ -42,9 +43,7 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, out: str | pathli
     except RuntimeError as err:
         raise DataError(f"sentencepiece could not train a {vocab_size}-token {model_type} model: {err}") from None
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_bytes(proto.getvalue())
-    tmp.replace(out)
+    write_atomic(out, proto.getvalue())
     return Tokenizer(out)
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import pathlib
 
 import numpy as np
+
+from jaxgen.files import write_atomic
 
 
 def image_grid(images_NHWC: np.ndarray, rows: int, min_cell: int = 32, gap: int = 1) -> np.ndarray:
@@ -28,4 +31,6 @@ def save_png(picture: np.ndarray, path: pathlib.Path) -> None:
     import matplotlib.image
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    matplotlib.image.imsave(path, picture)
+    png = io.BytesIO()
+    matplotlib.image.imsave(png, picture, format="png")
+    write_atomic(path, png.getvalue())

@@ -1,10 +1,12 @@
 """The training loop: config in, trained state and a run directory out.
 
-Read top to bottom: mesh, run directory, data, state (fresh or resumed),
-compile, loop, wrap-up. The step is pure and jitted; the loop owns every side
-effect and only waits on the device where a value is needed (metrics of step
-N are fetched after step N+1 has been dispatched; evaluation needs the params;
-a checkpoint copies the state off the devices).
+Read top to bottom: mesh, run directory (locked), state (resumed from the
+newest intact checkpoint, fresh, or found complete), data, compile, loop,
+wrap-up. The step is pure and jitted; the loop owns every side effect and only
+waits on the device where a value is needed (the metrics of step N are fetched
+after step N+1 has been dispatched, every step, so a skipped step is seen
+before anything is saved; evaluation needs the params; a checkpoint copies the
+state off the devices).
 """
 
 from __future__ import annotations
@@ -20,15 +22,18 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from jaxgen import __version__
-from jaxgen.checkpoint import Checkpointer, checkpoint_dir, restore_params
+from jaxgen.checkpoint import Checkpointer, checkpoint_dir, restore_subtree
 from jaxgen.config import Config
 from jaxgen.data.pipeline import to_global
 from jaxgen.distributed import next_in_lockstep
-from jaxgen.errors import CheckpointError, ConfigError, NonFiniteError
+from jaxgen.errors import CheckpointError, ConfigError
+from jaxgen.files import write_atomic
 from jaxgen.metrics import MetricsWriter, peak_flops_per_device, plot_loss_curve
 from jaxgen.sharding import data_parallel_size, make_mesh
 from jaxgen.train.build import build_training
+from jaxgen.train.nonfinite import NonFiniteWatch
 from jaxgen.train.preemption import Preempted, PreemptionWatch
+from jaxgen.train.run_dir import completed_summary, forget_unfinished_start, holding, starting_point
 from jaxgen.train.step import held_out_sums
 from jaxgen.train.tasks import make_task
 
@@ -38,16 +43,6 @@ log = logging.getLogger("jaxgen")
 def sampling_params(state) -> dict:
     """What evaluation and samples use: the parameter average when the task keeps one."""
     return state.ema_params if state.ema_params is not None else state.params
-
-
-def prepare_run_dir(run_dir: pathlib.Path, cfg: Config, resume_step: int | None) -> None:
-    if resume_step is None and (run_dir / "metrics.jsonl").exists():
-        raise ConfigError(
-            f"run directory {str(run_dir)!r} already holds a run with no checkpoint to resume from "
-            f"(checkpoint.resume={cfg.checkpoint.resume}); choose another --run-dir"
-        )
-    if jax.process_index() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
 
 
 def run_metadata(cfg: Config, data) -> dict:
@@ -86,35 +81,50 @@ def train(cfg: Config, run_dir: str | pathlib.Path) -> dict:
             f"data.batch_size={cfg.data.batch_size} must be divisible by the data-parallel devices "
             f"(mesh.data x mesh.fsdp = {dp}) times train.microbatches={cfg.train.microbatches}"
         )
-
-    # ------------------------------------------------------------------ run directory
-    ckpt = Checkpointer(checkpoint_dir(run_dir), cfg.checkpoint)
-    resume_step = ckpt.latest_step() if cfg.checkpoint.resume == "auto" else None
-    prepare_run_dir(run_dir, cfg, resume_step)
     log.info("mesh %s on %d %s devices", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
 
-    # ------------------------------------------------------------------ data
+    # ------------------------------------------------------------------ run directory: one writer
+    with holding(run_dir):
+        return _train_holding(cfg, run_dir, mesh, wall_start)
+
+
+def _train_holding(cfg: Config, run_dir: pathlib.Path, mesh, wall_start: float) -> dict:
+    # ------------------------------------------------------------------ state: resumed or fresh
     task = make_task(cfg)
+    training = build_training(cfg, mesh, task)
+    layout = training.layout
+    ckpt = Checkpointer(checkpoint_dir(run_dir), cfg.checkpoint)
+    try:
+        resumed = starting_point(ckpt, layout.target, cfg, run_dir)
+    except BaseException:
+        ckpt.close()
+        raise
+    if resumed is not None and resumed.step >= cfg.train.steps:
+        ckpt.close()
+        return completed_summary(run_dir, resumed.step)
+    if resumed is None:
+        forget_unfinished_start(run_dir, cfg)
+
+    # ------------------------------------------------------------------ data
     data = task.make_data(run_dir)
     eval_set = [to_global(batch, mesh) for batch in data.eval]
     meta = run_metadata(cfg, data)
-
-    # ------------------------------------------------------------------ state: resumed, fine-tuned or fresh
-    training = build_training(cfg, mesh, task)
-    layout = training.layout
-    if resume_step is not None:
-        state, data_state, saved_meta = ckpt.restore(layout, resume_step)
-        check_same_tokenizer(saved_meta, meta)
-        data.train.set_state(data_state)
-        log.info("resumed from %s at step %d", ckpt.directory, resume_step)
+    if resumed is not None:
+        check_same_tokenizer(resumed.meta, meta)
+        state = resumed.state
+        data.train.set_state(resumed.data_state)
+        log.info("resumed from %s at step %d", ckpt.directory, resumed.step)
     else:
         state = training.init_state()
         if cfg.checkpoint.init_from:
-            state = state.replace(params=restore_params(cfg.checkpoint.init_from, layout))
+            params, _, _ = restore_subtree(cfg.checkpoint.init_from, ("params",), layout.target.params,
+                                           what=f"checkpoint.init_from={cfg.checkpoint.init_from!r}")
+            state = state.replace(params=params)
     if jax.process_index() == 0:  # only once the state is known to fit: a refused resume changes nothing
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        write_atomic(run_dir / "config.yaml", cfg.to_yaml())
     start_step = int(state.step)
-    nonfinite_at_start = int(state.nonfinite_steps)
+    resume_step = resumed.step if resumed is not None else None
+    last_saved = resume_step
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(layout.abstract.params))
     log.info("model: %s parameters", f"{n_params:,}")
 
@@ -130,7 +140,7 @@ def train(cfg: Config, run_dir: str | pathlib.Path) -> dict:
     total_peak = peak if jax.devices()[0].platform == "cpu" else peak * mesh.size
     log.info("compiled in %.1fs; MFU against %.3g FLOP/s (%s)", compile_s, total_peak, peak_source)
 
-    writer = MetricsWriter(run_dir, cfg.logging.tensorboard, resume_step=start_step if resume_step else None)
+    writer = MetricsWriter(run_dir, cfg.logging.tensorboard, resumed_at=resume_step)
 
     def evaluate(step: int) -> float:
         loss_sum, weight = held_out_sums(training.eval_step, sampling_params(state), eval_set)
@@ -145,25 +155,26 @@ def train(cfg: Config, run_dir: str | pathlib.Path) -> dict:
     clock = {"time": time.perf_counter(), "step": start_step}
     throughput: list[float] = []
     last: dict = {}
+    nonfinite = NonFiniteWatch(cfg.train)
 
-    def record(step: int, metrics) -> None:
+    def check(step: int, metrics, stopping: bool = False) -> None:
+        """Step `step`'s metrics, fetched one step late: skipped-step handling, then the log record."""
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if cfg.train.nonfinite == "abort" and host["nonfinite_steps"] > nonfinite_at_start:
-            raise NonFiniteError(f"non-finite loss or gradient by step {step} (train.nonfinite=abort)")
+        skipped, stop_error = nonfinite.check(step, int(host.pop("nonfinite_cause")), last_saved)
+        if stop_error is not None:
+            writer.write(step, {**host, "skipped": 1.0})
+            raise stop_error
+        if not (skipped or stopping or step % cfg.logging.every == 0 or step == cfg.train.steps):
+            return
         now = time.perf_counter()
         units_per_s = (step - clock["step"]) * units_per_step / max(now - clock["time"], 1e-9)
         clock.update(time=now, step=step)
         host[f"{task.unit}_per_s"] = units_per_s
         host["mfu"] = units_per_s * task.flops_per_unit() / total_peak
         throughput.append(units_per_s)
-        writer.write(step, host)
+        writer.write(step, {**host, **({"skipped": 1.0} if skipped else {})})
         last.update(host)
         bar.set_postfix(loss=f"{host['loss']:.3f}", **{f"{task.unit}/s": f"{units_per_s:,.0f}"})
-
-    def save(step: int, data_state: dict) -> None:
-        if cfg.train.nonfinite == "abort" and int(state.nonfinite_steps) > nonfinite_at_start:
-            raise NonFiniteError(f"non-finite loss or gradient by step {step}; the last checkpoint is kept")
-        ckpt.save(step, state, data_state, meta)
 
     sample_every = getattr(task, "sample_every", 0)  # tasks that show progress pictures while training
     preemption = PreemptionWatch()
@@ -179,31 +190,32 @@ def train(cfg: Config, run_dir: str | pathlib.Path) -> dict:
                 if not final:
                     batch = to_global(next_in_lockstep(data.train, step + 1), mesh)  # overlaps the device step
                 if pending:
-                    record(*pending)
-                    pending = None
-                if step % cfg.logging.every == 0 or final:
-                    pending = (step, metrics)
+                    check(*pending)
+                pending = (step, metrics)
                 bar.update()
-                if step % cfg.train.eval_every == 0 or final:
-                    if pending:
-                        record(*pending)
-                        pending = None
+                stop = preemption.reached(step)
+                save = stop or ckpt.due(step, final)
+                evaluating = step % cfg.train.eval_every == 0 or final
+                if evaluating or save:
+                    check(*pending, stopping=stop)  # nothing is evaluated or saved past an unchecked step
+                    pending = None
+                if evaluating:
                     eval_history.append(evaluate(step))
                     bar.set_postfix(eval_loss=f"{eval_history[-1]:.3f}")
                     clock.update(time=time.perf_counter(), step=step)
                 if sample_every and step % sample_every == 0 and not final:  # every process computes
                     task.sample(layout.graphdef, sampling_params(state), data, run_dir, step=step)
                     clock.update(time=time.perf_counter(), step=step)
-                stop = preemption.reached(step)
-                if stop or ckpt.due(step, final):
-                    save(step, data_state)
+                if save:
+                    writer.flush()  # the records up to a checkpoint survive whatever kills the run after it
+                    ckpt.save(step, state, data_state, meta)
+                    last_saved = step
                 if stop:
                     raise Preempted(step)
-            if pending:
-                record(*pending)
-        bar.close()
     finally:
+        bar.close()  # ends the bar's line, so whatever is printed next starts on its own
         preemption.close()
+        writer.flush()
         ckpt.wait()  # a started save always completes: it is a good checkpoint
         ckpt.close()
         writer.close()
@@ -230,5 +242,5 @@ def train(cfg: Config, run_dir: str | pathlib.Path) -> dict:
     summary["wall_s"] = time.perf_counter() - wall_start
     if is_main:
         plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

@@ -39,6 +39,12 @@ class StateLayout:
     abstract: TrainState  # ShapeDtypeStructs
     shardings: TrainState  # NamedShardings, same structure
 
+    @property
+    def target(self) -> TrainState:
+        """ShapeDtypeStructs carrying the shardings: checkpoints restore straight into them."""
+        return jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract, self.shardings)
+
 
 def _model_parts(task: Task, rng: jax.Array) -> tuple[nnx.GraphDef, nnx.State]:
     return nnx.split(task.build_model(nnx.Rngs(params=rng)))

@@ -10,10 +10,16 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from jaxgen.integrity import all_finite
 from jaxgen.sharding import BATCH_AXES, Rules, activation_rules, replicated
 from jaxgen.train.ema import ema_update
 from jaxgen.train.state import StateLayout, TrainState, task_ema
 from jaxgen.train.tasks import Task
+
+# Why a step was skipped (metrics["nonfinite_cause"]); the first that applies.
+NONFINITE_NONE, NONFINITE_LOSS, NONFINITE_GRADIENT, NONFINITE_UPDATE = 0, 1, 2, 3
+# "update": the new parameters, optimizer state or EMA (e.g. an overflowing learning rate).
+NONFINITE_CAUSES = {NONFINITE_LOSS: "loss", NONFINITE_GRADIENT: "gradient", NONFINITE_UPDATE: "update"}
 
 
 def _split_microbatches(batch: dict, n: int) -> dict:
@@ -53,22 +59,26 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
         loss, grad_norm = loss_sum / weight, optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        # A non-finite loss or gradient must not reach the weights: keep the old
-        # params and optimizer state bit for bit, count the skip, move on.
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         ema_params = state.ema_params
         if ema is not None:
-            ema_params = keep_if_bad(ema_update(state.ema_params, params, state.step + 1, *ema), state.ema_params)
+            ema_params = ema_update(state.ema_params, params, state.step + 1, *ema)
+        # Nothing non-finite may reach the state: a finite loss and gradient can still
+        # give a non-finite update (an overflowing learning rate). Such a step keeps
+        # params, optimizer state and EMA bit for bit, and says why it was skipped.
+        cause = jnp.select(
+            [~jnp.isfinite(loss), ~jnp.isfinite(grad_norm), ~all_finite((params, opt_state, ema_params))],
+            [NONFINITE_LOSS, NONFINITE_GRADIENT, NONFINITE_UPDATE], NONFINITE_NONE)
+        finite = cause == NONFINITE_NONE
+        keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         new_state = state.replace(
             step=state.step + 1,
             params=keep_if_bad(params, state.params),
             opt_state=keep_if_bad(opt_state, state.opt_state),
             nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
-            ema_params=ema_params,
+            ema_params=keep_if_bad(ema_params, state.ema_params) if ema is not None else None,
         )
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
-                   "nonfinite_steps": new_state.nonfinite_steps}
+                   "nonfinite_steps": new_state.nonfinite_steps, "nonfinite_cause": cause}
         return new_state, metrics
 
     return train_step

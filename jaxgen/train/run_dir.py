@@ -1,0 +1,87 @@
+"""A run directory's life: one writer at a time, and where a (re)start begins.
+
+- `holding(run_dir)`: process 0 holds the directory's OS lock for the whole
+  run; every process learns whether it got it, so a refused start stops all of
+  them together. The lock dies with its holder, so a stale one is taken over.
+- `starting_point(...)`: the newest intact checkpoint to resume from (damaged
+  newer ones are set aside with a warning), or a fresh start from step 0 (a run
+  killed before its first checkpoint is simply started again), or the news that
+  the run is already complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import pathlib
+from collections.abc import Iterator
+
+import jax
+
+from jaxgen.checkpoint import Checkpointer, Restored
+from jaxgen.config import Config
+from jaxgen.distributed import bytes_from_process_0
+from jaxgen.errors import CheckpointError, DirectoryInUse
+from jaxgen.files import DirectoryLock, describe_holder
+
+log = logging.getLogger("jaxgen")
+
+LOCK_FILE = ".jaxgen.lock"
+
+
+@contextlib.contextmanager
+def holding(run_dir: pathlib.Path) -> Iterator[None]:
+    """Hold `run_dir` (created if needed) for the duration of the block, or raise DirectoryInUse."""
+    lock, refusal = None, b""
+    if jax.process_index() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = DirectoryLock(run_dir / LOCK_FILE, f"run directory {str(run_dir)!r}",
+                             "wait for it to finish, or choose another --run-dir")
+        try:
+            previous = lock.acquire()
+        except DirectoryInUse as err:
+            lock, refusal = None, str(err).encode()
+        else:
+            if previous:
+                log.info("took over the lock of %s, which is no longer running", describe_holder(previous))
+    refusal = bytes_from_process_0(refusal)
+    if refusal:
+        raise DirectoryInUse(refusal.decode())
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def starting_point(ckpt: Checkpointer, target, cfg: Config, run_dir: pathlib.Path) -> Restored | None:
+    """The verified checkpoint to continue from, or None to start from step 0."""
+    if cfg.checkpoint.resume == "never":
+        if ckpt.steps():
+            raise CheckpointError(
+                f"run directory {str(run_dir)!r} already holds checkpoints (steps {ckpt.steps()}) and "
+                "checkpoint.resume=never; set checkpoint.resume=auto to continue it, or choose another --run-dir")
+        return None
+    return ckpt.restore_newest_intact(target)
+
+
+def forget_unfinished_start(run_dir: pathlib.Path, cfg: Config) -> None:
+    """Before a start from step 0: drop the tokenizer a run killed before its first checkpoint left.
+
+    It binds the directory only once a checkpoint was trained with it; until
+    then the configured one (or a freshly trained one) is taken. Metrics and
+    TensorBoard records of such a run are dropped by MetricsWriter.
+    """
+    leftover = run_dir / "tokenizer.model"
+    given = cfg.data.tokenizer and pathlib.Path(cfg.data.tokenizer).absolute()
+    if jax.process_index() == 0 and leftover.exists() and given != leftover.absolute():
+        leftover.unlink()
+
+
+def completed_summary(run_dir: pathlib.Path, step: int) -> dict:
+    """What a complete run reports when its command runs again: its summary, untouched."""
+    log.info("run directory %s is complete (step %d); nothing to do", run_dir, step)
+    path = run_dir / "summary.json"
+    summary = json.loads(path.read_text()) if path.exists() else {"steps": step}
+    return {**summary, "complete": True}

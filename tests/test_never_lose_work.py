@@ -1,0 +1,196 @@
+"""A cluster and a careless user treat a run badly; nothing is lost or poisoned.
+
+Every scenario drives the CLI in subprocesses: damaged checkpoints, a learning
+rate that overflows, two jobs on one directory, readers during training, kills
+and full disks before the first checkpoint, a refused start, a finished run
+started again.
+"""
+
+import json
+import os
+import resource
+import shutil
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from jaxgen.checkpoint import checkpoint_dir, committed_steps, restore_subtree
+from jaxgen.config import load_config
+from jaxgen.sharding import make_mesh
+from jaxgen.train.build import build_training
+
+from conftest import TINY_CONFIG
+from helpers import error_lines, logged_steps, losses, run_jaxgen, start_jaxgen, wait_for
+
+STEPS = 12
+
+
+def train_args(run_dir, tokenizer, *overrides):
+    return ["train", "--config", str(TINY_CONFIG), "--run-dir", str(run_dir), f"train.steps={STEPS}",
+            "checkpoint.every=4", "logging.every=1", f"train.eval_every={STEPS}", "train.sample_tokens=0",
+            f"data.tokenizer={tokenizer.path}", *overrides]
+
+
+def saved_params(run_dir, step):
+    cfg = load_config(run_dir / "config.yaml", ["mesh.data=1"])
+    layout = build_training(cfg, make_mesh(cfg.mesh, jax.devices()[:1])).layout
+    params, _, _ = restore_subtree(checkpoint_dir(run_dir), ("params",), layout.target.params, step)
+    return jax.device_get(params)
+
+
+def snapshot(directory):
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, tokenizer):
+    """An uninterrupted run, started after a refused first attempt on the same directory."""
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    refused = run_jaxgen(*train_args(run_dir, tokenizer, "model.vocab_size=1024"))
+    left_behind = sorted(p.name for p in run_dir.iterdir()) if run_dir.exists() else []
+    result = run_jaxgen(*train_args(run_dir, tokenizer))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, refused, left_behind
+
+
+def test_a_refused_start_copies_nothing_in_and_leaves_the_directory_usable(straight):
+    run_dir, refused, left_behind = straight
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "has 512 pieces but model.vocab_size=1024" in error_lines(refused.stderr)[0]
+    assert "tokenizer.model" not in left_behind and "config.yaml" not in left_behind
+    assert sorted(losses(run_dir)) == list(range(1, STEPS + 1))  # the next start on it trained normally
+
+
+def test_a_finished_run_started_again_changes_nothing(straight, tokenizer):
+    run_dir, _, _ = straight
+    before = snapshot(run_dir)
+    again = run_jaxgen(*train_args(run_dir, tokenizer))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "is complete (step 12)" in again.stderr
+    assert snapshot(run_dir) == before
+
+
+def flip_bytes(path, count=64):
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + count):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_newest_checkpoint_falls_back_and_training_matches(straight, tokenizer, tmp_path):
+    expected = losses(straight[0])
+    run_dir = tmp_path / "damaged"
+    args = train_args(run_dir, tokenizer, "checkpoint.keep=2")
+    died = run_jaxgen(*args, crash=("after-commit", 8))
+    assert died.returncode == 137
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert max(e.step for e in events.Scalars("loss")) >= 8  # flushed with the checkpoint, not lost in the kill
+
+    data_file = max((run_dir / "checkpoints" / "8" / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
+    flip_bytes(data_file)
+    resumed = run_jaxgen(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "checkpoints/8 is damaged" in resumed.stderr and "falling back" in resumed.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["resumed_from"] == 4
+    assert logged_steps(run_dir) == list(range(1, STEPS + 1))  # every step once
+    assert losses(run_dir) == expected  # bit-identical to the uninterrupted run
+    # keep=2, yet 4 stays: it is the newest checkpoint known to read back intact.
+    assert committed_steps(checkpoint_dir(run_dir)) == [4, 8, 12]
+    assert (run_dir / "checkpoints" / "8.damaged").is_dir()
+
+
+@pytest.mark.parametrize("mode", ["skip", "abort"])
+def test_an_overflowing_learning_rate_never_reaches_a_checkpoint(tokenizer, tmp_path, mode):
+    run_dir = tmp_path / mode
+    # 1e39 is finite for the config but infinite in float32: every update is NaN while loss and gradient are fine.
+    result = run_jaxgen(*train_args(run_dir, tokenizer, "optimizer.lr=1e39", f"train.nonfinite={mode}",
+                                    "train.max_consecutive_nonfinite=5", "checkpoint.every=2"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    [error] = error_lines(result.stderr)
+    steps = committed_steps(checkpoint_dir(run_dir))
+    if mode == "abort":
+        assert "step 1: non-finite update" in error and "train.nonfinite=abort" in error
+        assert steps == []
+    else:
+        assert "5 updates in a row were skipped as non-finite" in error
+        assert result.stderr.count("the update was skipped") == 4
+        skipped = [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+                   if r.get("skipped")]
+        assert skipped == [1, 2, 3, 4, 5]
+        assert steps == [2, 4]
+        for step in steps:  # saved, and as finite as the initial parameters it still holds
+            assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(saved_params(run_dir, step)))
+
+
+def test_an_infinite_learning_rate_is_refused_by_the_config(tmp_path):
+    result = run_jaxgen("train", "--run-dir", str(tmp_path / "r"), "optimizer.lr=.inf")
+    assert result.returncode == 2 and "optimizer.lr" in result.stderr and "finite" in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_one_writer_per_run_directory_and_readers_never_fail_while_it_trains(tokenizer, tmp_path):
+    run_dir = tmp_path / "busy"
+    args = train_args(run_dir, tokenizer, "train.steps=100000", "checkpoint.every=2", "checkpoint.keep=2",
+                      "logging.every=1")
+    first = start_jaxgen(*args)
+    try:
+        wait_for(lambda: len(committed_steps(checkpoint_dir(run_dir))) >= 1, what="a first checkpoint")
+        second = run_jaxgen(*args)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"is in use by process {first.pid} on host" in error_lines(second.stderr)[0]
+
+        evaluations = [run_jaxgen("eval", "--run-dir", str(run_dir)) for _ in range(2)]
+        for evaluation in evaluations:  # retention keeps 2 and deletes under the reader all the time
+            assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+            assert json.loads(evaluation.stdout.splitlines()[-1])["eval_loss"] > 0
+        os.killpg(first.pid, signal.SIGTERM)
+        _, stderr = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode == 75, stderr[-3000:]
+    steps = logged_steps(run_dir)
+    assert steps == list(range(1, len(steps) + 1))  # one writer: no record twice, none interleaved
+    stopped_at = max(committed_steps(checkpoint_dir(run_dir)))
+    assert steps[-1] == stopped_at  # the stopping step's record is written, not lost
+    assert saved_params(run_dir, stopped_at)
+
+
+def test_kills_and_full_disks_before_the_first_checkpoint_never_block_a_restart(straight, tokenizer, tmp_path):
+    """A run killed (or failing) before its first committed checkpoint restarts from step 0 when rerun."""
+    run_dir = tmp_path / "early"
+    args = train_args(run_dir, tokenizer, "checkpoint.every=100")  # the first checkpoint is the last step's
+
+    at_start = run_jaxgen(*args, file_size_limit=2048)  # the tokenizer (~10 kB) cannot be copied in
+    assert at_start.returncode != 0
+    assert not (run_dir / "tokenizer.model").exists()
+
+    training = start_jaxgen(*args)
+    try:
+        wait_for(lambda: len(losses(run_dir)) >= 3, what="three logged steps")
+        resource.prlimit(training.pid, resource.RLIMIT_FSIZE, (16384, 16384))  # the disk fills up mid-run
+        _, stderr = training.communicate(timeout=120)
+    finally:
+        if training.poll() is None:
+            os.killpg(training.pid, signal.SIGKILL)
+    assert training.returncode == 1, stderr[-3000:]
+    assert "no earlier checkpoint exists" in error_lines(stderr)[0]
+    assert committed_steps(checkpoint_dir(run_dir)) == []
+
+    killed = start_jaxgen(*args)
+    wait_for(lambda: len(losses(run_dir)) >= 3, what="three logged steps")
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+
+    again = run_jaxgen(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["resumed_from"] is None
+    assert logged_steps(run_dir) == list(range(1, STEPS + 1))
+    assert losses(run_dir) == losses(straight[0])
+    assert committed_steps(checkpoint_dir(run_dir)) == [STEPS]
+    shutil.rmtree(run_dir)
