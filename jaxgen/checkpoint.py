@@ -1,18 +1,24 @@
 """Checkpoints of any pytree of arrays, with the data position and run metadata, verified on restore.
 
-A checkpoint at `DIR/<step>/` holds three Orbax items:
-  state  the pytree (for training: the whole TrainState)
-  data   every process's data-iterator state (JSON), so batches resume exactly
-  meta   the caller's metadata plus `integrity`: per array its shape, dtype,
-         two sharding-independent hashes and an all-finite flag, the hash of
-         `data`, and a hash of `meta` itself
+A checkpoint at `DIR/<step>/` holds three Orbax items and a checksum file:
+  state                 the pytree (for training: the whole TrainState)
+  data                  every process's data-iterator state (JSON), so batches resume exactly
+  meta                  the caller's metadata (JSON)
+  jaxgen_checksums.json per array its shape, dtype, two sharding-independent
+                        hashes and an all-finite flag; hashes of `data` and
+                        `meta`; and a hash of the file itself
 
-Saves are asynchronous and atomic (Orbax writes a temporary directory and
-renames it on commit). A restore is verified: every value read must hash to
-what was saved, or the checkpoint counts as damaged. The training run falls
-back to the newest intact checkpoint (renaming damaged ones to
-`<step>.damaged`); readers refuse a damaged one. Non-finite states are never
-saved. Retention is ours, not Orbax's: old steps are renamed out of sight
+Saves are asynchronous: the loop waits only for the device-to-host copy. The
+array hashes are computed on the devices, queued before the next train step,
+and fetched by Orbax's background thread, which writes the checksum file into
+the temporary directory just before Orbax renames it into place. So a
+checkpoint is committed with its checksums or not at all, and a state holding
+a non-finite value is never committed.
+
+A restore is verified: every value read must hash to what was saved, or the
+checkpoint counts as damaged. The training run falls back to the newest intact
+checkpoint (renaming damaged ones to `<step>.damaged`); readers refuse a
+damaged one. Retention is ours, not Orbax's: old steps are renamed out of sight
 before they are deleted, so a reader sees a step whole or not at all, and the
 newest checkpoint this process has read back intact is kept until a newer one
 has been.
@@ -23,6 +29,7 @@ checkpoint written on one mesh loads onto any other.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -30,6 +37,7 @@ import os
 import pathlib
 import shutil
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -39,12 +47,15 @@ from jax.experimental import multihost_utils
 
 from jaxgen.config import CheckpointConfig
 from jaxgen.errors import CheckpointError, CheckpointWriteError, NonFiniteError
-from jaxgen.integrity import differing, json_digest, tree_digest
+from jaxgen.files import write_atomic
+from jaxgen.integrity import differing, json_digest, start_tree_digest, tree_digest
 
 log = logging.getLogger("jaxgen")
 
 DAMAGED_SUFFIX = ".damaged"
+CHECKSUMS = "jaxgen_checksums.json"
 _DELETING_PREFIX = ".deleting-"
+_ORBAX_TEMPORARY = ".orbax-checkpoint-tmp"
 
 
 class DamagedCheckpoint(CheckpointError):
@@ -65,11 +76,36 @@ def checkpoint_dir(run_dir: pathlib.Path) -> pathlib.Path:
 
 
 def committed_steps(directory: pathlib.Path) -> list[int]:
-    """Steps whose save committed (Orbax's atomic rename gave them their plain number)."""
+    """Steps committed with their checksums: the only ones anybody reads."""
+    return [step for step in _step_dirs(directory) if (pathlib.Path(directory) / str(step) / CHECKSUMS).is_file()]
+
+
+def _step_dirs(directory: pathlib.Path) -> list[int]:
+    """Every plainly numbered step directory (Orbax's atomic rename gave it its number)."""
     directory = pathlib.Path(directory)
     if not directory.is_dir():
         return []
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+@dataclasses.dataclass
+class _PendingChecksums:
+    step: int
+    digests: Callable[[], dict[str, dict]]  # waits for the device computation
+    shapes: dict[str, dict]
+    data_sha256: str
+    meta_sha256: str
+
+    def file_contents(self) -> dict:
+        arrays = self.digests()
+        bad = [path for path, digest in arrays.items() if not digest["finite"]]
+        if bad:
+            raise NonFiniteError(
+                f"refused to commit checkpoint {self.step}: non-finite values in {', '.join(bad[:5])}"
+                f"{' and more' if len(bad) > 5 else ''}")
+        contents = {"arrays": {p: {**self.shapes[p], **arrays[p]} for p in arrays},
+                    "data_sha256": self.data_sha256, "meta_sha256": self.meta_sha256}
+        return {**contents, "self_sha256": json_digest(contents)}
 
 
 @dataclasses.dataclass
@@ -98,6 +134,9 @@ class Checkpointer:
             create=writer,
             read_only=not writer,
         )
+        self._pending: collections.deque[_PendingChecksums] = collections.deque()
+        if writer and cfg.async_save:
+            options.async_options = ocp.AsyncOptions(post_finalization_callback=self._write_checksums_before_commit)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
         self._last_save_time = time.monotonic()
         self._verified_step: int | None = None  # newest step this process read back intact
@@ -120,26 +159,41 @@ class Checkpointer:
     # ------------------------------------------------------------------ save
     def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
         """Start an asynchronous save; returns once the arrays are copied off the devices."""
-        if step in committed_steps(self.directory):
+        if step in _step_dirs(self.directory):
             return
-        arrays = tree_digest(state)
-        bad = [path for path, digest in arrays.items() if not digest["finite"]]
-        if bad:
-            raise NonFiniteError(
-                f"refusing to save step {step}: non-finite values in {', '.join(bad[:5])}"
-                f"{' and more' if len(bad) > 5 else ''}; the last checkpoint is kept")
+        digests = start_tree_digest(state)  # queued before the caller's next step can donate the arrays
         shapes = {path: {"shape": list(leaf.shape), "dtype": str(leaf.dtype)}
-                  for path, leaf in zip(arrays, jax.tree.leaves(state))}
+                  for path, leaf in zip(_named_leaves(state), jax.tree.leaves(state))}
         data = {"processes": gather_process_states(data_state)}
-        integrity = {"arrays": {p: {**shapes[p], **arrays[p]} for p in arrays}, "data_sha256": json_digest(data)}
-        meta = {**meta, "integrity": integrity}
-        integrity["meta_sha256"] = json_digest(meta)
         self._surface_write_errors(self.manager.wait_until_finished)  # Orbax would wait for it anyway
         self._apply_retention()
+        pending = _PendingChecksums(step, digests, shapes, json_digest(data), json_digest(meta))
+        self._pending.append(pending)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data), meta=ocp.args.JsonSave(meta))
-        self._surface_write_errors(lambda: self.manager.save(step, args=args, force=True))
+        try:
+            self._surface_write_errors(lambda: self.manager.save(step, args=args, force=True))
+        except BaseException:
+            self._pending.clear()
+            raise
+        if not self.cfg.async_save:  # committed already: the checksums follow (readers wait for them)
+            self._pending.popleft()
+            self._write_checksums(self.directory / str(step), pending)
         self._last_save_time = time.monotonic()
+
+    def _write_checksums_before_commit(self) -> None:
+        """Orbax's background thread, after the items are written and before the rename that commits them."""
+        pending = self._pending.popleft()
+        temporary = sorted(self.directory.glob(f"{pending.step}{_ORBAX_TEMPORARY}*"))
+        if len(temporary) != 1:
+            raise CheckpointWriteError(f"cannot find the directory Orbax is writing step {pending.step} to "
+                                       f"(found {[p.name for p in temporary]})")
+        self._write_checksums(temporary[0], pending)
+
+    def _write_checksums(self, step_dir: pathlib.Path, pending: _PendingChecksums) -> None:
+        contents = pending.file_contents()  # every process waits for the digests it took part in
+        if jax.process_index() == 0:
+            write_atomic(step_dir / CHECKSUMS, json.dumps(contents))
 
     def wait(self) -> None:
         """Block until every started save is durable; raises CheckpointWriteError if one failed."""
@@ -151,7 +205,11 @@ class Checkpointer:
         # A background write fails far from its cause; say where, and what is still safe.
         try:
             action()
+        except NonFiniteError:
+            raise
         except Exception as err:
+            if isinstance(err.__cause__, NonFiniteError) or isinstance(err.__context__, NonFiniteError):
+                raise (err.__cause__ or err.__context__) from None
             committed = committed_steps(self.directory)
             safe = f"step {committed[-1]} is intact" if committed else "no earlier checkpoint exists"
             reason = str(err).splitlines()[0][:400] if str(err) else type(err).__name__
@@ -181,7 +239,8 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ restore
     def steps(self) -> list[int]:
-        return committed_steps(self.directory)
+        """Every numbered step directory, committed with checksums or not (the writer's view)."""
+        return _step_dirs(self.directory)
 
     def restore(self, target: Any, step: int) -> Restored:
         """Checkpoint `step` read into `target`'s shardings and verified.
@@ -191,13 +250,14 @@ class Checkpointer:
         from what was saved, CheckpointError if it does not fit `target`.
         """
         where = f"checkpoint {self.directory}/{step}"
-        meta = _read_meta(self.manager, step, where)
-        check_fits(meta, target, where)
+        checksums = _read_checksums(self.directory / str(step), where)
+        meta = _read_meta(self.manager, step, where, checksums)
+        check_fits(checksums, target, where)
         restored = _damage_as_error(where, lambda: self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())))
-        if json_digest(restored["data"]) != meta["integrity"]["data_sha256"]:
+        if json_digest(restored["data"]) != checksums["data_sha256"]:
             raise DamagedCheckpoint(f"{where} is damaged: its data-iterator state does not match its checksum")
-        _verify_arrays(restored["state"], meta, where)
+        _verify_arrays(restored["state"], checksums, where)
         processes = restored["data"]["processes"]
         if len(processes) != jax.process_count():
             raise CheckpointError(
@@ -261,21 +321,30 @@ def _damage_as_error(where: str, read):
         raise DamagedCheckpoint(f"{where} is damaged or incomplete: {type(err).__name__}: {reason}") from None
 
 
-def _read_meta(manager: ocp.CheckpointManager, step: int, where: str) -> dict:
+def _read_checksums(step_dir: pathlib.Path, where: str) -> dict:
+    try:
+        checksums = json.loads((step_dir / CHECKSUMS).read_bytes())
+    except FileNotFoundError:
+        raise DamagedCheckpoint(f"{where} has no checksums (incomplete, or written by a jaxgen without them)") from None
+    except (OSError, ValueError) as err:
+        raise DamagedCheckpoint(f"{where} is damaged: its checksum file cannot be read ({err})") from None
+    if not isinstance(checksums, dict) or json_digest(
+            {k: v for k, v in checksums.items() if k != "self_sha256"}) != checksums.get("self_sha256"):
+        raise DamagedCheckpoint(f"{where} is damaged: its checksum file does not match its own checksum")
+    return checksums
+
+
+def _read_meta(manager: ocp.CheckpointManager, step: int, where: str, checksums: dict) -> dict:
     meta = _damage_as_error(where, lambda: manager.restore(step, args=ocp.args.Composite(
         meta=ocp.args.JsonRestore()))["meta"])
-    integrity = meta.get("integrity") if isinstance(meta, dict) else None
-    if not isinstance(integrity, dict) or "meta_sha256" not in integrity:
-        raise DamagedCheckpoint(f"{where} has no checksums (incomplete, or written by a jaxgen without them)")
-    unsigned = {**meta, "integrity": {k: v for k, v in integrity.items() if k != "meta_sha256"}}
-    if json_digest(unsigned) != integrity["meta_sha256"]:
+    if json_digest(meta) != checksums["meta_sha256"]:
         raise DamagedCheckpoint(f"{where} is damaged: its metadata does not match its checksum")
     return meta
 
 
-def check_fits(meta: dict, target: Any, where: str, prefix: str = "") -> None:
+def check_fits(checksums: dict, target: Any, where: str, prefix: str = "") -> None:
     """Refuse a checkpoint of another shape, listing every array that differs (under `prefix` only)."""
-    saved = {p: (tuple(a["shape"]), a["dtype"]) for p, a in meta["integrity"]["arrays"].items() if p.startswith(prefix)}
+    saved = {p: (tuple(a["shape"]), a["dtype"]) for p, a in checksums["arrays"].items() if p.startswith(prefix)}
     wanted = {prefix + p: (tuple(leaf.shape), str(leaf.dtype)) for p, leaf in _named_leaves(target).items()}
     problems = [
         f"  {path}: checkpoint {_shape_text(saved.get(path))}, model {_shape_text(wanted.get(path))}"
@@ -299,9 +368,9 @@ def _named_leaves(tree: Any) -> dict[str, Any]:
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _verify_arrays(tree: Any, meta: dict, where: str, prefix: str = "") -> None:
+def _verify_arrays(tree: Any, checksums: dict, where: str, prefix: str = "") -> None:
     restored = {prefix + path: digest for path, digest in tree_digest(tree).items()}
-    bad = differing(meta["integrity"]["arrays"], restored)
+    bad = differing(checksums["arrays"], restored)
     if bad:
         raise DamagedCheckpoint(
             f"{where} is damaged: {len(bad)} arrays read back differ from what was saved "
@@ -349,10 +418,9 @@ def restore_subtree(path: str | pathlib.Path, keys: tuple[str, ...], target: Any
     manager = ocp.CheckpointManager(path, item_handlers=_handlers(ocp.PyTreeCheckpointHandler()),
                                     options=ocp.CheckpointManagerOptions(create=False, read_only=True))
     try:
-        meta = _read_meta(manager, step, where)
-        saved = meta["integrity"]["arrays"]
-        key = next((k for k in keys if any(p.startswith(f"{k}/") for p in saved)), keys[-1])
-        check_fits(meta, target, where, prefix=f"{key}/")
+        checksums = _read_checksums(path / str(step), where)
+        key = next((k for k in keys if any(p.startswith(f"{k}/") for p in checksums["arrays"])), keys[-1])
+        check_fits(checksums, target, where, prefix=f"{key}/")
         subtree = {key: target}
         restored = _damage_as_error(where, lambda: manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.PyTreeRestore(
@@ -360,7 +428,7 @@ def restore_subtree(path: str | pathlib.Path, keys: tuple[str, ...], target: Any
                 restore_args=jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), subtree),
                 partial_restore=True,
             ))))["state"][key]
-        _verify_arrays(restored, meta, where, prefix=f"{key}/")
+        _verify_arrays(restored, checksums, where, prefix=f"{key}/")
     finally:
         manager.close()
     log.info("loaded %s from %s step %d", key, path, step)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -64,20 +65,34 @@ def _path_name(path) -> str:
     return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
-def tree_digest(tree: Any) -> dict[str, dict]:
-    """{leaf path: {"hash": [h0, h1], "finite": bool}} for every array leaf, computed where the arrays live."""
+def start_tree_digest(tree: Any) -> Callable[[], dict[str, dict]]:
+    """Dispatch the digests of `tree`'s arrays as they are now; the returned function waits for them.
+
+    The computation is queued on the devices before anything that comes later
+    (such as a train step that donates these arrays), so the caller may go on
+    at once and fetch the result from any thread.
+    """
     named = [(_path_name(path), leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)]
     # One computation per set of devices: a jitted computation cannot mix arrays from different ones.
     groups: dict[frozenset, list[tuple[str, jax.Array]]] = {}
     for name, leaf in named:
         devices = frozenset(leaf.sharding.device_set) if isinstance(leaf, jax.Array) else frozenset()
         groups.setdefault(devices, []).append((name, leaf))
-    digests = {}
-    for members in groups.values():
-        results = _host(_digests([leaf for _, leaf in members]))
-        for (name, _), (hashes, finite) in zip(members, results):
-            digests[name] = {"hash": [int(h) for h in hashes], "finite": bool(finite)}
-    return {name: digests[name] for name, _ in named}
+    queued = [(members, _digests([leaf for _, leaf in members])) for members in groups.values()]
+
+    def result() -> dict[str, dict]:
+        digests = {}
+        for members, outputs in queued:
+            for (name, _), (hashes, finite) in zip(members, _host(outputs)):
+                digests[name] = {"hash": [int(h) for h in hashes], "finite": bool(finite)}
+        return {name: digests[name] for name, _ in named}
+
+    return result
+
+
+def tree_digest(tree: Any) -> dict[str, dict]:
+    """{leaf path: {"hash": [h0, h1], "finite": bool}} for every array leaf, computed where the arrays live."""
+    return start_tree_digest(tree)()
 
 
 def _host(tree: Any) -> Any:

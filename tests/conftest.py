@@ -1,17 +1,26 @@
 """Every test sees 8 simulated CPU devices; this must run before JAX initialises.
 
 XLA_FLAGS (rather than jax.config) so that CLI runs in subprocesses get them too.
+CLI runs in subprocesses also share one persistent compilation cache for the
+session: most of them compile the same tiny programs, and compiling is most
+of a tiny run's time. The pytest process itself does not use it (set after JAX
+read its configuration), since writing the cache slowed in-process tests down.
 """
 
 import os
 import pathlib
 import re
+import tempfile
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxgen-test-xla-cache-"))
+# The cache's file lock keeps one subprocess from reading an entry another is still writing.
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 * 2**30))
 
 from jaxgen.config import Config, load_config  # noqa: E402
 

@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxgen.checkpoint import DamagedCheckpoint, Checkpointer, committed_steps, restore_subtree
 from jaxgen.config import CheckpointConfig
-from jaxgen.errors import NonFiniteError
+from jaxgen.errors import CheckpointError, NonFiniteError
 from jaxgen.integrity import all_finite, differing, tree_digest
 from jaxgen.metrics import MetricsWriter, read_metrics
 
@@ -100,6 +100,8 @@ DAMAGE = {
     "per-process array metadata flipped": lambda d: flip(next((d / "state" / "array_metadatas").iterdir())),
     "data position json flipped": lambda d: flip(d / "data" / "metadata"),
     "run metadata json flipped": lambda d: flip(d / "meta" / "metadata"),
+    "checksum file flipped": lambda d: flip(d / "jaxgen_checksums.json"),
+    "checksum file deleted": lambda d: (d / "jaxgen_checksums.json").unlink(),
     "array data file truncated": lambda d: largest_file(d, "state/d").write_bytes(
         largest_file(d, "state/d").read_bytes()[:100]),
     "array data file deleted": lambda d: largest_file(d, "state/d").unlink(),
@@ -107,7 +109,8 @@ DAMAGE = {
     "step directory emptied": lambda d: [shutil.rmtree(p) if p.is_dir() else p.unlink() for p in list(d.iterdir())],
 }
 
-READER_UNAFFECTED = {"data position json flipped", "data item deleted"}
+READER_UNAFFECTED = {"data position json flipped", "data item deleted", "run metadata json flipped"}
+READER_INVISIBLE = {"checksum file deleted", "step directory emptied"}
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
@@ -119,15 +122,19 @@ def test_a_damaged_checkpoint_is_never_loaded_the_run_falls_back_to_the_previous
     DAMAGE[damage](directory / "2")
     target = target_of(make_state(mesh, 0))
 
-    # A reader of the params refuses it in one line and changes nothing (the data position is not its concern).
+    # A reader of the params refuses it in one line and changes nothing (the data position is not its concern;
+    # a step without its checksum file is not committed for readers at all).
     if damage in READER_UNAFFECTED:
         params, _, _ = restore_subtree(directory, ("params",), target["params"], step=2)
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), saved[2]["params"])
+    elif damage in READER_INVISIBLE:
+        with pytest.raises(CheckpointError, match=r"has no checkpoint for step 2; available: \[1\]"):
+            restore_subtree(directory, ("params",), target["params"], step=2)
     else:
-        with pytest.raises(DamagedCheckpoint, match=r"checkpoint .*/2 (is damaged|has no checksums)") as refused:
+        with pytest.raises(DamagedCheckpoint, match=r"checkpoint .*/2 is damaged") as refused:
             restore_subtree(directory, ("params",), target["params"], step=2)
         assert "\n" not in str(refused.value)
-    assert committed_steps(directory) == [1, 2]
+    assert sorted(p.name for p in directory.iterdir()) == ["1", "2"]
 
     # The training run falls back, loudly, and sets the damaged one aside.
     with caplog.at_level(logging.WARNING, logger="jaxgen"):
@@ -153,10 +160,10 @@ def test_a_state_with_a_non_finite_value_is_never_saved(tmp_path, mesh):
     state = make_state(mesh, 1)
     state["opt_state"]["mu"] = state["opt_state"]["mu"].at[0, 0].set(jnp.nan)
     saver = Checkpointer(tmp_path / "ck", CheckpointConfig())
-    with pytest.raises(NonFiniteError, match=r"refusing to save step 3: non-finite values in opt_state/mu"):
-        saver.save(3, state, {}, {})
-    saver.wait()
-    assert committed_steps(tmp_path / "ck") == []
+    saver.save(3, state, {}, {})
+    with pytest.raises(NonFiniteError, match=r"refused to commit checkpoint 3: non-finite values in opt_state/mu"):
+        saver.wait()
+    assert committed_steps(tmp_path / "ck") == [] and not (tmp_path / "ck" / "3").exists()
 
 
 def test_retention_keeps_the_checkpoint_read_back_intact_until_a_newer_one_is(two_checkpoints, tmp_path, mesh):
