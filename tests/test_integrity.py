@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxgen.checkpoint import DamagedCheckpoint, Checkpointer, committed_steps, restore_subtree
+from jaxgen.checkpoint import Checkpointer, DamagedCheckpoint, committed_steps, restore_subtree
 from jaxgen.config import CheckpointConfig
 from jaxgen.errors import CheckpointError, NonFiniteError
 from jaxgen.integrity import all_finite, differing, tree_digest
