@@ -1,18 +1,26 @@
 """After training: evaluate, generate, export to Hugging Face and import back."""
 
+import contextlib
+import itertools
 import json
+import logging
 import shutil
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import sentencepiece as spm
 from flax import nnx
+from sentencepiece import sentencepiece_model_pb2
 
+from jaxgen.data.corpus import BUNDLED_CORPUS, iter_documents
+from jaxgen.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
 from jaxgen.errors import ExportError
-from jaxgen.export import export_hf, export_run, import_hf
+from jaxgen.export import export_hf, export_run, import_hf, write_hf_tokenizer
 from jaxgen.generate import Sampling, generate, sample_logits
 from jaxgen.metrics import read_metrics
 from jaxgen.models import build_model
@@ -46,14 +54,35 @@ def test_eval_reproduces_the_loops_eval_loss(trained):
     assert json.loads((trained / "eval.jsonl").read_text().splitlines()[-1]) == report
 
 
-def test_hf_export_loads_in_transformers_with_equal_logits(trained, tmp_path):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    out = tmp_path / "hf"
+@pytest.fixture(scope="module")
+def hf_export(trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf") / "hf"
     result = jaxgen_cli("export", "--run-dir", str(trained), "--format", "hf", "--out", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
+    return out
 
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+
+@contextlib.contextmanager
+def transformers_messages():
+    """Python warnings and transformers' logged warnings, as one list of strings."""
+    handler = logging.Handler(logging.WARNING)
+    messages = []
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield messages
+        messages += [str(w.message) for w in caught]
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_hf_export_loads_in_transformers_with_equal_logits(trained, hf_export):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_export, dtype=torch.float32)
     run = open_run(trained)
     model = nnx.merge(run.training.layout.graphdef, run.params)
     tokens = np.random.default_rng(0).integers(0, 512, (2, 48))
@@ -61,13 +90,72 @@ def test_hf_export_loads_in_transformers_with_equal_logits(trained, tmp_path):
     theirs = hf_model(torch.tensor(tokens)).logits.detach().numpy()
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
 
-    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
-    from jaxgen.data.tokenizer import Tokenizer
 
-    text = "And God said, Let there be light: and there was light. 1611"
-    assert hf_tokenizer(text)["input_ids"] == [1, *Tokenizer(trained / "tokenizer.model").encode([text])[0]]
-    generation = json.loads((out / "generation_config.json").read_text())
-    assert (generation["bos_token_id"], generation["eos_token_id"]) == (1, 2)
+# Spaces (repeated, leading, trailing), tabs, newlines, digits, punctuation, accents; CJK and
+# emoji are not in the 512-piece vocabulary (byte fallback).
+TEXTS = [
+    "", " ", "  two leading spaces", " one leading space", "trailing spaces  ", "repeated   spaces  inside  ",
+    "\ttab first\tand\ttabs\t", "one\nnewline", "two\n\nnewlines\n\n", "\n", "digits 1611 and 3.14159",
+    "Punctuation: (a), [b]; c! d? 'e' \"f\" -- g...", "accents: café, naïve, Ünïcödé",
+    "CJK: 中文字符 日本語", "emoji: 🙂🚀 end", "🙂 first",
+]
+
+
+def assert_tokenizes_like(hf_tokenizer, ours, texts):
+    """Same ids with and without BOS, decoded back to the same text."""
+    ids = ours.encode(texts)
+    assert [ours.decode(i) for i in ids] == texts
+    assert hf_tokenizer(texts, add_special_tokens=False)["input_ids"] == ids
+    assert hf_tokenizer(texts)["input_ids"] == [[BOS_ID, *i] for i in ids]
+    assert [hf_tokenizer.decode(i) for i in ids] == texts
+    assert hf_tokenizer.batch_decode([[BOS_ID, *i] for i in ids], skip_special_tokens=True) == texts
+
+
+def test_hf_tokenizer_tokenizes_and_decodes_like_jaxgen(trained, hf_export):
+    transformers = pytest.importorskip("transformers")
+    ours = Tokenizer(trained / "tokenizer.model")
+    for use_fast in (True, False):  # transformers 5 ignores use_fast: both load tokenizer.json
+        hf_tokenizer = transformers.AutoTokenizer.from_pretrained(hf_export, use_fast=use_fast)
+        assert_tokenizes_like(hf_tokenizer, ours, [*TEXTS, "<s> and </s> are text to jaxgen"])
+
+
+@pytest.mark.parametrize("settings", [
+    {"model_type": "unigram"},  # the other model type `jaxgen tokenizer train` offers
+    # A foreign model (data.tokenizer, jaxgen import): NFKC, no dummy prefix, pieces of spaces.
+    {"normalization_rule_name": "nmt_nfkc", "add_dummy_prefix": False, "allow_whitespace_only_pieces": True},
+])
+def test_hf_tokenizer_follows_the_sentencepiece_settings(settings, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    spec = {"vocab_size": 512, "model_type": "bpe", "normalization_rule_name": "identity", "byte_fallback": True,
+            "remove_extra_whitespaces": False, "split_digits": True, "character_coverage": 1.0,
+            "unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": -1, "num_threads": 2, "minloglevel": 2, **settings}
+    documents = itertools.islice(iter_documents([BUNDLED_CORPUS]), 1000)
+    spm.SentencePieceTrainer.train(sentence_iterator=documents, model_prefix=str(tmp_path / "t"), **spec)
+    write_hf_tokenizer(tmp_path / "t.model", tmp_path, max_len=64)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    if settings.get("normalization_rule_name") == "nmt_nfkc":  # lossy: compare with sentencepiece's own decoding
+        sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "t.model"))
+        texts = [*TEXTS, "ﬁne ｆｕｌｌ①\u00a0nbsp"]
+        ids = sp.encode(texts)
+        assert hf_tokenizer(texts, add_special_tokens=False)["input_ids"] == ids
+        assert [hf_tokenizer.decode(i) for i in ids] == sp.decode(ids)
+    else:
+        assert_tokenizes_like(hf_tokenizer, Tokenizer(tmp_path / "t.model"), TEXTS)
+
+
+def test_hf_generate_warns_nothing_and_pads_on_the_left(hf_export):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    with transformers_messages() as messages:
+        model = transformers.AutoModelForCausalLM.from_pretrained(hf_export, dtype=torch.float32)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(hf_export)
+        alone = model.generate(**tokenizer("And God said", return_tensors="pt"), max_new_tokens=5)
+        prompts = ["And God said", "In the beginning God created the heaven"]
+        together = model.generate(**tokenizer(prompts, padding=True, return_tensors="pt"), max_new_tokens=5)
+    assert messages == []
+    assert together[0, -5:].tolist() == alone[0, -5:].tolist()
+    generation = json.loads((hf_export / "generation_config.json").read_text())
+    assert generation == {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": EOS_ID}
 
 
 def test_sharded_bf16_export_and_import_round_trip(trained, tmp_path):
@@ -109,6 +197,15 @@ def test_export_and_import_errors_name_the_problem(trained, tmp_path):
                                                     "attention_bias": True}))
     with pytest.raises(ExportError, match=r"attention_bias=True is not supported"):
         import_hf(biased, tmp_path / "o5")
+    collapsing = tmp_path / "collapsing"  # a tokenizer that drops repeated spaces: refused before the restore
+    collapsing.mkdir()
+    shutil.copyfile(trained / "config.yaml", collapsing / "config.yaml")
+    model = sentencepiece_model_pb2.ModelProto.FromString((trained / "tokenizer.model").read_bytes())
+    model.normalizer_spec.remove_extra_whitespaces = True
+    (collapsing / "tokenizer.model").write_bytes(model.SerializeToString())
+    with pytest.raises(ExportError, match=r"tokenizer\.model' has remove_extra_whitespaces=True, which a Hugging Face"):
+        export_run(collapsing, tmp_path / "o6", fmt="hf")
+    assert not (tmp_path / "o6").exists()
 
 
 def test_kv_cache_generation_equals_full_recomputation():
