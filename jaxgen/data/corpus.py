@@ -10,12 +10,14 @@ line; provenance in KJV_PROVENANCE.md beside it).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import json
 import logging
 import pathlib
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Literal
 
 from jaxgen.errors import DataError
@@ -34,7 +36,7 @@ def resolve_files(pattern: str, key: str) -> list[pathlib.Path]:
     if not files:
         raise DataError(f"{key} {pattern!r} matches no files")
     for path in files:
-        with open_binary(path) as f:
+        with open_binary(path) as f, damaged_gzip_named(path):  # a .gz that is not gzip fails here, before any work
             if not f.read(1):
                 raise DataError(f"{key} {pattern!r}: file {str(path)!r} is empty")
     return files
@@ -45,50 +47,129 @@ def open_binary(path: pathlib.Path) -> IO[bytes]:
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
-class SkipCounter:
-    """Counts skipped records and warns at 1, 10, 100, ... so a bad corpus is noticed, not flooded."""
+@contextlib.contextmanager
+def damaged_gzip_named(path: pathlib.Path) -> Iterator[None]:
+    """Reads of `path` in the block fail naming it when its gzip stream is damaged; Python's errors name no file."""
+    try:
+        yield
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        raise DataError(
+            f"{str(path)!r} is not a complete gzip file ({err}); a file named .gz must be gzip-compressed: "
+            "compress it again, or rename it without .gz if it is plain text"
+        ) from None
 
-    def __init__(self, what: str):
-        self.what, self.count = what, 0
 
-    def skip(self, where: str) -> None:
+def line_number(path: pathlib.Path, offset: int) -> int:
+    """The 1-based number of the line starting at byte `offset`, counted on demand for messages."""
+    newlines, left = 0, offset
+    with open_binary(path) as f:
+        while left and (chunk := f.read(min(left, 1 << 20))):
+            newlines += chunk.count(b"\n")
+            left -= len(chunk)
+    return newlines + 1
+
+
+# Sources whose skipped records were reported in this process. Several passes read the same files
+# (tokenizer training, the one-batch check, the training and held-out streams, every epoch) and
+# would otherwise each report the same lines again.
+_reported: set[str] = set()
+
+
+def warn_once(source: str, message: str) -> None:
+    """Log `message` unless a warning about `source` was logged in this process already."""
+    if source not in _reported:
+        _reported.add(source)
+        log.warning(message)
+
+
+def already_reported() -> frozenset[str]:
+    return frozenset(_reported)
+
+
+def mark_reported(sources: Iterable[str]) -> None:
+    """Sources another process reported (e.g. the parent of a grain worker): not reported again here."""
+    _reported.update(sources)
+
+
+class SkippedLines:
+    """Lines of one file that one pass skipped as invalid UTF-8.
+
+    Only a pass that read the whole file knows the file's count, so only such a pass reports
+    it, and only the first one in the process.
+    """
+
+    def __init__(self, path: pathlib.Path, whole_file: bool):
+        self.path, self.whole_file = path, whole_file
+        self.count, self.first_offset = 0, 0
+
+    def skip(self, offset: int) -> None:
+        if not self.count:
+            self.first_offset = offset
         self.count += 1
-        if self.count in (1, 10, 100) or self.count % 1000 == 0:
-            log.warning("skipped %d %s so far (latest: %s; data.invalid_utf8=error fails instead)",
-                        self.count, self.what, where)
+
+    def report(self) -> None:
+        """Called at the end of the file."""
+        if self.count and self.whole_file:
+            first = f"line at byte {self.first_offset}, line {line_number(self.path, self.first_offset)}"
+            warn_once(str(self.path.resolve()),
+                      f"{self.path}: skipped {self.count} lines of invalid UTF-8 (the first: {first}); "
+                      "set data.invalid_utf8=error to stop at them instead")
 
 
-def decode_utf8(raw: bytes, where: str, policy: InvalidUtf8, skipped: SkipCounter) -> str | None:
-    """The text of `raw`, or None if it is invalid UTF-8 and the policy is to skip."""
+def decode_utf8(raw: bytes, policy: InvalidUtf8, invalid: Callable[[UnicodeDecodeError], str]) -> str | None:
+    """The text of `raw`, or None if it is invalid UTF-8 and the policy is to skip it (the caller counts it).
+
+    `invalid(err)` says which record is invalid, and where, for the error.
+    """
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        if policy == "error":
-            raise DataError(
-                f"{where} is not valid UTF-8 ({err.reason} at byte {err.start}); "
-                "set data.invalid_utf8=skip to skip such records"
-            ) from None
-        skipped.skip(where)
-        return None
+        if policy == "skip":
+            return None
+        raise DataError(
+            f"{invalid(err)}; set data.invalid_utf8=skip (or --invalid-utf8 skip) to skip such records") from None
 
 
-def line_document(line: str, field: str | None, where: str) -> str | None:
+def decode_line(raw: bytes, path: pathlib.Path, offset: int, policy: InvalidUtf8, skipped: SkippedLines) -> str | None:
+    """The text of the line at byte `offset` of `path`, or None when it is skipped as invalid UTF-8."""
+    line = decode_utf8(raw, policy, lambda err: (
+        f"{path}: line at byte {offset} is not valid UTF-8 "
+        f"({err.reason} at byte {err.start} of line {line_number(path, offset)})"))
+    if line is None:
+        skipped.skip(offset)
+    return line
+
+
+def line_document(line: str, field: str | None, path: pathlib.Path, offset: int) -> str | None:
     """The document a line holds (None for a blank line): the line itself, or its JSON `field`."""
     if not line.strip():
         return None
     if field is None:
         return line.rstrip("\r\n")
+    where = f"{path}: line at byte {offset}"
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
-        raise DataError(f"{where} is not valid JSON: {err.msg}") from None
-    if not isinstance(record, dict) or field not in record:
-        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise DataError(f"{where} has no field {field!r} (data.field); it holds {keys}")
+        raise DataError(
+            f"{where} is not valid JSON ({err.msg} at column {err.colno} of line {line_number(path, offset)}); "
+            f"each line of a .jsonl file must be one JSON object holding its document in field {field!r} (data.field)"
+        ) from None
+    if not isinstance(record, dict):
+        raise DataError(f"{where} has no field {field!r} (data.field); it holds {_json_kind(record)} "
+                        f"(line {line_number(path, offset)}), not a JSON object")
+    if field not in record:
+        raise DataError(f"{where} has no field {field!r} (data.field); it holds {sorted(record)} "
+                        f"(line {line_number(path, offset)}); set data.field to the key of the text")
     text = record[field]
     if not isinstance(text, str):
-        raise DataError(f"{where}: field {field!r} is a {type(text).__name__}, not a string")
+        raise DataError(f"{where}: field {field!r} (data.field) holds {_json_kind(text)}, not a string "
+                        f"(line {line_number(path, offset)})")
     return text
+
+
+def _json_kind(value: object) -> str:
+    kinds = {dict: "an object", list: "a list", bool: "a boolean", int: "a number", float: "a number"}
+    return kinds.get(type(value), "null")
 
 
 def is_jsonl(path: pathlib.Path) -> bool:
@@ -100,15 +181,18 @@ def iter_documents(files: list[pathlib.Path], field: str = "text", invalid_utf8:
 
     For one-pass readers (tokenizer training, `data prepare`); training streams use streaming.py.
     """
-    skipped = SkipCounter("lines of invalid UTF-8")
     for path in files:
-        jsonl_field = field if is_jsonl(path) else None
-        with open_binary(path) as f:
-            offset = 0
-            for raw in f:
-                where = f"{path}: line at byte {offset}"
-                offset += len(raw)
-                line = decode_utf8(raw, where, invalid_utf8, skipped)
-                doc = None if line is None else line_document(line, jsonl_field, where)
-                if doc is not None:
-                    yield doc
+        yield from _file_documents(path, field if is_jsonl(path) else None, invalid_utf8)
+
+
+def _file_documents(path: pathlib.Path, field: str | None, invalid_utf8: InvalidUtf8) -> Iterator[str]:
+    skipped = SkippedLines(path, whole_file=True)
+    offset = 0
+    with open_binary(path) as f, damaged_gzip_named(path):
+        for raw in f:
+            line = decode_line(raw, path, offset, invalid_utf8, skipped)
+            document = None if line is None else line_document(line, field, path, offset)
+            offset += len(raw)
+            if document is not None:
+                yield document
+    skipped.report()

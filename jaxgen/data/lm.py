@@ -19,9 +19,16 @@ import numpy as np
 
 from jaxgen.config import Config, DataConfig
 from jaxgen.data.packing import batch_rows, pack_documents
-from jaxgen.data.pipeline import BatchIterator, GrainBatches, prefetched, process_rows, this_process
+from jaxgen.data.pipeline import (
+    BatchIterator,
+    GrainBatches,
+    prefetched,
+    process_rows,
+    this_process,
+    user_errors_unwrapped,
+)
 from jaxgen.data.prepare import read_prepared_metadata
-from jaxgen.data.sources import mixed_documents, one_pass_documents
+from jaxgen.data.sources import describe, mixed_documents, one_pass_documents
 from jaxgen.data.splits import Shard
 from jaxgen.data.tokenizer import MAX_TRAINING_SENTENCES, Tokenizer, train_tokenizer
 from jaxgen.distributed import bytes_from_process_0
@@ -91,7 +98,9 @@ def tokenizer_on_process_0(cfg: Config, target: pathlib.Path, given: str | None)
         write_atomic(target, tokenizer.model_bytes)
         return tokenizer.model_bytes
     documents = itertools.islice(one_pass_documents(cfg.data, "train"), MAX_TRAINING_SENTENCES)
-    return train_tokenizer(documents, cfg.model.vocab_size, target).model_bytes
+    sources = ", ".join(describe(source) for source in cfg.data.mixture or [cfg.data])
+    return train_tokenizer(documents, cfg.model.vocab_size, target, source=f"the training documents of {sources}",
+                           vocab_option="model.vocab_size").model_bytes
 
 
 def check_holds_one_batch(data: DataConfig, tokenizer: Tokenizer) -> None:
@@ -121,7 +130,8 @@ def eval_batches(data: DataConfig, tokenizer: Tokenizer, n_batches: int, shard: 
     packed = pack_documents(mixed_documents(data, "eval", Shard()), tokenizer, data.seq_len)
     global_batches = iter(batch_rows(packed, data.batch_size))
     rows = process_rows(data.batch_size, shard)
-    return [{name: field[rows] for name, field in next(global_batches).items()} for _ in range(n_batches)]
+    with user_errors_unwrapped():
+        return [{name: field[rows] for name, field in next(global_batches).items()} for _ in range(n_batches)]
 
 
 def build_lm_data(cfg: Config, run_dir: pathlib.Path, shard: Shard | None = None) -> LMData:
@@ -129,8 +139,7 @@ def build_lm_data(cfg: Config, run_dir: pathlib.Path, shard: Shard | None = None
     shard = shard or this_process()
     tokenizer = prepare_tokenizer(cfg, run_dir)
     check_holds_one_batch(cfg.data, tokenizer)
-    return LMData(
-        tokenizer=tokenizer,
-        train=train_batches(cfg.data, tokenizer, shard),
-        eval=eval_batches(cfg.data, tokenizer, cfg.train.eval_batches, shard),
-    )
+    # Held-out batches first: the training stream's worker processes then know which files' skipped
+    # lines this process has reported already (see corpus.warn_once).
+    held_out = eval_batches(cfg.data, tokenizer, cfg.train.eval_batches, shard)
+    return LMData(tokenizer=tokenizer, train=train_batches(cfg.data, tokenizer, shard), eval=held_out)

@@ -10,8 +10,9 @@ grain dataset of such batches to that interface, whatever its records are
 from __future__ import annotations
 
 import ast
+import contextlib
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import grain
@@ -20,6 +21,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxgen.data.splits import Shard
+from jaxgen.errors import JaxgenError
 from jaxgen.sharding import batch_sharding
 
 
@@ -46,6 +48,34 @@ def to_global(host_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
         name: jax.make_array_from_process_local_data(batch_sharding(mesh, rows.ndim), rows)
         for name, rows in host_batch.items()
     }
+
+
+@contextlib.contextmanager
+def user_errors_unwrapped() -> Iterator[None]:
+    """A user's data mistake raised inside a grain pipeline leaves the block as itself.
+
+    grain adds notes about its filtered frames to exceptions passing through it, and may wrap
+    them (e.g. a worker process's failure); the user needs only the original one-line error.
+    """
+    try:
+        yield
+    except Exception as err:
+        original = _user_error_in_chain(err)
+        if original is None:
+            raise
+        if hasattr(original, "__notes__"):
+            del original.__notes__
+        raise original from None
+
+
+def _user_error_in_chain(err: BaseException) -> JaxgenError | None:
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, JaxgenError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def this_process() -> Shard:
@@ -114,8 +144,10 @@ class GrainBatches:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
+        with user_errors_unwrapped():
+            batch = next(self._holder[0])
         # Copies out of grain's worker shared memory, which must not outlive the iterator.
-        return {name: np.array(field) for name, field in next(self._holder[0]).items()}
+        return {name: np.array(field) for name, field in batch.items()}
 
     def get_state(self) -> dict[str, str]:
         # grain's state holds tuples that a JSON round trip would turn into lists (and grain then

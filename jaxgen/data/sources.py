@@ -19,8 +19,8 @@ import grain
 import numpy as np
 
 from jaxgen.config import DataConfig, SourceConfig
-from jaxgen.data.corpus import BUNDLED_CORPUS, InvalidUtf8, SkipCounter, decode_utf8, resolve_files
-from jaxgen.data.pipeline import RandomAccessSource
+from jaxgen.data.corpus import BUNDLED_CORPUS, InvalidUtf8, decode_utf8, resolve_files, warn_once
+from jaxgen.data.pipeline import RandomAccessSource, user_errors_unwrapped
 from jaxgen.data.prepare import PREPARED_MARKER
 from jaxgen.data.splits import HeldOutView, HoldOut, Part, Shard
 from jaxgen.data.streaming import DocumentStream
@@ -36,7 +36,6 @@ class RecordDocument(grain.transforms.Map):
 
     def __init__(self, field: str, invalid_utf8: InvalidUtf8, name: str):
         self.field, self.invalid_utf8, self.name = field, invalid_utf8, name
-        self._skipped = SkipCounter("records of invalid UTF-8")
 
     def map(self, record: Any) -> Document | None:
         if isinstance(record, dict):
@@ -46,10 +45,19 @@ class RecordDocument(grain.transforms.Map):
                 raise DataError(f"{self.name} records have no field {self.field!r} (data.field); they hold {sorted(record)}")
             record = record[self.field]
         if isinstance(record, bytes):
-            return decode_utf8(record, f"a record of {self.name}", self.invalid_utf8, self._skipped)
+            return self._text(record)
         if isinstance(record, str):
             return record
         raise DataError(f"{self.name} holds {type(record).__name__} records, not text")
+
+    def _text(self, record: bytes) -> str | None:
+        text = decode_utf8(record, self.invalid_utf8, lambda err: (
+            f"a record of {self.name} is not valid UTF-8 ({err.reason} at byte {err.start})"))
+        if text is None:
+            # Records carry no position a reader could count them by, so the source is named once, uncounted.
+            warn_once(self.name, f"{self.name}: skipping records of invalid UTF-8; "
+                                 "set data.invalid_utf8=error to stop at them instead")
+        return text
 
 
 def describe(source: DataConfig | SourceConfig) -> str:
@@ -82,7 +90,25 @@ def open_tfds(name: str, data_dir: str | None, split: str) -> RandomAccessSource
 
 def open_array_records(pattern: str) -> RandomAccessSource:
     files = resolve_files(pattern, "data.array_record")
-    return grain.sources.ArrayRecordDataSource([str(f) for f in files])
+    try:
+        return grain.sources.ArrayRecordDataSource([str(f) for f in files])
+    except RuntimeError as err:  # array_record's report of a file it cannot read, which it does not name
+        raise _unreadable_array_record(pattern, files, err) from None
+
+
+def _unreadable_array_record(pattern: str, files: list[pathlib.Path], err: RuntimeError) -> DataError:
+    """The error naming the first of `files` that cannot be opened alone (`err`: opening them together)."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    culprit, reason = "its files", err
+    for path in files:
+        try:
+            ArrayRecordReader(str(path)).close()
+        except RuntimeError as file_err:
+            culprit, reason = f"file {str(path)!r}", file_err
+            break
+    return DataError(f"data.array_record {pattern!r}: {culprit} cannot be read as ArrayRecord ({reason}); "
+                     "give files written by ArrayRecordWriter or `jaxgen data prepare`")
 
 
 def open_documents(source: DataConfig | SourceConfig, data: DataConfig, part: Part, shard: Shard, *,
@@ -137,4 +163,5 @@ def mixed_documents(data: DataConfig, part: Part, shard: Shard) -> grain.IterDat
 def one_pass_documents(data: DataConfig, part: Part) -> Iterator[Document]:
     """Every document of the part once, source after source, in a fixed order."""
     for source in data.mixture or [data]:
-        yield from open_documents(source, data, part, Shard(), seed=None, epochs=1)
+        with user_errors_unwrapped():
+            yield from open_documents(source, data, part, Shard(), seed=None, epochs=1)

@@ -16,7 +16,16 @@ from typing import IO, Any
 
 import grain
 
-from jaxgen.data.corpus import InvalidUtf8, SkipCounter, decode_utf8, line_document, open_binary
+from jaxgen.data.corpus import (
+    InvalidUtf8,
+    SkippedLines,
+    already_reported,
+    damaged_gzip_named,
+    decode_line,
+    line_document,
+    mark_reported,
+    open_binary,
+)
 from jaxgen.data.splits import HoldOut, Shard
 from jaxgen.errors import DataError
 
@@ -32,6 +41,8 @@ class DocumentStream(grain.IterDataset):
         self.shard, self.invalid_utf8, self.name, self.epochs = shard, invalid_utf8, name, epochs
         # grain may slice the same copy again (e.g. when restoring workers): always from this.
         self.process_shard = shard
+        # Travels to grain's worker processes, which must not report skipped lines again.
+        self.reported_before = already_reported()
 
     def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
         # grain hands each worker process `slice(worker, None, workers)`; striding is the only
@@ -52,10 +63,11 @@ _START = {"epoch": 0, "file": 0, "offset": 0, "ordinal": 0, "selected": 0}
 class _DocumentIterator(grain.DatasetIterator):
     def __init__(self, stream: DocumentStream):
         super().__init__()
+        mark_reported(stream.reported_before)
         self._stream = stream
         self._position = dict(_START)
         self._handle: IO[bytes] | None = None
-        self._skipped = SkipCounter("lines of invalid UTF-8")
+        self._skipped: SkippedLines | None = None
 
     def __next__(self) -> str:
         stream, pos = self._stream, self._position
@@ -63,16 +75,16 @@ class _DocumentIterator(grain.DatasetIterator):
             if self._handle is None:
                 if stream.epochs is not None and pos["epoch"] == stream.epochs:
                     raise StopIteration
-                self._handle = open_binary(stream.files[pos["file"]])
-                self._handle.seek(pos["offset"])
-            raw = self._handle.readline()
+                self._open_file()
+            path, offset = stream.files[pos["file"]], pos["offset"]
+            with damaged_gzip_named(path):
+                raw = self._handle.readline()
             if not raw:
                 self._next_file()
                 continue
-            where = f"{stream.files[pos['file']]}: line at byte {pos['offset']}"
             pos["offset"] += len(raw)
-            line = decode_utf8(raw, where, stream.invalid_utf8, self._skipped)
-            doc = None if line is None else line_document(line, stream.field, where)
+            line = decode_line(raw, path, offset, stream.invalid_utf8, self._skipped)
+            doc = None if line is None else line_document(line, stream.field, path, offset)
             if doc is None:
                 continue
             pos["ordinal"] += 1
@@ -82,10 +94,20 @@ class _DocumentIterator(grain.DatasetIterator):
             if (pos["selected"] - 1) % stream.shard.count == stream.shard.index:
                 return doc
 
+    def _open_file(self) -> None:
+        path, offset = self._stream.files[self._position["file"]], self._position["offset"]
+        with damaged_gzip_named(path):
+            self._handle = open_binary(path)
+            self._handle.seek(offset)
+        self._skipped = SkippedLines(path, whole_file=offset == 0)
+
     def _next_file(self) -> None:
         stream, pos = self._stream, self._position
         self._handle.close()
         self._handle = None
+        # Every reader meets the same lines of a file; the first reader alone reports them.
+        if stream.shard.index == 0:
+            self._skipped.report()
         pos["file"] += 1
         pos["offset"] = 0
         if pos["file"] < len(stream.files):
