@@ -140,6 +140,7 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
         self._last_save_time = time.monotonic()
         self._verified_step: int | None = None  # newest step this process read back intact
+        self._closed = False
         if writer and jax.process_index() == 0:
             for leftover in self.directory.glob(f"{_DELETING_PREFIX}*"):  # a deletion a kill interrupted
                 shutil.rmtree(leftover, ignore_errors=True)
@@ -235,7 +236,9 @@ class Checkpointer:
         self.manager.reload()
 
     def close(self) -> None:
-        self.manager.close()
+        if not self._closed:
+            self._closed = True
+            self.manager.close()
 
     # ------------------------------------------------------------------ restore
     def steps(self) -> list[int]:
@@ -347,13 +350,13 @@ def check_fits(checksums: dict, target: Any, where: str, prefix: str = "") -> No
     saved = {p: (tuple(a["shape"]), a["dtype"]) for p, a in checksums["arrays"].items() if p.startswith(prefix)}
     wanted = {prefix + p: (tuple(leaf.shape), str(leaf.dtype)) for p, leaf in _named_leaves(target).items()}
     problems = [
-        f"  {path}: checkpoint {_shape_text(saved.get(path))}, model {_shape_text(wanted.get(path))}"
+        f"{path}: checkpoint {_shape_text(saved.get(path))}, model {_shape_text(wanted.get(path))}"
         for path in sorted(set(saved) | set(wanted))
         if saved.get(path) != wanted.get(path)
     ]
     if problems:
-        shown = problems[:20] + ([f"  ... and {len(problems) - 20} more"] if len(problems) > 20 else [])
-        raise CheckpointError(f"{where} does not fit this model ({len(problems)} arrays differ):\n" + "\n".join(shown))
+        shown = problems[:6] + ([f"... and {len(problems) - 6} more"] if len(problems) > 6 else [])
+        raise CheckpointError(f"{where} does not fit this model ({len(problems)} arrays differ): " + "; ".join(shown))
 
 
 def _shape_text(entry: tuple | None) -> str:

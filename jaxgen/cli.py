@@ -1,4 +1,8 @@
-"""`jaxgen` command line: parses arguments and calls library functions, nothing more."""
+"""`jaxgen` command line: parses arguments and calls library functions, nothing more.
+
+Every failure that reaches `main` is printed as one `jaxgen: error: ...` line
+(`jaxgen.errors.describe`); `--debug` or JAXGEN_DEBUG=1 adds the traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,18 @@ import argparse
 import datetime
 import json
 import logging
+import os
 import pathlib
+import re
 import sys
 import traceback
 
-from jaxgen import distributed
+from jaxgen import __version__, distributed
 from jaxgen.config import load_config
-from jaxgen.errors import ConfigError, JaxgenError
+from jaxgen.errors import ConfigError, UsageError, describe
+from jaxgen.interrupts import end_cleanly_on_ctrl_c, exit_interrupted
+
+OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+=")
 
 
 def default_run_dir(config_path: str | None) -> pathlib.Path:
@@ -53,7 +62,8 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from jaxgen.data.tokenizer import train_tokenizer
 
     documents = iter_documents(resolve_files(args.input, "--input"), args.field, args.invalid_utf8)
-    tokenizer = train_tokenizer(documents, args.vocab_size, args.out, args.model_type)
+    tokenizer = train_tokenizer(documents, args.vocab_size, args.out, args.model_type,
+                                source=f"--input {args.input!r}", vocab_option="--vocab-size")
     print(json.dumps({"out": str(tokenizer.path), "vocab_size": tokenizer.vocab_size, "sha256": tokenizer.sha256}))
     return 0
 
@@ -76,50 +86,52 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# `jaxgen sample` options that only one kind of model takes, and their defaults.
+TEXT_OPTIONS = {"prompt": None, "temperature": 0.8, "top_k": 0, "top_p": 1.0, "max_new_tokens": 64}
+IMAGE_OPTIONS = {"labels": None, "num_per_label": 8, "guidance": None, "sampler": None, "steps": None,
+                 "out": None, "save_array": None}
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from jaxgen.runs import load_run_config
 
-    if load_run_config(args.run_dir, args.overrides).model.kind != "transformer":
-        from jaxgen.generate_images import sample_images
+    kind = load_run_config(args.run_dir, args.overrides).model.kind
+    is_text = kind == "transformer"
+    foreign = [name for name in (IMAGE_OPTIONS if is_text else TEXT_OPTIONS) if getattr(args, name) is not None]
+    if foreign:
+        flags = ", ".join("--" + name.replace("_", "-") for name in foreign)
+        valid = ", ".join("--" + name.replace("_", "-") for name in (TEXT_OPTIONS if is_text else IMAGE_OPTIONS))
+        raise UsageError(f"{flags} cannot be used with {args.run_dir}, a model.kind={kind} run; its options: {valid}")
+    options = {name: default if getattr(args, name) is None else getattr(args, name)
+               for name, default in (TEXT_OPTIONS if is_text else IMAGE_OPTIONS).items()}
+    if is_text:
+        from jaxgen.sample_text import Sampling, sample_text
 
-        try:
-            labels = [int(x) for x in args.labels.split(",")] if args.labels else []
-        except ValueError:
-            raise ConfigError(f"--labels {args.labels!r} is not a comma-separated list of integers, e.g. 0,1,2") from None
-        print(json.dumps(sample_images(
-            args.run_dir, labels, args.num_per_label, guidance=args.guidance, sampler=args.sampler, steps=args.steps,
-            seed=args.seed, out=args.out, save_array=args.save_array, step=args.step, overrides=args.overrides,
-        )))
+        sampling = Sampling(temperature=options["temperature"], top_k=options["top_k"], top_p=options["top_p"])
+        prompts = options["prompt"] or [""]
+        stream = (lambda piece: print(piece, end="", flush=True)) if len(prompts) == 1 else None
+        results = sample_text(args.run_dir, prompts, options["max_new_tokens"], sampling, args.seed, args.step,
+                              args.overrides, on_text=stream)
+        if stream:
+            print()
+        else:
+            for prompt, text in results:
+                print(json.dumps({"prompt": prompt, "text": text}))
         return 0
-    from jaxgen.data.tokenizer import BOS_ID, Tokenizer
-    from jaxgen.generate import Sampling, generate
-    from jaxgen.runs import open_run
+    from jaxgen.generate_images import sample_images
 
-    run = open_run(args.run_dir, args.step, args.overrides)
-    tokenizer = Tokenizer(pathlib.Path(args.run_dir) / "tokenizer.model")
-    prompts = args.prompt or [""]
-    ids = [[BOS_ID, *tokenizer.encode([p])[0]] for p in prompts]
-    room = run.cfg.model.max_seq_len - max(len(i) for i in ids)
-    if room < 1:
-        raise ConfigError(f"the longest prompt fills the model's context (model.max_seq_len={run.cfg.model.max_seq_len})")
-    streamed: list[int] = []
-
-    def stream(i, tokens_B, done_B) -> None:  # one prompt: print each piece as it is generated
-        if not bool(done_B[0]) and int(tokens_B[0]) != 2:
-            before = tokenizer.decode(ids[0][1:] + streamed)
-            streamed.append(int(tokens_B[0]))
-            print(tokenizer.decode(ids[0][1:] + streamed)[len(before):], end="", flush=True)
-
-    if len(prompts) == 1:
-        print(prompts[0], end="", flush=True)
-    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    outputs = generate(run.training.layout.graphdef, run.params, ids, min(args.max_new_tokens, room), sampling,
-                       args.seed, on_token=stream if len(prompts) == 1 else None)
-    if len(prompts) == 1:
-        print()
-    else:
-        for prompt_ids, new in zip(ids, outputs):
-            print(json.dumps({"prompt": tokenizer.decode(prompt_ids[1:]), "text": tokenizer.decode(prompt_ids[1:] + new)}))
+    labels = None
+    if options["labels"] is not None:
+        try:
+            labels = [int(x) for x in options["labels"].split(",")]
+        except ValueError:
+            raise UsageError(f"--labels {options['labels']!r} is not a comma-separated list of integers, "
+                             "e.g. 0,1,2") from None
+    print(json.dumps(sample_images(
+        args.run_dir, labels, options["num_per_label"], guidance=options["guidance"], sampler=options["sampler"],
+        steps=options["steps"], seed=args.seed, out=options["out"], save_array=options["save_array"], step=args.step,
+        overrides=args.overrides,
+    )))
     return 0
 
 
@@ -143,137 +155,252 @@ def distributed_settings(args: argparse.Namespace) -> distributed.DistributedSet
     return distributed.settings_from({name: getattr(args, name) for name in distributed.ENV})
 
 
-def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group(
-        "multi-process runs (each flag falls back to its JAXGEN_* environment variable; a single process needs none)"
-    )
-    env = distributed.ENV
-    group.add_argument("--coordinator-address", metavar="HOST:PORT", help=f"process 0's address [{env['coordinator_address']}]")
-    group.add_argument("--num-processes", type=int, metavar="N", help=f"processes in the run [{env['num_processes']}]")
-    group.add_argument("--process-id", type=int, metavar="I", help=f"this process, 0..N-1 [{env['process_id']}]")
-    group.add_argument("--cluster", choices=distributed.CLUSTERS,
-                       help=f"auto (default): explicit settings or a detected multi-process SLURM / Open MPI / "
-                            f"Kubernetes / GKE TPU job; jax: always use JAX's detection (Cloud TPU VMs); none [{env['cluster']}]")
-    group.add_argument("--init-timeout", dest="init_timeout_s", type=int, metavar="S",
-                       help=f"seconds to wait for all processes to join (default 300) [{env['init_timeout_s']}]")
-    group.add_argument("--heartbeat-timeout", dest="heartbeat_timeout_s", type=int, metavar="S",
-                       help=f"seconds of silence before a process counts as dead (default 30) [{env['heartbeat_timeout_s']}]")
+# ----------------------------------------------------------------------------- parser
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every real default; options whose default depends on something else say so in their help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.default == []:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """A usage mistake ends like every other mistake: one `jaxgen: error:` line."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
 def positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxgen", description="Train generative models with JAX.")
-    commands = parser.add_subparsers(dest="command", required=True)
+def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "multi-process runs (each flag falls back to its JAXGEN_* environment variable; a single process needs none)"
+    )
+    env = distributed.ENV
+    group.add_argument("--coordinator-address", metavar="HOST:PORT",
+                       help=f"process 0's address [{env['coordinator_address']}]")
+    group.add_argument("--num-processes", type=int, metavar="N", help=f"processes in the run [{env['num_processes']}]")
+    group.add_argument("--process-id", type=int, metavar="I", help=f"this process, 0..N-1 [{env['process_id']}]")
+    group.add_argument("--cluster", choices=distributed.CLUSTERS,
+                       help="auto (default): explicit settings or a detected multi-process SLURM / Open MPI / "
+                            "Kubernetes / GKE TPU job; jax: always use JAX's detection (Cloud TPU VMs); "
+                            f"none [{env['cluster']}]")
+    group.add_argument("--init-timeout", dest="init_timeout_s", type=int, metavar="S",
+                       help=f"seconds to wait for all processes to join (default 300) [{env['init_timeout_s']}]")
+    group.add_argument("--heartbeat-timeout", dest="heartbeat_timeout_s", type=int, metavar="S",
+                       help=f"seconds of silence before a process counts as dead (default 30) "
+                            f"[{env['heartbeat_timeout_s']}]")
 
-    train = commands.add_parser("train", help="train a model (defaults: a small LM on the bundled corpus)")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="jaxgen", description="Train generative models with JAX.")
+    parser.add_argument("--version", action="version", version=f"jaxgen {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of a failure, not only its one-line message (or JAXGEN_DEBUG=1)")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
+
+    devices = Parser(add_help=False)
+    devices.add_argument("--cpu-devices", type=positive_int, metavar="N",
+                         help="simulate N devices on this machine's CPU, to try mesh and sharding settings on a "
+                              "laptop (default: the devices JAX finds)")
+    overrides = Parser(add_help=False)
+    overrides.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                           help="dotted config overrides, anywhere after the command, e.g. train.steps=50")
+
+    train = commands.add_parser("train", parents=[devices, overrides],
+                                help="train a model (defaults: a small LM on the bundled corpus)")
     train.add_argument("--config", help="YAML config file (default: the embedded default config)")
-    train.add_argument("--run-dir", help="output directory (default: runs/<config-name>-<timestamp>)")
-    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=50")
+    train.add_argument("--run-dir", help="output directory; the same one again continues the run "
+                                         "(default: runs/<config-name>-<timestamp>)")
     add_distributed_flags(train)
     train.set_defaults(func=cmd_train)
 
-    launch = commands.add_parser("launch", help="start a multi-process run").add_subparsers(dest="where", required=True)
+    launch = commands.add_parser("launch", help="start a multi-process run").add_subparsers(
+        dest="where", required=True, parser_class=Parser, metavar="WHERE")
     local = launch.add_parser(
         "local", help="N processes on this machine over loopback, each with M CPU devices",
         usage="jaxgen launch local [--processes N] [--devices-per-process M] [--port P] -- train ARGS...",
     )
-    local.add_argument("--processes", type=positive_int, default=2, metavar="N", help="JAX processes (default 2)")
+    local.add_argument("--processes", type=positive_int, default=2, metavar="N", help="JAX processes")
     local.add_argument("--devices-per-process", type=positive_int, default=4, metavar="M",
-                       help="simulated CPU devices per process (default 4)")
+                       help="simulated CPU devices per process")
     local.add_argument("--port", type=positive_int, metavar="P", help="coordinator port on 127.0.0.1 (default: a free one)")
-    local.add_argument("jaxgen_args", nargs=argparse.REMAINDER, metavar="-- COMMAND ARGS", help="the jaxgen command each process runs")
+    local.add_argument("jaxgen_args", nargs=argparse.REMAINDER, metavar="-- COMMAND ARGS",
+                       help="the jaxgen command each process runs")
     local.set_defaults(func=cmd_launch_local)
 
-    inputs = argparse.ArgumentParser(add_help=False)
-    inputs.add_argument("--input", required=True, metavar="GLOB", help="text files (a document per line) or .jsonl files; .gz accepted")
-    inputs.add_argument("--field", default="text", help="the document field of .jsonl lines (default: text)")
+    inputs = Parser(add_help=False)
+    inputs.add_argument("--input", required=True, metavar="GLOB",
+                        help="text files (a document per line) or .jsonl files; .gz accepted")
+    inputs.add_argument("--field", default="text", help="the document field of .jsonl lines")
     inputs.add_argument("--invalid-utf8", choices=["skip", "error"], default="skip",
-                        help="skip lines that are not UTF-8 (counted in a warning; default) or fail")
+                        help="skip lines that are not UTF-8 (counted in a warning) or fail")
 
-    data = commands.add_parser("data", help="prepare datasets").add_subparsers(dest="action", required=True)
-    prepare = data.add_parser("prepare", parents=[inputs], help="convert text/JSONL files into an ArrayRecord dataset (data.path)")
+    data = commands.add_parser("data", help="prepare datasets").add_subparsers(
+        dest="action", required=True, parser_class=Parser, metavar="ACTION")
+    prepare = data.add_parser("prepare", parents=[inputs],
+                              help="convert text/JSONL files into an ArrayRecord dataset (data.path)")
     prepare.add_argument("--out", required=True, metavar="DIR", help="new dataset directory")
-    prepare.add_argument("--tokenizer", metavar="FILE.model", help="store token ids made with this sentencepiece model instead of text")
+    prepare.add_argument("--tokenizer", metavar="FILE.model",
+                         help="store token ids made with this sentencepiece model instead of text")
     prepare.add_argument("--validation-every-nth", type=positive_int, default=50, metavar="N",
-                         help="every N-th document goes to the validation split (default 50)")
+                         help="every N-th document goes to the validation split")
     prepare.set_defaults(func=cmd_data_prepare)
 
-    tokenizer = commands.add_parser("tokenizer", help="train tokenizers").add_subparsers(dest="action", required=True)
-    tok_train = tokenizer.add_parser("train", parents=[inputs], help="train a lossless sentencepiece model (data.tokenizer)")
-    tok_train.add_argument("--vocab-size", type=positive_int, required=True, metavar="N")
-    tok_train.add_argument("--out", required=True, metavar="FILE.model")
-    tok_train.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    tokenizer = commands.add_parser("tokenizer", help="train tokenizers").add_subparsers(
+        dest="action", required=True, parser_class=Parser, metavar="ACTION")
+    tok_train = tokenizer.add_parser("train", parents=[inputs],
+                                     help="train a lossless sentencepiece model (data.tokenizer)")
+    tok_train.add_argument("--vocab-size", type=positive_int, required=True, metavar="N", help="pieces in the model")
+    tok_train.add_argument("--out", required=True, metavar="FILE.model", help="the model file to write")
+    tok_train.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe", help="sentencepiece algorithm")
     tok_train.set_defaults(func=cmd_tokenizer_train)
 
-    checkpoint = argparse.ArgumentParser(add_help=False)
+    checkpoint = Parser(add_help=False)
     checkpoint.add_argument("--run-dir", required=True, metavar="DIR", help="a run directory with checkpoints")
-    checkpoint.add_argument("--step", type=int, metavar="N", help="checkpoint step (default: the latest)")
-    checkpoint.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data or mesh keys")
+    checkpoint.add_argument("--step", type=int, metavar="N", help="checkpoint step (default: the newest)")
 
-    evaluate = commands.add_parser("eval", parents=[checkpoint], help="held-out loss, perplexity, bits per byte")
+    evaluate = commands.add_parser("eval", parents=[checkpoint, devices, overrides],
+                                   help="held-out loss, perplexity, bits per byte")
     evaluate.add_argument("--all", action="store_true", help="evaluate every checkpoint of the run")
     add_distributed_flags(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
-    sample = commands.add_parser("sample", parents=[checkpoint], help="generate text (LM) or an image grid (DiT)")
-    sample.add_argument("--prompt", action="append", help="LM prompt; repeat for a batch (default: empty)")
-    sample.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    sample.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0 = off)")
-    sample.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    sample.add_argument("--max-new-tokens", type=positive_int, default=64)
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--labels", help="DiT: comma-separated class labels, e.g. 0,1,2")
-    sample.add_argument("--num-per-label", type=positive_int, default=8, help="DiT: samples per label")
-    sample.add_argument("--guidance", type=float, help="DiT: classifier-free guidance scale (default: the config's)")
-    sample.add_argument("--sampler", help="DiT: ddpm, ddim, euler or heun (default: the config's)")
-    sample.add_argument("--steps", type=positive_int, help="DiT: sampling steps (default: the config's)")
-    sample.add_argument("--out", help="DiT: the PNG grid to write (default: RUN_DIR/samples/sample.png)")
-    sample.add_argument("--save-array", metavar="FILE.npz", help="DiT: also save images (N,H,W[,C] in [0,1]) and labels")
+    sample = commands.add_parser("sample", parents=[checkpoint, devices, overrides],
+                                 help="generate text (LM) or an image grid (DiT)")
+    sample.add_argument("--seed", type=int, default=0, help="random seed of the sampler")
+    text = sample.add_argument_group("language models")
+    text.add_argument("--prompt", action="append", help="a prompt; repeat for a batch (default: one empty prompt)")
+    text.add_argument("--temperature", type=float, help="0 = greedy (default 0.8)")
+    text.add_argument("--top-k", type=int, help="keep the k likeliest tokens (default 0 = off)")
+    text.add_argument("--top-p", type=float, help="nucleus sampling mass (default 1 = off)")
+    text.add_argument("--max-new-tokens", type=positive_int,
+                      help="tokens to generate after each prompt, at most the context left (default 64)")
+    image = sample.add_argument_group("diffusion models")
+    image.add_argument("--labels", help="comma-separated class labels, e.g. 0,1,2 (default: every class)")
+    image.add_argument("--num-per-label", type=positive_int, help="samples per label (default 8)")
+    image.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the config's)")
+    image.add_argument("--sampler", help="ddpm, ddim, euler or heun (default: the config's)")
+    image.add_argument("--steps", type=positive_int, help="sampling steps (default: the config's)")
+    image.add_argument("--out", help="the PNG grid to write (default: RUN_DIR/samples/sample_step<N>.png)")
+    image.add_argument("--save-array", metavar="FILE.npz", help="also save images (N,H,W[,C] in [0,1]) and labels")
     sample.set_defaults(func=cmd_sample)
 
-    export = commands.add_parser("export", parents=[checkpoint], help="write weights for other tools")
+    export = commands.add_parser("export", parents=[checkpoint, devices, overrides],
+                                 help="write weights for other tools")
     export.add_argument("--format", choices=["hf", "safetensors"], default="hf",
                         help="hf: a Hugging Face LlamaForCausalLM directory; safetensors: the raw parameter tree")
-    export.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    export.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="the dtype tensors are written in")
     export.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) output directory")
     export.set_defaults(func=cmd_export)
 
     import_ = commands.add_parser("import", help="a local Hugging Face Llama checkpoint into a jaxgen run directory")
-    import_.add_argument("--from", dest="source", required=True, metavar="HF_DIR")
-    import_.add_argument("--out", required=True, metavar="DIR")
+    import_.add_argument("--from", dest="source", required=True, metavar="HF_DIR",
+                         help="a directory with config.json, safetensors weights and tokenizer.model")
+    import_.add_argument("--out", required=True, metavar="DIR", help="the new run directory to write")
     import_.set_defaults(func=cmd_import)
     return parser
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Arguments, with KEY=VALUE overrides accepted anywhere after the command."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = [a for a in extra if OVERRIDE.match(a)]
+    unknown = [a for a in extra if not OVERRIDE.match(a)]
+    if unknown or (overrides and not hasattr(args, "overrides")):
+        command = " ".join(a for a in (getattr(args, "command", None), getattr(args, "action", None)) if a)
+        raise UsageError(f"unrecognized arguments: {' '.join(unknown or overrides)} "
+                         f"(see `jaxgen {command} --help`)".replace("jaxgen  ", "jaxgen "))
+    if hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *overrides]
+    return args
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def simulate_cpu_devices(count: int) -> None:
+    """Make JAX see `count` CPU devices; only possible before it starts."""
+    if "jax" in sys.modules:
+        from jax._src import xla_bridge
+
+        if xla_bridge.backends_are_initialized():
+            raise UsageError("--cpu-devices must be given before JAX starts (here JAX is already running)")
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    os.environ["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={count}"])
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+def quiet_libraries() -> None:
+    """Keep library chatter that is not the user's concern off the console (shown with --debug)."""
+    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's notes on read-only managers and the like
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # tasks an aborted restore leaves behind
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        error = unraisable.exc_value
+        if isinstance(error, KeyboardInterrupt):  # Ctrl-C landing in a callback: jaxgen.interrupts ends the run
+            return
+        if isinstance(error, RuntimeError) and "Event loop is closed" in str(error):  # after a failed Orbax restore
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point. In a multi-process run a failing process leaves at once (see `distributed.exit_status`)."""
+    """Entry point: runs the command; every failure becomes one line and an exit status.
+
+    In a multi-process run a failing process leaves at once (see `distributed.exit_status`).
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("JAXGEN_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]  # accepted anywhere, not only before the command
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("jaxgen").setLevel(logging.INFO)
+    if not debug:
+        quiet_libraries()
+    end_cleanly_on_ctrl_c()
     try:
         status = run_command(argv)
-    except Exception:
-        if not distributed.is_multiprocess():
-            raise
-        traceback.print_exc()
-        status = 1
+    except SystemExit:
+        raise  # --help and --version
+    except BaseException as err:
+        if debug:
+            traceback.print_exc()
+        if isinstance(err, KeyboardInterrupt):  # raised by code, not by Ctrl-C (jaxgen.interrupts handles that)
+            exit_interrupted()
+        line, status = describe(err)
+        print(f"jaxgen: {line}", file=sys.stderr, flush=True)
     return distributed.exit_status(status)
 
 
-def run_command(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("jaxgen").setLevel(logging.INFO)
+def run_command(argv: list[str]) -> int:
     from jaxgen.train.preemption import EXIT_PREEMPTED, Preempted
 
+    args = parse_args(argv)
+    if getattr(args, "cpu_devices", None):
+        simulate_cpu_devices(args.cpu_devices)
     try:
         return args.func(args)
-    except JaxgenError as err:
-        print(f"jaxgen: error: {err}", file=sys.stderr)
-        return err.exit_status
     except Preempted as err:
         print(f"jaxgen: {err}; run the same command again to resume", file=sys.stderr)
         return EXIT_PREEMPTED

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import pathlib
+import typing
 from typing import Annotated, Any, Literal
 
 import pydantic
@@ -22,6 +23,25 @@ from jaxgen.errors import ConfigError
 class _Section(BaseModel):
     # inf and nan are never valid where a number is meant (an infinite learning rate poisons the weights).
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @pydantic.field_validator("*", mode="before")
+    @classmethod
+    def _booleans_are_not_numbers(cls, value: Any, info: pydantic.ValidationInfo) -> Any:
+        # YAML reads yes/no/true/false as booleans, which pydantic would take as 1 and 0.
+        if isinstance(value, bool) and _wants_number(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"{str(value).lower()} is a boolean; a number is expected here")
+        return value
+
+
+def _wants_number(annotation: Any) -> bool:
+    """Whether a field takes int or float values and never a boolean."""
+    found: set = set()
+    pending = [annotation]
+    while pending:
+        item = pending.pop()
+        found.add(item)
+        pending.extend(typing.get_args(item))
+    return bool({int, float} & found) and bool not in found
 
 
 DType = Literal["float32", "bfloat16", "float16"]
@@ -236,6 +256,13 @@ class _SourceFields(_Section):
     def kinds(self) -> list[str]:
         return [kind for kind in SOURCE_KINDS if getattr(self, kind) is not None]
 
+    @pydantic.field_validator(*SOURCE_KINDS, "tfds_data_dir", "field", "train_split", "eval_split")
+    @classmethod
+    def _not_empty(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("is empty; give a value or leave the key out")
+        return value
+
 
 class SourceConfig(_SourceFields):
     """One component of data.mixture."""
@@ -261,7 +288,7 @@ class DataConfig(_SourceFields):
     batch_size: int = Field(32, gt=0)
     # For sources without splits: every n-th document goes to the held-out split.
     eval_every_nth_doc: int = Field(50, ge=2)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     # Streamed sources (text, jsonl) are shuffled within a window of this many documents;
     # random-access ones (path, tfds, array_record) are shuffled whole, every epoch.
     shuffle_window: int = Field(10_000, gt=0)
@@ -285,7 +312,7 @@ class TrainConfig(_Section):
     steps: int = Field(120, gt=0)
     # Gradient accumulation: the global batch is split into this many sequential microbatches.
     microbatches: int = Field(1, gt=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     eval_every: int = Field(40, gt=0)
     eval_batches: int = Field(8, gt=0)
     # Per-device peak FLOP/s for MFU; null = known accelerator table, or measured on CPU.
@@ -471,10 +498,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.steps=50)")
-        try:
-            value = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: value {raw!r} is not valid YAML: {err}") from None
+        value = _load_yaml(raw, f"override {_excerpt(item)}") if raw else ""
         *parents, leaf = key.split(".")
         node = nested
         for part in parents:
@@ -484,6 +508,47 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             node = child
         node[leaf] = value
     return nested
+
+
+# A config is a few kB; YAML aliases can make a small file expand into billions of values.
+MAX_CONFIG_BYTES = 1_000_000
+MAX_CONFIG_VALUES = 100_000
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """Parsed YAML, refused (in one line) if invalid or if its aliases expand beyond MAX_CONFIG_VALUES."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where} is not valid YAML: {' '.join(str(err).split())}") from None
+    _count_values(value, where, {}, set())
+    return value
+
+
+def _count_values(value: Any, where: str, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """How many values `value` holds once every alias is expanded (each shared node counted once per use)."""
+    if not isinstance(value, (dict, list)):
+        return 1
+    if id(value) in open_nodes:
+        raise ConfigError(f"{where} contains a YAML alias that refers to itself")
+    if id(value) not in sizes:
+        open_nodes.add(id(value))
+        children = list(value.values()) if isinstance(value, dict) else value
+        size = 1
+        for child in children:
+            size += _count_values(child, where, sizes, open_nodes)
+            if size > MAX_CONFIG_VALUES:
+                raise ConfigError(f"{where} expands to more than {MAX_CONFIG_VALUES:,} values (YAML aliases repeat "
+                                  "what they refer to); a config holds far fewer")
+        open_nodes.discard(id(value))
+        sizes[id(value)] = size
+    return sizes[id(value)]
+
+
+def _excerpt(value: Any, limit: int = 80) -> str:
+    """repr(value), cut short: an error message names a value, it does not print it all."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + " ...)" if text[:1] in "[{(" else text[: limit - 3] + "..."
 
 
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -501,12 +566,19 @@ def load_config(path: str | pathlib.Path | None = None, overrides: list[str] = (
     raw: dict[str, Any] = {}
     if path is not None:
         path = pathlib.Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {str(path)!r} is a directory; give a YAML file, "
+                              "e.g. configs/lm_tiny.yaml")
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {str(path)!r} is {path.stat().st_size:,} bytes; "
+                              f"a config is a few kB (at most {MAX_CONFIG_BYTES:,})")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+            text = path.read_text()
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {str(path)!r} is not UTF-8 text") from None
+        raw = _load_yaml(text, f"config file {str(path)!r}") or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(raw).__name__}")
     raw = _deep_merge(raw, parse_overrides(list(overrides)))
@@ -548,12 +620,16 @@ def _explain(err: pydantic.ValidationError) -> str:
             )
         elif e["type"] == "value_error":
             lines.append(f"{dotted}: {e['msg'].removeprefix('Value error, ')}")
+        elif e["type"] == "union_tag_invalid":  # model.kind names no model family
+            lines.append(f"{dotted}.kind={e['ctx']['tag']!r} is not a model kind; valid: {', '.join(MODEL_CONFIGS)}")
         else:
             holder = _schema_at(tagged)
             field = holder.model_fields.get(loc[-1]) if holder and loc else None
             expected = _type_name(field.annotation) if field else "a valid value"
-            lines.append(f"config key '{dotted}' = {e['input']!r}: {e['msg']} (expected {expected})")
-    return "invalid config:\n  " + "\n  ".join(lines)
+            lines.append(f"config key '{dotted}' = {_excerpt(e['input'])}: {e['msg']} (expected {expected})")
+    if len(lines) == 1:
+        return f"invalid config: {lines[0]}"
+    return f"invalid config ({len(lines)} problems): " + "; ".join(lines)
 
 
 def _type_name(annotation: Any) -> str:

@@ -8,6 +8,8 @@ jaxgen, so every layer can raise them.
 
 from __future__ import annotations
 
+import errno
+
 
 class JaxgenError(Exception):
     """A mistake or failure the user can act on; the message says what and how."""
@@ -45,3 +47,63 @@ class NonFiniteError(JaxgenError, RuntimeError):
     """A step produced non-finite values and the run stopped without saving them."""
 
     exit_status = 1
+
+
+class UsageError(JaxgenError):
+    """A command line that cannot be parsed; the message says which argument and where to look."""
+
+
+# What an OSError's errno means, in words a user acts on.
+_OS_ERROR_WORDS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large (a file-size limit was reached)",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOTDIR: "not a directory",
+    errno.EISDIR: "is a directory",
+    errno.ENOENT: "no such file or directory",
+    errno.EEXIST: "already exists",
+    errno.ENAMETOOLONG: "file name too long",
+    errno.EMFILE: "too many open files",
+}
+
+
+def describe_os_error(err: OSError) -> str:
+    """'PATH: no space left on device' — the file and the reason in words."""
+    words = _OS_ERROR_WORDS.get(err.errno) or err.strerror or str(err)
+    names = [str(n) for n in (err.filename, err.filename2) if n is not None]
+    return f"{' -> '.join(names)}: {words}" if names else words
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    text = str(err).strip()
+    line = text.splitlines()[0] if text else type(err).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def describe(err: BaseException) -> tuple[str, int]:
+    """The one line (after 'jaxgen: ') and exit status for any failure that reaches the command line."""
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted; run the same command again to continue", 130
+    if isinstance(err, JaxgenError):
+        return f"error: {err}", err.exit_status
+    os_error = next((e for e in _chain(err) if isinstance(e, OSError) and e.errno), None)
+    if os_error is not None:
+        return f"error: {describe_os_error(os_error)}", 1
+    if isinstance(err, MemoryError):
+        return "error: out of host memory; make the model, batch or prefetch smaller", 1
+    if "RESOURCE_EXHAUSTED" in str(err):
+        return (f"error: a device ran out of memory ({first_line(err, 200)}); make data.batch_size smaller, use "
+                "train.microbatches, model.remat=full, or shard over more devices"), 1
+    return f"error: unexpected {type(err).__name__}: {first_line(err)} (run with --debug for the traceback)", 1
+
+
+def _chain(err: BaseException):
+    """`err` and the exceptions it was raised from or while handling."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__

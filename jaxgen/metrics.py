@@ -139,8 +139,8 @@ def read_metrics(path: pathlib.Path) -> list[dict]:
     return records
 
 
-def plot_loss_curve(metrics_path: pathlib.Path, out_png: pathlib.Path) -> None:
-    """Train and eval loss against step, as a PNG for people to look at."""
+def plot_loss_curve(metrics_path: pathlib.Path, out_png: pathlib.Path, loss_name: str = "loss") -> None:
+    """Train and eval loss against step, as a PNG for people to look at; `loss_name` labels the axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,10 +150,10 @@ def plot_loss_curve(metrics_path: pathlib.Path, out_png: pathlib.Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     for key, style in (("loss", "-"), ("eval_loss", "o-")):
         points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
-        if points:
-            ax.plot(*zip(*points), style, label=key.replace("_", " "))
+        if points:  # a marker, so that a single point shows too
+            ax.plot(*zip(*points), style if len(points) > 1 else "o", label=key.replace("_", " "))
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / token)")
+    ax.set_ylabel(loss_name)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

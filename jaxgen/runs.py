@@ -16,6 +16,7 @@ import pathlib
 
 from jaxgen.checkpoint import DamagedCheckpoint, checkpoint_dir, committed_steps, restore_subtree
 from jaxgen.config import Config, load_config
+from jaxgen.device_memory import check_fits
 from jaxgen.errors import CheckpointError, ConfigError
 from jaxgen.sharding import make_mesh
 from jaxgen.train.build import Training, build_training
@@ -79,5 +80,6 @@ def open_run(run_dir: str | pathlib.Path, step: int | None = None, overrides: li
     if not committed_steps(checkpoint_dir(run_dir)):
         raise CheckpointError(f"run directory {str(run_dir)!r} holds no checkpoint")
     training = build_training(cfg, make_mesh(cfg.mesh))
+    check_fits("reading this model's parameters", {"parameters": training.layout.bytes_per_device()["parameters"]})
     params, step = read_params(run_dir, step, training.layout.target.params)
     return OpenedRun(run_dir=run_dir, cfg=cfg, training=training, step=step, params=params)

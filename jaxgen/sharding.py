@@ -63,15 +63,17 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
     known = math.prod(s for s in sizes if s != -1)
     if fills:
         if n_devices % known:
+            simulate = f"; to try it on one machine's CPU, add --cpu-devices {known}" if known > n_devices else ""
             raise ConfigError(
                 f"{described}: the fixed axes use {known} devices, which does not divide "
-                f"the {n_devices} devices present"
+                f"the {n_devices} devices present{simulate}"
             )
         sizes[fills[0]] = n_devices // known
     elif known != n_devices:
+        simulate = f"; to try it on one machine's CPU, add --cpu-devices {known}" if known > n_devices else ""
         raise ConfigError(
             f"{described}: the mesh has {known} devices but {n_devices} are present; "
-            "make the product equal the device count or set one axis to -1"
+            f"make the product equal the device count or set one axis to -1{simulate}"
         )
     return tuple(sizes)
 

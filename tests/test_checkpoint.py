@@ -224,10 +224,10 @@ def test_shape_mismatch_lists_differing_parameters(tmp_path, devices):
     saver.wait()
     wider = tiny_config("mesh.data=1", "model.d_ff=256")
     layout = build_training(wider, make_mesh(wider.mesh, devices[:1])).layout
-    with pytest.raises(CheckpointError, match=r"9 arrays differ[\s\S]*params/layers/mlp/w_down/kernel: "
+    with pytest.raises(CheckpointError, match=r"9 arrays differ.*params/layers/mlp/w_down/kernel: "
                                               r"checkpoint \(2, 192, 64\) float32, model \(2, 256, 64\) float32"):
         Checkpointer(tmp_path / "ck", cfg.checkpoint).restore(layout.target, 1)
-    with pytest.raises(CheckpointError, match=r"3 arrays differ[\s\S]*w_gate"):
+    with pytest.raises(CheckpointError, match=r"3 arrays differ.*w_gate"):
         restore_subtree(tmp_path / "ck", ("params",), layout.target.params)
 
 

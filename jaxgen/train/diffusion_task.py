@@ -49,6 +49,7 @@ class ImageData:
 
 class DiffusionTask:
     unit = "images"
+    loss_name = "denoising loss (mean squared error)"
 
     def __init__(self, cfg: Config):
         self.cfg = cfg

@@ -25,14 +25,16 @@ from jaxgen import __version__
 from jaxgen.checkpoint import Checkpointer, checkpoint_dir, restore_subtree
 from jaxgen.config import Config
 from jaxgen.data.pipeline import to_global
+from jaxgen.device_memory import check_fits
 from jaxgen.distributed import next_in_lockstep
 from jaxgen.errors import CheckpointError, ConfigError
 from jaxgen.files import write_atomic
+from jaxgen.interrupts import after_ctrl_c
 from jaxgen.metrics import MetricsWriter, peak_flops_per_device, plot_loss_curve
 from jaxgen.sharding import data_parallel_size, make_mesh
-from jaxgen.train.build import build_training
+from jaxgen.train.build import Training, build_training
 from jaxgen.train.nonfinite import NonFiniteWatch
-from jaxgen.train.preemption import Preempted, PreemptionWatch
+from jaxgen.train.preemption import EXIT_PREEMPTED, Preempted, PreemptionWatch
 from jaxgen.train.run_dir import completed_summary, forget_unfinished_start, holding, starting_point
 from jaxgen.train.step import held_out_sums
 from jaxgen.train.tasks import make_task
@@ -82,25 +84,25 @@ def train(cfg: Config, run_dir: str | pathlib.Path) -> dict:
             f"(mesh.data x mesh.fsdp = {dp}) times train.microbatches={cfg.train.microbatches}"
         )
     log.info("mesh %s on %d %s devices", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
+    task = make_task(cfg)
+    training = build_training(cfg, mesh, task)  # abstract: nothing is allocated yet
+    check_fits("training this model", training.layout.bytes_per_device())
 
     # ------------------------------------------------------------------ run directory: one writer
     with holding(run_dir):
-        return _train_holding(cfg, run_dir, mesh, wall_start)
+        ckpt = Checkpointer(checkpoint_dir(run_dir), cfg.checkpoint)
+        try:
+            return _train_holding(cfg, run_dir, training, ckpt, wall_start)
+        finally:
+            ckpt.close()  # a refused start too: Orbax's threads must not outlive it
 
 
-def _train_holding(cfg: Config, run_dir: pathlib.Path, mesh, wall_start: float) -> dict:
+def _train_holding(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpointer,
+                   wall_start: float) -> dict:
     # ------------------------------------------------------------------ state: resumed or fresh
-    task = make_task(cfg)
-    training = build_training(cfg, mesh, task)
-    layout = training.layout
-    ckpt = Checkpointer(checkpoint_dir(run_dir), cfg.checkpoint)
-    try:
-        resumed = starting_point(ckpt, layout.target, cfg, run_dir)
-    except BaseException:
-        ckpt.close()
-        raise
+    mesh, task, layout = training.mesh, training.task, training.layout
+    resumed = starting_point(ckpt, layout.target, cfg, run_dir)
     if resumed is not None and resumed.step >= cfg.train.steps:
-        ckpt.close()
         return completed_summary(run_dir, resumed.step)
     if resumed is None:
         forget_unfinished_start(run_dir, cfg)
@@ -217,10 +219,11 @@ def _train_holding(cfg: Config, run_dir: pathlib.Path, mesh, wall_start: float) 
         preemption.close()
         writer.flush()
         ckpt.wait()  # a started save always completes: it is a good checkpoint
-        ckpt.close()
         writer.close()
 
     # ------------------------------------------------------------------ wrap-up
+    after_ctrl_c(EXIT_PREEMPTED, f"interrupted after the final checkpoint (step {last_saved}) was saved; "
+                                 "only summary.json was not written")
     summary = {
         "steps": cfg.train.steps,
         "resumed_from": resume_step,
@@ -241,6 +244,6 @@ def _train_holding(cfg: Config, run_dir: pathlib.Path, mesh, wall_start: float) 
         summary.update(samples)
     summary["wall_s"] = time.perf_counter() - wall_start
     if is_main:
-        plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
+        plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png", task.loss_name)
         write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

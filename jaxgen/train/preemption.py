@@ -14,6 +14,8 @@ import signal
 import jax
 from jax.experimental import multihost_utils
 
+from jaxgen.interrupts import exit_interrupted
+
 # EX_TEMPFAIL from sysexits.h: "try again later". launch/ scripts requeue on it.
 EXIT_PREEMPTED = 75
 
@@ -34,6 +36,8 @@ class PreemptionWatch:
         self._previous = {s: signal.signal(s, self._on_signal) for s in signals}
 
     def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self._signalled == signal.SIGINT:
+            exit_interrupted()  # Ctrl-C twice: stop now, without waiting for the save
         self._signalled = signum
 
     def reached(self, step: int) -> bool:

@@ -16,6 +16,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh
 
+from jaxgen.device_memory import bytes_per_device
 from jaxgen.sharding import Rules, param_shardings, replicated
 from jaxgen.train.tasks import Task
 
@@ -38,6 +39,13 @@ class StateLayout:
     graphdef: nnx.GraphDef
     abstract: TrainState  # ShapeDtypeStructs
     shardings: TrainState  # NamedShardings, same structure
+
+    def bytes_per_device(self) -> dict[str, int]:
+        """What training holds on the fullest device at least: the state, and a gradient per parameter."""
+        target = self.target
+        params = bytes_per_device(target.params)
+        return {"parameters": params, "optimizer state": bytes_per_device(target.opt_state),
+                "EMA": bytes_per_device(target.ema_params), "gradients": params}
 
     @property
     def target(self) -> TrainState:

@@ -25,6 +25,8 @@ from jaxgen.models.transformer import flops_per_token
 class Task(Protocol):
     # Name of the unit counted for throughput ("tokens", "images").
     unit: str
+    # What the loss is, for plot axes ("cross-entropy (nats / token)").
+    loss_name: str
 
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module: ...
 
@@ -44,6 +46,7 @@ class Task(Protocol):
 
 class LanguageModelTask:
     unit = "tokens"
+    loss_name = "cross-entropy (nats / token)"
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
