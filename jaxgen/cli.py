@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"jaxgen {__version__}")
     parser.add_argument("--debug", action="store_true",
                         help="print the traceback of a failure, not only its one-line message (or JAXGEN_DEBUG=1)")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND",
+                                     help="what to do; `jaxgen COMMAND --help` for its options")
 
     devices = Parser(add_help=False)
     devices.add_argument("--cpu-devices", type=positive_int, metavar="N",
@@ -232,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     launch = commands.add_parser("launch", help="start a multi-process run").add_subparsers(
-        dest="where", required=True, parser_class=Parser, metavar="WHERE")
+        dest="where", required=True, parser_class=Parser, metavar="WHERE", help="where the processes run")
     local = launch.add_parser(
         "local", help="N processes on this machine over loopback, each with M CPU devices",
         usage="jaxgen launch local [--processes N] [--devices-per-process M] [--port P] -- train ARGS...",
@@ -253,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip lines that are not UTF-8 (counted in a warning) or fail")
 
     data = commands.add_parser("data", help="prepare datasets").add_subparsers(
-        dest="action", required=True, parser_class=Parser, metavar="ACTION")
+        dest="action", required=True, parser_class=Parser, metavar="ACTION", help="what to do with data")
     prepare = data.add_parser("prepare", parents=[inputs],
                               help="convert text/JSONL files into an ArrayRecord dataset (data.path)")
     prepare.add_argument("--out", required=True, metavar="DIR", help="new dataset directory")
@@ -264,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(func=cmd_data_prepare)
 
     tokenizer = commands.add_parser("tokenizer", help="train tokenizers").add_subparsers(
-        dest="action", required=True, parser_class=Parser, metavar="ACTION")
+        dest="action", required=True, parser_class=Parser, metavar="ACTION", help="what to do with tokenizers")
     tok_train = tokenizer.add_parser("train", parents=[inputs],
                                      help="train a lossless sentencepiece model (data.tokenizer)")
     tok_train.add_argument("--vocab-size", type=positive_int, required=True, metavar="N", help="pieces in the model")

@@ -96,6 +96,10 @@ def test_jaxgen_sample_writes_a_grid_and_the_arrays_from_the_ema(dit_run, tmp_pa
     assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
     bad = jaxgen_cli("sample", "--run-dir", str(dit_run), "--labels", "0,12")
     assert bad.returncode == 2 and "each label must be in 0..9" in bad.stderr
+    every = jaxgen_cli("sample", "--run-dir", str(dit_run), "--num-per-label", "1", "--steps", "2",
+                       "--save-array", str(tmp_path / "every.npz"))  # no --labels: one row per class
+    assert every.returncode == 0, every.stderr[-3000:]
+    assert np.load(tmp_path / "every.npz")["labels"].tolist() == list(range(10))
 
 
 def test_jaxgen_eval_reports_the_loops_held_out_loss_and_sample_quality(dit_run):

@@ -1,0 +1,158 @@
+"""Every mistake a user makes on the command line is one clear line: no traceback, no hang, the value named."""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from jaxgen.cli import build_parser
+from jaxgen.errors import describe
+
+from conftest import TINY_CONFIG
+from helpers import REPO, cli_env, error_lines, run_jaxgen
+
+
+def refused(result, *, status=2, says: str) -> str:
+    """The run failed with `status` and exactly one error line containing `says`, and no traceback."""
+    assert result.returncode == status, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    [line] = error_lines(result.stderr)
+    assert says in line, line
+    return line
+
+
+@pytest.mark.parametrize("overrides,says", [
+    (["model.kind=gpt"], "model.kind='gpt' is not a model kind; valid: transformer, dit"),
+    (["train.steps=true"], "train.steps: true is a boolean; a number is expected here"),
+    (["data.seed=-5"], "config key 'data.seed' = -5: Input should be greater than or equal to 0"),
+    (["data.text="], "data.text: is empty"),
+    (["optimizer.lr=.inf"], "'optimizer.lr' = inf: Input should be a finite number"),
+    (["train.stpes=3"], "Did you mean 'train.steps'?"),
+    (["model.n_layers=[1,2"], "override 'model.n_layers=[1,2' is not valid YAML"),
+])
+def test_config_mistakes_are_one_line_naming_the_key(tmp_path, overrides, says):
+    refused(run_jaxgen("train", "--run-dir", str(tmp_path / "r"), *overrides), says=says)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_config_that_is_a_directory_or_an_alias_bomb_is_refused_at_once(tmp_path):
+    refused(run_jaxgen("train", "--config", str(tmp_path)), says="is a directory; give a YAML file")
+    bomb = tmp_path / "bomb.yaml"
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    for name, prev in zip("bcdefghi", "abcdefgh"):
+        lines.append(f"{name}: &{name} [{', '.join([f'*{prev}'] * 10)}]")
+    bomb.write_text("\n".join(lines) + "\ntrain:\n  sample_prompt: *i\n")  # 10^9 values once expanded
+    start = time.monotonic()
+    line = refused(run_jaxgen("train", "--config", str(bomb), timeout=60), says="expands to more than 100,000 values")
+    assert time.monotonic() - start < 30 and len(line) < 300
+
+
+def test_a_model_too_large_for_the_machine_is_refused_before_allocating(tmp_path):
+    start = time.monotonic()
+    line = refused(run_jaxgen("train", "--run-dir", str(tmp_path / "r"), "model.n_layers=1000000000", timeout=120),
+                   says="training this model needs at least")
+    assert time.monotonic() - start < 60
+    assert "PB per device" in line and "available" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_overrides_anywhere_after_the_command_version_and_unknown_arguments(tmp_path):
+    # The override after --run-dir reaches the config (its typo is reported), not argparse.
+    refused(run_jaxgen("train", "--run-dir", str(tmp_path / "r"), "train.stpes=3"), says="Did you mean 'train.steps'?")
+    version = run_jaxgen("--version")
+    assert version.returncode == 0 and version.stdout.startswith("jaxgen ")
+    refused(run_jaxgen("train", "--run-dir", str(tmp_path / "r"), "--bogus"),
+            says="unrecognized arguments: --bogus (see `jaxgen train --help`)")
+    refused(run_jaxgen("sample", "--run-dir", str(tmp_path), "--max-new-tokens", "0"),
+            says="argument --max-new-tokens: 0 is not a positive integer")
+
+
+def test_every_option_has_help_text():
+    def parsers(parser):
+        yield parser
+        for action in parser._actions:
+            for sub in getattr(action, "choices", None) or {}:
+                if isinstance(action.choices, dict):
+                    yield from parsers(action.choices[sub])
+
+    missing = [f"{parser.prog} {action.option_strings or action.dest}"
+               for parser in parsers(build_parser()) for action in parser._actions
+               if not action.help and action.dest != "help"]
+    assert missing == []
+
+
+def test_sample_options_belong_to_a_model_kind(tmp_path):
+    lm, dit = tmp_path / "lm", tmp_path / "dit"
+    lm.mkdir()
+    dit.mkdir()
+    (lm / "config.yaml").write_text(TINY_CONFIG.read_text())
+    (dit / "config.yaml").write_text((REPO / "configs" / "dit_digits.yaml").read_text())
+    refused(run_jaxgen("sample", "--run-dir", str(lm), "--labels", "1,2"),
+            says=f"--labels cannot be used with {lm}, a model.kind=transformer run; its options: --prompt")
+    refused(run_jaxgen("sample", "--run-dir", str(dit), "--prompt", "hi", "--temperature", "0"),
+            says="--prompt, --temperature cannot be used with")
+
+
+def test_file_system_errors_are_named_in_words(tmp_path):
+    assert describe(OSError(errno.ENOSPC, "No space left on device", "/data/x")) == (
+        "error: /data/x: no space left on device", 1)
+    assert describe(OSError(errno.EROFS, "Read-only file system", "/ro/y"))[0] == "error: /ro/y: read-only file system"
+    try:
+        try:
+            raise PermissionError(errno.EACCES, "Permission denied", "/secret")
+        except OSError as err:
+            raise RuntimeError("a library wrapped it") from err
+    except RuntimeError as wrapped:
+        assert describe(wrapped)[0] == "error: /secret: permission denied"
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    refused(run_jaxgen("train", "--run-dir", str(a_file / "run"), "train.steps=1"), status=1,
+            says=f"{a_file / 'run'}: not a directory")
+
+
+def start(args, *, cwd=REPO):
+    return subprocess.Popen([sys.executable, "-m", "jaxgen", *args], cwd=cwd, env=cli_env(1), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def interrupt_when(process, printed: str | None, after_s: float = 0.0):
+    """Ctrl-C (SIGINT to the process group) once stderr shows `printed` (or right away); returns stderr."""
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 180
+    while printed and not any(printed in line for line in lines) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(after_s)
+    os.killpg(process.pid, signal.SIGINT)
+    process.wait(timeout=120)
+    reader.join(timeout=10)
+    return "".join(lines)
+
+
+@pytest.mark.parametrize("moment,printed,after_s,status", [
+    ("start-up", None, 0.3, 130),
+    ("compilation", "model: ", 0.5, 130),
+    ("training", '"step": 2', 0.0, 75),
+])
+def test_ctrl_c_at_any_moment_is_one_line_and_never_a_crash(tmp_path, moment, printed, after_s, status):
+    run_dir = tmp_path / "run"
+    process = start(["train", "--config", str(TINY_CONFIG), "--run-dir", str(run_dir), "train.steps=100000",
+                     "logging.every=1", "checkpoint.every=null", "train.sample_tokens=0"])
+    if printed and printed.startswith('"step"'):  # wait for training through its metrics file
+        deadline = time.monotonic() + 180
+        while not ((run_dir / "metrics.jsonl").exists() and printed in (run_dir / "metrics.jsonl").read_text()):
+            assert time.monotonic() < deadline and process.poll() is None, "training never started"
+            time.sleep(0.05)
+        printed = None
+    stderr = interrupt_when(process, printed, after_s)
+    assert process.returncode == status, stderr[-2000:]
+    assert "Traceback" not in stderr and "Fatal Python error" not in stderr
+    final = [line for line in stderr.splitlines() if line.startswith("jaxgen:")]
+    assert len(final) == 1, stderr[-2000:]
+    assert ("preempted: saved a checkpoint" if status == 75 else "interrupted") in final[0]
