@@ -20,14 +20,14 @@ def cli_env(devices: int = 1) -> dict:
 
 
 def run_jaxgen(*args: str, devices: int = 1, timeout: int = 300, file_size_limit: int | None = None,
-               crash: tuple[str, int] | None = None) -> subprocess.CompletedProcess:
+               crash: tuple[str, int] | None = None, cwd: pathlib.Path = REPO) -> subprocess.CompletedProcess:
     """`python -m jaxgen ARGS` to completion.
 
     `file_size_limit` (bytes): bigger writes fail as on a full disk. `crash`:
     (mode, step) of tests/crash_driver.py, which dies hard around that save.
     """
     program = [str(REPO / "tests" / "crash_driver.py"), crash[0], str(crash[1]), "--"] if crash else ["-m", "jaxgen"]
-    return subprocess.run([sys.executable, *program, *args], cwd=REPO, env=cli_env(devices), text=True,
+    return subprocess.run([sys.executable, *program, *args], cwd=cwd, env=cli_env(devices), text=True,
                           capture_output=True, timeout=timeout, preexec_fn=_disk_of(file_size_limit))
 
 
