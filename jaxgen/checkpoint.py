@@ -349,9 +349,9 @@ def check_fits(checksums: dict, target: Any, where: str, prefix: str = "") -> No
     """Refuse a checkpoint of another shape, listing every array that differs (under `prefix` only)."""
     saved = {p: (tuple(a["shape"]), a["dtype"]) for p, a in checksums["arrays"].items() if p.startswith(prefix)}
     wanted = {prefix + p: (tuple(leaf.shape), str(leaf.dtype)) for p, leaf in _named_leaves(target).items()}
-    problems = [
+    problems = [  # parameters first: the optimizer state only follows them
         f"{path}: checkpoint {_shape_text(saved.get(path))}, model {_shape_text(wanted.get(path))}"
-        for path in sorted(set(saved) | set(wanted))
+        for path in sorted(set(saved) | set(wanted), key=lambda p: (not p.startswith("params/"), p))
         if saved.get(path) != wanted.get(path)
     ]
     if problems:

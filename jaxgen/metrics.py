@@ -9,6 +9,7 @@ import io
 import json
 import math
 import pathlib
+import sys
 import time
 
 import jax
@@ -89,6 +90,24 @@ class MetricsWriter:
             self._tb.close()
 
 
+def tensorboardx():
+    """The tensorboardX package, imported without PyTorch.
+
+    tensorboardX imports torch when it is installed (seconds of start-up) for
+    its PyTorch helpers, which jaxgen never calls; hiding torch for the
+    duration of the import skips it.
+    """
+    if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
+        sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX expects
+        try:
+            import tensorboardX  # noqa: F401
+        finally:
+            del sys.modules["torch"]
+    import tensorboardX
+
+    return tensorboardX
+
+
 class TensorBoardFile:
     """Scalars in a TensorBoard event file, written in the caller's thread (no TensorFlow needed).
 
@@ -100,6 +119,7 @@ class TensorBoardFile:
     FLUSH_EVERY_S = 30.0
 
     def __init__(self, directory: pathlib.Path, purge_step: int):
+        tensorboardx()
         from tensorboardX.event_file_writer import EventsWriter
         from tensorboardX.proto.event_pb2 import Event, SessionLog
 

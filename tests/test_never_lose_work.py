@@ -18,6 +18,7 @@ import pytest
 
 from jaxgen.checkpoint import checkpoint_dir, committed_steps, restore_subtree
 from jaxgen.config import load_config
+from jaxgen.metrics import read_metrics
 from jaxgen.sharding import make_mesh
 from jaxgen.train.build import build_training
 
@@ -93,6 +94,11 @@ def test_damaged_newest_checkpoint_falls_back_and_training_matches(straight, tok
 
     data_file = max((run_dir / "checkpoints" / "8" / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
     flip_bytes(data_file)
+    evaluation = run_jaxgen("eval", "--run-dir", str(run_dir))  # readers refuse it, and change nothing
+    assert evaluation.returncode == 2 and "Traceback" not in evaluation.stderr
+    [refusal] = error_lines(evaluation.stderr)
+    assert "checkpoints/8 is damaged" in refusal and "read another with --step (available: [4])" in refusal
+    assert committed_steps(checkpoint_dir(run_dir)) == [4, 8]
     resumed = run_jaxgen(*args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "checkpoints/8 is damaged" in resumed.stderr and "falling back" in resumed.stderr
@@ -194,3 +200,31 @@ def test_kills_and_full_disks_before_the_first_checkpoint_never_block_a_restart(
     assert losses(run_dir) == losses(straight[0])
     assert committed_steps(checkpoint_dir(run_dir)) == [STEPS]
     shutil.rmtree(run_dir)
+
+
+def test_a_different_tokenizer_is_refused_on_resume_and_nothing_is_touched(straight, tmp_path):
+    from jaxgen.data.corpus import BUNDLED_CORPUS, iter_documents
+    from jaxgen.data.tokenizer import train_tokenizer
+
+    run_dir = straight[0]
+    other = train_tokenizer([d for _, d in zip(range(4000), iter_documents([BUNDLED_CORPUS]))], 512,
+                            tmp_path / "other.model")
+    before = snapshot(run_dir)
+    result = run_jaxgen(*train_args(run_dir, other, "train.steps=14"))
+    assert "resume with the checkpoint's tokenizer" in refusal(result)
+    assert snapshot(run_dir) == before
+
+
+def test_init_from_starts_a_new_run_from_saved_params(straight, tokenizer, tmp_path):
+    tuned = tmp_path / "tuned"
+    result = run_jaxgen(*train_args(tuned, tokenizer, "train.steps=2", f"checkpoint.init_from={straight[0]}"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    evals = {r["step"]: r["eval_loss"] for r in read_metrics(tuned / "metrics.jsonl") if "eval_loss" in r}
+    source = {r["step"]: r["eval_loss"] for r in read_metrics(straight[0] / "metrics.jsonl") if "eval_loss" in r}
+    assert evals[0] == pytest.approx(source[STEPS], rel=1e-5)
+
+
+def refusal(result) -> str:
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    [line] = error_lines(result.stderr)
+    return line

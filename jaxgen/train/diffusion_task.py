@@ -26,6 +26,7 @@ from jaxgen.diffusion.grid import image_grid, save_png
 from jaxgen.diffusion.guidance import drop_labels
 from jaxgen.diffusion.objectives import make_objective
 from jaxgen.diffusion.samplers import make_sampler
+from jaxgen.metrics import tensorboardx
 from jaxgen.models import build_model
 from jaxgen.models.dit import flops_per_image
 
@@ -139,9 +140,7 @@ class DiffusionTask:
             return summary
         save_png(picture, run_dir / "samples" / name)
         if self.cfg.logging.tensorboard:
-            from tensorboardX import SummaryWriter
-
-            with SummaryWriter(str(run_dir / "tensorboard")) as tb:
+            with tensorboardx().SummaryWriter(str(run_dir / "tensorboard")) as tb:
                 tb.add_image("samples", picture, self.cfg.train.steps if step is None else step, dataformats="HWC")
         if step is None and d.quality_eval and self.cfg.images.source == "digits":
             from jaxgen.evaluate_images import sample_quality
