@@ -11,6 +11,7 @@ import os
 import resource
 import shutil
 import signal
+import time
 
 import jax
 import numpy as np
@@ -19,6 +20,7 @@ import pytest
 from jaxgen.checkpoint import checkpoint_dir, committed_steps, restore_subtree
 from jaxgen.config import load_config
 from jaxgen.metrics import read_metrics
+from jaxgen.runs import open_run
 from jaxgen.sharding import make_mesh
 from jaxgen.train.build import build_training
 
@@ -92,8 +94,9 @@ def test_damaged_newest_checkpoint_falls_back_and_training_matches(straight, tok
     events.Reload()
     assert max(e.step for e in events.Scalars("loss")) >= 8  # flushed with the checkpoint, not lost in the kill
 
-    data_file = max((run_dir / "checkpoints" / "8" / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
-    flip_bytes(data_file)
+    for data_file in (run_dir / "checkpoints" / "8" / "state").rglob("d/*"):  # parameters and optimizer state
+        if data_file.stat().st_size > 10_000:
+            flip_bytes(data_file)
     evaluation = run_jaxgen("eval", "--run-dir", str(run_dir))  # readers refuse it, and change nothing
     assert evaluation.returncode == 2 and "Traceback" not in evaluation.stderr
     [refusal] = error_lines(evaluation.stderr)
@@ -154,6 +157,12 @@ def test_one_writer_per_run_directory_and_readers_never_fail_while_it_trains(tok
         for evaluation in evaluations:  # retention keeps 2 and deletes under the reader all the time
             assert evaluation.returncode == 0, evaluation.stderr[-3000:]
             assert json.loads(evaluation.stdout.splitlines()[-1])["eval_loss"] > 0
+        # Many more reads, in this process: each reads the newest checkpoint, which may vanish while it reads.
+        read_steps = []
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline and first.poll() is None:
+            read_steps.append(open_run(run_dir, overrides=[f"mesh.data={jax.device_count()}"]).step)
+        assert len(read_steps) >= 3 and read_steps == sorted(read_steps)
         os.killpg(first.pid, signal.SIGTERM)
         _, stderr = first.communicate(timeout=120)
     finally:
