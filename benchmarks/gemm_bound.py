@@ -26,34 +26,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import pathlib
-import re
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))  # the sibling benchmark scripts
-from lm_step import JaxgenStep, MatmulPeaks, emit  # noqa: E402
-from sharding_report import walk_instructions  # noqa: E402
+from jaxgen.config import load_config
+from jaxgen.models.transformer import flops_per_token
 
-from jaxgen.config import load_config  # noqa: E402
-from jaxgen.models.transformer import flops_per_token  # noqa: E402
+from hlo import array_type, attribute_dims, walk_instructions
+from lm_step import JaxgenStep, MatmulPeaks, emit
 
-_ARRAY = re.compile(r"^([a-z][a-z0-9]*)\[([0-9,]*)\]")
 _DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
-
-
-def _dims(attributes: str, key: str) -> tuple[int, ...]:
-    match = re.search(rf"\b{key}=\{{([0-9,]*)\}}", attributes)
-    return tuple(int(d) for d in match.group(1).split(",") if d) if match else ()
-
-
-def _array(type_text: str) -> tuple[str, tuple[int, ...]]:
-    match = _ARRAY.match(type_text)
-    return match.group(1), tuple(int(d) for d in match.group(2).split(",") if d)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,12 +75,12 @@ def dots_of(hlo_text: str) -> dict[Dot, int]:
             continue
         if in_unknown_loop:
             raise ValueError(f"{instruction.name} is in a loop with no known trip count")
-        lhs, rhs = (_array(types[o.lstrip("%")]) for o in instruction.operands)
+        lhs, rhs = (array_type(types[o.lstrip("%")]) for o in instruction.operands)
+        attributes = instruction.attributes
         dot = Dot(lhs, rhs,
-                  (_dims(instruction.attributes, "lhs_contracting_dims"),
-                   _dims(instruction.attributes, "rhs_contracting_dims")),
-                  (_dims(instruction.attributes, "lhs_batch_dims"), _dims(instruction.attributes, "rhs_batch_dims")),
-                  _array(instruction.type_text)[0])
+                  (attribute_dims(attributes, "lhs_contracting_dims"), attribute_dims(attributes, "rhs_contracting_dims")),
+                  (attribute_dims(attributes, "lhs_batch_dims"), attribute_dims(attributes, "rhs_batch_dims")),
+                  array_type(instruction.type_text)[0])
         counts[dot] = counts.get(dot, 0) + times
     return counts
 

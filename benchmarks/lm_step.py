@@ -25,7 +25,7 @@ layers.
 
 The last line is the summary: `mfu`, `vs_torch_eager`, `bf16_speedup`, ...
 
-    flock /tmp/jaxgen-bench.lock python benchmarks/lm_step.py               # default config, ~6 min on 2 cores
+    flock /tmp/jaxgen-bench.lock python benchmarks/lm_step.py               # the default config
     python benchmarks/lm_step.py --config nanogpt --no-tradeoff
     python benchmarks/lm_step.py --config 1b --no-torch --no-tradeoff        # on a GPU
     python benchmarks/lm_step.py --config 1b --no-torch --no-tradeoff model.attention=cudnn
@@ -36,9 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import pathlib
 import statistics
-import sys
 import time
 from typing import Callable
 
@@ -176,9 +174,9 @@ def take_turns(contestants: dict, rounds: int, steps: int, warmup: int,
 class MatmulPeaks:
     """FLOP/s of the best of a few square matmul sizes, f32 and bf16 inputs (f32 accumulation).
 
-    Measured again before every round: on a shared machine the same matmul varies by
-    10-20% within minutes, and the best figure of the run is the honest denominator
-    (a single slow measurement would inflate every MFU).
+    Measured again before every round: on a shared machine the same matmul's speed drifts
+    within minutes, and the best figure of the run is the honest denominator (a single slow
+    measurement would inflate every MFU).
     """
 
     DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -233,7 +231,6 @@ def main() -> None:
         contestants[f"jaxgen_{dtype}"] = JaxgenStep(cfg.model_copy(
             update={"model": cfg.model.model_copy(update={"compute_dtype": dtype})}))
     if args.torch:
-        sys.path.insert(0, str(pathlib.Path(__file__).parent))  # torch_reference.py sits beside this file
         modes = ("eager", "compile") if args.torch_compile else ("eager",)
         for mode in modes:
             for dtype in ("float32", "bfloat16"):

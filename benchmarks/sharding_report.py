@@ -33,19 +33,19 @@ import argparse
 import dataclasses
 import json
 import math
-import re
-from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from jaxgen.config import Config, TransformerConfig, load_config
 from jaxgen.errors import ConfigError
 from jaxgen.models.transformer import param_count
-from jaxgen.sharding import BATCH_AXES, make_mesh, param_path
+from jaxgen.sharding import BATCH_AXES, batch_sharding, data_parallel_size, make_mesh, param_path
 from jaxgen.train.build import Training, build_training
+
+from hlo import operand_bytes, replica_group_size, walk_instructions
 
 # Meshes the default model (4 query heads, 2 kv heads) divides evenly: the kv-head
 # activations are split over `tensor`, so tensor parallelism stops at 2 here.
@@ -58,17 +58,9 @@ PRESET_MESHES = {
 }
 TOLERANCE = 0.10
 
-# ----------------------------------------------------------------------------- HLO text
+# ----------------------------------------------------------------------------- collectives of the compiled HLO
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_DTYPE_BITS = {"pred": 8, "s2": 2, "u2": 2, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16, "u16": 16,
-               "f16": 16, "bf16": 16, "s32": 32, "u32": 32, "f32": 32, "s64": 64, "u64": 64, "f64": 64,
-               "c64": 64, "c128": 128, "token": 0}
-_SHAPE = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
-_CALLED = re.compile(r"\b(?:calls|body|condition|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
-_CALLED_LIST = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]*)\}")
-_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,165 +81,6 @@ class Collective:
         return factor * (n - 1) / n * self.buffer_bytes if n else 0.0
 
 
-def dtype_bits(name: str) -> int:
-    if name in _DTYPE_BITS:
-        return _DTYPE_BITS[name]
-    if name.startswith("f8"):
-        return 8
-    if name.startswith(("f4", "f6")):
-        return int(name[1])
-    raise ValueError(f"unknown HLO element type {name!r}")
-
-
-def shape_bytes(type_text: str) -> int:
-    """Bytes of every array in an HLO type (`f32[4,8]{1,0}`, or a tuple of them)."""
-    total = 0
-    for dtype, dims in _SHAPE.findall(type_text):
-        elements = math.prod(int(d) for d in dims.split(",") if d)
-        total += elements * dtype_bits(dtype) // 8
-    return total
-
-
-def _closing(text: str, start: int) -> int:
-    """Index of the bracket closing the one at `start`."""
-    pairs = {"(": ")", "{": "}", "[": "]"}
-    stack = []
-    for i in range(start, len(text)):
-        c = text[i]
-        if c in pairs:
-            stack.append(pairs[c])
-        elif stack and c == stack[-1]:
-            stack.pop()
-            if not stack:
-                return i
-    raise ValueError(f"unbalanced brackets in HLO line: {text[:200]}")
-
-
-def _split_top_level(text: str) -> list[str]:
-    parts, depth, current = [], 0, []
-    for c in text:
-        depth += c in "([{"
-        depth -= c in ")]}"
-        if c == "," and depth == 0:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(c)
-    if "".join(current).strip():
-        parts.append("".join(current))
-    return [p.strip() for p in parts]
-
-
-@dataclasses.dataclass(frozen=True)
-class Instruction:
-    name: str
-    type_text: str
-    opcode: str
-    operands: list[str]
-    attributes: str
-
-
-def parse_instruction(line: str) -> Instruction | None:
-    match = _INSTRUCTION.match(re.sub(r"/\*.*?\*/", "", line))
-    if not match:
-        return None
-    name, rest = match.groups()
-    if rest.startswith("("):
-        end = _closing(rest, 0)
-        type_text, rest = rest[:end + 1], rest[end + 1:].lstrip()
-    else:
-        type_text, _, rest = rest.partition(" ")
-    op = re.match(r"([\w\-]+)\(", rest)
-    if not op:
-        return None
-    end = _closing(rest, op.end() - 1)
-    return Instruction(name, type_text, op.group(1), _split_top_level(rest[op.end():end]), rest[end + 1:])
-
-
-def parse_computations(hlo_text: str) -> tuple[dict[str, list[Instruction]], str]:
-    """Instructions of each computation, and the name of the entry computation."""
-    computations: dict[str, list[Instruction]] = {}
-    entry, current = None, None
-    for line in hlo_text.splitlines():
-        if line and not line[0].isspace() and line.rstrip().endswith("{"):
-            header = re.match(r"(ENTRY\s+)?%?([\w.\-]+)", line)
-            if header and header.group(2) != "HloModule":
-                current = header.group(2)
-                computations[current] = []
-                if header.group(1):
-                    entry = current
-            continue
-        if line.startswith("}"):
-            current = None
-        elif current is not None:
-            instruction = parse_instruction(line)
-            if instruction:
-                computations[current].append(instruction)
-    if entry is None:
-        raise ValueError("no ENTRY computation in the HLO text")
-    return computations, entry
-
-
-def replica_group_size(attributes: str, num_devices: int) -> int:
-    """Devices per replica group, from any of XLA's three spellings of `replica_groups`."""
-    match = re.search(r"replica_groups=", attributes)
-    if not match:
-        return num_devices
-    text = attributes[match.end():]
-    if text.startswith("mesh["):
-        # mesh['axis_0'=4,'axis_1'=2][, device_ids=(...)] {'axis_0'}: the product of the named axes
-        end = _closing(text, 4)
-        axes = {name: int(size) for name, size in re.findall(r"'(\w+)'=(\d+)", text[:end])}
-        chosen = re.search(r"\{([^}]*)\}", text[end:]).group(1)
-        return math.prod(int(sub) if sub else axes[name]
-                         for name, sub in re.findall(r"'(\w+)'(?::\(\d+\)(\d+))?", chosen))
-    if text.startswith("["):  # iota: [groups,size]<=[...]
-        return int(text[1:text.index("]")].split(",")[-1])
-    groups = text[:_closing(text, 0) + 1]
-    first = re.match(r"\{\{([\d,\s]*)\}", groups)
-    return len(first.group(1).split(",")) if first else num_devices  # `{}`: one group of all devices
-
-
-def _operand_bytes(operand: str, types: dict[str, str]) -> int:
-    if _SHAPE.search(operand):  # older HLO text prints each operand's type
-        return shape_bytes(operand.rsplit("%", 1)[0])
-    return shape_bytes(types[operand.lstrip("%")])
-
-
-def _calls(instruction: Instruction) -> Iterator[tuple[str, int]]:
-    """(called computation, times it runs per execution of the instruction)."""
-    trips = _TRIP_COUNT.search(instruction.attributes)
-    times = int(trips.group(1)) if trips and instruction.opcode == "while" else 1
-    for name in _CALLED.findall(instruction.attributes):
-        yield name, times
-    for group in _CALLED_LIST.findall(instruction.attributes):
-        for name in group.split(","):
-            yield name.strip().lstrip("%"), times
-
-
-def walk_instructions(hlo_text: str) -> Iterator[tuple[Instruction, str, dict[str, str], int, bool]]:
-    """Every instruction reachable from the entry computation, fusions, calls and loop bodies included.
-
-    Yields (instruction, its computation's name, the types of that computation's values
-    by name, executions per step, whether an enclosing loop has no known trip count).
-    Every branch of a conditional counts as taken.
-    """
-    computations, entry = parse_computations(hlo_text)
-
-    def walk(name: str, times: int, in_unknown_loop: bool):
-        instructions = computations[name]
-        types = {i.name: i.type_text for i in instructions}
-        for instruction in instructions:
-            yield instruction, name, types, times, in_unknown_loop
-            if instruction.opcode in ("async-update", "async-done"):
-                continue  # they name the computation their async-start already ran
-            unknown = instruction.opcode == "while" and not _TRIP_COUNT.search(instruction.attributes)
-            for called, factor in _calls(instruction):
-                yield from walk(called, times * factor, in_unknown_loop or unknown)
-
-    yield from walk(entry, 1, False)
-
-
 def parse_collectives(hlo_text: str, num_devices: int) -> list[Collective]:
     """Every collective the compiled step runs (see `walk_instructions`).
 
@@ -261,7 +94,7 @@ def parse_collectives(hlo_text: str, num_devices: int) -> list[Collective]:
             continue
         if in_unknown_loop:
             raise ValueError(f"{instruction.name} is in a loop with no known trip count")
-        operand = sum(_operand_bytes(o, types) for o in instruction.operands)
+        operand = sum(operand_bytes(o, types) for o in instruction.operands)
         group = 0 if kind == "collective-permute" else replica_group_size(instruction.attributes, num_devices)
         buffer = operand * group if kind == "all-gather" else operand
         found.append(Collective(kind, group, buffer, times, computation))
@@ -344,8 +177,7 @@ LOWERINGS = {"cpu": Lowering(reduce_scatter_as_all_reduce=True, all_reduce_each_
                              reduce_every_microbatch=True)}
 
 
-def analytic_traffic(cfg: Config, leaves: list[ParamLeaf], mesh_shape: dict[str, int],
-                     lowering: Lowering) -> dict[str, float]:
+def analytic_traffic(cfg: Config, leaves: list[ParamLeaf], mesh: Mesh, lowering: Lowering) -> dict[str, float]:
     """Bytes one device sends per step, by cause, in the module docstring's convention.
 
     D = data-parallel devices (data x fsdp), T = tensor devices; g and t are a
@@ -382,8 +214,8 @@ def analytic_traffic(cfg: Config, leaves: list[ParamLeaf], mesh_shape: dict[str,
                         target logit over the vocab.
     """
     model: TransformerConfig = cfg.model
-    data_parallel = math.prod(mesh_shape[a] for a in BATCH_AXES)
-    tensor = math.prod(size for axis, size in mesh_shape.items() if axis not in BATCH_AXES)
+    data_parallel = data_parallel_size(mesh)
+    tensor = mesh.size // data_parallel
     traffic = dict.fromkeys(("param_all_gather", "grad_reduce", "scalars", "activations"), 0.0)
     norms = 2 if cfg.optimizer.clip_norm else 1
     microbatches = cfg.train.microbatches
@@ -421,7 +253,7 @@ def analytic_memory(training: Training, leaves: list[ParamLeaf]) -> dict[str, fl
     small = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(abstract.replace(params=None, opt_state=counts)))
     state = 3 * sum(leaf.device_bytes for leaf in leaves) + small
     batch = abstract_batch(cfg, training.mesh)
-    batch_bytes = sum(a.size * a.dtype.itemsize for a in batch.values()) / data_parallel_devices(training.mesh)
+    batch_bytes = sum(a.size * a.dtype.itemsize for a in batch.values()) / data_parallel_size(training.mesh)
     # Metrics: loss, grad_norm, lr, nonfinite_steps. XLA also counts the output tuple's
     # table of buffer pointers, 8 bytes an output.
     metrics = 4
@@ -430,15 +262,11 @@ def analytic_memory(training: Training, leaves: list[ParamLeaf]) -> dict[str, fl
             "alias_bytes": state}
 
 
-def data_parallel_devices(mesh: Mesh) -> int:
-    return math.prod(mesh.shape[a] for a in BATCH_AXES)
-
-
 # ----------------------------------------------------------------------------- compile and report
 
 
 def abstract_batch(cfg: Config, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
-    sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    sharding = batch_sharding(mesh)
     shape = (cfg.data.batch_size, cfg.data.seq_len)
     keys = {"inputs": jnp.int32, "targets": jnp.int32, "weights": jnp.float32}
     if cfg.model.document_mask:
@@ -451,9 +279,7 @@ def compile_train_step(cfg: Config) -> tuple[Training, jax.stages.Compiled]:
     if not isinstance(cfg.model, TransformerConfig):
         raise ConfigError(f"the sharding report covers language models (model.kind=transformer), got {cfg.model.kind!r}")
     training = build_training(cfg, make_mesh(cfg.mesh))
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         training.layout.abstract, training.layout.shardings)
-    return training, training.train_step.lower(state, abstract_batch(cfg, training.mesh)).compile()
+    return training, training.train_step.lower(training.layout.target, abstract_batch(cfg, training.mesh)).compile()
 
 
 def measured_memory(compiled: jax.stages.Compiled) -> dict[str, int]:
@@ -464,17 +290,16 @@ def measured_memory(compiled: jax.stages.Compiled) -> dict[str, int]:
 
 def report(cfg: Config) -> dict:
     training, compiled = compile_train_step(cfg)
-    mesh_shape = dict(training.mesh.shape)
     measured = summarize_collectives(parse_collectives(compiled.as_text(), training.mesh.size))
     leaves = param_leaves(training)
     lowering = LOWERINGS.get(jax.devices()[0].platform, IDEAL)
-    analytic = analytic_traffic(cfg, leaves, mesh_shape, lowering)
-    ideal = analytic_traffic(cfg, leaves, mesh_shape, IDEAL)
+    analytic = analytic_traffic(cfg, leaves, training.mesh, lowering)
+    ideal = analytic_traffic(cfg, leaves, training.mesh, IDEAL)
     analytic_bytes = sum(analytic.values())
     ratio = measured["total_bytes"] / analytic_bytes if analytic_bytes else float("nan")
     return {
         "preset": cfg.sharding.preset,
-        "mesh": mesh_shape,
+        "mesh": dict(training.mesh.shape),
         "params": param_count(cfg.model),
         "collective_bytes": measured["total_bytes"],
         "analytic_bytes": round(analytic_bytes),

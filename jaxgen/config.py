@@ -71,9 +71,9 @@ class TransformerConfig(_Section):
     compute_dtype: DType = "float32"
     # Layers are stacked on a leading axis; scan compiles one layer, unrolling compiles all.
     scan_layers: bool = True
-    # Keep matmul outputs, recompute the cheap elementwise work in the backward pass. On the
-    # default model this is both faster than "none" (less memory traffic: the scan no longer
-    # stacks every intermediate) and half its temporary memory; benchmarks/lm_step.py shows each policy.
+    # Keep matmul outputs, recompute the cheap elementwise work in the backward pass: unlike
+    # "none", the scan need not stack every intermediate, so less memory is held and less is
+    # written and read back (docs/performance.md compares the policies).
     remat: RematPolicy = "dots_saveable"
     # "auto": jaxgen's CPU-tuned attention when compiling for CPU, XLA's elsewhere.
     # "xla" is jax.nn.dot_product_attention's portable lowering, "cudnn" its fused
@@ -83,10 +83,10 @@ class TransformerConfig(_Section):
     # positions restarting at each document (from the batch's segment_ids/positions).
     document_mask: bool = False
     # Each layer runs the batch as this many independent slices (rows i, i+n, i+2n, ...,
-    # so no data moves between devices). XLA:CPU then keeps both cores on matmuls, one
-    # slice's while another's inputs are still being computed (8-12% faster steps on the
-    # default model); on GPUs and TPUs it would only shrink the matmuls. "auto": 4 when
-    # compiling for CPU (2 or 1 if the per-device batch does not divide by 4), else 1.
+    # so no data moves between devices). One layer's products depend on each other, which
+    # leaves XLA:CPU's cores idle; the slices give them another slice's matmuls to run
+    # meanwhile (docs/performance.md). On GPUs and TPUs it would only shrink the matmuls.
+    # "auto": 4 when compiling for CPU (2 or 1 if the per-device batch does not divide by 4), else 1.
     batch_slices: Annotated[int, Field(gt=0)] | Literal["auto"] = "auto"
 
     @property

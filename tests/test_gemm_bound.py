@@ -14,6 +14,8 @@ BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 
 @pytest.fixture(scope="module")
 def gemm_bound():
+    if str(BENCHMARKS) not in sys.path:  # the script imports its siblings, as when run from its folder
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location("gemm_bound", BENCHMARKS / "gemm_bound.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built

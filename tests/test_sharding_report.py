@@ -10,14 +10,16 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-REPORT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "sharding_report.py"
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 TINY = ["model.vocab_size=256", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
         "model.d_ff=192", "model.max_seq_len=32", "data.seq_len=32", "data.batch_size=8"]
 
 
 @pytest.fixture(scope="module")
 def sharding_report():
-    spec = importlib.util.spec_from_file_location("sharding_report", REPORT)
+    if str(BENCHMARKS) not in sys.path:  # the script imports its siblings, as when run from its folder
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("sharding_report", BENCHMARKS / "sharding_report.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)

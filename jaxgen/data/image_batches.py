@@ -15,7 +15,8 @@ import grain
 import numpy as np
 
 from jaxgen.config import Config
-from jaxgen.data.images import ImageSet, ImageSource, to_model_range
+from jaxgen.data.image_source import ImageSource
+from jaxgen.data.images import ImageSet, to_model_range
 from jaxgen.data.pipeline import GrainBatches, process_rows, record_batches
 from jaxgen.data.splits import Part, Shard
 

@@ -1,8 +1,6 @@
-"""Labelled image datasets for diffusion models, served as uint8 records.
+"""The built-in labelled image datasets for diffusion models, and the configured image source.
 
-A source hands out records {'image': uint8 (H, W, C), 'label': int} for a
-train and a held-out part; the training pipeline (image_batches.py) shuffles,
-shards, scales and flips them. Built in:
+Each is an `ImageSource` (image_source.py) of uint8 records. Built in:
 `digits`: the 1,797 8x8 grey handwritten digits bundled with scikit-learn
 (4-bit intensities 0..16, kept exact); every n-th image is held out.
 `shapes`: procedural 32x32 RGB pictures of six shapes in random colours,
@@ -14,12 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import grain
 import numpy as np
 
 from jaxgen.config import Config
-from jaxgen.data.pipeline import RandomAccessSource, endless_records
-from jaxgen.data.splits import HeldOutView, HoldOut, Part, Shard
+from jaxgen.data.image_source import ImageSource
+from jaxgen.data.pipeline import RandomAccessSource
+from jaxgen.data.splits import HeldOutView, HoldOut, Part
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "ring", "cross", "diamond")
 DIGIT_LEVELS = 16  # sklearn's digits count ink in 0..16
@@ -52,26 +50,6 @@ class InMemoryRecords:
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         return {"image": self.images[i], "label": self.labels[i]}
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageSource:
-    """One labelled image dataset: random access to its train and held-out records."""
-
-    name: str  # for logs and errors
-    parts: dict[Part, RandomAccessSource]
-    white: int = 255  # the pixel value of full intensity
-    image_key: str = "image"
-    label_key: str = "label"
-    # Threads reading records ahead: None = grain's default (files); records in memory need none.
-    read_threads: int | None = None
-
-    def size(self, part: Part) -> int:
-        return len(self.parts[part])
-
-    def records(self, part: Part, shard: Shard, seed: int | None) -> grain.IterDataset:
-        """This process's records of a part, endless; shuffled every epoch when seeded, else in order."""
-        return endless_records(self.parts[part], shard, seed, self.read_threads)
 
 
 def held_out_parts(records: RandomAccessSource, every_nth: int) -> dict[Part, RandomAccessSource]:

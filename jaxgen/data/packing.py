@@ -16,9 +16,6 @@ import numpy as np
 
 from jaxgen.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
 
-# What one row of a batch holds; the model reads inputs/targets/weights.
-ROW_FIELDS = ("inputs", "targets", "weights", "segment_ids", "positions")
-
 
 class TokenizeDocument(grain.transforms.Map):
     """A document (text, or token ids from a pre-tokenized dataset) -> shifted input/target ids."""

@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxgen.data.splits import Shard
-from jaxgen.errors import JaxgenError
+from jaxgen.errors import DataError, JaxgenError
 from jaxgen.sharding import batch_sharding
 
 
@@ -32,6 +32,25 @@ class RandomAccessSource(Protocol):
 
     def __getitem__(self, index: int) -> Any:
         """One record: text, bytes, or a dict of numpy values (e.g. {'image': uint8 HxWxC, 'label': int})."""
+
+
+class ShardedStream(grain.IterDataset):
+    """A source read in order (text files, TFRecord), which readers split by striding: `shard`.
+
+    grain's worker processes split a process's shard again through `set_slice`, each taking
+    `slice(worker, None, workers)`; striding is the only split a stream supports, so it serves
+    sequential slicing too.
+    """
+
+    def __init__(self, shard: Shard):
+        super().__init__()
+        self.shard = shard
+        # grain may slice the same copy again (e.g. when restoring workers): always from this.
+        self.process_shard = shard
+
+    def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+        del sequential_slice
+        self.shard = self.process_shard.within(sl.start or 0, sl.step or 1)
 
 
 class BatchIterator(Protocol):
@@ -102,19 +121,18 @@ def prefetched(dataset: grain.IterDataset, workers: int, buffer: int) -> grain.I
     return dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=buffer))
 
 
-def endless_records(records: RandomAccessSource, shard: Shard, seed: int | None,
-                     read_threads: int | None = None) -> grain.IterDataset:
-    """This process's slice of the records, endless: shuffled whole every epoch when seeded, else in order.
+def record_epochs(records: RandomAccessSource, shard: Shard, seed: int | None, what: str,
+                  epochs: int | None = None) -> grain.MapDataset:
+    """This process's slice of the records for `epochs` passes (None: endless), shuffled whole every epoch when seeded.
 
-    `read_threads` fetch records ahead (None: grain's default, for files); in-memory records want 0.
+    Unseeded, they come in order. `what` names them in the error for a process that would get none.
     """
     dataset = grain.MapDataset.source(records)[shard.index::shard.count]
     if len(dataset) == 0:
-        raise ValueError(f"{len(records)} records are too few for {shard.count} processes to get one each")
+        raise DataError(f"{what} holds {len(records)} records, too few for {shard.count} processes to get one each")
     if seed is not None:
         dataset = dataset.shuffle(seed=seed)
-    options = None if read_threads is None else grain.ReadOptions(num_threads=read_threads)
-    return dataset.repeat(None).to_iter_dataset(options)
+    return dataset.repeat(epochs)
 
 
 def record_batches(records: grain.IterDataset, global_batch: int, shard: Shard, *, seed: int,

@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxgen.config import DataConfig, SourceConfig
 from jaxgen.data.corpus import BUNDLED_CORPUS, InvalidUtf8, decode_utf8, resolve_files, warn_once
-from jaxgen.data.pipeline import RandomAccessSource, user_errors_unwrapped
+from jaxgen.data.pipeline import RandomAccessSource, record_epochs, user_errors_unwrapped
 from jaxgen.data.prepare import PREPARED_MARKER
 from jaxgen.data.splits import HeldOutView, HoldOut, Part, Shard
 from jaxgen.data.streaming import DocumentStream
@@ -136,12 +136,8 @@ def open_documents(source: DataConfig | SourceConfig, data: DataConfig, part: Pa
     if records is None:
         stream = TfdsTfRecordStream(source.tfds, source.tfds_data_dir, split, shard, seed, epochs)
         return stream.map(to_document).filter(is_document)
-    dataset = grain.MapDataset.source(records)[shard.index::shard.count]
-    if len(dataset) == 0:
-        raise DataError(f"{name} holds {len(records)} {part} records, too few for {shard.count} processes to get one each")
-    if seed is not None:
-        dataset = dataset.shuffle(seed=seed)
-    return dataset.repeat(epochs).map(to_document).to_iter_dataset()
+    dataset = record_epochs(records, shard, seed, f"the {part} part of {name}", epochs)
+    return dataset.map(to_document).to_iter_dataset()
 
 
 def is_document(document: Document | None) -> bool:

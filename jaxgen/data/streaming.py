@@ -26,29 +26,22 @@ from jaxgen.data.corpus import (
     mark_reported,
     open_binary,
 )
+from jaxgen.data.pipeline import ShardedStream
 from jaxgen.data.splits import HoldOut, Shard
 from jaxgen.errors import DataError
 
 
-class DocumentStream(grain.IterDataset):
+class DocumentStream(ShardedStream):
     """Documents of text files (field=None) or JSONL files (the `field` of each line), for
     `epochs` passes (None = forever)."""
 
     def __init__(self, files: list[pathlib.Path], *, field: str | None, holdout: HoldOut | None,
                  shard: Shard, invalid_utf8: InvalidUtf8, name: str, epochs: int | None = None):
-        super().__init__()
+        super().__init__(shard)
         self.files, self.field, self.holdout = list(files), field, holdout
-        self.shard, self.invalid_utf8, self.name, self.epochs = shard, invalid_utf8, name, epochs
-        # grain may slice the same copy again (e.g. when restoring workers): always from this.
-        self.process_shard = shard
+        self.invalid_utf8, self.name, self.epochs = invalid_utf8, name, epochs
         # Travels to grain's worker processes, which must not report skipped lines again.
         self.reported_before = already_reported()
-
-    def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
-        # grain hands each worker process `slice(worker, None, workers)`; striding is the only
-        # split a stream supports, so it is used for sequential slicing too.
-        del sequential_slice
-        self.shard = self.process_shard.within(sl.start or 0, sl.step or 1)
 
     def __iter__(self) -> grain.DatasetIterator:
         return _DocumentIterator(self)

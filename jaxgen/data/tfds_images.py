@@ -15,7 +15,7 @@ import grain
 import numpy as np
 
 from jaxgen.config import DiTConfig, ImagesConfig
-from jaxgen.data.images import ImageSource
+from jaxgen.data.image_source import ImageSource
 from jaxgen.data.splits import Part, Shard
 from jaxgen.data.tfds_builders import description, open_builder, open_split, split_size
 from jaxgen.data.tfrecord import TfdsTfRecordStream

@@ -13,6 +13,7 @@ from typing import Any
 
 import grain
 
+from jaxgen.data.pipeline import ShardedStream
 from jaxgen.data.splits import Shard
 from jaxgen.errors import DataError
 
@@ -24,21 +25,14 @@ def tensorflow_available() -> bool:
     return importlib.util.find_spec("tensorflow") is not None
 
 
-class TfdsTfRecordStream(grain.IterDataset):
+class TfdsTfRecordStream(ShardedStream):
     """Records (dicts of numpy values) of one TFDS split for `epochs` passes (None = forever);
     shuffled per epoch when seeded."""
 
     def __init__(self, name: str, data_dir: str | None, split: str, shard: Shard, seed: int | None,
                  epochs: int | None = None):
-        super().__init__()
-        self.name, self.data_dir, self.split, self.shard, self.seed = name, data_dir, split, shard, seed
-        self.epochs = epochs
-        # grain may slice the same copy again (e.g. when restoring workers): always from this.
-        self.process_shard = shard
-
-    def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
-        del sequential_slice  # a record stream can only be split by striding
-        self.shard = self.process_shard.within(sl.start or 0, sl.step or 1)
+        super().__init__(shard)
+        self.name, self.data_dir, self.split, self.seed, self.epochs = name, data_dir, split, seed, epochs
 
     def __iter__(self) -> grain.DatasetIterator:
         return _TfRecordIterator(self)

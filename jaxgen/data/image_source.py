@@ -1,0 +1,36 @@
+"""What a labelled image dataset hands the training pipeline, whatever stores it.
+
+A source gives records {'image': uint8 (H, W, C), 'label': int} of a train and a
+held-out part; image_batches.py shuffles, shards, scales and flips them. The
+built-in datasets come from images.py, TFDS ones from tfds_images.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import grain
+
+from jaxgen.data.pipeline import RandomAccessSource, record_epochs
+from jaxgen.data.splits import Part, Shard
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSource:
+    """One labelled image dataset: random access to its train and held-out records."""
+
+    name: str  # for logs and errors
+    parts: dict[Part, RandomAccessSource]
+    white: int = 255  # the pixel value of full intensity
+    image_key: str = "image"
+    label_key: str = "label"
+    # Threads reading records ahead: None = grain's default (files); records in memory need none.
+    read_threads: int | None = None
+
+    def size(self, part: Part) -> int:
+        return len(self.parts[part])
+
+    def records(self, part: Part, shard: Shard, seed: int | None) -> grain.IterDataset:
+        """This process's records of a part, endless; shuffled every epoch when seeded, else in order."""
+        options = None if self.read_threads is None else grain.ReadOptions(num_threads=self.read_threads)
+        return record_epochs(self.parts[part], shard, seed, f"the {part} part of {self.name}").to_iter_dataset(options)
