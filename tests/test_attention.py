@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgen.models.attention import dot_product_attention
+from jaxgen.models.layers import dot_product_attention
 
 from conftest import compiled_dot_operand_types
 

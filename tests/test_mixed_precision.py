@@ -11,7 +11,7 @@ import pytest
 from jaxgen.data.pipeline import to_global
 from jaxgen.data.lm import train_batches
 from jaxgen.data.splits import Shard
-from jaxgen.models.layers import _weight_grad, _weight_grad_cpu, matmul
+from jaxgen.models.cpu_kernels import _weight_grad, _weight_grad_cpu, matmul
 from jaxgen.sharding import make_mesh
 from jaxgen.train.build import build_training
 

@@ -111,7 +111,7 @@ def test_batch_slices_do_not_change_the_function_with_packed_documents(slices):
 
 def test_auto_batch_slices_follow_the_per_device_batch(devices):
     from jaxgen.config import MeshConfig
-    from jaxgen.models.layers import resolve_batch_slices
+    from jaxgen.models.cpu_kernels import resolve_batch_slices
     from jaxgen.sharding import activation_rules, make_mesh, resolve_rules
 
     assert resolve_batch_slices("auto", 32) == 4  # CPU, no mesh

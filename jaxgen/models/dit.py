@@ -23,8 +23,7 @@ import numpy as np
 from flax import nnx
 
 from jaxgen.config import DiTConfig
-from jaxgen.models.attention import dot_product_attention
-from jaxgen.models.layers import DTYPES, Linear, run_stacked
+from jaxgen.models.layers import Dtypes, Linear, dot_product_attention, run_stacked
 from jaxgen.sharding import constrain
 
 
@@ -87,39 +86,37 @@ class Bias(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm attention and MLP, each modulated by the condition and gated by it (gates start at zero)."""
 
-    def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs):
-        self.cfg = cfg
-        d, f = cfg.d_model, cfg.resolved_d_ff
-        pd, std = DTYPES[cfg.param_dtype], cfg.init_std
-        self.modulation = Linear(d, 6 * d, ("embed", "mlp"), std=0.0, param_dtype=pd, rngs=rngs)
+    def __init__(self, cfg: DiTConfig, dtypes: Dtypes, rngs: nnx.Rngs):
+        self.cfg, self.compute_dtype = cfg, dtypes.compute
+        d, f, std, pd = cfg.d_model, cfg.resolved_d_ff, cfg.init_std, dtypes.param
+        self.modulation = Linear(d, 6 * d, ("embed", "mlp"), std=0.0, dtypes=dtypes, rngs=rngs)
         self.modulation_bias = Bias(6 * d, "mlp", pd)
-        self.wqkv = Linear(d, 3 * d, ("embed", "q_heads"), std=std, param_dtype=pd, rngs=rngs)
-        self.wo = Linear(d, d, ("q_heads", "embed"), std=std, param_dtype=pd, rngs=rngs)
-        self.w_in = Linear(d, f, ("embed", "mlp"), std=std, param_dtype=pd, rngs=rngs)
+        self.wqkv = Linear(d, 3 * d, ("embed", "q_heads"), std=std, dtypes=dtypes, rngs=rngs)
+        self.wo = Linear(d, d, ("q_heads", "embed"), std=std, dtypes=dtypes, rngs=rngs)
+        self.w_in = Linear(d, f, ("embed", "mlp"), std=std, dtypes=dtypes, rngs=rngs)
         self.b_in = Bias(f, "mlp", pd)
-        self.w_out = Linear(f, d, ("mlp", "embed"), std=std, param_dtype=pd, rngs=rngs)
+        self.w_out = Linear(f, d, ("mlp", "embed"), std=std, dtypes=dtypes, rngs=rngs)
 
     def attention(self, x_BND: jax.Array) -> jax.Array:
         cfg = self.cfg
-        cd = DTYPES[cfg.compute_dtype]
         b, n, d = x_BND.shape
         a = cfg.n_heads
-        qkv = self.wqkv(x_BND, cd).reshape(b, n, 3, a, d // a)
+        qkv = self.wqkv(x_BND).reshape(b, n, 3, a, d // a)
         q_BNAd, k_BNAd, v_BNAd = (
-            constrain(qkv[:, :, i], ("act_batch", "act_length", "act_heads", None)).astype(cd) for i in range(3)
+            constrain(qkv[:, :, i], ("act_batch", "act_length", "act_heads", None)).astype(self.compute_dtype)
+            for i in range(3)
         )
         out_BNAd = dot_product_attention(q_BNAd, k_BNAd, v_BNAd, is_causal=False, implementation=cfg.attention)
-        return self.wo(out_BNAd.reshape(b, n, d), cd)
+        return self.wo(out_BNAd.reshape(b, n, d))
 
     def mlp(self, x_BND: jax.Array) -> jax.Array:
-        cd = DTYPES[self.cfg.compute_dtype]
-        h_BNF = jax.nn.gelu(self.b_in(self.w_in(x_BND, cd)), approximate=True)
+        h_BNF = jax.nn.gelu(self.b_in(self.w_in(x_BND)), approximate=True)
         h_BNF = constrain(h_BNF, ("act_batch", "act_length", "act_mlp"))
-        return self.w_out(h_BNF, cd)
+        return self.w_out(h_BNF)
 
     def __call__(self, x_BND: jax.Array, c_BD: jax.Array) -> jax.Array:
-        cd, eps = DTYPES[self.cfg.compute_dtype], self.cfg.norm_eps
-        mod_B6D = self.modulation_bias(self.modulation(jax.nn.silu(c_BD), cd))
+        eps = self.cfg.norm_eps
+        mod_B6D = self.modulation_bias(self.modulation(jax.nn.silu(c_BD)))
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod_B6D, 6, axis=-1)
         x_BND = x_BND + gate_a[:, None, :] * self.attention(modulate(layer_norm(x_BND, eps), shift_a, scale_a))
         x_BND = x_BND + gate_m[:, None, :] * self.mlp(modulate(layer_norm(x_BND, eps), shift_m, scale_m))
@@ -129,15 +126,17 @@ class Block(nnx.Module):
 class DiT(nnx.Module):
     def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs):
         self.cfg = cfg
+        dtypes = Dtypes.of(cfg)
         d, e, p = cfg.d_model, cfg.freq_dim, cfg.patch_size
-        pd, std = DTYPES[cfg.param_dtype], cfg.init_std
+        pd, std = dtypes.param, cfg.init_std
         patch_pixels = p * p * cfg.channels
         # Patch embedding: the DiT paper's strided convolution is this matmul on flattened patches.
-        self.patch_embed = Linear(patch_pixels, d, (None, "embed"), std=(1 / patch_pixels) ** 0.5, param_dtype=pd, rngs=rngs)
+        self.patch_embed = Linear(patch_pixels, d, (None, "embed"), std=(1 / patch_pixels) ** 0.5, dtypes=dtypes,
+                                  rngs=rngs)
         self.patch_bias = Bias(d, "embed", pd)
-        self.t_in = Linear(e, d, (None, "embed"), std=std, param_dtype=pd, rngs=rngs)
+        self.t_in = Linear(e, d, (None, "embed"), std=std, dtypes=dtypes, rngs=rngs)
         self.t_in_bias = Bias(d, "embed", pd)
-        self.t_out = Linear(d, d, ("embed", "embed"), std=std, param_dtype=pd, rngs=rngs)
+        self.t_out = Linear(d, d, ("embed", "embed"), std=std, dtypes=dtypes, rngs=rngs)
         self.t_out_bias = Bias(d, "embed", pd)
         init = nnx.initializers.normal(std)
         # One extra row: the null class. Rows stay whole: class counts (11, 1001) rarely divide a mesh axis.
@@ -146,35 +145,35 @@ class DiT(nnx.Module):
         @nnx.split_rngs(splits=cfg.n_layers)
         @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_layers(rngs: nnx.Rngs) -> Block:
-            return Block(cfg, rngs)
+            return Block(cfg, dtypes, rngs)
 
         self.layers = make_layers(rngs)
-        self.final_modulation = Linear(d, 2 * d, ("embed", "mlp"), std=0.0, param_dtype=pd, rngs=rngs)
+        self.final_modulation = Linear(d, 2 * d, ("embed", "mlp"), std=0.0, dtypes=dtypes, rngs=rngs)
         self.final_modulation_bias = Bias(2 * d, "mlp", pd)
-        self.final = Linear(d, p * p * cfg.out_channels, ("embed", None), std=0.0, param_dtype=pd, rngs=rngs)
+        self.final = Linear(d, p * p * cfg.out_channels, ("embed", None), std=0.0, dtypes=dtypes, rngs=rngs)
         self.final_bias = Bias(p * p * cfg.out_channels, None, pd)
 
     def __call__(self, x_BHWC: jax.Array, t_B: jax.Array, labels_B: jax.Array) -> jax.Array:
         """Prediction (B, H, W, out_channels) in float32; `t_B` on a 0..1000 scale, labels in 0..num_classes."""
         cfg = self.cfg
-        cd, p = DTYPES[cfg.compute_dtype], cfg.patch_size
+        p = cfg.patch_size
         _, h, w, _ = x_BHWC.shape
-        x_BND = self.patch_bias(self.patch_embed(patchify(x_BHWC.astype(jnp.float32), p), cd))
+        x_BND = self.patch_bias(self.patch_embed(patchify(x_BHWC.astype(jnp.float32), p)))
         x_BND = x_BND + jnp.asarray(sincos_2d(h // p, cfg.d_model))[None]
         x_BND = constrain(x_BND, ("act_batch", "act_length", "act_embed"))
 
-        t_BD = self.t_in_bias(self.t_in(timestep_features(t_B, cfg.freq_dim), cd))
-        t_BD = self.t_out_bias(self.t_out(jax.nn.silu(t_BD), cd))
+        t_BD = self.t_in_bias(self.t_in(timestep_features(t_B, cfg.freq_dim)))
+        t_BD = self.t_out_bias(self.t_out(jax.nn.silu(t_BD)))
         # Gather from the whole (small) table, as the LM does for its embedding.
         y_BD = jnp.take(constrain(self.class_embed[...], (None, None)), labels_B, axis=0).astype(jnp.float32)
         c_BD = t_BD + y_BD
 
         x_BND = run_stacked(self.layers, lambda layer, x: layer(x, c_BD), x_BND,
                             scan=cfg.scan_layers, remat_policy=cfg.remat)
-        mod = self.final_modulation_bias(self.final_modulation(jax.nn.silu(c_BD), cd))
+        mod = self.final_modulation_bias(self.final_modulation(jax.nn.silu(c_BD)))
         shift_BD, scale_BD = jnp.split(mod, 2, axis=-1)
         x_BND = modulate(layer_norm(x_BND, cfg.norm_eps), shift_BD, scale_BD)
-        out_BNP = self.final_bias(self.final(x_BND, cd))
+        out_BNP = self.final_bias(self.final(x_BND))
         return unpatchify(out_BNP, p, h, w)
 
 

@@ -6,134 +6,44 @@ heads, Dh head width, F MLP width, V vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxgen.sharding import activation_shards
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def matmul(x: jax.Array, w: jax.Array, compute_dtype) -> jax.Array:
-    """x @ w with inputs in compute_dtype, accumulated and returned in float32.
-
-    Contracting the last axis of x against the first of w keeps every matmul a
-    plain 2-D GEMM after XLA folds the leading axes, which is much faster on CPU
-    than batched 3-D contractions.
-    """
-    x_2d = x.reshape(-1, x.shape[-1])
-    if jnp.dtype(compute_dtype) == jnp.float32:
-        # Full precision needs no custom gradient: JAX's own rule is already all-f32.
-        y_2d = jnp.dot(x_2d.astype(jnp.float32), w.astype(jnp.float32))
-    else:
-        y_2d = _low_precision_matmul(x_2d, w, jnp.dtype(compute_dtype), x_2d.dtype, w.dtype)
-    return y_2d.reshape(*x.shape[:-1], w.shape[-1])
+from jaxgen.config import AttentionImpl, DiTConfig, TransformerConfig
+from jaxgen.models.cpu_kernels import cpu_attention, matmul
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _low_precision_matmul(x_MK: jax.Array, w_KN: jax.Array, compute_dtype, x_dtype, w_dtype) -> jax.Array:
-    return jnp.dot(x_MK.astype(compute_dtype), w_KN.astype(compute_dtype), preferred_element_type=jnp.float32)
+@dataclasses.dataclass(frozen=True)
+class Dtypes:
+    """A model's dtypes, resolved once from its config's names."""
 
+    param: jnp.dtype  # parameters are stored in it
+    compute: jnp.dtype  # matmul inputs are cast to it; they accumulate in float32
 
-def _low_precision_matmul_fwd(x_MK, w_KN, compute_dtype, x_dtype, w_dtype):
-    x_c, w_c = x_MK.astype(compute_dtype), w_KN.astype(compute_dtype)
-    return jnp.dot(x_c, w_c, preferred_element_type=jnp.float32), (x_c, w_c)
-
-
-def _low_precision_matmul_bwd(compute_dtype, x_dtype, w_dtype, residuals, g_MN):
-    # Mixed precision as usually meant: the two backward matmuls also take inputs in the
-    # compute dtype and accumulate in float32. JAX's own rule would pair the float32
-    # cotangent with the low-precision operand, which promotes both to float32.
-    x_c, w_c = residuals
-    g_c = g_MN.astype(compute_dtype)
-    # g @ w.T written as a contraction of both last axes rather than with `.T`: a
-    # transpose op would hand XLA:CPU a column-major operand, which it runs in float32.
-    dx = jax.lax.dot_general(g_c, w_c, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    dw = jax.lax.platform_dependent(x_c, g_c, cpu=_weight_grad_cpu, default=_weight_grad)
-    return dx.astype(x_dtype), dw.astype(w_dtype)
-
-
-def _weight_grad(x_MK: jax.Array, g_MN: jax.Array) -> jax.Array:
-    """x.T @ g: both operands contract their leading (token) axis."""
-    return jax.lax.dot_general(x_MK, g_MN, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _weight_grad_cpu(x_MK: jax.Array, g_MN: jax.Array) -> jax.Array:
-    """x.T @ g as a plain row-major GEMM, the only low-precision form XLA:CPU keeps.
-
-    XLA:CPU runs bf16 dots in its GEMM library (YNNPACK) only when the left operand
-    contracts its last axis; a transposed left operand is silently upcast to float32,
-    which measured 2-3x slower. So the smaller operand is transposed in memory first:
-    a copy of a few MiB against a GEMM over every token.
-    """
-    k, n = x_MK.shape[1], g_MN.shape[1]
-    if k <= n:
-        return jnp.dot(_transposed_copy(x_MK), g_MN, preferred_element_type=jnp.float32)
-    # (g.T @ x).T; the barrier keeps XLA from folding the final transpose back into the dot.
-    dw_NK = jax.lax.optimization_barrier(jnp.dot(_transposed_copy(g_MN), x_MK, preferred_element_type=jnp.float32))
-    return _transposed_copy(dw_NK)
-
-
-def _transposed_copy(a: jax.Array) -> jax.Array:
-    """a.T materialized row-major.
-
-    A bare transpose is only a layout change that XLA folds into the consuming dot.
-    Passing it through an optimization barrier with a unit axis (which keeps any
-    sharding of a intact) forces the data to be moved.
-    """
-    return jax.lax.optimization_barrier(a.T[:, :, None])[:, :, 0]
-
-
-_low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
-
-
-def resolve_batch_slices(setting: int | str, batch: int) -> int:
-    """The number of independent batch slices each layer runs (`model.batch_slices`)."""
-    shards, platform = activation_shards("act_batch")
-    per_device = batch // shards
-    if setting == "auto":
-        if (platform or jax.default_backend()) != "cpu":
-            return 1
-        return next(n for n in (4, 2, 1) if per_device % n == 0)
-    if per_device % setting:
-        raise ValueError(f"model.batch_slices={setting} does not divide the per-device batch {per_device} "
-                         f"(batch {batch} over {shards} devices); use a divisor of it or auto")
-    return setting
-
-
-def split_batch(x_B: jax.Array | None, n: int) -> tuple:
-    """n slices of the leading axis, slice i holding rows i, i+n, i+2n, ...
-
-    Interleaved rather than contiguous: each device's rows stay on that device (when
-    its share divides by n), so slicing a batch-sharded array moves no data.
-    """
-    if x_B is None or n == 1:
-        return (x_B,) * n
-    return tuple(x_B.reshape(x_B.shape[0] // n, n, *x_B.shape[1:])[:, i] for i in range(n))
-
-
-def merge_batch(slices: tuple[jax.Array, ...]) -> jax.Array:
-    """Inverse of `split_batch`."""
-    if len(slices) == 1:
-        return slices[0]
-    return jnp.stack(slices, axis=1).reshape(-1, *slices[0].shape[1:])
+    @classmethod
+    def of(cls, cfg: TransformerConfig | DiTConfig) -> Dtypes:
+        return cls(param=jnp.dtype(cfg.param_dtype), compute=jnp.dtype(cfg.compute_dtype))
 
 
 class Linear(nnx.Module):
     """A bias-free projection whose weight carries logical axis names."""
 
-    def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], *, std: float, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], *, std: float, dtypes: Dtypes, rngs: nnx.Rngs):
         init = nnx.initializers.normal(std)
-        self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), param_dtype), out_sharding=axes)
+        self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), dtypes.param), out_sharding=axes)
+        self.compute_dtype = dtypes.compute
 
-    def __call__(self, x: jax.Array, compute_dtype) -> jax.Array:
-        return matmul(x, self.kernel[...], compute_dtype)
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return matmul(x, self.kernel[...], self.compute_dtype)
 
 
 class RMSNorm(nnx.Module):
+    """Root-mean-square normalization with a learned scale."""
+
     def __init__(self, dim: int, *, eps: float, param_dtype, axis_name: str = "norm"):
         self.eps = eps
         self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(axis_name,))
@@ -158,6 +68,48 @@ def apply_rope(x_BLHd: jax.Array, cos_BLd: jax.Array, sin_BLd: jax.Array) -> jax
     x1, x2 = x_BLHd[..., :half], x_BLHd[..., half:]
     cos, sin = cos_BLd[:, :, None, :], sin_BLd[:, :, None, :]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BLHd.dtype)
+
+
+def dot_product_attention(q_BLHd: jax.Array, k_BLKd: jax.Array, v_BLKd: jax.Array, *, is_causal: bool,
+                          segments_BL: jax.Array | None = None, implementation: AttentionImpl = "auto") -> jax.Array:
+    """Attention over the sequence, optionally causal and/or within segments (documents).
+
+    "xla" (`jax.nn.dot_product_attention`) is the portable choice and the only one on
+    TPU; "cudnn" is its fused flash kernel on NVIDIA GPUs; "cpu" is `cpu_attention`,
+    whose every matmul XLA:CPU runs in bf16. "auto" is "cpu" when compiling for CPU and
+    "xla" elsewhere; the choice is made at lowering time, so one traced model serves
+    every platform.
+    """
+    def library(q, k, v, segments, impl):
+        mask = None if segments is None else (segments[:, :, None] == segments[:, None, :])[:, None]
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=impl)
+
+    if implementation == "xla" or implementation == "cudnn":
+        return library(q_BLHd, k_BLKd, v_BLKd, segments_BL, implementation)
+    if implementation == "cpu":
+        return cpu_attention(q_BLHd, k_BLKd, v_BLKd, segments_BL, is_causal=is_causal)
+    return jax.lax.platform_dependent(
+        q_BLHd, k_BLKd, v_BLKd, segments_BL,
+        cpu=functools.partial(cpu_attention, is_causal=is_causal),
+        default=lambda q, k, v, segments: library(q, k, v, segments, "xla"))
+
+
+def split_batch(x_B: jax.Array | None, n: int) -> tuple:
+    """n slices of the leading axis, slice i holding rows i, i+n, i+2n, ...
+
+    Interleaved rather than contiguous: each device's rows stay on that device (when
+    its share divides by n), so slicing a batch-sharded array moves no data.
+    """
+    if x_B is None or n == 1:
+        return (x_B,) * n
+    return tuple(x_B.reshape(x_B.shape[0] // n, n, *x_B.shape[1:])[:, i] for i in range(n))
+
+
+def merge_batch(slices: tuple[jax.Array, ...]) -> jax.Array:
+    """Inverse of `split_batch`."""
+    if len(slices) == 1:
+        return slices[0]
+    return jnp.stack(slices, axis=1).reshape(-1, *slices[0].shape[1:])
 
 
 REMAT_POLICIES = {

@@ -1,9 +1,9 @@
 """Decoder-only Llama-family transformer in Flax NNX.
 
-RMSNorm, rotary positions, grouped-query causal attention (models/attention.py:
+RMSNorm, rotary positions, grouped-query causal attention (layers.dot_product_attention:
 a CPU-tuned kernel on CPU, `jax.nn.dot_product_attention` elsewhere, cuDNN flash
-attention on GPUs when asked),
-SwiGLU MLP, optional tied embeddings, layers stacked and scanned.
+attention on GPUs when asked), SwiGLU MLP, optional tied embeddings, layers stacked
+and scanned.
 
 Shape letters: B batch, L length, D d_model, H query heads, K kv heads,
 Dh head_dim, F d_ff, V vocab. Logical parameter axes: vocab, embed, q_heads,
@@ -17,34 +17,32 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgen.config import TransformerConfig
-from jaxgen.models.attention import dot_product_attention
+from jaxgen.models.cpu_kernels import matmul, resolve_batch_slices
 from jaxgen.models.layers import (
-    DTYPES, Linear, RMSNorm, apply_rope, matmul, merge_batch, resolve_batch_slices, rope_tables, run_stacked,
-    scan_stacked, split_batch,
+    Dtypes, Linear, RMSNorm, apply_rope, dot_product_attention, merge_batch, rope_tables, run_stacked, scan_stacked,
+    split_batch,
 )
 from jaxgen.sharding import constrain
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
-        self.cfg = cfg
-        d, h, k, dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
-        pd, std = DTYPES[cfg.param_dtype], cfg.init_std
+    def __init__(self, cfg: TransformerConfig, dtypes: Dtypes, rngs: nnx.Rngs):
+        self.cfg, self.compute_dtype = cfg, dtypes.compute
+        d, h, k, dh, std = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim, cfg.init_std
         out_std = std / (2 * cfg.n_layers) ** 0.5  # residual branches start small
-        self.wq = Linear(d, h * dh, ("embed", "q_heads"), std=std, param_dtype=pd, rngs=rngs)
-        self.wk = Linear(d, k * dh, ("embed", "kv_heads"), std=std, param_dtype=pd, rngs=rngs)
-        self.wv = Linear(d, k * dh, ("embed", "kv_heads"), std=std, param_dtype=pd, rngs=rngs)
-        self.wo = Linear(h * dh, d, ("q_heads", "embed"), std=out_std, param_dtype=pd, rngs=rngs)
+        self.wq = Linear(d, h * dh, ("embed", "q_heads"), std=std, dtypes=dtypes, rngs=rngs)
+        self.wk = Linear(d, k * dh, ("embed", "kv_heads"), std=std, dtypes=dtypes, rngs=rngs)
+        self.wv = Linear(d, k * dh, ("embed", "kv_heads"), std=std, dtypes=dtypes, rngs=rngs)
+        self.wo = Linear(h * dh, d, ("q_heads", "embed"), std=out_std, dtypes=dtypes, rngs=rngs)
 
     def project(self, x_BLD: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Queries, keys and values of new tokens, rotated to their positions."""
-        cfg = self.cfg
-        cd = DTYPES[cfg.compute_dtype]
+        cfg, cd = self.cfg, self.compute_dtype
         b, l, _ = x_BLD.shape
         dh = cfg.resolved_head_dim
-        q_BLHd = self.wq(x_BLD, cd).reshape(b, l, cfg.n_heads, dh)
-        k_BLKd = self.wk(x_BLD, cd).reshape(b, l, cfg.n_kv_heads, dh)
-        v_BLKd = self.wv(x_BLD, cd).reshape(b, l, cfg.n_kv_heads, dh)
+        q_BLHd = self.wq(x_BLD).reshape(b, l, cfg.n_heads, dh)
+        k_BLKd = self.wk(x_BLD).reshape(b, l, cfg.n_kv_heads, dh)
+        v_BLKd = self.wv(x_BLD).reshape(b, l, cfg.n_kv_heads, dh)
         q_BLHd = constrain(apply_rope(q_BLHd, cos, sin), ("act_batch", "act_length", "act_heads", None))
         k_BLKd = constrain(apply_rope(k_BLKd, cos, sin), ("act_batch", "act_length", "act_kv_heads", None))
         v_BLKd = constrain(v_BLKd, ("act_batch", "act_length", "act_kv_heads", None))
@@ -59,7 +57,7 @@ class Attention(nnx.Module):
 
     def output(self, out_BLHd: jax.Array) -> jax.Array:
         b, l, h, dh = out_BLHd.shape
-        return self.wo(out_BLHd.reshape(b, l, h * dh), DTYPES[self.cfg.compute_dtype])
+        return self.wo(out_BLHd.reshape(b, l, h * dh))
 
     def decode(self, x_BLD, cos, sin, cache: tuple[jax.Array, jax.Array], start: jax.Array, key_valid_BT: jax.Array):
         """Attend from L new tokens, written at buffer slots [start, start+L), to everything cached so far."""
@@ -75,28 +73,24 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
-        self.cfg = cfg
-        d, f = cfg.d_model, cfg.d_ff
-        pd, std = DTYPES[cfg.param_dtype], cfg.init_std
-        self.w_gate = Linear(d, f, ("embed", "mlp"), std=std, param_dtype=pd, rngs=rngs)
-        self.w_up = Linear(d, f, ("embed", "mlp"), std=std, param_dtype=pd, rngs=rngs)
-        self.w_down = Linear(f, d, ("mlp", "embed"), std=std / (2 * cfg.n_layers) ** 0.5, param_dtype=pd, rngs=rngs)
+    def __init__(self, cfg: TransformerConfig, dtypes: Dtypes, rngs: nnx.Rngs):
+        d, f, std = cfg.d_model, cfg.d_ff, cfg.init_std
+        self.w_gate = Linear(d, f, ("embed", "mlp"), std=std, dtypes=dtypes, rngs=rngs)
+        self.w_up = Linear(d, f, ("embed", "mlp"), std=std, dtypes=dtypes, rngs=rngs)
+        self.w_down = Linear(f, d, ("mlp", "embed"), std=std / (2 * cfg.n_layers) ** 0.5, dtypes=dtypes, rngs=rngs)
 
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
-        cd = DTYPES[self.cfg.compute_dtype]
-        h_BLF = jax.nn.silu(self.w_gate(x_BLD, cd)) * self.w_up(x_BLD, cd)
+        h_BLF = jax.nn.silu(self.w_gate(x_BLD)) * self.w_up(x_BLD)
         h_BLF = constrain(h_BLF, ("act_batch", "act_length", "act_mlp"))
-        return self.w_down(h_BLF, cd)
+        return self.w_down(h_BLF)
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
-        pd = DTYPES[cfg.param_dtype]
-        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
-        self.attn = Attention(cfg, rngs)
-        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
-        self.mlp = MLP(cfg, rngs)
+    def __init__(self, cfg: TransformerConfig, dtypes: Dtypes, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=dtypes.param)
+        self.attn = Attention(cfg, dtypes, rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=dtypes.param)
+        self.mlp = MLP(cfg, dtypes, rngs)
 
     def __call__(self, x_BLD: jax.Array, cos: jax.Array, sin: jax.Array, segments_BL: jax.Array | None) -> jax.Array:
         x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), cos, sin, segments_BL)
@@ -112,19 +106,22 @@ class Block(nnx.Module):
 class Transformer(nnx.Module):
     def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
         self.cfg = cfg
-        pd = DTYPES[cfg.param_dtype]
+        dtypes = Dtypes.of(cfg)
+        self.compute_dtype = dtypes.compute
         init = nnx.initializers.normal(cfg.init_std)
-        self.embed = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.d_model), pd), out_sharding=("vocab", "embed"))
+        self.embed = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.d_model), dtypes.param),
+                               out_sharding=("vocab", "embed"))
 
         @nnx.split_rngs(splits=cfg.n_layers)
         @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_layers(rngs: nnx.Rngs) -> Block:
-            return Block(cfg, rngs)
+            return Block(cfg, dtypes, rngs)
 
         self.layers = make_layers(rngs)
-        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
+        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=dtypes.param)
         if not cfg.tie_embeddings:
-            self.lm_head = Linear(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), std=cfg.init_std, param_dtype=pd, rngs=rngs)
+            self.lm_head = Linear(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), std=cfg.init_std, dtypes=dtypes,
+                                  rngs=rngs)
 
     def __call__(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None,
                  segments_BL: jax.Array | None = None) -> jax.Array:
@@ -147,12 +144,11 @@ class Transformer(nnx.Module):
         return self.logits(merge_batch(xs))
 
     def logits(self, x_BLD: jax.Array) -> jax.Array:
-        cd = DTYPES[self.cfg.compute_dtype]
         x_BLD = self.final_norm(x_BLD)
         if self.cfg.tie_embeddings:
-            logits_BLV = matmul(x_BLD, self.embed[...].T, cd)
+            logits_BLV = matmul(x_BLD, self.embed[...].T, self.compute_dtype)
         else:
-            logits_BLV = self.lm_head(x_BLD, cd)
+            logits_BLV = self.lm_head(x_BLD)
         return constrain(logits_BLV, ("act_batch", "act_length", "act_vocab"))
 
     def embed_tokens(self, tokens_BL: jax.Array) -> jax.Array:
@@ -166,7 +162,7 @@ class Transformer(nnx.Module):
         """Empty key and value caches, (layers, B, T, K, Dh) each, in the compute dtype."""
         cfg = self.cfg
         shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.resolved_head_dim)
-        return jnp.zeros(shape, DTYPES[cfg.compute_dtype]), jnp.zeros(shape, DTYPES[cfg.compute_dtype])
+        return jnp.zeros(shape, self.compute_dtype), jnp.zeros(shape, self.compute_dtype)
 
     def decode(self, tokens_BL, positions_BL, cache, start, key_valid_BT):
         """Logits of L new tokens written at buffer slots [start, start+L) of the cache, and the new cache.
