@@ -31,12 +31,12 @@ import time
 
 import jax
 import jax.numpy as jnp
+from lm_step import JaxgenStep, MatmulPeaks, emit
 
 from jaxgen.config import load_config
 from jaxgen.models.transformer import flops_per_token
 
 from hlo import array_type, attribute_dims, walk_instructions
-from lm_step import JaxgenStep, MatmulPeaks, emit
 
 _DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
 

@@ -43,6 +43,7 @@ from jaxgen.config import Config, TransformerConfig, load_config
 from jaxgen.errors import ConfigError
 from jaxgen.models.transformer import param_count
 from jaxgen.sharding import BATCH_AXES, batch_sharding, data_parallel_size, make_mesh, param_path
+from jaxgen.tasks.layout import MAIN_GROUP
 from jaxgen.train.build import Training, build_training
 
 from hlo import operand_bytes, replica_group_size, walk_instructions
@@ -146,8 +147,8 @@ def param_leaves(training: Training) -> list[ParamLeaf]:
         other = math.prod(mesh.shape[a] for a in axes if a not in BATCH_AXES)
         return ParamLeaf(param_path(path), abstract.size, abstract.dtype.itemsize, batch, other)
 
-    flat = jax.tree_util.tree_flatten_with_path(training.layout.abstract.params)[0]
-    shardings = jax.tree.leaves(training.layout.shardings.params)
+    flat = jax.tree_util.tree_flatten_with_path(training.layout.abstract.params[MAIN_GROUP])[0]
+    shardings = jax.tree.leaves(training.layout.shardings.params[MAIN_GROUP])
     return [leaf(path, a, s) for (path, a), s in zip(flat, shardings, strict=True)]
 
 
@@ -249,8 +250,9 @@ def analytic_memory(training: Training, leaves: list[ParamLeaf]) -> dict[str, fl
         raise AssertionError("the model's parameters disagree with param_count")
     abstract = training.layout.abstract
     # Besides params, mu and nu: the step counters, the Adam count and the rng key, all replicated.
-    counts = optax.tree_map_params(training.tx, lambda _: None, abstract.opt_state, transform_non_params=lambda x: x)
-    small = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(abstract.replace(params=None, opt_state=counts)))
+    counts = optax.tree_map_params(training.txs[MAIN_GROUP], lambda _: None, abstract.opt_state[MAIN_GROUP],
+                                   transform_non_params=lambda x: x)
+    small = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(abstract.replace(params={}, opt_state=counts)))
     state = 3 * sum(leaf.device_bytes for leaf in leaves) + small
     batch = abstract_batch(cfg, training.mesh)
     batch_bytes = sum(a.size * a.dtype.itemsize for a in batch.values()) / data_parallel_size(training.mesh)

@@ -396,9 +396,9 @@ def restore_subtree(path: str | pathlib.Path, keys: tuple[str, ...], target: Any
                     what: str = "checkpoint") -> tuple[Any, str, int]:
     """One verified subtree of a saved state (e.g. `params`) without the rest: (subtree, its key, step).
 
-    `keys`: the subtrees wanted, in order of preference; the first one the
-    checkpoint holds is read (("ema_params", "params"): the average if there is
-    one). `path`: a run directory, its `checkpoints` directory or one step
+    `keys`: the subtrees wanted, as "/"-separated paths in order of preference;
+    the first one the checkpoint holds is read (("ema_params/model",
+    "params/model"): the average if there is one). `path`: a run directory, its `checkpoints` directory or one step
     directory (then `step` must be None). Default step: the newest committed.
     Read only: a damaged checkpoint is refused, never renamed or replaced.
     `what` names the source in messages (e.g. "checkpoint.init_from='runs/a'").
@@ -424,13 +424,17 @@ def restore_subtree(path: str | pathlib.Path, keys: tuple[str, ...], target: Any
         checksums = _read_checksums(path / str(step), where)
         key = next((k for k in keys if any(p.startswith(f"{k}/") for p in checksums["arrays"])), keys[-1])
         check_fits(checksums, target, where, prefix=f"{key}/")
-        subtree = {key: target}
+        subtree = target
+        for part in reversed(key.split("/")):
+            subtree = {part: subtree}
         restored = _damage_as_error(where, lambda: manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.PyTreeRestore(
                 subtree,
                 restore_args=jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), subtree),
                 partial_restore=True,
-            ))))["state"][key]
+            ))))["state"]
+        for part in key.split("/"):
+            restored = restored[part]
         _verify_arrays(restored, checksums, where, prefix=f"{key}/")
     finally:
         manager.close()

@@ -79,64 +79,41 @@ def cmd_launch_local(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     distributed.initialize(distributed_settings(args))
-    from jaxgen.evaluate import evaluate_run
+    from jaxgen.outputs.evaluate import evaluate_run
 
     for result in evaluate_run(args.run_dir, args.step, args.overrides, all_steps=args.all):
         print(json.dumps(result))
     return 0
 
 
-# `jaxgen sample` options that only one kind of model takes, and their defaults.
-TEXT_OPTIONS = {"prompt": None, "temperature": 0.8, "top_k": 0, "top_p": 1.0, "max_new_tokens": 64}
-IMAGE_OPTIONS = {"labels": None, "num_per_label": 8, "guidance": None, "sampler": None, "steps": None,
-                 "out": None, "save_array": None}
+# Every `jaxgen sample` option a model family may take; which ones a run takes is its task's business.
+SAMPLE_OPTIONS = ("prompt", "temperature", "top_k", "top_p", "max_new_tokens",
+                  "labels", "num_per_label", "guidance", "sampler", "steps", "out", "save_array")
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from jaxgen.runs import load_run_config
+    from jaxgen.outputs.sample import sample_run
 
-    kind = load_run_config(args.run_dir, args.overrides).model.kind
-    is_text = kind == "transformer"
-    foreign = [name for name in (IMAGE_OPTIONS if is_text else TEXT_OPTIONS) if getattr(args, name) is not None]
-    if foreign:
-        flags = ", ".join("--" + name.replace("_", "-") for name in foreign)
-        valid = ", ".join("--" + name.replace("_", "-") for name in (TEXT_OPTIONS if is_text else IMAGE_OPTIONS))
-        raise UsageError(f"{flags} cannot be used with {args.run_dir}, a model.kind={kind} run; its options: {valid}")
-    options = {name: default if getattr(args, name) is None else getattr(args, name)
-               for name, default in (TEXT_OPTIONS if is_text else IMAGE_OPTIONS).items()}
-    if is_text:
-        from jaxgen.sample_text import Sampling, sample_text
-
-        sampling = Sampling(temperature=options["temperature"], top_k=options["top_k"], top_p=options["top_p"])
-        prompts = options["prompt"] or [""]
-        stream = (lambda piece: print(piece, end="", flush=True)) if len(prompts) == 1 else None
-        results = sample_text(args.run_dir, prompts, options["max_new_tokens"], sampling, args.seed, args.step,
-                              args.overrides, on_text=stream)
-        if stream:
-            print()
-        else:
-            for prompt, text in results:
-                print(json.dumps({"prompt": prompt, "text": text}))
-        return 0
-    from jaxgen.generate_images import sample_images
-
-    labels = None
-    if options["labels"] is not None:
+    given = {name: getattr(args, name) for name in SAMPLE_OPTIONS}
+    if given["labels"] is not None:
         try:
-            labels = [int(x) for x in options["labels"].split(",")]
+            given["labels"] = [int(x) for x in given["labels"].split(",")]
         except ValueError:
-            raise UsageError(f"--labels {options['labels']!r} is not a comma-separated list of integers, "
+            raise UsageError(f"--labels {given['labels']!r} is not a comma-separated list of integers, "
                              "e.g. 0,1,2") from None
-    print(json.dumps(sample_images(
-        args.run_dir, labels, options["num_per_label"], guidance=options["guidance"], sampler=options["sampler"],
-        steps=options["steps"], seed=args.seed, out=options["out"], save_array=options["save_array"], step=args.step,
-        overrides=args.overrides,
-    )))
+    streaming = given["prompt"] is None or len(given["prompt"]) == 1
+    on_text = (lambda piece: print(piece, end="", flush=True)) if streaming else None
+    records = sample_run(args.run_dir, given, args.seed, args.step, args.overrides, on_text=on_text)
+    streamed = streaming and "text" in records[0]
+    if streamed:
+        print()
+    for record in records if not streamed else []:
+        print(json.dumps(record))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from jaxgen.export import export_run
+    from jaxgen.outputs.export import export_run
 
     out = export_run(args.run_dir, args.out, args.format, args.dtype, args.step, args.overrides)
     print(f"exported to {out}")
@@ -144,7 +121,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from jaxgen.export import import_hf
+    from jaxgen.outputs.hf_import import import_hf
 
     out = import_hf(args.source, args.out)
     print(f"imported into {out}; fine-tune with checkpoint.init_from={out} data.tokenizer={out}/tokenizer.model")

@@ -77,7 +77,7 @@ class TransformerConfig(_Section):
     remat: RematPolicy = "dots_saveable"
     # "auto": jaxgen's CPU-tuned attention when compiling for CPU, XLA's elsewhere.
     # "xla" is jax.nn.dot_product_attention's portable lowering, "cudnn" its fused
-    # flash-attention kernel on NVIDIA GPUs, "cpu" models/attention.py on any platform.
+    # flash-attention kernel on NVIDIA GPUs, "cpu" models/cpu_kernels.py on any platform.
     attention: AttentionImpl = "auto"
     # Packed rows hold several documents: attend only within one's own document, with
     # positions restarting at each document (from the batch's segment_ids/positions).
@@ -584,6 +584,14 @@ def load_config(path: str | pathlib.Path | None = None, overrides: list[str] = (
     raw = _deep_merge(raw, parse_overrides(list(overrides)))
     try:
         return Config.model_validate(raw)
+    except pydantic.ValidationError as err:
+        raise ConfigError(_explain(err)) from None
+
+
+def with_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """`cfg` with dotted `key=value` overrides applied, validated as a whole again."""
+    try:
+        return Config.model_validate(_deep_merge(cfg.model_dump(mode="json"), parse_overrides(overrides)))
     except pydantic.ValidationError as err:
         raise ConfigError(_explain(err)) from None
 

@@ -7,10 +7,9 @@ before JAX touches a device. Where the coordinator is and how many processes
 there are comes from explicit settings (flags or JAXGEN_* variables) or from
 JAX's own detection of the cluster; a single process needs nothing at all.
 
-Also here: what processes must agree on while running (`next_in_lockstep`: every
-process stops at the same step when any runs out of data) and how a failing
-process leaves (`exit_status`: at once, so its peers fail fast instead of
-hanging in a collective).
+Also here: how a failing process leaves (`exit_status`: at once, so its peers
+fail fast instead of hanging in a collective), and process 0's bytes shared with
+the others (`bytes_from_process_0`).
 """
 
 from __future__ import annotations
@@ -21,12 +20,12 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, Literal, get_args
 
 import numpy as np
 
-from jaxgen.errors import ConfigError, DataError
+from jaxgen.errors import ConfigError
 
 log = logging.getLogger("jaxgen")
 
@@ -227,49 +226,6 @@ def exit_status(code: int) -> int:
     os._exit(code)
 
 
-# ----------------------------------------------------------------------------- agreement while running
-
-
-class DataExhausted(DataError):
-    """Some process has no batch for the next step; every process stops at that step."""
-
-
-_HAS_BATCH, _RAN_OUT, _FAILED = 0, 1, 2
-
-
-def next_in_lockstep(batches: Iterator[dict[str, np.ndarray]], step: int) -> dict[str, np.ndarray]:
-    """This process's batch for `step`, returned on every process or on none.
-
-    Processes may hold uneven shares of the data: one may run out (a finite
-    share) or fail to read (a share with no documents, a bad record) while the
-    others have batches. Before a batch is used, the processes exchange one
-    status each; if any has no batch, all raise at this same step, instead of
-    one leaving and the others waiting for it in the step's collectives until
-    the heartbeat timeout kills them. The exchange is one tiny collective per
-    step, and only in multi-process runs.
-    """
-    error: DataError | None = None
-    try:
-        batch, status = next(batches), _HAS_BATCH
-    except StopIteration:
-        batch, status = None, _RAN_OUT
-    except DataError as err:
-        batch, status, error = None, _FAILED, err
-    statuses = _gather_statuses(status)
-    if (statuses == _HAS_BATCH).all():
-        return batch
-    if error is not None:
-        raise error
-    ran_out = ", ".join(str(i) for i in np.flatnonzero(statuses == _RAN_OUT))
-    failed = ", ".join(str(i) for i in np.flatnonzero(statuses == _FAILED))
-    what = [f"ran out on process {ran_out}" if ran_out else "", f"failed on process {failed} (see its log)" if failed else ""]
-    fewer_steps = f", or set train.steps <= {step - 1}" if step > 1 else ""
-    raise DataExhausted(
-        f"training data {' and '.join(w for w in what if w)} before step {step} ({len(statuses)} processes); "
-        f"every process stops at step {step}. Give every process an equal share of the data{fewer_steps}"
-    )
-
-
 def bytes_from_process_0(payload: bytes | None) -> bytes:
     """Process 0's `payload` on every process (what the others pass is ignored)."""
     import jax
@@ -284,14 +240,3 @@ def bytes_from_process_0(payload: bytes | None) -> bytes:
         return b""
     buffer = np.frombuffer(payload, np.uint8) if is_0 else np.zeros(size, np.uint8)
     return np.asarray(multihost_utils.broadcast_one_to_all(buffer)).tobytes()
-
-
-def _gather_statuses(status: int) -> np.ndarray:
-    """Every process's status, indexed by process."""
-    import jax
-
-    if jax.process_count() == 1:
-        return np.asarray([status])
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(np.asarray(status, np.int32))).reshape(-1)

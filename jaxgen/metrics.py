@@ -52,6 +52,33 @@ def peak_flops_per_device(configured: float | None, compute_dtype: str = "float3
     return measure_matmul_peak(dtype=jnp.dtype(compute_dtype)), f"measured {compute_dtype} matmul ({kind})"
 
 
+class ThroughputMeter:
+    """Units per second over the steps since the last reading; time spent outside training steps is left out."""
+
+    def __init__(self, units_per_step: float, flops_per_unit: float, peak_flops: float, step: int):
+        self.units_per_step, self.flops_per_unit, self.peak_flops = units_per_step, flops_per_unit, peak_flops
+        self.readings: list[float] = []
+        self.restart(step)
+
+    def restart(self, step: int) -> None:
+        """Measure from now, as after step `step` (call after an evaluation or a sample grid)."""
+        self._time, self._step = time.perf_counter(), step
+
+    def read(self, step: int) -> dict[str, float]:
+        """{units_per_s, mfu} since the last reading, as the record of `step` carries them."""
+        now = time.perf_counter()
+        rate = (step - self._step) * self.units_per_step / max(now - self._time, 1e-9)
+        self._time, self._step = now, step
+        self.readings.append(rate)
+        return {"units_per_s": rate, "mfu": rate * self.flops_per_unit / self.peak_flops}
+
+    def median(self) -> dict[str, float | None]:
+        if not self.readings:
+            return {"units_per_s": None, "mfu": None}
+        rate = float(np.median(self.readings))
+        return {"units_per_s": rate, "mfu": rate * self.flops_per_unit / self.peak_flops}
+
+
 class MetricsWriter:
     def __init__(self, run_dir: pathlib.Path, tensorboard: bool, resumed_at: int | None):
         """`resumed_at`: the checkpoint step a resumed run continues from; None for a run from step 0.

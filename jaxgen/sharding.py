@@ -21,6 +21,10 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from jaxgen.config import MeshConfig
 from jaxgen.errors import ConfigError
 
+# jaxgen places every array itself (abstract state -> shardings -> jit), so
+# variables must not try to shard themselves when created.
+nnx.use_eager_sharding(False)
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # every data-parallel axis splits the batch
 
@@ -115,13 +119,16 @@ def param_path(path: tuple) -> str:
     return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
-def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules: Rules) -> dict:
-    """Pure dict of NamedShardings from the logical axes in each Variable's metadata."""
+def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules: Rules, name_prefix: str = "") -> dict:
+    """Pure dict of NamedShardings from the logical axes in each Variable's metadata.
+
+    `name_prefix` goes before a parameter's path in messages (a model group's name).
+    """
 
     def one(path, variable: nnx.Variable) -> NamedSharding:
         logical = variable.get_metadata().get("out_sharding") or (None,) * variable.get_value().ndim
         spec = logical_to_spec(tuple(logical), rules)
-        _check_divisible(f"parameter {param_path(path)}", variable.get_value().shape, spec, mesh)
+        _check_divisible(f"parameter {name_prefix}{param_path(path)}", variable.get_value().shape, spec, mesh)
         return NamedSharding(mesh, spec)
 
     shardings = jax.tree_util.tree_map_with_path(
@@ -180,3 +187,13 @@ def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
     spec = logical_to_spec(logical_axes, rules)
     _check_divisible(f"activation {logical_axes}", x.shape, spec, mesh)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def with_rules(fn, mesh: Mesh, rules: Rules):
+    """`fn`, traced with the activation sharding rules active (wrap it before jax.jit)."""
+
+    def wrapped(*args):
+        with activation_rules(mesh, rules):
+            return fn(*args)
+
+    return wrapped

@@ -10,6 +10,7 @@ read its configuration), since writing the cache slowed in-process tests down.
 import os
 import pathlib
 import re
+import sys
 import tempfile
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -25,6 +26,8 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 * 2**30))
 from jaxgen.config import Config, load_config  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# Benchmark scripts import their siblings by name (hlo, lm_step), as they do when run from their folder.
+sys.path.append(str(REPO / "benchmarks"))
 TINY_CONFIG = REPO / "configs" / "lm_tiny.yaml"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import resource
@@ -9,6 +10,8 @@ import signal
 import subprocess
 import sys
 import time
+
+import numpy as np
 
 from jaxgen.metrics import read_metrics
 
@@ -69,3 +72,58 @@ def logged_steps(run_dir: pathlib.Path, key: str = "loss") -> list[int]:
 
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("jaxgen: error:")]
+
+
+def jaxgen_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """`python -m jaxgen ARGS` with the test session's 8 simulated devices."""
+    return run_jaxgen(*args, devices=8, **kwargs)
+
+
+# ----------------------------------------------------------------------------- tiny inputs
+
+
+def random_batches(cfg, n: int) -> list[dict]:
+    """`n` LM batches of random tokens, all weights 1, for the shapes `cfg` names."""
+    rng = np.random.default_rng(0)
+    b, l = cfg.data.batch_size, cfg.data.seq_len
+    windows = rng.integers(0, cfg.model.vocab_size, size=(n, b, l + 1), dtype=np.int32)
+    return [{"inputs": w[:, :-1], "targets": w[:, 1:], "weights": np.ones((b, l), np.float32)} for w in windows]
+
+
+DIT_CONFIG = REPO / "configs" / "dit_digits.yaml"
+
+
+def tiny_dit_config(*overrides: str):
+    """A DiT small enough for unit tests, on the digits config."""
+    from jaxgen.config import load_config
+
+    return load_config(DIT_CONFIG, ["model.size=null", "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
+                                    "model.freq_dim=32", "data.batch_size=16", *overrides])
+
+
+def take(iterator, n: int) -> list:
+    return [next(iterator) for _ in range(n)]
+
+
+def assert_same_batches(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for name in x:
+            np.testing.assert_array_equal(x[name], y[name], err_msg=name)
+
+
+def as_tfrecord_dataset(version_dir: pathlib.Path) -> None:
+    """Rewrite a prepared dataset's ArrayRecord shards as TFRecord, as `tfds build` would store them."""
+    import tensorflow as tf
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    for shard in sorted(version_dir.glob("*.array_record-*")):
+        reader = ArrayRecordReader(str(shard))
+        with tf.io.TFRecordWriter(str(shard).replace(".array_record-", ".tfrecord-")) as writer:
+            for record in reader.read_all():
+                writer.write(record)
+        reader.close()
+        shard.unlink()
+    info = json.loads((version_dir / "dataset_info.json").read_text())
+    (version_dir / "dataset_info.json").write_text(json.dumps(info | {"fileFormat": "tfrecord"}))

@@ -66,6 +66,7 @@ def uneven(shares: list[int], end: str) -> dict:
     share without documents does (end="error").
     """
     from jaxgen.config import MeshConfig
+    from jaxgen.data.lockstep import next_in_lockstep
     from jaxgen.data.pipeline import to_global
     from jaxgen.errors import DataError
     from jaxgen.sharding import make_mesh
@@ -82,7 +83,7 @@ def uneven(shares: list[int], end: str) -> dict:
     batches, total, sums, step = my_share(), jax.jit(jnp.sum), [], 1
     try:
         while True:
-            batch = distributed.next_in_lockstep(batches, step)
+            batch = next_in_lockstep(batches, step)
             sums.append(float(total(to_global(batch, mesh)["x"])))  # a collective over every process
             step += 1
     except DataError as err:

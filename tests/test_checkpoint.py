@@ -24,7 +24,7 @@ from jaxgen.train.loop import train
 from jaxgen.train.preemption import EXIT_PREEMPTED
 
 from conftest import REPO, TINY_CONFIG, tiny_config
-from test_sharding import random_batches
+from helpers import random_batches
 
 DRIVER = pathlib.Path(__file__).with_name("crash_driver.py")
 # Short runs that log every step so losses can be compared step by step.
@@ -201,16 +201,16 @@ class PoisonedBatches:
 
 
 def test_nonfinite_abort_stops_without_saving_the_bad_state(tmp_path, monkeypatch):
-    from jaxgen.train import tasks
+    from jaxgen.tasks.lm import LanguageModelTask
 
-    make_data = tasks.LanguageModelTask.make_data
+    make_data = LanguageModelTask.make_data
 
     def poisoned(self, run_dir):
         data = make_data(self, run_dir)
         data.train = PoisonedBatches(data.train, poisoned_batch=3)
         return data
 
-    monkeypatch.setattr(tasks.LanguageModelTask, "make_data", poisoned)
+    monkeypatch.setattr(LanguageModelTask, "make_data", poisoned)
     cfg = tiny_config("train.nonfinite=abort", "train.steps=6", "checkpoint.every=2", "train.sample_tokens=0")
     with pytest.raises(NonFiniteError, match="non-finite"):
         train(cfg, tmp_path / "nan")
@@ -226,11 +226,11 @@ def test_shape_mismatch_lists_differing_parameters(tmp_path, devices):
     saver.wait()
     wider = tiny_config("mesh.data=1", "model.d_ff=256")
     layout = build_training(wider, make_mesh(wider.mesh, devices[:1])).layout
-    with pytest.raises(CheckpointError, match=r"9 arrays differ.*params/layers/mlp/w_down/kernel: "
+    with pytest.raises(CheckpointError, match=r"9 arrays differ.*params/model/layers/mlp/w_down/kernel: "
                                               r"checkpoint \(2, 192, 64\) float32, model \(2, 256, 64\) float32"):
         Checkpointer(tmp_path / "ck", cfg.checkpoint).restore(layout.target, 1)
     with pytest.raises(CheckpointError, match=r"3 arrays differ.*w_gate"):
-        restore_subtree(tmp_path / "ck", ("params",), layout.target.params)
+        restore_subtree(tmp_path / "ck", ("params",), layout.target.params)  # every group
 
 
 def test_ema_and_optimizer_state_resume_bit_identically(tmp_path, devices):
@@ -259,7 +259,7 @@ def test_ema_and_optimizer_state_resume_bit_identically(tmp_path, devices):
     # Sampling and evaluation read the average; fine-tuning reads the params.
     params = training.layout.target.params
     ema, key, _ = restore_subtree(tmp_path / "ck", ("ema_params", "params"), params)
-    assert key == "ema_params"
+    assert key == "ema_params" and set(ema) == {"model"}
     assert_trees_equal(jax.device_get(ema), saved.ema_params)
     assert_trees_equal(jax.device_get(restore_subtree(tmp_path / "ck", ("params",), params)[0]), saved.params)
 

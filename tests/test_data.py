@@ -14,6 +14,7 @@ from jaxgen.data.splits import HoldOut, Shard
 from jaxgen.data.tokenizer import BOS_ID, EOS_ID
 
 from conftest import tiny_config
+from helpers import assert_same_batches, take
 
 
 @pytest.fixture(scope="module")
@@ -23,18 +24,6 @@ def small_corpus(tmp_path_factory):
     for name, docs in [("a.txt", range(0, 60)), ("b.txt", range(60, 100))]:
         (directory / name).write_text("".join(f"document {i} says {'amen ' * (i % 7)}\n" for i in docs))
     return str(directory / "*.txt")
-
-
-def take(iterator, n):
-    return [next(iterator) for _ in range(n)]
-
-
-def assert_same_batches(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for name in x:
-            np.testing.assert_array_equal(x[name], y[name], err_msg=name)
 
 
 def test_batches_have_the_trainer_fields_and_shapes(tokenizer):

@@ -20,6 +20,7 @@ from jaxgen.data.tokenizer import Tokenizer, train_tokenizer
 from jaxgen.errors import ConfigError, DataError
 
 from conftest import REPO, tiny_config
+from helpers import as_tfrecord_dataset
 
 
 @pytest.fixture(scope="module")
@@ -90,22 +91,6 @@ def test_tfrecord_dataset_without_tensorflow_says_to_install_the_extra(jsonl_cor
     (version_dir / "dataset_info.json").write_text(json.dumps(info | {"fileFormat": "tfrecord"}))
     with pytest.raises(DataError, match=r"stored as TFRecord.*pip install 'jaxgen\[tf\]'"):
         documents_of("data.tfds=corpus", f"data.tfds_data_dir={tmp_path / 'tfds'}")
-
-
-def as_tfrecord_dataset(version_dir):
-    """Rewrite a prepared dataset's ArrayRecord shards as TFRecord, as `tfds build` would store them."""
-    import tensorflow as tf
-    from array_record.python.array_record_module import ArrayRecordReader
-
-    for shard in sorted(version_dir.glob("*.array_record-*")):
-        reader = ArrayRecordReader(str(shard))
-        with tf.io.TFRecordWriter(str(shard).replace(".array_record-", ".tfrecord-")) as writer:
-            for record in reader.read_all():
-                writer.write(record)
-        reader.close()
-        shard.unlink()
-    info = json.loads((version_dir / "dataset_info.json").read_text())
-    (version_dir / "dataset_info.json").write_text(json.dumps(info | {"fileFormat": "tfrecord"}))
 
 
 def test_tfrecord_dataset_streams_with_tensorflow(tmp_path):

@@ -10,14 +10,13 @@ from jaxgen.data.image_batches import held_out_batches
 from jaxgen.data.images import open_images
 from jaxgen.data.pipeline import to_global
 from jaxgen.data.splits import Shard
-from jaxgen.evaluate_images import frechet_distance
+from jaxgen.diffusion.quality import frechet_distance
 from jaxgen.metrics import read_metrics
 from jaxgen.sharding import make_mesh
+from jaxgen.tasks.diffusion import DiffusionTask
 from jaxgen.train.build import build_training
-from jaxgen.train.diffusion_task import DiffusionTask
 
-from test_dit import DIT_CONFIG, tiny_dit_config
-from test_train import jaxgen_cli
+from helpers import DIT_CONFIG, jaxgen_cli, tiny_dit_config
 
 
 def test_held_out_batches_carry_a_fixed_time_grid_and_fixed_noise(tmp_path):
@@ -88,7 +87,7 @@ def test_jaxgen_sample_writes_a_grid_and_the_arrays_from_the_ema(dit_run, tmp_pa
                         "--guidance", "2", "--steps", "4", "--out", str(tmp_path / "grid.png"),
                         "--save-array", str(tmp_path / "samples.npz"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "loaded ema_params" in result.stderr
+    assert "loaded ema_params/model" in result.stderr
     arrays = np.load(tmp_path / "samples.npz")
     assert arrays["images"].shape == (6, 8, 8)
     assert 0 <= arrays["images"].min() and arrays["images"].max() <= 1

@@ -1,17 +1,16 @@
 """Multi-process settings: where they come from, what is rejected, when JAX is asked to join."""
 
 import socket
-import subprocess
-import sys
 
 import jax
 import pytest
 
 from jaxgen import distributed
-from jaxgen.distributed import DataExhausted, DistributedError, DistributedSettings, settings_from
+from jaxgen.data.lockstep import DataExhausted, next_in_lockstep
+from jaxgen.distributed import DistributedError, DistributedSettings, settings_from
 from jaxgen.errors import DataError
 
-from conftest import REPO
+from helpers import jaxgen_cli
 
 EXPLICIT_ENV = {"JAXGEN_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAXGEN_NUM_PROCESSES": "4", "JAXGEN_PROCESS_ID": "3"}
 
@@ -81,9 +80,9 @@ def test_a_single_process_needs_no_set_up():
 
 def test_running_out_of_data_names_the_process_and_step():
     batches = iter([{"x": 1}, {"x": 2}])
-    assert [distributed.next_in_lockstep(batches, step)["x"] for step in (1, 2)] == [1, 2]
+    assert [next_in_lockstep(batches, step)["x"] for step in (1, 2)] == [1, 2]
     with pytest.raises(DataExhausted, match=r"ran out on process 0 before step 3 \(1 processes\); .* train.steps <= 2"):
-        distributed.next_in_lockstep(batches, 3)
+        next_in_lockstep(batches, 3)
 
 
 def test_a_process_that_cannot_read_its_data_reports_its_own_error():
@@ -92,12 +91,8 @@ def test_a_process_that_cannot_read_its_data_reports_its_own_error():
         yield
 
     with pytest.raises(DataError, match="shard 3 holds no documents"):
-        distributed.next_in_lockstep(failing(), 1)
+        next_in_lockstep(failing(), 1)
 
-
-def jaxgen_cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "jaxgen", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def test_cli_rejects_a_coordinator_address_without_port(tmp_path):

@@ -13,15 +13,7 @@ from jaxgen.models.dit import patchify, unpatchify
 from jaxgen.sharding import make_mesh
 from jaxgen.train.build import build_training
 
-from conftest import REPO
-
-DIT_CONFIG = REPO / "configs" / "dit_digits.yaml"
-
-
-def tiny_dit_config(*overrides: str):
-    """A DiT small enough for unit tests, on the digits config."""
-    return load_config(DIT_CONFIG, ["model.size=null", "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
-                                    "model.freq_dim=32", "data.batch_size=16", *overrides])
+from helpers import DIT_CONFIG, tiny_dit_config
 
 
 def digit_batch(cfg, n: int, seed: int = 0) -> dict:

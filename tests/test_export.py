@@ -5,8 +5,6 @@ import itertools
 import json
 import logging
 import shutil
-import subprocess
-import sys
 import warnings
 
 import jax
@@ -20,17 +18,16 @@ from sentencepiece import sentencepiece_model_pb2
 from jaxgen.data.corpus import BUNDLED_CORPUS, iter_documents
 from jaxgen.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
 from jaxgen.errors import ExportError
-from jaxgen.export import export_hf, export_run, import_hf, write_hf_tokenizer
-from jaxgen.generate import Sampling, generate, sample_logits
 from jaxgen.metrics import read_metrics
 from jaxgen.models import build_model
-from jaxgen.runs import open_run
+from jaxgen.outputs.export import export_hf, export_run
+from jaxgen.outputs.hf_import import import_hf
+from jaxgen.outputs.hf_tokenizer import write_hf_tokenizer
+from jaxgen.outputs.runs import open_run
+from jaxgen.tasks.decode import Sampling, generate, sample_logits
 
 from conftest import REPO, TINY_CONFIG, tiny_config
-
-
-def jaxgen_cli(*args):
-    return subprocess.run([sys.executable, "-m", "jaxgen", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+from helpers import jaxgen_cli
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +81,7 @@ def test_hf_export_loads_in_transformers_with_equal_logits(trained, hf_export):
     transformers = pytest.importorskip("transformers")
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_export, dtype=torch.float32)
     run = open_run(trained)
-    model = nnx.merge(run.training.layout.graphdef, run.params)
+    model = run.weights.models()["model"]
     tokens = np.random.default_rng(0).integers(0, 512, (2, 48))
     ours = np.asarray(model(jnp.asarray(tokens)))
     theirs = hf_model(torch.tensor(tokens)).logits.detach().numpy()
@@ -167,12 +164,13 @@ def test_sharded_bf16_export_and_import_round_trip(trained, tmp_path):
     assert len(set(index["weight_map"].values())) > 1
 
     back = import_hf(sharded, tmp_path / "back")
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(run.params), jax.device_get(open_run(back).params))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(run.weights.params),
+                 jax.device_get(open_run(back).weights.params))
 
     half = export_run(trained, tmp_path / "bf16", fmt="safetensors", dtype="bfloat16")
     with safe_open(half / "model.safetensors", framework="numpy") as f:
-        assert "layers/attn/wq/kernel" in f.keys()
-        assert f.get_slice("layers/attn/wq/kernel").get_dtype() == "BF16"
+        assert "model/layers/attn/wq/kernel" in f.keys()
+        assert f.get_slice("model/layers/attn/wq/kernel").get_dtype() == "BF16"
     assert (half / "config.yaml").exists()
 
 

@@ -1,29 +1,14 @@
 """The GEMM-only bound finds every dot a compiled program runs, loop trips included, and times it."""
 
-import importlib.util
-import pathlib
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+import gemm_bound
 
 
-@pytest.fixture(scope="module")
-def gemm_bound():
-    if str(BENCHMARKS) not in sys.path:  # the script imports its siblings, as when run from its folder
-        sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("gemm_bound", BENCHMARKS / "gemm_bound.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_dots_in_a_scanned_loop_count_once_per_trip_with_their_layout(gemm_bound):
+def test_dots_in_a_scanned_loop_count_once_per_trip_with_their_layout():
     def program(x_MK, w_LKN, g_MN):
         def layer(x, w):
             return jnp.tanh(x @ w), None
@@ -51,7 +36,7 @@ def test_dots_in_a_scanned_loop_count_once_per_trip_with_their_layout(gemm_bound
     (((0,), (0,)), ((), ()), (16, 12)),  # x.T @ g
     (((3,), (3,)), ((0, 1), (0, 1)), (2, 2, 12, 8)),  # attention scores, batched over (B, K)
 ])
-def test_torch_operands_compute_the_same_product_as_the_hlo_dot(gemm_bound, contracting, batch, rhs_shape):
+def test_torch_operands_compute_the_same_product_as_the_hlo_dot(contracting, batch, rhs_shape):
     import torch
 
     lhs_shape = (2, 2, 16, 8) if batch[0] else (16, 8)
@@ -66,7 +51,7 @@ def test_torch_operands_compute_the_same_product_as_the_hlo_dot(gemm_bound, cont
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_a_batched_dot_is_timed_in_xla_and_torch(gemm_bound):
+def test_a_batched_dot_is_timed_in_xla_and_torch():
     dot = gemm_bound.Dot(lhs=("bf16", (2, 2, 16, 8)), rhs=("bf16", (2, 2, 12, 8)), contracting=((3,), (3,)),
                          batch=((0, 1), (0, 1)), out_dtype="f32")
     assert dot.flops == 2 * 4 * 16 * 12 * 8

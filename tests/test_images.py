@@ -15,9 +15,7 @@ from jaxgen.data.images import make_shapes, open_images
 from jaxgen.data.splits import Shard
 from jaxgen.errors import ConfigError, DataError
 
-from test_data import assert_same_batches, take
-from test_dit import DIT_CONFIG, tiny_dit_config
-from test_train import jaxgen_cli
+from helpers import DIT_CONFIG, as_tfrecord_dataset, assert_same_batches, jaxgen_cli, take, tiny_dit_config
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -221,7 +219,6 @@ def test_tfrecord_images_without_tensorflow_say_to_install_the_extra(tfds_dir, t
 
 def test_tfrecord_images_stream_with_tensorflow(tfds_dir, tmp_path):
     pytest.importorskip("tensorflow")
-    from test_data_sources import as_tfrecord_dataset
 
     shutil.copytree(tfds_dir / "tiny_images", tmp_path / "tiny_images")
     as_tfrecord_dataset(tmp_path / "tiny_images" / "png" / "1.0.0")

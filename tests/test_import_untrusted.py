@@ -18,12 +18,14 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from jaxgen import safetensors_stream
 from jaxgen.errors import ExportError
-from jaxgen.export import export_hf, export_safetensors, import_hf
-from jaxgen.runs import OpenedRun, open_run
-from jaxgen.sharding import make_mesh
-from jaxgen.train.build import build_training
+from jaxgen.outputs import safetensors_stream
+from jaxgen.outputs.export import export_hf, export_safetensors
+from jaxgen.outputs.hf_import import import_hf
+from jaxgen.outputs.runs import OpenedRun, open_run
+from jaxgen.sharding import make_mesh, resolve_rules
+from jaxgen.tasks import make_task
+from jaxgen.tasks.layout import compile_eval_step, fresh_params, plan_models
 
 from conftest import REPO, tiny_config
 
@@ -36,8 +38,11 @@ def tiny_run(tmp_path_factory, tokenizer):
     run_dir = tmp_path_factory.mktemp("run")
     shutil.copyfile(tokenizer.path, run_dir / "tokenizer.model")
     cfg = tiny_config(f"data.tokenizer={run_dir / 'tokenizer.model'}")
-    training = build_training(cfg, make_mesh(cfg.mesh))
-    return OpenedRun(run_dir=run_dir, cfg=cfg, training=training, step=0, params=training.init_state().params)
+    task, mesh, rules = make_task(cfg), make_mesh(cfg.mesh), resolve_rules(cfg.sharding.preset, {})
+    layout = plan_models(task, mesh, rules, cfg.train.seed)
+    return OpenedRun(run_dir=run_dir, cfg=cfg, task=task, mesh=mesh, layout=layout, step=0,
+                     weights=layout.weights(fresh_params(task, cfg.train.seed)),
+                     eval_step=compile_eval_step(task, layout, mesh, rules))
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +126,8 @@ def test_float16_weights_widen_exactly_into_float32_params(hf, tmp_path, tiny_ru
     rewrite_tensors(hf, lambda t: t.update({name: array.astype(np.float16) for name, array in t.items()}))
     out = tmp_path / "empty"
     out.mkdir()  # an existing empty directory is a valid --out
-    imported = open_run(import_hf(hf, out)).params
-    expected = jax.tree.map(lambda p: np.asarray(p).astype(np.float16).astype(np.float32), tiny_run.params)
+    imported = open_run(import_hf(hf, out)).weights.params
+    expected = jax.tree.map(lambda p: np.asarray(p).astype(np.float16).astype(np.float32), tiny_run.weights.params)
     jax.tree.map(np.testing.assert_array_equal, expected, jax.device_get(imported))
 
 
@@ -238,7 +243,7 @@ def test_an_export_that_fails_halfway_leaves_no_output(tiny_run, tmp_path, disk_
 
 
 def test_an_import_that_fails_halfway_leaves_no_output(hf, tmp_path, monkeypatch):
-    from jaxgen import hf_import
+    from jaxgen.outputs import hf_import
 
     read = hf_import.read_tensor
     calls = []

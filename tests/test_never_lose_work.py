@@ -20,7 +20,7 @@ import pytest
 from jaxgen.checkpoint import checkpoint_dir, committed_steps, restore_subtree
 from jaxgen.config import load_config
 from jaxgen.metrics import read_metrics
-from jaxgen.runs import open_run
+from jaxgen.outputs.runs import open_run
 from jaxgen.sharding import make_mesh
 from jaxgen.train.build import build_training
 

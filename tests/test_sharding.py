@@ -10,19 +10,13 @@ from jaxgen.sharding import make_mesh
 from jaxgen.train.build import build_training
 
 from conftest import tiny_config
+from helpers import random_batches
 
 STEPS = 3
 # Adam divides by sqrt(v) + eps, so a gradient element near zero turns float
 # reordering noise (~1e-9) into an update difference of up to lr. A larger eps
 # bounds that amplification and lets the comparison stay tight.
 ADAM_EPS = "optimizer.eps=1e-3"
-
-
-def random_batches(cfg, n):
-    rng = np.random.default_rng(0)
-    b, l = cfg.data.batch_size, cfg.data.seq_len
-    windows = rng.integers(0, cfg.model.vocab_size, size=(n, b, l + 1), dtype=np.int32)
-    return [{"inputs": w[:, :-1], "targets": w[:, 1:], "weights": np.ones((b, l), np.float32)} for w in windows]
 
 
 def train_steps(cfg, devices):
@@ -70,13 +64,13 @@ def test_parameter_and_optimizer_shardings_follow_the_rules(devices, preset):
     cfg = tiny_config(f"sharding.preset={preset}", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
     training = build_training(cfg, make_mesh(cfg.mesh, devices))
     state = training.init_state()
-    p = state.params
+    p = state.params["model"]
     actual = (p["layers"]["attn"]["wq"]["kernel"], p["layers"]["mlp"]["w_down"]["kernel"], p["embed"],
               p["final_norm"]["scale"])
     for array, spec in zip(actual, EXPECTED_SPECS[preset]):
         assert array.sharding.spec == spec
     # Adam's moments live where their parameters live.
-    mu = state.opt_state[1][0].mu
+    mu = state.opt_state["model"][1][0].mu
     assert mu["layers"]["attn"]["wq"]["kernel"].sharding.spec == EXPECTED_SPECS[preset][0]
 
 
@@ -84,7 +78,7 @@ def test_custom_rules_override_the_preset(devices):
     cfg = tiny_config("sharding.preset=fsdp", "mesh.data=2", "mesh.fsdp=4", "sharding.rules.mlp=fsdp",
                       "sharding.rules.embed=null")
     training = build_training(cfg, make_mesh(cfg.mesh, devices))
-    spec = training.layout.shardings.params["layers"]["mlp"]["w_up"]["kernel"].spec
+    spec = training.layout.shardings.params["model"]["layers"]["mlp"]["w_up"]["kernel"].spec
     assert spec == P(None, None, "fsdp")
 
 

@@ -1,32 +1,18 @@
 """The sharding report reads collectives from compiled HLO correctly and matches its analytic model."""
 
-import importlib.util
-import pathlib
-import sys
-
 import jax
 import jax.numpy as jnp
 import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+import sharding_report
+
 TINY = ["model.vocab_size=256", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
         "model.d_ff=192", "model.max_seq_len=32", "data.seq_len=32", "data.batch_size=8"]
 
 
-@pytest.fixture(scope="module")
-def sharding_report():
-    if str(BENCHMARKS) not in sys.path:  # the script imports its siblings, as when run from its folder
-        sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("sharding_report", BENCHMARKS / "sharding_report.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_parser_counts_a_psum_in_a_loop_and_an_all_gather(sharding_report, devices):
+def test_parser_counts_a_psum_in_a_loop_and_an_all_gather(devices):
     mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Auto,), devices=devices)
 
     def per_device(x_1N):
@@ -51,7 +37,7 @@ def test_parser_counts_a_psum_in_a_loop_and_an_all_gather(sharding_report, devic
 
 
 @pytest.mark.parametrize("preset", ["dp", "fsdp"])
-def test_train_step_traffic_and_state_match_the_analytic_model(sharding_report, devices, preset):
+def test_train_step_traffic_and_state_match_the_analytic_model(devices, preset):
     result = sharding_report.report(sharding_report.preset_config(preset, TINY))
 
     assert 0.9 <= result["ratio"] <= 1.1 and result["ok"], result
@@ -93,7 +79,7 @@ ENTRY %main (x: bf16[64]) -> bf16[64] {
 """
 
 
-def test_parser_reads_async_pairs_iota_groups_and_typed_operands(sharding_report):
+def test_parser_reads_async_pairs_iota_groups_and_typed_operands():
     found = sharding_report.parse_collectives(GPU_STYLE_HLO, num_devices=8)
 
     got = sorted((c.kind, c.group, c.buffer_bytes, c.times) for c in found)

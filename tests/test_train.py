@@ -1,8 +1,6 @@
 """The user's story: train through the CLI, see the loss fall, find the run's files."""
 
 import json
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -14,12 +12,8 @@ from jaxgen.sharding import make_mesh
 from jaxgen.train.build import build_training
 from jaxgen.train.optimizer import learning_rate_schedule, weight_decay_mask
 
-from conftest import REPO, TINY_CONFIG, tiny_config
-from test_sharding import random_batches
-
-
-def jaxgen_cli(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "jaxgen", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+from conftest import TINY_CONFIG, tiny_config
+from helpers import jaxgen_cli, random_batches
 
 
 @pytest.fixture(scope="module")

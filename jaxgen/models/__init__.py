@@ -7,10 +7,6 @@ from flax import nnx
 from jaxgen.models.dit import DiT
 from jaxgen.models.transformer import Transformer
 
-# jaxgen places every array itself (abstract state -> shardings -> jit), so
-# variables must not try to shard themselves when created.
-nnx.use_eager_sharding(False)
-
 MODELS = {"transformer": Transformer, "dit": DiT}
 
 

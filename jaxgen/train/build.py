@@ -1,4 +1,4 @@
-"""Assemble everything a run needs on a mesh: task, optimizer, state layout, jitted steps.
+"""Assemble everything a run needs on a mesh: task, optimizers, state layout, jitted steps.
 
 One function serves the loop, the tests and the benchmarks, so they all train
 exactly the same program.
@@ -13,11 +13,13 @@ import optax
 from jax.sharding import Mesh
 
 from jaxgen.config import Config
+from jaxgen.errors import ConfigError
 from jaxgen.sharding import Rules, resolve_rules
-from jaxgen.train.optimizer import make_optimizer
+from jaxgen.tasks import Task, make_task
+from jaxgen.tasks.layout import compile_eval_step
+from jaxgen.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxgen.train.state import StateLayout, TrainState, init_state, plan_state
-from jaxgen.train.step import compile_eval_step, compile_train_step, make_eval_step, make_train_step
-from jaxgen.train.tasks import Task, make_task
+from jaxgen.train.step import compile_train_step, make_train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,23 +28,29 @@ class Training:
     mesh: Mesh
     rules: Rules
     task: Task
-    tx: optax.GradientTransformation
+    txs: dict[str, optax.GradientTransformation]  # one optimizer per trained group
     layout: StateLayout
     train_step: Callable  # (state, global batch) -> (state, metrics); donates state
-    eval_step: Callable  # (params, global batch) -> (loss sum, weight sum)
+    eval_step: Callable  # (params by group, global batch) -> (loss sum, weight sum)
 
     def init_state(self) -> TrainState:
-        return init_state(self.task, self.tx, self.layout, self.cfg.train.seed)
+        return init_state(self.task, self.txs, self.layout, self.cfg.train.seed)
 
 
 def build_training(cfg: Config, mesh: Mesh, task: Task | None = None) -> Training:
     rules = resolve_rules(cfg.sharding.preset, cfg.sharding.rules)
     task = task or make_task(cfg)
-    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
-    layout = plan_state(task, tx, mesh, rules, cfg.train.seed)
-    train_step = make_train_step(task, tx, schedule, layout.graphdef, cfg.train.microbatches)
+    trained = [group for group, spec in task.models().items() if spec.trained]
+    for phase in task.phases():
+        if frozen := [group for group in phase.trains if group not in trained]:
+            raise ConfigError(f"phase {phase.name!r} trains {frozen}, which the task declares frozen")
+    # Every trained group has an optimizer of its own (its own moments), made from the one config.
+    txs = {group: make_optimizer(cfg.optimizer, cfg.train.steps)[0] for group in trained}
+    schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
+    layout = plan_state(task, txs, mesh, rules, cfg.train.seed)
+    train_step = make_train_step(task, txs, schedule, layout.models.graphdefs, cfg.train.microbatches)
     return Training(
-        cfg=cfg, mesh=mesh, rules=rules, task=task, tx=tx, layout=layout,
+        cfg=cfg, mesh=mesh, rules=rules, task=task, txs=txs, layout=layout,
         train_step=compile_train_step(train_step, layout, mesh, rules),
-        eval_step=compile_eval_step(make_eval_step(task, layout.graphdef), layout, mesh, rules),
+        eval_step=compile_eval_step(task, layout.models, mesh, rules),
     )

@@ -1,8 +1,10 @@
 """Train state: a plain pytree that jit, optax and checkpointing all understand.
 
-Parameters are pure nested dicts of arrays (no NNX wrappers), so checkpoints and
-exports have readable keys like `layers/attn/wq/kernel`. The model's graph
-definition travels separately and is merged with the params inside the step.
+Parameters are pure nested dicts of arrays (no NNX wrappers), one per model
+group of the task, so checkpoints and exports have readable keys like
+`params/model/layers/attn/wq/kernel`. Trained groups have optimizer state;
+groups the task averages have an EMA. The models' graph definitions travel
+separately and are merged with the params inside the step.
 """
 
 from __future__ import annotations
@@ -13,39 +15,45 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx, struct
+from flax import struct
 from jax.sharding import Mesh
 
 from jaxgen.device_memory import bytes_per_device
-from jaxgen.sharding import Rules, param_shardings, replicated
-from jaxgen.train.tasks import Task
+from jaxgen.sharding import Rules, replicated
+from jaxgen.tasks import Task
+from jaxgen.tasks.layout import ModelLayout, fresh_params, plan_models
 
 
 @struct.dataclass
 class TrainState:
-    step: jax.Array  # int32 scalar: optimizer updates applied so far
-    params: dict
-    opt_state: Any
+    step: jax.Array  # int32 scalar: train steps applied so far
+    params: dict  # group -> parameters
+    opt_state: dict  # trained group -> its optimizer's state
     rng: jax.Array  # the run's base key; step keys are folded from it
-    nonfinite_steps: jax.Array  # int32 scalar: updates skipped for a non-finite loss or gradient
-    # Moving average of params for sampling and evaluation, when the task asks for one (else None).
-    ema_params: dict | None = None
+    nonfinite_steps: jax.Array  # int32 scalar: steps skipped for a non-finite loss, gradient or update
+    ema_params: dict  # group the task averages -> the average of its parameters, for samples and evaluation
+
+
+def sampling_params(state: TrainState) -> dict:
+    """What evaluation and samples use: each group's parameter average where the task keeps one."""
+    return {group: state.ema_params.get(group, params) for group, params in state.params.items()}
 
 
 @dataclasses.dataclass(frozen=True)
 class StateLayout:
     """Everything known about the state before any array exists."""
 
-    graphdef: nnx.GraphDef
+    models: ModelLayout
     abstract: TrainState  # ShapeDtypeStructs
     shardings: TrainState  # NamedShardings, same structure
 
     def bytes_per_device(self) -> dict[str, int]:
-        """What training holds on the fullest device at least: the state, and a gradient per parameter."""
+        """What training holds on the fullest device at least: the state, and a gradient per trained parameter."""
         target = self.target
-        params = bytes_per_device(target.params)
-        return {"parameters": params, "optimizer state": bytes_per_device(target.opt_state),
-                "EMA": bytes_per_device(target.ema_params), "gradients": params}
+        return {"parameters": bytes_per_device(target.params),
+                "optimizer state": bytes_per_device(target.opt_state),
+                "EMA": bytes_per_device(target.ema_params),
+                "gradients": bytes_per_device({g: target.params[g] for g in target.opt_state})}
 
     @property
     def target(self) -> TrainState:
@@ -54,41 +62,39 @@ class StateLayout:
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract, self.shardings)
 
 
-def _model_parts(task: Task, rng: jax.Array) -> tuple[nnx.GraphDef, nnx.State]:
-    return nnx.split(task.build_model(nnx.Rngs(params=rng)))
-
-
-def plan_state(task: Task, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules, seed: int) -> StateLayout:
+def plan_state(task: Task, txs: dict[str, optax.GradientTransformation], mesh: Mesh, rules: Rules,
+               seed: int) -> StateLayout:
     """Shapes and shardings of the whole train state, via eval_shape (no memory used)."""
-    rng = jax.random.PRNGKey(seed)
-    graphdef, abstract_params = nnx.eval_shape(lambda: _model_parts(task, rng))
-    p_shardings = param_shardings(abstract_params, mesh, rules)
-    abstract = jax.eval_shape(lambda: _fresh_state(task, tx, rng))
+    models = plan_models(task, mesh, rules, seed)
+    abstract = jax.eval_shape(lambda: fresh_state(task, txs, seed))
     rep = replicated(mesh)
     # Optimizer moments are sharded like the parameters they track; counts are replicated.
-    opt_shardings = optax.tree_map_params(
-        tx, lambda _, s: s, abstract.opt_state, p_shardings, transform_non_params=lambda _: rep
-    )
-    shardings = TrainState(step=rep, params=p_shardings, opt_state=opt_shardings, rng=rep, nonfinite_steps=rep,
-                           ema_params=p_shardings if abstract.ema_params is not None else None)
-    return StateLayout(graphdef=graphdef, abstract=abstract, shardings=shardings)
+    opt_shardings = {
+        group: optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state[group], models.shardings[group],
+                                     transform_non_params=lambda _: rep)
+        for group, tx in txs.items()
+    }
+    shardings = TrainState(step=rep, params=models.shardings, opt_state=opt_shardings, rng=rep, nonfinite_steps=rep,
+                           ema_params={group: models.shardings[group] for group in abstract.ema_params})
+    return StateLayout(models=models, abstract=abstract, shardings=shardings)
 
 
-def _fresh_state(task: Task, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
-    _, params = _model_parts(task, rng)
-    params = nnx.to_pure_dict(params)
+def fresh_state(task: Task, txs: dict[str, optax.GradientTransformation], seed: int) -> TrainState:
+    params = fresh_params(task, seed)
     zero = jnp.zeros((), jnp.int32)
-    ema = jax.tree.map(jnp.copy, params) if task_ema(task) else None
-    return TrainState(step=zero, params=params, opt_state=tx.init(params), rng=rng, nonfinite_steps=zero, ema_params=ema)
+    averaged = [group for group, spec in task.models().items() if spec.ema]
+    return TrainState(step=zero, params=params, opt_state={group: tx.init(params[group]) for group, tx in txs.items()},
+                      rng=jax.random.PRNGKey(seed), nonfinite_steps=zero,
+                      ema_params={group: jax.tree.map(jnp.copy, params[group]) for group in averaged})
 
 
-def task_ema(task: Task) -> tuple[float, int] | None:
-    """(decay, warm-up steps) of the parameter average the task samples from, or None."""
-    settings = getattr(task, "ema_settings", None)
-    return settings() if settings else None
-
-
-def init_state(task: Task, tx: optax.GradientTransformation, layout: StateLayout, seed: int) -> TrainState:
+def init_state(task: Task, txs: dict[str, optax.GradientTransformation], layout: StateLayout,
+               seed: int) -> TrainState:
     """Create the state directly in its shardings: each device builds only its shards."""
-    init = jax.jit(lambda rng: _fresh_state(task, tx, rng), out_shardings=layout.shardings)
-    return init(jax.random.PRNGKey(seed))
+    return jax.jit(lambda: fresh_state(task, txs, seed), out_shardings=layout.shardings)()
+
+
+def with_params(state: TrainState, params: dict[str, Any]) -> TrainState:
+    """`state` starting from other parameters (fine-tuning): optimizer state as fresh, averages equal to them."""
+    return state.replace(params={**state.params, **params},
+                         ema_params={g: params.get(g, ema) for g, ema in state.ema_params.items()})

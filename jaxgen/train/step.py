@@ -1,4 +1,12 @@
-"""The pure train and eval steps, and their compilation with explicit shardings."""
+"""The pure train step, and its compilation with explicit shardings.
+
+A step runs the task's phases in order. Each phase takes the gradient of its
+loss with respect to the groups it trains (the other groups' parameters held
+as they are at that moment), averaged over microbatches, and updates those
+groups with their own optimizers; then the parameter averages move. If any
+loss, gradient or resulting value is not finite, the whole step is skipped:
+the state keeps its old values bit for bit and says why.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +19,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxgen.integrity import all_finite
-from jaxgen.sharding import BATCH_AXES, Rules, activation_rules, replicated
+from jaxgen.sharding import BATCH_AXES, Rules, replicated, with_rules
+from jaxgen.tasks import Phase, Task
 from jaxgen.train.ema import ema_update
-from jaxgen.train.state import StateLayout, TrainState, task_ema
-from jaxgen.train.tasks import Task
+from jaxgen.train.state import StateLayout, TrainState
 
 # Why a step was skipped (metrics["nonfinite_cause"]); the first that applies.
 NONFINITE_NONE, NONFINITE_LOSS, NONFINITE_GRADIENT, NONFINITE_UPDATE = 0, 1, 2, 3
@@ -31,42 +39,64 @@ def _split_microbatches(batch: dict, n: int) -> dict:
     return jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
-def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    graphdef: nnx.GraphDef, microbatches: int) -> Callable:
-    ema = task_ema(task)
+def phase_metric(phase_index: int, phase: Phase, name: str) -> str:
+    """Metric names: `loss`, `grad_norm` for the first phase; `<phase>_loss`, ... for the others."""
+    return name if phase_index == 0 else f"{phase.name}_{name}"
 
-    def summed_loss(params, batch, rng):
-        return task.loss(nnx.merge(graphdef, params), batch, rng)
 
-    grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+def make_train_step(task: Task, txs: dict[str, optax.GradientTransformation], schedule: optax.Schedule,
+                    graphdefs: dict[str, nnx.GraphDef], microbatches: int) -> Callable:
+    phases = task.phases()
+    averages = {group: spec.ema for group, spec in task.models().items() if spec.ema}
 
-    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        rng = jax.random.fold_in(state.rng, state.step)
+    def phase_gradients(phase: Phase, params: dict, batch: dict, rng: jax.Array):
+        """(mean loss, gradients of the phase's trained groups) over the batch's microbatches."""
+
+        def summed_loss(trained, batch, rng):
+            models = {g: nnx.merge(graphdefs[g], trained.get(g, params[g])) for g in graphdefs}
+            return phase.loss(models, batch, rng)
+
+        grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+        trained = {group: params[group] for group in phase.trains}
         if microbatches == 1:
-            (loss_sum, weight), grads = grad_fn(state.params, batch, rng)
+            (loss_sum, weight), grads = grad_fn(trained, batch, rng)
         else:
             def accumulate(carry, micro):
                 i, micro_batch = micro
-                (l, w), g = grad_fn(state.params, micro_batch, jax.random.fold_in(rng, i))
+                (l, w), g = grad_fn(trained, micro_batch, jax.random.fold_in(rng, i))
                 acc_l, acc_w, acc_g = carry
                 return (acc_l + l, acc_w + w, jax.tree.map(jnp.add, acc_g, g)), None
 
-            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trained)
             micro = (jnp.arange(microbatches), _split_microbatches(batch, microbatches))
             (loss_sum, weight, grads), _ = jax.lax.scan(accumulate, (0.0, 0.0, zeros), micro)
         weight = jnp.maximum(weight, 1.0)
-        grads = jax.tree.map(lambda g, p: (g / weight).astype(p.dtype), grads, state.params)
-        loss, grad_norm = loss_sum / weight, optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema_params = state.ema_params
-        if ema is not None:
-            ema_params = ema_update(state.ema_params, params, state.step + 1, *ema)
+        grads = jax.tree.map(lambda g, p: (g / weight).astype(p.dtype), grads, trained)
+        return loss_sum / weight, grads
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(state.rng, state.step)
+        params, opt_state = dict(state.params), dict(state.opt_state)
+        metrics, finite_losses, finite_grads = {}, [], []
+        for i, phase in enumerate(phases):
+            phase_rng = rng if i == 0 else jax.random.fold_in(rng, 0x5EED0000 + i)
+            loss, grads = phase_gradients(phase, params, batch, phase_rng)
+            grad_norm = optax.tree.norm(grads)
+            for group in phase.trains:
+                updates, opt_state[group] = txs[group].update(grads[group], opt_state[group], params[group])
+                params[group] = optax.apply_updates(params[group], updates)
+            metrics[phase_metric(i, phase, "loss")] = loss
+            metrics[phase_metric(i, phase, "grad_norm")] = grad_norm
+            finite_losses.append(jnp.isfinite(loss))
+            finite_grads.append(jnp.isfinite(grad_norm))
+        ema_params = {group: ema_update(state.ema_params[group], params[group], state.step + 1, *averages[group])
+                      for group in state.ema_params}
         # Nothing non-finite may reach the state: a finite loss and gradient can still
         # give a non-finite update (an overflowing learning rate). Such a step keeps
         # params, optimizer state and EMA bit for bit, and says why it was skipped.
         cause = jnp.select(
-            [~jnp.isfinite(loss), ~jnp.isfinite(grad_norm), ~all_finite((params, opt_state, ema_params))],
+            [~jnp.all(jnp.stack(finite_losses)), ~jnp.all(jnp.stack(finite_grads)),
+             ~all_finite((params, opt_state, ema_params))],
             [NONFINITE_LOSS, NONFINITE_GRADIENT, NONFINITE_UPDATE], NONFINITE_NONE)
         finite = cause == NONFINITE_NONE
         keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -75,36 +105,12 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
             params=keep_if_bad(params, state.params),
             opt_state=keep_if_bad(opt_state, state.opt_state),
             nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
-            ema_params=keep_if_bad(ema_params, state.ema_params) if ema is not None else None,
+            ema_params=keep_if_bad(ema_params, state.ema_params),
         )
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
-                   "nonfinite_steps": new_state.nonfinite_steps, "nonfinite_cause": cause}
+        metrics.update(lr=schedule(state.step), nonfinite_steps=new_state.nonfinite_steps, nonfinite_cause=cause)
         return new_state, metrics
 
     return train_step
-
-
-def make_eval_step(task: Task, graphdef: nnx.GraphDef) -> Callable:
-    def eval_step(params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
-        return task.loss(nnx.merge(graphdef, params), batch, jax.random.PRNGKey(0))
-
-    return eval_step
-
-
-def held_out_sums(eval_step: Callable, params: dict, global_batches: list[dict]) -> tuple[float, float]:
-    """(summed loss, summed weight) over fixed held-out batches; the loop and `jaxgen eval` share it."""
-    sums = [eval_step(params, batch) for batch in global_batches]
-    loss_sum, weight_sum = (float(sum(x)) for x in zip(*jax.device_get(sums)))
-    return loss_sum, weight_sum
-
-
-def with_rules(fn: Callable, mesh: Mesh, rules: Rules) -> Callable:
-    """Trace `fn` with the activation sharding rules active."""
-    def wrapped(*args):
-        with activation_rules(mesh, rules):
-            return fn(*args)
-
-    return wrapped
 
 
 def compile_train_step(train_step: Callable, layout: StateLayout, mesh: Mesh, rules: Rules) -> Callable:
@@ -115,13 +121,4 @@ def compile_train_step(train_step: Callable, layout: StateLayout, mesh: Mesh, ru
         in_shardings=(layout.shardings, batch_spec),
         out_shardings=(layout.shardings, replicated(mesh)),
         donate_argnums=(0,),
-    )
-
-
-def compile_eval_step(eval_step: Callable, layout: StateLayout, mesh: Mesh, rules: Rules) -> Callable:
-    batch_spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(BATCH_AXES))
-    return jax.jit(
-        with_rules(eval_step, mesh, rules),
-        in_shardings=(layout.shardings.params, batch_spec),
-        out_shardings=replicated(mesh),
     )

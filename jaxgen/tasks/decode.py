@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
 
-from jaxgen.data.tokenizer import BOS_ID, EOS_ID
+from jaxgen.data.tokenizer import EOS_ID
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,13 +104,3 @@ def generate(graphdef, params, prompts: list[list[int]], max_new_tokens: int, sa
     for row in np.asarray(jax.device_get(out_BN)).tolist():
         results.append(row[: row.index(EOS_ID)] if EOS_ID in row else row)
     return results
-
-
-def generate_text(graphdef, params, tokenizer, prompt: str, max_new_tokens: int, max_len: int,
-                  temperature: float = 0.8, seed: int = 0) -> str:
-    """Continue one prompt; stops at EOS or the model's context length."""
-    prompt_ids = [BOS_ID, *tokenizer.encode([prompt])[0][-(max_len - 2):]]
-    max_new_tokens = min(max_new_tokens, max_len - len(prompt_ids))
-    new_ids = generate(graphdef, params, [prompt_ids], max_new_tokens, Sampling(temperature=temperature), seed)[0]
-    # Decoding prompt and continuation together keeps the space between them.
-    return tokenizer.decode(prompt_ids[1:] + new_ids)

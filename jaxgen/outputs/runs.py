@@ -1,11 +1,12 @@
-"""Open a finished (or running) run directory: its config, a checkpoint's params, on the devices present.
+"""Open a finished (or running) run directory: its config, task and a checkpoint's parameters, on the devices present.
 
-Shared by `jaxgen eval`, `sample` and `export`: the checkpoint is restored
-straight into shardings for the current devices (pure data parallel unless the
-caller overrides the mesh), whatever mesh it was written on. Readers only read
-committed checkpoints, verify what they read, and never change the directory:
-they may run while the run trains, and a checkpoint that retention removes
-while it is being read is replaced by the newest one.
+Shared by `jaxgen eval`, `sample` and `export`: only the parameters are read
+(the EMA where the run keeps one), straight into shardings for the current
+devices (pure data parallel unless the caller overrides the mesh), whatever
+mesh they were written on. No optimizer and no train step are built. Readers
+only read committed checkpoints, verify what they read, and never change the
+directory: they may run while the run trains, and a checkpoint that retention
+removes while it is being read is replaced by the newest one.
 """
 
 from __future__ import annotations
@@ -13,13 +14,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
+from collections.abc import Callable
+
+from jax.sharding import Mesh
 
 from jaxgen.checkpoint import DamagedCheckpoint, checkpoint_dir, committed_steps, restore_subtree
 from jaxgen.config import Config, load_config
 from jaxgen.device_memory import check_fits
 from jaxgen.errors import CheckpointError, ConfigError
-from jaxgen.sharding import make_mesh
-from jaxgen.train.build import Training, build_training
+from jaxgen.sharding import make_mesh, resolve_rules
+from jaxgen.tasks import Task, Weights, make_task
+from jaxgen.tasks.layout import ModelLayout, compile_eval_step, plan_models
 
 log = logging.getLogger("jaxgen")
 
@@ -32,9 +37,12 @@ DEFAULT_MESH = ["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1"]
 class OpenedRun:
     run_dir: pathlib.Path
     cfg: Config
-    training: Training
+    task: Task
+    mesh: Mesh
+    layout: ModelLayout
     step: int
-    params: dict
+    weights: Weights
+    eval_step: Callable  # (params by group, global batch) -> (loss sum, weight sum)
 
 
 def load_run_config(run_dir: str | pathlib.Path, overrides: list[str] = ()) -> Config:
@@ -47,7 +55,7 @@ def load_run_config(run_dir: str | pathlib.Path, overrides: list[str] = ()) -> C
 
 
 def read_params(run_dir: pathlib.Path, step: int | None, target: dict) -> tuple[dict, int]:
-    """Verified params (the EMA where the run keeps one) of checkpoint `step` (default: the newest)."""
+    """Verified parameters of every group (its EMA where the run keeps one) of checkpoint `step` (default: newest)."""
     directory = checkpoint_dir(run_dir)
     while True:
         steps = committed_steps(directory)
@@ -58,7 +66,9 @@ def read_params(run_dir: pathlib.Path, step: int | None, target: dict) -> tuple[
             raise CheckpointError(f"run directory {str(run_dir)!r} has no checkpoint for step {wanted}; "
                                   f"available: {steps}")
         try:
-            params, _, _ = restore_subtree(directory, ("ema_params", "params"), target, wanted)
+            params = {group: restore_subtree(directory, (f"ema_params/{group}", f"params/{group}"), group_target,
+                                             wanted)[0]
+                      for group, group_target in target.items()}
             return params, wanted
         except CheckpointError as err:
             if (directory / str(wanted)).is_dir():
@@ -74,12 +84,14 @@ def read_params(run_dir: pathlib.Path, step: int | None, target: dict) -> tuple[
 
 
 def open_run(run_dir: str | pathlib.Path, step: int | None = None, overrides: list[str] = ()) -> OpenedRun:
-    """The run's config and the params of checkpoint `step` (default: the latest)."""
+    """The run's config, task and the parameters of checkpoint `step` (default: the newest)."""
     run_dir = pathlib.Path(run_dir)
     cfg = load_run_config(run_dir, overrides)
     if not committed_steps(checkpoint_dir(run_dir)):
         raise CheckpointError(f"run directory {str(run_dir)!r} holds no checkpoint")
-    training = build_training(cfg, make_mesh(cfg.mesh))
-    check_fits("reading this model's parameters", {"parameters": training.layout.bytes_per_device()["parameters"]})
-    params, step = read_params(run_dir, step, training.layout.target.params)
-    return OpenedRun(run_dir=run_dir, cfg=cfg, training=training, step=step, params=params)
+    task, mesh, rules = make_task(cfg), make_mesh(cfg.mesh), resolve_rules(cfg.sharding.preset, cfg.sharding.rules)
+    layout = plan_models(task, mesh, rules, cfg.train.seed)
+    check_fits("reading this model's parameters", {"parameters": layout.bytes_per_device()})
+    params, step = read_params(run_dir, step, layout.target)
+    return OpenedRun(run_dir=run_dir, cfg=cfg, task=task, mesh=mesh, layout=layout, step=step,
+                     weights=layout.weights(params), eval_step=compile_eval_step(task, layout, mesh, rules))

@@ -116,11 +116,8 @@ def quality(classifier: dict, samples: np.ndarray, sample_labels: np.ndarray, tr
     }
 
 
-def sample_quality(task, graphdef, params: dict, data, scale: float, seed: int = 1) -> dict:
-    """Sample one image per held-out image, for the same label, and score them."""
-    labels = data.held_out.labels
-    samples = task.generate(graphdef, params, labels, seed, scale)
-    figures = quality(digits_classifier(data.train_set), samples, labels, data.train_set, data.held_out)
-    figures["guidance_scale"] = scale
-    log.info("sample quality at guidance %.1f: %s", scale, {k: round(v, 4) for k, v in figures.items()})
+def sample_quality(samples: np.ndarray, labels: np.ndarray, train: ImageSet, held_out: ImageSet) -> dict:
+    """Score samples drawn for the held-out labels (one per held-out image) against the real images."""
+    figures = quality(digits_classifier(train), samples, labels, train, held_out)
+    log.info("sample quality: %s", {k: round(v, 4) for k, v in figures.items()})
     return figures

@@ -14,10 +14,8 @@ import json
 import logging
 import pathlib
 import shutil
-from typing import TYPE_CHECKING
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pydantic
 import sentencepiece as spm
@@ -27,13 +25,12 @@ from jaxgen.config import Config, TransformerConfig
 from jaxgen.data.tokenizer import BOS_ID, EOS_ID, UNK_ID, Tokenizer
 from jaxgen.errors import ExportError
 from jaxgen.files import building
-from jaxgen.safetensors_stream import StoredTensor, file_inside, read_tensor, stored_tensors
-from jaxgen.sharding import make_mesh, param_path
-from jaxgen.train.build import Training, build_training
-from jaxgen.train.state import TrainState
-
-if TYPE_CHECKING:
-    from jaxgen.export import LlamaTensor
+from jaxgen.outputs.export import refuse_nonempty_output
+from jaxgen.outputs.llama import LlamaTensor, flat_params, llama_plan
+from jaxgen.outputs.safetensors_stream import StoredTensor, file_inside, read_tensor, stored_tensors
+from jaxgen.sharding import make_mesh, param_path, resolve_rules
+from jaxgen.tasks import make_task
+from jaxgen.tasks.layout import MAIN_GROUP, ModelLayout, plan_models
 
 log = logging.getLogger("jaxgen")
 
@@ -54,13 +51,11 @@ IMPORTABLE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def import_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path) -> pathlib.Path:
-    """A jaxgen run directory (config, tokenizer, checkpoint at step 0) from a local Llama checkpoint.
+    """A jaxgen run directory (config, tokenizer, the parameters as checkpoint 0) from a local Llama checkpoint.
 
-    Fine-tune from it with `checkpoint.init_from=OUT`.
+    The parameters are placed as training places them (the same model layout);
+    fine-tune from them with `checkpoint.init_from=OUT`.
     """
-    # Deferred: jaxgen.export re-exports this function, so it cannot be imported while this module loads.
-    from jaxgen.export import flat_params, llama_plan, refuse_nonempty_output
-
     hf_dir, out = pathlib.Path(hf_dir), pathlib.Path(out)
     refuse_nonempty_output(out)
     model_cfg, declared_dtype = read_hf_config(hf_dir)
@@ -68,18 +63,20 @@ def import_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path) -> pathlib.Pa
     stored = stored_tensors(hf_dir)
     cfg = Config(model=model_cfg, data={"seq_len": min(model_cfg.max_seq_len, 128),
                                         "tokenizer": str(out / "tokenizer.model")})
-    training = build_training(cfg, make_mesh(cfg.mesh))  # abstract: nothing is allocated yet
-    plan = llama_plan(model_cfg, flat_params(training.layout.abstract.params))
+    rules = resolve_rules(cfg.sharding.preset, cfg.sharding.rules)
+    layout = plan_models(make_task(cfg), make_mesh(cfg.mesh), rules, cfg.train.seed)  # nothing allocated yet
+    plan = llama_plan(model_cfg, flat_params(layout.abstract[MAIN_GROUP]))
     _check_tensors(hf_dir, plan, stored, declared_dtype)
 
     with building(out) as partial:
-        state = _imported_state(training, plan, stored)
+        params = _imported_params(layout, plan, stored)
         shutil.copyfile(tokenizer_path, partial / "tokenizer.model")
         (partial / "config.yaml").write_text(cfg.to_yaml())
-        meta = {"config": cfg.model_dump(mode="json"), "tokenizer_sha256": Tokenizer(tokenizer_path).sha256,
-                "tokenizer_path": str(out / "tokenizer.model"), "imported_from": str(hf_dir)}
+        meta = {"config": cfg.model_dump(mode="json"), "imported_from": str(hf_dir),
+                "inputs": {"tokenizer_sha256": Tokenizer(tokenizer_path).sha256,
+                           "tokenizer_path": str(out / "tokenizer.model")}}
         ckpt = Checkpointer(checkpoint_dir(partial), cfg.checkpoint)
-        ckpt.save(0, state, {}, meta)
+        ckpt.save(0, {"params": params}, {}, meta)
         ckpt.wait()
         ckpt.close()
     log.info("imported %s into %s", hf_dir, out)
@@ -220,9 +217,8 @@ def _some(names: list[str]) -> str:
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
-def _imported_state(training: Training, plan: list[LlamaTensor], stored: dict[str, StoredTensor]) -> TrainState:
-    """The checked tensors as a fresh train state at step 0, one parameter (all layers) on the host at a time."""
-    layout = training.layout
+def _imported_params(layout: ModelLayout, plan: list[LlamaTensor], stored: dict[str, StoredTensor]) -> dict:
+    """The checked tensors as the model group's parameters, one parameter (all layers) on the host at a time."""
 
     def load(key_path: tuple, abstract: jax.ShapeDtypeStruct, sharding: jax.sharding.Sharding) -> jax.Array:
         path = param_path(key_path)
@@ -232,8 +228,5 @@ def _imported_state(training: Training, plan: list[LlamaTensor], stored: dict[st
             host[() if t.layer is None else t.layer] = tensor.T if t.transpose else tensor
         return jax.device_put(host, sharding)
 
-    params = jax.tree_util.tree_map_with_path(load, layout.abstract.params, layout.shardings.params)
-    opt_state = jax.jit(training.tx.init, out_shardings=layout.shardings.opt_state)(params)
-    zero = jnp.zeros((), jnp.int32)
-    return TrainState(step=zero, params=params, opt_state=opt_state,
-                      rng=jax.random.PRNGKey(training.cfg.train.seed), nonfinite_steps=zero)
+    return {MAIN_GROUP: jax.tree_util.tree_map_with_path(load, layout.abstract[MAIN_GROUP],
+                                                         layout.shardings[MAIN_GROUP])}

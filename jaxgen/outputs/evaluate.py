@@ -1,0 +1,57 @@
+"""`jaxgen eval`: a run's checkpoints scored on the training loop's own held-out batches.
+
+The held-out batches and the eval step are the trainer's (`task.make_data`,
+`task.eval_loss`), so evaluating step N reproduces the eval_loss the training
+loop logged at step N; the task adds its own figures (perplexity and bits per
+byte for a language model, sample quality for a digits DiT). The run is opened
+once; each further checkpoint only reads its parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+
+import jax
+
+from jaxgen.checkpoint import checkpoint_dir, committed_steps
+from jaxgen.data.pipeline import to_global
+from jaxgen.errors import CheckpointError
+from jaxgen.outputs.runs import OpenedRun, open_run, read_params
+from jaxgen.tasks.layout import held_out_sums
+
+log = logging.getLogger("jaxgen")
+
+
+def evaluate(run: OpenedRun, data) -> dict:
+    """The task's figures for the run's current parameters."""
+    batches = [to_global(batch, run.mesh) for batch in data.eval]
+    loss_sum, weight_sum = held_out_sums(run.eval_step, run.weights.params, batches)
+    return {"step": run.step, **run.task.evaluate(run.weights, data, loss_sum, weight_sum)}
+
+
+def evaluate_run(run_dir: str | pathlib.Path, step: int | None = None, overrides: list[str] = (),
+                 all_steps: bool = False) -> list[dict]:
+    """Evaluate one checkpoint (the newest by default) or all of them; appends each result to RUN_DIR/eval.jsonl."""
+    run_dir = pathlib.Path(run_dir)
+    steps = committed_steps(checkpoint_dir(run_dir)) if all_steps else [step]
+    run = open_run(run_dir, steps[0], overrides)
+    data = run.task.make_data(run_dir)
+    results = []
+    for s in steps:
+        if s != run.step:
+            try:
+                params, _ = read_params(run_dir, s, run.layout.target)
+            except CheckpointError:
+                if (checkpoint_dir(run_dir) / str(s)).is_dir():
+                    raise
+                log.warning("checkpoint %d was deleted by the run's retention before it was evaluated; skipped", s)
+                continue
+            run.step, run.weights = s, run.layout.weights(params)
+        result = evaluate(run, data)
+        if jax.process_index() == 0:
+            with (run_dir / "eval.jsonl").open("a") as f:
+                f.write(json.dumps(result) + "\n")
+        results.append(result)
+    return results

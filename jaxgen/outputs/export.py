@@ -1,0 +1,118 @@
+"""Weights out: raw safetensors for any model, Hugging Face Llama format for LMs.
+
+Tensors move one at a time (device -> host -> file), so the host never holds
+the whole model twice. The output directory is built under a hidden name and
+renamed into place when complete, so a killed export leaves nothing that looks
+finished. The Hugging Face layout is checked by loading it into `transformers`
+in the tests: the logits match jaxgen's and its tokenizer splits and decodes text
+exactly as jaxgen's does. Importing it back is `jaxgen.outputs.hf_import`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from jax.experimental import multihost_utils
+
+from jaxgen.data.tokenizer import BOS_ID, EOS_ID
+from jaxgen.errors import ExportError
+from jaxgen.files import building
+from jaxgen.outputs.hf_tokenizer import sentencepiece_model, write_hf_tokenizer
+from jaxgen.outputs.llama import flat_params, llama_config, llama_plan
+from jaxgen.outputs.runs import OpenedRun, load_run_config, open_run
+from jaxgen.outputs.safetensors_stream import write_sharded
+from jaxgen.tasks.layout import MAIN_GROUP
+
+log = logging.getLogger("jaxgen")
+
+EXPORT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+DEFAULT_MAX_SHARD_BYTES = 2 * 2**30
+# No max_length: generate(max_new_tokens=...) would warn of the conflict. EOS pads finished
+# sequences, as generate assumes (with a warning, in some versions) when pad_token_id is unset.
+GENERATION_CONFIG = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": EOS_ID}
+
+def _to_host(array: jax.Array) -> np.ndarray:
+    """A whole tensor on this host, gathered across processes when it is sharded over them."""
+    if array.is_fully_addressable:
+        return np.asarray(jax.device_get(array))
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def refuse_nonempty_output(out: str | pathlib.Path) -> None:
+    """Refuse, before any work, an output that `files.building` could not rename into place."""
+    out = pathlib.Path(out)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise ExportError(f"output {str(out)!r} exists and is not an empty directory; name a new or empty one")
+
+
+def export_hf(run: OpenedRun, out: str | pathlib.Path, dtype: str = "float32",
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> pathlib.Path:
+    """A directory `transformers.AutoModelForCausalLM.from_pretrained` loads."""
+    hf_config = llama_config(run.cfg)  # refuse before writing anything
+    sentencepiece_model(run.run_dir / "tokenizer.model")
+    refuse_nonempty_output(out)
+    target = EXPORT_DTYPES[dtype]
+    flat = flat_params(run.weights.params[MAIN_GROUP])
+    by_name = {t.hf_name: t for t in llama_plan(run.cfg.model, flat)}
+    specs = [(t.hf_name, t.hf_shape, target) for t in by_name.values()]
+
+    def fetch(name: str) -> np.ndarray:
+        t = by_name[name]
+        array = flat[t.path] if t.layer is None else flat[t.path][t.layer]
+        host = _to_host(array.astype(jnp.float32))
+        return (host.T if t.transpose else host).astype(target)
+
+    if jax.process_index() == 0:
+        with building(out) as partial:
+            write_sharded(partial, "model", specs, fetch, max_shard_bytes)
+            (partial / "config.json").write_text(json.dumps({**hf_config, "torch_dtype": dtype}, indent=2) + "\n")
+            (partial / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
+            write_hf_tokenizer(run.run_dir / "tokenizer.model", partial, run.cfg.model.max_seq_len)
+    else:  # every process takes part in gathering sharded tensors
+        for name, *_ in specs:
+            fetch(name)
+    return pathlib.Path(out)
+
+
+def export_safetensors(run: OpenedRun, out: str | pathlib.Path, dtype: str = "float32",
+                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> pathlib.Path:
+    """The raw parameters of every model group, keys like `model/layers/attn/wq/kernel`, plus jaxgen's config."""
+    refuse_nonempty_output(out)
+    target = EXPORT_DTYPES[dtype]
+    flat = flat_params(run.weights.params)
+    specs = [(path, tuple(array.shape), target) for path, array in flat.items()]
+    fetch = lambda path: _to_host(flat[path].astype(jnp.float32)).astype(target)  # noqa: E731
+    if jax.process_index() == 0:
+        with building(out) as partial:
+            write_sharded(partial, "model", specs, fetch, max_shard_bytes)
+            (partial / "config.yaml").write_text(run.cfg.to_yaml())
+            if (run.run_dir / "tokenizer.model").exists():
+                shutil.copyfile(run.run_dir / "tokenizer.model", partial / "tokenizer.model")
+    else:
+        for path, *_ in specs:
+            fetch(path)
+    return pathlib.Path(out)
+
+
+def export_run(run_dir: str | pathlib.Path, out: str | pathlib.Path, fmt: str = "hf", dtype: str = "float32",
+               step: int | None = None, overrides: list[str] = ()) -> pathlib.Path:
+    if fmt not in ("hf", "safetensors"):
+        raise ExportError(f"unknown export format {fmt!r}; valid: hf, safetensors")
+    if dtype not in EXPORT_DTYPES:
+        raise ExportError(f"unknown export dtype {dtype!r}; valid: {', '.join(EXPORT_DTYPES)}")
+    if fmt == "hf":
+        llama_config(load_run_config(run_dir, overrides))  # a DiT fails here, before any restore
+        sentencepiece_model(pathlib.Path(run_dir) / "tokenizer.model")
+    refuse_nonempty_output(out)  # before the restore, the expensive part
+    run = open_run(run_dir, step, overrides)
+    writer = export_hf if fmt == "hf" else export_safetensors
+    path = writer(run, out, dtype)
+    log.info("exported step %d of %s to %s (%s, %s)", run.step, run_dir, path, fmt, dtype)
+    return path

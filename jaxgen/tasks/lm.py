@@ -1,0 +1,149 @@
+"""The language-model task: a decoder trained on next-token cross-entropy over packed text.
+
+Its inputs are text through a sentencepiece tokenizer (recorded in every
+checkpoint, so a run never resumes on another tokenizer); it is evaluated by
+held-out loss, perplexity and bits per byte, and generates with a KV cache.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxgen.config import Config
+from jaxgen.data.lm import LMData, build_lm_data
+from jaxgen.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from jaxgen.errors import CheckpointError, ConfigError
+from jaxgen.models import build_model
+from jaxgen.models.transformer import flops_per_token
+from jaxgen.tasks.base import ModelSpec, Phase, Weights
+from jaxgen.tasks.decode import Sampling, generate
+from jaxgen.tasks.layout import MAIN_GROUP
+
+
+class LanguageModelTask:
+    unit = "tokens"
+    loss_name = "cross-entropy (nats / token)"
+    sample_every = 0
+    sample_options: dict[str, Any] = {"prompt": None, "temperature": 0.8, "top_k": 0, "top_p": 1.0,
+                                      "max_new_tokens": 64}
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def models(self) -> dict[str, ModelSpec]:
+        return {MAIN_GROUP: ModelSpec(build=lambda rngs: build_model(self.cfg.model, rngs))}
+
+    def phases(self) -> list[Phase]:
+        return [Phase("loss", (MAIN_GROUP,), self.loss)]
+
+    def loss(self, models, batch, rng):
+        del rng  # no dropout in this model family
+        model = models[MAIN_GROUP]
+        if self.cfg.model.document_mask:
+            logits_BLV = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+        else:
+            logits_BLV = model(batch["inputs"])
+        token_loss_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch["targets"])
+        weights_BL = batch["weights"].astype(jnp.float32)
+        return jnp.sum(token_loss_BL * weights_BL), jnp.sum(weights_BL)
+
+    def eval_loss(self, models, batch):
+        return self.loss(models, batch, jax.random.PRNGKey(0))
+
+    def units_per_batch(self) -> int:
+        return self.cfg.data.batch_size * self.cfg.data.seq_len
+
+    def flops_per_unit(self) -> float:
+        return flops_per_token(self.cfg.model, self.cfg.data.seq_len)
+
+    def make_data(self, run_dir: pathlib.Path) -> LMData:
+        return build_lm_data(self.cfg, run_dir)
+
+    # ------------------------------------------------------------------ what a run records about its inputs
+    def inputs(self, data: LMData) -> dict:
+        return {"tokenizer_sha256": data.tokenizer.sha256, "tokenizer_path": str(data.tokenizer.path)}
+
+    def check_inputs(self, saved: dict, current: dict) -> None:
+        if saved.get("tokenizer_sha256") != current.get("tokenizer_sha256"):
+            raise CheckpointError(
+                f"the checkpoint was trained with tokenizer {saved.get('tokenizer_path')} "
+                f"(sha256 {saved.get('tokenizer_sha256')}), but this run uses {current.get('tokenizer_path')} "
+                f"(sha256 {current.get('tokenizer_sha256')}); resume with the checkpoint's tokenizer")
+
+    # ------------------------------------------------------------------ samples, evaluation, generation
+    def sample(self, weights: Weights, data: LMData, run_dir: pathlib.Path, step: int | None) -> dict:
+        train = self.cfg.train
+        if step is not None or not train.sample_tokens:
+            return {}
+        [(_, text)] = self.continue_texts(weights, data.tokenizer, [train.sample_prompt], train.sample_tokens,
+                                          Sampling(temperature=0.8), train.seed)
+        return {"sample": text}
+
+    def evaluate(self, weights: Weights, data: LMData, loss_sum: float, weight_sum: float) -> dict:
+        """Loss (nats/token), perplexity and bits per byte over the fixed held-out batches."""
+        byte_lengths = token_byte_lengths(data.tokenizer)
+        # Every process sees only its rows; the byte count must cover all of them.
+        n_bytes = sum(int(np.sum(byte_lengths[batch["targets"]] * batch["weights"])) for batch in data.eval)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            n_bytes = int(np.sum(multihost_utils.process_allgather(np.asarray([n_bytes]))))
+        loss = loss_sum / max(weight_sum, 1.0)
+        return {"eval_loss": loss, "perplexity": math.exp(loss),
+                "bits_per_byte": loss_sum / math.log(2) / max(n_bytes, 1), "eval_tokens": int(weight_sum)}
+
+    def generate(self, weights: Weights, run_dir: pathlib.Path, step: int, options: dict[str, Any],
+                 on_text: Callable[[str], None] | None) -> list[dict]:
+        tokenizer = Tokenizer(pathlib.Path(run_dir) / "tokenizer.model")
+        sampling = Sampling(temperature=options["temperature"], top_k=options["top_k"], top_p=options["top_p"])
+        prompts = options["prompt"] or [""]
+        results = self.continue_texts(weights, tokenizer, prompts, options["max_new_tokens"], sampling,
+                                      options["seed"], on_text if len(prompts) == 1 else None)
+        return [{"prompt": prompt, "text": text} for prompt, text in results]
+
+    def continue_texts(self, weights: Weights, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int,
+                       sampling: Sampling, seed: int,
+                       on_text: Callable[[str], None] | None = None) -> list[tuple[str, str]]:
+        """(prompt, prompt + continuation) for each prompt; `on_text` receives one prompt's text piece by piece."""
+        max_len = self.cfg.model.max_seq_len
+        ids = [[BOS_ID, *tokenizer.encode([p])[0]] for p in prompts]
+        room = max_len - max(len(i) for i in ids)
+        if room < 1:
+            raise ConfigError(f"the longest prompt ({max(len(i) for i in ids)} tokens with BOS) fills the model's "
+                              f"context (model.max_seq_len={max_len}); shorten it")
+        streamed: list[int] = []
+
+        def stream(i, tokens_B, done_B) -> None:
+            # Decoding the whole text each time keeps pieces that only make sense together (spaces, bytes) right.
+            if not bool(done_B[0]) and int(tokens_B[0]) != EOS_ID:
+                before = tokenizer.decode(ids[0][1:] + streamed)
+                streamed.append(int(tokens_B[0]))
+                on_text(tokenizer.decode(ids[0][1:] + streamed)[len(before):])
+
+        if on_text is not None:
+            on_text(prompts[0])
+        outputs = generate(weights.graphdefs[MAIN_GROUP], weights.params[MAIN_GROUP], ids,
+                           min(max_new_tokens, room), sampling, seed, on_token=stream if on_text else None)
+        # Decoding prompt and continuation together keeps the space between them.
+        return [(tokenizer.decode(p[1:]), tokenizer.decode(p[1:] + new)) for p, new in zip(ids, outputs)]
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
+    """UTF-8 bytes each token id stands for: 0 for control tokens, 1 for a byte-fallback piece."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_proto=tokenizer.model_bytes)
+    lengths = np.zeros(sp.get_piece_size(), np.int64)
+    for i in range(sp.get_piece_size()):
+        if sp.is_control(i) or sp.is_unknown(i):
+            continue
+        lengths[i] = 1 if sp.is_byte(i) else len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+    return lengths

@@ -1,0 +1,143 @@
+"""What the training loop does besides stepping: record, evaluate, sample and save, each on a cadence.
+
+Every action has a `Cadence` (every N steps and/or every M minutes, and at the
+last step or not) and runs when the loop asks it at a step boundary. A step's
+metrics are fetched one step late, after the next step is dispatched, so the
+host never waits on the device for them; anything that evaluates, saves or
+stops first settles them, so nothing runs past an unchecked step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+import time
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
+
+from jaxgen.checkpoint import Checkpointer
+from jaxgen.config import Config
+from jaxgen.metrics import MetricsWriter, ThroughputMeter
+from jaxgen.tasks import Task, TaskData
+from jaxgen.tasks.layout import held_out_sums
+from jaxgen.train.nonfinite import NonFiniteWatch
+from jaxgen.train.state import TrainState, sampling_params
+
+log = logging.getLogger("jaxgen")
+
+
+class Cadence:
+    """Due every `steps` steps and/or every `minutes` minutes (process 0's clock), and at the last step if `at_end`."""
+
+    def __init__(self, steps: int | None, minutes: float | None = None, at_end: bool = True):
+        self.steps, self.minutes, self.at_end = steps, minutes, at_end
+        self._since = time.monotonic()
+
+    def due(self, step: int, final: bool) -> bool:
+        if (final and self.at_end) or (self.steps and step % self.steps == 0):
+            return True
+        if not self.minutes:
+            return False
+        elapsed = time.monotonic() - self._since >= 60 * self.minutes
+        if jax.process_count() > 1:  # every process must give the same answer
+            elapsed = bool(multihost_utils.broadcast_one_to_all(np.asarray(elapsed)))
+        return elapsed
+
+    def ran(self) -> None:
+        self._since = time.monotonic()
+
+
+@dataclasses.dataclass
+class Progress:
+    """What the loop knows between steps; the actions read it."""
+
+    state: TrainState
+    data_state: dict | None = None  # the data position after exactly `state.step` batches
+    last_saved: int | None = None  # the newest checkpoint of this run, if any
+
+
+class StepRecords:
+    """Every step's metrics, fetched one step late and checked for skipped steps; a record on the logging cadence."""
+
+    def __init__(self, cfg: Config, task: Task, writer: MetricsWriter, meter: ThroughputMeter, bar: tqdm,
+                 progress: Progress):
+        self.cfg, self.unit, self.writer, self.meter, self.bar, self.progress = cfg, task.unit, writer, meter, bar, progress
+        self.cadence = Cadence(cfg.logging.every)
+        self.nonfinite = NonFiniteWatch(cfg.train)
+        self.pending: tuple[int, dict] | None = None
+        self.last: dict = {}
+
+    def observe(self, step: int, metrics: dict) -> None:
+        """Take step `step`'s metrics (still on the device); settle the previous step's."""
+        self.settle()
+        self.pending = (step, metrics)
+        self.bar.update()
+
+    def settle(self, stopping: bool = False) -> None:
+        """Fetch and check the pending step now; a stopping step is always recorded."""
+        if self.pending is None:
+            return
+        (step, metrics), self.pending = self.pending, None
+        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        skipped, stop_error = self.nonfinite.check(step, int(host.pop("nonfinite_cause")), self.progress.last_saved)
+        if stop_error is not None:
+            self.writer.write(step, {**host, "skipped": 1.0})
+            raise stop_error
+        if not (skipped or stopping or self.cadence.due(step, step == self.cfg.train.steps)):
+            return
+        rates = self.meter.read(step)
+        host.update({f"{self.unit}_per_s": rates["units_per_s"], "mfu": rates["mfu"]})
+        self.writer.write(step, {**host, **({"skipped": 1.0} if skipped else {})})
+        self.last = host
+        self.bar.set_postfix(loss=f"{host['loss']:.3f}", **{f"{self.unit}/s": f"{rates['units_per_s']:,.0f}"})
+
+
+class Evaluate:
+    """Held-out loss of the sampling parameters on fixed batches; its time is left out of the throughput."""
+
+    def __init__(self, cfg: Config, training, eval_set: list[dict], writer: MetricsWriter, meter: ThroughputMeter,
+                 bar: tqdm, progress: Progress):
+        self.cadence = Cadence(cfg.train.eval_every)
+        self.training, self.eval_set, self.writer, self.meter, self.bar = training, eval_set, writer, meter, bar
+        self.progress = progress
+        self.history: list[float] = []
+
+    def run(self, step: int) -> None:
+        loss_sum, weight = held_out_sums(self.training.eval_step, sampling_params(self.progress.state), self.eval_set)
+        self.history.append(loss_sum / max(weight, 1.0))
+        self.writer.write(step, {"eval_loss": self.history[-1]})
+        self.bar.set_postfix(eval_loss=f"{self.history[-1]:.3f}")
+        self.meter.restart(step)
+
+
+class Sample:
+    """The task's pictures of progress while training (the final ones come with the summary)."""
+
+    def __init__(self, task: Task, training, data: TaskData, run_dir: pathlib.Path, meter: ThroughputMeter,
+                 progress: Progress):
+        self.cadence = Cadence(task.sample_every, at_end=False)
+        self.task, self.training, self.data, self.run_dir, self.meter = task, training, data, run_dir, meter
+        self.progress = progress
+
+    def run(self, step: int) -> None:  # every process takes part: the parameters are sharded
+        weights = self.training.layout.models.weights(sampling_params(self.progress.state))
+        self.task.sample(weights, self.data, self.run_dir, step=step)
+        self.meter.restart(step)
+
+
+class Save:
+    """A checkpoint of the state and the data position, with the records up to it on disk first."""
+
+    def __init__(self, cfg: Config, ckpt: Checkpointer, meta: dict, writer: MetricsWriter, progress: Progress):
+        self.cadence = Cadence(cfg.checkpoint.every, cfg.checkpoint.every_minutes)
+        self.ckpt, self.meta, self.writer, self.progress = ckpt, meta, writer, progress
+
+    def run(self, step: int) -> None:
+        self.writer.flush()  # the records up to a checkpoint survive whatever kills the run after it
+        self.ckpt.save(step, self.progress.state, self.progress.data_state, self.meta)
+        self.progress.last_saved = step
+        self.cadence.ran()
