@@ -36,7 +36,6 @@ import logging
 import os
 import pathlib
 import shutil
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -138,24 +137,11 @@ class Checkpointer:
         if writer and cfg.async_save:
             options.async_options = ocp.AsyncOptions(post_finalization_callback=self._write_checksums_before_commit)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
-        self._last_save_time = time.monotonic()
         self._verified_step: int | None = None  # newest step this process read back intact
         self._closed = False
         if writer and jax.process_index() == 0:
             for leftover in self.directory.glob(f"{_DELETING_PREFIX}*"):  # a deletion a kill interrupted
                 shutil.rmtree(leftover, ignore_errors=True)
-
-    # ------------------------------------------------------------------ when
-    def due(self, step: int, final: bool) -> bool:
-        """Save now? Every process must get the same answer, so the clock is process 0's."""
-        if final or (self.cfg.every and step % self.cfg.every == 0):
-            return True
-        if not self.cfg.every_minutes:
-            return False
-        elapsed = time.monotonic() - self._last_save_time >= 60 * self.cfg.every_minutes
-        if jax.process_count() > 1:
-            elapsed = bool(multihost_utils.broadcast_one_to_all(np.asarray(elapsed)))
-        return elapsed
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
@@ -180,7 +166,6 @@ class Checkpointer:
         if not self.cfg.async_save:  # committed already: the checksums follow (readers wait for them)
             self._pending.popleft()
             self._write_checksums(self.directory / str(step), pending)
-        self._last_save_time = time.monotonic()
 
     def _write_checksums_before_commit(self) -> None:
         """Orbax's background thread, after the items are written and before the rename that commits them."""

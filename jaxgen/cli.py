@@ -372,16 +372,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_command(argv: list[str]) -> int:
-    from jaxgen.train.preemption import EXIT_PREEMPTED, Preempted
-
     args = parse_args(argv)
     if getattr(args, "cpu_devices", None):
         simulate_cpu_devices(args.cpu_devices)
-    try:
-        return args.func(args)
-    except Preempted as err:
-        print(f"jaxgen: {err}; run the same command again to resume", file=sys.stderr)
-        return EXIT_PREEMPTED
+    return args.func(args)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,21 @@ class DirectoryInUse(JaxgenError):
     """Another process holds the directory's lock; the message names its host and PID."""
 
 
+# EX_TEMPFAIL from sysexits.h: "try again later". The launchers in launch/ requeue on it.
+EXIT_PREEMPTED = 75
+
+
+class Preempted(JaxgenError):
+    """SIGTERM or SIGINT asked a run to stop; it saved a checkpoint first. Not a mistake: a pause."""
+
+    exit_status = EXIT_PREEMPTED
+
+    def __init__(self, step: int | None):
+        saved = f"saved a checkpoint at step {step}" if step is not None else "nothing was saved"
+        super().__init__(f"preempted: {saved} and stopped; run the same command again to resume")
+        self.step = step
+
+
 class CheckpointWriteError(JaxgenError, RuntimeError):
     """Writing a checkpoint failed (disk full, permissions, ...); earlier ones are intact."""
 
@@ -87,6 +102,8 @@ def describe(err: BaseException) -> tuple[str, int]:
     """The one line (after 'jaxgen: ') and exit status for any failure that reaches the command line."""
     if isinstance(err, KeyboardInterrupt):
         return "interrupted; run the same command again to continue", 130
+    if isinstance(err, Preempted):
+        return str(err), err.exit_status
     if isinstance(err, JaxgenError):
         return f"error: {err}", err.exit_status
     os_error = next((e for e in _chain(err) if isinstance(e, OSError) and e.errno), None)

@@ -1,6 +1,6 @@
 """Files that are never half-written, and directories with one writer at a time.
 
-- `write_atomic` / `copy_atomic`: the bytes go to a hidden temporary name in the
+- `write_atomic`: the bytes go to a hidden temporary name in the
   same directory, reach the disk, and are renamed over the target. Readers see
   the old file or the new one; a full disk or a kill leaves no partial file
   under the real name.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
+import glob
 import json
 import os
 import pathlib
@@ -28,8 +29,26 @@ from jaxgen.errors import DirectoryInUse
 
 
 def _temporary_sibling(path: pathlib.Path, kind: str) -> pathlib.Path:
-    # Hidden and unique per process: never mistaken for the real file, never shared by two writers.
-    return path.with_name(f".{path.name}.{kind}-{os.getpid()}")
+    """A hidden name unique to this process: never mistaken for the real file, never shared by two writers.
+
+    Leftovers of processes of this host that died (killed while writing) are removed first.
+    """
+    prefix = f".{path.name}.{kind}-{socket.gethostname()}-"
+    for leftover in path.parent.glob(glob.escape(prefix) + "*"):
+        pid = leftover.name[len(prefix):]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+    return path.with_name(f"{prefix}{os.getpid()}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _fsync_directory(directory: pathlib.Path) -> None:
@@ -55,21 +74,6 @@ def write_atomic(path: str | pathlib.Path, data: bytes | str) -> None:
         with open(tmp, "wb") as f:
             f.write(payload)
             f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-
-
-def copy_atomic(source: str | pathlib.Path, path: str | pathlib.Path) -> None:
-    """Copy `source` to `path` with `write_atomic`'s guarantee, streaming (files of any size)."""
-    path = pathlib.Path(path)
-    tmp = _temporary_sibling(path, "tmp")
-    try:
-        shutil.copyfile(source, tmp)
-        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -16,12 +16,11 @@ import pytest
 from jaxgen.checkpoint import Checkpointer, checkpoint_dir, restore_subtree
 from jaxgen.config import load_config
 from jaxgen.data.pipeline import to_global
-from jaxgen.errors import CheckpointError, NonFiniteError
+from jaxgen.errors import EXIT_PREEMPTED, CheckpointError, NonFiniteError
 from jaxgen.metrics import read_metrics
 from jaxgen.sharding import make_mesh
 from jaxgen.train.build import build_training
 from jaxgen.train.loop import train
-from jaxgen.train.preemption import EXIT_PREEMPTED
 
 from conftest import REPO, TINY_CONFIG, tiny_config
 from helpers import random_batches

@@ -19,9 +19,9 @@ import pytest
 
 from jaxgen.data.corpus import BUNDLED_CORPUS
 from jaxgen.data.tokenizer import train_tokenizer
+from jaxgen.errors import EXIT_PREEMPTED
 from jaxgen.launch import free_port, process_env
 from jaxgen.metrics import read_metrics
-from jaxgen.train.preemption import EXIT_PREEMPTED
 
 from conftest import REPO, TINY_CONFIG
 

@@ -237,3 +237,13 @@ def refusal(result) -> str:
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     [line] = error_lines(result.stderr)
     return line
+
+
+def test_eval_all_scores_every_checkpoint_and_reproduces_the_loop(straight):
+    run_dir = straight[0]
+    result = run_jaxgen("eval", "--run-dir", str(run_dir), "--all")
+    assert result.returncode == 0, result.stderr[-2000:]
+    reports = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["step"] for r in reports] == committed_steps(checkpoint_dir(run_dir)) == [4, 8, 12]
+    logged = {r["step"]: r["eval_loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "eval_loss" in r}
+    assert reports[-1]["eval_loss"] == pytest.approx(logged[STEPS], rel=1e-6)

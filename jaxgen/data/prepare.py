@@ -132,7 +132,6 @@ def prepare_dataset(input_pattern: str, out: str | pathlib.Path, *, field: str =
         if out.exists():
             raise DataError(f"--out {str(out)!r} already exists; choose a new directory")
         files = resolve_files(input_pattern, "--input")
-        _remove_killed_builds(out)
         with building(out) as partial:
             summary = _write_dataset(files, input_pattern, partial, out, field=field, tokenizer=tokenizer,
                                      validation_every_nth=validation_every_nth, invalid_utf8=invalid_utf8,
@@ -167,15 +166,6 @@ def _names_this_process(lock_file: pathlib.Path) -> bool:
     except (OSError, ValueError):
         return False
     return holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()
-
-
-def _remove_killed_builds(out: pathlib.Path) -> None:
-    """Remove hidden build directories of killed prepares of `out` (`building` names them `.NAME.partial-PID`).
-
-    Only called with the lock held: no live prepare of `out` owns one.
-    """
-    for leftover in out.parent.glob(f".{out.name}.partial-*"):
-        shutil.rmtree(leftover)
 
 
 def _write_dataset(files: list[pathlib.Path], input_pattern: str, partial: pathlib.Path, out: pathlib.Path, *,

@@ -35,8 +35,9 @@ def evaluate_run(run_dir: str | pathlib.Path, step: int | None = None, overrides
                  all_steps: bool = False) -> list[dict]:
     """Evaluate one checkpoint (the newest by default) or all of them; appends each result to RUN_DIR/eval.jsonl."""
     run_dir = pathlib.Path(run_dir)
-    steps = committed_steps(checkpoint_dir(run_dir)) if all_steps else [step]
-    run = open_run(run_dir, steps[0], overrides)
+    every = committed_steps(checkpoint_dir(run_dir)) if all_steps else []
+    run = open_run(run_dir, every[0] if every else step, overrides)
+    steps = every or [run.step]
     data = run.task.make_data(run_dir)
     results = []
     for s in steps:

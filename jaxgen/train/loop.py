@@ -25,14 +25,14 @@ from jaxgen.config import Config
 from jaxgen.data.lockstep import next_in_lockstep
 from jaxgen.data.pipeline import to_global
 from jaxgen.device_memory import check_fits
-from jaxgen.errors import ConfigError
+from jaxgen.errors import EXIT_PREEMPTED, ConfigError, Preempted
 from jaxgen.files import write_atomic
 from jaxgen.interrupts import after_ctrl_c
 from jaxgen.metrics import MetricsWriter, ThroughputMeter, peak_flops_per_device, plot_loss_curve
 from jaxgen.sharding import data_parallel_size, make_mesh
 from jaxgen.train.actions import Evaluate, Progress, Sample, Save, StepRecords
 from jaxgen.train.build import Training, build_training
-from jaxgen.train.preemption import EXIT_PREEMPTED, Preempted, PreemptionWatch
+from jaxgen.train.preemption import PreemptionWatch
 from jaxgen.train.run_dir import completed_summary, forget_unfinished_start, holding, starting_point
 from jaxgen.train.state import sampling_params, with_params
 

@@ -16,15 +16,6 @@ from jax.experimental import multihost_utils
 
 from jaxgen.interrupts import exit_interrupted
 
-# EX_TEMPFAIL from sysexits.h: "try again later". launch/ scripts requeue on it.
-EXIT_PREEMPTED = 75
-
-
-class Preempted(Exception):
-    def __init__(self, step: int):
-        super().__init__(f"preempted: saved a checkpoint at step {step} and stopped")
-        self.step = step
-
 
 class PreemptionWatch:
     def __init__(self):
