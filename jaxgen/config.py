@@ -17,6 +17,7 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
+from jaxgen.config_text import MAX_CONFIG_BYTES, deep_merge, excerpt, load_yaml, parse_overrides
 from jaxgen.errors import ConfigError
 
 
@@ -491,76 +492,6 @@ class Config(_Section):
 # ----------------------------------------------------------------------------- loading
 
 
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """`["train.steps=50", "mesh.fsdp=4"]` -> nested dict; values are parsed as YAML."""
-    nested: dict[str, Any] = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.steps=50)")
-        value = _load_yaml(raw, f"override {_excerpt(item)}") if raw else ""
-        *parents, leaf = key.split(".")
-        node = nested
-        for part in parents:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r} conflicts with an earlier override of {part!r}")
-            node = child
-        node[leaf] = value
-    return nested
-
-
-# A config is a few kB; YAML aliases can make a small file expand into billions of values.
-MAX_CONFIG_BYTES = 1_000_000
-MAX_CONFIG_VALUES = 100_000
-
-
-def _load_yaml(text: str, where: str) -> Any:
-    """Parsed YAML, refused (in one line) if invalid or if its aliases expand beyond MAX_CONFIG_VALUES."""
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{where} is not valid YAML: {' '.join(str(err).split())}") from None
-    _count_values(value, where, {}, set())
-    return value
-
-
-def _count_values(value: Any, where: str, sizes: dict[int, int], open_nodes: set[int]) -> int:
-    """How many values `value` holds once every alias is expanded (each shared node counted once per use)."""
-    if not isinstance(value, (dict, list)):
-        return 1
-    if id(value) in open_nodes:
-        raise ConfigError(f"{where} contains a YAML alias that refers to itself")
-    if id(value) not in sizes:
-        open_nodes.add(id(value))
-        children = list(value.values()) if isinstance(value, dict) else value
-        size = 1
-        for child in children:
-            size += _count_values(child, where, sizes, open_nodes)
-            if size > MAX_CONFIG_VALUES:
-                raise ConfigError(f"{where} expands to more than {MAX_CONFIG_VALUES:,} values (YAML aliases repeat "
-                                  "what they refer to); a config holds far fewer")
-        open_nodes.discard(id(value))
-        sizes[id(value)] = size
-    return sizes[id(value)]
-
-
-def _excerpt(value: Any, limit: int = 80) -> str:
-    """repr(value), cut short: an error message names a value, it does not print it all."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 5] + " ...)" if text[:1] in "[{(" else text[: limit - 3] + "..."
-
-
-def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def load_config(path: str | pathlib.Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults, then the YAML file (if any), then dotted overrides; validated once."""
     raw: dict[str, Any] = {}
@@ -578,10 +509,10 @@ def load_config(path: str | pathlib.Path | None = None, overrides: list[str] = (
             text = path.read_text()
         except UnicodeDecodeError:
             raise ConfigError(f"config file {str(path)!r} is not UTF-8 text") from None
-        raw = _load_yaml(text, f"config file {str(path)!r}") or {}
+        raw = load_yaml(text, f"config file {str(path)!r}") or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(raw).__name__}")
-    raw = _deep_merge(raw, parse_overrides(list(overrides)))
+    raw = deep_merge(raw, parse_overrides(list(overrides)))
     try:
         return Config.model_validate(raw)
     except pydantic.ValidationError as err:
@@ -591,7 +522,7 @@ def load_config(path: str | pathlib.Path | None = None, overrides: list[str] = (
 def with_overrides(cfg: Config, overrides: list[str]) -> Config:
     """`cfg` with dotted `key=value` overrides applied, validated as a whole again."""
     try:
-        return Config.model_validate(_deep_merge(cfg.model_dump(mode="json"), parse_overrides(overrides)))
+        return Config.model_validate(deep_merge(cfg.model_dump(mode="json"), parse_overrides(overrides)))
     except pydantic.ValidationError as err:
         raise ConfigError(_explain(err)) from None
 
@@ -634,7 +565,7 @@ def _explain(err: pydantic.ValidationError) -> str:
             holder = _schema_at(tagged)
             field = holder.model_fields.get(loc[-1]) if holder and loc else None
             expected = _type_name(field.annotation) if field else "a valid value"
-            lines.append(f"config key '{dotted}' = {_excerpt(e['input'])}: {e['msg']} (expected {expected})")
+            lines.append(f"config key '{dotted}' = {excerpt(e['input'])}: {e['msg']} (expected {expected})")
     if len(lines) == 1:
         return f"invalid config: {lines[0]}"
     return f"invalid config ({len(lines)} problems): " + "; ".join(lines)

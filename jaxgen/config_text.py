@@ -1,0 +1,85 @@
+"""Config text to plain data: bounded YAML and dotted `key=value` overrides.
+
+Pure functions that run before any schema: a config file or override becomes
+nested dicts, and anything that is not valid YAML, or would expand into far more
+values than a config holds (YAML alias bombs), is refused in one line naming
+where it came from. `jaxgen.config` validates the result.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from jaxgen.errors import ConfigError
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["train.steps=50", "mesh.fsdp=4"]` -> nested dict; values are parsed as YAML."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.steps=50)")
+        value = load_yaml(raw, f"override {excerpt(item)}") if raw else ""
+        *parents, leaf = key.split(".")
+        node = nested
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of {part!r}")
+            node = child
+        node[leaf] = value
+    return nested
+
+
+# A config is a few kB; YAML aliases can make a small file expand into billions of values.
+MAX_CONFIG_BYTES = 1_000_000
+MAX_CONFIG_VALUES = 100_000
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """Parsed YAML, refused (in one line) if invalid or if its aliases expand beyond MAX_CONFIG_VALUES."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where} is not valid YAML: {' '.join(str(err).split())}") from None
+    _count_values(value, where, {}, set())
+    return value
+
+
+def _count_values(value: Any, where: str, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """How many values `value` holds once every alias is expanded (each shared node counted once per use)."""
+    if not isinstance(value, (dict, list)):
+        return 1
+    if id(value) in open_nodes:
+        raise ConfigError(f"{where} contains a YAML alias that refers to itself")
+    if id(value) not in sizes:
+        open_nodes.add(id(value))
+        children = list(value.values()) if isinstance(value, dict) else value
+        size = 1
+        for child in children:
+            size += _count_values(child, where, sizes, open_nodes)
+            if size > MAX_CONFIG_VALUES:
+                raise ConfigError(f"{where} expands to more than {MAX_CONFIG_VALUES:,} values (YAML aliases repeat "
+                                  "what they refer to); a config holds far fewer")
+        open_nodes.discard(id(value))
+        sizes[id(value)] = size
+    return sizes[id(value)]
+
+
+def excerpt(value: Any, limit: int = 80) -> str:
+    """repr(value), cut short: an error message names a value, it does not print it all."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + " ...)" if text[:1] in "[{(" else text[: limit - 3] + "..."
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
