@@ -111,7 +111,7 @@ class _PendingChecksums:
 class Restored:
     step: int
     state: Any
-    data_state: dict  # this process's
+    data_states: list[dict]  # every process's that saved it, in process order
     meta: dict
 
 
@@ -246,14 +246,9 @@ class Checkpointer:
         if json_digest(restored["data"]) != checksums["data_sha256"]:
             raise DamagedCheckpoint(f"{where} is damaged: its data-iterator state does not match its checksum")
         _verify_arrays(restored["state"], checksums, where)
-        processes = restored["data"]["processes"]
-        if len(processes) != jax.process_count():
-            raise CheckpointError(
-                f"{where} was written by {len(processes)} processes, this run has {jax.process_count()}; "
-                "the model state reshards, but each process's data position cannot be re-split")
         if self.writer:
             self._verified_step = step
-        return Restored(step, restored["state"], processes[jax.process_index()], meta)
+        return Restored(step, restored["state"], restored["data"]["processes"], meta)
 
     def restore_newest_intact(self, target: Any) -> Restored | None:
         """The newest checkpoint that reads back intact, or None if no step was committed.

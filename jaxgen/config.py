@@ -9,6 +9,7 @@ what would be valid, before any device work starts.
 from __future__ import annotations
 
 import difflib
+import math
 import pathlib
 import typing
 from typing import Annotated, Any, Literal
@@ -287,6 +288,11 @@ class DataConfig(_SourceFields):
     seq_len: int = Field(128, gt=0)
     # Global batch (all devices, all processes), in sequences.
     batch_size: int = Field(32, gt=0)
+    # Reader streams that make up each global batch, each reading its own share of the data
+    # into batch_size/streams rows. Fixed here rather than by the process count, so step N
+    # trains on the same batch on any number of processes (which must divide it) and a run
+    # resumes on another process count. null = the largest of 8, 4, 2, 1 dividing batch_size.
+    streams: int | None = Field(None, gt=0)
     # For sources without splits: every n-th document goes to the held-out split.
     eval_every_nth_doc: int = Field(50, ge=2)
     seed: int = Field(0, ge=0)
@@ -300,8 +306,15 @@ class DataConfig(_SourceFields):
     # A document that is not valid UTF-8 is skipped (with a counted warning) or fails the run.
     invalid_utf8: Literal["skip", "error"] = "skip"
 
+    @property
+    def reader_streams(self) -> int:
+        return self.streams if self.streams is not None else math.gcd(self.batch_size, 8)
+
     @pydantic.model_validator(mode="after")
     def _one_source(self) -> DataConfig:
+        if self.batch_size % self.reader_streams:
+            raise ValueError(f"data.batch_size={self.batch_size} must be a multiple of data.streams="
+                             f"{self.reader_streams}{' (the default for this batch size)' if self.streams is None else ''}")
         if len(self.kinds) > 1:
             raise ValueError(f"set only one data source, got {', '.join(f'data.{k}' for k in self.kinds)}")
         if self.kinds and self.mixture:

@@ -93,8 +93,8 @@ def test_restore_reshards_onto_fewer_devices(tmp_path, devices):
         cfg = tiny_config("mesh.data=1", *mesh, "sharding.preset=fsdp_tp")
         training = build_training(cfg, make_mesh(cfg.mesh, devices[:n]))
         restored = Checkpointer(directory, cfg.checkpoint).restore(training.layout.target, 1)
-        restored, data_state = restored.state, restored.data_state
-        assert data_state == {"step": 1}
+        assert restored.data_states == [{"step": 1}]
+        restored = restored.state
         for array, sharding in zip(jax.tree.leaves(restored), jax.tree.leaves(training.layout.shardings)):
             assert array.sharding == sharding  # placed straight into the new layout
         assert_trees_equal(jax.device_get(restored.params), reference)

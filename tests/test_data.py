@@ -3,15 +3,18 @@ process shares, packing that loses nothing, and the LM data the trainer gets."""
 
 import itertools
 import json
+import re
 
 import numpy as np
 import pytest
 
 from jaxgen.data.lm import build_lm_data, eval_batches, train_batches
 from jaxgen.data.packing import batch_rows, pack_documents
+from jaxgen.data.pipeline import merged_position
 from jaxgen.data.sources import mixed_documents, one_pass_documents, open_documents
 from jaxgen.data.splits import HoldOut, Shard
 from jaxgen.data.tokenizer import BOS_ID, EOS_ID
+from jaxgen.errors import ConfigError
 
 from conftest import tiny_config
 from helpers import assert_same_batches, take
@@ -49,10 +52,11 @@ def test_same_seed_same_batches_other_seed_other_batches(tokenizer, small_corpus
 
 
 # With 2 workers and 1 batch consumed, one worker is mid-stream and the other untouched.
-@pytest.mark.parametrize("workers,consumed", [(0, 0), (0, 3), (0, 40), (2, 1)],
+@pytest.mark.parametrize("workers,consumed", [(0, 0), (0, 3), (0, 60), (2, 1)],
                          ids=["start", "mid-epoch", "across-epochs", "workers"])
 def test_resume_gives_exactly_the_uninterrupted_stream(tokenizer, small_corpus, workers, consumed):
-    # 98 short training documents fill ~30 batches of 4x16 tokens, so 40 batches cross an epoch boundary.
+    # 98 short training documents fill ~30 batches of 4x16 tokens, so 60 batches cross an epoch boundary
+    # in every reader stream (the window shuffle's recorded start lags the window behind).
     cfg = tiny_config(f"data.text={small_corpus}", "data.batch_size=4", "data.seq_len=16",
                       "data.shuffle_window=20", f"data.workers={workers}")
     uninterrupted = train_batches(cfg.data, tokenizer, Shard())
@@ -67,11 +71,42 @@ def test_resume_gives_exactly_the_uninterrupted_stream(tokenizer, small_corpus, 
     resumed.close()
 
 
-def test_forty_batches_of_the_small_corpus_cross_an_epoch_boundary(tokenizer, small_corpus):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_global_batch_and_its_position_do_not_depend_on_the_process_count(tokenizer, small_corpus, workers):
+    cfg = tiny_config(f"data.text={small_corpus}", "data.batch_size=8", "data.seq_len=16",
+                      "data.shuffle_window=20", f"data.workers={workers}")
+
+    def pipelines(processes: int, position: dict | None = None) -> list:
+        made = [train_batches(cfg.data, tokenizer, Shard(i, processes)) for i in range(processes)]
+        for pipeline in made if position is not None else ():
+            pipeline.set_state(json.loads(json.dumps(position)))  # as a checkpoint stores it
+        return made
+
+    def global_batches(made: list, n: int) -> list[dict]:
+        per_process = [take(pipeline, n) for pipeline in made]
+        return [{k: np.concatenate([p[b][k] for p in per_process]) for k in per_process[0][b]} for b in range(n)]
+
+    one, two = pipelines(1), pipelines(2)
+    assert_same_batches(global_batches(two, 3), global_batches(one, 3))
+    # Saved on two processes, resumed on one; and saved on one, resumed on two.
+    from_two = merged_position([p.get_state() for p in two])
+    from_one = merged_position([one[0].get_state()])
+    expected = global_batches(one, 4)
+    assert_same_batches(global_batches(pipelines(1, from_two), 4), expected)
+    assert_same_batches(global_batches(pipelines(2, from_one), 4), expected)
+    assert merged_position([one[0].get_state()])["streams"].keys() == {str(s) for s in range(8)}
+    assert (tiny_config("data.batch_size=8", "data.streams=4").data.reader_streams,
+            tiny_config("data.batch_size=12").data.reader_streams) == (4, 4)
+    with pytest.raises(ConfigError, match="data.streams=8 must be a multiple of the 3 processes"):
+        train_batches(cfg.data, tokenizer, Shard(0, 3))
+
+
+def test_sixty_batches_of_the_small_corpus_cross_an_epoch_boundary(tokenizer, small_corpus):
     cfg = tiny_config(f"data.text={small_corpus}", "data.batch_size=4", "data.seq_len=16", "data.shuffle_window=20")
     batches = train_batches(cfg.data, tokenizer, Shard())
-    take(batches, 40)
-    assert "'epoch': 1" in batches.get_state()["grain_state"]
+    take(batches, 60)
+    for stream in batches.get_state()["streams"].values():  # every reader stream is past its first epoch
+        assert int(re.search(r"'epoch': (\d+)", stream).group(1)) >= 1, stream
     batches.close()
 
 

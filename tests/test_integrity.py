@@ -139,7 +139,7 @@ def test_a_damaged_checkpoint_is_never_loaded_the_run_falls_back_to_the_previous
     # The training run falls back, loudly, and sets the damaged one aside.
     with caplog.at_level(logging.WARNING, logger="jaxgen"):
         restored = Checkpointer(directory, CheckpointConfig()).restore_newest_intact(target)
-    assert restored.step == 1 and restored.data_state == {"position": 1}
+    assert restored.step == 1 and restored.data_states == [{"position": 1}]
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.state), saved[1])
     assert "checkpoints/2 " in caplog.text and "falling back" in caplog.text
     assert committed_steps(directory) == [1] and (directory / "2.damaged").is_dir()

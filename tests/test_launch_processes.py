@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -161,19 +162,21 @@ def test_uneven_data_shares_end_every_process_at_the_same_step(runs, tmp_path, e
         assert (second["error"], second["message"]) == ("DataError", "process 1 cannot read its share")
 
 
-def test_a_process_without_training_documents_stops_every_process_at_step_one(runs, tmp_path, small_corpus):
-    # One long training document (every 2nd document is held out): process 1's share is empty.
+def test_too_few_training_documents_for_the_reader_streams_stop_every_process_with_one_line(runs, tmp_path,
+                                                                                           small_corpus):
+    # One long training document (every 2nd document is held out) for 8 reader streams.
     verses = small_corpus.read_text().splitlines()
     corpus = tmp_path / "one_document.txt"
     corpus.write_text(" ".join(verses[:300]) + "\n" + verses[300] + "\n")
     tokenizer = train_tokenizer(verses, 512, tmp_path / "tokenizer.model")
     args = tiny_train_args(small_corpus, tmp_path / "run", f"data.text={corpus}", "data.eval_every_nth_doc=2",
-                           f"data.tokenizer={tokenizer.path}")
+                           f"data.tokenizer={tokenizer.path}", "data.streams=8")
     run = runs([sys.executable, "-m", "jaxgen", *args], 2, 4, tmp_path / "logs")
     assert run.wait(timeout=120) == [2, 2], run.output()
-    logs = [log.read_text() for log in run.logs]
-    assert "jaxgen: error: training data failed on process 1 (see its log) before step 1 (2 processes)" in logs[0]
-    assert "too few for 2 readers" in logs[1]
+    for log in run.logs:
+        [error] = [line for line in log.read_text().splitlines() if "jaxgen: error:" in line]
+        assert "holds 1 documents for the train split, too few for 8 readers (data.streams x data.workers)" in error
+        assert "Traceback" not in log.read_text()
 
 
 def launch_local(*argv: str) -> tuple[int, str]:
@@ -269,3 +272,67 @@ def test_sigterm_to_one_process_makes_both_save_at_the_same_step_and_stop(preemp
     assert len(saved) == 1 and saved[0] > 0, saved
     for log in run.logs:
         assert f"preempted: saved a checkpoint at step {saved[0]}" in log.read_text()
+
+
+# The same run on 1 process x 8 devices and on 2 processes x 4 (the global batch of a step is a
+# function of the seed and the step alone), and a checkpoint of either resumed on the other.
+DATA_PARALLEL = ["mesh.data=8", "optimizer.eps=1e-3", "train.steps=8", "checkpoint.every=4"]
+
+
+@pytest.fixture(scope="module")
+def corpus_tokenizer(small_corpus, tmp_path_factory):
+    """Given to every run below, so that none depends on another's tokenizer training."""
+    path = tmp_path_factory.mktemp("tokenizer") / "verses512.model"
+    train_tokenizer(small_corpus.read_text().splitlines(), 512, path)
+    return f"data.tokenizer={path}"
+
+
+def train_on_one_process(args: list[str]) -> None:
+    result = subprocess.run([sys.executable, "-m", "jaxgen", *args], cwd=REPO, capture_output=True, text=True,
+                            timeout=WATCHDOG_S)
+    assert result.returncode == 0, result.stderr[-5000:]
+
+
+def train_on_two_processes(args: list[str]) -> None:
+    status, output = launch_local("--processes", "2", "--devices-per-process", "4", "--", *args)
+    assert status == 0, output[-5000:]
+
+
+TRAIN_ON = {1: train_on_one_process, 2: train_on_two_processes}
+
+
+@pytest.fixture(scope="module")
+def same_run_on(small_corpus, corpus_tokenizer, tmp_path_factory):
+    """{process count: run directory} of one 8-step run, trained on 1 and on 2 processes."""
+    runs = {}
+    for processes, train in TRAIN_ON.items():
+        runs[processes] = tmp_path_factory.mktemp(f"{processes}_processes") / "run"
+        train(tiny_train_args(small_corpus, runs[processes], *DATA_PARALLEL, corpus_tokenizer))
+    return runs
+
+
+def step_losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+def test_one_and_two_processes_train_on_the_same_global_batches(same_run_on):
+    one, two = step_losses(same_run_on[1]), step_losses(same_run_on[2])
+    assert list(one) == list(two) == list(range(1, 9))
+    np.testing.assert_allclose(list(two.values()), list(one.values()), rtol=1e-5)
+    np.testing.assert_allclose(list(eval_losses(same_run_on[2]).values()), list(eval_losses(same_run_on[1]).values()),
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("saved_on, resumed_on", [(2, 1), (1, 2)])
+def test_a_checkpoint_resumes_on_another_process_count_in_the_same_data_order(
+        same_run_on, small_corpus, corpus_tokenizer, tmp_path, saved_on, resumed_on):
+    # The run as it was when its step-4 checkpoint was the newest (later steps are discarded on resume).
+    run_dir = tmp_path / "run"
+    shutil.copytree(same_run_on[saved_on], run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "8")
+    (run_dir / "summary.json").unlink()
+    TRAIN_ON[resumed_on](tiny_train_args(small_corpus, run_dir, *DATA_PARALLEL, corpus_tokenizer))
+    assert json.loads((run_dir / "summary.json").read_text())["resumed_from"] == 4
+    resumed, uninterrupted = step_losses(run_dir), step_losses(same_run_on[saved_on])
+    assert list(resumed) == list(range(1, 9))
+    np.testing.assert_allclose(list(resumed.values()), list(uninterrupted.values()), rtol=1e-5)

@@ -1,9 +1,10 @@
 """Image records -> model batches: {'images': float32 (B, H, W, C) in [-1, 1], 'labels': int32 (B,)}.
 
-Training batches come from the grain pipeline: this process's share of the
-train records -> shuffle every epoch -> scale -> random mirror -> batch ->
-prefetch; the mirror is drawn from (seed, record position), so a restored
-pipeline continues with exactly the same batches. Held-out batches are the
+Training batches come from the grain pipeline: each reader stream's share of
+the train records -> shuffle every epoch -> scale -> random mirror -> batch;
+the streams this process holds side by side -> prefetch. The mirror is drawn
+from (seed, stream, record position), so a restored pipeline continues with
+exactly the same batches, on any process count. Held-out batches are the
 first held-out records in order, every time.
 """
 
@@ -17,7 +18,7 @@ import numpy as np
 from jaxgen.config import Config
 from jaxgen.data.image_source import ImageSource
 from jaxgen.data.images import ImageSet, to_model_range
-from jaxgen.data.pipeline import GrainBatches, process_rows, record_batches
+from jaxgen.data.pipeline import GrainBatches, process_rows, record_stream, stream_batches
 from jaxgen.data.splits import Part, Shard
 
 
@@ -44,8 +45,13 @@ class RandomMirror(grain.transforms.RandomMap):
 def train_batches(source: ImageSource, cfg: Config, shard: Shard) -> GrainBatches:
     """This process's rows of every global training batch, endless and resumable."""
     transforms = [ModelInput(source), *([RandomMirror()] if cfg.images.hflip else [])]
-    return record_batches(source.records("train", shard, cfg.data.seed), cfg.data.batch_size, shard,
-                          seed=cfg.data.seed, transforms=transforms, workers=cfg.data.workers,
+    streams = cfg.data.reader_streams
+
+    def stream(reader: Shard) -> grain.IterDataset:
+        return record_stream(source.records("train", reader, cfg.data.seed), cfg.data.batch_size // streams, reader,
+                             seed=cfg.data.seed, transforms=transforms)
+
+    return stream_batches(stream, cfg.data.batch_size, streams, shard, workers=cfg.data.workers,
                           prefetch=cfg.data.prefetch)
 
 

@@ -1,7 +1,8 @@
 """Everything the LM task reads: tokenizer, training stream, held-out batches.
 
-Training batches come from the grain pipeline: configured sources -> this
-process's share -> shuffle -> tokenize -> pack -> batch -> prefetch. Each batch
+Training batches come from the grain pipeline: configured sources -> each reader
+stream's share -> shuffle -> tokenize -> pack -> batch; the streams this process
+holds side by side -> prefetch. Each batch
 holds this process's rows, `inputs`/`targets` (int32), `weights` (float32, 0 on
 padding) and the packing marks `segment_ids`/`positions` (int32), all
 (per_process_batch, seq_len).
@@ -14,6 +15,7 @@ import itertools
 import logging
 import pathlib
 
+import grain
 import jax
 import numpy as np
 
@@ -22,8 +24,8 @@ from jaxgen.data.packing import batch_rows, pack_documents
 from jaxgen.data.pipeline import (
     BatchIterator,
     GrainBatches,
-    prefetched,
     process_rows,
+    stream_batches,
     this_process,
     user_errors_unwrapped,
 )
@@ -118,11 +120,18 @@ def check_holds_one_batch(data: DataConfig, tokenizer: Tokenizer) -> None:
 
 
 def train_batches(data: DataConfig, tokenizer: Tokenizer, shard: Shard) -> GrainBatches:
-    """This process's rows of every global training batch, endless and resumable."""
-    per_process = process_rows(data.batch_size, shard)
-    packed = pack_documents(mixed_documents(data, "train", shard), tokenizer, data.seq_len)
-    batches = batch_rows(packed, per_process.stop - per_process.start)
-    return GrainBatches(prefetched(batches, data.workers, data.prefetch))
+    """This process's rows of every global training batch, endless and resumable.
+
+    Reader stream s packs its own share of the documents into `batch_size / streams` rows
+    of every batch (see `pipeline.stream_batches`).
+    """
+    streams = data.reader_streams
+
+    def stream(reader: Shard) -> grain.IterDataset:
+        packed = pack_documents(mixed_documents(data, "train", reader), tokenizer, data.seq_len)
+        return batch_rows(packed, data.batch_size // streams)
+
+    return stream_batches(stream, data.batch_size, streams, shard, workers=data.workers, prefetch=data.prefetch)
 
 
 def eval_batches(data: DataConfig, tokenizer: Tokenizer, n_batches: int, shard: Shard) -> list[dict[str, np.ndarray]]:

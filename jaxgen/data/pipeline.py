@@ -2,9 +2,16 @@
 
 A pipeline yields *host-local* numpy batches (this process's rows of the global
 batch) and can save and restore its position; `to_global` assembles them into
-one global array with the trainer's batch sharding. `GrainBatches` adapts any
-grain dataset of such batches to that interface, whatever its records are
-(tokens, images).
+one global array with the trainer's batch sharding.
+
+Every global batch is made of `data.streams` reader streams side by side, each
+reading its own share of the documents or records and supplying
+`batch_size / streams` rows. The streams are fixed by the config, not by the
+process count: a process reads only the streams whose rows its devices hold,
+so the global batch of step N is the same on 1 process or 8, and a position
+saved on one process count is re-split onto another (`merged_position`).
+`GrainBatches` adapts such a grain dataset to the trainer, whatever its records
+are (tokens, images).
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import grain
@@ -21,7 +28,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxgen.data.splits import Shard
-from jaxgen.errors import DataError, JaxgenError
+from jaxgen.errors import ConfigError, DataError, JaxgenError
 from jaxgen.sharding import batch_sharding
 
 
@@ -101,6 +108,15 @@ def this_process() -> Shard:
     return Shard(jax.process_index(), jax.process_count())
 
 
+def process_streams(streams: int, shard: Shard) -> range:
+    """The reader streams whose rows the process `shard` supplies (their rows are contiguous)."""
+    if streams % shard.count:
+        raise ConfigError(f"data.streams={streams} must be a multiple of the {shard.count} processes, which share "
+                          f"the streams; set data.streams to a multiple of {shard.count} (this changes the data order)")
+    per = streams // shard.count
+    return range(shard.index * per, (shard.index + 1) * per)
+
+
 def process_rows(global_batch: int, shard: Shard) -> slice:
     """The rows of each global batch that the process `shard` supplies."""
     if global_batch % shard.count:
@@ -123,30 +139,96 @@ def prefetched(dataset: grain.IterDataset, workers: int, buffer: int) -> grain.I
 
 def record_epochs(records: RandomAccessSource, shard: Shard, seed: int | None, what: str,
                   epochs: int | None = None) -> grain.MapDataset:
-    """This process's slice of the records for `epochs` passes (None: endless), shuffled whole every epoch when seeded.
+    """One reader's slice of the records for `epochs` passes (None: endless), shuffled whole every epoch when seeded.
 
-    Unseeded, they come in order. `what` names them in the error for a process that would get none.
+    Unseeded, they come in order. `what` names them in the error for a reader that would get none.
     """
     dataset = grain.MapDataset.source(records)[shard.index::shard.count]
     if len(dataset) == 0:
-        raise DataError(f"{what} holds {len(records)} records, too few for {shard.count} processes to get one each")
+        raise DataError(f"{what} holds {len(records)} records, too few for {shard.count} reader streams "
+                        "(data.streams) to get one each; give more records or set data.streams lower")
     if seed is not None:
         dataset = dataset.shuffle(seed=seed)
     return dataset.repeat(epochs)
 
 
-def record_batches(records: grain.IterDataset, global_batch: int, shard: Shard, *, seed: int,
-                   transforms: Sequence[grain.transforms.Map | grain.transforms.RandomMap] = (),
-                   workers: int = 0, prefetch: int = 4) -> GrainBatches:
-    """This process's rows of endless global batches of whole records, each record transformed first.
+def stream_batches(stream: Callable[[Shard], grain.IterDataset], global_batch: int, streams: int, shard: Shard,
+                   *, workers: int = 0, prefetch: int = 4) -> GrainBatches:
+    """This process's rows of endless global batches, made of `streams` reader streams side by side.
 
-    Random transforms draw from (seed, process, record position), so batches are the same
-    however often the pipeline is restored, and processes do not mirror each other's draws.
+    `stream(Shard(s, streams))` must give reader stream s's batches of `global_batch // streams`
+    rows; it depends on s alone, so the global batch does not depend on the process count.
     """
-    rows = process_rows(global_batch, shard)
-    process_seed = int(np.random.SeedSequence([seed, shard.index]).generate_state(1)[0])
-    dataset = records.seed(process_seed).apply(list(transforms)) if transforms else records
-    return GrainBatches(prefetched(dataset.batch(rows.stop - rows.start, drop_remainder=True), workers, prefetch))
+    mine = process_streams(streams, shard)
+    combined = SideBySide({s: stream(Shard(s, streams)) for s in mine})
+    return GrainBatches(prefetched(combined, workers, prefetch))
+
+
+def record_stream(records: grain.IterDataset, rows: int, stream: Shard, *, seed: int,
+                  transforms: Sequence[grain.transforms.Map | grain.transforms.RandomMap] = ()) -> grain.IterDataset:
+    """Batches of `rows` whole records of one reader stream, each record transformed first.
+
+    Random transforms draw from (seed, stream, record position), so batches are the same
+    however often the pipeline is restored and on any process count, and streams do not
+    mirror each other's draws.
+    """
+    stream_seed = int(np.random.SeedSequence([seed, stream.index]).generate_state(1)[0])
+    dataset = records.seed(stream_seed).apply(list(transforms)) if transforms else records
+    return dataset.batch(rows, drop_remainder=True)
+
+
+class SideBySide(grain.IterDataset):
+    """Batches of several reader streams joined row-wise, in stream order."""
+
+    def __init__(self, streams: dict[int, grain.IterDataset]):
+        super().__init__(list(streams.values()))
+        self.ids = list(streams)
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _SideBySideIterator([iter(parent) for parent in self.parents], self.ids)
+
+    def __str__(self) -> str:
+        return f"SideBySide(streams={self.ids})"
+
+
+class _SideBySideIterator(grain.DatasetIterator):
+    def __init__(self, parents: list[grain.DatasetIterator], ids: list[int]):
+        super().__init__(parents)
+        self.ids = ids
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batches = [next(parent) for parent in self._parents]
+        return {name: np.concatenate([batch[name] for batch in batches]) for name in batches[0]}
+
+    def get_state(self) -> dict[str, Any]:
+        return {STREAMS: {str(s): parent.get_state() for s, parent in zip(self.ids, self._parents)}}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        for s, parent in zip(self.ids, self._parents):
+            parent.set_state(state[STREAMS][str(s)])
+
+
+STREAMS = "streams"
+# grain's multiprocess prefetch interleaves its workers' outputs: its state is the interleave's
+# position plus one state per worker, each holding that worker's share of every stream.
+WORKER_STATES = "iterators_in_use_states"
+
+
+def merged_position(saved: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every process's saved position (in process order) as one, from which any process count resumes.
+
+    A position is {"streams": {stream: state}} plus, with worker processes, the workers'
+    common "interleave" position; every process holds the same one, as all take the same
+    number of batches.
+    """
+    if any(STREAMS not in position for position in saved):
+        raise DataError("the checkpoint's data position was saved by an older jaxgen whose batches depended on the "
+                        "process count; resume it with that version, or start a new run from it with "
+                        "checkpoint.init_from")
+    merged = {**saved[0], STREAMS: {}}
+    for position in saved:
+        merged[STREAMS].update(position[STREAMS])
+    return merged
 
 
 class GrainBatches:
@@ -167,13 +249,47 @@ class GrainBatches:
         # Copies out of grain's worker shared memory, which must not outlive the iterator.
         return {name: np.array(field) for name, field in batch.items()}
 
-    def get_state(self) -> dict[str, str]:
-        # grain's state holds tuples that a JSON round trip would turn into lists (and grain then
-        # misreads), so it travels as a Python literal inside a JSON-safe dict.
-        return {"grain_state": repr(self._holder[0].get_state())}
+    def get_state(self) -> dict[str, Any]:
+        """This process's position: per stream, and the same form whatever the process count."""
+        state = self._holder[0].get_state()
+        if WORKER_STATES not in state:  # read in this process: the state is SideBySide's
+            return {STREAMS: {s: _encoded(st) for s, st in state[STREAMS].items()}}
+        workers = [worker[STREAMS] for worker in state[WORKER_STATES]]
+        return {"interleave": _encoded({k: v for k, v in state.items() if k != WORKER_STATES}),
+                STREAMS: {s: [_encoded(worker[s]) for worker in workers] for s in workers[0]}}
 
-    def set_state(self, state: dict[str, str]) -> None:
-        self._holder[0].set_state(ast.literal_eval(state["grain_state"]))
+    def set_state(self, position: dict[str, Any]) -> None:
+        """Resume from a position of this process, or from `merged_position` of any process count."""
+        mine = self._holder[0].get_state()
+        ids = (mine[WORKER_STATES][0] if WORKER_STATES in mine else mine)[STREAMS]
+        missing = sorted(set(ids) - set(position.get(STREAMS, {})), key=int)
+        if missing:
+            raise DataError(f"the saved data position holds no state for reader streams {missing}; it was "
+                            f"saved with other data.streams than {len(ids) * jax.process_count()}")
+        streams = {s: position[STREAMS][s] for s in ids}
+        if WORKER_STATES not in mine:
+            if "interleave" in position:
+                raise DataError("the saved data position was read by data.workers worker processes; "
+                                "resume with the same data.workers")
+            self._holder[0].set_state({STREAMS: {s: _decoded(st) for s, st in streams.items()}})
+            return
+        workers = len(mine[WORKER_STATES])
+        if "interleave" not in position or any(len(st) != workers for st in streams.values()):
+            raise DataError(f"the saved data position was not read by data.workers={workers} worker processes; "
+                            "resume with the same data.workers")
+        state = _decoded(position["interleave"])
+        state[WORKER_STATES] = [{STREAMS: {s: _decoded(st[w]) for s, st in streams.items()}} for w in range(workers)]
+        self._holder[0].set_state(state)
+
+
+def _encoded(state: Any) -> str:
+    # grain's state holds tuples that a JSON round trip would turn into lists (and grain then
+    # misreads), so it travels as a Python literal inside JSON.
+    return repr(state)
+
+
+def _decoded(text: str) -> Any:
+    return ast.literal_eval(text)
 
 
 def _close_and_drop(holder: list) -> None:

@@ -109,7 +109,8 @@ class _DocumentIterator(grain.DatasetIterator):
             part = stream.holdout.part if stream.holdout else "all"
             raise DataError(
                 f"{stream.name} holds {pos['selected']} documents for the {part} split, too few for "
-                f"{stream.shard.count} readers (processes x workers) to get one each"
+                f"{stream.shard.count} readers (data.streams x data.workers) to get one each; "
+                "give more documents or set data.streams lower"
             )
         pos.update(_START, epoch=pos["epoch"] + 1)
 

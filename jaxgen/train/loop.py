@@ -23,7 +23,7 @@ from jaxgen import __version__
 from jaxgen.checkpoint import Checkpointer, checkpoint_dir, restore_subtree
 from jaxgen.config import Config
 from jaxgen.data.lockstep import next_in_lockstep
-from jaxgen.data.pipeline import to_global
+from jaxgen.data.pipeline import merged_position, to_global
 from jaxgen.device_memory import check_fits
 from jaxgen.errors import EXIT_PREEMPTED, ConfigError, Preempted
 from jaxgen.files import write_atomic
@@ -78,7 +78,7 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
     if resumed is not None:
         task.check_inputs(resumed.meta.get("inputs", {}), meta["inputs"])
         state = resumed.state
-        data.train.set_state(resumed.data_state)
+        data.train.set_state(merged_position(resumed.data_states))  # saved on any process count
         log.info("resumed from %s at step %d", ckpt.directory, resumed.step)
     else:
         state = training.init_state()
