@@ -12,6 +12,7 @@ import pytest
 
 from jaxgen.data.image_batches import held_out_batches, image_set, train_batches
 from jaxgen.data.images import make_shapes, open_images
+from jaxgen.data.pipeline import merged_position
 from jaxgen.data.splits import Shard
 from jaxgen.errors import ConfigError, DataError
 
@@ -132,6 +133,18 @@ def test_digit_batches_mirror_half_the_images_and_resume_exactly():
     resumed = train_batches(open_images(mirrored), mirrored, Shard())
     resumed.set_state(state)
     assert_same_batches(take(resumed, 5), expected)
+
+
+def test_two_processes_hold_the_rows_of_one_process_and_resume_its_position():
+    cfg = tiny_dit_config("data.batch_size=16", "images.hflip=true")
+    one = train_batches(open_images(cfg), cfg, Shard())
+    halves = [train_batches(open_images(cfg), cfg, Shard(i, 2)) for i in range(2)]
+    for whole, *parts in zip(take(one, 3), *(take(h, 3) for h in halves)):
+        assert_same_batches([whole], [{k: np.concatenate([p[k] for p in parts]) for k in whole}])
+    position = merged_position([json.loads(json.dumps(h.get_state())) for h in halves])
+    resumed = train_batches(open_images(cfg), cfg, Shard())
+    resumed.set_state(position)
+    assert_same_batches(take(resumed, 2), take(one, 2))
 
 
 # ----------------------------------------------------------------------------- a TFDS dataset
