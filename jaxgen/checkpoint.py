@@ -223,6 +223,12 @@ class Checkpointer:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            # Orbax's close() does not wait for the clean-up of temporary directories it starts
+            # on opening: a run refused at once would leave it to fail at interpreter shutdown,
+            # printing a traceback after the one-line error.
+            await_cleanup = getattr(self.manager, "_maybe_await_cleanup_tmp_directory", None)
+            if await_cleanup is not None:
+                await_cleanup()
             self.manager.close()
 
     # ------------------------------------------------------------------ restore

@@ -225,15 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     inputs = Parser(add_help=False)
     inputs.add_argument("--input", required=True, metavar="GLOB",
-                        help="text files (a document per line) or .jsonl files; .gz accepted")
-    inputs.add_argument("--field", default="text", help="the document field of .jsonl lines")
+                        help="text files (a document per line), .jsonl or .parquet files; .gz accepted")
+    inputs.add_argument("--field", default="text", help="the document field of .jsonl lines and .parquet files")
     inputs.add_argument("--invalid-utf8", choices=["skip", "error"], default="skip",
                         help="skip lines that are not UTF-8 (counted in a warning) or fail")
 
     data = commands.add_parser("data", help="prepare datasets").add_subparsers(
         dest="action", required=True, parser_class=Parser, metavar="ACTION", help="what to do with data")
     prepare = data.add_parser("prepare", parents=[inputs],
-                              help="convert text/JSONL files into an ArrayRecord dataset (data.path)")
+                              help="convert text/JSONL/Parquet files into an ArrayRecord dataset (data.path)")
     prepare.add_argument("--out", required=True, metavar="DIR", help="new dataset directory")
     prepare.add_argument("--tokenizer", metavar="FILE.model",
                          help="store token ids made with this sentencepiece model instead of text")

@@ -230,7 +230,7 @@ class OptimizerConfig(_Section):
     clip_norm: float | None = Field(1.0, gt=0)
 
 
-SOURCE_KINDS = ("path", "tfds", "array_record", "text", "jsonl")
+SOURCE_KINDS = ("path", "tfds", "array_record", "text", "jsonl", "parquet", "hf")
 
 
 class _SourceFields(_Section):
@@ -247,10 +247,20 @@ class _SourceFields(_Section):
     array_record: str | None = None
     text: str | None = None
     jsonl: str | None = None
-    # The document field of JSONL lines and of TFDS / prepared records.
+    # A glob of Parquet files (local, or a URI pyarrow reads: gs://, s3://, ...); documents
+    # are the `field` column.
+    parquet: str | None = None
+    # A Hugging Face dataset: a save_to_disk directory, a folder of Parquet/JSON/CSV/Arrow
+    # files, or a name datasets.load_dataset finds (cache or Hub); needs the `hf` extra.
+    hf: str | None = None
+    # The configuration of an hf dataset that has several (load_dataset's second argument).
+    hf_config: str | None = None
+    # The document field of JSONL lines, of TFDS / prepared records and the column of
+    # Parquet files and hf datasets.
     field: str = "text"
-    # Split names, for the sources that have splits (path, tfds); the others hold out
-    # every data.eval_every_nth_doc-th document instead.
+    # Split names, for the sources that have splits (path, tfds, hf); the others, and an hf
+    # dataset whose only split is train_split, hold out every data.eval_every_nth_doc-th
+    # document instead.
     train_split: str = "train"
     eval_split: str = "validation"
 
@@ -258,7 +268,7 @@ class _SourceFields(_Section):
     def kinds(self) -> list[str]:
         return [kind for kind in SOURCE_KINDS if getattr(self, kind) is not None]
 
-    @pydantic.field_validator(*SOURCE_KINDS, "tfds_data_dir", "field", "train_split", "eval_split")
+    @pydantic.field_validator(*SOURCE_KINDS, "tfds_data_dir", "hf_config", "field", "train_split", "eval_split")
     @classmethod
     def _not_empty(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():
@@ -297,7 +307,7 @@ class DataConfig(_SourceFields):
     eval_every_nth_doc: int = Field(50, ge=2)
     seed: int = Field(0, ge=0)
     # Streamed sources (text, jsonl) are shuffled within a window of this many documents;
-    # random-access ones (path, tfds, array_record) are shuffled whole, every epoch.
+    # random-access ones (path, tfds, array_record, parquet, hf) are shuffled whole, every epoch.
     shuffle_window: int = Field(10_000, gt=0)
     # Worker processes that tokenize and pack; 0 = a background thread in the trainer.
     workers: int = Field(0, ge=0)
@@ -444,10 +454,32 @@ class DiffusionConfig(_Section):
         return self
 
 
+class WandbConfig(_Section):
+    """Weights & Biases: the run's scalars, loss curve and sample grids; files under RUN_DIR/wandb."""
+
+    project: str = "jaxgen"
+    name: str | None = None  # the W&B run's display name; null = the run directory's name
+    # offline: no network; `wandb sync RUN_DIR/wandb/offline-run-*` uploads later. null = W&B's own
+    # choice ($WANDB_MODE, else online).
+    mode: Literal["online", "offline"] | None = None
+
+
+class MlflowConfig(_Section):
+    """MLflow: the run's scalars, loss curve, sample grids and flattened config (as params)."""
+
+    # null = sqlite:///RUN_DIR/mlflow.db (artifacts in RUN_DIR/mlartifacts). Also sqlite:///PATH,
+    # file:PATH (MLflow's legacy file store) or a tracking server's http(s):// address.
+    tracking_uri: str | None = None
+    experiment: str = "jaxgen"
+
+
 class LoggingConfig(_Section):
     every: int = Field(10, gt=0)
     tensorboard: bool = True
     progress_bar: bool = True
+    # Experiment trackers (optional extras), off unless configured; only process 0 logs.
+    wandb: WandbConfig | None = None
+    mlflow: MlflowConfig | None = None
 
 
 class Config(_Section):
@@ -549,6 +581,9 @@ def _schema_at(loc: tuple) -> type[BaseModel] | None:
             continue
         field = model.model_fields.get(part) if model else None
         annotation = field.annotation if field else None
+        # An optional section (`WandbConfig | None`) holds its section's keys.
+        annotation = next((a for a in typing.get_args(annotation) if isinstance(a, type)
+                           and issubclass(a, BaseModel)), annotation)
         model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
     return model
 

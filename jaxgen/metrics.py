@@ -1,4 +1,4 @@
-"""Where numbers go: JSONL (always), TensorBoard, a loss-curve PNG; throughput and MFU.
+"""Where numbers go: JSONL (always), TensorBoard, a loss-curve PNG, experiment trackers; throughput and MFU.
 
 Only process 0 writes; other processes get a writer that drops everything.
 """
@@ -11,12 +11,17 @@ import math
 import pathlib
 import sys
 import time
+from typing import TYPE_CHECKING, Self
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgen.errors import Preempted
 from jaxgen.files import write_atomic
+
+if TYPE_CHECKING:
+    from jaxgen.trackers import Outcome, Trackers
 
 # Dense bf16 peak FLOP/s per chip from vendor data sheets.
 KNOWN_PEAK_FLOPS = {
@@ -80,14 +85,18 @@ class ThroughputMeter:
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: pathlib.Path, tensorboard: bool, resumed_at: int | None):
+    def __init__(self, run_dir: pathlib.Path, tensorboard: bool, resumed_at: int | None,
+                 trackers: Trackers | None = None):
         """`resumed_at`: the checkpoint step a resumed run continues from; None for a run from step 0.
 
         Records a killed run wrote after that point (or at all, for a run that
         starts over) are dropped, in metrics.jsonl and for TensorBoard, so every
-        step appears once.
+        step appears once. `trackers` (`jaxgen.trackers.open_trackers`) get every
+        record and picture too, and are closed with the writer; as a context
+        manager, the writer tells them how the run ended.
         """
         self.enabled = jax.process_index() == 0
+        self.trackers = trackers
         self.path = run_dir / "metrics.jsonl"
         if self.enabled and self.path.exists():
             kept = [r for r in read_metrics(self.path) if resumed_at is not None and r["step"] <= resumed_at]
@@ -106,15 +115,37 @@ class MetricsWriter:
             f.write(json.dumps(record) + "\n")
         if self._tb:
             self._tb.add_scalars(step, finite)
+        if self.trackers:
+            self.trackers.log_scalars(step, finite)
+
+    def log_image(self, step: int, name: str, png: str | pathlib.Path) -> None:
+        """A picture the run wrote (loss curve, sample grid), for the trackers; TensorBoard gets its own."""
+        if self.enabled and self.trackers:
+            self.trackers.log_image(step, name, pathlib.Path(png))
+
+    def log_pictures(self, step: int, entries: dict) -> None:
+        """The pictures among a task's sample entries (the paths of PNG files), for the trackers."""
+        for name, value in entries.items():
+            if isinstance(value, str) and value.endswith(".png"):
+                self.log_image(step, name, value)
 
     def flush(self) -> None:
         """Make everything written so far durable (at checkpoints and when the run stops)."""
         if self._tb:
             self._tb.flush()
 
-    def close(self) -> None:
+    def close(self, outcome: Outcome = "finished") -> None:
+        """`outcome`: how the run ended, as the trackers record it."""
         if self._tb:
             self._tb.close()
+        if self.trackers:
+            self.trackers.close(outcome)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self.close("finished" if error is None else "preempted" if isinstance(error, Preempted) else "failed")
 
 
 def tensorboardx():

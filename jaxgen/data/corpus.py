@@ -176,13 +176,25 @@ def is_jsonl(path: pathlib.Path) -> bool:
     return ".jsonl" in path.suffixes
 
 
+def is_parquet(path: pathlib.Path) -> bool:
+    return path.suffix == ".parquet"
+
+
 def iter_documents(files: list[pathlib.Path], field: str = "text", invalid_utf8: InvalidUtf8 = "skip") -> Iterator[str]:
-    """Every document of the files once, in order: lines of text files, `field` of `.jsonl` files.
+    """Every document of the files once, in order: lines of text files, `field` of `.jsonl` lines
+    and of `.parquet` files (whose footers are all checked before the first document).
 
     For one-pass readers (tokenizer training, `data prepare`); training streams use streaming.py.
     """
+    from jaxgen.data.parquet import local_parquet  # parquet.py resolves its globs with this module
+
+    parquet = [path for path in files if is_parquet(path)]
+    columns = local_parquet(parquet, field) if parquet else None
     for path in files:
-        yield from _file_documents(path, field if is_jsonl(path) else None, invalid_utf8)
+        if is_parquet(path):
+            yield from columns.file_documents(parquet.index(path))
+        else:
+            yield from _file_documents(path, field if is_jsonl(path) else None, invalid_utf8)
 
 
 def _file_documents(path: pathlib.Path, field: str | None, invalid_utf8: InvalidUtf8) -> Iterator[str]:

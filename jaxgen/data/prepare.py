@@ -1,4 +1,4 @@
-"""`jaxgen data prepare`: text/JSONL files -> a TFDS-style ArrayRecord dataset.
+"""`jaxgen data prepare`: text/JSONL/Parquet files -> a TFDS-style ArrayRecord dataset.
 
 The result is an ordinary TFDS dataset directory (`dataset_info.json`,
 `features.json`, `corpus-{train,validation}.array_record-NNNNN-of-NNNNN`), read

@@ -3,8 +3,9 @@
 A document is text (`str`), or token ids (`np.ndarray`) from a pre-tokenized
 prepared dataset. Random-access sources follow the plain protocol grain reads
 (`pipeline.RandomAccessSource`: `__len__`, `__getitem__(index) -> record`):
-prepared datasets and TFDS datasets (ArrayRecord, through `tfds.data_source`)
-and ArrayRecord files by glob. They are sharded by slicing, so
+prepared datasets and TFDS datasets (ArrayRecord, through `tfds.data_source`),
+ArrayRecord and Parquet files by glob (parquet.py) and Hugging Face datasets
+(hf_datasets.py). They are sharded by slicing, so
 each process reads only its share, and shuffled whole every epoch. Text and
 JSONL files are streamed (see streaming.py) and shuffled within a window.
 """
@@ -20,6 +21,8 @@ import numpy as np
 
 from jaxgen.config import DataConfig, SourceConfig
 from jaxgen.data.corpus import BUNDLED_CORPUS, InvalidUtf8, decode_utf8, resolve_files, warn_once
+from jaxgen.data.hf_datasets import open_hf
+from jaxgen.data.parquet import open_parquet
 from jaxgen.data.pipeline import RandomAccessSource, record_epochs, user_errors_unwrapped
 from jaxgen.data.prepare import PREPARED_MARKER
 from jaxgen.data.splits import HeldOutView, HoldOut, Part, Shard
@@ -32,12 +35,15 @@ Document = str | np.ndarray
 
 
 class RecordDocument(grain.transforms.Map):
-    """A source record -> its document; None (dropped by grain) for invalid UTF-8 when skipping."""
+    """A source record -> its document; None (dropped by grain) for a null (Parquet, hf) and for
+    invalid UTF-8 when skipping."""
 
     def __init__(self, field: str, invalid_utf8: InvalidUtf8, name: str):
         self.field, self.invalid_utf8, self.name = field, invalid_utf8, name
 
     def map(self, record: Any) -> Document | None:
+        if record is None:
+            return None
         if isinstance(record, dict):
             if "tokens" in record:
                 return np.asarray(record["tokens"], np.int32)
@@ -130,8 +136,12 @@ def open_documents(source: DataConfig | SourceConfig, data: DataConfig, part: Pa
         records = open_prepared(source.path, split)
     elif source.tfds is not None:
         records = open_tfds(source.tfds, source.tfds_data_dir, split)
+    elif source.hf is not None:
+        records = open_hf(source, part, data.eval_every_nth_doc)
     else:
-        records = HeldOutView(open_array_records(source.array_record), HoldOut(data.eval_every_nth_doc, part))
+        documents = (open_parquet(source.parquet, source.field) if source.parquet is not None
+                     else open_array_records(source.array_record))
+        records = HeldOutView(documents, HoldOut(data.eval_every_nth_doc, part))
     to_document = RecordDocument(source.field, data.invalid_utf8, name)
     if records is None:
         stream = TfdsTfRecordStream(source.tfds, source.tfds_data_dir, split, shard, seed, epochs)

@@ -117,15 +117,15 @@ class Evaluate:
 class Sample:
     """The task's pictures of progress while training (the final ones come with the summary)."""
 
-    def __init__(self, task: Task, training, data: TaskData, run_dir: pathlib.Path, meter: ThroughputMeter,
-                 progress: Progress):
+    def __init__(self, task: Task, training, data: TaskData, run_dir: pathlib.Path, writer: MetricsWriter,
+                 meter: ThroughputMeter, progress: Progress):
         self.cadence = Cadence(task.sample_every, at_end=False)
         self.task, self.training, self.data, self.run_dir, self.meter = task, training, data, run_dir, meter
-        self.progress = progress
+        self.writer, self.progress = writer, progress
 
     def run(self, step: int) -> None:  # every process takes part: the parameters are sharded
         weights = self.training.layout.models.weights(sampling_params(self.progress.state))
-        self.task.sample(weights, self.data, self.run_dir, step=step)
+        self.writer.log_pictures(step, self.task.sample(weights, self.data, self.run_dir, step=step))
         self.meter.restart(step)
 
 

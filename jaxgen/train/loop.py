@@ -10,6 +10,7 @@ where a value is needed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import pathlib
@@ -30,6 +31,7 @@ from jaxgen.files import write_atomic
 from jaxgen.interrupts import after_ctrl_c
 from jaxgen.metrics import MetricsWriter, ThroughputMeter, peak_flops_per_device, plot_loss_curve
 from jaxgen.sharding import data_parallel_size, make_mesh
+from jaxgen.trackers import open_trackers, require_libraries
 from jaxgen.train.actions import Evaluate, Progress, Sample, Save, StepRecords
 from jaxgen.train.build import Training, build_training
 from jaxgen.train.preemption import PreemptionWatch
@@ -45,6 +47,7 @@ def train(cfg: Config, run_dir: str | pathlib.Path) -> dict:
     Raises `Preempted` after saving when SIGTERM/SIGINT asked the run to stop.
     """
     run_dir, wall_start = pathlib.Path(run_dir), time.perf_counter()
+    require_libraries(cfg.logging)
     mesh = make_mesh(cfg.mesh)
     dp = data_parallel_size(mesh)
     if cfg.data.batch_size % (dp * cfg.train.microbatches):
@@ -53,15 +56,14 @@ def train(cfg: Config, run_dir: str | pathlib.Path) -> dict:
     log.info("mesh %s on %d %s devices", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
     training = build_training(cfg, mesh)  # abstract: nothing is allocated yet
     check_fits("training this model", training.layout.bytes_per_device())
-    with holding(run_dir):
+    with holding(run_dir), contextlib.ExitStack() as closing:  # what the run opens closes however it ends
         ckpt = Checkpointer(checkpoint_dir(run_dir), cfg.checkpoint)
-        try:
-            return _train(cfg, run_dir, training, ckpt, wall_start)
-        finally:
-            ckpt.close()  # a refused start too: Orbax's threads must not outlive it
+        closing.callback(ckpt.close)  # a refused start too: Orbax's threads must not outlive it
+        return _train(cfg, run_dir, training, ckpt, closing, wall_start)
 
 
-def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpointer, wall_start: float) -> dict:
+def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpointer,
+           closing: contextlib.ExitStack, wall_start: float) -> dict:
     # ------------------------------------------------------------------ state: resumed, complete or fresh
     task, layout, mesh = training.task, training.layout, training.mesh
     resumed = starting_point(ckpt, layout.target, cfg, run_dir)
@@ -103,14 +105,15 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
 
     # ------------------------------------------------------------------ actions
     progress = Progress(state=state, last_saved=resumed.step if resumed is not None else None)
-    writer = MetricsWriter(run_dir, cfg.logging.tensorboard, resumed_at=progress.last_saved)
+    trackers = open_trackers(cfg, run_dir, resumed_at=progress.last_saved)  # first: it reads what the writer drops
+    writer = closing.enter_context(MetricsWriter(run_dir, cfg.logging.tensorboard, progress.last_saved, trackers))
     meter = ThroughputMeter(task.units_per_batch(), task.flops_per_unit(), total_peak, start_step)
     bar = tqdm(total=cfg.train.steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=0.5,
                disable=not (jax.process_index() == 0 and cfg.logging.progress_bar))
     records = StepRecords(cfg, task, writer, meter, bar, progress)
     evaluate = Evaluate(cfg, training, eval_set, writer, meter, bar, progress)
     save = Save(cfg, ckpt, meta, writer, progress)
-    actions = [evaluate, Sample(task, training, data, run_dir, meter, progress), save]
+    actions = [evaluate, Sample(task, training, data, run_dir, writer, meter, progress), save]
 
     # ------------------------------------------------------------------ loop
     preemption = PreemptionWatch()
@@ -138,7 +141,6 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
         preemption.close()
         writer.flush()
         ckpt.wait()  # a started save always completes: it is a good checkpoint
-        writer.close()
 
     # ------------------------------------------------------------------ wrap-up
     after_ctrl_c(EXIT_PREEMPTED, f"interrupted after the final checkpoint (step {progress.last_saved}) was saved; "
@@ -159,5 +161,6 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
     if jax.process_index() == 0:
         summary.update(samples)
         plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png", task.loss_name)
+        writer.log_pictures(cfg.train.steps, {**samples, "loss_curve": str(run_dir / "loss_curve.png")})
         write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

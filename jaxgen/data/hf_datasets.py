@@ -1,0 +1,101 @@
+"""Hugging Face `datasets` as a random-access source of documents (the optional extra `hf`).
+
+`data.hf` names a local directory, either written by `save_to_disk` (read with
+`datasets.load_from_disk`) or holding Parquet/JSON/CSV/Arrow files (`datasets.load_dataset`),
+or a dataset that `datasets.load_dataset(name, data.hf_config)` finds in its cache or, with
+a network, on the Hub.
+
+data.train_split and data.eval_split name the splits. A dataset without splits (a saved
+`Dataset`), or whose only split is data.train_split (a folder of files loads as one
+`train` split), holds out every data.eval_every_nth_doc-th document instead, as the other
+sources without splits do; an explicitly set data.eval_split must exist.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+from jaxgen.config import DataConfig, SourceConfig
+from jaxgen.data.splits import HeldOutView, HoldOut, Part
+from jaxgen.errors import ConfigError, DataError, first_line
+
+
+class HfDocuments:
+    """One text column of a `datasets.Dataset`, by index: each value a `str`, or None where it is null.
+
+    Pickles (to grain's worker processes) as the dataset does: by reference to its memory-mapped Arrow files.
+    """
+
+    def __init__(self, dataset: Any, field: str):
+        self.dataset, self.field = dataset.select_columns([field]), field
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> str | None:
+        return self.dataset[int(index)][self.field]
+
+    def __repr__(self) -> str:
+        return f"HfDocuments(column {self.field!r}, {len(self)} rows)"
+
+
+def open_hf(source: DataConfig | SourceConfig, part: Part, every_nth: int):
+    """The documents of `part` in the dataset `source.hf` (a `pipeline.RandomAccessSource`)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError('data.hf needs the datasets library: pip install -e ".[hf]"') from None
+    name = source.hf
+    loaded = _load(datasets, name, source.hf_config)
+    if isinstance(loaded, datasets.Dataset):
+        return HeldOutView(_documents(datasets, loaded, source.field, name), HoldOut(every_nth, part))
+    splits = list(loaded)
+    if source.train_split not in loaded:
+        raise _no_split(name, source.train_split, "data.train_split", splits)
+    if source.eval_split in loaded:
+        split = source.train_split if part == "train" else source.eval_split
+        return _documents(datasets, loaded[split], source.field, name)
+    if splits == [source.train_split] and "eval_split" not in source.model_fields_set:
+        return HeldOutView(_documents(datasets, loaded[source.train_split], source.field, name),
+                           HoldOut(every_nth, part))
+    raise _no_split(name, source.eval_split, "data.eval_split", splits)
+
+
+def _no_split(name: str, split: str, key: str, splits: list[str]) -> DataError:
+    return DataError(f"data.hf {name!r} has no split {split!r} ({key}); it has {splits}")
+
+
+def _load(datasets: Any, name: str, config: str | None) -> Any:
+    """A `Dataset` (no splits) or a `DatasetDict` (splits by name)."""
+    directory = pathlib.Path(name).expanduser()
+    saved = any((directory / marker).is_file() for marker in (
+        datasets.config.DATASETDICT_JSON_FILENAME, datasets.config.DATASET_STATE_JSON_FILENAME))
+    if not directory.exists() and (directory.is_absolute() or name.startswith((".", "~"))):
+        raise DataError(f"data.hf {name!r} does not exist; give a directory written by save_to_disk, "
+                        "a folder of Parquet/JSON/CSV/Arrow files, or a dataset name on the Hugging Face Hub")
+    if saved and config is not None:
+        raise ConfigError(f"data.hf_config {config!r} chooses a configuration of a dataset load_dataset builds; "
+                          f"data.hf {name!r} was written by save_to_disk and has none: leave data.hf_config out")
+    try:
+        if saved:
+            return datasets.load_from_disk(str(directory))
+        return datasets.load_dataset(str(directory) if directory.is_dir() else name, config)
+    except (OSError, ValueError) as err:  # not found, no data files, an unknown configuration, no network
+        config_named = f" (data.hf_config {config!r})" if config is not None else ""
+        where = "" if directory.is_dir() else ", not a local directory,"
+        raise DataError(f"data.hf {name!r}{config_named}{where} cannot be loaded by datasets "
+                        f"({first_line(err)})") from None
+
+
+def _documents(datasets: Any, dataset: Any, field: str, name: str) -> HfDocuments:
+    features = dataset.features
+    if field not in features:
+        raise DataError(f"data.hf {name!r} has no column {field!r} (data.field); it has {list(features)}; "
+                        "set data.field to the column of the text")
+    feature = features[field]
+    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+        kind = feature.dtype if isinstance(feature, datasets.Value) else type(feature).__name__
+        raise DataError(f"data.hf {name!r}: column {field!r} (data.field) holds {kind}, not strings; "
+                        "set data.field to the column of the text")
+    return HfDocuments(dataset, field)

@@ -1,0 +1,250 @@
+"""Experiment trackers: what a run records, forwarded to Weights & Biases and MLflow.
+
+Off unless `logging.wandb` or `logging.mlflow` is configured; each library is an
+optional extra, imported only then. `MetricsWriter` (process 0) forwards every
+record of metrics.jsonl to the trackers at the same step, and the pictures (the
+loss curve, sample grids) as images; the run's config goes in flattened
+(`optimizer.lr`) as the tracker's config or params.
+
+A resumed run continues its tracker runs (their ids are kept in
+RUN_DIR/trackers.json); a run that starts over from step 0 opens new ones. The
+steps a killed run had sent past its last checkpoint come again (the resumed run
+repeats them bit for bit). MLflow stored them at once, so they are not sent
+again. W&B keeps the first copy of a step in a resumed online run by itself, and
+offline, a hard-killed session may not have written its last records (its
+wandb-core process dies with it), so W&B gets them again.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import pathlib
+import time
+import urllib.parse
+from typing import TYPE_CHECKING, Literal, Protocol
+
+import jax
+
+from jaxgen.errors import EXIT_PREEMPTED, ConfigError, first_line
+from jaxgen.files import write_atomic
+
+if TYPE_CHECKING:
+    from jaxgen.config import Config, LoggingConfig, MlflowConfig, WandbConfig
+
+log = logging.getLogger("jaxgen")
+
+STATE_FILE = "trackers.json"
+
+# How a run ended, as the trackers record it: a preempted run is a pause that the same command continues.
+Outcome = Literal["finished", "preempted", "failed"]
+
+
+class Tracker(Protocol):
+    name: str  # its key under `logging`
+    continued: bool  # it continues the tracker run of an earlier start of this run
+    durable: bool  # what it is sent is stored at once, so a resumed run need not send it again
+
+    def log_scalars(self, step: int, values: dict[str, float]) -> None: ...
+
+    def log_image(self, step: int, name: str, png: pathlib.Path) -> None: ...
+
+    def close(self, outcome: Outcome) -> None: ...
+
+
+def require_libraries(cfg: LoggingConfig) -> None:
+    """Refuse, before any work, a configured tracker whose library is not installed."""
+    needed = {}
+    if cfg.wandb is not None:
+        needed["wandb"] = ["wandb"]
+    if cfg.mlflow is not None:
+        needed["mlflow"] = ["mlflow", *(["sqlalchemy", "alembic"] if _is_sqlite(cfg.mlflow.tracking_uri) else [])]
+    for tracker, modules in needed.items():
+        for module in modules:
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                raise ConfigError(f'logging.{tracker} needs the {module} library: pip install -e ".[{tracker}]"') \
+                    from None
+
+
+def open_trackers(cfg: Config, run_dir: pathlib.Path, resumed_at: int | None) -> Trackers:
+    """The trackers `cfg.logging` names, opened on process 0 (none elsewhere).
+
+    Call it before `MetricsWriter` drops a killed run's records: they tell which
+    steps the continued tracker runs already hold.
+    """
+    if jax.process_index() != 0 or (cfg.logging.wandb is None and cfg.logging.mlflow is None):
+        return Trackers([])
+    state_path = run_dir / STATE_FILE
+    stored = json.loads(state_path.read_text()) if resumed_at is not None and state_path.exists() else {}
+    params = flatten(cfg.model_dump(mode="json"))
+    trackers: list[Tracker] = []
+    try:
+        if cfg.logging.wandb is not None:
+            trackers.append(WandbTracker(cfg.logging.wandb, run_dir, params, stored.get("wandb")))
+        if cfg.logging.mlflow is not None:
+            trackers.append(MlflowTracker(cfg.logging.mlflow, run_dir, params, stored.get("mlflow")))
+    except ConfigError:
+        Trackers(trackers).close("failed")  # the ones already open
+        raise
+    write_atomic(state_path, json.dumps({t.name: t.where for t in trackers}, indent=2) + "\n")
+    from jaxgen.metrics import read_metrics
+
+    sent_through = max((r["step"] for r in read_metrics(run_dir / "metrics.jsonl")), default=-1)
+    return Trackers(trackers, {t.name: sent_through for t in trackers if t.continued and t.durable})
+
+
+class Trackers:
+    """The open trackers as one; a tracker that fails says so once, and training goes on without it."""
+
+    def __init__(self, trackers: list[Tracker], sent_through: dict[str, int] | None = None):
+        self.trackers = trackers
+        self._sent_through = sent_through or {}  # per continued tracker: the last step it already holds
+        self._failed: set[str] = set()
+
+    def __bool__(self) -> bool:
+        return bool(self.trackers)
+
+    def log_scalars(self, step: int, values: dict[str, float]) -> None:
+        for tracker in self._working():
+            if step > self._sent_through.get(tracker.name, -1):
+                self._call(tracker, tracker.log_scalars, step, values)
+
+    def log_image(self, step: int, name: str, png: pathlib.Path) -> None:
+        for tracker in self._working():
+            self._call(tracker, tracker.log_image, step, name, png)
+
+    def close(self, outcome: Outcome) -> None:
+        for tracker in self.trackers:  # one that failed too: W&B still finishes what it has on disk
+            self._call(tracker, tracker.close, outcome)
+
+    def _working(self) -> list[Tracker]:
+        return [tracker for tracker in self.trackers if tracker.name not in self._failed]
+
+    def _call(self, tracker: Tracker, method, *args) -> None:
+        try:
+            method(*args)
+        except Exception as err:  # noqa: BLE001 -- an unreachable tracker server must not cost the training run
+            if tracker.name not in self._failed:
+                log.warning("logging.%s failed (%s); training goes on without it", tracker.name, first_line(err))
+            self._failed.add(tracker.name)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"optimizer": {"lr": 0.01}} -> {"optimizer.lr": 0.01}: the config as trackers list hyperparameters."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+class WandbTracker:
+    """A W&B run; its files (offline too) under RUN_DIR/wandb."""
+
+    name, durable = "wandb", False
+
+    def __init__(self, cfg: WandbConfig, run_dir: pathlib.Path, params: dict, stored: dict | None):
+        import wandb
+
+        self.continued = bool(stored and stored.get("project") == cfg.project)
+        try:
+            self.run = wandb.init(project=cfg.project, name=cfg.name or run_dir.absolute().name, mode=cfg.mode,
+                                  dir=str(run_dir.absolute()), config=params,
+                                  **({"id": stored["id"], "resume": "allow"} if self.continued else {}))
+        except Exception as err:
+            raise ConfigError(f"logging.wandb: could not start a W&B run: {first_line(err)}") from err
+        self.where = {"project": cfg.project, "id": self.run.id}
+
+    def log_scalars(self, step: int, values: dict[str, float]) -> None:
+        self.run.log(values, step=step)
+
+    def log_image(self, step: int, name: str, png: pathlib.Path) -> None:
+        import wandb
+
+        self.run.log({name: wandb.Image(str(png))}, step=step)
+
+    def close(self, outcome: Outcome) -> None:
+        if outcome == "preempted":
+            self.run.mark_preempting()
+        self.run.finish(exit_code={"finished": 0, "preempted": EXIT_PREEMPTED, "failed": 1}[outcome])
+
+
+def _is_sqlite(tracking_uri: str | None) -> bool:
+    return tracking_uri is None or tracking_uri.startswith("sqlite:")  # None: the default, RUN_DIR/mlflow.db
+
+
+class MlflowTracker:
+    """An MLflow run: scalars as metrics, pictures as step images, the config as params."""
+
+    name, durable = "mlflow", True
+
+    def __init__(self, cfg: MlflowConfig, run_dir: pathlib.Path, params: dict, stored: dict | None):
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        uri = cfg.tracking_uri or f"sqlite:///{(run_dir / 'mlflow.db').absolute()}"
+        if urllib.parse.urlparse(uri).scheme in ("", "file"):
+            # MLflow 3 keeps its file store behind an opt-in; configuring a file: URI is that opt-in.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.continued = bool(stored and stored.get("tracking_uri") == uri and stored.get("experiment") == cfg.experiment)
+        try:
+            self.client = MlflowClient(uri)
+            if self.continued:
+                try:
+                    run = self.client.get_run(stored["run_id"])
+                except MlflowException as err:  # the store was emptied: start a new run in it
+                    if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                        raise
+                    self.continued = False
+                else:
+                    self.client.update_run(run.info.run_id, status="RUNNING")
+            if not self.continued:
+                experiment = self.client.get_experiment_by_name(cfg.experiment)
+                experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
+                    cfg.experiment, artifact_location=_artifact_location(uri))
+                run = self.client.create_run(experiment_id, run_name=run_dir.absolute().name)
+        except MlflowException as err:
+            raise ConfigError(f"logging.mlflow: could not open a run at tracking_uri {uri!r}: {first_line(err)}") \
+                from err
+        self.run_id = run.info.run_id
+        self.where = {"tracking_uri": uri, "experiment": cfg.experiment, "run_id": self.run_id}
+        self._log_params(params, run.data.params)
+
+    def _log_params(self, params: dict, logged: dict[str, str]) -> None:
+        """Params are fixed once logged (MLflow refuses changes): a resumed run adds only new keys."""
+        from mlflow.entities import Param
+
+        params = {key: str(value) for key, value in params.items()}
+        changed = sorted(key for key in params.keys() & logged.keys() if params[key] != logged[key])
+        if changed:
+            log.warning("logging.mlflow: the run keeps its first values of %s (MLflow params cannot change)",
+                        ", ".join(changed))
+        self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items() if k not in logged])
+
+    def log_scalars(self, step: int, values: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(key, value, now, step) for key, value in values.items()])
+
+    def log_image(self, step: int, name: str, png: pathlib.Path) -> None:
+        from PIL import Image
+
+        with Image.open(png) as image:
+            self.client.log_image(self.run_id, image.copy(), key=name, step=step)
+
+    def close(self, outcome: Outcome) -> None:
+        self.client.set_terminated(self.run_id, {"finished": "FINISHED", "preempted": "KILLED", "failed": "FAILED"}[outcome])
+
+
+def _artifact_location(uri: str) -> str | None:
+    """Beside a local SQLite store (MLflow's own default is ./mlruns under the working directory)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (pathlib.Path(uri.removeprefix("sqlite:///")).absolute().parent / "mlartifacts").as_uri()

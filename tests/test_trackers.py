@@ -1,0 +1,240 @@
+"""Experiment trackers: a run's records reach W&B (offline) and MLflow (file store, SQLite) as metrics.jsonl has them.
+
+Each tracker's records are read back through its own library: W&B's reader of
+its offline run files (`wandb leet inspect --json`) and MLflow's client. Nothing
+touches the network.
+"""
+
+import json
+import logging
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from jaxgen.errors import ConfigError
+from jaxgen.metrics import MetricsWriter, read_metrics
+from jaxgen.trackers import Trackers, flatten
+
+from conftest import TINY_CONFIG, tiny_config
+from helpers import run_jaxgen
+
+OFFLINE = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+TINY = ("train.steps=6", "checkpoint.every=2", "logging.every=1", "train.eval_every=3", "train.sample_tokens=0")
+
+
+@pytest.fixture(scope="module")
+def offline(tmp_path_factory):
+    """No network, and nothing written outside the test's folders."""
+    home = tmp_path_factory.mktemp("tracker-home")
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in OFFLINE.items():
+            mp.setenv(key, value)
+        for key in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+            mp.setenv(key, str(home / key.lower()))
+        mp.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)  # jaxgen opts in for a configured file: URI
+        yield
+
+
+def train(run_dir: pathlib.Path, *overrides: str, crash: tuple[str, int] | None = None) -> None:
+    result = run_jaxgen("train", "--config", str(TINY_CONFIG), "--run-dir", str(run_dir), *TINY, *overrides,
+                        crash=crash)
+    assert result.returncode == (137 if crash else 0), result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def file_store_run(offline, tmp_path_factory):
+    """W&B offline and MLflow's file store, in one uninterrupted run."""
+    run_dir = tmp_path_factory.mktemp("trackers") / "run"
+    train(run_dir, "logging.wandb.mode=offline", f"logging.mlflow.tracking_uri=file:{run_dir.parent / 'mlruns'}",
+          "logging.mlflow.experiment=tiny")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def resumed_run(offline, tmp_path_factory):
+    """W&B offline and MLflow's default SQLite store; killed while saving step 4, then resumed from step 2."""
+    run_dir = tmp_path_factory.mktemp("trackers") / "run"
+    overrides = ("logging.wandb.mode=offline", "logging.wandb.name=resumed", "logging.mlflow={}")
+    train(run_dir, *overrides, crash=("during-save", 4))
+    first = json.loads((run_dir / "trackers.json").read_text())
+    sent_before_kill = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    train(run_dir, *overrides)
+    return run_dir, first, sent_before_kill
+
+
+def jsonl(run_dir: pathlib.Path, key: str) -> list[tuple[int, float]]:
+    return [(r["step"], r[key]) for r in read_metrics(run_dir / "metrics.jsonl") if r.get(key) is not None]
+
+
+def wandb_records(run_dir: pathlib.Path) -> list[list[dict]]:
+    """Each offline W&B session's records, oldest first, through W&B's own reader of its run files."""
+    sessions = []
+    for run_file in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb")):
+        out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_file)],
+                             capture_output=True, text=True, check=True, timeout=120).stdout
+        sessions.append([json.loads(line) for line in out.splitlines() if line.startswith("{")])
+    return sessions
+
+
+def wandb_history(records: list[dict], key: str) -> list[tuple[int, float]]:
+    return [(r["history"]["step"].get("num", 0), r["history"]["item"][key])
+            for r in records if r["type"] == "history" and key in r["history"]["item"]]
+
+
+def mlflow_client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri)
+
+
+def mlflow_history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+# ----------------------------------------------------------------------------- W&B offline
+
+
+def test_wandb_offline_run_records_what_metrics_jsonl_records(file_store_run):
+    [records] = wandb_records(file_store_run)
+    for key in ("loss", "eval_loss", "grad_norm", "lr"):
+        assert wandb_history(records, key) == pytest.approx(jsonl(file_store_run, key)), key
+    [run] = [r["run"] for r in records if r["type"] == "run"]
+    assert run["project"] == "jaxgen" and run["display_name"] == "run"
+    assert run["config"]["update"]["optimizer.lr"] == tiny_config().optimizer.lr  # the config, flattened
+    assert run["run_id"] == json.loads((file_store_run / "trackers.json").read_text())["wandb"]["id"]
+    [exit_record] = [r["exit"] for r in records if r["type"] == "exit"]
+    assert exit_record.get("exit_code", 0) == 0
+
+
+def test_wandb_gets_the_loss_curve_as_an_image(file_store_run):
+    [records] = wandb_records(file_store_run)
+    [(step, kind)] = wandb_history(records, "loss_curve._type")  # the reader shows nested keys dotted
+    [(_, path)] = wandb_history(records, "loss_curve.path")
+    assert step == 6 and kind == "image-file"
+    [run_files] = (file_store_run / "wandb").glob("offline-run-*/files")
+    assert (run_files / path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- MLflow file store
+
+
+def test_mlflow_file_store_records_what_metrics_jsonl_records(file_store_run, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps its file store behind this opt-in
+    stored = json.loads((file_store_run / "trackers.json").read_text())["mlflow"]
+    client = mlflow_client(stored["tracking_uri"])
+    run = client.get_run(stored["run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "run"
+    assert client.get_experiment(run.info.experiment_id).name == "tiny"
+    for key in ("loss", "eval_loss", "grad_norm", "lr"):
+        assert mlflow_history(client, run.info.run_id, key) == pytest.approx(jsonl(file_store_run, key)), key
+    assert run.data.params["optimizer.lr"] == str(tiny_config().optimizer.lr)
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    assert any(path.startswith("images/loss_curve+step+6+") and path.endswith(".png") for path in images), images
+
+
+# ----------------------------------------------------------------------------- resumed: SQLite and W&B
+
+
+def test_resumed_run_continues_the_same_mlflow_run_with_each_step_once(resumed_run):
+    run_dir, first, sent_before_kill = resumed_run
+    assert sent_before_kill == [1, 2, 3, 4]  # steps 3 and 4 were sent, then lost with the unfinished checkpoint
+    stored = json.loads((run_dir / "trackers.json").read_text())
+    assert stored == first
+    assert stored["mlflow"]["tracking_uri"] == f"sqlite:///{run_dir / 'mlflow.db'}"
+    client = mlflow_client(stored["mlflow"]["tracking_uri"])
+    run = client.get_run(stored["mlflow"]["run_id"])
+    assert run.info.status == "FINISHED"
+    assert [run.info.run_id] == [r.info.run_id for r in client.search_runs([run.info.experiment_id])]
+    for key in ("loss", "eval_loss"):
+        assert mlflow_history(client, run.info.run_id, key) == pytest.approx(jsonl(run_dir, key)), key
+    assert [step for step, _ in mlflow_history(client, run.info.run_id, "loss")] == [1, 2, 3, 4, 5, 6]  # once each
+    assert run.info.artifact_uri.startswith((run_dir / "mlartifacts").as_uri())
+
+
+def test_resumed_run_continues_the_same_wandb_run_with_each_step_once(resumed_run):
+    run_dir, first, _ = resumed_run
+    sessions = wandb_records(run_dir)
+    assert len(sessions) == 2  # `wandb sync` uploads both, in order, into one run
+    runs = [r["run"] for records in sessions for r in records if r["type"] == "run"]
+    assert {run["run_id"] for run in runs} == {first["wandb"]["id"]}
+    assert {run["display_name"] for run in runs} == {"resumed"}
+    # The killed session's wandb-core died with it, maybe before writing 3 and 4: they are sent again.
+    assert [step for step, _ in wandb_history(sessions[1], "loss")] == [3, 4, 5, 6]
+    assert wandb_history(sessions[1], "loss") == pytest.approx(jsonl(run_dir, "loss")[-4:])
+
+
+# ----------------------------------------------------------------------------- refusals and failures
+
+
+@pytest.mark.parametrize("override, missing, message", [
+    ("logging.wandb.mode=offline", "wandb", 'logging.wandb needs the wandb library: pip install -e ".[wandb]"'),
+    ("logging.mlflow={}", "mlflow", 'logging.mlflow needs the mlflow library: pip install -e ".[mlflow]"'),
+    ("logging.mlflow={}", "sqlalchemy", 'logging.mlflow needs the sqlalchemy library: pip install -e ".[mlflow]"'),
+])
+def test_a_tracker_without_its_library_is_refused_before_anything_starts(override, missing, message, tmp_path,
+                                                                         monkeypatch):
+    from jaxgen.train.loop import train as train_in_process
+
+    monkeypatch.setitem(sys.modules, missing, None)  # `import` then fails as for a library not installed
+    with pytest.raises(ConfigError) as refused:
+        train_in_process(tiny_config(override), tmp_path / "run")
+    assert str(refused.value) == message
+    assert not (tmp_path / "run").exists()
+
+
+def test_trackers_are_off_unless_configured(tmp_path):
+    from jaxgen.trackers import open_trackers
+
+    assert not open_trackers(tiny_config(), tmp_path, resumed_at=None)
+    assert not (tmp_path / "trackers.json").exists()
+
+
+class FakeTracker:
+    continued, durable = False, True
+
+    def __init__(self, name: str, fails: bool = False):
+        self.name, self.fails, self.calls = name, fails, []
+
+    def log_scalars(self, step, values):
+        self.record("scalars", step, values)
+
+    def log_image(self, step, name, png):
+        self.record("image", step, name, png.name)
+
+    def close(self, outcome):
+        self.record("close", outcome)
+
+    def record(self, *call):
+        if self.fails:
+            raise ConnectionError("tracking server unreachable")
+        self.calls.append(call)
+
+
+def test_a_failing_tracker_warns_once_and_the_others_go_on(tmp_path, caplog):
+    broken, working = FakeTracker("mlflow", fails=True), FakeTracker("wandb")
+    writer = MetricsWriter(tmp_path, tensorboard=False, resumed_at=None, trackers=Trackers([broken, working]))
+    with caplog.at_level(logging.WARNING, logger="jaxgen"), writer:
+        writer.write(1, {"loss": 2.0, "skipped_loss": float("nan")})  # a skipped step's loss stays out
+        writer.write(2, {"loss": 1.5})
+        writer.log_pictures(2, {"samples": str(tmp_path / "samples" / "final.png"), "sample": "And God said"})
+    assert working.calls == [("scalars", 1, {"loss": 2.0}), ("scalars", 2, {"loss": 1.5}),
+                             ("image", 2, "samples", "final.png"), ("close", "finished")]
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert warning == "logging.mlflow failed (tracking server unreachable); training goes on without it"
+
+
+def test_trackers_learn_how_the_run_ended(tmp_path):
+    from jaxgen.errors import Preempted
+
+    for error, outcome in ((Preempted(4), "preempted"), (RuntimeError("boom"), "failed")):
+        tracker = FakeTracker("wandb")
+        with pytest.raises(type(error)), MetricsWriter(tmp_path, False, None, Trackers([tracker])):
+            raise error
+        assert tracker.calls == [("close", outcome)]
+
+
+def test_config_is_flattened_as_trackers_list_hyperparameters():
+    assert flatten({"optimizer": {"lr": 0.01, "betas": [0.9, 0.95]}, "mesh": {}, "seed": 0}) == {
+        "optimizer.lr": 0.01, "optimizer.betas": [0.9, 0.95], "mesh": {}, "seed": 0}
