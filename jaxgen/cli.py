@@ -283,13 +283,15 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", parents=[checkpoint, devices, overrides],
                                  help="write weights for other tools")
     export.add_argument("--format", choices=["hf", "safetensors"], default="hf",
-                        help="hf: a Hugging Face LlamaForCausalLM directory; safetensors: the raw parameter tree")
+                        help="hf: a Hugging Face directory of the model's family (model.family); "
+                             "safetensors: the raw parameter tree")
     export.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="the dtype tensors are written in")
     export.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) output directory")
     export.set_defaults(func=cmd_export)
 
-    import_ = commands.add_parser("import", help="a local Hugging Face Llama checkpoint into a jaxgen run directory")
+    import_ = commands.add_parser("import", help="a local Hugging Face Llama, Mistral, Qwen2, Qwen3 or Gemma 2 "
+                                                 "checkpoint into a jaxgen run directory")
     import_.add_argument("--from", dest="source", required=True, metavar="HF_DIR",
                          help="a directory with config.json, safetensors weights and tokenizer.model")
     import_.add_argument("--out", required=True, metavar="DIR", help="the new run directory to write")

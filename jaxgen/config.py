@@ -51,8 +51,30 @@ RematPolicy = Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_
 AttentionImpl = Literal["auto", "xla", "cudnn", "cpu"]
 
 
+class RopeScaling(_Section):
+    """Llama 3.1's rescaled rotary frequencies for long contexts (Hugging Face rope_type "llama3")."""
+
+    type: Literal["llama3"] = "llama3"
+    # Wavelengths longer than original_max_seq_len / low_freq_factor are stretched by `factor`,
+    # those shorter than original_max_seq_len / high_freq_factor kept, those between interpolated.
+    factor: float = Field(8.0, gt=0)
+    low_freq_factor: float = Field(1.0, gt=0)
+    high_freq_factor: float = Field(4.0, gt=0)
+    original_max_seq_len: int = Field(8192, gt=0)
+
+    @pydantic.model_validator(mode="after")
+    def _check_band(self) -> RopeScaling:
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(f"model.rope_scaling.high_freq_factor={self.high_freq_factor} must exceed "
+                             f"low_freq_factor={self.low_freq_factor}")
+        return self
+
+
+HF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
+
+
 class TransformerConfig(_Section):
-    """Decoder-only Llama-family LM."""
+    """Decoder-only LM: Llama by default; the switches below give Mistral, Qwen2/3 and Gemma 2."""
 
     kind: Literal["transformer"] = "transformer"
     vocab_size: int = Field(2048, gt=0)
@@ -90,6 +112,34 @@ class TransformerConfig(_Section):
     # meanwhile (docs/performance.md). On GPUs and TPUs it would only shrink the matmuls.
     # "auto": 4 when compiling for CPU (2 or 1 if the per-device batch does not divide by 4), else 1.
     batch_slices: Annotated[int, Field(gt=0)] | Literal["auto"] = "auto"
+    # Llama 3.1's rope scaling; null = the plain rotary frequencies of rope_theta.
+    rope_scaling: RopeScaling | None = None
+    # Sliding-window attention (Mistral, Gemma 2): a query sees itself and the sliding_window - 1
+    # tokens before it. null = every query sees the whole prefix.
+    sliding_window: int | None = Field(None, gt=0)
+    # The layers (0-based) that use the window, the others attending globally; null = all of
+    # them (Mistral). Gemma 2 windows the even layers.
+    sliding_window_layers: tuple[int, ...] | None = None
+    # Biases on the query, key and value projections (Qwen2).
+    qkv_bias: bool = False
+    # An RMSNorm over each query and key head, before rotary positions (Qwen3).
+    qk_norm: bool = False
+    # Every RMSNorm multiplies by (1 + scale), its scale starting at 0 (Gemma).
+    norm_unit_offset: bool = False
+    # Token embeddings multiplied by sqrt(d_model) (Gemma).
+    scale_embeddings: bool = False
+    # The MLP's gate: silu (SwiGLU) or tanh-approximated GELU (GeGLU, Gemma).
+    mlp_activation: Literal["silu", "gelu_tanh"] = "silu"
+    # An RMSNorm on the output of attention and of the MLP too, before each residual add (Gemma 2).
+    post_norms: bool = False
+    # Attention scores, and the final logits, squashed into (-c, c) by c * tanh(x / c) (Gemma 2); null = off.
+    attn_logit_softcap: float | None = Field(None, gt=0)
+    final_logit_softcap: float | None = Field(None, gt=0)
+    # Attention scores scaled by query_pre_attn_scalar ** -0.5 rather than head_dim ** -0.5 (Gemma 2).
+    query_pre_attn_scalar: int | None = Field(None, gt=0)
+    # The Hugging Face family `jaxgen export --format hf` writes (config.json's model_type); the
+    # switches above must be ones it has. `jaxgen import` sets it from the checkpoint.
+    family: Literal[HF_FAMILIES] = "llama"
 
     @property
     def resolved_head_dim(self) -> int:
@@ -108,6 +158,20 @@ class TransformerConfig(_Section):
             )
         if self.resolved_head_dim % 2:
             raise ValueError(f"head dimension {self.resolved_head_dim} must be even for rotary embeddings")
+        return self
+
+    @pydantic.model_validator(mode="after")
+    def _check_switches(self) -> TransformerConfig:
+        if self.sliding_window_layers is not None:
+            if self.sliding_window is None:
+                raise ValueError("model.sliding_window_layers needs model.sliding_window (the window's length)")
+            if sorted(set(self.sliding_window_layers)) != list(self.sliding_window_layers) or not all(
+                    0 <= i < self.n_layers for i in self.sliding_window_layers):
+                raise ValueError(f"model.sliding_window_layers={list(self.sliding_window_layers)} must list distinct "
+                                 f"layers in increasing order, each in 0..{self.n_layers - 1}")
+        if self.attention == "cudnn" and self.attn_logit_softcap is not None:
+            raise ValueError("model.attention=cudnn cannot soft-cap attention scores (model.attn_logit_softcap); "
+                             "use model.attention=xla")
         return self
 
 

@@ -94,12 +94,14 @@ def _weight_grad_cpu(x_MK: jax.Array, g_MN: jax.Array) -> jax.Array:
 
 
 def cpu_attention(q_BLHd: jax.Array, k_BLKd: jax.Array, v_BLKd: jax.Array, segments_BL: jax.Array | None,
-                  *, is_causal: bool) -> jax.Array:
+                  window: jax.Array | None = None, *, is_causal: bool, scale: float | None = None,
+                  softcap: float | None = None) -> jax.Array:
     """Same result as `jax.nn.dot_product_attention` (grouped-query heads included), in q's dtype.
 
     The probabilities are kept for the backward pass rather than recomputed flash-style:
     CPU sequences are short, so the L x L square is small, and recomputing it would cost
-    an extra score GEMM.
+    an extra score GEMM. `window` keeps each query to the window - 1 keys before it;
+    `softcap` squashes the scores by softcap * tanh(s / softcap) (its tanh is kept too).
     """
     b, l, h, dh = q_BLHd.shape
     kv = k_BLKd.shape[2]
@@ -108,29 +110,33 @@ def cpu_attention(q_BLHd: jax.Array, k_BLKd: jax.Array, v_BLKd: jax.Array, segme
     q_BKRd = _row_major(q_BLHd.reshape(b, l, kv, h // kv, dh).transpose(0, 2, 3, 1, 4)).reshape(b, kv, -1, dh)
     k_BKTd = _row_major(k_BLKd.transpose(0, 2, 1, 3))
     v_BKTd = _row_major(v_BLKd.astype(q_BLHd.dtype).transpose(0, 2, 1, 3))
-    out_BKRd = _attention(q_BKRd, k_BKTd.astype(q_BLHd.dtype), v_BKTd, segments_BL, is_causal)
+    scale = dh ** -0.5 if scale is None else scale
+    out_BKRd = _attention(q_BKRd, k_BKTd.astype(q_BLHd.dtype), v_BKTd, segments_BL, window, is_causal, scale, softcap)
     return out_BKRd.reshape(b, kv, h // kv, l, dh).transpose(0, 3, 1, 2, 4).reshape(b, l, h, dh)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q_BKRd, k_BKTd, v_BKTd, segments_BL, is_causal):
-    return _attention_fwd(q_BKRd, k_BKTd, v_BKTd, segments_BL, is_causal)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _attention(q_BKRd, k_BKTd, v_BKTd, segments_BL, window, is_causal, scale, softcap):
+    return _attention_fwd(q_BKRd, k_BKTd, v_BKTd, segments_BL, window, is_causal, scale, softcap)[0]
 
 
-def _attention_fwd(q_BKRd, k_BKTd, v_BKTd, segments_BL, is_causal):
-    scale = q_BKRd.shape[-1] ** -0.5
+def _attention_fwd(q_BKRd, k_BKTd, v_BKTd, segments_BL, window, is_causal, scale, softcap):
     # Scores in float32 whatever the compute dtype; masked entries get -inf-like logits.
     s_BKRT = _dot(q_BKRd, k_BKTd, contract=(3, 3)) * scale
-    keep_BKRT = _keep(segments_BL, q_BKRd.shape[2], k_BKTd.shape[2], is_causal)
+    tanh_BKRT = None
+    if softcap is not None:
+        tanh_BKRT = jnp.tanh(s_BKRT / softcap)
+        s_BKRT = softcap * tanh_BKRT
+    keep_BKRT = _keep(segments_BL, window, q_BKRd.shape[2], k_BKTd.shape[2], is_causal)
     s_BKRT = jnp.where(keep_BKRT, s_BKRT, -1e30) if keep_BKRT is not None else s_BKRT
     p_BKRT = jax.nn.softmax(s_BKRT, axis=-1).astype(v_BKTd.dtype)
     out_BKRd = _dot(p_BKRT, v_BKTd, contract=(3, 2)).astype(q_BKRd.dtype)
-    return out_BKRd, (q_BKRd, k_BKTd, v_BKTd, out_BKRd, p_BKRT, segments_BL)
+    return out_BKRd, (q_BKRd, k_BKTd, v_BKTd, out_BKRd, p_BKRT, tanh_BKRT, segments_BL, window)
 
 
-def _attention_bwd(is_causal, residuals, dout_BKRd):
-    q_BKRd, k_BKTd, v_BKTd, out_BKRd, p_BKRT, segments_BL = residuals
-    cd, scale = q_BKRd.dtype, q_BKRd.shape[-1] ** -0.5
+def _attention_bwd(is_causal, scale, softcap, residuals, dout_BKRd):
+    q_BKRd, k_BKTd, v_BKTd, out_BKRd, p_BKRT, tanh_BKRT, segments_BL, window = residuals
+    cd = q_BKRd.dtype
     dout_BKRd = _row_major(dout_BKRd.astype(cd))
     # Key-major (T x R) from here on, so that the two products summing over query rows
     # (dV, dK) take their left operand as is; P and dS each need one transposed copy.
@@ -138,11 +144,15 @@ def _attention_bwd(is_causal, residuals, dout_BKRd):
     dv_BKTd = _dot(p_BKTR, dout_BKRd, contract=(3, 2))
     dp_BKTR = _dot(v_BKTd, dout_BKRd, contract=(3, 3))
     delta_BKR = jnp.sum(dout_BKRd.astype(_F32) * out_BKRd.astype(_F32), axis=-1)  # = rowsum(P * dP)
-    ds_BKTR = (p_BKTR.astype(_F32) * (dp_BKTR - delta_BKR[:, :, None, :]) * scale).astype(cd)
+    ds_BKTR = p_BKTR.astype(_F32) * (dp_BKTR - delta_BKR[:, :, None, :])
+    if softcap is not None:  # through softcap * tanh(s / softcap)
+        ds_BKTR = ds_BKTR * (1 - jnp.swapaxes(tanh_BKRT, -1, -2) ** 2)
+    ds_BKTR = (ds_BKTR * scale).astype(cd)
     dk_BKTd = _dot(ds_BKTR, q_BKRd, contract=(3, 2))
     dq_BKRd = _dot(_row_major(jnp.swapaxes(ds_BKTR, -1, -2)), k_BKTd, contract=(3, 2))
-    segments_grad = None if segments_BL is None else np.zeros(segments_BL.shape, jax.dtypes.float0)
-    return dq_BKRd.astype(cd), dk_BKTd.astype(k_BKTd.dtype), dv_BKTd.astype(v_BKTd.dtype), segments_grad
+    segments_grad, window_grad = (None if x is None else np.zeros(x.shape, jax.dtypes.float0)
+                                  for x in (segments_BL, window))
+    return dq_BKRd.astype(cd), dk_BKTd.astype(k_BKTd.dtype), dv_BKTd.astype(v_BKTd.dtype), segments_grad, window_grad
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -153,17 +163,25 @@ def _dot(a: jax.Array, b: jax.Array, *, contract: tuple[int, int]) -> jax.Array:
     return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((0, 1), (0, 1))), preferred_element_type=_F32)
 
 
-def _keep(segments_BL, rows: int, t: int, is_causal: bool) -> jax.Array | None:
+def _keep(segments_BL, window, rows: int, t: int, is_causal: bool) -> jax.Array | None:
     """Which (query row, key) pairs may attend, broadcastable to [B, K, R, T]."""
     qpos_R = jnp.arange(rows) % t  # rows are (group, position) pairs
     kpos_T = jnp.arange(t)
     keep = None
     if is_causal:
         keep = (qpos_R[:, None] >= kpos_T[None, :])[None, None]
+    if window is not None:
+        near = within_window(qpos_R, kpos_T, window)[None, None]
+        keep = near if keep is None else keep & near
     if segments_BL is not None:
         same = (segments_BL[:, qpos_R][:, :, None] == segments_BL[:, None, :])[:, None]
         keep = same if keep is None else keep & same
     return keep
+
+
+def within_window(q_positions_L: jax.Array, k_positions_T: jax.Array, window: jax.Array) -> jax.Array:
+    """(L, T): whether each key lies fewer than `window` positions before (or anywhere after) each query."""
+    return q_positions_L[:, None] - k_positions_T[None, :] < window
 
 
 def _row_major(a: jax.Array) -> jax.Array:

@@ -168,7 +168,7 @@ class DiT(nnx.Module):
         y_BD = jnp.take(constrain(self.class_embed[...], (None, None)), labels_B, axis=0).astype(jnp.float32)
         c_BD = t_BD + y_BD
 
-        x_BND = run_stacked(self.layers, lambda layer, x: layer(x, c_BD), x_BND,
+        x_BND = run_stacked(self.layers, lambda layer, x, _: layer(x, c_BD), x_BND,
                             scan=cfg.scan_layers, remat_policy=cfg.remat)
         mod = self.final_modulation_bias(self.final_modulation(jax.nn.silu(c_BD)))
         shift_BD, scale_BD = jnp.split(mod, 2, axis=-1)

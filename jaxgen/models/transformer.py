@@ -3,7 +3,9 @@
 RMSNorm, rotary positions, grouped-query causal attention (layers.dot_product_attention:
 a CPU-tuned kernel on CPU, `jax.nn.dot_product_attention` elsewhere, cuDNN flash
 attention on GPUs when asked), SwiGLU MLP, optional tied embeddings, layers stacked
-and scanned.
+and scanned. The config's switches make the same model Mistral (sliding windows),
+Qwen2 (q/k/v biases), Qwen3 (per-head q/k norms) or Gemma 2 ((1 + w) norms, scaled
+embeddings, GeGLU, post-norms, soft-capping, alternating local and global layers).
 
 Shape letters: B batch, L length, D d_model, H query heads, K kv heads,
 Dh head_dim, F d_ff, V vocab. Logical parameter axes: vocab, embed, q_heads,
@@ -14,14 +16,34 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxgen.config import TransformerConfig
-from jaxgen.models.cpu_kernels import matmul, resolve_batch_slices
+from jaxgen.models.cpu_kernels import matmul, resolve_batch_slices, within_window
 from jaxgen.models.layers import (
-    Dtypes, Linear, RMSNorm, apply_rope, dot_product_attention, merge_batch, rope_tables, run_stacked, scan_stacked,
-    split_batch,
+    Dtypes, Linear, RMSNorm, apply_rope, attend, dot_product_attention, merge_batch, rope_frequencies, rope_tables,
+    run_stacked, scan_stacked, split_batch,
 )
+
+# The window of a layer that attends globally, in a model whose other layers slide.
+GLOBAL_WINDOW = 2**30
+
+
+def norm(cfg: TransformerConfig, dim: int, dtypes: Dtypes) -> RMSNorm:
+    return RMSNorm(dim, eps=cfg.norm_eps, param_dtype=dtypes.param, unit_offset=cfg.norm_unit_offset)
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def layer_windows(cfg: TransformerConfig) -> np.ndarray | None:
+    """Each layer's attention window (GLOBAL_WINDOW for a global layer), or None when no layer slides."""
+    if cfg.sliding_window is None:
+        return None
+    sliding = range(cfg.n_layers) if cfg.sliding_window_layers is None else cfg.sliding_window_layers
+    return np.asarray([cfg.sliding_window if i in sliding else GLOBAL_WINDOW for i in range(cfg.n_layers)], np.int32)
 from jaxgen.sharding import constrain
 
 
@@ -30,10 +52,14 @@ class Attention(nnx.Module):
         self.cfg, self.compute_dtype = cfg, dtypes.compute
         d, h, k, dh, std = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim, cfg.init_std
         out_std = std / (2 * cfg.n_layers) ** 0.5  # residual branches start small
-        self.wq = Linear(d, h * dh, ("embed", "q_heads"), std=std, dtypes=dtypes, rngs=rngs)
-        self.wk = Linear(d, k * dh, ("embed", "kv_heads"), std=std, dtypes=dtypes, rngs=rngs)
-        self.wv = Linear(d, k * dh, ("embed", "kv_heads"), std=std, dtypes=dtypes, rngs=rngs)
+        bias = cfg.qkv_bias
+        self.wq = Linear(d, h * dh, ("embed", "q_heads"), std=std, dtypes=dtypes, rngs=rngs, bias=bias)
+        self.wk = Linear(d, k * dh, ("embed", "kv_heads"), std=std, dtypes=dtypes, rngs=rngs, bias=bias)
+        self.wv = Linear(d, k * dh, ("embed", "kv_heads"), std=std, dtypes=dtypes, rngs=rngs, bias=bias)
         self.wo = Linear(h * dh, d, ("q_heads", "embed"), std=out_std, dtypes=dtypes, rngs=rngs)
+        self.q_norm = norm(cfg, dh, dtypes) if cfg.qk_norm else None
+        self.k_norm = norm(cfg, dh, dtypes) if cfg.qk_norm else None
+        self.scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
 
     def project(self, x_BLD: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Queries, keys and values of new tokens, rotated to their positions."""
@@ -43,64 +69,85 @@ class Attention(nnx.Module):
         q_BLHd = self.wq(x_BLD).reshape(b, l, cfg.n_heads, dh)
         k_BLKd = self.wk(x_BLD).reshape(b, l, cfg.n_kv_heads, dh)
         v_BLKd = self.wv(x_BLD).reshape(b, l, cfg.n_kv_heads, dh)
+        if cfg.qk_norm:
+            q_BLHd, k_BLKd = self.q_norm(q_BLHd), self.k_norm(k_BLKd)
         q_BLHd = constrain(apply_rope(q_BLHd, cos, sin), ("act_batch", "act_length", "act_heads", None))
         k_BLKd = constrain(apply_rope(k_BLKd, cos, sin), ("act_batch", "act_length", "act_kv_heads", None))
         v_BLKd = constrain(v_BLKd, ("act_batch", "act_length", "act_kv_heads", None))
         return q_BLHd.astype(cd), k_BLKd.astype(cd), v_BLKd.astype(cd)
 
-    def __call__(self, x_BLD: jax.Array, cos: jax.Array, sin: jax.Array, segments_BL: jax.Array | None) -> jax.Array:
+    def __call__(self, x_BLD: jax.Array, cos: jax.Array, sin: jax.Array, segments_BL: jax.Array | None,
+                 window: jax.Array | None) -> jax.Array:
         q_BLHd, k_BLKd, v_BLKd = self.project(x_BLD, cos, sin)
         # Segments add a same-document mask on top of the causal one.
         out_BLHd = dot_product_attention(q_BLHd, k_BLKd, v_BLKd, is_causal=True, segments_BL=segments_BL,
-                                         implementation=self.cfg.attention)
+                                         implementation=self.cfg.attention, window=window, scale=self.scale,
+                                         softcap=self.cfg.attn_logit_softcap)
         return self.output(out_BLHd)
 
     def output(self, out_BLHd: jax.Array) -> jax.Array:
         b, l, h, dh = out_BLHd.shape
         return self.wo(out_BLHd.reshape(b, l, h * dh))
 
-    def decode(self, x_BLD, cos, sin, cache: tuple[jax.Array, jax.Array], start: jax.Array, key_valid_BT: jax.Array):
+    def decode(self, x_BLD, cos, sin, cache: tuple[jax.Array, jax.Array], start: jax.Array, key_valid_BT: jax.Array,
+               window: jax.Array | None):
         """Attend from L new tokens, written at buffer slots [start, start+L), to everything cached so far."""
         q_BLHd, k_BLKd, v_BLKd = self.project(x_BLD, cos, sin)
         k_BTKd = jax.lax.dynamic_update_slice_in_dim(cache[0], k_BLKd.astype(cache[0].dtype), start, axis=1)
         v_BTKd = jax.lax.dynamic_update_slice_in_dim(cache[1], v_BLKd.astype(cache[1].dtype), start, axis=1)
         l, t = x_BLD.shape[1], k_BTKd.shape[1]
-        causal_LT = jnp.arange(t)[None, :] <= start + jnp.arange(l)[:, None]
+        slots_L, slots_T = start + jnp.arange(l), jnp.arange(t)
+        causal_LT = slots_T[None, :] <= slots_L[:, None]
+        if window is not None:  # slots and positions differ by the row's padding alone
+            causal_LT = causal_LT & within_window(slots_L, slots_T, window)
         mask_B1LT = (causal_LT[None] & key_valid_BT[:, None, :])[:, None]
-        out_BLHd = jax.nn.dot_product_attention(q_BLHd, k_BTKd.astype(q_BLHd.dtype), v_BTKd.astype(q_BLHd.dtype),
-                                                mask=mask_B1LT)
+        out_BLHd = attend(q_BLHd, k_BTKd.astype(q_BLHd.dtype), v_BTKd.astype(q_BLHd.dtype), mask_B1LT,
+                          scale=self.scale, softcap=self.cfg.attn_logit_softcap)
         return self.output(out_BLHd), (k_BTKd, v_BTKd)
+
+
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 
 class MLP(nnx.Module):
     def __init__(self, cfg: TransformerConfig, dtypes: Dtypes, rngs: nnx.Rngs):
+        self.activation = ACTIVATIONS[cfg.mlp_activation]
         d, f, std = cfg.d_model, cfg.d_ff, cfg.init_std
         self.w_gate = Linear(d, f, ("embed", "mlp"), std=std, dtypes=dtypes, rngs=rngs)
         self.w_up = Linear(d, f, ("embed", "mlp"), std=std, dtypes=dtypes, rngs=rngs)
         self.w_down = Linear(f, d, ("mlp", "embed"), std=std / (2 * cfg.n_layers) ** 0.5, dtypes=dtypes, rngs=rngs)
 
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
-        h_BLF = jax.nn.silu(self.w_gate(x_BLD)) * self.w_up(x_BLD)
+        h_BLF = self.activation(self.w_gate(x_BLD)) * self.w_up(x_BLD)
         h_BLF = constrain(h_BLF, ("act_batch", "act_length", "act_mlp"))
         return self.w_down(h_BLF)
 
 
 class Block(nnx.Module):
     def __init__(self, cfg: TransformerConfig, dtypes: Dtypes, rngs: nnx.Rngs):
-        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=dtypes.param)
+        self.attn_norm = norm(cfg, cfg.d_model, dtypes)
         self.attn = Attention(cfg, dtypes, rngs)
-        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=dtypes.param)
+        self.mlp_norm = norm(cfg, cfg.d_model, dtypes)
         self.mlp = MLP(cfg, dtypes, rngs)
+        self.post_attn_norm = norm(cfg, cfg.d_model, dtypes) if cfg.post_norms else None
+        self.post_mlp_norm = norm(cfg, cfg.d_model, dtypes) if cfg.post_norms else None
 
-    def __call__(self, x_BLD: jax.Array, cos: jax.Array, sin: jax.Array, segments_BL: jax.Array | None) -> jax.Array:
-        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), cos, sin, segments_BL)
-        x_BLD = x_BLD + self.mlp(self.mlp_norm(x_BLD))
-        return constrain(x_BLD, ("act_batch", "act_length", "act_embed"))
+    def __call__(self, x_BLD: jax.Array, cos: jax.Array, sin: jax.Array, segments_BL: jax.Array | None,
+                 window: jax.Array | None) -> jax.Array:
+        x_BLD = x_BLD + self.post_norm(self.attn(self.attn_norm(x_BLD), cos, sin, segments_BL, window),
+                                       self.post_attn_norm)
+        return constrain(self.mlp_residual(x_BLD), ("act_batch", "act_length", "act_embed"))
 
-    def decode(self, x_BLD, cos, sin, cache, start, key_valid_BT):
-        attn_BLD, cache = self.attn.decode(self.attn_norm(x_BLD), cos, sin, cache, start, key_valid_BT)
-        x_BLD = x_BLD + attn_BLD
-        return x_BLD + self.mlp(self.mlp_norm(x_BLD)), cache
+    def decode(self, x_BLD, cos, sin, cache, start, key_valid_BT, window):
+        attn_BLD, cache = self.attn.decode(self.attn_norm(x_BLD), cos, sin, cache, start, key_valid_BT, window)
+        return self.mlp_residual(x_BLD + self.post_norm(attn_BLD, self.post_attn_norm)), cache
+
+    def mlp_residual(self, x_BLD: jax.Array) -> jax.Array:
+        return x_BLD + self.post_norm(self.mlp(self.mlp_norm(x_BLD)), self.post_mlp_norm)
+
+    @staticmethod
+    def post_norm(branch_BLD: jax.Array, post: RMSNorm | None) -> jax.Array:
+        return branch_BLD if post is None else post(branch_BLD)
 
 
 class Transformer(nnx.Module):
@@ -118,7 +165,7 @@ class Transformer(nnx.Module):
             return Block(cfg, dtypes, rngs)
 
         self.layers = make_layers(rngs)
-        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=dtypes.param)
+        self.final_norm = norm(cfg, cfg.d_model, dtypes)
         if not cfg.tie_embeddings:
             self.lm_head = Linear(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), std=cfg.init_std, dtypes=dtypes,
                                   rngs=rngs)
@@ -130,18 +177,22 @@ class Transformer(nnx.Module):
         if positions_BL is None:
             positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
         x_BLD = self.embed_tokens(tokens_BL)
-        cos, sin = rope_tables(positions_BL, cfg.resolved_head_dim, cfg.rope_theta)
+        cos, sin = self.rope(positions_BL)
         # Independent batch slices through every layer (model.batch_slices): more
         # matmuls that XLA:CPU can run side by side. One slice is the plain model.
         n = resolve_batch_slices(cfg.batch_slices, tokens_BL.shape[0])
         per_slice = list(zip(split_batch(cos, n), split_batch(sin, n), split_batch(segments_BL, n)))
 
-        def layer_body(layer, xs):
-            return tuple(layer(x, cos, sin, segments) for x, (cos, sin, segments) in zip(xs, per_slice))
+        def layer_body(layer, xs, window):
+            return tuple(layer(x, cos, sin, segments, window) for x, (cos, sin, segments) in zip(xs, per_slice))
 
         xs = run_stacked(self.layers, layer_body, split_batch(x_BLD, n), scan=cfg.scan_layers,
-                         remat_policy=cfg.remat)
+                         remat_policy=cfg.remat, xs=layer_windows(cfg))
         return self.logits(merge_batch(xs))
+
+    def rope(self, positions_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
+        cfg = self.cfg
+        return rope_tables(positions_BL, rope_frequencies(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling))
 
     def logits(self, x_BLD: jax.Array) -> jax.Array:
         x_BLD = self.final_norm(x_BLD)
@@ -149,6 +200,7 @@ class Transformer(nnx.Module):
             logits_BLV = matmul(x_BLD, self.embed[...].T, self.compute_dtype)
         else:
             logits_BLV = self.lm_head(x_BLD)
+        logits_BLV = softcap(logits_BLV, self.cfg.final_logit_softcap)
         return constrain(logits_BLV, ("act_batch", "act_length", "act_vocab"))
 
     def embed_tokens(self, tokens_BL: jax.Array) -> jax.Array:
@@ -156,6 +208,8 @@ class Transformer(nnx.Module):
         # makes the SPMD partitioner fall back to replicating it anyway, less efficiently.
         table_VD = constrain(self.embed[...], (None, None))
         x_BLD = jnp.take(table_VD, tokens_BL, axis=0).astype(jnp.float32)
+        if self.cfg.scale_embeddings:
+            x_BLD = x_BLD * self.cfg.d_model ** 0.5
         return constrain(x_BLD, ("act_batch", "act_length", "act_embed"))
 
     def init_cache(self, batch: int, length: int) -> tuple[jax.Array, jax.Array]:
@@ -170,10 +224,13 @@ class Transformer(nnx.Module):
         `key_valid_BT` marks the slots holding real tokens (False for left padding).
         """
         x_BLD = self.embed_tokens(tokens_BL)
-        cos, sin = rope_tables(positions_BL, self.cfg.resolved_head_dim, self.cfg.rope_theta)
-        x_BLD, cache = scan_stacked(
-            self.layers, lambda layer, x, c: layer.decode(x, cos, sin, c, start, key_valid_BT), x_BLD, cache
-        )
+        cos, sin = self.rope(positions_BL)
+
+        def layer_body(layer, x, cache_and_window):
+            layer_cache, window = cache_and_window
+            return layer.decode(x, cos, sin, layer_cache, start, key_valid_BT, window)
+
+        x_BLD, cache = scan_stacked(self.layers, layer_body, x_BLD, (cache, layer_windows(self.cfg)))
         return self.logits(x_BLD), cache
 
 
@@ -181,7 +238,8 @@ def param_count(cfg: TransformerConfig) -> int:
     """Closed-form parameter count, used by tests and reports."""
     d, f, dh = cfg.d_model, cfg.d_ff, cfg.resolved_head_dim
     attn = d * cfg.n_heads * dh * 2 + d * cfg.n_kv_heads * dh * 2
-    per_layer = attn + 3 * d * f + 2 * d
+    attn += (cfg.n_heads + 2 * cfg.n_kv_heads) * dh * cfg.qkv_bias + 2 * dh * cfg.qk_norm
+    per_layer = attn + 3 * d * f + 2 * d * (1 + cfg.post_norms)
     head = 0 if cfg.tie_embeddings else d * cfg.vocab_size
     return cfg.vocab_size * d + cfg.n_layers * per_layer + d + head
 

@@ -1,4 +1,5 @@
-"""Weights out: raw safetensors for any model, Hugging Face Llama format for LMs.
+"""Weights out: raw safetensors for any model, Hugging Face format for LMs (the model's family: Llama, Mistral,
+Qwen2, Qwen3 or Gemma 2).
 
 Tensors move one at a time (device -> host -> file), so the host never holds
 the whole model twice. The output directory is built under a hidden name and
@@ -24,8 +25,8 @@ from jax.experimental import multihost_utils
 from jaxgen.data.tokenizer import BOS_ID, EOS_ID
 from jaxgen.errors import ExportError
 from jaxgen.files import building
+from jaxgen.outputs.hf_families import flat_params, hf_config, hf_plan
 from jaxgen.outputs.hf_tokenizer import sentencepiece_model, write_hf_tokenizer
-from jaxgen.outputs.llama import flat_params, llama_config, llama_plan
 from jaxgen.outputs.runs import OpenedRun, load_run_config, open_run
 from jaxgen.outputs.safetensors_stream import write_sharded
 from jaxgen.tasks.layout import MAIN_GROUP
@@ -55,12 +56,12 @@ def refuse_nonempty_output(out: str | pathlib.Path) -> None:
 def export_hf(run: OpenedRun, out: str | pathlib.Path, dtype: str = "float32",
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> pathlib.Path:
     """A directory `transformers.AutoModelForCausalLM.from_pretrained` loads."""
-    hf_config = llama_config(run.cfg)  # refuse before writing anything
+    config = hf_config(run.cfg)  # refuse before writing anything
     sentencepiece_model(run.run_dir / "tokenizer.model")
     refuse_nonempty_output(out)
     target = EXPORT_DTYPES[dtype]
     flat = flat_params(run.weights.params[MAIN_GROUP])
-    by_name = {t.hf_name: t for t in llama_plan(run.cfg.model, flat)}
+    by_name = {t.hf_name: t for t in hf_plan(run.cfg.model, flat)}
     specs = [(t.hf_name, t.hf_shape, target) for t in by_name.values()]
 
     def fetch(name: str) -> np.ndarray:
@@ -72,7 +73,7 @@ def export_hf(run: OpenedRun, out: str | pathlib.Path, dtype: str = "float32",
     if jax.process_index() == 0:
         with building(out) as partial:
             write_sharded(partial, "model", specs, fetch, max_shard_bytes)
-            (partial / "config.json").write_text(json.dumps({**hf_config, "torch_dtype": dtype}, indent=2) + "\n")
+            (partial / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype}, indent=2) + "\n")
             (partial / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
             write_hf_tokenizer(run.run_dir / "tokenizer.model", partial, run.cfg.model.max_seq_len)
     else:  # every process takes part in gathering sharded tensors
@@ -108,7 +109,7 @@ def export_run(run_dir: str | pathlib.Path, out: str | pathlib.Path, fmt: str = 
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"unknown export dtype {dtype!r}; valid: {', '.join(EXPORT_DTYPES)}")
     if fmt == "hf":
-        llama_config(load_run_config(run_dir, overrides))  # a DiT fails here, before any restore
+        hf_config(load_run_config(run_dir, overrides))  # a DiT fails here, before any restore
         sentencepiece_model(pathlib.Path(run_dir) / "tokenizer.model")
     refuse_nonempty_output(out)  # before the restore, the expensive part
     run = open_run(run_dir, step, overrides)

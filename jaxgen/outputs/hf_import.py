@@ -1,7 +1,10 @@
-"""A local Hugging Face Llama checkpoint into a jaxgen run directory, trusting none of it.
+"""A local Hugging Face checkpoint into a jaxgen run directory, trusting none of it.
+
+Llama, Mistral, Qwen2, Qwen3 and Gemma 2 checkpoints are read (`hf_families`).
 
 Before anything is written or allocated: config.json is read key by key (a bad
-one is one line naming the file and the key), every tensor's shape and dtype is
+one is one line naming the file and the key; a key jaxgen's transformer cannot
+honour is refused, never dropped), every tensor's shape and dtype is
 taken from the safetensors headers and compared with what the config implies,
 and every file read must lie inside the directory. Pickled weights are never
 loaded. The run directory is built under a hidden name and renamed into place
@@ -26,7 +29,10 @@ from jaxgen.data.tokenizer import BOS_ID, EOS_ID, UNK_ID, Tokenizer
 from jaxgen.errors import ExportError
 from jaxgen.files import building
 from jaxgen.outputs.export import refuse_nonempty_output
-from jaxgen.outputs.llama import LlamaTensor, flat_params, llama_plan
+from jaxgen.outputs.hf_families import (
+    ARCHITECTURES, COMMON_DEFAULTS, COMMON_KEYS, DESCRIPTIVE_KEYS, FAMILIES, REQUIRED_KEYS, ROPE_KEYS, Family, HFTensor,
+    flat_params, hf_plan,
+)
 from jaxgen.outputs.safetensors_stream import StoredTensor, file_inside, read_tensor, stored_tensors
 from jaxgen.sharding import make_mesh, param_path, resolve_rules
 from jaxgen.tasks import make_task
@@ -34,24 +40,18 @@ from jaxgen.tasks.layout import MAIN_GROUP, ModelLayout, plan_models
 
 log = logging.getLogger("jaxgen")
 
-# config.json key -> jaxgen's TransformerConfig field.
-HF_TO_JAXGEN = {
-    "vocab_size": "vocab_size", "hidden_size": "d_model", "num_hidden_layers": "n_layers",
-    "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads", "head_dim": "head_dim",
-    "intermediate_size": "d_ff", "max_position_embeddings": "max_seq_len", "rope_theta": "rope_theta",
-    "rms_norm_eps": "norm_eps", "tie_word_embeddings": "tie_embeddings", "initializer_range": "init_std",
-}
+# config.json key -> jaxgen's TransformerConfig field, for naming fields in messages.
+HF_TO_JAXGEN = {**COMMON_KEYS, **{key: field for f in FAMILIES.values() for key, field in f.keys.items()},
+                "sliding_window": "sliding_window", "layer_types": "sliding_window_layers",
+                "rope_scaling": "rope_scaling"}
 JAXGEN_TO_HF = {field: key for key, field in HF_TO_JAXGEN.items()}
-REQUIRED_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
-# transformers' LlamaConfig defaults, for the keys a config.json may leave out.
-LLAMA_DEFAULTS = {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10_000.0,
-                  "tie_word_embeddings": False, "initializer_range": 0.02}
+LAYER_TYPES = {"sliding_attention": True, "full_attention": False}
 # Each widens exactly into jaxgen's float32 parameters; anything else would lose precision or is not a float.
 IMPORTABLE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def import_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path) -> pathlib.Path:
-    """A jaxgen run directory (config, tokenizer, the parameters as checkpoint 0) from a local Llama checkpoint.
+    """A jaxgen run directory (config, tokenizer, the parameters as checkpoint 0) from a local Hugging Face checkpoint.
 
     The parameters are placed as training places them (the same model layout);
     fine-tune from them with `checkpoint.init_from=OUT`.
@@ -65,7 +65,7 @@ def import_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path) -> pathlib.Pa
                                         "tokenizer": str(out / "tokenizer.model")})
     rules = resolve_rules(cfg.sharding.preset, cfg.sharding.rules)
     layout = plan_models(make_task(cfg), make_mesh(cfg.mesh), rules, cfg.train.seed)  # nothing allocated yet
-    plan = llama_plan(model_cfg, flat_params(layout.abstract[MAIN_GROUP]))
+    plan = hf_plan(model_cfg, flat_params(layout.abstract[MAIN_GROUP]))
     _check_tensors(hf_dir, plan, stored, declared_dtype)
 
     with building(out) as partial:
@@ -97,58 +97,103 @@ def read_hf_config(hf_dir: pathlib.Path) -> tuple[TransformerConfig, str | None]
         raise ExportError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(hf, dict):
         raise ExportError(f"{path} must hold a JSON object, not {type(hf).__name__}")
-    _refuse_non_llama(hf, path)
-    return _transformer_config(hf, path), _declared_dtype(hf, path)
+    family = _family(hf, path)
+    return _transformer_config(hf, path, family), _declared_dtype(hf, path)
 
 
-def _refuse_non_llama(hf: dict, path: pathlib.Path) -> None:
+def _family(hf: dict, path: pathlib.Path) -> str:
+    """The checkpoint's family, refused unless every key of its config.json is one jaxgen honours."""
     architectures = hf.get("architectures") or [hf.get("model_type", "unknown")]
-    if hf.get("model_type") != "llama" or architectures != ["LlamaForCausalLM"]:
-        raise ExportError(
-            f"{path}: architecture {architectures} (model_type {hf.get('model_type')!r}) is not supported; "
-            "jaxgen imports LlamaForCausalLM checkpoints"
-        )
-    unsupported = {
-        "attention_bias": (hf.get("attention_bias", False), False),
-        "mlp_bias": (hf.get("mlp_bias", False), False),
-        "hidden_act": (hf.get("hidden_act", "silu"), "silu"),
-        "rope_scaling": (hf.get("rope_scaling"), None),
-    }
-    for option, (value, supported) in unsupported.items():
-        if value != supported:
-            raise ExportError(f"{path}: {option}={value!r} is not supported by jaxgen (only {supported!r})")
-    rope = _rope_parameters(hf, path)
-    if rope.get("rope_type", "default") != "default":
-        raise ExportError(f"{path}: rope_parameters.rope_type={rope['rope_type']!r} is not supported (only 'default')")
+    name = hf.get("model_type")
+    if name not in FAMILIES or architectures != [FAMILIES[name].architecture]:
+        raise ExportError(f"{path}: architecture {architectures} (model_type {name!r}) is not supported; "
+                          f"jaxgen imports {ARCHITECTURES} checkpoints")
+    family = FAMILIES[name]
+    for key, accepted in family.constants.items():
+        if key in hf and hf[key] not in accepted:
+            raise ExportError(f"{path}: {key}={hf[key]!r} is not supported by jaxgen "
+                              f"(only {' or '.join(map(repr, accepted))})")
+    known = {*COMMON_KEYS, *family.keys, *family.window_keys, *family.constants, *DESCRIPTIVE_KEYS,
+             "rope_parameters", "rope_scaling"}
+    # An option switched off (null or false) changes nothing; any other is one jaxgen would have to drop.
+    unknown = [key for key, value in hf.items() if key not in known and value is not None and value is not False]
+    if unknown:
+        raise ExportError(f"{path}: key {unknown[0]!r} = {hf[unknown[0]]!r} is a {name} option jaxgen's transformer "
+                          "does not have, so the model cannot be imported faithfully")
+    return name
 
 
-def _rope_parameters(hf: dict, path: pathlib.Path) -> dict:
-    """Newer transformers keep rope_theta (and the rope type) in `rope_parameters`."""
-    rope = hf.get("rope_parameters") or {}
-    if not isinstance(rope, dict):
-        raise ExportError(f"{path}: key 'rope_parameters' = {rope!r}: expected an object")
-    return rope
-
-
-def _transformer_config(hf: dict, path: pathlib.Path) -> TransformerConfig:
+def _transformer_config(hf: dict, path: pathlib.Path, name: str) -> TransformerConfig:
     missing = [key for key in REQUIRED_KEYS if hf.get(key) is None]
     if missing:
         raise ExportError(f"{path}: required key {missing[0]!r} is missing")
-    given = {key: value for key, value in hf.items() if key in HF_TO_JAXGEN and value is not None}
-    values = {**LLAMA_DEFAULTS, "num_key_value_heads": hf["num_attention_heads"], **given}
-    if "rope_theta" in _rope_parameters(hf, path):
-        values["rope_theta"] = hf["rope_parameters"]["rope_theta"]
+    family = FAMILIES[name]
+    keys = {**COMMON_KEYS, **family.keys}
+    given = {key: value for key, value in hf.items() if key in keys and value is not None}
+    values = {**COMMON_DEFAULTS, **family.defaults, "num_key_value_heads": hf["num_attention_heads"], **given}
+    fields = {keys[key]: value for key, value in values.items() if key in keys}
+    fields.update(_rope_fields(hf, path), **family.fixed, family=name)
+    model = _validated(fields, path)
+    windows = _window_fields({**family.defaults, **hf}, family, model.n_layers, path)
+    return _validated({**fields, **windows}, path) if windows else model
+
+
+def _validated(fields: dict, path: pathlib.Path) -> TransformerConfig:
     try:
         # strict: a JSON "64" or 64.5 where an integer belongs is refused, not coerced
-        return TransformerConfig.model_validate({HF_TO_JAXGEN[k]: v for k, v in values.items()}, strict=True)
+        return TransformerConfig.model_validate(fields, strict=True)
     except pydantic.ValidationError as err:
         raise ExportError(f"{path}: " + "; ".join(_in_hf_terms(e) for e in err.errors())) from None
+
+
+def _rope_fields(hf: dict, path: pathlib.Path) -> dict:
+    """rope_theta and rope_scaling from `rope_parameters` (newer transformers) or `rope_scaling` (older)."""
+    key = "rope_parameters" if hf.get("rope_parameters") is not None else "rope_scaling"
+    rope = hf.get(key) or {}
+    if not isinstance(rope, dict):
+        raise ExportError(f"{path}: key {key!r} = {rope!r}: expected an object")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ROPE_KEYS:
+        raise ExportError(f"{path}: {key}.rope_type={kind!r} is not supported (only {', '.join(map(repr, ROPE_KEYS))})")
+    if unknown := [name for name in rope if name not in ROPE_KEYS[kind]]:
+        raise ExportError(f"{path}: {key}.{unknown[0]}={rope[unknown[0]]!r} is not supported for rope_type {kind!r}")
+    fields = {"rope_theta": rope["rope_theta"]} if "rope_theta" in rope else {}
+    if kind == "llama3":
+        if absent := [name for name in ROPE_KEYS[kind][3:6] if name not in rope]:
+            raise ExportError(f"{path}: {key}.{absent[0]} is missing (rope_type 'llama3' needs it)")
+        fields["rope_scaling"] = {
+            "factor": rope["factor"], "low_freq_factor": rope["low_freq_factor"],
+            "high_freq_factor": rope["high_freq_factor"],
+            "original_max_seq_len": rope.get("original_max_position_embeddings", hf.get("max_position_embeddings")),
+        }
+    return fields
+
+
+def _window_fields(hf: dict, family: Family, n_layers: int, path: pathlib.Path) -> dict:
+    """sliding_window and sliding_window_layers, read as transformers reads them (defaults merged into `hf`)."""
+    window = hf.get("sliding_window") if family.window_keys else None
+    if "use_sliding_window" in family.window_keys and not hf["use_sliding_window"]:
+        window = None  # Qwen: the window is off without use_sliding_window
+    if window is None:
+        return {}
+    types = hf.get("layer_types")
+    if types is None:
+        sliding = [i for i in range(n_layers) if family.slides(hf, i)]
+    elif isinstance(types, list) and len(types) == n_layers and all(t in LAYER_TYPES for t in types):
+        sliding = [i for i, t in enumerate(types) if LAYER_TYPES[t]]
+    else:
+        raise ExportError(f"{path}: key 'layer_types' = {types!r}: expected a list of {n_layers} entries, each "
+                          f"{' or '.join(map(repr, LAYER_TYPES))}")
+    if not sliding:
+        return {}
+    return {"sliding_window": window, "sliding_window_layers": None if len(sliding) == n_layers else tuple(sliding)}
 
 
 def _in_hf_terms(error: dict) -> str:
     """One pydantic error about jaxgen's fields, told with the config.json keys the user can find."""
     if error["loc"]:
-        return f"key {JAXGEN_TO_HF[error['loc'][0]]!r} = {error['input']!r}: {error['msg']}"
+        key = ".".join([JAXGEN_TO_HF.get(error["loc"][0], error["loc"][0]), *map(str, error["loc"][1:])])
+        return f"key {key!r} = {error['input']!r}: {error['msg']}"
     message = error["msg"].removeprefix("Value error, ")  # a rule across fields names jaxgen's keys
     keys = [f"model.{field} is {key!r}" for key, field in HF_TO_JAXGEN.items() if f"model.{field}=" in message]
     return f"{message} (in config.json, {', '.join(keys)})" if keys else message
@@ -183,7 +228,7 @@ def _checked_tokenizer(hf_dir: pathlib.Path, vocab_size: int) -> pathlib.Path:
 # ----------------------------------------------------------------------------- tensors
 
 
-def _check_tensors(hf_dir: pathlib.Path, plan: list[LlamaTensor], stored: dict[str, StoredTensor],
+def _check_tensors(hf_dir: pathlib.Path, plan: list[HFTensor], stored: dict[str, StoredTensor],
                   declared_dtype: str | None) -> None:
     """Refuse unless the files hold exactly the planned tensors, each of its shape, all of one float dtype."""
     expected = {t.hf_name: t.hf_shape for t in plan}
@@ -217,7 +262,7 @@ def _some(names: list[str]) -> str:
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
-def _imported_params(layout: ModelLayout, plan: list[LlamaTensor], stored: dict[str, StoredTensor]) -> dict:
+def _imported_params(layout: ModelLayout, plan: list[HFTensor], stored: dict[str, StoredTensor]) -> dict:
     """The checked tensors as the model group's parameters, one parameter (all layers) on the host at a time."""
 
     def load(key_path: tuple, abstract: jax.ShapeDtypeStruct, sharding: jax.sharding.Sharding) -> jax.Array:
