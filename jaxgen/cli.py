@@ -341,6 +341,8 @@ def quiet_libraries() -> None:
             return
         if isinstance(error, RuntimeError) and "Event loop is closed" in str(error):  # after a failed Orbax restore
             return
+        if isinstance(error.__cause__, GeneratorExit):  # an abandoned read's coroutine, closed after another failed
+            return  # (Orbax turns even the close into an Exception; the failure itself was reported)
         previous(unraisable)
 
     sys.unraisablehook = hook

@@ -53,6 +53,21 @@ def _disk_of(file_size_limit: int | None):
     return in_child
 
 
+def flip_bytes(path: pathlib.Path, count: int = 64, every: int | None = None) -> None:
+    """Invert `count` bytes in the middle of a file, or `count` in every `every` bytes throughout.
+
+    Orbax packs many arrays into one data file in no fixed order: damage in one place may hit
+    only the optimizer state, which a reader of the parameters never loads. Damage throughout
+    is certain to reach every array bigger than `every`.
+    """
+    data = bytearray(path.read_bytes())
+    starts = range(every // 2, len(data), every) if every else [len(data) // 2]
+    for start in starts:
+        for i in range(start, min(start + count, len(data))):
+            data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 def wait_for(condition, timeout: float = 180, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not condition():

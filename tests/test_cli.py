@@ -156,3 +156,32 @@ def test_ctrl_c_at_any_moment_is_one_line_and_never_a_crash(tmp_path, moment, pr
     final = [line for line in stderr.splitlines() if line.startswith("jaxgen:")]
     assert len(final) == 1, stderr[-2000:]
     assert ("preempted: saved a checkpoint" if status == 75 else "interrupted") in final[0]
+
+
+def test_an_abandoned_read_closed_at_shutdown_prints_nothing():
+    """Orbax's array reads catch BaseException and raise anew, so closing an abandoned read (after another
+    read failed on a damaged checkpoint) raises from GeneratorExit; Python would print that as a traceback."""
+    program = """
+import gc, types
+from jaxgen.cli import quiet_libraries
+quiet_libraries()
+
+@types.coroutine
+def pending_io():
+    yield
+
+async def read():
+    try:
+        await pending_io()
+    except BaseException as e:
+        raise Exception("Encountered error while reading array index") from e
+
+coroutine = read()
+coroutine.send(None)  # suspended mid-read, as a sibling read fails
+del coroutine
+gc.collect()
+print("done")
+"""
+    result = subprocess.run([sys.executable, "-c", program], text=True, capture_output=True, timeout=60, cwd=REPO)
+    assert result.returncode == 0 and result.stdout == "done\n"
+    assert result.stderr == ""

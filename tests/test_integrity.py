@@ -17,6 +17,8 @@ from jaxgen.errors import CheckpointError, NonFiniteError
 from jaxgen.integrity import all_finite, differing, tree_digest
 from jaxgen.metrics import MetricsWriter, read_metrics
 
+from helpers import flip_bytes
+
 
 @pytest.fixture(scope="module")
 def mesh(devices):
@@ -84,23 +86,15 @@ def largest_file(step_dir: pathlib.Path, under: str) -> pathlib.Path:
     return max((p for p in (step_dir / under).rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
 
-def flip(path: pathlib.Path) -> None:
-    data = bytearray(path.read_bytes())
-    middle = len(data) // 2
-    for i in range(middle, min(middle + 64, len(data))):
-        data[i] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
 # What a disk, a bad copy or a hand can do to the newest checkpoint.
 DAMAGE = {
-    "array data file flipped": lambda d: flip(largest_file(d, "state/d")),
-    "array index (ocdbt manifest) flipped": lambda d: flip(d / "state" / "manifest.ocdbt"),
-    "array metadata flipped": lambda d: flip(d / "state" / "_METADATA"),
-    "per-process array metadata flipped": lambda d: flip(next((d / "state" / "array_metadatas").iterdir())),
-    "data position json flipped": lambda d: flip(d / "data" / "metadata"),
-    "run metadata json flipped": lambda d: flip(d / "meta" / "metadata"),
-    "checksum file flipped": lambda d: flip(d / "jaxgen_checksums.json"),
+    "array data file flipped": lambda d: flip_bytes(largest_file(d, "state/d"), count=16, every=1024),
+    "array index (ocdbt manifest) flipped": lambda d: flip_bytes(d / "state" / "manifest.ocdbt"),
+    "array metadata flipped": lambda d: flip_bytes(d / "state" / "_METADATA"),
+    "per-process array metadata flipped": lambda d: flip_bytes(next((d / "state" / "array_metadatas").iterdir())),
+    "data position json flipped": lambda d: flip_bytes(d / "data" / "metadata"),
+    "run metadata json flipped": lambda d: flip_bytes(d / "meta" / "metadata"),
+    "checksum file flipped": lambda d: flip_bytes(d / "jaxgen_checksums.json"),
     "checksum file deleted": lambda d: (d / "jaxgen_checksums.json").unlink(),
     "array data file truncated": lambda d: largest_file(d, "state/d").write_bytes(
         largest_file(d, "state/d").read_bytes()[:100]),
@@ -150,7 +144,7 @@ def test_when_every_checkpoint_is_damaged_nothing_is_set_aside(two_checkpoints, 
     directory = tmp_path / "checkpoints"
     shutil.copytree(source, directory)
     for step in (1, 2):
-        flip(largest_file(directory / str(step), "state/d"))
+        flip_bytes(largest_file(directory / str(step), "state/d"))
     with pytest.raises(DamagedCheckpoint, match=r"every checkpoint in .* is damaged.*/2 .*/1 .*Move"):
         Checkpointer(directory, CheckpointConfig()).restore_newest_intact(target_of(make_state(mesh, 0)))
     assert committed_steps(directory) == [1, 2]
@@ -170,7 +164,7 @@ def test_retention_keeps_the_checkpoint_read_back_intact_until_a_newer_one_is(tw
     source, _ = two_checkpoints
     directory = tmp_path / "checkpoints"
     shutil.copytree(source, directory)
-    flip(largest_file(directory / "2", "state/d"))
+    flip_bytes(largest_file(directory / "2", "state/d"))
     ckpt = Checkpointer(directory, CheckpointConfig(keep=1))
     assert ckpt.restore_newest_intact(target_of(make_state(mesh, 0))).step == 1
     for step in (3, 4, 5):

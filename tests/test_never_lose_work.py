@@ -25,7 +25,7 @@ from jaxgen.sharding import make_mesh
 from jaxgen.train.build import build_training
 
 from conftest import TINY_CONFIG
-from helpers import error_lines, logged_steps, losses, run_jaxgen, start_jaxgen, wait_for
+from helpers import error_lines, flip_bytes, logged_steps, losses, run_jaxgen, start_jaxgen, wait_for
 
 STEPS = 12
 
@@ -75,13 +75,6 @@ def test_a_finished_run_started_again_changes_nothing(straight, tokenizer):
     assert snapshot(run_dir) == before
 
 
-def flip_bytes(path, count=64):
-    data = bytearray(path.read_bytes())
-    for i in range(len(data) // 2, len(data) // 2 + count):
-        data[i] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
 def test_damaged_newest_checkpoint_falls_back_and_training_matches(straight, tokenizer, tmp_path):
     expected = losses(straight[0])
     run_dir = tmp_path / "damaged"
@@ -96,7 +89,7 @@ def test_damaged_newest_checkpoint_falls_back_and_training_matches(straight, tok
 
     for data_file in (run_dir / "checkpoints" / "8" / "state").rglob("d/*"):  # parameters and optimizer state
         if data_file.stat().st_size > 10_000:
-            flip_bytes(data_file)
+            flip_bytes(data_file, count=16, every=1024)
     evaluation = run_jaxgen("eval", "--run-dir", str(run_dir))  # readers refuse it, and change nothing
     assert evaluation.returncode == 2 and "Traceback" not in evaluation.stderr
     [refusal] = error_lines(evaluation.stderr)
