@@ -48,9 +48,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from jaxgen.data.prepare import prepare_dataset
-    from jaxgen.data.tokenizer import Tokenizer
+    from jaxgen.data.tokenizer import load_tokenizer
 
-    tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else None
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     summary = prepare_dataset(args.input, args.out, field=args.field, tokenizer=tokenizer,
                               validation_every_nth=args.validation_every_nth, invalid_utf8=args.invalid_utf8)
     print(json.dumps(summary, indent=2))
@@ -124,7 +124,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     from jaxgen.outputs.hf_import import import_hf
 
     out = import_hf(args.source, args.out)
-    print(f"imported into {out}; fine-tune with checkpoint.init_from={out} data.tokenizer={out}/tokenizer.model")
+    print(f"imported into {out}; fine-tune with checkpoint.init_from={out} data.tokenizer={out}")
     return 0
 
 
@@ -235,8 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = data.add_parser("prepare", parents=[inputs],
                               help="convert text/JSONL/Parquet files into an ArrayRecord dataset (data.path)")
     prepare.add_argument("--out", required=True, metavar="DIR", help="new dataset directory")
-    prepare.add_argument("--tokenizer", metavar="FILE.model",
-                         help="store token ids made with this sentencepiece model instead of text")
+    prepare.add_argument("--tokenizer", metavar="FILE",
+                         help="store token ids made with this tokenizer (a sentencepiece .model or a Hugging Face "
+                              "tokenizer.json) instead of text")
     prepare.add_argument("--validation-every-nth", type=positive_int, default=50, metavar="N",
                          help="every N-th document goes to the validation split")
     prepare.set_defaults(func=cmd_data_prepare)
@@ -293,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     import_ = commands.add_parser("import", help="a local Hugging Face Llama, Mistral, Qwen2, Qwen3 or Gemma 2 "
                                                  "checkpoint into a jaxgen run directory")
     import_.add_argument("--from", dest="source", required=True, metavar="HF_DIR",
-                         help="a directory with config.json, safetensors weights and tokenizer.model")
+                         help="a directory with config.json, safetensors weights and the tokenizer "
+                              "(tokenizer.model, or tokenizer.json with tokenizer_config.json)")
     import_.add_argument("--out", required=True, metavar="DIR", help="the new run directory to write")
     import_.set_defaults(func=cmd_import)
     return parser

@@ -356,8 +356,9 @@ class SourceConfig(_SourceFields):
 class DataConfig(_SourceFields):
     # Several weighted sources instead of the single one above.
     mixture: list[SourceConfig] = Field(default_factory=list)
-    # A sentencepiece model; null = the prepared dataset's own, else train one on the
-    # training documents into the run directory.
+    # A sentencepiece .model, a Hugging Face tokenizer.json (its BOS/EOS from the
+    # tokenizer_config.json beside it), or a directory keeping one (a run or an import);
+    # null = the prepared dataset's own, else train one on the training documents.
     tokenizer: str | None = None
     seq_len: int = Field(128, gt=0)
     # Global batch (all devices, all processes), in sequences.

@@ -13,7 +13,7 @@ from jaxgen.data.packing import batch_rows, pack_documents
 from jaxgen.data.pipeline import merged_position
 from jaxgen.data.sources import mixed_documents, one_pass_documents, open_documents
 from jaxgen.data.splits import HoldOut, Shard
-from jaxgen.data.tokenizer import BOS_ID, EOS_ID
+from jaxgen.data.sentencepiece_tokenizer import BOS_ID, EOS_ID
 from jaxgen.errors import ConfigError
 
 from conftest import tiny_config

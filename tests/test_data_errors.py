@@ -17,7 +17,7 @@ from jaxgen.data.corpus import BUNDLED_CORPUS, iter_documents, resolve_files
 from jaxgen.data.lm import build_lm_data, prepare_tokenizer, train_batches
 from jaxgen.data.sources import one_pass_documents
 from jaxgen.data.splits import Shard
-from jaxgen.data.tokenizer import Tokenizer, train_tokenizer
+from jaxgen.data.tokenizer import SentencepieceTokenizer, load_tokenizer, train_tokenizer
 from jaxgen.errors import DataError
 
 from conftest import REPO, tiny_config
@@ -55,31 +55,35 @@ def verses_with_invalid_utf8(path, bad_lines: list[int]):
 
 # ----------------------------------------------------------------------------- 1. not a tokenizer
 
-NOT_SENTENCEPIECE = {
+NOT_A_TOKENIZER = {
     "random.model": bytes(np.random.default_rng(0).integers(0, 256, 2000, np.uint8)),
     "notes.model": b"hello world\n",
-    "tokenizer.json": json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": {}}}).encode(),
     "empty.model": b"",
+    "tokenizer.json": json.dumps({"version": "1.0", "model": {"type": "NoSuchModel"}}).encode(),
+    "truncated.json": b'{"version": "1.0", "model": {"type": "BPE", "vocab": {"a"',
 }
 
 
-@pytest.mark.parametrize("name", NOT_SENTENCEPIECE)
-def test_a_file_that_is_not_a_sentencepiece_model_is_refused_naming_it(tmp_path, name):
+@pytest.mark.parametrize("name", NOT_A_TOKENIZER)
+def test_a_file_that_is_not_a_tokenizer_is_refused_naming_it(tmp_path, name):
     path = tmp_path / name
-    path.write_bytes(NOT_SENTENCEPIECE[name])
+    path.write_bytes(NOT_A_TOKENIZER[name])
     with pytest.raises(DataError) as err:
-        Tokenizer(path)
+        load_tokenizer(path)
     message = one_line(err)
-    assert str(path) in message and "not a" in message and "sentencepiece" in message and ".model file" in message
-    if name == "tokenizer.json":
-        assert "jaxgen reads sentencepiece .model files" in message
-    with pytest.raises(DataError, match=f"tokenizer file '{path}'"):
-        Tokenizer.from_bytes(NOT_SENTENCEPIECE[name], path)
+    kind = "Hugging Face tokenizer.json" if name.endswith(".json") else "sentencepiece model"
+    assert str(path) in message and f"not a {kind}" in message or f"not a valid {kind}" in message, message
+    assert "sentencepiece .model" in message
+    if name.endswith(".model"):
+        kept = path.parent / "tokenizer.model"
+        with pytest.raises(DataError, match=f"tokenizer file '{kept}'"):  # also when received from process 0
+            SentencepieceTokenizer.from_files({"tokenizer.model": NOT_A_TOKENIZER[name]}, path.parent)
 
 
-def test_a_directory_as_tokenizer_is_refused(tmp_path):
-    with pytest.raises(DataError, match=f"tokenizer file '{tmp_path}' is a directory; give a sentencepiece .model"):
-        Tokenizer(tmp_path)
+def test_a_directory_without_a_tokenizer_is_refused(tmp_path):
+    with pytest.raises(DataError, match=f"tokenizer '{tmp_path}' is a directory without tokenizer.model or "
+                                        "tokenizer.json; give a sentencepiece .model"):
+        load_tokenizer(tmp_path)
 
 
 def test_a_model_with_other_special_ids_is_refused(tmp_path):
@@ -88,27 +92,27 @@ def test_a_model_with_other_special_ids_is_refused(tmp_path):
         spm.SentencePieceTrainer.train(sentence_iterator=iter(VERSES), model_writer=out, vocab_size=200,
                                        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
     with pytest.raises(DataError) as err:
-        Tokenizer(proto)
+        load_tokenizer(proto)
     assert one_line(err) == (f"tokenizer file '{proto}' has special ids unk=2, bos=-1, eos=1 (-1: none), jaxgen needs "
-                             "unk=0, bos=1, eos=2; give a sentencepiece .model file, e.g. one written by "
-                             "`jaxgen tokenizer train`")
+                             "unk=0, bos=1, eos=2; give a sentencepiece .model (e.g. from `jaxgen tokenizer "
+                             "train`) or a Hugging Face tokenizer.json")
 
 
 def test_a_model_with_fewer_pieces_than_the_special_ones_is_refused(tmp_path, tokenizer):
-    model = sentencepiece_model_pb2.ModelProto.FromString(tokenizer.model_bytes)
+    model = sentencepiece_model_pb2.ModelProto.FromString(tokenizer.files()["tokenizer.model"])
     del model.pieces[2:]
     model.trainer_spec.byte_fallback = False  # else sentencepiece itself refuses the missing byte pieces
     path = tmp_path / "two.model"
     path.write_bytes(model.SerializeToString())
     with pytest.raises(DataError, match=f"'{path}' has 2 pieces, fewer than the 3 special pieces"):
-        Tokenizer(path)
+        load_tokenizer(path)
 
 
-def test_train_refuses_a_tokenizer_json_in_one_line(tmp_path):
-    (tmp_path / "tokenizer.json").write_bytes(NOT_SENTENCEPIECE["tokenizer.json"])
+def test_train_refuses_a_broken_tokenizer_json_in_one_line(tmp_path):
+    (tmp_path / "tokenizer.json").write_bytes(NOT_A_TOKENIZER["tokenizer.json"])
     error = jaxgen_fails("train", "--config", str(REPO / "configs/lm_tiny.yaml"), "--run-dir", str(tmp_path / "run"),
                          "data.tokenizer=tokenizer.json", "train.steps=1", cwd=tmp_path)
-    assert error.startswith("jaxgen: error: tokenizer file 'tokenizer.json' is JSON")
+    assert error.startswith("jaxgen: error: tokenizer file 'tokenizer.json' is not a Hugging Face tokenizer.json (")
 
 
 # ----------------------------------------------------------------------------- 2. vocabulary too large

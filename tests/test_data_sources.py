@@ -16,7 +16,7 @@ from jaxgen.data.lm import build_lm_data, prepare_tokenizer, train_batches
 from jaxgen.data.prepare import prepare_dataset
 from jaxgen.data.sources import one_pass_documents
 from jaxgen.data.splits import Shard
-from jaxgen.data.tokenizer import Tokenizer, train_tokenizer
+from jaxgen.data.tokenizer import load_tokenizer, train_tokenizer
 from jaxgen.errors import ConfigError, DataError
 
 from conftest import REPO, tiny_config
@@ -134,7 +134,7 @@ def test_cli_trains_a_tokenizer_and_prepares_a_pretokenized_dataset(jsonl_corpus
 
     out = json.loads(jaxgen("tokenizer", "train", "--input", str(BUNDLED_CORPUS), "--vocab-size", "400",
                             "--model-type", "unigram", "--out", str(tmp_path / "t.model")).stdout)
-    assert out["vocab_size"] == 400 and Tokenizer(tmp_path / "t.model").sha256 == out["sha256"]
+    assert out["vocab_size"] == 400 and load_tokenizer(tmp_path / "t.model").sha256 == out["sha256"]
     result = jaxgen("data", "prepare", "--input", f"{jsonl_corpus}/*.jsonl.gz", "--field", "body",
                     "--tokenizer", str(tmp_path / "t.model"), "--out", str(tmp_path / "ds"))
     assert json.loads(result.stdout)["tokenizer"]["vocab_size"] == 400

@@ -16,15 +16,16 @@ from flax import nnx
 from sentencepiece import sentencepiece_model_pb2
 
 from jaxgen.data.corpus import BUNDLED_CORPUS, iter_documents
-from jaxgen.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from jaxgen.data.sentencepiece_tokenizer import BOS_ID, EOS_ID
+from jaxgen.data.tokenizer import load_tokenizer
 from jaxgen.errors import ExportError
 from jaxgen.metrics import read_metrics
 from jaxgen.models import build_model
 from jaxgen.outputs.export import export_hf, export_run
 from jaxgen.outputs.hf_import import import_hf
-from jaxgen.outputs.hf_tokenizer import write_hf_tokenizer
+from jaxgen.outputs.hf_tokenizer import write_sentencepiece_as_hf
 from jaxgen.outputs.runs import open_run
-from jaxgen.tasks.decode import Sampling, generate, sample_logits
+from jaxgen.tasks.decode import Sampling, Vocabulary, generate, sample_logits
 
 from conftest import REPO, TINY_CONFIG, tiny_config
 from helpers import jaxgen_cli
@@ -110,7 +111,7 @@ def assert_tokenizes_like(hf_tokenizer, ours, texts):
 
 def test_hf_tokenizer_tokenizes_and_decodes_like_jaxgen(trained, hf_export):
     transformers = pytest.importorskip("transformers")
-    ours = Tokenizer(trained / "tokenizer.model")
+    ours = load_tokenizer(trained / "tokenizer.model")
     for use_fast in (True, False):  # transformers 5 ignores use_fast: both load tokenizer.json
         hf_tokenizer = transformers.AutoTokenizer.from_pretrained(hf_export, use_fast=use_fast)
         assert_tokenizes_like(hf_tokenizer, ours, [*TEXTS, "<s> and </s> are text to jaxgen"])
@@ -128,7 +129,7 @@ def test_hf_tokenizer_follows_the_sentencepiece_settings(settings, tmp_path):
             "unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": -1, "num_threads": 2, "minloglevel": 2, **settings}
     documents = itertools.islice(iter_documents([BUNDLED_CORPUS]), 1000)
     spm.SentencePieceTrainer.train(sentence_iterator=documents, model_prefix=str(tmp_path / "t"), **spec)
-    write_hf_tokenizer(tmp_path / "t.model", tmp_path, max_len=64)
+    write_sentencepiece_as_hf(tmp_path / "t.model", tmp_path, max_len=64)
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
     if settings.get("normalization_rule_name") == "nmt_nfkc":  # lossy: compare with sentencepiece's own decoding
         sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "t.model"))
@@ -137,7 +138,7 @@ def test_hf_tokenizer_follows_the_sentencepiece_settings(settings, tmp_path):
         assert hf_tokenizer(texts, add_special_tokens=False)["input_ids"] == ids
         assert [hf_tokenizer.decode(i) for i in ids] == sp.decode(ids)
     else:
-        assert_tokenizes_like(hf_tokenizer, Tokenizer(tmp_path / "t.model"), TEXTS)
+        assert_tokenizes_like(hf_tokenizer, load_tokenizer(tmp_path / "t.model"), TEXTS)
 
 
 def test_hf_generate_warns_nothing_and_pads_on_the_left(hf_export):
@@ -211,7 +212,8 @@ def test_kv_cache_generation_equals_full_recomputation():
     model = build_model(cfg.model, nnx.Rngs(3))
     graphdef, params = nnx.split(model)
     prompts = [[1, 5, 9, 33, 100, 7], [1, 77], [1, 300, 12, 40]]
-    cached = generate(graphdef, nnx.to_pure_dict(params), prompts, 10, Sampling(temperature=0))
+    cached = generate(graphdef, nnx.to_pure_dict(params), prompts, 10, Vocabulary(EOS_ID, cfg.model.vocab_size),
+                      Sampling(temperature=0))
 
     # Causal, so the logits at t of a zero-padded fixed buffer are those of the prefix: one compile.
     forward = jax.jit(lambda tokens: model(tokens))

@@ -32,10 +32,20 @@ from jaxgen.data.pipeline import (
 from jaxgen.data.prepare import read_prepared_metadata
 from jaxgen.data.sources import describe, mixed_documents, one_pass_documents
 from jaxgen.data.splits import Shard
-from jaxgen.data.tokenizer import MAX_TRAINING_SENTENCES, Tokenizer, train_tokenizer
+from jaxgen.data.tokenizer import (
+    MAX_TRAINING_SENTENCES,
+    SentencepieceTokenizer,
+    Tokenizer,
+    files_as_bytes,
+    files_from_bytes,
+    keep_tokenizer,
+    load_tokenizer,
+    tokenizer_file_in,
+    tokenizer_from_files,
+    train_tokenizer,
+)
 from jaxgen.distributed import bytes_from_process_0
 from jaxgen.errors import ConfigError, DataError
-from jaxgen.files import write_atomic
 
 log = logging.getLogger("jaxgen")
 
@@ -54,19 +64,18 @@ def prepared_datasets(data: DataConfig) -> list[dict]:
 
 
 def prepare_tokenizer(cfg: Config, run_dir: pathlib.Path) -> Tokenizer:
-    """The run's tokenizer, always stored in the run directory so the run is self-contained.
+    """The run's tokenizer, always kept in the run directory so the run is self-contained.
 
     A resumed run keeps the one in its run directory; a new run takes data.tokenizer if set,
     else the one a pre-tokenized prepared dataset carries, else one trained on the training
-    documents. Process 0 decides and sends the model to the others, so run directories need
+    documents. Process 0 decides and sends the files to the others, so run directories need
     not be shared and no process reads a half-written file.
     """
-    target = run_dir / "tokenizer.model"
     pretokenized = [d for d in prepared_datasets(cfg.data) if d["tokenizer"]]
-    given = cfg.data.tokenizer or (str(pathlib.Path(pretokenized[0]["path"]) / "tokenizer.model") if pretokenized else None)
-    model_bytes = tokenizer_on_process_0(cfg, target, given) if jax.process_index() == 0 else None
-    tokenizer = Tokenizer.from_bytes(bytes_from_process_0(model_bytes), target)
-    check_vocab_size(tokenizer, cfg, given or str(target))
+    given = cfg.data.tokenizer or (pretokenized[0]["path"] if pretokenized else None)
+    files = tokenizer_on_process_0(cfg, run_dir, given) if jax.process_index() == 0 else None
+    tokenizer = tokenizer_from_files(files_from_bytes(bytes_from_process_0(files and files_as_bytes(files))), run_dir)
+    check_vocab_size(tokenizer, cfg, given or str(tokenizer.path))
     for dataset in pretokenized:
         if dataset["tokenizer"]["sha256"] != tokenizer.sha256:
             raise DataError(
@@ -77,32 +86,35 @@ def prepare_tokenizer(cfg: Config, run_dir: pathlib.Path) -> Tokenizer:
 
 
 def check_vocab_size(tokenizer: Tokenizer, cfg: Config, name: str) -> None:
-    if tokenizer.vocab_size != cfg.model.vocab_size:
-        raise ConfigError(
-            f"tokenizer {name!r} has {tokenizer.vocab_size} pieces but model.vocab_size="
-            f"{cfg.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size}"
-        )
+    """The model must have a logit for every token; a Hugging Face model may have more (published ones pad)."""
+    size, wanted = tokenizer.vocab_size, cfg.model.vocab_size
+    if tokenizer.kind == "hf_json" and wanted < size:
+        raise ConfigError(f"tokenizer {name!r} has {size} tokens but model.vocab_size={wanted}; "
+                          f"set model.vocab_size to at least {size}")
+    if tokenizer.kind == "sentencepiece" and wanted != size:
+        raise ConfigError(f"tokenizer {name!r} has {size} pieces but model.vocab_size={wanted}; "
+                          f"set model.vocab_size={size}")
 
 
-def tokenizer_on_process_0(cfg: Config, target: pathlib.Path, given: str | None) -> bytes:
-    """The model bytes of the run's tokenizer, written to `target` if not there yet."""
-    if target.exists():  # a resumed run keeps the tokenizer it was trained with
-        kept = Tokenizer(target)
-        if given is not None and Tokenizer(given).sha256 != kept.sha256:
+def tokenizer_on_process_0(cfg: Config, run_dir: pathlib.Path, given: str | None) -> dict[str, bytes]:
+    """The files of the run's tokenizer, kept in `run_dir` if not there yet."""
+    if (kept_file := tokenizer_file_in(run_dir)) is not None:  # a resumed run keeps the tokenizer it was trained with
+        kept = load_tokenizer(kept_file)
+        if given is not None and load_tokenizer(given).sha256 != kept.sha256:
             raise ConfigError(
                 f"data.tokenizer={given!r} differs from the tokenizer this run directory was trained with "
-                f"({target}); resume with the checkpoint's tokenizer or choose another --run-dir"
+                f"({kept_file}); resume with the checkpoint's tokenizer or choose another --run-dir"
             )
-        return kept.model_bytes
+        return kept.files()
     if given is not None:
-        tokenizer = Tokenizer(given)
+        tokenizer = load_tokenizer(given)
         check_vocab_size(tokenizer, cfg, given)  # before it is copied in: a refused start leaves no trace
-        write_atomic(target, tokenizer.model_bytes)
-        return tokenizer.model_bytes
+        keep_tokenizer(tokenizer, run_dir)
+        return tokenizer.files()
     documents = itertools.islice(one_pass_documents(cfg.data, "train"), MAX_TRAINING_SENTENCES)
     sources = ", ".join(describe(source) for source in cfg.data.mixture or [cfg.data])
-    return train_tokenizer(documents, cfg.model.vocab_size, target, source=f"the training documents of {sources}",
-                           vocab_option="model.vocab_size").model_bytes
+    return train_tokenizer(documents, cfg.model.vocab_size, run_dir / SentencepieceTokenizer.file_name,
+                           source=f"the training documents of {sources}", vocab_option="model.vocab_size").files()
 
 
 def check_holds_one_batch(data: DataConfig, tokenizer: Tokenizer) -> None:

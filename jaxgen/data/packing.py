@@ -1,6 +1,7 @@
 """Documents -> next-token training rows: tokenize, pack, batch.
 
-Each document becomes `inputs = [BOS, t1..tn]` and `targets = [t1..tn, EOS]`, so
+Each document becomes `inputs = [BOS, t1..tn]` and `targets = [t1..tn, EOS]` (the
+tokenizer's BOS and EOS ids), so
 every token is predicted exactly once however documents are cut. Packing is
 grain's concatenate-and-split: documents are laid end to end and cut every
 `seq_len` tokens, a document crossing a cut continuing in the next row.
@@ -14,7 +15,7 @@ from __future__ import annotations
 import grain
 import numpy as np
 
-from jaxgen.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from jaxgen.data.tokenizer import Tokenizer
 
 
 class TokenizeDocument(grain.transforms.Map):
@@ -26,8 +27,8 @@ class TokenizeDocument(grain.transforms.Map):
     def map(self, document: str | np.ndarray) -> dict[str, np.ndarray]:
         ids = self.tokenizer.encode_document(document) if isinstance(document, str) else document.astype(np.int32)
         return {
-            "inputs": np.concatenate([np.array([BOS_ID], np.int32), ids]),
-            "targets": np.concatenate([ids, np.array([EOS_ID], np.int32)]),
+            "inputs": np.concatenate([np.array([self.tokenizer.bos_id], np.int32), ids]),
+            "targets": np.concatenate([ids, np.array([self.tokenizer.eos_id], np.int32)]),
         }
 
 

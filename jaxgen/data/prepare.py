@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import pathlib
-import shutil
 import socket
 from collections.abc import Iterator
 
@@ -36,7 +35,7 @@ from tqdm.auto import tqdm
 
 from jaxgen.data.corpus import InvalidUtf8, iter_documents, resolve_files
 from jaxgen.data.splits import HoldOut
-from jaxgen.data.tokenizer import Tokenizer
+from jaxgen.data.tokenizer import Tokenizer, keep_tokenizer
 from jaxgen.errors import DataError
 from jaxgen.files import DirectoryLock, building, write_atomic
 
@@ -204,7 +203,7 @@ def _write_dataset(files: list[pathlib.Path], input_pattern: str, partial: pathl
     summary = {"input": input_pattern, "files": len(files), "documents": counts,
                "validation_every_nth": validation_every_nth, "tokenizer": None}
     if tokenizer:
-        shutil.copyfile(tokenizer.path, partial / "tokenizer.model")
+        keep_tokenizer(tokenizer, partial)
         summary["tokenizer"] = {"sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size, "tokens": n_tokens}
     _verify(partial, writers, out)
     _sync_files(partial)

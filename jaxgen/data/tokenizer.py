@@ -1,194 +1,99 @@
-"""Sentencepiece tokenizer: lossless training settings and a thin wrapper.
+"""The run's tokenizer: a sentencepiece `.model` or a Hugging Face `tokenizer.json`, behind one interface.
 
-Ids follow the Llama convention (unk=0, bos=1, eos=2) so exports need no remap.
+Which one a file is follows from its contents, not its name. A run directory (and a
+prepared dataset) keeps its tokenizer's files under fixed names, so the run says
+which kind it was trained with and stays self-contained.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
+import base64
+import json
 import pathlib
-import re
-from collections.abc import Iterable, Iterator
-from typing import Literal
+from typing import Protocol
 
 import numpy as np
-import sentencepiece as spm
 
+from jaxgen.data.hf_json_tokenizer import CONFIG_NAME, HFJsonTokenizer
+from jaxgen.data.sentencepiece_tokenizer import (  # noqa: F401  (what callers of jaxgen.data.tokenizer use)
+    GIVE_A_TOKENIZER,
+    MAX_TRAINING_SENTENCES,
+    SentencepieceTokenizer,
+    train_tokenizer,
+)
 from jaxgen.errors import DataError
 from jaxgen.files import write_atomic
 
-UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
-SPECIAL_IDS = {"unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID}
+KINDS = (SentencepieceTokenizer, HFJsonTokenizer)
 
 
-ModelType = Literal["bpe", "unigram"]
-
-# Sentencepiece holds its training sentences in memory; beyond this many it trains on a
-# uniform sample of them, so a corpus of any size can be streamed in.
-MAX_TRAINING_SENTENCES = 2_000_000
-
-_GIVE_A_MODEL = "give a sentencepiece .model file, e.g. one written by `jaxgen tokenizer train`"
-
-
-def train_tokenizer(documents: Iterable[str], vocab_size: int, out: str | pathlib.Path, model_type: ModelType = "bpe",
-                    *, source: str = "the given documents", vocab_option: str = "the vocabulary size") -> Tokenizer:
-    """Train on streamed documents and write `out` atomically (never a half-written model).
-
-    `source` names the documents and `vocab_option` the setting of `vocab_size` in messages
-    (e.g. "--input 'corpus.txt'" and "--vocab-size").
-    """
-    out = pathlib.Path(out)
-    proto = io.BytesIO()
-    reading = _KeepingErrors(documents)
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=reading, model_writer=proto, vocab_size=vocab_size, model_type=model_type,
-            # Lossless: decode(encode(text)) == text for any UTF-8 input.
-            normalization_rule_name="identity", byte_fallback=True, remove_extra_whitespaces=False,
-            split_digits=True, character_coverage=1.0,
-            unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1,
-            input_sentence_size=MAX_TRAINING_SENTENCES, shuffle_input_sentence=True, num_threads=2, minloglevel=2,
-        )
-    except RuntimeError as err:
-        if reading.error is not None:  # the documents failed (e.g. a DataError naming a bad line), not sentencepiece
-            raise reading.error from None
-        raise _training_failure(str(err), vocab_size, model_type, source, vocab_option) from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, proto.getvalue())
-    return Tokenizer(out)
-
-
-class _KeepingErrors:
-    """Iterates documents, keeping the exception they raise: sentencepiece turns it into a RuntimeError of its own."""
-
-    def __init__(self, documents: Iterable[str]):
-        self._documents: Iterator[str] = iter(documents)
-        self.error: BaseException | None = None
-
-    def __iter__(self) -> _KeepingErrors:
-        return self
-
-    def __next__(self) -> str:
-        try:
-            return next(self._documents)
-        except StopIteration:  # the end of the documents, not a failure
-            raise
-        except BaseException as err:
-            self.error = err
-            raise
-
-
-def _sentencepiece_reason(message: str) -> str:
-    """Sentencepiece's error message without its status and source location ("INTERNAL: src/x.cc(12) [check] ")."""
-    reason = re.sub(r"^[A-Z_]+: (\S+\(\d+\) \[[^\]]*\] ?)?", "", message)
-    return " ".join(reason.split())
-
-
-def _training_failure(message: str, vocab_size: int, model_type: str, source: str, vocab_option: str) -> DataError:
-    """What sentencepiece's training error `message` means for the user, in one line."""
-    model = f"a {vocab_size}-piece {model_type} tokenizer"
-    if too_high := re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", message):
-        largest = too_high.group(1)
-        return DataError(f"the corpus is too small for {model}: sentencepiece can make at most {largest} pieces "
-                         f"from {source}; set {vocab_option} to at most {largest}, or add documents")
-    if too_low := re.search(r"smaller than required_chars\. \d+ vs (\d+)", message):
-        return DataError(f"{model} is too small for the text of {source}: its characters, the 256 byte pieces "
-                         f"and the special pieces need at least {too_low.group(1)}; set {vocab_option} to at least "
-                         f"{too_low.group(1)}")
-    if "[!sentences_.empty()]" in message:
-        return DataError(f"no documents to train {model} on were found in {source}; give files with non-blank lines")
-    return DataError(f"sentencepiece could not train {model} from {source}: {_sentencepiece_reason(message)}")
-
-
-class Tokenizer:
-    def __init__(self, path: str | pathlib.Path):
-        self.path = pathlib.Path(path)
-        self._load(_read_model_file(self.path))
-
-    @classmethod
-    def from_bytes(cls, model_bytes: bytes, path: str | pathlib.Path) -> Tokenizer:
-        """A model received in memory; `path` is where its file lives (possibly on another host)."""
-        tokenizer = cls.__new__(cls)
-        tokenizer.__setstate__({"path": pathlib.Path(path), "model_bytes": model_bytes})
-        return tokenizer
-
-    def _load(self, model_bytes: bytes) -> None:
-        self._model_bytes = model_bytes
-        self._sp = _load_model(model_bytes, self.path)
+class Tokenizer(Protocol):
+    kind: str  # "sentencepiece" or "hf_json"
+    path: pathlib.Path
+    bos_id: int  # starts every document (the EOS id where the tokenizer has no BOS)
+    eos_id: int  # ends every document; generation stops at it
 
     @property
-    def model_bytes(self) -> bytes:
-        return self._model_bytes
+    def vocab_size(self) -> int: ...
 
     @property
-    def vocab_size(self) -> int:
-        return self._sp.get_piece_size()
+    def sha256(self) -> str: ...
 
-    @property
-    def sha256(self) -> str:
-        return hashlib.sha256(self._model_bytes).hexdigest()
+    def files(self) -> dict[str, bytes]: ...
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        return self._sp.encode(texts)
+    def encode(self, texts: list[str]) -> list[list[int]]: ...
 
-    def encode_document(self, text: str) -> np.ndarray:
-        return np.asarray(self._sp.encode(text), np.int32)
+    def encode_document(self, text: str) -> np.ndarray: ...
 
-    def decode(self, ids: list[int]) -> str:
-        return self._sp.decode(ids)
+    def decode(self, ids: list[int]) -> str: ...
 
-    def __getstate__(self) -> dict:
-        # Pickled into grain worker processes: the model bytes travel, not the C++ object.
-        return {"path": self.path, "model_bytes": self._model_bytes}
-
-    def __setstate__(self, state: dict) -> None:
-        self.path = state["path"]
-        self._load(state["model_bytes"])
+    def token_byte_lengths(self) -> np.ndarray: ...
 
 
-def _read_model_file(path: pathlib.Path) -> bytes:
+def load_tokenizer(path: str | pathlib.Path) -> Tokenizer:
+    """The tokenizer in file `path`, or the one a run directory or prepared dataset `path` keeps."""
+    path = pathlib.Path(path)
     if path.is_dir():
-        raise DataError(f"tokenizer file {str(path)!r} is a directory; {_GIVE_A_MODEL}")
+        kept = tokenizer_file_in(path)
+        if kept is None:
+            raise DataError(f"tokenizer {str(path)!r} is a directory without tokenizer.model or tokenizer.json; "
+                            f"{GIVE_A_TOKENIZER}")
+        path = kept
     if not path.is_file():
-        raise DataError(f"tokenizer file {str(path)!r} does not exist; {_GIVE_A_MODEL}")
-    return path.read_bytes()
+        raise DataError(f"tokenizer file {str(path)!r} does not exist; {GIVE_A_TOKENIZER}")
+    with path.open("rb") as f:
+        start = f.read(64).lstrip()
+    return HFJsonTokenizer(path) if start[:1] == b"{" else SentencepieceTokenizer(path)
 
 
-def _load_model(model_bytes: bytes, path: pathlib.Path) -> spm.SentencePieceProcessor:
-    """The model, if it is a sentencepiece model with jaxgen's special ids; `path` names it in errors."""
-    name = str(path)
-    if not model_bytes:  # sentencepiece would silently make an empty, unloaded model of it
-        raise DataError(f"tokenizer file {name!r} is empty, not a sentencepiece model; {_GIVE_A_MODEL}")
-    try:
-        model = spm.SentencePieceProcessor(model_proto=model_bytes)
-    except RuntimeError as err:
-        if _looks_like_json(model_bytes):
-            raise DataError(f"tokenizer file {name!r} is JSON (a Hugging Face tokenizer.json?), not a sentencepiece "
-                            "model; jaxgen reads sentencepiece .model files, such as a Hugging Face model's "
-                            "tokenizer.model or one written by `jaxgen tokenizer train`") from None
-        reason = _sentencepiece_reason(str(err))  # empty when the bytes are no model at all
-        detail = f" ({reason})" if reason else ""
-        raise DataError(
-            f"tokenizer file {name!r} is not a valid sentencepiece model{detail}; {_GIVE_A_MODEL}") from None
-    _check_special_pieces(model, name)
-    return model
+def tokenizer_file_in(directory: pathlib.Path) -> pathlib.Path | None:
+    """The tokenizer file a run directory or prepared dataset keeps, if any."""
+    found = [directory / kind.file_name for kind in KINDS if (directory / kind.file_name).is_file()]
+    return found[0] if found else None
 
 
-def _looks_like_json(data: bytes) -> bool:
-    return data.lstrip()[:1] in (b"{", b"[")
+def tokenizer_from_files(files: dict[str, bytes], directory: pathlib.Path) -> Tokenizer:
+    """The tokenizer whose `files()` these are, as kept in `directory`."""
+    [kind] = [kind for kind in KINDS if kind.file_name in files]
+    return kind.from_files(files, directory)
 
 
-def _check_special_pieces(model: spm.SentencePieceProcessor, name: str) -> None:
-    """Batches, exports and generation assume jaxgen's special ids; another convention would train silently wrong."""
-    if model.get_piece_size() < len(SPECIAL_IDS):
-        raise DataError(f"tokenizer file {name!r} has {model.get_piece_size()} pieces, fewer than the "
-                        f"{len(SPECIAL_IDS)} special pieces ({', '.join(SPECIAL_IDS)}) jaxgen needs; {_GIVE_A_MODEL}")
-    found = {"unk": model.unk_id(), "bos": model.bos_id(), "eos": model.eos_id()}
-    if found != SPECIAL_IDS:
-        raise DataError(f"tokenizer file {name!r} has special ids {_ids(found)} (-1: none), jaxgen needs "
-                        f"{_ids(SPECIAL_IDS)}; {_GIVE_A_MODEL}")
+def keep_tokenizer(tokenizer: Tokenizer, directory: pathlib.Path) -> None:
+    """Write the tokenizer's files into `directory` under their fixed names, each atomically."""
+    for name, data in tokenizer.files().items():
+        write_atomic(directory / name, data)
 
 
-def _ids(ids: dict[str, int]) -> str:
-    return ", ".join(f"{piece}={id_}" for piece, id_ in ids.items())
+def kept_tokenizer_files(directory: pathlib.Path) -> list[pathlib.Path]:
+    """Every tokenizer file `keep_tokenizer` may have written into `directory` (existing or not)."""
+    return [directory / SentencepieceTokenizer.file_name, directory / HFJsonTokenizer.file_name,
+            directory / CONFIG_NAME]
+
+
+def files_as_bytes(files: dict[str, bytes]) -> bytes:
+    """`files()` as one payload (to send from one process to the others)."""
+    return json.dumps({name: base64.b64encode(data).decode() for name, data in files.items()}).encode()
+
+
+def files_from_bytes(payload: bytes) -> dict[str, bytes]:
+    return {name: base64.b64decode(data) for name, data in json.loads(payload).items()}

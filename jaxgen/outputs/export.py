@@ -22,11 +22,11 @@ import ml_dtypes
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxgen.data.tokenizer import BOS_ID, EOS_ID
+from jaxgen.data.tokenizer import Tokenizer, kept_tokenizer_files, load_tokenizer
 from jaxgen.errors import ExportError
 from jaxgen.files import building
 from jaxgen.outputs.hf_families import flat_params, hf_config, hf_plan
-from jaxgen.outputs.hf_tokenizer import sentencepiece_model, write_hf_tokenizer
+from jaxgen.outputs.hf_tokenizer import check_exportable, write_hf_tokenizer
 from jaxgen.outputs.runs import OpenedRun, load_run_config, open_run
 from jaxgen.outputs.safetensors_stream import write_sharded
 from jaxgen.tasks.layout import MAIN_GROUP
@@ -35,9 +35,17 @@ log = logging.getLogger("jaxgen")
 
 EXPORT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 DEFAULT_MAX_SHARD_BYTES = 2 * 2**30
-# No max_length: generate(max_new_tokens=...) would warn of the conflict. EOS pads finished
-# sequences, as generate assumes (with a warning, in some versions) when pad_token_id is unset.
-GENERATION_CONFIG = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": EOS_ID}
+
+
+def special_token_ids(tokenizer: Tokenizer) -> dict:
+    return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+
+
+def generation_config(tokenizer: Tokenizer) -> dict:
+    # No max_length: generate(max_new_tokens=...) would warn of the conflict. EOS pads finished
+    # sequences, as generate assumes (with a warning, in some versions) when pad_token_id is unset.
+    return {**special_token_ids(tokenizer), "pad_token_id": tokenizer.eos_id}
+
 
 def _to_host(array: jax.Array) -> np.ndarray:
     """A whole tensor on this host, gathered across processes when it is sharded over them."""
@@ -56,8 +64,9 @@ def refuse_nonempty_output(out: str | pathlib.Path) -> None:
 def export_hf(run: OpenedRun, out: str | pathlib.Path, dtype: str = "float32",
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> pathlib.Path:
     """A directory `transformers.AutoModelForCausalLM.from_pretrained` loads."""
-    config = hf_config(run.cfg)  # refuse before writing anything
-    sentencepiece_model(run.run_dir / "tokenizer.model")
+    tokenizer = load_tokenizer(run.run_dir)
+    config = {**hf_config(run.cfg), **special_token_ids(tokenizer)}  # refuse before writing anything
+    check_exportable(tokenizer)
     refuse_nonempty_output(out)
     target = EXPORT_DTYPES[dtype]
     flat = flat_params(run.weights.params[MAIN_GROUP])
@@ -74,8 +83,8 @@ def export_hf(run: OpenedRun, out: str | pathlib.Path, dtype: str = "float32",
         with building(out) as partial:
             write_sharded(partial, "model", specs, fetch, max_shard_bytes)
             (partial / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype}, indent=2) + "\n")
-            (partial / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
-            write_hf_tokenizer(run.run_dir / "tokenizer.model", partial, run.cfg.model.max_seq_len)
+            (partial / "generation_config.json").write_text(json.dumps(generation_config(tokenizer), indent=2) + "\n")
+            write_hf_tokenizer(tokenizer, partial, run.cfg.model.max_seq_len)
     else:  # every process takes part in gathering sharded tensors
         for name, *_ in specs:
             fetch(name)
@@ -94,8 +103,9 @@ def export_safetensors(run: OpenedRun, out: str | pathlib.Path, dtype: str = "fl
         with building(out) as partial:
             write_sharded(partial, "model", specs, fetch, max_shard_bytes)
             (partial / "config.yaml").write_text(run.cfg.to_yaml())
-            if (run.run_dir / "tokenizer.model").exists():
-                shutil.copyfile(run.run_dir / "tokenizer.model", partial / "tokenizer.model")
+            for path in kept_tokenizer_files(run.run_dir):
+                if path.exists():
+                    shutil.copyfile(path, partial / path.name)
     else:
         for path, *_ in specs:
             fetch(path)
@@ -110,7 +120,7 @@ def export_run(run_dir: str | pathlib.Path, out: str | pathlib.Path, fmt: str = 
         raise ExportError(f"unknown export dtype {dtype!r}; valid: {', '.join(EXPORT_DTYPES)}")
     if fmt == "hf":
         hf_config(load_run_config(run_dir, overrides))  # a DiT fails here, before any restore
-        sentencepiece_model(pathlib.Path(run_dir) / "tokenizer.model")
+        check_exportable(load_tokenizer(run_dir))
     refuse_nonempty_output(out)  # before the restore, the expensive part
     run = open_run(run_dir, step, overrides)
     writer = export_hf if fmt == "hf" else export_safetensors

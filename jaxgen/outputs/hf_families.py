@@ -16,7 +16,6 @@ from typing import Any, NamedTuple
 import jax
 
 from jaxgen.config import Config, TransformerConfig
-from jaxgen.data.tokenizer import BOS_ID, EOS_ID
 from jaxgen.errors import ExportError
 from jaxgen.sharding import param_path
 
@@ -178,7 +177,7 @@ def _shown(value: Any) -> str:
 
 
 def hf_config(cfg: Config) -> dict:
-    """config.json of the model's family; refuses models that family cannot express."""
+    """config.json of the model's family, but the tokenizer's special ids; refuses models that family cannot express."""
     model = cfg.model
     if model.kind != "transformer":
         raise ExportError(f"model.kind={model.kind!r} has no Hugging Face Llama equivalent (nor a Mistral, Qwen or "
@@ -194,8 +193,6 @@ def hf_config(cfg: Config) -> dict:
         **{key: accepted[0] for key, accepted in family.constants.items()},
         **_window_keys(model, family),
         **_rope_keys(model),
-        "bos_token_id": BOS_ID,
-        "eos_token_id": EOS_ID,
     }
 
 

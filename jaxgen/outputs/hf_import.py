@@ -16,17 +16,15 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
-import shutil
 
 import jax
 import numpy as np
 import pydantic
-import sentencepiece as spm
 
 from jaxgen.checkpoint import Checkpointer, checkpoint_dir
 from jaxgen.config import Config, TransformerConfig
-from jaxgen.data.tokenizer import BOS_ID, EOS_ID, UNK_ID, Tokenizer
-from jaxgen.errors import ExportError
+from jaxgen.data.tokenizer import Tokenizer, keep_tokenizer, load_tokenizer
+from jaxgen.errors import DataError, ExportError
 from jaxgen.files import building
 from jaxgen.outputs.export import refuse_nonempty_output
 from jaxgen.outputs.hf_families import (
@@ -59,10 +57,10 @@ def import_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path) -> pathlib.Pa
     hf_dir, out = pathlib.Path(hf_dir), pathlib.Path(out)
     refuse_nonempty_output(out)
     model_cfg, declared_dtype = read_hf_config(hf_dir)
-    tokenizer_path = _checked_tokenizer(hf_dir, model_cfg.vocab_size)
+    tokenizer = _checked_tokenizer(hf_dir, model_cfg.vocab_size)
     stored = stored_tensors(hf_dir)
-    cfg = Config(model=model_cfg, data={"seq_len": min(model_cfg.max_seq_len, 128),
-                                        "tokenizer": str(out / "tokenizer.model")})
+    kept_as = out / tokenizer.file_name
+    cfg = Config(model=model_cfg, data={"seq_len": min(model_cfg.max_seq_len, 128), "tokenizer": str(kept_as)})
     rules = resolve_rules(cfg.sharding.preset, cfg.sharding.rules)
     layout = plan_models(make_task(cfg), make_mesh(cfg.mesh), rules, cfg.train.seed)  # nothing allocated yet
     plan = hf_plan(model_cfg, flat_params(layout.abstract[MAIN_GROUP]))
@@ -70,11 +68,11 @@ def import_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path) -> pathlib.Pa
 
     with building(out) as partial:
         params = _imported_params(layout, plan, stored)
-        shutil.copyfile(tokenizer_path, partial / "tokenizer.model")
+        keep_tokenizer(tokenizer, partial)
         (partial / "config.yaml").write_text(cfg.to_yaml())
         meta = {"config": cfg.model_dump(mode="json"), "imported_from": str(hf_dir),
-                "inputs": {"tokenizer_sha256": Tokenizer(tokenizer_path).sha256,
-                           "tokenizer_path": str(out / "tokenizer.model")}}
+                "inputs": {"tokenizer_sha256": tokenizer.sha256, "tokenizer_path": str(kept_as),
+                           "tokenizer_kind": tokenizer.kind}}
         ckpt = Checkpointer(checkpoint_dir(partial), cfg.checkpoint)
         ckpt.save(0, {"params": params}, {}, meta)
         ckpt.wait()
@@ -210,19 +208,25 @@ def _declared_dtype(hf: dict, path: pathlib.Path) -> str | None:
     return declared
 
 
-def _checked_tokenizer(hf_dir: pathlib.Path, vocab_size: int) -> pathlib.Path:
-    path = file_inside(hf_dir, "tokenizer.model", "tokenizer")
-    if not path.is_file():
-        raise ExportError(f"{str(hf_dir)!r} has no sentencepiece tokenizer.model, which jaxgen's data pipeline needs")
-    pieces = Tokenizer(path).vocab_size
-    sp = spm.SentencePieceProcessor(model_file=str(path))
-    ids = (sp.unk_id(), sp.bos_id(), sp.eos_id())
-    if pieces != vocab_size or ids != (UNK_ID, BOS_ID, EOS_ID):
-        raise ExportError(
-            f"{path} has {pieces} pieces with unk, bos, eos = {ids}; jaxgen needs "
-            f"vocab_size={vocab_size} with unk, bos, eos = {(UNK_ID, BOS_ID, EOS_ID)}"
-        )
-    return path
+def _checked_tokenizer(hf_dir: pathlib.Path, vocab_size: int) -> Tokenizer:
+    """The checkpoint's own tokenizer: its sentencepiece tokenizer.model if jaxgen can use it, else tokenizer.json.
+
+    (Llama 2 ships both; Llama 3 and Qwen only tokenizer.json, whose BOS/EOS come from tokenizer_config.json.)
+    """
+    model, json_file = (file_inside(hf_dir, name, "tokenizer") for name in ("tokenizer.model", "tokenizer.json"))
+    if not model.is_file() and not json_file.is_file():
+        raise ExportError(f"{str(hf_dir)!r} has neither tokenizer.model nor tokenizer.json; jaxgen imports a "
+                          "model with its own tokenizer")
+    try:
+        tokenizer = load_tokenizer(model)
+    except (DataError, OSError) as err:
+        if not json_file.is_file():
+            raise ExportError(str(err)) from None
+        tokenizer = load_tokenizer(json_file)  # e.g. a tokenizer.model with other special ids than jaxgen's
+    if tokenizer.vocab_size > vocab_size or (tokenizer.kind == "sentencepiece" and tokenizer.vocab_size != vocab_size):
+        raise ExportError(f"{tokenizer.path} has {tokenizer.vocab_size} tokens but config.json's vocab_size is "
+                          f"{vocab_size}; the tokenizer does not belong to this model")
+    return tokenizer
 
 
 # ----------------------------------------------------------------------------- tensors

@@ -1,9 +1,10 @@
-"""jaxgen's sentencepiece tokenizer as Hugging Face files that tokenize and decode exactly as jaxgen does.
+"""The run's tokenizer as Hugging Face files that tokenize and decode exactly as jaxgen does.
 
-`tokenizer.json` is written from the model's own pieces and scores (no
-converter), with a normaliser, pre-tokeniser and decoder that mirror the
-sentencepiece settings; a model whose settings it cannot reproduce is refused
-before anything is written.
+A Hugging Face tokenizer (tokenizer.json) goes out as it came in, with its
+tokenizer_config.json. For a sentencepiece model, `tokenizer.json` is written from
+the model's own pieces and scores (no converter), with a normaliser, pre-tokeniser
+and decoder that mirror the sentencepiece settings; a model whose settings it cannot
+reproduce is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -15,14 +16,22 @@ import shutil
 
 from sentencepiece import sentencepiece_model_pb2
 
+from jaxgen.data.hf_json_tokenizer import CONFIG_NAME
+from jaxgen.data.tokenizer import Tokenizer
 from jaxgen.errors import ExportError
 
 Piece = sentencepiece_model_pb2.ModelProto.SentencePiece
 TrainerSpec = sentencepiece_model_pb2.TrainerSpec
 
 
+def check_exportable(tokenizer: Tokenizer) -> None:
+    """Refuse, before any work, a tokenizer the Hugging Face files cannot reproduce."""
+    if tokenizer.kind == "sentencepiece":
+        sentencepiece_model(tokenizer.path)
+
+
 def sentencepiece_model(path: pathlib.Path) -> sentencepiece_model_pb2.ModelProto:
-    """The run's tokenizer, refused unless `hf_tokenizer_json` reproduces it exactly."""
+    """A sentencepiece tokenizer, refused unless `hf_tokenizer_json` reproduces it exactly."""
     if not path.is_file():
         raise ExportError(f"{str(path)!r} does not exist; a Hugging Face export needs the run's tokenizer")
     model = sentencepiece_model_pb2.ModelProto.FromString(path.read_bytes())
@@ -93,8 +102,24 @@ def hf_tokenizer_json(model: sentencepiece_model_pb2.ModelProto) -> dict:
     }
 
 
-def write_hf_tokenizer(tokenizer_path: pathlib.Path, out: pathlib.Path, max_len: int) -> None:
-    """Tokenizer files with which `transformers.AutoTokenizer` tokenizes exactly like jaxgen.
+def write_hf_tokenizer(tokenizer: Tokenizer, out: pathlib.Path, max_len: int) -> None:
+    """Tokenizer files `transformers.AutoTokenizer` loads."""
+    if tokenizer.kind == "sentencepiece":
+        write_sentencepiece_as_hf(tokenizer.path, out, max_len)
+        return
+    files = tokenizer.files()
+    (out / tokenizer.file_name).write_bytes(files[tokenizer.file_name])
+    config = json.loads(files[CONFIG_NAME])
+    if "tokenizer_class" in config:  # as it came in
+        (out / CONFIG_NAME).write_bytes(files[CONFIG_NAME])
+        return
+    # One jaxgen wrote (the tokenizer came without one), or one a Python class was to complete.
+    config = {"model_max_length": max_len, **config, "tokenizer_class": "PreTrainedTokenizerFast"}
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_sentencepiece_as_hf(tokenizer_path: pathlib.Path, out: pathlib.Path, max_len: int) -> None:
+    """Tokenizer files with which `transformers.AutoTokenizer` tokenizes exactly like jaxgen's sentencepiece model.
 
     Like jaxgen, it reads "<s>" in text as text (split_special_tokens) and starts each
     sequence with BOS. EOS pads, on the left, for batched generation.
@@ -112,4 +137,4 @@ def write_hf_tokenizer(tokenizer_path: pathlib.Path, out: pathlib.Path, max_len:
         "split_special_tokens": True, "padding_side": "left", "model_max_length": max_len,
         "clean_up_tokenization_spaces": False,
     }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")

@@ -19,8 +19,6 @@ import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
 
-from jaxgen.data.tokenizer import EOS_ID
-
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
@@ -47,9 +45,24 @@ def sample_logits(logits_BV: jax.Array, key: jax.Array, sampling: Sampling) -> j
     return jax.random.categorical(key, logits_BV).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "stream"))
-def _decode(graphdef, params, tokens_BP, pad_B, key, max_new_tokens: int, sampling: Sampling, stream: Callable | None):
+@dataclasses.dataclass(frozen=True)
+class Vocabulary:
+    """What decoding needs of the tokenizer: where to stop, and which ids are tokens at all."""
+    eos_id: int
+    size: int  # ids from here up are logits a padded embedding has but no token (never sampled)
+
+
+def without_padding(logits_BV: jax.Array, vocabulary: Vocabulary) -> jax.Array:
+    if logits_BV.shape[-1] <= vocabulary.size:
+        return logits_BV
+    return jnp.where(jnp.arange(logits_BV.shape[-1]) < vocabulary.size, logits_BV, -jnp.inf)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "vocabulary", "stream"))
+def _decode(graphdef, params, tokens_BP, pad_B, key, max_new_tokens: int, sampling: Sampling, vocabulary: Vocabulary,
+            stream: Callable | None):
     model = nnx.merge(graphdef, params)
+    eos_id = vocabulary.eos_id
     b, p = tokens_BP.shape
     t = p + max_new_tokens
     slots_T = jnp.arange(t)
@@ -58,7 +71,7 @@ def _decode(graphdef, params, tokens_BP, pad_B, key, max_new_tokens: int, sampli
 
     logits_BPV, cache = model.decode(tokens_BP, positions_BP, model.init_cache(b, t), 0, key_valid_BT)
     key, first_key = jax.random.split(key)
-    token_B = sample_logits(logits_BPV[:, -1], first_key, sampling)
+    token_B = sample_logits(without_padding(logits_BPV[:, -1], vocabulary), first_key, sampling)
     out_BN = jnp.zeros((b, max_new_tokens), jnp.int32)
 
     def emit(i, token_B, done_B):
@@ -71,22 +84,24 @@ def _decode(graphdef, params, tokens_BP, pad_B, key, max_new_tokens: int, sampli
 
     def body(carry):
         i, token_B, cache, out_BN, done_B, key = carry
-        token_B = jnp.where(done_B, EOS_ID, token_B)
+        token_B = jnp.where(done_B, eos_id, token_B)
         out_BN = out_BN.at[:, i].set(token_B)
         emit(i, token_B, done_B)
-        done_B = done_B | (token_B == EOS_ID)
+        done_B = done_B | (token_B == eos_id)
         slot = p + i
         logits_B1V, cache = model.decode(token_B[:, None], (slot - pad_B)[:, None], cache, slot, key_valid_BT)
         key, step_key = jax.random.split(key)
-        return i + 1, sample_logits(logits_B1V[:, 0], step_key, sampling), cache, out_BN, done_B, key
+        token_B = sample_logits(without_padding(logits_B1V[:, 0], vocabulary), step_key, sampling)
+        return i + 1, token_B, cache, out_BN, done_B, key
 
     start = (jnp.int32(0), token_B, cache, out_BN, jnp.zeros((b,), bool), key)
     _, _, _, out_BN, _, _ = jax.lax.while_loop(cond, body, start)
     return out_BN
 
 
-def generate(graphdef, params, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
-             seed: int = 0, on_token: Callable[[int, np.ndarray, np.ndarray], None] | None = None) -> list[list[int]]:
+def generate(graphdef, params, prompts: list[list[int]], max_new_tokens: int, vocabulary: Vocabulary,
+             sampling: Sampling = Sampling(), seed: int = 0,
+             on_token: Callable[[int, np.ndarray, np.ndarray], None] | None = None) -> list[list[int]]:
     """New tokens for each prompt (without the prompt), cut at EOS.
 
     `on_token(i, tokens_B, done_B)` is called on the host for every decoding step.
@@ -99,8 +114,8 @@ def generate(graphdef, params, prompts: list[list[int]], max_new_tokens: int, sa
         row[width - len(prompt):] = prompt
     pad_B = np.asarray([width - len(p) for p in prompts], np.int32)
     out_BN = _decode(graphdef, params, jnp.asarray(tokens_BP), jnp.asarray(pad_B), jax.random.PRNGKey(seed),
-                     max_new_tokens, sampling, on_token)
+                     max_new_tokens, sampling, vocabulary, on_token)
     results = []
     for row in np.asarray(jax.device_get(out_BN)).tolist():
-        results.append(row[: row.index(EOS_ID)] if EOS_ID in row else row)
+        results.append(row[: row.index(vocabulary.eos_id)] if vocabulary.eos_id in row else row)
     return results

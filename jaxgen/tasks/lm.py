@@ -19,12 +19,12 @@ import optax
 
 from jaxgen.config import Config
 from jaxgen.data.lm import LMData, build_lm_data
-from jaxgen.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from jaxgen.data.tokenizer import Tokenizer, load_tokenizer
 from jaxgen.errors import CheckpointError, ConfigError
 from jaxgen.models import build_model
 from jaxgen.models.transformer import flops_per_token
 from jaxgen.tasks.base import ModelSpec, Phase, Weights
-from jaxgen.tasks.decode import Sampling, generate
+from jaxgen.tasks.decode import Sampling, Vocabulary, generate
 from jaxgen.tasks.layout import MAIN_GROUP
 
 
@@ -69,7 +69,8 @@ class LanguageModelTask:
 
     # ------------------------------------------------------------------ what a run records about its inputs
     def inputs(self, data: LMData) -> dict:
-        return {"tokenizer_sha256": data.tokenizer.sha256, "tokenizer_path": str(data.tokenizer.path)}
+        return {"tokenizer_sha256": data.tokenizer.sha256, "tokenizer_path": str(data.tokenizer.path),
+                "tokenizer_kind": data.tokenizer.kind}
 
     def check_inputs(self, saved: dict, current: dict) -> None:
         if saved.get("tokenizer_sha256") != current.get("tokenizer_sha256"):
@@ -89,7 +90,7 @@ class LanguageModelTask:
 
     def evaluate(self, weights: Weights, data: LMData, loss_sum: float, weight_sum: float) -> dict:
         """Loss (nats/token), perplexity and bits per byte over the fixed held-out batches."""
-        byte_lengths = token_byte_lengths(data.tokenizer)
+        byte_lengths = data.tokenizer.token_byte_lengths()
         # Every process sees only its rows; the byte count must cover all of them.
         n_bytes = sum(int(np.sum(byte_lengths[batch["targets"]] * batch["weights"])) for batch in data.eval)
         if jax.process_count() > 1:
@@ -102,7 +103,7 @@ class LanguageModelTask:
 
     def generate(self, weights: Weights, run_dir: pathlib.Path, step: int, options: dict[str, Any],
                  on_text: Callable[[str], None] | None) -> list[dict]:
-        tokenizer = Tokenizer(pathlib.Path(run_dir) / "tokenizer.model")
+        tokenizer = load_tokenizer(run_dir)
         sampling = Sampling(temperature=options["temperature"], top_k=options["top_k"], top_p=options["top_p"])
         prompts = options["prompt"] or [""]
         results = self.continue_texts(weights, tokenizer, prompts, options["max_new_tokens"], sampling,
@@ -114,7 +115,7 @@ class LanguageModelTask:
                        on_text: Callable[[str], None] | None = None) -> list[tuple[str, str]]:
         """(prompt, prompt + continuation) for each prompt; `on_text` receives one prompt's text piece by piece."""
         max_len = self.cfg.model.max_seq_len
-        ids = [[BOS_ID, *tokenizer.encode([p])[0]] for p in prompts]
+        ids = [[tokenizer.bos_id, *tokenizer.encode([p])[0]] for p in prompts]
         room = max_len - max(len(i) for i in ids)
         if room < 1:
             raise ConfigError(f"the longest prompt ({max(len(i) for i in ids)} tokens with BOS) fills the model's "
@@ -123,27 +124,15 @@ class LanguageModelTask:
 
         def stream(i, tokens_B, done_B) -> None:
             # Decoding the whole text each time keeps pieces that only make sense together (spaces, bytes) right.
-            if not bool(done_B[0]) and int(tokens_B[0]) != EOS_ID:
+            if not bool(done_B[0]) and int(tokens_B[0]) != tokenizer.eos_id:
                 before = tokenizer.decode(ids[0][1:] + streamed)
                 streamed.append(int(tokens_B[0]))
                 on_text(tokenizer.decode(ids[0][1:] + streamed)[len(before):])
 
         if on_text is not None:
             on_text(prompts[0])
-        outputs = generate(weights.graphdefs[MAIN_GROUP], weights.params[MAIN_GROUP], ids,
-                           min(max_new_tokens, room), sampling, seed, on_token=stream if on_text else None)
+        outputs = generate(weights.graphdefs[MAIN_GROUP], weights.params[MAIN_GROUP], ids, min(max_new_tokens, room),
+                           Vocabulary(tokenizer.eos_id, tokenizer.vocab_size), sampling, seed,
+                           on_token=stream if on_text else None)
         # Decoding prompt and continuation together keeps the space between them.
         return [(tokenizer.decode(p[1:]), tokenizer.decode(p[1:] + new)) for p, new in zip(ids, outputs)]
-
-
-def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
-    """UTF-8 bytes each token id stands for: 0 for control tokens, 1 for a byte-fallback piece."""
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_proto=tokenizer.model_bytes)
-    lengths = np.zeros(sp.get_piece_size(), np.int64)
-    for i in range(sp.get_piece_size()):
-        if sp.is_control(i) or sp.is_unknown(i):
-            continue
-        lengths[i] = 1 if sp.is_byte(i) else len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
-    return lengths

@@ -21,6 +21,7 @@ import jax
 
 from jaxgen.checkpoint import Checkpointer, Restored
 from jaxgen.config import Config
+from jaxgen.data.tokenizer import kept_tokenizer_files, tokenizer_file_in
 from jaxgen.distributed import bytes_from_process_0
 from jaxgen.errors import CheckpointError, DirectoryInUse
 from jaxgen.files import DirectoryLock, describe_holder
@@ -73,10 +74,11 @@ def forget_unfinished_start(run_dir: pathlib.Path, cfg: Config) -> None:
     then the configured one (or a freshly trained one) is taken. Metrics and
     TensorBoard records of such a run are dropped by MetricsWriter.
     """
-    leftover = run_dir / "tokenizer.model"
+    leftover = tokenizer_file_in(run_dir)
     given = cfg.data.tokenizer and pathlib.Path(cfg.data.tokenizer).absolute()
-    if jax.process_index() == 0 and leftover.exists() and given != leftover.absolute():
-        leftover.unlink()
+    if jax.process_index() == 0 and leftover is not None and given not in (leftover.absolute(), run_dir.absolute()):
+        for path in kept_tokenizer_files(run_dir):
+            path.unlink(missing_ok=True)
 
 
 def completed_summary(run_dir: pathlib.Path, step: int) -> dict:
