@@ -5,7 +5,10 @@ gets M simulated CPU devices and the JAXGEN_* variables that `jaxgen.distributed
 reads. Output lines are prefixed with the process index. When one process
 fails, the others are stopped (they could only wait for it); the launcher's
 exit status is the first failure's. SIGTERM / SIGINT to the launcher reach every
-process, so a run saves its checkpoint as it would under a cluster scheduler.
+process, so a run saves its checkpoint as it would under a cluster scheduler; a
+hang-up (SIGHUP: the terminal or SSH session closed) reaches them as SIGTERM, and
+the launcher keeps draining their output, wherever its own can no longer go, until
+they have saved and stopped.
 
 When the launcher itself dies (SIGKILL, the out-of-memory killer), there is no one
 left to forward anything, so each process watches for that itself
@@ -94,9 +97,9 @@ def launch_local(command: Sequence[str], processes: int, devices_per_process: in
     def forward(signum, frame):
         for p in procs:
             if p.poll() is None:
-                p.send_signal(signum)
+                p.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
         status = _wait(procs, out, lock)
     finally:
@@ -130,8 +133,7 @@ def _wait(procs: list[subprocess.Popen], out: TextIO, lock: threading.Lock) -> i
         if failed:
             index, code = failed[0]
             with lock:
-                print(f"[launch] process {index} exited with status {exit_code(code)}; stopping the others",
-                      file=out, flush=True)
+                _write(out, f"[launch] process {index} exited with status {exit_code(code)}; stopping the others\n")
             _stop(procs)
             return exit_code(code)
         if all(c == 0 for c in codes):
@@ -154,10 +156,19 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 
 def _copy_prefixed(stream: TextIO, prefix: str, out: TextIO, lock: threading.Lock) -> None:
+    # Reading goes on when writing fails (a closed terminal or pipe): a process whose
+    # output pipe fills up would block in the middle of saving.
     for line in stream:
         with lock:
-            out.write(prefix + line)
-            out.flush()
+            _write(out, prefix + line)
+
+
+def _write(out: TextIO, text: str) -> None:
+    try:
+        out.write(text)
+        out.flush()
+    except (OSError, ValueError):  # ValueError: written to after being closed
+        pass
 
 
 def watch_launcher(environ: MutableMapping[str, str] = os.environ) -> None:

@@ -102,7 +102,8 @@ def test_restore_reshards_onto_fewer_devices(tmp_path, devices):
         np.testing.assert_allclose(float(metrics["loss"]), float(next_metrics["loss"]), rtol=1e-6)
 
 
-def test_sigterm_saves_at_the_next_step_and_exits_75(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])  # the scheduler; the terminal closing
+def test_sigterm_or_a_hangup_saves_at_the_next_step_and_exits_75(tmp_path, signum):
     run_dir = tmp_path / "preempted"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     args = train_args(run_dir, "train.steps=100000", "checkpoint.every=null", "logging.every=1")
@@ -112,7 +113,7 @@ def test_sigterm_saves_at_the_next_step_and_exits_75(tmp_path):
         deadline = time.monotonic() + 120
         while len(losses(run_dir)) < 3 and time.monotonic() < deadline:
             time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=60)
     finally:
         proc.kill()

@@ -86,6 +86,48 @@ def test_sigterm_reaches_every_process_and_their_status_is_the_runs():
             proc.wait()
 
 
+def test_a_hangup_stops_every_process_as_sigterm_does_though_no_one_reads_the_output(tmp_path):
+    """The terminal closes: SIGHUP to the whole process group, and the launcher's output goes nowhere.
+
+    Each process (like jaxgen train) stops on SIGTERM or SIGHUP, but prints plenty while it saves:
+    the launcher must keep draining it, or the process would block on a full pipe.
+    """
+    code = """
+        import signal, sys, time
+        def save(*_):
+            for _ in range(2000):
+                print('saving ' + 'x' * 100, flush=True)  # far more than a pipe holds
+            sys.exit(75)
+        signal.signal(signal.SIGTERM, save)
+        signal.signal(signal.SIGHUP, save)
+        print('ready', flush=True)
+        time.sleep(300)
+    """
+    driver = python(f"""
+        import sys
+        from jaxgen.launch import launch_local
+        status = launch_local({python(code)!r}, 2, 1)
+        open(sys.argv[1], 'w').write(str(status))
+    """)
+    status_file = tmp_path / "status"
+    proc = subprocess.Popen([*driver, str(status_file)], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        ready = 0
+        for line in proc.stdout:
+            ready += line.endswith("ready\n")
+            if ready == 2:
+                break
+        proc.stdout.close()  # the terminal is gone
+        os.killpg(proc.pid, signal.SIGHUP)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert status_file.read_text() == "75"  # both saved and stopped; the launcher lived to see it
+
+
 def test_killed_by_a_signal_reads_as_128_plus_the_signal():
     assert exit_code(-signal.SIGKILL) == 137
     assert exit_code(75) == 75

@@ -1,14 +1,19 @@
-"""Stop cleanly when the scheduler says so (SIGTERM) or the user presses Ctrl-C (SIGINT).
+"""Stop cleanly when the scheduler says so (SIGTERM), the user presses Ctrl-C (SIGINT) or the terminal goes (SIGHUP).
 
 The loop asks `reached(step)` after every step. In a multi-process run JAX's
 coordination service propagates a SIGTERM on any host to all of them and picks
 one step where every process stops together; a single process just notices its
 own signal. Either way the run saves at that step boundary, waits for the save
 and exits with EXIT_PREEMPTED so a wrapper or scheduler can requeue it.
+
+A hang-up (the terminal or SSH session closed) is a request to stop like SIGTERM:
+by default it would kill the run without saving. Output to the lost terminal is
+discarded from then on, so printing while stopping cannot fail.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 
 import jax
@@ -25,11 +30,19 @@ class PreemptionWatch:
         # local-only flag there would stop one process and hang the others.
         signals = [] if self._multi_process else [signal.SIGTERM, signal.SIGINT]
         self._previous = {s: signal.signal(s, self._on_signal) for s in signals}
+        self._previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_hangup)
 
     def _on_signal(self, signum, frame) -> None:
         if signum == signal.SIGINT and self._signalled == signal.SIGINT:
             exit_interrupted()  # Ctrl-C twice: stop now, without waiting for the save
         self._signalled = signum
+
+    def _on_hangup(self, signum, frame) -> None:
+        discard_terminal_output()
+        if self._multi_process:  # JAX's SIGTERM handler makes every process stop at the same step
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            self._signalled = signal.SIGTERM
 
     def reached(self, step: int) -> bool:
         if self._multi_process:
@@ -39,3 +52,15 @@ class PreemptionWatch:
     def close(self) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+
+def discard_terminal_output() -> None:
+    """Send stdout and stderr that went to a terminal (now gone) to /dev/null; files and pipes keep theirs."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        try:
+            if os.isatty(fd):
+                os.dup2(devnull, fd)
+        except OSError:
+            pass
+    os.close(devnull)
