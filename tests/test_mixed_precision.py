@@ -11,7 +11,7 @@ import pytest
 from jaxgen.data.pipeline import to_global
 from jaxgen.data.lm import train_batches
 from jaxgen.data.splits import Shard
-from jaxgen.models.cpu_kernels import _weight_grad, _weight_grad_cpu, matmul
+from jaxgen.models.cpu_kernels import _weight_grad, _weight_grad_cpu, matmul, matmul_by_rows
 from jaxgen.sharding import make_mesh
 from jaxgen.train.build import build_training
 
@@ -46,6 +46,35 @@ def test_forward_and_both_backward_matmuls_take_bf16_inputs_and_accumulate_in_f3
     # Against the f32 products: bf16 inputs (8 significant bits) with f32 sums stay within 2%.
     for got, want in ((dx, cotangent @ w.T), (dw, x.T @ cotangent)):
         np.testing.assert_allclose(got, want, atol=0.02 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("d_in,d_out", [(32, 48), (48, 32)])
+def test_a_weight_used_transposed_as_a_tied_output_layer_also_runs_in_bf16(d_in, d_out):
+    """x @ E.T, E stored (vocab, d_model): XLA:CPU could not run the gradient of `matmul(x, E.T)` in bf16 at all."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (64, d_in))
+    w_NK = jax.random.normal(jax.random.PRNGKey(1), (d_out, d_in))
+    cotangent = jax.random.normal(jax.random.PRNGKey(2), (64, d_out))
+    grad = jax.grad(lambda x, w: (matmul_by_rows(x, w, jnp.bfloat16) * cotangent).sum(), argnums=(0, 1))
+    assert set(dot_input_dtypes(jax.make_jaxpr(grad)(x, w_NK).jaxpr)) == {("bfloat16", "bfloat16", "float32")}
+    assert set(compiled_dot_operand_types(jax.jit(grad).lower(x, w_NK).compile().as_text())) == {("bf16", "bf16")}
+    dx, dw = jax.jit(grad)(x, w_NK)
+    for got, want in ((dx, cotangent @ w_NK), (dw, cotangent.T @ x)):
+        np.testing.assert_allclose(got, want, atol=0.02 * float(jnp.abs(want).max()))
+    exact = jax.grad(lambda x, w: (matmul_by_rows(x, w, jnp.float32) * cotangent).sum(), argnums=(0, 1))(x, w_NK)
+    for got, want in zip(exact, (cotangent @ w_NK, cotangent.T @ x)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_a_bf16_model_with_tied_embeddings_trains(tokenizer, devices):
+    cfg = tiny_config("model.compute_dtype=bfloat16", "model.tie_embeddings=true", "mesh.data=1", "optimizer.lr=3e-3")
+    training = build_training(cfg, make_mesh(cfg.mesh, devices[:1]))
+    state, losses = training.init_state(), []
+    stream = train_batches(cfg.data, tokenizer, Shard())
+    for batch in itertools.islice(stream, 5):
+        state, metrics = training.train_step(state, to_global(batch, training.mesh))
+        losses.append(float(metrics["loss"]))
+    stream.close()
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
 
 
 def test_weight_gradient_is_the_same_on_every_platform_branch():

@@ -8,7 +8,7 @@ module writes them so that every product is a row-major GEMM:
 
 - `matmul`: x @ w with inputs in the compute dtype and float32 accumulation, with a
   custom gradient whose weight gradient is laid out for CPU (`lax.platform_dependent`:
-  other platforms get the plain contraction).
+  other platforms get the plain contraction); `matmul_by_rows` the same for x @ w.T.
 - `cpu_attention`: attention with grouped-query heads laid out per key/value head and
   a hand-written backward pass.
 - `resolve_batch_slices`: how many independent batch slices each layer runs, so that
@@ -46,6 +46,47 @@ def matmul(x: jax.Array, w: jax.Array, compute_dtype) -> jax.Array:
     else:
         y_2d = _low_precision_matmul(x_2d, w, jnp.dtype(compute_dtype), x_2d.dtype, w.dtype)
     return y_2d.reshape(*x.shape[:-1], w.shape[-1])
+
+
+def matmul_by_rows(x: jax.Array, w_NK: jax.Array, compute_dtype) -> jax.Array:
+    """x @ w.T for a weight stored (out, in), such as a tied embedding used as the output layer.
+
+    Written as its own product rather than `matmul(x, w.T)`: XLA folds that transpose
+    into the weight gradient's GEMM, giving a dot with a transposed operand, which
+    XLA:CPU cannot run in bf16 at all.
+    """
+    x_2d = x.reshape(-1, x.shape[-1])
+    if jnp.dtype(compute_dtype) == jnp.float32:
+        y_2d = _dot_by_rows(x_2d.astype(jnp.float32), w_NK.astype(jnp.float32))
+    else:
+        y_2d = _low_precision_matmul_by_rows(x_2d, w_NK, jnp.dtype(compute_dtype), x_2d.dtype, w_NK.dtype)
+    return y_2d.reshape(*x.shape[:-1], w_NK.shape[0])
+
+
+def _dot_by_rows(x_MK: jax.Array, w_NK: jax.Array) -> jax.Array:
+    """x @ w.T as a contraction of both last axes (no transpose op: see `_low_precision_matmul_bwd`)."""
+    return jax.lax.dot_general(x_MK, w_NK, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _low_precision_matmul_by_rows(x_MK, w_NK, compute_dtype, x_dtype, w_dtype) -> jax.Array:
+    return _dot_by_rows(x_MK.astype(compute_dtype), w_NK.astype(compute_dtype))
+
+
+def _low_precision_matmul_by_rows_fwd(x_MK, w_NK, compute_dtype, x_dtype, w_dtype):
+    x_c, w_c = x_MK.astype(compute_dtype), w_NK.astype(compute_dtype)
+    return _dot_by_rows(x_c, w_c), (x_c, w_c)
+
+
+def _low_precision_matmul_by_rows_bwd(compute_dtype, x_dtype, w_dtype, residuals, g_MN):
+    x_c, w_c = residuals
+    g_c = g_MN.astype(compute_dtype)
+    dx = jnp.dot(g_c, w_c, preferred_element_type=jnp.float32)  # (M, N) @ (N, K): already row-major
+    dw = jax.lax.platform_dependent(g_c, x_c, cpu=_weight_grad_cpu, default=_weight_grad)  # g.T @ x: (N, K)
+    return dx.astype(x_dtype), dw.astype(w_dtype)
+
+
+_low_precision_matmul_by_rows.defvjp(_low_precision_matmul_by_rows_fwd, _low_precision_matmul_by_rows_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jaxgen.config import TransformerConfig
-from jaxgen.models.cpu_kernels import matmul, resolve_batch_slices, within_window
+from jaxgen.models.cpu_kernels import matmul, matmul_by_rows, resolve_batch_slices, within_window
 from jaxgen.models.layers import (
     Dtypes, Linear, RMSNorm, apply_rope, attend, dot_product_attention, merge_batch, rope_frequencies, rope_tables,
     run_stacked, scan_stacked, split_batch,
@@ -197,7 +197,7 @@ class Transformer(nnx.Module):
     def logits(self, x_BLD: jax.Array) -> jax.Array:
         x_BLD = self.final_norm(x_BLD)
         if self.cfg.tie_embeddings:
-            logits_BLV = matmul(x_BLD, self.embed[...].T, self.compute_dtype)
+            logits_BLV = matmul_by_rows(x_BLD, self.embed[...], self.compute_dtype)
         else:
             logits_BLV = self.lm_head(x_BLD)
         logits_BLV = softcap(logits_BLV, self.cfg.final_logit_softcap)
