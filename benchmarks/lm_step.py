@@ -75,7 +75,7 @@ class Contestant:
 
     def run(self, steps: int) -> list[float]:
         """Seconds per step, each ending with the loss on the host (as the loop's logging does)."""
-        times = []
+        times, loss = [], 0.0
         for _ in range(steps):
             start = time.perf_counter()
             loss = self.step()
@@ -171,6 +171,15 @@ def take_turns(contestants: dict, rounds: int, steps: int, warmup: int,
                          [statistics.median(r) for r in per_round]) for name, per_round in times.items()}
 
 
+def at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        return value
+    return parse
+
+
 class MatmulPeaks:
     """FLOP/s of the best of a few square matmul sizes, f32 and bf16 inputs (f32 accumulation).
 
@@ -205,9 +214,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("overrides", nargs="*", help="extra config overrides, e.g. model.remat=full")
     parser.add_argument("--config", default="small", choices=sorted(CONFIGS))
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per contestant per round")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=at_least(1), default=5, help="timed steps per contestant per round")
+    parser.add_argument("--rounds", type=at_least(1), default=3)
+    parser.add_argument("--warmup", type=at_least(0), default=2, help="untimed steps per contestant before timing")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="jaxgen compute dtypes to time")
     parser.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--torch-compile", action=argparse.BooleanOptionalAction, default=True)
