@@ -121,6 +121,19 @@ def test_the_model_may_have_more_logits_than_tokens_never_fewer(llama3_tokenizer
     assert not any((tmp_path / "b").iterdir())  # refused: nothing kept
 
 
+def test_a_dataset_prepared_with_it_brings_it_to_the_run(llama3_tokenizer, tmp_path):
+    from jaxgen.data.prepare import prepare_dataset
+
+    (tmp_path / "corpus.txt").write_text("\n".join(itertools.islice(iter_documents([BUNDLED_CORPUS]), 400)) + "\n")
+    ours = load_tokenizer(llama3_tokenizer)
+    summary = prepare_dataset(str(tmp_path / "corpus.txt"), tmp_path / "ids", tokenizer=ours, progress=False)
+    assert summary["tokenizer"]["sha256"] == ours.sha256
+    (tmp_path / "run").mkdir()
+    kept = prepare_tokenizer(tiny_config(f"data.path={tmp_path / 'ids'}", "model.vocab_size=400"), tmp_path / "run")
+    assert (kept.kind, kept.sha256) == ("hf_json", ours.sha256)
+    assert (tmp_path / "run" / "tokenizer.json").read_bytes() == llama3_tokenizer.read_bytes()
+
+
 def test_decoding_never_samples_a_padded_id():
     """Ids past the tokenizer's are logits of a padded embedding; even when they are the largest, none is drawn."""
     logits = jnp.asarray([[0.0, 1.0, 0.5, 9.0, 9.0], [2.0, 0.0, 0.0, 0.0, 9.0]])
