@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jaxgen.config import TransformerConfig
-from jaxgen.models.cpu_kernels import matmul, matmul_by_rows, resolve_batch_slices, within_window
+from jaxgen.models.cpu_kernels import matmul_by_rows, resolve_batch_slices, within_window
 from jaxgen.models.layers import (
     Dtypes, Linear, RMSNorm, apply_rope, attend, dot_product_attention, merge_batch, rope_frequencies, rope_tables,
     run_stacked, scan_stacked, split_batch,

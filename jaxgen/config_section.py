@@ -1,0 +1,33 @@
+"""The base of every config section: frozen, no unknown keys, no booleans or inf/nan where numbers go."""
+
+from __future__ import annotations
+
+import typing
+from typing import Any
+
+import pydantic
+from pydantic import BaseModel, ConfigDict
+
+
+class Section(BaseModel):
+    # inf and nan are never valid where a number is meant (an infinite learning rate poisons the weights).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @pydantic.field_validator("*", mode="before")
+    @classmethod
+    def _booleans_are_not_numbers(cls, value: Any, info: pydantic.ValidationInfo) -> Any:
+        # YAML reads yes/no/true/false as booleans, which pydantic would take as 1 and 0.
+        if isinstance(value, bool) and _wants_number(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"{str(value).lower()} is a boolean; a number is expected here")
+        return value
+
+
+def _wants_number(annotation: Any) -> bool:
+    """Whether a field takes int or float values and never a boolean."""
+    found: set = set()
+    pending = [annotation]
+    while pending:
+        item = pending.pop()
+        found.add(item)
+        pending.extend(typing.get_args(item))
+    return bool({int, float} & found) and bool not in found
