@@ -24,7 +24,7 @@ from jaxgen import __version__
 from jaxgen.checkpoint import Checkpointer, checkpoint_dir, restore_subtree
 from jaxgen.config import Config
 from jaxgen.data.lockstep import next_in_lockstep
-from jaxgen.data.pipeline import merged_position, to_global
+from jaxgen.data.pipeline import merged_position, process_streams, this_process, to_global
 from jaxgen.device_memory import check_fits
 from jaxgen.errors import EXIT_PREEMPTED, ConfigError, Preempted
 from jaxgen.files import write_atomic
@@ -53,6 +53,7 @@ def train(cfg: Config, run_dir: str | pathlib.Path) -> dict:
     if cfg.data.batch_size % (dp * cfg.train.microbatches):
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by the data-parallel devices "
                           f"(mesh.data x mesh.fsdp = {dp}) times train.microbatches={cfg.train.microbatches}")
+    process_streams(cfg.data.reader_streams, this_process())  # refused now, not after a restore
     log.info("mesh %s on %d %s devices", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
     training = build_training(cfg, mesh)  # abstract: nothing is allocated yet
     check_fits("training this model", training.layout.bytes_per_device())
