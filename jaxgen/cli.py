@@ -57,6 +57,14 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from jaxgen.data.inspect import inspect_data, inspection_tokenizer
+
+    print(json.dumps(inspect_data(cfg, args.batches, inspection_tokenizer(cfg))))
+    return 0
+
+
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from jaxgen.data.corpus import iter_documents, resolve_files
     from jaxgen.data.tokenizer import train_tokenizer
@@ -230,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     inputs.add_argument("--invalid-utf8", choices=["skip", "error"], default="skip",
                         help="skip lines that are not UTF-8 (counted in a warning) or fail")
 
-    data = commands.add_parser("data", help="prepare datasets").add_subparsers(
+    data = commands.add_parser("data", help="prepare and inspect datasets").add_subparsers(
         dest="action", required=True, parser_class=Parser, metavar="ACTION", help="what to do with data")
     prepare = data.add_parser("prepare", parents=[inputs],
                               help="convert text/JSONL/Parquet files into an ArrayRecord dataset (data.path)")
@@ -240,6 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--validation-every-nth", type=positive_int, default=50, metavar="N",
                          help="every N-th document goes to the validation split")
     prepare.set_defaults(func=cmd_data_prepare)
+    inspect = data.add_parser("inspect", parents=[overrides],
+                              help="print, as JSON, which documents the first training batches and the held-out "
+                                   "batches hold, and the shuffle settings")
+    inspect.add_argument("--config", help="YAML config file (default: the embedded default config); give "
+                                          "data.tokenizer=RUN_DIR/tokenizer.model to see a run's own batches")
+    inspect.add_argument("--batches", type=positive_int, required=True, metavar="N",
+                         help="how many global training batches, from the first")
+    inspect.set_defaults(func=cmd_data_inspect)
 
     tokenizer = commands.add_parser("tokenizer", help="train tokenizers").add_subparsers(
         dest="action", required=True, parser_class=Parser, metavar="ACTION", help="what to do with tokenizers")

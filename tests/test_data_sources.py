@@ -40,7 +40,7 @@ def documents_of(*overrides, part="train"):
 
 
 def test_jsonl_gzip_source_reads_the_named_field(jsonl_corpus):
-    documents = documents_of(f"data.jsonl={jsonl_corpus}/*.jsonl.gz", "data.field=body")
+    documents = documents_of(f"data.jsonl={jsonl_corpus}/*.jsonl.gz", "data.field=body", "data.eval_block=1")
     assert len(documents) == 196 and documents[0] == "record 0: in the beginning was the word"
 
 
@@ -49,11 +49,12 @@ def test_prepared_dataset_round_trips_text_and_tokens_and_splits(jsonl_corpus, t
     summary = prepare_dataset(f"{jsonl_corpus}/*.jsonl.gz", tmp_path / "ids", field="body", tokenizer=tokenizer, progress=False)
     assert summary["documents"] == {"train": 196, "validation": 4}
     train = documents_of(f"data.path={tmp_path / 'text'}")
-    assert train == documents_of(f"data.jsonl={jsonl_corpus}/*.jsonl.gz", "data.field=body")
+    # `data prepare` holds out every n-th document: data.eval_block=1 is the same rule.
+    assert train == documents_of(f"data.jsonl={jsonl_corpus}/*.jsonl.gz", "data.field=body", "data.eval_block=1")
     assert len(list((tmp_path / "text").glob("corpus-train.array_record-*-of-00004"))) == 4
     ids = documents_of(f"data.path={tmp_path / 'ids'}", part="eval")
     assert [tokenizer.decode(x.tolist()) for x in ids] == documents_of(
-        f"data.jsonl={jsonl_corpus}/*.jsonl.gz", "data.field=body", part="eval")
+        f"data.jsonl={jsonl_corpus}/*.jsonl.gz", "data.field=body", "data.eval_block=1", part="eval")
 
 
 def test_pretokenized_dataset_brings_its_tokenizer_and_refuses_another(jsonl_corpus, tokenizer, tmp_path):
@@ -228,10 +229,14 @@ def test_a_missing_split_names_the_splits_there(jsonl_corpus, tmp_path):
         documents_of(f"data.path={tmp_path}/ds", "data.eval_split=test", part="eval")
 
 
-def test_too_few_documents_for_the_readers_is_explained(tmp_path):
+@pytest.mark.parametrize("read, says", [
+    ("data.index_max_mb=256", r"the train part of data.text '.*one.txt' holds 1 records, too few for 2 reader streams"),
+    ("data.index_max_mb=0", r"holds 1 documents for the train split, too few for 2 readers"),
+], ids=["indexed", "streamed"])
+def test_too_few_documents_for_the_readers_is_explained(tmp_path, read, says):
     (tmp_path / "one.txt").write_text("only document\n")
-    cfg = tiny_config(f"data.text={tmp_path}/one.txt")
+    cfg = tiny_config(f"data.text={tmp_path}/one.txt", read)
     from jaxgen.data.sources import open_documents
 
-    with pytest.raises(DataError, match=r"holds 1 documents for the train split, too few for 2 readers"):
+    with pytest.raises(DataError, match=says):
         list(itertools.islice(open_documents(cfg.data, cfg.data, "train", Shard(1, 2), seed=None), 1))
