@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from jaxgen.config import with_overrides
 from jaxgen.data.inspect import inspect_data
 from jaxgen.data.lm import eval_batches, held_out_set, train_batches
 from jaxgen.data.pipeline import merged_position
 from jaxgen.data.sources import one_pass_documents
 from jaxgen.data.splits import HoldOut, Shard
-from jaxgen.data.streaming import FILE_STRIDE, PIECE_BYTES, PIECES_AT_ONCE
+from jaxgen.data.streaming import FILE_STRIDE, PIECE_BYTES, PIECES_AT_ONCE, DocumentStream
 from jaxgen.data.tokenizer import BOS_ID
 from jaxgen.errors import DataError
 
@@ -127,19 +128,42 @@ def small_streamed(tmp_path_factory):
                        "data.batch_size=16", "data.seq_len=16", "data.eval_every_nth_doc=10")
 
 
-@pytest.mark.parametrize("consumed", [0, 7, 300], ids=["start", "mid-epoch", "across-epochs"])
-def test_a_streamed_source_resumes_exactly(tokenizer, small_streamed, consumed):
-    uninterrupted = train_batches(small_streamed.data, tokenizer, Shard())
+@pytest.mark.parametrize("consumed, workers", [(0, 0), (7, 0), (300, 0), (7, 2)],
+                         ids=["start", "mid-epoch", "across-epochs", "workers"])
+def test_a_streamed_source_resumes_exactly(tokenizer, small_streamed, consumed, workers):
+    data = with_overrides(small_streamed, [f"data.workers={workers}"]).data
+    uninterrupted = train_batches(data, tokenizer, Shard())
     take(uninterrupted, consumed)
     state = json.loads(json.dumps(uninterrupted.get_state()))  # as a checkpoint stores it
     expected = take(uninterrupted, 6)
     uninterrupted.close()
     if consumed == 300:  # every reader stream is past its first epoch
         assert all(re.search(r"'epoch': [1-9]", stream) for stream in state["streams"].values()), state
-    resumed = train_batches(small_streamed.data, tokenizer, Shard())
+    resumed = train_batches(data, tokenizer, Shard())
     resumed.set_state(state)
     assert_same_batches(take(resumed, 6), expected)
     resumed.close()
+
+
+def test_a_streamed_reader_resumes_exactly_from_any_position(tmp_path):
+    # Restored just after a piece's last line, before the reader moves on, the piece's file is not reopened.
+    (tmp_path / "a.txt").write_text("".join(document(i) + "\n" for i in range(0, 4000)))  # two pieces
+    (tmp_path / "b.txt").write_text("".join(document(i) + "\n" for i in range(4000, 5000)))
+    files = sorted(tmp_path.glob("*.txt"))
+
+    def reader() -> DocumentStream:
+        return DocumentStream(files, field=None, holdout=HoldOut(5, "train", 3), shard=Shard(1, 2),
+                              invalid_utf8="skip", name="test", seed=3)
+
+    uninterrupted, positions, documents = iter(reader()), [], []
+    for _ in range(2500):  # past the end of the reader's first epoch (2000 documents)
+        positions.append(json.loads(json.dumps(uninterrupted.get_state())))
+        documents.append(next(uninterrupted))
+    assert positions[-1]["epoch"] == 1
+    for k, position in enumerate(positions[:-1]):
+        resumed = iter(reader())
+        resumed.set_state(position)
+        assert [next(resumed), next(resumed)] == documents[k:k + 2], position
 
 
 def test_a_streamed_global_batch_does_not_depend_on_the_process_count(tokenizer, small_streamed):

@@ -194,7 +194,8 @@ class _DocumentIterator(grain.DatasetIterator):
         """The piece in `slot` is read: the epoch's next piece takes its place, or the slot closes."""
         stream, pos = self._stream, self._position
         reading = self._reading[slot]
-        reading.handle.close()
+        if reading.handle is not None:  # None when restored at the piece's end: nothing was left to read
+            reading.handle.close()
         if stream.shard.index == 0:  # every reader meets the same lines; the first alone reports them
             reading.skipped.report()
         if pos["opened"] < len(stream.pieces):
