@@ -17,7 +17,7 @@ import sys
 import traceback
 
 from jaxgen import __version__, distributed
-from jaxgen.config import load_config
+from jaxgen.config import DataConfig, load_config
 from jaxgen.errors import ConfigError, UsageError, describe
 from jaxgen.interrupts import end_cleanly_on_ctrl_c, exit_interrupted
 
@@ -52,7 +52,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
     tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else None
     summary = prepare_dataset(args.input, args.out, field=args.field, tokenizer=tokenizer,
-                              validation_every_nth=args.validation_every_nth, invalid_utf8=args.invalid_utf8)
+                              validation_every_nth=args.validation_every_nth, validation_block=args.validation_block,
+                              invalid_utf8=args.invalid_utf8)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -245,8 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--out", required=True, metavar="DIR", help="new dataset directory")
     prepare.add_argument("--tokenizer", metavar="FILE.model",
                          help="store token ids made with this sentencepiece model instead of text")
-    prepare.add_argument("--validation-every-nth", type=positive_int, default=50, metavar="N",
-                         help="every N-th document goes to the validation split")
+    # The validation split is held out as training holds out text, with training's defaults.
+    holdout = DataConfig.model_fields
+    prepare.add_argument("--validation-every-nth", type=positive_int, default=holdout["eval_every_nth_doc"].default,
+                         metavar="N", help="every N-th block of documents goes to the validation split, as "
+                                           "data.eval_every_nth_doc in training (at least 2; default %(default)s)")
+    prepare.add_argument("--validation-block", type=positive_int, default=holdout["eval_block"].default, metavar="B",
+                         help="validation documents come in blocks of B consecutive ones, as data.eval_block "
+                              "(1 = every N-th document; default %(default)s)")
     prepare.set_defaults(func=cmd_data_prepare)
     inspect = data.add_parser("inspect", parents=[overrides],
                               help="print, as JSON, which documents the first training batches and the held-out "

@@ -370,8 +370,8 @@ class DataConfig(_SourceFields):
     # For sources without splits: one document in n goes to the held-out split, in blocks of
     # eval_block consecutive documents (every n-th block); smaller n holds out more. Evaluation
     # packs held-out documents, each once, in a fixed shuffled order, into at most
-    # train.eval_batches batches (the last padded with zero weight): all of them if they fit.
-    # A held-out split smaller than one batch is refused.
+    # train.eval_batches batches. A held-out split smaller than one batch is refused.
+    # `jaxgen data prepare` chooses its validation split by the same rule and defaults.
     eval_every_nth_doc: int = Field(50, ge=2)
     # Held-out documents come in runs of this many, so that few sit next to training documents
     # that continue them (a passage's verses, a site's pages); 1 = every n-th document.

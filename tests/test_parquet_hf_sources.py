@@ -177,11 +177,13 @@ def test_tokenizer_train_and_data_prepare_read_a_parquet_input(verses, tmp_path)
                         "--out", str(tmp_path / "t.model"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout)["vocab_size"] == 400
-    result = run_jaxgen("data", "prepare", "--input", str(path), "--field", "verse", "--out", str(tmp_path / "ds"))
+    result = run_jaxgen("data", "prepare", "--input", str(path), "--field", "verse", "--out", str(tmp_path / "ds"),
+                        "--validation-every-nth", "5")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads(result.stdout)["documents"] == {"train": 392, "validation": 8}
+    assert json.loads(result.stdout)["documents"] == {"train": 320, "validation": 80}
+    # Held out as training holds out text: every 5th block of 10 verses (the default --validation-block).
     assert list(one_pass_documents(tiny_config(f"data.path={tmp_path / 'ds'}").data, "train")) == [
-        row for i, row in enumerate(rows) if i % 50 != 49]
+        row for i, row in enumerate(rows) if i % 50 < 40]
 
 
 def test_train_on_a_parquet_source(verses, tokenizer, tmp_path):

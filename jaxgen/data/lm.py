@@ -166,11 +166,16 @@ def held_out_set(data: DataConfig, tokenizer: Tokenizer, max_batches: int, origi
 
 
 def _how_to_hold_out_more(data: DataConfig) -> str:
+    """The keys that make the configured sources' held-out sets larger."""
     sources = data.mixture or [data]
-    by_rule = [s for s in sources if s.path is None and s.tfds is None]
-    by_split = [s for s in sources if s.path is not None or s.tfds is not None or s.hf is not None]
-    ways = ([f"hold out more with a smaller data.eval_every_nth_doc (now {data.eval_every_nth_doc})"] if by_rule else []) + (
-        ["give a larger held-out split (data.eval_split)"] if by_split else [])
+    ways = []
+    if any(s.path is None and s.tfds is None for s in sources):  # held out by rule (an hf dataset may be)
+        ways.append(f"hold out more with a smaller data.eval_every_nth_doc (now {data.eval_every_nth_doc})")
+    if any(s.path is not None for s in sources):
+        ways.append("prepare data.path again with a smaller --validation-every-nth")
+    if any(s.tfds is not None or s.hf is not None for s in sources):
+        ways.append("name a larger held-out split in the data.mixture entry's eval_split" if data.mixture
+                    else f"name a larger held-out split in data.eval_split (now {data.eval_split!r})")
     return " or ".join(ways)
 
 
