@@ -416,6 +416,9 @@ class TrainConfig(_Section):
     microbatches: int = Field(1, gt=0)
     seed: int = Field(0, ge=0)
     eval_every: int = Field(40, gt=0)
+    # The most global batches the held-out loss is measured on. They hold the held-out documents
+    # (or images) each once, the last batch padded with zero weight: all of them when they fit in
+    # this many batches, else a fixed sample. The run logs how many documents and tokens that is.
     eval_batches: int = Field(8, gt=0)
     # Per-device peak FLOP/s for MFU; null = known accelerator table, or measured on CPU.
     peak_flops_per_device: float | None = Field(None, gt=0)
@@ -452,6 +455,7 @@ class ImagesConfig(_Section):
     # tfds: a TFDS image dataset (images.tfds), whose size, channels and classes the model must match.
     source: Literal["digits", "shapes", "tfds"] = "digits"
     # Every n-th image goes to the held-out split (digits, shapes; TFDS datasets have their own splits).
+    # Evaluation reads the held-out images in order, each once, into at most train.eval_batches batches.
     eval_every_nth: int = Field(5, ge=2)
     # Random horizontal flips of training images (not for digits, whose mirror images are other glyphs).
     hflip: bool = False

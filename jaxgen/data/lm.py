@@ -29,6 +29,7 @@ from jaxgen.data.packing import batch_rows, pack_documents
 from jaxgen.data.pipeline import (
     BatchIterator,
     GrainBatches,
+    padded,
     process_rows,
     stream_batches,
     this_process,
@@ -177,11 +178,6 @@ def _how_to_hold_out_more(data: DataConfig) -> str:
         ways.append("name a larger held-out split in the data.mixture entry's eval_split" if data.mixture
                     else f"name a larger held-out split in data.eval_split (now {data.eval_split!r})")
     return " or ".join(ways)
-
-
-def padded(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
-    """`batch` with zero rows (zero weight) added up to `rows`."""
-    return {name: np.pad(field, [(0, rows - len(field))] + [(0, 0)] * (field.ndim - 1)) for name, field in batch.items()}
 
 
 def eval_batches(data: DataConfig, tokenizer: Tokenizer, max_batches: int, shard: Shard) -> list[dict[str, np.ndarray]]:

@@ -125,6 +125,11 @@ def process_rows(global_batch: int, shard: Shard) -> slice:
     return slice(shard.index * per, (shard.index + 1) * per)
 
 
+def padded(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    """`batch` with rows of zeros added up to `rows`: the end of a finite set, given zero weight."""
+    return {name: np.pad(field, [(0, rows - len(field))] + [(0, 0)] * (field.ndim - 1)) for name, field in batch.items()}
+
+
 def prefetched(dataset: grain.IterDataset, workers: int, buffer: int) -> grain.IterDataset:
     """Batches made ahead of time: in `workers` processes, or in one background thread when 0."""
     if workers == 0:
