@@ -418,7 +418,8 @@ class TrainConfig(_Section):
     eval_every: int = Field(40, gt=0)
     # The most global batches the held-out loss is measured on. They hold the held-out documents
     # (or images) each once, the last batch padded with zero weight: all of them when they fit in
-    # this many batches, else a fixed sample. The run logs how many documents and tokens that is.
+    # this many batches, else a fixed sample. The run logs how many documents and tokens (or
+    # images) that is.
     eval_batches: int = Field(8, gt=0)
     # Per-device peak FLOP/s for MFU; null = known accelerator table, or measured on CPU.
     peak_flops_per_device: float | None = Field(None, gt=0)

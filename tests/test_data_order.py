@@ -7,6 +7,7 @@ The corpora's documents carry their number ("doc 1234 ..."), in corpus order.
 
 import glob
 import json
+import logging
 import pathlib
 import re
 
@@ -196,7 +197,7 @@ def test_a_position_saved_in_the_older_data_order_is_refused(tokenizer, small_st
 
 
 @pytest.mark.parametrize("read", ["indexed", "streamed"])
-def test_held_out_batches_hold_every_held_out_document_exactly_once(corpora, tokenizer, read):
+def test_held_out_batches_hold_every_held_out_document_exactly_once(corpora, tokenizer, read, caplog):
     cfg = tiny_config(f"data.text={corpora['one file']}", *BATCH, *READ[read], "data.eval_every_nth_doc=40",
                       "data.eval_block=5", "train.eval_batches=100")
     held_out = held_out_set(cfg.data, tokenizer, cfg.train.eval_batches, origins=True)
@@ -216,8 +217,11 @@ def test_held_out_batches_hold_every_held_out_document_exactly_once(corpora, tok
     fewer = held_out_set(cfg.data, tokenizer, 2, origins=True)
     drawn = starts(fewer.batches)
     assert len(fewer.batches) == 2 and len(set(drawn)) == len(drawn) == fewer.documents and not fewer.whole
-    # Each process keeps its rows of the same global batches.
-    halves = [eval_batches(cfg.data, tokenizer, 2, Shard(i, 2)) for i in range(2)]
+    # Each process keeps its rows of the same global batches, and says what they hold.
+    with caplog.at_level(logging.INFO, logger="jaxgen"):
+        halves = [eval_batches(cfg.data, tokenizer, 2, Shard(i, 2)) for i in range(2)]
+    assert (f"held-out: {fewer.documents} documents, {fewer.tokens} tokens in 2 batches, each document once: a fixed "
+            "sample of the held-out documents; train.eval_batches=2 batches take no more") in caplog.text
     for whole, *parts in zip(fewer.batches, *halves):
         np.testing.assert_array_equal(whole["inputs"], np.concatenate([p["inputs"] for p in parts]))
 
