@@ -25,8 +25,8 @@ def inspection_tokenizer(cfg: Config) -> Tokenizer:
     """The tokenizer a new run of `cfg` would use: data.tokenizer, a prepared dataset's own, or one
     trained on the training documents (as the run would train it)."""
     if cfg.model.kind != "transformer":
-        raise ConfigError(f"jaxgen data inspect reads a language model's documents; model.kind={cfg.model.kind} "
-                          "reads images (images.*)")
+        raise ConfigError(f"jaxgen data inspect reads a language model's documents, but model.kind={cfg.model.kind} "
+                          "reads images (images.*); give a config with model.kind=transformer")
     with tempfile.TemporaryDirectory(prefix="jaxgen-inspect-") as directory:
         return prepare_tokenizer(cfg, pathlib.Path(directory))
 
