@@ -17,7 +17,7 @@ import sys
 import traceback
 
 from jaxgen import __version__, distributed
-from jaxgen.config import load_config
+from jaxgen.config import DataConfig, load_config
 from jaxgen.errors import ConfigError, UsageError, describe
 from jaxgen.interrupts import end_cleanly_on_ctrl_c, exit_interrupted
 
@@ -52,8 +52,17 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     summary = prepare_dataset(args.input, args.out, field=args.field, tokenizer=tokenizer,
-                              validation_every_nth=args.validation_every_nth, invalid_utf8=args.invalid_utf8)
+                              validation_every_nth=args.validation_every_nth, validation_block=args.validation_block,
+                              invalid_utf8=args.invalid_utf8)
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from jaxgen.data.inspect import inspect_data, inspection_tokenizer
+
+    print(json.dumps(inspect_data(cfg, args.batches, inspection_tokenizer(cfg))))
     return 0
 
 
@@ -230,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     inputs.add_argument("--invalid-utf8", choices=["skip", "error"], default="skip",
                         help="skip lines that are not UTF-8 (counted in a warning) or fail")
 
-    data = commands.add_parser("data", help="prepare datasets").add_subparsers(
+    data = commands.add_parser("data", help="prepare and inspect datasets").add_subparsers(
         dest="action", required=True, parser_class=Parser, metavar="ACTION", help="what to do with data")
     prepare = data.add_parser("prepare", parents=[inputs],
                               help="convert text/JSONL/Parquet files into an ArrayRecord dataset (data.path)")
@@ -238,9 +247,23 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--tokenizer", metavar="FILE",
                          help="store token ids made with this tokenizer (a sentencepiece .model or a Hugging Face "
                               "tokenizer.json) instead of text")
-    prepare.add_argument("--validation-every-nth", type=positive_int, default=50, metavar="N",
-                         help="every N-th document goes to the validation split")
+    # The validation split is held out as training holds out text, with training's defaults.
+    holdout = DataConfig.model_fields
+    prepare.add_argument("--validation-every-nth", type=positive_int, default=holdout["eval_every_nth_doc"].default,
+                         metavar="N", help="every N-th block of documents goes to the validation split, as "
+                                           "data.eval_every_nth_doc in training (at least 2; default %(default)s)")
+    prepare.add_argument("--validation-block", type=positive_int, default=holdout["eval_block"].default, metavar="B",
+                         help="validation documents come in blocks of B consecutive ones, as data.eval_block "
+                              "(1 = every N-th document; default %(default)s)")
     prepare.set_defaults(func=cmd_data_prepare)
+    inspect = data.add_parser("inspect", parents=[overrides],
+                              help="print, as JSON, which documents the first training batches and the held-out "
+                                   "batches hold, and the shuffle settings")
+    inspect.add_argument("--config", help="YAML config file (default: the embedded default config); give "
+                                          "data.tokenizer=RUN_DIR to see a run's own batches")
+    inspect.add_argument("--batches", type=positive_int, required=True, metavar="N",
+                         help="how many global training batches, from the first")
+    inspect.set_defaults(func=cmd_data_inspect)
 
     tokenizer = commands.add_parser("tokenizer", help="train tokenizers").add_subparsers(
         dest="action", required=True, parser_class=Parser, metavar="ACTION", help="what to do with tokenizers")

@@ -99,8 +99,8 @@ class _SourceFields(_Section):
     # Parquet files and hf datasets.
     field: str = "text"
     # Split names, for the sources that have splits (path, tfds, hf); the others, and an hf
-    # dataset whose only split is train_split, hold out every data.eval_every_nth_doc-th
-    # document instead.
+    # dataset whose only split is train_split, hold out documents by data.eval_every_nth_doc
+    # and data.eval_block instead.
     train_split: str = "train"
     eval_split: str = "validation"
 
@@ -144,11 +144,25 @@ class DataConfig(_SourceFields):
     # trains on the same batch on any number of processes (which must divide it) and a run
     # resumes on another process count. null = the largest of 8, 4, 2, 1 dividing batch_size.
     streams: int | None = Field(None, gt=0)
-    # For sources without splits: every n-th document goes to the held-out split.
+    # For sources without splits: one document in n goes to the held-out split, in blocks of
+    # eval_block consecutive documents (every n-th block); smaller n holds out more. Evaluation
+    # packs held-out documents, each once, in a fixed shuffled order, into at most
+    # train.eval_batches batches. A held-out split smaller than one batch is refused.
+    # `jaxgen data prepare` chooses its validation split by the same rule and defaults.
     eval_every_nth_doc: int = Field(50, ge=2)
+    # Held-out documents come in runs of this many, so that few sit next to training documents
+    # that continue them (a passage's verses, a site's pages); 1 = every n-th document.
+    eval_block: int = Field(10, gt=0)
     seed: int = Field(0, ge=0)
-    # Streamed sources (text, jsonl) are shuffled within a window of this many documents;
-    # random-access ones (path, tfds, array_record, parquet, hf) are shuffled whole, every epoch.
+    # Text and JSONL sources (the bundled corpus too) whose files take at most this many MiB on
+    # disk are read into memory once, in every process and worker (.gz files take several times
+    # their size), and then shuffled whole every epoch, as random-access sources (path, tfds,
+    # array_record, parquet, hf) are. Larger ones are streamed; 0 streams every one.
+    index_max_mb: float = Field(256, ge=0)
+    # Streamed sources are read in 64 KiB pieces of their files (a .gz file whole, from its start)
+    # in a new random order every epoch, 16 pieces at a time, then shuffled within windows of this
+    # many documents. A larger window mixes documents from more places, but each reader stream
+    # holds a window of documents in memory and reads one before its first batch and on resume.
     shuffle_window: int = Field(10_000, gt=0)
     # Worker processes that tokenize and pack; 0 = a background thread in the trainer.
     workers: int = Field(0, ge=0)
@@ -179,6 +193,10 @@ class TrainConfig(_Section):
     microbatches: int = Field(1, gt=0)
     seed: int = Field(0, ge=0)
     eval_every: int = Field(40, gt=0)
+    # The most global batches the held-out loss is measured on. They hold the held-out documents
+    # (or images) each once, the last batch padded with zero weight: all of them when they fit in
+    # this many batches, else a fixed sample. The run logs how many documents and tokens (or
+    # images) that is.
     eval_batches: int = Field(8, gt=0)
     # Per-device peak FLOP/s for MFU; null = known accelerator table, or measured on CPU.
     peak_flops_per_device: float | None = Field(None, gt=0)
@@ -215,6 +233,7 @@ class ImagesConfig(_Section):
     # tfds: a TFDS image dataset (images.tfds), whose size, channels and classes the model must match.
     source: Literal["digits", "shapes", "tfds"] = "digits"
     # Every n-th image goes to the held-out split (digits, shapes; TFDS datasets have their own splits).
+    # Evaluation reads the held-out images in order, each once, into at most train.eval_batches batches.
     eval_every_nth: int = Field(5, ge=2)
     # Random horizontal flips of training images (not for digits, whose mirror images are other glyphs).
     hflip: bool = False

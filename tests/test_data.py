@@ -105,8 +105,10 @@ def test_sixty_batches_of_the_small_corpus_cross_an_epoch_boundary(tokenizer, sm
     cfg = tiny_config(f"data.text={small_corpus}", "data.batch_size=4", "data.seq_len=16", "data.shuffle_window=20")
     batches = train_batches(cfg.data, tokenizer, Shard())
     take(batches, 60)
-    for stream in batches.get_state()["streams"].values():  # every reader stream is past its first epoch
-        assert int(re.search(r"'epoch': (\d+)", stream).group(1)) >= 1, stream
+    documents, streams = len(list(one_pass_documents(cfg.data, "train"))), cfg.data.reader_streams
+    for stream in batches.get_state()["streams"].values():  # every reader stream is past its first epoch:
+        # reader s of n reads places s, s + n, ... of the epochs' permutations laid end to end
+        assert int(re.search(r"'next_index': (\d+)", stream).group(1)) * streams >= documents, stream
     batches.close()
 
 
@@ -130,11 +132,11 @@ def test_two_processes_read_disjoint_shares_that_cover_the_data(source, small_co
 
 
 def test_held_out_documents_never_reach_training(small_corpus):
-    cfg = tiny_config(f"data.text={small_corpus}", "data.eval_every_nth_doc=10")
+    cfg = tiny_config(f"data.text={small_corpus}", "data.eval_every_nth_doc=5", "data.eval_block=4")
     train = list(one_pass_documents(cfg.data, "train"))
     held_out = list(one_pass_documents(cfg.data, "eval"))
-    assert [d.split()[1] for d in held_out] == [str(i) for i in range(9, 100, 10)]
-    assert len(train) == 90 and not set(train) & set(held_out)
+    assert [d.split()[1] for d in held_out] == [str(i) for i in range(100) if i % 20 >= 16]  # every 5th block of 4
+    assert len(train) == 80 and not set(train) & set(held_out)
 
 
 def test_packing_keeps_every_token_once_and_marks_boundaries(tokenizer, small_corpus):

@@ -173,7 +173,9 @@ def test_invalid_utf8_while_the_tokenizer_trains_is_reported_as_itself(tmp_path)
 
 def test_invalid_utf8_inside_the_grain_pipeline_is_reported_as_itself(tmp_path, tokenizer):
     bad = verses_with_invalid_utf8(tmp_path / "bad.txt", [300])
-    cfg = tiny_config(f"data.text={bad}", "data.invalid_utf8=error", f"data.tokenizer={tokenizer.path}")
+    # Streamed, so the line is met inside grain (a source held in memory meets it as it is read in).
+    cfg = tiny_config(f"data.text={bad}", "data.invalid_utf8=error", f"data.tokenizer={tokenizer.path}",
+                      "data.index_max_mb=0")
     with pytest.raises(DataError, match=INVALID_LINE) as err:
         list(one_pass_documents(cfg.data, "train"))
     one_line(err)

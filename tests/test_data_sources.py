@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxgen.data.corpus import BUNDLED_CORPUS, iter_documents
-from jaxgen.data.lm import build_lm_data, prepare_tokenizer, train_batches
+from jaxgen.data.lm import build_lm_data, held_out_set, prepare_tokenizer, train_batches
 from jaxgen.data.prepare import prepare_dataset
 from jaxgen.data.sources import one_pass_documents
 from jaxgen.data.splits import Shard
@@ -27,7 +27,7 @@ from helpers import as_tfrecord_dataset
 def jsonl_corpus(tmp_path_factory):
     directory = tmp_path_factory.mktemp("jsonl")
     with gzip.open(directory / "part-0.jsonl.gz", "wt") as f:
-        for i in range(200):
+        for i in range(1000):  # enough for the default held-out rule: blocks of 10, every 50th block
             f.write(json.dumps({"id": i, "body": f"record {i}: in the beginning was the word"}) + "\n")
     return directory
 
@@ -41,19 +41,50 @@ def documents_of(*overrides, part="train"):
 
 def test_jsonl_gzip_source_reads_the_named_field(jsonl_corpus):
     documents = documents_of(f"data.jsonl={jsonl_corpus}/*.jsonl.gz", "data.field=body")
-    assert len(documents) == 196 and documents[0] == "record 0: in the beginning was the word"
+    assert len(documents) == 980 and documents[0] == "record 0: in the beginning was the word"
 
 
 def test_prepared_dataset_round_trips_text_and_tokens_and_splits(jsonl_corpus, tokenizer, tmp_path):
     prepare_dataset(f"{jsonl_corpus}/*.jsonl.gz", tmp_path / "text", field="body", progress=False, shard_size=64)
     summary = prepare_dataset(f"{jsonl_corpus}/*.jsonl.gz", tmp_path / "ids", field="body", tokenizer=tokenizer, progress=False)
-    assert summary["documents"] == {"train": 196, "validation": 4}
+    assert summary["documents"] == {"train": 980, "validation": 20}
     train = documents_of(f"data.path={tmp_path / 'text'}")
+    # `data prepare` holds out what training holds out of the same files: the same rule, the same defaults.
     assert train == documents_of(f"data.jsonl={jsonl_corpus}/*.jsonl.gz", "data.field=body")
-    assert len(list((tmp_path / "text").glob("corpus-train.array_record-*-of-00004"))) == 4
+    assert len(list((tmp_path / "text").glob("corpus-train.array_record-*-of-00016"))) == 16
     ids = documents_of(f"data.path={tmp_path / 'ids'}", part="eval")
     assert [tokenizer.decode(x.tolist()) for x in ids] == documents_of(
         f"data.jsonl={jsonl_corpus}/*.jsonl.gz", "data.field=body", part="eval")
+
+
+def test_prepare_holds_out_blocks_as_training_does_and_refuses_a_rule_that_holds_out_nothing(jsonl_corpus, tmp_path):
+    summary = prepare_dataset(f"{jsonl_corpus}/*.jsonl.gz", tmp_path / "ds", field="body", validation_every_nth=4,
+                              validation_block=25, progress=False)
+    assert summary["documents"] == {"train": 750, "validation": 250} and summary["validation_block"] == 25
+    held_out = documents_of(f"data.path={tmp_path / 'ds'}", part="eval")
+    assert [int(d.split()[1].rstrip(":")) for d in held_out] == [i for i in range(1000) if i % 100 >= 75]
+    assert held_out == documents_of(f"data.jsonl={jsonl_corpus}/*.jsonl.gz", "data.field=body",
+                                    "data.eval_every_nth_doc=4", "data.eval_block=25", part="eval")
+    with pytest.raises(DataError, match=r"holds 1000 documents, too few for a validation split: with "
+                                        r"--validation-every-nth 50 and --validation-block 30 the first validation "
+                                        r"document is number 1471; give a smaller --validation-every-nth or "
+                                        r"--validation-block$"):
+        prepare_dataset(f"{jsonl_corpus}/*.jsonl.gz", tmp_path / "none", field="body", validation_block=30,
+                        progress=False)
+    result = subprocess.run([sys.executable, "-m", "jaxgen", "data", "prepare", "--input", f"{jsonl_corpus}/*.jsonl.gz",
+                             "--field", "body", "--out", str(tmp_path / "all"), "--validation-every-nth", "1"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.splitlines()[-1] == (
+        "jaxgen: error: --validation-every-nth 1 would hold out every document; give 2 or more "
+        "(one block of documents in N goes to the validation split)")
+    assert not (tmp_path / "all").exists() and not (tmp_path / "none").exists()
+
+
+def test_a_validation_split_smaller_than_one_batch_names_the_prepare_option(jsonl_corpus, tokenizer, tmp_path):
+    prepare_dataset(f"{jsonl_corpus}/*.jsonl.gz", tmp_path / "ds", field="body", progress=False)  # 20 validation records
+    with pytest.raises(DataError, match=r"^the held-out documents hold \d+ tokens, fewer than one batch of .* = 1024; "
+                                        r"prepare data.path again with a smaller --validation-every-nth$"):
+        held_out_set(tiny_config(f"data.path={tmp_path / 'ds'}").data, tokenizer, 2)
 
 
 def test_pretokenized_dataset_brings_its_tokenizer_and_refuses_another(jsonl_corpus, tokenizer, tmp_path):
@@ -98,7 +129,8 @@ def test_tfrecord_dataset_streams_with_tensorflow(tmp_path):
     from jaxgen.data.sources import open_documents
 
     (tmp_path / "docs.txt").write_text("".join(f"doc {i}\n" for i in range(120)))
-    prepare_dataset(str(tmp_path / "docs.txt"), tmp_path / "tfds" / "corpus" / "1.0.0", progress=False)
+    prepare_dataset(str(tmp_path / "docs.txt"), tmp_path / "tfds" / "corpus" / "1.0.0", validation_block=1,
+                    progress=False)
     as_tfrecord_dataset(tmp_path / "tfds" / "corpus" / "1.0.0")
     cfg = tiny_config("data.tfds=corpus", f"data.tfds_data_dir={tmp_path / 'tfds'}").data
     train, held_out = (list(one_pass_documents(cfg, part)) for part in ("train", "eval"))
@@ -228,10 +260,14 @@ def test_a_missing_split_names_the_splits_there(jsonl_corpus, tmp_path):
         documents_of(f"data.path={tmp_path}/ds", "data.eval_split=test", part="eval")
 
 
-def test_too_few_documents_for_the_readers_is_explained(tmp_path):
+@pytest.mark.parametrize("read, says", [
+    ("data.index_max_mb=256", r"the train part of data.text '.*one.txt' holds 1 records, too few for 2 reader streams"),
+    ("data.index_max_mb=0", r"holds 1 documents for the train split, too few for 2 readers"),
+], ids=["indexed", "streamed"])
+def test_too_few_documents_for_the_readers_is_explained(tmp_path, read, says):
     (tmp_path / "one.txt").write_text("only document\n")
-    cfg = tiny_config(f"data.text={tmp_path}/one.txt")
+    cfg = tiny_config(f"data.text={tmp_path}/one.txt", read)
     from jaxgen.data.sources import open_documents
 
-    with pytest.raises(DataError, match=r"holds 1 documents for the train split, too few for 2 readers"):
+    with pytest.raises(DataError, match=says):
         list(itertools.islice(open_documents(cfg.data, cfg.data, "train", Shard(1, 2), seed=None), 1))

@@ -14,7 +14,9 @@ from jaxgen.diffusion.quality import frechet_distance
 from jaxgen.metrics import read_metrics
 from jaxgen.sharding import make_mesh
 from jaxgen.tasks.diffusion import DiffusionTask
+from jaxgen.tasks.layout import held_out_sums
 from jaxgen.train.build import build_training
+from jaxgen.train.state import sampling_params
 
 from helpers import DIT_CONFIG, jaxgen_cli, tiny_dit_config
 
@@ -42,6 +44,18 @@ def test_overfitting_one_batch_drives_the_loss_near_zero(devices):
         state, metrics = training.train_step(state, batch)
         losses.append(float(metrics["loss"]))
     assert losses[-1] < 0.02 * losses[0], losses[::20]
+
+
+def test_rows_padding_the_last_held_out_batch_weigh_nothing(devices):
+    cfg = tiny_dit_config("mesh.data=1")
+    training = build_training(cfg, make_mesh(cfg.mesh, devices[:1]))
+    params = sampling_params(training.init_state())
+    [batch] = training.task.with_fixed_noise(held_out_batches(open_images(cfg), 16, 1, Shard()))
+    padded = {**batch, "weights": (np.arange(16) < 8).astype(np.float32)}  # as if only 8 images were left
+    first_rows = {key: field[:8] for key, field in batch.items()}
+    loss, weight = held_out_sums(training.eval_step, params, [to_global(padded, training.mesh)])
+    expected, expected_weight = held_out_sums(training.eval_step, params, [to_global(first_rows, training.mesh)])
+    assert weight == expected_weight == 8 and loss == pytest.approx(expected, rel=1e-5)
 
 
 def test_frechet_distance_matches_the_matrix_square_root_formula():

@@ -126,12 +126,25 @@ def test_a_dataset_prepared_with_it_brings_it_to_the_run(llama3_tokenizer, tmp_p
 
     (tmp_path / "corpus.txt").write_text("\n".join(itertools.islice(iter_documents([BUNDLED_CORPUS]), 400)) + "\n")
     ours = load_tokenizer(llama3_tokenizer)
-    summary = prepare_dataset(str(tmp_path / "corpus.txt"), tmp_path / "ids", tokenizer=ours, progress=False)
+    summary = prepare_dataset(str(tmp_path / "corpus.txt"), tmp_path / "ids", tokenizer=ours, progress=False,
+                              validation_every_nth=10)
     assert summary["tokenizer"]["sha256"] == ours.sha256
     (tmp_path / "run").mkdir()
     kept = prepare_tokenizer(tiny_config(f"data.path={tmp_path / 'ids'}", "model.vocab_size=400"), tmp_path / "run")
     assert (kept.kind, kept.sha256) == ("hf_json", ours.sha256)
     assert (tmp_path / "run" / "tokenizer.json").read_bytes() == llama3_tokenizer.read_bytes()
+
+
+def test_held_out_documents_are_counted_where_bos_is_eos_and_id_0(tmp_path):
+    """Qwen's layout: documents start with EOS, here id 0, which is also what padding holds."""
+    from jaxgen.data.lm import held_out_set
+    from jaxgen.data.sources import held_out_documents
+
+    qwen = load_tokenizer(byte_level_bpe(tmp_path, *QWEN))
+    cfg = tiny_config(f"data.tokenizer={tmp_path / 'tokenizer.json'}", "model.vocab_size=400")
+    held = held_out_set(cfg.data, qwen, max_batches=1000)
+    assert held.whole and held.batches[-1]["weights"].min() == 0  # the padded last batch
+    assert held.documents == len(list(held_out_documents(cfg.data)))
 
 
 def test_decoding_never_samples_a_padded_id():

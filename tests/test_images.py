@@ -135,6 +135,21 @@ def test_digit_batches_mirror_half_the_images_and_resume_exactly():
     assert_same_batches(take(resumed, 5), expected)
 
 
+def test_held_out_batches_hold_every_held_out_image_once_and_a_set_smaller_than_a_batch_is_refused():
+    source = open_images(tiny_dit_config())
+    batches = held_out_batches(source, 64, 100, Shard())  # 359 held-out digits: 6 batches, the last padded
+    weights = np.concatenate([batch["weights"] for batch in batches])
+    assert len(batches) == 6 and weights.tolist() == [1.0] * 359 + [0.0] * 25
+    np.testing.assert_array_equal(np.concatenate([batch["images"] for batch in batches])[:359],
+                                  image_set(source, "eval").images)
+    fewer = held_out_batches(source, 64, 2, Shard())  # train.eval_batches=2: the first 128, still each once
+    assert_same_batches(fewer, batches[:2])
+    with pytest.raises(DataError, match=r"^the held-out part of digits holds 359 images, fewer than one batch of "
+                                        r"data.batch_size=512; hold out more with a smaller images.eval_every_nth "
+                                        r"\(now 5\)$"):
+        held_out_batches(source, 512, 1, Shard())
+
+
 def test_two_processes_hold_the_rows_of_one_process_and_resume_its_position():
     cfg = tiny_dit_config("data.batch_size=16", "images.hflip=true")
     one = train_batches(open_images(cfg), cfg, Shard())
@@ -179,11 +194,14 @@ def test_tfds_processes_read_disjoint_shares_and_the_same_held_out_batches(tfds_
     assert shares[0].isdisjoint(shares[1]) and shares[0] | shares[1] == set(range(TRAIN_RECORDS))
     halves = [held_out_batches(source, 8, 2, Shard(i, 2)) for i in range(2)]
     whole = held_out_batches(source, 8, 2, Shard())
-    marks = corner_marks(whole)  # the split's records in its stored order, wrapping round
-    assert sorted(marks[:TEST_RECORDS]) == list(range(100, 100 + TEST_RECORDS)) and marks[TEST_RECORDS:] == marks[:4]
+    marks = corner_marks(whole)  # the split's records in its stored order, each once; 4 rows of padding
+    weights = np.concatenate([batch["weights"] for batch in whole])
+    assert weights.tolist() == [1.0] * TEST_RECORDS + [0.0] * 4
+    assert sorted(marks[:TEST_RECORDS]) == list(range(100, 100 + TEST_RECORDS))
     assert marks == corner_marks(held_out_batches(source, 8, 2, Shard()))
     for b in range(2):
-        np.testing.assert_array_equal(np.concatenate([h[b]["images"] for h in halves]), whole[b]["images"])
+        for key in ("images", "weights"):
+            np.testing.assert_array_equal(np.concatenate([h[b][key] for h in halves]), whole[b][key])
 
 
 @pytest.mark.parametrize("workers", [0, 1])

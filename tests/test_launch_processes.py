@@ -164,18 +164,18 @@ def test_uneven_data_shares_end_every_process_at_the_same_step(runs, tmp_path, e
 
 def test_too_few_training_documents_for_the_reader_streams_stop_every_process_with_one_line(runs, tmp_path,
                                                                                            small_corpus):
-    # One long training document (every 2nd document is held out) for 8 reader streams.
+    # One long training document and one long held-out one (every 2nd document held out) for 8 reader streams.
     verses = small_corpus.read_text().splitlines()
     corpus = tmp_path / "one_document.txt"
-    corpus.write_text(" ".join(verses[:300]) + "\n" + verses[300] + "\n")
+    corpus.write_text(" ".join(verses[:300]) + "\n" + " ".join(verses[300:600]) + "\n")
     tokenizer = train_tokenizer(verses, 512, tmp_path / "tokenizer.model")
     args = tiny_train_args(small_corpus, tmp_path / "run", f"data.text={corpus}", "data.eval_every_nth_doc=2",
-                           f"data.tokenizer={tokenizer.path}", "data.streams=8")
+                           "data.eval_block=1", f"data.tokenizer={tokenizer.path}", "data.streams=8")
     run = runs([sys.executable, "-m", "jaxgen", *args], 2, 4, tmp_path / "logs")
     assert run.wait(timeout=120) == [2, 2], run.output()
     for log in run.logs:
         [error] = [line for line in log.read_text().splitlines() if "jaxgen: error:" in line]
-        assert "holds 1 documents for the train split, too few for 8 readers (data.streams x data.workers)" in error
+        assert "holds 1 records, too few for 8 reader streams (data.streams)" in error
         assert "Traceback" not in log.read_text()
 
 

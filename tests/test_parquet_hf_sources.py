@@ -27,13 +27,13 @@ from helpers import assert_same_batches, error_lines, losses, run_jaxgen, start_
 
 datasets = pytest.importorskip("datasets")
 
-# Row 33 is null: a null is no document, but it keeps its place in the every-n-th hold-out count.
+# Row 33 is null: a null is no document, but it keeps its place in the hold-out count.
 DOCS = [None if i == 33 else f"doc {i}{' amen' * (i % 3)}" for i in range(150)]
 EVERY_NTH = 10
 
 
 def expected(part: str) -> list[str]:
-    rule = HoldOut(EVERY_NTH, part)
+    rule = HoldOut(EVERY_NTH, part, tiny_config().data.eval_block)
     return [doc for i, doc in enumerate(DOCS) if rule.keeps(i) and doc is not None]
 
 
@@ -177,19 +177,22 @@ def test_tokenizer_train_and_data_prepare_read_a_parquet_input(verses, tmp_path)
                         "--out", str(tmp_path / "t.model"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout)["vocab_size"] == 400
-    result = run_jaxgen("data", "prepare", "--input", str(path), "--field", "verse", "--out", str(tmp_path / "ds"))
+    result = run_jaxgen("data", "prepare", "--input", str(path), "--field", "verse", "--out", str(tmp_path / "ds"),
+                        "--validation-every-nth", "5")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads(result.stdout)["documents"] == {"train": 392, "validation": 8}
+    assert json.loads(result.stdout)["documents"] == {"train": 320, "validation": 80}
+    # Held out as training holds out text: every 5th block of 10 verses (the default --validation-block).
     assert list(one_pass_documents(tiny_config(f"data.path={tmp_path / 'ds'}").data, "train")) == [
-        row for i, row in enumerate(rows) if i % 50 != 49]
+        row for i, row in enumerate(rows) if i % 50 < 40]
 
 
 def test_train_on_a_parquet_source(verses, tokenizer, tmp_path):
     path, _ = verses
     run = tmp_path / "run"
+    # One verse in ten held out (4 blocks of 10): enough for one held-out batch, which is never repeated.
     result = run_jaxgen("train", "--config", str(TINY_CONFIG), "--run-dir", str(run), f"data.parquet={path}",
                         "data.field=verse", f"data.tokenizer={tokenizer.path}", "train.steps=2",
-                        "train.sample_tokens=0", "logging.every=1")
+                        "train.sample_tokens=0", "logging.every=1", "data.eval_every_nth_doc=10")
     assert result.returncode == 0, result.stderr[-2000:]
     recorded = losses(run)
     assert sorted(recorded) == [1, 2] and all(np.isfinite(list(recorded.values())))
@@ -256,7 +259,7 @@ def test_a_column_that_is_missing_or_not_text_is_named_with_what_there_is(tmp_pa
 
 def test_hf_split_rules(corpus, tmp_path):
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a", "b"]})}).save_to_disk(tmp_path / "one")
-    assert documents(f"data.hf={tmp_path}/one", "data.eval_every_nth_doc=2", part="eval") == ["b"]
+    assert documents(f"data.hf={tmp_path}/one", "data.eval_every_nth_doc=2", "data.eval_block=1", part="eval") == ["b"]
     with pytest.raises(DataError, match=r"has no split 'validation' \(data.eval_split\); it has \['train'\]$"):
         documents(f"data.hf={tmp_path}/one", "data.eval_split=validation", part="eval")
     with pytest.raises(DataError, match=r"has no split 'training' \(data.train_split\); it has \['train', 'validation'\]$"):

@@ -95,16 +95,21 @@ class SkippedLines:
     """Lines of one file that one pass skipped as invalid UTF-8.
 
     Only a pass that read the whole file knows the file's count, so only such a pass reports
-    it, and only the first one in the process.
+    it, and only the first one in the process. A pass over a piece of a file (streaming.py)
+    reports the first line it skips, uncounted, unless told to stay quiet.
     """
 
-    def __init__(self, path: pathlib.Path, whole_file: bool):
-        self.path, self.whole_file = path, whole_file
+    def __init__(self, path: pathlib.Path, whole_file: bool, quiet: bool = False):
+        self.path, self.whole_file, self.quiet = path, whole_file, quiet
         self.count, self.first_offset = 0, 0
 
     def skip(self, offset: int) -> None:
         if not self.count:
             self.first_offset = offset
+            if not self.whole_file and not self.quiet:
+                warn_once(str(self.path.resolve()), f"{self.path}: skipping lines of invalid UTF-8 (the first met: "
+                                                    f"line at byte {offset}); set data.invalid_utf8=error to stop at "
+                                                    "them instead")
         self.count += 1
 
     def report(self) -> None:
@@ -194,10 +199,11 @@ def iter_documents(files: list[pathlib.Path], field: str = "text", invalid_utf8:
         if is_parquet(path):
             yield from columns.file_documents(parquet.index(path))
         else:
-            yield from _file_documents(path, field if is_jsonl(path) else None, invalid_utf8)
+            yield from file_documents(path, field if is_jsonl(path) else None, invalid_utf8)
 
 
-def _file_documents(path: pathlib.Path, field: str | None, invalid_utf8: InvalidUtf8) -> Iterator[str]:
+def file_documents(path: pathlib.Path, field: str | None, invalid_utf8: InvalidUtf8) -> Iterator[str]:
+    """The documents of one file in order: its lines, or their JSON `field` (field=None: plain text)."""
     skipped = SkippedLines(path, whole_file=True)
     offset = 0
     with open_binary(path) as f, damaged_gzip_named(path):

@@ -7,8 +7,8 @@ a network, on the Hub.
 
 data.train_split and data.eval_split name the splits. A dataset without splits (a saved
 `Dataset`), or whose only split is data.train_split (a folder of files loads as one
-`train` split), holds out every data.eval_every_nth_doc-th document instead, as the other
-sources without splits do; an explicitly set data.eval_split must exist.
+`train` split), holds out documents by data.eval_every_nth_doc and data.eval_block instead,
+as the other sources without splits do; an explicitly set data.eval_split must exist.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class HfDocuments:
         return f"HfDocuments(column {self.field!r}, {len(self)} rows)"
 
 
-def open_hf(source: DataConfig | SourceConfig, part: Part, every_nth: int):
+def open_hf(source: DataConfig | SourceConfig, part: Part, holdout: HoldOut):
     """The documents of `part` in the dataset `source.hf` (a `pipeline.RandomAccessSource`)."""
     try:
         import datasets
@@ -49,7 +49,7 @@ def open_hf(source: DataConfig | SourceConfig, part: Part, every_nth: int):
     name = source.hf
     loaded = _load(datasets, name, source.hf_config)
     if isinstance(loaded, datasets.Dataset):
-        return HeldOutView(_documents(datasets, loaded, source.field, name), HoldOut(every_nth, part))
+        return HeldOutView(_documents(datasets, loaded, source.field, name), holdout)
     splits = list(loaded)
     if source.train_split not in loaded:
         raise _no_split(name, source.train_split, "data.train_split", splits)
@@ -57,8 +57,7 @@ def open_hf(source: DataConfig | SourceConfig, part: Part, every_nth: int):
         split = source.train_split if part == "train" else source.eval_split
         return _documents(datasets, loaded[split], source.field, name)
     if splits == [source.train_split] and "eval_split" not in source.model_fields_set:
-        return HeldOutView(_documents(datasets, loaded[source.train_split], source.field, name),
-                           HoldOut(every_nth, part))
+        return HeldOutView(_documents(datasets, loaded[source.train_split], source.field, name), holdout)
     raise _no_split(name, source.eval_split, "data.eval_split", splits)
 
 

@@ -4,13 +4,15 @@ Training batches come from the grain pipeline: each reader stream's share of
 the train records -> shuffle every epoch -> scale -> random mirror -> batch;
 the streams this process holds side by side -> prefetch. The mirror is drawn
 from (seed, stream, record position), so a restored pipeline continues with
-exactly the same batches, on any process count. Held-out batches are the
-first held-out records in order, every time.
+exactly the same batches, on any process count. Held-out batches hold the
+held-out records in order, each once, in at most train.eval_batches batches;
+they carry `weights` (float32 (B,)), 0 on the rows that pad the last one.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 
 import grain
 import numpy as np
@@ -18,8 +20,11 @@ import numpy as np
 from jaxgen.config import Config
 from jaxgen.data.image_source import ImageSource
 from jaxgen.data.images import ImageSet, to_model_range
-from jaxgen.data.pipeline import GrainBatches, process_rows, record_stream, stream_batches
+from jaxgen.data.pipeline import GrainBatches, padded, process_rows, record_stream, stream_batches
 from jaxgen.data.splits import Part, Shard
+from jaxgen.errors import DataError
+
+log = logging.getLogger("jaxgen")
 
 
 class ModelInput(grain.transforms.Map):
@@ -55,22 +60,42 @@ def train_batches(source: ImageSource, cfg: Config, shard: Shard) -> GrainBatche
                           prefetch=cfg.data.prefetch)
 
 
-def first_examples(source: ImageSource, part: Part, n: int) -> dict[str, np.ndarray]:
-    """The first `n` records of a part in order (wrapping round a small part), stacked as model input."""
+def part_examples(source: ImageSource, part: Part, limit: int | None = None) -> dict[str, np.ndarray]:
+    """The records of a part once, in order (at most `limit`), stacked as model input."""
     to_input = ModelInput(source)
-    examples = [to_input.map(r) for r in itertools.islice(source.records(part, Shard(), None), n)]
+    examples = [to_input.map(r) for r in itertools.islice(source.records(part, Shard(), None, epochs=1), limit)]
     return {key: np.stack([e[key] for e in examples]) for key in ("images", "labels")}
 
 
-def held_out_batches(source: ImageSource, global_batch: int, n_batches: int, shard: Shard) -> list[dict[str, np.ndarray]]:
-    """Fixed held-out batches: every process reads the same global batches and keeps its rows."""
-    examples = first_examples(source, "eval", n_batches * global_batch)
+def held_out_images(source: ImageSource, global_batch: int, max_batches: int) -> list[dict[str, np.ndarray]]:
+    """Global held-out batches: the held-out records in order, each once, the last batch padded with
+    zero-weight rows; at most `max_batches` of them. A held-out part smaller than a batch is refused."""
+    if source.size("eval") < global_batch:
+        raise DataError(f"the held-out part of {source.name} holds {source.size('eval')} images, fewer than one "
+                        f"batch of data.batch_size={global_batch}; {source.larger_held_out}")
+    examples = part_examples(source, "eval", max_batches * global_batch)
+    n = len(examples["labels"])
+    weights = np.ones(n, np.float32)
+    batches = []
+    for start in range(0, n, global_batch):
+        rows = {**{key: field[start:start + global_batch] for key, field in examples.items()},
+                "weights": weights[start:start + global_batch]}
+        batches.append(padded(rows, global_batch))
+    return batches
+
+
+def held_out_batches(source: ImageSource, global_batch: int, max_batches: int, shard: Shard) -> list[dict[str, np.ndarray]]:
+    """This process's rows of the held-out batches: every process reads the same global batches and keeps its rows."""
+    batches = held_out_images(source, global_batch, max_batches)
+    used, held_out = int(sum(batch["weights"].sum() for batch in batches)), source.size("eval")
+    rest = "every held-out image" if used == held_out else (
+        f"the first {used} of {held_out}; train.eval_batches={max_batches} batches take no more")
+    log.info("held-out: %d images in %d batches, each image once: %s", used, len(batches), rest)
     rows = process_rows(global_batch, shard)
-    return [{key: field[b * global_batch:(b + 1) * global_batch][rows] for key, field in examples.items()}
-            for b in range(n_batches)]
+    return [{key: field[rows] for key, field in batch.items()} for batch in batches]
 
 
 def image_set(source: ImageSource, part: Part) -> ImageSet:
     """A whole part in memory (small datasets only: sample-quality figures)."""
-    examples = first_examples(source, part, source.size(part))
+    examples = part_examples(source, part)
     return ImageSet(examples["images"], examples["labels"])

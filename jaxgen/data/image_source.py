@@ -21,6 +21,8 @@ class ImageSource:
 
     name: str  # for logs and errors
     parts: dict[Part, RandomAccessSource]
+    # How a user makes the held-out part larger, for the error that refuses one smaller than a batch.
+    larger_held_out: str = "give a larger held-out split"
     white: int = 255  # the pixel value of full intensity
     image_key: str = "image"
     label_key: str = "label"
@@ -30,7 +32,9 @@ class ImageSource:
     def size(self, part: Part) -> int:
         return len(self.parts[part])
 
-    def records(self, part: Part, shard: Shard, seed: int | None) -> grain.IterDataset:
-        """This process's records of a part, endless; shuffled every epoch when seeded, else in order."""
+    def records(self, part: Part, shard: Shard, seed: int | None, epochs: int | None = None) -> grain.IterDataset:
+        """This reader's records of a part for `epochs` passes (None: endless); shuffled every epoch when
+        seeded, else in order."""
         options = None if self.read_threads is None else grain.ReadOptions(num_threads=self.read_threads)
-        return record_epochs(self.parts[part], shard, seed, f"the {part} part of {self.name}").to_iter_dataset(options)
+        records = record_epochs(self.parts[part], shard, seed, f"the {part} part of {self.name}", epochs)
+        return records.to_iter_dataset(options)

@@ -110,8 +110,10 @@ def open_images(cfg: Config) -> ImageSource:
         from jaxgen.data.tfds_images import open_tfds_images
 
         return open_tfds_images(images, cfg.model)
+    smaller_nth = f"hold out more with a smaller images.eval_every_nth (now {images.eval_every_nth})"
     if images.source == "digits":
         parts = held_out_parts(digits_records(), images.eval_every_nth)
-        return ImageSource("digits", parts, white=DIGIT_LEVELS, read_threads=0)
+        return ImageSource("digits", parts, smaller_nth, white=DIGIT_LEVELS, read_threads=0)
     parts = held_out_parts(make_shapes(images.shapes_count, cfg.data.seed), images.eval_every_nth)
-    return ImageSource("shapes", parts, read_threads=0)
+    return ImageSource("shapes", parts, f"{smaller_nth} or draw more with images.shapes_count "
+                                        f"(now {images.shapes_count})", read_threads=0)

@@ -6,6 +6,11 @@ holds side by side -> prefetch. Each batch
 holds this process's rows, `inputs`/`targets` (int32), `weights` (float32, 0 on
 padding) and the packing marks `segment_ids`/`positions` (int32), all
 (per_process_batch, seq_len).
+
+Held-out batches are the held-out documents themselves, each once, in a fixed shuffled
+order (the same for every data.seed), packed the same way: at most train.eval_batches of
+them, the last padded with zero weight. A held-out split too small to fill one batch is
+refused.
 """
 
 from __future__ import annotations
@@ -24,13 +29,14 @@ from jaxgen.data.packing import batch_rows, pack_documents
 from jaxgen.data.pipeline import (
     BatchIterator,
     GrainBatches,
+    padded,
     process_rows,
     stream_batches,
     this_process,
     user_errors_unwrapped,
 )
 from jaxgen.data.prepare import read_prepared_metadata
-from jaxgen.data.sources import describe, mixed_documents, one_pass_documents
+from jaxgen.data.sources import describe, held_out_documents, mixed_numbered_documents, one_pass_documents
 from jaxgen.data.splits import Shard
 from jaxgen.data.tokenizer import (
     MAX_TRAINING_SENTENCES,
@@ -131,28 +137,75 @@ def check_holds_one_batch(data: DataConfig, tokenizer: Tokenizer) -> None:
     )
 
 
-def train_batches(data: DataConfig, tokenizer: Tokenizer, shard: Shard) -> GrainBatches:
+def train_batches(data: DataConfig, tokenizer: Tokenizer, shard: Shard, origins: bool = False) -> GrainBatches:
     """This process's rows of every global training batch, endless and resumable.
 
     Reader stream s packs its own share of the documents into `batch_size / streams` rows
-    of every batch (see `pipeline.stream_batches`).
+    of every batch (see `pipeline.stream_batches`). `origins` adds each token's document's
+    source and number (`jaxgen data inspect`); the batches are otherwise the same.
     """
     streams = data.reader_streams
 
     def stream(reader: Shard) -> grain.IterDataset:
-        packed = pack_documents(mixed_documents(data, "train", reader), tokenizer, data.seq_len)
+        packed = pack_documents(mixed_numbered_documents(data, "train", reader), tokenizer, data.seq_len, origins)
         return batch_rows(packed, data.batch_size // streams)
 
     return stream_batches(stream, data.batch_size, streams, shard, workers=data.workers, prefetch=data.prefetch)
 
 
-def eval_batches(data: DataConfig, tokenizer: Tokenizer, n_batches: int, shard: Shard) -> list[dict[str, np.ndarray]]:
-    """Fixed held-out batches: every process packs the same global batches and keeps its rows."""
-    packed = pack_documents(mixed_documents(data, "eval", Shard()), tokenizer, data.seq_len)
-    global_batches = iter(batch_rows(packed, data.batch_size))
-    rows = process_rows(data.batch_size, shard)
+@dataclasses.dataclass
+class HeldOutSet:
+    batches: list[dict[str, np.ndarray]]  # global batches, the last padded with zero weight
+    documents: int  # documents that start in them, each a different one
+    tokens: int  # tokens with weight
+    whole: bool  # every held-out document is in them
+
+
+def held_out_set(data: DataConfig, tokenizer: Tokenizer, max_batches: int, origins: bool = False) -> HeldOutSet:
+    """The held-out documents once, in a fixed order, packed into at most `max_batches` global batches."""
+    packed = pack_documents(held_out_documents(data), tokenizer, data.seq_len, origins)
+    batches = iter(batch_rows(packed, data.batch_size, drop_remainder=False))
     with user_errors_unwrapped():
-        return [{name: field[rows] for name, field in next(global_batches).items()} for _ in range(n_batches)]
+        taken = list(itertools.islice(batches, max_batches))
+        whole = next(batches, None) is None
+    full = data.batch_size * data.seq_len
+    tokens = int(sum(batch["weights"].sum() for batch in taken))
+    if tokens < full:
+        raise DataError(f"the held-out documents hold {tokens} tokens, fewer than one batch of data.batch_size x "
+                        f"data.seq_len = {data.batch_size} x {data.seq_len} = {full}; {_how_to_hold_out_more(data)}")
+    taken[-1] = padded(taken[-1], data.batch_size)
+    documents = int(sum(document_starts(batch, tokenizer).sum() for batch in taken))
+    return HeldOutSet(batches=taken, documents=documents, tokens=tokens, whole=whole)
+
+
+def document_starts(batch: dict[str, np.ndarray], tokenizer: Tokenizer) -> np.ndarray:
+    """Where documents begin: their BOS (the tokenizer's; padding, 0 too, is never one)."""
+    return (batch["inputs"] == tokenizer.bos_id) & (batch["segment_ids"] > 0)
+
+
+def _how_to_hold_out_more(data: DataConfig) -> str:
+    """The keys that make the configured sources' held-out sets larger."""
+    sources = data.mixture or [data]
+    ways = []
+    if any(s.path is None and s.tfds is None for s in sources):  # held out by rule (an hf dataset may be)
+        ways.append(f"hold out more with a smaller data.eval_every_nth_doc (now {data.eval_every_nth_doc})")
+    if any(s.path is not None for s in sources):
+        ways.append("prepare data.path again with a smaller --validation-every-nth")
+    if any(s.tfds is not None or s.hf is not None for s in sources):
+        ways.append("name a larger held-out split in the data.mixture entry's eval_split" if data.mixture
+                    else f"name a larger held-out split in data.eval_split (now {data.eval_split!r})")
+    return " or ".join(ways)
+
+
+def eval_batches(data: DataConfig, tokenizer: Tokenizer, max_batches: int, shard: Shard) -> list[dict[str, np.ndarray]]:
+    """This process's rows of the held-out batches: every process packs the same global batches and keeps its rows."""
+    held_out = held_out_set(data, tokenizer, max_batches)
+    rest = "every held-out document" if held_out.whole else (
+        f"a fixed sample of the held-out documents; train.eval_batches={max_batches} batches take no more")
+    log.info("held-out: %d documents, %d tokens in %d batches, each document once: %s", held_out.documents,
+             held_out.tokens, len(held_out.batches), rest)
+    rows = process_rows(data.batch_size, shard)
+    return [{name: field[rows] for name, field in batch.items()} for batch in held_out.batches]
 
 
 def build_lm_data(cfg: Config, run_dir: pathlib.Path, shard: Shard | None = None) -> LMData:

@@ -125,6 +125,11 @@ def process_rows(global_batch: int, shard: Shard) -> slice:
     return slice(shard.index * per, (shard.index + 1) * per)
 
 
+def padded(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    """`batch` with rows of zeros added up to `rows`: the end of a finite set, given zero weight."""
+    return {name: np.pad(field, [(0, rows - len(field))] + [(0, 0)] * (field.ndim - 1)) for name, field in batch.items()}
+
+
 def prefetched(dataset: grain.IterDataset, workers: int, buffer: int) -> grain.IterDataset:
     """Batches made ahead of time: in `workers` processes, or in one background thread when 0."""
     if workers == 0:
@@ -139,17 +144,22 @@ def prefetched(dataset: grain.IterDataset, workers: int, buffer: int) -> grain.I
 
 def record_epochs(records: RandomAccessSource, shard: Shard, seed: int | None, what: str,
                   epochs: int | None = None) -> grain.MapDataset:
-    """One reader's slice of the records for `epochs` passes (None: endless), shuffled whole every epoch when seeded.
+    """One reader's records for `epochs` passes (None: endless), in order, or, when seeded, a new
+    permutation of all of them every epoch.
 
-    Unseeded, they come in order. `what` names them in the error for a reader that would get none.
+    Reader i of n takes records i, i+n, i+2n, ... of the passes laid end to end, so every epoch each
+    record goes to exactly one reader, and each reader's records are spread over the whole source
+    (a reader that shuffled only its own slice would walk in step with the others, the n readers'
+    k-th records being neighbours). `what` names the records in the error for an endless reader that
+    would get none; a finite pass may be empty.
     """
-    dataset = grain.MapDataset.source(records)[shard.index::shard.count]
-    if len(dataset) == 0:
+    if epochs is None and len(records) < shard.count:
         raise DataError(f"{what} holds {len(records)} records, too few for {shard.count} reader streams "
                         "(data.streams) to get one each; give more records or set data.streams lower")
+    dataset = grain.MapDataset.source(records)
     if seed is not None:
         dataset = dataset.shuffle(seed=seed)
-    return dataset.repeat(epochs)
+    return dataset.repeat(epochs)[shard.index::shard.count]
 
 
 def stream_batches(stream: Callable[[Shard], grain.IterDataset], global_batch: int, streams: int, shard: Shard,
@@ -208,7 +218,53 @@ class _SideBySideIterator(grain.DatasetIterator):
             parent.set_state(state[STREAMS][str(s)])
 
 
+class Interleaved(grain.IterDataset):
+    """Finite datasets interleaved by weight until all are exhausted: each next element comes from the
+    dataset furthest behind its share ((taken + 1) / weight smallest; the first such on a tie)."""
+
+    def __init__(self, parents: list[grain.IterDataset], weights: list[float]):
+        super().__init__(parents)
+        self.weights = weights
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _InterleavedIterator([iter(parent) for parent in self.parents], self.weights)
+
+
+class _InterleavedIterator(grain.DatasetIterator):
+    def __init__(self, parents: list[grain.DatasetIterator], weights: list[float]):
+        super().__init__(parents)
+        self.weights = weights
+        self.taken = [0] * len(parents)
+        self.done = [False] * len(parents)
+
+    def __next__(self) -> Any:
+        while not all(self.done):
+            live = [i for i, done in enumerate(self.done) if not done]
+            i = min(live, key=lambda k: (self.taken[k] + 1) / self.weights[k])
+            try:
+                element = next(self._parents[i])
+            except StopIteration:
+                self.done[i] = True
+                continue
+            self.taken[i] += 1
+            return element
+        raise StopIteration
+
+    def get_state(self) -> dict[str, Any]:
+        return {"parents": [parent.get_state() for parent in self._parents], "taken": list(self.taken),
+                "done": list(self.done)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        for parent, parent_state in zip(self._parents, state["parents"]):
+            parent.set_state(parent_state)
+        self.taken, self.done = list(state["taken"]), list(state["done"])
+
+
 STREAMS = "streams"
+# Which order this jaxgen reads documents in, saved with every position: 2 = whole-source permutations dealt
+# out to the reader streams, streamed files read piece by piece. A position of another order would resume
+# on other documents.
+ORDER, DATA_ORDER = "order", 2
 # grain's multiprocess prefetch interleaves its workers' outputs: its state is the interleave's
 # position plus one state per worker, each holding that worker's share of every stream.
 WORKER_STATES = "iterators_in_use_states"
@@ -217,13 +273,17 @@ WORKER_STATES = "iterators_in_use_states"
 def merged_position(saved: list[dict[str, Any]]) -> dict[str, Any]:
     """Every process's saved position (in process order) as one, from which any process count resumes.
 
-    A position is {"streams": {stream: state}} plus, with worker processes, the workers'
-    common "interleave" position; every process holds the same one, as all take the same
-    number of batches.
+    A position is {"order": DATA_ORDER, "streams": {stream: state}} plus, with worker processes,
+    the workers' common "interleave" position; every process holds the same one, as all take the
+    same number of batches.
     """
     if any(STREAMS not in position for position in saved):
         raise DataError("the checkpoint's data position was saved by an older jaxgen whose batches depended on the "
                         "process count; resume it with that version, or start a new run from it with "
+                        "checkpoint.init_from")
+    if any(position.get(ORDER) != DATA_ORDER for position in saved):
+        raise DataError("the checkpoint's data position was saved by an older jaxgen that read the documents in "
+                        "another order; resume it with that version, or start a new run from it with "
                         "checkpoint.init_from")
     merged = {**saved[0], STREAMS: {}}
     for position in saved:
@@ -253,9 +313,9 @@ class GrainBatches:
         """This process's position: per stream, and the same form whatever the process count."""
         state = self._holder[0].get_state()
         if WORKER_STATES not in state:  # read in this process: the state is SideBySide's
-            return {STREAMS: {s: _encoded(st) for s, st in state[STREAMS].items()}}
+            return {ORDER: DATA_ORDER, STREAMS: {s: _encoded(st) for s, st in state[STREAMS].items()}}
         workers = [worker[STREAMS] for worker in state[WORKER_STATES]]
-        return {"interleave": _encoded({k: v for k, v in state.items() if k != WORKER_STATES}),
+        return {ORDER: DATA_ORDER, "interleave": _encoded({k: v for k, v in state.items() if k != WORKER_STATES}),
                 STREAMS: {s: [_encoded(worker[s]) for worker in workers] for s in workers[0]}}
 
     def set_state(self, position: dict[str, Any]) -> None:

@@ -4,7 +4,10 @@ The result is an ordinary TFDS dataset directory (`dataset_info.json`,
 `features.json`, `corpus-{train,validation}.array_record-NNNNN-of-NNNNN`), read
 with `tfds.builder_from_directory` and no TensorFlow. Records hold the document
 `text`, or its `tokens` when a tokenizer is given (the tokenizer is copied in
-beside them).
+beside them). The validation split is chosen by the rule training applies to
+sources without splits (`splits.HoldOut`): every n-th block of consecutive
+documents, so a validation document rarely sits next to the training text it
+continues.
 
 Never a dataset that looks finished but is not:
 - One prepare per `--out`: it holds the lock `.NAME.prepare.lock` beside `--out`
@@ -33,16 +36,21 @@ from collections.abc import Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxgen.config import DataConfig
 from jaxgen.data.corpus import InvalidUtf8, iter_documents, resolve_files
 from jaxgen.data.splits import HoldOut
 from jaxgen.data.tokenizer import Tokenizer, keep_tokenizer
-from jaxgen.errors import DataError
+from jaxgen.errors import ConfigError, DataError
 from jaxgen.files import DirectoryLock, building, write_atomic
 
 PREPARED_MARKER = "jaxgen_dataset.json"
 DATASET_NAME = "corpus"
 SPLITS = ("train", "validation")
 _READ_BACK_CHUNK = 1024  # records per read while verifying: bounded memory, few calls
+# Training's own defaults (data.eval_every_nth_doc, data.eval_block), so a prepared dataset's validation
+# split is the held-out set the same corpus would have as text.
+DEFAULT_HOLDOUT = HoldOut(DataConfig.model_fields["eval_every_nth_doc"].default, "eval",
+                          DataConfig.model_fields["eval_block"].default)
 
 
 class _RecordDigest:
@@ -121,10 +129,19 @@ def _as_os_error(path: pathlib.Path) -> Iterator[None]:
 
 
 def prepare_dataset(input_pattern: str, out: str | pathlib.Path, *, field: str = "text",
-                    tokenizer: Tokenizer | None = None, validation_every_nth: int = 50,
-                    invalid_utf8: InvalidUtf8 = "skip", shard_size: int = 1_000_000,
-                    progress: bool = True) -> dict:
-    """Write the dataset; returns its summary (also stored as `jaxgen_dataset.json`)."""
+                    tokenizer: Tokenizer | None = None, validation_every_nth: int = DEFAULT_HOLDOUT.every_nth,
+                    validation_block: int = DEFAULT_HOLDOUT.block, invalid_utf8: InvalidUtf8 = "skip",
+                    shard_size: int = 1_000_000, progress: bool = True) -> dict:
+    """Write the dataset; returns its summary (also stored as `jaxgen_dataset.json`).
+
+    Every `validation_every_nth`-th block of `validation_block` consecutive documents goes to
+    the validation split, as data.eval_every_nth_doc and data.eval_block choose them in training.
+    """
+    if validation_every_nth < 2:
+        raise ConfigError(f"--validation-every-nth {validation_every_nth} would hold out every document; "
+                          "give 2 or more (one block of documents in N goes to the validation split)")
+    if validation_block < 1:
+        raise ConfigError(f"--validation-block {validation_block} is not a number of documents; give 1 or more")
     out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with _prepare_lock(out):
@@ -133,8 +150,8 @@ def prepare_dataset(input_pattern: str, out: str | pathlib.Path, *, field: str =
         files = resolve_files(input_pattern, "--input")
         with building(out) as partial:
             summary = _write_dataset(files, input_pattern, partial, out, field=field, tokenizer=tokenizer,
-                                     validation_every_nth=validation_every_nth, invalid_utf8=invalid_utf8,
-                                     shard_size=shard_size, progress=progress)
+                                     validation=HoldOut(validation_every_nth, "eval", validation_block),
+                                     invalid_utf8=invalid_utf8, shard_size=shard_size, progress=progress)
     return summary
 
 
@@ -168,7 +185,7 @@ def _names_this_process(lock_file: pathlib.Path) -> bool:
 
 
 def _write_dataset(files: list[pathlib.Path], input_pattern: str, partial: pathlib.Path, out: pathlib.Path, *,
-                   field: str, tokenizer: Tokenizer | None, validation_every_nth: int,
+                   field: str, tokenizer: Tokenizer | None, validation: HoldOut,
                    invalid_utf8: InvalidUtf8, shard_size: int, progress: bool) -> dict:
     import tensorflow_datasets as tfds
 
@@ -176,7 +193,6 @@ def _write_dataset(files: list[pathlib.Path], input_pattern: str, partial: pathl
         {"tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32)} if tokenizer
         else {"text": tfds.features.Text()})
     writers = {split: _ShardedSplitWriter(partial, split, shard_size) for split in SPLITS}
-    validation = HoldOut(validation_every_nth, "eval")
     n_tokens = 0
     documents = iter_documents(files, field, invalid_utf8)
     for ordinal, text in enumerate(tqdm(documents, unit="doc", disable=not progress, desc="prepare")):
@@ -189,9 +205,11 @@ def _write_dataset(files: list[pathlib.Path], input_pattern: str, partial: pathl
         writers["validation" if validation.keeps(ordinal) else "train"].write(features.serialize_example(example))
     counts = {split: sum(w.shard_lengths) for split, w in writers.items()}
     if counts["validation"] == 0:
+        first = (validation.every_nth - 1) * validation.block + 1
         raise DataError(
-            f"--input {input_pattern!r} holds {counts['train']} documents, fewer than "
-            f"--validation-every-nth={validation_every_nth}; no validation split possible")
+            f"--input {input_pattern!r} holds {counts['train']} documents, too few for a validation split: with "
+            f"--validation-every-nth {validation.every_nth} and --validation-block {validation.block} the first "
+            f"validation document is number {first}; give a smaller --validation-every-nth or --validation-block")
     for writer in writers.values():
         writer.finish()
     tfds.folder_dataset.write_metadata(
@@ -201,7 +219,7 @@ def _write_dataset(files: list[pathlib.Path], input_pattern: str, partial: pathl
                      for s, w in writers.items()],
         description=f"jaxgen data prepare --input {input_pattern}")
     summary = {"input": input_pattern, "files": len(files), "documents": counts,
-               "validation_every_nth": validation_every_nth, "tokenizer": None}
+               "validation_every_nth": validation.every_nth, "validation_block": validation.block, "tokenizer": None}
     if tokenizer:
         keep_tokenizer(tokenizer, partial)
         summary["tokenizer"] = {"sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size, "tokens": n_tokens}

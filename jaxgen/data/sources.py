@@ -1,20 +1,23 @@
-"""Document sources chosen in config, each opened as a grain dataset of documents.
+"""Document sources chosen in config, each opened as a grain dataset of numbered documents.
 
 A document is text (`str`), or token ids (`np.ndarray`) from a pre-tokenized
-prepared dataset. Random-access sources follow the plain protocol grain reads
-(`pipeline.RandomAccessSource`: `__len__`, `__getitem__(index) -> record`):
-prepared datasets and TFDS datasets (ArrayRecord, through `tfds.data_source`),
-ArrayRecord and Parquet files by glob (parquet.py) and Hugging Face datasets
-(hf_datasets.py). They are sharded by slicing, so
-each process reads only its share, and shuffled whole every epoch. Text and
-JSONL files are streamed (see streaming.py) and shuffled within a window.
+prepared dataset; it travels with its number in its source (`Numbered`), which
+`jaxgen data inspect` reports and training drops. Random-access sources follow the
+plain protocol grain reads (`pipeline.RandomAccessSource`: `__len__`,
+`__getitem__(index) -> record`): prepared datasets and TFDS datasets (ArrayRecord,
+through `tfds.data_source`), ArrayRecord and Parquet files by glob (parquet.py),
+Hugging Face datasets (hf_datasets.py), and text and JSONL files of at most
+data.index_max_mb MiB, the bundled corpus among them (indexed_text.py). Each epoch
+they are shuffled whole and dealt out to the reader streams (`pipeline.record_epochs`).
+Larger text and JSONL files are streamed, their pieces interleaved (streaming.py),
+and shuffled within a window of data.shuffle_window documents.
 """
 
 from __future__ import annotations
 
 import pathlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import grain
 import numpy as np
@@ -22,26 +25,42 @@ import numpy as np
 from jaxgen.config import DataConfig, SourceConfig
 from jaxgen.data.corpus import BUNDLED_CORPUS, InvalidUtf8, decode_utf8, resolve_files, warn_once
 from jaxgen.data.hf_datasets import open_hf
+from jaxgen.data.indexed_text import fits_in_memory, indexed_documents
 from jaxgen.data.parquet import open_parquet
-from jaxgen.data.pipeline import RandomAccessSource, record_epochs, user_errors_unwrapped
+from jaxgen.data.pipeline import Interleaved, RandomAccessSource, record_epochs, user_errors_unwrapped
 from jaxgen.data.prepare import PREPARED_MARKER
 from jaxgen.data.splits import HeldOutView, HoldOut, Part, Shard
-from jaxgen.data.streaming import DocumentStream
+from jaxgen.data.streaming import PIECE_BYTES, PIECES_AT_ONCE, DocumentStream, document_place
 from jaxgen.data.tfds_builders import description, open_builder, open_split
-from jaxgen.data.tfrecord import TfdsTfRecordStream
+from jaxgen.data.tfrecord import SHUFFLE_BUFFER, TfdsTfRecordStream
 from jaxgen.errors import DataError
 
 Document = str | np.ndarray
+UNNUMBERED = -1  # TFRecord datasets are read through a shuffle buffer that does not say where a record was
+
+
+class Numbered(NamedTuple):
+    """A document and where it comes from: its source's place in data.mixture (0 for a single source) and
+    its number there (`places` says where that is)."""
+
+    source: int
+    index: int
+    document: Document
 
 
 class RecordDocument(grain.transforms.Map):
-    """A source record -> its document; None (dropped by grain) for a null (Parquet, hf) and for
-    invalid UTF-8 when skipping."""
+    """(number, source record) -> (number, its document); None (dropped by grain) for a null (Parquet, hf)
+    and for invalid UTF-8 when skipping."""
 
     def __init__(self, field: str, invalid_utf8: InvalidUtf8, name: str):
         self.field, self.invalid_utf8, self.name = field, invalid_utf8, name
 
-    def map(self, record: Any) -> Document | None:
+    def map(self, numbered: tuple[int, Any]) -> tuple[int, Document] | None:
+        number, record = numbered
+        document = self._document(record)
+        return None if document is None else (number, document)
+
+    def _document(self, record: Any) -> Document | None:
         if record is None:
             return None
         if isinstance(record, dict):
@@ -117,53 +136,134 @@ def _unreadable_array_record(pattern: str, files: list[pathlib.Path], err: Runti
                      "give files written by ArrayRecordWriter or `jaxgen data prepare`")
 
 
-def open_documents(source: DataConfig | SourceConfig, data: DataConfig, part: Part, shard: Shard, *,
-                   seed: int | None, epochs: int | None = None) -> grain.IterDataset:
-    """One source's documents of one part, for `epochs` passes (None = forever); shuffled when seeded."""
+class NumberedRecords:
+    """(number, record) by position in `records`; a part held out by rule numbers them in the whole source."""
+
+    def __init__(self, records: RandomAccessSource):
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> tuple[int, Any]:
+        return (self.records.ordinal(i) if isinstance(self.records, HeldOutView) else i), self.records[i]
+
+
+def text_files(source: DataConfig | SourceConfig) -> list[pathlib.Path] | None:
+    """The files of a text or JSONL source (none set: the bundled corpus); None for other kinds."""
+    if not source.kinds:
+        return [BUNDLED_CORPUS]
+    if source.text is None and source.jsonl is None:
+        return None
+    return resolve_files(source.text or source.jsonl, "data.text" if source.text else "data.jsonl")
+
+
+def is_streamed(source: DataConfig | SourceConfig, data: DataConfig) -> bool:
+    """Whether a source is read in order rather than by index: large text/JSONL files, TFDS's TFRecord."""
+    files = text_files(source)
+    if files is not None:
+        return not fits_in_memory(files, data.index_max_mb)
+    return source.tfds is not None and open_tfds(source.tfds, source.tfds_data_dir, source.train_split) is None
+
+
+def numbered_documents(source: DataConfig | SourceConfig, data: DataConfig, part: Part, shard: Shard, *,
+                       seed: int | None, epochs: int | None = None) -> grain.IterDataset:
+    """One source's (number, document) pairs of one part, for `epochs` passes (None = forever); shuffled when seeded."""
     name = describe(source)
-    if source.text is not None or source.jsonl is not None or not source.kinds:
-        files = [BUNDLED_CORPUS] if not source.kinds else resolve_files(
-            source.text or source.jsonl, "data.text" if source.text else "data.jsonl")
-        stream = DocumentStream(files, field=source.field if source.jsonl else None,
-                                holdout=HoldOut(data.eval_every_nth_doc, part), shard=shard,
-                                invalid_utf8=data.invalid_utf8, name=name, epochs=epochs)
+    holdout = HoldOut(data.eval_every_nth_doc, part, data.eval_block)
+    files = text_files(source)
+    if files is not None and not fits_in_memory(files, data.index_max_mb):
+        stream = DocumentStream(files, field=source.field if source.jsonl else None, holdout=holdout, shard=shard,
+                                invalid_utf8=data.invalid_utf8, name=name, seed=seed, epochs=epochs)
         if seed is None:
             return stream
         return grain.experimental.WindowShuffleIterDataset(stream, window_size=data.shuffle_window, seed=seed)
 
     split = source.train_split if part == "train" else source.eval_split
-    if source.path is not None:
+    if files is not None:
+        records = HeldOutView(indexed_documents(files, source.field if source.jsonl else None, data.invalid_utf8),
+                              holdout)
+    elif source.path is not None:
         records = open_prepared(source.path, split)
     elif source.tfds is not None:
         records = open_tfds(source.tfds, source.tfds_data_dir, split)
     elif source.hf is not None:
-        records = open_hf(source, part, data.eval_every_nth_doc)
+        records = open_hf(source, part, holdout)
     else:
         documents = (open_parquet(source.parquet, source.field) if source.parquet is not None
                      else open_array_records(source.array_record))
-        records = HeldOutView(documents, HoldOut(data.eval_every_nth_doc, part))
+        records = HeldOutView(documents, holdout)
     to_document = RecordDocument(source.field, data.invalid_utf8, name)
     if records is None:
         stream = TfdsTfRecordStream(source.tfds, source.tfds_data_dir, split, shard, seed, epochs)
-        return stream.map(to_document).filter(is_document)
-    dataset = record_epochs(records, shard, seed, f"the {part} part of {name}", epochs)
+        return stream.map(unnumbered).map(to_document).filter(is_document)
+    dataset = record_epochs(NumberedRecords(records), shard, seed, f"the {part} part of {name}", epochs)
     return dataset.map(to_document).to_iter_dataset()
 
 
-def is_document(document: Document | None) -> bool:
+def unnumbered(record: Any) -> tuple[int, Any]:
+    return UNNUMBERED, record
+
+
+def document_of(numbered: tuple) -> Document:
+    return numbered[-1]
+
+
+def is_document(document: Any) -> bool:
     return document is not None
 
 
-def mixed_documents(data: DataConfig, part: Part, shard: Shard) -> grain.IterDataset:
-    """All configured sources, endless, drawn in proportion to their weights (one source: itself).
-    Training documents are shuffled; evaluation documents come in a fixed order."""
+def open_documents(source: DataConfig | SourceConfig, data: DataConfig, part: Part, shard: Shard, *,
+                   seed: int | None, epochs: int | None = None) -> grain.IterDataset:
+    """One source's documents of one part, for `epochs` passes (None = forever); shuffled when seeded."""
+    return numbered_documents(source, data, part, shard, seed=seed, epochs=epochs).map(document_of)
+
+
+class FromSource(grain.transforms.Map):
+    """(number, document) of the source at `source` in data.mixture -> `Numbered`."""
+
+    def __init__(self, source: int):
+        self.source = source
+
+    def map(self, numbered: tuple[int, Document]) -> Numbered:
+        return Numbered(self.source, *numbered)
+
+
+# Held-out documents are read in one fixed shuffled order whatever data.seed is, so that runs of other seeds
+# evaluate on the same batches, and so that when train.eval_batches take only some, those come from all over.
+HELD_OUT_ORDER = 2**32
+
+
+def source_seeds(data: DataConfig, entropy: int | None = None) -> list[int]:
+    """Each source's shuffle seed, from data.seed (or `entropy`)."""
+    sequence = np.random.SeedSequence(data.seed if entropy is None else entropy)
+    return [int(seed) for seed in sequence.generate_state(len(data.mixture or [data]))]
+
+
+def mixed_numbered_documents(data: DataConfig, part: Part, shard: Shard) -> grain.IterDataset:
+    """All configured sources' `Numbered` documents, endless, drawn in proportion to their weights
+    (one source: itself); training documents shuffled, held-out ones in order."""
     sources = data.mixture or [data]
-    seeds = np.random.SeedSequence(data.seed).generate_state(len(sources))
-    seeds = [int(seed) if part == "train" else None for seed in seeds]
-    datasets = [open_documents(s, data, part, shard, seed=seed) for s, seed in zip(sources, seeds)]
+    seeds = source_seeds(data) if part == "train" else [None] * len(sources)
+    datasets = [numbered_documents(s, data, part, shard, seed=seed).map(FromSource(k))
+                for k, (s, seed) in enumerate(zip(sources, seeds))]
     if len(datasets) == 1:
         return datasets[0]
     return grain.IterDataset.mix(datasets, weights=[s.weight for s in sources])
+
+
+def mixed_documents(data: DataConfig, part: Part, shard: Shard) -> grain.IterDataset:
+    """`mixed_numbered_documents`, the documents alone."""
+    return mixed_numbered_documents(data, part, shard).map(document_of)
+
+
+def held_out_documents(data: DataConfig) -> grain.IterDataset:
+    """Every held-out `Numbered` document once, each source's in a fixed shuffled order (`HELD_OUT_ORDER`),
+    the sources interleaved by weight."""
+    sources = data.mixture or [data]
+    seeds = source_seeds(data, HELD_OUT_ORDER)
+    return Interleaved([numbered_documents(s, data, "eval", Shard(), seed=seed, epochs=1).map(FromSource(k))
+                        for k, (s, seed) in enumerate(zip(sources, seeds))], [s.weight for s in data.mixture] or [1.0])
 
 
 def one_pass_documents(data: DataConfig, part: Part) -> Iterator[Document]:
@@ -171,3 +271,28 @@ def one_pass_documents(data: DataConfig, part: Part) -> Iterator[Document]:
     for source in data.mixture or [data]:
         with user_errors_unwrapped():
             yield from open_documents(source, data, part, Shard(), seed=None, epochs=1)
+
+
+def places(source: DataConfig | SourceConfig, data: DataConfig, numbers: list[int]) -> list[int | str | None]:
+    """Where the documents numbered `numbers` are in their source, for people: the number (before any
+    held-out split by rule), 'FILE:BYTE_OFFSET' in a streamed text/JSONL source, None where unknown."""
+    files = text_files(source)
+    streamed = files is not None and is_streamed(source, data)
+    return [None if n == UNNUMBERED else document_place(files, n) if streamed else n for n in numbers]
+
+
+def shuffle_settings(data: DataConfig) -> dict:
+    """How the training documents are ordered, source by source."""
+    sources = []
+    for source, seed in zip(data.mixture or [data], source_seeds(data)):
+        setting = {"source": describe(source), "seed": seed}
+        if not is_streamed(source, data):
+            setting["shuffle"] = "whole source, a new permutation every epoch"
+        elif text_files(source) is not None:
+            setting.update(shuffle="window", shuffle_window=data.shuffle_window, piece_bytes=PIECE_BYTES,
+                           pieces_at_once=PIECES_AT_ONCE)
+        else:
+            setting.update(shuffle="buffer", shuffle_buffer=SHUFFLE_BUFFER)
+        sources.append(setting)
+    return {"seed": data.seed, "streams": data.reader_streams, "workers": data.workers,
+            "index_max_mb": data.index_max_mb, "sources": sources}

@@ -14,24 +14,37 @@ Part = Literal["train", "eval"]
 
 @dataclasses.dataclass(frozen=True)
 class HoldOut:
-    """Every n-th document (ordinals n-1, 2n-1, ...) is held out for evaluation."""
+    """Every n-th block of `block` consecutive documents is held out for evaluation.
+
+    Documents are counted in blocks of `block`; blocks n-1, 2n-1, ... are held out, so one
+    document in n is, in runs of `block` documents (block=1: ordinals n-1, 2n-1, ...). A run
+    keeps held-out documents away from their neighbours in training (the rest of a passage, a
+    site's other pages) except at its two ends. `blocks_before` shifts the count, for a part of
+    a source numbered on its own (a piece of a streamed file, see streaming.py).
+    """
 
     every_nth: int
     part: Part
+    block: int = 1
 
-    def keeps(self, ordinal: int) -> bool:
-        held_out = ordinal % self.every_nth == self.every_nth - 1
+    def keeps(self, ordinal: int, blocks_before: int = 0) -> bool:
+        held_out = (blocks_before + ordinal // self.block) % self.every_nth == self.every_nth - 1
         return held_out == (self.part == "eval")
 
     def size(self, n_documents: int) -> int:
-        held_out = n_documents // self.every_nth
+        period, held = self.every_nth * self.block, (self.every_nth - 1) * self.block
+        periods, rest = divmod(n_documents, period)
+        held_out = periods * self.block + max(0, rest - held)
         return held_out if self.part == "eval" else n_documents - held_out
 
     def ordinal(self, i: int) -> int:
         """The ordinal, among all documents, of the i-th document of this part."""
+        period = self.every_nth * self.block
         if self.part == "eval":
-            return i * self.every_nth + self.every_nth - 1
-        return i + i // (self.every_nth - 1)
+            blocks, within = divmod(i, self.block)
+            return blocks * period + (self.every_nth - 1) * self.block + within
+        periods, within = divmod(i, (self.every_nth - 1) * self.block)
+        return periods * period + within
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,3 +74,7 @@ class HeldOutView:
 
     def __getitem__(self, i: int):
         return self.source[self.holdout.ordinal(i)]
+
+    def ordinal(self, i: int) -> int:
+        """The position in the whole source of this part's i-th record."""
+        return self.holdout.ordinal(i)

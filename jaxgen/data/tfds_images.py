@@ -33,8 +33,8 @@ class TfRecordImages(ImageSource):
     def size(self, part: Part) -> int:
         return self.sizes[part]
 
-    def records(self, part: Part, shard: Shard, seed: int | None) -> grain.IterDataset:
-        return TfdsTfRecordStream(self.name, self.data_dir, self.splits[part], shard, seed)
+    def records(self, part: Part, shard: Shard, seed: int | None, epochs: int | None = None) -> grain.IterDataset:
+        return TfdsTfRecordStream(self.name, self.data_dir, self.splits[part], shard, seed, epochs)
 
 
 def check_features(features: Any, images: ImagesConfig, model: DiTConfig, what: str) -> None:
@@ -70,7 +70,8 @@ def open_tfds_images(images: ImagesConfig, model: DiTConfig) -> ImageSource:
     check_features(builder.info.features, images, model, what)
     splits: dict[Part, str] = {"train": images.train_split, "eval": images.eval_split}
     parts = {part: open_split(builder, split, f"{what} (images.{part}_split)") for part, split in splits.items()}
-    keys = {"image_key": images.image_key, "label_key": images.label_key}
+    keys = {"image_key": images.image_key, "label_key": images.label_key,
+            "larger_held_out": f"name a larger held-out split in images.eval_split (now {images.eval_split!r})"}
     if all(records is not None for records in parts.values()):
         return ImageSource(images.tfds, parts, **keys)
     sizes = {part: split_size(builder, split, what) for part, split in splits.items()}

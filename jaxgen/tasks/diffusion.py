@@ -3,7 +3,8 @@
 Training batches carry images and labels; the loss draws times and noise from
 the step key and drops labels to the null class for classifier-free guidance.
 Held-out batches also carry their own times (a fixed grid) and noise, so the
-held-out loss is the same measurement at every evaluation. Samples and
+held-out loss is the same measurement at every evaluation, and row weights
+(each held-out image once; the rows padding the last batch weigh 0). Samples and
 evaluation use the parameter average (EMA).
 """
 
@@ -57,17 +58,18 @@ class DiffusionTask:
     def loss(self, models, batch, rng):
         x0_BHWC, labels_B = batch["images"], batch["labels"]
         b = x0_BHWC.shape[0]
-        if "noise" in batch:  # held-out: fixed times and noise, labels as given
-            t_B, eps_BHWC = batch["t"], batch["noise"]
+        if "noise" in batch:  # held-out: fixed times and noise, labels as given, the last batch's padding weighs 0
+            t_B, eps_BHWC, weight_B = batch["t"], batch["noise"], batch["weights"]
         else:
             t_rng, eps_rng, drop_rng = jax.random.split(rng, 3)
             t_B = self.objective.train_times(t_rng, b)
             eps_BHWC = jax.random.normal(eps_rng, x0_BHWC.shape)
             labels_B = drop_labels(labels_B, drop_rng, self.cfg.diffusion.label_dropout, self.null_label)
+            weight_B = jnp.ones((b,), jnp.float32)
         x_t = self.objective.noisy(x0_BHWC, eps_BHWC, t_B)
         out = models[MAIN_GROUP](x_t, self.objective.model_time(t_B), labels_B)
         loss_B = self.objective.loss_per_image(out, x0_BHWC, eps_BHWC, t_B)
-        return jnp.sum(loss_B), jnp.asarray(b, jnp.float32)
+        return jnp.sum(loss_B * weight_B), jnp.sum(weight_B)
 
     def eval_loss(self, models, batch):
         return self.loss(models, batch, jax.random.PRNGKey(0))
