@@ -128,6 +128,21 @@ def assert_same_batches(a: list[dict], b: list[dict]) -> None:
             np.testing.assert_array_equal(x[name], y[name], err_msg=name)
 
 
+def assert_resumes_exactly(make_batches, consumed: int, following: int = 12) -> dict:
+    """Batches `make_batches()` gives after `consumed` are those a new one gives from the position saved there
+    (passed through JSON, as a checkpoint stores it). Returns that position."""
+    uninterrupted = make_batches()
+    take(uninterrupted, consumed)
+    state = json.loads(json.dumps(uninterrupted.get_state()))
+    expected = take(uninterrupted, following)
+    uninterrupted.close()
+    resumed = make_batches()
+    resumed.set_state(state)
+    assert_same_batches(take(resumed, following), expected)
+    resumed.close()
+    return state
+
+
 def as_tfrecord_dataset(version_dir: pathlib.Path) -> None:
     """Rewrite a prepared dataset's ArrayRecord shards as TFRecord, as `tfds build` would store them."""
     import tensorflow as tf

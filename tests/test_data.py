@@ -17,7 +17,7 @@ from jaxgen.data.sentencepiece_tokenizer import BOS_ID, EOS_ID
 from jaxgen.errors import ConfigError
 
 from conftest import tiny_config
-from helpers import assert_same_batches, take
+from helpers import assert_resumes_exactly, assert_same_batches, take
 
 
 @pytest.fixture(scope="module")
@@ -59,16 +59,7 @@ def test_resume_gives_exactly_the_uninterrupted_stream(tokenizer, small_corpus, 
     # in every reader stream (the window shuffle's recorded start lags the window behind).
     cfg = tiny_config(f"data.text={small_corpus}", "data.batch_size=4", "data.seq_len=16",
                       "data.shuffle_window=20", f"data.workers={workers}")
-    uninterrupted = train_batches(cfg.data, tokenizer, Shard())
-    take(uninterrupted, consumed)
-    state = json.loads(json.dumps(uninterrupted.get_state()))  # as a checkpoint stores it
-    expected = take(uninterrupted, 12)
-    uninterrupted.close()
-
-    resumed = train_batches(cfg.data, tokenizer, Shard())
-    resumed.set_state(state)
-    assert_same_batches(take(resumed, 12), expected)
-    resumed.close()
+    assert_resumes_exactly(lambda: train_batches(cfg.data, tokenizer, Shard()), consumed)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

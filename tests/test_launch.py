@@ -58,6 +58,15 @@ def test_one_failure_fails_the_run_and_stops_the_others():
     assert "[launch] process 1 exited with status 3; stopping the others" in out.getvalue()
 
 
+def wait_until_ready(launcher: subprocess.Popen, processes: int) -> None:
+    """Until each launched process has printed its 'ready' line."""
+    ready = 0
+    for line in launcher.stdout:
+        ready += line.endswith("ready\n")
+        if ready == processes:
+            return
+
+
 def test_sigterm_reaches_every_process_and_their_status_is_the_runs():
     # Like a preempted run: each process saves on SIGTERM and exits 75.
     code = """
@@ -73,11 +82,7 @@ def test_sigterm_reaches_every_process_and_their_status_is_the_runs():
     """)
     proc = subprocess.Popen(driver, cwd=REPO, stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        ready = 0
-        for line in proc.stdout:
-            ready += line.endswith("ready\n")
-            if ready == 2:
-                break
+        wait_until_ready(proc, 2)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 75
     finally:
@@ -113,11 +118,7 @@ def test_a_hangup_stops_every_process_as_sigterm_does_though_no_one_reads_the_ou
     proc = subprocess.Popen([*driver, str(status_file)], cwd=REPO, stdout=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        ready = 0
-        for line in proc.stdout:
-            ready += line.endswith("ready\n")
-            if ready == 2:
-                break
+        wait_until_ready(proc, 2)
         proc.stdout.close()  # the terminal is gone
         os.killpg(proc.pid, signal.SIGHUP)
         proc.wait(timeout=60)

@@ -23,7 +23,7 @@ from jaxgen.data.splits import HoldOut, Shard
 from jaxgen.errors import ConfigError, DataError
 
 from conftest import TINY_CONFIG, tiny_config
-from helpers import assert_same_batches, error_lines, losses, run_jaxgen, start_jaxgen, take
+from helpers import assert_resumes_exactly, error_lines, losses, run_jaxgen, start_jaxgen
 
 datasets = pytest.importorskip("datasets")
 
@@ -147,16 +147,7 @@ def test_resume_gives_exactly_the_uninterrupted_stream(corpus, tokenizer, kind, 
                       "data.seq_len=16")
     if consumed == 40:  # the training documents fill under 30 batches: 40 cross an epoch boundary
         assert sum(1 + len(tokenizer.encode_document(d)) for d in expected("train")) < 30 * 4 * 16
-    uninterrupted = train_batches(cfg.data, tokenizer, Shard())
-    take(uninterrupted, consumed)
-    state = json.loads(json.dumps(uninterrupted.get_state()))  # as a checkpoint stores it
-    following = take(uninterrupted, 12)
-    uninterrupted.close()
-
-    resumed = train_batches(cfg.data, tokenizer, Shard())
-    resumed.set_state(state)
-    assert_same_batches(take(resumed, 12), following)
-    resumed.close()
+    assert_resumes_exactly(lambda: train_batches(cfg.data, tokenizer, Shard()), consumed)
 
 
 # ----------------------------------------------------------------------------- commands
