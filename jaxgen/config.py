@@ -230,8 +230,21 @@ class ImagesConfig(_Section):
     """Image datasets for diffusion models: uint8 images and integer labels, scaled to [-1, 1] as they load."""
 
     # digits: sklearn's bundled 8x8 grey digits (10 classes); shapes: procedural 32x32 RGB shapes (6 classes);
-    # tfds: a TFDS image dataset (images.tfds), whose size, channels and classes the model must match.
-    source: Literal["digits", "shapes", "tfds"] = "digits"
+    # tfds: a TFDS image dataset (images.tfds), whose size, channels and classes the model must match;
+    # folder: PNG/JPEG files in images.folder (class sub-folders or a metadata.jsonl, see folder_images.py);
+    # idx: MNIST-format IDX files in images.idx (Fashion-MNIST: apt-get install dataset-fashion-mnist,
+    # images.idx=/usr/share/datasets/fashion-mnist).
+    source: Literal["digits", "shapes", "tfds", "folder", "idx"] = "digits"
+    folder: str | None = None
+    idx: str | None = None
+    # images.source=folder: scale each image's shorter side to model.image_size and crop its centre;
+    # false: every image must already be model.image_size square.
+    resize: bool = True
+    # images.source=folder: an unreadable image stops the run naming it (error), or is replaced by
+    # the next readable image listed after it, with a warning (skip).
+    bad_images: Literal["error", "skip"] = "error"
+    # images.source=folder with a metadata.jsonl: the column holding each image's caption.
+    caption_key: str = "text"
     # Every n-th image goes to the held-out split (digits, shapes; TFDS datasets have their own splits).
     # Evaluation reads the held-out images in order, each once, into at most train.eval_batches batches.
     eval_every_nth: int = Field(5, ge=2)
@@ -247,14 +260,16 @@ class ImagesConfig(_Section):
     # TFDS split names (sub-splits such as "train[:90%]" too).
     train_split: str = "train"
     eval_split: str = "test"
-    # TFDS features holding the uint8 (H, W, C) image and the class label.
+    # TFDS features holding the uint8 (H, W, C) image and the class label (label_key: also the
+    # label column of an images.folder metadata.jsonl).
     image_key: str = "image"
     label_key: str = "label"
 
     @pydantic.model_validator(mode="after")
-    def _tfds_named(self) -> ImagesConfig:
-        if (self.source == "tfds") != (self.tfds is not None):
-            raise ValueError("images.source=tfds and images.tfds=NAME go together: set both or neither")
+    def _location_named(self) -> ImagesConfig:
+        for source, where in (("tfds", "NAME"), ("folder", "DIR"), ("idx", "DIR")):
+            if (self.source == source) != (getattr(self, source) is not None):
+                raise ValueError(f"images.source={source} and images.{source}={where} go together: set both or neither")
         return self
 
 

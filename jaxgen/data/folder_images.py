@@ -1,0 +1,180 @@
+"""A folder of PNG/JPEG files (`images.source: folder`), in the layouts Hugging Face's `imagefolder` reads.
+
+- Class sub-folders: `DIR/<class>/*.png`; labels number the class names in sorted order.
+- `metadata.jsonl` beside the images: one JSON object per line with `file_name` (relative
+  to the folder holding metadata.jsonl) and a label column (`images.label_key`, integers or
+  names) and/or a caption column (`images.caption_key`).
+- Either one inside `train/` and `test/` (or `validation/`) sub-folders: those are the two
+  parts. Otherwise every `images.eval_every_nth` image is held out.
+
+Images are decoded when read (Pillow), converted to RGB or grey as `model.channels` says,
+and with `images.resize` scaled so their shorter side is `model.image_size` and centre-cropped
+to a square. An unreadable image fails naming its file, or with `images.bad_images: skip`
+is replaced by the next readable one listed after it, with a warning naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+
+import numpy as np
+
+from jaxgen.config import DiTConfig, ImagesConfig
+from jaxgen.data.image_source import ImageSource
+from jaxgen.data.images import held_out_parts
+from jaxgen.errors import ConfigError, DataError
+
+log = logging.getLogger("jaxgen")
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+METADATA = "metadata.jsonl"
+SPLITS = {"train": ("train",), "eval": ("test", "validation")}
+
+
+class FolderImages:
+    """Random access to decoded images of listed files: {'image': uint8 (S, S, C), 'label': int[, 'caption': str]}."""
+
+    def __init__(self, files: list[pathlib.Path], labels: list[int], captions: list[str] | None, size: int,
+                 channels: int, resize: bool, skip_bad: bool):
+        self.files, self.labels, self.captions = files, labels, captions
+        self.size, self.channels, self.resize, self.skip_bad = size, channels, resize, skip_bad
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict:
+        for tried in range(len(self.files)):
+            i = (index + tried) % len(self.files)
+            try:
+                image = self.decode(self.files[i])
+            except DataError as err:
+                if not self.skip_bad:
+                    raise
+                log.warning("skipped: %s (images.bad_images=skip)", err)
+                continue
+            record = {"image": image, "label": np.int32(self.labels[i])}
+            return record if self.captions is None else {**record, "caption": self.captions[i]}
+        raise DataError(f"none of the {len(self.files)} images from {self.files[0].parent} can be read")
+
+    def decode(self, path: pathlib.Path) -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as opened:
+                image = opened.convert("RGB" if self.channels == 3 else "L")
+        except (OSError, UnidentifiedImageError, ValueError) as err:  # missing, truncated, not an image
+            raise DataError(f"image {str(path)!r} cannot be read: {err}") from None
+        if image.size != (self.size, self.size):
+            if not self.resize:
+                raise DataError(f"image {str(path)!r} is {image.size[0]}x{image.size[1]}, not model.image_size="
+                                f"{self.size} square; set images.resize=true to scale and centre-crop images")
+            image = scaled_and_cropped(image, self.size)
+        pixels = np.asarray(image, np.uint8)
+        return pixels if pixels.ndim == 3 else pixels[..., None]
+
+
+def scaled_and_cropped(image, size: int):
+    """The shorter side scaled to `size` (antialiased), then the centre `size` x `size` square."""
+    from PIL import Image
+
+    width, height = image.size
+    scale = size / min(width, height)
+    new = (max(size, round(width * scale)), max(size, round(height * scale)))
+    image = image.resize(new, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    left, top = (new[0] - size) // 2, (new[1] - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def listed_images(root: pathlib.Path, label_key: str, caption_key: str,
+                  classes: list[str] | None = None) -> tuple[list, list, list | None, list[str]]:
+    """(files, labels, captions or None, class names) of one folder, from metadata.jsonl or class sub-folders.
+
+    `classes`: names already numbered (the train part's), which the held-out part must use too.
+    """
+    if (root / METADATA).is_file():
+        return _from_metadata(root, label_key, caption_key, classes)
+    names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = classes or names
+    files, labels = [], []
+    for name in names:
+        if name not in classes:
+            raise DataError(f"class folder {str(root / name)!r} is not among the training classes "
+                            f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})")
+        found = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        files += found
+        labels += [classes.index(name)] * len(found)
+    if not files:
+        loose = [p.name for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES][:3]
+        hint = (f"; images lie in it directly ({', '.join(loose)}...): put them in class sub-folders or list them "
+                f"in a {METADATA}") if loose else ""
+        raise DataError(f"images.folder {str(root)!r} holds no PNG or JPEG images in class sub-folders{hint}")
+    return files, labels, None, classes
+
+
+def _from_metadata(root: pathlib.Path, label_key: str, caption_key: str,
+                   classes: list[str] | None) -> tuple[list, list, list | None, list[str]]:
+    path = root / METADATA
+    rows = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{number} is not valid JSON ({err})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+                raise DataError(f"{path}:{number} names no file: each line needs \"file_name\"")
+            file = (root / row["file_name"]).resolve()
+            if not file.is_relative_to(root.resolve()) or not file.is_file():
+                raise DataError(f"{path}:{number} names {row['file_name']!r}, which is not a file inside {root}")
+            if label_key not in row and caption_key not in row:
+                raise DataError(f"{path}:{number} has neither a label (images.label_key={label_key!r}) nor a caption "
+                                f"(images.caption_key={caption_key!r})")
+            rows.append((number, file, row.get(label_key), row.get(caption_key)))
+    if not rows:
+        raise DataError(f"{path} lists no images")
+    files = [file for _, file, _, _ in rows]
+    captions = [str(caption) for *_, caption in rows] if all(r[3] is not None for r in rows) else None
+    given = [label for _, _, label, _ in rows]
+    if all(label is None for label in given):
+        return files, [0] * len(rows), captions, ["unlabelled"]
+    missing = next((number for number, _, label, _ in rows if label is None), None)
+    if missing is not None:
+        raise DataError(f"{path}:{missing} has no {label_key!r} though other lines have one")
+    if all(isinstance(label, int) and not isinstance(label, bool) and label >= 0 for label in given):
+        return files, given, captions, classes or [str(c) for c in range(max(given) + 1)]
+    if all(isinstance(label, str) for label in given):
+        classes = classes or sorted(set(given))
+        unknown = next((label for label in given if label not in classes), None)
+        if unknown is not None:
+            raise DataError(f"{path}: class {unknown!r} is not among the training classes")
+        return files, [classes.index(label) for label in given], captions, classes
+    raise DataError(f"{path}: {label_key!r} must be all non-negative integers or all class names")
+
+
+def open_folder_images(images: ImagesConfig, model: DiTConfig) -> ImageSource:
+    """The configured folder's parts, their labels checked against the model before any image is decoded."""
+    root = pathlib.Path(images.folder)
+    if not root.is_dir():
+        raise DataError(f"images.folder {images.folder!r} is not a directory")
+    split_dirs = {part: next((root / n for n in names if (root / n).is_dir()), None) for part, names in SPLITS.items()}
+    options = dict(size=model.image_size, channels=model.channels, resize=images.resize,
+                   skip_bad=images.bad_images == "skip")
+    if all(split_dirs.values()):
+        train = listed_images(split_dirs["train"], images.label_key, images.caption_key)
+        held_out = listed_images(split_dirs["eval"], images.label_key, images.caption_key, classes=train[3])
+        classes = max(train[3], held_out[3], key=len)  # integer labels: the larger range
+        parts = {"train": FolderImages(*train[:3], **options), "eval": FolderImages(*held_out[:3], **options)}
+        larger = f"add images to {split_dirs['eval']}"
+    else:
+        files, labels, captions, classes = listed_images(root, images.label_key, images.caption_key)
+        parts = held_out_parts(FolderImages(files, labels, captions, **options), images.eval_every_nth)
+        larger = f"hold out more with a smaller images.eval_every_nth (now {images.eval_every_nth})"
+    if len(classes) > model.num_classes:
+        raise ConfigError(f"images.folder {images.folder!r} holds {len(classes)} classes ({', '.join(classes[:5])}"
+                          f"{', ...' if len(classes) > 5 else ''}), more than model.num_classes={model.num_classes}; "
+                          f"set model.num_classes={len(classes)}")
+    return ImageSource(root.name or str(root), parts, larger)

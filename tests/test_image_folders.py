@@ -1,0 +1,239 @@
+"""Images users have: a folder of PNG/JPEG files (class sub-folders or metadata.jsonl, split folders or not)
+and MNIST-format IDX files (Fashion-MNIST), through the same grain pipeline; one clear line per bad input."""
+
+import gzip
+import json
+import logging
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxgen.data.image_batches import held_out_batches, train_batches
+from jaxgen.data.images import open_images
+from jaxgen.data.idx_images import read_idx
+from jaxgen.data.splits import Shard
+from jaxgen.errors import ConfigError, DataError
+
+from helpers import DIT_CONFIG, assert_resumes_exactly, jaxgen_cli, take, tiny_dit_config
+
+FASHION_MNIST = pathlib.Path("/usr/share/datasets/fashion-mnist")
+
+
+def pixels(i: int, size: int = 8, channels: int = 1) -> np.ndarray:
+    """Random pixels with the image number in the top-left corner."""
+    image = np.random.default_rng(i).integers(0, 256, (size, size, channels), dtype=np.uint8)
+    image[0, 0] = i
+    return image
+
+
+def save_png(path: pathlib.Path, image: np.ndarray) -> pathlib.Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+    return path
+
+
+def config(*overrides: str):
+    return tiny_dit_config("data.batch_size=4", "images.eval_every_nth=5", *overrides)
+
+
+# ----------------------------------------------------------------------------- folders
+
+
+@pytest.fixture(scope="module")
+def class_folders(tmp_path_factory):
+    """30 grey 8x8 images in 3 class folders (names sorted: ant=0, bee=1, cat=2)."""
+    root = tmp_path_factory.mktemp("classes")
+    for i in range(30):
+        save_png(root / ["bee", "cat", "ant"][i % 3] / f"{i:02d}.png", pixels(i))
+    return root
+
+
+def test_class_folders_give_their_pixels_and_sorted_labels(class_folders):
+    cfg = config(f"images.source=folder", f"images.folder={class_folders}", "images.resize=false")
+    source = open_images(cfg)
+    assert (source.size("train"), source.size("eval")) == (24, 6)  # every 5th held out
+    train = [source.parts["train"][i] for i in range(24)]
+    for record in train:
+        i = int(record["image"][0, 0, 0])
+        np.testing.assert_array_equal(record["image"], pixels(i))  # PNG is lossless
+        assert record["label"] == {"ant": 0, "bee": 1, "cat": 2}[["bee", "cat", "ant"][i % 3]]
+
+
+def test_folder_batches_resume_exactly_and_hold_out_each_image_once(class_folders):
+    cfg = config("images.source=folder", f"images.folder={class_folders}", "images.hflip=true")
+    assert_resumes_exactly(lambda: train_batches(open_images(cfg), cfg, Shard()), consumed=9, following=4)
+    held_out = held_out_batches(open_images(cfg), 4, 10, Shard())
+    firsts = [int(round((b["images"][r, 0, 0, 0] + 1) / 2 * 255)) for b in held_out for r in range(4) if b["weights"][r]]
+    files = sorted(class_folders.rglob("*.png"))  # by class, then name: the order images are numbered in
+    assert firsts == [int(f.stem) for f in files[4::5]]  # ordinals 4, 9, ...: each held-out image once
+
+
+def test_metadata_jsonl_gives_labels_by_name_and_captions_and_split_folders_are_the_parts(tmp_path):
+    for split, count in (("train", 12), ("test", 4)):
+        lines = []
+        for i in range(count):
+            save_png(tmp_path / split / "img" / f"{i}.png", pixels(i, 12, 3))
+            lines.append({"file_name": f"img/{i}.png", "label": ["dog", "cat"][i % 2], "text": f"picture {i}"})
+        (tmp_path / split / "metadata.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n")
+    cfg = config("images.source=folder", f"images.folder={tmp_path}", "model.channels=3", "model.num_classes=2")
+    source = open_images(cfg)
+    assert (source.size("train"), source.size("eval")) == (12, 4)
+    record = source.parts["eval"][3]
+    assert (record["label"], record["caption"]) == (0, "picture 3")  # cat=0, dog=1
+    assert record["image"].shape == (8, 8, 3)  # 12x12 scaled to model.image_size
+
+
+def test_resize_scales_the_shorter_side_and_crops_the_centre(tmp_path):
+    image = np.zeros((16, 24, 1), np.uint8)  # 16 high, 24 wide: the centre 16x16 is white
+    image[:, 4:20] = 255
+    save_png(tmp_path / "a" / "wide.png", image)
+    for i in range(4):
+        save_png(tmp_path / "a" / f"{i}.png", pixels(i))
+    cfg = config("images.source=folder", f"images.folder={tmp_path}", "images.eval_every_nth=2")
+    record = open_images(cfg).parts["train"][2]  # sorted 0, 1, 2, 3, wide: 1 and 3 held out
+    assert record["image"].shape == (8, 8, 1) and record["image"].min() > 200  # only the white centre is kept
+
+
+@pytest.mark.parametrize("damage, says", [
+    ("truncated", "cannot be read"),
+    ("not an image", "cannot be read"),
+    ("wrong size", "is 6x6, not model.image_size=8 square; set images.resize=true"),
+])
+def test_a_bad_image_is_named_or_skipped_when_asked(class_folders, tmp_path, damage, says, caplog):
+    import shutil
+
+    root = tmp_path / "imgs"
+    shutil.copytree(class_folders, root)
+    bad = root / "ant" / "02.png"
+    if damage == "truncated":
+        bad.write_bytes(bad.read_bytes()[:40])
+    elif damage == "not an image":
+        bad.write_text("hello")
+    else:
+        save_png(bad, pixels(2, 6))
+    cfg = config("images.source=folder", f"images.folder={root}", "images.resize=false")
+    source = open_images(cfg)
+    index = next(i for i in range(source.size("train")) if source.parts["train"].ordinal(i) == 0)  # ant/02.png
+    with pytest.raises(DataError, match=rf"image '{bad}' {says}") as err:
+        source.parts["train"][index]
+    assert "\n" not in str(err.value)
+    skipping = open_images(config("images.source=folder", f"images.folder={root}", "images.resize=false",
+                                  "images.bad_images=skip"))
+    with caplog.at_level(logging.WARNING, logger="jaxgen"):
+        record = skipping.parts["train"][index]
+    assert int(record["image"][0, 0, 0]) == 5  # the next file of its part (ant/05.png)
+    assert f"skipped: image '{bad}'" in caplog.text
+
+
+@pytest.mark.parametrize("layout, says", [
+    ("empty", "holds no PNG or JPEG images in class sub-folders"),
+    ("loose images", "images lie in it directly (a.png...): put them in class sub-folders or list them"),
+    ("missing file", r"metadata.jsonl:2 names 'gone.png', which is not a file inside"),
+    ("no file_name", r"metadata.jsonl:1 names no file"),
+    ("escaping path", r"metadata.jsonl:1 names '../outside.png', which is not a file inside"),
+    ("mixed labels", "'label' must be all non-negative integers or all class names"),
+    ("too many classes", "holds 11 classes (c00, c01, c02, c03, c04, ...), more than model.num_classes=10"),
+])
+def test_a_folder_that_cannot_serve_is_refused_in_one_line(tmp_path, layout, says):
+    root = tmp_path / "data"
+    root.mkdir()
+    if layout == "loose images":
+        save_png(root / "a.png", pixels(0))
+    elif layout == "too many classes":
+        for c in range(11):
+            save_png(root / f"c{c:02d}" / "x.png", pixels(c))
+    elif layout != "empty":
+        save_png(root / "a.png", pixels(0))
+        save_png(tmp_path / "outside.png", pixels(1))
+        rows = {"missing file": [{"file_name": "a.png", "label": 0}, {"file_name": "gone.png", "label": 1}],
+                "no file_name": [{"label": 0}],
+                "escaping path": [{"file_name": "../outside.png", "label": 0}],
+                "mixed labels": [{"file_name": "a.png", "label": 0}, {"file_name": "a.png", "label": "x"}]}[layout]
+        (root / "metadata.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
+    with pytest.raises((DataError, ConfigError)) as err:
+        open_images(config("images.source=folder", f"images.folder={root}"))
+    assert says in str(err.value) and "\n" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- IDX
+
+
+def write_idx(path: pathlib.Path, array: np.ndarray, compress: bool = False) -> pathlib.Path:
+    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+    data = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if compress else data)
+    return path
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory):
+    """An IDX dataset of 8x8 images in 10 classes: 40 train (gzipped) and 12 t10k (plain) images."""
+    root = tmp_path_factory.mktemp("idx")
+    for prefix, count, gz in (("train", 40, True), ("t10k", 12, False)):
+        images = np.stack([pixels(i)[..., 0] for i in range(count)])
+        write_idx(root / f"{prefix}-images-idx3-ubyte{'.gz' if gz else ''}", images, gz)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte{'.gz' if gz else ''}", np.arange(count) % 10, gz)
+    return root
+
+
+def test_idx_files_give_their_images_and_labels(idx_dir):
+    source = open_images(config("images.source=idx", f"images.idx={idx_dir}"))
+    assert (source.size("train"), source.size("eval")) == (40, 12)
+    record = source.parts["eval"][7]
+    np.testing.assert_array_equal(record["image"], pixels(7))
+    assert record["label"] == 7
+
+
+@pytest.mark.parametrize("damage, says", [
+    ("truncated", r"holds 100 values after its header, but its shape \(40, 8, 8\) needs 2560"),
+    ("not idx", "is not an IDX file"),
+    ("float values", "holds values of type 0x0d"),
+    ("bad gzip", "cannot be read"),
+])
+def test_a_damaged_idx_file_is_named(idx_dir, tmp_path, damage, says):
+    import shutil
+
+    root = tmp_path / "idx"
+    shutil.copytree(idx_dir, root)
+    path = root / "train-images-idx3-ubyte.gz"
+    raw = gzip.decompress(path.read_bytes())
+    changed = {"truncated": raw[:16 + 100], "not idx": b"PK" + raw[2:],
+               "float values": raw[:2] + b"\x0d" + raw[3:]}.get(damage)
+    path.write_bytes(gzip.compress(changed) if changed is not None else path.read_bytes()[:30])
+    with pytest.raises(DataError, match=says) as err:
+        read_idx(path)
+    assert str(path) in str(err.value)
+
+
+def test_idx_errors_name_the_key(idx_dir, tmp_path):
+    with pytest.raises(DataError, match="has no t10k-labels-idx1-ubyte"):
+        (tmp_path / "x").mkdir()
+        for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte"):
+            (tmp_path / "x" / name).write_bytes((idx_dir / name).read_bytes())
+        open_images(config("images.source=idx", f"images.idx={tmp_path / 'x'}"))
+    with pytest.raises(ConfigError, match="holds 8x8x1 images in 10 classes, but model.image_size=16"):
+        open_images(config("images.source=idx", f"images.idx={idx_dir}", "model.image_size=16"))
+    with pytest.raises(ConfigError, match="images.source=idx and images.idx=DIR go together"):
+        config("images.source=idx")
+
+
+@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_fashion_mnist_as_debian_installs_it():
+    source = open_images(config("images.source=idx", f"images.idx={FASHION_MNIST}", "model.image_size=28"))
+    assert (source.size("train"), source.size("eval")) == (60_000, 10_000)
+    labels = np.bincount([source.parts["eval"][i]["label"] for i in range(10_000)], minlength=10)
+    assert labels.tolist() == [1000] * 10
+
+
+def test_jaxgen_train_a_dit_on_an_image_folder(class_folders, tmp_path):
+    result = jaxgen_cli("train", "--config", str(DIT_CONFIG), "--run-dir", str(tmp_path / "run"), "model.size=null",
+                        "model.d_model=32", "model.n_layers=1", "model.freq_dim=32", "model.num_classes=3",
+                        "images.source=folder", f"images.folder={class_folders}", "images.eval_every_nth=3",
+                        "data.batch_size=8",
+                        "train.steps=3", "train.eval_every=3", "train.eval_batches=1", "diffusion.samples_per_class=1",
+                        "diffusion.sample_steps=2", "logging.progress_bar=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"data: {class_folders.name}, 20 train and 10 held-out images" in result.stderr
+    assert (tmp_path / "run" / "samples" / "final.png").is_file()
