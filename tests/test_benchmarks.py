@@ -1,6 +1,7 @@
 """Benchmark tasks on a tiny trained LM: each protocol's prompts, scores equal to a per-example reference, the CLI."""
 
 import json
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -123,7 +124,10 @@ def test_cli_scores_every_checkpoint_into_json_and_a_table(trained, task_data):
             assert {"acc", "acc_norm", "n", "acc_stderr"} <= set(figures)
         assert record["tasks"]["arc_easy"]["n"] == 3
         assert f"step {step}" in result.stdout
-    assert "lambada                      perplexity" in result.stdout and "±" in result.stdout
+    assert re.search(r"\nlambada +perplexity +[\d.]+ ± +[\d.]+ +3\n", result.stdout)
+    for metric in ("acc", "acc_norm", "perplexity"):  # beside the loss curve, every checkpoint a point
+        assert (trained / f"evals_{metric}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (trained / "loss_curve.png").is_file()
 
 
 def test_bad_input_is_one_clear_error(trained, task_data, tmp_path):

@@ -21,6 +21,7 @@ from jaxgen.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_file_in
 from jaxgen.errors import ConfigError, DataError
 from jaxgen.evals.loglikelihood import Score, Scorer, TokenRequest, encode_requests
 from jaxgen.evals.metrics import choice_predictions, cloze_figures, format_table, multiple_choice_figures
+from jaxgen.evals.plots import plot_benchmarks
 from jaxgen.evals.tasks import Cloze, Task, load_task, parse_task_names
 from jaxgen.files import write_atomic
 from jaxgen.outputs.runs import each_checkpoint, load_run_config, open_run
@@ -108,6 +109,8 @@ def evaluate_benchmarks(run_dir: str | pathlib.Path, task_names: list[str], task
                         batch_size: int = 32, on_result: Callable[[dict], None] | None = None) -> list[dict]:
     """Score the tasks on one checkpoint (the newest by default) or all of them; one JSON per checkpoint.
 
+    Then plots every result the run holds: RUN_DIR/evals_<metric>.png.
+
     Every input is checked (task names, the run, its tokenizer, the task files) before the model is read.
     """
     run_dir = pathlib.Path(run_dir)
@@ -126,6 +129,8 @@ def evaluate_benchmarks(run_dir: str | pathlib.Path, task_names: list[str], task
         if on_result is not None:
             on_result(record)
         records.append(record)
+    if jax.process_index() == 0:
+        plot_benchmarks(run_dir)
     return records
 
 

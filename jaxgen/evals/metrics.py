@@ -48,10 +48,11 @@ def cloze_figures(loglikelihoods: Sequence[float], greedy: Sequence[bool]) -> di
 
 def format_table(step: int, results: dict[str, dict]) -> str:
     """One line per task and figure: value ± standard error."""
-    lines = [f"step {step}", f"{'task':<28} {'metric':<11} {'value':>10}   {'stderr':>8} {'n':>7}"]
+    width = max([4, *map(len, results)])
+    lines = [f"step {step}", f"{'task':<{width}} {'metric':<11} {'value':>10}   {'stderr':>8} {'n':>7}"]
     for name, figures in results.items():
         for metric in ("acc", "acc_norm", "perplexity"):
             if metric in figures and (metric != "acc_norm" or "perplexity" not in figures):
-                lines.append(f"{name:<28.28} {metric:<11} {figures[metric]:>10.4f} ± {figures[metric + '_stderr']:>8.4f} "
-                             f"{figures['n']:>7}")
+                lines.append(f"{name:<{width}} {metric:<11} {figures[metric]:>10.4f} ± "
+                             f"{figures[metric + '_stderr']:>8.4f} {figures['n']:>7}")
     return "\n".join(lines)
