@@ -11,11 +11,12 @@ from jaxgen.data.tokenizer import load_tokenizer
 from jaxgen.errors import ConfigError, DataError
 from jaxgen.evals.benchmark import Benchmarks, load_tasks, make_scorer
 from jaxgen.evals.loglikelihood import bucket_length
+from jaxgen.metrics import read_metrics
 from jaxgen.outputs.runs import open_run
 from jaxgen.tasks.layout import MAIN_GROUP
 
 from benchmark_data import MULTIPLE_CHOICE, write_jsonl, write_task_data
-from conftest import TINY_CONFIG
+from conftest import TINY_CONFIG, tiny_config
 from helpers import error_lines, jaxgen_cli
 
 TASKS = ["hellaswag", "arc_easy", "piqa", "lambada"]
@@ -151,3 +152,30 @@ def test_bad_input_is_one_clear_error(trained, task_data, tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     [line] = error_lines(result.stderr)
     assert "keeps no tokenizer" in line
+
+
+def test_tasks_scored_in_the_loop_are_logged_at_the_configured_steps(tmp_path, task_data):
+    run_dir, mine = tmp_path / "run", task_data / "mine.jsonl"
+    result = jaxgen_cli("train", "--config", str(TINY_CONFIG), "--run-dir", str(run_dir), "train.steps=10",
+                        "train.sample_tokens=0", f"train.eval_tasks=[arc_easy, lambada, multiple_choice={mine}]",
+                        "train.eval_tasks_every=4", f"train.eval_task_data={task_data}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "arc_easy/acc" in r]
+    assert [r["step"] for r in records] == [4, 8, 10]  # every 4 steps and the last
+    assert {"arc_easy/acc_norm", "lambada/perplexity", "mine/acc", "mine/acc_norm"} <= set(records[-1])
+    assert sorted(int(p.stem) for p in (run_dir / "evals").glob("*.json")) == [4, 8, 10]
+    assert (run_dir / "evals_acc.png").is_file()
+    # The loop scores exactly what `jaxgen eval --tasks` scores on the same checkpoint.
+    result = jaxgen_cli("eval", "--run-dir", str(run_dir), "--tasks", f"arc_easy,lambada,multiple_choice={mine}",
+                        "--task-data", str(task_data))
+    assert result.returncode == 0, result.stderr[-2000:]
+    offline = json.loads((run_dir / "evals" / "10.json").read_text())["tasks"]
+    assert records[-1]["arc_easy/acc"] == offline["arc_easy"]["acc"]
+    assert records[-1]["mine/acc_norm"] == offline[f"multiple_choice={mine}"]["acc_norm"]
+    assert records[-1]["lambada/perplexity"] == pytest.approx(offline["lambada"]["perplexity"], rel=1e-4)
+
+
+def test_config_refuses_unknown_eval_tasks():
+    with pytest.raises(ConfigError, match="train.eval_tasks: unknown task 'hellaswagg'; known tasks: hellaswag"):
+        tiny_config("train.eval_tasks=[hellaswagg]")
+    assert tiny_config("train.eval_tasks=hellaswag,piqa").train.eval_tasks == ("hellaswag", "piqa")

@@ -104,6 +104,17 @@ def write_result(run_dir: pathlib.Path, step: int, results: dict[str, TaskScores
     return record
 
 
+def metric_values(record: dict) -> dict[str, float]:
+    """A result's figures as scalars to log: <task>/<metric> (a multiple_choice=FILE task by the file's stem)."""
+    values = {}
+    for name, figures in record["tasks"].items():
+        kind, _, path = name.partition("=")
+        label = pathlib.Path(path).stem if path else kind
+        values.update({f"{label}/{metric}": figures[metric] for metric in ("acc", "acc_norm", "perplexity")
+                       if metric in figures})
+    return values
+
+
 def evaluate_benchmarks(run_dir: str | pathlib.Path, task_names: list[str], task_data: str | None = None,
                         step: int | None = None, overrides: list[str] = (), all_steps: bool = False,
                         batch_size: int = 32, on_result: Callable[[dict], None] | None = None) -> list[dict]:
