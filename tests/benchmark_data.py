@@ -57,8 +57,12 @@ def write_task_data(root: pathlib.Path) -> pathlib.Path:
     """A --task-data directory in the layouts the public copies come in; returns it."""
     write_jsonl(root / "hellaswag" / "data" / "hellaswag_val.jsonl", HELLASWAG)
     write_jsonl(root / "hellaswag" / "data" / "hellaswag_train.jsonl", HELLASWAG[:1])  # another split: not read
-    (root / "arc_easy" / "ARC-Easy").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist(ARC_EASY), root / "arc_easy" / "ARC-Easy" / "test-00000-of-00001.parquet")
+    # The whole ai2_arc repository: ARC-Challenge beside ARC-Easy, each with its splits.
+    for subset, split, records in (("ARC-Easy", "test", ARC_EASY), ("ARC-Easy", "validation", ARC_EASY[:1]),
+                                   ("ARC-Challenge", "test", ARC_EASY[:2])):
+        (root / "arc_easy" / subset).mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(records), root / "arc_easy" / subset / f"{split}-00000-of-00001.parquet")
     write_jsonl(root / "piqa.jsonl", PIQA)
     write_jsonl(root / "lambada" / "lambada_test_en.jsonl", LAMBADA)
+    write_jsonl(root / "lambada" / "lambada_test_de.jsonl", LAMBADA[:1])  # a translation: not read
     return root

@@ -47,9 +47,10 @@ def test_each_task_builds_the_harness_prompts(task_data):
     assert hellaswag.examples[2].choices[2] == "and he said unto them."  # other [markup] is dropped
     assert first.requests()[0] == (first.context, " some seeds fell by the way side.")
     assert arc.examples[0].context == "Question: Who created the heaven and the earth in the beginning?\nAnswer:"
-    assert [e.label for e in arc.examples] == [0, 0, 1]
+    assert [e.label for e in arc.examples] == [0, 0, 1]  # ARC-Easy's test split, not ARC-Challenge beside it
     assert piqa.examples[1].choices == ("put it into old bottles.", "put it into new bottles.")
     assert piqa.examples[1].label == 1
+    assert len(lambada.examples) == 3  # the English file, not the translation beside it
     assert lambada.examples[0].requests() == [("In the beginning God created the heaven and the", " earth")]
     assert mine.examples[2].requests()[0] == ("", " And God said")
 

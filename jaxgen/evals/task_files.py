@@ -21,8 +21,12 @@ DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 SPLIT_NAMES = {"validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
 
 
-def split_files(data_dir: pathlib.Path, task: str, split: str) -> list[pathlib.Path]:
-    """The files holding `task`'s `split` under `data_dir` (see the module docstring)."""
+def split_files(data_dir: pathlib.Path, task: str, split: str, subset: str | None = None) -> list[pathlib.Path]:
+    """The files holding `task`'s `split` under `data_dir` (see the module docstring).
+
+    Where a dataset ships several subsets side by side (ARC-Easy beside ARC-Challenge, LAMBADA in six
+    languages), only the files whose path names `subset` are read, when some do.
+    """
     for suffix in DATA_SUFFIXES:
         if (data_dir / f"{task}{suffix}").is_file():
             return [data_dir / f"{task}{suffix}"]
@@ -31,11 +35,14 @@ def split_files(data_dir: pathlib.Path, task: str, split: str) -> list[pathlib.P
         raise DataError(f"no data for task {task!r} in --task-data {str(data_dir)!r}: expected {task}.jsonl, "
                         f"{task}.parquet or a directory {task}/ holding its {split} split")
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name.endswith(DATA_SUFFIXES))
-    named = re.compile(rf"(^|[^a-z])({'|'.join(SPLIT_NAMES[split])})([^a-z]|$)")
-    of_split = [p for p in files if named.search(p.name.lower())]
-    if not (of_split or files):
+    if not files:
         raise DataError(f"directory {str(directory)!r} holds no .jsonl or .parquet file for task {task!r}")
-    return of_split or files
+    named = re.compile(rf"(^|[^a-z])({'|'.join(SPLIT_NAMES[split])})([^a-z]|$)")
+    files = [p for p in files if named.search(p.name.lower())] or files
+    if subset is not None:
+        words = [re.split(r"[^a-z0-9-]+", str(p.relative_to(directory)).lower()) for p in files]
+        files = [p for p, w in zip(files, words) if subset.lower() in w] or files
+    return files
 
 
 def read_records(path: pathlib.Path) -> Iterator[tuple[str, dict]]:

@@ -110,14 +110,15 @@ def _label(value: int | str, n_choices: int, where: str) -> int:
 class Protocol:
     split: str  # the split scored: the labelled one the harness scores
     read: Callable[[dict, str], Example]
+    subset: str | None = None  # the files read where a dataset ships several subsets side by side
 
 
 KNOWN = {
     "hellaswag": Protocol("validation", _hellaswag),
-    "arc_easy": Protocol("test", _arc),
-    "arc_challenge": Protocol("test", _arc),
+    "arc_easy": Protocol("test", _arc, "arc-easy"),
+    "arc_challenge": Protocol("test", _arc, "arc-challenge"),
     "piqa": Protocol("validation", _piqa),
-    "lambada": Protocol("test", _lambada),
+    "lambada": Protocol("test", _lambada, "en"),  # LAMBADA as OpenAI prepared it; EleutherAI adds translations
 }
 GENERIC = "multiple_choice"  # multiple_choice=FILE.jsonl: context, choices, label
 
@@ -154,7 +155,7 @@ def load_task(name: str, task_data: str | pathlib.Path | None) -> Task:
         if not pathlib.Path(task_data).is_dir():
             raise DataError(f"--task-data {str(task_data)!r} is not a directory")
         protocol = KNOWN[name]
-        files, read = split_files(pathlib.Path(task_data), name, protocol.split), protocol.read
+        files, read = split_files(pathlib.Path(task_data), name, protocol.split, protocol.subset), protocol.read
     examples = [read(record, where) for file in files for where, record in read_records(file)]
     if not examples:
         raise DataError(f"task {name!r} has no examples in {', '.join(map(str, files))}")
