@@ -151,3 +151,11 @@ def test_native_jaxgen_backend_and_hf_model_agree(setup):
     assert rolling[2] < 5 * rolling[0]  # the long passage spans several windows, each scored once
     assert [r["filtered_resps"] for r in jaxgen["generate_local"]] == [r["filtered_resps"] for r in hf["generate_local"]]
     assert any(r["filtered_resps"][0] for r in jaxgen["generate_local"])  # something was generated
+
+
+def test_registering_jaxgen_keeps_the_harness_models():
+    import jaxgen.evals.harness  # noqa: F401
+    from lm_eval.api.registry import get_model
+
+    assert get_model("jaxgen").__name__ == "JaxgenLM"
+    assert get_model("hf").__name__ == "HFLM"  # the harness fills its registry only while it is empty

@@ -25,6 +25,8 @@ from jaxgen.errors import ConfigError
 
 NOT_INSTALLED = 'lm-evaluation-harness is not installed; pip install -e ".[eval]"'
 try:
+    # The harness fills its registry with its own models only while it is empty: they go in first.
+    import lm_eval.models  # noqa: F401
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
 except ImportError:
