@@ -180,3 +180,16 @@ def test_config_refuses_unknown_eval_tasks():
     with pytest.raises(ConfigError, match="train.eval_tasks: unknown task 'hellaswagg'; known tasks: hellaswag"):
         tiny_config("train.eval_tasks=[hellaswagg]")
     assert tiny_config("train.eval_tasks=hellaswag,piqa").train.eval_tasks == ("hellaswag", "piqa")
+
+
+def test_scores_on_a_sharded_model_equal_the_replicated_ones(trained, task_data):
+    tasks = load_tasks(["hellaswag", "lambada"], task_data)
+    scores = []
+    for overrides in ([], ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "sharding.preset=fsdp_tp"]):
+        run = open_run(trained, overrides=overrides)
+        scorer = make_scorer(run.cfg, run.mesh, run.layout.graphdefs[MAIN_GROUP], run.layout.shardings[MAIN_GROUP],
+                             batch_size=8)
+        results = Benchmarks(tasks, load_tokenizer(trained), scorer).run(run.weights.params[MAIN_GROUP], progress=False)
+        scores.append([s for task in tasks for example in results[task.name].scores for s in example])
+    np.testing.assert_allclose([s.loglikelihood for s in scores[1]], [s.loglikelihood for s in scores[0]], atol=1e-4)
+    assert [s.greedy for s in scores[1]] == [s.greedy for s in scores[0]]
