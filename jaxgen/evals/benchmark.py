@@ -53,6 +53,7 @@ class Benchmarks:
 
     def __init__(self, tasks: list[Task], tokenizer: Tokenizer, scorer: Scorer):
         self.tasks, self.scorer = tasks, scorer
+        self.warned: set[str] = set()  # tasks whose truncation was reported (the loop scores them again and again)
         self.requests: list[list[TokenRequest]] = [
             encode_requests(tokenizer, [pair for example in task.examples for pair in example.requests()])
             for task in tasks]
@@ -67,7 +68,8 @@ class Benchmarks:
                 scores.append(flat[start:start + n])
                 start += n
             results[task.name] = TaskScores(task_figures(task, scores), scores)
-            if results[task.name].figures["truncated"]:
+            if results[task.name].figures["truncated"] and task.name not in self.warned:
+                self.warned.add(task.name)
                 log.warning("%s: %d sequences were longer than the model's window and lost tokens from the left",
                             task.name, results[task.name].figures["truncated"])
         return results
