@@ -166,6 +166,12 @@ def test_tasks_scored_in_the_loop_are_logged_at_the_configured_steps(tmp_path, t
     assert {"arc_easy/acc_norm", "lambada/perplexity", "mine/acc", "mine/acc_norm"} <= set(records[-1])
     assert sorted(int(p.stem) for p in (run_dir / "evals").glob("*.json")) == [4, 8, 10]
     assert (run_dir / "evals_acc.png").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("arc_easy/acc")] == [4, 8, 10]
+    assert [e.value for e in events.Scalars("mine/acc_norm")] == pytest.approx([r["mine/acc_norm"] for r in records])
     # The loop scores exactly what `jaxgen eval --tasks` scores on the same checkpoint.
     result = jaxgen_cli("eval", "--run-dir", str(run_dir), "--tasks", f"arc_easy,lambada,multiple_choice={mine}",
                         "--task-data", str(task_data))
