@@ -78,6 +78,8 @@ def cmd_launch_local(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.task_data and not args.tasks:
+        raise UsageError("--task-data names where benchmark tasks' files are; give the tasks with --tasks")
     distributed.initialize(distributed_settings(args))
     if args.tasks:
         from jaxgen.evals.benchmark import evaluate_benchmarks, print_table

@@ -153,6 +153,8 @@ def test_bad_input_is_one_clear_error(trained, task_data, tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     [line] = error_lines(result.stderr)
     assert "keeps no tokenizer" in line
+    result = jaxgen_cli("eval", "--run-dir", str(trained), "--task-data", str(task_data))  # tasks forgotten
+    assert result.returncode == 2 and "give the tasks with --tasks" in error_lines(result.stderr)[0]
 
 
 def test_tasks_scored_in_the_loop_are_logged_at_the_configured_steps(tmp_path, task_data):
