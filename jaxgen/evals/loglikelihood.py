@@ -107,6 +107,7 @@ class Scorer:
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         results: list[Score | None] = [None] * len(rows)
         show = progress is not None and jax.process_index() == 0
+        pending = None  # the batch on the device: fetched after the next is dispatched, so the host never idles it
         for batch in tqdm(batches, desc=progress, unit="batch", disable=not show, dynamic_ncols=True):
             length = bucket_length(len(rows[batch[0]][0]), self.window)
             inputs, targets, mask = (np.zeros((self.batch_size, length), dtype) for dtype in (np.int32, np.int32, bool))
@@ -114,10 +115,19 @@ class Scorer:
                 tokens, predicted, scored, _ = rows[i]
                 inputs[row, :len(tokens)], targets[row, :len(predicted)] = tokens, predicted
                 mask[row, len(predicted) - scored:len(predicted)] = True
-            loglikelihood_B, greedy_B = jax.device_get(self._scores(params, *map(self._global, (inputs, targets, mask))))
-            for row, i in enumerate(batch):
-                results[i] = Score(float(loglikelihood_B[row]), bool(greedy_B[row]), rows[i][3])
+            dispatched = batch, self._scores(params, *map(self._global, (inputs, targets, mask)))
+            if pending is not None:
+                self._collect(*pending, rows, results)
+            pending = dispatched
+        if pending is not None:
+            self._collect(*pending, rows, results)
         return results
+
+    @staticmethod
+    def _collect(batch: list[int], scores, rows: list, results: list) -> None:
+        loglikelihood_B, greedy_B = jax.device_get(scores)
+        for row, i in enumerate(batch):
+            results[i] = Score(float(loglikelihood_B[row]), bool(greedy_B[row]), rows[i][3])
 
     def _global(self, rows: np.ndarray) -> jax.Array:
         # Every process holds the whole batch; each device takes its rows.
