@@ -201,3 +201,12 @@ def test_scores_on_a_sharded_model_equal_the_replicated_ones(trained, task_data)
         scores.append([s for task in tasks for example in results[task.name].scores for s in example])
     np.testing.assert_allclose([s.loglikelihood for s in scores[1]], [s.loglikelihood for s in scores[0]], atol=1e-4)
     assert [s.greedy for s in scores[1]] == [s.greedy for s in scores[0]]
+
+
+def test_acc_norm_divides_by_characters_as_the_harness_does():
+    from jaxgen.evals.metrics import choice_predictions, mean_stderr
+
+    # Per character, "ééé" (3 characters, 6 bytes) beats "bb": -4.5/3 = -1.5 > -4/2 = -2, though -4 > -4.5.
+    assert choice_predictions([-4.5, -4.0], ["ééé", "bb"]) == (1, 0)
+    assert choice_predictions([-1.0, -1.0], ["a", "a"]) == (0, 0)  # ties go to the first choice
+    assert mean_stderr([1.0, 0.0, 1.0, 0.0]) == pytest.approx((0.5, np.std([1, 0, 1, 0], ddof=1) / 2))

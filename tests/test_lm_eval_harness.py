@@ -154,8 +154,31 @@ def test_native_jaxgen_backend_and_hf_model_agree(setup):
 
 
 def test_registering_jaxgen_keeps_the_harness_models():
-    import jaxgen.evals.harness  # noqa: F401
-    from lm_eval.api.registry import get_model
+    # A fresh process: the harness fills its registry with its own models only while it is empty.
+    program = ("import jaxgen.evals.harness\nfrom lm_eval.api.registry import get_model\n"
+               "print(get_model('jaxgen').__name__, get_model('hf').__name__)")
+    result = subprocess.run([sys.executable, "-c", program], env=cli_env(1), text=True, capture_output=True,
+                            timeout=300)
+    assert result.stdout.split() == ["JaxgenLM", "HFLM"], result.stderr[-2000:]
 
-    assert get_model("jaxgen").__name__ == "JaxgenLM"
-    assert get_model("hf").__name__ == "HFLM"  # the harness fills its registry only while it is empty
+
+def test_rolling_windows_are_the_harness_windows():
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    from jaxgen.evals.harness import rolling_requests
+    from jaxgen.evals.loglikelihood import window_row
+
+    for n, window in [(1, 4), (4, 4), (5, 4), (23, 8), (64, 64), (130, 64)]:
+        tokens = list(range(10, 10 + n))
+        theirs = [make_disjoint_window(w) for w in get_rolling_token_windows(tokens, 1, window, 1)]
+        # The harness's models feed (context + continuation)[-(window + 1):][:-1] and score the last len(continuation).
+        expected = [((c + k)[-(window + 1):][:-1], k) for c, k in theirs]
+        ours = [window_row(r, window) for r in rolling_requests(tokens, 1, window)]
+        assert [(inputs, targets[len(targets) - scored:]) for inputs, targets, scored, _ in ours] == expected
+
+
+def test_generated_text_stops_at_the_first_stop_string():
+    from jaxgen.evals.harness import cut_at_stops
+
+    assert cut_at_stops("and God said: Let there be light.\nAnd", ["\n", ":"]) == "and God said"
+    assert cut_at_stops("no stop here", ["\n", ""]) == "no stop here"
