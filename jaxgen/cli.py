@@ -87,7 +87,15 @@ def cmd_launch_local(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.task_data and not args.tasks:
+        raise UsageError("--task-data names where benchmark tasks' files are; give the tasks with --tasks")
     distributed.initialize(distributed_settings(args))
+    if args.tasks:
+        from jaxgen.evals.benchmark import evaluate_benchmarks, print_table
+
+        evaluate_benchmarks(args.run_dir, args.tasks, args.task_data, args.step, args.overrides, all_steps=args.all,
+                            batch_size=args.batch_size, on_result=print_table)
+        return 0
     from jaxgen.outputs.evaluate import evaluate_run
 
     for result in evaluate_run(args.run_dir, args.step, args.overrides, all_steps=args.all):
@@ -279,8 +287,16 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint.add_argument("--step", type=int, metavar="N", help="checkpoint step (default: the newest)")
 
     evaluate = commands.add_parser("eval", parents=[checkpoint, devices, overrides],
-                                   help="held-out loss, perplexity, bits per byte")
+                                   help="held-out loss, perplexity, bits per byte; or benchmark tasks (--tasks)")
     evaluate.add_argument("--all", action="store_true", help="evaluate every checkpoint of the run")
+    benchmarks = evaluate.add_argument_group("benchmark tasks (language models; results in RUN_DIR/evals/<step>.json)")
+    benchmarks.add_argument("--tasks", action="append", metavar="NAMES",
+                            help="score these tasks instead of the held-out loss: comma-separated hellaswag, "
+                                 "arc_easy, arc_challenge, piqa, lambada, multiple_choice=FILE.jsonl; repeatable")
+    benchmarks.add_argument("--task-data", metavar="DIR",
+                            help="where the named tasks' files are: DIR/<task>.jsonl, DIR/<task>.parquet or DIR/<task>/")
+    benchmarks.add_argument("--batch-size", type=positive_int, default=32, metavar="N",
+                            help="sequences scored at once")
     add_distributed_flags(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 

@@ -209,6 +209,29 @@ class TrainConfig(_Section):
     nonfinite: Literal["skip", "abort"] = "skip"
     # Under "skip", this many skipped steps in a row stop the run (exit 1): it is not training.
     max_consecutive_nonfinite: int = Field(20, gt=0)
+    # Benchmark tasks scored on the evaluated (EMA or current) parameters while training, named as
+    # `jaxgen eval --tasks` names them (hellaswag, arc_easy, arc_challenge, piqa, lambada,
+    # multiple_choice=FILE.jsonl); logged as <task>/acc, <task>/acc_norm (and <task>/perplexity).
+    # Language models only; empty = none.
+    eval_tasks: tuple[str, ...] = ()
+    # Steps between task evaluations (the last step is always scored); null = train.eval_every.
+    eval_tasks_every: int | None = Field(None, gt=0)
+    # Directory holding the named tasks' files, as `jaxgen eval --task-data` (multiple_choice= files need none).
+    eval_task_data: str | None = None
+
+    @pydantic.field_validator("eval_tasks", mode="before")
+    @classmethod
+    def _known_tasks(cls, names: Any) -> Any:
+        from jaxgen.evals.tasks import parse_task_names
+
+        if isinstance(names, str):  # train.eval_tasks=hellaswag,piqa
+            names = [names]
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            return names  # pydantic names the type
+        try:
+            return tuple(parse_task_names(list(names)))
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
 
 
 class CheckpointConfig(_Section):

@@ -10,18 +10,14 @@ once; each further checkpoint only reads its parameters.
 from __future__ import annotations
 
 import json
-import logging
 import pathlib
 
 import jax
 
 from jaxgen.checkpoint import checkpoint_dir, committed_steps
 from jaxgen.data.pipeline import to_global
-from jaxgen.errors import CheckpointError
-from jaxgen.outputs.runs import OpenedRun, open_run, read_params
+from jaxgen.outputs.runs import OpenedRun, each_checkpoint, open_run
 from jaxgen.tasks.layout import held_out_sums
-
-log = logging.getLogger("jaxgen")
 
 
 def evaluate(run: OpenedRun, data) -> dict:
@@ -40,17 +36,8 @@ def evaluate_run(run_dir: str | pathlib.Path, step: int | None = None, overrides
     steps = every or [run.step]
     data = run.task.make_data(run_dir)
     results = []
-    for s in steps:
-        if s != run.step:
-            try:
-                params, _ = read_params(run_dir, s, run.layout.target)
-            except CheckpointError:
-                if (checkpoint_dir(run_dir) / str(s)).is_dir():
-                    raise
-                log.warning("checkpoint %d was deleted by the run's retention before it was evaluated; skipped", s)
-                continue
-            run.step, run.weights = s, run.layout.weights(params)
-        result = evaluate(run, data)
+    for checkpoint in each_checkpoint(run, steps):
+        result = evaluate(checkpoint, data)
         if jax.process_index() == 0:
             with (run_dir / "eval.jsonl").open("a") as f:
                 f.write(json.dumps(result) + "\n")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from jax.sharding import Mesh
 
@@ -95,3 +95,18 @@ def open_run(run_dir: str | pathlib.Path, step: int | None = None, overrides: li
     params, step = read_params(run_dir, step, layout.target)
     return OpenedRun(run_dir=run_dir, cfg=cfg, task=task, mesh=mesh, layout=layout, step=step,
                      weights=layout.weights(params), eval_step=compile_eval_step(task, layout, mesh, rules))
+
+
+def each_checkpoint(run: OpenedRun, steps: list[int]) -> Iterator[OpenedRun]:
+    """`run` with the parameters of each of `steps` in turn; a step retention deleted meanwhile is skipped."""
+    for step in steps:
+        if step != run.step:
+            try:
+                params, _ = read_params(run.run_dir, step, run.layout.target)
+            except CheckpointError:
+                if (checkpoint_dir(run.run_dir) / str(step)).is_dir():
+                    raise
+                log.warning("checkpoint %d was deleted by the run's retention before it was evaluated; skipped", step)
+                continue
+            run.step, run.weights = step, run.layout.weights(params)
+        yield run

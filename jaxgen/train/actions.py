@@ -1,4 +1,4 @@
-"""What the training loop does besides stepping: record, evaluate, sample and save, each on a cadence.
+"""What the training loop does besides stepping: record, evaluate (held-out loss, benchmark tasks), sample and save.
 
 Every action has a `Cadence` (every N steps and/or every M minutes, and at the
 last step or not) and runs when the loop asks it at a step boundary. A step's
@@ -21,9 +21,10 @@ from tqdm.auto import tqdm
 
 from jaxgen.checkpoint import Checkpointer
 from jaxgen.config import Config
+from jaxgen.evals.benchmark import Benchmarks, metric_values, write_result
 from jaxgen.metrics import MetricsWriter, ThroughputMeter
 from jaxgen.tasks import Task, TaskData
-from jaxgen.tasks.layout import held_out_sums
+from jaxgen.tasks.layout import MAIN_GROUP, held_out_sums
 from jaxgen.train.nonfinite import NonFiniteWatch
 from jaxgen.train.state import TrainState, sampling_params
 
@@ -111,6 +112,21 @@ class Evaluate:
         self.history.append(loss_sum / max(weight, 1.0))
         self.writer.write(step, {"eval_loss": self.history[-1]})
         self.bar.set_postfix(eval_loss=f"{self.history[-1]:.3f}")
+        self.meter.restart(step)
+
+
+class EvaluateTasks:
+    """Benchmark tasks scored on the sampling parameters, logged as <task>/<metric> and kept in RUN_DIR/evals/."""
+
+    def __init__(self, cfg: Config, benchmarks: Benchmarks, run_dir: pathlib.Path, writer: MetricsWriter,
+                 meter: ThroughputMeter, progress: Progress):
+        self.cadence = Cadence(cfg.train.eval_tasks_every or cfg.train.eval_every)
+        self.benchmarks, self.run_dir, self.writer, self.meter = benchmarks, run_dir, writer, meter
+        self.progress = progress
+
+    def run(self, step: int) -> None:  # every process takes part: the parameters are sharded
+        results = self.benchmarks.run(sampling_params(self.progress.state)[MAIN_GROUP], progress=False)
+        self.writer.write(step, metric_values(write_result(self.run_dir, step, results)))
         self.meter.restart(step)
 
 

@@ -27,12 +27,16 @@ from jaxgen.data.lockstep import next_in_lockstep
 from jaxgen.data.pipeline import merged_position, process_streams, this_process, to_global
 from jaxgen.device_memory import check_fits
 from jaxgen.errors import EXIT_PREEMPTED, ConfigError, Preempted
+from jaxgen.evals.benchmark import Benchmarks, load_tasks, make_scorer, require_language_model
+from jaxgen.evals.plots import plot_benchmarks
+from jaxgen.evals.tasks import Task as BenchmarkTask
 from jaxgen.files import write_atomic
 from jaxgen.interrupts import after_ctrl_c
 from jaxgen.metrics import MetricsWriter, ThroughputMeter, peak_flops_per_device, plot_loss_curve
 from jaxgen.sharding import data_parallel_size, make_mesh
+from jaxgen.tasks.layout import MAIN_GROUP
 from jaxgen.trackers import open_trackers, require_libraries
-from jaxgen.train.actions import Evaluate, Progress, Sample, Save, StepRecords
+from jaxgen.train.actions import Evaluate, EvaluateTasks, Progress, Sample, Save, StepRecords
 from jaxgen.train.build import Training, build_training
 from jaxgen.train.preemption import PreemptionWatch
 from jaxgen.train.run_dir import completed_summary, forget_unfinished_start, holding, starting_point
@@ -57,14 +61,22 @@ def train(cfg: Config, run_dir: str | pathlib.Path) -> dict:
     log.info("mesh %s on %d %s devices", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
     training = build_training(cfg, mesh)  # abstract: nothing is allocated yet
     check_fits("training this model", training.layout.bytes_per_device())
+    eval_tasks = load_eval_tasks(cfg)  # a missing or malformed task file stops the run before any work
     with holding(run_dir), contextlib.ExitStack() as closing:  # what the run opens closes however it ends
         ckpt = Checkpointer(checkpoint_dir(run_dir), cfg.checkpoint)
         closing.callback(ckpt.close)  # a refused start too: Orbax's threads must not outlive it
-        return _train(cfg, run_dir, training, ckpt, closing, wall_start)
+        return _train(cfg, run_dir, training, ckpt, closing, wall_start, eval_tasks)
+
+
+def load_eval_tasks(cfg: Config) -> list[BenchmarkTask]:
+    if not cfg.train.eval_tasks:
+        return []
+    require_language_model(cfg)
+    return load_tasks(list(cfg.train.eval_tasks), cfg.train.eval_task_data)
 
 
 def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpointer,
-           closing: contextlib.ExitStack, wall_start: float) -> dict:
+           closing: contextlib.ExitStack, wall_start: float, eval_tasks: list[BenchmarkTask]) -> dict:
     # ------------------------------------------------------------------ state: resumed, complete or fresh
     task, layout, mesh = training.task, training.layout, training.mesh
     resumed = starting_point(ckpt, layout.target, cfg, run_dir)
@@ -115,6 +127,12 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
     evaluate = Evaluate(cfg, training, eval_set, writer, meter, bar, progress)
     save = Save(cfg, ckpt, meta, writer, progress)
     actions = [evaluate, Sample(task, training, data, run_dir, writer, meter, progress), save]
+    if eval_tasks:
+        models = layout.models
+        scorer = make_scorer(cfg, mesh, models.graphdefs[MAIN_GROUP], models.shardings[MAIN_GROUP],
+                             cfg.data.batch_size)
+        actions.insert(1, EvaluateTasks(cfg, Benchmarks(eval_tasks, data.tokenizer, scorer), run_dir, writer, meter,
+                                        progress))
 
     # ------------------------------------------------------------------ loop
     preemption = PreemptionWatch()
@@ -162,6 +180,8 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
     if jax.process_index() == 0:
         summary.update(samples)
         plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png", task.loss_name)
+        if eval_tasks:
+            plot_benchmarks(run_dir)
         writer.log_pictures(cfg.train.steps, {**samples, "loss_curve": str(run_dir / "loss_curve.png")})
         write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

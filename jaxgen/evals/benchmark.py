@@ -1,0 +1,151 @@
+"""Benchmark tasks scored on a run's checkpoints: `jaxgen eval --tasks ...` and the training loop's task evals.
+
+A `Benchmarks` holds the tasks' examples, already tokenized, and a compiled
+scorer; `run(params)` scores them all with any parameters of the model it was
+built for, so the loop and `--all` score every checkpoint without reading or
+tokenizing anything again. Results go to RUN_DIR/evals/<step>.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+from collections.abc import Callable
+
+import jax
+
+from jaxgen.checkpoint import checkpoint_dir, committed_steps
+from jaxgen.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_file_in
+from jaxgen.errors import ConfigError, DataError
+from jaxgen.evals.loglikelihood import Score, Scorer, TokenRequest, encode_requests
+from jaxgen.evals.metrics import choice_predictions, cloze_figures, format_table, multiple_choice_figures
+from jaxgen.evals.plots import plot_benchmarks
+from jaxgen.evals.tasks import Cloze, Task, load_task, parse_task_names
+from jaxgen.files import write_atomic
+from jaxgen.outputs.runs import each_checkpoint, load_run_config, open_run
+from jaxgen.sharding import resolve_rules
+from jaxgen.tasks.layout import MAIN_GROUP
+
+log = logging.getLogger("jaxgen")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskScores:
+    figures: dict  # acc, acc_norm, n, ... (see jaxgen.evals.metrics)
+    scores: list[list[Score]]  # per example, per request (choice)
+
+
+def task_figures(task: Task, scores: list[list[Score]]) -> dict:
+    truncated = sum(s.truncated for example in scores for s in example)
+    if isinstance(task.examples[0], Cloze):
+        figures = cloze_figures([s[0].loglikelihood for s in scores], [s[0].greedy for s in scores])
+    else:
+        predictions = [choice_predictions([s.loglikelihood for s in example_scores], example.choices)
+                       for example, example_scores in zip(task.examples, scores)]
+        figures = multiple_choice_figures([e.label for e in task.examples], predictions)
+    return {**figures, "truncated": truncated}
+
+
+class Benchmarks:
+    """Tasks tokenized once and a scorer compiled for one model's parameters and shardings."""
+
+    def __init__(self, tasks: list[Task], tokenizer: Tokenizer, scorer: Scorer):
+        self.tasks, self.scorer = tasks, scorer
+        self.warned: set[str] = set()  # tasks whose truncation was reported (the loop scores them again and again)
+        self.requests: list[list[TokenRequest]] = [
+            encode_requests(tokenizer, [pair for example in task.examples for pair in example.requests()])
+            for task in tasks]
+
+    def run(self, params, progress: bool = True) -> dict[str, TaskScores]:
+        results = {}
+        for task, requests in zip(self.tasks, self.requests):
+            flat = self.scorer.score(params, requests, task.name if progress else None)
+            scores, start = [], 0
+            for example in task.examples:
+                n = len(example.requests())
+                scores.append(flat[start:start + n])
+                start += n
+            results[task.name] = TaskScores(task_figures(task, scores), scores)
+            if results[task.name].figures["truncated"] and task.name not in self.warned:
+                self.warned.add(task.name)
+                log.warning("%s: %d sequences were longer than the model's window and lost tokens from the left",
+                            task.name, results[task.name].figures["truncated"])
+        return results
+
+
+def require_language_model(cfg) -> None:
+    if cfg.model.kind != "transformer":
+        raise ConfigError(f"benchmark tasks score language models; this run's model is a {cfg.model.kind}")
+
+
+def run_tokenizer(run_dir: pathlib.Path) -> Tokenizer:
+    if tokenizer_file_in(run_dir) is None:
+        raise DataError(f"run directory {str(run_dir)!r} keeps no tokenizer (tokenizer.model or tokenizer.json); "
+                        "benchmark tasks need the run's tokenizer to read their text")
+    return load_tokenizer(run_dir)
+
+
+def load_tasks(task_names: list[str], task_data: str | pathlib.Path | None) -> list[Task]:
+    return [load_task(name, task_data) for name in parse_task_names(task_names)]
+
+
+def make_scorer(cfg, mesh, graphdef, param_shardings, batch_size: int) -> Scorer:
+    """A scorer for the language model of config `cfg`, its parameters sharded as `param_shardings`."""
+    rules = resolve_rules(cfg.sharding.preset, cfg.sharding.rules)
+    return Scorer(graphdef, param_shardings, mesh, rules, cfg.model.max_seq_len, batch_size)
+
+
+def write_result(run_dir: pathlib.Path, step: int, results: dict[str, TaskScores]) -> dict:
+    """RUN_DIR/evals/<step>.json, written atomically on process 0; returns what it holds."""
+    record = {"step": step, "tasks": {name: r.figures for name, r in results.items()}}
+    if jax.process_index() == 0:
+        (run_dir / "evals").mkdir(exist_ok=True)
+        write_atomic(run_dir / "evals" / f"{step}.json", json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def metric_values(record: dict) -> dict[str, float]:
+    """A result's figures as scalars to log: <task>/<metric> (a multiple_choice=FILE task by the file's stem)."""
+    values = {}
+    for name, figures in record["tasks"].items():
+        kind, _, path = name.partition("=")
+        label = pathlib.Path(path).stem if path else kind
+        values.update({f"{label}/{metric}": figures[metric] for metric in ("acc", "acc_norm", "perplexity")
+                       if metric in figures})
+    return values
+
+
+def evaluate_benchmarks(run_dir: str | pathlib.Path, task_names: list[str], task_data: str | None = None,
+                        step: int | None = None, overrides: list[str] = (), all_steps: bool = False,
+                        batch_size: int = 32, on_result: Callable[[dict], None] | None = None) -> list[dict]:
+    """Score the tasks on one checkpoint (the newest by default) or all of them; one JSON per checkpoint.
+
+    Then plots every result the run holds: RUN_DIR/evals_<metric>.png.
+
+    Every input is checked (task names, the run, its tokenizer, the task files) before the model is read.
+    """
+    run_dir = pathlib.Path(run_dir)
+    parse_task_names(task_names)
+    require_language_model(load_run_config(run_dir, overrides))
+    tokenizer = run_tokenizer(run_dir)
+    tasks = load_tasks(task_names, task_data)
+    every = committed_steps(checkpoint_dir(run_dir)) if all_steps else []
+    run = open_run(run_dir, every[0] if every else step, overrides)
+    scorer = make_scorer(run.cfg, run.mesh, run.layout.graphdefs[MAIN_GROUP], run.layout.shardings[MAIN_GROUP],
+                         batch_size)
+    benchmarks = Benchmarks(tasks, tokenizer, scorer)
+    records = []
+    for checkpoint in each_checkpoint(run, every or [run.step]):
+        record = write_result(run_dir, checkpoint.step, benchmarks.run(checkpoint.weights.params[MAIN_GROUP]))
+        if on_result is not None:
+            on_result(record)
+        records.append(record)
+    if jax.process_index() == 0:
+        plot_benchmarks(run_dir)
+    return records
+
+
+def print_table(record: dict) -> None:
+    print(format_table(record["step"], record["tasks"]), flush=True)

@@ -1,0 +1,51 @@
+"""Benchmark figures against step: one PNG per metric beside the run's loss curve, a line per task."""
+
+from __future__ import annotations
+
+import io
+import json
+import pathlib
+
+from jaxgen.files import write_atomic
+
+METRICS = ("acc", "acc_norm", "perplexity")
+
+
+def read_results(run_dir: pathlib.Path) -> list[dict]:
+    """Every RUN_DIR/evals/<step>.json, by step."""
+    paths = [p for p in (run_dir / "evals").glob("*.json") if p.stem.isdigit()]
+    return [json.loads(p.read_text()) for p in sorted(paths, key=lambda p: int(p.stem))]
+
+
+def plot_benchmarks(run_dir: pathlib.Path) -> list[pathlib.Path]:
+    """RUN_DIR/evals_<metric>.png for each metric some task reports; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results, written = read_results(run_dir), []
+    for metric in METRICS:
+        series: dict[str, list[tuple[int, float, float]]] = {}
+        for result in results:
+            for task, figures in result["tasks"].items():
+                if metric in figures and not (metric == "acc_norm" and "perplexity" in figures):
+                    series.setdefault(task, []).append((result["step"], figures[metric],
+                                                        figures.get(f"{metric}_stderr", 0.0)))
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+        for task, points in series.items():
+            steps, values, errors = zip(*points)
+            ax.errorbar(steps, values, yerr=errors, fmt="o-", capsize=3, label=task)
+        ax.set_xlabel("step")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        png = io.BytesIO()
+        fig.savefig(png, format="png")
+        plt.close(fig)
+        write_atomic(run_dir / f"evals_{metric}.png", png.getvalue())
+        written.append(run_dir / f"evals_{metric}.png")
+    return written

@@ -1,0 +1,162 @@
+"""Benchmark tasks: each public dataset's records turned into examples by its standard zero-shot protocol.
+
+The prompts and choices follow lm-evaluation-harness's task definitions, so the
+figures are comparable with published ones: a multiple-choice example is scored
+by the log-likelihood of `" " + choice` after its context, a LAMBADA example by
+the last word (`" " + word`) after the rest of the passage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import re
+from collections.abc import Callable
+
+from jaxgen.errors import ConfigError, DataError
+from jaxgen.evals.task_files import field, read_records, split_files
+
+TARGET_DELIMITER = " "  # between a context and its continuation, as the harness's default
+
+
+@dataclasses.dataclass(frozen=True)
+class MultipleChoice:
+    context: str
+    choices: tuple[str, ...]
+    label: int  # index of the right choice
+
+    def requests(self) -> list[tuple[str, str]]:
+        return [(self.context, TARGET_DELIMITER + choice) for choice in self.choices]
+
+
+@dataclasses.dataclass(frozen=True)
+class Cloze:
+    context: str
+    target: str  # the continuation to predict, its leading space included
+
+    def requests(self) -> list[tuple[str, str]]:
+        return [(self.context, self.target)]
+
+
+Example = MultipleChoice | Cloze
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    name: str
+    examples: list[Example]
+
+
+def _hellaswag_text(text: str) -> str:
+    # WikiHow contexts carry bracketed markup ("[title]", "[step]"); the harness removes it so.
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+
+
+def _hellaswag(record: dict, where: str) -> MultipleChoice:
+    ctx = field(record, "ctx_a", where, str) + " " + field(record, "ctx_b", where, str).capitalize()
+    endings = field(record, "endings", where, list)
+    return MultipleChoice(_hellaswag_text(field(record, "activity_label", where, str) + ": " + ctx),
+                          tuple(_hellaswag_text(_text(e, "endings", where)) for e in endings),
+                          _label(field(record, "label", where, (int, str)), len(endings), where))
+
+
+def _arc(record: dict, where: str) -> MultipleChoice:
+    choices = field(record, "choices", where, dict)
+    texts = [_text(t, "choices.text", where) for t in field(choices, "text", where, list)]
+    labels = field(choices, "label", where, list)
+    key = field(record, "answerKey", where, str)
+    if key not in labels:
+        raise DataError(f"{where}: answerKey {key!r} is not one of the choice labels {labels}")
+    return MultipleChoice(f"Question: {field(record, 'question', where, str)}\nAnswer:", tuple(texts),
+                          labels.index(key))
+
+
+def _piqa(record: dict, where: str) -> MultipleChoice:
+    return MultipleChoice(f"Question: {field(record, 'goal', where, str)}\nAnswer:",
+                          (field(record, "sol1", where, str), field(record, "sol2", where, str)),
+                          _label(field(record, "label", where, (int, str)), 2, where))
+
+
+def _lambada(record: dict, where: str) -> Cloze:
+    words = field(record, "text", where, str).split(" ")
+    return Cloze(" ".join(words[:-1]), " " + words[-1])
+
+
+def _multiple_choice(record: dict, where: str) -> MultipleChoice:
+    choices = field(record, "choices", where, list)
+    return MultipleChoice(field(record, "context", where, str),
+                          tuple(_text(c, "choices", where) for c in choices),
+                          _label(field(record, "label", where, int), len(choices), where))
+
+
+def _text(value, name: str, where: str) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {name!r} holds {type(value).__name__} {value!r:.60}, expected strings")
+    return value
+
+
+def _label(value: int | str, n_choices: int, where: str) -> int:
+    try:
+        label = int(value)
+    except ValueError:
+        raise DataError(f"{where}: label {value!r} is not a choice index") from None
+    if not 0 <= label < n_choices:
+        raise DataError(f"{where}: label {label} is not the index of one of its {n_choices} choices")
+    return label
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    split: str  # the split scored: the labelled one the harness scores
+    read: Callable[[dict, str], Example]
+    subset: str | None = None  # the files read where a dataset ships several subsets side by side
+
+
+KNOWN = {
+    "hellaswag": Protocol("validation", _hellaswag),
+    "arc_easy": Protocol("test", _arc, "arc-easy"),
+    "arc_challenge": Protocol("test", _arc, "arc-challenge"),
+    "piqa": Protocol("validation", _piqa),
+    "lambada": Protocol("test", _lambada, "en"),  # LAMBADA as OpenAI prepared it; EleutherAI adds translations
+}
+GENERIC = "multiple_choice"  # multiple_choice=FILE.jsonl: context, choices, label
+
+
+def known_names() -> str:
+    return ", ".join([*KNOWN, f"{GENERIC}=FILE.jsonl"])
+
+
+def parse_task_names(specs: list[str]) -> list[str]:
+    """Task names from comma-separated lists (`--tasks a,b --tasks multiple_choice=f.jsonl`), checked."""
+    names = [name.strip() for spec in specs for name in spec.split(",") if name.strip()]
+    for name in names:
+        kind, _, path = name.partition("=")
+        if kind == GENERIC and not path:
+            raise ConfigError(f"task {name!r} needs its file: {GENERIC}=FILE.jsonl")
+        if kind != GENERIC and name not in KNOWN:
+            raise ConfigError(f"unknown task {name!r}; known tasks: {known_names()}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"a task is named twice in {','.join(names)}")
+    return names
+
+
+def load_task(name: str, task_data: str | pathlib.Path | None) -> Task:
+    """The examples of task `name` (a known task read from `task_data`, or multiple_choice=FILE)."""
+    kind, _, path = name.partition("=")
+    if kind == GENERIC:
+        files, read = [pathlib.Path(path)], _multiple_choice
+        if not files[0].is_file():
+            raise DataError(f"task file {path!r} does not exist")
+    else:
+        if task_data is None:
+            raise ConfigError(f"task {name!r} reads its files from a directory: give --task-data DIR "
+                              f"(train.eval_task_data in a config)")
+        if not pathlib.Path(task_data).is_dir():
+            raise DataError(f"--task-data {str(task_data)!r} is not a directory")
+        protocol = KNOWN[name]
+        files, read = split_files(pathlib.Path(task_data), name, protocol.split, protocol.subset), protocol.read
+    examples = [read(record, where) for file in files for where, record in read_records(file)]
+    if not examples:
+        raise DataError(f"task {name!r} has no examples in {', '.join(map(str, files))}")
+    return Task(name, examples)
