@@ -16,7 +16,7 @@ from jaxgen.data.idx_images import read_idx
 from jaxgen.data.splits import Shard
 from jaxgen.errors import ConfigError, DataError
 
-from helpers import DIT_CONFIG, assert_resumes_exactly, jaxgen_cli, take, tiny_dit_config
+from helpers import DIT_CONFIG, assert_resumes_exactly, jaxgen_cli, tiny_dit_config
 
 FASHION_MNIST = pathlib.Path("/usr/share/datasets/fashion-mnist")
 
@@ -51,7 +51,7 @@ def class_folders(tmp_path_factory):
 
 
 def test_class_folders_give_their_pixels_and_sorted_labels(class_folders):
-    cfg = config(f"images.source=folder", f"images.folder={class_folders}", "images.resize=false")
+    cfg = config("images.source=folder", f"images.folder={class_folders}", "images.resize=false")
     source = open_images(cfg)
     assert (source.size("train"), source.size("eval")) == (24, 6)  # every 5th held out
     train = [source.parts["train"][i] for i in range(24)]
