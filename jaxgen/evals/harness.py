@@ -118,13 +118,9 @@ class JaxgenLM(LM):
         vocabulary = Vocabulary(self.tokenizer.eos_id, self.tokenizer.vocab_size)
         new = generate(self.run.weights.graphdefs[MAIN_GROUP], self.params, prompts, max_new, vocabulary,
                        Sampling(temperature=temperature), int(settings.get("seed", 0)))
-        texts = []
-        for prompt, tokens in zip(prompts, new):
-            # Decoding prompt and continuation together keeps the space between them.
-            body = prompt[1:] if prompt[0] == self.tokenizer.bos_id else prompt
-            text = self.tokenizer.decode(body + tokens)[len(self.tokenizer.decode(body)):]
-            texts.append(cut_at_stops(text, stops))
-        return texts
+        # The continuation decoded alone, as the harness's HF model decodes it: a sentencepiece
+        # tokenizer then drops its leading space, which the harness's answer filters expect.
+        return [cut_at_stops(self.tokenizer.decode(tokens), stops) for tokens in new]
 
 
 def main() -> int | None:
