@@ -230,8 +230,15 @@ def plot_loss_curve(metrics_path: pathlib.Path, out_png: pathlib.Path, loss_name
         points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
         if points:  # a marker, so that a single point shows too
             ax.plot(*zip(*points), style if len(points) > 1 else "o", label=key.replace("_", " "))
+    write_against_step(fig, ax, loss_name, out_png)
+
+
+def write_against_step(fig, ax, ylabel: str, out_png: pathlib.Path) -> None:
+    """Finish a figure of figures against step (labels, grid, legend) and write it as a PNG, atomically."""
+    import matplotlib.pyplot as plt
+
     ax.set_xlabel("step")
-    ax.set_ylabel(loss_name)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import io
 import json
 import pathlib
 
-from jaxgen.files import write_atomic
+from jaxgen.metrics import write_against_step
 
 METRICS = ("acc", "acc_norm", "perplexity")
 
@@ -38,14 +37,6 @@ def plot_benchmarks(run_dir: pathlib.Path) -> list[pathlib.Path]:
         for task, points in series.items():
             steps, values, errors = zip(*points)
             ax.errorbar(steps, values, yerr=errors, fmt="o-", capsize=3, label=task)
-        ax.set_xlabel("step")
-        ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        png = io.BytesIO()
-        fig.savefig(png, format="png")
-        plt.close(fig)
-        write_atomic(run_dir / f"evals_{metric}.png", png.getvalue())
+        write_against_step(fig, ax, metric, run_dir / f"evals_{metric}.png")
         written.append(run_dir / f"evals_{metric}.png")
     return written
