@@ -115,7 +115,7 @@ def listed_images(root: pathlib.Path, label_key: str, caption_key: str,
 
 def _from_metadata(root: pathlib.Path, label_key: str, caption_key: str,
                    classes: list[str] | None) -> tuple[list, list, list | None, list[str]]:
-    path = root / METADATA
+    path, inside = root / METADATA, root.resolve()
     rows = []
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
@@ -128,7 +128,7 @@ def _from_metadata(root: pathlib.Path, label_key: str, caption_key: str,
             if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
                 raise DataError(f"{path}:{number} names no file: each line needs \"file_name\"")
             file = (root / row["file_name"]).resolve()
-            if not file.is_relative_to(root.resolve()) or not file.is_file():
+            if not file.is_relative_to(inside) or not file.is_file():
                 raise DataError(f"{path}:{number} names {row['file_name']!r}, which is not a file inside {root}")
             if label_key not in row and caption_key not in row:
                 raise DataError(f"{path}:{number} has neither a label (images.label_key={label_key!r}) nor a caption "

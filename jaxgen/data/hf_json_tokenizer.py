@@ -52,7 +52,7 @@ class HFJsonTokenizer:
         name = str(self.path)
         try:
             self._tok = tokenizers.Tokenizer.from_str(json_bytes.decode("utf-8"))
-        except (UnicodeDecodeError, Exception) as err:  # the Rust parser raises plain Exception
+        except Exception as err:  # the Rust parser raises plain Exception; bad UTF-8 a UnicodeDecodeError
             raise DataError(f"tokenizer file {name!r} is not a Hugging Face tokenizer.json ({err}); give the "
                             "tokenizer.json of a Hugging Face model, or a sentencepiece .model") from None
         self._tok.encode_special_tokens = True
@@ -62,6 +62,7 @@ class HFJsonTokenizer:
         if self.bos_id is None:
             self.bos_id = self.eos_id
         self._json_bytes = json_bytes
+        self._byte_lengths: np.ndarray | None = None
         # What the run keeps: the config as given, or one naming the roles jaxgen chose.
         self._config_bytes = config_bytes if config is not None else json.dumps(
             {"bos_token": self._tok.id_to_token(self.bos_id), "eos_token": self._tok.id_to_token(self.eos_id)},
@@ -110,11 +111,16 @@ class HFJsonTokenizer:
         return self._tok.decode(ids, skip_special_tokens=True)
 
     def token_byte_lengths(self) -> np.ndarray:
-        """UTF-8 bytes each token id stands for: 0 for special tokens.
+        """UTF-8 bytes each token id stands for: 0 for special tokens (worked out once: every eval asks).
 
         A byte-level vocabulary (GPT-2, Llama 3, Qwen) spells each byte as one character;
         a sentencepiece-style one spells the space as "▁" and bytes as "<0xNN>".
         """
+        if self._byte_lengths is None:
+            self._byte_lengths = self._count_byte_lengths()
+        return self._byte_lengths
+
+    def _count_byte_lengths(self) -> np.ndarray:
         byte_level = "ByteLevel" in json.dumps(json.loads(self._json_bytes).get("decoder"))
         special = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
         lengths = np.zeros(self.vocab_size, np.int64)

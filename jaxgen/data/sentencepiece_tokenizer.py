@@ -123,6 +123,7 @@ class SentencepieceTokenizer:
     def _load(self, model_bytes: bytes) -> None:
         self._model_bytes = model_bytes
         self._sp = _load_model(model_bytes, self.path)
+        self._byte_lengths: np.ndarray | None = None
 
     def files(self) -> dict[str, bytes]:
         return {self.file_name: self._model_bytes}
@@ -145,14 +146,17 @@ class SentencepieceTokenizer:
         return self._sp.decode(ids)
 
     def token_byte_lengths(self) -> np.ndarray:
-        """UTF-8 bytes each token id stands for: 0 for control tokens, 1 for a byte-fallback piece."""
-        sp = self._sp
-        lengths = np.zeros(sp.get_piece_size(), np.int64)
-        for i in range(sp.get_piece_size()):
-            if sp.is_control(i) or sp.is_unknown(i):
-                continue
-            lengths[i] = 1 if sp.is_byte(i) else len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
-        return lengths
+        """UTF-8 bytes each token id stands for: 0 for control tokens, 1 for a byte-fallback piece
+        (worked out once: every eval asks)."""
+        if self._byte_lengths is None:
+            sp = self._sp
+            lengths = np.zeros(sp.get_piece_size(), np.int64)
+            for i in range(sp.get_piece_size()):
+                if sp.is_control(i) or sp.is_unknown(i):
+                    continue
+                lengths[i] = 1 if sp.is_byte(i) else len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+            self._byte_lengths = lengths
+        return self._byte_lengths
 
     def __getstate__(self) -> dict:
         # Pickled into grain worker processes: the model bytes travel, not the C++ object.

@@ -79,9 +79,14 @@ def tokenizer_from_files(files: dict[str, bytes], directory: pathlib.Path) -> To
 
 
 def keep_tokenizer(tokenizer: Tokenizer, directory: pathlib.Path) -> None:
-    """Write the tokenizer's files into `directory` under their fixed names, each atomically."""
-    for name, data in tokenizer.files().items():
-        write_atomic(directory / name, data)
+    """Write the tokenizer's files into `directory` under their fixed names, each atomically.
+
+    The tokenizer file itself goes last: it is what `tokenizer_file_in` looks for, so a start
+    killed in between leaves no tokenizer that would be read without its config.
+    """
+    files = tokenizer.files()
+    for name in sorted(files, key=lambda name: name == tokenizer.file_name):
+        write_atomic(directory / name, files[name])
 
 
 def kept_tokenizer_files(directory: pathlib.Path) -> list[pathlib.Path]:
