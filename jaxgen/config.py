@@ -20,15 +20,20 @@ from pydantic import BaseModel, Field
 
 from jaxgen.config_models import (  # noqa: F401  (the model sections are part of the config's interface)
     HF_FAMILIES,
+    IMAGE_MODEL_KINDS,
     MODEL_CONFIGS,
     AttentionImpl,
+    AutoencoderConfig,
     DiTConfig,
+    GANConfig,
     DType,
     ModelConfig,
     RematPolicy,
     RopeScaling,
     TransformerConfig,
 )
+from jaxgen.config_adversarial import AdversarialConfig, AutoencoderTrainingConfig, GANTrainingConfig
+from jaxgen.config_optimizer import OptimizerConfig
 from jaxgen.config_section import Section as _Section
 from jaxgen.config_text import MAX_CONFIG_BYTES, deep_merge, excerpt, load_yaml, parse_overrides
 from jaxgen.errors import ConfigError
@@ -53,21 +58,6 @@ class ShardingConfig(_Section):
     preset: Literal["dp", "fsdp", "tp", "fsdp_tp"] = "fsdp"
     # Logical axis -> mesh axis (or list of mesh axes, or null); overrides the preset's entries.
     rules: dict[str, str | list[str] | None] = Field(default_factory=dict)
-
-
-class OptimizerConfig(_Section):
-    lr: float = Field(3e-3, gt=0)
-    warmup_steps: int = Field(20, ge=0)
-    decay: Literal["cosine", "linear", "constant"] = "cosine"
-    # Final learning rate as a fraction of the peak.
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    b1: float = Field(0.9, ge=0, lt=1)
-    b2: float = Field(0.95, ge=0, lt=1)
-    eps: float = Field(1e-8, gt=0)
-    weight_decay: float = Field(0.1, ge=0)
-    # Norm scales are never decayed; embeddings only when asked.
-    decay_embeddings: bool = False
-    clip_norm: float | None = Field(1.0, gt=0)
 
 
 SOURCE_KINDS = ("path", "tfds", "array_record", "text", "jsonl", "parquet", "hf")
@@ -391,6 +381,8 @@ class Config(_Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     images: ImagesConfig = Field(default_factory=ImagesConfig)
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    autoencoder: AutoencoderTrainingConfig = Field(default_factory=AutoencoderTrainingConfig)
+    gan: GANTrainingConfig = Field(default_factory=GANTrainingConfig)
 
     @pydantic.model_validator(mode="after")
     def _check_cross_fields(self) -> Config:
@@ -414,17 +406,19 @@ class Config(_Section):
 
     @pydantic.model_validator(mode="after")
     def _check_image_model(self) -> Config:
-        if not isinstance(self.model, DiTConfig):
+        if self.model.kind not in IMAGE_MODEL_KINDS:
             return self
         m = self.model
         if self.images.source in IMAGE_SOURCES:
             size, channels, classes = IMAGE_SOURCES[self.images.source]
-            if (m.image_size, m.channels, m.num_classes) != (size, channels, classes):
+            classes_named = hasattr(m, "num_classes")  # an autoencoder has no classes to match
+            if (m.image_size, m.channels, getattr(m, "num_classes", classes)) != (size, channels, classes):
                 raise ValueError(
                     f"images.source={self.images.source!r} holds {size}x{size}x{channels} images in {classes} "
-                    f"classes; set model.image_size={size}, model.channels={channels}, model.num_classes={classes}"
+                    f"classes; set model.image_size={size}, model.channels={channels}"
+                    + (f", model.num_classes={classes}" if classes_named else "")
                 )
-        if m.learn_sigma and self.diffusion.objective == "flow":
+        if isinstance(m, DiTConfig) and m.learn_sigma and self.diffusion.objective == "flow":
             raise ValueError("model.learn_sigma=true needs a DDPM objective (diffusion.objective: eps or v)")
         return self
 

@@ -210,13 +210,106 @@ class DiTConfig(_Section):
         return self
 
 
+def _check_channels(name: str, channels: tuple[int, ...], groups: int | None = None) -> None:
+    if not channels:
+        raise ValueError(f"model.{name} is empty; give one channel count per level, e.g. [32, 64]")
+    if groups is not None and (bad := [c for c in channels if c % groups]):
+        raise ValueError(f"model.{name}={list(channels)}: {bad[0]} is not divisible by model.norm_groups={groups}")
+
+
+class AutoencoderConfig(_Section):
+    """The KL-regularised convolutional autoencoder of latent diffusion, laid out as diffusers' AutoencoderKL.
+
+    Encoder: a 3x3 convolution, then per level `layers_per_block` ResNet blocks (GroupNorm, SiLU,
+    3x3 convolutions) and a stride-2 downsampling on every level but the last, a mid block
+    (ResNet, self-attention, ResNet) and heads for the latents' mean and log-variance. The
+    decoder mirrors it with `layers_per_block + 1` blocks per level and nearest-neighbour
+    upsampling. Images shrink by 2 ** (len(block_channels) - 1) on each side.
+    """
+
+    kind: Literal["autoencoder"] = "autoencoder"
+    image_size: int = Field(28, gt=0)
+    channels: int = Field(1, gt=0)
+    # Output channels of each level's ResNet blocks (diffusers block_out_channels).
+    block_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = Field(1, gt=0)
+    latent_channels: int = Field(4, gt=0)
+    # GroupNorm groups (diffusers norm_num_groups); every entry of block_channels must divide by it.
+    norm_groups: int = Field(16, gt=0)
+    # Self-attention in the mid blocks (diffusers mid_block_add_attention).
+    mid_attention: bool = True
+    # 1x1 convolutions on the moments after the encoder and on the latents before the decoder
+    # (diffusers use_quant_conv / use_post_quant_conv; FLUX-style VAEs have neither).
+    quant_conv: bool = True
+    # A diffusion model sees (latent - shift_factor) * scaling_factor (diffusers' names); export writes
+    # both, latent diffusion measures the scale from the data.
+    scaling_factor: float = Field(1.0, gt=0)
+    shift_factor: float | None = None
+    param_dtype: DType = "float32"
+    compute_dtype: DType = "float32"
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.block_channels) - 1)
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // self.downsample_factor
+
+    @pydantic.model_validator(mode="after")
+    def _check_shapes(self) -> AutoencoderConfig:
+        _check_channels("block_channels", self.block_channels, self.norm_groups)
+        if self.image_size % self.downsample_factor:
+            raise ValueError(f"model.image_size={self.image_size} is not divisible by {self.downsample_factor}, "
+                             f"the downsampling of {len(self.block_channels)} levels (model.block_channels)")
+        return self
+
+
+class GANConfig(_Section):
+    """A class-conditional convolutional GAN: a generator from noise and a discriminator.
+
+    The generator projects noise (and the class's embedding) to a square of
+    image_size / 2 ** (len(generator_channels) - 1) pixels with generator_channels[0] channels,
+    then doubles the side per further entry. The discriminator halves the side per entry of
+    discriminator_channels and scores images with a class projection (Miyato & Koyama 2018).
+    """
+
+    kind: Literal["gan"] = "gan"
+    image_size: int = Field(28, gt=0)
+    channels: int = Field(1, gt=0)
+    num_classes: int = Field(10, gt=0)
+    noise_dim: int = Field(64, gt=0)
+    generator_channels: tuple[int, ...] = (128, 64, 32)
+    discriminator_channels: tuple[int, ...] = (32, 64, 128)
+    param_dtype: DType = "float32"
+    compute_dtype: DType = "float32"
+
+    @property
+    def base_size(self) -> int:
+        return self.image_size // 2 ** (len(self.generator_channels) - 1)
+
+    @pydantic.model_validator(mode="after")
+    def _check_shapes(self) -> GANConfig:
+        _check_channels("generator_channels", self.generator_channels)
+        _check_channels("discriminator_channels", self.discriminator_channels)
+        up = 2 ** (len(self.generator_channels) - 1)
+        if self.image_size % up:
+            raise ValueError(f"model.image_size={self.image_size} is not divisible by {up}, the upsampling of "
+                             f"{len(self.generator_channels)} levels (model.generator_channels)")
+        return self
+
+
 def _model_kind(value: Any) -> str:
     """Configs that name no `kind` are language models, as they were before DiT existed."""
     return value.get("kind", "transformer") if isinstance(value, dict) else getattr(value, "kind", "transformer")
 
 
 ModelConfig = Annotated[
-    Annotated[TransformerConfig, Tag("transformer")] | Annotated[DiTConfig, Tag("dit")],
+    Annotated[TransformerConfig, Tag("transformer")] | Annotated[DiTConfig, Tag("dit")]
+    | Annotated[AutoencoderConfig, Tag("autoencoder")] | Annotated[GANConfig, Tag("gan")],
     Discriminator(_model_kind),
 ]
-MODEL_CONFIGS: dict[str, type[BaseModel]] = {"transformer": TransformerConfig, "dit": DiTConfig}
+MODEL_CONFIGS: dict[str, type[BaseModel]] = {"transformer": TransformerConfig, "dit": DiTConfig,
+                                             "autoencoder": AutoencoderConfig, "gan": GANConfig}
+# The model kinds that read images (images: section) rather than text.
+IMAGE_MODEL_KINDS = ("dit", "autoencoder", "gan")

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jaxgen.config_optimizer import OptimizerConfig
 from jaxgen.data.pipeline import BatchIterator
 
 # (models by group, batch, rng) -> (sum of per-unit losses, sum of their weights): sums, so that
@@ -39,6 +40,8 @@ class ModelSpec:
     trained: bool = True
     # (decay, warm-up steps) of an exponential moving average of the parameters; None keeps none.
     ema: tuple[float, int] | None = None
+    # This group's own optimizer settings (a discriminator's); None: the config's `optimizer:` section.
+    optimizer: OptimizerConfig | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,12 +40,14 @@ class Training:
 def build_training(cfg: Config, mesh: Mesh, task: Task | None = None) -> Training:
     rules = resolve_rules(cfg.sharding.preset, cfg.sharding.rules)
     task = task or make_task(cfg)
-    trained = [group for group, spec in task.models().items() if spec.trained]
+    specs = task.models()
+    trained = [group for group, spec in specs.items() if spec.trained]
     for phase in task.phases():
         if frozen := [group for group in phase.trains if group not in trained]:
             raise ConfigError(f"phase {phase.name!r} trains {frozen}, which the task declares frozen")
-    # Every trained group has an optimizer of its own (its own moments), made from the one config.
-    txs = {group: make_optimizer(cfg.optimizer, cfg.train.steps)[0] for group in trained}
+    # Every trained group has an optimizer of its own (its own moments), made from the config's
+    # `optimizer:` section unless the task gives the group settings of its own.
+    txs = {group: make_optimizer(specs[group].optimizer or cfg.optimizer, cfg.train.steps)[0] for group in trained}
     schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
     layout = plan_state(task, txs, mesh, rules, cfg.train.seed)
     train_step = make_train_step(task, txs, schedule, layout.models.graphdefs, cfg.train.microbatches)
