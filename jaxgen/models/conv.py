@@ -37,8 +37,12 @@ class Conv2d(nnx.Module):
         self.stride, self.padding, self.compute_dtype = stride, padding, dtypes.compute
 
     def __call__(self, x_BHWC: jax.Array) -> jax.Array:
+        return self.with_kernel(x_BHWC, self.kernel[...])
+
+    def with_kernel(self, x_BHWC: jax.Array, kernel_HWIO: jax.Array) -> jax.Array:
+        """The layer with `kernel_HWIO` in place of its own (gradients at one layer's weights)."""
         y = jax.lax.conv_general_dilated(
-            x_BHWC.astype(self.compute_dtype), self.kernel[...].astype(self.compute_dtype),
+            x_BHWC.astype(self.compute_dtype), kernel_HWIO.astype(self.compute_dtype),
             window_strides=(self.stride, self.stride), padding=self.padding,
             dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
         return y if self.bias is None else y + self.bias[...].astype(jnp.float32)
