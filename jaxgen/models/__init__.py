@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from flax import nnx
 
+from jaxgen.models.autoencoder import AutoencoderKL
 from jaxgen.models.dit import DiT
 from jaxgen.models.transformer import Transformer
 
-MODELS = {"transformer": Transformer, "dit": DiT}
+MODELS = {"transformer": Transformer, "dit": DiT, "autoencoder": AutoencoderKL}
 
 
 def build_model(cfg, rngs: nnx.Rngs) -> nnx.Module:
