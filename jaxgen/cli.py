@@ -105,7 +105,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # Every `jaxgen sample` option a model family may take; which ones a run takes is its task's business.
 SAMPLE_OPTIONS = ("prompt", "temperature", "top_k", "top_p", "max_new_tokens",
-                  "labels", "num_per_label", "guidance", "sampler", "steps", "out", "save_array")
+                  "labels", "num_per_label", "guidance", "sampler", "steps", "out", "save_array", "images")
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -138,8 +138,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from jaxgen.outputs.diffusers_vae import import_diffusers, is_diffusers_vae
     from jaxgen.outputs.hf_import import import_hf
 
+    if is_diffusers_vae(args.source):
+        out = import_diffusers(args.source, args.out)
+        print(f"imported into {out}; fine-tune with checkpoint.init_from={out}")
+        return 0
     out = import_hf(args.source, args.out)
     print(f"imported into {out}; fine-tune with checkpoint.init_from={out} data.tokenizer={out}")
     return 0
@@ -301,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=cmd_eval)
 
     sample = commands.add_parser("sample", parents=[checkpoint, devices, overrides],
-                                 help="generate text (LM) or an image grid (DiT)")
+                                 help="generate text (LM), an image grid (DiT, GAN) or reconstructions (autoencoder)")
     sample.add_argument("--seed", type=int, default=0, help="random seed of the sampler")
     text = sample.add_argument_group("language models")
     text.add_argument("--prompt", action="append", help="a prompt; repeat for a batch (default: one empty prompt)")
@@ -310,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--top-p", type=float, help="nucleus sampling mass (default 1 = off)")
     text.add_argument("--max-new-tokens", type=positive_int,
                       help="tokens to generate after each prompt, at most the context left (default 64)")
-    image = sample.add_argument_group("diffusion models")
+    image = sample.add_argument_group("image models (DiT, GAN; --images, --out and --save-array: autoencoders)")
     image.add_argument("--labels", help="comma-separated class labels, e.g. 0,1,2 (default: every class)")
     image.add_argument("--num-per-label", type=positive_int, help="samples per label (default 8)")
     image.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the config's)")
@@ -318,23 +323,27 @@ def build_parser() -> argparse.ArgumentParser:
     image.add_argument("--steps", type=positive_int, help="sampling steps (default: the config's)")
     image.add_argument("--out", help="the PNG grid to write (default: RUN_DIR/samples/sample_step<N>.png)")
     image.add_argument("--save-array", metavar="FILE.npz", help="also save images (N,H,W[,C] in [0,1]) and labels")
+    image.add_argument("--images", metavar="GLOB", help="image files an autoencoder reconstructs (quote the glob)")
     sample.set_defaults(func=cmd_sample)
 
     export = commands.add_parser("export", parents=[checkpoint, devices, overrides],
                                  help="write weights for other tools")
-    export.add_argument("--format", choices=["hf", "safetensors"], default="hf",
+    export.add_argument("--format", choices=["hf", "safetensors", "diffusers"], default="hf",
                         help="hf: a Hugging Face directory of the model's family (model.family); "
-                             "safetensors: the raw parameter tree")
+                             "safetensors: the raw parameter tree; diffusers: an autoencoder as diffusers' "
+                             "AutoencoderKL")
     export.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="the dtype tensors are written in")
     export.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) output directory")
     export.set_defaults(func=cmd_export)
 
     import_ = commands.add_parser("import", help="a local Hugging Face Llama, Mistral, Qwen2, Qwen3 or Gemma 2 "
-                                                 "checkpoint into a jaxgen run directory")
+                                                 "checkpoint, or a diffusers AutoencoderKL, into a jaxgen run "
+                                                 "directory")
     import_.add_argument("--from", dest="source", required=True, metavar="HF_DIR",
                          help="a directory with config.json, safetensors weights and the tokenizer "
-                              "(tokenizer.model, or tokenizer.json with tokenizer_config.json)")
+                              "(tokenizer.model, or tokenizer.json with tokenizer_config.json); for an "
+                              "AutoencoderKL, config.json and diffusion_pytorch_model.safetensors")
     import_.add_argument("--out", required=True, metavar="DIR", help="the new run directory to write")
     import_.set_defaults(func=cmd_import)
     return parser

@@ -32,7 +32,12 @@ from jaxgen.config_models import (  # noqa: F401  (the model sections are part o
     RopeScaling,
     TransformerConfig,
 )
-from jaxgen.config_adversarial import AdversarialConfig, AutoencoderTrainingConfig, GANTrainingConfig
+from jaxgen.config_adversarial import (  # noqa: F401
+    AdversarialConfig,
+    AutoencoderTrainingConfig,
+    GANTrainingConfig,
+    patchgan_side,
+)
 from jaxgen.config_optimizer import OptimizerConfig
 from jaxgen.config_section import Section as _Section
 from jaxgen.config_text import MAX_CONFIG_BYTES, deep_merge, excerpt, load_yaml, parse_overrides
@@ -418,6 +423,12 @@ class Config(_Section):
                     f"classes; set model.image_size={size}, model.channels={channels}"
                     + (f", model.num_classes={classes}" if classes_named else "")
                 )
+        adversarial = self.autoencoder.adversarial
+        if isinstance(m, AutoencoderConfig) and adversarial.enabled and patchgan_side(m.image_size, adversarial.layers) < 1:
+            fits = max((n for n in range(1, adversarial.layers) if patchgan_side(m.image_size, n) >= 1), default=None)
+            raise ValueError(
+                f"autoencoder.adversarial.layers={adversarial.layers} leaves no patch of model.image_size="
+                f"{m.image_size} images to score; " + (f"use at most {fits} layers" if fits else "the images are too small for a PatchGAN"))
         if isinstance(m, DiTConfig) and m.learn_sigma and self.diffusion.objective == "flow":
             raise ValueError("model.learn_sigma=true needs a DDPM objective (diffusion.objective: eps or v)")
         return self

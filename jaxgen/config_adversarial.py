@@ -19,6 +19,14 @@ def _discriminator_optimizer(b1: float, b2: float, lr: float) -> OptimizerConfig
     return OptimizerConfig(lr=lr, b1=b1, b2=b2, weight_decay=0.0, warmup_steps=0, decay="constant", clip_norm=None)
 
 
+def patchgan_side(image_size: int, layers: int) -> int:
+    """The side of a PatchGAN's score map: `layers` halvings of the image, then two 4x4 stride-1 convolutions."""
+    side = image_size
+    for _ in range(layers):
+        side //= 2
+    return side - 2
+
+
 class AdversarialConfig(_Section):
     """A PatchGAN discriminator scoring patches of an autoencoder's reconstructions (Esser et al. 2021)."""
 

@@ -51,11 +51,11 @@ class CriticThenGenerator:
                  "generator": Phase("generator", ("generator",), self.generator_loss)}
         return [every[name] for name in self.phase_names]
 
-    def critic_loss(self, models, batch, rng):
+    def critic_loss(self, models, batch, rng, step=None):
         score = models["critic"](models["encoder"](batch["x"]))[:, 0]
         return jnp.sum((score - batch["y"]) ** 2), jnp.float32(batch["y"].shape[0])
 
-    def generator_loss(self, models, batch, rng):
+    def generator_loss(self, models, batch, rng, step=None):
         score = models["critic"](models["generator"](batch["x"]))[:, 0]
         return jnp.sum((score - batch["y"]) ** 2 * batch["scale"]), jnp.float32(batch["y"].shape[0])
 

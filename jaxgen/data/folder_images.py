@@ -23,7 +23,7 @@ import numpy as np
 
 from jaxgen.config import DiTConfig, ImagesConfig
 from jaxgen.data.image_source import ImageSource
-from jaxgen.data.images import held_out_parts
+from jaxgen.data.images import held_out_parts, to_model_range
 from jaxgen.errors import ConfigError, DataError
 
 log = logging.getLogger("jaxgen")
@@ -73,6 +73,12 @@ class FolderImages:
             image = scaled_and_cropped(image, self.size)
         pixels = np.asarray(image, np.uint8)
         return pixels if pixels.ndim == 3 else pixels[..., None]
+
+
+def read_image_files(files: list[str], size: int, channels: int, resize: bool = True) -> np.ndarray:
+    """Image files decoded as the folder source decodes them, in the model's range: float32 (N, S, S, C) in [-1, 1]."""
+    reader = FolderImages([pathlib.Path(f) for f in files], [0] * len(files), None, size, channels, resize, False)
+    return np.stack([to_model_range(reader.decode(path), 255) for path in reader.files])
 
 
 def scaled_and_cropped(image, size: int):
@@ -173,7 +179,7 @@ def open_folder_images(images: ImagesConfig, model: DiTConfig) -> ImageSource:
         files, labels, captions, classes = listed_images(root, images.label_key, images.caption_key)
         parts = held_out_parts(FolderImages(files, labels, captions, **options), images.eval_every_nth)
         larger = f"hold out more with a smaller images.eval_every_nth (now {images.eval_every_nth})"
-    if len(classes) > model.num_classes:
+    if hasattr(model, "num_classes") and len(classes) > model.num_classes:  # an autoencoder takes any labels
         raise ConfigError(f"images.folder {images.folder!r} holds {len(classes)} classes ({', '.join(classes[:5])}"
                           f"{', ...' if len(classes) > 5 else ''}), more than model.num_classes={model.num_classes}; "
                           f"set model.num_classes={len(classes)}")

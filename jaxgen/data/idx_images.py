@@ -84,10 +84,11 @@ def open_idx_images(images: ImagesConfig, model: DiTConfig) -> ImageSource:
     if parts["eval"].images.shape[1:3] != side:
         raise DataError(f"images.idx {images.idx!r}: train images are {side[0]}x{side[1]} but t10k images "
                         f"{parts['eval'].images.shape[1]}x{parts['eval'].images.shape[2]}")
-    if found != (model.image_size, model.image_size, model.channels, model.num_classes):
+    model_classes = getattr(model, "num_classes", classes)  # an autoencoder has no classes to match
+    if found != (model.image_size, model.image_size, model.channels, model_classes):
         raise ConfigError(f"images.idx {images.idx!r} holds {side[0]}x{side[1]}x1 images in {classes} classes, but "
                           f"model.image_size={model.image_size}, model.channels={model.channels}, "
-                          f"model.num_classes={model.num_classes}; set model.image_size={side[0]}, "
+                          f"model.num_classes={model_classes}; set model.image_size={side[0]}, "
                           f"model.channels=1, model.num_classes={classes}")
     return ImageSource(directory.name, parts, "the held-out part is the t10k files; add images to them",
                        read_threads=0)

@@ -57,10 +57,11 @@ def check_features(features: Any, images: ImagesConfig, model: DiTConfig, what: 
         raise DataError(f"{what} feature {images.label_key!r} is {type(label).__name__}, not ClassLabel, "
                         "so its number of classes is unknown")
     found = (height, channels, label.num_classes)
-    if found != (model.image_size, model.channels, model.num_classes):
+    model_classes = getattr(model, "num_classes", label.num_classes)  # an autoencoder has no classes to match
+    if found != (model.image_size, model.channels, model_classes):
         raise ConfigError(f"{what} holds {height}x{width}x{channels} images in {label.num_classes} classes, but "
                           f"model.image_size={model.image_size}, model.channels={model.channels}, "
-                          f"model.num_classes={model.num_classes}; set model.image_size={height}, "
+                          f"model.num_classes={model_classes}; set model.image_size={height}, "
                           f"model.channels={channels}, model.num_classes={label.num_classes}")
 
 

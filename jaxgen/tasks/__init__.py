@@ -12,10 +12,19 @@ __all__ = ["ModelSpec", "Phase", "Task", "TaskData", "Weights", "make_task"]
 
 
 def make_task(cfg: Config) -> Task:
+    # Each family's module is imported only for its runs (keeps image dependencies out of LM runs).
     if cfg.model.kind == "dit":
-        from jaxgen.tasks.diffusion import DiffusionTask  # keeps image dependencies out of LM runs
+        from jaxgen.tasks.diffusion import DiffusionTask
 
         return DiffusionTask(cfg)
+    if cfg.model.kind == "autoencoder":
+        from jaxgen.tasks.autoencoder import AutoencoderTask
+
+        return AutoencoderTask(cfg)
+    if cfg.model.kind == "gan":
+        from jaxgen.tasks.gan import GANTask
+
+        return GANTask(cfg)
     from jaxgen.tasks.lm import LanguageModelTask
 
     return LanguageModelTask(cfg)

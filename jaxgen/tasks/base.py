@@ -29,9 +29,10 @@ from flax import nnx
 from jaxgen.config_optimizer import OptimizerConfig
 from jaxgen.data.pipeline import BatchIterator
 
-# (models by group, batch, rng) -> (sum of per-unit losses, sum of their weights): sums, so that
-# microbatches and devices combine exactly.
-LossFn = Callable[[dict[str, nnx.Module], dict, jax.Array], tuple[jax.Array, jax.Array]]
+# (models by group, batch, rng, step) -> (sum of per-unit losses, sum of their weights): sums, so that
+# microbatches and devices combine exactly. `step` (an int32 scalar) is the step being taken, for
+# losses that change over training (an adversarial term switched on at some step).
+LossFn = Callable[[dict[str, nnx.Module], dict, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +52,8 @@ class Phase:
     name: str
     trains: tuple[str, ...]
     loss: LossFn
+    # Steps before this one skip the phase: its groups and their optimizer states hold, its loss reads 0.
+    start_step: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

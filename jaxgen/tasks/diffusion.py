@@ -10,7 +10,6 @@ evaluation use the parameter average (EMA).
 
 from __future__ import annotations
 
-import io
 import pathlib
 from collections.abc import Callable
 from typing import Any
@@ -25,12 +24,17 @@ from jaxgen.diffusion.grid import image_grid, save_png
 from jaxgen.diffusion.guidance import drop_labels
 from jaxgen.diffusion.objectives import make_objective
 from jaxgen.diffusion.samplers import make_sampler
-from jaxgen.errors import CheckpointError, ConfigError
-from jaxgen.files import write_atomic
-from jaxgen.metrics import tensorboardx
 from jaxgen.models import build_model
 from jaxgen.models.dit import flops_per_image
 from jaxgen.tasks.base import ModelSpec, Phase, Weights
+from jaxgen.tasks.image_outputs import (
+    check_image_inputs,
+    image_inputs,
+    requested_labels,
+    save_arrays,
+    to_unit_range,
+    write_training_grid,
+)
 from jaxgen.tasks.layout import MAIN_GROUP
 
 
@@ -55,7 +59,7 @@ class DiffusionTask:
     def phases(self) -> list[Phase]:
         return [Phase("loss", (MAIN_GROUP,), self.loss)]
 
-    def loss(self, models, batch, rng):
+    def loss(self, models, batch, rng, step=None):
         x0_BHWC, labels_B = batch["images"], batch["labels"]
         b = x0_BHWC.shape[0]
         if "noise" in batch:  # held-out: fixed times and noise, labels as given, the last batch's padding weighs 0
@@ -99,12 +103,10 @@ class DiffusionTask:
 
     # ------------------------------------------------------------------ what a run records about its inputs
     def inputs(self, data: ImageData) -> dict:
-        return {"images": data.source.name}
+        return image_inputs(data)
 
     def check_inputs(self, saved: dict, current: dict) -> None:
-        if saved.get("images") != current.get("images"):
-            raise CheckpointError(f"the checkpoint was trained on {saved.get('images')}, but this run reads "
-                                  f"{current.get('images')}; resume with the checkpoint's images")
+        check_image_inputs(saved, current)
 
     # ------------------------------------------------------------------ samples, evaluation, generation
     def draw(self, weights: Weights, labels: np.ndarray, seed: int, scale: float, overrides: list[str] = ()) -> np.ndarray:
@@ -126,15 +128,9 @@ class DiffusionTask:
         n_classes = self.cfg.model.num_classes
         images = self.draw(weights, np.repeat(np.arange(n_classes), d.samples_per_class), self.cfg.train.seed,
                            d.guidance_scale)
-        picture = image_grid(images, rows=n_classes)
-        name = "final.png" if step is None else f"step_{step:07d}.png"
-        summary = {"samples": str(run_dir / "samples" / name)}
-        if jax.process_index() != 0:  # every process sampled (params are sharded); one writes
+        summary = {"samples": write_training_grid(self.cfg, images, n_classes, run_dir, step)}
+        if jax.process_index() != 0:  # every process sampled (params are sharded); one scores
             return summary
-        save_png(picture, run_dir / "samples" / name)
-        if self.cfg.logging.tensorboard:
-            with tensorboardx().SummaryWriter(str(run_dir / "tensorboard")) as tb:
-                tb.add_image("samples", picture, self.cfg.train.steps if step is None else step, dataformats="HWC")
         if step is None and d.quality_eval and self.cfg.images.source == "digits":
             summary.update(self.quality(weights, data))
         return summary
@@ -158,11 +154,7 @@ class DiffusionTask:
     def generate(self, weights: Weights, run_dir: pathlib.Path, step: int, options: dict[str, Any],
                  on_text: Callable[[str], None] | None) -> list[dict]:
         """A grid, one row per label (every class unless `labels` names some), and optionally the arrays."""
-        n_classes = self.cfg.model.num_classes
-        labels = list(range(n_classes)) if options["labels"] is None else options["labels"]
-        if not labels or any(not 0 <= label < n_classes for label in labels):
-            raise ConfigError(f"--labels {','.join(map(str, labels))}: each label must be in 0..{n_classes - 1} "
-                              f"(model.num_classes={n_classes})")
+        labels = requested_labels(options["labels"], self.cfg.model.num_classes)
         overrides = [*([f"diffusion.sampler={options['sampler']}"] if options["sampler"] else []),
                      *([f"diffusion.sample_steps={options['steps']}"] if options["steps"] else [])]
         scale = self.cfg.diffusion.guidance_scale if options["guidance"] is None else options["guidance"]
@@ -173,9 +165,5 @@ class DiffusionTask:
         result = {"grid": str(out), "step": step, "labels": labels, "num_per_label": options["num_per_label"],
                   "guidance": scale}
         if options["save_array"]:
-            unit = np.clip((images_NHWC + 1) / 2, 0, 1).astype(np.float32)
-            arrays = io.BytesIO()
-            np.savez(arrays, images=unit[..., 0] if unit.shape[-1] == 1 else unit, labels=labels_N)
-            write_atomic(options["save_array"], arrays.getvalue())
-            result["array"] = str(options["save_array"])
+            result["array"] = save_arrays(options["save_array"], images=to_unit_range(images_NHWC), labels=labels_N)
         return [result]

@@ -44,7 +44,7 @@ class LanguageModelTask:
     def phases(self) -> list[Phase]:
         return [Phase("loss", (MAIN_GROUP,), self.loss)]
 
-    def loss(self, models, batch, rng):
+    def loss(self, models, batch, rng, step=None):
         del rng  # no dropout in this model family
         model = models[MAIN_GROUP]
         if self.cfg.model.document_mask:

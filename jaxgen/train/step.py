@@ -49,12 +49,12 @@ def make_train_step(task: Task, txs: dict[str, optax.GradientTransformation], sc
     phases = task.phases()
     averages = {group: spec.ema for group, spec in task.models().items() if spec.ema}
 
-    def phase_gradients(phase: Phase, params: dict, batch: dict, rng: jax.Array):
+    def phase_gradients(phase: Phase, params: dict, batch: dict, rng: jax.Array, step: jax.Array):
         """(mean loss, gradients of the phase's trained groups) over the batch's microbatches."""
 
         def summed_loss(trained, batch, rng):
             models = {g: nnx.merge(graphdefs[g], trained.get(g, params[g])) for g in graphdefs}
-            return phase.loss(models, batch, rng)
+            return phase.loss(models, batch, rng, step)
 
         grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
         trained = {group: params[group] for group in phase.trains}
@@ -80,11 +80,21 @@ def make_train_step(task: Task, txs: dict[str, optax.GradientTransformation], sc
         metrics, finite_losses, finite_grads = {}, [], []
         for i, phase in enumerate(phases):
             phase_rng = rng if i == 0 else jax.random.fold_in(rng, 0x5EED0000 + i)
-            loss, grads = phase_gradients(phase, params, batch, phase_rng)
+            if phase.start_step == 0:
+                loss, grads = phase_gradients(phase, params, batch, phase_rng, state.step)
+            else:  # not yet started: no gradient is computed, and nothing below moves
+                active = state.step >= phase.start_step
+                loss, grads = jax.lax.cond(
+                    active, lambda: phase_gradients(phase, params, batch, phase_rng, state.step),
+                    lambda: (jnp.float32(0.0), jax.tree.map(jnp.zeros_like, {g: params[g] for g in phase.trains})))
             grad_norm = optax.tree.norm(grads)
             for group in phase.trains:
-                updates, opt_state[group] = txs[group].update(grads[group], opt_state[group], params[group])
-                params[group] = optax.apply_updates(params[group], updates)
+                updates, new_opt_state = txs[group].update(grads[group], opt_state[group], params[group])
+                new_params = optax.apply_updates(params[group], updates)
+                if phase.start_step:
+                    new_params, new_opt_state = jax.tree.map(lambda n, o: jnp.where(active, n, o),
+                                                             (new_params, new_opt_state), (params[group], opt_state[group]))
+                params[group], opt_state[group] = new_params, new_opt_state
             metrics[phase_metric(i, phase, "loss")] = loss
             metrics[phase_metric(i, phase, "grad_norm")] = grad_norm
             finite_losses.append(jnp.isfinite(loss))

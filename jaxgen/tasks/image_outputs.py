@@ -1,0 +1,68 @@
+"""What the image families share: the inputs a run records, grids written to the run and its trackers,
+and `jaxgen sample`'s arrays."""
+
+from __future__ import annotations
+
+import io
+import pathlib
+
+import jax
+import numpy as np
+
+from jaxgen.config import Config
+from jaxgen.data.image_data import ImageData
+from jaxgen.diffusion.grid import image_grid, save_png
+from jaxgen.errors import CheckpointError, ConfigError
+from jaxgen.files import write_atomic
+from jaxgen.metrics import tensorboardx
+
+
+def image_inputs(data: ImageData) -> dict:
+    return {"images": data.source.name}
+
+
+def check_image_inputs(saved: dict, current: dict) -> None:
+    if saved.get("images") != current.get("images"):
+        raise CheckpointError(f"the checkpoint was trained on {saved.get('images')}, but this run reads "
+                              f"{current.get('images')}; resume with the checkpoint's images")
+
+
+def grid_name(step: int | None) -> str:
+    return "final.png" if step is None else f"step_{step:07d}.png"
+
+
+def write_training_grid(cfg: Config, images_NHWC: np.ndarray, rows: int, run_dir: pathlib.Path,
+                        step: int | None, tag: str = "samples") -> str:
+    """RUN_DIR/samples/<step>.png and the TensorBoard image (process 0 writes; every process computed)."""
+    path = run_dir / "samples" / grid_name(step)
+    if jax.process_index() != 0:
+        return str(path)
+    picture = image_grid(images_NHWC, rows=rows)
+    save_png(picture, path)
+    if cfg.logging.tensorboard:
+        with tensorboardx().SummaryWriter(str(run_dir / "tensorboard")) as tb:
+            tb.add_image(tag, picture, cfg.train.steps if step is None else step, dataformats="HWC")
+    return str(path)
+
+
+def to_unit_range(images_NHWC: np.ndarray) -> np.ndarray:
+    """[-1, 1] -> [0, 1], grey images without their channel axis (as image files and viewers hold them)."""
+    unit = np.clip((np.asarray(images_NHWC) + 1) / 2, 0, 1).astype(np.float32)
+    return unit[..., 0] if unit.shape[-1] == 1 else unit
+
+
+def save_arrays(path: str, **arrays: np.ndarray) -> str:
+    """An .npz of `arrays`, written atomically."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_atomic(path, buffer.getvalue())
+    return str(path)
+
+
+def requested_labels(labels: list[int] | None, n_classes: int) -> list[int]:
+    """`jaxgen sample --labels`, checked against the model's classes; None = every class."""
+    labels = list(range(n_classes)) if labels is None else labels
+    if not labels or any(not 0 <= label < n_classes for label in labels):
+        raise ConfigError(f"--labels {','.join(map(str, labels))}: each label must be in 0..{n_classes - 1} "
+                          f"(model.num_classes={n_classes})")
+    return labels
