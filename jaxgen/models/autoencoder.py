@@ -16,6 +16,8 @@ height and width, Z latent channels, D hidden channels, L = h*w attention positi
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -57,7 +59,7 @@ class Attention(nnx.Module):
 
     def __init__(self, d: int, groups: int, dtypes: Dtypes, rngs: nnx.Rngs):
         self.group_norm = GroupNorm(d, groups, eps=EPS, dtypes=dtypes)
-        linear = lambda: Linear(d, d, ("embed", "mlp"), std=d ** -0.5, dtypes=dtypes, rngs=rngs, bias=True)  # noqa: E731
+        linear = lambda: Linear(d, d, ("embed", "mlp"), std=d ** -0.5, dtypes=dtypes, rngs=rngs, bias=True)
         self.to_q, self.to_k, self.to_v = linear(), linear(), linear()
         self.to_out = nnx.List([linear()])  # diffusers' to_out is (Linear, Dropout)
         self.compute_dtype = dtypes.compute
@@ -100,7 +102,7 @@ class Resample(nnx.Module):
 
 def _resnets(d_in: int, d_out: int, n: int, groups: int, dtypes: Dtypes, rngs: nnx.Rngs) -> nnx.List:
     widths = [d_in] + [d_out] * n
-    return nnx.List([ResnetBlock(a, b, groups, dtypes, rngs) for a, b in zip(widths, widths[1:])])
+    return nnx.List([ResnetBlock(a, b, groups, dtypes, rngs) for a, b in itertools.pairwise(widths)])
 
 
 class DownEncoderBlock(nnx.Module):

@@ -1,5 +1,5 @@
 """Weights out: raw safetensors for any model, Hugging Face format for LMs (the model's family: Llama, Mistral,
-Qwen2, Qwen3 or Gemma 2).
+Qwen2, Qwen3 or Gemma 2), diffusers' AutoencoderKL for the autoencoder (`diffusers_vae`).
 
 Tensors move one at a time (device -> host -> file), so the host never holds
 the whole model twice. The output directory is built under a hidden name and
@@ -114,16 +114,26 @@ def export_safetensors(run: OpenedRun, out: str | pathlib.Path, dtype: str = "fl
 
 def export_run(run_dir: str | pathlib.Path, out: str | pathlib.Path, fmt: str = "hf", dtype: str = "float32",
                step: int | None = None, overrides: list[str] = ()) -> pathlib.Path:
-    if fmt not in ("hf", "safetensors"):
-        raise ExportError(f"unknown export format {fmt!r}; valid: hf, safetensors")
+    if fmt not in ("hf", "safetensors", "diffusers"):
+        raise ExportError(f"unknown export format {fmt!r}; valid: hf, safetensors, diffusers")
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"unknown export dtype {dtype!r}; valid: {', '.join(EXPORT_DTYPES)}")
+    writer = export_safetensors
     if fmt == "hf":
-        hf_config(load_run_config(run_dir, overrides))  # a DiT fails here, before any restore
+        cfg = load_run_config(run_dir, overrides)
+        if cfg.model.kind == "autoencoder":
+            raise ExportError("model.kind='autoencoder' has no Hugging Face transformers equivalent; "
+                              "use --format diffusers (diffusers' AutoencoderKL)")
+        hf_config(cfg)  # a DiT fails here, before any restore
         check_exportable(load_tokenizer(run_dir))
+        writer = export_hf
+    elif fmt == "diffusers":
+        from jaxgen.outputs.diffusers_vae import diffusers_config, export_diffusers  # it builds on this module
+
+        diffusers_config(load_run_config(run_dir, overrides).model)  # other kinds fail here, before any restore
+        writer = export_diffusers
     refuse_nonempty_output(out)  # before the restore, the expensive part
     run = open_run(run_dir, step, overrides)
-    writer = export_hf if fmt == "hf" else export_safetensors
     path = writer(run, out, dtype)
     log.info("exported step %d of %s to %s (%s, %s)", run.step, run_dir, path, fmt, dtype)
     return path

@@ -64,7 +64,7 @@ def import_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path) -> pathlib.Pa
     rules = resolve_rules(cfg.sharding.preset, cfg.sharding.rules)
     layout = plan_models(make_task(cfg), make_mesh(cfg.mesh), rules, cfg.train.seed)  # nothing allocated yet
     plan = hf_plan(model_cfg, flat_params(layout.abstract[MAIN_GROUP]))
-    _check_tensors(hf_dir, plan, stored, declared_dtype)
+    check_tensors(hf_dir, plan, stored, declared_dtype)
 
     with building(out) as partial:
         params = _imported_params(layout, plan, stored)
@@ -232,9 +232,12 @@ def _checked_tokenizer(hf_dir: pathlib.Path, vocab_size: int) -> Tokenizer:
 # ----------------------------------------------------------------------------- tensors
 
 
-def _check_tensors(hf_dir: pathlib.Path, plan: list[HFTensor], stored: dict[str, StoredTensor],
+def check_tensors(hf_dir: pathlib.Path, plan: list[HFTensor], stored: dict[str, StoredTensor],
                   declared_dtype: str | None) -> None:
-    """Refuse unless the files hold exactly the planned tensors, each of its shape, all of one float dtype."""
+    """Refuse unless the files hold exactly the planned tensors, each of its shape, all of one float dtype.
+
+    A plan is anything naming each tensor's hf_name and hf_shape (diffusers_vae's VAETensor too).
+    """
     expected = {t.hf_name: t.hf_shape for t in plan}
     missing = [name for name in expected if name not in stored]
     if missing:
