@@ -127,9 +127,12 @@ def read_diffusers_config(directory: pathlib.Path) -> AutoencoderConfig:
     for key, wanted in fixed.items():
         if key in hf and hf[key] != wanted:
             raise ExportError(f"{path}: {key}={hf[key]!r} is not supported by jaxgen's autoencoder (only {wanted!r})")
-    levels = len(hf.get("block_out_channels") or ())
+    widths = hf.get("block_out_channels", [64])  # AutoencoderKL's defaults, here and below
+    if not isinstance(widths, list) or not widths:
+        raise ExportError(f"{path}: key 'block_out_channels' = {widths!r}: expected a list of channel counts")
+    levels = len(widths)
     for key, block in (("down_block_types", DOWN_BLOCK), ("up_block_types", UP_BLOCK)):
-        if hf.get(key) != [block] * levels:
+        if hf.get(key, [block]) != [block] * levels:
             raise ExportError(f"{path}: {key}={hf.get(key)!r} is not supported; jaxgen's autoencoder has "
                               f"{block} on every level ({levels}, one per block_out_channels)")
     channels = hf.get("in_channels", 3)
@@ -146,11 +149,9 @@ def read_diffusers_config(directory: pathlib.Path) -> AutoencoderConfig:
         raise ExportError(f"{path}: key {unknown[0]!r} = {hf[unknown[0]]!r} is an {CLASS_NAME} option jaxgen's "
                           "autoencoder does not have, so the model cannot be imported faithfully")
     defaults = {"layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 32, "sample_size": 32,
-                "scaling_factor": 0.18215, "mid_block_add_attention": True}  # AutoencoderKL's own
+                "scaling_factor": 0.18215, "mid_block_add_attention": True}
     values = {**defaults, **{key: value for key, value in hf.items() if key in FIELDS}}
-    fields = {FIELDS[key]: value for key, value in values.items()}
-    if isinstance(fields["block_channels"], list):
-        fields["block_channels"] = tuple(fields["block_channels"])
+    fields = {**{FIELDS[key]: value for key, value in values.items()}, "block_channels": tuple(widths)}
     try:
         return AutoencoderConfig.model_validate({**fields, "channels": channels, "quant_conv": quant}, strict=True)
     except pydantic.ValidationError as err:
