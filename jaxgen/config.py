@@ -424,11 +424,14 @@ class Config(_Section):
                     + (f", model.num_classes={classes}" if classes_named else "")
                 )
         adversarial = self.autoencoder.adversarial
-        if isinstance(m, AutoencoderConfig) and adversarial.enabled and patchgan_side(m.image_size, adversarial.layers) < 1:
+        too_deep = isinstance(m, AutoencoderConfig) and adversarial.enabled and patchgan_side(m.image_size,
+                                                                                            adversarial.layers) < 1
+        if too_deep:
             fits = max((n for n in range(1, adversarial.layers) if patchgan_side(m.image_size, n) >= 1), default=None)
             raise ValueError(
                 f"autoencoder.adversarial.layers={adversarial.layers} leaves no patch of model.image_size="
-                f"{m.image_size} images to score; " + (f"use at most {fits} layers" if fits else "the images are too small for a PatchGAN"))
+                f"{m.image_size} images to score; "
+                + (f"use at most {fits} layers" if fits else "the images are too small for a PatchGAN"))
         if isinstance(m, DiTConfig) and m.learn_sigma and self.diffusion.objective == "flow":
             raise ValueError("model.learn_sigma=true needs a DDPM objective (diffusion.objective: eps or v)")
         return self

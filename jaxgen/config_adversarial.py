@@ -14,9 +14,26 @@ from jaxgen.config_optimizer import OptimizerConfig
 from jaxgen.config_section import Section as _Section
 
 
-def _discriminator_optimizer(b1: float, b2: float, lr: float) -> OptimizerConfig:
-    """GAN practice: a low first-moment decay, no weight decay, a constant rate after a short warm-up."""
-    return OptimizerConfig(lr=lr, b1=b1, b2=b2, weight_decay=0.0, warmup_steps=0, decay="constant", clip_norm=None)
+class DiscriminatorOptimizerConfig(OptimizerConfig):
+    """GAN practice: a constant rate from the first step, a low first-moment decay, no weight decay, no clipping.
+
+    Defaults of their own (not `optimizer:`'s), so that setting one key keeps the others.
+    """
+
+    lr: float = Field(2e-4, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    decay: Literal["cosine", "linear", "constant"] = "constant"
+    b1: float = Field(0.5, ge=0, lt=1)
+    b2: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    clip_norm: float | None = Field(None, gt=0)
+
+
+class GANDiscriminatorOptimizerConfig(DiscriminatorOptimizerConfig):
+    """StyleGAN's Adam moments (b1 0, b2 0.99)."""
+
+    b1: float = Field(0.0, ge=0, lt=1)
+    b2: float = Field(0.99, ge=0, lt=1)
 
 
 def patchgan_side(image_size: int, layers: int) -> int:
@@ -41,7 +58,7 @@ class AdversarialConfig(_Section):
     layers: int = Field(2, gt=0)
     # The adaptive weight ||grad rec|| / ||grad adv|| (at the decoder's last layer) is clipped to this.
     max_adaptive_weight: float = Field(1e4, gt=0)
-    optimizer: OptimizerConfig = Field(default_factory=lambda: _discriminator_optimizer(0.5, 0.9, 2e-4))
+    optimizer: DiscriminatorOptimizerConfig = Field(default_factory=DiscriminatorOptimizerConfig)
 
     @property
     def enabled(self) -> bool:
@@ -75,4 +92,4 @@ class GANTrainingConfig(_Section):
     # Sample grids (one row per class) every this many steps and at the end; 0 = only at the end.
     sample_every: int = Field(0, ge=0)
     samples_per_class: int = Field(10, gt=0)
-    discriminator_optimizer: OptimizerConfig = Field(default_factory=lambda: _discriminator_optimizer(0.0, 0.99, 2e-4))
+    discriminator_optimizer: GANDiscriminatorOptimizerConfig = Field(default_factory=GANDiscriminatorOptimizerConfig)

@@ -38,9 +38,10 @@ class Generator(nnx.Module):
                               std=(1.0 / (2 * cfg.noise_dim)) ** 0.5, dtypes=dtypes, rngs=rngs, bias=True)
         self.project_norm = GroupNorm(c0, _groups(c0), eps=1e-5, dtypes=dtypes)
         pairs = list(zip(cfg.generator_channels[:-1], cfg.generator_channels[1:]))
-        self.up_convs = nnx.List([Conv2d(a, b, 3, dtypes=dtypes, rngs=rngs) for a, b in pairs])
+        # No biases before a GroupNorm: it would subtract them again.
+        self.up_convs = nnx.List([Conv2d(a, b, 3, bias=False, dtypes=dtypes, rngs=rngs) for a, b in pairs])
         self.up_norms = nnx.List([GroupNorm(b, _groups(b), eps=1e-5, dtypes=dtypes) for _, b in pairs])
-        self.convs = nnx.List([Conv2d(b, b, 3, dtypes=dtypes, rngs=rngs) for _, b in pairs])
+        self.convs = nnx.List([Conv2d(b, b, 3, bias=False, dtypes=dtypes, rngs=rngs) for _, b in pairs])
         self.norms = nnx.List([GroupNorm(b, _groups(b), eps=1e-5, dtypes=dtypes) for _, b in pairs])
         self.to_image = Conv2d(cfg.generator_channels[-1], cfg.channels, 3, axes=("embed", None),
                                dtypes=dtypes, rngs=rngs)

@@ -92,8 +92,8 @@ def make_train_step(task: Task, txs: dict[str, optax.GradientTransformation], sc
                 updates, new_opt_state = txs[group].update(grads[group], opt_state[group], params[group])
                 new_params = optax.apply_updates(params[group], updates)
                 if phase.start_step:
-                    new_params, new_opt_state = jax.tree.map(lambda n, o: jnp.where(active, n, o),
-                                                             (new_params, new_opt_state), (params[group], opt_state[group]))
+                    new_params, new_opt_state = jax.tree.map(lambda n, o: jnp.where(active, n, o), (
+                        new_params, new_opt_state), (params[group], opt_state[group]))
                 params[group], opt_state[group] = new_params, new_opt_state
             metrics[phase_metric(i, phase, "loss")] = loss
             metrics[phase_metric(i, phase, "grad_norm")] = grad_norm
