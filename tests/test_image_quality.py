@@ -7,8 +7,8 @@ import scipy.linalg
 
 from jaxgen.data.images import ImageSet
 from jaxgen.evals import image_classifier as classifier_module
-from jaxgen.evals.image_classifier import ClassifierConfig, cache_path, image_classifier
-from jaxgen.evals.image_quality import (
+from jaxgen.quality.image_classifier import ClassifierConfig, cache_path, image_classifier
+from jaxgen.quality.image_quality import (
     class_accuracy,
     frechet_distance,
     gaussian_frechet_distance,

@@ -1,4 +1,4 @@
-"""Sample quality for diffusion models: the image-quality sample report (jaxgen.evals.image_quality), logged."""
+"""Sample quality for diffusion models: the image-quality sample report (jaxgen.quality.image_quality), logged."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import numpy as np
 
 from jaxgen.data.images import ImageSet
-from jaxgen.evals.image_quality import sample_report
+from jaxgen.quality.image_quality import sample_report
 
 log = logging.getLogger("jaxgen")
 

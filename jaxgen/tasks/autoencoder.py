@@ -165,7 +165,7 @@ class AutoencoderTask:
 
     def evaluate(self, weights: Weights, data: ImageData, loss_sum: float, weight_sum: float) -> dict:
         """Held-out loss; PSNR, SSIM and Fréchet distance of reconstructions beside PCA at the same latent size."""
-        from jaxgen.evals.image_quality import reconstruction_report
+        from jaxgen.quality.image_quality import reconstruction_report
 
         held_out = data.held_out.images
         m = self.cfg.model

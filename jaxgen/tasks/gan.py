@@ -135,7 +135,7 @@ class GANTask:
     def evaluate(self, weights: Weights, data: ImageData, loss_sum: float, weight_sum: float) -> dict:
         """Held-out loss; Fréchet distance of samples (one per held-out image, for its label) beside the
         real-data floor, and the class accuracy of the samples, in a classifier's features."""
-        from jaxgen.evals.image_quality import sample_report
+        from jaxgen.quality.image_quality import sample_report
 
         labels = data.held_out.labels
         samples = self.draw(weights, labels, seed=1)

@@ -17,7 +17,7 @@ import numpy as np
 import scipy.ndimage
 
 from jaxgen.data.images import ImageSet
-from jaxgen.evals.image_classifier import Params, classify, image_classifier
+from jaxgen.quality.image_classifier import Params, classify, image_classifier
 
 DATA_RANGE = 2.0  # images in [-1, 1]
 SSIM_SIGMA, SSIM_TRUNCATE = 1.5, 3.5  # scikit-image's Gaussian window: radius int(3.5 * 1.5 + 0.5) = 5
