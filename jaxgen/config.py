@@ -266,6 +266,9 @@ class ImagesConfig(_Section):
     # Every n-th image goes to the held-out split (digits, shapes; TFDS datasets have their own splits).
     # Evaluation reads the held-out images in order, each once, into at most train.eval_batches batches.
     eval_every_nth: int = Field(5, ge=2)
+    # Sample-quality figures (Frechet distance, class accuracy) draw one sample per held-out image, for its
+    # label, for the first this many held-out images; the real-data floor uses the same images.
+    quality_images: int = Field(2000, gt=1)
     # Random horizontal flips of training images (not for digits, whose mirror images are other glyphs).
     hflip: bool = False
     # Number of images the procedural shapes source draws.
@@ -326,7 +329,8 @@ class DiffusionConfig(_Section):
     samples_per_class: int = Field(10, gt=0)
     # Held-out loss is measured on this many evenly spaced noise levels, with fixed noise.
     eval_timesteps: int = Field(8, gt=0)
-    # At the end of a digits run: Frechet distance and conditional accuracy in a digits classifier's features.
+    # At the end of a run and in `jaxgen eval`: Frechet distance and conditional accuracy of samples in the
+    # features of a classifier trained on the train split (images.quality_images of them).
     quality_eval: bool = True
 
     @pydantic.model_validator(mode="after")

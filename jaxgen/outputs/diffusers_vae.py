@@ -24,14 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 import pydantic
 
-from jaxgen.checkpoint import Checkpointer, checkpoint_dir
 from jaxgen.config import IMAGE_SOURCES, AutoencoderConfig, Config
 from jaxgen.errors import ExportError
 from jaxgen.files import building
 from jaxgen.outputs.export import DEFAULT_MAX_SHARD_BYTES, EXPORT_DTYPES, _to_host, refuse_nonempty_output
 from jaxgen.outputs.hf_families import flat_params
 from jaxgen.outputs.hf_import import check_tensors
-from jaxgen.outputs.runs import OpenedRun
+from jaxgen.outputs.runs import OpenedRun, save_imported_run
 from jaxgen.outputs.safetensors_stream import file_inside, read_tensor, stored_tensors, write_sharded
 from jaxgen.sharding import make_mesh, param_path, resolve_rules
 from jaxgen.tasks import make_task
@@ -221,12 +220,7 @@ def import_diffusers(source: str | pathlib.Path, out: str | pathlib.Path) -> pat
     with building(out) as partial:
         params = {MAIN_GROUP: jax.tree_util.tree_map_with_path(load, layout.abstract[MAIN_GROUP],
                                                                layout.shardings[MAIN_GROUP])}
-        (partial / "config.yaml").write_text(cfg.to_yaml())
-        meta = {"config": cfg.model_dump(mode="json"), "imported_from": str(source), "inputs": {}}
-        ckpt = Checkpointer(checkpoint_dir(partial), cfg.checkpoint)
-        ckpt.save(0, {"params": params}, {}, meta)
-        ckpt.wait()
-        ckpt.close()
+        save_imported_run(partial, cfg, params, source, inputs={})
     log.info("imported %s into %s", source, out)
     return out
 

@@ -21,12 +21,12 @@ import jax
 import numpy as np
 import pydantic
 
-from jaxgen.checkpoint import Checkpointer, checkpoint_dir
 from jaxgen.config import Config, TransformerConfig
 from jaxgen.data.tokenizer import Tokenizer, keep_tokenizer, load_tokenizer
 from jaxgen.errors import DataError, ExportError
 from jaxgen.files import building
 from jaxgen.outputs.export import refuse_nonempty_output
+from jaxgen.outputs.runs import save_imported_run
 from jaxgen.outputs.hf_families import (
     ARCHITECTURES, COMMON_DEFAULTS, COMMON_KEYS, DESCRIPTIVE_KEYS, FAMILIES, REQUIRED_KEYS, ROPE_KEYS, Family, HFTensor,
     flat_params, hf_plan,
@@ -69,14 +69,8 @@ def import_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path) -> pathlib.Pa
     with building(out) as partial:
         params = _imported_params(layout, plan, stored)
         keep_tokenizer(tokenizer, partial)
-        (partial / "config.yaml").write_text(cfg.to_yaml())
-        meta = {"config": cfg.model_dump(mode="json"), "imported_from": str(hf_dir),
-                "inputs": {"tokenizer_sha256": tokenizer.sha256, "tokenizer_path": str(kept_as),
-                           "tokenizer_kind": tokenizer.kind}}
-        ckpt = Checkpointer(checkpoint_dir(partial), cfg.checkpoint)
-        ckpt.save(0, {"params": params}, {}, meta)
-        ckpt.wait()
-        ckpt.close()
+        save_imported_run(partial, cfg, params, hf_dir, inputs={
+            "tokenizer_sha256": tokenizer.sha256, "tokenizer_path": str(kept_as), "tokenizer_kind": tokenizer.kind})
     log.info("imported %s into %s", hf_dir, out)
     return out
 

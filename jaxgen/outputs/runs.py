@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 
 from jax.sharding import Mesh
 
-from jaxgen.checkpoint import DamagedCheckpoint, checkpoint_dir, committed_steps, restore_subtree
+from jaxgen.checkpoint import Checkpointer, DamagedCheckpoint, checkpoint_dir, committed_steps, restore_subtree
 from jaxgen.config import Config, load_config
 from jaxgen.device_memory import check_fits
 from jaxgen.errors import CheckpointError, ConfigError
@@ -110,3 +110,14 @@ def each_checkpoint(run: OpenedRun, steps: list[int]) -> Iterator[OpenedRun]:
                 continue
             run.step, run.weights = step, run.layout.weights(params)
         yield run
+
+
+def save_imported_run(run_dir: pathlib.Path, cfg: Config, params: dict, source: str | pathlib.Path,
+                      inputs: dict) -> None:
+    """An imported model as a run: its config.yaml and checkpoint 0 holding the parameters (nothing else)."""
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    meta = {"config": cfg.model_dump(mode="json"), "imported_from": str(source), "inputs": inputs}
+    ckpt = Checkpointer(checkpoint_dir(run_dir), cfg.checkpoint)
+    ckpt.save(0, {"params": params}, {}, meta)
+    ckpt.wait()
+    ckpt.close()

@@ -30,6 +30,7 @@ from jaxgen.tasks.base import ModelSpec, Phase, Weights
 from jaxgen.tasks.image_outputs import (
     check_image_inputs,
     image_inputs,
+    quality_images,
     requested_labels,
     save_arrays,
     to_unit_range,
@@ -131,23 +132,23 @@ class DiffusionTask:
         summary = {"samples": write_training_grid(self.cfg, images, n_classes, run_dir, step)}
         if jax.process_index() != 0:  # every process sampled (params are sharded); one scores
             return summary
-        if step is None and d.quality_eval and self.cfg.images.source == "digits":
+        if step is None and d.quality_eval:
             summary.update(self.quality(weights, data))
         return summary
 
     def quality(self, weights: Weights, data: ImageData) -> dict:
-        """Digits sample quality: one sample per held-out image, for its label, in a digits classifier's features."""
+        """Sample quality: one sample per held-out image, for its label, in a classifier's features."""
         from jaxgen.diffusion.quality import sample_quality
 
         scale = self.cfg.diffusion.guidance_scale
-        samples = self.draw(weights, data.held_out.labels, seed=1, scale=scale)
-        return {**sample_quality(samples, data.held_out.labels, data.train_set, data.held_out),
-                "guidance_scale": scale}
+        held_out = quality_images(self.cfg, data.held_out)
+        samples = self.draw(weights, held_out.labels, seed=1, scale=scale)
+        return {**sample_quality(samples, held_out.labels, data.train_set, held_out), "guidance_scale": scale}
 
     def evaluate(self, weights: Weights, data: ImageData, loss_sum: float, weight_sum: float) -> dict:
-        """Held-out diffusion loss (fixed noise levels and noise); for digits, sample quality too."""
+        """Held-out diffusion loss (fixed noise levels and noise) and, unless switched off, sample quality."""
         result = {"eval_loss": loss_sum / max(weight_sum, 1.0)}
-        if self.cfg.images.source == "digits":
+        if self.cfg.diffusion.quality_eval:
             result.update(self.quality(weights, data))
         return result
 

@@ -30,6 +30,7 @@ from jaxgen.tasks.base import ModelSpec, Phase, Weights
 from jaxgen.tasks.image_outputs import (
     check_image_inputs,
     image_inputs,
+    quality_images,
     requested_labels,
     save_arrays,
     to_unit_range,
@@ -137,10 +138,10 @@ class GANTask:
         real-data floor, and the class accuracy of the samples, in a classifier's features."""
         from jaxgen.quality.image_quality import sample_report
 
-        labels = data.held_out.labels
-        samples = self.draw(weights, labels, seed=1)
+        held_out = quality_images(self.cfg, data.held_out)
+        samples = self.draw(weights, held_out.labels, seed=1)
         return {"eval_loss": loss_sum / max(weight_sum, 1.0),
-                **sample_report(samples, labels, data.train_set, data.held_out)}
+                **sample_report(samples, held_out.labels, data.train_set, held_out)}
 
     def generate(self, weights: Weights, run_dir: pathlib.Path, step: int, options: dict[str, Any],
                  on_text: Callable[[str], None] | None) -> list[dict]:

@@ -11,6 +11,7 @@ import numpy as np
 
 from jaxgen.config import Config
 from jaxgen.data.image_data import ImageData
+from jaxgen.data.images import ImageSet
 from jaxgen.diffusion.grid import image_grid, save_png
 from jaxgen.errors import CheckpointError, ConfigError
 from jaxgen.files import write_atomic
@@ -66,3 +67,9 @@ def requested_labels(labels: list[int] | None, n_classes: int) -> list[int]:
         raise ConfigError(f"--labels {','.join(map(str, labels))}: each label must be in 0..{n_classes - 1} "
                           f"(model.num_classes={n_classes})")
     return labels
+
+
+def quality_images(cfg: Config, held_out: ImageSet) -> ImageSet:
+    """The held-out images sample quality is measured on: the first images.quality_images."""
+    n = cfg.images.quality_images
+    return held_out if len(held_out) <= n else ImageSet(held_out.images[:n], held_out.labels[:n])
