@@ -6,7 +6,7 @@ import pytest
 import scipy.linalg
 
 from jaxgen.data.images import ImageSet
-from jaxgen.evals import image_classifier as classifier_module
+from jaxgen.quality import image_classifier as classifier_module
 from jaxgen.quality.image_classifier import ClassifierConfig, cache_path, image_classifier
 from jaxgen.quality.image_quality import (
     class_accuracy,
@@ -149,6 +149,10 @@ def test_reports_on_a_trivially_separable_dataset(cache):
                            "pca_psnr_db", "pca_ssim", "pca_frechet_distance_to_originals"}
     assert all(type(v) is float for v in report.values())
     assert 0 < report["model_ssim"] < 1 and report["model_psnr_db"] > 0
+
+    small = ImageSet(held_out.images[:, :8, :8], held_out.labels)  # smaller than SSIM's window: no SSIM
+    report = reconstruction_report(small.images, small.images, small, latent_numbers=4, classifier=None)
+    assert "model_ssim" not in report and report["model_psnr_db"] == float("inf")
 
     wrong_labels = (held_out.labels + 1) % 4
     samples = sample_report(held_out.images, wrong_labels, train, held_out, classifier=classifier)

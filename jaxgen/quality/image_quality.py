@@ -48,10 +48,13 @@ def _ssim_chunk(x: np.ndarray, y: np.ndarray, data_range: float) -> np.ndarray:
     return ssim_map[:, pad:-pad, pad:-pad, :].mean(axis=(1, 2, 3))
 
 
+SSIM_WINDOW = 2 * int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5) + 1  # pixels on a side
+
+
 def ssim(reference: np.ndarray, reconstruction: np.ndarray, data_range: float = DATA_RANGE) -> np.ndarray:
     """Mean structural similarity of each image (N,), over the pixels the 11x11 window fits in and the channels."""
     x, y = np.asarray(reference, np.float64), np.asarray(reconstruction, np.float64)
-    window = 2 * int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5) + 1
+    window = SSIM_WINDOW
     if min(x.shape[1:3]) < window:
         raise ValueError(f"SSIM needs images of at least {window}x{window} pixels (its Gaussian window); "
                          f"these are {x.shape[1]}x{x.shape[2]}")
@@ -115,15 +118,18 @@ def reconstruction_report(originals: np.ndarray, reconstructions: np.ndarray, tr
                           latent_numbers: int, classifier: Params | None = None) -> dict[str, float]:
     """A model's reconstructions of held-out `originals` beside PCA keeping `latent_numbers` numbers per image.
 
-    Without `classifier`, the cached one for `train_set` is used (trained on first use).
+    Without `classifier`, the cached one for `train_set` is used (trained on first use). Images smaller
+    than SSIM's window get no SSIM figures.
     """
     classifier = image_classifier(train_set) if classifier is None else classifier
     pca = pca_reconstruction(train_set.images, originals, latent_numbers)
+    with_ssim = min(originals.shape[1:3]) >= SSIM_WINDOW
     original_features, _ = classify(classifier, originals)
     figures = {"pca_components": float(latent_numbers)}
     for name, images in (("model", reconstructions), ("pca", pca)):
         figures[f"{name}_psnr_db"] = float(np.mean(psnr(originals, images)))
-        figures[f"{name}_ssim"] = float(np.mean(ssim(originals, images)))
+        if with_ssim:
+            figures[f"{name}_ssim"] = float(np.mean(ssim(originals, images)))
         figures[f"{name}_frechet_distance_to_originals"] = frechet_distance(classify(classifier, images)[0],
                                                                             original_features)
     return figures
