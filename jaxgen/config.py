@@ -329,7 +329,7 @@ class DiffusionConfig(_Section):
     samples_per_class: int = Field(10, gt=0)
     # Held-out loss is measured on this many evenly spaced noise levels, with fixed noise.
     eval_timesteps: int = Field(8, gt=0)
-    # At the end of a run and in `jaxgen eval`: Frechet distance and conditional accuracy of samples in the
+    # At the end of a run (`jaxgen eval` always): Frechet distance and conditional accuracy of samples in the
     # features of a classifier trained on the train split (images.quality_images of them).
     quality_eval: bool = True
 

@@ -146,11 +146,8 @@ class DiffusionTask:
         return {**sample_quality(samples, held_out.labels, data.train_set, held_out), "guidance_scale": scale}
 
     def evaluate(self, weights: Weights, data: ImageData, loss_sum: float, weight_sum: float) -> dict:
-        """Held-out diffusion loss (fixed noise levels and noise) and, unless switched off, sample quality."""
-        result = {"eval_loss": loss_sum / max(weight_sum, 1.0)}
-        if self.cfg.diffusion.quality_eval:
-            result.update(self.quality(weights, data))
-        return result
+        """Held-out diffusion loss (fixed noise levels and noise) and sample quality."""
+        return {"eval_loss": loss_sum / max(weight_sum, 1.0), **self.quality(weights, data)}
 
     def generate(self, weights: Weights, run_dir: pathlib.Path, step: int, options: dict[str, Any],
                  on_text: Callable[[str], None] | None) -> list[dict]:
