@@ -167,18 +167,28 @@ def test_discriminators_are_sharded_like_any_model(devices, preset, mesh):
         assert any(axis in jax.tree.leaves(tuple(spec)) for spec in split), (cfg.model.kind, preset)
 
 
-def test_a_sharded_gan_step_equals_one_device(devices):
+def gan_step(devices, *mesh, steps=1):
+    """(params, averages, metrics) after `steps` GAN steps on a fixed batch."""
     batch = {"images": np.random.default_rng(1).uniform(-1, 1, (8, 8, 8, 1)).astype(np.float32),
              "labels": np.arange(8, dtype=np.int32) % 10}
-    results = []
-    for mesh, devs in ((ONE_DEVICE, devices[:1]), (["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2",
-                                                    "sharding.preset=fsdp_tp"], devices)):
-        # A large epsilon keeps Adam from scaling gradients that are zero up to rounding into full steps.
-        cfg = gan_config(*mesh, "optimizer.eps=0.01", "gan.discriminator_optimizer.eps=0.01")
-        training = build_training(cfg, make_mesh(cfg.mesh, devs))
-        state = training.init_state()
-        for _ in range(2):
-            state, metrics = training.train_step(state, to_global(batch, training.mesh))
-        results.append(jax.device_get((state.params, state.ema_params, metrics)))
-    assert set(results[0][1]) == {"generator"}  # only the generator keeps an average
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), results[0], results[1])
+    # A large epsilon keeps Adam from scaling gradients that are zero up to rounding into full steps.
+    cfg = gan_config(*mesh, "optimizer.eps=0.01", "gan.discriminator_optimizer.eps=0.01")
+    training = build_training(cfg, make_mesh(cfg.mesh, devices))
+    state = training.init_state()
+    for _ in range(steps):
+        state, metrics = training.train_step(state, to_global(batch, training.mesh))
+    return jax.device_get((state.params, state.ema_params, metrics))
+
+
+def test_a_sharded_gan_step_equals_one_device(devices):
+    one = gan_step(devices[:1], *ONE_DEVICE, steps=2)
+    sharded = gan_step(devices, "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", "sharding.preset=fsdp_tp", steps=2)
+    assert set(one[1]) == {"generator"}  # only the generator keeps an average
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), one, sharded)
+
+
+def test_the_generators_gradient_holds_with_labels_split_over_two_mesh_axes(devices):
+    """Class embeddings gathered by index gave the generator a wrong gradient here (right loss); not any more."""
+    one = gan_step(devices[:1], *ONE_DEVICE)[2]
+    sharded = gan_step(devices, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "sharding.preset=fsdp_tp")[2]
+    np.testing.assert_allclose([sharded["loss"], sharded["grad_norm"]], [one["loss"], one["grad_norm"]], rtol=1e-5)

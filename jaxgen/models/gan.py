@@ -24,6 +24,18 @@ LEAK = 0.2
 PAD_1 = ((1, 1), (1, 1))
 
 
+def class_rows(table_KD: jax.Array, labels_B: jax.Array) -> jax.Array:
+    """Rows of a class-embedding table, as a one-hot product rather than a gather.
+
+    With a gather (jnp.take, even from a replicated table) the generator's gradients came out
+    wrong on a data x fsdp x tensor mesh of 2x2x2 CPU devices while its loss was right (XLA's
+    partitioning of the gather's gradient); the product is one small matmul and correct on
+    every mesh (tests/test_adversarial.py compares 2x2x2 with one device).
+    """
+    one_hot_BK = jax.nn.one_hot(labels_B, table_KD.shape[0], dtype=jnp.float32)
+    return one_hot_BK @ table_KD.astype(jnp.float32)
+
+
 def _groups(channels: int) -> int:
     return next(g for g in (8, 4, 2, 1) if channels % g == 0)
 
@@ -48,7 +60,7 @@ class Generator(nnx.Module):
 
     def __call__(self, noise_BZ: jax.Array, labels_B: jax.Array) -> jax.Array:
         """Images (B, H, W, C) in [-1, 1]."""
-        z = jnp.concatenate([noise_BZ, self.class_embed[...][labels_B].astype(noise_BZ.dtype)], axis=-1)
+        z = jnp.concatenate([noise_BZ, class_rows(self.class_embed[...], labels_B).astype(noise_BZ.dtype)], axis=-1)
         h = self.project(z).reshape(z.shape[0], self.base, self.base, -1)
         h = jax.nn.relu(self.project_norm(h))
         for up, up_norm, conv, norm in zip(self.up_convs, self.up_norms, self.convs, self.norms):
@@ -83,7 +95,7 @@ class Discriminator(nnx.Module):
             h = jax.nn.leaky_relu(conv(h), LEAK)
             h = jax.nn.leaky_relu(down(h), LEAK)
         f = jax.nn.leaky_relu(self.features(h.reshape(h.shape[0], -1)), LEAK)
-        projection = jnp.sum(f * self.class_embed[...][labels_B].astype(jnp.float32), axis=-1)
+        projection = jnp.sum(f * class_rows(self.class_embed[...], labels_B), axis=-1)
         return self.score(f)[:, 0] + projection
 
 
