@@ -23,6 +23,7 @@ import numpy as np
 
 from jaxgen.config import Config
 from jaxgen.data.image_data import ImageData, build_image_data
+from jaxgen.diffusion.grid import image_grid, save_png
 from jaxgen.errors import ConfigError
 from jaxgen.models.autoencoder import AutoencoderKL, flops_per_image
 from jaxgen.models.layers import Dtypes
@@ -58,12 +59,12 @@ class AutoencoderTask:
         self.adversarial = cfg.autoencoder.adversarial
         self.loss_name = f"reconstruction ({self.train_cfg.reconstruction.upper()}) + KL loss"
         self.sample_every = cfg.autoencoder.sample_every
-        self._reconstruct = jax.jit(lambda graphdef, params, x: self._model(graphdef, params).decode(
-            self._model(graphdef, params).encode(x)[0]))
+        self._reconstruct = jax.jit(self._reconstruct_batch)
 
     @staticmethod
-    def _model(graphdef, params):
-        return Weights({MAIN_GROUP: graphdef}, {MAIN_GROUP: params}).models()[MAIN_GROUP]
+    def _reconstruct_batch(graphdef, params, x_BHWC):
+        model = Weights({MAIN_GROUP: graphdef}, {MAIN_GROUP: params}).models()[MAIN_GROUP]
+        return model.decode(model.encode(x_BHWC)[0])
 
     def models(self) -> dict[str, ModelSpec]:
         specs = {MAIN_GROUP: ModelSpec(build=lambda rngs: AutoencoderKL(self.cfg.model, rngs))}
@@ -92,10 +93,14 @@ class AutoencoderTask:
         reconstruction_B = reconstruction_error(self.train_cfg.reconstruction, x, x_hat)
         loss_B = reconstruction_B + self.train_cfg.kl_weight * kl_divergence(mean, logvar)
         if self.adversarial.enabled:
-            loss_B = loss_B + self.adversarial_term(models[DISCRIMINATOR], x, features, last, step)
+            # Nothing of the discriminator is computed before its start step.
+            loss_B = loss_B + jax.lax.cond(
+                step >= self.adversarial.start_step,
+                lambda: self.adversarial_term(models[DISCRIMINATOR], x, x_hat, features, last),
+                lambda: jnp.zeros_like(loss_B))
         return jnp.sum(loss_B), jnp.float32(x.shape[0])
 
-    def adversarial_term(self, discriminator, x, features, last, step) -> jax.Array:
+    def adversarial_term(self, discriminator, x, x_hat, features, last) -> jax.Array:
         """Per image: weight * generator loss, the weight balancing both gradients at the decoder's last kernel."""
         kind = self.adversarial.loss
         kernel = last.kernel[...]
@@ -109,8 +114,7 @@ class AutoencoderTask:
 
         weight = adaptive_weight(jax.grad(mean_reconstruction)(kernel), jax.grad(mean_adversarial)(kernel),
                                  self.adversarial.max_adaptive_weight)
-        started = (step >= self.adversarial.start_step).astype(jnp.float32)
-        return started * self.adversarial.weight * weight * generator_loss(kind, discriminator(last(features)))
+        return self.adversarial.weight * weight * generator_loss(kind, discriminator(x_hat))
 
     def discriminator_loss(self, models, batch, rng, step=None):
         x = batch["images"]
@@ -189,8 +193,6 @@ class AutoencoderTask:
         originals = read_image_files(files, m.image_size, m.channels, resize=self.cfg.images.resize)
         reconstructions = self.reconstruct(weights, originals)
         out = pathlib.Path(options["out"]) if options["out"] else run_dir / "samples" / f"reconstruct_step{step}.png"
-        from jaxgen.diffusion.grid import image_grid, save_png
-
         save_png(image_grid(np.concatenate([originals, reconstructions]), rows=2), out)
         result = {"grid": str(out), "step": step, "images": len(files),
                   "mean_abs_error": float(np.mean(np.abs(reconstructions - originals)) / 2)}
