@@ -38,6 +38,7 @@ from jaxgen.config_adversarial import (  # noqa: F401
     GANTrainingConfig,
     patchgan_side,
 )
+from jaxgen.config_encoders import EncoderConfig, EncoderDecoderConfig, MLMConfig, SpanConfig  # noqa: F401
 from jaxgen.config_optimizer import OptimizerConfig
 from jaxgen.config_section import Section as _Section
 from jaxgen.config_text import MAX_CONFIG_BYTES, deep_merge, excerpt, load_yaml, parse_overrides
@@ -165,6 +166,12 @@ class DataConfig(_SourceFields):
     prefetch: int = Field(4, gt=0)
     # A document that is not valid UTF-8 is skipped (with a counted warning) or fails the run.
     invalid_utf8: Literal["skip", "error"] = "skip"
+    # Supervised pairs for an encoder-decoder (model.kind encoder_decoder): each line of data.jsonl
+    # holds the encoder's input in input_field and the decoder's target in target_field.
+    input_field: str | None = None
+    target_field: str | None = None
+    # An encoder-decoder's decoder rows (targets), in tokens; data.seq_len is its encoder rows.
+    target_len: int = Field(64, gt=0)
 
     @property
     def reader_streams(self) -> int:
@@ -392,6 +399,8 @@ class Config(_Section):
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
     autoencoder: AutoencoderTrainingConfig = Field(default_factory=AutoencoderTrainingConfig)
     gan: GANTrainingConfig = Field(default_factory=GANTrainingConfig)
+    mlm: MLMConfig = Field(default_factory=MLMConfig)
+    span: SpanConfig = Field(default_factory=SpanConfig)
 
     @pydantic.model_validator(mode="after")
     def _check_cross_fields(self) -> Config:
@@ -411,6 +420,24 @@ class Config(_Section):
                 f"model.batch_slices={slices} does not divide the batch each step sees "
                 f"({microbatch} = data.batch_size / train.microbatches); use a divisor of it or auto"
             )
+        return self
+
+    @pydantic.model_validator(mode="after")
+    def _check_text_model(self) -> Config:
+        data, m = self.data, self.model
+        if isinstance(m, EncoderConfig) and data.seq_len > m.max_seq_len:
+            raise ValueError(f"data.seq_len={data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+        pairs = (data.input_field, data.target_field)
+        if any(f is not None for f in pairs):
+            if None in pairs:
+                given, missing = ("input_field", "target_field") if data.input_field else ("target_field", "input_field")
+                raise ValueError(f"data.{given} needs data.{missing} too: supervised pairs name both fields")
+            if not isinstance(m, EncoderDecoderConfig):
+                raise ValueError(f"data.input_field/target_field are supervised pairs for model.kind=encoder_decoder, "
+                                 f"not {m.kind}; unset them")
+            if data.jsonl is None:
+                raise ValueError("data.input_field/target_field read pairs from JSONL files; set data.jsonl "
+                                 "(one source, not data.mixture)")
         return self
 
     @pydantic.model_validator(mode="after")

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 import pydantic
 from pydantic import BaseModel, Discriminator, Field, Tag
 
+from jaxgen.config_encoders import EncoderConfig, EncoderDecoderConfig
 from jaxgen.config_section import Section as _Section
 
 
@@ -306,10 +307,14 @@ def _model_kind(value: Any) -> str:
 
 ModelConfig = Annotated[
     Annotated[TransformerConfig, Tag("transformer")] | Annotated[DiTConfig, Tag("dit")]
-    | Annotated[AutoencoderConfig, Tag("autoencoder")] | Annotated[GANConfig, Tag("gan")],
+    | Annotated[AutoencoderConfig, Tag("autoencoder")] | Annotated[GANConfig, Tag("gan")]
+    | Annotated[EncoderConfig, Tag("encoder")] | Annotated[EncoderDecoderConfig, Tag("encoder_decoder")],
     Discriminator(_model_kind),
 ]
 MODEL_CONFIGS: dict[str, type[BaseModel]] = {"transformer": TransformerConfig, "dit": DiTConfig,
-                                             "autoencoder": AutoencoderConfig, "gan": GANConfig}
+                                             "autoencoder": AutoencoderConfig, "gan": GANConfig,
+                                             "encoder": EncoderConfig, "encoder_decoder": EncoderDecoderConfig}
 # The model kinds that read images (images: section) rather than text.
 IMAGE_MODEL_KINDS = ("dit", "autoencoder", "gan")
+# The model kinds that read text through a tokenizer.
+TEXT_MODEL_KINDS = ("transformer", "encoder", "encoder_decoder")

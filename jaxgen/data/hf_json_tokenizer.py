@@ -110,6 +110,10 @@ class HFJsonTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
+    def piece_id(self, piece: str) -> int | None:
+        """The id of a whole token (e.g. "[MASK]"), None if the vocabulary lacks it."""
+        return self._tok.token_to_id(piece)
+
     def token_byte_lengths(self) -> np.ndarray:
         """UTF-8 bytes each token id stands for: 0 for special tokens (worked out once: every eval asks).
 

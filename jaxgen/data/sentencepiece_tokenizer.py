@@ -9,7 +9,7 @@ import hashlib
 import io
 import pathlib
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Literal
 
 import numpy as np
@@ -32,12 +32,13 @@ GIVE_A_TOKENIZER = "give a sentencepiece .model (e.g. from `jaxgen tokenizer tra
 
 
 def train_tokenizer(documents: Iterable[str], vocab_size: int, out: str | pathlib.Path, model_type: ModelType = "bpe",
-                    *, source: str = "the given documents",
-                    vocab_option: str = "the vocabulary size") -> SentencepieceTokenizer:
+                    *, source: str = "the given documents", vocab_option: str = "the vocabulary size",
+                    special_pieces: Sequence[str] = ()) -> SentencepieceTokenizer:
     """Train on streamed documents and write `out` atomically (never a half-written model).
 
     `source` names the documents and `vocab_option` the setting of `vocab_size` in messages
-    (e.g. "--input 'corpus.txt'" and "--vocab-size").
+    (e.g. "--input 'corpus.txt'" and "--vocab-size"). `special_pieces` (a masked LM's [MASK],
+    span corruption's sentinels) get ids 3, 4, ... and are never split.
     """
     out = pathlib.Path(out)
     proto = io.BytesIO()
@@ -48,7 +49,7 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, out: str | pathli
             # Lossless: decode(encode(text)) == text for any UTF-8 input.
             normalization_rule_name="identity", byte_fallback=True, remove_extra_whitespaces=False,
             split_digits=True, character_coverage=1.0,
-            unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1,
+            unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1, user_defined_symbols=list(special_pieces),
             input_sentence_size=MAX_TRAINING_SENTENCES, shuffle_input_sentence=True, num_threads=2, minloglevel=2,
         )
     except RuntimeError as err:
@@ -144,6 +145,11 @@ class SentencepieceTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._sp.decode(ids)
+
+    def piece_id(self, piece: str) -> int | None:
+        """The id of a whole piece (e.g. "[MASK]"), None if the vocabulary lacks it."""
+        found = self._sp.piece_to_id(piece)
+        return None if found == UNK_ID and piece != self._sp.id_to_piece(UNK_ID) else found
 
     def token_byte_lengths(self) -> np.ndarray:
         """UTF-8 bytes each token id stands for: 0 for control tokens, 1 for a byte-fallback piece

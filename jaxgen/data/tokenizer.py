@@ -47,7 +47,17 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: list[int]) -> str: ...
 
+    def piece_id(self, piece: str) -> int | None: ...
+
     def token_byte_lengths(self) -> np.ndarray: ...
+
+
+MASK_PIECE = "[MASK]"  # a masked LM's mask token
+
+
+def sentinel_piece(i: int) -> str:
+    """Span corruption's i-th sentinel, named as T5's tokenizers name them."""
+    return f"<extra_id_{i}>"
 
 
 def load_tokenizer(path: str | pathlib.Path) -> Tokenizer:
