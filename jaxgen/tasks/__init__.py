@@ -25,6 +25,14 @@ def make_task(cfg: Config) -> Task:
         from jaxgen.tasks.gan import GANTask
 
         return GANTask(cfg)
+    if cfg.model.kind == "encoder":
+        from jaxgen.tasks.mlm import MaskedLMTask
+
+        return MaskedLMTask(cfg)
+    if cfg.model.kind == "encoder_decoder":
+        from jaxgen.tasks.seq2seq import Seq2SeqTask
+
+        return Seq2SeqTask(cfg)
     from jaxgen.tasks.lm import LanguageModelTask
 
     return LanguageModelTask(cfg)

@@ -20,15 +20,16 @@ import optax
 from jaxgen.config import Config
 from jaxgen.data.lm import LMData, build_lm_data
 from jaxgen.data.tokenizer import Tokenizer, load_tokenizer
-from jaxgen.errors import CheckpointError, ConfigError
+from jaxgen.errors import ConfigError
 from jaxgen.models import build_model
 from jaxgen.models.transformer import flops_per_token
 from jaxgen.tasks.base import ModelSpec, Phase, Weights
 from jaxgen.tasks.decode import Sampling, Vocabulary, generate
 from jaxgen.tasks.layout import MAIN_GROUP
+from jaxgen.tasks.text_inputs import TokenizerInputs
 
 
-class LanguageModelTask:
+class LanguageModelTask(TokenizerInputs):
     unit = "tokens"
     loss_name = "cross-entropy (nats / token)"
     sample_every = 0
@@ -66,18 +67,6 @@ class LanguageModelTask:
 
     def make_data(self, run_dir: pathlib.Path) -> LMData:
         return build_lm_data(self.cfg, run_dir)
-
-    # ------------------------------------------------------------------ what a run records about its inputs
-    def inputs(self, data: LMData) -> dict:
-        return {"tokenizer_sha256": data.tokenizer.sha256, "tokenizer_path": str(data.tokenizer.path),
-                "tokenizer_kind": data.tokenizer.kind}
-
-    def check_inputs(self, saved: dict, current: dict) -> None:
-        if saved.get("tokenizer_sha256") != current.get("tokenizer_sha256"):
-            raise CheckpointError(
-                f"the checkpoint was trained with tokenizer {saved.get('tokenizer_path')} "
-                f"(sha256 {saved.get('tokenizer_sha256')}), but this run uses {current.get('tokenizer_path')} "
-                f"(sha256 {current.get('tokenizer_sha256')}); resume with the checkpoint's tokenizer")
 
     # ------------------------------------------------------------------ samples, evaluation, generation
     def sample(self, weights: Weights, data: LMData, run_dir: pathlib.Path, step: int | None) -> dict:

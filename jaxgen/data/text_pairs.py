@@ -1,0 +1,53 @@
+"""Supervised (input, target) pairs from JSONL lines: `data.input_field` and `data.target_field` of each line.
+
+The document sources hand a pairs source's lines over whole (`sources.line_field`);
+this module reads the two fields, refusing a line that lacks one in one message
+naming the field and what the line holds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+
+import grain
+
+from jaxgen.config import DataConfig
+from jaxgen.errors import DataError
+
+
+def read_pair(line: str, input_field: str, target_field: str) -> tuple[str, str]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"a line of data.jsonl is not JSON ({err.msg} at column {err.colno}): "
+                        f"{line[:80]!r}") from None
+    if not isinstance(record, dict):
+        raise DataError(f"a line of data.jsonl holds {type(record).__name__}, not a JSON object with fields "
+                        f"{input_field!r} and {target_field!r}: {line[:80]!r}")
+    texts = []
+    for key, field in (("data.input_field", input_field), ("data.target_field", target_field)):
+        if field not in record:
+            raise DataError(f"a line of data.jsonl has no field {field!r} ({key}); it holds {sorted(record)}: "
+                            f"{line[:80]!r}")
+        if not isinstance(record[field], str):
+            raise DataError(f"field {field!r} ({key}) of a data.jsonl line holds {type(record[field]).__name__}, "
+                            f"not text: {line[:80]!r}")
+        texts.append(record[field])
+    return texts[0], texts[1]
+
+
+class ReadPair(grain.transforms.Map):
+    """A JSONL line -> (input text, target text)."""
+
+    def __init__(self, data: DataConfig):
+        self.input_field, self.target_field = data.input_field, data.target_field
+
+    def map(self, line: str) -> tuple[str, str]:
+        return read_pair(line, self.input_field, self.target_field)
+
+
+def pair_texts(lines: Iterable[str], data: DataConfig) -> Iterator[str]:
+    """Every input and target text of the lines (what a tokenizer for the pairs is trained on)."""
+    for line in lines:
+        yield from read_pair(line, data.input_field, data.target_field)

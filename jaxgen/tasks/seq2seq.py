@@ -1,0 +1,163 @@
+"""The encoder-decoder task (T5): span corruption of packed text, or supervised (input, target) pairs.
+
+Trained on the decoder's teacher-forced cross-entropy over target tokens. Evaluated
+by held-out loss, perplexity and next-token accuracy; on supervised pairs also by
+generating each held-out input's target (greedy, KV cache) and scoring exact
+matches, the token error rate and the error rate over whitespace-separated units
+(phonemes, for grapheme-to-phoneme), beside a baseline that answers each input
+with the target of the most similar training input. `jaxgen sample --prompt`
+generates a target for each prompt.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxgen.config import Config
+from jaxgen.data.bidirectional import (
+    TextRows,
+    build_text_rows,
+    decoder_start_id,
+    held_out_pairs,
+    ids_of,
+    is_pairs,
+    training_pairs,
+)
+from jaxgen.data.tokenizer import Tokenizer, load_tokenizer
+from jaxgen.errors import ConfigError
+from jaxgen.models import build_model
+from jaxgen.tasks.base import ModelSpec, Phase, Weights
+from jaxgen.tasks.decode import Sampling
+from jaxgen.tasks.layout import MAIN_GROUP
+from jaxgen.tasks.text_inputs import TokenizerInputs, global_batches
+
+# Held-out pairs whose targets `jaxgen eval` generates, and training pairs the nearest-input baseline searches.
+EVAL_PAIRS = 2000
+BASELINE_TRAIN_PAIRS = 500_000
+GENERATE_BATCH = 256
+
+
+class Seq2SeqTask(TokenizerInputs):
+    unit = "tokens"
+    loss_name = "target cross-entropy (nats / target token)"
+    sample_every = 0
+    sample_options: dict[str, Any] = {"prompt": None, "temperature": 0.0, "top_k": 0, "top_p": 1.0,
+                                      "max_new_tokens": None}
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def models(self) -> dict[str, ModelSpec]:
+        return {MAIN_GROUP: ModelSpec(build=lambda rngs: build_model(self.cfg.model, rngs))}
+
+    def phases(self) -> list[Phase]:
+        return [Phase("loss", (MAIN_GROUP,), self.loss)]
+
+    def loss(self, models, batch, rng, step=None):
+        del rng  # no dropout in this model family
+        logits_BTV = _logits_of(models[MAIN_GROUP], batch)
+        token_loss_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
+        weights_BT = batch["weights"].astype(jnp.float32)
+        return jnp.sum(token_loss_BT * weights_BT), jnp.sum(weights_BT)
+
+    def eval_loss(self, models, batch):
+        return self.loss(models, batch, jax.random.PRNGKey(0))
+
+    def units_per_batch(self) -> int:
+        """Tokens through the model per batch: encoder rows and decoder rows."""
+        return self.cfg.data.batch_size * (self.cfg.data.seq_len + self.cfg.data.target_len)
+
+    def flops_per_unit(self) -> float:
+        from jaxgen.models.t5 import flops_per_token
+
+        return flops_per_token(self.cfg.model, self.cfg.data.seq_len, self.cfg.data.target_len)
+
+    def make_data(self, run_dir: pathlib.Path) -> TextRows:
+        return build_text_rows(self.cfg, run_dir)
+
+    # ------------------------------------------------------------------ samples, evaluation, generation
+    def sample(self, weights: Weights, data: TextRows, run_dir: pathlib.Path, step: int | None) -> dict:
+        return {}
+
+    def evaluate(self, weights: Weights, data: TextRows, loss_sum: float, weight_sum: float) -> dict:
+        graphdef, params = weights.graphdefs[MAIN_GROUP], weights.params[MAIN_GROUP]
+        correct = sum(float(_correct(graphdef, params, batch)) for batch in global_batches(params, data.eval))
+        n = max(weight_sum, 1.0)
+        report = {"eval_loss": loss_sum / n, "perplexity": math.exp(loss_sum / n), "token_accuracy": correct / n,
+                  "eval_target_tokens": int(weight_sum)}
+        if is_pairs(self.cfg):
+            report |= self.pair_report(weights, data.tokenizer)
+        return report
+
+    def pair_report(self, weights: Weights, tokenizer: Tokenizer) -> dict:
+        """Generated targets of held-out pairs against the references, beside the nearest-input baseline."""
+        from jaxgen.evals.edit_distance import error_rate, exact_match
+        from jaxgen.evals.nearest_input import nearest_input_targets
+
+        pairs = held_out_pairs(self.cfg.data, EVAL_PAIRS)
+        references = [target for _, target in pairs]
+        generated = self.targets_for([source for source, _ in pairs], weights, tokenizer, self.cfg.data.target_len,
+                                     Sampling(temperature=0.0), seed=0)
+        baseline = nearest_input_targets(training_pairs(self.cfg.data, BASELINE_TRAIN_PAIRS),
+                                         [source for source, _ in pairs])
+
+        def scores(hypotheses: list[str], prefix: str) -> dict:
+            return {f"{prefix}exact_match": exact_match(references, hypotheses),
+                    f"{prefix}unit_error_rate": error_rate([r.split() for r in references],
+                                                           [h.split() for h in hypotheses]),
+                    f"{prefix}token_error_rate": error_rate(ids_of(references, tokenizer),
+                                                            ids_of(hypotheses, tokenizer))}
+
+        return {**scores(generated, ""), **scores(baseline, "nearest_input_"), "eval_pairs": len(pairs),
+                "examples": [{"input": s, "target": t, "generated": g}
+                             for (s, t), g in list(zip(pairs, generated))[:5]]}
+
+    def targets_for(self, inputs: list[str], weights: Weights, tokenizer: Tokenizer, max_new_tokens: int,
+                    sampling: Sampling, seed: int) -> list[str]:
+        """The decoder's text for each input, generated in batches."""
+        from jaxgen.tasks.seq2seq_decode import generate_targets
+
+        limit = self.cfg.data.seq_len
+        encoded = [ids[:limit - 1] + [tokenizer.eos_id] for ids in ids_of(inputs, tokenizer)]
+        start = decoder_start_id(self.cfg, tokenizer)
+        out: list[str] = []
+        for i in range(0, len(encoded), GENERATE_BATCH):
+            ids = generate_targets(weights.graphdefs[MAIN_GROUP], weights.params[MAIN_GROUP],
+                                   encoded[i:i + GENERATE_BATCH], max_new_tokens, start, tokenizer.eos_id, sampling,
+                                   seed + i)
+            out += [tokenizer.decode(target) for target in ids]
+        return out
+
+    def generate(self, weights: Weights, run_dir: pathlib.Path, step: int, options: dict[str, Any],
+                 on_text: Callable[[str], None] | None) -> list[dict]:
+        prompts = options["prompt"]
+        if not prompts:
+            raise ConfigError("an encoder-decoder turns inputs into targets: pass --prompt INPUT (repeat for several)")
+        tokenizer = load_tokenizer(run_dir)
+        sampling = Sampling(temperature=options["temperature"], top_k=options["top_k"], top_p=options["top_p"])
+        targets = self.targets_for(prompts, weights, tokenizer, options["max_new_tokens"] or self.cfg.data.target_len,
+                                   sampling, options["seed"])
+        if on_text is not None and len(prompts) == 1:
+            on_text(targets[0])
+        return [{"prompt": prompt, "text": target} for prompt, target in zip(prompts, targets)]
+
+
+def _logits_of(model: nnx.Module, batch: dict) -> jax.Array:
+    return model(batch["inputs"], batch["input_segments"], batch["targets_in"], batch["target_segments"],
+                 batch["input_positions"], batch["target_positions"])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _correct(graphdef, params, batch) -> jax.Array:
+    logits = _logits_of(nnx.merge(graphdef, params), batch)
+    hits = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
+    return jnp.sum(hits * batch["weights"])
