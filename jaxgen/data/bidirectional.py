@@ -33,7 +33,7 @@ import grain
 import numpy as np
 
 from jaxgen.config import Config, DataConfig
-from jaxgen.data.lm import how_to_hold_out_more, check_holds_one_batch, prepare_tokenizer
+from jaxgen.data.lm import check_holds_one_batch, how_to_hold_out_more, prepare_tokenizer
 from jaxgen.data.masking import mask_tokens, ordinary_ids
 from jaxgen.data.pipeline import (
     BatchIterator,

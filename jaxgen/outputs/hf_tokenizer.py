@@ -43,7 +43,7 @@ def sentencepiece_model(path: pathlib.Path) -> sentencepiece_model_pb2.ModelProt
         "remove_extra_whitespaces=True": norm.remove_extra_whitespaces,
         "escape_whitespaces=False": not norm.escape_whitespaces,
         "treat_whitespace_as_suffix=True": trainer.treat_whitespace_as_suffix,
-        "user-defined or unused pieces": any(p.type in (Piece.USER_DEFINED, Piece.UNUSED) for p in model.pieces),
+        "unused pieces": any(p.type == Piece.UNUSED for p in model.pieces),
     }
     if found := [setting for setting, present in unsupported.items() if present]:
         raise ExportError(
@@ -78,11 +78,21 @@ def hf_tokenizer_json(model: sentencepiece_model_pb2.ModelProto) -> dict:
         lowest = min(pieces[i].score for i in normal.values())
         vocab = [[p.piece, p.score if p.type == Piece.NORMAL else (len(p.piece) + 1) * lowest] for p in pieces]
         backend = {"type": "Unigram", "unk_id": trainer.unk_id, "byte_fallback": True, "vocab": vocab}
-    normalizers = [{"type": "Prepend", "prepend": "▁"}] if norm.add_dummy_prefix else []
+    whole = [p.piece for p in pieces if p.type == Piece.USER_DEFINED]  # trained whole: [MASK], <extra_id_0>
+    normalizers = [{"type": "Prepend", "prepend": "▁"}] if norm.add_dummy_prefix and not whole else []
     if norm.precompiled_charsmap:
         charsmap = base64.b64encode(norm.precompiled_charsmap).decode()
         normalizers.append({"type": "Precompiled", "precompiled_charsmap": charsmap})
-    normalizers.append({"type": "Replace", "pattern": {"String": " "}, "content": "▁"})
+    pre_tokenizer = None
+    if whole:
+        # Pieces trained whole are taken out of the text before it is normalised; each part left would get
+        # its own dummy prefix, so the pre-tokeniser gives it to the text's first part only. Two texts then
+        # tokenize differently from sentencepiece: one starting with a space (sentencepiece adds "▁" anyway)
+        # and one starting with such a piece (sentencepiece puts a lone "▁" before it).
+        pre_tokenizer = {"type": "Metaspace", "replacement": "▁", "split": False,
+                         "prepend_scheme": "first" if norm.add_dummy_prefix else "never"}
+    else:
+        normalizers.append({"type": "Replace", "pattern": {"String": " "}, "content": "▁"})
     decoders = [{"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
                 {"type": "ByteFallback"}, {"type": "Fuse"}]
     if norm.add_dummy_prefix:
@@ -93,9 +103,14 @@ def hf_tokenizer_json(model: sentencepiece_model_pb2.ModelProto) -> dict:
     added = [{"id": i, "content": p.piece, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": True}
              for i, p in enumerate(pieces) if p.type in (Piece.CONTROL, Piece.UNKNOWN)]
+    # Pieces trained whole ([MASK], <extra_id_0>, ...) are found in the text wherever they are; not special,
+    # so split_special_tokens leaves them whole.
+    added += [{"id": i, "content": p.piece, "single_word": False, "lstrip": False, "rstrip": False,
+               "normalized": False, "special": False}
+              for i, p in enumerate(pieces) if p.type == Piece.USER_DEFINED]
     return {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
-        "normalizer": {"type": "Sequence", "normalizers": normalizers}, "pre_tokenizer": None,
+        "normalizer": {"type": "Sequence", "normalizers": normalizers}, "pre_tokenizer": pre_tokenizer,
         "post_processor": {"type": "TemplateProcessing", "single": first, "pair": first + second,
                            "special_tokens": {bos: {"id": bos, "ids": [trainer.bos_id], "tokens": [bos]}}},
         "decoder": {"type": "Sequence", "decoders": decoders}, "model": backend,
