@@ -11,8 +11,8 @@ from jaxgen.data.g2p import cmudict_pairs, write_g2p_jsonl
 from jaxgen.data.masking import mask_rows, mask_tokens, ordinary_ids
 from jaxgen.data.span_corruption import corrupt, noise_mask, raw_length, span_count
 from jaxgen.errors import ConfigError, DataError
-from jaxgen.evals.edit_distance import error_rate, exact_match
-from jaxgen.evals.nearest_input import nearest_input_targets
+from jaxgen.quality.edit_distance import error_rate, exact_match
+from jaxgen.quality.nearest_input import nearest_input_targets
 
 MASK_ID, SPECIALS, VOCAB = 3, (0, 1, 2, 3), 200
 MLM = dict(mask_rate=0.15, replace_mask=0.8, replace_random=0.1, mask_id=MASK_ID,

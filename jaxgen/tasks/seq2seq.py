@@ -100,8 +100,8 @@ class Seq2SeqTask(TokenizerInputs):
 
     def pair_report(self, weights: Weights, tokenizer: Tokenizer) -> dict:
         """Generated targets of held-out pairs against the references, beside the nearest-input baseline."""
-        from jaxgen.evals.edit_distance import error_rate, exact_match
-        from jaxgen.evals.nearest_input import nearest_input_targets
+        from jaxgen.quality.edit_distance import error_rate, exact_match
+        from jaxgen.quality.nearest_input import nearest_input_targets
 
         pairs = held_out_pairs(self.cfg.data, EVAL_PAIRS)
         references = [target for _, target in pairs]
