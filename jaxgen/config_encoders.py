@@ -85,7 +85,9 @@ class EncoderDecoderConfig(_Section):
     n_heads: int = Field(4, gt=0)
     head_dim: int | None = Field(None, gt=0, description="default d_model // n_heads (T5's d_kv)")
     d_ff: int = Field(640, gt=0)
-    relative_buckets: int = Field(32, gt=1)
+    # Relative distances fall in buckets: half for each direction in the encoder, all one way in the
+    # decoder; within each, half exact, the rest log-spaced up to relative_max_distance.
+    relative_buckets: int = Field(32, ge=4)
     relative_max_distance: int = Field(128, gt=1)
     norm_eps: float = Field(1e-6, gt=0)
     # The gate of the gated MLP: gelu_tanh (T5 v1.1's gated-gelu) or silu.
@@ -114,6 +116,9 @@ class EncoderDecoderConfig(_Section):
         if self.head_dim is None and self.d_model % self.n_heads:
             raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
                              "set model.head_dim explicitly")
+        if self.relative_max_distance <= self.relative_buckets // 2:
+            raise ValueError(f"model.relative_max_distance={self.relative_max_distance} must exceed half of "
+                             f"model.relative_buckets={self.relative_buckets}: the log-spaced buckets need room")
         return self
 
 

@@ -41,7 +41,7 @@ from jaxgen.files import building
 from jaxgen.outputs.export import DEFAULT_MAX_SHARD_BYTES, EXPORT_DTYPES, _to_host, refuse_nonempty_output
 from jaxgen.outputs.hf_families import HFTensor, flat_params
 from jaxgen.outputs.hf_import import _checked_tokenizer, _declared_dtype, _imported_params, check_tensors
-from jaxgen.outputs.hf_tokenizer import check_exportable, write_hf_tokenizer
+from jaxgen.outputs.hf_tokenizer import check_exportable, frame_texts, write_hf_tokenizer
 from jaxgen.outputs.runs import OpenedRun, save_imported_run
 from jaxgen.outputs.safetensors_stream import file_inside, stored_tensors, write_sharded
 from jaxgen.sharding import make_mesh, resolve_rules
@@ -231,6 +231,7 @@ def export_bert(run: OpenedRun, out: str | pathlib.Path, dtype: str = "float32",
             write_sharded(partial, "model", specs, fetch, max_shard_bytes)
             (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             write_hf_tokenizer(tokenizer, partial, model.max_seq_len)
+            frame_texts(partial, tokenizer, bos=True, eos=True)  # [CLS] text [SEP], as trained
             _name_bert_roles(partial, tokenizer)
     else:  # every process takes part in gathering sharded tensors
         for name, *_ in specs:

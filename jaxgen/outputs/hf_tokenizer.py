@@ -153,3 +153,29 @@ def write_sentencepiece_as_hf(tokenizer_path: pathlib.Path, out: pathlib.Path, m
         "clean_up_tokenization_spaces": False,
     }
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def frame_texts(out: pathlib.Path, tokenizer: Tokenizer, *, bos: bool, eos: bool) -> None:
+    """Make the written files of a sentencepiece run's tokenizer put BOS and/or EOS around each text, as the
+    model was trained: an encoder's [CLS] text [SEP], a T5 input's text EOS. A Hugging Face tokenizer
+    keeps the framing it came with."""
+    if tokenizer.kind != "sentencepiece":
+        return
+    path = out / "tokenizer.json"
+    written = json.loads(path.read_text(encoding="utf-8"))
+    names = {i: piece for piece, i in written["model"]["vocab"].items()} if written["model"]["type"] == "BPE" else {
+        i: piece for i, (piece, _) in enumerate(written["model"]["vocab"])}
+    ends = [(tokenizer.bos_id, bos), (tokenizer.eos_id, eos)]
+
+    def template(sequence: str, type_id: int) -> list[dict]:
+        start, end = ([{"SpecialToken": {"id": names[i], "type_id": type_id}}] if wanted else [] for i, wanted in ends)
+        return start + [{"Sequence": {"id": sequence, "type_id": type_id}}] + end
+
+    written["post_processor"] = {
+        "type": "TemplateProcessing", "single": template("A", 0), "pair": template("A", 0) + template("B", 1),
+        "special_tokens": {names[i]: {"id": names[i], "ids": [i], "tokens": [names[i]]} for i, wanted in ends
+                           if wanted}}
+    path.write_text(json.dumps(written, ensure_ascii=False) + "\n", encoding="utf-8")
+    config = json.loads((out / CONFIG_NAME).read_text())
+    config.update(add_bos_token=bos, add_eos_token=eos)
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")

@@ -133,7 +133,7 @@ class Seq2SeqTask(TokenizerInputs):
         for i in range(0, len(encoded), GENERATE_BATCH):
             ids = generate_targets(weights.graphdefs[MAIN_GROUP], weights.params[MAIN_GROUP],
                                    encoded[i:i + GENERATE_BATCH], max_new_tokens, start, tokenizer.eos_id, sampling,
-                                   seed + i)
+                                   seed + i, vocab_size=tokenizer.vocab_size)
             out += [tokenizer.decode(target) for target in ids]
         return out
 
