@@ -4,7 +4,7 @@ sample, export to transformers, import back, and serve as a frozen text encoder.
 Each family trains its shipped config (shrunk) on a few thousand verses of the
 bundled corpus, straight through and again killed right after a checkpoint and
 resumed: the resumed run's losses, parameters and optimizer state equal the
-straight run's bit for bit. A longer run of each learns (held-out loss falls).
+straight run's bit for bit, and the straight run learns (held-out loss falls).
 """
 
 import itertools
@@ -21,6 +21,7 @@ import pytest
 from jaxgen.checkpoint import Checkpointer, checkpoint_dir
 from jaxgen.config import load_config
 from jaxgen.data.corpus import BUNDLED_CORPUS, iter_documents
+from jaxgen.data.tokenizer import load_tokenizer
 from jaxgen.metrics import read_metrics
 from jaxgen.sharding import make_mesh
 from jaxgen.train.build import build_training
@@ -29,9 +30,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 DRIVER = pathlib.Path(__file__).with_name("crash_driver.py")
 TINY = ["model.vocab_size=400", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64",
         "data.seq_len=32", "data.batch_size=8", "train.eval_batches=2", "logging.progress_bar=false"]
-SHORT = ["train.steps=6", "checkpoint.every=3", "logging.every=1", "train.eval_every=6"]
-LEARN = ["train.steps=40", "train.eval_every=40", "checkpoint.every=40", "optimizer.lr=0.01",
-         "optimizer.warmup_steps=5", "logging.every=10"]
+SHORT = ["train.steps=24", "checkpoint.every=12", "logging.every=1", "train.eval_every=24", "optimizer.lr=0.01",
+         "optimizer.warmup_steps=5"]
 FAMILIES = {
     "encoder": ["--config", "configs/bert_tiny.yaml", "model.max_seq_len=32"],
     "encoder_decoder": ["--config", "configs/t5_tiny.yaml", "data.target_len=16"],
@@ -69,22 +69,20 @@ def losses(run_dir):
 
 @pytest.fixture(scope="module")
 def trained(verses, tmp_path_factory):
-    """family -> (straight run, resumed run, a longer run), each family trained on first use."""
+    """family -> (straight run, resumed run), each family trained on first use."""
     runs = {}
 
     def train(family):
         if family not in runs:
             root = tmp_path_factory.mktemp(family)
-            straight, crashed, longer = root / "straight", root / "crashed", root / "longer"
+            straight, crashed = root / "straight", root / "crashed"
             done = jaxgen(*train_args(family, straight, verses, *SHORT))
             assert done.returncode == 0, done.stderr[-3000:]
-            died = jaxgen(*train_args(family, crashed, verses, *SHORT), driver=["after-commit", "3"])
+            died = jaxgen(*train_args(family, crashed, verses, *SHORT), driver=["after-commit", "12"])
             assert died.returncode == 137, died.stderr[-3000:]
             resumed = jaxgen(*train_args(family, crashed, verses, *SHORT))
             assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-3000:]
-            learned = jaxgen(*train_args(family, longer, verses, *LEARN))
-            assert learned.returncode == 0, learned.stderr[-3000:]
-            runs[family] = straight, crashed, longer
+            runs[family] = straight, crashed
         return runs[family]
 
     return train
@@ -92,20 +90,20 @@ def trained(verses, tmp_path_factory):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_a_killed_run_resumes_bit_identically(trained, family):
-    straight, crashed, _ = trained(family)
-    assert losses(crashed)[-3:] == losses(straight)[-3:]  # bit-identical floats
-    jax.tree.map(np.testing.assert_array_equal, saved_state(crashed, 6), saved_state(straight, 6))
+    straight, crashed = trained(family)
+    assert losses(crashed)[-12:] == losses(straight)[-12:]  # bit-identical floats
+    jax.tree.map(np.testing.assert_array_equal, saved_state(crashed, 24), saved_state(straight, 24))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_a_short_run_learns(trained, family):
-    _, _, longer = trained(family)
-    summary = json.loads((longer / "summary.json").read_text())
+    straight, _ = trained(family)
+    summary = json.loads((straight / "summary.json").read_text())
     assert summary["eval_loss_final"] < 0.8 * summary["eval_loss_initial"], summary
 
 
 def test_the_masked_lm_is_evaluated_beside_the_unigram_baseline_and_fills_masks(trained):
-    _, _, run = trained("encoder")
+    run, _ = trained("encoder")
     done = jaxgen("eval", "--run-dir", str(run))
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
@@ -121,7 +119,7 @@ def test_the_masked_lm_is_evaluated_beside_the_unigram_baseline_and_fills_masks(
 
 
 def test_the_encoder_decoder_generates_and_is_evaluated(trained):
-    _, _, run = trained("encoder_decoder")
+    run, _ = trained("encoder_decoder")
     done = jaxgen("eval", "--run-dir", str(run))
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
@@ -136,7 +134,7 @@ def test_export_to_transformers_and_import_back(trained, family, tmp_path):
     import torch
     import transformers
 
-    _, _, run = trained(family)
+    run, _ = trained(family)
     hf = tmp_path / "hf"
     done = jaxgen("export", "--run-dir", str(run), "--out", str(hf))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -152,7 +150,13 @@ def test_export_to_transformers_and_import_back(trained, family, tmp_path):
     for name in first:
         np.testing.assert_array_equal(first[name], second[name], err_msg=name)
     tokenizer = transformers.AutoTokenizer.from_pretrained(hf)
-    ids = torch.tensor([tokenizer("And God said")["input_ids"]])
+    ours = load_tokenizer(run)
+    piece = "[MASK]" if family == "encoder" else "<extra_id_0>"
+    text = f"And God said{piece} unto Moses, {piece} the"
+    framed = tokenizer(text)["input_ids"]  # as the run trained: [CLS] text [SEP], or text EOS
+    expected = ours.encode([text])[0]
+    assert framed == ([ours.bos_id, *expected, ours.eos_id] if family == "encoder" else [*expected, ours.eos_id])
+    ids = torch.tensor([framed])
     if family == "encoder":
         model = transformers.BertForMaskedLM.from_pretrained(hf).eval()
         assert model(input_ids=ids).logits.shape[-1] == 400
@@ -166,7 +170,7 @@ def test_export_to_transformers_and_import_back(trained, family, tmp_path):
 def test_a_run_serves_as_a_frozen_text_encoder(trained, family):
     from jaxgen.outputs.text_encoder import load_text_encoder
 
-    _, _, run = trained(family)
+    run, _ = trained(family)
     encoder = load_text_encoder(run, max_length=24)
     texts = ["In the beginning", "And the earth was without form, and void; and darkness was upon the face"]
     both = encoder(texts)
@@ -190,7 +194,7 @@ def reversal_run(tmp_path_factory):
     run = root / "run"
     done = jaxgen("train", "--config", "configs/t5_g2p.yaml", "--run-dir", str(run),
                   f"data.jsonl={root / 'pairs.jsonl'}", "data.target_field=reversed", "data.eval_every_nth_doc=10",
-                  *TINY, "model.vocab_size=280", "data.target_len=32", *LEARN)
+                  *TINY, "model.vocab_size=280", "data.target_len=32", *SHORT)
     assert done.returncode == 0, done.stderr[-3000:]
     return run
 
