@@ -27,9 +27,9 @@ import pydantic
 from jaxgen.config import IMAGE_SOURCES, AutoencoderConfig, Config
 from jaxgen.errors import ExportError
 from jaxgen.files import building
-from jaxgen.outputs.export import DEFAULT_MAX_SHARD_BYTES, EXPORT_DTYPES, _to_host, refuse_nonempty_output
+from jaxgen.outputs.export import DEFAULT_MAX_SHARD_BYTES, EXPORT_DTYPES, refuse_nonempty_output, to_host
 from jaxgen.outputs.hf_families import flat_params
-from jaxgen.outputs.hf_import import check_tensors
+from jaxgen.outputs.hf_import import check_tensors, in_config_json_terms
 from jaxgen.outputs.runs import OpenedRun, save_imported_run
 from jaxgen.outputs.safetensors_stream import file_inside, read_tensor, stored_tensors, write_sharded
 from jaxgen.sharding import make_mesh, param_path, resolve_rules
@@ -158,13 +158,7 @@ def read_diffusers_config(directory: pathlib.Path) -> AutoencoderConfig:
 
 
 def _in_diffusers_terms(error: dict) -> str:
-    to_key = {field: key for key, field in FIELDS.items()} | {"channels": "in_channels", "quant_conv": "use_quant_conv"}
-    if error["loc"]:
-        key = ".".join([to_key.get(error["loc"][0], str(error["loc"][0])), *map(str, error["loc"][1:])])
-        return f"key {key!r} = {error['input']!r}: {error['msg']}"
-    message = error["msg"].removeprefix("Value error, ")
-    named = [f"model.{field} is {key!r}" for field, key in to_key.items() if f"model.{field}=" in message]
-    return f"{message} (in config.json, {', '.join(named)})" if named else message
+    return in_config_json_terms(error, {field: key for key, field in FIELDS.items()} | {"channels": "in_channels", "quant_conv": "use_quant_conv"})
 
 
 # ----------------------------------------------------------------------------- export
@@ -181,7 +175,7 @@ def export_diffusers(run: OpenedRun, out: str | pathlib.Path, dtype: str = "floa
     specs = [(name, t.hf_shape, target) for name, t in by_name.items()]
 
     def fetch(name: str) -> np.ndarray:
-        return to_diffusers(_to_host(flat[by_name[name].path].astype(jnp.float32))).astype(target)
+        return to_diffusers(to_host(flat[by_name[name].path].astype(jnp.float32))).astype(target)
 
     if jax.process_index() == 0:
         with building(out) as partial:

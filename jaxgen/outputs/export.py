@@ -48,7 +48,7 @@ def generation_config(tokenizer: Tokenizer) -> dict:
     return {**special_token_ids(tokenizer), "pad_token_id": tokenizer.eos_id}
 
 
-def _to_host(array: jax.Array) -> np.ndarray:
+def to_host(array: jax.Array) -> np.ndarray:
     """A whole tensor on this host, gathered across processes when it is sharded over them."""
     if array.is_fully_addressable:
         return np.asarray(jax.device_get(array))
@@ -77,7 +77,7 @@ def export_hf(run: OpenedRun, out: str | pathlib.Path, dtype: str = "float32",
     def fetch(name: str) -> np.ndarray:
         t = by_name[name]
         array = flat[t.path] if t.layer is None else flat[t.path][t.layer]
-        host = _to_host(array.astype(jnp.float32))
+        host = to_host(array.astype(jnp.float32))
         return (host.T if t.transpose else host).astype(target)
 
     if jax.process_index() == 0:
@@ -99,7 +99,7 @@ def export_safetensors(run: OpenedRun, out: str | pathlib.Path, dtype: str = "fl
     target = EXPORT_DTYPES[dtype]
     flat = flat_params(run.weights.params)
     specs = [(path, tuple(array.shape), target) for path, array in flat.items()]
-    fetch = lambda path: _to_host(flat[path].astype(jnp.float32)).astype(target)  # noqa: E731
+    fetch = lambda path: to_host(flat[path].astype(jnp.float32)).astype(target)  # noqa: E731
     if jax.process_index() == 0:
         with building(out) as partial:
             write_sharded(partial, "model", specs, fetch, max_shard_bytes)

@@ -38,9 +38,15 @@ from jaxgen.data.hf_json_tokenizer import CONFIG_NAME, HFJsonTokenizer
 from jaxgen.data.tokenizer import MASK_PIECE, Tokenizer, keep_tokenizer, load_tokenizer
 from jaxgen.errors import DataError, ExportError
 from jaxgen.files import building
-from jaxgen.outputs.export import DEFAULT_MAX_SHARD_BYTES, EXPORT_DTYPES, _to_host, refuse_nonempty_output
+from jaxgen.outputs.export import DEFAULT_MAX_SHARD_BYTES, EXPORT_DTYPES, refuse_nonempty_output, to_host
 from jaxgen.outputs.hf_families import HFTensor, flat_params
-from jaxgen.outputs.hf_import import _checked_tokenizer, _declared_dtype, _imported_params, check_tensors
+from jaxgen.outputs.hf_import import (
+    check_tensors,
+    checked_tokenizer,
+    declared_dtype,
+    imported_params,
+    in_config_json_terms,
+)
 from jaxgen.outputs.hf_tokenizer import check_exportable, frame_texts, write_hf_tokenizer
 from jaxgen.outputs.runs import OpenedRun, save_imported_run
 from jaxgen.outputs.safetensors_stream import file_inside, stored_tensors, write_sharded
@@ -188,17 +194,11 @@ def read_bert_config(directory: pathlib.Path) -> tuple[EncoderConfig, str | None
         model = EncoderConfig.model_validate({**fields, "mlp_activation": ACTIVATIONS[act]}, strict=True)
     except pydantic.ValidationError as err:
         raise ExportError(f"{path}: " + "; ".join(_in_bert_terms(e) for e in err.errors())) from None
-    return model, _declared_dtype(hf, path)
+    return model, declared_dtype(hf, path)
 
 
 def _in_bert_terms(error: dict) -> str:
-    to_key = {field: key for key, field in FIELDS.items()}
-    if error["loc"]:
-        key = ".".join([to_key.get(error["loc"][0], str(error["loc"][0])), *map(str, error["loc"][1:])])
-        return f"key {key!r} = {error['input']!r}: {error['msg']}"
-    message = error["msg"].removeprefix("Value error, ")
-    named = [f"model.{field} is {key!r}" for field, key in to_key.items() if f"model.{field}=" in message]
-    return f"{message} (in config.json, {', '.join(named)})" if named else message
+    return in_config_json_terms(error, {field: key for key, field in FIELDS.items()})
 
 
 # ----------------------------------------------------------------------------- export
@@ -223,7 +223,7 @@ def export_bert(run: OpenedRun, out: str | pathlib.Path, dtype: str = "float32",
         if name not in by_name:  # the token-type table of a model without token types
             return np.zeros((1, model.d_model), target)
         t = by_name[name]
-        host = _to_host((flat[t.path] if t.layer is None else flat[t.path][t.layer]).astype(jnp.float32))
+        host = to_host((flat[t.path] if t.layer is None else flat[t.path][t.layer]).astype(jnp.float32))
         return (host.T if t.transpose else host).astype(target)
 
     if jax.process_index() == 0:
@@ -279,7 +279,7 @@ def import_bert(source: str | pathlib.Path, out: str | pathlib.Path) -> pathlib.
     check_tensors(source, plan, stored, declared_dtype)
 
     with building(out) as partial:
-        params = _imported_params(layout, plan, stored)
+        params = imported_params(layout, plan, stored)
         keep_tokenizer(tokenizer, partial)
         save_imported_run(partial, cfg, params, source, inputs={
             "tokenizer_sha256": tokenizer.sha256, "tokenizer_path": str(kept_as), "tokenizer_kind": tokenizer.kind})
@@ -292,13 +292,13 @@ def _bert_tokenizer(source: pathlib.Path, vocab_size: int) -> Tokenizer:
     EOS: jaxgen reads them as its BOS and EOS (where the file names none of its own)."""
     json_file, config_file = (file_inside(source, name, "tokenizer") for name in ("tokenizer.json", CONFIG_NAME))
     if (source / "tokenizer.model").is_file() or not json_file.is_file() or not config_file.is_file():
-        return _checked_tokenizer(source, vocab_size)
+        return checked_tokenizer(source, vocab_size)
     try:
         config = json.loads(config_file.read_bytes())
     except ValueError:
-        return _checked_tokenizer(source, vocab_size)  # it names the broken file
+        return checked_tokenizer(source, vocab_size)  # it names the broken file
     if not isinstance(config, dict) or config.get("eos_token") is not None:
-        return _checked_tokenizer(source, vocab_size)
+        return checked_tokenizer(source, vocab_size)
     roles = {"bos_token": config.get("cls_token"), "eos_token": config.get("sep_token")}
     files = {json_file.name: json_file.read_bytes(),
              CONFIG_NAME: json.dumps({**config, **roles}, indent=2, ensure_ascii=False).encode() + b"\n"}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -26,11 +27,20 @@ from jaxgen.data.tokenizer import Tokenizer, keep_tokenizer, load_tokenizer
 from jaxgen.errors import DataError, ExportError
 from jaxgen.files import building
 from jaxgen.outputs.export import refuse_nonempty_output
-from jaxgen.outputs.runs import save_imported_run
 from jaxgen.outputs.hf_families import (
-    ARCHITECTURES, COMMON_DEFAULTS, COMMON_KEYS, DESCRIPTIVE_KEYS, FAMILIES, REQUIRED_KEYS, ROPE_KEYS, Family, HFTensor,
-    flat_params, hf_plan,
+    ARCHITECTURES,
+    COMMON_DEFAULTS,
+    COMMON_KEYS,
+    DESCRIPTIVE_KEYS,
+    FAMILIES,
+    REQUIRED_KEYS,
+    ROPE_KEYS,
+    Family,
+    HFTensor,
+    flat_params,
+    hf_plan,
 )
+from jaxgen.outputs.runs import save_imported_run
 from jaxgen.outputs.safetensors_stream import StoredTensor, file_inside, read_tensor, stored_tensors
 from jaxgen.sharding import make_mesh, param_path, resolve_rules
 from jaxgen.tasks import make_task
@@ -57,7 +67,7 @@ def import_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path) -> pathlib.Pa
     hf_dir, out = pathlib.Path(hf_dir), pathlib.Path(out)
     refuse_nonempty_output(out)
     model_cfg, declared_dtype = read_hf_config(hf_dir)
-    tokenizer = _checked_tokenizer(hf_dir, model_cfg.vocab_size)
+    tokenizer = checked_tokenizer(hf_dir, model_cfg.vocab_size)
     stored = stored_tensors(hf_dir)
     kept_as = out / tokenizer.file_name
     cfg = Config(model=model_cfg, data={"seq_len": min(model_cfg.max_seq_len, 128), "tokenizer": str(kept_as)})
@@ -67,7 +77,7 @@ def import_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path) -> pathlib.Pa
     check_tensors(hf_dir, plan, stored, declared_dtype)
 
     with building(out) as partial:
-        params = _imported_params(layout, plan, stored)
+        params = imported_params(layout, plan, stored)
         keep_tokenizer(tokenizer, partial)
         save_imported_run(partial, cfg, params, hf_dir, inputs={
             "tokenizer_sha256": tokenizer.sha256, "tokenizer_path": str(kept_as), "tokenizer_kind": tokenizer.kind})
@@ -90,7 +100,7 @@ def read_hf_config(hf_dir: pathlib.Path) -> tuple[TransformerConfig, str | None]
     if not isinstance(hf, dict):
         raise ExportError(f"{path} must hold a JSON object, not {type(hf).__name__}")
     family = _family(hf, path)
-    return _transformer_config(hf, path, family), _declared_dtype(hf, path)
+    return _transformer_config(hf, path, family), declared_dtype(hf, path)
 
 
 def _family(hf: dict, path: pathlib.Path) -> str:
@@ -182,16 +192,21 @@ def _window_fields(hf: dict, family: Family, n_layers: int, path: pathlib.Path) 
 
 
 def _in_hf_terms(error: dict) -> str:
-    """One pydantic error about jaxgen's fields, told with the config.json keys the user can find."""
+    return in_config_json_terms(error, JAXGEN_TO_HF)
+
+
+def in_config_json_terms(error: dict, to_key: Mapping[str, str]) -> str:
+    """One pydantic error about jaxgen's fields, told with the config.json keys the user can find
+    (`to_key`: jaxgen field -> config.json key)."""
     if error["loc"]:
-        key = ".".join([JAXGEN_TO_HF.get(error["loc"][0], error["loc"][0]), *map(str, error["loc"][1:])])
+        key = ".".join([to_key.get(error["loc"][0], str(error["loc"][0])), *map(str, error["loc"][1:])])
         return f"key {key!r} = {error['input']!r}: {error['msg']}"
     message = error["msg"].removeprefix("Value error, ")  # a rule across fields names jaxgen's keys
-    keys = [f"model.{field} is {key!r}" for key, field in HF_TO_JAXGEN.items() if f"model.{field}=" in message]
+    keys = [f"model.{field} is {key!r}" for field, key in to_key.items() if f"model.{field}=" in message]
     return f"{message} (in config.json, {', '.join(keys)})" if keys else message
 
 
-def _declared_dtype(hf: dict, path: pathlib.Path) -> str | None:
+def declared_dtype(hf: dict, path: pathlib.Path) -> str | None:
     key = "dtype" if "dtype" in hf else "torch_dtype"  # `dtype` in newer transformers
     declared = hf.get(key)
     if declared is None:
@@ -202,7 +217,7 @@ def _declared_dtype(hf: dict, path: pathlib.Path) -> str | None:
     return declared
 
 
-def _checked_tokenizer(hf_dir: pathlib.Path, vocab_size: int) -> Tokenizer:
+def checked_tokenizer(hf_dir: pathlib.Path, vocab_size: int) -> Tokenizer:
     """The checkpoint's own tokenizer: its sentencepiece tokenizer.model if jaxgen can use it, else tokenizer.json.
 
     (Llama 2 ships both; Llama 3 and Qwen only tokenizer.json, whose BOS/EOS come from tokenizer_config.json.)
@@ -263,7 +278,7 @@ def _some(names: list[str]) -> str:
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
-def _imported_params(layout: ModelLayout, plan: list[HFTensor], stored: dict[str, StoredTensor]) -> dict:
+def imported_params(layout: ModelLayout, plan: list[HFTensor], stored: dict[str, StoredTensor]) -> dict:
     """The checked tensors as the model group's parameters, one parameter (all layers) on the host at a time."""
 
     def load(key_path: tuple, abstract: jax.ShapeDtypeStruct, sharding: jax.sharding.Sharding) -> jax.Array:

@@ -35,9 +35,15 @@ from jaxgen.config import Config, EncoderDecoderConfig
 from jaxgen.data.tokenizer import Tokenizer, keep_tokenizer, load_tokenizer
 from jaxgen.errors import ExportError
 from jaxgen.files import building
-from jaxgen.outputs.export import DEFAULT_MAX_SHARD_BYTES, EXPORT_DTYPES, _to_host, refuse_nonempty_output
+from jaxgen.outputs.export import DEFAULT_MAX_SHARD_BYTES, EXPORT_DTYPES, refuse_nonempty_output, to_host
 from jaxgen.outputs.hf_families import HFTensor, flat_params
-from jaxgen.outputs.hf_import import _checked_tokenizer, _declared_dtype, _imported_params, check_tensors
+from jaxgen.outputs.hf_import import (
+    check_tensors,
+    checked_tokenizer,
+    declared_dtype,
+    imported_params,
+    in_config_json_terms,
+)
 from jaxgen.outputs.hf_tokenizer import check_exportable, frame_texts, write_hf_tokenizer
 from jaxgen.outputs.runs import OpenedRun, save_imported_run
 from jaxgen.outputs.safetensors_stream import file_inside, stored_tensors, write_sharded
@@ -189,7 +195,7 @@ def read_t5_config(directory: pathlib.Path, stored: dict) -> tuple[EncoderDecode
         model = EncoderDecoderConfig.model_validate(fields, strict=True)
     except pydantic.ValidationError as err:
         raise ExportError(f"{path}: " + "; ".join(_in_t5_terms(e) for e in err.errors())) from None
-    return model, _declared_dtype(hf, path), not own_head and not scaled
+    return model, declared_dtype(hf, path), not own_head and not scaled
 
 
 def _activation(hf: dict, path: pathlib.Path) -> str:
@@ -213,13 +219,7 @@ def _flag(hf: dict, key: str, default: bool, path: pathlib.Path) -> bool:
 
 
 def _in_t5_terms(error: dict) -> str:
-    to_key = {field: key for key, field in FIELDS.items()}
-    if error["loc"]:
-        key = ".".join([to_key.get(error["loc"][0], str(error["loc"][0])), *map(str, error["loc"][1:])])
-        return f"key {key!r} = {error['input']!r}: {error['msg']}"
-    message = error["msg"].removeprefix("Value error, ")
-    named = [f"model.{field} is {key!r}" for field, key in to_key.items() if f"model.{field}=" in message]
-    return f"{message} (in config.json, {', '.join(named)})" if named else message
+    return in_config_json_terms(error, {field: key for key, field in FIELDS.items()})
 
 
 # ----------------------------------------------------------------------------- export
@@ -243,7 +243,7 @@ def export_t5(run: OpenedRun, out: str | pathlib.Path, dtype: str = "float32",
 
     def fetch(name: str) -> np.ndarray:
         t = by_name[name]
-        host = _to_host((flat[t.path] if t.layer is None else flat[t.path][t.layer]).astype(jnp.float32))
+        host = to_host((flat[t.path] if t.layer is None else flat[t.path][t.layer]).astype(jnp.float32))
         return (host.T if t.transpose else host).astype(target)
 
     generation = {key: config[key] for key in ("decoder_start_token_id", "eos_token_id", "pad_token_id")}
@@ -272,7 +272,7 @@ def import_t5(source: str | pathlib.Path, out: str | pathlib.Path) -> pathlib.Pa
     refuse_nonempty_output(out)
     stored = stored_tensors(source)
     model, declared_dtype, head_from_embedding = read_t5_config(source, stored)
-    tokenizer = _checked_tokenizer(source, model.vocab_size)
+    tokenizer = checked_tokenizer(source, model.vocab_size)
     kept_as = out / tokenizer.file_name
     cfg = Config(model=model, data={"tokenizer": str(kept_as)})
     rules = resolve_rules(cfg.sharding.preset, cfg.sharding.rules)
@@ -281,7 +281,7 @@ def import_t5(source: str | pathlib.Path, out: str | pathlib.Path) -> pathlib.Pa
     check_tensors(source, plan, stored, declared_dtype)
 
     with building(out) as partial:
-        params = _imported_params(layout, plan, stored)
+        params = imported_params(layout, plan, stored)
         keep_tokenizer(tokenizer, partial)
         save_imported_run(partial, cfg, params, source, inputs={
             "tokenizer_sha256": tokenizer.sha256, "tokenizer_path": str(kept_as), "tokenizer_kind": tokenizer.kind})

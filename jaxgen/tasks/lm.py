@@ -13,51 +13,29 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
-from jaxgen.config import Config
 from jaxgen.data.lm import LMData, build_lm_data
 from jaxgen.data.tokenizer import Tokenizer, load_tokenizer
 from jaxgen.errors import ConfigError
-from jaxgen.models import build_model
 from jaxgen.models.transformer import flops_per_token
-from jaxgen.tasks.base import ModelSpec, Phase, Weights
+from jaxgen.tasks.base import Weights
 from jaxgen.tasks.decode import Sampling, Vocabulary, generate
 from jaxgen.tasks.layout import MAIN_GROUP
-from jaxgen.tasks.text_inputs import TokenizerInputs
+from jaxgen.tasks.text_inputs import OneTextModel
 
 
-class LanguageModelTask(TokenizerInputs):
+class LanguageModelTask(OneTextModel):
     unit = "tokens"
     loss_name = "cross-entropy (nats / token)"
     sample_every = 0
     sample_options: dict[str, Any] = {"prompt": None, "temperature": 0.8, "top_k": 0, "top_p": 1.0,
                                       "max_new_tokens": 64}
 
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-
-    def models(self) -> dict[str, ModelSpec]:
-        return {MAIN_GROUP: ModelSpec(build=lambda rngs: build_model(self.cfg.model, rngs))}
-
-    def phases(self) -> list[Phase]:
-        return [Phase("loss", (MAIN_GROUP,), self.loss)]
-
-    def loss(self, models, batch, rng, step=None):
-        del rng  # no dropout in this model family
-        model = models[MAIN_GROUP]
+    def logits(self, model, batch):
         if self.cfg.model.document_mask:
-            logits_BLV = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-        else:
-            logits_BLV = model(batch["inputs"])
-        token_loss_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch["targets"])
-        weights_BL = batch["weights"].astype(jnp.float32)
-        return jnp.sum(token_loss_BL * weights_BL), jnp.sum(weights_BL)
-
-    def eval_loss(self, models, batch):
-        return self.loss(models, batch, jax.random.PRNGKey(0))
+            return model(batch["inputs"], batch["positions"], batch["segment_ids"])
+        return model(batch["inputs"])
 
     def units_per_batch(self) -> int:
         return self.cfg.data.batch_size * self.cfg.data.seq_len

@@ -17,16 +17,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from jaxgen.config import Config
 from jaxgen.data.bidirectional import TextRows, build_text_rows, unigram_counts
 from jaxgen.data.tokenizer import MASK_PIECE, load_tokenizer
 from jaxgen.errors import ConfigError
-from jaxgen.models import build_model
-from jaxgen.tasks.base import ModelSpec, Phase, Weights
+from jaxgen.tasks.base import Weights
 from jaxgen.tasks.layout import MAIN_GROUP
-from jaxgen.tasks.text_inputs import TokenizerInputs, global_batches, summed_over_processes
+from jaxgen.tasks.text_inputs import OneTextModel, global_batches, summed_over_processes
 
 # The unigram baseline counts this many training tokens.
 UNIGRAM_TOKENS = 2_000_000
@@ -34,30 +31,15 @@ UNIGRAM_TOKENS = 2_000_000
 TOP_CANDIDATES = 5
 
 
-class MaskedLMTask(TokenizerInputs):
+class MaskedLMTask(OneTextModel):
     unit = "tokens"
     loss_name = "masked-token cross-entropy (nats / masked token)"
     sample_every = 0
     sample_options: dict[str, Any] = {"prompt": None}
 
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-
-    def models(self) -> dict[str, ModelSpec]:
-        return {MAIN_GROUP: ModelSpec(build=lambda rngs: build_model(self.cfg.model, rngs))}
-
-    def phases(self) -> list[Phase]:
-        return [Phase("loss", (MAIN_GROUP,), self.loss)]
-
-    def loss(self, models, batch, rng, step=None):
-        del rng  # no dropout in this model family
-        logits_BLV = models[MAIN_GROUP](batch["inputs"], batch["segment_ids"], batch["positions"])
-        token_loss_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch["targets"])
-        weights_BL = batch["weights"].astype(jnp.float32)
-        return jnp.sum(token_loss_BL * weights_BL), jnp.sum(weights_BL)
-
-    def eval_loss(self, models, batch):
-        return self.loss(models, batch, jax.random.PRNGKey(0))
+    @staticmethod
+    def logits(model, batch):
+        return model(batch["inputs"], batch["segment_ids"], batch["positions"])
 
     def units_per_batch(self) -> int:
         return self.cfg.data.batch_size * self.cfg.data.seq_len
@@ -144,7 +126,7 @@ def _mask_takes_its_space(ids: list[int], mask_id: int, space_id: int | None) ->
 def _correct(graphdef, params, batch) -> jax.Array:
     from flax import nnx
 
-    logits = nnx.merge(graphdef, params)(batch["inputs"], batch["segment_ids"], batch["positions"])
+    logits = MaskedLMTask.logits(nnx.merge(graphdef, params), batch)
     hits = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
     return jnp.sum(hits * batch["weights"])
 

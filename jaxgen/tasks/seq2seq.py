@@ -19,10 +19,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
-from jaxgen.config import Config
 from jaxgen.data.bidirectional import (
     TextRows,
     build_text_rows,
@@ -34,11 +32,10 @@ from jaxgen.data.bidirectional import (
 )
 from jaxgen.data.tokenizer import Tokenizer, load_tokenizer
 from jaxgen.errors import ConfigError
-from jaxgen.models import build_model
-from jaxgen.tasks.base import ModelSpec, Phase, Weights
+from jaxgen.tasks.base import Weights
 from jaxgen.tasks.decode import Sampling
 from jaxgen.tasks.layout import MAIN_GROUP
-from jaxgen.tasks.text_inputs import TokenizerInputs, global_batches
+from jaxgen.tasks.text_inputs import OneTextModel, global_batches
 
 # Held-out pairs whose targets `jaxgen eval` generates, and training pairs the nearest-input baseline searches.
 EVAL_PAIRS = 2000
@@ -46,31 +43,17 @@ BASELINE_TRAIN_PAIRS = 500_000
 GENERATE_BATCH = 256
 
 
-class Seq2SeqTask(TokenizerInputs):
+class Seq2SeqTask(OneTextModel):
     unit = "tokens"
     loss_name = "target cross-entropy (nats / target token)"
     sample_every = 0
     sample_options: dict[str, Any] = {"prompt": None, "temperature": 0.0, "top_k": 0, "top_p": 1.0,
                                       "max_new_tokens": None}
 
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-
-    def models(self) -> dict[str, ModelSpec]:
-        return {MAIN_GROUP: ModelSpec(build=lambda rngs: build_model(self.cfg.model, rngs))}
-
-    def phases(self) -> list[Phase]:
-        return [Phase("loss", (MAIN_GROUP,), self.loss)]
-
-    def loss(self, models, batch, rng, step=None):
-        del rng  # no dropout in this model family
-        logits_BTV = _logits_of(models[MAIN_GROUP], batch)
-        token_loss_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
-        weights_BT = batch["weights"].astype(jnp.float32)
-        return jnp.sum(token_loss_BT * weights_BT), jnp.sum(weights_BT)
-
-    def eval_loss(self, models, batch):
-        return self.loss(models, batch, jax.random.PRNGKey(0))
+    @staticmethod
+    def logits(model, batch):
+        return model(batch["inputs"], batch["input_segments"], batch["targets_in"], batch["target_segments"],
+                     batch["input_positions"], batch["target_positions"])
 
     def units_per_batch(self) -> int:
         """Tokens through the model per batch: encoder rows and decoder rows."""
@@ -151,13 +134,8 @@ class Seq2SeqTask(TokenizerInputs):
         return [{"prompt": prompt, "text": target} for prompt, target in zip(prompts, targets)]
 
 
-def _logits_of(model: nnx.Module, batch: dict) -> jax.Array:
-    return model(batch["inputs"], batch["input_segments"], batch["targets_in"], batch["target_segments"],
-                 batch["input_positions"], batch["target_positions"])
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _correct(graphdef, params, batch) -> jax.Array:
-    logits = _logits_of(nnx.merge(graphdef, params), batch)
+    logits = Seq2SeqTask.logits(nnx.merge(graphdef, params), batch)
     hits = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
     return jnp.sum(hits * batch["weights"])

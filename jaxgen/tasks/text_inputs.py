@@ -1,7 +1,9 @@
-"""What the text families share: the tokenizer a run records, and held-out batches placed beside the parameters.
+"""What the text families share: one model trained on one loss, the tokenizer a run records, and held-out
+batches placed beside the parameters.
 
-A run records its tokenizer's hash in every checkpoint and never resumes on another
-(`TokenizerInputs`). Figures computed on the host's rows of held-out batches are
+Each text family trains one model (group `model`) on the cross-entropy of its
+logits for the batch's weighted targets, and records its tokenizer's hash in every
+checkpoint, never resuming on another (`OneTextModel`). Figures computed on the host's rows of held-out batches are
 summed over processes (`summed_over_processes`); figures computed by the model take
 the batches as global arrays on the parameters' mesh (`global_batches`).
 """
@@ -9,15 +11,47 @@ the batches as global arrays on the parameters' mesh (`global_batches`).
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
+from jaxgen.config import Config
 from jaxgen.data.pipeline import to_global
 from jaxgen.errors import CheckpointError
+from jaxgen.models import build_model
+from jaxgen.tasks.base import ModelSpec, Phase
+from jaxgen.tasks.layout import MAIN_GROUP
 
 
-class TokenizerInputs:
-    """`Task.inputs` / `check_inputs` of a family whose data has a `tokenizer`."""
+class OneTextModel:
+    """A text family's models, phases and inputs: one model trained on `loss`; its tokenizer recorded.
 
+    Subclasses give `logits(model, batch)` for the tokens in batch["targets"] (weighted by batch["weights"]).
+    """
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def models(self) -> dict[str, ModelSpec]:
+        return {MAIN_GROUP: ModelSpec(build=lambda rngs: build_model(self.cfg.model, rngs))}
+
+    def phases(self) -> list[Phase]:
+        return [Phase("loss", (MAIN_GROUP,), self.loss)]
+
+    def logits(self, model, batch: dict) -> jax.Array:
+        raise NotImplementedError
+
+    def loss(self, models, batch, rng, step=None):
+        del rng  # no dropout in these families
+        logits = self.logits(models[MAIN_GROUP], batch)
+        token_loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        weights = batch["weights"].astype(jnp.float32)
+        return jnp.sum(token_loss * weights), jnp.sum(weights)
+
+    def eval_loss(self, models, batch):
+        return self.loss(models, batch, jax.random.PRNGKey(0))
+
+    # What a run records about its inputs in every checkpoint: the tokenizer.
     def inputs(self, data) -> dict:
         return {"tokenizer_sha256": data.tokenizer.sha256, "tokenizer_path": str(data.tokenizer.path),
                 "tokenizer_kind": data.tokenizer.kind}
