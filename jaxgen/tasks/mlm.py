@@ -23,7 +23,7 @@ from jaxgen.data.tokenizer import MASK_PIECE, load_tokenizer
 from jaxgen.errors import ConfigError
 from jaxgen.tasks.base import Weights
 from jaxgen.tasks.layout import MAIN_GROUP
-from jaxgen.tasks.text_inputs import OneTextModel, global_batches, summed_over_processes
+from jaxgen.tasks.text_inputs import OneTextModel, global_batches, spaces_taken, summed_over_processes
 
 # The unigram baseline counts this many training tokens.
 UNIGRAM_TOKENS = 2_000_000
@@ -85,9 +85,8 @@ class MaskedLMTask(OneTextModel):
                               f"each (e.g. --prompt 'In the beginning God created the {MASK_PIECE}')")
         mask_id = tokenizer.piece_id(MASK_PIECE)
         length = self.cfg.data.seq_len
-        rows = [[tokenizer.bos_id, *_mask_takes_its_space(tokenizer.encode_document(p).tolist(), mask_id,
-                                                          tokenizer.piece_id("\u2581")), tokenizer.eos_id]
-                for p in prompts]
+        rows = [[tokenizer.bos_id, *spaces_taken(tokenizer.encode_document(p).tolist(), {mask_id}, tokenizer),
+                 tokenizer.eos_id] for p in prompts]
         if max(map(len, rows)) > length:
             raise ConfigError(f"the longest prompt is {max(map(len, rows))} tokens with [CLS] and [SEP], more than "
                               f"data.seq_len={length}; shorten it")
@@ -113,13 +112,6 @@ class MaskedLMTask(OneTextModel):
                 on_text(text)
             results.append({"prompt": prompt, "text": text, "candidates": candidates})
         return results
-
-
-def _mask_takes_its_space(ids: list[int], mask_id: int, space_id: int | None) -> list[int]:
-    """"be [MASK]" tokenizes to "▁be", "▁", "[MASK]": the masked word would then be one without its leading
-    space, unlike every word the model learnt to fill in. The lone space before a [MASK] goes, so the mask
-    stands for "▁light" as in training."""
-    return [t for i, t in enumerate(ids) if not (t == space_id and i + 1 < len(ids) and ids[i + 1] == mask_id)]
 
 
 @functools.partial(jax.jit, static_argnums=0)

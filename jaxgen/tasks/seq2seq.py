@@ -28,6 +28,7 @@ from jaxgen.data.bidirectional import (
     held_out_pairs,
     ids_of,
     is_pairs,
+    special_pieces,
     training_pairs,
 )
 from jaxgen.data.tokenizer import Tokenizer, load_tokenizer
@@ -35,7 +36,7 @@ from jaxgen.errors import ConfigError
 from jaxgen.tasks.base import Weights
 from jaxgen.tasks.decode import Sampling
 from jaxgen.tasks.layout import MAIN_GROUP
-from jaxgen.tasks.text_inputs import OneTextModel, global_batches
+from jaxgen.tasks.text_inputs import OneTextModel, global_batches, spaces_taken
 
 # Held-out pairs whose targets `jaxgen eval` generates, and training pairs the nearest-input baseline searches.
 EVAL_PAIRS = 2000
@@ -110,7 +111,9 @@ class Seq2SeqTask(OneTextModel):
         from jaxgen.tasks.seq2seq_decode import generate_targets
 
         limit = self.cfg.data.seq_len
-        encoded = [ids[:limit - 1] + [tokenizer.eos_id] for ids in ids_of(inputs, tokenizer)]
+        sentinels = {tokenizer.piece_id(piece) for piece in special_pieces(self.cfg)}
+        encoded = [spaces_taken(ids, sentinels, tokenizer)[:limit - 1] + [tokenizer.eos_id]
+                   for ids in ids_of(inputs, tokenizer)]
         start = decoder_start_id(self.cfg, tokenizer)
         out: list[str] = []
         for i in range(0, len(encoded), GENERATE_BATCH):

@@ -64,6 +64,17 @@ class OneTextModel:
                 f"(sha256 {current.get('tokenizer_sha256')}); resume with the checkpoint's tokenizer")
 
 
+def spaces_taken(ids: list[int], pieces: set[int], tokenizer) -> list[int]:
+    """A prompt's ids without the lone space piece before each of `pieces` ([MASK], sentinels).
+
+    "be [MASK]" tokenizes to "▁be", "▁", "[MASK]": the hidden word would be one without its leading
+    space, unlike every word the model learnt to fill in; without the lone space the piece stands for
+    "▁light", as in training.
+    """
+    space = tokenizer.piece_id("\u2581")
+    return [t for i, t in enumerate(ids) if not (t == space and i + 1 < len(ids) and ids[i + 1] in pieces)]
+
+
 def global_batches(params, batches: list[dict[str, np.ndarray]]) -> list[dict[str, jax.Array]]:
     """This process's rows of each batch joined into global arrays on the mesh the parameters live on."""
     mesh = jax.tree.leaves(params)[0].sharding.mesh
