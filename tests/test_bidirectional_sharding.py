@@ -68,7 +68,7 @@ def test_a_sharded_train_step_equals_one_device(devices, kind, mesh):
 @pytest.mark.parametrize("kind", ["encoder", "encoder_decoder"])
 def test_remat_unrolled_layers_and_bf16_train_like_the_default(devices, kind):
     default = train_steps(kind, devices[:1], *ONE_DEVICE)
-    for switches, rtol in ((["model.remat=full"], 1e-5), (["model.scan_layers=false"], 1e-5),
+    for switches, rtol in ((["model.remat=full", "model.scan_layers=false"], 1e-5),
                            (["model.compute_dtype=bfloat16"], 3e-2)):
         other = train_steps(kind, devices[:1], *ONE_DEVICE, *switches)
         np.testing.assert_allclose(other[1:], default[1:], rtol=rtol, err_msg=str(switches))
