@@ -66,6 +66,13 @@ def cmd_data_g2p(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_synth_shapes(args: argparse.Namespace) -> int:
+    from jaxgen.data.synth_shapes import write_shapes_folder
+
+    print(json.dumps(write_shapes_folder(pathlib.Path(args.out), args.count, args.seed, args.size)))
+    return 0
+
+
 def cmd_data_inspect(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from jaxgen.data.inspect import inspect_data, inspection_tokenizer
@@ -286,6 +293,16 @@ def build_parser() -> argparse.ArgumentParser:
                                       "pairs, one JSON line per word (configs/t5_g2p.yaml trains on it)")
     g2p.add_argument("--out", required=True, metavar="FILE.jsonl", help="the JSONL file to write")
     g2p.set_defaults(func=cmd_data_g2p)
+    synth = data.add_parser("synth", help="write a procedural dataset").add_subparsers(
+        dest="dataset", required=True, parser_class=Parser, metavar="DATASET", help="which dataset")
+    shapes = synth.add_parser("shapes", help="one or two coloured shapes with compositional captions (\"a small red "
+                                             "circle above a large blue square\") as an image folder with "
+                                             "metadata.jsonl; test/ holds colour-kind pairs train/ never shows")
+    shapes.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) directory")
+    shapes.add_argument("--count", type=positive_int, required=True, metavar="N", help="images in both splits")
+    shapes.add_argument("--seed", type=int, default=0, help="the scenes' random seed")
+    shapes.add_argument("--size", type=positive_int, default=32, help="image side in pixels (at least 32)")
+    shapes.set_defaults(func=cmd_data_synth_shapes)
     inspect = data.add_parser("inspect", parents=[overrides],
                               help="print, as JSON, which documents the first training batches and the held-out "
                                    "batches hold, and the shuffle settings")

@@ -65,7 +65,7 @@ def digits_records() -> InMemoryRecords:
     return InMemoryRecords(bunch.images.astype(np.uint8)[..., None], bunch.target.astype(np.int32))
 
 
-def _shape_coverage(kind: str, dx: np.ndarray, dy: np.ndarray, r: np.ndarray) -> np.ndarray:
+def shape_coverage(kind: str, dx: np.ndarray, dy: np.ndarray, r: np.ndarray) -> np.ndarray:
     """Fraction of each pixel inside the shape, from a signed distance (pixels) with a one-pixel ramp."""
     if kind == "circle":
         sdf = np.hypot(dx, dy) - r
@@ -98,7 +98,7 @@ def make_shapes(n: int, seed: int = 0, size: int = 32) -> InMemoryRecords:
     for label, kind in enumerate(SHAPE_CLASSES):
         idx = np.flatnonzero(labels == label)
         dx, dy = xx[None] - cx[idx, None, None], yy[None] - cy[idx, None, None]
-        cover = _shape_coverage(kind, dx, dy, r[idx, None, None])[..., None]
+        cover = shape_coverage(kind, dx, dy, r[idx, None, None])[..., None]
         images[idx] = np.round(255 * (cover * fg[idx, None, None, :] + (1 - cover) * bg[idx, None, None, :]))
     return InMemoryRecords(images, labels)
 
