@@ -5,6 +5,8 @@ fsdp_tp (fsdp 4 x tensor 2) and on data 2 x fsdp 2 x tensor 2 (where a
 gathered embedding once gave a GAN wrong gradients) against one device.
 """
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -47,6 +49,12 @@ def batch_for(kind):
             "target_positions": target_positions, "weights": (target_segments > 0).astype(np.float32)}
 
 
+@functools.cache
+def one_device(kind):
+    """Two steps of the default on one device: what every other setting is compared with."""
+    return train_steps(kind, jax.devices()[:1], *ONE_DEVICE)
+
+
 def train_steps(kind, devices, *mesh, steps=2):
     cfg = load_config(None, [f"model.kind={kind}", *TINY, *mesh])
     training = build_training(cfg, make_mesh(cfg.mesh, devices))
@@ -59,7 +67,7 @@ def train_steps(kind, devices, *mesh, steps=2):
 @pytest.mark.parametrize("kind", ["encoder", "encoder_decoder"])
 @pytest.mark.parametrize("mesh", list(MESHES))
 def test_a_sharded_train_step_equals_one_device(devices, kind, mesh):
-    one = train_steps(kind, devices[:1], *ONE_DEVICE)
+    one = one_device(kind)
     sharded = train_steps(kind, devices, *MESHES[mesh])
     np.testing.assert_allclose(sharded[1:], one[1:], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), sharded[0], one[0])
@@ -67,7 +75,7 @@ def test_a_sharded_train_step_equals_one_device(devices, kind, mesh):
 
 @pytest.mark.parametrize("kind", ["encoder", "encoder_decoder"])
 def test_remat_unrolled_layers_and_bf16_train_like_the_default(devices, kind):
-    default = train_steps(kind, devices[:1], *ONE_DEVICE)
+    default = one_device(kind)
     for switches, rtol in ((["model.remat=full", "model.scan_layers=false"], 1e-5),
                            (["model.compute_dtype=bfloat16"], 3e-2)):
         other = train_steps(kind, devices[:1], *ONE_DEVICE, *switches)

@@ -243,7 +243,9 @@ def _name_bert_roles(out: pathlib.Path, tokenizer: Tokenizer) -> None:
     """Name BERT's special tokens in the written tokenizer files: [CLS] = BOS, [SEP] = EOS, [MASK], pad = id 0.
 
     Roles the files already name are kept (a BERT tokenizer's own); padding goes on the right, where BERT's
-    positions need it.
+    positions need it. [MASK] is a special token here, which transformers' split_special_tokens would
+    spell out letter by letter: it is off, so "[MASK]" in text is the mask token (as for jaxgen) and,
+    unlike jaxgen, "<s>" or "</s>" in text is [CLS] or [SEP].
     """
     vocabulary = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json"))
     roles = {"cls_token": vocabulary.id_to_token(tokenizer.bos_id),
@@ -251,7 +253,7 @@ def _name_bert_roles(out: pathlib.Path, tokenizer: Tokenizer) -> None:
     if tokenizer.piece_id(MASK_PIECE) is not None:
         roles["mask_token"] = MASK_PIECE
     fixed = {"pad_token": vocabulary.id_to_token(0)}  # config.json's pad_token_id
-    for name, extra in (("special_tokens_map.json", {}), (CONFIG_NAME, {"padding_side": "right"})):
+    for name, extra in (("special_tokens_map.json", {}), (CONFIG_NAME, {"padding_side": "right", "split_special_tokens": False})):
         path = out / name
         if path.is_file():
             written = json.loads(path.read_text(encoding="utf-8"))
