@@ -162,10 +162,8 @@ def cmd_import(args: argparse.Namespace) -> int:
         out = import_diffusers(args.source, args.out)
         print(f"imported into {out}; fine-tune with checkpoint.init_from={out}")
         return 0
-    if is_bert_dir(args.source) or is_t5_dir(args.source):
-        out = (import_bert if is_bert_dir(args.source) else import_t5)(args.source, args.out)
-    else:
-        out = import_hf(args.source, args.out)
+    importer = import_bert if is_bert_dir(args.source) else import_t5 if is_t5_dir(args.source) else import_hf
+    out = importer(args.source, args.out)
     print(f"imported into {out}; fine-tune with checkpoint.init_from={out} data.tokenizer={out}")
     return 0
 

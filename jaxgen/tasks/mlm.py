@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgen.config import Config
 from jaxgen.data.bidirectional import TextRows, build_text_rows, unigram_counts
 from jaxgen.data.tokenizer import MASK_PIECE, load_tokenizer
 from jaxgen.errors import ConfigError
@@ -36,6 +37,10 @@ class MaskedLMTask(OneTextModel):
     loss_name = "masked-token cross-entropy (nats / masked token)"
     sample_every = 0
     sample_options: dict[str, Any] = {"prompt": None}
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self._unigram: tuple[float, float] | None = None
 
     @staticmethod
     def logits(model, batch):
@@ -60,20 +65,25 @@ class MaskedLMTask(OneTextModel):
         """Masked-token loss, perplexity and accuracy; the unigram baseline's loss and accuracy on the same tokens."""
         graphdef, params = weights.graphdefs[MAIN_GROUP], weights.params[MAIN_GROUP]
         correct = sum(float(_correct(graphdef, params, batch)) for batch in global_batches(params, data.eval))
-        counts = unigram_counts(self.cfg.data, data.tokenizer, UNIGRAM_TOKENS).astype(np.float64)
-        log_p = np.log((counts + 1.0) / (counts.sum() + len(counts)))  # add-one: unseen tokens are not infinitely bad
-        most_frequent = int(np.argmax(counts))
-        base_loss = base_correct = 0.0
-        for batch in data.eval:
-            w = batch["weights"]
-            base_loss -= float(np.sum(log_p[batch["targets"]] * w))
-            base_correct += float(np.sum((batch["targets"] == most_frequent) * w))
-        base_loss, base_correct = summed_over_processes([base_loss, base_correct])
+        base_loss, base_correct = self.unigram_sums(data)
         n = max(weight_sum, 1.0)
         loss = loss_sum / n
         return {"eval_loss": loss, "perplexity": math.exp(loss), "masked_accuracy": correct / n,
                 "unigram_loss": base_loss / n, "unigram_perplexity": math.exp(base_loss / n),
                 "unigram_accuracy": base_correct / n, "eval_masked_tokens": int(weight_sum)}
+
+    def unigram_sums(self, data: TextRows) -> tuple[float, float]:
+        """The unigram baseline's (loss sum, correct sum) on the held-out masked tokens; worked out once, as
+        `jaxgen eval --all` scores every checkpoint on the same held-out batches."""
+        if self._unigram is None:
+            counts = unigram_counts(self.cfg.data, data.tokenizer, UNIGRAM_TOKENS).astype(np.float64)
+            # Add-one smoothing: a token unseen in training is not infinitely unlikely.
+            log_p = np.log((counts + 1.0) / (counts.sum() + len(counts)))
+            most_frequent = int(np.argmax(counts))
+            loss = sum(-float(np.sum(log_p[b["targets"]] * b["weights"])) for b in data.eval)
+            correct = sum(float(np.sum((b["targets"] == most_frequent) * b["weights"])) for b in data.eval)
+            self._unigram = tuple(summed_over_processes([loss, correct]))
+        return self._unigram
 
     def generate(self, weights: Weights, run_dir: pathlib.Path, step: int, options: dict[str, Any],
                  on_text: Callable[[str], None] | None) -> list[dict]:

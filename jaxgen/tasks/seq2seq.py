@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxgen.config import Config
 from jaxgen.data.bidirectional import (
     TextRows,
     build_text_rows,
@@ -50,6 +51,10 @@ class Seq2SeqTask(OneTextModel):
     sample_every = 0
     sample_options: dict[str, Any] = {"prompt": None, "temperature": 0.0, "top_k": 0, "top_p": 1.0,
                                       "max_new_tokens": None}
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self._held_out: tuple[list[tuple[str, str]], list[str]] | None = None  # pairs, the baseline's answers
 
     @staticmethod
     def logits(model, batch):
@@ -87,12 +92,15 @@ class Seq2SeqTask(OneTextModel):
         from jaxgen.quality.edit_distance import error_rate, exact_match
         from jaxgen.quality.nearest_input import nearest_input_targets
 
-        pairs = held_out_pairs(self.cfg.data, EVAL_PAIRS)
+        if self._held_out is None:  # the same for every checkpoint `jaxgen eval --all` scores
+            pairs = held_out_pairs(self.cfg.data, EVAL_PAIRS)
+            baseline = nearest_input_targets(training_pairs(self.cfg.data, BASELINE_TRAIN_PAIRS),
+                                             [source for source, _ in pairs])
+            self._held_out = pairs, baseline
+        pairs, baseline = self._held_out
         references = [target for _, target in pairs]
         generated = self.targets_for([source for source, _ in pairs], weights, tokenizer, self.cfg.data.target_len,
                                      Sampling(temperature=0.0), seed=0)
-        baseline = nearest_input_targets(training_pairs(self.cfg.data, BASELINE_TRAIN_PAIRS),
-                                         [source for source, _ in pairs])
 
         def scores(hypotheses: list[str], prefix: str) -> dict:
             return {f"{prefix}exact_match": exact_match(references, hypotheses),
