@@ -158,7 +158,8 @@ def read_diffusers_config(directory: pathlib.Path) -> AutoencoderConfig:
 
 
 def _in_diffusers_terms(error: dict) -> str:
-    return in_config_json_terms(error, {field: key for key, field in FIELDS.items()} | {"channels": "in_channels", "quant_conv": "use_quant_conv"})
+    to_key = {field: key for key, field in FIELDS.items()} | {"channels": "in_channels", "quant_conv": "use_quant_conv"}
+    return in_config_json_terms(error, to_key)
 
 
 # ----------------------------------------------------------------------------- export

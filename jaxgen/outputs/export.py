@@ -16,6 +16,7 @@ import json
 import logging
 import pathlib
 import shutil
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,7 @@ from jax.experimental import multihost_utils
 from jaxgen.data.tokenizer import Tokenizer, kept_tokenizer_files, load_tokenizer
 from jaxgen.errors import ExportError
 from jaxgen.files import building
-from jaxgen.outputs.hf_families import flat_params, hf_config, hf_plan
+from jaxgen.outputs.hf_families import HFTensor, flat_params, hf_config, hf_plan
 from jaxgen.outputs.hf_tokenizer import check_exportable, write_hf_tokenizer
 from jaxgen.outputs.runs import OpenedRun, load_run_config, open_run
 from jaxgen.outputs.safetensors_stream import write_sharded
@@ -69,24 +70,42 @@ def export_hf(run: OpenedRun, out: str | pathlib.Path, dtype: str = "float32",
     config = {**hf_config(run.cfg), **special_token_ids(tokenizer)}  # refuse before writing anything
     check_exportable(tokenizer)
     refuse_nonempty_output(out)
-    target = EXPORT_DTYPES[dtype]
     flat = flat_params(run.weights.params[MAIN_GROUP])
-    by_name = {t.hf_name: t for t in hf_plan(run.cfg.model, flat)}
-    specs = [(t.hf_name, t.hf_shape, target) for t in by_name.values()]
+
+    def write_rest(directory: pathlib.Path) -> None:
+        (directory / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype}, indent=2) + "\n")
+        (directory / "generation_config.json").write_text(json.dumps(generation_config(tokenizer), indent=2) + "\n")
+        write_hf_tokenizer(tokenizer, directory, run.cfg.model.max_seq_len)
+
+    return write_planned(out, flat, hf_plan(run.cfg.model, flat), dtype, max_shard_bytes, write_rest)
+
+
+def write_planned(out: str | pathlib.Path, flat: dict, plan: list[HFTensor], dtype: str, max_shard_bytes: int,
+                  write_rest: Callable[[pathlib.Path], None],
+                  constants: dict[str, np.ndarray] | None = None) -> pathlib.Path:
+    """The tensors `plan` names (each renamed, sliced to its layer, transposed as planned) and `constants`
+    streamed into safetensors files under `out`, then `write_rest(directory)` (config, tokenizer).
+
+    `out` is built under a hidden name and renamed into place when complete. Every process takes part in
+    gathering sharded tensors; process 0 writes.
+    """
+    target = EXPORT_DTYPES[dtype]
+    by_name = {t.hf_name: t for t in plan}
+    constants = constants or {}
+    specs = [(t.hf_name, t.hf_shape, target) for t in plan] + [(name, c.shape, target) for name, c in constants.items()]
 
     def fetch(name: str) -> np.ndarray:
+        if name in constants:
+            return constants[name].astype(target)
         t = by_name[name]
-        array = flat[t.path] if t.layer is None else flat[t.path][t.layer]
-        host = to_host(array.astype(jnp.float32))
+        host = to_host((flat[t.path] if t.layer is None else flat[t.path][t.layer]).astype(jnp.float32))
         return (host.T if t.transpose else host).astype(target)
 
     if jax.process_index() == 0:
         with building(out) as partial:
             write_sharded(partial, "model", specs, fetch, max_shard_bytes)
-            (partial / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype}, indent=2) + "\n")
-            (partial / "generation_config.json").write_text(json.dumps(generation_config(tokenizer), indent=2) + "\n")
-            write_hf_tokenizer(tokenizer, partial, run.cfg.model.max_seq_len)
-    else:  # every process takes part in gathering sharded tensors
+            write_rest(partial)
+    else:
         for name, *_ in specs:
             fetch(name)
     return pathlib.Path(out)

@@ -26,8 +26,6 @@ import json
 import logging
 import pathlib
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pydantic
 import tokenizers
@@ -38,7 +36,7 @@ from jaxgen.data.hf_json_tokenizer import CONFIG_NAME, HFJsonTokenizer
 from jaxgen.data.tokenizer import MASK_PIECE, Tokenizer, keep_tokenizer, load_tokenizer
 from jaxgen.errors import DataError, ExportError
 from jaxgen.files import building
-from jaxgen.outputs.export import DEFAULT_MAX_SHARD_BYTES, EXPORT_DTYPES, refuse_nonempty_output, to_host
+from jaxgen.outputs.export import DEFAULT_MAX_SHARD_BYTES, refuse_nonempty_output, write_planned
 from jaxgen.outputs.hf_families import HFTensor, flat_params
 from jaxgen.outputs.hf_import import (
     check_tensors,
@@ -49,7 +47,7 @@ from jaxgen.outputs.hf_import import (
 )
 from jaxgen.outputs.hf_tokenizer import check_exportable, frame_texts, write_hf_tokenizer
 from jaxgen.outputs.runs import OpenedRun, save_imported_run
-from jaxgen.outputs.safetensors_stream import file_inside, stored_tensors, write_sharded
+from jaxgen.outputs.safetensors_stream import file_inside, stored_tensors
 from jaxgen.sharding import make_mesh, resolve_rules
 from jaxgen.tasks import make_task
 from jaxgen.tasks.layout import MAIN_GROUP, ModelLayout, plan_models
@@ -212,31 +210,18 @@ def export_bert(run: OpenedRun, out: str | pathlib.Path, dtype: str = "float32",
     tokenizer = load_tokenizer(run.run_dir)
     check_exportable(tokenizer)
     refuse_nonempty_output(out)
-    target = EXPORT_DTYPES[dtype]
     flat = flat_params(run.weights.params[MAIN_GROUP])
-    by_name = {t.hf_name: t for t in bert_plan(model, flat)}
-    specs = [(t.hf_name, t.hf_shape, target) for t in by_name.values()]
-    if TYPE_TABLE not in by_name:
-        specs.append((TYPE_TABLE, (1, model.d_model), target))
+    plan = bert_plan(model, flat)
+    # A model without token types exports a one-row table of zeros: BERT adds row 0, which adds nothing.
+    zeros = {} if any(t.hf_name == TYPE_TABLE for t in plan) else {TYPE_TABLE: np.zeros((1, model.d_model))}
 
-    def fetch(name: str) -> np.ndarray:
-        if name not in by_name:  # the token-type table of a model without token types
-            return np.zeros((1, model.d_model), target)
-        t = by_name[name]
-        host = to_host((flat[t.path] if t.layer is None else flat[t.path][t.layer]).astype(jnp.float32))
-        return (host.T if t.transpose else host).astype(target)
+    def write_rest(directory: pathlib.Path) -> None:
+        (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_hf_tokenizer(tokenizer, directory, model.max_seq_len)
+        frame_texts(directory, tokenizer, bos=True, eos=True)  # [CLS] text [SEP], as trained
+        _name_bert_roles(directory, tokenizer)
 
-    if jax.process_index() == 0:
-        with building(out) as partial:
-            write_sharded(partial, "model", specs, fetch, max_shard_bytes)
-            (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            write_hf_tokenizer(tokenizer, partial, model.max_seq_len)
-            frame_texts(partial, tokenizer, bos=True, eos=True)  # [CLS] text [SEP], as trained
-            _name_bert_roles(partial, tokenizer)
-    else:  # every process takes part in gathering sharded tensors
-        for name, *_ in specs:
-            fetch(name)
-    return pathlib.Path(out)
+    return write_planned(out, flat, plan, dtype, max_shard_bytes, write_rest, zeros)
 
 
 def _name_bert_roles(out: pathlib.Path, tokenizer: Tokenizer) -> None:
@@ -253,7 +238,8 @@ def _name_bert_roles(out: pathlib.Path, tokenizer: Tokenizer) -> None:
     if tokenizer.piece_id(MASK_PIECE) is not None:
         roles["mask_token"] = MASK_PIECE
     fixed = {"pad_token": vocabulary.id_to_token(0)}  # config.json's pad_token_id
-    for name, extra in (("special_tokens_map.json", {}), (CONFIG_NAME, {"padding_side": "right", "split_special_tokens": False})):
+    config_extra = {"padding_side": "right", "split_special_tokens": False}
+    for name, extra in (("special_tokens_map.json", {}), (CONFIG_NAME, config_extra)):
         path = out / name
         if path.is_file():
             written = json.loads(path.read_text(encoding="utf-8"))

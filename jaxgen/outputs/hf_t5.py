@@ -26,16 +26,13 @@ import json
 import logging
 import pathlib
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pydantic
 
 from jaxgen.config import Config, EncoderDecoderConfig
 from jaxgen.data.tokenizer import Tokenizer, keep_tokenizer, load_tokenizer
 from jaxgen.errors import ExportError
 from jaxgen.files import building
-from jaxgen.outputs.export import DEFAULT_MAX_SHARD_BYTES, EXPORT_DTYPES, refuse_nonempty_output, to_host
+from jaxgen.outputs.export import DEFAULT_MAX_SHARD_BYTES, refuse_nonempty_output, write_planned
 from jaxgen.outputs.hf_families import HFTensor, flat_params
 from jaxgen.outputs.hf_import import (
     check_tensors,
@@ -46,7 +43,7 @@ from jaxgen.outputs.hf_import import (
 )
 from jaxgen.outputs.hf_tokenizer import check_exportable, frame_texts, write_hf_tokenizer
 from jaxgen.outputs.runs import OpenedRun, save_imported_run
-from jaxgen.outputs.safetensors_stream import file_inside, stored_tensors, write_sharded
+from jaxgen.outputs.safetensors_stream import file_inside, stored_tensors
 from jaxgen.sharding import make_mesh, resolve_rules
 from jaxgen.tasks import make_task
 from jaxgen.tasks.layout import MAIN_GROUP, plan_models
@@ -236,28 +233,16 @@ def export_t5(run: OpenedRun, out: str | pathlib.Path, dtype: str = "float32",
     config = t5_config(run.cfg.model, tokenizer)  # refuse before writing anything
     check_exportable(tokenizer)
     refuse_nonempty_output(out)
-    target = EXPORT_DTYPES[dtype]
     flat = flat_params(run.weights.params[MAIN_GROUP])
-    by_name = {t.hf_name: t for t in t5_plan(run.cfg.model, flat)}
-    specs = [(t.hf_name, t.hf_shape, target) for t in by_name.values()]
-
-    def fetch(name: str) -> np.ndarray:
-        t = by_name[name]
-        host = to_host((flat[t.path] if t.layer is None else flat[t.path][t.layer]).astype(jnp.float32))
-        return (host.T if t.transpose else host).astype(target)
-
     generation = {key: config[key] for key in ("decoder_start_token_id", "eos_token_id", "pad_token_id")}
-    if jax.process_index() == 0:
-        with building(out) as partial:
-            write_sharded(partial, "model", specs, fetch, max_shard_bytes)
-            (partial / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype}, indent=2) + "\n")
-            (partial / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-            write_hf_tokenizer(tokenizer, partial, run.cfg.data.seq_len)
-            frame_texts(partial, tokenizer, bos=False, eos=True)  # inputs are text EOS, as trained
-    else:  # every process takes part in gathering sharded tensors
-        for name, *_ in specs:
-            fetch(name)
-    return pathlib.Path(out)
+
+    def write_rest(directory: pathlib.Path) -> None:
+        (directory / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype}, indent=2) + "\n")
+        (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        write_hf_tokenizer(tokenizer, directory, run.cfg.data.seq_len)
+        frame_texts(directory, tokenizer, bos=False, eos=True)  # inputs are text EOS, as trained
+
+    return write_planned(out, flat, t5_plan(run.cfg.model, flat), dtype, max_shard_bytes, write_rest)
 
 
 # ----------------------------------------------------------------------------- import
