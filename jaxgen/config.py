@@ -259,9 +259,12 @@ class ImagesConfig(_Section):
     # folder: PNG/JPEG files in images.folder (class sub-folders or a metadata.jsonl, see folder_images.py);
     # idx: MNIST-format IDX files in images.idx (Fashion-MNIST: apt-get install dataset-fashion-mnist,
     # images.idx=/usr/share/datasets/fashion-mnist).
-    source: Literal["digits", "shapes", "tfds", "folder", "idx"] = "digits"
+    # latents: a latent dataset written by `jaxgen data prepare --images ... --autoencoder RUN --out DIR`
+    # (images.latents=DIR): the frozen autoencoder's scaled latents, labels and captions, encoded once.
+    source: Literal["digits", "shapes", "tfds", "folder", "idx", "latents"] = "digits"
     folder: str | None = None
     idx: str | None = None
+    latents: str | None = None
     # images.source=folder: scale each image's shorter side to model.image_size and crop its centre;
     # false: every image must already be model.image_size square.
     resize: bool = True
@@ -295,7 +298,7 @@ class ImagesConfig(_Section):
 
     @pydantic.model_validator(mode="after")
     def _location_named(self) -> ImagesConfig:
-        for source, where in (("tfds", "NAME"), ("folder", "DIR"), ("idx", "DIR")):
+        for source, where in (("tfds", "NAME"), ("folder", "DIR"), ("idx", "DIR"), ("latents", "DIR")):
             if (self.source == source) != (getattr(self, source) is not None):
                 raise ValueError(f"images.source={source} and images.{source}={where} go together: set both or neither")
         return self
@@ -320,6 +323,11 @@ class DiffusionConfig(_Section):
     # Weight of the per-step variational-bound term that trains a learned variance (model.learn_sigma);
     # 1 is Improved DDPM's lambda = 1/T on the whole bound.
     vlb_weight: float = Field(1.0, ge=0)
+    # Latent diffusion: a jaxgen autoencoder run (or an imported diffusers AutoencoderKL) whose frozen
+    # encoder maps images to the latents the model denoises, and whose decoder turns samples back into
+    # images. With images.source=latents the latents were encoded once by `jaxgen data prepare`; with
+    # any other source each batch is encoded as it is read. null: the model works on pixels.
+    autoencoder: str | None = None
     # Probability a training label is replaced by the null class, so one model is also unconditional.
     label_dropout: float = Field(0.1, ge=0, le=1)
     # Exponential moving average of parameters: decay ramps linearly from 0 to ema_decay over ema_warmup steps.

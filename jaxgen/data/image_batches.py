@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 
 import grain
 import numpy as np
@@ -27,15 +28,26 @@ from jaxgen.errors import DataError
 log = logging.getLogger("jaxgen")
 
 
-class ModelInput(grain.transforms.Map):
-    """A source record -> {'images': float32 (H, W, C) in [-1, 1], 'labels': int32}."""
+# A caption -> (token ids (L,) int32, mask of real tokens (L,) bool), all captions one length L.
+CaptionTokens = Callable[[str], tuple[np.ndarray, np.ndarray]]
 
-    def __init__(self, source: ImageSource):
+
+class ModelInput(grain.transforms.Map):
+    """A source record -> {'images': float32 (H, W, C) in [-1, 1], 'labels': int32}; records of float
+    values (latents, `white` None) pass through as they are. With `caption_tokens`, the record's caption
+    also becomes 'caption_ids' and 'caption_mask'."""
+
+    def __init__(self, source: ImageSource, caption_tokens: CaptionTokens | None = None):
         self.image_key, self.label_key, self.white = source.image_key, source.label_key, source.white
+        self.caption_key, self.caption_tokens = source.caption_key, caption_tokens
 
     def map(self, record: dict) -> dict[str, np.ndarray]:
-        return {"images": to_model_range(np.asarray(record[self.image_key]), self.white),
-                "labels": np.int32(record[self.label_key])}
+        pixels = np.asarray(record[self.image_key])
+        images = pixels.astype(np.float32) if self.white is None else to_model_range(pixels, self.white)
+        example = {"images": images, "labels": np.int32(record[self.label_key])}
+        if self.caption_tokens is not None:
+            example["caption_ids"], example["caption_mask"] = self.caption_tokens(str(record[self.caption_key]))
+        return example
 
 
 class RandomMirror(grain.transforms.RandomMap):
@@ -47,9 +59,10 @@ class RandomMirror(grain.transforms.RandomMap):
         return example
 
 
-def train_batches(source: ImageSource, cfg: Config, shard: Shard) -> GrainBatches:
+def train_batches(source: ImageSource, cfg: Config, shard: Shard,
+                  caption_tokens: CaptionTokens | None = None) -> GrainBatches:
     """This process's rows of every global training batch, endless and resumable."""
-    transforms = [ModelInput(source), *([RandomMirror()] if cfg.images.hflip else [])]
+    transforms = [ModelInput(source, caption_tokens), *([RandomMirror()] if cfg.images.hflip else [])]
     streams = cfg.data.reader_streams
 
     def stream(reader: Shard) -> grain.IterDataset:
@@ -60,20 +73,22 @@ def train_batches(source: ImageSource, cfg: Config, shard: Shard) -> GrainBatche
                           prefetch=cfg.data.prefetch)
 
 
-def part_examples(source: ImageSource, part: Part, limit: int | None = None) -> dict[str, np.ndarray]:
+def part_examples(source: ImageSource, part: Part, limit: int | None = None,
+                  caption_tokens: CaptionTokens | None = None) -> dict[str, np.ndarray]:
     """The records of a part once, in order (at most `limit`), stacked as model input."""
-    to_input = ModelInput(source)
+    to_input = ModelInput(source, caption_tokens)
     examples = [to_input.map(r) for r in itertools.islice(source.records(part, Shard(), None, epochs=1), limit)]
-    return {key: np.stack([e[key] for e in examples]) for key in ("images", "labels")}
+    return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
 
 
-def held_out_images(source: ImageSource, global_batch: int, max_batches: int) -> list[dict[str, np.ndarray]]:
+def held_out_images(source: ImageSource, global_batch: int, max_batches: int,
+                    caption_tokens: CaptionTokens | None = None) -> list[dict[str, np.ndarray]]:
     """Global held-out batches: the held-out records in order, each once, the last batch padded with
     zero-weight rows; at most `max_batches` of them. A held-out part smaller than a batch is refused."""
     if source.size("eval") < global_batch:
         raise DataError(f"the held-out part of {source.name} holds {source.size('eval')} images, fewer than one "
                         f"batch of data.batch_size={global_batch}; {source.larger_held_out}")
-    examples = part_examples(source, "eval", max_batches * global_batch)
+    examples = part_examples(source, "eval", max_batches * global_batch, caption_tokens)
     n = len(examples["labels"])
     weights = np.ones(n, np.float32)
     batches = []
@@ -84,9 +99,10 @@ def held_out_images(source: ImageSource, global_batch: int, max_batches: int) ->
     return batches
 
 
-def held_out_batches(source: ImageSource, global_batch: int, max_batches: int, shard: Shard) -> list[dict[str, np.ndarray]]:
+def held_out_batches(source: ImageSource, global_batch: int, max_batches: int, shard: Shard,
+                     caption_tokens: CaptionTokens | None = None) -> list[dict[str, np.ndarray]]:
     """This process's rows of the held-out batches: every process reads the same global batches and keeps its rows."""
-    batches = held_out_images(source, global_batch, max_batches)
+    batches = held_out_images(source, global_batch, max_batches, caption_tokens)
     used, held_out = int(sum(batch["weights"].sum() for batch in batches)), source.size("eval")
     rest = "every held-out image" if used == held_out else (
         f"the first {used} of {held_out}; train.eval_batches={max_batches} batches take no more")

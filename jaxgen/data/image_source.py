@@ -23,9 +23,10 @@ class ImageSource:
     parts: dict[Part, RandomAccessSource]
     # How a user makes the held-out part larger, for the error that refuses one smaller than a batch.
     larger_held_out: str = "give a larger held-out split"
-    white: int = 255  # the pixel value of full intensity
+    white: int | None = 255  # the pixel value of full intensity; None: float records (latents) used as they are
     image_key: str = "image"
     label_key: str = "label"
+    caption_key: str = "caption"  # where records carry a caption, if they do
     # Threads reading records ahead: None = grain's default (files); records in memory need none.
     read_threads: int | None = None
 
