@@ -46,15 +46,47 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# `data prepare` options of text datasets and of latent datasets; each kind refuses the other's.
+PREPARE_TEXT_OPTIONS = ("input", "field", "invalid_utf8", "tokenizer", "validation_every_nth", "validation_block")
+PREPARE_IMAGE_OPTIONS = ("autoencoder", "caption_key", "label_key")
+
+
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from jaxgen.data.prepare import prepare_dataset
     from jaxgen.data.tokenizer import load_tokenizer
 
+    if args.images is not None:
+        return cmd_data_prepare_latents(args)
+    image_options = [f"--{name.replace('_', '-')}" for name in PREPARE_IMAGE_OPTIONS if getattr(args, name)]
+    if image_options:
+        raise UsageError(f"{', '.join(image_options)} go with --images SOURCE (a latent dataset), not --input")
+    if args.input is None:
+        raise UsageError("jaxgen data prepare: give --input GLOB (a text dataset) or --images SOURCE "
+                         "--autoencoder RUN_DIR (a latent dataset)")
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     summary = prepare_dataset(args.input, args.out, field=args.field, tokenizer=tokenizer,
                               validation_every_nth=args.validation_every_nth, validation_block=args.validation_block,
                               invalid_utf8=args.invalid_utf8)
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_data_prepare_latents(args: argparse.Namespace) -> int:
+    import inspect
+
+    from jaxgen.data.latent_dataset import prepare_latent_dataset
+    from jaxgen.data.prepare import prepare_dataset
+
+    text_defaults = {name: p.default for name, p in inspect.signature(prepare_dataset).parameters.items()}
+    text_options = [f"--{name.replace('_', '-')}" for name in PREPARE_TEXT_OPTIONS
+                    if getattr(args, name) != text_defaults.get(name)]
+    if text_options:
+        raise UsageError(f"{', '.join(text_options)} are options of text datasets (--input), not of --images")
+    if args.autoencoder is None:
+        raise UsageError("--images SOURCE needs --autoencoder RUN_DIR: the autoencoder run that encodes the images")
+    manifest = prepare_latent_dataset(args.images, args.autoencoder, args.out, caption_key=args.caption_key,
+                                      label_key=args.label_key)
+    print(json.dumps(manifest, indent=2))
     return 0
 
 
@@ -263,18 +295,31 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the jaxgen command each process runs")
     local.set_defaults(func=cmd_launch_local)
 
-    inputs = Parser(add_help=False)
-    inputs.add_argument("--input", required=True, metavar="GLOB",
-                        help="text files (a document per line), .jsonl or .parquet files; .gz accepted")
-    inputs.add_argument("--field", default="text", help="the document field of .jsonl lines and .parquet files")
-    inputs.add_argument("--invalid-utf8", choices=["skip", "error"], default="skip",
-                        help="skip lines that are not UTF-8 (counted in a warning) or fail")
+    text_options = Parser(add_help=False)
+    text_options.add_argument("--field", default="text", help="the document field of .jsonl lines and .parquet files")
+    text_options.add_argument("--invalid-utf8", choices=["skip", "error"], default="skip",
+                              help="skip lines that are not UTF-8 (counted in a warning) or fail")
+    input_help = "text files (a document per line), .jsonl or .parquet files; .gz accepted"
+    inputs = Parser(add_help=False, parents=[text_options])
+    inputs.add_argument("--input", required=True, metavar="GLOB", help=input_help)
 
     data = commands.add_parser("data", help="prepare and inspect datasets").add_subparsers(
         dest="action", required=True, parser_class=Parser, metavar="ACTION", help="what to do with data")
-    prepare = data.add_parser("prepare", parents=[inputs],
-                              help="convert text/JSONL/Parquet files into an ArrayRecord dataset (data.path)")
+    prepare = data.add_parser("prepare", parents=[text_options],
+                              help="convert text/JSONL/Parquet files into an ArrayRecord dataset (data.path), or "
+                                   "encode an image dataset with a frozen autoencoder (images.latents)")
+    prepare.add_argument("--input", metavar="GLOB", help=input_help)
     prepare.add_argument("--out", required=True, metavar="DIR", help="new dataset directory")
+    prepare.add_argument("--images", metavar="SOURCE",
+                         help="instead of --input: the image dataset to encode, as the config names one: "
+                              "folder:DIR, idx:DIR, tfds:NAME, digits or shapes")
+    prepare.add_argument("--autoencoder", metavar="RUN_DIR",
+                         help="with --images: the autoencoder run (trained, or imported from diffusers) whose "
+                              "scaled latents are stored")
+    prepare.add_argument("--caption-key", help="with --images folder:DIR: the metadata.jsonl caption column "
+                                               "(default: images.caption_key's)")
+    prepare.add_argument("--label-key", help="with --images: the label column or feature "
+                                             "(default: images.label_key's)")
     prepare.add_argument("--tokenizer", metavar="FILE",
                          help="store token ids made with this tokenizer (a sentencepiece .model or a Hugging Face "
                               "tokenizer.json) instead of text")

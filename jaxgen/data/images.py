@@ -5,8 +5,9 @@ Each is an `ImageSource` (image_source.py) of uint8 records. Built in:
 (4-bit intensities 0..16, kept exact); every n-th image is held out.
 `shapes`: procedural 32x32 RGB pictures of six shapes in random colours,
 positions and sizes, drawn with anti-aliased edges; a seed fixes the set.
-TFDS datasets come from tfds_images.py, image folders from folder_images.py and
-MNIST-format IDX files from idx_images.py.
+TFDS datasets come from tfds_images.py, image folders from folder_images.py,
+MNIST-format IDX files from idx_images.py and latent datasets (float records) from
+latent_dataset.py.
 """
 
 from __future__ import annotations
@@ -119,6 +120,10 @@ def open_images(cfg: Config) -> ImageSource:
         from jaxgen.data.idx_images import open_idx_images
 
         return open_idx_images(images, cfg.model)
+    if images.source == "latents":
+        from jaxgen.data.latent_dataset import open_latent_images
+
+        return open_latent_images(images, cfg.model)
     smaller_nth = f"hold out more with a smaller images.eval_every_nth (now {images.eval_every_nth})"
     if images.source == "digits":
         parts = held_out_parts(digits_records(), images.eval_every_nth)
