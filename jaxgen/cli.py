@@ -105,6 +105,13 @@ def cmd_data_synth_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_fashion_captions(args: argparse.Namespace) -> int:
+    from jaxgen.data.fashion_captions import write_fashion_captions
+
+    print(json.dumps(write_fashion_captions(pathlib.Path(args.idx), pathlib.Path(args.out))))
+    return 0
+
+
 def cmd_data_inspect(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from jaxgen.data.inspect import inspect_data, inspection_tokenizer
@@ -151,7 +158,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 # Every `jaxgen sample` option a model family may take; which ones a run takes is its task's business.
-SAMPLE_OPTIONS = ("prompt", "temperature", "top_k", "top_p", "max_new_tokens",
+SAMPLE_OPTIONS = ("prompt", "negative_prompt", "temperature", "top_k", "top_p", "max_new_tokens",
                   "labels", "num_per_label", "guidance", "sampler", "steps", "out", "save_array", "images")
 
 
@@ -346,6 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--seed", type=int, default=0, help="the scenes' random seed")
     shapes.add_argument("--size", type=positive_int, default=32, help="image side in pixels (at least 32)")
     shapes.set_defaults(func=cmd_data_synth_shapes)
+    fashion = data.add_parser("fashion-captions", help="Fashion-MNIST as an image folder with captions of class, "
+                                                       "shade and width (\"a light wide ankle boot\")")
+    fashion.add_argument("--idx", required=True, metavar="DIR",
+                         help="the IDX files (apt-get install dataset-fashion-mnist: /usr/share/datasets/fashion-mnist)")
+    fashion.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) directory")
+    fashion.set_defaults(func=cmd_data_fashion_captions)
     inspect = data.add_parser("inspect", parents=[overrides],
                               help="print, as JSON, which documents the first training batches and the held-out "
                                    "batches hold, and the shuffle settings")
@@ -386,8 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="generate text (LM), an image grid (DiT, GAN) or reconstructions (autoencoder)")
     sample.add_argument("--seed", type=int, default=0, help="random seed of the sampler")
     text = sample.add_argument_group("language models (an encoder-decoder generates a target for each --prompt; "
-                                     "a masked LM fills the [MASK]s of each)")
+                                     "a masked LM fills the [MASK]s of each; a text-to-image DiT draws a grid row "
+                                     "for each)")
     text.add_argument("--prompt", action="append", help="a prompt; repeat for a batch (default: one empty prompt)")
+    text.add_argument("--negative-prompt", metavar="TEXT",
+                      help="text-to-image: guidance pushes away from this caption instead of the null caption")
     text.add_argument("--temperature", type=float, help="0 = greedy (default 0.8)")
     text.add_argument("--top-k", type=int, help="keep the k likeliest tokens (default 0 = off)")
     text.add_argument("--top-p", type=float, help="nucleus sampling mass (default 1 = off)")
@@ -395,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tokens to generate after each prompt, at most the context left (default 64)")
     image = sample.add_argument_group("image models (DiT, GAN; --images, --out and --save-array: autoencoders)")
     image.add_argument("--labels", help="comma-separated class labels, e.g. 0,1,2 (default: every class)")
-    image.add_argument("--num-per-label", type=positive_int, help="samples per label (default 8)")
+    image.add_argument("--num-per-label", "--num", dest="num_per_label", type=positive_int,
+                       help="samples per label or prompt (default 8)")
     image.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the config's)")
     image.add_argument("--sampler", help="ddpm, ddim, euler or heun (default: the config's)")
     image.add_argument("--steps", type=positive_int, help="sampling steps (default: the config's)")

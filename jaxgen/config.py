@@ -18,6 +18,14 @@ import pydantic
 import yaml
 from pydantic import BaseModel, Field
 
+from jaxgen.config_adversarial import (  # noqa: F401
+    AdversarialConfig,
+    AutoencoderTrainingConfig,
+    GANTrainingConfig,
+    patchgan_side,
+)
+from jaxgen.config_conditioning import ConditioningConfig
+from jaxgen.config_encoders import EncoderConfig, EncoderDecoderConfig, MLMConfig, SpanConfig  # noqa: F401
 from jaxgen.config_models import (  # noqa: F401  (the model sections are part of the config's interface)
     HF_FAMILIES,
     IMAGE_MODEL_KINDS,
@@ -25,20 +33,13 @@ from jaxgen.config_models import (  # noqa: F401  (the model sections are part o
     AttentionImpl,
     AutoencoderConfig,
     DiTConfig,
-    GANConfig,
     DType,
+    GANConfig,
     ModelConfig,
     RematPolicy,
     RopeScaling,
     TransformerConfig,
 )
-from jaxgen.config_adversarial import (  # noqa: F401
-    AdversarialConfig,
-    AutoencoderTrainingConfig,
-    GANTrainingConfig,
-    patchgan_side,
-)
-from jaxgen.config_encoders import EncoderConfig, EncoderDecoderConfig, MLMConfig, SpanConfig  # noqa: F401
 from jaxgen.config_optimizer import OptimizerConfig
 from jaxgen.config_section import Section as _Section
 from jaxgen.config_text import MAX_CONFIG_BYTES, deep_merge, excerpt, load_yaml, parse_overrides
@@ -337,6 +338,9 @@ class DiffusionConfig(_Section):
     sample_steps: int = Field(32, gt=0)
     ddim_eta: float = Field(0.0, ge=0)
     guidance_scale: float = Field(2.0, ge=0)
+    # Text-to-image runs: `jaxgen eval` also scores samples at each of these guidance scales (quality and,
+    # for the synthetic shapes, prompt adherence) and plots them against the scale.
+    eval_guidance_scales: tuple[float, ...] = ()
     # Noise levels (0 = data, 1 = pure noise) where guidance applies; elsewhere the conditional prediction is used.
     guidance_interval: tuple[float, float] = (0.0, 1.0)
     # Sample grids every this many steps (and always at the end); 0 = only at the end.
@@ -405,6 +409,7 @@ class Config(_Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     images: ImagesConfig = Field(default_factory=ImagesConfig)
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    conditioning: ConditioningConfig = Field(default_factory=ConditioningConfig)
     autoencoder: AutoencoderTrainingConfig = Field(default_factory=AutoencoderTrainingConfig)
     gan: GANTrainingConfig = Field(default_factory=GANTrainingConfig)
     mlm: MLMConfig = Field(default_factory=MLMConfig)
@@ -449,11 +454,23 @@ class Config(_Section):
         return self
 
     @pydantic.model_validator(mode="after")
+    def _check_conditioning(self) -> Config:
+        if self.conditioning.by == "class":
+            return self
+        if self.model.kind != "dit":
+            raise ValueError(f"conditioning.by=text conditions a DiT (model.kind=dit), not model.kind={self.model.kind}")
+        if self.images.source not in ("folder", "latents", "tfds", "idx"):
+            raise ValueError(f"conditioning.by=text needs captioned images; images.source={self.images.source!r} "
+                             "has none (valid: folder with a metadata.jsonl caption column, latents, tfds, idx)")
+        return self
+
+    @pydantic.model_validator(mode="after")
     def _check_image_model(self) -> Config:
         if self.model.kind not in IMAGE_MODEL_KINDS:
             return self
         m = self.model
-        if self.images.source in IMAGE_SOURCES:
+        latent = m.kind == "dit" and self.diffusion.autoencoder is not None  # the model sees latents, not pixels
+        if self.images.source in IMAGE_SOURCES and not latent:
             size, channels, classes = IMAGE_SOURCES[self.images.source]
             classes_named = hasattr(m, "num_classes")  # an autoencoder has no classes to match
             if (m.image_size, m.channels, getattr(m, "num_classes", classes)) != (size, channels, classes):

@@ -5,11 +5,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxgen.diffusion import samplers
 from jaxgen.diffusion.guidance import drop_labels, guided
 from jaxgen.diffusion.objectives import (
-    Objective, eps_from_x0, posterior_log_var, posterior_mean, v_from_x0_eps, x0_eps_from_v, x0_from_eps,
+    Objective,
+    eps_from_x0,
+    posterior_log_var,
+    posterior_mean,
+    v_from_x0_eps,
+    x0_eps_from_v,
+    x0_from_eps,
 )
-from jaxgen.diffusion import samplers
 from jaxgen.diffusion.schedules import alpha_bars, flow_times, spaced_timesteps
 from jaxgen.train.ema import ema_decay, ema_update
 
@@ -71,14 +77,15 @@ def test_guidance_at_scale_one_is_the_conditional_prediction():
     x = jax.random.normal(jax.random.PRNGKey(0), (3, 4, 4, 1))
     t, y = jnp.array([1.0, 50.0, 900.0]), jnp.array([0, 3, 7])
     cond = toy_model(x, t, y)
-    np.testing.assert_array_equal(guided(toy_model, 1.0, 10, guided_channels=1)(x, t, y), cond)
-    uncond = toy_model(x, t, jnp.full((3,), 10))
-    np.testing.assert_allclose(guided(toy_model, 0.0, 10, 1)(x, t, y)[..., :1], uncond[..., :1], atol=1e-6)
-    pushed = guided(toy_model, 3.0, 10, 1)(x, t, y)
+    null = jnp.full((3,), 10)
+    np.testing.assert_array_equal(guided(toy_model, 1.0, guided_channels=1)(x, t, y, null), cond)
+    uncond = toy_model(x, t, null)
+    np.testing.assert_allclose(guided(toy_model, 0.0, 1)(x, t, y, null)[..., :1], uncond[..., :1], atol=1e-6)
+    pushed = guided(toy_model, 3.0, 1)(x, t, y, null)
     np.testing.assert_allclose(pushed[..., :1], uncond[..., :1] + 3 * (cond - uncond)[..., :1], atol=1e-5)
     np.testing.assert_array_equal(pushed[..., 1:], cond[..., 1:])  # variance channels are not guided
     # One scale per image, as the sampler's guidance interval uses: scale 1 rows stay conditional.
-    mixed = guided(toy_model, jnp.array([1.0, 3.0, 1.0]), 10, 1)(x, t, y)
+    mixed = guided(toy_model, jnp.array([1.0, 3.0, 1.0]), 1)(x, t, y, null)
     np.testing.assert_array_equal(mixed[0], cond[0])
     np.testing.assert_allclose(mixed[1], pushed[1], atol=1e-6)
 

@@ -10,8 +10,8 @@ from jaxgen.data.image_batches import held_out_batches
 from jaxgen.data.images import open_images
 from jaxgen.data.pipeline import to_global
 from jaxgen.data.splits import Shard
-from jaxgen.quality.image_quality import frechet_distance
 from jaxgen.metrics import read_metrics
+from jaxgen.quality.image_quality import frechet_distance
 from jaxgen.sharding import make_mesh
 from jaxgen.tasks.diffusion import DiffusionTask
 from jaxgen.tasks.layout import held_out_sums

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from jaxgen.data.idx_images import read_idx
 from jaxgen.data.image_batches import held_out_batches, train_batches
 from jaxgen.data.images import open_images
-from jaxgen.data.idx_images import read_idx
 from jaxgen.data.splits import Shard
 from jaxgen.errors import ConfigError, DataError
 

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgen.data.pipeline import to_global
 from jaxgen.data.lm import train_batches
+from jaxgen.data.pipeline import to_global
 from jaxgen.data.splits import Shard
 from jaxgen.models.cpu_kernels import _weight_grad, _weight_grad_cpu, matmul, matmul_by_rows
 from jaxgen.sharding import make_mesh

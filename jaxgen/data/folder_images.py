@@ -175,12 +175,17 @@ def open_folder_images(images: ImagesConfig, model: DiTConfig) -> ImageSource:
         classes = max(train[3], held_out[3], key=len)  # integer labels: the larger range
         parts = {"train": FolderImages(*train[:3], **options), "eval": FolderImages(*held_out[:3], **options)}
         larger = f"add images to {split_dirs['eval']}"
+        captions = None if train[2] is None or held_out[2] is None else {"train": tuple(train[2]),
+                                                                            "eval": tuple(held_out[2])}
     else:
         files, labels, captions, classes = listed_images(root, images.label_key, images.caption_key)
         parts = held_out_parts(FolderImages(files, labels, captions, **options), images.eval_every_nth)
         larger = f"hold out more with a smaller images.eval_every_nth (now {images.eval_every_nth})"
+        captions = None if captions is None else {
+            part: tuple(view[i] for i in range(len(view)))
+            for part, view in held_out_parts(captions, images.eval_every_nth).items()}
     if hasattr(model, "num_classes") and len(classes) > model.num_classes:  # an autoencoder takes any labels
         raise ConfigError(f"images.folder {images.folder!r} holds {len(classes)} classes ({', '.join(classes[:5])}"
                           f"{', ...' if len(classes) > 5 else ''}), more than model.num_classes={model.num_classes}; "
                           f"set model.num_classes={len(classes)}")
-    return ImageSource(root.name or str(root), parts, larger)
+    return ImageSource(root.name or str(root), parts, larger, part_captions=captions)

@@ -27,8 +27,15 @@ class ImageSource:
     image_key: str = "image"
     label_key: str = "label"
     caption_key: str = "caption"  # where records carry a caption, if they do
+    # Each part's captions in record order, where the records have captions: checks, reports and
+    # evaluation read them without decoding images.
+    part_captions: dict[Part, tuple[str, ...]] | None = None
     # Threads reading records ahead: None = grain's default (files); records in memory need none.
     read_threads: int | None = None
+
+    @property
+    def has_captions(self) -> bool:
+        return self.part_captions is not None
 
     def size(self, part: Part) -> int:
         return len(self.parts[part])

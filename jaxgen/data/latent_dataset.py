@@ -245,6 +245,9 @@ def open_latent_images(images: ImagesConfig, model: DiTConfig) -> ImageSource:
         if missing is not None:
             raise DataError(f"{what} lacks {missing.name}, which {MANIFEST} lists; write the dataset again")
         parts[part] = LatentRecords(files, shape)
+    captions = {part: tuple(records[i]["caption"] for i in range(len(records)))
+                for part, records in parts.items()} if manifest["captions"] else None
     return ImageSource(directory.name or str(directory), parts,
                        f"prepare the latents of a source with a larger held-out part ({manifest['source']})",
-                       white=None, image_key="image", label_key="label", caption_key="caption")
+                       white=None, image_key="image", label_key="label", caption_key="caption",
+                       part_captions=captions)

@@ -21,7 +21,11 @@ from flax import nnx
 from jaxgen.config import DiffusionConfig
 from jaxgen.diffusion.guidance import guided
 from jaxgen.diffusion.objectives import (
-    Objective, eps_from_x0, learned_log_var, posterior_log_var, posterior_mean,
+    Objective,
+    eps_from_x0,
+    learned_log_var,
+    posterior_log_var,
+    posterior_mean,
 )
 from jaxgen.diffusion.schedules import spaced_timesteps
 
@@ -96,18 +100,20 @@ def flow_sample(denoise: Denoiser, x_BHWC: jax.Array, steps: int, second_order: 
     return jax.lax.fori_loop(0, steps, body, x_BHWC)
 
 
-def make_sampler(graphdef: nnx.GraphDef, objective: Objective, cfg: DiffusionConfig, null_label: int,
+def make_sampler(graphdef: nnx.GraphDef, objective: Objective, cfg: DiffusionConfig,
                  image_shape: tuple[int, int, int]) -> Callable:
-    """Jitted `(params, labels_B, rng, guidance_scale) -> images (B, H, W, C) in [-1, 1]`."""
+    """Jitted `(params, condition, unconditional, rng, guidance_scale) -> images (B, H, W, C) in [-1, 1]`:
+    the conditions are the model's (labels, captions) with a leading batch axis of B."""
 
-    def sample(params: dict, labels_B: jax.Array, rng: jax.Array, scale: jax.Array) -> jax.Array:
+    def sample(params: dict, condition, unconditional, rng: jax.Array, scale: jax.Array) -> jax.Array:
         model = nnx.merge(graphdef, params)
 
-        def model_fn(x, t_B, labels):
-            return model(x, objective.model_time(t_B), labels)
+        def model_fn(x, t_B, c):
+            return model(x, objective.model_time(t_B), c)
 
         noise_rng, step_rng = jax.random.split(rng)
-        x_BHWC = jax.random.normal(noise_rng, (labels_B.shape[0], *image_shape))
+        b = jax.tree.leaves(condition)[0].shape[0]
+        x_BHWC = jax.random.normal(noise_rng, (b, *image_shape))
 
         def denoise(x, t_B):
             # Guidance only inside the configured noise interval (Kynkaanniemi et al. 2024): at the
@@ -115,7 +121,7 @@ def make_sampler(graphdef: nnx.GraphDef, objective: Objective, cfg: DiffusionCon
             lo, hi = cfg.guidance_interval
             level = objective.noise_level(t_B)
             scale_B = jnp.where((level >= lo) & (level <= hi), scale, 1.0)
-            return guided(model_fn, scale_B, null_label, objective.channels)(x, t_B, labels_B)
+            return guided(model_fn, scale_B, objective.channels)(x, t_B, condition, unconditional)
 
         if cfg.sampler == "ddpm":
             x_BHWC = ddpm_sample(denoise, objective, x_BHWC, cfg.sample_steps, step_rng)

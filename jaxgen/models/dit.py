@@ -7,7 +7,13 @@ final projection start at zero, so every block starts as the identity and the
 untrained model predicts exactly zero. Label `num_classes` is the null class
 that classifier-free guidance conditions on for the unconditional prediction.
 
-Shape letters: B batch, H W image height and width, C channels, N patches,
+A text-to-image DiT (`conditioning.by: text`) takes a caption instead of a label
+(models/text_conditioning.py): its pooled embedding replaces the class
+embedding in the adaLN conditioning, and every block attends to its per-token
+embeddings with a cross-attention between self-attention and the MLP
+(PixArt-alpha), unmodulated, its output projection starting at zero.
+
+Shape letters: B batch, H W image height and width, C channels, N patches, L caption tokens,
 P patch pixels (patch_size^2 x channels), D d_model, F d_ff, A attention heads,
 Dh head width, E timestep frequency features. Logical parameter axes: embed,
 q_heads, mlp, layers.
@@ -23,7 +29,9 @@ import numpy as np
 from flax import nnx
 
 from jaxgen.config import DiTConfig
+from jaxgen.config_conditioning import ConditioningConfig
 from jaxgen.models.layers import Dtypes, Linear, dot_product_attention, run_stacked
+from jaxgen.models.text_conditioning import TextConditioner
 from jaxgen.sharding import constrain
 
 
@@ -86,9 +94,15 @@ class Bias(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm attention and MLP, each modulated by the condition and gated by it (gates start at zero)."""
 
-    def __init__(self, cfg: DiTConfig, dtypes: Dtypes, rngs: nnx.Rngs):
+    def __init__(self, cfg: DiTConfig, dtypes: Dtypes, rngs: nnx.Rngs, cross_attention: bool = False):
         self.cfg, self.compute_dtype = cfg, dtypes.compute
         d, f, std, pd = cfg.d_model, cfg.resolved_d_ff, cfg.init_std, dtypes.param
+        if cross_attention:
+            self.cross_q = Linear(d, d, ("embed", "q_heads"), std=std, dtypes=dtypes, rngs=rngs)
+            self.cross_kv = Linear(d, 2 * d, ("embed", "q_heads"), std=std, dtypes=dtypes, rngs=rngs)
+            self.cross_o = Linear(d, d, ("q_heads", "embed"), std=0.0, dtypes=dtypes, rngs=rngs)
+        else:
+            self.cross_q = self.cross_kv = self.cross_o = None
         self.modulation = Linear(d, 6 * d, ("embed", "mlp"), std=0.0, dtypes=dtypes, rngs=rngs)
         self.modulation_bias = Bias(6 * d, "mlp", pd)
         self.wqkv = Linear(d, 3 * d, ("embed", "q_heads"), std=std, dtypes=dtypes, rngs=rngs)
@@ -109,22 +123,37 @@ class Block(nnx.Module):
         out_BNAd = dot_product_attention(q_BNAd, k_BNAd, v_BNAd, is_causal=False, implementation=cfg.attention)
         return self.wo(out_BNAd.reshape(b, n, d))
 
+    def cross_attention(self, x_BND: jax.Array, context_BLD: jax.Array, mask_BL: jax.Array) -> jax.Array:
+        b, n, d = x_BND.shape
+        a, length = self.cfg.n_heads, context_BLD.shape[1]
+        q_BNAd = self.cross_q(x_BND).reshape(b, n, a, d // a).astype(self.compute_dtype)
+        k_BLAd, v_BLAd = (kv.reshape(b, length, a, d // a).astype(self.compute_dtype)
+                          for kv in jnp.split(self.cross_kv(context_BLD), 2, axis=-1))
+        out_BNAd = jax.nn.dot_product_attention(q_BNAd, k_BLAd, v_BLAd, mask=mask_BL[:, None, None, :])
+        return self.cross_o(out_BNAd.reshape(b, n, d))
+
     def mlp(self, x_BND: jax.Array) -> jax.Array:
         h_BNF = jax.nn.gelu(self.b_in(self.w_in(x_BND)), approximate=True)
         h_BNF = constrain(h_BNF, ("act_batch", "act_length", "act_mlp"))
         return self.w_out(h_BNF)
 
-    def __call__(self, x_BND: jax.Array, c_BD: jax.Array) -> jax.Array:
+    def __call__(self, x_BND: jax.Array, c_BD: jax.Array, context: tuple[jax.Array, jax.Array] | None = None
+                 ) -> jax.Array:
         eps = self.cfg.norm_eps
         mod_B6D = self.modulation_bias(self.modulation(jax.nn.silu(c_BD)))
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod_B6D, 6, axis=-1)
         x_BND = x_BND + gate_a[:, None, :] * self.attention(modulate(layer_norm(x_BND, eps), shift_a, scale_a))
+        if context is not None:
+            x_BND = x_BND + self.cross_attention(layer_norm(x_BND, eps), *context)
         x_BND = x_BND + gate_m[:, None, :] * self.mlp(modulate(layer_norm(x_BND, eps), shift_m, scale_m))
         return constrain(x_BND, ("act_batch", "act_length", "act_embed"))
 
 
 class DiT(nnx.Module):
-    def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs, text: ConditioningConfig | None = None,
+                 text_width: int | None = None):
+        """`text`: a text-to-image DiT conditioned on captions embedded by a frozen encoder of width `text_width`
+        (None: by the small encoder trained with it); None: class-conditional."""
         self.cfg = cfg
         dtypes = Dtypes.of(cfg)
         d, e, p = cfg.d_model, cfg.freq_dim, cfg.patch_size
@@ -139,13 +168,19 @@ class DiT(nnx.Module):
         self.t_out = Linear(d, d, ("embed", "embed"), std=std, dtypes=dtypes, rngs=rngs)
         self.t_out_bias = Bias(d, "embed", pd)
         init = nnx.initializers.normal(std)
-        # One extra row: the null class. Rows stay whole: class counts (11, 1001) rarely divide a mesh axis.
-        self.class_embed = nnx.Param(init(rngs.params(), (cfg.num_classes + 1, d), pd), out_sharding=(None, "embed"))
+        if text is None:
+            # One extra row: the null class. Rows stay whole: class counts (11, 1001) rarely divide a mesh axis.
+            self.class_embed = nnx.Param(init(rngs.params(), (cfg.num_classes + 1, d), pd),
+                                         out_sharding=(None, "embed"))
+            self.text = None
+        else:
+            self.class_embed = None
+            self.text = TextConditioner(text, text_width, d, std, dtypes, rngs)
 
         @nnx.split_rngs(splits=cfg.n_layers)
         @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_layers(rngs: nnx.Rngs) -> Block:
-            return Block(cfg, dtypes, rngs)
+            return Block(cfg, dtypes, rngs, cross_attention=text is not None)
 
         self.layers = make_layers(rngs)
         self.final_modulation = Linear(d, 2 * d, ("embed", "mlp"), std=0.0, dtypes=dtypes, rngs=rngs)
@@ -153,8 +188,9 @@ class DiT(nnx.Module):
         self.final = Linear(d, p * p * cfg.out_channels, ("embed", None), std=0.0, dtypes=dtypes, rngs=rngs)
         self.final_bias = Bias(p * p * cfg.out_channels, None, pd)
 
-    def __call__(self, x_BHWC: jax.Array, t_B: jax.Array, labels_B: jax.Array) -> jax.Array:
-        """Prediction (B, H, W, out_channels) in float32; `t_B` on a 0..1000 scale, labels in 0..num_classes."""
+    def __call__(self, x_BHWC: jax.Array, t_B: jax.Array, condition: jax.Array | dict) -> jax.Array:
+        """Prediction (B, H, W, out_channels) in float32; `t_B` on a 0..1000 scale. `condition`: labels (B,) in
+        0..num_classes, or for a text-to-image DiT a caption (models/text_conditioning.py)."""
         cfg = self.cfg
         p = cfg.patch_size
         _, h, w, _ = x_BHWC.shape
@@ -164,11 +200,16 @@ class DiT(nnx.Module):
 
         t_BD = self.t_in_bias(self.t_in(timestep_features(t_B, cfg.freq_dim)))
         t_BD = self.t_out_bias(self.t_out(jax.nn.silu(t_BD)))
-        # Gather from the whole (small) table, as the LM does for its embedding.
-        y_BD = jnp.take(constrain(self.class_embed[...], (None, None)), labels_B, axis=0).astype(jnp.float32)
+        if self.text is None:
+            # Gather from the whole (small) table, as the LM does for its embedding.
+            y_BD = jnp.take(constrain(self.class_embed[...], (None, None)), condition, axis=0).astype(jnp.float32)
+            context = None
+        else:
+            context_BLD, mask_BL, y_BD = self.text(condition)
+            context = (constrain(context_BLD, ("act_batch", None, "act_embed")), mask_BL)
         c_BD = t_BD + y_BD
 
-        x_BND = run_stacked(self.layers, lambda layer, x, _: layer(x, c_BD), x_BND,
+        x_BND = run_stacked(self.layers, lambda layer, x, _: layer(x, c_BD, context), x_BND,
                             scan=cfg.scan_layers, remat_policy=cfg.remat)
         mod = self.final_modulation_bias(self.final_modulation(jax.nn.silu(c_BD)))
         shift_BD, scale_BD = jnp.split(mod, 2, axis=-1)
@@ -177,11 +218,16 @@ class DiT(nnx.Module):
         return unpatchify(out_BNP, p, h, w)
 
 
-def flops_per_image(cfg: DiTConfig) -> float:
+def flops_per_image(cfg: DiTConfig, caption_tokens: int = 0, text_width: int = 0) -> float:
     """Training FLOPs per image (forward + backward): 6 x matmul parameters x the tokens they see,
-    plus the attention scores and weighted sum over the full N x N square."""
+    plus the attention scores and weighted sum over the full N x N square. A text-to-image DiT adds
+    its cross-attention over `caption_tokens` tokens and their projection from `text_width` (the caption
+    encoder's own FLOPs are not counted)."""
     d, f, p = cfg.d_model, cfg.resolved_d_ff, cfg.patch_size
-    n = (cfg.image_size // p) ** 2
+    n, length = (cfg.image_size // p) ** 2, caption_tokens
     per_token = p * p * cfg.channels * d + cfg.n_layers * (4 * d * d + 2 * d * f) + d * p * p * cfg.out_channels
     per_image = cfg.freq_dim * d + d * d + cfg.n_layers * 6 * d * d + 2 * d * d  # conditioning paths
-    return 6.0 * (n * per_token + per_image) + 12.0 * cfg.n_layers * d * n * n
+    if length:
+        per_token += cfg.n_layers * 2 * d * d  # cross-attention query and output
+        per_image += length * (text_width * d + cfg.n_layers * 2 * d * d) + text_width * d  # keys, values, pooled
+    return 6.0 * (n * per_token + per_image) + 12.0 * cfg.n_layers * d * n * (n + length)

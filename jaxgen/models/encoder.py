@@ -149,7 +149,8 @@ class MLMHead(nnx.Module):
 class Encoder(nnx.Module):
     """Embeddings, a stack of bidirectional blocks and the masked-LM head; `hidden` stops before the head."""
 
-    def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs, head: bool = True):
+        """`head` False: no MLM head (an encoder serving only its hidden states, e.g. a DiT's caption encoder)."""
         self.cfg = cfg
         dtypes = Dtypes.of(cfg)
         init = nnx.initializers.normal(cfg.init_std)
@@ -168,7 +169,7 @@ class Encoder(nnx.Module):
 
         self.layers = make_layers(rngs)
         self.final_norm = norm(cfg, dtypes) if cfg.norm_placement == "pre" else None
-        self.head = MLMHead(cfg, dtypes, rngs)
+        self.head = MLMHead(cfg, dtypes, rngs) if head else None
 
     def __call__(self, tokens_BL: jax.Array, segments_BL: jax.Array, positions_BL: jax.Array | None = None,
                  token_types_BL: jax.Array | None = None) -> jax.Array:

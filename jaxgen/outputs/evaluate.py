@@ -38,6 +38,11 @@ def evaluate_run(run_dir: str | pathlib.Path, step: int | None = None, overrides
     results = []
     for checkpoint in each_checkpoint(run, steps):
         result = evaluate(checkpoint, data)
+        if "guidance_sweep" in result and jax.process_index() == 0:
+            from jaxgen.quality.prompt_adherence import plot_guidance_sweep
+
+            path = run_dir / "evals" / f"guidance_step{result['step']:07d}.png"
+            result["guidance_plot"] = str(plot_guidance_sweep(result["guidance_sweep"], path))
         if jax.process_index() == 0:
             with (run_dir / "eval.jsonl").open("a") as f:
                 f.write(json.dumps(result) + "\n")

@@ -76,7 +76,11 @@ class TextEncoder:
 def embed(kind: str, graphdef: nnx.GraphDef, params: dict, ids_BL: jax.Array,
           mask_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(per-token embeddings (B, L, D), zero at padding; their mean over real tokens (B, D))."""
-    model = nnx.merge(graphdef, params)
+    return embed_with(kind, nnx.merge(graphdef, params), ids_BL, mask_BL)
+
+
+def embed_with(kind: str, model: nnx.Module, ids_BL: jax.Array, mask_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`embed` with the model as a module (a frozen model group of another task)."""
     segments_BL = mask_BL.astype(jnp.int32)
     hidden_BLD = model.hidden(ids_BL, segments_BL) if kind == "encoder" else model.encode(ids_BL, segments_BL)
     keep_BL1 = mask_BL[..., None].astype(jnp.float32)

@@ -1,7 +1,12 @@
-"""The diffusion task: a class-conditional DiT trained to denoise images.
+"""The diffusion task: a DiT trained to denoise images, conditioned on class labels or captions.
 
-Training batches carry images and labels; the loss draws times and noise from
-the step key and drops labels to the null class for classifier-free guidance.
+Training batches carry images and labels (and tokenized captions); the loss
+draws times and noise from the step key and drops labels (captions) to the null
+class (caption) for classifier-free guidance (tasks/conditions.py). With
+`diffusion.autoencoder` the DiT denoises a frozen autoencoder's scaled latents
+(tasks/latents.py): batches of cached latents are used as they are, batches of
+images are encoded in the step; samples are decoded through the same frozen
+autoencoder.
 Held-out batches also carry their own times (a fixed grid) and noise, so the
 held-out loss is the same measurement at every evaluation, and row weights
 (each held-out image once; the rows padding the last batch weigh 0). Samples and
@@ -21,12 +26,12 @@ import numpy as np
 from jaxgen.config import Config, with_overrides
 from jaxgen.data.image_data import ImageData, build_image_data
 from jaxgen.diffusion.grid import image_grid, save_png
-from jaxgen.diffusion.guidance import drop_labels
 from jaxgen.diffusion.objectives import make_objective
 from jaxgen.diffusion.samplers import make_sampler
 from jaxgen.models import build_model
 from jaxgen.models.dit import flops_per_image
 from jaxgen.tasks.base import ModelSpec, Phase, Weights
+from jaxgen.tasks.conditions import CaptionConditions, make_conditions
 from jaxgen.tasks.image_outputs import (
     check_image_inputs,
     image_inputs,
@@ -42,37 +47,50 @@ from jaxgen.tasks.layout import MAIN_GROUP
 class DiffusionTask:
     unit = "images"
     loss_name = "denoising loss (mean squared error)"
-    sample_options: dict[str, Any] = {"labels": None, "num_per_label": 8, "guidance": None, "sampler": None,
-                                      "steps": None, "out": None, "save_array": None}
-
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.objective = make_objective(cfg)
-        self.null_label = cfg.model.num_classes
+        self.conditions = make_conditions(cfg)
+        self.text = isinstance(self.conditions, CaptionConditions)
+        self.latents = None
+        if cfg.diffusion.autoencoder is not None:
+            from jaxgen.tasks.latents import Latents
+
+            self.latents = Latents(cfg)
         self.sample_every = cfg.diffusion.sample_every
+        self.sample_options: dict[str, Any] = {
+            **({"prompt": None, "negative_prompt": None} if self.text else {"labels": None}),
+            "num_per_label": 8, "guidance": None, "sampler": None, "steps": None, "out": None, "save_array": None}
         self._samplers: dict = {}
 
     def models(self) -> dict[str, ModelSpec]:
-        d = self.cfg.diffusion
-        return {MAIN_GROUP: ModelSpec(build=lambda rngs: build_model(self.cfg.model, rngs),
-                                      ema=(d.ema_decay, d.ema_warmup))}
+        d, m = self.cfg.diffusion, self.cfg.model
+        if self.text:
+            from jaxgen.models.dit import DiT
+
+            build = lambda rngs: DiT(m, rngs, text=self.cfg.conditioning, text_width=self.conditions.text_width())  # noqa: E731
+        else:
+            build = lambda rngs: build_model(m, rngs)  # noqa: E731
+        return {MAIN_GROUP: ModelSpec(build=build, ema=(d.ema_decay, d.ema_warmup)),
+                **self.conditions.models(), **(self.latents.models() if self.latents else {})}
 
     def phases(self) -> list[Phase]:
         return [Phase("loss", (MAIN_GROUP,), self.loss)]
 
     def loss(self, models, batch, rng, step=None):
-        x0_BHWC, labels_B = batch["images"], batch["labels"]
+        x0_BHWC = batch["images"] if self.latents is None else self.latents.model_input(models, batch["images"])
         b = x0_BHWC.shape[0]
-        if "noise" in batch:  # held-out: fixed times and noise, labels as given, the last batch's padding weighs 0
+        if "t" in batch:  # held-out: fixed times and noise, conditions as given, the last batch's padding weighs 0
             t_B, eps_BHWC, weight_B = batch["t"], batch["noise"], batch["weights"]
+            condition = self.conditions.held_out(models, batch)
         else:
             t_rng, eps_rng, drop_rng = jax.random.split(rng, 3)
             t_B = self.objective.train_times(t_rng, b)
             eps_BHWC = jax.random.normal(eps_rng, x0_BHWC.shape)
-            labels_B = drop_labels(labels_B, drop_rng, self.cfg.diffusion.label_dropout, self.null_label)
+            condition = self.conditions.training(models, batch, drop_rng)
             weight_B = jnp.ones((b,), jnp.float32)
         x_t = self.objective.noisy(x0_BHWC, eps_BHWC, t_B)
-        out = models[MAIN_GROUP](x_t, self.objective.model_time(t_B), labels_B)
+        out = models[MAIN_GROUP](x_t, self.objective.model_time(t_B), condition)
         loss_B = self.objective.loss_per_image(out, x0_BHWC, eps_BHWC, t_B)
         return jnp.sum(loss_B * weight_B), jnp.sum(weight_B)
 
@@ -83,10 +101,16 @@ class DiffusionTask:
         return self.cfg.data.batch_size
 
     def flops_per_unit(self) -> float:
-        return flops_per_image(self.cfg.model)
+        length = self.cfg.conditioning.max_length if self.text else 0
+        width = self.conditions.text_width() or self.cfg.conditioning.joint_width
+        return flops_per_image(self.cfg.model, length, width if self.text else 0)
 
     def make_data(self, run_dir: pathlib.Path) -> ImageData:
-        data = build_image_data(self.cfg)
+        data = build_image_data(self.cfg, self.conditions.caption_tokens())
+        if self.text:
+            self.conditions.report_collisions(data.source.part_captions["train"])
+        if self.latents is not None:
+            self.latents.prepare(data.source)
         data.eval = self.with_fixed_noise(data.eval)
         return data
 
@@ -98,7 +122,8 @@ class DiffusionTask:
         for batch in batches:
             rows = len(batch["labels"])
             t = grid[np.arange(rows) % len(grid)]
-            noise = rng.standard_normal(batch["images"].shape).astype(np.float32)
+            m = self.cfg.model  # the model's input: latents when the batch holds images to encode
+            noise = rng.standard_normal((rows, m.image_size, m.image_size, m.channels)).astype(np.float32)
             out.append({**batch, "t": t, "noise": noise})
         return out
 
@@ -110,58 +135,112 @@ class DiffusionTask:
         check_image_inputs(saved, current)
 
     # ------------------------------------------------------------------ samples, evaluation, generation
-    def draw(self, weights: Weights, labels: np.ndarray, seed: int, scale: float, overrides: list[str] = ()) -> np.ndarray:
-        """Images (N, H, W, C) in [-1, 1] for `labels`, from the sampler the config (and `overrides`) names."""
+    def draw(self, weights: Weights, condition, seed: int, scale: float, overrides: list[str] = (),
+             unconditional=None) -> np.ndarray:
+        """Images (N, H, W, C) in [-1, 1] for `condition` (labels, or captions from `prompts`), guided away from
+        `unconditional` (default the null condition), from the sampler the config (and `overrides`) names."""
         cfg = with_overrides(self.cfg, list(overrides)) if overrides else self.cfg
         graphdef = weights.graphdefs[MAIN_GROUP]
         key = (graphdef, cfg.diffusion.sampler, cfg.diffusion.sample_steps)
         if key not in self._samplers:  # compiled once per model structure and sampler
             m = cfg.model
-            self._samplers[key] = make_sampler(graphdef, make_objective(cfg), cfg.diffusion, self.null_label,
+            self._samplers[key] = make_sampler(graphdef, make_objective(cfg), cfg.diffusion,
                                                (m.image_size, m.image_size, m.channels))
-        images = self._samplers[key](weights.params[MAIN_GROUP], jnp.asarray(labels, jnp.int32),
-                                     jax.random.PRNGKey(seed), jnp.float32(scale))
+        n = len(jax.tree.leaves(condition)[0])
+        if unconditional is None:
+            unconditional = self.conditions.null(weights, n)
+        images = self._samplers[key](weights.params[MAIN_GROUP], jax.tree.map(jnp.asarray, condition),
+                                     jax.tree.map(jnp.asarray, unconditional), jax.random.PRNGKey(seed),
+                                     jnp.float32(scale))
+        if self.latents is not None:
+            images = self.latents.decode(weights, images)
         return np.asarray(jax.device_get(images))
 
     def sample(self, weights: Weights, data: ImageData, run_dir: pathlib.Path, step: int | None) -> dict:
-        """Write a grid (one row per class) to RUN_DIR/samples/ and TensorBoard; at the end, score the samples."""
+        """Write a grid (one row per class, or per held-out caption) to RUN_DIR/samples/ and TensorBoard; at the
+        end, score the samples."""
         d = self.cfg.diffusion
-        n_classes = self.cfg.model.num_classes
-        images = self.draw(weights, np.repeat(np.arange(n_classes), d.samples_per_class), self.cfg.train.seed,
-                           d.guidance_scale)
-        summary = {"samples": write_training_grid(self.cfg, images, n_classes, run_dir, step)}
+        if self.text:
+            requests = list(dict.fromkeys(data.source.part_captions["eval"]))[:SAMPLE_PROMPTS]
+        else:
+            requests = list(range(self.cfg.model.num_classes))
+        condition = self.conditions.requested(weights, [r for r in requests for _ in range(d.samples_per_class)])
+        images = self.draw(weights, condition, self.cfg.train.seed, d.guidance_scale)
+        summary = {"samples": write_training_grid(self.cfg, images, len(requests), run_dir, step)}
         if jax.process_index() != 0:  # every process sampled (params are sharded); one scores
             return summary
         if step is None and d.quality_eval:
-            summary.update(self.quality(weights, data))
+            summary.update(self.quality(weights, data, d.guidance_scale))
         return summary
 
-    def quality(self, weights: Weights, data: ImageData) -> dict:
-        """Sample quality: one sample per held-out image, for its label, in a classifier's features."""
+    def quality(self, weights: Weights, data: ImageData, scale: float) -> dict:
+        """Sample quality: one sample per held-out image, for its label (caption), in a classifier's features;
+        for captions of the synthetic shapes, prompt adherence beside shuffled prompts."""
         from jaxgen.diffusion.quality import sample_quality
 
-        scale = self.cfg.diffusion.guidance_scale
-        held_out = quality_images(self.cfg, data.held_out)
-        samples = self.draw(weights, held_out.labels, seed=1, scale=scale)
-        return {**sample_quality(samples, held_out.labels, data.train_set, held_out), "guidance_scale": scale}
+        held_out, train_set = quality_images(self.cfg, data.held_out), data.train_set
+        if self.latents is not None and self.latents.cached:  # real images are what the autoencoder makes of them
+            held_out, train_set = self.latents.pixel_set(weights, held_out), self.latents.pixel_set(weights, train_set)
+        requests = (list(data.source.part_captions["eval"][:len(held_out)]) if self.text
+                    else held_out.labels.tolist())
+        samples = self.draw(weights, self.conditions.requested(weights, requests), seed=1, scale=scale)
+        report = {**sample_quality(samples, held_out.labels, train_set, held_out), "guidance_scale": scale}
+        if self.text and shapes_captions(requests):
+            from jaxgen.quality.shape_checker import adherence
+
+            report["adherence"] = adherence(samples, requests)
+        return report
 
     def evaluate(self, weights: Weights, data: ImageData, loss_sum: float, weight_sum: float) -> dict:
-        """Held-out diffusion loss (fixed noise levels and noise) and sample quality."""
-        return {"eval_loss": loss_sum / max(weight_sum, 1.0), **self.quality(weights, data)}
+        """Held-out diffusion loss (fixed noise levels and noise) and sample quality; for a text-to-image run,
+        quality and adherence at each scale of `diffusion.eval_guidance_scales`, with a plot."""
+        configured = self.cfg.diffusion.guidance_scale
+        scales = list(dict.fromkeys(self.cfg.diffusion.eval_guidance_scales)) if self.text else []
+        reports = {scale: self.quality(weights, data, scale) for scale in dict.fromkeys([configured, *scales])}
+        result = {"eval_loss": loss_sum / max(weight_sum, 1.0), **reports[configured]}
+        if scales:
+            result["guidance_sweep"] = [reports[scale] for scale in scales]
+        return result
 
     def generate(self, weights: Weights, run_dir: pathlib.Path, step: int, options: dict[str, Any],
                  on_text: Callable[[str], None] | None) -> list[dict]:
-        """A grid, one row per label (every class unless `labels` names some), and optionally the arrays."""
-        labels = requested_labels(options["labels"], self.cfg.model.num_classes)
+        """A grid, one row per label (every class unless `labels` names some) or per prompt, and optionally the
+        arrays."""
+        if self.text:
+            requests = options["prompt"] or [""]
+        else:
+            requests = requested_labels(options["labels"], self.cfg.model.num_classes)
         overrides = [*([f"diffusion.sampler={options['sampler']}"] if options["sampler"] else []),
                      *([f"diffusion.sample_steps={options['steps']}"] if options["steps"] else [])]
         scale = self.cfg.diffusion.guidance_scale if options["guidance"] is None else options["guidance"]
-        labels_N = np.repeat(np.asarray(labels, np.int32), options["num_per_label"])
-        images_NHWC = self.draw(weights, labels_N, options["seed"], scale, overrides)
+        per = options["num_per_label"]
+        rows = [r for r in requests for _ in range(per)]
+        negative = options.get("negative_prompt")
+        unconditional = (self.conditions.requested(weights, [negative] * len(rows)) if negative is not None
+                         else None)
+        images_NHWC = self.draw(weights, self.conditions.requested(weights, rows), options["seed"], scale,
+                                overrides, unconditional)
         out = pathlib.Path(options["out"]) if options["out"] else run_dir / "samples" / f"sample_step{step}.png"
-        save_png(image_grid(images_NHWC, rows=len(labels)), out)
-        result = {"grid": str(out), "step": step, "labels": labels, "num_per_label": options["num_per_label"],
-                  "guidance": scale}
+        save_png(image_grid(images_NHWC, rows=len(requests)), out)
+        result = {"grid": str(out), "step": step, ("prompts" if self.text else "labels"): requests,
+                  "num_per_label": per, "guidance": scale, **({"negative_prompt": negative} if negative else {})}
         if options["save_array"]:
-            result["array"] = save_arrays(options["save_array"], images=to_unit_range(images_NHWC), labels=labels_N)
+            arrays = {"prompts": np.asarray(rows)} if self.text else {"labels": np.asarray(rows, np.int32)}
+            result["array"] = save_arrays(options["save_array"], images=to_unit_range(images_NHWC), **arrays)
         return [result]
+
+
+SAMPLE_PROMPTS = 8  # rows of a text-to-image run's sample grid: its first distinct held-out captions
+
+
+def shapes_captions(captions: list[str]) -> bool:
+    """Whether every caption is one of the synthetic shapes set's (so the shape checker can judge samples)."""
+    from jaxgen.data.synth_shapes import parse_caption
+    from jaxgen.errors import DataError
+
+    try:
+        for caption in captions:
+            parse_caption(caption)
+    except DataError:
+        return False
+    return bool(captions)

@@ -1,0 +1,131 @@
+"""What a DiT is conditioned on: class labels, or captions (text-to-image).
+
+Each kind turns batches into the model's condition (dropping some to the null
+condition while training, for classifier-free guidance), makes the null
+condition, and turns what a user asks for (labels; prompts and negative
+prompts) into conditions for the sampler. A caption condition is token ids
+for the encoder trained with the DiT, or the per-token and pooled embeddings
+of a frozen encoder run, computed in the step from the frozen `text_encoder`
+model group (models/text_conditioning.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxgen.config import Config
+from jaxgen.data.caption_words import caption_ids, colliding_words
+from jaxgen.diffusion.guidance import drop_captions, drop_labels
+from jaxgen.tasks.base import ModelSpec, Weights
+
+log = logging.getLogger("jaxgen")
+
+TEXT_ENCODER_GROUP = "text_encoder"
+
+
+class ClassConditions:
+    def __init__(self, cfg: Config):
+        self.null_label, self.drop_rate = cfg.model.num_classes, cfg.diffusion.label_dropout
+
+    def models(self) -> dict[str, ModelSpec]:
+        return {}
+
+    def caption_tokens(self):
+        return None
+
+    def text_width(self) -> int | None:
+        return None
+
+    def training(self, models, batch: dict, rng: jax.Array):
+        return drop_labels(batch["labels"], rng, self.drop_rate, self.null_label)
+
+    def held_out(self, models, batch: dict):
+        return batch["labels"]
+
+    def requested(self, weights: Weights, labels: list[int]) -> np.ndarray:
+        return np.asarray(labels, np.int32)
+
+    def null(self, weights: Weights, n: int) -> np.ndarray:
+        return np.full((n,), self.null_label, np.int32)
+
+
+class CaptionConditions:
+    def __init__(self, cfg: Config):
+        self.cfg, self.cond = cfg, cfg.conditioning
+        self.frozen = None
+        if self.cond.text_encoder is not None:
+            from jaxgen.outputs.text_encoder import load_text_encoder
+
+            self.frozen = load_text_encoder(self.cond.text_encoder, max_length=self.cond.max_length)
+            log.info("captions: frozen %s of run %s (step %d, width %d)", self.frozen.kind, self.cond.text_encoder,
+                     self.frozen.step, self.frozen.width)
+
+    def models(self) -> dict[str, ModelSpec]:
+        if self.frozen is None:
+            return {}
+        frozen = self.frozen
+        return {TEXT_ENCODER_GROUP: ModelSpec(build=lambda rngs: nnx.merge(frozen.graphdef, frozen.params),
+                                              trained=False)}
+
+    def text_width(self) -> int | None:
+        return None if self.frozen is None else self.frozen.width
+
+    def caption_tokens(self):
+        """caption -> (ids, mask) as the pipeline adds them to batches."""
+        if self.frozen is None:
+            return functools.partial(caption_ids, vocab=self.cond.joint_vocab, max_length=self.cond.max_length)
+        frozen = self.frozen
+
+        def frozen_tokens(text: str) -> tuple[np.ndarray, np.ndarray]:
+            ids, mask = frozen.token_ids([text])
+            return ids[0], mask[0]
+
+        return frozen_tokens
+
+    def report_collisions(self, captions: list[str]) -> None:
+        if self.frozen is None and (groups := colliding_words(captions, self.cond.joint_vocab)):
+            log.warning("captions: these words share an id among conditioning.joint_vocab=%d buckets: %s",
+                        self.cond.joint_vocab, "; ".join(" = ".join(g) for g in groups[:5]))
+
+    def _condition(self, models, ids_BL, mask_BL, keep_B) -> dict:
+        if self.frozen is None:
+            return {"ids": ids_BL, "mask": mask_BL, "keep": keep_B}
+        from jaxgen.outputs.text_encoder import embed_with
+
+        tokens_BLT, pooled_BT = embed_with(self.frozen.kind, models[TEXT_ENCODER_GROUP], ids_BL, mask_BL)
+        return {"tokens": jax.lax.stop_gradient(tokens_BLT), "mask": mask_BL,
+                "pooled": jax.lax.stop_gradient(pooled_BT), "keep": keep_B}
+
+    def training(self, models, batch: dict, rng: jax.Array) -> dict:
+        keep_B = drop_captions(jnp.ones(batch["labels"].shape, bool), rng, self.cond.drop_rate)
+        return self._condition(models, batch["caption_ids"], batch["caption_mask"], keep_B)
+
+    def held_out(self, models, batch: dict) -> dict:
+        return self._condition(models, batch["caption_ids"], batch["caption_mask"],
+                               jnp.ones(batch["labels"].shape, bool))
+
+    def null(self, weights: Weights, n: int) -> dict:
+        return self.requested(weights, [None] * n)
+
+    def requested(self, weights: Weights, texts: list[str | None]) -> dict:
+        """The sampler's condition for each text (None: the null caption), as arrays."""
+        tokens = self.caption_tokens()
+        rows = [tokens(text or "") for text in texts]
+        ids_BL = np.stack([r[0] for r in rows])
+        mask_BL = np.stack([r[1] for r in rows])
+        keep_B = np.asarray([text is not None for text in texts])
+        if self.frozen is None:
+            return {"ids": ids_BL, "mask": mask_BL, "keep": keep_B}
+        params = weights.params[TEXT_ENCODER_GROUP]
+        tokens_BLT, pooled_BT = self.frozen.embed(params, jnp.asarray(ids_BL), jnp.asarray(mask_BL))
+        return {"tokens": np.asarray(tokens_BLT), "mask": mask_BL, "pooled": np.asarray(pooled_BT), "keep": keep_B}
+
+
+def make_conditions(cfg: Config) -> ClassConditions | CaptionConditions:
+    return CaptionConditions(cfg) if cfg.conditioning.by == "text" else ClassConditions(cfg)

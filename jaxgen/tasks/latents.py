@@ -1,0 +1,110 @@
+"""Latent diffusion's side of the diffusion task: the frozen autoencoder group and the scale of its latents.
+
+With `diffusion.autoencoder: RUN_DIR` the run holds a frozen `autoencoder`
+group (models/latent_space.py): the autoencoder's parameters and the latent
+scale and shift, saved in every checkpoint. The scale comes from the latent
+dataset's manifest (`images.source: latents`, where `jaxgen data prepare`
+measured it), or is measured at the start of training from the first
+`SCALE_IMAGES` training images when batches hold images to encode in the
+step. A latent dataset written by another autoencoder, or latents whose
+shape the model does not take, are refused in one line before anything is
+built.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxgen.config import Config
+from jaxgen.data.image_batches import part_examples
+from jaxgen.data.image_source import ImageSource
+from jaxgen.data.images import ImageSet
+from jaxgen.errors import ConfigError
+from jaxgen.models.latent_space import LatentSpace
+from jaxgen.tasks.base import ModelSpec, Weights
+
+log = logging.getLogger("jaxgen")
+
+AUTOENCODER_GROUP = "autoencoder"
+SCALE_IMAGES = 1024
+DECODE_BATCH = 64
+
+
+class Latents:
+    def __init__(self, cfg: Config):
+        """Reads only configs and the manifest: opening a run to sample or evaluate loads no autoencoder twice."""
+        from jaxgen.diffusion.latents import autoencoder_config
+
+        self.cfg, self.cached = cfg, cfg.images.source == "latents"
+        self.ae_cfg = autoencoder_config(cfg.diffusion.autoencoder)
+        h, z = self.ae_cfg.latent_size, self.ae_cfg.latent_channels
+        m = cfg.model
+        if (m.image_size, m.channels) != (h, z):
+            raise ConfigError(f"diffusion.autoencoder={cfg.diffusion.autoencoder!r} makes {h}x{h}x{z} latents; set "
+                              f"model.image_size={h} model.channels={z}")
+        self.manifest = None
+        if self.cached:
+            from jaxgen.data.latent_dataset import read_manifest
+
+            self.manifest = read_manifest(cfg.images.latents)
+        self.scale: float | None = None if self.manifest is None else float(self.manifest["scale"])
+        self.autoencoder = None  # FrozenAutoencoder, loaded by `prepare` (training, evaluation)
+        self._decode = jax.jit(lambda graphdef, params, z: nnx.merge(graphdef, params).decode(z), static_argnums=0)
+
+    def models(self) -> dict[str, ModelSpec]:
+        def build(rngs: nnx.Rngs) -> LatentSpace:
+            """The loaded autoencoder in a fresh run; a checkpoint's replaces it in a resumed or opened one."""
+            from jaxgen.models.autoencoder import AutoencoderKL
+
+            ae = self.autoencoder
+            module = AutoencoderKL(self.ae_cfg, rngs) if ae is None else nnx.merge(ae.graphdef, ae.params)
+            return LatentSpace(module, self.scale or 1.0, float(self.ae_cfg.shift_factor or 0.0))
+
+        return {AUTOENCODER_GROUP: ModelSpec(build=build, trained=False)}
+
+    def prepare(self, source: ImageSource) -> None:
+        """Before a fresh state is made: the autoencoder's parameters, checked against cached latents, and the
+        scale of images encoded in the step, measured from the data."""
+        from jaxgen.diffusion.latents import load_autoencoder, measure_scale
+
+        if self.autoencoder is None:
+            self.autoencoder = load_autoencoder(self.cfg.diffusion.autoencoder)
+        if self.manifest is not None:
+            writer = self.manifest["autoencoder"]
+            if writer["digest"] != self.autoencoder.digest:
+                raise ConfigError(f"images.latents={self.cfg.images.latents!r} was encoded by the autoencoder of "
+                                  f"{writer['run_dir']} (step {writer['step']}), not by diffusion.autoencoder="
+                                  f"{self.cfg.diffusion.autoencoder!r} (step {self.autoencoder.step}); prepare "
+                                  "the latents again with it")
+        if self.scale is not None:
+            return
+        images = part_examples(source, "train", SCALE_IMAGES)["images"]
+        self.scale = measure_scale(self.autoencoder.with_scale(1.0).encode(images))
+        log.info("latent scale %.4f: unit variance over the latents of the first %d training images",
+                 self.scale, len(images))
+
+    def model_input(self, models: dict[str, nnx.Module], images_BHWC: jax.Array) -> jax.Array:
+        """What the DiT denoises: cached latents as they are, images encoded by the frozen autoencoder."""
+        if self.cached:
+            return images_BHWC
+        return jax.lax.stop_gradient(models[AUTOENCODER_GROUP].encode(images_BHWC))
+
+    def decode(self, weights: Weights, latents_NhwZ: jax.Array) -> np.ndarray:
+        """Images (N, H, W, C) in [-1, 1] of sampled latents, through the run's own autoencoder and scale."""
+        graphdef, params = weights.graphdefs[AUTOENCODER_GROUP], weights.params[AUTOENCODER_GROUP]
+        latents = np.asarray(jax.device_get(latents_NhwZ))
+        out = []
+        for start in range(0, len(latents), DECODE_BATCH):
+            chunk = latents[start:start + DECODE_BATCH]
+            padded = np.concatenate([chunk, np.repeat(chunk[-1:], DECODE_BATCH - len(chunk), axis=0)])
+            out.append(np.asarray(jax.device_get(self._decode(graphdef, params, jnp.asarray(padded))))[:len(chunk)])
+        return np.concatenate(out)
+
+    def pixel_set(self, weights: Weights, latents: ImageSet) -> ImageSet:
+        """Cached latents as the images the autoencoder makes of them (what sample quality compares with)."""
+        return ImageSet(self.decode(weights, latents.images), latents.labels)

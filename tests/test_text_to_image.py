@@ -1,0 +1,256 @@
+"""Text-to-image latent diffusion: the caption path of the DiT, guidance with null and negative captions,
+cached and on-the-fly latents, sharding, and the shipped config through the CLI (train, die, resume, sample
+with prompts, evaluate prompt adherence against guidance)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxgen.checkpoint import Checkpointer, checkpoint_dir
+from jaxgen.config import Config, load_config
+from jaxgen.data.caption_words import caption_ids, colliding_words
+from jaxgen.data.latent_dataset import prepare_latent_dataset
+from jaxgen.data.pipeline import to_global
+from jaxgen.data.synth_shapes import write_shapes_folder
+from jaxgen.diffusion.guidance import guided
+from jaxgen.errors import ConfigError
+from jaxgen.metrics import read_metrics
+from jaxgen.models.dit import DiT
+from jaxgen.outputs.runs import save_imported_run
+from jaxgen.sharding import make_mesh
+from jaxgen.tasks import make_task
+from jaxgen.tasks.diffusion import DiffusionTask
+from jaxgen.tasks.layout import MAIN_GROUP, fresh_params, held_out_sums
+from jaxgen.train.build import build_training
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "t2i_shapes.yaml"
+DRIVER = pathlib.Path(__file__).with_name("crash_driver.py")
+# 16x16 RGB images -> 8x8x4 latents; the 32 px shapes folder is scaled down as training reads it.
+AE = {"kind": "autoencoder", "image_size": 16, "channels": 3, "block_channels": (8, 16), "norm_groups": 4,
+      "latent_channels": 4, "layers_per_block": 1}
+TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.freq_dim=32", "conditioning.joint_width=32",
+        "conditioning.joint_layers=1", "conditioning.joint_heads=2", "data.batch_size=8", "train.eval_batches=2",
+        "images.quality_images=16", "diffusion.sample_steps=3", "diffusion.samples_per_class=2",
+        "logging.progress_bar=false"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A captioned shapes folder, an autoencoder run of random weights and its cached latents."""
+    root = tmp_path_factory.mktemp("t2i")
+    write_shapes_folder(root / "shapes", 60, size=32, held_out_fraction=0.3)
+    ae_cfg = Config(model=AE, images={"source": "folder", "folder": str(root / "shapes")})
+    (root / "ae").mkdir()
+    save_imported_run(root / "ae", ae_cfg, jax.jit(lambda: fresh_params(make_task(ae_cfg), 0))(),
+                      "tests/test_text_to_image.py", inputs={})
+    prepare_latent_dataset(f"folder:{root / 'shapes'}", root / "ae", root / "latents", progress=False)
+    return root
+
+
+def t2i_config(world, *overrides, cached=True):
+    source = ([f"images.latents={world / 'latents'}"] if cached else
+              ["images.source=folder", "images.latents=null", f"images.folder={world / 'shapes'}"])
+    return load_config(CONFIG, [*TINY, f"diffusion.autoencoder={world / 'ae'}", *source, *overrides])
+
+
+def randomized(params, seed=0, std=0.1):
+    """Every parameter random: the zero-initialised gates and projections no longer hide the conditioning."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    return jax.tree.unflatten(tree, [std * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+
+
+def caption(texts, cfg, keep=True):
+    rows = [caption_ids(t, cfg.conditioning.joint_vocab, cfg.conditioning.max_length) for t in texts]
+    return {"ids": jnp.asarray(np.stack([r[0] for r in rows])), "mask": jnp.asarray(np.stack([r[1] for r in rows])),
+            "keep": jnp.full((len(texts),), keep)}
+
+
+@pytest.fixture(scope="module")
+def text_dit(world):
+    cfg = t2i_config(world)
+    model = DiT(cfg.model, nnx.Rngs(0), text=cfg.conditioning)
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, randomized(nnx.to_pure_dict(state)))
+    nnx.update(model, state)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 4))
+    return cfg, model, x, jnp.array([300.0, 700.0])
+
+
+def test_the_caption_changes_the_prediction_and_a_dropped_caption_is_the_null_caption(text_dit):
+    cfg, model, x, t = text_dit
+    a = ["a small red circle above a large blue square", "a large green cross"]
+    b = ["a small red circle below a large blue square", "a large green ring"]
+    out_a, out_b = model(x, t, caption(a, cfg)), model(x, t, caption(b, cfg))
+    assert not np.allclose(out_a[0], out_b[0]) and not np.allclose(out_a[1], out_b[1])  # a relation, a kind
+    dropped_a, dropped_b = model(x, t, caption(a, cfg, keep=False)), model(x, t, caption(b, cfg, keep=False))
+    np.testing.assert_array_equal(dropped_a, dropped_b)  # whatever the caption, dropped is the null caption
+    np.testing.assert_array_equal(model(x, t, caption(["", ""], cfg)), dropped_a)  # no words: the null caption too
+    assert not np.allclose(dropped_a, out_a)
+
+
+def test_guidance_at_scale_one_is_the_conditional_prediction_and_a_negative_prompt_replaces_the_null(text_dit):
+    cfg, model, x, t = text_dit
+    cond = caption(["a small red circle", "a large blue square above a small white ring"], cfg)
+    null = caption(["", ""], cfg, keep=False)
+    negative = caption(["a large yellow triangle", "a small green cross"], cfg)
+    np.testing.assert_allclose(guided(model, 1.0, 4)(x, t, cond, null), model(x, t, cond), atol=1e-5)
+    pushed = guided(model, 4.0, 4)(x, t, cond, negative)
+    expected = model(x, t, negative) + 4.0 * (model(x, t, cond) - model(x, t, negative))
+    np.testing.assert_allclose(pushed, expected, atol=1e-4)
+
+
+def test_caption_words_are_hashed_padded_and_collisions_reported():
+    ids, mask = caption_ids("A small RED circle, above!", 4096, 8)
+    assert mask.tolist() == [True] * 5 + [False] * 3 and ids[5:].tolist() == [0, 0, 0]
+    assert caption_ids("a small red circle above", 4096, 8)[0].tolist() == ids.tolist()  # case and punctuation
+    assert caption_ids("one two three", 4096, 2)[1].tolist() == [True, True]  # cut to max_length
+    assert colliding_words(["alpha beta gamma delta"], 4096) == []
+    many = [f"w{i}" for i in range(200)]
+    assert colliding_words([" ".join(many)], 64)  # 200 words into 63 buckets must collide
+
+
+def test_cached_and_on_the_fly_latents_give_the_same_loss(world):
+    losses = []
+    for cached in (True, False):
+        cfg = t2i_config(world, "mesh.data=1", cached=cached)
+        training = build_training(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
+        data = training.task.make_data(world)
+        state = training.init_state()
+        batches = [to_global(b, training.mesh) for b in data.eval]
+        assert batches[0]["images"].shape[1:] == ((8, 8, 4) if cached else (16, 16, 3))
+        losses.append(held_out_sums(training.eval_step, state.params, batches))
+        scale = float(state.params["autoencoder"]["scale"])
+        losses[-1] = (*losses[-1], scale)
+    (cached_loss, cached_w, cached_scale), (fly_loss, fly_w, fly_scale) = losses
+    assert cached_scale == pytest.approx(fly_scale, rel=1e-5) and cached_scale != 1.0
+    assert cached_w == fly_w and cached_loss == pytest.approx(fly_loss, rel=1e-5)
+
+
+def test_a_latent_dataset_of_another_autoencoder_is_refused(world, tmp_path):
+    ae_cfg = load_config(world / "ae" / "config.yaml")
+    (tmp_path / "other").mkdir()
+    save_imported_run(tmp_path / "other", ae_cfg, jax.jit(lambda: fresh_params(make_task(ae_cfg), 1))(),
+                      "tests/test_text_to_image.py", inputs={})
+    cfg = t2i_config(world, f"diffusion.autoencoder={tmp_path / 'other'}")
+    with pytest.raises(ConfigError, match="was encoded by the autoencoder of .*prepare the latents again"):
+        DiffusionTask(cfg).make_data(tmp_path)
+
+
+def text_batches(cfg, n):
+    rng = np.random.default_rng(0)
+    b, m = cfg.data.batch_size, cfg.model
+    out = []
+    for _ in range(n):
+        texts = [f"a small red circle {'above' if rng.random() < 0.5 else 'below'} a large blue square"
+                 for _ in range(b)]
+        rows = [caption_ids(t, cfg.conditioning.joint_vocab, cfg.conditioning.max_length) for t in texts]
+        out.append({"images": rng.standard_normal((b, m.image_size, m.image_size, m.channels)).astype(np.float32),
+                    "labels": np.zeros(b, np.int32), "caption_ids": np.stack([r[0] for r in rows]),
+                    "caption_mask": np.stack([r[1] for r in rows])})
+    return out
+
+
+def test_sharded_text_to_image_steps_equal_one_device(world, devices):
+    results = []
+    for mesh in (["mesh.data=1"], ["sharding.preset=fsdp_tp", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]):
+        cfg = t2i_config(world, *mesh, "optimizer.eps=1e-3")
+        training = build_training(cfg, make_mesh(cfg.mesh, devices[:1] if len(mesh) == 1 else devices))
+        training.task.latents.scale = 1.0
+        state, losses = training.init_state(), []
+        for batch in text_batches(cfg, 3):
+            state, metrics = training.train_step(state, to_global(batch, training.mesh))
+            losses.append(float(metrics["loss"]))
+        results.append((losses, jax.device_get(state.params[MAIN_GROUP])))
+    (ref_losses, ref_params), (losses, params) = results
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), params, ref_params)
+
+
+# ----------------------------------------------------------------------------- through the CLI
+
+
+def jaxgen(*args, driver=None, timeout=600):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    prefix = [sys.executable, str(DRIVER), *driver, "--"] if driver else [sys.executable, "-m", "jaxgen"]
+    return subprocess.run([*prefix, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def losses(run_dir):
+    return [{k: v for k, v in r.items() if k in ("step", "loss", "grad_norm")}
+            for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def cli_runs(world):
+    """The shipped config, shrunk: straight through, and killed right after its step-4 checkpoint then resumed."""
+    args = ["--config", str(CONFIG), *TINY, f"diffusion.autoencoder={world / 'ae'}",
+            f"images.latents={world / 'latents'}", "train.steps=8", "checkpoint.every=4", "train.eval_every=8",
+            "diffusion.sample_every=0", "logging.every=1", "diffusion.eval_guidance_scales=[1.0,3.0]"]
+    straight, crashed = world / "straight", world / "crashed"
+    done = jaxgen("train", "--run-dir", str(straight), *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    died = jaxgen("train", "--run-dir", str(crashed), *args, driver=["after-commit", "4"])
+    assert died.returncode == 137, died.stderr[-3000:]
+    resumed = jaxgen("train", "--run-dir", str(crashed), *args)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-3000:]
+    return straight, crashed, json.loads((straight / "summary.json").read_text())
+
+
+def saved_state(run_dir, step):
+    cfg = load_config(run_dir / "config.yaml")
+    layout = build_training(cfg, make_mesh(cfg.mesh, jax.devices()[:1])).layout
+    return jax.device_get(Checkpointer(checkpoint_dir(run_dir), cfg.checkpoint, writer=False)
+                          .restore(layout.target, step).state)
+
+
+def test_a_killed_text_to_image_run_resumes_bit_identically(cli_runs):
+    straight, crashed, _ = cli_runs
+    assert losses(crashed)[-4:] == losses(straight)[-4:]
+    jax.tree.map(np.testing.assert_array_equal, saved_state(crashed, 8), saved_state(straight, 8))
+
+
+def test_training_ends_with_prompt_adherence_beside_shuffled_prompts(cli_runs):
+    straight, _, summary = cli_runs
+    adherence = summary["adherence"]
+    assert set(adherence) >= {"kind", "colour", "size", "relation", "prompt", "chance"}
+    assert 0 <= adherence["chance"]["prompt"] <= 1 and adherence["images"] == 16
+    assert {"frechet_distance", "frechet_floor"} <= set(summary)
+    assert (straight / "samples" / "final.png").is_file()
+
+
+def test_sample_draws_a_row_per_prompt_with_a_negative_prompt(cli_runs, tmp_path):
+    straight, _, _ = cli_runs
+    out = jaxgen("sample", "--run-dir", str(straight), "--prompt", "a small red circle above a large blue square",
+                 "--prompt", "a large green cross", "--negative-prompt", "a small white ring", "--num", "3",
+                 "--guidance", "4", "--out", str(tmp_path / "grid.png"), "--save-array", str(tmp_path / "x.npz"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    record = json.loads(out.stdout.strip().splitlines()[-1])
+    assert record["prompts"][1] == "a large green cross" and record["negative_prompt"] == "a small white ring"
+    arrays = np.load(tmp_path / "x.npz")
+    assert arrays["images"].shape == (6, 16, 16, 3) and arrays["prompts"].tolist()[2:4] == [
+        "a small red circle above a large blue square", "a large green cross"]
+    refused = jaxgen("sample", "--run-dir", str(straight), "--labels", "0,1")
+    assert refused.returncode != 0 and len(refused.stderr.strip().splitlines()) == 1
+    assert "--labels cannot be used" in refused.stderr and "--negative-prompt" in refused.stderr
+
+
+def test_eval_scores_adherence_at_each_guidance_scale_and_plots_it(cli_runs):
+    straight, _, _ = cli_runs
+    out = jaxgen("eval", "--run-dir", str(straight))
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [r["guidance_scale"] for r in result["guidance_sweep"]] == [1.0, 3.0]
+    assert all("adherence" in r and "chance" in r["adherence"] for r in result["guidance_sweep"])
+    assert pathlib.Path(result["guidance_plot"]).is_file()
+    assert result["eval_loss"] == pytest.approx(read_metrics(straight / "metrics.jsonl")[-1].get(
+        "eval_loss", result["eval_loss"]), rel=1e-4)
