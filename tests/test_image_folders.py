@@ -237,3 +237,23 @@ def test_jaxgen_train_a_dit_on_an_image_folder(class_folders, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"data: {class_folders.name}, 20 train and 10 held-out images" in result.stderr
     assert (tmp_path / "run" / "samples" / "final.png").is_file()
+
+
+def test_fashion_captions_name_class_shade_and_width_as_a_captioned_folder(idx_dir, tmp_path):
+    from jaxgen.data.fashion_captions import CLASSES, captions, write_fashion_captions
+
+    # Hand-checked: shade cut at the terciles, width against the class's own median.
+    rows = captions(np.array([10.0, 150.0, 250.0]), np.array([0.2, 0.9, 0.5]), np.array([9, 0, 1]),
+                    np.array([100.0, 200.0]), np.full(10, 0.5))
+    assert [r["text"] for r in rows] == ["a dark narrow ankle boot", "a mid-grey wide t-shirt", "a light narrow trouser"]
+    summary = write_fashion_captions(idx_dir, tmp_path / "captioned")
+    assert (summary["train"], summary["test"]) == (40, 12)
+    lines = [json.loads(line) for line in (tmp_path / "captioned" / "train" / "metadata.jsonl").read_text().splitlines()]
+    assert [r["label"] for r in lines] == [i % 10 for i in range(40)]
+    assert all(r["text"] == f"a {r['shade']} {r['width']} {CLASSES[r['label']]}" for r in lines)
+    source = open_images(config("images.source=folder", f"images.folder={tmp_path / 'captioned'}",
+                                "model.image_size=8", "model.channels=1"))
+    assert source.part_captions["train"] == tuple(r["text"] for r in lines)
+    assert len(source.part_captions["eval"]) == 12
+    with pytest.raises(DataError, match="already exists"):
+        write_fashion_captions(idx_dir, tmp_path / "captioned")

@@ -254,3 +254,37 @@ def test_eval_scores_adherence_at_each_guidance_scale_and_plots_it(cli_runs):
     assert pathlib.Path(result["guidance_plot"]).is_file()
     assert result["eval_loss"] == pytest.approx(read_metrics(straight / "metrics.jsonl")[-1].get(
         "eval_loss", result["eval_loss"]), rel=1e-4)
+
+
+def test_a_frozen_encoder_run_embeds_the_captions_and_stays_frozen(world, tokenizer, tmp_path):
+    from jaxgen.data.tokenizer import keep_tokenizer
+    from jaxgen.outputs.text_encoder import load_text_encoder
+
+    encoder_cfg = Config(model={"kind": "encoder", "vocab_size": 512, "d_model": 24, "n_layers": 1, "n_heads": 2,
+                                "d_ff": 48})
+    run = tmp_path / "bert"
+    run.mkdir()
+    save_imported_run(run, encoder_cfg, jax.jit(lambda: fresh_params(make_task(encoder_cfg), 3))(),
+                      "tests/test_text_to_image.py", inputs={})
+    keep_tokenizer(tokenizer, run)
+    cfg = t2i_config(world, f"conditioning.text_encoder={run}", "mesh.data=1")
+    training = build_training(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
+    task = training.task
+    data = task.make_data(tmp_path)
+    state = training.init_state()
+    assert "text_encoder" in state.params and "text_encoder" not in state.opt_state  # frozen: no optimizer
+    loaded = jax.device_get(load_text_encoder(run, max_length=cfg.conditioning.max_length).params)
+    start = jax.device_get(state.params["text_encoder"])
+    jax.tree.map(np.testing.assert_array_equal, start, loaded)
+    for _ in range(2):
+        state, metrics = training.train_step(state, to_global(next(data.train), training.mesh))
+        assert np.isfinite(float(metrics["loss"]))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params["text_encoder"]), loaded)
+    # Prompts at sampling time are embedded by the same frozen encoder, with the same tokenizer.
+    texts = ["a small red circle above a large blue square", "a large green cross"]
+    weights = training.layout.models.weights(state.params)
+    condition = task.conditions.requested(weights, texts)
+    expected = load_text_encoder(run, max_length=cfg.conditioning.max_length)(texts)
+    np.testing.assert_allclose(condition["tokens"], expected.tokens, atol=1e-5)
+    np.testing.assert_allclose(condition["pooled"], expected.pooled, atol=1e-5)
+    assert condition["tokens"].shape == (2, cfg.conditioning.max_length, 24)
