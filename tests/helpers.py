@@ -157,3 +157,18 @@ def as_tfrecord_dataset(version_dir: pathlib.Path) -> None:
         shard.unlink()
     info = json.loads((version_dir / "dataset_info.json").read_text())
     (version_dir / "dataset_info.json").write_text(json.dumps(info | {"fileFormat": "tfrecord"}))
+
+
+def saved_state(run_dir: pathlib.Path, step: int):
+    """The whole train state of checkpoint `step` of a run, on the host (for bit-exact resume checks)."""
+    import jax
+
+    from jaxgen.checkpoint import Checkpointer, checkpoint_dir
+    from jaxgen.config import load_config
+    from jaxgen.sharding import make_mesh
+    from jaxgen.train.build import build_training
+
+    cfg = load_config(run_dir / "config.yaml")
+    layout = build_training(cfg, make_mesh(cfg.mesh, jax.devices()[:1])).layout
+    return jax.device_get(Checkpointer(checkpoint_dir(run_dir), cfg.checkpoint, writer=False)
+                          .restore(layout.target, step).state)

@@ -17,12 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxgen.checkpoint import Checkpointer, checkpoint_dir
-from jaxgen.config import load_config
 from jaxgen.metrics import read_metrics
-from jaxgen.sharding import make_mesh
-from jaxgen.train.build import build_training
 
+from helpers import saved_state
 from test_image_folders import write_idx
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -63,13 +60,6 @@ def fashion_like(tmp_path_factory):
 
 def train_args(family, run_dir, data):
     return ["train", *FAMILIES[family], "--run-dir", str(run_dir), f"images.idx={data}", *SHORT]
-
-
-def saved_state(run_dir, step):
-    cfg = load_config(run_dir / "config.yaml")
-    layout = build_training(cfg, make_mesh(cfg.mesh, jax.devices()[:1])).layout
-    return jax.device_get(Checkpointer(checkpoint_dir(run_dir), cfg.checkpoint, writer=False)
-                          .restore(layout.target, step).state)
 
 
 def losses(run_dir):

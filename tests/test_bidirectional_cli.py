@@ -18,13 +18,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxgen.checkpoint import Checkpointer, checkpoint_dir
-from jaxgen.config import load_config
 from jaxgen.data.corpus import BUNDLED_CORPUS, iter_documents
 from jaxgen.data.tokenizer import load_tokenizer
 from jaxgen.metrics import read_metrics
-from jaxgen.sharding import make_mesh
-from jaxgen.train.build import build_training
+
+from helpers import saved_state
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DRIVER = pathlib.Path(__file__).with_name("crash_driver.py")
@@ -53,13 +51,6 @@ def verses(tmp_path_factory):
 
 def train_args(family, run_dir, data, *extra):
     return ["train", *FAMILIES[family], "--run-dir", str(run_dir), f"data.text={data}", *TINY, *extra]
-
-
-def saved_state(run_dir, step):
-    cfg = load_config(run_dir / "config.yaml")
-    layout = build_training(cfg, make_mesh(cfg.mesh, jax.devices()[:1])).layout
-    return jax.device_get(Checkpointer(checkpoint_dir(run_dir), cfg.checkpoint, writer=False)
-                          .restore(layout.target, step).state)
 
 
 def losses(run_dir):

@@ -3,10 +3,7 @@ cached and on-the-fly latents, sharding, and the shipped config through the CLI 
 with prompts, evaluate prompt adherence against guidance)."""
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +11,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxgen.checkpoint import Checkpointer, checkpoint_dir
 from jaxgen.config import Config, load_config
 from jaxgen.data.caption_words import caption_ids, colliding_words
 from jaxgen.data.latent_dataset import prepare_latent_dataset
@@ -31,9 +27,10 @@ from jaxgen.tasks.diffusion import DiffusionTask
 from jaxgen.tasks.layout import MAIN_GROUP, fresh_params, held_out_sums
 from jaxgen.train.build import build_training
 
+from helpers import run_jaxgen, saved_state
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "t2i_shapes.yaml"
-DRIVER = pathlib.Path(__file__).with_name("crash_driver.py")
 # 16x16 RGB images -> 8x8x4 latents; the 32 px shapes folder is scaled down as training reads it.
 AE = {"kind": "autoencoder", "image_size": 16, "channels": 3, "block_channels": (8, 16), "norm_groups": 4,
       "latent_channels": 4, "layers_per_block": 1}
@@ -179,12 +176,6 @@ def test_sharded_text_to_image_steps_equal_one_device(world, devices):
 # ----------------------------------------------------------------------------- through the CLI
 
 
-def jaxgen(*args, driver=None, timeout=600):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    prefix = [sys.executable, str(DRIVER), *driver, "--"] if driver else [sys.executable, "-m", "jaxgen"]
-    return subprocess.run([*prefix, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
 def losses(run_dir):
     return [{k: v for k, v in r.items() if k in ("step", "loss", "grad_norm")}
             for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
@@ -197,20 +188,13 @@ def cli_runs(world):
             f"images.latents={world / 'latents'}", "train.steps=8", "checkpoint.every=4", "train.eval_every=8",
             "diffusion.sample_every=0", "logging.every=1", "diffusion.eval_guidance_scales=[1.0,3.0]"]
     straight, crashed = world / "straight", world / "crashed"
-    done = jaxgen("train", "--run-dir", str(straight), *args)
+    done = run_jaxgen("train", "--run-dir", str(straight), *args)
     assert done.returncode == 0, done.stderr[-3000:]
-    died = jaxgen("train", "--run-dir", str(crashed), *args, driver=["after-commit", "4"])
+    died = run_jaxgen("train", "--run-dir", str(crashed), *args, crash=("after-commit", 4), timeout=600)
     assert died.returncode == 137, died.stderr[-3000:]
-    resumed = jaxgen("train", "--run-dir", str(crashed), *args)
+    resumed = run_jaxgen("train", "--run-dir", str(crashed), *args)
     assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-3000:]
     return straight, crashed, json.loads((straight / "summary.json").read_text())
-
-
-def saved_state(run_dir, step):
-    cfg = load_config(run_dir / "config.yaml")
-    layout = build_training(cfg, make_mesh(cfg.mesh, jax.devices()[:1])).layout
-    return jax.device_get(Checkpointer(checkpoint_dir(run_dir), cfg.checkpoint, writer=False)
-                          .restore(layout.target, step).state)
 
 
 def test_a_killed_text_to_image_run_resumes_bit_identically(cli_runs):
@@ -230,7 +214,7 @@ def test_training_ends_with_prompt_adherence_beside_shuffled_prompts(cli_runs):
 
 def test_sample_draws_a_row_per_prompt_with_a_negative_prompt(cli_runs, tmp_path):
     straight, _, _ = cli_runs
-    out = jaxgen("sample", "--run-dir", str(straight), "--prompt", "a small red circle above a large blue square",
+    out = run_jaxgen("sample", "--run-dir", str(straight), "--prompt", "a small red circle above a large blue square",
                  "--prompt", "a large green cross", "--negative-prompt", "a small white ring", "--num", "3",
                  "--guidance", "4", "--out", str(tmp_path / "grid.png"), "--save-array", str(tmp_path / "x.npz"))
     assert out.returncode == 0, out.stderr[-3000:]
@@ -239,14 +223,14 @@ def test_sample_draws_a_row_per_prompt_with_a_negative_prompt(cli_runs, tmp_path
     arrays = np.load(tmp_path / "x.npz")
     assert arrays["images"].shape == (6, 16, 16, 3) and arrays["prompts"].tolist()[2:4] == [
         "a small red circle above a large blue square", "a large green cross"]
-    refused = jaxgen("sample", "--run-dir", str(straight), "--labels", "0,1")
+    refused = run_jaxgen("sample", "--run-dir", str(straight), "--labels", "0,1")
     assert refused.returncode != 0 and len(refused.stderr.strip().splitlines()) == 1
     assert "--labels cannot be used" in refused.stderr and "--negative-prompt" in refused.stderr
 
 
 def test_eval_scores_adherence_at_each_guidance_scale_and_plots_it(cli_runs):
     straight, _, _ = cli_runs
-    out = jaxgen("eval", "--run-dir", str(straight))
+    out = run_jaxgen("eval", "--run-dir", str(straight))
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert [r["guidance_scale"] for r in result["guidance_sweep"]] == [1.0, 3.0]

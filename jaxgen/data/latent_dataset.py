@@ -36,7 +36,7 @@ from jaxgen.config import IMAGE_SOURCES, Config, DiTConfig, ImagesConfig
 from jaxgen.data.image_batches import ModelInput
 from jaxgen.data.image_source import ImageSource
 from jaxgen.data.images import open_images
-from jaxgen.data.prepare import _prepare_lock, _read_back, _ShardedSplitWriter, _sync_files
+from jaxgen.data.prepare import ShardedSplitWriter, prepare_lock, read_back, sync_files
 from jaxgen.data.splits import Part, Shard
 from jaxgen.diffusion.latents import BATCH, FrozenAutoencoder, autoencoder_config, load_autoencoder, measure_scale
 from jaxgen.errors import ConfigError, DataError
@@ -121,7 +121,7 @@ def prepare_latent_dataset(images: str, autoencoder: str | pathlib.Path, out: st
     if empty is not None:
         raise DataError(f"--images {images!r}: its {empty} part holds no images")
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _prepare_lock(out):
+    with prepare_lock(out):
         refuse_existing(out)
         frozen = load_autoencoder(autoencoder, step)
         with building(out) as partial:
@@ -137,7 +137,7 @@ def _write(source: ImageSource, autoencoder: FrozenAutoencoder, description: str
         autoencoder = autoencoder.with_scale(measure_scale(autoencoder.with_scale(1.0).encode(first)))
         scale_from = f"measured: unit variance over the latents of the first {len(first)} training images"
     log.info("latent scale %.6g (%s)", autoencoder.scale, scale_from)
-    writers = {part: _ShardedSplitWriter(partial, f"latents-{part}", shard_size) for part in PARTS}
+    writers = {part: ShardedSplitWriter(partial, f"latents-{part}", shard_size) for part in PARTS}
     captioned, num_classes = True, 0
     with tqdm(total=sum(source.size(p) for p in PARTS), unit="image", desc="encode", disable=not progress) as bar:
         for part, writer in writers.items():
@@ -148,7 +148,7 @@ def _write(source: ImageSource, autoencoder: FrozenAutoencoder, description: str
                 num_classes = max(num_classes, int(labels.max()) + 1)
                 bar.update(len(labels))
     for writer in writers.values():
-        _finish(writer)
+        writer.finish(prefix=None)
     _verify(writers, out)
     manifest = {
         "format": FORMAT, "scale": autoencoder.scale, "shift": autoencoder.shift, "scale_from": scale_from,
@@ -158,7 +158,7 @@ def _write(source: ImageSource, autoencoder: FrozenAutoencoder, description: str
         "counts": {part: sum(w.shard_lengths) for part, w in writers.items()},
         "files": {part: [f.path.name for f in w.files] for part, w in writers.items()},
         "source": description, "captions": captioned, "num_classes": num_classes}
-    _sync_files(partial)
+    sync_files(partial)
     write_atomic(partial / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -175,15 +175,7 @@ def _batches(source: ImageSource, part: Part,
                [record.get(source.caption_key) for record in chunk])
 
 
-def _finish(writer: _ShardedSplitWriter) -> None:
-    """Number the files once their count is known: latents-PART.array_record-i-of-n."""
-    writer.close()
-    n = len(writer.files)
-    for i, file in enumerate(writer.files):
-        file.path = file.path.rename(file.path.with_name(f"{writer.split}.array_record-{i:05d}-of-{n:05d}"))
-
-
-def _verify(writers: dict[Part, _ShardedSplitWriter], out: pathlib.Path) -> None:
+def _verify(writers: dict[Part, ShardedSplitWriter], out: pathlib.Path) -> None:
     """Raise DataError unless every file reads back exactly the records written to it."""
     def damaged(what: str) -> DataError:
         return DataError(f"--out {str(out)!r} was not created: {what}; the disk or filesystem lost or changed "
@@ -192,7 +184,7 @@ def _verify(writers: dict[Part, _ShardedSplitWriter], out: pathlib.Path) -> None
     for writer in writers.values():
         for file in writer.files:
             try:
-                read = _read_back(file.path)
+                read = read_back(file.path)
             except RuntimeError as err:  # array_record's report of a damaged file
                 raise damaged(f"{file.path.name} cannot be read back ({err})") from None
             if read.records != file.written.records:

@@ -78,7 +78,7 @@ class _WrittenFile:
     written: _RecordDigest = dataclasses.field(default_factory=_RecordDigest)
 
 
-class _ShardedSplitWriter:
+class ShardedSplitWriter:
     """One split's ArrayRecord files, a new file every `shard_size` records."""
 
     def __init__(self, directory: pathlib.Path, split: str, shard_size: int):
@@ -109,13 +109,13 @@ class _ShardedSplitWriter:
                 self._writer.close()
             self._writer = None
 
-    def finish(self) -> None:
-        """Name the files as TFDS expects, now that their number is known."""
+    def finish(self, prefix: str | None = DATASET_NAME) -> None:
+        """Name the files as TFDS expects ([prefix-]split.array_record-i-of-n), now that their number is known."""
         self.close()
         n = len(self.files)
+        stem = self.split if prefix is None else f"{prefix}-{self.split}"
         for i, file in enumerate(self.files):
-            file.path = file.path.rename(
-                self.directory / f"{DATASET_NAME}-{self.split}.array_record-{i:05d}-of-{n:05d}")
+            file.path = file.path.rename(self.directory / f"{stem}.array_record-{i:05d}-of-{n:05d}")
 
 
 @contextlib.contextmanager
@@ -144,7 +144,7 @@ def prepare_dataset(input_pattern: str, out: str | pathlib.Path, *, field: str =
         raise ConfigError(f"--validation-block {validation_block} is not a number of documents; give 1 or more")
     out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _prepare_lock(out):
+    with prepare_lock(out):
         if out.exists():
             raise DataError(f"--out {str(out)!r} already exists; choose a new directory")
         files = resolve_files(input_pattern, "--input")
@@ -156,7 +156,7 @@ def prepare_dataset(input_pattern: str, out: str | pathlib.Path, *, field: str =
 
 
 @contextlib.contextmanager
-def _prepare_lock(out: pathlib.Path) -> Iterator[None]:
+def prepare_lock(out: pathlib.Path) -> Iterator[None]:
     """Hold `out`'s prepare lock for the block, then remove its file (a finished prepare leaves no trace)."""
     lock_file = out.with_name(f".{out.name}.prepare.lock")
     lock = DirectoryLock(lock_file, f"--out {str(out)!r}",
@@ -192,7 +192,7 @@ def _write_dataset(files: list[pathlib.Path], input_pattern: str, partial: pathl
     features = tfds.features.FeaturesDict(
         {"tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32)} if tokenizer
         else {"text": tfds.features.Text()})
-    writers = {split: _ShardedSplitWriter(partial, split, shard_size) for split in SPLITS}
+    writers = {split: ShardedSplitWriter(partial, split, shard_size) for split in SPLITS}
     n_tokens = 0
     documents = iter_documents(files, field, invalid_utf8)
     for ordinal, text in enumerate(tqdm(documents, unit="doc", disable=not progress, desc="prepare")):
@@ -224,12 +224,12 @@ def _write_dataset(files: list[pathlib.Path], input_pattern: str, partial: pathl
         keep_tokenizer(tokenizer, partial)
         summary["tokenizer"] = {"sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size, "tokens": n_tokens}
     _verify(partial, writers, out)
-    _sync_files(partial)
+    sync_files(partial)
     write_atomic(partial / PREPARED_MARKER, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def _verify(partial: pathlib.Path, writers: dict[str, _ShardedSplitWriter], out: pathlib.Path) -> None:
+def _verify(partial: pathlib.Path, writers: dict[str, ShardedSplitWriter], out: pathlib.Path) -> None:
     """Raise DataError unless tfds finds exactly the files written, each holding exactly its records."""
     import tensorflow_datasets as tfds
 
@@ -246,7 +246,7 @@ def _verify(partial: pathlib.Path, writers: dict[str, _ShardedSplitWriter], out:
             if path.name != file.path.name:
                 raise damaged(f"tfds reads {path.name}, {file.path.name} was written")
             try:
-                read = _read_back(file.path)
+                read = read_back(file.path)
             except RuntimeError as err:  # array_record's report of a damaged file
                 raise damaged(f"{path.name} cannot be read back ({err})") from None
             if read.records != file.written.records:
@@ -255,7 +255,7 @@ def _verify(partial: pathlib.Path, writers: dict[str, _ShardedSplitWriter], out:
                 raise damaged(f"{path.name} reads back {read.records} records whose bytes differ from those written")
 
 
-def _read_back(path: pathlib.Path) -> _RecordDigest:
+def read_back(path: pathlib.Path) -> _RecordDigest:
     from array_record.python.array_record_module import ArrayRecordReader
 
     reader = ArrayRecordReader(str(path))
@@ -269,7 +269,7 @@ def _read_back(path: pathlib.Path) -> _RecordDigest:
     return read
 
 
-def _sync_files(directory: pathlib.Path) -> None:
+def sync_files(directory: pathlib.Path) -> None:
     # The rename into place marks the dataset complete, so its bytes must reach the disk first:
     # after a power loss a renamed directory could otherwise hold empty files.
     for path in directory.iterdir():
