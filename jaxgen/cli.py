@@ -74,8 +74,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 def cmd_data_prepare_latents(args: argparse.Namespace) -> int:
     import inspect
 
-    from jaxgen.data.latent_dataset import prepare_latent_dataset
     from jaxgen.data.prepare import prepare_dataset
+    from jaxgen.outputs.latent_dataset_writer import prepare_latent_dataset
 
     text_defaults = {name: p.default for name, p in inspect.signature(prepare_dataset).parameters.items()}
     text_options = [f"--{name.replace('_', '-')}" for name in PREPARE_TEXT_OPTIONS

@@ -14,11 +14,13 @@ from jaxgen.cli import run_command
 from jaxgen.config import Config
 from jaxgen.data.image_batches import part_examples
 from jaxgen.data.images import open_images
-from jaxgen.data.latent_dataset import MANIFEST, open_latent_images, prepare_latent_dataset, read_manifest
+from jaxgen.data.latent_dataset import MANIFEST, open_latent_images, read_manifest
 from jaxgen.data.splits import Shard
 from jaxgen.data.synth_shapes import write_shapes_folder
-from jaxgen.diffusion.latents import load_autoencoder, measure_scale
+from jaxgen.diffusion.latents import measure_scale
 from jaxgen.errors import ConfigError, DataError, JaxgenError, describe
+from jaxgen.outputs.frozen_autoencoder import load_autoencoder
+from jaxgen.outputs.latent_dataset_writer import prepare_latent_dataset
 from jaxgen.outputs.runs import open_run, save_imported_run
 from jaxgen.tasks import make_task
 from jaxgen.tasks.layout import fresh_params

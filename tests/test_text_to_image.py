@@ -13,13 +13,13 @@ from flax import nnx
 
 from jaxgen.config import Config, load_config
 from jaxgen.data.caption_words import caption_ids, colliding_words
-from jaxgen.data.latent_dataset import prepare_latent_dataset
 from jaxgen.data.pipeline import to_global
 from jaxgen.data.synth_shapes import write_shapes_folder
 from jaxgen.diffusion.guidance import guided
 from jaxgen.errors import ConfigError
 from jaxgen.metrics import read_metrics
 from jaxgen.models.dit import DiT
+from jaxgen.outputs.latent_dataset_writer import prepare_latent_dataset
 from jaxgen.outputs.runs import save_imported_run
 from jaxgen.sharding import make_mesh
 from jaxgen.tasks import make_task

@@ -32,10 +32,10 @@ class ImageData:
         return image_set(self.source, "eval")
 
 
-def build_image_data(cfg: Config, caption_tokens: CaptionTokens | None = None) -> ImageData:
-    """This process's share of the configured images (checked against the model before anything is read);
-    with `caption_tokens`, batches also carry each image's caption as tokens."""
-    source = open_images(cfg)
+def build_image_data(cfg: Config, caption_tokens: CaptionTokens | None = None, image_model=None) -> ImageData:
+    """This process's share of the configured images (checked against the model, or `image_model`, before
+    anything is read); with `caption_tokens`, batches also carry each image's caption as tokens."""
+    source = open_images(cfg, image_model)
     log.info("data: %s, %d train and %d held-out images", source.name, source.size("train"), source.size("eval"))
     if caption_tokens is not None and not source.has_captions:
         raise DataError(f"conditioning.by=text needs captions, but {source.name} has none; give images with a "

@@ -104,37 +104,27 @@ def make_shapes(n: int, seed: int = 0, size: int = 32) -> InMemoryRecords:
     return InMemoryRecords(images, labels)
 
 
-def image_model(cfg: Config):
-    """The model config images are read for: a latent DiT that encodes its batches in the step reads images of
-    its autoencoder's size and channels (its own are the latents')."""
-    if cfg.model.kind != "dit" or cfg.diffusion.autoencoder is None or cfg.images.source == "latents":
-        return cfg.model
-    from jaxgen.diffusion.latents import autoencoder_config
-
-    ae = autoencoder_config(cfg.diffusion.autoencoder)
-    return cfg.model.model_copy(update={"image_size": ae.image_size, "channels": ae.channels})
-
-
-def open_images(cfg: Config) -> ImageSource:
+def open_images(cfg: Config, model=None) -> ImageSource:
     """The configured image source; a TFDS dataset is checked against the model before anything is read
-    (and TFDS is imported only then)."""
-    images = cfg.images
+    (and TFDS is imported only then). `model`: the config of the model the images are read for, when it is not
+    `cfg.model` (a latent DiT reads images of its autoencoder's size)."""
+    images, model = cfg.images, model or cfg.model
     if images.source == "tfds":
         from jaxgen.data.tfds_images import open_tfds_images
 
-        return open_tfds_images(images, image_model(cfg))
+        return open_tfds_images(images, model)
     if images.source == "folder":
         from jaxgen.data.folder_images import open_folder_images
 
-        return open_folder_images(images, image_model(cfg))
+        return open_folder_images(images, model)
     if images.source == "idx":
         from jaxgen.data.idx_images import open_idx_images
 
-        return open_idx_images(images, image_model(cfg))
+        return open_idx_images(images, model)
     if images.source == "latents":
         from jaxgen.data.latent_dataset import open_latent_images
 
-        return open_latent_images(images, cfg.model)
+        return open_latent_images(images, model)
     smaller_nth = f"hold out more with a smaller images.eval_every_nth (now {images.eval_every_nth})"
     if images.source == "digits":
         parts = held_out_parts(digits_records(), images.eval_every_nth)

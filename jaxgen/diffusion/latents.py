@@ -1,29 +1,21 @@
-"""A trained autoencoder, frozen, as latent diffusion's map between images and latents.
+"""Latent diffusion's arithmetic: scaled latents of a frozen autoencoder, their scale, and its digest.
 
-`load_autoencoder(RUN_DIR)` opens an autoencoder run (trained with `jaxgen train`
-or imported from diffusers with `jaxgen import`) and returns a `FrozenAutoencoder`.
 A diffusion model sees scaled latents, z = (posterior mean - shift) * scale: the
 mean, not a sample, so an image always has the same latent and a cached latent
 dataset is exact. Stable Diffusion's convention fixes the scale: 1 / the standard
 deviation of the unscaled latents of the training images (`measure_scale`), so
 that the latents have unit variance as the noise does; an imported SD VAE brings
-its own (`model.scaling_factor`). `digest` names the exact parameters, so a
-latent dataset can be checked against the autoencoder that wrote it.
-
-Encoding and decoding run on the host in fixed batches (the last one padded), so
-each compiles once; `encode_latents` / `decode_latents` are the same computations
-as pure functions, for use inside another jitted step.
+its own (`model.scaling_factor`). `params_digest` names exact parameters, so a
+latent dataset can be checked against the autoencoder that wrote it. Opening an
+autoencoder run is outputs/frozen_autoencoder.py's.
 
 Shape letters: N images, H W image side, C image channels, h w latent side, Z latent channels.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
-import pathlib
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -31,12 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxgen.config import AutoencoderConfig
 from jaxgen.errors import ConfigError, DataError
-from jaxgen.outputs.runs import load_run_config, open_run
-from jaxgen.tasks.layout import MAIN_GROUP
-
-BATCH = 64  # images per encode/decode call: one compiled shape
 
 
 def encode_latents(graphdef: nnx.GraphDef, params: Any, x_NHWC: jax.Array, scale: jax.Array | float,
@@ -51,81 +38,6 @@ def decode_latents(graphdef: nnx.GraphDef, params: Any, z_NhwZ: jax.Array, scale
     """Scaled latents -> images (N, H, W, C) clipped to [-1, 1]."""
     images_NHWC = nnx.merge(graphdef, params).decode(z_NhwZ / scale + shift)
     return jnp.clip(images_NHWC, -1.0, 1.0)
-
-
-_encode_jit = jax.jit(encode_latents, static_argnums=0)
-_decode_jit = jax.jit(decode_latents, static_argnums=0)
-
-
-@dataclasses.dataclass(frozen=True)
-class FrozenAutoencoder:
-    run_dir: pathlib.Path  # resolved
-    step: int  # the checkpoint read
-    cfg: AutoencoderConfig
-    graphdef: nnx.GraphDef
-    params: Any
-    scale: float
-    shift: float
-    digest: str  # sha256 over every parameter's path, dtype, shape and bytes
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        """(h, w, Z) of one image's latents."""
-        return self.cfg.latent_size, self.cfg.latent_size, self.cfg.latent_channels
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        """(H, W, C) of the images it encodes."""
-        return self.cfg.image_size, self.cfg.image_size, self.cfg.channels
-
-    def encode(self, images_NHWC: np.ndarray) -> np.ndarray:
-        """Scaled latents (N, h, w, Z) float32 of images (N, H, W, C) in [-1, 1]."""
-        return self._batched(_encode_jit, images_NHWC, self.latent_shape)
-
-    def decode(self, latents_NhwZ: np.ndarray) -> np.ndarray:
-        """Images (N, H, W, C) float32 in [-1, 1] of scaled latents."""
-        return self._batched(_decode_jit, latents_NhwZ, self.image_shape)
-
-    def with_scale(self, scale: float) -> FrozenAutoencoder:
-        return dataclasses.replace(self, scale=checked_scale(scale))
-
-    def _batched(self, fn: Callable, x_N: np.ndarray, out_shape: tuple[int, ...]) -> np.ndarray:
-        out = [np.zeros((0, *out_shape), np.float32)]
-        for start in range(0, len(x_N), BATCH):
-            chunk = np.asarray(x_N[start:start + BATCH], np.float32)
-            padded = np.concatenate([chunk, np.repeat(chunk[-1:], BATCH - len(chunk), axis=0)])
-            result = fn(self.graphdef, self.params, padded, self.scale, self.shift)
-            out.append(np.asarray(jax.device_get(result))[:len(chunk)])
-        return np.concatenate(out)
-
-
-def checked_scale(scale: float) -> float:
-    if not (math.isfinite(scale) and scale > 0):
-        raise ConfigError(f"latent scale {scale} is not a positive finite number")
-    return float(scale)
-
-
-def autoencoder_config(run_dir: str | pathlib.Path) -> AutoencoderConfig:
-    """The model config of autoencoder run `run_dir`; any other kind of run is refused."""
-    model = load_run_config(run_dir).model
-    if model.kind != "autoencoder":
-        raise ConfigError(f"run {str(run_dir)!r} trains model.kind={model.kind!r}; latent diffusion needs an "
-                          "autoencoder run (model.kind: autoencoder, trained with jaxgen train or imported from "
-                          "diffusers with jaxgen import)")
-    return model
-
-
-def load_autoencoder(run_dir: str | pathlib.Path, step: int | None = None,
-                     scale: float | None = None) -> FrozenAutoencoder:
-    """The frozen autoencoder of run `run_dir` (checkpoint `step`, default the newest); `scale` defaults to the
-    run's model.scaling_factor, the shift is its model.shift_factor (none: 0)."""
-    model = autoencoder_config(run_dir)
-    run = open_run(run_dir, step)
-    params = run.weights.params[MAIN_GROUP]
-    return FrozenAutoencoder(run_dir=pathlib.Path(run_dir).resolve(), step=run.step, cfg=model,
-                             graphdef=run.weights.graphdefs[MAIN_GROUP], params=params,
-                             scale=checked_scale(model.scaling_factor if scale is None else scale),
-                             shift=float(model.shift_factor or 0.0), digest=params_digest(params))
 
 
 def params_digest(params: Any) -> str:
@@ -145,3 +57,9 @@ def measure_scale(latents: np.ndarray) -> float:
         raise DataError(f"the autoencoder's latents of the training images have standard deviation {std}; no "
                         "scale gives them unit variance (is the autoencoder trained, and are the images varied?)")
     return 1.0 / std
+
+
+def checked_scale(scale: float) -> float:
+    if not (math.isfinite(scale) and scale > 0):
+        raise ConfigError(f"latent scale {scale} is not a positive finite number")
+    return float(scale)

@@ -106,7 +106,8 @@ class DiffusionTask:
         return flops_per_image(self.cfg.model, length, width if self.text else 0)
 
     def make_data(self, run_dir: pathlib.Path) -> ImageData:
-        data = build_image_data(self.cfg, self.conditions.caption_tokens())
+        data = build_image_data(self.cfg, self.conditions.caption_tokens(),
+                                self.latents.image_model() if self.latents is not None else None)
         if self.text:
             self.conditions.report_collisions(data.source.part_captions["train"])
         if self.latents is not None:

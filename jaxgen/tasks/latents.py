@@ -38,7 +38,7 @@ DECODE_BATCH = 64
 class Latents:
     def __init__(self, cfg: Config):
         """Reads only configs and the manifest: opening a run to sample or evaluate loads no autoencoder twice."""
-        from jaxgen.diffusion.latents import autoencoder_config
+        from jaxgen.outputs.frozen_autoencoder import autoencoder_config
 
         self.cfg, self.cached = cfg, cfg.images.source == "latents"
         self.ae_cfg = autoencoder_config(cfg.diffusion.autoencoder)
@@ -56,6 +56,14 @@ class Latents:
         self.autoencoder = None  # FrozenAutoencoder, loaded by `prepare` (training, evaluation)
         self._decode = jax.jit(lambda graphdef, params, z: nnx.merge(graphdef, params).decode(z), static_argnums=0)
 
+    def image_model(self):
+        """The model config images are read for: batches of images to encode in the step are of the
+        autoencoder's size and channels (the DiT's own are the latents'); cached latents are the DiT's."""
+        if self.cached:
+            return self.cfg.model
+        return self.cfg.model.model_copy(update={"image_size": self.ae_cfg.image_size,
+                                                 "channels": self.ae_cfg.channels})
+
     def models(self) -> dict[str, ModelSpec]:
         def build(rngs: nnx.Rngs) -> LatentSpace:
             """The loaded autoencoder in a fresh run; a checkpoint's replaces it in a resumed or opened one."""
@@ -70,7 +78,8 @@ class Latents:
     def prepare(self, source: ImageSource) -> None:
         """Before a fresh state is made: the autoencoder's parameters, checked against cached latents, and the
         scale of images encoded in the step, measured from the data."""
-        from jaxgen.diffusion.latents import load_autoencoder, measure_scale
+        from jaxgen.diffusion.latents import measure_scale
+        from jaxgen.outputs.frozen_autoencoder import load_autoencoder
 
         if self.autoencoder is None:
             self.autoencoder = load_autoencoder(self.cfg.diffusion.autoencoder)
