@@ -4,7 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from jaxgen.config import Config
 from jaxgen.diffusion import samplers
 from jaxgen.diffusion.guidance import drop_labels, guided
 from jaxgen.diffusion.objectives import (
@@ -16,6 +18,7 @@ from jaxgen.diffusion.objectives import (
     x0_eps_from_v,
     x0_from_eps,
 )
+from jaxgen.diffusion.samplers import make_sampler
 from jaxgen.diffusion.schedules import alpha_bars, flow_times, spaced_timesteps
 from jaxgen.train.ema import ema_decay, ema_update
 
@@ -205,3 +208,25 @@ def test_ddpm_with_learned_variance_still_lands_on_the_data():
     x_T = jax.random.normal(jax.random.PRNGKey(0), (5, 4, 4, 1))
     out = ddpm_sample(denoise, objective, x_T, 10, jax.random.PRNGKey(1))
     np.testing.assert_allclose(out, jnp.broadcast_to(POINT, x_T.shape), atol=1e-4)
+
+
+class ConstantVelocity(nnx.Module):
+    """A flow model whose velocity is -5 everywhere: integrating from t=1 to 0 adds 5 to the noise."""
+
+    def __call__(self, x, t, condition):
+        return jnp.full_like(x, -5.0)
+
+
+def test_pixel_samples_are_clipped_to_the_data_range_and_latent_samples_are_not():
+    from jaxgen.config import DiffusionConfig
+    from jaxgen.diffusion.objectives import make_objective
+
+    cfg = DiffusionConfig(objective="flow", sampler="euler", sample_steps=4)
+    objective = make_objective(Config(model={"kind": "dit", "image_size": 8, "channels": 1},
+                                      diffusion=cfg.model_dump()))
+    graphdef, params = nnx.split(ConstantVelocity())
+    labels = jnp.zeros((3,), jnp.int32)
+    args = (nnx.to_pure_dict(params), labels, labels, jax.random.PRNGKey(0), jnp.float32(1.0))
+    pixels = make_sampler(graphdef, objective, cfg, (4, 4, 1), clip=True)(*args)
+    latents = make_sampler(graphdef, objective, cfg, (4, 4, 1), clip=False)(*args)
+    assert float(jnp.max(jnp.abs(pixels))) <= 1.0 and float(jnp.min(latents)) > 1.0

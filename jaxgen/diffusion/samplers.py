@@ -5,7 +5,8 @@ guidance already applied), the starting noise and a key; noise for step i is
 drawn from fold_in(key, i), so a seed fixes the result whatever the batch
 contents. DDPM-family samplers walk any number of steps through an evenly
 spaced subset of the schedule; the predicted x0 is clipped to the data range
-[-1, 1] at each step.
+[-1, 1] at each step when the data are pixels (`clip`); latents have no range
+and are never clipped.
 
 Shape letters: B batch, H W C image.
 """
@@ -32,7 +33,7 @@ from jaxgen.diffusion.schedules import spaced_timesteps
 Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-def _ddpm_family_step(denoise: Denoiser, objective: Objective, steps: int):
+def _ddpm_family_step(denoise: Denoiser, objective: Objective, steps: int, clip: bool = True):
     """Shared set-up: the step indices and, per loop position, (t, a, a_prev, x0, eps, frac)."""
     ts = jnp.asarray(spaced_timesteps(objective.timesteps, steps), jnp.float32)
     prev = jnp.concatenate([jnp.array([-1.0]), ts[:-1]])  # -1: past the last step, alpha_bar = 1
@@ -43,15 +44,16 @@ def _ddpm_family_step(denoise: Denoiser, objective: Objective, steps: int):
         a, a_prev = objective.alpha_bar(t_B), objective.alpha_bar(prev_B)
         pred, frac = objective.split(denoise(x, t_B))
         x0, _ = objective.x0_eps(pred, x, a)
-        x0 = jnp.clip(x0, -1.0, 1.0)
+        x0 = jnp.clip(x0, -1.0, 1.0) if clip else x0
         return a, a_prev, x0, eps_from_x0(x, x0, a), frac
 
     return predict
 
 
-def ddpm_sample(denoise: Denoiser, objective: Objective, x_BHWC: jax.Array, steps: int, rng: jax.Array) -> jax.Array:
+def ddpm_sample(denoise: Denoiser, objective: Objective, x_BHWC: jax.Array, steps: int, rng: jax.Array,
+                clip: bool = True) -> jax.Array:
     """Ancestral sampling from the posterior; learned variance when the model has it, else beta~."""
-    predict = _ddpm_family_step(denoise, objective, steps)
+    predict = _ddpm_family_step(denoise, objective, steps, clip)
 
     def body(k, x):
         i = steps - 1 - k
@@ -65,9 +67,9 @@ def ddpm_sample(denoise: Denoiser, objective: Objective, x_BHWC: jax.Array, step
 
 
 def ddim_sample(denoise: Denoiser, objective: Objective, x_BHWC: jax.Array, steps: int, eta: float,
-                rng: jax.Array) -> jax.Array:
+                rng: jax.Array, clip: bool = True) -> jax.Array:
     """Song et al. 2021: eta 0 is deterministic; eta 1 draws the same distribution as DDPM."""
-    predict = _ddpm_family_step(denoise, objective, steps)
+    predict = _ddpm_family_step(denoise, objective, steps, clip)
 
     def body(k, x):
         i = steps - 1 - k
@@ -101,8 +103,8 @@ def flow_sample(denoise: Denoiser, x_BHWC: jax.Array, steps: int, second_order: 
 
 
 def make_sampler(graphdef: nnx.GraphDef, objective: Objective, cfg: DiffusionConfig,
-                 image_shape: tuple[int, int, int]) -> Callable:
-    """Jitted `(params, condition, unconditional, rng, guidance_scale) -> images (B, H, W, C) in [-1, 1]`:
+                 image_shape: tuple[int, int, int], clip: bool = True) -> Callable:
+    """Jitted `(params, condition, unconditional, rng, guidance_scale) -> images (B, H, W, C)`, in [-1, 1] when `clip`:
     the conditions are the model's (labels, captions) with a leading batch axis of B."""
 
     def sample(params: dict, condition, unconditional, rng: jax.Array, scale: jax.Array) -> jax.Array:
@@ -124,11 +126,11 @@ def make_sampler(graphdef: nnx.GraphDef, objective: Objective, cfg: DiffusionCon
             return guided(model_fn, scale_B, objective.channels)(x, t_B, condition, unconditional)
 
         if cfg.sampler == "ddpm":
-            x_BHWC = ddpm_sample(denoise, objective, x_BHWC, cfg.sample_steps, step_rng)
+            x_BHWC = ddpm_sample(denoise, objective, x_BHWC, cfg.sample_steps, step_rng, clip)
         elif cfg.sampler == "ddim":
-            x_BHWC = ddim_sample(denoise, objective, x_BHWC, cfg.sample_steps, cfg.ddim_eta, step_rng)
+            x_BHWC = ddim_sample(denoise, objective, x_BHWC, cfg.sample_steps, cfg.ddim_eta, step_rng, clip)
         else:
             x_BHWC = flow_sample(denoise, x_BHWC, cfg.sample_steps, second_order=cfg.sampler == "heun")
-        return jnp.clip(x_BHWC, -1.0, 1.0)
+        return jnp.clip(x_BHWC, -1.0, 1.0) if clip else x_BHWC
 
     return jax.jit(sample)

@@ -146,7 +146,7 @@ class DiffusionTask:
         if key not in self._samplers:  # compiled once per model structure and sampler
             m = cfg.model
             self._samplers[key] = make_sampler(graphdef, make_objective(cfg), cfg.diffusion,
-                                               (m.image_size, m.image_size, m.channels))
+                                               (m.image_size, m.image_size, m.channels), clip=self.latents is None)
         n = len(jax.tree.leaves(condition)[0])
         if unconditional is None:
             unconditional = self.conditions.null(weights, n)
