@@ -4,9 +4,12 @@ Two liberties, both visible here: repository paths (`configs/...`,
 `jaxgen/data/...`) are made absolute because the examples run in a temporary
 directory, and training examples get `train.steps=2` appended (overrides may
 go anywhere after the command), so that a four-minute example takes seconds;
-an example that sets `train.steps` itself keeps its own. A third only where
+an example that sets `train.steps` itself keeps its own. The synthetic shapes
+set is made with at most 640 scenes, and `jaxgen eval` of a text-to-image run scores
+16 quality images (`images.quality_images=16`) for the same reason. Only where
 Fashion-MNIST is not installed (CI machines): the configs reading it get a small
-IDX dataset written here instead. The set-up commands (`pip install ...`) are
+IDX dataset written here instead. A line ending in a backslash continues on the
+next, as in a shell. The set-up commands (`pip install ...`) are
 checked by installing into a fresh virtualenv, not here.
 """
 
@@ -22,8 +25,12 @@ from test_image_folders import write_idx
 EXAMPLE = re.compile(r"^    (jaxgen .*)$", re.M)
 
 
+SHAPES_COUNT = 640
+
+
 def readme_examples() -> list[list[str]]:
-    return [shlex.split(line, comments=True)[1:] for line in EXAMPLE.findall((REPO / "README.md").read_text())]
+    text = (REPO / "README.md").read_text().replace("\\\n", " ")
+    return [shlex.split(line, comments=True)[1:] for line in EXAMPLE.findall(text)]
 
 
 FASHION_MNIST = pathlib.Path("/usr/share/datasets/fashion-mnist")
@@ -47,6 +54,11 @@ def as_run_here(args: list[str], fashion_mnist: pathlib.Path = FASHION_MNIST) ->
         args.append("train.steps=2")
     if trains and reads_fashion_mnist and fashion_mnist != FASHION_MNIST:
         args.append(f"images.idx={fashion_mnist}")
+    if args[:3] == ["data", "synth", "shapes"] and "--count" in args:
+        at = args.index("--count") + 1
+        args[at] = str(min(int(args[at]), SHAPES_COUNT))
+    if args[0] == "eval" and "runs/t2i_" in " ".join(args):
+        args.append("images.quality_images=16")
     return args
 
 
