@@ -3,8 +3,10 @@ training latents unit variance, `jaxgen data prepare --images` stores exactly th
 encoding on the fly gives, and every user mistake is one line."""
 
 import json
+import os
 import re
 import shutil
+import signal
 
 import jax
 import numpy as np
@@ -25,7 +27,7 @@ from jaxgen.outputs.runs import open_run, save_imported_run
 from jaxgen.tasks import make_task
 from jaxgen.tasks.layout import fresh_params
 
-from helpers import jaxgen_cli
+from helpers import jaxgen_cli, run_jaxgen, start_jaxgen, wait_for
 
 # 16x16 RGB images -> 8x8x4 latents; the 32 px shapes folder is scaled down as training would read it.
 AE = {"kind": "autoencoder", "image_size": 16, "channels": 3, "block_channels": (8, 16), "norm_groups": 4,
@@ -158,3 +160,22 @@ def test_prepare_refuses_mistakes_in_one_line(world, tmp_path):
         line, status = describe(caught.value)
         assert status == 2 and "\n" not in line and message in line, (args, line)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_or_a_kill_during_prepare_leaves_nothing_and_a_rerun_finishes(world, tmp_path):
+    root = world[0]
+    out = tmp_path / "latents"
+    args = ("data", "prepare", "--images", f"folder:{root / 'shapes'}", "--autoencoder", str(root / "ae"),
+            "--out", str(out))
+    full = run_jaxgen(*args, file_size_limit=4096)  # the latents need ~40 KiB
+    assert full.returncode != 0 and "File too large" in full.stderr
+    assert "Traceback" not in full.stderr and full.stderr.strip().splitlines()[-1].startswith("jaxgen: error:")
+    assert list(tmp_path.iterdir()) == [], "a full disk left a partial dataset"
+    killed = start_jaxgen(*args)
+    wait_for(lambda: any(tmp_path.iterdir()), what="the prepare to start writing")  # under a hidden name
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert not out.exists(), "a killed prepare left a dataset under the final name"
+    rerun = run_jaxgen(*args)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert read_manifest(out)["counts"] == read_manifest(root / "latents")["counts"]
