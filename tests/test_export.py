@@ -25,7 +25,7 @@ from jaxgen.outputs.export import export_hf, export_run
 from jaxgen.outputs.hf_import import import_hf
 from jaxgen.outputs.hf_tokenizer import write_sentencepiece_as_hf
 from jaxgen.outputs.runs import open_run
-from jaxgen.tasks.decode import Sampling, Vocabulary, generate, sample_logits
+from jaxgen.tasks.decode import Sampling, Vocabulary, _decode, generate, prompt_bucket, sample_logits
 
 from conftest import REPO, TINY_CONFIG, tiny_config
 from helpers import jaxgen_cli
@@ -225,6 +225,18 @@ def test_kv_cache_generation_equals_full_recomputation():
             tokens.append(int(jnp.argmax(forward(jnp.asarray(buffer))[0, len(tokens) - 1])))
         expected = tokens[len(prompt):]
         assert got == (expected[: expected.index(2)] if 2 in expected else expected)
+
+
+def test_prompts_of_lengths_in_one_bucket_share_one_compiled_decoder():
+    cfg = tiny_config()
+    graphdef, params = nnx.split(build_model(cfg.model, nnx.Rngs(3)))
+    params, vocabulary = nnx.to_pure_dict(params), Vocabulary(EOS_ID, cfg.model.vocab_size)
+    assert [prompt_bucket(n) for n in (1, 16, 17, 32, 33)] == [16, 16, 32, 32, 64]
+    generate(graphdef, params, [[1] * 17], 4, vocabulary, Sampling(temperature=0))
+    compiled = _decode._cache_size()
+    for length in (20, 25, 31, 32):
+        generate(graphdef, params, [[1, *range(3, 2 + length)]], 4, vocabulary, Sampling(temperature=0))
+    assert _decode._cache_size() == compiled
 
 
 def test_top_k_and_top_p_truncate_the_distribution():

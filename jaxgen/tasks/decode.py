@@ -2,7 +2,9 @@
 
 Prompts are left-padded to a common length so every row writes its next token
 into the same cache slot; padded slots are masked out of attention and each
-row's rotary positions start at its first real token. The decode loop is one
+row's rotary positions start at its first real token. That length is rounded up
+to a power of two (`prompt_bucket`), so prompts of different lengths share one
+compiled program instead of compiling one each. The decode loop is one
 `lax.while_loop` that stops when every row has produced EOS; tokens can be
 streamed to the host as they are produced through an ordered io_callback.
 """
@@ -99,6 +101,14 @@ def _decode(graphdef, params, tokens_BP, pad_B, key, max_new_tokens: int, sampli
     return out_BN
 
 
+MIN_BUCKET = 16
+
+
+def prompt_bucket(length: int) -> int:
+    """The padded prompt width for prompts up to `length` tokens: the next power of two, at least MIN_BUCKET."""
+    return max(MIN_BUCKET, 1 << (max(length, 1) - 1).bit_length())
+
+
 def generate(graphdef, params, prompts: list[list[int]], max_new_tokens: int, vocabulary: Vocabulary,
              sampling: Sampling = Sampling(), seed: int = 0,
              on_token: Callable[[int, np.ndarray, np.ndarray], None] | None = None) -> list[list[int]]:
@@ -108,7 +118,7 @@ def generate(graphdef, params, prompts: list[list[int]], max_new_tokens: int, vo
     """
     if not prompts or any(not p for p in prompts):
         raise ValueError("every prompt needs at least one token (a BOS token is enough)")
-    width = max(len(p) for p in prompts)
+    width = prompt_bucket(max(len(p) for p in prompts))
     tokens_BP = np.zeros((len(prompts), width), np.int32)
     for row, prompt in zip(tokens_BP, prompts):
         row[width - len(prompt):] = prompt
