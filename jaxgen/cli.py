@@ -7,6 +7,7 @@ Every failure that reaches `main` is printed as one `jaxgen: error: ...` line
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import logging
@@ -14,7 +15,9 @@ import os
 import pathlib
 import re
 import sys
+import time
 import traceback
+from collections.abc import Iterator
 
 from jaxgen import __version__, distributed
 from jaxgen.config import DataConfig, load_config
@@ -30,14 +33,18 @@ def default_run_dir(config_path: str | None) -> pathlib.Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    startup = {"imports": time.time()}  # the phases before training starts, for the run's start-up times
     cfg = load_config(args.config, args.overrides)  # every config error surfaces before JAX starts
+    startup["config"] = time.time()
     distributed.initialize(distributed_settings(args))
-    from jaxgen.train.loop import train
+    with ipython_hidden():
+        from jaxgen.train.loop import train
+    startup["train_imports"] = time.time()
 
     run_dir = pathlib.Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
     # Processes start seconds apart; all must use process 0's timestamped default.
     run_dir = pathlib.Path(distributed.bytes_from_process_0(str(run_dir).encode()).decode())
-    summary = train(cfg, run_dir)
+    summary = train(cfg, run_dir, startup)
     sample = summary.pop("sample", None)
     print(json.dumps(summary, indent=2))
     if sample is not None:
@@ -473,6 +480,24 @@ def simulate_cpu_devices(count: int) -> None:
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
     os.environ["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={count}"])
     os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+@contextlib.contextmanager
+def ipython_hidden() -> Iterator[None]:
+    """Imports in this block find no IPython, as if it were not installed.
+
+    Flax imports IPython (a large share of the train command's imports) only to ask whether
+    an IPython shell is running, to colour its printouts; in a command-line process none
+    ever is, so the failed import gives the same answer at once.
+    """
+    if "IPython" in sys.modules:
+        yield
+        return
+    sys.modules["IPython"] = None  # makes `import IPython` raise ImportError
+    try:
+        yield
+    finally:
+        del sys.modules["IPython"]
 
 
 def quiet_libraries() -> None:

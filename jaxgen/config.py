@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import pathlib
 import typing
 from typing import Any, Literal
@@ -201,8 +202,20 @@ class TrainConfig(_Section):
     # this many batches, else a fixed sample. The run logs how many documents and tokens (or
     # images) that is.
     eval_batches: int = Field(8, gt=0)
-    # Per-device peak FLOP/s for MFU; null = known accelerator table, or measured on CPU.
+    # Per-device peak FLOP/s for MFU; null = known accelerator table, or measured on CPU (the best of
+    # this run's matmul measurements and of earlier runs' on this machine, kept in the user cache dir).
     peak_flops_per_device: float | None = Field(None, gt=0)
+    # JAX's persistent compilation cache: compiled programs kept on disk, so a run that compiles what
+    # an earlier one did (same model and shapes, JAX version and devices) loads them instead; compiling
+    # is most of a small run's time to its first step. "auto": JAX's own setting where one is made
+    # (JAX_COMPILATION_CACHE_DIR), else $XDG_CACHE_HOME/jaxgen/compilation (~/.cache/...): one cache
+    # per user and machine, shared by every run whatever its directory (sweeps and the timestamped
+    # default names are new directories each time), on local disk, and outside run directories that
+    # get copied or archived. A path: that directory. null or "": no persistent cache. Every program
+    # is cached, however quick to compile. Anyone who can write to the directory can make the runs
+    # that read it run their code: keep it private. A process takes the setting at its first
+    # compilation (every `jaxgen train` does; a notebook that compiled before keeps JAX's).
+    compilation_cache_dir: str | None = "auto"
     # Tokens generated from the final model as a sample; 0 disables.
     sample_tokens: int = Field(48, ge=0)
     sample_prompt: str = "And God said"
@@ -221,6 +234,17 @@ class TrainConfig(_Section):
     eval_tasks_every: int | None = Field(None, gt=0)
     # Directory holding the named tasks' files, as `jaxgen eval --task-data` (multiple_choice= files need none).
     eval_task_data: str | None = None
+
+    @pydantic.field_validator("compilation_cache_dir")
+    @classmethod
+    def _cache_directory(cls, value: str | None) -> str | None:
+        valid = "give a directory, 'auto', or null to disable the cache"
+        if value and not value.strip():
+            raise ValueError(f"{value!r} is blank; {valid}")
+        if value and value != "auto" and pathlib.Path(value).expanduser().exists() \
+                and not pathlib.Path(value).expanduser().is_dir():
+            raise ValueError(f"{value!r} is a file, not a directory; {valid}")
+        return value
 
     @pydantic.field_validator("eval_tasks", mode="before")
     @classmethod
@@ -494,6 +518,11 @@ class Config(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def user_cache_dir() -> pathlib.Path:
+    """What jaxgen keeps per user and machine between runs: $XDG_CACHE_HOME/jaxgen, else ~/.cache/jaxgen."""
+    return pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "jaxgen"
 
 
 # ----------------------------------------------------------------------------- loading

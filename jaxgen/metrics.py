@@ -1,4 +1,4 @@
-"""Where numbers go: JSONL (always), TensorBoard, a loss-curve PNG, experiment trackers; throughput and MFU.
+"""Where numbers go: JSONL (always), TensorBoard, a loss-curve PNG, experiment trackers; throughput, MFU, start-up.
 
 Only process 0 writes; other processes get a writer that drops everything.
 """
@@ -7,16 +7,21 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
+import os
 import pathlib
+import platform
+import socket
 import sys
 import time
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Callable, Self
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgen.config import user_cache_dir
 from jaxgen.errors import Preempted
 from jaxgen.files import write_atomic
 
@@ -29,6 +34,11 @@ KNOWN_PEAK_FLOPS = {
     "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12,
 }
 
+log = logging.getLogger("jaxgen")
+
+# One compiled program for every measurement: a fresh lambda per call would compile again each time.
+_square = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
+
 
 def measure_matmul_peak(n: int = 1024, repeats: int = 5, dtype=jnp.float32) -> float:
     """FLOP/s of an n x n matmul on the default device: the practical peak on CPUs.
@@ -36,32 +46,148 @@ def measure_matmul_peak(n: int = 1024, repeats: int = 5, dtype=jnp.float32) -> f
     Inputs in `dtype`, accumulated in float32, as the models' matmuls are.
     """
     a = jnp.ones((n, n), dtype)
-    mm = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
-    mm(a).block_until_ready()
+    _square(a).block_until_ready()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        mm(a).block_until_ready()
+        _square(a).block_until_ready()
         times.append(time.perf_counter() - start)
     return 2 * n**3 / float(np.median(times))
 
 
-def peak_flops_per_device(configured: float | None, compute_dtype: str = "float32") -> tuple[float, str]:
-    """(FLOP/s, where the figure came from) for MFU: configured, a data sheet, or measured in the compute dtype."""
+class PeakCache:
+    """The best matmul peak measured on this machine, per dtype, in a small JSON file; figures only ever rise.
+
+    A measurement taken while other work loads the machine is low, and a low peak inflates
+    MFU; the best figure any run has measured here is the fairer denominator. Keyed by host,
+    CPU model, the cores this process may use (a container's limit changes the peak) and dtype.
+    """
+
+    def __init__(self, path: pathlib.Path | None = None):
+        self.path = path or user_cache_dir() / "matmul_peak.json"
+
+    @staticmethod
+    def key(dtype: str) -> str:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return f"{socket.gethostname()}|{cpu_model()}|{cores} cores|{dtype}"
+
+    def read(self) -> dict[str, float]:
+        try:
+            entries = json.loads(self.path.read_text())
+        except (OSError, ValueError):  # none yet, or unreadable: start afresh
+            return {}
+        if not isinstance(entries, dict):
+            return {}
+        return {k: float(v) for k, v in entries.items() if isinstance(v, (int, float)) and math.isfinite(v) and v > 0}
+
+    def best(self, key: str, measured: float) -> float:
+        """The larger of `measured` and the cached figure for `key`, which becomes the cached one."""
+        entries = self.read()
+        if measured > entries.get(key, 0.0):
+            entries[key] = measured
+            try:  # only a help to later runs: a read-only home must not stop this one
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(self.path, json.dumps(entries, indent=1, sort_keys=True) + "\n")
+            except OSError as err:
+                log.debug("could not keep the matmul peak in %s: %s", self.path, err)
+        return entries[key]
+
+
+def cpu_model() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class Peak:
+    """The MFU denominator: peak FLOP/s of the run's devices together, and where the figure came from.
+
+    `source` is "config", "data_sheet", "measured" (this run's matmul), "cache" (an earlier
+    run's on this machine) or "achieved" (the train step itself). A measured peak is a lower
+    bound of what the machine can do, so it only rises: it is measured when the device is idle
+    after the first step (not before, which would delay that step), again at idle moments every
+    REMEASURE_S and whenever a step outran it; where the step still outruns every matmul
+    measured, the step's own FLOP/s is the best figure there is and becomes the peak (MFU 1).
+    A configured or data-sheet peak is a claim about the hardware, not a measurement: a step
+    faster than it proves the claim (or the model's FLOP count) wrong, and no corrected figure
+    is known, so MFU is not reported from then on and `note` says why. Either way no
+    utilisation above 1 is ever reported.
+    """
+
+    REMEASURE_S = 300.0
+
+    def __init__(self, flops: float | None, source: str, measure: Callable[[], tuple[float, str]] | None = None):
+        """`measure`: for a measured peak, a fresh measurement and its source; `flops` is then None."""
+        self._flops, self.source, self._measure = flops, source, measure
+        self.note: str | None = None
+        self._measured_at = -math.inf
+
+    @property
+    def flops(self) -> float:
+        if self._flops is None:
+            self.refresh(every_s=0)
+        return self._flops
+
+    def refresh(self, every_s: float = REMEASURE_S) -> None:
+        """A measured peak measured again if its last measurement is `every_s` old; best while the device is idle."""
+        if self._measure is None or time.monotonic() - self._measured_at < every_s:
+            return
+        flops, source = self._measure()
+        self._measured_at = time.monotonic()
+        if self._flops is None or flops > self._flops:
+            self._flops, self.source = flops, source
+
+    def utilisation(self, achieved: float) -> float | None:
+        """`achieved` FLOP/s as a share of the peak, at most 1; None once a fixed peak proved too low."""
+        if achieved > self.flops and self.note is None:
+            if self._measure is not None:
+                # The machine may be quieter than when the peak was measured; once the step's own rate is
+                # the peak, a faster step simply raises it (no matmul every reading).
+                self.refresh(every_s=self.REMEASURE_S if self.source == "achieved" else 0)
+                if achieved > self._flops:
+                    log.info("the train step ran at %.3g FLOP/s, above every matmul measured (best %.3g): "
+                             "MFU is taken against the step's own rate", achieved, self._flops)
+                    self._flops, self.source = achieved, "achieved"
+            else:
+                self.note = (f"the train step ran at {achieved:.3g} FLOP/s, above the {self.source} peak of "
+                             f"{self._flops:.3g}: that peak (or the model's FLOP count) is too low, so MFU is "
+                             "not reported")
+                log.warning("%s; set train.peak_flops_per_device to the devices' real peak", self.note)
+        return None if self.note else min(achieved / self._flops, 1.0)
+
+
+def run_peak(configured: float | None, compute_dtype: str, devices: int, cache: PeakCache | None = None) -> Peak:
+    """The peak of `devices` for MFU: configured per device, a data sheet's, or measured in the compute dtype.
+
+    Simulated CPU devices share one host's cores, so a CPU's peak is the host's whatever their number.
+    """
+    kind, platform_name = jax.devices()[0].device_kind, jax.devices()[0].platform
+    count = 1 if platform_name == "cpu" else devices
     if configured:
-        return configured, "config"
-    kind = jax.devices()[0].device_kind
+        return Peak(configured * count, "config")
     for name, flops in KNOWN_PEAK_FLOPS.items():
         if name.lower() in kind.lower():
-            return flops, f"data sheet ({kind})"
-    return measure_matmul_peak(dtype=jnp.dtype(compute_dtype)), f"measured {compute_dtype} matmul ({kind})"
+            return Peak(flops * count, "data_sheet")
+    cache = cache or PeakCache()
+    key = cache.key(compute_dtype)
+
+    def measure() -> tuple[float, str]:
+        measured = measure_matmul_peak(dtype=jnp.dtype(compute_dtype)) * count
+        best = cache.best(key, measured)
+        return best, "measured" if measured >= best else "cache"
+
+    return Peak(None, "measured", measure)
 
 
 class ThroughputMeter:
     """Units per second over the steps since the last reading; time spent outside training steps is left out."""
 
-    def __init__(self, units_per_step: float, flops_per_unit: float, peak_flops: float, step: int):
-        self.units_per_step, self.flops_per_unit, self.peak_flops = units_per_step, flops_per_unit, peak_flops
+    def __init__(self, units_per_step: float, flops_per_unit: float, peak: Peak, step: int):
+        self.units_per_step, self.flops_per_unit, self.peak = units_per_step, flops_per_unit, peak
         self.readings: list[float] = []
         self.restart(step)
 
@@ -69,19 +195,58 @@ class ThroughputMeter:
         """Measure from now, as after step `step` (call after an evaluation or a sample grid)."""
         self._time, self._step = time.perf_counter(), step
 
+    def idle(self) -> None:
+        """The host has just waited for the device's work: a moment to measure the peak (when due); the time
+        that takes is left out of the throughput."""
+        start = time.perf_counter()
+        self.peak.refresh()
+        self._time += time.perf_counter() - start
+
     def read(self, step: int) -> dict[str, float]:
-        """{units_per_s, mfu} since the last reading, as the record of `step` carries them."""
-        now = time.perf_counter()
-        rate = (step - self._step) * self.units_per_step / max(now - self._time, 1e-9)
-        self._time, self._step = now, step
+        """{units_per_s, mfu} since the last reading, as the record of `step` carries them (mfu nan: not known)."""
+        rate = (step - self._step) * self.units_per_step / max(time.perf_counter() - self._time, 1e-9)
         self.readings.append(rate)
-        return {"units_per_s": rate, "mfu": rate * self.flops_per_unit / self.peak_flops}
+        mfu = self.peak.utilisation(rate * self.flops_per_unit)  # may measure the peak: not in the next reading
+        self.restart(step)
+        return {"units_per_s": rate, "mfu": math.nan if mfu is None else mfu}
 
     def median(self) -> dict[str, float | None]:
         if not self.readings:
             return {"units_per_s": None, "mfu": None}
         rate = float(np.median(self.readings))
-        return {"units_per_s": rate, "mfu": rate * self.flops_per_unit / self.peak_flops}
+        return {"units_per_s": rate, "mfu": self.peak.utilisation(rate * self.flops_per_unit)}
+
+
+def process_start_time() -> float | None:
+    """When this process started, in `time.time()` seconds (Linux's /proc); None where that is not known."""
+    try:
+        after_name = pathlib.Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started_after_boot = int(after_name[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of proc(5): starttime
+        uptime = float(pathlib.Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    started = time.time() - (uptime - started_after_boot)
+    return started if started <= time.time() else None
+
+
+class StartupClock:
+    """Seconds from `origin` (the process start, for a command) to the end of each phase before the first step."""
+
+    def __init__(self, origin: float, ends: dict[str, float] | None = None):
+        """`ends`: `time.time()` when phases that ran before this clock was made (imports, config) ended."""
+        self.origin, self.ends = origin, dict(ends or {})
+
+    def mark(self, phase: str) -> None:
+        """`phase` ended now (it began where the previous one ended)."""
+        self.ends[phase] = time.time()
+
+    def phases(self) -> dict[str, float]:
+        """Each phase's seconds, in the order they ran, and their `total`."""
+        out, last = {}, self.origin
+        for phase, end in self.ends.items():
+            out[phase], last = round(end - last, 3), end
+        out["total"] = round(last - self.origin, 3)
+        return out
 
 
 class MetricsWriter:
@@ -149,18 +314,21 @@ class MetricsWriter:
 
 
 def tensorboardx():
-    """The tensorboardX package, imported without PyTorch.
+    """The tensorboardX package, imported without PyTorch or boto3.
 
-    tensorboardX imports torch when it is installed (seconds of start-up) for
-    its PyTorch helpers, which jaxgen never calls; hiding torch for the
-    duration of the import skips it.
+    tensorboardX imports torch when it is installed (seconds of start-up) for its PyTorch
+    helpers, and boto3 for writing to S3; jaxgen calls neither, writing
+    event files into the run directory. Hiding both for the duration of the import skips them.
     """
-    if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
-        sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX expects
+    if "tensorboardX" not in sys.modules:
+        hidden = [name for name in ("torch", "boto3") if name not in sys.modules]
+        for name in hidden:
+            sys.modules[name] = None  # makes `import NAME` raise ImportError, which tensorboardX expects
         try:
             import tensorboardX  # noqa: F401
         finally:
-            del sys.modules["torch"]
+            for name in hidden:
+                del sys.modules[name]
     import tensorboardX
 
     return tensorboardX

@@ -33,7 +33,7 @@ def test_cli_training_lowers_the_loss(tiny_run):
     assert [r["step"] for r in evals] == [0, 20, 40]
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 1.0
     assert train[-1]["loss"] < train[0]["loss"]
-    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in train)
+    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] <= 1 for r in train)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["devices"] == 8 and summary["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
     assert "sample: And God said" in result.stdout

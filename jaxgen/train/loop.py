@@ -10,9 +10,11 @@ where a value is needed.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
+import os
 import pathlib
 import time
 
@@ -22,7 +24,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from jaxgen import __version__
 from jaxgen.checkpoint import Checkpointer, checkpoint_dir, restore_subtree
-from jaxgen.config import Config
+from jaxgen.config import Config, user_cache_dir
 from jaxgen.data.lockstep import next_in_lockstep
 from jaxgen.data.pipeline import merged_position, process_streams, this_process, to_global
 from jaxgen.device_memory import check_fits
@@ -32,7 +34,14 @@ from jaxgen.evals.plots import plot_benchmarks
 from jaxgen.evals.tasks import Task as BenchmarkTask
 from jaxgen.files import write_atomic
 from jaxgen.interrupts import after_ctrl_c
-from jaxgen.metrics import MetricsWriter, ThroughputMeter, peak_flops_per_device, plot_loss_curve
+from jaxgen.metrics import (
+    MetricsWriter,
+    StartupClock,
+    ThroughputMeter,
+    plot_loss_curve,
+    process_start_time,
+    run_peak,
+)
 from jaxgen.sharding import data_parallel_size, make_mesh
 from jaxgen.tasks.layout import MAIN_GROUP
 from jaxgen.trackers import open_trackers, require_libraries
@@ -44,13 +53,24 @@ from jaxgen.train.state import sampling_params, with_params
 
 log = logging.getLogger("jaxgen")
 
+# JAX's persistent-cache events, counted for the summary: whether a run loaded its programs or compiled them.
+CACHE_EVENTS = {"/jax/compilation_cache/cache_hits": "hits", "/jax/compilation_cache/cache_misses": "writes"}
+cache_events: collections.Counter = collections.Counter()
+jax.monitoring.register_event_listener(
+    lambda event, **_: cache_events.update([CACHE_EVENTS[event]]) if event in CACHE_EVENTS else None)
 
-def train(cfg: Config, run_dir: str | pathlib.Path) -> dict:
+
+def train(cfg: Config, run_dir: str | pathlib.Path, startup: dict[str, float] | None = None) -> dict:
     """Train per `cfg`, writing everything to `run_dir`; returns the run summary.
 
+    `startup`: when the phases before this call ended (`time.time()`: a command's imports and
+    config); start-up times then count from the process start, else from this call.
     Raises `Preempted` after saving when SIGTERM/SIGINT asked the run to stop.
     """
     run_dir, wall_start = pathlib.Path(run_dir), time.perf_counter()
+    clock = StartupClock((process_start_time() or min(startup.values())) if startup else time.time(), startup)
+    cache_dir = use_compilation_cache(cfg.train.compilation_cache_dir)
+    cache_events.clear()  # this run's, in a process that trains more than once
     require_libraries(cfg.logging)
     mesh = make_mesh(cfg.mesh)
     dp = data_parallel_size(mesh)
@@ -65,7 +85,33 @@ def train(cfg: Config, run_dir: str | pathlib.Path) -> dict:
     with holding(run_dir), contextlib.ExitStack() as closing:  # what the run opens closes however it ends
         ckpt = Checkpointer(checkpoint_dir(run_dir), cfg.checkpoint)
         closing.callback(ckpt.close)  # a refused start too: Orbax's threads must not outlive it
-        return _train(cfg, run_dir, training, ckpt, closing, wall_start, eval_tasks)
+        clock.mark("setup")
+        return _train(cfg, run_dir, training, ckpt, closing, wall_start, eval_tasks, clock, cache_dir)
+
+
+def use_compilation_cache(setting: str | None) -> str | None:
+    """Point JAX's persistent compilation cache where `train.compilation_cache_dir` says; the directory, if any.
+
+    Every program is cached, however quickly it compiled: the many small ones of a run's
+    start (initialisation, evaluation, sampling) add up to seconds on a CPU.
+    """
+    if not setting:
+        jax.config.update("jax_enable_compilation_cache", False)
+        return None
+    if setting == "auto":
+        directory = (jax.config.jax_compilation_cache_dir or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+                     or str(user_cache_dir() / "compilation"))
+    else:
+        directory = str(pathlib.Path(setting).expanduser())
+    try:
+        pathlib.Path(directory).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"train.compilation_cache_dir={setting!r}: cannot create {directory!r} ({err.strerror}); "
+                          "give a writable directory, 'auto', or null to disable the cache") from None
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return directory
 
 
 def load_eval_tasks(cfg: Config) -> list[BenchmarkTask]:
@@ -76,7 +122,8 @@ def load_eval_tasks(cfg: Config) -> list[BenchmarkTask]:
 
 
 def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpointer,
-           closing: contextlib.ExitStack, wall_start: float, eval_tasks: list[BenchmarkTask]) -> dict:
+           closing: contextlib.ExitStack, wall_start: float, eval_tasks: list[BenchmarkTask],
+           clock: StartupClock, cache_dir: str | None) -> dict:
     # ------------------------------------------------------------------ state: resumed, complete or fresh
     task, layout, mesh = training.task, training.layout, training.mesh
     resumed = starting_point(ckpt, layout.target, cfg, run_dir)
@@ -84,12 +131,14 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
         return completed_summary(run_dir, resumed.step)
     if resumed is None:
         forget_unfinished_start(run_dir, cfg)
+    clock.mark("checkpoint")
 
     # ------------------------------------------------------------------ data
     data = task.make_data(run_dir)
     eval_set = [to_global(batch, mesh) for batch in data.eval]
     meta = {"config": cfg.model_dump(mode="json"), "inputs": task.inputs(data),
             "process_count": jax.process_count(), "jaxgen_version": __version__}
+    clock.mark("data")
     if resumed is not None:
         task.check_inputs(resumed.meta.get("inputs", {}), meta["inputs"])
         state = resumed.state
@@ -106,21 +155,22 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
     start_step = int(state.step)
     n_params = sum(int(x.size) for x in jax.tree.leaves(layout.abstract.params))
     log.info("model: %s parameters", f"{n_params:,}")
+    clock.mark("state")
 
     # ------------------------------------------------------------------ compile
     compile_start = time.perf_counter()
     batch = to_global(next_in_lockstep(data.train, start_step + 1), mesh)
     train_step = training.train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - compile_start
-    peak, peak_source = peak_flops_per_device(cfg.train.peak_flops_per_device, cfg.model.compute_dtype)
-    total_peak = peak if jax.devices()[0].platform == "cpu" else peak * mesh.size  # simulated devices share a host
-    log.info("compiled in %.1fs; MFU against %.3g FLOP/s (%s)", compile_s, total_peak, peak_source)
+    log.info("compiled in %.1fs", compile_s)
+    clock.mark("compile")
 
     # ------------------------------------------------------------------ actions
     progress = Progress(state=state, last_saved=resumed.step if resumed is not None else None)
     trackers = open_trackers(cfg, run_dir, resumed_at=progress.last_saved)  # first: it reads what the writer drops
     writer = closing.enter_context(MetricsWriter(run_dir, cfg.logging.tensorboard, progress.last_saved, trackers))
-    meter = ThroughputMeter(task.units_per_batch(), task.flops_per_unit(), total_peak, start_step)
+    peak = run_peak(cfg.train.peak_flops_per_device, cfg.model.compute_dtype, mesh.size)  # measured when first read
+    meter = ThroughputMeter(task.units_per_batch(), task.flops_per_unit(), peak, start_step)
     bar = tqdm(total=cfg.train.steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=0.5,
                disable=not (jax.process_index() == 0 and cfg.logging.progress_bar))
     records = StepRecords(cfg, task, writer, meter, bar, progress)
@@ -133,16 +183,23 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
                              cfg.data.batch_size)
         actions.insert(1, EvaluateTasks(cfg, Benchmarks(eval_tasks, data.tokenizer, scorer), run_dir, writer, meter,
                                         progress))
+    clock.mark("logs")
 
     # ------------------------------------------------------------------ loop
     preemption = PreemptionWatch()
     try:
         if start_step == 0:
             evaluate.run(0)
+        clock.mark("eval")
         with logging_redirect_tqdm():
             for step in range(start_step + 1, cfg.train.steps + 1):
                 final = step == cfg.train.steps
                 progress.state, metrics = train_step(progress.state, batch)
+                if step == start_step + 1:  # once: how long a user waits for the first step
+                    jax.block_until_ready(metrics)
+                    clock.mark("first_step")
+                    log.info("first step done %.1fs after start", clock.phases()["total"])
+                    meter.idle()  # the first peak measurement, while nothing else runs
                 progress.data_state = data.train.get_state()
                 if not final:
                     batch = to_global(next_in_lockstep(data.train, step + 1), mesh)  # overlaps the device step
@@ -151,6 +208,7 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
                 due = [action for action in actions if action.cadence.due(step, final) or (stop and action is save)]
                 if due or stop:
                     records.settle(stopping=stop)  # nothing is evaluated or saved past an unchecked step
+                    meter.idle()
                 for action in due:
                     action.run(step)
                 if stop:
@@ -164,6 +222,7 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
     # ------------------------------------------------------------------ wrap-up
     after_ctrl_c(EXIT_PREEMPTED, f"interrupted after the final checkpoint (step {progress.last_saved}) was saved; "
                                  "only summary.json was not written")
+    peak.refresh(every_s=60)  # the device is idle: a last chance at a better peak, unless one is a minute old
     rates = meter.median()
     summary = {
         "steps": cfg.train.steps, "resumed_from": resumed.step if resumed is not None else None,
@@ -172,8 +231,12 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
         "eval_loss_initial": evaluate.history[0] if evaluate.history and start_step == 0 else None,
         "eval_loss_final": evaluate.history[-1] if evaluate.history else None,
         "nonfinite_steps": int(progress.state.nonfinite_steps),
-        f"{task.unit}_per_s_median": rates["units_per_s"], "mfu_median": rates["mfu"], "compile_s": compile_s,
+        f"{task.unit}_per_s_median": rates["units_per_s"], "mfu_median": rates["mfu"],
+        "peak_flops": peak.flops, "peak_source": peak.source, **({"mfu_note": peak.note} if peak.note else {}),
+        "compile_s": compile_s, "startup_s": clock.phases(),
     }
+    if cache_dir is not None:  # what this process's compilations found in, and wrote to, the persistent cache
+        summary["compilation_cache"] = {"dir": cache_dir, **{name: cache_events[name] for name in ("hits", "writes")}}
     # Every process takes part in sampling from sharded params; the task writes files on process 0 only.
     samples = task.sample(layout.models.weights(sampling_params(progress.state)), data, run_dir, step=None)
     summary["wall_s"] = time.perf_counter() - wall_start

@@ -1,0 +1,65 @@
+"""Time to the first step: the persistent compilation cache option, a warm second run, the benchmark's output."""
+
+import json
+
+import pytest
+from startup import parse_records, run_record, summarize
+
+from jaxgen.config import load_config
+from jaxgen.errors import ConfigError
+
+from conftest import TINY_CONFIG
+from helpers import run_jaxgen
+
+
+def test_a_bad_cache_directory_is_one_clear_line(tmp_path):
+    a_file = tmp_path / "cache.txt"
+    a_file.write_text("not a directory")
+    for value, says in ((str(a_file), "is a file, not a directory"), ('"  "', "is blank")):
+        with pytest.raises(ConfigError) as err:
+            load_config(None, [f"train.compilation_cache_dir={value}"])
+        line = str(err.value)
+        assert "\n" not in line and line.startswith("invalid config: train.compilation_cache_dir: ")
+        assert says in line and "give a directory, 'auto', or null to disable the cache" in line
+    assert load_config(None, ["train.compilation_cache_dir=null"]).train.compilation_cache_dir is None
+    assert load_config(None, []).train.compilation_cache_dir == "auto"
+
+
+def test_a_second_run_loads_its_programs_from_the_cache(tmp_path, tokenizer):
+    cache = tmp_path / "cache"
+    summaries = []
+    for name in ("first", "second"):
+        result = run_jaxgen("train", "--config", str(TINY_CONFIG), "--run-dir", str(tmp_path / name),
+                            "train.steps=1", "train.eval_batches=1", "train.sample_tokens=0",
+                            "logging.tensorboard=false", f"data.tokenizer={tokenizer.path}",
+                            f"train.compilation_cache_dir={cache}")
+        assert result.returncode == 0, result.stderr[-2000:]
+        summaries.append(json.loads((tmp_path / name / "summary.json").read_text()))
+    first, second = summaries
+    assert first["compilation_cache"] == {"dir": str(cache), "hits": 0, "writes": first["compilation_cache"]["writes"]}
+    assert first["compilation_cache"]["writes"] > 0 and any(cache.iterdir())
+    assert second["compilation_cache"]["hits"] >= first["compilation_cache"]["writes"]
+    assert second["compilation_cache"]["writes"] == 0  # every program the run compiled was there
+    assert second["peak_source"] in ("measured", "cache", "achieved") and second["mfu_median"] <= 1
+    phases = second["startup_s"]
+    assert list(phases)[-2:] == ["first_step", "total"] and {"imports", "data", "state", "compile"} <= set(phases)
+    assert phases["total"] == pytest.approx(sum(v for k, v in phases.items() if k != "total"), abs=0.01)
+
+
+def test_the_startup_benchmark_output_reads_back():
+    summaries = [
+        {"startup_s": {"imports": 1.0, "data": 2.0, "compile": 9.0, "first_step": 0.5, "total": 12.5},
+         "compile_s": 9.0, "compilation_cache": {"hits": 0, "writes": 14}, "process_wall_s": 16.0},
+        {"startup_s": {"imports": 1.0, "data": 2.0, "compile": 1.0, "first_step": 0.5, "total": 4.5},
+         "compile_s": 1.0, "compilation_cache": {"hits": 14, "writes": 0}, "process_wall_s": 7.0},
+    ]
+    records = [{"help_s": 0.6}] + [run_record(kind, 0, s) for kind, s in zip(("cold", "warm"), summaries)]
+    lines = [json.dumps(r) for r in records] + [json.dumps(summarize(records, target_s=10.0))]
+    parsed, summary = parse_records(lines)
+    assert parsed == records
+    assert summary["first_step_s_cold"] == 12.5 and summary["first_step_s_warm"] == 4.5
+    assert summary["phases_warm"] == {"imports": 1.0, "data": 2.0, "compile": 1.0, "first_step": 0.5}
+    assert summary["warm_within_target"] and summary["help_s"] == 0.6
+    assert records[2]["cache_hits"] == 14
+    with pytest.raises(ValueError, match="summary"):
+        parse_records(lines[:-1])
