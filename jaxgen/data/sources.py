@@ -172,9 +172,17 @@ def is_streamed(source: DataConfig | SourceConfig, data: DataConfig) -> bool:
     return source.tfds is not None and open_tfds(source.tfds, source.tfds_data_dir, source.train_split) is None
 
 
+# Reading in the calling thread: grain's default read-ahead (threads and a 500-record buffer) costs
+# more per record than a one-pass scan of an indexed source saves, an order of magnitude on the
+# bundled corpus (the tokenizer pass at the start of a run).
+IN_THREAD = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+
+
 def numbered_documents(source: DataConfig | SourceConfig, data: DataConfig, part: Part, shard: Shard, *,
-                       seed: int | None, epochs: int | None = None) -> grain.IterDataset:
-    """One source's (number, document) pairs of one part, for `epochs` passes (None = forever); shuffled when seeded."""
+                       seed: int | None, epochs: int | None = None, read_ahead: bool = True) -> grain.IterDataset:
+    """One source's (number, document) pairs of one part, for `epochs` passes (None = forever); shuffled when seeded.
+
+    `read_ahead`: records of an indexed source are read ahead by grain's threads (else in the calling thread)."""
     name = describe(source)
     holdout = HoldOut(data.eval_every_nth_doc, part, data.eval_block)
     files = text_files(source)
@@ -204,7 +212,7 @@ def numbered_documents(source: DataConfig | SourceConfig, data: DataConfig, part
         stream = TfdsTfRecordStream(source.tfds, source.tfds_data_dir, split, shard, seed, epochs)
         return stream.map(unnumbered).map(to_document).filter(is_document)
     dataset = record_epochs(NumberedRecords(records), shard, seed, f"the {part} part of {name}", epochs)
-    return dataset.map(to_document).to_iter_dataset()
+    return dataset.map(to_document).to_iter_dataset(None if read_ahead else IN_THREAD)
 
 
 def unnumbered(record: Any) -> tuple[int, Any]:
@@ -220,9 +228,10 @@ def is_document(document: Any) -> bool:
 
 
 def open_documents(source: DataConfig | SourceConfig, data: DataConfig, part: Part, shard: Shard, *,
-                   seed: int | None, epochs: int | None = None) -> grain.IterDataset:
+                   seed: int | None, epochs: int | None = None, read_ahead: bool = True) -> grain.IterDataset:
     """One source's documents of one part, for `epochs` passes (None = forever); shuffled when seeded."""
-    return numbered_documents(source, data, part, shard, seed=seed, epochs=epochs).map(document_of)
+    return numbered_documents(source, data, part, shard, seed=seed, epochs=epochs, read_ahead=read_ahead
+                              ).map(document_of)
 
 
 class FromSource(grain.transforms.Map):
@@ -276,7 +285,7 @@ def one_pass_documents(data: DataConfig, part: Part) -> Iterator[Document]:
     """Every document of the part once, source after source, in a fixed order."""
     for source in data.mixture or [data]:
         with user_errors_unwrapped():
-            yield from open_documents(source, data, part, Shard(), seed=None, epochs=1)
+            yield from open_documents(source, data, part, Shard(), seed=None, epochs=1, read_ahead=False)
 
 
 def places(source: DataConfig | SourceConfig, data: DataConfig, numbers: list[int]) -> list[int | str | None]:
