@@ -4,6 +4,7 @@ import contextlib
 import itertools
 import json
 import logging
+import re
 import shutil
 import warnings
 
@@ -237,6 +238,45 @@ def test_prompts_of_lengths_in_one_bucket_share_one_compiled_decoder():
     for length in (20, 25, 31, 32):
         generate(graphdef, params, [[1, *range(3, 2 + length)]], 4, vocabulary, Sampling(temperature=0))
     assert _decode._cache_size() == compiled
+
+
+def while_bodies(compiled_text: str) -> list[list[str]]:
+    """The instruction lines of every while loop's body computation in compiled HLO text."""
+    bodies = set(re.findall(r"body=(%[\w.\-]+)", compiled_text))
+    found, current = [], None
+    for line in compiled_text.splitlines():
+        if m := re.match(r"(%[\w.\-]+) .*\{$", line):
+            current = [] if m.group(1) in bodies else None
+            if current is not None:
+                found.append(current)
+        elif current is not None and line.strip() not in ("", "}"):
+            current.append(line)
+    return found
+
+
+def test_the_token_loop_copies_no_cache_and_no_weights():
+    """Per token, only the new rows move: no layer's cache is copied or transposed, no weight sliced."""
+    cfg = tiny_config("model.n_kv_heads=2")
+    graphdef, params = nnx.split(build_model(cfg.model, nnx.Rngs(3)))
+    params = nnx.to_pure_dict(params)
+    b, width, new_tokens = 3, 16, 5
+    m = cfg.model
+    cache_shape = [b, m.n_kv_heads, width + new_tokens, m.resolved_head_dim]
+    weight_shapes = {tuple(leaf.shape[1:]) for leaf in jax.tree.leaves(params) if leaf.ndim == 3}
+    text = _decode.lower(graphdef, params, jnp.ones((b, width), jnp.int32), jnp.zeros((b,), jnp.int32),
+                         jax.random.PRNGKey(0), new_tokens, Sampling(temperature=0),
+                         Vocabulary(EOS_ID, m.vocab_size), None).compile().as_text()
+    token_loop = max(while_bodies(text), key=len)
+    moved = []
+    for line in token_loop:
+        if not (found := re.match(r"\s*(?:ROOT )?%([\w.\-]+) = \w+\[([\d,]*)\]", line)):
+            continue
+        name, shape = found.group(1), [int(x) for x in found.group(2).split(",") if x]
+        passes = name.startswith(("get-tuple-element", "tuple", "param", "bitcast.")) or "dynamic-update-slice" in name
+        if (shape == cache_shape or tuple(shape) in weight_shapes) and not passes:
+            moved.append(line.strip()[:160])
+    assert any("dynamic-update-slice" in line for line in token_loop)  # the cache is written in the loop
+    assert not moved, "\n".join(moved)
 
 
 def test_top_k_and_top_p_truncate_the_distribution():

@@ -129,12 +129,28 @@ def _and(mask: jax.Array | None, other: jax.Array) -> jax.Array:
     return other if mask is None else mask & other
 
 
-def attend(q_BLHd: jax.Array, k_BTKd: jax.Array, v_BTKd: jax.Array, keep_B1LT: jax.Array, *,
-           scale: float | None, softcap: float | None) -> jax.Array:
-    """Attention under an explicit mask (the KV-cache decoder's), soft-capped when asked."""
-    if softcap is None:
-        return jax.nn.dot_product_attention(q_BLHd, k_BTKd, v_BTKd, mask=keep_B1LT, scale=scale)
-    return softcapped_attention(q_BLHd, k_BTKd, v_BTKd, keep_B1LT, scale=scale, softcap=softcap)
+def cached_attention(q_BLHd: jax.Array, k_BKTd: jax.Array, v_BKTd: jax.Array, keep_B1LT: jax.Array, *,
+                     scale: float | None, softcap: float | None) -> jax.Array:
+    """Attention of L new queries over a KV cache laid out key-head-major ([B, K, T, Dh]), under a mask.
+
+    The cache layout is the one both products want (batched over B and K, contracting Dh and
+    then T, every operand row-major), so a decoding step reads the cache in place: with the
+    cache as [B, T, K, Dh], every layer copied it transposed on every token. Scores and softmax
+    in float32; grouped-query heads attend per key/value head; `softcap` squashes the scores.
+    """
+    b, l, h, dh = q_BLHd.shape
+    kv = k_BKTd.shape[1]
+    scale = dh ** -0.5 if scale is None else scale
+    q_BKGLd = q_BLHd.reshape(b, l, kv, h // kv, dh).transpose(0, 2, 3, 1, 4)
+    s_BKGLT = jnp.einsum("bkgld,bktd->bkglt", q_BKGLd, k_BKTd.astype(q_BLHd.dtype),
+                         preferred_element_type=jnp.float32) * scale
+    if softcap is not None:
+        s_BKGLT = softcap * jnp.tanh(s_BKGLT / softcap)
+    s_BKGLT = jnp.where(keep_B1LT[:, :, None], s_BKGLT, -1e30)
+    p_BKGLT = jax.nn.softmax(s_BKGLT, axis=-1).astype(q_BLHd.dtype)
+    out_BKGLd = jnp.einsum("bkglt,bktd->bkgld", p_BKGLT, v_BKTd.astype(q_BLHd.dtype),
+                           preferred_element_type=jnp.float32)
+    return out_BKGLd.transpose(0, 3, 1, 2, 4).reshape(b, l, h, dh).astype(q_BLHd.dtype)
 
 
 def softcapped_attention(q_BLHd: jax.Array, k_BTKd: jax.Array, v_BTKd: jax.Array, keep_B1LT: jax.Array | None, *,
@@ -233,3 +249,15 @@ def scan_stacked(layers: nnx.Module, body, carry, xs):
         return body(nnx.merge(graphdef, layer_state), carry, x)
 
     return jax.lax.scan(step, carry, (state, xs))
+
+
+def each_layer(layers: nnx.Module) -> list[nnx.Module]:
+    """The layers of a stack, one module each (static slices of the stacked parameters).
+
+    Decoding runs its few layers unrolled: inside the token loop the slices are loop-invariant,
+    so XLA computes them once, and each layer's KV cache is a buffer of its own, updated in
+    place. A scanned stack slices every layer's weights and cache out again on every token.
+    """
+    graphdef, state = nnx.split(layers)
+    n_layers = jax.tree.leaves(state)[0].shape[0]
+    return [nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)) for i in range(n_layers)]

@@ -22,8 +22,18 @@ from flax import nnx
 from jaxgen.config import TransformerConfig
 from jaxgen.models.cpu_kernels import matmul_by_rows, resolve_batch_slices, within_window
 from jaxgen.models.layers import (
-    Dtypes, Linear, RMSNorm, apply_rope, attend, dot_product_attention, merge_batch, rope_frequencies, rope_tables,
-    run_stacked, scan_stacked, split_batch,
+    Dtypes,
+    Linear,
+    RMSNorm,
+    apply_rope,
+    cached_attention,
+    dot_product_attention,
+    each_layer,
+    merge_batch,
+    rope_frequencies,
+    rope_tables,
+    run_stacked,
+    split_batch,
 )
 
 # The window of a layer that attends globally, in a model whose other layers slide.
@@ -91,19 +101,25 @@ class Attention(nnx.Module):
 
     def decode(self, x_BLD, cos, sin, cache: tuple[jax.Array, jax.Array], start: jax.Array, key_valid_BT: jax.Array,
                window: jax.Array | None):
-        """Attend from L new tokens, written at buffer slots [start, start+L), to everything cached so far."""
+        """Attend from L new tokens, written at buffer slots [start, start+L), to everything cached so far.
+
+        `cache` is this layer's keys and values, (B, K, T, Dh) each: the layout `cached_attention`
+        reads in place.
+        """
         q_BLHd, k_BLKd, v_BLKd = self.project(x_BLD, cos, sin)
-        k_BTKd = jax.lax.dynamic_update_slice_in_dim(cache[0], k_BLKd.astype(cache[0].dtype), start, axis=1)
-        v_BTKd = jax.lax.dynamic_update_slice_in_dim(cache[1], v_BLKd.astype(cache[1].dtype), start, axis=1)
-        l, t = x_BLD.shape[1], k_BTKd.shape[1]
+        k_BKTd = jax.lax.dynamic_update_slice_in_dim(cache[0], k_BLKd.transpose(0, 2, 1, 3).astype(cache[0].dtype),
+                                                     start, axis=2)
+        v_BKTd = jax.lax.dynamic_update_slice_in_dim(cache[1], v_BLKd.transpose(0, 2, 1, 3).astype(cache[1].dtype),
+                                                     start, axis=2)
+        l, t = x_BLD.shape[1], k_BKTd.shape[2]
         slots_L, slots_T = start + jnp.arange(l), jnp.arange(t)
         causal_LT = slots_T[None, :] <= slots_L[:, None]
         if window is not None:  # slots and positions differ by the row's padding alone
             causal_LT = causal_LT & within_window(slots_L, slots_T, window)
         mask_B1LT = (causal_LT[None] & key_valid_BT[:, None, :])[:, None]
-        out_BLHd = attend(q_BLHd, k_BTKd.astype(q_BLHd.dtype), v_BTKd.astype(q_BLHd.dtype), mask_B1LT,
-                          scale=self.scale, softcap=self.cfg.attn_logit_softcap)
-        return self.output(out_BLHd), (k_BTKd, v_BTKd)
+        out_BLHd = cached_attention(q_BLHd, k_BKTd, v_BKTd, mask_B1LT, scale=self.scale,
+                                    softcap=self.cfg.attn_logit_softcap)
+        return self.output(out_BLHd), (k_BKTd, v_BKTd)
 
 
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
@@ -212,26 +228,30 @@ class Transformer(nnx.Module):
             x_BLD = x_BLD * self.cfg.d_model ** 0.5
         return constrain(x_BLD, ("act_batch", "act_length", "act_embed"))
 
-    def init_cache(self, batch: int, length: int) -> tuple[jax.Array, jax.Array]:
-        """Empty key and value caches, (layers, B, T, K, Dh) each, in the compute dtype."""
+    def init_cache(self, batch: int, length: int) -> tuple[tuple[jax.Array, jax.Array], ...]:
+        """Empty key and value caches, one (B, K, T, Dh) pair per layer, in the compute dtype."""
         cfg = self.cfg
-        shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.resolved_head_dim)
-        return jnp.zeros(shape, self.compute_dtype), jnp.zeros(shape, self.compute_dtype)
+        shape = (batch, cfg.n_kv_heads, length, cfg.resolved_head_dim)
+        return tuple((jnp.zeros(shape, self.compute_dtype), jnp.zeros(shape, self.compute_dtype))
+                     for _ in range(cfg.n_layers))
 
-    def decode(self, tokens_BL, positions_BL, cache, start, key_valid_BT):
+    def decode(self, tokens_BL, positions_BL, cache, start, key_valid_BT, layers: list[nnx.Module] | None = None):
         """Logits of L new tokens written at buffer slots [start, start+L) of the cache, and the new cache.
 
-        `key_valid_BT` marks the slots holding real tokens (False for left padding).
+        `key_valid_BT` marks the slots holding real tokens (False for left padding). The layers run
+        unrolled, each on its own cache buffer; a token loop passes `layers` (`each_layer(model.layers)`,
+        sliced once before the loop: XLA does not hoist the slices out of it by itself).
         """
         x_BLD = self.embed_tokens(tokens_BL)
         cos, sin = self.rope(positions_BL)
-
-        def layer_body(layer, x, cache_and_window):
-            layer_cache, window = cache_and_window
-            return layer.decode(x, cos, sin, layer_cache, start, key_valid_BT, window)
-
-        x_BLD, cache = scan_stacked(self.layers, layer_body, x_BLD, (cache, layer_windows(self.cfg)))
-        return self.logits(x_BLD), cache
+        windows = layer_windows(self.cfg)
+        new_cache = []
+        layers = each_layer(self.layers) if layers is None else layers
+        for i, (layer, layer_cache) in enumerate(zip(layers, cache, strict=True)):
+            window = None if windows is None else windows[i]
+            x_BLD, layer_cache = layer.decode(x_BLD, cos, sin, layer_cache, start, key_valid_BT, window)
+            new_cache.append(layer_cache)
+        return self.logits(x_BLD), tuple(new_cache)
 
 
 def param_count(cfg: TransformerConfig) -> int:

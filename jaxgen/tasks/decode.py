@@ -21,6 +21,8 @@ import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
 
+from jaxgen.models.layers import each_layer
+
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
@@ -71,7 +73,8 @@ def _decode(graphdef, params, tokens_BP, pad_B, key, max_new_tokens: int, sampli
     key_valid_BT = slots_T[None, :] >= pad_B[:, None]
     positions_BP = jnp.maximum(slots_T[None, :p] - pad_B[:, None], 0)
 
-    logits_BPV, cache = model.decode(tokens_BP, positions_BP, model.init_cache(b, t), 0, key_valid_BT)
+    layers = each_layer(model.layers)
+    logits_BPV, cache = model.decode(tokens_BP, positions_BP, model.init_cache(b, t), 0, key_valid_BT, layers)
     key, first_key = jax.random.split(key)
     token_B = sample_logits(without_padding(logits_BPV[:, -1], vocabulary), first_key, sampling)
     out_BN = jnp.zeros((b, max_new_tokens), jnp.int32)
@@ -91,7 +94,8 @@ def _decode(graphdef, params, tokens_BP, pad_B, key, max_new_tokens: int, sampli
         emit(i, token_B, done_B)
         done_B = done_B | (token_B == eos_id)
         slot = p + i
-        logits_B1V, cache = model.decode(token_B[:, None], (slot - pad_B)[:, None], cache, slot, key_valid_BT)
+        logits_B1V, cache = model.decode(token_B[:, None], (slot - pad_B)[:, None], cache, slot, key_valid_BT,
+                                         layers)
         key, step_key = jax.random.split(key)
         token_B = sample_logits(without_padding(logits_B1V[:, 0], vocabulary), step_key, sampling)
         return i + 1, token_B, cache, out_BN, done_B, key
