@@ -10,7 +10,6 @@ from pydantic import BaseModel, Discriminator, Field, Tag
 from jaxgen.config_encoders import EncoderConfig, EncoderDecoderConfig
 from jaxgen.config_section import Section as _Section
 
-
 DType = Literal["float32", "bfloat16", "float16"]
 RematPolicy = Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"]
 AttentionImpl = Literal["auto", "xla", "cudnn", "cpu"]

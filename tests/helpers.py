@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import resource
 import signal
 import subprocess
@@ -172,3 +173,30 @@ def saved_state(run_dir: pathlib.Path, step: int):
     layout = build_training(cfg, make_mesh(cfg.mesh, jax.devices()[:1])).layout
     return jax.device_get(Checkpointer(checkpoint_dir(run_dir), cfg.checkpoint, writer=False)
                           .restore(layout.target, step).state)
+
+
+def copies_in_token_loop(compiled_text: str, shapes: list[tuple[int, ...]]) -> list[str]:
+    """Instructions of a compiled decoder's token loop (its largest while body) that produce an array of one
+    of `shapes` (a KV cache, a weight) other than by an in-place dynamic-update-slice: the copies,
+    transposes and slices that would move a whole cache or weight on every token.
+    """
+    bodies = set(re.findall(r"body=(%[\w.\-]+)", compiled_text))
+    loops, current = [], None
+    for line in compiled_text.splitlines():
+        if found := re.match(r"(%[\w.\-]+) .*\{$", line):
+            current = [] if found.group(1) in bodies else None
+            if current is not None:
+                loops.append(current)
+        elif current is not None and line.strip() not in ("", "}"):
+            current.append(line)
+    token_loop = max(loops, key=len)
+    assert any("dynamic-update-slice" in line for line in token_loop), "no cache update in the loop"
+    copies = []
+    for line in token_loop:
+        if not (found := re.match(r"\s*(?:ROOT )?%([\w.\-]+) = \w+\[([\d,]*)\]", line)):
+            continue
+        name, shape = found.group(1), tuple(int(x) for x in found.group(2).split(",") if x)
+        in_place = name.startswith(("get-tuple-element", "tuple", "param", "bitcast.")) or "dynamic-update-slice" in name
+        if shape in shapes and not in_place:
+            copies.append(line.strip()[:160])
+    return copies

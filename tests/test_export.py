@@ -4,7 +4,6 @@ import contextlib
 import itertools
 import json
 import logging
-import re
 import shutil
 import warnings
 
@@ -29,7 +28,7 @@ from jaxgen.outputs.runs import open_run
 from jaxgen.tasks.decode import Sampling, Vocabulary, _decode, generate, prompt_bucket, sample_logits
 
 from conftest import REPO, TINY_CONFIG, tiny_config
-from helpers import jaxgen_cli
+from helpers import copies_in_token_loop, jaxgen_cli
 
 
 @pytest.fixture(scope="module")
@@ -240,20 +239,6 @@ def test_prompts_of_lengths_in_one_bucket_share_one_compiled_decoder():
     assert _decode._cache_size() == compiled
 
 
-def while_bodies(compiled_text: str) -> list[list[str]]:
-    """The instruction lines of every while loop's body computation in compiled HLO text."""
-    bodies = set(re.findall(r"body=(%[\w.\-]+)", compiled_text))
-    found, current = [], None
-    for line in compiled_text.splitlines():
-        if m := re.match(r"(%[\w.\-]+) .*\{$", line):
-            current = [] if m.group(1) in bodies else None
-            if current is not None:
-                found.append(current)
-        elif current is not None and line.strip() not in ("", "}"):
-            current.append(line)
-    return found
-
-
 def test_the_token_loop_copies_no_cache_and_no_weights():
     """Per token, only the new rows move: no layer's cache is copied or transposed, no weight sliced."""
     cfg = tiny_config("model.n_kv_heads=2")
@@ -261,22 +246,12 @@ def test_the_token_loop_copies_no_cache_and_no_weights():
     params = nnx.to_pure_dict(params)
     b, width, new_tokens = 3, 16, 5
     m = cfg.model
-    cache_shape = [b, m.n_kv_heads, width + new_tokens, m.resolved_head_dim]
-    weight_shapes = {tuple(leaf.shape[1:]) for leaf in jax.tree.leaves(params) if leaf.ndim == 3}
+    cache_shape = (b, m.n_kv_heads, width + new_tokens, m.resolved_head_dim)
+    weight_shapes = {leaf.shape[1:] for leaf in jax.tree.leaves(params) if leaf.ndim == 3}
     text = _decode.lower(graphdef, params, jnp.ones((b, width), jnp.int32), jnp.zeros((b,), jnp.int32),
                          jax.random.PRNGKey(0), new_tokens, Sampling(temperature=0),
                          Vocabulary(EOS_ID, m.vocab_size), None).compile().as_text()
-    token_loop = max(while_bodies(text), key=len)
-    moved = []
-    for line in token_loop:
-        if not (found := re.match(r"\s*(?:ROOT )?%([\w.\-]+) = \w+\[([\d,]*)\]", line)):
-            continue
-        name, shape = found.group(1), [int(x) for x in found.group(2).split(",") if x]
-        passes = name.startswith(("get-tuple-element", "tuple", "param", "bitcast.")) or "dynamic-update-slice" in name
-        if (shape == cache_shape or tuple(shape) in weight_shapes) and not passes:
-            moved.append(line.strip()[:160])
-    assert any("dynamic-update-slice" in line for line in token_loop)  # the cache is written in the loop
-    assert not moved, "\n".join(moved)
+    assert not copies_in_token_loop(text, [cache_shape, *weight_shapes])
 
 
 def test_top_k_and_top_p_truncate_the_distribution():

@@ -16,6 +16,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from jaxgen.config import Config
+from jaxgen.config_encoders import EncoderDecoderConfig
 from jaxgen.data.corpus import BUNDLED_CORPUS, iter_documents
 from jaxgen.data.tokenizer import keep_tokenizer, load_tokenizer, sentinel_piece, train_tokenizer
 from jaxgen.errors import ExportError
@@ -25,9 +26,11 @@ from jaxgen.outputs.hf_tokenizer import write_hf_tokenizer
 from jaxgen.outputs.runs import OpenedRun, open_run
 from jaxgen.sharding import make_mesh, resolve_rules, with_rules
 from jaxgen.tasks import make_task
-from jaxgen.tasks.decode import Sampling
+from jaxgen.tasks.decode import Sampling, Vocabulary
 from jaxgen.tasks.layout import MAIN_GROUP, compile_eval_step, fresh_params, plan_models
 from jaxgen.tasks.seq2seq_decode import _generate, bucket_length, generate_targets
+
+from helpers import copies_in_token_loop
 
 transformers = pytest.importorskip("transformers")
 
@@ -346,6 +349,21 @@ def test_padding_rows_stay_finite_and_give_finite_gradients(t5):
 
     grads, out = jax.jit(jax.grad(loss, has_aux=True))(params)
     assert np.all(np.isfinite(out)) and all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+
+
+def test_the_token_loop_copies_no_cache_and_no_weights(t5):
+    """As the LM's decoder: per token only the new rows of each layer's cache move; the encoder's keys and
+    values and the weights are sliced once, before the loop."""
+    graphdef, params = t5
+    cfg = EncoderDecoderConfig(**MODEL)
+    b, width, new_tokens = 3, 16, 5
+    heads = (b, cfg.n_heads)
+    shapes = [(*heads, new_tokens, cfg.resolved_head_dim), (*heads, width, cfg.resolved_head_dim),
+              *{leaf.shape[1:] for leaf in jax.tree.leaves(params) if leaf.ndim == 3}]
+    text = _generate.lower(graphdef, params, jnp.ones((b, width), jnp.int32), jnp.ones((b, width), jnp.int32),
+                           jnp.int32(1), jax.random.PRNGKey(0), new_tokens, Sampling(temperature=0),
+                           Vocabulary(eos_id=2, size=cfg.vocab_size)).compile().as_text()
+    assert not copies_in_token_loop(text, shapes)
 
 
 def test_kv_cache_decoding_equals_teacher_forcing(t5):

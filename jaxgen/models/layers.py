@@ -130,13 +130,15 @@ def _and(mask: jax.Array | None, other: jax.Array) -> jax.Array:
 
 
 def cached_attention(q_BLHd: jax.Array, k_BKTd: jax.Array, v_BKTd: jax.Array, keep_B1LT: jax.Array, *,
-                     scale: float | None, softcap: float | None) -> jax.Array:
+                     scale: float | None, softcap: float | None = None, bias_BHLT: jax.Array | None = None
+                     ) -> jax.Array:
     """Attention of L new queries over a KV cache laid out key-head-major ([B, K, T, Dh]), under a mask.
 
     The cache layout is the one both products want (batched over B and K, contracting Dh and
     then T, every operand row-major), so a decoding step reads the cache in place: with the
     cache as [B, T, K, Dh], every layer copied it transposed on every token. Scores and softmax
-    in float32; grouped-query heads attend per key/value head; `softcap` squashes the scores.
+    in float32; grouped-query heads attend per key/value head; `softcap` squashes the scores;
+    `bias_BHLT` (T5's relative positions) is added to them.
     """
     b, l, h, dh = q_BLHd.shape
     kv = k_BKTd.shape[1]
@@ -146,6 +148,8 @@ def cached_attention(q_BLHd: jax.Array, k_BKTd: jax.Array, v_BKTd: jax.Array, ke
                          preferred_element_type=jnp.float32) * scale
     if softcap is not None:
         s_BKGLT = softcap * jnp.tanh(s_BKGLT / softcap)
+    if bias_BHLT is not None:
+        s_BKGLT = s_BKGLT + bias_BHLT.reshape(*bias_BHLT.shape[:1], kv, h // kv, *bias_BHLT.shape[2:])
     s_BKGLT = jnp.where(keep_B1LT[:, :, None], s_BKGLT, -1e30)
     p_BKGLT = jax.nn.softmax(s_BKGLT, axis=-1).astype(q_BLHd.dtype)
     out_BKGLd = jnp.einsum("bkglt,bktd->bkgld", p_BKGLT, v_BKTd.astype(q_BLHd.dtype),
@@ -237,26 +241,12 @@ def run_stacked(layers: nnx.Module, body, carry, *, scan: bool, remat_policy: st
     return carry
 
 
-def scan_stacked(layers: nnx.Module, body, carry, xs):
-    """Like `run_stacked`, with a per-layer input and output: `body(layer, carry, x) -> (carry, y)`.
-
-    Used by decoding, where each layer reads and returns its own slice of the KV cache.
-    """
-    graphdef, state = nnx.split(layers)
-
-    def step(carry, layer_and_x):
-        layer_state, x = layer_and_x
-        return body(nnx.merge(graphdef, layer_state), carry, x)
-
-    return jax.lax.scan(step, carry, (state, xs))
-
-
 def each_layer(layers: nnx.Module) -> list[nnx.Module]:
     """The layers of a stack, one module each (static slices of the stacked parameters).
 
-    Decoding runs its few layers unrolled: inside the token loop the slices are loop-invariant,
-    so XLA computes them once, and each layer's KV cache is a buffer of its own, updated in
-    place. A scanned stack slices every layer's weights and cache out again on every token.
+    Decoders run their layers unrolled over these, sliced once before the token loop (XLA does
+    not hoist slices out of a while loop), each layer with a KV-cache buffer of its own updated
+    in place; a scanned stack would slice every layer's weights and cache out on every token.
     """
     graphdef, state = nnx.split(layers)
     n_layers = jax.tree.leaves(state)[0].shape[0]

@@ -38,7 +38,7 @@ from flax import nnx
 
 from jaxgen.config_encoders import EncoderDecoderConfig
 from jaxgen.models.cpu_kernels import matmul_by_rows
-from jaxgen.models.layers import Dtypes, Linear, RMSNorm, run_stacked, scan_stacked
+from jaxgen.models.layers import Dtypes, Linear, RMSNorm, cached_attention, each_layer, run_stacked
 from jaxgen.sharding import constrain
 
 ACTIVATIONS = {"gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True), "silu": jax.nn.silu}
@@ -117,6 +117,15 @@ class Attention(nnx.Module):
                  keep_B1LS: jax.Array) -> jax.Array:
         return self.attend(x_BLD, *self.keys_values(context_BSD), bias_BHLS, keep_B1LS)
 
+    def attend_cached(self, x_BLD: jax.Array, k_BHSd: jax.Array, v_BHSd: jax.Array, bias_BHLS: jax.Array | None,
+                      keep_B1LS: jax.Array) -> jax.Array:
+        """`attend` over keys and values laid out head-major, as the decoder's caches hold them."""
+        q_BLHd = self.heads(self.wq(x_BLD))
+        bias = None if bias_BHLS is None else bias_BHLS.astype(jnp.float32)
+        out_BLHd = cached_attention(q_BLHd, k_BHSd, v_BHSd, keep_B1LS, scale=1.0, bias_BHLT=bias)
+        b, l = x_BLD.shape[:2]
+        return self.wo(out_BLHd.reshape(b, l, self.n_heads * self.head_dim))
+
 
 class MLP(nnx.Module):
     """T5's gated feed-forward: act(x Wi0) * (x Wi1) Wo."""
@@ -157,14 +166,18 @@ class Block(nnx.Module):
         return self.mlp_residual(x_BLD)
 
     def decode(self, x_BLD, bias_BHLS, keep_B1LS, cache, start, cross_kv, cross_keep_B1LS):
-        """New tokens written at cache slots [start, start + L), attending to the cache and the encoder."""
+        """New tokens written at cache slots [start, start + L), attending to the cache and the encoder.
+
+        `cache` and `cross_kv` are this layer's keys and values laid out (B, H, S, Dh), as
+        `cached_attention` reads them in place.
+        """
         normed_BLD = self.attn_norm(x_BLD)
-        k_BLHd, v_BLHd = self.attn.keys_values(normed_BLD)
-        k_BSHd = jax.lax.dynamic_update_slice_in_dim(cache[0], k_BLHd.astype(cache[0].dtype), start, axis=1)
-        v_BSHd = jax.lax.dynamic_update_slice_in_dim(cache[1], v_BLHd.astype(cache[1].dtype), start, axis=1)
-        x_BLD = x_BLD + self.attn.attend(normed_BLD, k_BSHd, v_BSHd, bias_BHLS, keep_B1LS)
-        x_BLD = x_BLD + self.cross_attn.attend(self.cross_norm(x_BLD), *cross_kv, None, cross_keep_B1LS)
-        return self.mlp_residual(x_BLD), (k_BSHd, v_BSHd)
+        k_BHLd, v_BHLd = (a.transpose(0, 2, 1, 3) for a in self.attn.keys_values(normed_BLD))
+        k_BHSd = jax.lax.dynamic_update_slice_in_dim(cache[0], k_BHLd.astype(cache[0].dtype), start, axis=2)
+        v_BHSd = jax.lax.dynamic_update_slice_in_dim(cache[1], v_BHLd.astype(cache[1].dtype), start, axis=2)
+        x_BLD = x_BLD + self.attn.attend_cached(normed_BLD, k_BHSd, v_BHSd, bias_BHLS, keep_B1LS)
+        x_BLD = x_BLD + self.cross_attn.attend_cached(self.cross_norm(x_BLD), *cross_kv, None, cross_keep_B1LS)
+        return self.mlp_residual(x_BLD), (k_BHSd, v_BHSd)
 
     def mlp_residual(self, x_BLD: jax.Array) -> jax.Array:
         return constrain(x_BLD + self.mlp(self.mlp_norm(x_BLD)), ACT_BLD)
@@ -268,40 +281,44 @@ class T5(nnx.Module):
 
     # ------------------------------------------------------------------------- KV-cache decoding
 
-    def init_cache(self, batch: int, length: int) -> tuple[jax.Array, jax.Array]:
-        """Empty self-attention keys and values, (decoder layers, B, T, H, Dh) each, in the compute dtype."""
+    def init_cache(self, batch: int, length: int) -> tuple[tuple[jax.Array, jax.Array], ...]:
+        """Empty self-attention keys and values, one (B, H, T, Dh) pair per decoder layer, in the compute dtype."""
         cfg = self.cfg
-        shape = (cfg.decoder_layers, batch, length, cfg.n_heads, cfg.resolved_head_dim)
-        return jnp.zeros(shape, self.compute_dtype), jnp.zeros(shape, self.compute_dtype)
+        shape = (batch, cfg.n_heads, length, cfg.resolved_head_dim)
+        return tuple((jnp.zeros(shape, self.compute_dtype), jnp.zeros(shape, self.compute_dtype))
+                     for _ in range(cfg.decoder_layers))
 
-    def cross_kv(self, encoded_BLD: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Every decoder layer's cross-attention keys and values of the encoder output, computed once per input."""
+    def cross_kv(self, encoded_BLD: jax.Array, layers: list[nnx.Module] | None = None
+                 ) -> tuple[tuple[jax.Array, jax.Array], ...]:
+        """Every decoder layer's cross-attention keys and values of the encoder output, (B, H, L, Dh) each,
+        computed once per input."""
+        layers = each_layer(self.decoder.layers) if layers is None else layers
+        return tuple(tuple(a.transpose(0, 2, 1, 3) for a in layer.cross_attn.keys_values(encoded_BLD))
+                     for layer in layers)
 
-        def layer_body(layer: Block, carry, _):
-            return carry, layer.cross_attn.keys_values(encoded_BLD)
-
-        return scan_stacked(self.decoder.layers, layer_body, None, None)[1]
-
-    def decode_step(self, tokens_BT: jax.Array, start: jax.Array | int, cache: tuple[jax.Array, jax.Array],
-                    cross: tuple[jax.Array, jax.Array], input_segments_BL: jax.Array):
+    def decode_step(self, tokens_BT: jax.Array, start: jax.Array | int, cache: tuple, cross: tuple,
+                    input_segments_BL: jax.Array, layers: list[nnx.Module] | None = None):
         """Logits (B, T, V) of T new target tokens at positions [start, start + T), and the updated cache.
 
         Every row holds one target, from position 0, for the input whose real tokens have
-        a nonzero segment id; `cross` is `cross_kv` of that input's encoding.
+        a nonzero segment id; `cross` is `cross_kv` of that input's encoding. The decoder layers
+        run unrolled, as the LM's do when decoding; a token loop passes `layers`
+        (`each_layer(model.decoder.layers)`, sliced once before the loop).
         """
         b, t = tokens_BT.shape
+        slots = cache[0][0].shape[2]
         positions_BT = jnp.broadcast_to(start + jnp.arange(t), (b, t))
-        slots_BS = jnp.broadcast_to(jnp.arange(cache[0].shape[2]), (b, cache[0].shape[2]))
+        slots_BS = jnp.broadcast_to(jnp.arange(slots), (b, slots))
         bias_BHTS = self.decoder.position_bias(positions_BT, slots_BS)
         keep_B1TS = (slots_BS[:, None, :] <= positions_BT[:, :, None])[:, None]
         cross_keep_B11L = (input_segments_BL != 0)[:, None, None, :]
-
-        def layer_body(layer: Block, x_BTD, cache_and_cross):
-            layer_cache, layer_cross = cache_and_cross
-            return layer.decode(x_BTD, bias_BHTS, keep_B1TS, layer_cache, start, layer_cross, cross_keep_B11L)
-
-        x_BTD, cache = scan_stacked(self.decoder.layers, layer_body, self.embed_tokens(tokens_BT), (cache, cross))
-        return self.logits(x_BTD), cache
+        layers = each_layer(self.decoder.layers) if layers is None else layers
+        x_BTD, new_cache = self.embed_tokens(tokens_BT), []
+        for layer, layer_cache, layer_cross in zip(layers, cache, cross, strict=True):
+            x_BTD, layer_cache = layer.decode(x_BTD, bias_BHTS, keep_B1TS, layer_cache, start, layer_cross,
+                                              cross_keep_B11L)
+            new_cache.append(layer_cache)
+        return self.logits(x_BTD), tuple(new_cache)
 
 
 # ----------------------------------------------------------------------------- sizes

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxgen.models.layers import each_layer
 from jaxgen.tasks.decode import Sampling, Vocabulary, sample_logits, without_padding
 
 MIN_BUCKET = 16
@@ -33,7 +34,8 @@ def _generate(graphdef, params, tokens_BL, segments_BL, start_id, key, max_new_t
     model = nnx.merge(graphdef, params)
     eos_id = vocabulary.eos_id
     b = tokens_BL.shape[0]
-    cross = model.cross_kv(model.encode(tokens_BL, segments_BL))
+    layers = each_layer(model.decoder.layers)  # sliced once, outside the token loop
+    cross = model.cross_kv(model.encode(tokens_BL, segments_BL), layers)
 
     def cond(carry):
         i, _, _, _, done_B, _ = carry
@@ -41,7 +43,7 @@ def _generate(graphdef, params, tokens_BL, segments_BL, start_id, key, max_new_t
 
     def body(carry):
         i, token_B, cache, out_BN, done_B, key = carry
-        logits_B1V, cache = model.decode_step(token_B[:, None], i, cache, cross, segments_BL)
+        logits_B1V, cache = model.decode_step(token_B[:, None], i, cache, cross, segments_BL, layers)
         key, step_key = jax.random.split(key)
         token_B = sample_logits(without_padding(logits_B1V[:, 0], vocabulary), step_key, sampling)
         token_B = jnp.where(done_B, eos_id, token_B)
