@@ -104,17 +104,18 @@ def reference_steps(training, params, rng, batch, steps):
                     -merge("discriminator", disc)(x_hat))
             return loss
 
-        ae, ae_moments = adam(ae, jax.grad(autoencoder_loss)(ae), ae_moments, step, LR)
+        # Compiled, not run op by op: the same arithmetic, minutes faster.
+        ae, ae_moments = adam(ae, jax.jit(jax.grad(autoencoder_loss))(ae), ae_moments, step, LR)
         if step >= START:
             d_rng = jax.random.fold_in(step_rng, 0x5EED0000 + 1)
-            fake = jax.lax.stop_gradient(reconstruct(ae, d_rng)[0])
+            fake = jax.lax.stop_gradient(jax.jit(reconstruct)(ae, d_rng)[0])
 
             def critic_loss(d_params):
                 d = merge("discriminator", d_params)
                 return jnp.mean(jnp.mean(jax.nn.relu(1 - d(x)), axis=(1, 2)) + jnp.mean(jax.nn.relu(1 + d(fake)),
                                                                                          axis=(1, 2)))
 
-            disc, disc_moments = adam(disc, jax.grad(critic_loss)(disc), disc_moments, disc_count, LR_D)
+            disc, disc_moments = adam(disc, jax.jit(jax.grad(critic_loss))(disc), disc_moments, disc_count, LR_D)
             disc_count += 1
     return {"model": ae, "discriminator": disc}
 

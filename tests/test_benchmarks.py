@@ -6,6 +6,7 @@ import re
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxgen.data.tokenizer import load_tokenizer
 from jaxgen.errors import ConfigError, DataError
@@ -55,8 +56,15 @@ def test_each_task_builds_the_harness_prompts(task_data):
     assert mine.examples[2].requests()[0] == ("", " And God said")
 
 
+@nnx.jit
+def causal_logits(model, tokens_BL):
+    return model(tokens_BL)
+
+
 def reference_score(model, tokenizer, context: str, continuation: str, window: int):
-    """One request on its own: no batch, padding, bucket or sharding; the harness's tokenization written out."""
+    """One request on its own: no batch, bucket or sharding; the harness's tokenization written out. (Zeros
+    after the request fill the window: a causal model's logits at earlier positions do not see them, and
+    every request then shares one compiled forward.)"""
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
@@ -67,7 +75,9 @@ def reference_score(model, tokenizer, context: str, continuation: str, window: i
     else:
         context_ids, continuation_ids = [bos], tokenizer.encode([continuation])[0]
     sequence = (context_ids + continuation_ids)[-(window + 1):]
-    logits = np.asarray(model(jnp.asarray([sequence[:-1]])), np.float64)[0]
+    inputs = sequence[:-1]
+    logits = np.asarray(causal_logits(model, jnp.asarray([inputs + [0] * (window - len(inputs))])),
+                        np.float64)[0, :len(inputs)]
     logprobs = logits - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1, keepdims=True)) \
         - logits.max(-1, keepdims=True)
     positions = range(len(sequence) - 1 - len(continuation_ids), len(sequence) - 1)

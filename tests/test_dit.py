@@ -67,7 +67,7 @@ def test_scan_and_remat_do_not_change_the_function():
         params = jax.tree.map(lambda p: p + 0.02, params)
         t, y = jnp.array([1.0, 200.0, 500.0, 900.0]), jnp.asarray(batch["labels"])
         f = lambda p: jnp.mean(nnx.merge(graphdef, p)(jnp.asarray(batch["images"]), t, y) ** 2)
-        return jax.value_and_grad(f)(params)
+        return jax.jit(jax.value_and_grad(f))(params)
 
     (l0, g0), (l1, g1) = loss_and_grad(), loss_and_grad("model.scan_layers=false", "model.remat=full")
     np.testing.assert_allclose(l0, l1, rtol=1e-6)
