@@ -66,3 +66,15 @@ def tokenizer(tmp_path_factory):
 
     documents = itertools.islice(iter_documents([BUNDLED_CORPUS]), 3000)
     return train_tokenizer(documents, 512, tmp_path_factory.mktemp("tok") / "kjv512.model")
+
+
+# The longest files first (pyproject's --no-loadscope-reorder hands files out in this order): whole
+# files go to each worker, and the README's examples (about 9 of the suite's ~50 minutes) started
+# last would run alone at the end while the other core waits.
+LONGEST_FIRST = ("test_readme.py", "test_text_to_image.py", "test_launch_processes.py", "test_checkpoint.py",
+                 "test_adversarial_cli.py", "test_bidirectional_cli.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
