@@ -185,3 +185,8 @@ def _read_holder(fd: int) -> dict | None:
         return json.loads(raw) if raw.strip() else None
     except (OSError, ValueError):
         return None
+
+
+def user_cache_dir() -> pathlib.Path:
+    """What jaxgen keeps per user and machine between runs: $XDG_CACHE_HOME/jaxgen, else ~/.cache/jaxgen."""
+    return pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "jaxgen"

@@ -21,9 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen.config import user_cache_dir
 from jaxgen.errors import Preempted
-from jaxgen.files import write_atomic
+from jaxgen.files import user_cache_dir, write_atomic
 
 if TYPE_CHECKING:
     from jaxgen.trackers import Outcome, Trackers

@@ -24,7 +24,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from jaxgen import __version__
 from jaxgen.checkpoint import Checkpointer, checkpoint_dir, restore_subtree
-from jaxgen.config import Config, user_cache_dir
+from jaxgen.config import Config
 from jaxgen.data.lockstep import next_in_lockstep
 from jaxgen.data.pipeline import merged_position, process_streams, this_process, to_global
 from jaxgen.device_memory import check_fits
@@ -32,7 +32,7 @@ from jaxgen.errors import EXIT_PREEMPTED, ConfigError, Preempted
 from jaxgen.evals.benchmark import Benchmarks, load_tasks, make_scorer, require_language_model
 from jaxgen.evals.plots import plot_benchmarks
 from jaxgen.evals.tasks import Task as BenchmarkTask
-from jaxgen.files import write_atomic
+from jaxgen.files import user_cache_dir, write_atomic
 from jaxgen.interrupts import after_ctrl_c
 from jaxgen.metrics import (
     MetricsWriter,
