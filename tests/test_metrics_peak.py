@@ -67,6 +67,14 @@ def test_the_best_peak_of_the_machine_is_kept_between_runs(monkeypatch, tmp_path
     assert PeakCache(path).best(key, 1e11) == 1e11
 
 
+def test_a_cache_that_cannot_be_written_never_stops_the_run(tmp_path):
+    blocker = tmp_path / "home"
+    blocker.write_text("a file where the cache directory would go")  # mkdir fails as on a read-only home
+    cache = PeakCache(blocker / "jaxgen" / "matmul_peak.json")
+    assert cache.best(PeakCache.key("float32"), 2e11) == 2e11
+    assert not (blocker / "jaxgen").exists() and cache.read() == {}
+
+
 def test_the_user_cache_dir_follows_xdg(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert PeakCache().path == tmp_path / "jaxgen" / "matmul_peak.json"
