@@ -7,9 +7,11 @@ of a tiny run's time. The pytest process itself does not use it (set after JAX
 read its configuration), since writing the cache slowed in-process tests down.
 """
 
+import atexit
 import os
 import pathlib
 import re
+import shutil
 import sys
 import tempfile
 
@@ -19,7 +21,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxgen-test-xla-cache-"))
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    # Made by the first pytest process (xdist's workers inherit the variable) and removed when it
+    # exits, so that test sessions leave no compilation caches behind in the temp directory.
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxgen-test-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 # The cache's file lock keeps one subprocess from reading an entry another is still writing.
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 * 2**30))
 
