@@ -4,6 +4,7 @@ and MNIST-format IDX files (Fashion-MNIST), through the same grain pipeline; one
 import gzip
 import json
 import logging
+import os
 import pathlib
 
 import numpy as np
@@ -16,7 +17,7 @@ from jaxgen.data.images import open_images
 from jaxgen.data.splits import Shard
 from jaxgen.errors import ConfigError, DataError
 
-from helpers import DIT_CONFIG, assert_resumes_exactly, jaxgen_cli, tiny_dit_config
+from helpers import DIT_CONFIG, assert_resumes_exactly, jaxgen_cli, run_jaxgen, tiny_dit_config
 
 FASHION_MNIST = pathlib.Path("/usr/share/datasets/fashion-mnist")
 
@@ -257,3 +258,16 @@ def test_fashion_captions_name_class_shade_and_width_as_a_captioned_folder(idx_d
     assert len(source.part_captions["eval"]) == 12
     with pytest.raises(DataError, match="already exists"):
         write_fashion_captions(idx_dir, tmp_path / "captioned")
+
+
+def test_fashion_captions_on_a_full_disk_leave_nothing_and_a_rerun_finishes(idx_dir, tmp_path):
+    out = tmp_path / "captioned"
+    full = run_jaxgen("data", "fashion-captions", "--idx", str(idx_dir), "--out", str(out), file_size_limit=1024)
+    assert full.returncode == 1
+    assert full.stderr.strip().splitlines()[-1] == "jaxgen: error: file too large (a file-size limit was reached)"
+    assert "Traceback" not in full.stderr
+    assert os.listdir(tmp_path) == []  # neither --out nor a half-written hidden directory
+    again = run_jaxgen("data", "fashion-captions", "--idx", str(idx_dir), "--out", str(out))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads(again.stdout)["train"] == 40
+    assert len((out / "train" / "metadata.jsonl").read_text().splitlines()) == 40
