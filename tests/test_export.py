@@ -4,6 +4,7 @@ import contextlib
 import itertools
 import json
 import logging
+import re
 import shutil
 import warnings
 
@@ -253,6 +254,20 @@ def test_the_token_loop_copies_no_cache_and_no_weights():
                          Vocabulary(EOS_ID, m.vocab_size), None).compile().as_text()
     assert not copies_in_token_loop(text, [cache_shape, *weight_shapes])
 
+
+
+def test_the_prefill_computes_the_logits_of_the_last_prompt_token_alone():
+    """The output layer (a vocabulary-wide GEMM) runs on one row per prompt, not on every prompt token."""
+    cfg = tiny_config()
+    graphdef, params = nnx.split(build_model(cfg.model, nnx.Rngs(3)))
+    params = nnx.to_pure_dict(params)
+    b, width, vocab = 3, 16, cfg.model.vocab_size
+    text = _decode.lower(graphdef, params, jnp.ones((b, width), jnp.int32), jnp.zeros((b,), jnp.int32),
+                         jax.random.PRNGKey(0), 4, Sampling(temperature=0), Vocabulary(EOS_ID, vocab),
+                         None).compile().as_text()
+    every_token_logits = re.compile(rf"f32\[({b},{width}|{b * width}),{vocab}\]")
+    assert not every_token_logits.search(text)
+    assert re.search(rf"f32\[{b},{vocab}\]", text)  # the one row per prompt that is computed
 
 def test_top_k_and_top_p_truncate_the_distribution():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))

@@ -235,12 +235,15 @@ class Transformer(nnx.Module):
         return tuple((jnp.zeros(shape, self.compute_dtype), jnp.zeros(shape, self.compute_dtype))
                      for _ in range(cfg.n_layers))
 
-    def decode(self, tokens_BL, positions_BL, cache, start, key_valid_BT, layers: list[nnx.Module] | None = None):
+    def decode(self, tokens_BL, positions_BL, cache, start, key_valid_BT, layers: list[nnx.Module] | None = None,
+               last_only: bool = False):
         """Logits of L new tokens written at buffer slots [start, start+L) of the cache, and the new cache.
 
         `key_valid_BT` marks the slots holding real tokens (False for left padding). The layers run
         unrolled, each on its own cache buffer; a token loop passes `layers` (`each_layer(model.layers)`,
-        sliced once before the loop: XLA does not hoist the slices out of it by itself).
+        sliced once before the loop: XLA does not hoist the slices out of it by itself). `last_only`
+        gives the logits of the last token alone (B, 1, V): a prompt's prefill needs no others, and
+        the output layer over every prompt token is a vocabulary-wide GEMM per token.
         """
         x_BLD = self.embed_tokens(tokens_BL)
         cos, sin = self.rope(positions_BL)
@@ -251,6 +254,8 @@ class Transformer(nnx.Module):
             window = None if windows is None else windows[i]
             x_BLD, layer_cache = layer.decode(x_BLD, cos, sin, layer_cache, start, key_valid_BT, window)
             new_cache.append(layer_cache)
+        if last_only:
+            x_BLD = x_BLD[:, -1:]
         return self.logits(x_BLD), tuple(new_cache)
 
 

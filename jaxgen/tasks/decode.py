@@ -74,9 +74,10 @@ def _decode(graphdef, params, tokens_BP, pad_B, key, max_new_tokens: int, sampli
     positions_BP = jnp.maximum(slots_T[None, :p] - pad_B[:, None], 0)
 
     layers = each_layer(model.layers)
-    logits_BPV, cache = model.decode(tokens_BP, positions_BP, model.init_cache(b, t), 0, key_valid_BT, layers)
+    logits_B1V, cache = model.decode(tokens_BP, positions_BP, model.init_cache(b, t), 0, key_valid_BT, layers,
+                                     last_only=True)
     key, first_key = jax.random.split(key)
-    token_B = sample_logits(without_padding(logits_BPV[:, -1], vocabulary), first_key, sampling)
+    token_B = sample_logits(without_padding(logits_B1V[:, 0], vocabulary), first_key, sampling)
     out_BN = jnp.zeros((b, max_new_tokens), jnp.int32)
 
     def emit(i, token_B, done_B):
