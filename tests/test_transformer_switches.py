@@ -110,14 +110,19 @@ def test_xla_and_cpu_models_agree_in_logits_and_gradients():
 
 
 def test_kv_cache_decoding_gives_the_full_forward_passs_logits():
-    """A prompt of 6, then one token at a time well past the window: each step's logits are the forward pass's."""
+    """A prompt of 6, then one token at a time well past the window: each step's logits are the forward pass's.
+
+    The prefill's start is known when tracing (as in `jaxgen sample`), so it attends over the
+    written slots alone; every later step's start is traced and attends over the whole buffer.
+    """
     _, model = model_of(*MIXED)
     graphdef, params = nnx.split(model)
     x = tokens(batch=2, length=16)
     positions = jnp.broadcast_to(jnp.arange(16), x.shape)
     key_valid = jnp.ones(x.shape, bool)
     decode = jax.jit(lambda p, t, pos, cache, start: nnx.merge(graphdef, p).decode(t, pos, cache, start, key_valid))
-    logits, cache = decode(params, x[:, :6], positions[:, :6], model.init_cache(2, 16), 0)
+    prefill = jax.jit(lambda p, t, pos, cache: nnx.merge(graphdef, p).decode(t, pos, cache, 0, key_valid))
+    logits, cache = prefill(params, x[:, :6], positions[:, :6], model.init_cache(2, 16))
     stepwise = [logits]
     for t in range(6, 16):
         logits, cache = decode(params, x[:, t:t + 1], positions[:, t:t + 1], cache, t)

@@ -112,12 +112,15 @@ class Attention(nnx.Module):
         v_BKTd = jax.lax.dynamic_update_slice_in_dim(cache[1], v_BLKd.transpose(0, 2, 1, 3).astype(cache[1].dtype),
                                                      start, axis=2)
         l, t = x_BLD.shape[1], k_BKTd.shape[2]
+        # A start known when tracing (a prompt's prefill) sees only the slots written so far: the
+        # rest of the buffer, the room for new tokens, would be scored and masked for nothing.
+        t = t if isinstance(start, jax.Array) else start + l
         slots_L, slots_T = start + jnp.arange(l), jnp.arange(t)
         causal_LT = slots_T[None, :] <= slots_L[:, None]
         if window is not None:  # slots and positions differ by the row's padding alone
             causal_LT = causal_LT & within_window(slots_L, slots_T, window)
-        mask_B1LT = (causal_LT[None] & key_valid_BT[:, None, :])[:, None]
-        out_BLHd = cached_attention(q_BLHd, k_BKTd, v_BKTd, mask_B1LT, scale=self.scale,
+        mask_B1LT = (causal_LT[None] & key_valid_BT[:, None, :t])[:, None]
+        out_BLHd = cached_attention(q_BLHd, k_BKTd[:, :, :t], v_BKTd[:, :, :t], mask_B1LT, scale=self.scale,
                                     softcap=self.cfg.attn_logit_softcap)
         return self.output(out_BLHd), (k_BKTd, v_BKTd)
 
