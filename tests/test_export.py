@@ -228,6 +228,17 @@ def test_kv_cache_generation_equals_full_recomputation():
         assert got == (expected[: expected.index(2)] if 2 in expected else expected)
 
 
+
+def test_streamed_tokens_are_the_returned_ones_one_call_per_token():
+    cfg = tiny_config()
+    graphdef, params = nnx.split(build_model(cfg.model, nnx.Rngs(3)))
+    calls = []
+    got = generate(graphdef, nnx.to_pure_dict(params), [[1, 5, 9], [1, 77]], 6,
+                   Vocabulary(-1, cfg.model.vocab_size), Sampling(temperature=0),
+                   on_token=lambda i, tokens_B, done_B: calls.append((int(i), np.asarray(tokens_B).tolist())))
+    assert [i for i, _ in calls] == list(range(6))
+    assert [[tokens[row] for _, tokens in calls] for row in range(2)] == got
+
 def test_prompts_of_lengths_in_one_bucket_share_one_compiled_decoder():
     cfg = tiny_config()
     graphdef, params = nnx.split(build_model(cfg.model, nnx.Rngs(3)))

@@ -78,11 +78,17 @@ def _decode(graphdef, params, tokens_BP, pad_B, key, max_new_tokens: int, sampli
                                      last_only=True)
     key, first_key = jax.random.split(key)
     token_B = sample_logits(without_padding(logits_B1V[:, 0], vocabulary), first_key, sampling)
-    out_BN = jnp.zeros((b, max_new_tokens), jnp.int32)
 
-    def emit(i, token_B, done_B):
+    def record(i, token_B, out_BN, done_B):
+        """Token i of every row (EOS once a row has ended) into the output, streamed if asked."""
+        token_B = jnp.where(done_B, eos_id, token_B)
         if stream is not None:
             io_callback(stream, None, i, token_B, done_B, ordered=True)
+        return token_B, out_BN.at[:, i].set(token_B), done_B | (token_B == eos_id)
+
+    # The prefill gave token 0; each step feeds the last token back in for the next, so N new
+    # tokens take N - 1 steps (no step computes a token past the last one asked for).
+    token_B, out_BN, done_B = record(0, token_B, jnp.zeros((b, max_new_tokens), jnp.int32), jnp.zeros((b,), bool))
 
     def cond(carry):
         i, _, _, _, done_B, _ = carry
@@ -90,18 +96,15 @@ def _decode(graphdef, params, tokens_BP, pad_B, key, max_new_tokens: int, sampli
 
     def body(carry):
         i, token_B, cache, out_BN, done_B, key = carry
-        token_B = jnp.where(done_B, eos_id, token_B)
-        out_BN = out_BN.at[:, i].set(token_B)
-        emit(i, token_B, done_B)
-        done_B = done_B | (token_B == eos_id)
-        slot = p + i
+        slot = p + i - 1  # where the last token goes
         logits_B1V, cache = model.decode(token_B[:, None], (slot - pad_B)[:, None], cache, slot, key_valid_BT,
                                          layers)
         key, step_key = jax.random.split(key)
         token_B = sample_logits(without_padding(logits_B1V[:, 0], vocabulary), step_key, sampling)
+        token_B, out_BN, done_B = record(i, token_B, out_BN, done_B)
         return i + 1, token_B, cache, out_BN, done_B, key
 
-    start = (jnp.int32(0), token_B, cache, out_BN, jnp.zeros((b,), bool), key)
+    start = (jnp.int32(1), token_B, cache, out_BN, done_B, key)
     _, _, _, out_BN, _, _ = jax.lax.while_loop(cond, body, start)
     return out_BN
 
