@@ -239,6 +239,26 @@ def test_streamed_tokens_are_the_returned_ones_one_call_per_token():
     assert [i for i, _ in calls] == list(range(6))
     assert [[tokens[row] for _, tokens in calls] for row in range(2)] == got
 
+
+def test_n_new_tokens_take_the_prefill_and_n_minus_one_steps(monkeypatch):
+    """No step computes a token past the last one asked for (a 1-token request is the prefill alone)."""
+    from jaxgen.models.transformer import Transformer
+
+    calls, plain = [], Transformer.decode
+
+    def counted(self, *args, **kwargs):
+        jax.debug.callback(lambda: calls.append(1))
+        return plain(self, *args, **kwargs)
+
+    monkeypatch.setattr(Transformer, "decode", counted)
+    cfg = tiny_config("model.n_layers=1")  # a model no other test decodes with: _decode traces afresh
+    graphdef, params = nnx.split(build_model(cfg.model, nnx.Rngs(3)))
+    params, vocabulary = nnx.to_pure_dict(params), Vocabulary(-1, cfg.model.vocab_size)
+    for new_tokens in (1, 5):
+        calls.clear()
+        out = generate(graphdef, params, [[1, 5, 9]], new_tokens, vocabulary, Sampling(temperature=0))
+        assert len(out[0]) == new_tokens and len(calls) == new_tokens
+
 def test_prompts_of_lengths_in_one_bucket_share_one_compiled_decoder():
     cfg = tiny_config()
     graphdef, params = nnx.split(build_model(cfg.model, nnx.Rngs(3)))
