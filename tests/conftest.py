@@ -75,7 +75,7 @@ def tokenizer(tmp_path_factory):
 
 
 # The longest files first (pyproject's --no-loadscope-reorder hands files out in this order): whole
-# files go to each worker, and the README's examples (about 9 of the suite's ~50 minutes) started
+# files go to each worker, and the README's examples (the suite's longest test by far) started
 # last would run alone at the end while the other core waits.
 LONGEST_FIRST = ("test_readme.py", "test_text_to_image.py", "test_launch_processes.py", "test_checkpoint.py",
                  "test_adversarial_cli.py", "test_bidirectional_cli.py")
