@@ -6,6 +6,8 @@ for a dataset that cannot serve the model."""
 import io
 import json
 import shutil
+import tempfile
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -72,8 +74,11 @@ class TinyImages(tfds.core.GeneratorBasedBuilder):
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("tfds")
-    for config in ("png", "tensor", "wide"):
-        TinyImages(data_dir=str(data_dir), config=config, file_format="array_record").download_and_prepare()
+    # tfds makes an empty scratch directory per unprepared builder in the system's temp dir and
+    # never removes it: here it goes under pytest's own temporary directory instead.
+    with mock.patch.object(tempfile, "tempdir", str(tmp_path_factory.mktemp("tfds-scratch"))):
+        for config in ("png", "tensor", "wide"):
+            TinyImages(data_dir=str(data_dir), config=config, file_format="array_record").download_and_prepare()
     return data_dir
 
 
@@ -218,11 +223,18 @@ def test_tfds_batches_resume_exactly_with_mirroring(tfds_dir, workers):
         pipeline.close()
 
 
-def test_tfds_errors_name_the_dataset_and_what_would_be_valid(tfds_dir, tmp_path):
+def test_tfds_errors_name_the_dataset_and_what_would_be_valid(tfds_dir, tmp_path, monkeypatch):
+    temp = tmp_path / "system-temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     with pytest.raises(DataError, match=r"'tiny_imagez/png'.*no such prepared dataset.*tiny_images/png"):
         open_images(tfds_config(tfds_dir, name="tiny_imagez/png"))
     with pytest.raises(DataError, match=r"'mnist'.*no such prepared dataset"):  # known to TFDS, not prepared here
         open_images(tfds_config(tfds_dir, name="mnist"))
+    with pytest.raises(DataError, match=r"'mnist:3.0.1'.*no such prepared dataset"):
+        open_images(tfds_config(tfds_dir, name="mnist:3.0.1"))
+    assert list(temp.iterdir()) == []  # tfds was not asked, so it left no scratch directory behind
+    assert open_images(tfds_config(tfds_dir, name="tiny_images/png:1.0.0")).name == "tiny_images/png:1.0.0"
     with pytest.raises(DataError, match=r"images.tfds_data_dir '.*nowhere' is not a directory"):
         open_images(tfds_config(tmp_path / "nowhere"))
     with pytest.raises(DataError, match=r"images.eval_split.*Unknown split 'validation'.*\['train', 'test'\]"):

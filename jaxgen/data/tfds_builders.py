@@ -33,12 +33,17 @@ def open_builder(key: str, name: str, data_dir: str | None) -> Any:
     root = pathlib.Path(data_dir or tfds.core.constants.get_default_data_dir()).expanduser()
     if data_dir is not None and not root.is_dir():
         raise DataError(f"{key}_data_dir {data_dir!r} is not a directory")
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError:
-        builder = None
+    found = prepared_names(root) if root.is_dir() else []
+    # Looked up before asking tfds: its builder for a dataset that is not prepared makes an empty
+    # directory in the system's temp dir (to fetch metadata from its bucket) and never removes it.
+    base = name.split(":")[0]
+    builder = None
+    if any(prepared == base or prepared.startswith(f"{base}/") for prepared in found):
+        try:
+            builder = tfds.builder(name, data_dir=data_dir)
+        except tfds.core.registered.DatasetNotFoundError:
+            pass
     if builder is None or not builder.is_prepared():
-        found = prepared_names(root) if root.is_dir() else []
         raise DataError(
             f"{description(key, name, data_dir)}: no such prepared dataset (prepared there: {found or 'none'}); "
             f"prepare it first: tfds build {name} --data_dir={root} --file_format=array_record"
