@@ -44,6 +44,7 @@ from typing import Callable
 import jax
 import numpy as np
 
+from jaxgen.allocator import loaded_allocator, use_tcmalloc
 from jaxgen.outputs.export import export_run
 from jaxgen.outputs.runs import open_run
 from jaxgen.tasks.decode import Sampling, Vocabulary, _decode, generate, prompt_bucket
@@ -184,8 +185,9 @@ def main() -> None:
         for batch in (int(b) for b in args.batch_sizes.split(",")):
             records += measure(decoders, batch, args.prompt_len, args.new_tokens, vocab, args.rounds)
         recompiled = recompiles(decode, args.prompt_len, args.new_tokens, vocab)
-        print(json.dumps(summarize(records, recompiled, devices)), flush=True)
+        print(json.dumps({**summarize(records, recompiled, devices), "allocator": loaded_allocator()}), flush=True)
 
 
 if __name__ == "__main__":
+    use_tcmalloc()  # measure the allocator `jaxgen` itself runs on (both contestants share it)
     main()

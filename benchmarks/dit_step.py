@@ -39,6 +39,7 @@ import time
 import jax
 import numpy as np
 
+from jaxgen.allocator import loaded_allocator, use_tcmalloc
 from jaxgen.config import load_config
 from jaxgen.models.dit import flops_per_image
 from jaxgen.sharding import batch_sharding, make_mesh
@@ -175,7 +176,8 @@ def main() -> None:
     cfg = load_config(DIGITS, overrides)
     device, sheet = jax.devices()[0], data_sheet_peak()
     flops = flops_per_image(cfg.model)
-    emit({"device": device.device_kind, "platform": device.platform, "config": args.config, "overrides": overrides,
+    emit({"device": device.device_kind, "platform": device.platform, "allocator": loaded_allocator(),
+          "config": args.config, "overrides": overrides,
           "batch": cfg.data.batch_size, "patches": (cfg.model.image_size // cfg.model.patch_size) ** 2,
           **check_models_agree(cfg), "data_sheet_bf16_tflops": sheet / 1e12 if sheet else None})
 
@@ -211,4 +213,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    use_tcmalloc()  # measure the allocator `jaxgen` itself runs on (both contestants share it)
     main()

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgen.allocator import loaded_allocator, use_tcmalloc
 from jaxgen.config import load_config
 from jaxgen.metrics import KNOWN_PEAK_FLOPS, measure_matmul_peak
 from jaxgen.models.transformer import flops_per_token, param_count
@@ -230,8 +231,8 @@ def main() -> None:
     cfg = load_config(None, overrides)
     device = jax.devices()[0]
     sheet = data_sheet_peak()
-    emit({"device": device.device_kind, "platform": device.platform, "config": args.config,
-          "overrides": overrides, "params": param_count(cfg.model),
+    emit({"device": device.device_kind, "platform": device.platform, "allocator": loaded_allocator(),
+          "config": args.config, "overrides": overrides, "params": param_count(cfg.model),
           "flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len),
           "data_sheet_bf16_tflops": sheet / 1e12 if sheet else None})
 
@@ -304,4 +305,5 @@ def tradeoff(cfg, args) -> None:
 
 
 if __name__ == "__main__":
+    use_tcmalloc()  # measure the allocator `jaxgen` itself runs on (both contestants share it)
     main()

@@ -2,11 +2,19 @@
 
 import sys
 
+from jaxgen.allocator import use_tcmalloc
+from jaxgen.errors import ConfigError, describe
 from jaxgen.interrupts import end_cleanly_on_ctrl_c, exit_interrupted
 
 
 def run() -> None:
-    end_cleanly_on_ctrl_c()  # before the heavy imports: Ctrl-C during them must end cleanly too
+    end_cleanly_on_ctrl_c()  # before anything else: Ctrl-C during the imports must end cleanly too
+    try:
+        use_tcmalloc()  # re-executes the process (and this function) before anything heavy is loaded
+    except ConfigError as err:
+        line, status = describe(err)
+        print(f"jaxgen: {line}", file=sys.stderr, flush=True)
+        sys.exit(status)
     try:
         from jaxgen.cli import main
         from jaxgen.launch import watch_launcher

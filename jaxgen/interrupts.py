@@ -38,6 +38,8 @@ def end_cleanly_on_ctrl_c() -> None:
     """Install the handler (only the main thread can)."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _on_sigint)
+        # Blocked across jaxgen.allocator's re-execution: a Ctrl-C that came meanwhile arrives now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def after_ctrl_c(status: int, line: str) -> None:
