@@ -5,6 +5,7 @@ import json
 import pytest
 from startup import parse_records, run_record, summarize
 
+from jaxgen.allocator import find_tcmalloc
 from jaxgen.config import load_config
 from jaxgen.errors import ConfigError
 
@@ -41,6 +42,7 @@ def test_a_second_run_loads_its_programs_from_the_cache(tmp_path, tokenizer):
     assert second["compilation_cache"]["hits"] >= first["compilation_cache"]["writes"]
     assert second["compilation_cache"]["writes"] == 0  # every program the run compiled was there
     assert second["peak_source"] in ("measured", "cache", "achieved") and second["mfu_median"] <= 1
+    assert second["allocator"] == ("tcmalloc" if find_tcmalloc() else "system")  # what `jaxgen` re-executed on
     phases = second["startup_s"]
     assert list(phases)[-2:] == ["first_step", "total"] and {"imports", "data", "state", "compile"} <= set(phases)
     assert phases["total"] == pytest.approx(sum(v for k, v in phases.items() if k != "total"), abs=0.01)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from jaxgen import __version__
+from jaxgen.allocator import loaded_allocator
 from jaxgen.checkpoint import Checkpointer, checkpoint_dir, restore_subtree
 from jaxgen.config import Config
 from jaxgen.data.lockstep import next_in_lockstep
@@ -233,7 +234,7 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
         "nonfinite_steps": int(progress.state.nonfinite_steps),
         f"{task.unit}_per_s_median": rates["units_per_s"], "mfu_median": rates["mfu"],
         "peak_flops": peak.flops, "peak_source": peak.source, **({"mfu_note": peak.note} if peak.note else {}),
-        "compile_s": compile_s, "startup_s": clock.phases(),
+        "allocator": loaded_allocator(), "compile_s": compile_s, "startup_s": clock.phases(),
     }
     if cache_dir is not None:  # what this process's compilations found in, and wrote to, the persistent cache
         summary["compilation_cache"] = {"dir": cache_dir, **{name: cache_events[name] for name in ("hits", "writes")}}
