@@ -16,6 +16,7 @@ from jaxgen.data.image_batches import held_out_batches, image_set, train_batches
 from jaxgen.data.images import make_shapes, open_images
 from jaxgen.data.pipeline import merged_position
 from jaxgen.data.splits import Shard
+from jaxgen.data.tfds_builders import might_be_prepared
 from jaxgen.errors import ConfigError, DataError
 
 from helpers import DIT_CONFIG, as_tfrecord_dataset, assert_same_batches, jaxgen_cli, take, tiny_dit_config
@@ -221,6 +222,15 @@ def test_tfds_batches_resume_exactly_with_mirroring(tfds_dir, workers):
     assert_same_batches(take(resumed, 6), expected)
     for pipeline in (batches, resumed):
         pipeline.close()
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("mnist", True), ("mnist:3.0.1", True), ("mnist:3.*.*", True), ("tiny_images", True),
+    ("tiny_images/png:1.0.0", True), ("mnistx", False), ("tiny_imagez/png", False), ("cifar10:3.0.2", False),
+    ("huggingface:cifar10", True),  # a community namespace: tfds alone knows where it keeps those
+])
+def test_only_a_name_among_the_prepared_ones_is_handed_to_tfds(name, expected):
+    assert might_be_prepared(name, ["mnist", "tiny_images/png"]) is expected
 
 
 def test_tfds_errors_name_the_dataset_and_what_would_be_valid(tfds_dir, tmp_path, monkeypatch):

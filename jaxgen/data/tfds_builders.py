@@ -9,6 +9,7 @@ key and what would be valid, raised before any device work.
 from __future__ import annotations
 
 import pathlib
+import re
 from typing import Any
 
 from jaxgen.data.pipeline import RandomAccessSource
@@ -26,6 +27,20 @@ def prepared_names(data_dir: pathlib.Path) -> list[str]:
     return sorted({str(info.parent.parent.relative_to(data_dir)) for info in infos})
 
 
+def might_be_prepared(name: str, found: list[str]) -> bool:
+    """Whether `name` ([namespace:]dataset[/config][:version]) can be among the `found` prepared names.
+
+    Checked before asking tfds: its builder for a dataset that is not prepared makes an empty
+    directory in the system's temp dir (to fetch metadata from its bucket) and never removes it.
+    """
+    dataset, _, version = name.rpartition(":")
+    if not dataset or not re.fullmatch(r"[\d.*]+", version):
+        dataset = name  # no version given
+    if ":" in dataset:  # a community namespace: where tfds keeps those is for tfds to say
+        return True
+    return any(prepared == dataset or prepared.startswith(f"{dataset}/") for prepared in found)
+
+
 def open_builder(key: str, name: str, data_dir: str | None) -> Any:
     """The `tfds` builder of a prepared dataset; `key` is the config key that named it (e.g. data.tfds)."""
     import tensorflow_datasets as tfds
@@ -34,11 +49,8 @@ def open_builder(key: str, name: str, data_dir: str | None) -> Any:
     if data_dir is not None and not root.is_dir():
         raise DataError(f"{key}_data_dir {data_dir!r} is not a directory")
     found = prepared_names(root) if root.is_dir() else []
-    # Looked up before asking tfds: its builder for a dataset that is not prepared makes an empty
-    # directory in the system's temp dir (to fetch metadata from its bucket) and never removes it.
-    base = name.split(":")[0]
     builder = None
-    if any(prepared == base or prepared.startswith(f"{base}/") for prepared in found):
+    if might_be_prepared(name, found):
         try:
             builder = tfds.builder(name, data_dir=data_dir)
         except tfds.core.registered.DatasetNotFoundError:
