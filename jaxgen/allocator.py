@@ -11,7 +11,8 @@ and signal handling, so job schedulers see no difference.
 JAXGEN_ALLOCATOR chooses: `auto` (the default: tcmalloc when installed, else the system's),
 `tcmalloc` (required: an error names the package when it is missing) or `system` (never re-execute).
 A process that already preloads tcmalloc or jemalloc (set by hand, or inherited from a jaxgen
-parent such as `jaxgen launch local`) keeps what it has. Only the standard library is used here.
+parent such as `jaxgen launch local`) keeps what it has. Nothing beyond the standard library and
+jaxgen.errors is imported here: this runs before every other import of the command.
 """
 
 from __future__ import annotations
