@@ -41,10 +41,18 @@ import tempfile
 import time
 from typing import Callable
 
+if __name__ == "__main__":  # before jax or torch is loaded, as in the `jaxgen` command: Ctrl-C ends
+    # the run with one line, and the script re-executes on tcmalloc (both contestants share it)
+    from jaxgen.allocator import use_tcmalloc
+    from jaxgen.interrupts import end_cleanly_on_ctrl_c
+
+    end_cleanly_on_ctrl_c()
+    use_tcmalloc()
+
 import jax
 import numpy as np
 
-from jaxgen.allocator import loaded_allocator, use_tcmalloc
+from jaxgen.allocator import loaded_allocator
 from jaxgen.outputs.export import export_run
 from jaxgen.outputs.runs import open_run
 from jaxgen.tasks.decode import Sampling, Vocabulary, _decode, generate, prompt_bucket
@@ -189,5 +197,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    use_tcmalloc()  # measure the allocator `jaxgen` itself runs on (both contestants share it)
     main()

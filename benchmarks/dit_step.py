@@ -36,10 +36,18 @@ import argparse
 import pathlib
 import time
 
+if __name__ == "__main__":  # before jax or torch is loaded, as in the `jaxgen` command: Ctrl-C ends
+    # the run with one line, and the script re-executes on tcmalloc (both contestants share it)
+    from jaxgen.allocator import use_tcmalloc
+    from jaxgen.interrupts import end_cleanly_on_ctrl_c
+
+    end_cleanly_on_ctrl_c()
+    use_tcmalloc()
+
 import jax
 import numpy as np
 
-from jaxgen.allocator import loaded_allocator, use_tcmalloc
+from jaxgen.allocator import loaded_allocator
 from jaxgen.config import load_config
 from jaxgen.models.dit import flops_per_image
 from jaxgen.sharding import batch_sharding, make_mesh
@@ -213,5 +221,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    use_tcmalloc()  # measure the allocator `jaxgen` itself runs on (both contestants share it)
     main()

@@ -40,11 +40,19 @@ import statistics
 import time
 from typing import Callable
 
+if __name__ == "__main__":  # before jax or torch is loaded, as in the `jaxgen` command: Ctrl-C ends
+    # the run with one line, and the script re-executes on tcmalloc (both contestants share it)
+    from jaxgen.allocator import use_tcmalloc
+    from jaxgen.interrupts import end_cleanly_on_ctrl_c
+
+    end_cleanly_on_ctrl_c()
+    use_tcmalloc()
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen.allocator import loaded_allocator, use_tcmalloc
+from jaxgen.allocator import loaded_allocator
 from jaxgen.config import load_config
 from jaxgen.metrics import KNOWN_PEAK_FLOPS, measure_matmul_peak
 from jaxgen.models.transformer import flops_per_token, param_count
@@ -305,5 +313,4 @@ def tradeoff(cfg, args) -> None:
 
 
 if __name__ == "__main__":
-    use_tcmalloc()  # measure the allocator `jaxgen` itself runs on (both contestants share it)
     main()

@@ -31,6 +31,8 @@ LIBRARIES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
 LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
                 "/usr/local/lib")
 ALREADY_PRELOADED = ("tcmalloc", "jemalloc")
+# Set across the re-execution, while SIGINT is blocked; the new image removes it and unblocks.
+HELD = "JAXGEN_CTRL_C_HELD"
 # gperftools prints a line with a stack trace for every allocation above 1 GiB by default; a large
 # model's parameters and optimizer state are such allocations, and expected.
 QUIET = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(2**62)}
@@ -66,17 +68,21 @@ def preloading_environment(env: Mapping[str, str], library: str | None, platform
 def use_tcmalloc() -> None:
     """Re-execute this process with tcmalloc preloaded when JAXGEN_ALLOCATOR and the system allow it.
 
-    Returns only when the process keeps its allocator (or the re-execution itself failed).
+    Returns only when the process keeps its allocator (or the re-execution itself failed). Call it
+    after installing the process's Ctrl-C handler (Python's default will do): a Ctrl-C held across
+    the re-execution is released to that handler when this returns in the new image.
     """
+    if os.environ.pop(HELD, None) is not None:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     env = preloading_environment(os.environ, find_tcmalloc(), sys.platform)
     if env is None:
         return
-    # A Ctrl-C between the exec and the new image's handler (jaxgen.interrupts) would meet Python's
-    # default one and print a traceback: blocked, it waits (the mask survives exec) until that
-    # handler is installed and unblocks it.
+    # A Ctrl-C while the new image starts up would end it before its handler is installed, or with
+    # a traceback: blocked, it waits (the mask survives exec) until the new image gets back here,
+    # its handler installed again, and unblocks it.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**env, HELD: "1"})
     except OSError:  # e.g. the interpreter was removed while running: go on with the system allocator
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 

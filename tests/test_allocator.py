@@ -90,6 +90,35 @@ def test_jaxgen_runs_on_tcmalloc_unless_told_to_keep_the_system_allocator(tmp_pa
     assert "tcmalloc" not in libraries_once_jax_is_loaded("system", tmp_path / "system")
 
 
+SCRIPT_THAT_WAITS_FOR_CTRL_C = """
+import os, sys, time
+from jaxgen.allocator import HELD, loaded_allocator, use_tcmalloc
+use_tcmalloc()
+print(loaded_allocator(), HELD in os.environ, flush=True)
+try:
+    time.sleep(60)
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+@pytest.mark.skipif(find_tcmalloc() is None or sys.platform != "linux",
+                    reason="tcmalloc is not installed (apt-get install libtcmalloc-minimal4)")
+def test_a_script_that_re_executes_itself_still_stops_on_ctrl_c(tmp_path):
+    """As the benchmarks do, with Python's own handler: Ctrl-C is blocked across the exec, and released after it."""
+    script = tmp_path / "waits.py"
+    script.write_text(SCRIPT_THAT_WAITS_FOR_CTRL_C)
+    process = subprocess.Popen([sys.executable, str(script)], cwd=REPO, env={**cli_env(), "JAXGEN_ALLOCATOR": "auto"},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline() == "tcmalloc False\n"  # re-executed, and the marker not passed on
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=20) == 130
+    finally:
+        process.kill()
+        process.communicate()
+
+
 def test_the_allocator_a_process_runs_on_is_read_from_its_mapped_libraries():
     line = "7f00-7f10 r-xp 00000000 fe:00 12 /usr/lib/x86_64-linux-gnu/{}\n"
     assert loaded_allocator(line.format("libtcmalloc_minimal.so.4.5.10")) == "tcmalloc"
