@@ -94,8 +94,8 @@ SCRIPT_THAT_WAITS_FOR_CTRL_C = """
 import os, sys, time
 from jaxgen.allocator import HELD, loaded_allocator, use_tcmalloc
 use_tcmalloc()
-print(loaded_allocator(), HELD in os.environ, flush=True)
-try:
+try:  # the Ctrl-C may come as soon as the line is out
+    print(loaded_allocator(), HELD in os.environ, flush=True)
     time.sleep(60)
 except KeyboardInterrupt:
     sys.exit(130)
