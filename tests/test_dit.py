@@ -74,6 +74,30 @@ def test_scan_and_remat_do_not_change_the_function():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g0, g1)
 
 
+
+def test_attention_in_batch_slices_computes_each_image_as_alone():
+    """On CPU an even batch's attention runs as two interleaved batch slices: each image's output and
+    gradient must be what that image gives in a batch of its own (odd: one slice)."""
+    batch, cfg = digit_batch(tiny_dit_config(), 4), tiny_dit_config().model
+    graphdef, params = nnx.split(build_model(cfg, nnx.Rngs(0)))
+    params = jax.tree.map(lambda p: p + 0.02, params)  # past the zero-initialised output layer
+    images, labels = jnp.asarray(batch["images"]), jnp.asarray(batch["labels"])
+    t = jnp.array([1.0, 200.0, 500.0, 900.0])
+    weights = jnp.array([1.0, -2.0, 3.0, 0.5])  # a swapped pair of images would change the loss
+
+    def output_and_grad(rows):
+        def loss(p):
+            out = nnx.merge(graphdef, p)(images[rows], t[rows], labels[rows])
+            return jnp.sum(weights[rows, None, None, None] * out**2), out
+        (_, out), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        return out, grad
+
+    together, grad = output_and_grad(np.arange(4))
+    alone = [output_and_grad(np.array([i])) for i in range(4)]
+    np.testing.assert_allclose(together, jnp.concatenate([out for out, _ in alone]), rtol=1e-5, atol=1e-6)
+    summed = jax.tree.map(lambda *g: sum(g), *[g for _, g in alone])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grad, summed)
+
 # ----------------------------------------------------------------------------- sharded step
 
 STEPS = 3

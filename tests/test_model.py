@@ -115,6 +115,7 @@ def test_auto_batch_slices_follow_the_per_device_batch(devices):
     from jaxgen.sharding import activation_rules, make_mesh, resolve_rules
 
     assert resolve_batch_slices("auto", 32) == 4  # CPU, no mesh
+    assert [resolve_batch_slices("auto", b, auto=(2, 1)) for b in (8, 3)] == [2, 1]  # the DiT's attention
     mesh = make_mesh(MeshConfig(data=8, fsdp=1, tensor=1), devices)
     with activation_rules(mesh, resolve_rules("dp")):
         assert [resolve_batch_slices("auto", b) for b in (64, 16, 8)] == [4, 2, 1]

@@ -236,19 +236,20 @@ def _row_major(a: jax.Array) -> jax.Array:
     return jax.lax.optimization_barrier(a[..., None])[..., 0]
 
 
-def resolve_batch_slices(setting: int | str, batch: int) -> int:
+def resolve_batch_slices(setting: int | str, batch: int, auto: tuple[int, ...] = (4, 2, 1)) -> int:
     """The number of independent batch slices each layer runs (`model.batch_slices`).
 
     One layer's matmuls depend on each other, so XLA:CPU runs each GEMM on one core while
-    the other often waits; independent slices give it a second chain of GEMMs. GPUs and
-    TPUs get 1: slicing would only shrink their matmuls.
+    the other often waits; independent slices give it a second chain of GEMMs. "auto" is
+    the first of `auto` that divides the per-device batch on CPU; GPUs and TPUs get 1:
+    slicing would only shrink their matmuls.
     """
     shards, platform = activation_shards("act_batch")
     per_device = batch // shards
     if setting == "auto":
         if (platform or jax.default_backend()) != "cpu":
             return 1
-        return next(n for n in (4, 2, 1) if per_device % n == 0)
+        return next((n for n in auto if per_device % n == 0), 1)
     if per_device % setting:
         raise ValueError(f"model.batch_slices={setting} does not divide the per-device batch {per_device} "
                          f"(batch {batch} over {shards} devices); use a divisor of it or auto")

@@ -30,7 +30,8 @@ from flax import nnx
 
 from jaxgen.config import DiTConfig
 from jaxgen.config_conditioning import ConditioningConfig
-from jaxgen.models.layers import Dtypes, Linear, dot_product_attention, run_stacked
+from jaxgen.models.cpu_kernels import resolve_batch_slices
+from jaxgen.models.layers import Dtypes, Linear, dot_product_attention, merge_batch, run_stacked, split_batch
 from jaxgen.models.text_conditioning import TextConditioner
 from jaxgen.sharding import constrain
 
@@ -120,7 +121,13 @@ class Block(nnx.Module):
             constrain(qkv[:, :, i], ("act_batch", "act_length", "act_heads", None)).astype(self.compute_dtype)
             for i in range(3)
         )
-        out_BNAd = dot_product_attention(q_BNAd, k_BNAd, v_BNAd, is_causal=False, implementation=cfg.attention)
+        # On CPU, two independent batch slices: XLA:CPU runs a batched attention product on about
+        # one core's worth, so a second slice's products keep the other core busy (docs/performance.md).
+        slices = resolve_batch_slices("auto", b, auto=(2, 1))
+        out_BNAd = merge_batch(tuple(
+            dot_product_attention(q, k, v, is_causal=False, implementation=cfg.attention)
+            for q, k, v in zip(split_batch(q_BNAd, slices), split_batch(k_BNAd, slices), split_batch(v_BNAd, slices))
+        ))
         return self.wo(out_BNAd.reshape(b, n, d))
 
     def cross_attention(self, x_BND: jax.Array, context_BLD: jax.Array, mask_BL: jax.Array) -> jax.Array:
