@@ -36,13 +36,10 @@ import argparse
 import pathlib
 import time
 
-if __name__ == "__main__":  # before jax or torch is loaded, as in the `jaxgen` command: Ctrl-C ends
-    # the run with one line, and the script re-executes on tcmalloc (both contestants share it)
-    from jaxgen.allocator import use_tcmalloc
-    from jaxgen.interrupts import end_cleanly_on_ctrl_c
+if __name__ == "__main__":  # before jax or torch is loaded, as `jaxgen` starts: Ctrl-C ends the run with
+    from jaxgen.__main__ import start_cleanly  # one line, and both contestants run on tcmalloc
 
-    end_cleanly_on_ctrl_c()
-    use_tcmalloc()
+    start_cleanly()
 
 import jax
 import numpy as np

@@ -7,14 +7,19 @@ from jaxgen.errors import ConfigError, describe
 from jaxgen.interrupts import end_cleanly_on_ctrl_c, exit_interrupted
 
 
-def run() -> None:
+def start_cleanly() -> None:
+    """The first lines of `jaxgen` and of the benchmarks, before anything heavy is imported."""
     end_cleanly_on_ctrl_c()  # before anything else: Ctrl-C during the imports must end cleanly too
     try:
-        use_tcmalloc()  # re-executes the process (and this function) before anything heavy is loaded
+        use_tcmalloc()  # re-executes the process (and its caller) on tcmalloc where installed
     except ConfigError as err:
         line, status = describe(err)
         print(f"jaxgen: {line}", file=sys.stderr, flush=True)
         sys.exit(status)
+
+
+def run() -> None:
+    start_cleanly()
     try:
         from jaxgen.cli import main
         from jaxgen.launch import watch_launcher

@@ -57,8 +57,9 @@ def test_the_library_is_looked_for_in_order(tmp_path):
     assert find_tcmalloc((str(tmp_path / "nowhere"),)) is None
 
 
-def test_a_bad_jaxgen_allocator_stops_the_command_with_one_line():
-    result = subprocess.run([sys.executable, "-m", "jaxgen", "train"], cwd=REPO, capture_output=True, text=True,
+@pytest.mark.parametrize("command", [["-m", "jaxgen", "train"], ["benchmarks/dit_step.py", "--config", "digits"]])
+def test_a_bad_jaxgen_allocator_stops_the_command_with_one_line(command):
+    result = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True,
                             env={**cli_env(), "JAXGEN_ALLOCATOR": "glibc"}, timeout=60)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == "jaxgen: error: JAXGEN_ALLOCATOR='glibc' is not one of auto, tcmalloc, system\n"

@@ -74,7 +74,6 @@ def test_scan_and_remat_do_not_change_the_function():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g0, g1)
 
 
-
 def test_attention_in_batch_slices_computes_each_image_as_alone():
     """On CPU an even batch's attention runs as two interleaved batch slices: each image's output and
     gradient must be what that image gives in a batch of its own (odd: one slice)."""
@@ -97,6 +96,7 @@ def test_attention_in_batch_slices_computes_each_image_as_alone():
     np.testing.assert_allclose(together, jnp.concatenate([out for out, _ in alone]), rtol=1e-5, atol=1e-6)
     summed = jax.tree.map(lambda *g: sum(g), *[g for _, g in alone])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grad, summed)
+
 
 # ----------------------------------------------------------------------------- sharded step
 
