@@ -5,8 +5,9 @@ Two liberties, both visible here: repository paths (`configs/...`,
 directory, and training examples get `train.steps=2` appended (overrides may
 go anywhere after the command), so that a four-minute example takes seconds;
 an example that sets `train.steps` itself keeps its own. The synthetic shapes
-set is made with at most 640 scenes, and `jaxgen eval` of a text-to-image run scores
-16 quality images (`images.quality_images=16`) for the same reason. Only where
+set is made with at most 640 scenes, and sample quality at the end of a diffusion or GAN
+training example and in `jaxgen eval` of a text-to-image run is scored on 16 images
+(`images.quality_images=16`) for the same reason. Only where
 Fashion-MNIST is not installed (CI machines): the configs reading it get a small
 IDX dataset written here instead. A line ending in a backslash continues on the
 next, as in a shell. The set-up commands (`pip install ...`) are
@@ -26,6 +27,8 @@ EXAMPLE = re.compile(r"^    (jaxgen .*)$", re.M)
 
 
 SHAPES_COUNT = 640
+# Configs whose training ends by scoring samples drawn for held-out images (diffusion, GANs).
+SAMPLING_CONFIGS = ("dit_digits.yaml", "gan_fashion.yaml", "t2i_shapes.yaml")
 
 
 def readme_examples() -> list[list[str]]:
@@ -57,7 +60,8 @@ def as_run_here(args: list[str], fashion_mnist: pathlib.Path = FASHION_MNIST) ->
     if args[:3] == ["data", "synth", "shapes"] and "--count" in args:
         at = args.index("--count") + 1
         args[at] = str(min(int(args[at]), SHAPES_COUNT))
-    if args[0] == "eval" and "runs/t2i_" in " ".join(args):
+    samples_to_score = trains and any(a.endswith(SAMPLING_CONFIGS) for a in args)
+    if samples_to_score or (args[0] == "eval" and "runs/t2i_" in " ".join(args)):
         args.append("images.quality_images=16")
     return args
 
