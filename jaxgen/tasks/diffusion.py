@@ -25,6 +25,7 @@ import numpy as np
 
 from jaxgen.config import Config, with_overrides
 from jaxgen.data.image_data import ImageData, build_image_data
+from jaxgen.data.images import ImageSet
 from jaxgen.diffusion.grid import image_grid, save_png
 from jaxgen.diffusion.objectives import make_objective
 from jaxgen.diffusion.samplers import make_sampler
@@ -174,14 +175,21 @@ class DiffusionTask:
             summary.update(self.quality(weights, data, d.guidance_scale))
         return summary
 
-    def quality(self, weights: Weights, data: ImageData, scale: float) -> dict:
+    def real_images(self, weights: Weights, data: ImageData) -> tuple[ImageSet, ImageSet]:
+        """(held-out, train) images sample quality compares with; for cached latents, what the autoencoder makes
+        of them (decoding a whole split: done once per evaluation, whatever the number of guidance scales)."""
+        held_out, train_set = quality_images(self.cfg, data.held_out), data.train_set
+        if self.latents is not None and self.latents.cached:
+            held_out, train_set = self.latents.pixel_set(weights, held_out), self.latents.pixel_set(weights, train_set)
+        return held_out, train_set
+
+    def quality(self, weights: Weights, data: ImageData, scale: float,
+                real: tuple[ImageSet, ImageSet] | None = None) -> dict:
         """Sample quality: one sample per held-out image, for its label (caption), in a classifier's features;
-        for captions of the synthetic shapes, prompt adherence beside shuffled prompts."""
+        for captions of the synthetic shapes, prompt adherence beside shuffled prompts. `real`: `real_images`."""
         from jaxgen.diffusion.quality import sample_quality
 
-        held_out, train_set = quality_images(self.cfg, data.held_out), data.train_set
-        if self.latents is not None and self.latents.cached:  # real images are what the autoencoder makes of them
-            held_out, train_set = self.latents.pixel_set(weights, held_out), self.latents.pixel_set(weights, train_set)
+        held_out, train_set = real or self.real_images(weights, data)
         requests = (list(data.source.part_captions["eval"][:len(held_out)]) if self.text
                     else held_out.labels.tolist())
         samples = self.draw(weights, self.conditions.requested(weights, requests), seed=1, scale=scale)
@@ -197,7 +205,8 @@ class DiffusionTask:
         quality and adherence at each scale of `diffusion.eval_guidance_scales`, with a plot."""
         configured = self.cfg.diffusion.guidance_scale
         scales = list(dict.fromkeys(self.cfg.diffusion.eval_guidance_scales)) if self.text else []
-        reports = {scale: self.quality(weights, data, scale) for scale in dict.fromkeys([configured, *scales])}
+        real = self.real_images(weights, data)
+        reports = {scale: self.quality(weights, data, scale, real) for scale in dict.fromkeys([configured, *scales])}
         result = {"eval_loss": loss_sum / max(weight_sum, 1.0), **reports[configured]}
         if scales:
             result["guidance_sweep"] = [reports[scale] for scale in scales]
