@@ -8,12 +8,6 @@ any other. A changed element changes its term through a bijective mixer, so any
 single damaged word is always caught, and any other damage escapes both hashes
 with probability about 2^-64.
 
-Small, fully replicated leaves (norm scales, biases, counters: most of the leaves of a
-convolutional model and its optimizer state) are digested together, one pass over
-their concatenated words with per-leaf sums, so that a state of hundreds of leaves
-traces and compiles as one reduction rather than hundreds. The figures are the
-same as leaf by leaf.
-
 `json_digest` covers the small JSON items saved beside the arrays.
 """
 
@@ -66,44 +60,6 @@ def _digests(leaves: list[jax.Array]) -> list[tuple[jax.Array, jax.Array]]:
     return [_array_digest(x) for x in leaves]
 
 
-# Exponent bits of the float formats that pack: all of them set means infinity or NaN.
-_NONFINITE_BITS = {jnp.dtype(jnp.float32): 0x7F800000, jnp.dtype(jnp.bfloat16): 0x7F80, jnp.dtype(jnp.float16): 0x7C00}
-PACKED_LEAF_BYTES = 1 << 20  # bigger leaves keep a pass of their own rather than being copied into the pack
-
-
-def _packs(leaf: Any) -> bool:
-    """Whether `leaf` is digested in the pack: small, one word per element, on every device whole."""
-    if not isinstance(leaf, jax.Array) or leaf.nbytes > PACKED_LEAF_BYTES or not leaf.sharding.is_fully_replicated:
-        return False
-    dtype = jnp.dtype(leaf.dtype)
-    exact = jnp.issubdtype(dtype, jnp.integer) or dtype == jnp.bool_
-    return dtype in _NONFINITE_BITS or (exact and dtype.itemsize <= 4)
-
-
-@jax.jit
-def _packed_digests(leaves: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """(uint32[n, 2] hashes, bool[n] all-finite) of n one-word-per-element leaves, equal to `_array_digest`'s.
-
-    Every leaf's words go into one vector; each word's leaf (`owner`) and its position within
-    that leaf are rebuilt on the device from the leaves' offsets, and the per-word terms are
-    summed per leaf (uint32 sums wrap the same in any order).
-    """
-    words = [_words(x) for x in leaves]
-    sizes = np.array([w.size for w in words])
-    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    total, n = int(sizes.sum()), len(words)
-    starts = jnp.zeros(total, jnp.uint32).at[offsets[1:]].add(1, indices_are_sorted=True, unique_indices=True)
-    owner = jnp.cumsum(starts, dtype=jnp.uint32).astype(jnp.int32)
-    position = jnp.arange(total, dtype=jnp.uint32) - jnp.asarray(offsets, jnp.uint32)[owner]
-    flat = jnp.concatenate(words)
-    lanes = [jax.ops.segment_sum(_mix(flat + position * jnp.uint32(step), mul), owner, n, indices_are_sorted=True)
-             for step, mul in _LANES]
-    masks = jnp.asarray([_NONFINITE_BITS.get(jnp.dtype(x.dtype), 0) for x in leaves], jnp.uint32)[owner]
-    nonfinite = ((flat & masks) == masks) & (masks != 0)
-    finite = jax.ops.segment_max(nonfinite.astype(jnp.int32), owner, n, indices_are_sorted=True) <= 0
-    return jnp.stack(lanes, axis=1), finite
-
-
 def _path_name(path) -> str:
     """'params/layers/attn/wq/kernel', 'opt_state/0/mu/embed': a leaf's place in the tree."""
     return jax.tree_util.keystr(path, simple=True, separator="/")
@@ -122,21 +78,12 @@ def start_tree_digest(tree: Any) -> Callable[[], dict[str, dict]]:
     for name, leaf in named:
         devices = frozenset(leaf.sharding.device_set) if isinstance(leaf, jax.Array) else frozenset()
         groups.setdefault(devices, []).append((name, leaf))
-    queued = []
-    for members in groups.values():
-        packed = [(name, leaf) for name, leaf in members if _packs(leaf)]
-        alone = [(name, leaf) for name, leaf in members if not _packs(leaf)]
-        if packed:
-            queued.append((packed, _packed_digests([leaf for _, leaf in packed]), True))
-        if alone:
-            queued.append((alone, _digests([leaf for _, leaf in alone]), False))
+    queued = [(members, _digests([leaf for _, leaf in members])) for members in groups.values()]
 
     def result() -> dict[str, dict]:
         digests = {}
-        for members, outputs, is_packed in queued:
-            outputs = _host(outputs)
-            per_leaf = zip(*outputs) if is_packed else outputs  # packed: (hashes [n, 2], finite [n])
-            for (name, _), (hashes, finite) in zip(members, per_leaf):
+        for members, outputs in queued:
+            for (name, _), (hashes, finite) in zip(members, _host(outputs)):
                 digests[name] = {"hash": [int(h) for h in hashes], "finite": bool(finite)}
         return {name: digests[name] for name, _ in named}
 
