@@ -172,7 +172,7 @@ class DiffusionTask:
         if jax.process_index() != 0:  # every process sampled (params are sharded); one scores
             return summary
         if step is None and d.quality_eval:
-            summary.update(self.quality(weights, data, d.guidance_scale))
+            summary.update(self.quality(weights, data, d.guidance_scale, self.real_images(weights, data)))
         return summary
 
     def real_images(self, weights: Weights, data: ImageData) -> tuple[ImageSet, ImageSet]:
@@ -183,13 +183,12 @@ class DiffusionTask:
             held_out, train_set = self.latents.pixel_set(weights, held_out), self.latents.pixel_set(weights, train_set)
         return held_out, train_set
 
-    def quality(self, weights: Weights, data: ImageData, scale: float,
-                real: tuple[ImageSet, ImageSet] | None = None) -> dict:
+    def quality(self, weights: Weights, data: ImageData, scale: float, real: tuple[ImageSet, ImageSet]) -> dict:
         """Sample quality: one sample per held-out image, for its label (caption), in a classifier's features;
-        for captions of the synthetic shapes, prompt adherence beside shuffled prompts. `real`: `real_images`."""
+        for captions of the synthetic shapes, prompt adherence beside shuffled prompts. `real`: what `real_images` gives."""
         from jaxgen.diffusion.quality import sample_quality
 
-        held_out, train_set = real or self.real_images(weights, data)
+        held_out, train_set = real
         requests = (list(data.source.part_captions["eval"][:len(held_out)]) if self.text
                     else held_out.labels.tolist())
         samples = self.draw(weights, self.conditions.requested(weights, requests), seed=1, scale=scale)
