@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 from jaxgen.checkpoint import Checkpointer, DamagedCheckpoint, committed_steps, restore_subtree
 from jaxgen.config import CheckpointConfig
 from jaxgen.errors import CheckpointError, NonFiniteError
-from jaxgen.integrity import all_finite, differing, tree_digest
+from jaxgen.integrity import _digests, _packs, all_finite, differing, tree_digest
 from jaxgen.metrics import MetricsWriter, read_metrics
 
 from helpers import flip_bytes
@@ -64,6 +64,31 @@ def test_finite_flags_and_all_finite():
     assert all(d["finite"] for d in tree_digest(good).values())
     assert tree_digest(bad)["a"]["finite"] is False and tree_digest(bad)["n"]["finite"] is True
     assert bool(all_finite(good)) and not bool(all_finite(bad)) and bool(all_finite({"n": jnp.arange(2)}))
+
+
+def test_small_leaves_digested_together_give_the_figures_of_one_leaf_at_a_time(mesh):
+    """Small replicated leaves of every packable dtype, with infinities and NaNs, beside leaves that keep a pass
+    of their own (big, sharded, 64-bit-free key data): each digest equals the leaf-by-leaf computation's."""
+    rng = np.random.default_rng(1)
+    dtypes = [jnp.float32, jnp.bfloat16, jnp.float16, jnp.int32, jnp.uint8, jnp.int8, jnp.bool_]
+    tree = {}
+    for i in range(40):
+        x = rng.standard_normal((1 + i % 5, 2 + i % 3)) * 300
+        x.flat[i % x.size] = [np.inf, -np.inf, np.nan, 1.0][i % 4]
+        tree[f"small{i}"] = jnp.asarray(x > 0) if dtypes[i % 7] == jnp.bool_ else jnp.asarray(x).astype(dtypes[i % 7])
+    rows = jnp.asarray(rng.standard_normal((3, 300)), jnp.float32).at[2, 299].set(jnp.inf)  # several rows of the pack
+    tree |= {"scalar": jnp.float32(3.0), "big": jnp.ones((600, 600)), "key": jax.random.PRNGKey(1),
+             "empty": jnp.zeros((0, 3)), "rows": rows,
+             "sharded": jax.device_put(jnp.arange(64.0).reshape(8, 8), NamedSharding(mesh, P("data", "fsdp")))}
+    assert sum(_packs(x) for x in tree.values()) == 44  # the small ones, the scalar, the key, empty and rows
+    names = list(tree)
+    one_at_a_time = jax.device_get(_digests([tree[name] for name in names]))
+    expected = {name: {"hash": [int(h) for h in hashes], "finite": bool(finite)}
+                for name, (hashes, finite) in zip(names, one_at_a_time)}
+    assert tree_digest(tree) == expected
+    assert [name for name, d in expected.items() if not d["finite"]] == [
+        f"small{i}" for i in range(40) if i % 4 < 3 and dtypes[i % 7] in (jnp.float32, jnp.bfloat16, jnp.float16)
+    ] + ["rows"]
 
 
 # ----------------------------------------------------------------------------- damage and fallback
