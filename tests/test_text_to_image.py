@@ -133,9 +133,9 @@ def test_cached_and_on_the_fly_latents_give_the_same_loss(world):
     assert cached_w == fly_w and cached_loss == pytest.approx(fly_loss, rel=1e-5)
 
 
-def test_an_evaluation_over_guidance_scales_decodes_the_real_latents_once(world, monkeypatch):
-    """The real images sample quality compares with (cached latents decoded through the autoencoder) are made
-    once per evaluation, not once per guidance scale: a split of real data can be large."""
+def test_evaluations_over_guidance_scales_decode_the_real_latents_once(world, monkeypatch):
+    """The real images sample quality compares with (cached latents decoded through the frozen autoencoder) are
+    made once, not once per guidance scale or per evaluation: a split of real data can be large."""
     cfg = t2i_config(world, "mesh.data=1", "diffusion.eval_guidance_scales=[1.0,3.0,5.0]")
     training = build_training(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
     task = training.task
@@ -143,8 +143,10 @@ def test_an_evaluation_over_guidance_scales_decodes_the_real_latents_once(world,
     decoded = []
     pixel_set = task.latents.pixel_set
     monkeypatch.setattr(task.latents, "pixel_set", lambda w, s: decoded.append(len(s.images)) or pixel_set(w, s))
-    result = task.evaluate(training.layout.models.weights(training.init_state().params), data, 1.0, 1.0)
-    assert [r["guidance_scale"] for r in result["guidance_sweep"]] == [1.0, 3.0, 5.0]
+    weights = training.layout.models.weights(training.init_state().params)
+    for _ in range(2):  # as at step 0 and at the end of a run
+        result = task.evaluate(weights, data, 1.0, 1.0)
+        assert [r["guidance_scale"] for r in result["guidance_sweep"]] == [1.0, 3.0, 5.0]
     assert decoded == [16, len(data.train_set.images)]  # the quality images and the train split, each once
 
 

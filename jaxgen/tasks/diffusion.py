@@ -63,6 +63,7 @@ class DiffusionTask:
             **({"prompt": None, "negative_prompt": None} if self.text else {"labels": None}),
             "num_per_label": 8, "guidance": None, "sampler": None, "steps": None, "out": None, "save_array": None}
         self._samplers: dict = {}
+        self._real: tuple[ImageData, tuple[ImageSet, ImageSet]] | None = None  # real_images' last (data, result)
 
     def models(self) -> dict[str, ModelSpec]:
         d, m = self.cfg.diffusion, self.cfg.model
@@ -177,10 +178,14 @@ class DiffusionTask:
 
     def real_images(self, weights: Weights, data: ImageData) -> tuple[ImageSet, ImageSet]:
         """(held-out, train) images sample quality compares with; for cached latents, what the autoencoder makes
-        of them (decoding a whole split: done once per evaluation, whatever the number of guidance scales)."""
+        of them. Decoding a whole split is slow, and the autoencoder is frozen (its group is never trained), so
+        they are made once for `data` and kept for every later evaluation and guidance scale."""
+        if self._real is not None and self._real[0] is data:
+            return self._real[1]
         held_out, train_set = quality_images(self.cfg, data.held_out), data.train_set
         if self.latents is not None and self.latents.cached:
             held_out, train_set = self.latents.pixel_set(weights, held_out), self.latents.pixel_set(weights, train_set)
+        self._real = (data, (held_out, train_set))
         return held_out, train_set
 
     def quality(self, weights: Weights, data: ImageData, scale: float, real: tuple[ImageSet, ImageSet]) -> dict:
