@@ -33,6 +33,9 @@ def offline(tmp_path_factory):
             mp.setenv(key, value)
         for key in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
             mp.setenv(key, str(home / key.lower()))
+        # wandb keeps media and artifact staging in temporary directories that a killed run never removes.
+        (home / "tmp").mkdir()
+        mp.setenv("TMPDIR", str(home / "tmp"))
         mp.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)  # jaxgen opts in for a configured file: URI
         yield
 
