@@ -78,9 +78,10 @@ def test_small_leaves_digested_together_give_the_figures_of_one_leaf_at_a_time(m
         tree[f"small{i}"] = jnp.asarray(x > 0) if dtypes[i % 7] == jnp.bool_ else jnp.asarray(x).astype(dtypes[i % 7])
     rows = jnp.asarray(rng.standard_normal((3, 300)), jnp.float32).at[2, 299].set(jnp.inf)  # several rows of the pack
     tree |= {"scalar": jnp.float32(3.0), "big": jnp.ones((600, 600)), "key": jax.random.PRNGKey(1),
-             "empty": jnp.zeros((0, 3)), "rows": rows,
+             "empty": jnp.zeros((0, 3)), "rows": rows, "int16": jnp.asarray(rng.integers(-3000, 3000, 7), jnp.int16),
+             "uint16": jnp.asarray(rng.integers(0, 60000, 5), jnp.uint16),
              "sharded": jax.device_put(jnp.arange(64.0).reshape(8, 8), NamedSharding(mesh, P("data", "fsdp")))}
-    assert sum(_packs(x) for x in tree.values()) == 44  # the small ones, the scalar, the key, empty and rows
+    assert sum(_packs(x) for x in tree.values()) == 46  # all but big and sharded (the key: uint32)
     names = list(tree)
     one_at_a_time = jax.device_get(_digests([tree[name] for name in names]))
     expected = {name: {"hash": [int(h) for h in hashes], "finite": bool(finite)}
