@@ -11,6 +11,7 @@ from jaxgen.metrics import read_metrics
 from jaxgen.sharding import make_mesh
 from jaxgen.train.build import build_training
 from jaxgen.train.optimizer import learning_rate_schedule, weight_decay_mask
+from jaxgen.train.state import QUICK_INIT_MAX_VALUES, fresh_state, init_compiler_options
 
 from conftest import TINY_CONFIG, tiny_config
 from helpers import jaxgen_cli, random_batches
@@ -80,6 +81,26 @@ def test_gradient_accumulation_equals_the_full_batch(devices):
     (l1, p1), (l4, p4) = run(1), run(4)
     np.testing.assert_allclose(l1, l4, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p1, p4)
+
+
+def test_a_small_state_is_made_by_a_quickly_compiled_program_alike_on_every_mesh(devices, monkeypatch):
+    assert init_compiler_options("cpu", 10**6) == {"xla_backend_optimization_level": 0}
+    assert init_compiler_options("cpu", QUICK_INIT_MAX_VALUES + 1) == {}  # would run longer than it saves
+    assert init_compiler_options("gpu", 10**6) == init_compiler_options("tpu", 10**6) == {}
+    asked = []
+    monkeypatch.setattr("jaxgen.train.state.init_compiler_options",
+                        lambda *args: asked.append(args) or init_compiler_options(*args))
+    states = []
+    for mesh in (["mesh.data=1"], ["mesh.data=2", "mesh.fsdp=4"]):
+        cfg = tiny_config(*mesh)
+        training = build_training(cfg, make_mesh(cfg.mesh, devices[:1] if len(mesh) == 1 else devices))
+        states.append(jax.device_get(training.init_state()))
+    values = sum(x.size for x in jax.tree.leaves(states[0]))
+    assert asked == [("cpu", values)] * 2
+    jax.tree.map(np.testing.assert_array_equal, states[0], states[1])
+    # The fully optimized program makes the same numbers, to the last bit or so.
+    optimized = jax.device_get(jax.jit(lambda: fresh_state(training.task, training.txs, cfg.train.seed))())
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), states[0], optimized)
 
 
 def test_weight_decay_mask_spares_norms_and_embeddings():

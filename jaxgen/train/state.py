@@ -91,7 +91,28 @@ def fresh_state(task: Task, txs: dict[str, optax.GradientTransformation], seed: 
 def init_state(task: Task, txs: dict[str, optax.GradientTransformation], layout: StateLayout,
                seed: int) -> TrainState:
     """Create the state directly in its shardings: each device builds only its shards."""
-    return jax.jit(lambda: fresh_state(task, txs, seed), out_shardings=layout.shardings)()
+    init = jax.jit(lambda: fresh_state(task, txs, seed), out_shardings=layout.shardings)
+    platform = next(iter(jax.tree.leaves(layout.shardings)[0].device_set)).platform
+    values = sum(x.size for x in jax.tree.leaves(layout.abstract))
+    return init.lower().compile(compiler_options=init_compiler_options(platform, values))()
+
+
+# Above this many values, an unoptimized init program would run longer than its faster compile saves.
+QUICK_INIT_MAX_VALUES = 16_000_000
+
+
+def init_compiler_options(platform: str, values: int) -> dict[str, Any]:
+    """XLA options for the program that makes a fresh state of `values` numbers.
+
+    It runs once per run, yet its random-number generation (long straight-line code per
+    parameter) takes XLA:CPU's optimizing backend seconds to compile, most of a small
+    model's cold start. A small state on CPU is therefore compiled without backend
+    optimizations; its numbers may then differ from the optimized program's in the last
+    bit, always the same way for the same state. Other platforms compile as usual.
+    """
+    if platform == "cpu" and values <= QUICK_INIT_MAX_VALUES:
+        return {"xla_backend_optimization_level": 0}
+    return {}
 
 
 def with_params(state: TrainState, params: dict[str, Any]) -> TrainState:
