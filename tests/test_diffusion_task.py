@@ -58,6 +58,21 @@ def test_rows_padding_the_last_held_out_batch_weigh_nothing(devices):
     assert weight == expected_weight == 8 and loss == pytest.approx(expected, rel=1e-5)
 
 
+def test_samples_are_drawn_in_batches_of_one_compiled_size(devices, monkeypatch):
+    monkeypatch.setattr("jaxgen.tasks.diffusion.SAMPLE_BATCH", 4)  # bounds the sampler's batch, however many are asked
+    cfg = tiny_dit_config("mesh.data=1", "diffusion.sample_steps=2")
+    training = build_training(cfg, make_mesh(cfg.mesh, devices[:1]))
+    task, weights = training.task, training.layout.models.weights(sampling_params(training.init_state()))
+    labels = np.full(10, 3)
+    images = task.draw(weights, labels, seed=3, scale=2.0)
+    assert images.shape == (10, 8, 8, 1)
+    # Each batch is its own draw: the first four are those of a request of four; the next (the same label) differ.
+    np.testing.assert_array_equal(task.draw(weights, labels[:4], seed=3, scale=2.0), images[:4])
+    assert not np.allclose(images[4:8], images[:4])
+    [sampler] = task._samplers.values()
+    assert sampler._cache_size() == 1  # both requests ran as batches of 4: one program
+
+
 def test_frechet_distance_matches_the_matrix_square_root_formula():
     rng = np.random.default_rng(0)
     a = rng.standard_normal((400, 5))

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jaxgen.chunks import padded_chunks
 from jaxgen.config import AutoencoderConfig
 from jaxgen.diffusion.latents import checked_scale, decode_latents, encode_latents, params_digest
 from jaxgen.errors import ConfigError
@@ -68,11 +69,8 @@ class FrozenAutoencoder:
 
     def _batched(self, fn: Callable, x_N: np.ndarray, out_shape: tuple[int, ...]) -> np.ndarray:
         out = [np.zeros((0, *out_shape), np.float32)]
-        for start in range(0, len(x_N), BATCH):
-            chunk = np.asarray(x_N[start:start + BATCH], np.float32)
-            padded = np.concatenate([chunk, np.repeat(chunk[-1:], BATCH - len(chunk), axis=0)])
-            result = fn(self.graphdef, self.params, padded, self.scale, self.shift)
-            out.append(np.asarray(jax.device_get(result))[:len(chunk)])
+        for chunk, count in padded_chunks(np.asarray(x_N, np.float32), BATCH):
+            out.append(np.asarray(jax.device_get(fn(self.graphdef, self.params, chunk, self.scale, self.shift)))[:count])
         return np.concatenate(out)
 
 

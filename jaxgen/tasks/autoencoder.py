@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgen.chunks import padded_chunks
 from jaxgen.config import Config
 from jaxgen.data.image_data import ImageData, build_image_data
 from jaxgen.diffusion.grid import image_grid, save_png
@@ -153,12 +154,8 @@ class AutoencoderTask:
     def reconstruct(self, weights: Weights, images_NHWC: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Decoded posterior means of `images_NHWC` (in [-1, 1]), batch by batch on the host."""
         graphdef, params = weights.graphdefs[MAIN_GROUP], weights.params[MAIN_GROUP]
-        out = []
-        for start in range(0, len(images_NHWC), batch_size):
-            chunk = images_NHWC[start:start + batch_size]
-            padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), axis=0)])
-            reconstructed = self._reconstruct(graphdef, params, jnp.asarray(padded))
-            out.append(np.asarray(jax.device_get(reconstructed))[:len(chunk)])
+        out = [np.asarray(jax.device_get(self._reconstruct(graphdef, params, jnp.asarray(chunk))))[:count]
+               for chunk, count in padded_chunks(images_NHWC, batch_size)]
         return np.concatenate(out) if out else images_NHWC.copy()
 
     def sample(self, weights: Weights, data: ImageData, run_dir: pathlib.Path, step: int | None) -> dict:

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgen.chunks import chunk_size, padded_chunks
 from jaxgen.config import Config, with_overrides
 from jaxgen.data.image_data import ImageData, build_image_data
 from jaxgen.data.images import ImageSet
@@ -152,12 +153,14 @@ class DiffusionTask:
         n = len(jax.tree.leaves(condition)[0])
         if unconditional is None:
             unconditional = self.conditions.null(weights, n)
-        images = self._samplers[key](weights.params[MAIN_GROUP], jax.tree.map(jnp.asarray, condition),
-                                     jax.tree.map(jnp.asarray, unconditional), jax.random.PRNGKey(seed),
-                                     jnp.float32(scale))
-        if self.latents is not None:
-            images = self.latents.decode(weights, images)
-        return np.asarray(jax.device_get(images))
+        out = []
+        for i, ((c, u), count) in enumerate(padded_chunks((condition, unconditional), chunk_size(n, SAMPLE_BATCH))):
+            images = self._samplers[key](weights.params[MAIN_GROUP], jax.tree.map(jnp.asarray, c),
+                                         jax.tree.map(jnp.asarray, u), jax.random.fold_in(jax.random.PRNGKey(seed), i),
+                                         jnp.float32(scale))
+            out.append(np.asarray(jax.device_get(images))[:count])
+        images = np.concatenate(out)
+        return self.latents.decode(weights, images) if self.latents is not None else images
 
     def sample(self, weights: Weights, data: ImageData, run_dir: pathlib.Path, step: int | None) -> dict:
         """Write a grid (one row per class, or per held-out caption) to RUN_DIR/samples/ and TensorBoard; at the
@@ -244,6 +247,9 @@ class DiffusionTask:
         return [result]
 
 
+# Rows the sampler draws at once (fewer for a smaller request): a quality evaluation of thousands of
+# images runs in batches of this many, compiled once, its memory bounded (with guidance the model sees twice as many).
+SAMPLE_BATCH = 64
 SAMPLE_PROMPTS = 8  # rows of a text-to-image run's sample grid: its first distinct held-out captions
 
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgen.chunks import padded_chunks
 from jaxgen.config import Config
 from jaxgen.data.image_data import ImageData, build_image_data
 from jaxgen.diffusion.grid import image_grid, save_png
@@ -119,12 +120,9 @@ class GANTask:
         """Images (N, H, W, C) in [-1, 1] for `labels`, from the generator's average."""
         graphdef, params = weights.graphdefs[GENERATOR], weights.params[GENERATOR]
         out = []
-        for i, start in enumerate(range(0, len(labels), batch_size)):
-            chunk = np.asarray(labels[start:start + batch_size], np.int32)
-            padded = np.concatenate([chunk, np.zeros(batch_size - len(chunk), np.int32)])
-            key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
-            images = self._draw(graphdef, params, jnp.asarray(padded), key)
-            out.append(np.asarray(jax.device_get(images))[:len(chunk)])
+        for i, (chunk, count) in enumerate(padded_chunks(np.asarray(labels, np.int32), batch_size)):
+            images = self._draw(graphdef, params, jnp.asarray(chunk), jax.random.fold_in(jax.random.PRNGKey(seed), i))
+            out.append(np.asarray(jax.device_get(images))[:count])
         return np.concatenate(out)
 
     def sample(self, weights: Weights, data: ImageData, run_dir: pathlib.Path, step: int | None) -> dict:

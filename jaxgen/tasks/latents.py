@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxgen.chunks import padded_chunks
 from jaxgen.config import Config
 from jaxgen.data.image_batches import part_examples
 from jaxgen.data.image_source import ImageSource
@@ -107,11 +108,8 @@ class Latents:
         """Images (N, H, W, C) in [-1, 1] of sampled latents, through the run's own autoencoder and scale."""
         graphdef, params = weights.graphdefs[AUTOENCODER_GROUP], weights.params[AUTOENCODER_GROUP]
         latents = np.asarray(jax.device_get(latents_NhwZ))
-        out = []
-        for start in range(0, len(latents), DECODE_BATCH):
-            chunk = latents[start:start + DECODE_BATCH]
-            padded = np.concatenate([chunk, np.repeat(chunk[-1:], DECODE_BATCH - len(chunk), axis=0)])
-            out.append(np.asarray(jax.device_get(self._decode(graphdef, params, jnp.asarray(padded))))[:len(chunk)])
+        out = [np.asarray(jax.device_get(self._decode(graphdef, params, jnp.asarray(chunk))))[:count]
+               for chunk, count in padded_chunks(latents, DECODE_BATCH)]
         return np.concatenate(out)
 
     def pixel_set(self, weights: Weights, latents: ImageSet) -> ImageSet:
