@@ -257,7 +257,7 @@ def test_eval_scores_adherence_at_each_guidance_scale_and_plots_it(cli_runs):
     assert logged and result["eval_loss"] == pytest.approx(logged[-1], rel=1e-4)  # the loop's own held-out loss
 
 
-def test_a_frozen_encoder_run_embeds_the_captions_and_stays_frozen(world, tokenizer, tmp_path):
+def test_a_frozen_encoder_run_embeds_the_captions_and_stays_frozen(world, tokenizer, tmp_path, monkeypatch):
     from jaxgen.data.tokenizer import keep_tokenizer
     from jaxgen.outputs.text_encoder import load_text_encoder
 
@@ -289,3 +289,15 @@ def test_a_frozen_encoder_run_embeds_the_captions_and_stays_frozen(world, tokeni
     np.testing.assert_allclose(condition["tokens"], expected.tokens, atol=1e-5)
     np.testing.assert_allclose(condition["pooled"], expected.pooled, atol=1e-5)
     assert condition["tokens"].shape == (2, cfg.conditioning.max_length, 24)
+    # Many prompts are embedded a fixed-size batch at a time (64, the last padded), each row as on its own.
+    from jaxgen.outputs import text_encoder
+
+    batches = []
+    monkeypatch.setattr(text_encoder, "_embed_jit", lambda kind, graphdef, params, ids, mask: batches.append(len(ids))
+                        or jax.jit(text_encoder.embed, static_argnums=(0, 1))(kind, graphdef, params, ids, mask))
+    many = task.conditions.requested(weights, texts * 40)
+    assert batches == [64, 64]
+    assert many["tokens"].shape == (80, cfg.conditioning.max_length, 24)
+    for key in ("tokens", "pooled"):
+        np.testing.assert_allclose(many[key], np.tile(condition[key], (40,) + (1,) * (condition[key].ndim - 1)),
+                                   atol=1e-5)

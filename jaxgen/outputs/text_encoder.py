@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxgen.chunks import chunk_size, padded_chunks
 from jaxgen.data.tokenizer import Tokenizer, load_tokenizer
 from jaxgen.errors import ConfigError
 from jaxgen.outputs.runs import load_run_config, open_run
@@ -66,11 +67,21 @@ class TextEncoder:
         if isinstance(texts, str):
             raise TypeError("TextEncoder takes a list of strings")
         ids_BL, mask_BL = self.token_ids(list(texts))
-        tokens_BLD, pooled_BD = _embed_jit(self.kind, self.graphdef, self.params, ids_BL, mask_BL)
-        return TextEmbeddings(tokens=np.asarray(tokens_BLD), mask=mask_BL, pooled=np.asarray(pooled_BD))
+        tokens_BLD, pooled_BD = self.embed(self.params, ids_BL, mask_BL)
+        return TextEmbeddings(tokens=tokens_BLD, mask=mask_BL, pooled=pooled_BD)
 
-    def embed(self, params: dict, ids_BL: jax.Array, mask_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return embed(self.kind, self.graphdef, params, ids_BL, mask_BL)
+    def embed(self, params: dict, ids_BL: np.ndarray, mask_BL: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`embed` of any number of rows, through one compiled program EMBED_BATCH rows (or fewer) at a time,
+        so that the thousands of captions of a quality evaluation do not make one huge batch."""
+        if not len(ids_BL):
+            return tuple(np.asarray(x) for x in jax.device_get(_embed_jit(self.kind, self.graphdef, params, ids_BL,
+                                                                          mask_BL)))
+        tokens, pooled = [], []
+        for (ids, mask), count in padded_chunks((ids_BL, mask_BL), chunk_size(len(ids_BL), EMBED_BATCH)):
+            tokens_BLD, pooled_BD = jax.device_get(_embed_jit(self.kind, self.graphdef, params, ids, mask))
+            tokens.append(np.asarray(tokens_BLD)[:count])
+            pooled.append(np.asarray(pooled_BD)[:count])
+        return np.concatenate(tokens), np.concatenate(pooled)
 
 
 def embed(kind: str, graphdef: nnx.GraphDef, params: dict, ids_BL: jax.Array,
@@ -90,6 +101,7 @@ def embed_with(kind: str, model: nnx.Module, ids_BL: jax.Array, mask_BL: jax.Arr
 
 
 _embed_jit = jax.jit(embed, static_argnums=(0, 1))
+EMBED_BATCH = 64
 
 
 def load_text_encoder(run_dir: str | pathlib.Path, step: int | None = None,

@@ -123,8 +123,8 @@ class CaptionConditions:
         if self.frozen is None:
             return {"ids": ids_BL, "mask": mask_BL, "keep": keep_B}
         params = weights.params[TEXT_ENCODER_GROUP]
-        tokens_BLT, pooled_BT = self.frozen.embed(params, jnp.asarray(ids_BL), jnp.asarray(mask_BL))
-        return {"tokens": np.asarray(tokens_BLT), "mask": mask_BL, "pooled": np.asarray(pooled_BT), "keep": keep_B}
+        tokens_BLT, pooled_BT = self.frozen.embed(params, ids_BL, mask_BL)
+        return {"tokens": tokens_BLT, "mask": mask_BL, "pooled": pooled_BT, "keep": keep_B}
 
 
 def make_conditions(cfg: Config) -> ClassConditions | CaptionConditions:
