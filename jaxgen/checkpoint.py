@@ -378,22 +378,6 @@ def gather_process_states(local: dict) -> list[dict]:
     return [json.loads(bytes(row[: int(n)]).decode()) for row, n in zip(rows, lengths.reshape(-1))]
 
 
-def _read_only_manager(path: pathlib.Path, where: str) -> ocp.CheckpointManager:
-    """A reader's manager of `path`, opened while a training run may delete old steps in it.
-
-    Orbax lists every step directory and then reads each one's metadata as it opens; a step
-    retention deletes in between is not an error for a reader, so it opens again.
-    """
-    for _ in range(5):
-        try:
-            # The PyTree handler (not the Standard one) can restore a subtree: params without optimizer state.
-            return ocp.CheckpointManager(path, item_handlers=_handlers(ocp.PyTreeCheckpointHandler()),
-                                         options=ocp.CheckpointManagerOptions(create=False, read_only=True))
-        except FileNotFoundError:
-            continue
-    raise CheckpointError(f"{where}: steps kept disappearing from {path} while it was opened; try again")
-
-
 def restore_subtree(path: str | pathlib.Path, keys: tuple[str, ...], target: Any, step: int | None = None,
                     what: str = "checkpoint") -> tuple[Any, str, int]:
     """One verified subtree of a saved state (e.g. `params`) without the rest: (subtree, its key, step).
@@ -419,24 +403,21 @@ def restore_subtree(path: str | pathlib.Path, keys: tuple[str, ...], target: Any
     if step not in steps:
         raise CheckpointError(f"{what}: {str(path)} has no checkpoint for step {step}; available: {steps}")
     where = f"checkpoint {path}/{step}"
-    manager = _read_only_manager(path, where)
-    try:
-        checksums = _read_checksums(path / str(step), where)
-        key = next((k for k in keys if any(p.startswith(f"{k}/") for p in checksums["arrays"])), keys[-1])
-        check_fits(checksums, target, where, prefix=f"{key}/")
-        subtree = target
-        for part in reversed(key.split("/")):
-            subtree = {part: subtree}
-        restored = _damage_as_error(where, lambda: manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(
-                subtree,
-                restore_args=jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), subtree),
-                partial_restore=True,
-            ))))["state"]
-        for part in key.split("/"):
-            restored = restored[part]
-        _verify_arrays(restored, checksums, where, prefix=f"{key}/")
-    finally:
-        manager.close()
+    checksums = _read_checksums(path / str(step), where)
+    key = next((k for k in keys if any(p.startswith(f"{k}/") for p in checksums["arrays"])), keys[-1])
+    check_fits(checksums, target, where, prefix=f"{key}/")
+    subtree = target
+    for part in reversed(key.split("/")):
+        subtree = {part: subtree}
+    # Only this step's directory is opened: a manager of the whole directory would list every step and
+    # read each one's metadata, which fails when the writer's retention deletes another step meanwhile.
+    restore_args = ocp.args.PyTreeRestore(
+        subtree, restore_args=jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), subtree),
+        partial_restore=True)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:  # PyTree (not Standard): restores a subtree
+        restored = _damage_as_error(where, lambda: reader.restore(path / str(step) / "state", args=restore_args))
+    for part in key.split("/"):
+        restored = restored[part]
+    _verify_arrays(restored, checksums, where, prefix=f"{key}/")
     log.info("loaded %s from %s step %d", key, path, step)
     return restored, key, step

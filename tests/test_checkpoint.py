@@ -4,9 +4,11 @@ import json
 import os
 import pathlib
 import resource
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -279,3 +281,39 @@ def test_async_save_survives_the_next_donated_steps(tmp_path, devices):
     saver.wait()
     restored = Checkpointer(tmp_path / "ck", cfg.checkpoint).restore(training.layout.target, 1).state
     assert_trees_equal(jax.device_get(restored), saved)
+
+
+def test_a_reader_ignores_other_steps_coming_and_going(tmp_path, devices):
+    """A training run saves new steps and its retention deletes old ones while `eval`, `sample` or `export`
+    read a step: the reader opens only the step it reads, whatever happens to the others meanwhile."""
+    cfg = tiny_config("mesh.data=1")
+    training = build_training(cfg, make_mesh(cfg.mesh, devices[:1]))
+    saver = Checkpointer(tmp_path / "ck", cfg.checkpoint)
+    state = training.init_state()
+    saved = jax.device_get(state.params)
+    saver.save(2, state, {"step": 2}, {})
+    saver.wait()
+    stop = threading.Event()
+
+    def churn():  # steps appear and vanish, a directory one moment and a stray file the next
+        others = [tmp_path / "ck" / str(step) for step in (1, 3, 4, 5, 6, 7)]
+        while not stop.is_set():
+            for other in others:
+                other.mkdir()
+                (other / "_CHECKPOINT_METADATA").write_text("{}")
+            for other in others:
+                shutil.rmtree(other)
+                other.write_text("")
+            for other in others:
+                other.unlink()
+
+    churning = threading.Thread(target=churn)
+    churning.start()
+    try:
+        for _ in range(20):
+            params, _, step = restore_subtree(tmp_path / "ck", ("params",), training.layout.target.params, step=2)
+            assert step == 2
+            assert_trees_equal(jax.device_get(params), saved)
+    finally:
+        stop.set()
+        churning.join()
