@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -17,6 +17,19 @@ def padded_chunks(rows: Any, size: int) -> Iterator[tuple[Any, int]]:
     for start in range(0, total, size):
         count = min(size, total - start)
         yield jax.tree.map(lambda x: _pad(np.asarray(x[start:start + count]), size), rows), count
+
+
+def map_chunks(fn: Callable[[Any, int], Any], rows: Any, size: int) -> Any:
+    """What `fn` would give for all `rows` at once, computed `size` rows at a time: `fn(chunk, index)` runs on each
+    chunk of `padded_chunks` (`index` counts chunks, e.g. to fold into a random key) and returns an array, or a
+    pytree of arrays, with one row per chunk row; the rows are brought to the host, padding dropped, and joined.
+    With no rows, `fn` is only traced (`jax.eval_shape`) for the shapes of the empty result."""
+    parts = [jax.tree.map(lambda out: np.asarray(out)[:count], jax.device_get(fn(chunk, index)))
+             for index, (chunk, count) in enumerate(padded_chunks(rows, size))]
+    if not parts:
+        shapes = jax.eval_shape(lambda chunk: fn(chunk, 0), rows)
+        return jax.tree.map(lambda shape: np.zeros(shape.shape, shape.dtype), shapes)
+    return jax.tree.map(lambda *outs: np.concatenate(outs), *parts)
 
 
 def _pad(chunk: np.ndarray, size: int) -> np.ndarray:

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxgen.chunks import padded_chunks
+from jaxgen.chunks import map_chunks
 from jaxgen.config import AutoencoderConfig
 from jaxgen.diffusion.latents import checked_scale, decode_latents, encode_latents, params_digest
 from jaxgen.errors import ConfigError
@@ -28,8 +28,6 @@ from jaxgen.outputs.runs import load_run_config, open_run
 from jaxgen.tasks.layout import MAIN_GROUP
 
 BATCH = 64  # images per encode/decode call: one compiled shape
-
-
 
 _encode_jit = jax.jit(encode_latents, static_argnums=0)
 _decode_jit = jax.jit(decode_latents, static_argnums=0)
@@ -51,27 +49,20 @@ class FrozenAutoencoder:
         """(h, w, Z) of one image's latents."""
         return self.cfg.latent_size, self.cfg.latent_size, self.cfg.latent_channels
 
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        """(H, W, C) of the images it encodes."""
-        return self.cfg.image_size, self.cfg.image_size, self.cfg.channels
-
     def encode(self, images_NHWC: np.ndarray) -> np.ndarray:
         """Scaled latents (N, h, w, Z) float32 of images (N, H, W, C) in [-1, 1]."""
-        return self._batched(_encode_jit, images_NHWC, self.latent_shape)
+        return self._batched(_encode_jit, images_NHWC)
 
     def decode(self, latents_NhwZ: np.ndarray) -> np.ndarray:
         """Images (N, H, W, C) float32 in [-1, 1] of scaled latents."""
-        return self._batched(_decode_jit, latents_NhwZ, self.image_shape)
+        return self._batched(_decode_jit, latents_NhwZ)
 
     def with_scale(self, scale: float) -> FrozenAutoencoder:
         return dataclasses.replace(self, scale=checked_scale(scale))
 
-    def _batched(self, fn: Callable, x_N: np.ndarray, out_shape: tuple[int, ...]) -> np.ndarray:
-        out = [np.zeros((0, *out_shape), np.float32)]
-        for chunk, count in padded_chunks(np.asarray(x_N, np.float32), BATCH):
-            out.append(np.asarray(jax.device_get(fn(self.graphdef, self.params, chunk, self.scale, self.shift)))[:count])
-        return np.concatenate(out)
+    def _batched(self, fn: Callable, x_N: np.ndarray) -> np.ndarray:
+        return map_chunks(lambda chunk, _: fn(self.graphdef, self.params, chunk, self.scale, self.shift),
+                          np.asarray(x_N, np.float32), BATCH)
 
 
 def autoencoder_config(run_dir: str | pathlib.Path) -> AutoencoderConfig:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxgen.chunks import chunk_size, padded_chunks
+from jaxgen.chunks import chunk_size, map_chunks
 from jaxgen.data.tokenizer import Tokenizer, load_tokenizer
 from jaxgen.errors import ConfigError
 from jaxgen.outputs.runs import load_run_config, open_run
@@ -73,15 +73,8 @@ class TextEncoder:
     def embed(self, params: dict, ids_BL: np.ndarray, mask_BL: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """`embed` of any number of rows, through one compiled program EMBED_BATCH rows (or fewer) at a time,
         so that the thousands of captions of a quality evaluation do not make one huge batch."""
-        if not len(ids_BL):
-            return tuple(np.asarray(x) for x in jax.device_get(_embed_jit(self.kind, self.graphdef, params, ids_BL,
-                                                                          mask_BL)))
-        tokens, pooled = [], []
-        for (ids, mask), count in padded_chunks((ids_BL, mask_BL), chunk_size(len(ids_BL), EMBED_BATCH)):
-            tokens_BLD, pooled_BD = jax.device_get(_embed_jit(self.kind, self.graphdef, params, ids, mask))
-            tokens.append(np.asarray(tokens_BLD)[:count])
-            pooled.append(np.asarray(pooled_BD)[:count])
-        return np.concatenate(tokens), np.concatenate(pooled)
+        return map_chunks(lambda chunk, _: _embed_jit(self.kind, self.graphdef, params, *chunk), (ids_BL, mask_BL),
+                          chunk_size(len(ids_BL), EMBED_BATCH))
 
 
 def embed(kind: str, graphdef: nnx.GraphDef, params: dict, ids_BL: jax.Array,

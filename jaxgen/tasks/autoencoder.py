@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen.chunks import padded_chunks
+from jaxgen.chunks import map_chunks
 from jaxgen.config import Config
 from jaxgen.data.image_data import ImageData, build_image_data
 from jaxgen.diffusion.grid import image_grid, save_png
@@ -154,9 +154,8 @@ class AutoencoderTask:
     def reconstruct(self, weights: Weights, images_NHWC: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Decoded posterior means of `images_NHWC` (in [-1, 1]), batch by batch on the host."""
         graphdef, params = weights.graphdefs[MAIN_GROUP], weights.params[MAIN_GROUP]
-        out = [np.asarray(jax.device_get(self._reconstruct(graphdef, params, jnp.asarray(chunk))))[:count]
-               for chunk, count in padded_chunks(images_NHWC, batch_size)]
-        return np.concatenate(out) if out else images_NHWC.copy()
+        return map_chunks(lambda chunk, _: self._reconstruct(graphdef, params, jnp.asarray(chunk)), images_NHWC,
+                          batch_size)
 
     def sample(self, weights: Weights, data: ImageData, run_dir: pathlib.Path, step: int | None) -> dict:
         """A grid of held-out images (upper row) over their reconstructions (lower row)."""

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen.chunks import padded_chunks
+from jaxgen.chunks import map_chunks
 from jaxgen.config import Config
 from jaxgen.data.image_data import ImageData, build_image_data
 from jaxgen.diffusion.grid import image_grid, save_png
@@ -119,11 +119,9 @@ class GANTask:
     def draw(self, weights: Weights, labels: np.ndarray, seed: int, batch_size: int = 256) -> np.ndarray:
         """Images (N, H, W, C) in [-1, 1] for `labels`, from the generator's average."""
         graphdef, params = weights.graphdefs[GENERATOR], weights.params[GENERATOR]
-        out = []
-        for i, (chunk, count) in enumerate(padded_chunks(np.asarray(labels, np.int32), batch_size)):
-            images = self._draw(graphdef, params, jnp.asarray(chunk), jax.random.fold_in(jax.random.PRNGKey(seed), i))
-            out.append(np.asarray(jax.device_get(images))[:count])
-        return np.concatenate(out)
+        return map_chunks(lambda chunk, i: self._draw(graphdef, params, jnp.asarray(chunk),
+                                                       jax.random.fold_in(jax.random.PRNGKey(seed), i)),
+                          np.asarray(labels, np.int32), batch_size)
 
     def sample(self, weights: Weights, data: ImageData, run_dir: pathlib.Path, step: int | None) -> dict:
         """A grid, one row per class, to RUN_DIR/samples/ and TensorBoard."""

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxgen.chunks import padded_chunks
+from jaxgen.chunks import map_chunks
 from jaxgen.config import Config
 from jaxgen.data.image_batches import part_examples
 from jaxgen.data.image_source import ImageSource
@@ -107,10 +107,8 @@ class Latents:
     def decode(self, weights: Weights, latents_NhwZ: jax.Array) -> np.ndarray:
         """Images (N, H, W, C) in [-1, 1] of sampled latents, through the run's own autoencoder and scale."""
         graphdef, params = weights.graphdefs[AUTOENCODER_GROUP], weights.params[AUTOENCODER_GROUP]
-        latents = np.asarray(jax.device_get(latents_NhwZ))
-        out = [np.asarray(jax.device_get(self._decode(graphdef, params, jnp.asarray(chunk))))[:count]
-               for chunk, count in padded_chunks(latents, DECODE_BATCH)]
-        return np.concatenate(out)
+        return map_chunks(lambda chunk, _: self._decode(graphdef, params, jnp.asarray(chunk)),
+                          np.asarray(jax.device_get(latents_NhwZ)), DECODE_BATCH)
 
     def pixel_set(self, weights: Weights, latents: ImageSet) -> ImageSet:
         """Cached latents as the images the autoencoder makes of them (what sample quality compares with)."""
