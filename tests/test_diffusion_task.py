@@ -64,8 +64,12 @@ def test_samples_are_drawn_in_batches_of_one_compiled_size(devices, monkeypatch)
     training = build_training(cfg, make_mesh(cfg.mesh, devices[:1]))
     task, weights = training.task, training.layout.models.weights(sampling_params(training.init_state()))
     labels = np.full(10, 3)
+    made = []  # each batch's condition is made as it is drawn (a frozen text encoder embeds 64 captions at a time)
+    requested = task.conditions.requested
+    monkeypatch.setattr(task.conditions, "requested",
+                        lambda weights, rows: made.append(len(rows)) or requested(weights, rows))
     images = task.draw(weights, labels, seed=3, scale=2.0)
-    assert images.shape == (10, 8, 8, 1)
+    assert images.shape == (10, 8, 8, 1) and made == [4, 4, 4]
     # Each batch is its own draw: the first four are those of a request of four; the next (the same label) differ.
     np.testing.assert_array_equal(task.draw(weights, labels[:4], seed=3, scale=2.0), images[:4])
     assert not np.allclose(images[4:8], images[:4])

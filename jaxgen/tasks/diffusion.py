@@ -16,14 +16,14 @@ evaluation use the parameter average (EMA).
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen.chunks import chunk_size, padded_chunks
+from jaxgen.chunks import chunk_size, map_chunks
 from jaxgen.config import Config, with_overrides
 from jaxgen.data.image_data import ImageData, build_image_data
 from jaxgen.data.images import ImageSet
@@ -139,10 +139,13 @@ class DiffusionTask:
         check_image_inputs(saved, current)
 
     # ------------------------------------------------------------------ samples, evaluation, generation
-    def draw(self, weights: Weights, condition, seed: int, scale: float, overrides: list[str] = (),
-             unconditional=None) -> np.ndarray:
-        """Images (N, H, W, C) in [-1, 1] for `condition` (labels, or captions from `prompts`), guided away from
-        `unconditional` (default the null condition), from the sampler the config (and `overrides`) names."""
+    def draw(self, weights: Weights, requests: Sequence, seed: int, scale: float, overrides: list[str] = (),
+             negative: str | None = None) -> np.ndarray:
+        """Images (N, H, W, C) in [-1, 1], one per request (a label, or a caption: None for the null caption),
+        guided away from the null condition (or the `negative` caption), from the sampler the config (and
+        `overrides`) names. Drawn SAMPLE_BATCH rows (or fewer) at a time, each batch with its own key; each
+        batch's condition is made as it is drawn, so a frozen text encoder's embeddings of thousands of captions
+        are never all held at once."""
         cfg = with_overrides(self.cfg, list(overrides)) if overrides else self.cfg
         graphdef = weights.graphdefs[MAIN_GROUP]
         key = (graphdef, cfg.diffusion.sampler, cfg.diffusion.sample_steps)
@@ -150,16 +153,17 @@ class DiffusionTask:
             m = cfg.model
             self._samplers[key] = make_sampler(graphdef, make_objective(cfg), cfg.diffusion,
                                                (m.image_size, m.image_size, m.channels), clip=self.latents is None)
-        n = len(jax.tree.leaves(condition)[0])
-        if unconditional is None:
-            unconditional = self.conditions.null(weights, n)
-        out = []
-        for i, ((c, u), count) in enumerate(padded_chunks((condition, unconditional), chunk_size(n, SAMPLE_BATCH))):
-            images = self._samplers[key](weights.params[MAIN_GROUP], jax.tree.map(jnp.asarray, c),
-                                         jax.tree.map(jnp.asarray, u), jax.random.fold_in(jax.random.PRNGKey(seed), i),
-                                         jnp.float32(scale))
-            out.append(np.asarray(jax.device_get(images))[:count])
-        images = np.concatenate(out)
+        sampler, rows = self._samplers[key], np.asarray(list(requests), object)
+        size = chunk_size(len(rows), SAMPLE_BATCH)
+        unconditional = jax.tree.map(jnp.asarray, self.conditions.null(weights, size) if negative is None
+                                     else self.conditions.requested(weights, [negative] * size))
+
+        def draw_batch(requests_B: np.ndarray, index: int) -> jax.Array:
+            condition = jax.tree.map(jnp.asarray, self.conditions.requested(weights, list(requests_B)))
+            return sampler(weights.params[MAIN_GROUP], condition, unconditional,
+                           jax.random.fold_in(jax.random.PRNGKey(seed), index), jnp.float32(scale))
+
+        images = map_chunks(draw_batch, rows, size)
         return self.latents.decode(weights, images) if self.latents is not None else images
 
     def sample(self, weights: Weights, data: ImageData, run_dir: pathlib.Path, step: int | None) -> dict:
@@ -170,8 +174,8 @@ class DiffusionTask:
             requests = list(dict.fromkeys(data.source.part_captions["eval"]))[:SAMPLE_PROMPTS]
         else:
             requests = list(range(self.cfg.model.num_classes))
-        condition = self.conditions.requested(weights, [r for r in requests for _ in range(d.samples_per_class)])
-        images = self.draw(weights, condition, self.cfg.train.seed, d.guidance_scale)
+        images = self.draw(weights, [r for r in requests for _ in range(d.samples_per_class)], self.cfg.train.seed,
+                           d.guidance_scale)
         summary = {"samples": write_training_grid(self.cfg, images, len(requests), run_dir, step)}
         if jax.process_index() != 0:  # every process sampled (params are sharded); one scores
             return summary
@@ -199,7 +203,7 @@ class DiffusionTask:
         held_out, train_set = real
         requests = (list(data.source.part_captions["eval"][:len(held_out)]) if self.text
                     else held_out.labels.tolist())
-        samples = self.draw(weights, self.conditions.requested(weights, requests), seed=1, scale=scale)
+        samples = self.draw(weights, requests, seed=1, scale=scale)
         report = {**sample_quality(samples, held_out.labels, train_set, held_out), "guidance_scale": scale}
         if self.text and shapes_captions(requests):
             from jaxgen.quality.shape_checker import adherence
@@ -233,10 +237,7 @@ class DiffusionTask:
         per = options["num_per_label"]
         rows = [r for r in requests for _ in range(per)]
         negative = options.get("negative_prompt")
-        unconditional = (self.conditions.requested(weights, [negative] * len(rows)) if negative is not None
-                         else None)
-        images_NHWC = self.draw(weights, self.conditions.requested(weights, rows), options["seed"], scale,
-                                overrides, unconditional)
+        images_NHWC = self.draw(weights, rows, options["seed"], scale, overrides, negative)
         out = pathlib.Path(options["out"]) if options["out"] else run_dir / "samples" / f"sample_step{step}.png"
         save_png(image_grid(images_NHWC, rows=len(requests)), out)
         result = {"grid": str(out), "step": step, ("prompts" if self.text else "labels"): requests,
