@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import json
 import logging
+import math
 import os
 import pathlib
 import re
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 
 from jaxgen import __version__, distributed
 from jaxgen.config import DataConfig, load_config
+from jaxgen.config_section import MAX_SEED
 from jaxgen.errors import ConfigError, UsageError, describe
 from jaxgen.interrupts import end_cleanly_on_ctrl_c, exit_interrupted
 
@@ -241,13 +243,50 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
-def positive_int(text: str) -> int:
+def _integer(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
+def positive_int(text: str) -> int:
+    if (value := _integer(text)) < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    if (value := _integer(text)) < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
+    return value
+
+
+def seed(text: str) -> int:
+    if not 0 <= (value := _integer(text)) <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{value} is not a seed; give an integer from 0 to {MAX_SEED}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    if (value := _finite(text)) < 0:
+        raise argparse.ArgumentTypeError(f"{value:g} is negative; give 0 or more")
+    return value
+
+
+def probability_mass(text: str) -> float:
+    if not 0 < (value := _finite(text)) <= 1:
+        raise argparse.ArgumentTypeError(f"{value:g} is not a probability mass; give a number above 0, at most 1")
     return value
 
 
@@ -357,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
                                              "metadata.jsonl; test/ holds colour-kind pairs train/ never shows")
     shapes.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) directory")
     shapes.add_argument("--count", type=positive_int, required=True, metavar="N", help="images in both splits")
-    shapes.add_argument("--seed", type=int, default=0, help="the scenes' random seed")
+    shapes.add_argument("--seed", type=seed, default=0, help="the scenes' random seed")
     shapes.add_argument("--size", type=positive_int, default=32, help="image side in pixels (at least 32)")
     shapes.set_defaults(func=cmd_data_synth_shapes)
     fashion = data.add_parser("fashion-captions", help="Fashion-MNIST as an image folder with captions of class, "
@@ -404,23 +443,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = commands.add_parser("sample", parents=[checkpoint, devices, overrides],
                                  help="generate text (LM), an image grid (DiT, GAN) or reconstructions (autoencoder)")
-    sample.add_argument("--seed", type=int, default=0, help="random seed of the sampler")
+    sample.add_argument("--seed", type=seed, default=0, help="random seed of the sampler")
     text = sample.add_argument_group("language models (an encoder-decoder generates a target for each --prompt; "
                                      "a masked LM fills the [MASK]s of each; a text-to-image DiT draws a grid row "
                                      "for each)")
     text.add_argument("--prompt", action="append", help="a prompt; repeat for a batch (default: one empty prompt)")
     text.add_argument("--negative-prompt", metavar="TEXT",
                       help="text-to-image: guidance pushes away from this caption instead of the null caption")
-    text.add_argument("--temperature", type=float, help="0 = greedy (default 0.8)")
-    text.add_argument("--top-k", type=int, help="keep the k likeliest tokens (default 0 = off)")
-    text.add_argument("--top-p", type=float, help="nucleus sampling mass (default 1 = off)")
+    text.add_argument("--temperature", type=non_negative_float, help="0 = greedy (default 0.8)")
+    text.add_argument("--top-k", type=non_negative_int, help="keep the k likeliest tokens (default 0 = off)")
+    text.add_argument("--top-p", type=probability_mass, help="nucleus sampling mass (default 1 = off)")
     text.add_argument("--max-new-tokens", type=positive_int,
                       help="tokens to generate after each prompt, at most the context left (default 64)")
     image = sample.add_argument_group("image models (DiT, GAN; --images, --out and --save-array: autoencoders)")
     image.add_argument("--labels", help="comma-separated class labels, e.g. 0,1,2 (default: every class)")
     image.add_argument("--num-per-label", "--num", dest="num_per_label", type=positive_int,
                        help="samples per label or prompt (default 8)")
-    image.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the config's)")
+    image.add_argument("--guidance", type=non_negative_float,
+                       help="classifier-free guidance scale (default: the config's)")
     image.add_argument("--sampler", help="ddpm, ddim, euler or heun (default: the config's)")
     image.add_argument("--steps", type=positive_int, help="sampling steps (default: the config's)")
     image.add_argument("--out", help="the PNG grid to write (default: RUN_DIR/samples/sample_step<N>.png)")

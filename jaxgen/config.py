@@ -41,6 +41,7 @@ from jaxgen.config_models import (  # noqa: F401  (the model sections are part o
     TransformerConfig,
 )
 from jaxgen.config_optimizer import OptimizerConfig
+from jaxgen.config_section import MAX_SEED
 from jaxgen.config_section import Section as _Section
 from jaxgen.config_text import MAX_CONFIG_BYTES, deep_merge, excerpt, load_yaml, parse_overrides
 from jaxgen.errors import ConfigError
@@ -71,7 +72,7 @@ class TrainConfig(_Section):
     steps: int = Field(120, gt=0)
     # Gradient accumulation: the global batch is split into this many sequential microbatches.
     microbatches: int = Field(1, gt=0)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     eval_every: int = Field(40, gt=0)
     # The most global batches the held-out loss is measured on. They hold the held-out documents
     # (or images) each once, the last batch padded with zero weight: all of them when they fit in

@@ -9,6 +9,7 @@ from typing import Literal
 import pydantic
 from pydantic import Field
 
+from jaxgen.config_section import MAX_SEED
 from jaxgen.config_section import Section as _Section
 
 SOURCE_KINDS = ("path", "tfds", "array_record", "text", "jsonl", "parquet", "hf")
@@ -94,7 +95,7 @@ class DataConfig(_SourceFields):
     # Held-out documents come in runs of this many, so that few sit next to training documents
     # that continue them (a passage's verses, a site's pages); 1 = every n-th document.
     eval_block: int = Field(10, gt=0)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     # Text and JSONL sources (the bundled corpus too) whose files take at most this many MiB on
     # disk are read into memory once, in every process and worker (.gz files take several times
     # their size), and then shuffled whole every epoch, as random-access sources (path, tfds,

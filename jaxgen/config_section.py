@@ -8,6 +8,9 @@ from typing import Any
 import pydantic
 from pydantic import BaseModel, ConfigDict
 
+# Seeds become 32-bit random keys (JAX's PRNGKey, NumPy's generators): larger ones overflow deep inside.
+MAX_SEED = 2**32 - 1
+
 
 class Section(BaseModel):
     # inf and nan are never valid where a number is meant (an infinite learning rate poisons the weights).

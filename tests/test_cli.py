@@ -11,7 +11,7 @@ import time
 import pytest
 
 from jaxgen.cli import build_parser
-from jaxgen.errors import describe
+from jaxgen.errors import UsageError, describe
 
 from conftest import TINY_CONFIG
 from helpers import REPO, cli_env, error_lines, run_jaxgen
@@ -32,6 +32,8 @@ def refused(result, *, status=2, says: str) -> str:
     (["data.seed=-5"], "config key 'data.seed' = -5: Input should be greater than or equal to 0"),
     (["data.text="], "data.text: is empty"),
     (["optimizer.lr=.inf"], "'optimizer.lr' = inf: Input should be a finite number"),
+    (["train.seed=99999999999999999999"], "'train.seed' = 99999999999999999999: Input should be less than or equal "
+                                          "to 4294967295"),
     (["train.stpes=3"], "Did you mean 'train.steps'?"),
     (["model.n_layers=[1,2"], "override 'model.n_layers=[1,2' is not valid YAML"),
 ])
@@ -96,6 +98,26 @@ def test_sample_options_belong_to_a_model_kind(tmp_path):
             says=f"--labels cannot be used with {lm}, a model.kind=transformer run; its options: --prompt")
     refused(run_jaxgen("sample", "--run-dir", str(dit), "--prompt", "hi", "--temperature", "0"),
             says="--prompt, --temperature cannot be used with")
+    refused(run_jaxgen("sample", "--run-dir", str(lm), "--top-k", "5000"),  # before reading any checkpoint
+            says=f"--top-k 5000 is more than the 512 tokens of {lm}'s model; give 0 (off) to 512")
+
+
+@pytest.mark.parametrize("flag,value,says", [
+    ("--temperature", "-1", "argument --temperature: -1 is negative; give 0 or more"),
+    ("--temperature", "nan", "argument --temperature: nan is not a finite number"),
+    ("--temperature", "hot", "argument --temperature: 'hot' is not a number"),
+    ("--top-k", "-3", "argument --top-k: -3 is negative; give 0 or more"),
+    ("--top-p", "0", "argument --top-p: 0 is not a probability mass; give a number above 0, at most 1"),
+    ("--top-p", "7", "argument --top-p: 7 is not a probability mass"),
+    ("--guidance", "inf", "argument --guidance: inf is not a finite number"),
+    ("--seed", "99999999999999999999", "argument --seed: 99999999999999999999 is not a seed; give an integer from 0 "
+                                       "to 4294967295"),
+    ("--seed", "-1", "argument --seed: -1 is not a seed"),
+])
+def test_sampling_numbers_out_of_range_are_refused_by_the_parser(flag, value, says):
+    with pytest.raises(UsageError) as refusal:
+        build_parser().parse_args(["sample", "--run-dir", "r", flag, value])
+    assert says in str(refusal.value) and "\n" not in str(refusal.value)
 
 
 def test_file_system_errors_are_named_in_words(tmp_path):

@@ -308,6 +308,9 @@ def test_top_k_and_top_p_truncate_the_distribution():
     assert draw(Sampling(temperature=1.0, top_p=0.7)) == {0, 1}
     assert draw(Sampling(temperature=1.0, top_p=0.01)) == {0}
     assert draw(Sampling(temperature=1.0)) == {0, 1, 2, 3}
+    for bad in ({"temperature": -1.0}, {"temperature": float("nan")}, {"top_k": -1}, {"top_p": 0.0}, {"top_p": 1.5}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} .* must be"):
+            Sampling(**bad)
 
 
 def test_cli_sample_is_greedy_and_deterministic(trained):

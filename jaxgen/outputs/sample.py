@@ -29,5 +29,9 @@ def sample_run(run_dir: str | pathlib.Path, given: dict[str, Any], seed: int = 0
         raise UsageError(f"{', '.join(map(flag, foreign))} cannot be used with {run_dir}, a model.kind="
                          f"{cfg.model.kind} run; its options: {', '.join(map(flag, accepted))}")
     options = {name: default if given.get(name) is None else given[name] for name, default in accepted.items()}
+    vocab = getattr(cfg.model, "vocab_size", None)
+    if vocab is not None and options.get("top_k", 0) > vocab:
+        raise UsageError(f"--top-k {options['top_k']} is more than the {vocab} tokens of {run_dir}'s model; "
+                         f"give 0 (off) to {vocab}")
     run = open_run(run_dir, step, overrides)
     return run.task.generate(run.weights, run.run_dir, run.step, {**options, "seed": seed}, on_text)
