@@ -36,6 +36,8 @@ def default_run_dir(config_path: str | None) -> pathlib.Path:
 
 def cmd_train(args: argparse.Namespace) -> int:
     startup = {"imports": time.time()}  # the phases before training starts, for the run's start-up times
+    if args.run_dir and os.path.exists(args.run_dir) and not os.path.isdir(args.run_dir):
+        raise UsageError(f"--run-dir {args.run_dir!r} is a file; give a directory (a new one, or a run to continue)")
     cfg = load_config(args.config, args.overrides)  # every config error surfaces before JAX starts
     startup["config"] = time.time()
     distributed.initialize(distributed_settings(args))

@@ -135,6 +135,9 @@ def test_file_system_errors_are_named_in_words(tmp_path):
     a_file.write_text("x")
     refused(run_jaxgen("train", "--run-dir", str(a_file / "run"), "train.steps=1"), status=1,
             says=f"{a_file / 'run'}: not a directory")
+    refused(run_jaxgen("train", "--run-dir", str(a_file)), says=f"--run-dir '{a_file}' is a file; give a directory")
+    refused(run_jaxgen("eval", "--run-dir", str(a_file)), says=f"run directory '{a_file}' is a file")
+    assert a_file.read_text() == "x"
 
 
 def start(args, *, cwd=REPO):

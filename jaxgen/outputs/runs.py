@@ -48,7 +48,7 @@ class OpenedRun:
 def load_run_config(run_dir: str | pathlib.Path, overrides: list[str] = ()) -> Config:
     run_dir = pathlib.Path(run_dir)
     if not run_dir.is_dir():
-        raise ConfigError(f"run directory {str(run_dir)!r} does not exist")
+        raise ConfigError(f"run directory {str(run_dir)!r} " + ("is a file" if run_dir.exists() else "does not exist"))
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{str(run_dir)!r} is not a jaxgen run directory (no config.yaml)")
     return load_config(run_dir / "config.yaml", [*DEFAULT_MESH, *overrides])
