@@ -9,6 +9,7 @@ what would be valid, before any device work starts.
 from __future__ import annotations
 
 import difflib
+import json
 import pathlib
 import typing
 from typing import Any, Literal
@@ -433,6 +434,26 @@ def with_overrides(cfg: Config, overrides: list[str]) -> Config:
         return Config.model_validate(deep_merge(cfg.model_dump(mode="json"), parse_overrides(overrides)))
     except pydantic.ValidationError as err:
         raise ConfigError(_explain(err)) from None
+
+
+def changed_settings(before: dict, after: dict, ignored: tuple[str, ...] = ("train.steps",)) -> list[str]:
+    """'key: old -> new' for every setting that differs between two configs as JSON (`model_dump(mode="json")`),
+    in key order, except `ignored` ones (extending a run's steps is how it is continued)."""
+    old, new = _flat(before), _flat(after)
+    return [f"{key}: {_shown(old, key)} -> {_shown(new, key)}" for key in sorted(set(old) | set(new))
+            if key not in ignored and (key in old, old.get(key)) != (key in new, new.get(key))]
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        return {key: value for name, child in tree.items()
+                for key, value in _flat(child, f"{prefix}.{name}" if prefix else name).items()}
+    return {prefix: tree}
+
+
+def _shown(settings: dict[str, Any], key: str) -> str:
+    text = json.dumps(settings[key]) if key in settings else "(absent)"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _schema_at(loc: tuple) -> type[BaseModel] | None:

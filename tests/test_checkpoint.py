@@ -72,7 +72,7 @@ def test_resume_after_a_hard_kill_is_bit_identical(tmp_path, devices, mesh):
 
     resumed = run(train_args(crashed, *mesh), devices)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed from" in resumed.stderr
+    assert "resumed from" in resumed.stderr and "settings changed" not in resumed.stderr  # the same command
     expected, got = losses(straight), losses(crashed)
     assert [got[s] for s in range(5, 9)] == [expected[s] for s in range(5, 9)]  # bit-identical floats
     assert_trees_equal(saved_params(crashed, 8), saved_params(straight, 8))
@@ -136,10 +136,12 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
     (torn / "state").mkdir(parents=True)
     (torn / "state" / "half_written").write_bytes(b"\0" * 100)
 
-    resumed = run(train_args(run_dir))
+    resumed = run(train_args(run_dir, "logging.every=2", "train.steps=10"))  # steps extended: not a change
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from"] in (4, 8)  # 8 only if its commit beat the kill
+    assert (f"continuing step {summary['resumed_from']} with settings changed since it was saved (config.yaml now "
+            "holds the new ones): logging.every: 1 -> 2\n") in resumed.stderr
     assert [p.name for p in (run_dir / "checkpoints").iterdir() if "tmp" in p.name] == []
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from jaxgen.config import Config, load_config, parse_overrides
+from jaxgen.config import Config, changed_settings, load_config, parse_overrides
 from jaxgen.errors import ConfigError
 from jaxgen.sharding import mesh_shape
 
@@ -69,3 +69,12 @@ def test_mesh_product_must_match_devices():
 def test_minus_one_fills_remaining_devices():
     assert mesh_shape(tiny_config("mesh.data=-1", "mesh.tensor=2").mesh, 8) == (4, 1, 2)
     assert mesh_shape(tiny_config("mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=2").mesh, 8) == (1, 4, 2)
+
+
+def test_changed_settings_name_each_key_with_both_values():
+    before = load_config(TINY_CONFIG).model_dump(mode="json")
+    after = load_config(TINY_CONFIG, ["data.batch_size=32", "train.steps=9", "data.text=/x.txt"]).model_dump(mode="json")
+    assert changed_settings(before, after) == ['data.batch_size: 16 -> 32', 'data.text: null -> "/x.txt"']
+    assert changed_settings(before, before) == []
+    assert changed_settings({"a": {"b": 1}}, {"a": {"b": 1, "c": [1]}, "d": None}) == ["a.c: (absent) -> [1]",
+                                                                                      "d: (absent) -> null"]

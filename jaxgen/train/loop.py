@@ -25,7 +25,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from jaxgen import __version__
 from jaxgen.allocator import loaded_allocator
 from jaxgen.checkpoint import Checkpointer, checkpoint_dir, restore_subtree
-from jaxgen.config import Config
+from jaxgen.config import Config, changed_settings
 from jaxgen.data.lockstep import next_in_lockstep
 from jaxgen.data.pipeline import merged_position, process_streams, this_process, to_global
 from jaxgen.device_memory import check_fits
@@ -142,6 +142,10 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
     clock.mark("data")
     if resumed is not None:
         task.check_inputs(resumed.meta.get("inputs", {}), meta["inputs"])
+        if "config" in resumed.meta and (changes := changed_settings(resumed.meta["config"], meta["config"])):
+            shown = changes[:8] + ([f"... and {len(changes) - 8} more"] if len(changes) > 8 else [])
+            log.warning("continuing step %d with settings changed since it was saved (config.yaml now holds the "
+                        "new ones): %s", resumed.step, "; ".join(shown))
         state = resumed.state
         data.train.set_state(merged_position(resumed.data_states))  # saved on any process count
         log.info("resumed from %s at step %d", ckpt.directory, resumed.step)
