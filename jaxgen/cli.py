@@ -18,7 +18,8 @@ import re
 import sys
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from jaxgen import __version__, distributed
 from jaxgen.config import DataConfig, load_config
@@ -262,34 +263,22 @@ def _finite(text: str) -> float:
     return value
 
 
-def positive_int(text: str) -> int:
-    if (value := _integer(text)) < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
+def _argument(parse: Callable[[str], Any], accepted: Callable[[Any], bool], says: str) -> Callable[[str], Any]:
+    """An argparse type: `parse`d, then refused with `says` (formatted with the value) unless `accepted`."""
+    def checked(text: str):
+        value = parse(text)
+        if not accepted(value):
+            raise argparse.ArgumentTypeError(says.format(value))
+        return value
+    return checked
 
 
-def non_negative_int(text: str) -> int:
-    if (value := _integer(text)) < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
-    return value
-
-
-def seed(text: str) -> int:
-    if not 0 <= (value := _integer(text)) <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"{value} is not a seed; give an integer from 0 to {MAX_SEED}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    if (value := _finite(text)) < 0:
-        raise argparse.ArgumentTypeError(f"{value:g} is negative; give 0 or more")
-    return value
-
-
-def probability_mass(text: str) -> float:
-    if not 0 < (value := _finite(text)) <= 1:
-        raise argparse.ArgumentTypeError(f"{value:g} is not a probability mass; give a number above 0, at most 1")
-    return value
+positive_int = _argument(_integer, lambda n: n >= 1, "{} is not a positive integer")
+non_negative_int = _argument(_integer, lambda n: n >= 0, "{} is negative; give 0 or more")
+seed = _argument(_integer, lambda n: 0 <= n <= MAX_SEED, f"{{}} is not a seed; give an integer from 0 to {MAX_SEED}")
+non_negative_float = _argument(_finite, lambda x: x >= 0, "{:g} is negative; give 0 or more")
+probability_mass = _argument(_finite, lambda x: 0 < x <= 1,
+                             "{:g} is not a probability mass; give a number above 0, at most 1")
 
 
 def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
