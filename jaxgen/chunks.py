@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 
 def padded_chunks(rows: Any, size: int) -> Iterator[tuple[Any, int]]:
@@ -19,13 +20,19 @@ def padded_chunks(rows: Any, size: int) -> Iterator[tuple[Any, int]]:
         yield jax.tree.map(lambda x: _pad(np.asarray(x[start:start + count]), size), rows), count
 
 
-def map_chunks(fn: Callable[[Any, int], Any], rows: Any, size: int) -> Any:
+def map_chunks(fn: Callable[[Any, int], Any], rows: Any, size: int, progress: str | None = None) -> Any:
     """What `fn` would give for all `rows` at once, computed `size` rows at a time: `fn(chunk, index)` runs on each
     chunk of `padded_chunks` (`index` counts chunks, e.g. to fold into a random key) and returns an array, or a
     pytree of arrays, with one row per chunk row; the rows are brought to the host, padding dropped, and joined.
-    With no rows, `fn` is only traced (`jax.eval_shape`) for the shapes of the empty result."""
+    With no rows, `fn` is only traced (`jax.eval_shape`) for the shapes of the empty result.
+    `progress`: a progress bar of that name counts the chunks (when there are several)."""
+    chunks = padded_chunks(rows, size)
+    if progress is not None:
+        total = -(-len(jax.tree.leaves(rows)[0]) // size)
+        chunks = tqdm(chunks, total=total, desc=progress, unit="batch", leave=False, dynamic_ncols=True,
+                      disable=total < 2)
     parts = [jax.tree.map(lambda out: np.asarray(out)[:count], jax.device_get(fn(chunk, index)))
-             for index, (chunk, count) in enumerate(padded_chunks(rows, size))]
+             for index, (chunk, count) in enumerate(chunks)]
     if not parts:
         shapes = jax.eval_shape(lambda chunk: fn(chunk, 0), rows)
         return jax.tree.map(lambda shape: np.zeros(shape.shape, shape.dtype), shapes)

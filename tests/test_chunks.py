@@ -50,3 +50,13 @@ def test_no_rows_give_empty_results_of_the_right_shapes_without_a_call():
     tokens, pooled = map_chunks(embed, np.zeros((0, 3), np.float32), 4)
     assert traced == [True]  # traced for shapes only
     assert (tokens.shape, tokens.dtype, pooled.shape, pooled.dtype) == ((0, 5, 7), jnp.bfloat16, (0,), np.float32)
+
+
+def test_a_named_progress_bar_counts_the_chunks_when_there_are_several(capsys):
+    rows = np.arange(10, dtype=np.float32)
+    np.testing.assert_array_equal(map_chunks(lambda chunk, _: chunk * 2, rows, 4, progress="draw"), rows * 2)
+    shown = capsys.readouterr().err
+    assert "draw:" in shown and "/3 " in shown  # three chunks counted
+    map_chunks(lambda chunk, _: chunk, rows[:4], 4, progress="draw")  # one chunk: no bar
+    map_chunks(lambda chunk, _: chunk, rows, 4)  # no name: no bar
+    assert capsys.readouterr().err == ""

@@ -36,6 +36,7 @@ from jaxgen.tasks.base import ModelSpec, Phase, Weights
 from jaxgen.tasks.conditions import CaptionConditions, make_conditions
 from jaxgen.tasks.image_outputs import (
     check_image_inputs,
+    draw_progress,
     image_inputs,
     quality_images,
     requested_labels,
@@ -163,7 +164,7 @@ class DiffusionTask:
             return sampler(weights.params[MAIN_GROUP], condition, unconditional,
                            jax.random.fold_in(jax.random.PRNGKey(seed), index), jnp.float32(scale))
 
-        images = map_chunks(draw_batch, rows, size)
+        images = map_chunks(draw_batch, rows, size, progress=draw_progress(self.cfg, "sample"))
         return self.latents.decode(weights, images) if self.latents is not None else images
 
     def sample(self, weights: Weights, data: ImageData, run_dir: pathlib.Path, step: int | None) -> dict:

@@ -30,6 +30,7 @@ from jaxgen.tasks.adversarial import discriminator_loss, generator_loss, r1_pena
 from jaxgen.tasks.base import ModelSpec, Phase, Weights
 from jaxgen.tasks.image_outputs import (
     check_image_inputs,
+    draw_progress,
     image_inputs,
     quality_images,
     requested_labels,
@@ -121,7 +122,7 @@ class GANTask:
         graphdef, params = weights.graphdefs[GENERATOR], weights.params[GENERATOR]
         return map_chunks(lambda chunk, i: self._draw(graphdef, params, jnp.asarray(chunk),
                                                        jax.random.fold_in(jax.random.PRNGKey(seed), i)),
-                          np.asarray(labels, np.int32), batch_size)
+                          np.asarray(labels, np.int32), batch_size, progress=draw_progress(self.cfg, "generate"))
 
     def sample(self, weights: Weights, data: ImageData, run_dir: pathlib.Path, step: int | None) -> dict:
         """A grid, one row per class, to RUN_DIR/samples/ and TensorBoard."""

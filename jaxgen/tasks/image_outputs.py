@@ -28,6 +28,11 @@ def check_image_inputs(saved: dict, current: dict) -> None:
                               f"{current.get('images')}; resume with the checkpoint's images")
 
 
+def draw_progress(cfg: Config, what: str) -> str | None:
+    """The name of a progress bar over a draw's batches (None: no bar), as `logging.progress_bar` asks."""
+    return what if jax.process_index() == 0 and cfg.logging.progress_bar else None
+
+
 def grid_name(step: int | None) -> str:
     return "final.png" if step is None else f"step_{step:07d}.png"
 
