@@ -17,35 +17,27 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxgen.checkpoint import checkpoint_dir, committed_steps
-from jaxgen.data.pipeline import to_global
+from jaxgen.data.pipeline import padded, to_global
 from jaxgen.outputs.runs import OpenedRun, each_checkpoint, open_run
+from jaxgen.sharding import data_parallel_size
 from jaxgen.tasks.layout import held_out_sums
 
 
 def evaluate(run: OpenedRun, data) -> dict:
     """The task's figures for the run's current parameters."""
-    batches = [to_global(padded_to_split(batch, data_parallel_rows(run.mesh)), run.mesh) for batch in data.eval]
+    batches = [to_global(split_evenly(batch, run.mesh), run.mesh) for batch in data.eval]
     loss_sum, weight_sum = held_out_sums(run.eval_step, run.weights.params, batches)
     return {"step": run.step, **run.task.evaluate(run.weights, data, loss_sum, weight_sum)}
 
 
-def data_parallel_rows(mesh: Mesh) -> int:
-    """The multiple of rows this process's part of a batch must be to split over the mesh's batch axes."""
-    return max(1, mesh.shape["data"] * mesh.shape["fsdp"] // jax.process_count())
-
-
-def padded_to_split(batch: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
-    """`batch` with rows added (copies of its last, of weight 0) up to a multiple of `multiple` rows.
+def split_evenly(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, np.ndarray]:
+    """`batch` (this process's rows) padded with zero-weight rows until the mesh's batch axes split it evenly.
 
     A run is trained with a batch its devices split evenly, but may be evaluated on another number
     of devices (`jaxgen eval` uses every device present); the held-out rows and the sums stay the same.
     """
-    missing = -len(batch["weights"]) % multiple
-    if not missing:
-        return batch
-    return {name: np.concatenate([rows, np.zeros_like(rows[-1:]).repeat(missing, 0) if name == "weights"
-                                  else rows[-1:].repeat(missing, 0)])
-            for name, rows in batch.items()}
+    multiple = max(1, data_parallel_size(mesh) // jax.process_count())
+    return padded(batch, -(-len(batch["weights"]) // multiple) * multiple)
 
 
 def evaluate_run(run_dir: str | pathlib.Path, step: int | None = None, overrides: list[str] = (),
