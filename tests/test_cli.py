@@ -120,6 +120,15 @@ def test_sampling_numbers_out_of_range_are_refused_by_the_parser(flag, value, sa
     assert says in str(refusal.value) and "\n" not in str(refusal.value)
 
 
+@pytest.mark.parametrize("args", [["sample", "--run-dir", "r", "--out"], ["sample", "--run-dir", "r", "--save-array"],
+                                  ["data", "g2p", "--out"]])
+def test_a_file_to_write_that_is_a_directory_is_refused_by_the_parser(tmp_path, args):
+    with pytest.raises(UsageError, match=f"argument {args[-1]}: '{tmp_path}' is a directory; give the file to write"):
+        build_parser().parse_args([*args, str(tmp_path)])
+    with pytest.raises(UsageError, match=f"argument {args[-1]}: an empty path; give the file to write"):
+        build_parser().parse_args([*args, ""])
+
+
 def test_file_system_errors_are_named_in_words(tmp_path):
     assert describe(OSError(errno.ENOSPC, "No space left on device", "/data/x")) == (
         "error: /data/x: no space left on device", 1)
@@ -133,8 +142,8 @@ def test_file_system_errors_are_named_in_words(tmp_path):
         assert describe(wrapped)[0] == "error: /secret: permission denied"
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    refused(run_jaxgen("train", "--run-dir", str(a_file / "run"), "train.steps=1"), status=1,
-            says=f"{a_file / 'run'}: not a directory")
+    refused(run_jaxgen("train", "--run-dir", str(a_file / "run" / "1"), "train.steps=1"),
+            says=f"--run-dir '{a_file / 'run' / '1'}' is under '{a_file}', a file; give a directory")
     refused(run_jaxgen("train", "--run-dir", str(a_file)), says=f"--run-dir '{a_file}' is a file; give a directory")
     refused(run_jaxgen("eval", "--run-dir", str(a_file)), says=f"run directory '{a_file}' is a file")
     assert a_file.read_text() == "x"

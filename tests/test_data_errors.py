@@ -158,6 +158,20 @@ def test_tokenizer_train_cli_says_the_corpus_is_too_small(tmp_path):
     assert "the corpus is too small for a 32000-piece bpe tokenizer: sentencepiece can make at most" in error
 
 
+def test_tokenizer_train_never_writes_over_its_corpus_or_onto_a_directory(tmp_path):
+    corpus = write_lines(tmp_path / "small.txt", [v.encode() for v in VERSES[:100]])
+    before = corpus.read_bytes()
+    error = jaxgen_fails("tokenizer", "train", "--input", "*.txt", "--vocab-size", "300", "--out", "./small.txt",
+                         cwd=tmp_path)
+    assert error == ("jaxgen: error: --out './small.txt' is one of the --input files; the tokenizer would overwrite "
+                     "the corpus")
+    (tmp_path / "models").mkdir()
+    error = jaxgen_fails("tokenizer", "train", "--input", "*.txt", "--vocab-size", "300", "--out", "models",
+                         cwd=tmp_path)
+    assert "argument --out: 'models' is a directory; give the file to write, e.g. models/NAME" in error
+    assert corpus.read_bytes() == before and not any((tmp_path / "models").iterdir())
+
+
 # ----------------------------------------------------------------------------- 3. errors reach the user as themselves
 
 INVALID_LINE = (r"bad.txt: line at byte \d+ is not valid UTF-8 \(invalid start byte at byte 4 of line 301\); "
