@@ -485,9 +485,9 @@ def _explain(err: pydantic.ValidationError) -> str:
             valid = sorted(holder.model_fields) if holder else []
             close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
             parent = ".".join(loc[:-1])
-            hint = f"Did you mean '{'.'.join([*loc[:-1], close[0]])}'?" if close else ""
+            hint = f" Did you mean '{'.'.join([*loc[:-1], close[0]])}'?" if close else ""
             lines.append(
-                f"unknown config key '{dotted}'. {hint} Valid keys{' in ' + parent if parent else ''}: {', '.join(valid)}"
+                f"unknown config key '{dotted}'.{hint} Valid keys{' in ' + parent if parent else ''}: {', '.join(valid)}"
             )
         elif e["type"] == "value_error":
             lines.append(f"{dotted}: {e['msg'].removeprefix('Value error, ')}")

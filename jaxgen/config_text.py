@@ -39,10 +39,33 @@ MAX_CONFIG_BYTES = 1_000_000
 MAX_CONFIG_VALUES = 100_000
 
 
+class _RepeatedKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int):
+        super().__init__(f"line {line}: key {key!r} is given twice in one mapping; keep one")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe YAML in which a key written twice in one mapping is an error: PyYAML would keep the last silently."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`, whose keys the mapping may override
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise _RepeatedKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(text: str, where: str) -> Any:
-    """Parsed YAML, refused (in one line) if invalid or if its aliases expand beyond MAX_CONFIG_VALUES."""
+    """Parsed YAML, refused (in one line) if invalid, if a mapping repeats a key, or if its aliases expand
+    beyond MAX_CONFIG_VALUES."""
     try:
-        value = yaml.safe_load(text)
+        value = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except _RepeatedKey as err:
+        raise ConfigError(f"{where}, {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{where} is not valid YAML: {' '.join(str(err).split())}") from None
     _count_values(value, where, {}, set())

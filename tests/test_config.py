@@ -3,6 +3,7 @@
 import pytest
 
 from jaxgen.config import Config, changed_settings, load_config, parse_overrides
+from jaxgen.config_text import load_yaml
 from jaxgen.errors import ConfigError
 from jaxgen.sharding import mesh_shape
 
@@ -34,6 +35,18 @@ def test_unknown_key_names_closest_valid_key():
         tiny_config("train.stpes=5")
     with pytest.raises(ConfigError, match=r"unknown config key 'modle'.*Did you mean 'model'"):
         load_config(None, ["modle.d_model=3"])
+
+
+def test_a_key_given_twice_in_a_config_file_is_refused_naming_its_line(tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("model:\n  d_model: 64\n  n_layers: 2\n  d_model: 128\n")  # PyYAML alone keeps 128
+    with pytest.raises(ConfigError) as refusal:
+        load_config(twice)
+    assert str(refusal.value) == (f"config file {str(twice)!r}, line 4: key 'd_model' is given twice in one "
+                                  "mapping; keep one")
+    # A merge key's values may be overridden: that is not a repeat.
+    assert load_yaml("base: &b {x: 1, y: 2}\nuse: {<<: *b, x: 3}", "text") == {"base": {"x": 1, "y": 2},
+                                                                               "use": {"x": 3, "y": 2}}
 
 
 def test_wrong_type_names_field_and_expected_type():
