@@ -2,6 +2,7 @@
 
 import errno
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 
 from jaxgen.cli import build_parser
 from jaxgen.errors import UsageError, describe
+from jaxgen.files import write_atomic
 
 from conftest import TINY_CONFIG
 from helpers import REPO, cli_env, error_lines, run_jaxgen
@@ -160,6 +162,20 @@ def test_file_system_errors_are_named_in_words(tmp_path):
     refused(run_jaxgen("train", "--run-dir", str(a_file)), says=f"--run-dir '{a_file}' is a file; give a directory")
     refused(run_jaxgen("eval", "--run-dir", str(a_file)), says=f"run directory '{a_file}' is a file")
     assert a_file.read_text() == "x"
+
+
+def test_a_file_that_could_not_be_written_is_named_and_the_old_one_kept(tmp_path):
+    kept = tmp_path / "grid.png"
+    kept.write_bytes(b"before")
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limits[1]))  # Python ignores SIGXFSZ: the write fails, EFBIG
+    try:
+        with pytest.raises(OSError) as failed:
+            write_atomic(kept, b"x" * 100_000)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    assert describe(failed.value)[0] == f"error: {kept}: file too large (a file-size limit was reached)"
+    assert kept.read_bytes() == b"before" and [p.name for p in tmp_path.iterdir()] == ["grid.png"]
 
 
 def start(args, *, cwd=REPO):
