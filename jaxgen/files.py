@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import glob
 import json
@@ -103,7 +104,13 @@ def building(target: str | pathlib.Path) -> Iterator[pathlib.Path]:
         yield tmp
         if target.is_dir() and not any(target.iterdir()):
             target.rmdir()
-        os.rename(tmp, target)
+        try:
+            os.rename(tmp, target)
+        except OSError as err:
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                raise
+            raise DirectoryInUse(f"{str(target)!r} was written by another process while this one built it; "
+                                 "nothing of this one's was kept: name a new directory") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -19,6 +19,8 @@ import pytest
 
 from jaxgen.checkpoint import checkpoint_dir, committed_steps, restore_subtree
 from jaxgen.config import load_config
+from jaxgen.errors import DirectoryInUse
+from jaxgen.files import building
 from jaxgen.metrics import read_metrics
 from jaxgen.outputs.runs import open_run
 from jaxgen.sharding import make_mesh
@@ -240,3 +242,21 @@ def test_eval_all_scores_every_checkpoint_and_reproduces_the_loop(straight):
     assert [r["step"] for r in reports] == committed_steps(checkpoint_dir(run_dir)) == [4, 8, 12]
     logged = {r["step"]: r["eval_loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "eval_loss" in r}
     assert reports[-1]["eval_loss"] == pytest.approx(logged[STEPS], rel=1e-6)
+
+
+def test_two_writers_of_one_output_directory_keep_the_first_whole_and_say_so(tmp_path):
+    """Two exports (or prepares) to one --out at once: the one finishing second found the other's output where it
+    would rename its own, which failed as 'X.partial-host-pid -> out: Directory not empty'."""
+    out = tmp_path / "out"
+    with pytest.raises(DirectoryInUse) as refused:
+        with building(out) as mine:
+            (mine / "weights").write_text("mine")
+            out.mkdir()  # the other writer finishes first
+            (out / "weights").write_text("theirs")
+    assert str(refused.value) == (f"{str(out)!r} was written by another process while this one built it; nothing "
+                                  "of this one's was kept: name a new directory")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "weights").read_text() == "theirs"
+    with building(tmp_path / "empty") as mine:  # an empty directory there is taken, as before
+        (tmp_path / "empty").mkdir()
+        (mine / "weights").write_text("mine")
+    assert (tmp_path / "empty" / "weights").read_text() == "mine"
