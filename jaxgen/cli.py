@@ -25,7 +25,7 @@ from jaxgen import __version__, distributed
 from jaxgen.config import DataConfig, DiffusionConfig, load_config
 from jaxgen.config_section import MAX_SEED
 from jaxgen.errors import ConfigError, UsageError, describe
-from jaxgen.interrupts import end_cleanly_on_ctrl_c, exit_interrupted
+from jaxgen.interrupts import advise, end_cleanly_on_ctrl_c, exit_interrupted
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+=")
 
@@ -45,6 +45,7 @@ def _file_in_the_way(directory: pathlib.Path) -> pathlib.Path | None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     startup = {"imports": time.time()}  # the phases before training starts, for the run's start-up times
+    advise("; run the same command again to continue")  # stopped before the loop: it starts or resumes anew
     if args.run_dir and (in_the_way := _file_in_the_way(pathlib.Path(args.run_dir))):
         where = "is a file" if in_the_way == pathlib.Path(args.run_dir) else f"is under {str(in_the_way)!r}, a file"
         raise UsageError(f"--run-dir {args.run_dir!r} {where}; give a directory (a new one, or a run to continue)")

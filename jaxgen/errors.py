@@ -101,7 +101,7 @@ def first_line(err: BaseException, limit: int = 300) -> str:
 def describe(err: BaseException) -> tuple[str, int]:
     """The one line (after 'jaxgen: ') and exit status for any failure that reaches the command line."""
     if isinstance(err, KeyboardInterrupt):
-        return "interrupted; run the same command again to continue", 130
+        return "interrupted", 130
     if isinstance(err, Preempted):
         return str(err), err.exit_status
     if isinstance(err, JaxgenError):

@@ -1,4 +1,4 @@
-"""Ctrl-C ends `jaxgen` cleanly from its first moment: one line and an exit status, at once.
+"""Ctrl-C (and SIGTERM) end `jaxgen` cleanly from its first moment: one line and an exit status, at once.
 
 Outside the training loop there is nothing to save, and every file jaxgen
 writes appears whole or not at all (temporary names and renames), so the
@@ -17,31 +17,41 @@ import signal
 import sys
 import threading
 
-from jaxgen.errors import describe
+# What each stopping signal prints and exits with; a command may add what to do next (`advise`).
+_ENDINGS = {signal.SIGINT: ["interrupted", 130], signal.SIGTERM: ["stopped by SIGTERM", 128 + signal.SIGTERM]}
+_advice = {"text": ""}
 
-_on_ctrl_c = {"status": 130, "line": describe(KeyboardInterrupt())[0]}
 
-
-def exit_interrupted(line: str | None = None, status: int | None = None) -> None:
+def exit_interrupted(line: str | None = None, status: int | None = None, signum: int = signal.SIGINT) -> None:
     """Print the interruption's one line and leave at once."""
-    sys.stderr.write(f"jaxgen: {line or _on_ctrl_c['line']}\n")
+    ending, ending_status = _ENDINGS[signum]
+    sys.stderr.write(f"jaxgen: {line or ending + _advice['text']}\n")
     sys.stderr.flush()
     sys.stdout.flush()
-    os._exit(_on_ctrl_c["status"] if status is None else status)
+    os._exit(ending_status if status is None else status)
 
 
-def _on_sigint(signum, frame) -> None:
-    exit_interrupted()
+def _on_signal(signum, frame) -> None:
+    exit_interrupted(signum=signum)
 
 
 def end_cleanly_on_ctrl_c() -> None:
-    """Install the handler (only the main thread can)."""
+    """Install the handlers (only the main thread can): Ctrl-C, and SIGTERM (a scheduler, `timeout`, `kill`),
+    which would otherwise end the process without a word."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, _on_sigint)
+        for signum in _ENDINGS:
+            signal.signal(signum, _on_signal)
         # Blocked across jaxgen.allocator's re-execution: a Ctrl-C that came meanwhile arrives now.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
+def advise(text: str) -> None:
+    """What an interrupted command should tell its user to do, e.g. "; run the same command again to continue"."""
+    _advice["text"] = text
+
+
 def after_ctrl_c(status: int, line: str) -> None:
-    """What a later Ctrl-C reports: e.g. 75 once a run's final checkpoint is saved."""
-    _on_ctrl_c.update(status=status, line=line)
+    """What a later Ctrl-C or SIGTERM reports: e.g. 75 once a run's final checkpoint is saved."""
+    for ending in _ENDINGS.values():
+        ending[:] = [line, status]
+    _advice["text"] = ""

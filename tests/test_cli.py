@@ -183,8 +183,9 @@ def start(args, *, cwd=REPO):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
 
 
-def interrupt_when(process, printed: str | None, after_s: float = 0.0):
-    """Ctrl-C (SIGINT to the process group) once stderr shows `printed` (or right away); returns stderr."""
+def interrupt_when(process, printed: str | None, after_s: float = 0.0, signum: int = signal.SIGINT):
+    """Ctrl-C (SIGINT to the process group), or `signum`, once stderr shows `printed` (or right away); returns
+    stderr."""
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)
     reader.start()
@@ -192,10 +193,17 @@ def interrupt_when(process, printed: str | None, after_s: float = 0.0):
     while printed and not any(printed in line for line in lines) and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(after_s)
-    os.killpg(process.pid, signal.SIGINT)
+    os.killpg(process.pid, signum)
     process.wait(timeout=120)
     reader.join(timeout=10)
     return "".join(lines)
+
+
+def one_final_line(stderr: str) -> str:
+    assert "Traceback" not in stderr and "Fatal Python error" not in stderr
+    final = [line for line in stderr.splitlines() if line.startswith("jaxgen:")]
+    assert len(final) == 1, stderr[-2000:]
+    return final[0]
 
 
 @pytest.mark.parametrize("moment,printed,after_s,status", [
@@ -215,10 +223,25 @@ def test_ctrl_c_at_any_moment_is_one_line_and_never_a_crash(tmp_path, moment, pr
         printed = None
     stderr = interrupt_when(process, printed, after_s)
     assert process.returncode == status, stderr[-2000:]
-    assert "Traceback" not in stderr and "Fatal Python error" not in stderr
-    final = [line for line in stderr.splitlines() if line.startswith("jaxgen:")]
-    assert len(final) == 1, stderr[-2000:]
-    assert ("preempted: saved a checkpoint" if status == 75 else "interrupted") in final[0]
+    final = one_final_line(stderr)
+    says = {"start-up": "interrupted", "compilation": "interrupted; run the same command again to continue",
+            "training": "preempted: saved a checkpoint"}[moment]
+    assert final.startswith(f"jaxgen: {says}"), final
+
+
+@pytest.mark.parametrize("signum,says,status", [(signal.SIGINT, "interrupted", 130),
+                                                (signal.SIGTERM, "stopped by SIGTERM", 143)])
+def test_a_command_stopped_by_a_signal_says_so_in_one_line(tmp_path, signum, says, status):
+    """SIGTERM (a scheduler, `timeout`, `kill`) ended a command without a word; a command other than train has
+    nothing to continue, so neither line says to run it again."""
+    process = start(["data", "synth", "shapes", "--out", str(tmp_path / "shapes"), "--count", "50000"])
+    stderr = interrupt_when(process, None, after_s=3.0, signum=signum)
+    assert process.returncode == status and one_final_line(stderr) == f"jaxgen: {says}", stderr[-2000:]
+    assert not (tmp_path / "shapes").exists()  # its hidden leftovers go when the command runs again
+    process = start(["train", "--config", str(TINY_CONFIG), "--run-dir", str(tmp_path / "run")])
+    stderr = interrupt_when(process, None, after_s=1.0, signum=signal.SIGTERM)
+    assert process.returncode == 143
+    assert one_final_line(stderr) == "jaxgen: stopped by SIGTERM; run the same command again to continue"
 
 
 def test_an_abandoned_read_closed_at_shutdown_prints_nothing():
