@@ -61,6 +61,10 @@ class DamagedCheckpoint(CheckpointError):
     """A checkpoint that cannot be read back as it was saved; the message says what is wrong."""
 
 
+class CheckpointMismatch(CheckpointError):
+    """An intact checkpoint of another model (other array shapes or dtypes); the message lists them."""
+
+
 def _handlers(state_handler=None) -> dict:
     # Named up front so a fresh manager can read any item before a restore names it.
     return {
@@ -342,7 +346,8 @@ def check_fits(checksums: dict, target: Any, where: str, prefix: str = "") -> No
     ]
     if problems:
         shown = problems[:6] + ([f"... and {len(problems) - 6} more"] if len(problems) > 6 else [])
-        raise CheckpointError(f"{where} does not fit this model ({len(problems)} arrays differ): " + "; ".join(shown))
+        raise CheckpointMismatch(f"{where} does not fit this model ({len(problems)} arrays differ): "
+                                 + "; ".join(shown))
 
 
 def _shape_text(entry: tuple | None) -> str:

@@ -49,7 +49,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.run_dir and (in_the_way := _file_in_the_way(pathlib.Path(args.run_dir))):
         where = "is a file" if in_the_way == pathlib.Path(args.run_dir) else f"is under {str(in_the_way)!r}, a file"
         raise UsageError(f"--run-dir {args.run_dir!r} {where}; give a directory (a new one, or a run to continue)")
-    cfg = load_config(args.config, args.overrides)  # every config error surfaces before JAX starts
+    config = args.config
+    if config is None and args.run_dir and (pathlib.Path(args.run_dir) / "config.yaml").is_file():
+        config = str(pathlib.Path(args.run_dir) / "config.yaml")  # a run continues with its own settings
+        logging.getLogger("jaxgen").info("continuing %s with its config.yaml (overrides apply on top)", args.run_dir)
+    cfg = load_config(config, args.overrides)  # every config error surfaces before JAX starts
     startup["config"] = time.time()
     distributed.initialize(distributed_settings(args))
     with ipython_hidden():

@@ -234,6 +234,24 @@ def refusal(result) -> str:
     return line
 
 
+def test_a_run_continues_with_its_own_config_and_another_model_is_refused_by_name(straight, tokenizer, tmp_path):
+    """`jaxgen train --run-dir R` without --config took the embedded default config, whose model is another,
+    and failed listing array shapes; a config with another model listed shapes too."""
+    before = snapshot(straight[0])
+    other = run_jaxgen(*train_args(straight[0], tokenizer, "model.d_ff=256", "train.steps=14"))
+    assert refusal(other) == (f"jaxgen: error: run directory {str(straight[0])!r} holds a model trained with other "
+                              "settings (model.d_ff: 192 -> 256); continue it with its own (`jaxgen train --run-dir "
+                              f"{straight[0]}`, without --config) or train this config in a new --run-dir")
+    assert snapshot(straight[0]) == before
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight[0], run_dir)
+    longer = run_jaxgen("train", "--run-dir", str(run_dir), "train.steps=14")
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    assert f"continuing {run_dir} with its config.yaml" in longer.stderr
+    assert sorted(losses(run_dir)) == list(range(1, 15))
+    assert load_config(run_dir / "config.yaml") == load_config(straight[0] / "config.yaml", ["train.steps=14"])
+
+
 def test_eval_all_scores_every_checkpoint_and_reproduces_the_loop(straight):
     run_dir = straight[0]
     result = run_jaxgen("eval", "--run-dir", str(run_dir), "--all")

@@ -19,11 +19,11 @@ from collections.abc import Iterator
 
 import jax
 
-from jaxgen.checkpoint import Checkpointer, Restored
-from jaxgen.config import Config
+from jaxgen.checkpoint import Checkpointer, CheckpointMismatch, Restored
+from jaxgen.config import Config, changed_settings, load_config
 from jaxgen.data.tokenizer import kept_tokenizer_files, tokenizer_file_in
 from jaxgen.distributed import bytes_from_process_0
-from jaxgen.errors import CheckpointError, DirectoryInUse
+from jaxgen.errors import CheckpointError, ConfigError, DirectoryInUse
 from jaxgen.files import DirectoryLock, describe_holder
 
 log = logging.getLogger("jaxgen")
@@ -64,7 +64,27 @@ def starting_point(ckpt: Checkpointer, target, cfg: Config, run_dir: pathlib.Pat
                 f"run directory {str(run_dir)!r} already holds checkpoints (steps {ckpt.steps()}) and "
                 "checkpoint.resume=never; set checkpoint.resume=auto to continue it, or choose another --run-dir")
         return None
-    return ckpt.restore_newest_intact(target)
+    try:
+        return ckpt.restore_newest_intact(target)
+    except CheckpointMismatch as err:
+        raise CheckpointMismatch(_other_model(run_dir, cfg) or str(err)) from None
+
+
+def _other_model(run_dir: pathlib.Path, cfg: Config) -> str | None:
+    """Which model settings of this config differ from those the run was trained with, as one line."""
+    try:
+        saved = load_config(run_dir / "config.yaml")
+    except (ConfigError, OSError):
+        return None
+    changes = [change for change in changed_settings(saved.model_dump(mode="json"), cfg.model_dump(mode="json"))
+               if change.startswith("model.")]
+    if not changes:
+        return None
+    changes = [change for change in changes if change.startswith("model.kind:")] or changes  # then all differ
+    shown = changes[:6] + ([f"... and {len(changes) - 6} more"] if len(changes) > 6 else [])
+    return (f"run directory {str(run_dir)!r} holds a model trained with other settings ({'; '.join(shown)}); "
+            f"continue it with its own (`jaxgen train --run-dir {run_dir}`, without --config) or train this "
+            "config in a new --run-dir")
 
 
 def forget_unfinished_start(run_dir: pathlib.Path, cfg: Config) -> None:
