@@ -102,6 +102,8 @@ def test_sample_options_belong_to_a_model_kind(tmp_path):
             says="--prompt, --temperature cannot be used with")
     refused(run_jaxgen("sample", "--run-dir", str(lm), "--top-k", "5000"),  # before reading any checkpoint
             says=f"--top-k 5000 is more than the 512 tokens of {lm}'s model; give 0 (off) to 512")
+    refused(run_jaxgen("export", "--run-dir", str(lm), "--out", str(tmp_path / "hf")),  # not about its tokenizer
+            says=f"run directory '{lm}' holds no checkpoint")
     refused(run_jaxgen("sample", "--run-dir", str(dit), "--labels", "0,10"),
             says="--labels 0,10: each label must be in 0..9 (model.num_classes=10)")
     refused(run_jaxgen("sample", "--run-dir", str(dit), "--sampler", "ddim"),

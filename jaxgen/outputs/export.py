@@ -24,12 +24,12 @@ import ml_dtypes
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxgen.data.tokenizer import Tokenizer, kept_tokenizer_files, load_tokenizer
+from jaxgen.data.tokenizer import Tokenizer, kept_tokenizer_files, load_tokenizer, tokenizer_file_in
 from jaxgen.errors import ExportError
 from jaxgen.files import building
 from jaxgen.outputs.hf_families import HFTensor, flat_params, hf_config, hf_plan
 from jaxgen.outputs.hf_tokenizer import check_exportable, write_hf_tokenizer
-from jaxgen.outputs.runs import OpenedRun, load_run_config, open_run
+from jaxgen.outputs.runs import OpenedRun, load_run_config, open_run, require_checkpoint
 from jaxgen.outputs.safetensors_stream import write_sharded
 from jaxgen.tasks.layout import MAIN_GROUP
 
@@ -132,6 +132,13 @@ def export_safetensors(run: OpenedRun, out: str | pathlib.Path, dtype: str = "fl
     return pathlib.Path(out)
 
 
+def run_tokenizer(run_dir: str | pathlib.Path) -> Tokenizer:
+    """The run's tokenizer; a run without one that holds no checkpoint either is reported as that."""
+    if tokenizer_file_in(pathlib.Path(run_dir)) is None:
+        require_checkpoint(pathlib.Path(run_dir))  # e.g. killed before it saved anything
+    return load_tokenizer(run_dir)
+
+
 def export_run(run_dir: str | pathlib.Path, out: str | pathlib.Path, fmt: str = "hf", dtype: str = "float32",
                step: int | None = None, overrides: list[str] = ()) -> pathlib.Path:
     if fmt not in ("hf", "safetensors", "diffusers"):
@@ -149,7 +156,7 @@ def export_run(run_dir: str | pathlib.Path, out: str | pathlib.Path, fmt: str = 
             from jaxgen.outputs.hf_bert import bert_config, export_bert
             from jaxgen.outputs.hf_t5 import export_t5, t5_config
 
-            tokenizer = load_tokenizer(run_dir)
+            tokenizer = run_tokenizer(run_dir)
             if cfg.model.kind == "encoder":
                 bert_config(cfg.model)  # switches BERT lacks fail here, before any restore
                 writer = export_bert
@@ -158,7 +165,7 @@ def export_run(run_dir: str | pathlib.Path, out: str | pathlib.Path, fmt: str = 
                 writer = export_t5
         else:
             hf_config(cfg)  # a DiT fails here, before any restore
-        check_exportable(load_tokenizer(run_dir))
+        check_exportable(run_tokenizer(run_dir))
     elif fmt == "diffusers":
         from jaxgen.outputs.diffusers_vae import diffusers_config, export_diffusers  # it builds on this module
 

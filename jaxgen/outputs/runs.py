@@ -54,13 +54,19 @@ def load_run_config(run_dir: str | pathlib.Path, overrides: list[str] = ()) -> C
     return load_config(run_dir / "config.yaml", [*DEFAULT_MESH, *overrides])
 
 
+def require_checkpoint(run_dir: pathlib.Path) -> list[int]:
+    """The run's committed steps; none is an error, which readers report before anything else about the run."""
+    steps = committed_steps(checkpoint_dir(run_dir))
+    if not steps:
+        raise CheckpointError(f"run directory {str(run_dir)!r} holds no checkpoint")
+    return steps
+
+
 def read_params(run_dir: pathlib.Path, step: int | None, target: dict) -> tuple[dict, int]:
     """Verified parameters of every group (its EMA where the run keeps one) of checkpoint `step` (default: newest)."""
     directory = checkpoint_dir(run_dir)
     while True:
-        steps = committed_steps(directory)
-        if not steps:
-            raise CheckpointError(f"run directory {str(run_dir)!r} holds no checkpoint")
+        steps = require_checkpoint(run_dir)
         wanted = steps[-1] if step is None else step
         if wanted not in steps:
             raise CheckpointError(f"run directory {str(run_dir)!r} has no checkpoint for step {wanted}; "
@@ -87,8 +93,7 @@ def open_run(run_dir: str | pathlib.Path, step: int | None = None, overrides: li
     """The run's config, task and the parameters of checkpoint `step` (default: the newest)."""
     run_dir = pathlib.Path(run_dir)
     cfg = load_run_config(run_dir, overrides)
-    if not committed_steps(checkpoint_dir(run_dir)):
-        raise CheckpointError(f"run directory {str(run_dir)!r} holds no checkpoint")
+    require_checkpoint(run_dir)
     task, mesh, rules = make_task(cfg), make_mesh(cfg.mesh), resolve_rules(cfg.sharding.preset, cfg.sharding.rules)
     layout = plan_models(task, mesh, rules, cfg.train.seed)
     check_fits("reading this model's parameters", {"parameters": layout.bytes_per_device()})
