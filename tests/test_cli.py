@@ -101,13 +101,18 @@ def test_sample_options_belong_to_a_model_kind(tmp_path):
     refused(run_jaxgen("sample", "--run-dir", str(dit), "--prompt", "hi", "--temperature", "0"),
             says="--prompt, --temperature cannot be used with")
     refused(run_jaxgen("sample", "--run-dir", str(lm), "--top-k", "5000"),  # before reading any checkpoint
-            says=f"--top-k 5000 is more than the 512 tokens of {lm}'s model; give 0 (off) to 512")
+            says="--top-k 5000 is more than the 512 tokens of this run's model; give 0 (off) to 512")
     refused(run_jaxgen("export", "--run-dir", str(lm), "--out", str(tmp_path / "hf")),  # not about its tokenizer
             says=f"run directory '{lm}' holds no checkpoint")
     refused(run_jaxgen("sample", "--run-dir", str(dit), "--labels", "0,10"),
             says="--labels 0,10: each label must be in 0..9 (model.num_classes=10)")
     refused(run_jaxgen("sample", "--run-dir", str(dit), "--sampler", "ddim"),
             says="diffusion.sampler='ddim' does not fit diffusion.objective='flow'; valid: euler, heun")
+    vae = tmp_path / "vae"
+    vae.mkdir()
+    (vae / "config.yaml").write_text((REPO / "configs" / "vae_fashion.yaml").read_text())
+    refused(run_jaxgen("sample", "--run-dir", str(vae), "--images", str(tmp_path / "none*.png")),
+            says=f"--images '{tmp_path}/none*.png' matches no files")
 
 
 @pytest.mark.parametrize("flag,value,says", [

@@ -13,7 +13,6 @@ from typing import Any
 from jaxgen.errors import UsageError
 from jaxgen.outputs.runs import load_run_config, open_run
 from jaxgen.tasks import make_task
-from jaxgen.tasks.image_outputs import requested_labels
 
 
 def flag(name: str) -> str:
@@ -30,15 +29,6 @@ def sample_run(run_dir: str | pathlib.Path, given: dict[str, Any], seed: int = 0
         raise UsageError(f"{', '.join(map(flag, foreign))} cannot be used with {run_dir}, a model.kind="
                          f"{cfg.model.kind} run; its options: {', '.join(map(flag, accepted))}")
     options = {name: default if given.get(name) is None else given[name] for name, default in accepted.items()}
-    vocab = getattr(cfg.model, "vocab_size", None)
-    if vocab is not None and options.get("top_k", 0) > vocab:
-        raise UsageError(f"--top-k {options['top_k']} is more than the {vocab} tokens of {run_dir}'s model; "
-                         f"give 0 (off) to {vocab}")
-    # Checked again here, before the restore, what the task checks after it.
-    n_classes = getattr(cfg.model, "num_classes", None)
-    if options.get("labels") is not None and n_classes:
-        requested_labels(options["labels"], n_classes)
-    if options.get("sampler"):  # a sampler that does not fit the run's diffusion objective
-        load_run_config(run_dir, [*overrides, f"diffusion.sampler={options['sampler']}"])
+    make_task(cfg).check_sample_options(options)  # before the restore, the expensive part
     run = open_run(run_dir, step, overrides)
     return run.task.generate(run.weights, run.run_dir, run.step, {**options, "seed": seed}, on_text)

@@ -174,17 +174,22 @@ class AutoencoderTask:
                                        latent_numbers)
         return {"eval_loss": loss_sum / max(weight_sum, 1.0), **report}
 
-    def generate(self, weights: Weights, run_dir: pathlib.Path, step: int, options: dict[str, Any],
-                 on_text: Callable[[str], None] | None) -> list[dict]:
-        """Reconstruct the images `--images GLOB` names: a grid of them over their reconstructions."""
-        from jaxgen.data.folder_images import read_image_files
-
+    def check_sample_options(self, options: dict[str, Any]) -> list[str]:
+        """The files `--images` names."""
         if not options["images"]:
             raise ConfigError("an autoencoder run reconstructs given images: pass --images GLOB "
                               "(e.g. --images 'photos/*.png')")
         files = sorted(glob.glob(options["images"], recursive=True))
         if not files:
             raise ConfigError(f"--images {options['images']!r} matches no files")
+        return files
+
+    def generate(self, weights: Weights, run_dir: pathlib.Path, step: int, options: dict[str, Any],
+                 on_text: Callable[[str], None] | None) -> list[dict]:
+        """Reconstruct the images `--images GLOB` names: a grid of them over their reconstructions."""
+        from jaxgen.data.folder_images import read_image_files
+
+        files = self.check_sample_options(options)
         m = self.cfg.model
         originals = read_image_files(files, m.image_size, m.channels, resize=self.cfg.images.resize)
         reconstructions = self.reconstruct(weights, originals)

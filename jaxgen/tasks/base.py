@@ -103,6 +103,10 @@ class Task(Protocol):
     def evaluate(self, weights: Weights, data: TaskData, loss_sum: float, weight_sum: float) -> dict:
         """`jaxgen eval`'s figures, given the held-out sums the training loop also logs."""
 
+    def check_sample_options(self, options: dict[str, Any]) -> None:
+        """Refuse `jaxgen sample` options (sample_options, filled in) that cannot work, before any checkpoint
+        is read; `generate` checks them too, for library callers."""
+
     def generate(self, weights: Weights, run_dir: pathlib.Path, step: int, options: dict[str, Any],
                  on_text: Callable[[str], None] | None) -> list[dict]:
         """`jaxgen sample` with `options` (sample_options, filled in); records to print."""

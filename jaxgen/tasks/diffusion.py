@@ -224,16 +224,24 @@ class DiffusionTask:
             result["guidance_sweep"] = [reports[scale] for scale in scales]
         return result
 
+    def check_sample_options(self, options: dict[str, Any]) -> list[str]:
+        """The sampler overrides `--sampler` and `--steps` make (a sampler must fit the objective)."""
+        if not self.text:
+            requested_labels(options["labels"], self.cfg.model.num_classes)
+        overrides = [*([f"diffusion.sampler={options['sampler']}"] if options["sampler"] else []),
+                     *([f"diffusion.sample_steps={options['steps']}"] if options["steps"] else [])]
+        with_overrides(self.cfg, overrides)
+        return overrides
+
     def generate(self, weights: Weights, run_dir: pathlib.Path, step: int, options: dict[str, Any],
                  on_text: Callable[[str], None] | None) -> list[dict]:
         """A grid, one row per label (every class unless `labels` names some) or per prompt, and optionally the
         arrays."""
+        overrides = self.check_sample_options(options)
         if self.text:
             requests = options["prompt"] or [""]
         else:
             requests = requested_labels(options["labels"], self.cfg.model.num_classes)
-        overrides = [*([f"diffusion.sampler={options['sampler']}"] if options["sampler"] else []),
-                     *([f"diffusion.sample_steps={options['steps']}"] if options["steps"] else [])]
         scale = self.cfg.diffusion.guidance_scale if options["guidance"] is None else options["guidance"]
         per = options["num_per_label"]
         rows = [r for r in requests for _ in range(per)]

@@ -140,6 +140,9 @@ class GANTask:
         return {"eval_loss": loss_sum / max(weight_sum, 1.0),
                 **sample_report(samples, held_out.labels, data.train_set, held_out)}
 
+    def check_sample_options(self, options: dict[str, Any]) -> None:
+        requested_labels(options["labels"], self.cfg.model.num_classes)
+
     def generate(self, weights: Weights, run_dir: pathlib.Path, step: int, options: dict[str, Any],
                  on_text: Callable[[str], None] | None) -> list[dict]:
         """A grid, one row per label (every class unless `labels` names some), and optionally the arrays."""

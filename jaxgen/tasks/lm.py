@@ -70,6 +70,7 @@ class LanguageModelTask(OneTextModel):
 
     def generate(self, weights: Weights, run_dir: pathlib.Path, step: int, options: dict[str, Any],
                  on_text: Callable[[str], None] | None) -> list[dict]:
+        self.check_sample_options(options)
         tokenizer = load_tokenizer(run_dir)
         sampling = Sampling(temperature=options["temperature"], top_k=options["top_k"], top_p=options["top_p"])
         prompts = options["prompt"] or [""]

@@ -85,14 +85,18 @@ class MaskedLMTask(OneTextModel):
             self._unigram = tuple(summed_over_processes([loss, correct]))
         return self._unigram
 
-    def generate(self, weights: Weights, run_dir: pathlib.Path, step: int, options: dict[str, Any],
-                 on_text: Callable[[str], None] | None) -> list[dict]:
-        """Fill every [MASK] of each `--prompt` with its most likely token; the top candidates beside it."""
-        tokenizer = load_tokenizer(run_dir)
+    def check_sample_options(self, options: dict[str, Any]) -> None:
         prompts = options["prompt"]
         if not prompts or not all(MASK_PIECE in p for p in prompts):
             raise ConfigError(f"a masked LM fills in {MASK_PIECE}: pass --prompt with at least one {MASK_PIECE} in "
                               f"each (e.g. --prompt 'In the beginning God created the {MASK_PIECE}')")
+
+    def generate(self, weights: Weights, run_dir: pathlib.Path, step: int, options: dict[str, Any],
+                 on_text: Callable[[str], None] | None) -> list[dict]:
+        """Fill every [MASK] of each `--prompt` with its most likely token; the top candidates beside it."""
+        self.check_sample_options(options)
+        tokenizer = load_tokenizer(run_dir)
+        prompts = options["prompt"]
         mask_id = tokenizer.piece_id(MASK_PIECE)
         length = self.cfg.data.seq_len
         rows = [[tokenizer.bos_id, *spaces_taken(tokenizer.encode_document(p).tolist(), {mask_id}, tokenizer),

@@ -131,11 +131,15 @@ class Seq2SeqTask(OneTextModel):
             out += [tokenizer.decode(target) for target in ids]
         return out
 
+    def check_sample_options(self, options: dict[str, Any]) -> None:
+        super().check_sample_options(options)
+        if not options["prompt"]:
+            raise ConfigError("an encoder-decoder turns inputs into targets: pass --prompt INPUT (repeat for several)")
+
     def generate(self, weights: Weights, run_dir: pathlib.Path, step: int, options: dict[str, Any],
                  on_text: Callable[[str], None] | None) -> list[dict]:
+        self.check_sample_options(options)
         prompts = options["prompt"]
-        if not prompts:
-            raise ConfigError("an encoder-decoder turns inputs into targets: pass --prompt INPUT (repeat for several)")
         tokenizer = load_tokenizer(run_dir)
         sampling = Sampling(temperature=options["temperature"], top_k=options["top_k"], top_p=options["top_p"])
         targets = self.targets_for(prompts, weights, tokenizer, options["max_new_tokens"] or self.cfg.data.target_len,

@@ -10,6 +10,8 @@ the batches as global arrays on the parameters' mesh (`global_batches`).
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +19,7 @@ import optax
 
 from jaxgen.config import Config
 from jaxgen.data.pipeline import to_global
-from jaxgen.errors import CheckpointError
+from jaxgen.errors import CheckpointError, UsageError
 from jaxgen.models import build_model
 from jaxgen.tasks.base import ModelSpec, Phase
 from jaxgen.tasks.layout import MAIN_GROUP
@@ -47,6 +49,12 @@ class OneTextModel:
         token_loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
         weights = batch["weights"].astype(jnp.float32)
         return jnp.sum(token_loss * weights), jnp.sum(weights)
+
+    def check_sample_options(self, options: dict[str, Any]) -> None:
+        vocab = self.cfg.model.vocab_size
+        if options.get("top_k", 0) > vocab:
+            raise UsageError(f"--top-k {options['top_k']} is more than the {vocab} tokens of this run's model; "
+                             f"give 0 (off) to {vocab}")
 
     def eval_loss(self, models, batch):
         return self.loss(models, batch, jax.random.PRNGKey(0))
