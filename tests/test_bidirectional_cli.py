@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -117,8 +118,11 @@ def test_the_encoder_decoder_generates_and_is_evaluated(trained):
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert 0 < report["token_accuracy"] < 1 and report["perplexity"] > 1
     out = jaxgen("sample", "--run-dir", str(run), "--prompt", "In the beginning God created the <extra_id_0>.",
-                 "--max-new-tokens", "8")
+                 "--prompt", "In the beginning " * 200, "--max-new-tokens", "8")
     assert out.returncode == 0, out.stderr[-3000:]
+    # Cut to data.seq_len as in training, no longer silently.
+    assert re.search(r"WARNING --prompt 2 is \d+ tokens with EOS; the encoder reads its first \d+ \(data.seq_len=",
+                     out.stderr) and "--prompt 1 " not in out.stderr, out.stderr[-3000:]
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -12,6 +12,7 @@ generates a target for each prompt.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import pathlib
 from collections.abc import Callable
@@ -38,6 +39,8 @@ from jaxgen.tasks.base import Weights
 from jaxgen.tasks.decode import Sampling
 from jaxgen.tasks.layout import MAIN_GROUP
 from jaxgen.tasks.text_inputs import OneTextModel, global_batches, spaces_taken
+
+log = logging.getLogger("jaxgen")
 
 # Held-out pairs whose targets `jaxgen eval` generates, and training pairs the nearest-input baseline searches.
 EVAL_PAIRS = 2000
@@ -114,14 +117,19 @@ class Seq2SeqTask(OneTextModel):
                              for (s, t), g in list(zip(pairs, generated))[:5]]}
 
     def targets_for(self, inputs: list[str], weights: Weights, tokenizer: Tokenizer, max_new_tokens: int,
-                    sampling: Sampling, seed: int) -> list[str]:
-        """The decoder's text for each input, generated in batches."""
+                    sampling: Sampling, seed: int, name_cut: bool = False) -> list[str]:
+        """The decoder's text for each input, generated in batches; an input is cut to data.seq_len as in
+        training (`name_cut`: with a warning naming it)."""
         from jaxgen.tasks.seq2seq_decode import generate_targets
 
         limit = self.cfg.data.seq_len
         sentinels = {tokenizer.piece_id(piece) for piece in special_pieces(self.cfg)}
-        encoded = [spaces_taken(ids, sentinels, tokenizer)[:limit - 1] + [tokenizer.eos_id]
-                   for ids in ids_of(inputs, tokenizer)]
+        whole = [spaces_taken(ids, sentinels, tokenizer) for ids in ids_of(inputs, tokenizer)]
+        for i, ids in enumerate(whole):
+            if name_cut and len(ids) >= limit:
+                log.warning("--prompt %d is %d tokens with EOS; the encoder reads its first %d (data.seq_len=%d)",
+                            i + 1, len(ids) + 1, limit - 1, limit)
+        encoded = [ids[:limit - 1] + [tokenizer.eos_id] for ids in whole]
         start = decoder_start_id(self.cfg, tokenizer)
         out: list[str] = []
         for i in range(0, len(encoded), GENERATE_BATCH):
@@ -143,7 +151,7 @@ class Seq2SeqTask(OneTextModel):
         tokenizer = load_tokenizer(run_dir)
         sampling = Sampling(temperature=options["temperature"], top_k=options["top_k"], top_p=options["top_p"])
         targets = self.targets_for(prompts, weights, tokenizer, options["max_new_tokens"] or self.cfg.data.target_len,
-                                   sampling, options["seed"])
+                                   sampling, options["seed"], name_cut=True)
         if on_text is not None and len(prompts) == 1:
             on_text(targets[0])
         return [{"prompt": prompt, "text": target} for prompt, target in zip(prompts, targets)]
