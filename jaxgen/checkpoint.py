@@ -45,7 +45,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from jaxgen.config import CheckpointConfig
-from jaxgen.errors import CheckpointError, CheckpointWriteError, NonFiniteError
+from jaxgen.errors import CheckpointError, CheckpointWriteError, NonFiniteError, listed
 from jaxgen.files import write_atomic
 from jaxgen.integrity import differing, json_digest, start_tree_digest, tree_digest
 
@@ -345,9 +345,8 @@ def check_fits(checksums: dict, target: Any, where: str, prefix: str = "") -> No
         if saved.get(path) != wanted.get(path)
     ]
     if problems:
-        shown = problems[:6] + ([f"... and {len(problems) - 6} more"] if len(problems) > 6 else [])
         raise CheckpointMismatch(f"{where} does not fit this model ({len(problems)} arrays differ): "
-                                 + "; ".join(shown))
+                                 + listed(problems, 6))
 
 
 def _shape_text(entry: tuple | None) -> str:

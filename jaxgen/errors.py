@@ -92,6 +92,11 @@ def describe_os_error(err: OSError) -> str:
     return f"{' -> '.join(names)}: {words}" if names else words
 
 
+def listed(items: list[str], limit: int) -> str:
+    """The first `limit` items joined by "; ", then how many more there are: a message names, it does not dump."""
+    return "; ".join(items[:limit] + ([f"... and {len(items) - limit} more"] if len(items) > limit else []))
+
+
 def first_line(err: BaseException, limit: int = 300) -> str:
     text = str(err).strip()
     line = text.splitlines()[0] if text else type(err).__name__

@@ -29,7 +29,7 @@ from jaxgen.config import Config, changed_settings
 from jaxgen.data.lockstep import next_in_lockstep
 from jaxgen.data.pipeline import merged_position, process_streams, this_process, to_global
 from jaxgen.device_memory import check_fits
-from jaxgen.errors import EXIT_PREEMPTED, ConfigError, Preempted
+from jaxgen.errors import EXIT_PREEMPTED, ConfigError, Preempted, listed
 from jaxgen.evals.benchmark import Benchmarks, load_tasks, make_scorer, require_language_model
 from jaxgen.evals.plots import plot_benchmarks
 from jaxgen.evals.tasks import Task as BenchmarkTask
@@ -143,9 +143,8 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
     if resumed is not None:
         task.check_inputs(resumed.meta.get("inputs", {}), meta["inputs"])
         if "config" in resumed.meta and (changes := changed_settings(resumed.meta["config"], meta["config"])):
-            shown = changes[:8] + ([f"... and {len(changes) - 8} more"] if len(changes) > 8 else [])
             log.warning("continuing step %d with settings changed since it was saved (config.yaml now holds the "
-                        "new ones): %s", resumed.step, "; ".join(shown))
+                        "new ones): %s", resumed.step, listed(changes, 8))
         state = resumed.state
         data.train.set_state(merged_position(resumed.data_states))  # saved on any process count
         log.info("resumed from %s at step %d", ckpt.directory, resumed.step)

@@ -23,7 +23,7 @@ from jaxgen.checkpoint import Checkpointer, CheckpointMismatch, Restored
 from jaxgen.config import Config, changed_settings, load_config
 from jaxgen.data.tokenizer import kept_tokenizer_files, tokenizer_file_in
 from jaxgen.distributed import bytes_from_process_0
-from jaxgen.errors import CheckpointError, ConfigError, DirectoryInUse
+from jaxgen.errors import CheckpointError, ConfigError, DirectoryInUse, listed
 from jaxgen.files import DirectoryLock, describe_holder
 
 log = logging.getLogger("jaxgen")
@@ -81,8 +81,7 @@ def _other_model(run_dir: pathlib.Path, cfg: Config) -> str | None:
     if not changes:
         return None
     changes = [change for change in changes if change.startswith("model.kind:")] or changes  # then all differ
-    shown = changes[:6] + ([f"... and {len(changes) - 6} more"] if len(changes) > 6 else [])
-    return (f"run directory {str(run_dir)!r} holds a model trained with other settings ({'; '.join(shown)}); "
+    return (f"run directory {str(run_dir)!r} holds a model trained with other settings ({listed(changes, 6)}); "
             f"continue it with its own (`jaxgen train --run-dir {run_dir}`, without --config) or train this "
             "config in a new --run-dir")
 
