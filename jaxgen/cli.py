@@ -297,6 +297,11 @@ non_negative_float = _argument(_finite, lambda x: x >= 0, "{:g} is negative; giv
 probability_mass = _argument(_finite, lambda x: 0 < x <= 1,
                              "{:g} is not a probability mass; give a number above 0, at most 1")
 
+# Simulated devices take XLA seconds per thousand to create; 100,000 hung for minutes, then crashed.
+MAX_CPU_DEVICES = 4096
+cpu_device_count = _argument(_integer, lambda n: 1 <= n <= MAX_CPU_DEVICES,
+                             f"{{}} is not a simulated device count; give 1 to {MAX_CPU_DEVICES}")
+
 
 def file_to_write(suffix: str = "", kind: str = "") -> Callable[[str], str]:
     """An argparse type for an output file, checked before any work (writing it at the end would fail then):
@@ -342,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      help="what to do; `jaxgen COMMAND --help` for its options")
 
     devices = Parser(add_help=False)
-    devices.add_argument("--cpu-devices", type=positive_int, metavar="N",
+    devices.add_argument("--cpu-devices", type=cpu_device_count, metavar="N",
                          help="simulate N devices on this machine's CPU, to try mesh and sharding settings on a "
                               "laptop (default: the devices JAX finds)")
     overrides = Parser(add_help=False)
