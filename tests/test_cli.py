@@ -128,7 +128,7 @@ def test_sample_options_belong_to_a_model_kind(tmp_path):
     ("--seed", "-1", "argument --seed: -1 is not a seed"),
     ("--cpu-devices", "100000", "argument --cpu-devices: 100000 is not a simulated device count; give 1 to 4096"),
 ])
-def test_sampling_numbers_out_of_range_are_refused_by_the_parser(flag, value, says):
+def test_numbers_out_of_range_are_refused_by_the_parser(flag, value, says):
     with pytest.raises(UsageError) as refusal:
         build_parser().parse_args(["sample", "--run-dir", "r", flag, value])
     assert says in str(refusal.value) and "\n" not in str(refusal.value)
