@@ -111,6 +111,13 @@ def building(target: str | pathlib.Path) -> Iterator[pathlib.Path]:
                 raise
             raise DirectoryInUse(f"{str(target)!r} was written by another process while this one built it; "
                                  "nothing of this one's was kept: name a new directory") from None
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # Name the output the user asked for: a failed write may name no file, or one under the hidden name.
+        named = str(target) if err.filename is None else str(err.filename).replace(str(tmp), str(target), 1)
+        if named != err.filename and err.errno:
+            raise OSError(err.errno, err.strerror, named) from err
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

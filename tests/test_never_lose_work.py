@@ -6,6 +6,7 @@ and full disks before the first checkpoint, a refused start, a finished run
 started again.
 """
 
+import errno
 import json
 import os
 import resource
@@ -19,7 +20,7 @@ import pytest
 
 from jaxgen.checkpoint import checkpoint_dir, committed_steps, restore_subtree
 from jaxgen.config import load_config
-from jaxgen.errors import DirectoryInUse
+from jaxgen.errors import DirectoryInUse, describe
 from jaxgen.files import building
 from jaxgen.metrics import read_metrics
 from jaxgen.outputs.runs import open_run
@@ -278,3 +279,18 @@ def test_two_writers_of_one_output_directory_keep_the_first_whole_and_say_so(tmp
         (tmp_path / "empty").mkdir()
         (mine / "weights").write_text("mine")
     assert (tmp_path / "empty" / "weights").read_text() == "mine"
+
+
+def test_a_failed_write_while_building_an_output_names_the_output(tmp_path):
+    """A full disk under `data synth shapes` said only 'file too large': PIL's failed write names no file,
+    and others name the hidden directory the output is built in."""
+    out = tmp_path / "shapes"
+    with pytest.raises(OSError) as nameless:
+        with building(out):
+            raise OSError(errno.EFBIG, "File too large")
+    assert describe(nameless.value)[0] == f"error: {out}: file too large (a file-size limit was reached)"
+    with pytest.raises(OSError) as hidden:
+        with building(out) as partial:
+            raise OSError(errno.ENOSPC, "No space left on device", str(partial / "train" / "0.png"))
+    assert describe(hidden.value)[0] == f"error: {out / 'train' / '0.png'}: no space left on device"
+    assert not any(tmp_path.iterdir())
