@@ -264,7 +264,8 @@ def test_fashion_captions_on_a_full_disk_leave_nothing_and_a_rerun_finishes(idx_
     out = tmp_path / "captioned"
     full = run_jaxgen("data", "fashion-captions", "--idx", str(idx_dir), "--out", str(out), file_size_limit=1024)
     assert full.returncode == 1
-    assert full.stderr.strip().splitlines()[-1] == "jaxgen: error: file too large (a file-size limit was reached)"
+    assert full.stderr.strip().splitlines()[-1] == (f"jaxgen: error: {out}: file too large "
+                                                    "(a file-size limit was reached)")
     assert "Traceback" not in full.stderr
     assert os.listdir(tmp_path) == []  # neither --out nor a half-written hidden directory
     again = run_jaxgen("data", "fashion-captions", "--idx", str(idx_dir), "--out", str(out))
