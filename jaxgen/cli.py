@@ -166,6 +166,7 @@ def cmd_launch_local(args: argparse.Namespace) -> int:
     command = args.jaxgen_args[1:] if args.jaxgen_args[:1] == ["--"] else args.jaxgen_args
     if not command:
         raise ConfigError("jaxgen launch local: give the command after --, e.g. -- train --config configs/lm_tiny.yaml")
+    parse_args(command)  # a mistyped command is one line here, not one per process after they all started
     return launch_local([sys.executable, "-m", "jaxgen", *command], args.processes, args.devices_per_process, args.port)
 
 

@@ -139,6 +139,11 @@ def test_launch_without_a_command_explains_itself():
                             cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "give the command after --" in result.stderr
+    # A mistyped command is refused once, by the launcher, before any process starts ('[0] jaxgen: error: ...').
+    result = subprocess.run([sys.executable, "-m", "jaxgen", "launch", "local", "--processes", "2", "--", "train",
+                             "--bogus"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr == "jaxgen: error: unrecognized arguments: --bogus (see `jaxgen train --help`)\n"
 
 
 # ----------------------------------------------------------------------------- when the launcher dies
