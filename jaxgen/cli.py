@@ -11,19 +11,27 @@ import contextlib
 import datetime
 import json
 import logging
-import math
 import os
 import pathlib
 import re
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from typing import Any, get_args
+from collections.abc import Iterator
+from typing import get_args
 
 from jaxgen import __version__, distributed
+from jaxgen.cli_arguments import (
+    Parser,
+    cpu_device_count,
+    file_to_write,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    probability_mass,
+    seed,
+)
 from jaxgen.config import DataConfig, DiffusionConfig, load_config
-from jaxgen.config_section import MAX_SEED
 from jaxgen.errors import ConfigError, UsageError, describe
 from jaxgen.interrupts import advise, end_cleanly_on_ctrl_c, exit_interrupted
 
@@ -242,81 +250,6 @@ def distributed_settings(args: argparse.Namespace) -> distributed.DistributedSet
 
 
 # ----------------------------------------------------------------------------- parser
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows every real default; options whose default depends on something else say so in their help."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.default is False or action.default == []:
-            return action.help or ""
-        return super()._get_help_string(action)
-
-
-class Parser(argparse.ArgumentParser):
-    """A usage mistake ends like every other mistake: one `jaxgen: error:` line."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", HelpFormatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str):
-        raise UsageError(f"{message} (see `{self.prog} --help`)")
-
-
-def _integer(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-
-
-def _finite(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
-    return value
-
-
-def _argument(parse: Callable[[str], Any], accepted: Callable[[Any], bool], says: str) -> Callable[[str], Any]:
-    """An argparse type: `parse`d, then refused with `says` (formatted with the value) unless `accepted`."""
-    def checked(text: str):
-        value = parse(text)
-        if not accepted(value):
-            raise argparse.ArgumentTypeError(says.format(value))
-        return value
-    return checked
-
-
-positive_int = _argument(_integer, lambda n: n >= 1, "{} is not a positive integer")
-non_negative_int = _argument(_integer, lambda n: n >= 0, "{} is negative; give 0 or more")
-seed = _argument(_integer, lambda n: 0 <= n <= MAX_SEED, f"{{}} is not a seed; give an integer from 0 to {MAX_SEED}")
-non_negative_float = _argument(_finite, lambda x: x >= 0, "{:g} is negative; give 0 or more")
-probability_mass = _argument(_finite, lambda x: 0 < x <= 1,
-                             "{:g} is not a probability mass; give a number above 0, at most 1")
-
-# Simulated devices take XLA seconds per thousand to create; 100,000 hung for minutes, then crashed.
-MAX_CPU_DEVICES = 4096
-cpu_device_count = _argument(_integer, lambda n: 1 <= n <= MAX_CPU_DEVICES,
-                             f"{{}} is not a simulated device count; give 1 to {MAX_CPU_DEVICES}")
-
-
-def file_to_write(suffix: str = "", kind: str = "") -> Callable[[str], str]:
-    """An argparse type for an output file, checked before any work (writing it at the end would fail then):
-    not empty, not a directory, and named `suffix` when given (`kind` says what the file holds)."""
-    def checked(text: str) -> str:
-        if not text.strip():
-            raise argparse.ArgumentTypeError("an empty path; give the file to write")
-        if os.path.isdir(text):
-            raise argparse.ArgumentTypeError(f"{text!r} is a directory; give the file to write, e.g. "
-                                             f"{os.path.join(text, 'NAME' + suffix)}")
-        if not text.lower().endswith(suffix):
-            raise argparse.ArgumentTypeError(f"{text!r} does not end in {suffix}; the file written is {kind}")
-        return text
-    return checked
 
 
 def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
