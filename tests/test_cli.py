@@ -102,6 +102,9 @@ def test_sample_options_belong_to_a_model_kind(tmp_path):
             says="--prompt, --temperature cannot be used with")
     refused(run_jaxgen("sample", "--run-dir", str(lm), "--top-k", "5000"),  # before reading any checkpoint
             says="--top-k 5000 is more than the 512 tokens of this run's model; give 0 (off) to 512")
+    refused(run_jaxgen("sample", "--run-dir", str(lm), "--max-new-tokens", "64"),
+            says="--max-new-tokens 64 does not fit this run's context (model.max_seq_len=64, one of them the BOS "
+                 "token); give 1 to 63")
     refused(run_jaxgen("export", "--run-dir", str(lm), "--out", str(tmp_path / "hf")),  # not about its tokenizer
             says=f"run directory '{lm}' holds no checkpoint")
     refused(run_jaxgen("sample", "--run-dir", str(dit), "--labels", "0,10"),

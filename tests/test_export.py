@@ -324,3 +324,8 @@ def test_cli_sample_is_greedy_and_deterministic(trained):
     first, second = jaxgen_cli(*args), jaxgen_cli(*args)
     assert first.returncode == 0, first.stderr[-2000:]
     assert first.stdout == second.stdout and first.stdout.startswith("And God said")
+    to_the_end = jaxgen_cli(*args[:-1], "63")  # more than the 64-token context leaves after the prompt
+    assert to_the_end.returncode == 0, to_the_end.stderr[-2000:]
+    assert re.search(r"the longest prompt leaves room for \d+ new tokens in the model's context "
+                     r"\(model.max_seq_len=64\), not the 63 asked for", to_the_end.stderr)
+    assert "asked for" not in first.stderr

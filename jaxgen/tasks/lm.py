@@ -7,6 +7,7 @@ held-out loss, perplexity and bits per byte, and generates with a KV cache.
 
 from __future__ import annotations
 
+import logging
 import math
 import pathlib
 from collections.abc import Callable
@@ -17,20 +18,26 @@ import numpy as np
 
 from jaxgen.data.lm import LMData, build_lm_data
 from jaxgen.data.tokenizer import Tokenizer, load_tokenizer
-from jaxgen.errors import ConfigError
+from jaxgen.errors import ConfigError, UsageError
 from jaxgen.models.transformer import flops_per_token
 from jaxgen.tasks.base import Weights
 from jaxgen.tasks.decode import Sampling, Vocabulary, generate
 from jaxgen.tasks.layout import MAIN_GROUP
 from jaxgen.tasks.text_inputs import OneTextModel
 
+log = logging.getLogger("jaxgen")
+
+# Tokens `jaxgen sample` generates after each prompt when --max-new-tokens is not given.
+DEFAULT_NEW_TOKENS = 64
+
 
 class LanguageModelTask(OneTextModel):
     unit = "tokens"
     loss_name = "cross-entropy (nats / token)"
     sample_every = 0
+    # max_new_tokens None: DEFAULT_NEW_TOKENS, or what the context leaves after the prompt, without a word.
     sample_options: dict[str, Any] = {"prompt": None, "temperature": 0.8, "top_k": 0, "top_p": 1.0,
-                                      "max_new_tokens": 64}
+                                      "max_new_tokens": None}
 
     def logits(self, model, batch):
         if self.cfg.model.document_mask:
@@ -68,6 +75,13 @@ class LanguageModelTask(OneTextModel):
         return {"eval_loss": loss, "perplexity": math.exp(loss),
                 "bits_per_byte": loss_sum / math.log(2) / max(n_bytes, 1), "eval_tokens": int(weight_sum)}
 
+    def check_sample_options(self, options: dict[str, Any]) -> None:
+        super().check_sample_options(options)
+        wanted, max_len = options.get("max_new_tokens"), self.cfg.model.max_seq_len
+        if wanted is not None and wanted > max_len - 1:
+            raise UsageError(f"--max-new-tokens {wanted} does not fit this run's context (model.max_seq_len="
+                             f"{max_len}, one of them the BOS token); give 1 to {max_len - 1}")
+
     def generate(self, weights: Weights, run_dir: pathlib.Path, step: int, options: dict[str, Any],
                  on_text: Callable[[str], None] | None) -> list[dict]:
         self.check_sample_options(options)
@@ -75,19 +89,26 @@ class LanguageModelTask(OneTextModel):
         sampling = Sampling(temperature=options["temperature"], top_k=options["top_k"], top_p=options["top_p"])
         prompts = options["prompt"] or [""]
         results = self.continue_texts(weights, tokenizer, prompts, options["max_new_tokens"], sampling,
-                                      options["seed"], on_text if len(prompts) == 1 else None)
+                                      options["seed"], on_text if len(prompts) == 1 else None, name_cut=True)
         return [{"prompt": prompt, "text": text} for prompt, text in results]
 
-    def continue_texts(self, weights: Weights, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int,
-                       sampling: Sampling, seed: int,
-                       on_text: Callable[[str], None] | None = None) -> list[tuple[str, str]]:
-        """(prompt, prompt + continuation) for each prompt; `on_text` receives one prompt's text piece by piece."""
+    def continue_texts(self, weights: Weights, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int | None,
+                       sampling: Sampling, seed: int, on_text: Callable[[str], None] | None = None,
+                       name_cut: bool = False) -> list[tuple[str, str]]:
+        """(prompt, prompt + continuation) for each prompt; `on_text` receives one prompt's text piece by piece.
+
+        At most the context the longest prompt leaves is generated (`name_cut`: with a warning when
+        `max_new_tokens` asks for more); None asks for DEFAULT_NEW_TOKENS or what is left, quietly."""
         max_len = self.cfg.model.max_seq_len
         ids = [[tokenizer.bos_id, *tokenizer.encode([p])[0]] for p in prompts]
         room = max_len - max(len(i) for i in ids)
         if room < 1:
             raise ConfigError(f"the longest prompt ({max(len(i) for i in ids)} tokens with BOS) fills the model's "
                               f"context (model.max_seq_len={max_len}); shorten it")
+        if name_cut and max_new_tokens is not None and max_new_tokens > room:
+            log.warning("the longest prompt leaves room for %d new tokens in the model's context "
+                        "(model.max_seq_len=%d), not the %d asked for", room, max_len, max_new_tokens)
+        new_tokens = min(DEFAULT_NEW_TOKENS if max_new_tokens is None else max_new_tokens, room)
         streamed: list[int] = []
 
         def stream(i, tokens_B, done_B) -> None:
@@ -99,7 +120,7 @@ class LanguageModelTask(OneTextModel):
 
         if on_text is not None:
             on_text(prompts[0])
-        outputs = generate(weights.graphdefs[MAIN_GROUP], weights.params[MAIN_GROUP], ids, min(max_new_tokens, room),
+        outputs = generate(weights.graphdefs[MAIN_GROUP], weights.params[MAIN_GROUP], ids, new_tokens,
                            Vocabulary(tokenizer.eos_id, tokenizer.vocab_size), sampling, seed,
                            on_token=stream if on_text else None)
         # Decoding prompt and continuation together keeps the space between them.
