@@ -45,7 +45,15 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from jaxgen.config import CheckpointConfig
-from jaxgen.errors import CheckpointError, CheckpointWriteError, NonFiniteError, listed
+from jaxgen.errors import (
+    CheckpointError,
+    CheckpointWriteError,
+    NonFiniteError,
+    first_line,
+    listed,
+    os_error_words,
+    system_error_code,
+)
 from jaxgen.files import write_atomic
 from jaxgen.integrity import differing, json_digest, start_tree_digest, tree_digest
 
@@ -202,8 +210,10 @@ class Checkpointer:
                 raise (err.__cause__ or err.__context__) from None
             committed = committed_steps(self.directory)
             safe = f"step {committed[-1]} is intact" if committed else "no earlier checkpoint exists"
-            reason = str(err).splitlines()[0][:400] if str(err) else type(err).__name__
-            raise CheckpointWriteError(f"writing a checkpoint to {self.directory} failed: {reason}; {safe}") from err
+            code = system_error_code(err)
+            reason = os_error_words(code) if code else first_line(err, 400)
+            raise CheckpointWriteError(f"writing a checkpoint to {self.directory} failed: {reason}; {safe}",
+                                       reason, code) from err
 
     def _apply_retention(self) -> None:
         """Delete what neither `keep`, `keep_every` nor the newest read-back-intact checkpoint holds."""

@@ -17,6 +17,7 @@ import re
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Iterator
 from typing import get_args
 
@@ -509,7 +510,12 @@ def ipython_hidden() -> Iterator[None]:
 
 def quiet_libraries() -> None:
     """Keep library chatter that is not the user's concern off the console (shown with --debug)."""
-    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's notes on read-only managers and the like
+    absl = logging.getLogger("absl")
+    absl.setLevel(logging.ERROR)  # Orbax's notes on read-only managers and the like
+    # Orbax logs a failed background write with its traceback, then raises it where jaxgen says it in one line.
+    absl.addFilter(lambda record: record.exc_info is None)
+    # ... and a write it abandoned after the failure is reported by Python as it exits.
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # tasks an aborted restore leaves behind
     previous = sys.unraisablehook
 

@@ -9,6 +9,8 @@ jaxgen, so every layer can raise them.
 from __future__ import annotations
 
 import errno
+import os
+import re
 
 
 class JaxgenError(Exception):
@@ -53,9 +55,16 @@ class Preempted(JaxgenError):
 
 
 class CheckpointWriteError(JaxgenError, RuntimeError):
-    """Writing a checkpoint failed (disk full, permissions, ...); earlier ones are intact."""
+    """Writing a checkpoint failed (disk full, permissions, ...); earlier ones are intact.
+
+    `reason` is the failure in words, `errno` the system's error number when one caused it.
+    """
 
     exit_status = 1
+
+    def __init__(self, message: str, reason: str = "", errno: int | None = None):
+        super().__init__(message)
+        self.reason, self.errno = reason or message, errno
 
 
 class NonFiniteError(JaxgenError, RuntimeError):
@@ -85,9 +94,28 @@ _OS_ERROR_WORDS = {
 }
 
 
+# TensorStore (Orbax's writer) reports a failed system call inside its message text, not as an OSError.
+_TENSORSTORE_OS_ERROR = re.compile(r"\[os_error_code='(\d+)'\]")
+
+
+def os_error_words(code: int) -> str:
+    return _OS_ERROR_WORDS.get(code) or os.strerror(code)
+
+
+def system_error_code(err: BaseException) -> int | None:
+    """The errno behind `err`: an OSError it was raised from, or one TensorStore names in its text."""
+    for e in _chain(err):
+        if isinstance(e, OSError) and e.errno:
+            return e.errno
+        found = _TENSORSTORE_OS_ERROR.search(str(e))
+        if found:
+            return int(found.group(1))
+    return None
+
+
 def describe_os_error(err: OSError) -> str:
     """'PATH: no space left on device' — the file and the reason in words."""
-    words = _OS_ERROR_WORDS.get(err.errno) or err.strerror or str(err)
+    words = (os_error_words(err.errno) if err.errno else None) or err.strerror or str(err)
     names = [str(n) for n in (err.filename, err.filename2) if n is not None]
     return f"{' -> '.join(names)}: {words}" if names else words
 

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import resource
 import shutil
 import signal
@@ -165,7 +166,9 @@ def test_failing_write_is_an_error_and_keeps_the_last_good_checkpoint(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 1
-    assert "jaxgen: error: writing a checkpoint to" in stderr and "is intact" in stderr
+    assert re.search(r"jaxgen: error: writing a checkpoint to \S+ failed: file too large \(a file-size limit was "
+                     r"reached\); step \d+ is intact", stderr), stderr[-3000:]
+    assert "Traceback" not in stderr and "never awaited" not in stderr  # Orbax's own report of it stays quiet
     good = [int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()]
     assert good, "retention deleted the last good checkpoint"
     assert saved_params(run_dir, max(good))

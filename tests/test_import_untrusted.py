@@ -28,6 +28,7 @@ from jaxgen.tasks import make_task
 from jaxgen.tasks.layout import compile_eval_step, fresh_params, plan_models
 
 from conftest import REPO, tiny_config
+from helpers import run_jaxgen
 
 WEIGHTS = "model.safetensors"
 
@@ -258,3 +259,12 @@ def test_an_import_that_fails_halfway_leaves_no_output(hf, tmp_path, monkeypatch
     with pytest.raises(OSError, match="Input/output error"):
         import_hf(hf, tmp_path / "out" / "run")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_an_import_onto_a_full_disk_is_one_line_naming_out(hf, tmp_path):
+    """Orbax's writer failed with its traceback, the hidden directory's name and a training run's words."""
+    out = tmp_path / "out"
+    result = run_jaxgen("import", "--from", str(hf), "--out", str(out), file_size_limit=40 * 1024)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.strip() == f"jaxgen: error: {out}: file too large (a file-size limit was reached)"
+    assert list(tmp_path.iterdir()) == [hf]  # neither --out nor its hidden partial directory

@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 from jaxgen.checkpoint import Checkpointer, DamagedCheckpoint, checkpoint_dir, committed_steps, restore_subtree
 from jaxgen.config import Config, load_config
 from jaxgen.device_memory import check_fits
-from jaxgen.errors import CheckpointError, ConfigError
+from jaxgen.errors import CheckpointError, CheckpointWriteError, ConfigError
 from jaxgen.sharding import make_mesh, resolve_rules
 from jaxgen.tasks import Task, Weights, make_task
 from jaxgen.tasks.layout import ModelLayout, compile_eval_step, plan_models
@@ -123,6 +123,12 @@ def save_imported_run(run_dir: pathlib.Path, cfg: Config, params: dict, source: 
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     meta = {"config": cfg.model_dump(mode="json"), "imported_from": str(source), "inputs": inputs}
     ckpt = Checkpointer(checkpoint_dir(run_dir), cfg.checkpoint)
-    ckpt.save(0, {"params": params}, {}, meta)
-    ckpt.wait()
+    try:
+        ckpt.save(0, {"params": params}, {}, meta)
+        ckpt.wait()
+    except CheckpointWriteError as err:
+        # Said as a failed write of the new run (the caller names it), not as a training run's lost checkpoint.
+        if err.errno:
+            raise OSError(err.errno, err.reason, str(run_dir)) from err
+        raise CheckpointWriteError(f"writing the imported checkpoint failed: {err.reason}") from err
     ckpt.close()
