@@ -103,9 +103,10 @@ class Task(Protocol):
     def evaluate(self, weights: Weights, data: TaskData, loss_sum: float, weight_sum: float) -> dict:
         """`jaxgen eval`'s figures, given the held-out sums the training loop also logs."""
 
-    def check_sample_options(self, options: dict[str, Any]) -> None:
+    def check_sample_options(self, options: dict[str, Any]) -> Any:
         """Refuse `jaxgen sample` options (sample_options, filled in) that cannot work, before any checkpoint
-        is read; `generate` checks them too, for library callers."""
+        is read; `generate` checks them too, for library callers. A task may return what the check worked out
+        (the files a glob matched, the sampler overrides) for its `generate` to use; the CLI ignores it."""
 
     def generate(self, weights: Weights, run_dir: pathlib.Path, step: int, options: dict[str, Any],
                  on_text: Callable[[str], None] | None) -> list[dict]:
