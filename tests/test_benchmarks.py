@@ -10,7 +10,7 @@ from flax import nnx
 
 from jaxgen.data.tokenizer import load_tokenizer
 from jaxgen.errors import ConfigError, DataError
-from jaxgen.evals.benchmark import Benchmarks, load_tasks, make_scorer
+from jaxgen.evals.benchmark import Benchmarks, evaluate_benchmarks, load_tasks, make_scorer
 from jaxgen.evals.loglikelihood import bucket_length
 from jaxgen.metrics import read_metrics
 from jaxgen.outputs.runs import open_run
@@ -165,6 +165,8 @@ def test_bad_input_is_one_clear_error(trained, task_data, tmp_path):
     assert "keeps no tokenizer" in line
     result = jaxgen_cli("eval", "--run-dir", str(trained), "--task-data", str(task_data))  # tasks forgotten
     assert result.returncode == 2 and "give the tasks with --tasks" in error_lines(result.stderr)[0]
+    with pytest.raises(ConfigError, match="--tasks ',,' names no task; known tasks: hellaswag"):  # scored nothing, rc 0
+        evaluate_benchmarks(trained, [",,"], task_data)
 
 
 def test_tasks_scored_in_the_loop_are_logged_at_the_configured_steps(tmp_path, task_data):

@@ -22,7 +22,7 @@ from jaxgen.errors import ConfigError, DataError
 from jaxgen.evals.loglikelihood import Score, Scorer, TokenRequest, encode_requests
 from jaxgen.evals.metrics import choice_predictions, cloze_figures, format_table, multiple_choice_figures
 from jaxgen.evals.plots import plot_benchmarks
-from jaxgen.evals.tasks import Cloze, Task, load_task, parse_task_names
+from jaxgen.evals.tasks import Cloze, Task, known_names, load_task, parse_task_names
 from jaxgen.files import write_atomic
 from jaxgen.outputs.runs import each_checkpoint, load_run_config, open_run
 from jaxgen.sharding import resolve_rules
@@ -127,7 +127,8 @@ def evaluate_benchmarks(run_dir: str | pathlib.Path, task_names: list[str], task
     Every input is checked (task names, the run, its tokenizer, the task files) before the model is read.
     """
     run_dir = pathlib.Path(run_dir)
-    parse_task_names(task_names)
+    if not parse_task_names(task_names):
+        raise ConfigError(f"--tasks {','.join(task_names)!r} names no task; known tasks: {known_names()}")
     require_language_model(load_run_config(run_dir, overrides))
     tokenizer = run_tokenizer(run_dir)
     tasks = load_tasks(task_names, task_data)
