@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Iterator
 from typing import get_args
 
-from jaxgen import __version__, distributed
+from jaxgen import __version__, distributed, strict_json
 from jaxgen.cli_arguments import (
     Parser,
     cpu_device_count,
@@ -74,7 +74,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir = pathlib.Path(distributed.bytes_from_process_0(str(run_dir).encode()).decode())
     summary = train(cfg, run_dir, startup)
     sample = summary.pop("sample", None)
-    print(json.dumps(summary, indent=2))
+    print(strict_json.dumps(summary, indent=2))
     if sample is not None:
         print(f"\nsample: {sample}")
     print(f"\nrun directory: {run_dir}")
@@ -192,7 +192,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from jaxgen.outputs.evaluate import evaluate_run
 
     for result in evaluate_run(args.run_dir, args.step, args.overrides, all_steps=args.all):
-        print(json.dumps(result))
+        print(strict_json.dumps(result))
     return 0
 
 

@@ -132,6 +132,25 @@ def test_an_overflowing_learning_rate_never_reaches_a_checkpoint(tokenizer, tmp_
             assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(saved_params(run_dir, step)))
 
 
+def test_a_diverged_run_still_writes_json_that_strict_readers_accept(tokenizer, tmp_path):
+    """Step 1's huge (finite) update saturates the model, step 2 is skipped, and the held-out loss is NaN:
+    summary.json and eval.jsonl said NaN, which jq, JavaScript and pandas refuse; they say null."""
+    def strict(text):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+
+    run_dir = tmp_path / "diverged"
+    trained = run_jaxgen(*train_args(run_dir, tokenizer, "optimizer.lr=1e9", "optimizer.warmup_steps=0", "train.steps=2",
+                                         "train.eval_every=2"))
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    summary = strict((run_dir / "summary.json").read_text())
+    assert summary["nonfinite_steps"] == 1 and summary["eval_loss_final"] is None
+    assert summary["eval_loss_initial"] > 0
+    evaluated = run_jaxgen("eval", "--run-dir", str(run_dir))
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert strict(evaluated.stdout.splitlines()[-1])["eval_loss"] is None
+    assert strict((run_dir / "eval.jsonl").read_text())["perplexity"] is None
+
+
 def test_an_infinite_learning_rate_is_refused_by_the_config(tmp_path):
     result = run_jaxgen("train", "--run-dir", str(tmp_path / "r"), "optimizer.lr=.inf")
     assert result.returncode == 2 and "optimizer.lr" in result.stderr and "finite" in result.stderr

@@ -9,13 +9,13 @@ tokenizing anything again. Results go to RUN_DIR/evals/<step>.json.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import pathlib
 from collections.abc import Callable
 
 import jax
 
+from jaxgen import strict_json
 from jaxgen.checkpoint import checkpoint_dir, committed_steps
 from jaxgen.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_file_in
 from jaxgen.errors import ConfigError, DataError
@@ -102,7 +102,7 @@ def write_result(run_dir: pathlib.Path, step: int, results: dict[str, TaskScores
     record = {"step": step, "tasks": {name: r.figures for name, r in results.items()}}
     if jax.process_index() == 0:
         (run_dir / "evals").mkdir(exist_ok=True)
-        write_atomic(run_dir / "evals" / f"{step}.json", json.dumps(record, indent=2) + "\n")
+        write_atomic(run_dir / "evals" / f"{step}.json", strict_json.dumps(record, indent=2) + "\n")
     return record
 
 

@@ -9,13 +9,13 @@ once; each further checkpoint only reads its parameters.
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxgen import strict_json
 from jaxgen.checkpoint import checkpoint_dir, committed_steps
 from jaxgen.data.pipeline import padded, to_global
 from jaxgen.outputs.runs import OpenedRun, each_checkpoint, open_run
@@ -58,6 +58,6 @@ def evaluate_run(run_dir: str | pathlib.Path, step: int | None = None, overrides
             result["guidance_plot"] = str(plot_guidance_sweep(result["guidance_sweep"], path))
         if jax.process_index() == 0:
             with (run_dir / "eval.jsonl").open("a") as f:
-                f.write(json.dumps(result) + "\n")
+                f.write(strict_json.dumps(result) + "\n")
         results.append(result)
     return results

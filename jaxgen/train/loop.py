@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import logging
 import os
 import pathlib
@@ -22,7 +21,7 @@ import jax
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from jaxgen import __version__
+from jaxgen import __version__, strict_json
 from jaxgen.allocator import loaded_allocator
 from jaxgen.checkpoint import Checkpointer, checkpoint_dir, restore_subtree
 from jaxgen.config import Config, changed_settings
@@ -250,5 +249,5 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
         if eval_tasks:
             plot_benchmarks(run_dir)
         writer.log_pictures(cfg.train.steps, {**samples, "loss_curve": str(run_dir / "loss_curve.png")})
-        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_atomic(run_dir / "summary.json", strict_json.dumps(summary, indent=2) + "\n")
     return summary
