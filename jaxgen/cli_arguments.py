@@ -66,6 +66,7 @@ seed = _argument(_integer, lambda n: 0 <= n <= MAX_SEED, f"{{}} is not a seed; g
 non_negative_float = _argument(_finite, lambda x: x >= 0, "{:g} is negative; give 0 or more")
 probability_mass = _argument(_finite, lambda x: 0 < x <= 1,
                              "{:g} is not a probability mass; give a number above 0, at most 1")
+port_number = _argument(_integer, lambda n: 1 <= n <= 65535, "{} is not a TCP port; give 1 to 65535")
 
 # Simulated devices take XLA seconds per thousand to create; 100,000 hung for minutes, then crashed.
 MAX_CPU_DEVICES = 4096

@@ -15,6 +15,7 @@ the others (`bytes_from_process_0`).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import socket
@@ -185,11 +186,44 @@ def wait_for_coordinator(address: str, timeout_s: float) -> None:
             time.sleep(0.5)
 
 
+def port_in_use(port: int) -> bool:
+    """Whether something on this machine listens on TCP `port` (any interface), where a coordinator would.
+
+    JAX's coordinator binds every interface with SO_REUSEPORT, so a second run's process 0 given a busy
+    port starts a second coordinator beside the first, and processes of either run may join the wrong
+    one, which kills the run that was there. A bind without SO_REUSEPORT fails on a listening port.
+    """
+    for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                # Not fooled by a port a run that just ended still holds in TIME_WAIT: only a listener counts.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # both stacks, as gRPC binds
+                probe.bind((host, port))
+            return False
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                return True
+            # Otherwise IPv6 is off on this machine (try IPv4), or the probe itself cannot bind: let JAX try.
+    return False
+
+
+def refuse_busy_port(port: int, named_by: str) -> None:
+    if port_in_use(port):
+        raise DistributedError(f"coordinator port {port} is already in use on this machine (another run's "
+                               f"coordinator, or another program); a second coordinator there would let processes "
+                               f"join the wrong run. Give a free port in {named_by}")
+
+
 def initialize(settings: DistributedSettings) -> None:
     """Join the other processes of this run; must run before any JAX computation."""
     kwargs = initialize_kwargs(settings)
     if kwargs is None:
         return
+    if settings.explicit and settings.process_id == 0:
+        refuse_busy_port(int(settings.coordinator_address.rpartition(":")[2]),
+                         f"--coordinator-address ({ENV['coordinator_address']})")
     import jax
 
     where = kwargs.get("coordinator_address") or f"{detect_cluster() or 'JAX cluster detection'}"

@@ -32,7 +32,7 @@ import time
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import TextIO
 
-from jaxgen.distributed import ENV
+from jaxgen.distributed import ENV, refuse_busy_port
 
 # After one process fails, how long the others get to exit by themselves before SIGKILL.
 STOP_GRACE_S = 5.0
@@ -84,6 +84,8 @@ def launch_local(command: Sequence[str], processes: int, devices_per_process: in
         raise ValueError(f"--devices-per-process {devices_per_process} must be at least 1")
     if not command:
         raise ValueError("no command to launch; put it after --, e.g. -- train --config configs/lm_tiny.yaml")
+    if port is not None:
+        refuse_busy_port(port, "--port, or leave --port out to take one that is free")
     port = port or free_port()
     started = [_start(command, process_env(os.environ, i, processes, devices_per_process, port))
                for i in range(processes)]

@@ -110,3 +110,49 @@ def test_missing_peers_end_in_a_clear_error_not_a_hang(tmp_path):
                         "--num-processes", "2", "--process-id", "1", "--init-timeout", "2")
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"no coordinator answered at {address} within 2s" in result.stderr
+
+
+def listening(reuse_port: bool = False) -> socket.socket:
+    """A socket listening on a free port of every interface (with SO_REUSEPORT, as JAX's coordinator binds)."""
+    server = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    server.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    server.bind(("::", 0))
+    server.listen()
+    return server
+
+
+@pytest.mark.parametrize("reuse_port", [False, True], ids=["plain", "so_reuseport"])
+def test_a_listening_port_is_in_use_and_one_a_finished_run_left_in_time_wait_is_not(reuse_port):
+    server = listening(reuse_port)
+    port = server.getsockname()[1]
+    assert distributed.port_in_use(port)
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = server.accept()
+    accepted.close()  # the server side closes first: its end of the connection waits in TIME_WAIT on `port`
+    client.close()
+    server.close()
+    assert not distributed.port_in_use(port)  # a requeued run given the same port may take it at once
+
+
+def test_a_second_run_on_a_busy_coordinator_port_is_refused_before_it_starts(tmp_path):
+    """A second run's coordinator started beside the first's (JAX binds with SO_REUSEPORT); the first run's
+    process 1 then joined the wrong one and the first run died with a C++ stack dump."""
+    with listening(reuse_port=True) as server:
+        port = server.getsockname()[1]
+        result = jaxgen_cli("train", "--run-dir", str(tmp_path / "r"), "--coordinator-address", f"127.0.0.1:{port}",
+                            "--num-processes", "2", "--process-id", "0", "--init-timeout", "5")
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert result.stderr.splitlines()[-1] == (
+            f"jaxgen: error: coordinator port {port} is already in use on this machine (another run's coordinator, "
+            "or another program); a second coordinator there would let processes join the wrong run. Give a free "
+            "port in --coordinator-address (JAXGEN_COORDINATOR_ADDRESS)")
+        launched = jaxgen_cli("launch", "local", "--port", str(port), "--", "train", "--run-dir", str(tmp_path / "l"))
+        assert launched.returncode == 2 and "[0]" not in launched.stderr + launched.stdout
+        assert launched.stderr.startswith(f"jaxgen: error: coordinator port {port} is already in use")
+    assert not (tmp_path / "r").exists() and not (tmp_path / "l").exists()
+    result = jaxgen_cli("launch", "local", "--port", "99999", "--", "train")
+    assert result.stderr == "jaxgen: error: argument --port: 99999 is not a TCP port; give 1 to 65535 (see `jaxgen " \
+                            "launch local --help`)\n"
