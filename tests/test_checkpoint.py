@@ -122,9 +122,35 @@ def test_sigterm_or_a_hangup_saves_at_the_next_step_and_exits_75(tmp_path, signu
         proc.kill()
     assert proc.returncode == EXIT_PREEMPTED, stderr[-2000:]
     assert "preempted: saved a checkpoint at step" in stderr
+    assert ("SIGTERM: saving a checkpoint after this step, then stopping" in stderr) == (signum == signal.SIGTERM)
     steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
     assert len(steps) == 1 and steps[0] >= 3
     assert saved_params(run_dir, steps[0])  # loadable
+
+
+def test_ctrl_c_says_at_once_that_it_saves_and_a_second_one_says_what_it_abandoned(monkeypatch, caplog):
+    """Nothing was said until the step ended, so a user pressed Ctrl-C again and lost the save unwarned."""
+    from jaxgen.train import preemption
+
+    def leave(line):
+        raise SystemExit(line)
+
+    monkeypatch.setattr(preemption, "exit_interrupted", leave)
+    watch = preemption.PreemptionWatch()
+    try:
+        assert not watch.reached(1)
+        with caplog.at_level("WARNING", logger="jaxgen"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)  # the handler runs between bytecodes of this thread
+        assert watch.reached(1)
+        assert caplog.messages == ["Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again stops "
+                                   "at once, without it)"]
+        with pytest.raises(SystemExit, match="interrupted again before the checkpoint was saved; run the same "
+                                             "command again to continue from the last one"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+    finally:
+        watch.close()
 
 
 def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):

@@ -238,6 +238,7 @@ def test_ctrl_c_at_any_moment_is_one_line_and_never_a_crash(tmp_path, moment, pr
     says = {"start-up": "interrupted", "compilation": "interrupted; run the same command again to continue",
             "training": "preempted: saved a checkpoint"}[moment]
     assert final.startswith(f"jaxgen: {says}"), final
+    assert ("Ctrl-C: saving a checkpoint after this step" in stderr) == (moment == "training")
 
 
 @pytest.mark.parametrize("signum,says,status", [(signal.SIGINT, "interrupted", 130),

@@ -274,6 +274,33 @@ def test_sigterm_to_one_process_makes_both_save_at_the_same_step_and_stop(preemp
         assert f"preempted: saved a checkpoint at step {saved[0]}" in log.read_text()
 
 
+def test_ctrl_c_on_a_launch_makes_every_process_save_at_the_same_step_and_stop(small_corpus, tmp_path):
+    """A terminal's Ctrl-C reaches the launcher and every process; each left at once ('interrupted'), without
+    saving, while a single process saved. Now each turns it into the SIGTERM JAX's preemption sync agrees on."""
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen([sys.executable, "-m", "jaxgen", "launch", "local", "--processes", "2",
+                                 "--devices-per-process", "4", "--", *tiny_train_args(small_corpus, run_dir, *ENDLESS)],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + WATCHDOG_S
+        while len([r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]) < 2:
+            assert time.monotonic() < deadline and launcher.poll() is None, "training never started"
+            time.sleep(0.2)
+        os.killpg(launcher.pid, signal.SIGINT)  # as the terminal sends it: to the whole foreground group
+        output, _ = launcher.communicate(timeout=WATCHDOG_S)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+    assert launcher.returncode == EXIT_PREEMPTED, output[-5000:]
+    saved = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(saved) == 1 and saved[0] >= 2, output[-5000:]
+    for index in (0, 1):
+        assert f"[{index}] jaxgen: preempted: saved a checkpoint at step {saved[0]}" in output, output[-5000:]
+    assert output.count("Ctrl-C: saving a checkpoint after this step, then stopping") == 1  # said by process 0
+
+
 # The same run on 1 process x 8 devices and on 2 processes x 4 (the global batch of a step is a
 # function of the seed and the step alone), and a checkpoint of either resumed on the other.
 DATA_PARALLEL = ["mesh.data=8", "optimizer.eps=1e-3", "train.steps=8", "checkpoint.every=4"]

@@ -2,8 +2,10 @@
 
 The loop asks `reached(step)` after every step. In a multi-process run JAX's
 coordination service propagates a SIGTERM on any host to all of them and picks
-one step where every process stops together; a single process just notices its
-own signal. Either way the run saves at that step boundary, waits for the save
+one step where every process stops together (Ctrl-C, which a terminal sends to
+every process of a launch, is turned into that SIGTERM); a single process just
+notices its own signal. Process 0 says at once that it will save, and a second
+Ctrl-C stops without waiting for the save. Either way the run saves at that step boundary, waits for the save
 and exits with EXIT_PREEMPTED so a wrapper or scheduler can requeue it.
 
 A hang-up (the terminal or SSH session closed) is a request to stop like SIGTERM:
@@ -13,6 +15,7 @@ discarded from then on, so printing while stopping cannot fail.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 
@@ -21,20 +24,36 @@ from jax.experimental import multihost_utils
 
 from jaxgen.interrupts import exit_interrupted
 
+log = logging.getLogger("jaxgen")
+
+
+# Said at once, so that a user who sees nothing happen for a step does not press Ctrl-C again.
+SAVING = {signal.SIGINT: "Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again stops at once, "
+                         "without it)",
+          signal.SIGTERM: "SIGTERM: saving a checkpoint after this step, then stopping"}
+AGAIN = "interrupted again before the checkpoint was saved; run the same command again to continue from the last one"
+
 
 class PreemptionWatch:
     def __init__(self):
         self._signalled: int | None = None
+        self._ctrl_c = False
         self._multi_process = jax.process_count() > 1
         # With several processes JAX's own SIGTERM handler drives the agreement; a
-        # local-only flag there would stop one process and hang the others.
-        signals = [] if self._multi_process else [signal.SIGTERM, signal.SIGINT]
+        # local-only flag there would stop one process and hang the others. Ctrl-C
+        # (which a terminal sends every process of a launch) is turned into it.
+        signals = [signal.SIGINT] if self._multi_process else [signal.SIGTERM, signal.SIGINT]
         self._previous = {s: signal.signal(s, self._on_signal) for s in signals}
         self._previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_hangup)
 
     def _on_signal(self, signum, frame) -> None:
-        if signum == signal.SIGINT and self._signalled == signal.SIGINT:
-            exit_interrupted()  # Ctrl-C twice: stop now, without waiting for the save
+        if signum == signal.SIGINT and self._ctrl_c:
+            exit_interrupted(AGAIN)  # Ctrl-C twice: stop now, without waiting for the save
+        self._ctrl_c = self._ctrl_c or signum == signal.SIGINT
+        if self._signalled is None and jax.process_index() == 0:
+            log.warning(SAVING[signum])
+        if self._multi_process:  # JAX's SIGTERM handler makes every process stop at the same step
+            os.kill(os.getpid(), signal.SIGTERM)
         self._signalled = signum
 
     def _on_hangup(self, signum, frame) -> None:
