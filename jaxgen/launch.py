@@ -33,6 +33,7 @@ from collections.abc import Mapping, MutableMapping, Sequence
 from typing import TextIO
 
 from jaxgen.distributed import ENV, refuse_busy_port
+from jaxgen.errors import EXIT_PREEMPTED
 
 # After one process fails, how long the others get to exit by themselves before SIGKILL.
 STOP_GRACE_S = 5.0
@@ -134,8 +135,11 @@ def _wait(procs: list[subprocess.Popen], out: TextIO, lock: threading.Lock) -> i
         failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
         if failed:
             index, code = failed[0]
+            status = exit_code(code)
+            what = ("saved a checkpoint and stopped (status 75); waiting for the others" if status == EXIT_PREEMPTED
+                    else f"exited with status {status}; stopping the others")
             with lock:
-                _write(out, f"[launch] process {index} exited with status {exit_code(code)}; stopping the others\n")
+                _write(out, f"[launch] process {index} {what}\n")
             _stop(procs)
             return exit_code(code)
         if all(c == 0 for c in codes):

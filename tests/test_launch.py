@@ -85,6 +85,7 @@ def test_sigterm_reaches_every_process_and_their_status_is_the_runs():
         wait_until_ready(proc, 2)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 75
+        assert "saved a checkpoint and stopped (status 75); waiting for the others" in proc.stdout.read()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
