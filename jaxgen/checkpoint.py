@@ -338,8 +338,11 @@ def _read_checksums(step_dir: pathlib.Path, where: str) -> dict:
 
 
 def _read_meta(manager: ocp.CheckpointManager, step: int, where: str, checksums: dict) -> dict:
-    meta = _damage_as_error(where, lambda: manager.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore()))["meta"])
+    return _checked_meta(_damage_as_error(where, lambda: manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))["meta"]), checksums, where)
+
+
+def _checked_meta(meta: dict, checksums: dict, where: str) -> dict:
     if json_digest(meta) != checksums["meta_sha256"]:
         raise DamagedCheckpoint(f"{where} is damaged: its metadata does not match its checksum")
     return meta
@@ -435,3 +438,13 @@ def restore_subtree(path: str | pathlib.Path, keys: tuple[str, ...], target: Any
     _verify_arrays(restored, checksums, where, prefix=f"{key}/")
     log.info("loaded %s from %s step %d", key, path, step)
     return restored, key, step
+
+
+def read_step_meta(directory: pathlib.Path, step: int) -> dict:
+    """The metadata checkpoint `step` in `directory` (a run's `checkpoints`) was saved with, verified against
+    its checksum: the config it was trained with and its `inputs` (e.g. the tokenizer's digest)."""
+    where = f"checkpoint {directory}/{step}"
+    checksums = _read_checksums(directory / str(step), where)
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as reader:  # this step only, as restore_subtree reads
+        meta = _damage_as_error(where, lambda: reader.restore((directory / str(step) / "meta").absolute()))
+    return _checked_meta(meta, checksums, where)

@@ -19,7 +19,7 @@ from sentencepiece import sentencepiece_model_pb2
 from jaxgen.data.corpus import BUNDLED_CORPUS, iter_documents
 from jaxgen.data.sentencepiece_tokenizer import BOS_ID, EOS_ID
 from jaxgen.data.tokenizer import load_tokenizer
-from jaxgen.errors import ExportError
+from jaxgen.errors import CheckpointError, ExportError
 from jaxgen.metrics import read_metrics
 from jaxgen.models import build_model
 from jaxgen.outputs.export import export_hf, export_run
@@ -211,6 +211,25 @@ def test_export_and_import_errors_name_the_problem(trained, tmp_path):
     with pytest.raises(ExportError, match=r"tokenizer\.model' has remove_extra_whitespaces=True, which a Hugging Face"):
         export_run(collapsing, tmp_path / "o6", fmt="hf")
     assert not (tmp_path / "o6").exists()
+
+
+def test_a_run_whose_tokenizer_was_changed_since_training_is_refused_by_every_reader(trained, tmp_path):
+    """A tokenizer that still parses but is not the one trained with made sample, eval and export use other tokens
+    than the model learnt, silently (resuming training refused it)."""
+    changed = tmp_path / "changed"
+    shutil.copytree(trained, changed)
+    model = sentencepiece_model_pb2.ModelProto.FromString((changed / "tokenizer.model").read_bytes())
+    model.pieces[300].score += 5.0
+    (changed / "tokenizer.model").write_bytes(model.SerializeToString())
+    with pytest.raises(CheckpointError, match=r"'\S+/changed/tokenizer.model' is not the tokenizer checkpoint 10 was "
+                                              r"trained with \(its sha256 \w{16}\.\.\., the checkpoint's \w{16}\.\.\.\): it "
+                                              r"was damaged or replaced; put the run's own tokenizer back \(the run "
+                                              r"took it from '\S+'\)"):
+        open_run(changed)
+    with pytest.raises(CheckpointError, match="is not the tokenizer checkpoint 10 was trained with"):
+        export_run(changed, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    open_run(trained)  # the run's own still opens
 
 
 def test_kv_cache_generation_equals_full_recomputation():

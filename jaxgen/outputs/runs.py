@@ -18,8 +18,16 @@ from collections.abc import Callable, Iterator
 
 from jax.sharding import Mesh
 
-from jaxgen.checkpoint import Checkpointer, DamagedCheckpoint, checkpoint_dir, committed_steps, restore_subtree
+from jaxgen.checkpoint import (
+    Checkpointer,
+    DamagedCheckpoint,
+    checkpoint_dir,
+    committed_steps,
+    read_step_meta,
+    restore_subtree,
+)
 from jaxgen.config import Config, load_config
+from jaxgen.data.tokenizer import load_tokenizer, tokenizer_file_in
 from jaxgen.device_memory import check_fits
 from jaxgen.errors import CheckpointError, CheckpointWriteError, ConfigError
 from jaxgen.sharding import make_mesh, resolve_rules
@@ -98,8 +106,25 @@ def open_run(run_dir: str | pathlib.Path, step: int | None = None, overrides: li
     layout = plan_models(task, mesh, rules, cfg.train.seed)
     check_fits("reading this model's parameters", {"parameters": layout.bytes_per_device()})
     params, step = read_params(run_dir, step, layout.target)
+    check_kept_tokenizer(run_dir, step)
     return OpenedRun(run_dir=run_dir, cfg=cfg, task=task, mesh=mesh, layout=layout, step=step,
                      weights=layout.weights(params), eval_step=compile_eval_step(task, layout, mesh, rules))
+
+
+def check_kept_tokenizer(run_dir: pathlib.Path, step: int) -> None:
+    """The run directory's tokenizer is the one checkpoint `step` was trained with. A damaged file that still
+    parses, or another one copied over it, would make sample, eval and export use other tokens than the
+    model learnt, without a word (training itself refuses to resume with it)."""
+    inputs = read_step_meta(checkpoint_dir(run_dir), step).get("inputs", {})
+    recorded = inputs.get("tokenizer_sha256")
+    if recorded is None or tokenizer_file_in(run_dir) is None:
+        return  # a model without a tokenizer (images), or one the run does not keep
+    kept = load_tokenizer(run_dir)
+    if kept.sha256 != recorded:
+        source = f" (the run took it from {inputs['tokenizer_path']!r})" if inputs.get("tokenizer_path") else ""
+        raise CheckpointError(f"{str(kept.path)!r} is not the tokenizer checkpoint {step} was trained with (its sha256 "
+                              f"{kept.sha256[:16]}..., the checkpoint's {recorded[:16]}...): it was damaged or "
+                              f"replaced; put the run's own tokenizer back{source}")
 
 
 def each_checkpoint(run: OpenedRun, steps: list[int]) -> Iterator[OpenedRun]:
