@@ -12,6 +12,7 @@ removes while it is being read is replaced by the newest one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import pathlib
 from collections.abc import Callable, Iterator
@@ -80,6 +81,7 @@ def read_params(run_dir: pathlib.Path, step: int | None, target: dict) -> tuple[
             raise CheckpointError(f"run directory {str(run_dir)!r} has no checkpoint for step {wanted}; "
                                   f"available: {steps}")
         try:
+            check_kept_tokenizer(run_dir, wanted)  # in here: retention may delete the step meanwhile
             params = {group: restore_subtree(directory, (f"ema_params/{group}", f"params/{group}"), group_target,
                                              wanted)[0]
                       for group, group_target in target.items()}
@@ -106,7 +108,6 @@ def open_run(run_dir: str | pathlib.Path, step: int | None = None, overrides: li
     layout = plan_models(task, mesh, rules, cfg.train.seed)
     check_fits("reading this model's parameters", {"parameters": layout.bytes_per_device()})
     params, step = read_params(run_dir, step, layout.target)
-    check_kept_tokenizer(run_dir, step)
     return OpenedRun(run_dir=run_dir, cfg=cfg, task=task, mesh=mesh, layout=layout, step=step,
                      weights=layout.weights(params), eval_step=compile_eval_step(task, layout, mesh, rules))
 
@@ -119,12 +120,20 @@ def check_kept_tokenizer(run_dir: pathlib.Path, step: int) -> None:
     recorded = inputs.get("tokenizer_sha256")
     if recorded is None or tokenizer_file_in(run_dir) is None:
         return  # a model without a tokenizer (images), or one the run does not keep
-    kept = load_tokenizer(run_dir)
-    if kept.sha256 != recorded:
+    kept = tokenizer_file_in(run_dir)
+    stat = kept.stat()
+    digest = _tokenizer_digest(str(run_dir), stat.st_mtime_ns, stat.st_size)
+    if digest != recorded:
         source = f" (the run took it from {inputs['tokenizer_path']!r})" if inputs.get("tokenizer_path") else ""
-        raise CheckpointError(f"{str(kept.path)!r} is not the tokenizer checkpoint {step} was trained with (its sha256 "
-                              f"{kept.sha256[:16]}..., the checkpoint's {recorded[:16]}...): it was damaged or "
+        raise CheckpointError(f"{str(kept)!r} is not the tokenizer checkpoint {step} was trained with (its sha256 "
+                              f"{digest[:16]}..., the checkpoint's {recorded[:16]}...): it was damaged or "
                               f"replaced; put the run's own tokenizer back{source}")
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_digest(run_dir: str, mtime_ns: int, size: int) -> str:
+    """The digest of the tokenizer a run keeps, computed once per version of the file (`eval --all` asks per step)."""
+    return load_tokenizer(run_dir).sha256
 
 
 def each_checkpoint(run: OpenedRun, steps: list[int]) -> Iterator[OpenedRun]:
