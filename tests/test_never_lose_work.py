@@ -151,6 +151,29 @@ def test_a_diverged_run_still_writes_json_that_strict_readers_accept(tokenizer, 
     assert strict((run_dir / "eval.jsonl").read_text())["perplexity"] is None
 
 
+def test_training_into_another_tools_directory_is_refused_before_it_overwrites_anything(tokenizer, tmp_path):
+    """`--run-dir` given an export (or any directory holding files a run writes) overwrote its tokenizer."""
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "tokenizer.model").write_bytes(b"the export's own tokenizer")
+    (export / "model.safetensors").write_bytes(b"weights")
+    before = snapshot(export)
+    refused = run_jaxgen(*train_args(export, tokenizer, "train.steps=1"))
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert error_lines(refused.stderr) == [
+        f"jaxgen: error: --run-dir '{export}' is not a jaxgen run directory, and training would overwrite what it "
+        "holds (tokenizer.model); give a new or empty directory, or a run directory to continue"]
+    assert snapshot(export) == before and not (export / ".jaxgen.lock").exists()
+
+    planned = tmp_path / "planned"  # the user's config and a scheduler's log, put there before the run: welcome
+    planned.mkdir()
+    (planned / "config.yaml").write_text(TINY_CONFIG.read_text())
+    (planned / "slurm-1.out").write_text("starting\n")
+    trained = run_jaxgen(*train_args(planned, tokenizer, "train.steps=1", "train.eval_every=1"))
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert committed_steps(checkpoint_dir(planned)) == [1] and (planned / "slurm-1.out").read_text() == "starting\n"
+
+
 def test_an_infinite_learning_rate_is_refused_by_the_config(tmp_path):
     result = run_jaxgen("train", "--run-dir", str(tmp_path / "r"), "optimizer.lr=.inf")
     assert result.returncode == 2 and "optimizer.lr" in result.stderr and "finite" in result.stderr

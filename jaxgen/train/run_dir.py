@@ -3,6 +3,7 @@
 - `holding(run_dir)`: process 0 holds the directory's OS lock for the whole
   run; every process learns whether it got it, so a refused start stops all of
   them together. The lock dies with its holder, so a stale one is taken over.
+  Another tool's directory holding files a run writes is refused, untouched.
 - `starting_point(...)`: the newest intact checkpoint to resume from (damaged
   newer ones are set aside with a warning), or a fresh start from step 0 (a run
   killed before its first checkpoint is simply started again), or the news that
@@ -29,26 +30,51 @@ from jaxgen.files import DirectoryLock, describe_holder
 log = logging.getLogger("jaxgen")
 
 LOCK_FILE = ".jaxgen.lock"
+# What training writes into a run directory besides config.yaml, and may overwrite or delete there.
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard", "samples", "evals", "eval.jsonl",
+               "loss_curve.png")
+
+
+def outputs_at_risk(run_dir: pathlib.Path) -> list[str]:
+    """What training would overwrite in `run_dir` when it is not a jaxgen run's directory (else nothing).
+
+    A run holds its lock file from its first moment (an imported one, config.yaml and checkpoints). Any
+    other directory may be trained in (an empty one, or one holding only the config or a scheduler's log),
+    unless it holds something of the same name: an export's tokenizer, another tool's checkpoints.
+    """
+    if not run_dir.is_dir() or (run_dir / LOCK_FILE).exists():
+        return []
+    if (run_dir / "config.yaml").is_file() and (run_dir / "checkpoints").is_dir():
+        return []
+    names = [*RUN_OUTPUTS, *(path.name for path in kept_tokenizer_files(run_dir))]
+    return sorted(name for name in names if (run_dir / name).exists())
 
 
 @contextlib.contextmanager
 def holding(run_dir: pathlib.Path) -> Iterator[None]:
-    """Hold `run_dir` (created if needed) for the duration of the block, or raise DirectoryInUse."""
+    """Hold `run_dir` (created if needed) for the duration of the block; raise DirectoryInUse if another
+    process holds it, ConfigError if it is another tool's directory whose files training would overwrite."""
     lock, refusal = None, b""
     if jax.process_index() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        lock = DirectoryLock(run_dir / LOCK_FILE, f"run directory {str(run_dir)!r}",
-                             "wait for it to finish, or choose another --run-dir")
-        try:
-            previous = lock.acquire()
-        except DirectoryInUse as err:
-            lock, refusal = None, str(err).encode()
+        at_risk = outputs_at_risk(run_dir)
+        if at_risk:
+            refusal = ("F" + f"--run-dir {str(run_dir)!r} is not a jaxgen run directory, and training would "
+                       f"overwrite what it holds ({', '.join(at_risk)}); give a new or empty directory, or a run "
+                       "directory to continue").encode()
         else:
-            if previous:
-                log.info("took over the lock of %s, which is no longer running", describe_holder(previous))
-    refusal = bytes_from_process_0(refusal)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = DirectoryLock(run_dir / LOCK_FILE, f"run directory {str(run_dir)!r}",
+                                 "wait for it to finish, or choose another --run-dir")
+            try:
+                previous = lock.acquire()
+            except DirectoryInUse as err:
+                lock, refusal = None, ("L" + str(err)).encode()
+            else:
+                if previous:
+                    log.info("took over the lock of %s, which is no longer running", describe_holder(previous))
+    refusal = bytes_from_process_0(refusal).decode()
     if refusal:
-        raise DirectoryInUse(refusal.decode())
+        raise (ConfigError if refusal[0] == "F" else DirectoryInUse)(refusal[1:])
     try:
         yield
     finally:
