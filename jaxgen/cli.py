@@ -509,12 +509,22 @@ def ipython_hidden() -> Iterator[None]:
         del sys.modules["IPython"]
 
 
+# Orbax logs a failed background write with its traceback at each level it passes, then raises it in the
+# main thread, where jaxgen says it in one line. Its other logged failures (e.g. a retention that could not
+# delete an old checkpoint, which it does not raise) are still shown.
+_RAISED_LATER = ("_SignalingThread.run() raised an exception", "in background save thread",
+                 "Save Finalize thread", "one or more items may not be finalized", "Failed to write metadata")
+
+
+def not_raised_later(record: logging.LogRecord) -> bool:
+    return not (record.exc_info and any(text in record.getMessage() for text in _RAISED_LATER))
+
+
 def quiet_libraries() -> None:
     """Keep library chatter that is not the user's concern off the console (shown with --debug)."""
     absl = logging.getLogger("absl")
     absl.setLevel(logging.ERROR)  # Orbax's notes on read-only managers and the like
-    # Orbax logs a failed background write with its traceback, then raises it where jaxgen says it in one line.
-    absl.addFilter(lambda record: record.exc_info is None)
+    absl.addFilter(not_raised_later)
     # ... and a write it abandoned after the failure is reported by Python as it exits.
     warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # tasks an aborted restore leaves behind

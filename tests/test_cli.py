@@ -1,6 +1,7 @@
 """Every mistake a user makes on the command line is one clear line: no traceback, no hang, the value named."""
 
 import errno
+import logging
 import os
 import resource
 import signal
@@ -283,3 +284,16 @@ print("done")
     result = subprocess.run([sys.executable, "-c", program], text=True, capture_output=True, timeout=60, cwd=REPO)
     assert result.returncode == 0 and result.stdout == "done\n"
     assert result.stderr == ""
+
+
+def test_orbax_failures_it_raises_later_are_not_logged_twice_but_the_others_are():
+    from jaxgen.cli import not_raised_later
+
+    def record(message, failed=True):
+        exc_info = (ValueError, ValueError("OUT_OF_RANGE"), None) if failed else None
+        return logging.LogRecord("absl", logging.ERROR, __file__, 1, message, (), exc_info)
+
+    raised = "[process=0][thread=t][operation_id=1] _SignalingThread.run() raised an exception: OUT_OF_RANGE"
+    assert not not_raised_later(record(raised))  # jaxgen says it in one line when Orbax raises it
+    assert not_raised_later(record("Failed to remove checkpoint (runs/x/checkpoints/4)"))  # never raised: shown
+    assert not_raised_later(record(raised, failed=False))
