@@ -4,9 +4,9 @@ The loop asks `reached(step)` after every step. In a multi-process run JAX's
 coordination service propagates a SIGTERM on any host to all of them and picks
 one step where every process stops together (Ctrl-C, which a terminal sends to
 every process of a launch, is turned into that SIGTERM); a single process just
-notices its own signal. Process 0 says at once that it will save, and a second
-Ctrl-C stops without waiting for the save. Either way the run saves at that step boundary, waits for the save
-and exits with EXIT_PREEMPTED so a wrapper or scheduler can requeue it.
+notices its own signal. Either way the run saves at that step boundary, waits
+for the save and exits with EXIT_PREEMPTED so a wrapper or scheduler can requeue
+it. Process 0 says at once that it will save; a second Ctrl-C stops at once.
 
 A hang-up (the terminal or SSH session closed) is a request to stop like SIGTERM:
 by default it would kill the run without saving. Output to the lost terminal is
