@@ -307,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--processes", type=positive_int, default=2, metavar="N", help="JAX processes")
     local.add_argument("--devices-per-process", type=positive_int, default=4, metavar="M",
                        help="simulated CPU devices per process")
-    local.add_argument("--port", type=port_number, metavar="P", help="coordinator port on 127.0.0.1 (default: a free one)")
+    local.add_argument("--port", type=port_number, metavar="P",
+                       help="coordinator port on 127.0.0.1 (default: a free one)")
     local.add_argument("jaxgen_args", nargs=argparse.REMAINDER, metavar="-- COMMAND ARGS",
                        help="the jaxgen command each process runs")
     local.set_defaults(func=cmd_launch_local)

@@ -221,10 +221,10 @@ def test_a_run_whose_tokenizer_was_changed_since_training_is_refused_by_every_re
     model = sentencepiece_model_pb2.ModelProto.FromString((changed / "tokenizer.model").read_bytes())
     model.pieces[300].score += 5.0
     (changed / "tokenizer.model").write_bytes(model.SerializeToString())
-    with pytest.raises(CheckpointError, match=r"'\S+/changed/tokenizer.model' is not the tokenizer checkpoint 10 was "
-                                              r"trained with \(its sha256 \w{16}\.\.\., the checkpoint's \w{16}\.\.\.\): it "
-                                              r"was damaged or replaced; put the run's own tokenizer back \(the run "
-                                              r"took it from '\S+'\)"):
+    with pytest.raises(CheckpointError, match=(
+            r"'\S+/changed/tokenizer.model' is not the tokenizer checkpoint 10 was trained with \(its sha256 "
+            r"\w{16}\.\.\., the checkpoint's \w{16}\.\.\.\): it was damaged or replaced; put the run's own "
+            r"tokenizer back \(the run took it from '\S+'\)")):
         open_run(changed)
     with pytest.raises(CheckpointError, match="is not the tokenizer checkpoint 10 was trained with"):
         export_run(changed, tmp_path / "hf")

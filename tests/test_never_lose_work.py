@@ -139,8 +139,8 @@ def test_a_diverged_run_still_writes_json_that_strict_readers_accept(tokenizer, 
         return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
 
     run_dir = tmp_path / "diverged"
-    trained = run_jaxgen(*train_args(run_dir, tokenizer, "optimizer.lr=1e9", "optimizer.warmup_steps=0", "train.steps=2",
-                                         "train.eval_every=2"))
+    trained = run_jaxgen(*train_args(run_dir, tokenizer, "optimizer.lr=1e9", "optimizer.warmup_steps=0",
+                                     "train.steps=2", "train.eval_every=2"))
     assert trained.returncode == 0, trained.stderr[-2000:]
     summary = strict((run_dir / "summary.json").read_text())
     assert summary["nonfinite_steps"] == 1 and summary["eval_loss_final"] is None
