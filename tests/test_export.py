@@ -232,6 +232,21 @@ def test_a_run_whose_tokenizer_was_changed_since_training_is_refused_by_every_re
     open_run(trained)  # the run's own still opens
 
 
+def test_a_checkpoint_read_with_other_model_settings_than_it_was_trained_with_is_named(trained, tmp_path, caplog):
+    """config.yaml edited by hand (or an older step of a run continued with another rope_theta) was read with
+    the settings config.yaml holds, without a word."""
+    edited = tmp_path / "edited"
+    shutil.copytree(trained, edited)
+    text = (edited / "config.yaml").read_text()
+    (edited / "config.yaml").write_text(text.replace("rope_theta: 10000.0", "rope_theta: 500000.0"))
+    with caplog.at_level(logging.WARNING, logger="jaxgen"):
+        open_run(trained, overrides=["model.compute_dtype=bfloat16"])  # given on the command line: no surprise
+        assert caplog.messages == []
+        open_run(edited)
+    assert caplog.messages == [f"checkpoint 10 was trained with other model settings than {edited}/config.yaml "
+                               "holds: model.rope_theta: 10000.0 -> 500000.0"]
+
+
 def test_kv_cache_generation_equals_full_recomputation():
     cfg = tiny_config()
     model = build_model(cfg.model, nnx.Rngs(3))

@@ -27,10 +27,10 @@ from jaxgen.checkpoint import (
     read_step_meta,
     restore_subtree,
 )
-from jaxgen.config import Config, load_config
+from jaxgen.config import Config, changed_settings, load_config
 from jaxgen.data.tokenizer import load_tokenizer, tokenizer_file_in
 from jaxgen.device_memory import check_fits
-from jaxgen.errors import CheckpointError, CheckpointWriteError, ConfigError
+from jaxgen.errors import CheckpointError, CheckpointWriteError, ConfigError, listed
 from jaxgen.sharding import make_mesh, resolve_rules
 from jaxgen.tasks import Task, Weights, make_task
 from jaxgen.tasks.layout import ModelLayout, compile_eval_step, plan_models
@@ -72,7 +72,8 @@ def require_checkpoint(run_dir: pathlib.Path) -> list[int]:
 
 
 def read_params(run_dir: pathlib.Path, step: int | None, target: dict) -> tuple[dict, int]:
-    """Verified parameters of every group (its EMA where the run keeps one) of checkpoint `step` (default: newest)."""
+    """Verified parameters of every group (its EMA where the run keeps one) of checkpoint `step` (default: newest),
+    which must have been trained with the run's tokenizer (and, or a warning says so, its config.yaml's model)."""
     directory = checkpoint_dir(run_dir)
     while True:
         steps = require_checkpoint(run_dir)
@@ -81,7 +82,7 @@ def read_params(run_dir: pathlib.Path, step: int | None, target: dict) -> tuple[
             raise CheckpointError(f"run directory {str(run_dir)!r} has no checkpoint for step {wanted}; "
                                   f"available: {steps}")
         try:
-            check_kept_tokenizer(run_dir, wanted)  # in here: retention may delete the step meanwhile
+            check_against_checkpoint(run_dir, wanted)  # in here: retention may delete the step meanwhile
             params = {group: restore_subtree(directory, (f"ema_params/{group}", f"params/{group}"), group_target,
                                              wanted)[0]
                       for group, group_target in target.items()}
@@ -112,11 +113,29 @@ def open_run(run_dir: str | pathlib.Path, step: int | None = None, overrides: li
                      weights=layout.weights(params), eval_step=compile_eval_step(task, layout, mesh, rules))
 
 
-def check_kept_tokenizer(run_dir: pathlib.Path, step: int) -> None:
-    """The run directory's tokenizer is the one checkpoint `step` was trained with. A damaged file that still
-    parses, or another one copied over it, would make sample, eval and export use other tokens than the
-    model learnt, without a word (training itself refuses to resume with it)."""
-    inputs = read_step_meta(checkpoint_dir(run_dir), step).get("inputs", {})
+def check_against_checkpoint(run_dir: pathlib.Path, step: int) -> None:
+    """What checkpoint `step` records against the run directory: the run's tokenizer must be the one it was
+    trained with; config.yaml's model settings that differ from those it was trained with are named in a
+    warning (shapes that differ are refused by the restore). config.yaml holds a run's latest settings: an
+    older step of a run continued with, say, another `model.rope_theta` was trained with the earlier one, and
+    so was every checkpoint of a run whose config.yaml was edited by hand."""
+    meta = read_step_meta(checkpoint_dir(run_dir), step)
+    check_kept_tokenizer(run_dir, step, meta.get("inputs", {}))
+    trained = meta.get("config", {}).get("model")
+    if trained:  # against config.yaml alone: a setting given on the command line is no surprise
+        configured = load_config(run_dir / "config.yaml").model.model_dump(mode="json")
+        shared = set(trained) & set(configured)  # a setting added to jaxgen since is not a change
+        changes = changed_settings({"model": {k: trained[k] for k in shared}},
+                                   {"model": {k: configured[k] for k in shared}})
+        if changes:
+            log.warning("checkpoint %d was trained with other model settings than %s holds: %s",
+                        step, run_dir / "config.yaml", listed(changes, 6))
+
+
+def check_kept_tokenizer(run_dir: pathlib.Path, step: int, inputs: dict) -> None:
+    """The run directory's tokenizer is the one checkpoint `step` was trained with (`inputs`: what it recorded).
+    A damaged file that still parses, or another one copied over it, would make sample, eval and export use
+    other tokens than the model learnt, without a word (training itself refuses to resume with it)."""
     recorded = inputs.get("tokenizer_sha256")
     if recorded is None or tokenizer_file_in(run_dir) is None:
         return  # a model without a tokenizer (images), or one the run does not keep
