@@ -165,11 +165,13 @@ def test_training_into_another_tools_directory_is_refused_before_it_overwrites_a
         "holds (tokenizer.model); give a new or empty directory, or a run directory to continue"]
     assert snapshot(export) == before and not (export / ".jaxgen.lock").exists()
 
-    planned = tmp_path / "planned"  # the user's config and a scheduler's log, put there before the run: welcome
+    planned = tmp_path / "planned"  # the user's config, tokenizer and a scheduler's log, put there first: welcome
     planned.mkdir()
     (planned / "config.yaml").write_text(TINY_CONFIG.read_text())
     (planned / "slurm-1.out").write_text("starting\n")
-    trained = run_jaxgen(*train_args(planned, tokenizer, "train.steps=1", "train.eval_every=1"))
+    shutil.copyfile(tokenizer.path, planned / "tokenizer.model")
+    trained = run_jaxgen(*train_args(planned, tokenizer, "train.steps=1", "train.eval_every=1",
+                                     f"data.tokenizer={planned / 'tokenizer.model'}"))
     assert trained.returncode == 0, trained.stderr[-2000:]
     assert committed_steps(checkpoint_dir(planned)) == [1] and (planned / "slurm-1.out").read_text() == "starting\n"
 

@@ -35,28 +35,33 @@ RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard", "s
                "loss_curve.png")
 
 
-def outputs_at_risk(run_dir: pathlib.Path) -> list[str]:
+def outputs_at_risk(run_dir: pathlib.Path, tokenizer: str | None = None) -> list[str]:
     """What training would overwrite in `run_dir` when it is not a jaxgen run's directory (else nothing).
 
     A run holds its lock file from its first moment (an imported one, config.yaml and checkpoints). Any
-    other directory may be trained in (an empty one, or one holding only the config or a scheduler's log),
-    unless it holds something of the same name: an export's tokenizer, another tool's checkpoints.
+    other directory may be trained in (an empty one, or one holding only the config, a scheduler's log or
+    the tokenizer the run is given, `tokenizer`), unless it holds something of the same name: an export's
+    tokenizer, another tool's checkpoints.
     """
     if not run_dir.is_dir() or (run_dir / LOCK_FILE).exists():
         return []
     if (run_dir / "config.yaml").is_file() and (run_dir / "checkpoints").is_dir():
         return []
-    names = [*RUN_OUTPUTS, *(path.name for path in kept_tokenizer_files(run_dir))]
+    names = list(RUN_OUTPUTS)
+    given = tokenizer and pathlib.Path(tokenizer).absolute()
+    if not given or run_dir.absolute() not in (given, given.parent):  # a tokenizer given in place is kept as is
+        names += [path.name for path in kept_tokenizer_files(run_dir)]
     return sorted(name for name in names if (run_dir / name).exists())
 
 
 @contextlib.contextmanager
-def holding(run_dir: pathlib.Path) -> Iterator[None]:
+def holding(run_dir: pathlib.Path, tokenizer: str | None = None) -> Iterator[None]:
     """Hold `run_dir` (created if needed) for the duration of the block; raise DirectoryInUse if another
-    process holds it, ConfigError if it is another tool's directory whose files training would overwrite."""
+    process holds it, ConfigError if it is another tool's directory whose files training would overwrite
+    (`tokenizer`: the one the run is given, which may already be there)."""
     lock, refusal = None, b""
     if jax.process_index() == 0:
-        at_risk = outputs_at_risk(run_dir)
+        at_risk = outputs_at_risk(run_dir, tokenizer)
         if at_risk:
             refusal = ("F" + f"--run-dir {str(run_dir)!r} is not a jaxgen run directory, and training would "
                        f"overwrite what it holds ({', '.join(at_risk)}); give a new or empty directory, or a run "
