@@ -82,7 +82,8 @@ def train(cfg: Config, run_dir: str | pathlib.Path, startup: dict[str, float] | 
     training = build_training(cfg, mesh)  # abstract: nothing is allocated yet
     check_fits("training this model", training.layout.bytes_per_device())
     eval_tasks = load_eval_tasks(cfg)  # a missing or malformed task file stops the run before any work
-    with holding(run_dir, cfg.data.tokenizer), contextlib.ExitStack() as closing:  # what the run opens closes however it ends
+    # What the run opens closes however it ends.
+    with holding(run_dir, cfg.data.tokenizer), contextlib.ExitStack() as closing:
         ckpt = Checkpointer(checkpoint_dir(run_dir), cfg.checkpoint)
         closing.callback(ckpt.close)  # a refused start too: Orbax's threads must not outlive it
         clock.mark("setup")
