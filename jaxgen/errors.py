@@ -62,9 +62,9 @@ class CheckpointWriteError(JaxgenError, RuntimeError):
 
     exit_status = 1
 
-    def __init__(self, message: str, reason: str = "", errno: int | None = None):
+    def __init__(self, message: str, reason: str = "", code: int | None = None):
         super().__init__(message)
-        self.reason, self.errno = reason or message, errno
+        self.reason, self.errno = reason or message, code
 
 
 class NonFiniteError(JaxgenError, RuntimeError):

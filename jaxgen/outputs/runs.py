@@ -28,7 +28,7 @@ from jaxgen.checkpoint import (
     restore_subtree,
 )
 from jaxgen.config import Config, changed_settings, load_config
-from jaxgen.data.tokenizer import load_tokenizer, tokenizer_file_in
+from jaxgen.data.tokenizer import kept_tokenizer_files, load_tokenizer, tokenizer_file_in
 from jaxgen.device_memory import check_fits
 from jaxgen.errors import CheckpointError, CheckpointWriteError, ConfigError, listed
 from jaxgen.sharding import make_mesh, resolve_rules
@@ -136,12 +136,12 @@ def check_kept_tokenizer(run_dir: pathlib.Path, step: int, inputs: dict) -> None
     """The run directory's tokenizer is the one checkpoint `step` was trained with (`inputs`: what it recorded).
     A damaged file that still parses, or another one copied over it, would make sample, eval and export use
     other tokens than the model learnt, without a word (training itself refuses to resume with it)."""
-    recorded = inputs.get("tokenizer_sha256")
-    if recorded is None or tokenizer_file_in(run_dir) is None:
+    recorded, kept = inputs.get("tokenizer_sha256"), tokenizer_file_in(run_dir)
+    if recorded is None or kept is None:
         return  # a model without a tokenizer (images), or one the run does not keep
-    kept = tokenizer_file_in(run_dir)
-    stat = kept.stat()
-    digest = _tokenizer_digest(str(run_dir), stat.st_mtime_ns, stat.st_size)
+    versions = tuple((path.name, path.stat().st_mtime_ns, path.stat().st_size)
+                     for path in kept_tokenizer_files(run_dir) if path.is_file())
+    digest = _tokenizer_digest(str(run_dir), versions)
     if digest != recorded:
         source = f" (the run took it from {inputs['tokenizer_path']!r})" if inputs.get("tokenizer_path") else ""
         raise CheckpointError(f"{str(kept)!r} is not the tokenizer checkpoint {step} was trained with (its sha256 "
@@ -150,8 +150,9 @@ def check_kept_tokenizer(run_dir: pathlib.Path, step: int, inputs: dict) -> None
 
 
 @functools.lru_cache(maxsize=8)
-def _tokenizer_digest(run_dir: str, mtime_ns: int, size: int) -> str:
-    """The digest of the tokenizer a run keeps, computed once per version of the file (`eval --all` asks per step)."""
+def _tokenizer_digest(run_dir: str, versions: tuple) -> str:
+    """The digest of the tokenizer a run keeps, computed once per version of its files (`versions`: name,
+    mtime, size of each; `eval --all` asks once per step)."""
     return load_tokenizer(run_dir).sha256
 
 
