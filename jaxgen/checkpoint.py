@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 from collections.abc import Callable
 from typing import Any
@@ -320,8 +321,25 @@ def _damage_as_error(where: str, read):
     except CheckpointError:
         raise
     except Exception as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-        raise DamagedCheckpoint(f"{where} is damaged or incomplete: {type(err).__name__}: {reason}") from None
+        raise DamagedCheckpoint(f"{where} is damaged or incomplete: {read_failure(err)}") from None
+
+
+# TensorStore's words for a file it could not read: 'FAILED_PRECONDITION: Error reading "params.x.kernel/0.0" in
+# OCDBT database at local file "...": ZSTD_decompressStream() failed: Data corruption detected'.
+_TENSORSTORE_READ = re.compile(r'Error reading "(?P<array>[^"/]+)[^"]*" in [^:]*?: (?P<reason>.+)')
+
+
+def read_failure(err: BaseException) -> str:
+    """One line saying why a read failed: the innermost of the chained errors (Orbax wraps TensorStore's reason,
+    and names only a slice and an object's repr itself), with the array it was reading where TensorStore says."""
+    chain = [err]
+    while (cause := chain[-1].__cause__ or chain[-1].__context__) is not None and cause not in chain:
+        chain.append(cause)
+    innermost = next((e for e in reversed(chain) if str(e).strip()), err)
+    line = (str(innermost).strip().splitlines() or [""])[0]
+    if match := _TENSORSTORE_READ.search(line):
+        return f"array {match['array']}: {match['reason']}"[:300]
+    return f"{type(innermost).__name__}: {line}"[:300]
 
 
 def _read_checksums(step_dir: pathlib.Path, where: str) -> dict:

@@ -192,8 +192,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     from jaxgen.outputs.evaluate import evaluate_run
 
-    for result in evaluate_run(args.run_dir, args.step, args.overrides, all_steps=args.all):
-        print(strict_json.dumps(result))
+    evaluate_run(args.run_dir, args.step, args.overrides, all_steps=args.all,
+                 on_result=lambda result: print(strict_json.dumps(result), flush=True))
     return 0
 
 

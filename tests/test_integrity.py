@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxgen.checkpoint import Checkpointer, DamagedCheckpoint, committed_steps, restore_subtree
+from jaxgen.checkpoint import Checkpointer, DamagedCheckpoint, committed_steps, read_failure, restore_subtree
 from jaxgen.config import CheckpointConfig
 from jaxgen.errors import CheckpointError, NonFiniteError
 from jaxgen.integrity import _digests, _packs, all_finite, differing, tree_digest
@@ -153,7 +153,7 @@ def test_a_damaged_checkpoint_is_never_loaded_the_run_falls_back_to_the_previous
     else:
         with pytest.raises(DamagedCheckpoint, match=r"checkpoint .*/2 is damaged") as refused:
             restore_subtree(directory, ("params",), target["params"], step=2)
-        assert "\n" not in str(refused.value)
+        assert "\n" not in str(refused.value) and "TensorStore details" not in str(refused.value)
     assert sorted(p.name for p in directory.iterdir()) == ["1", "2"]
 
     # The training run falls back, loudly, and sets the damaged one aside.
@@ -163,6 +163,22 @@ def test_a_damaged_checkpoint_is_never_loaded_the_run_falls_back_to_the_previous
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.state), saved[1])
     assert "checkpoints/2 " in caplog.text and "falling back" in caplog.text
     assert committed_steps(directory) == [1] and (directory / "2.damaged").is_dir()
+
+
+def test_a_failed_read_is_told_by_its_innermost_reason_and_the_array_it_read():
+    """Orbax wraps TensorStore's reason in one naming only a slice and an object's repr."""
+    store = ValueError('FAILED_PRECONDITION: Error reading "params.model.embed/0.0.0" in OCDBT database at local file '
+                       '"/r/checkpoints/8/state/": ZSTD_decompressStream() failed: Data corruption detected\nmore')
+    try:
+        try:
+            raise store
+        except ValueError:
+            raise Exception("Encountered error while reading array index: (slice(0, 2, 1),). See full TensorStore "
+                            "details: <bound method spec of TensorStore({...})>") from None  # context, not cause
+    except Exception as wrapped:
+        assert read_failure(wrapped) == "array params.model.embed: ZSTD_decompressStream() failed: Data corruption detected"
+    assert read_failure(FileNotFoundError("no such file: _METADATA")) == "FileNotFoundError: no such file: _METADATA"
+    assert read_failure(KeyError()) == "KeyError: "
 
 
 def test_when_every_checkpoint_is_damaged_nothing_is_set_aside(two_checkpoints, tmp_path, mesh):

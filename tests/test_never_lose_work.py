@@ -307,6 +307,26 @@ def test_eval_all_scores_every_checkpoint_and_reproduces_the_loop(straight):
     assert reports[-1]["eval_loss"] == pytest.approx(logged[STEPS], rel=1e-6)
 
 
+def test_eval_all_scores_the_checkpoints_it_can_read_and_names_the_damaged_ones_last(straight, tmp_path):
+    """`eval --all` stopped at the first damaged checkpoint, losing the evaluation of every later one."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight[0], run_dir)
+    (run_dir / "eval.jsonl").unlink(missing_ok=True)  # another test's evaluation of the run
+    for step in (4, 8):  # the first, which opens the run, and one after it
+        for data_file in (run_dir / "checkpoints" / str(step) / "state").rglob("d/*"):
+            if data_file.stat().st_size > 10_000:
+                flip_bytes(data_file, count=16, every=1024)
+    result = run_jaxgen("eval", "--run-dir", str(run_dir), "--all")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert [json.loads(line)["step"] for line in result.stdout.splitlines()] == [12]
+    assert [json.loads(line)["step"] for line in (run_dir / "eval.jsonl").read_text().splitlines()] == [12]
+    [refusal] = error_lines(result.stderr)
+    assert refusal.startswith(f"jaxgen: error: skipped checkpoints 4, 8 (2 of 3): checkpoint {run_dir}/checkpoints/4 "
+                              "is damaged")
+    assert "TensorStore" not in refusal and "bound method" not in refusal
+    assert committed_steps(checkpoint_dir(run_dir)) == [4, 8, 12]  # readers change nothing
+
+
 def test_two_writers_of_one_output_directory_keep_the_first_whole_and_say_so(tmp_path):
     """Two exports (or prepares) to one --out at once: the one finishing second found the other's output where it
     would rename its own, which failed as 'X.partial-host-pid -> out: Directory not empty'."""

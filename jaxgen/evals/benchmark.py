@@ -16,7 +16,6 @@ from collections.abc import Callable
 import jax
 
 from jaxgen import strict_json
-from jaxgen.checkpoint import checkpoint_dir, committed_steps
 from jaxgen.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_file_in
 from jaxgen.errors import ConfigError, DataError
 from jaxgen.evals.loglikelihood import Score, Scorer, TokenRequest, encode_requests
@@ -24,7 +23,7 @@ from jaxgen.evals.metrics import choice_predictions, cloze_figures, format_table
 from jaxgen.evals.plots import plot_benchmarks
 from jaxgen.evals.tasks import Cloze, Task, known_names, load_task, parse_task_names
 from jaxgen.files import write_atomic
-from jaxgen.outputs.runs import each_checkpoint, load_run_config, open_run
+from jaxgen.outputs.runs import chosen_checkpoints, load_run_config
 from jaxgen.sharding import resolve_rules
 from jaxgen.tasks.layout import MAIN_GROUP
 
@@ -132,19 +131,19 @@ def evaluate_benchmarks(run_dir: str | pathlib.Path, task_names: list[str], task
     require_language_model(load_run_config(run_dir, overrides))
     tokenizer = run_tokenizer(run_dir)
     tasks = load_tasks(task_names, task_data)
-    every = committed_steps(checkpoint_dir(run_dir)) if all_steps else []
-    run = open_run(run_dir, every[0] if every else step, overrides)
-    scorer = make_scorer(run.cfg, run.mesh, run.layout.graphdefs[MAIN_GROUP], run.layout.shardings[MAIN_GROUP],
-                         batch_size)
-    benchmarks = Benchmarks(tasks, tokenizer, scorer)
-    records = []
-    for checkpoint in each_checkpoint(run, every or [run.step]):
-        record = write_result(run_dir, checkpoint.step, benchmarks.run(checkpoint.weights.params[MAIN_GROUP]))
-        if on_result is not None:
-            on_result(record)
-        records.append(record)
-    if jax.process_index() == 0:
-        plot_benchmarks(run_dir)
+    benchmarks, records = None, []
+    try:
+        for run in chosen_checkpoints(run_dir, step, overrides, all_steps):
+            if benchmarks is None:
+                benchmarks = Benchmarks(tasks, tokenizer, make_scorer(
+                    run.cfg, run.mesh, run.layout.graphdefs[MAIN_GROUP], run.layout.shardings[MAIN_GROUP], batch_size))
+            record = write_result(run_dir, run.step, benchmarks.run(run.weights.params[MAIN_GROUP]))
+            if on_result is not None:
+                on_result(record)
+            records.append(record)
+    finally:  # the checkpoints scored before one that could not be read are plotted too
+        if records and jax.process_index() == 0:
+            plot_benchmarks(run_dir)
     return records
 
 

@@ -10,15 +10,15 @@ once; each further checkpoint only reads its parameters.
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Callable
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
 from jaxgen import strict_json
-from jaxgen.checkpoint import checkpoint_dir, committed_steps
 from jaxgen.data.pipeline import padded, to_global
-from jaxgen.outputs.runs import OpenedRun, each_checkpoint, open_run
+from jaxgen.outputs.runs import OpenedRun, chosen_checkpoints
 from jaxgen.sharding import data_parallel_size
 from jaxgen.tasks.layout import held_out_sums
 
@@ -41,16 +41,15 @@ def split_evenly(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, np.ndarr
 
 
 def evaluate_run(run_dir: str | pathlib.Path, step: int | None = None, overrides: list[str] = (),
-                 all_steps: bool = False) -> list[dict]:
-    """Evaluate one checkpoint (the newest by default) or all of them; appends each result to RUN_DIR/eval.jsonl."""
+                 all_steps: bool = False, on_result: Callable[[dict], None] | None = None) -> list[dict]:
+    """Evaluate one checkpoint (the newest by default) or all of them; each result is appended to
+    RUN_DIR/eval.jsonl and given to `on_result` as it comes (a damaged checkpoint among all is skipped,
+    and named in the error raised once the others are done)."""
     run_dir = pathlib.Path(run_dir)
-    every = committed_steps(checkpoint_dir(run_dir)) if all_steps else []
-    run = open_run(run_dir, every[0] if every else step, overrides)
-    steps = every or [run.step]
-    data = run.task.make_data(run_dir)
-    results = []
-    for checkpoint in each_checkpoint(run, steps):
-        result = evaluate(checkpoint, data)
+    data, results = None, []
+    for run in chosen_checkpoints(run_dir, step, overrides, all_steps):
+        data = run.task.make_data(run_dir) if data is None else data
+        result = evaluate(run, data)
         if "guidance_sweep" in result and jax.process_index() == 0:
             from jaxgen.quality.prompt_adherence import plot_guidance_sweep
 
@@ -59,5 +58,7 @@ def evaluate_run(run_dir: str | pathlib.Path, step: int | None = None, overrides
         if jax.process_index() == 0:
             with (run_dir / "eval.jsonl").open("a") as f:
                 f.write(strict_json.dumps(result) + "\n")
+        if on_result is not None:
+            on_result(result)
         results.append(result)
     return results

@@ -15,7 +15,7 @@ import dataclasses
 import functools
 import logging
 import pathlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from jax.sharding import Mesh
 
@@ -50,7 +50,7 @@ class OpenedRun:
     mesh: Mesh
     layout: ModelLayout
     step: int
-    weights: Weights
+    weights: Weights | None  # None until a checkpoint's parameters are read
     eval_step: Callable  # (params by group, global batch) -> (loss sum, weight sum)
 
 
@@ -87,11 +87,8 @@ def read_params(run_dir: pathlib.Path, step: int | None, target: dict) -> tuple[
                                              wanted)[0]
                       for group, group_target in target.items()}
             return params, wanted
-        except CheckpointError as err:
+        except CheckpointError:
             if (directory / str(wanted)).is_dir():
-                if isinstance(err, DamagedCheckpoint) and len(steps) > 1:
-                    others = [s for s in steps if s != wanted]
-                    raise DamagedCheckpoint(f"{err}; read another with --step (available: {others})") from None
                 raise
             if step is not None:
                 raise CheckpointError(f"checkpoint {wanted} of {run_dir} was deleted while it was being read "
@@ -102,15 +99,63 @@ def read_params(run_dir: pathlib.Path, step: int | None, target: dict) -> tuple[
 
 def open_run(run_dir: str | pathlib.Path, step: int | None = None, overrides: list[str] = ()) -> OpenedRun:
     """The run's config, task and the parameters of checkpoint `step` (default: the newest)."""
-    run_dir = pathlib.Path(run_dir)
+    opened = _without_params(pathlib.Path(run_dir), overrides)
+    try:
+        params, step = read_params(opened.run_dir, step, opened.layout.target)
+    except DamagedCheckpoint as err:
+        steps = committed_steps(checkpoint_dir(opened.run_dir))
+        others = [s for s in steps if s != (steps[-1] if step is None else step)]
+        if not others:
+            raise
+        raise DamagedCheckpoint(f"{err}; read another with --step (available: {others})") from None
+    return dataclasses.replace(opened, step=step, weights=opened.layout.weights(params))
+
+
+def each_checkpoint(run_dir: str | pathlib.Path, steps: list[int], overrides: list[str] = ()) -> Iterator[OpenedRun]:
+    """The run opened once, with the parameters of each of `steps` in turn.
+
+    A step the run's retention deleted meanwhile is skipped. So is a damaged one, with a warning: one bad
+    checkpoint does not cost the evaluation of the others, but once they are done a DamagedCheckpoint names
+    every one skipped, so that the result never looks complete when it is not.
+    """
+    opened = _without_params(pathlib.Path(run_dir), overrides)
+    damaged: dict[int, str] = {}
+    for step in steps:
+        try:
+            params, _ = read_params(opened.run_dir, step, opened.layout.target)
+        except DamagedCheckpoint as err:
+            log.warning("%s; skipped", err)
+            damaged[step] = str(err)
+            continue
+        except CheckpointError:
+            if (checkpoint_dir(opened.run_dir) / str(step)).is_dir():
+                raise
+            log.warning("checkpoint %d was deleted by the run's retention before it was read; skipped", step)
+            continue
+        opened.step, opened.weights = step, opened.layout.weights(params)
+        yield opened
+    if damaged:
+        which = f"checkpoint{'s' * (len(damaged) > 1)} {', '.join(map(str, damaged))}"
+        raise DamagedCheckpoint(f"skipped {which} ({len(damaged)} of {len(steps)}): {next(iter(damaged.values()))}")
+
+
+def chosen_checkpoints(run_dir: str | pathlib.Path, step: int | None, overrides: list[str],
+                       all_steps: bool) -> Iterable[OpenedRun]:
+    """What `--step` / `--all` chose: checkpoint `step` (default: the newest), or each committed one in turn."""
+    if all_steps:
+        return each_checkpoint(run_dir, committed_steps(checkpoint_dir(pathlib.Path(run_dir))), overrides)
+    return [open_run(run_dir, step, overrides)]
+
+
+def _without_params(run_dir: pathlib.Path, overrides: list[str]) -> OpenedRun:
+    """The run's config, task, mesh and model layout, checked to hold a checkpoint; no parameters read yet."""
     cfg = load_run_config(run_dir, overrides)
     require_checkpoint(run_dir)
     task, mesh, rules = make_task(cfg), make_mesh(cfg.mesh), resolve_rules(cfg.sharding.preset, cfg.sharding.rules)
     layout = plan_models(task, mesh, rules, cfg.train.seed)
     check_fits("reading this model's parameters", {"parameters": layout.bytes_per_device()})
-    params, step = read_params(run_dir, step, layout.target)
-    return OpenedRun(run_dir=run_dir, cfg=cfg, task=task, mesh=mesh, layout=layout, step=step,
-                     weights=layout.weights(params), eval_step=compile_eval_step(task, layout, mesh, rules))
+    return OpenedRun(run_dir=run_dir, cfg=cfg, task=task, mesh=mesh, layout=layout, step=-1, weights=None,
+                     eval_step=compile_eval_step(task, layout, mesh, rules))
 
 
 def check_against_checkpoint(run_dir: pathlib.Path, step: int) -> None:
@@ -154,21 +199,6 @@ def _tokenizer_digest(run_dir: str, versions: tuple) -> str:
     """The digest of the tokenizer a run keeps, computed once per version of its files (`versions`: name,
     mtime, size of each; `eval --all` asks once per step)."""
     return load_tokenizer(run_dir).sha256
-
-
-def each_checkpoint(run: OpenedRun, steps: list[int]) -> Iterator[OpenedRun]:
-    """`run` with the parameters of each of `steps` in turn; a step retention deleted meanwhile is skipped."""
-    for step in steps:
-        if step != run.step:
-            try:
-                params, _ = read_params(run.run_dir, step, run.layout.target)
-            except CheckpointError:
-                if (checkpoint_dir(run.run_dir) / str(step)).is_dir():
-                    raise
-                log.warning("checkpoint %d was deleted by the run's retention before it was evaluated; skipped", step)
-                continue
-            run.step, run.weights = step, run.layout.weights(params)
-        yield run
 
 
 def save_imported_run(run_dir: pathlib.Path, cfg: Config, params: dict, source: str | pathlib.Path,
