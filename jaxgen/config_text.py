@@ -8,6 +8,7 @@ where it came from. `jaxgen.config` validates the result.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -57,6 +58,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 raise _RepeatedKey(key, key_node.start_mark.line + 1)
             seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+# YAML 1.1, which PyYAML follows, reads `1e-4` and `3e5` as strings (a float needs a dot and a signed exponent);
+# YAML 1.2 and every user reads them as numbers.
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
 def load_yaml(text: str, where: str) -> Any:

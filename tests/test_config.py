@@ -49,6 +49,17 @@ def test_a_key_given_twice_in_a_config_file_is_refused_naming_its_line(tmp_path)
                                                                                "use": {"x": 3, "y": 2}}
 
 
+def test_numbers_in_exponent_notation_are_numbers_in_files_and_overrides(tmp_path):
+    """PyYAML (YAML 1.1) read `1e3` and `1e-4` as strings: `train.steps=1e3` was refused as not an integer."""
+    assert [load_yaml(text, "text") for text in ("1e3", "1e-4", "-2.5E+2", "1.0e3", "1e", "e3")] == [
+        1000.0, 1e-4, -250.0, 1000.0, "1e", "e3"]
+    cfg = tiny_config("train.steps=1e3", "optimizer.lr=3e-4")
+    assert (cfg.train.steps, type(cfg.train.steps), cfg.optimizer.lr) == (1000, int, 3e-4)
+    assert "steps: 1000\n" in cfg.to_yaml()  # saved as the integer it is
+    with pytest.raises(ConfigError, match=r"'train.steps' = 1.5: .*fractional part"):
+        tiny_config("train.steps=1.5e0")
+
+
 def test_wrong_type_names_field_and_expected_type():
     with pytest.raises(ConfigError, match=r"'train.steps' = 'many'.*expected int"):
         tiny_config("train.steps=many")
