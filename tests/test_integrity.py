@@ -176,7 +176,8 @@ def test_a_failed_read_is_told_by_its_innermost_reason_and_the_array_it_read():
             raise Exception("Encountered error while reading array index: (slice(0, 2, 1),). See full TensorStore "
                             "details: <bound method spec of TensorStore({...})>") from None  # context, not cause
     except Exception as wrapped:
-        assert read_failure(wrapped) == "array params.model.embed: ZSTD_decompressStream() failed: Data corruption detected"
+        assert read_failure(wrapped) == ("array params.model.embed: ZSTD_decompressStream() failed: "
+                                         "Data corruption detected")
     assert read_failure(FileNotFoundError("no such file: _METADATA")) == "FileNotFoundError: no such file: _METADATA"
     assert read_failure(KeyError()) == "KeyError: "
 
