@@ -566,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         if isinstance(err, KeyboardInterrupt):  # raised by code, not by Ctrl-C (jaxgen.interrupts handles that)
             exit_interrupted()
-        line, status = describe(err)
+        line, status = describe(err, command=next((a for a in argv if not a.startswith("-")), None))
         print(f"jaxgen: {line}", file=sys.stderr, flush=True)
     return distributed.exit_status(status)
 

@@ -131,8 +131,18 @@ def first_line(err: BaseException, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-def describe(err: BaseException) -> tuple[str, int]:
-    """The one line (after 'jaxgen: ') and exit status for any failure that reaches the command line."""
+# What to change when a device runs out of memory: training's remedies mean nothing to a command that only reads.
+OUT_OF_MEMORY_ADVICE = {
+    "train": "make data.batch_size smaller, use train.microbatches, model.remat=full, or shard over more devices",
+}
+READER_OUT_OF_MEMORY_ADVICE = ("ask for less at once (fewer prompts or images, a smaller --batch-size or "
+                               "--max-new-tokens), or read the model over more devices (mesh.fsdp=N with "
+                               "sharding.preset=fsdp)")
+
+
+def describe(err: BaseException, command: str | None = None) -> tuple[str, int]:
+    """The one line (after 'jaxgen: ') and exit status for any failure that reaches the command line
+    (`command`: the jaxgen command that failed, whose remedies an out-of-memory error names)."""
     if isinstance(err, KeyboardInterrupt):
         return "interrupted", 130
     if isinstance(err, Preempted):
@@ -145,8 +155,8 @@ def describe(err: BaseException) -> tuple[str, int]:
     if isinstance(err, MemoryError):
         return "error: out of host memory; make the model, batch or prefetch smaller", 1
     if "RESOURCE_EXHAUSTED" in str(err):
-        return (f"error: a device ran out of memory ({first_line(err, 200)}); make data.batch_size smaller, use "
-                "train.microbatches, model.remat=full, or shard over more devices"), 1
+        advice = OUT_OF_MEMORY_ADVICE.get(command or "train", READER_OUT_OF_MEMORY_ADVICE)
+        return f"error: a device ran out of memory ({first_line(err, 200)}); {advice}", 1
     return f"error: unexpected {type(err).__name__}: {first_line(err)} (run with --debug for the traceback)", 1
 
 

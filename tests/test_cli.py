@@ -3,6 +3,7 @@
 import errno
 import logging
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -117,6 +118,12 @@ def test_sample_options_belong_to_a_model_kind(tmp_path):
     (vae / "config.yaml").write_text((REPO / "configs" / "vae_fashion.yaml").read_text())
     refused(run_jaxgen("sample", "--run-dir", str(vae), "--images", str(tmp_path / "none*.png")),
             says=f"--images '{tmp_path}/none*.png' matches no files")
+    t5 = tmp_path / "t5"
+    t5.mkdir()
+    (t5 / "config.yaml").write_text((REPO / "configs" / "t5_tiny.yaml").read_text())
+    line = refused(run_jaxgen("sample", "--run-dir", str(t5), "--prompt", "a", "--max-new-tokens", str(10**12)),
+                   says=f"--max-new-tokens {10**12} needs about ")  # was an allocation failure naming train options
+    assert re.search(r"for the decoder's cache of 1 input at once, more than the .* available; give at most \d+$", line)
 
 
 @pytest.mark.parametrize("flag,value,says", [
@@ -167,6 +174,13 @@ def test_file_system_errors_are_named_in_words(tmp_path):
             raise RuntimeError("a library wrapped it") from err
     except RuntimeError as wrapped:
         assert describe(wrapped)[0] == "error: /secret: permission denied"
+    exhausted = RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 5156002734224 bytes.\ndetails")
+    assert describe(exhausted, "train") == describe(exhausted) == (
+        "error: a device ran out of memory (RESOURCE_EXHAUSTED: Out of memory allocating 5156002734224 bytes.); make "
+        "data.batch_size smaller, use train.microbatches, model.remat=full, or shard over more devices", 1)
+    assert describe(exhausted, "sample")[0].endswith("bytes.); ask for less at once (fewer prompts or images, a "
+                                                     "smaller --batch-size or --max-new-tokens), or read the model "
+                                                     "over more devices (mesh.fsdp=N with sharding.preset=fsdp)")
     a_file = tmp_path / "file"
     a_file.write_text("x")
     refused(run_jaxgen("train", "--run-dir", str(a_file / "run" / "1"), "train.steps=1"),

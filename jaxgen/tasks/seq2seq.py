@@ -34,7 +34,7 @@ from jaxgen.data.bidirectional import (
     training_pairs,
 )
 from jaxgen.data.tokenizer import Tokenizer, load_tokenizer
-from jaxgen.errors import ConfigError
+from jaxgen.errors import ConfigError, UsageError
 from jaxgen.tasks.base import Weights
 from jaxgen.tasks.decode import Sampling
 from jaxgen.tasks.layout import MAIN_GROUP
@@ -143,6 +143,9 @@ class Seq2SeqTask(OneTextModel):
         super().check_sample_options(options)
         if not options["prompt"]:
             raise ConfigError("an encoder-decoder turns inputs into targets: pass --prompt INPUT (repeat for several)")
+        wanted = options.get("max_new_tokens")
+        if wanted is not None:
+            check_decoding_fits(self.cfg, wanted, min(len(options["prompt"]), GENERATE_BATCH))
 
     def generate(self, weights: Weights, run_dir: pathlib.Path, step: int, options: dict[str, Any],
                  on_text: Callable[[str], None] | None) -> list[dict]:
@@ -162,3 +165,19 @@ def _correct(graphdef, params, batch) -> jax.Array:
     logits = Seq2SeqTask.logits(nnx.merge(graphdef, params), batch)
     hits = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
     return jnp.sum(hits * batch["weights"])
+
+
+def check_decoding_fits(cfg: Config, new_tokens: int, rows: int) -> None:
+    """Refuse, before anything is read, a target length whose decoder cache (keys and values of every decoder
+    layer for every slot; relative positions set no length of their own) cannot fit this host or device."""
+    from jaxgen.device_memory import capacity, human_bytes
+
+    model = cfg.model
+    cache = model.decoder_layers * 2 * model.n_heads * model.resolved_head_dim * jnp.dtype(model.compute_dtype).itemsize
+    per_token = rows * (2 * cache + 4)  # the decoding loop holds the cache it updates twice; and the int32 output
+    limit, _, where = capacity()
+    if new_tokens * per_token > limit:
+        inputs = f"{rows} input{'s' * (rows > 1)}"
+        raise UsageError(f"--max-new-tokens {new_tokens} needs about {human_bytes(new_tokens * per_token)} for the "
+                         f"decoder's cache of {inputs} at once, more than the {human_bytes(limit)} {where}; give at "
+                         f"most {limit // per_token}")
