@@ -79,7 +79,7 @@ def write_atomic(path: str | pathlib.Path, data: bytes | str) -> None:
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        if err.filename is None:  # a failed write names no file; the user's is the one to name
+        if err.filename in (None, str(tmp)):  # the temporary file's name means nothing to the user; theirs does
             raise OSError(err.errno, err.strerror, str(path)) from err
         raise
     except BaseException:

@@ -202,6 +202,9 @@ def test_a_file_that_could_not_be_written_is_named_and_the_old_one_kept(tmp_path
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
     assert describe(failed.value)[0] == f"error: {kept}: file too large (a file-size limit was reached)"
     assert kept.read_bytes() == b"before" and [p.name for p in tmp_path.iterdir()] == ["grid.png"]
+    # A folder where no file can be made: the temporary file's open fails first, and the user's path is named.
+    refused(run_jaxgen("data", "g2p", "--out", "/proc/words.jsonl"), status=1,
+            says="jaxgen: error: /proc/words.jsonl: no such file or directory")
 
 
 def start(args, *, cwd=REPO):
