@@ -284,7 +284,7 @@ class Checkpointer:
                 restored = self.restore(target, step)
             except DamagedCheckpoint as err:
                 damaged[step] = str(err)
-            if not _on_every_process(step not in damaged):  # one process's read failing fails them all
+            if not on_every_process(step not in damaged):  # one process's read failing fails them all
                 damaged.setdefault(step, f"checkpoint {self.directory}/{step} could not be read by another process")
                 continue
             for bad_step, reason in damaged.items():
@@ -308,7 +308,8 @@ class Checkpointer:
         log.warning("renamed the damaged checkpoint to %s (kept for inspection; delete it when done)", target)
 
 
-def _on_every_process(ok: bool) -> bool:
+def on_every_process(ok: bool) -> bool:
+    """Whether `ok` holds on every process (each may read other shards of a checkpoint, and find other damage)."""
     if jax.process_count() == 1:
         return ok
     return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))

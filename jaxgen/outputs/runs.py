@@ -24,6 +24,7 @@ from jaxgen.checkpoint import (
     DamagedCheckpoint,
     checkpoint_dir,
     committed_steps,
+    on_every_process,
     read_step_meta,
     restore_subtree,
 )
@@ -121,16 +122,19 @@ def each_checkpoint(run_dir: str | pathlib.Path, steps: list[int], overrides: li
     opened = _without_params(pathlib.Path(run_dir), overrides)
     damaged: dict[int, str] = {}
     for step in steps:
+        failure = None
         try:
             params, _ = read_params(opened.run_dir, step, opened.layout.target)
         except DamagedCheckpoint as err:
-            log.warning("%s; skipped", err)
-            damaged[step] = str(err)
-            continue
+            failure = str(err)
         except CheckpointError:
             if (checkpoint_dir(opened.run_dir) / str(step)).is_dir():
                 raise
             log.warning("checkpoint %d was deleted by the run's retention before it was read; skipped", step)
+            continue
+        if not on_every_process(failure is None):  # all skip it together, or they would wait for each other
+            damaged[step] = failure or f"checkpoint {step} could not be read by another process"
+            log.warning("%s; skipped", damaged[step])
             continue
         opened.step, opened.weights = step, opened.layout.weights(params)
         yield opened
