@@ -9,6 +9,8 @@
 - `DirectoryLock`: an OS lock (flock) on a lock file. The OS drops it when the
   holder dies, so a stale lock is simply taken over; the file names its holder
   (host, PID, command) so that a refused second writer is told who has it.
+  Where the file system has no locks, that record stands in for one, with a
+  warning: a holder still running on this host refuses.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import errno
 import fcntl
 import glob
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -27,6 +30,8 @@ import sys
 from collections.abc import Iterator
 
 from jaxgen.errors import DirectoryInUse
+
+log = logging.getLogger("jaxgen")
 
 
 def _temporary_sibling(path: pathlib.Path, kind: str) -> pathlib.Path:
@@ -162,7 +167,12 @@ class DirectoryLock:
         """
         fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                if err.errno not in _NO_LOCKS:
+                    raise
+                self._without_os_lock(fd, err)
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
@@ -182,6 +192,17 @@ class DirectoryLock:
         self._fd = fd
         return previous
 
+    def _without_os_lock(self, fd: int, err: OSError) -> None:
+        """Where the file system has no locks, the holder's record stands in for one: a holder on this host
+        that still runs refuses (as BlockingIOError); one on another host cannot be asked, and a record left by
+        a holder that died must not stop a restart, so the warning says what goes undetected."""
+        holder = _read_holder(fd)
+        if holder and holder.get("host") == socket.gethostname() and _running(holder.get("pid")):
+            raise BlockingIOError(errno.EWOULDBLOCK, "held")
+        log.warning("%s is on a file system without file locks (%s): a second writer started on this host is "
+                    "refused, one on another host is not; see that only one job uses it", self.what,
+                    os.strerror(err.errno).lower())
+
     def release(self) -> None:
         if self._fd is None:
             return
@@ -196,6 +217,23 @@ class DirectoryLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+# What flock fails with where a file system has no locks: Lustre mounted without `flock`, NFS without a lock
+# daemon, some FUSE mounts (cloud buckets).
+_NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
+
+
+def _running(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _read_holder(fd: int) -> dict | None:

@@ -8,16 +8,20 @@ started again.
 
 import errno
 import json
+import logging
 import os
 import resource
 import shutil
 import signal
+import socket
+import subprocess
 import time
 
 import jax
 import numpy as np
 import pytest
 
+from jaxgen import files
 from jaxgen.checkpoint import checkpoint_dir, committed_steps, restore_subtree
 from jaxgen.config import load_config
 from jaxgen.errors import DirectoryInUse, describe
@@ -214,6 +218,29 @@ def test_one_writer_per_run_directory_and_readers_never_fail_while_it_trains(tok
     stopped_at = max(committed_steps(checkpoint_dir(run_dir)))
     assert steps[-1] == stopped_at  # the stopping step's record is written, not lost
     assert saved_params(run_dir, stopped_at)
+
+
+def test_on_a_file_system_without_locks_the_holder_record_stands_in_with_a_warning(tmp_path, monkeypatch, caplog):
+    """flock fails on Lustre mounted without `flock`, NFS without a lock daemon and some FUSE mounts: training
+    refused to start at all there ('No locks available')."""
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(files.fcntl, "flock", no_locks)
+    lock_file = tmp_path / ".jaxgen.lock"
+    first = files.DirectoryLock(lock_file, "run directory 'r'", "choose another")
+    with caplog.at_level(logging.WARNING, logger="jaxgen"):
+        assert first.acquire() is None
+    assert "run directory 'r' is on a file system without file locks (no locks available)" in caplog.text
+    with pytest.raises(DirectoryInUse, match=rf"in use by process {os.getpid()} on host"):  # alive, on this host
+        files.DirectoryLock(lock_file, "run directory 'r'", "choose another").acquire()
+    first.release()
+    assert files.DirectoryLock(lock_file, "run directory 'r'", "choose another").acquire() is None
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    for host in (socket.gethostname(), "another-node"):  # a holder that died, or one that cannot be asked
+        lock_file.write_text(json.dumps({"host": host, "pid": dead.pid}))
+        assert files.DirectoryLock(lock_file, "run directory 'r'", "choose another").acquire()["host"] == host
 
 
 def test_kills_and_full_disks_before_the_first_checkpoint_never_block_a_restart(straight, tokenizer, tmp_path):
