@@ -7,7 +7,9 @@ before JAX touches a device. Where the coordinator is and how many processes
 there are comes from explicit settings (flags or JAXGEN_* variables) or from
 JAX's own detection of the cluster; a single process needs nothing at all.
 
-Also here: how a failing process leaves (`exit_status`: at once, so its peers
+Before joining, a process asks process 0 which run it coordinates
+(`jaxgen.coordinator_beacon`), so that a process of another run never joins
+this one. Also here: how a failing process leaves (`exit_status`: at once, so its peers
 fail fast instead of hanging in a collective), and process 0's bytes shared with
 the others (`bytes_from_process_0`).
 """
@@ -26,6 +28,7 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 
+from jaxgen.coordinator_beacon import ask, refusal, run_identity, start_beacon
 from jaxgen.errors import ConfigError
 
 log = logging.getLogger("jaxgen")
@@ -221,21 +224,29 @@ def initialize(settings: DistributedSettings) -> None:
     kwargs = initialize_kwargs(settings)
     if kwargs is None:
         return
+    beacon, identity = None, run_identity(sys.argv[1:], settings.num_processes or 0)
     if settings.explicit and settings.process_id == 0:
-        refuse_busy_port(int(settings.coordinator_address.rpartition(":")[2]),
-                         f"--coordinator-address ({ENV['coordinator_address']})")
+        port = int(settings.coordinator_address.rpartition(":")[2])
+        refuse_busy_port(port, f"--coordinator-address ({ENV['coordinator_address']})")
+        beacon = start_beacon(port, identity)
     import jax
 
     where = kwargs.get("coordinator_address") or f"{detect_cluster() or 'JAX cluster detection'}"
     log.info("joining a multi-process run via %s (waiting up to %ds for the others)", where, settings.init_timeout_s)
     if settings.explicit and settings.process_id != 0:
         wait_for_coordinator(settings.coordinator_address, settings.init_timeout_s)
+        answer = ask(settings.coordinator_address)
+        stranger = answer and refusal(answer, identity, settings.coordinator_address)
+        if stranger:
+            raise DistributedError(stranger)
     try:
         jax.distributed.initialize(**kwargs)
     except (RuntimeError, ValueError) as err:  # e.g. called twice, or after JAX already ran a computation
         raise DistributedError(f"could not join the multi-process run via {where}: {err}") from None
     log.info("process %d of %d: %d local devices of %d", jax.process_index(), jax.process_count(),
              jax.local_device_count(), jax.device_count())
+    if beacon is not None:  # every process has joined: any other that asks is a stranger
+        beacon.all_joined()
 
 
 def is_multiprocess() -> bool:

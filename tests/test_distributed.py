@@ -1,11 +1,13 @@
 """Multi-process settings: where they come from, what is rejected, when JAX is asked to join."""
 
+import os
 import socket
 
 import jax
 import pytest
 
 from jaxgen import distributed
+from jaxgen.coordinator_beacon import ask, refusal, run_identity, start_beacon
 from jaxgen.data.lockstep import DataExhausted, next_in_lockstep
 from jaxgen.distributed import DistributedError, DistributedSettings, settings_from
 from jaxgen.errors import DataError
@@ -156,3 +158,36 @@ def test_a_second_run_on_a_busy_coordinator_port_is_refused_before_it_starts(tmp
     result = jaxgen_cli("launch", "local", "--port", "99999", "--", "train")
     assert result.stderr == "jaxgen: error: argument --port: 99999 is not a TCP port; give 1 to 65535 (see `jaxgen " \
                             "launch local --help`)\n"
+
+
+def test_run_identity_is_the_command_its_run_directory_and_the_process_count():
+    assert run_identity(["train", "--config", "c.yaml", "--run-dir", "runs/a/", "x=1"], 2) == {
+        "command": "train", "run_dir": "runs/a", "processes": 2}
+    assert run_identity(["eval", "--run-dir=./runs/a"], 4) == {"command": "eval", "run_dir": "runs/a", "processes": 4}
+    assert run_identity([], 2) == {"command": None, "run_dir": None, "processes": 2}
+
+
+def test_a_beacon_says_which_run_it_coordinates_and_when_every_process_has_joined():
+    mine = run_identity(["train", "--run-dir", "a"], 2)
+    with listening() as server:  # where a coordinator would listen; the beacon takes the same port number in UDP
+        port = server.getsockname()[1]
+        beacon = start_beacon(port, mine)
+        address = f"127.0.0.1:{port}"
+        answer = ask(address)
+        assert answer["identity"] == mine and answer["joined"] is False and answer["pid"] == os.getpid()
+        assert refusal(answer, mine, address) is None  # one of its own processes joins
+        assert refusal(answer, {**mine, "run_dir": "b"}, address).startswith(
+            f"the coordinator at {address} serves another run (run_dir 'a' there, 'b' here; process 0 is pid ")
+        beacon.all_joined()
+        assert refusal(ask(address), mine, address).startswith(
+            f"the coordinator at {address} serves a run whose 2 processes have all joined (process 0 is pid ")
+
+        # The process of another run is refused before it connects: it would have aborted every process of this one.
+        result = jaxgen_cli("train", "--run-dir", "a", "--coordinator-address", address, "--num-processes", "2",
+                            "--process-id", "1", "--init-timeout", "5")
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert result.stderr.splitlines()[-1].endswith(
+            "joining would stop that run; give this run its own --coordinator-address (a free port)")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as unused:
+        unused.bind(("127.0.0.1", 0))
+        assert ask(f"127.0.0.1:{unused.getsockname()[1]}") is None  # no beacon: join as without one
