@@ -163,6 +163,9 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     files = resolve_files(args.input, "--input")
     if any(os.path.exists(args.out) and os.path.samefile(args.out, f) for f in files):
         raise UsageError(f"--out {args.out!r} is one of the --input files; the tokenizer would overwrite the corpus")
+    if os.path.lexists(args.out):  # runs and datasets made with it could no longer be read, sampled or resumed
+        raise UsageError(f"--out {args.out!r} already exists (runs or datasets made with that tokenizer need it); "
+                         "choose a new path, or delete it first")
     documents = iter_documents(files, args.field, args.invalid_utf8)
     tokenizer = train_tokenizer(documents, args.vocab_size, args.out, args.model_type,
                                 source=f"--input {args.input!r}", vocab_option="--vocab-size")

@@ -163,6 +163,19 @@ def test_a_file_to_write_is_checked_by_the_parser(tmp_path, args, suffix):
     assert getattr(build_parser().parse_args([*args, f"Out{suffix.upper()}"]), args[-1][2:].replace("-", "_"))
 
 
+def test_a_tokenizer_is_never_trained_over_an_existing_file(tmp_path):
+    """`tokenizer train --out RUN/tokenizer.model` replaced a run's tokenizer: its checkpoints could no longer be
+    sampled, evaluated or resumed (they are refused with another tokenizer) and the original was gone."""
+    kept = tmp_path / "run" / "tokenizer.model"
+    kept.parent.mkdir()
+    kept.write_bytes(b"the run's own")
+    corpus = REPO / "jaxgen" / "data" / "kjv.txt.gz"
+    refused(run_jaxgen("tokenizer", "train", "--input", str(corpus), "--vocab-size", "512", "--out", str(kept)),
+            says=f"--out '{kept}' already exists (runs or datasets made with that tokenizer need it); choose a new "
+                 "path, or delete it first")
+    assert kept.read_bytes() == b"the run's own"
+
+
 def test_file_system_errors_are_named_in_words(tmp_path):
     assert describe(OSError(errno.ENOSPC, "No space left on device", "/data/x")) == (
         "error: /data/x: no space left on device", 1)
