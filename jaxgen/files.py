@@ -196,8 +196,9 @@ class DirectoryLock:
         """Where the file system has no locks, the holder's record stands in for one: a holder on this host
         that still runs refuses (as BlockingIOError); one on another host cannot be asked, and a record left by
         a holder that died must not stop a restart, so the warning says what goes undetected."""
-        holder = _read_holder(fd)
-        if holder and holder.get("host") == socket.gethostname() and _running(holder.get("pid")):
+        holder = _read_holder(fd) or {}
+        pid = holder.get("pid")
+        if holder.get("host") == socket.gethostname() and isinstance(pid, int) and pid > 0 and _alive(pid):
             raise BlockingIOError(errno.EWOULDBLOCK, "held")
         log.warning("%s is on a file system without file locks (%s): a second writer started on this host is "
                     "refused, one on another host is not; see that only one job uses it", self.what,
@@ -222,18 +223,6 @@ class DirectoryLock:
 # What flock fails with where a file system has no locks: Lustre mounted without `flock`, NFS without a lock
 # daemon, some FUSE mounts (cloud buckets).
 _NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
-
-
-def _running(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _read_holder(fd: int) -> dict | None:
