@@ -303,6 +303,9 @@ def test_kubernetes_jobs_are_indexed_and_run_as_the_rbac_service_account(manifes
     jobs = [d["spec"]["replicatedJobs"][0]["template"]["spec"] if d["kind"] == "JobSet" else d["spec"]
             for d in docs if d["kind"] in ("JobSet", "Job")]
     assert jobs and all(j["completionMode"] == "Indexed" and j["parallelism"] == j["completions"] for j in jobs)
+    # Replacement pods wait for the pod they replace to end (it saves a checkpoint on SIGTERM; two pods of one
+    # index at once is a duplicate JAX task).
+    assert all(j["podReplacementPolicy"] == "Failed" for j in jobs)
     for pod in [spec for doc in docs for spec in pod_specs(doc)]:
         assert pod["serviceAccountName"] == rbac["ServiceAccount"]["metadata"]["name"]
         assert pod["containers"][0]["args"][0] == "train"
