@@ -26,7 +26,7 @@ from jaxgen.outputs.hf_tokenizer import write_hf_tokenizer
 from jaxgen.outputs.runs import OpenedRun, open_run
 from jaxgen.sharding import make_mesh, resolve_rules, with_rules
 from jaxgen.tasks import make_task
-from jaxgen.tasks.decode import Sampling, Vocabulary
+from jaxgen.tasks.decode import Sampling, Vocabulary, text_stream
 from jaxgen.tasks.layout import MAIN_GROUP, compile_eval_step, fresh_params, plan_models
 from jaxgen.tasks.seq2seq_decode import _generate, bucket_length, generate_targets
 
@@ -177,6 +177,12 @@ def test_greedy_generation_equals_transformers(run, exported):
     print("generated:", ours)
     assert ours == reference
     assert sum(map(len, ours)) >= n and max(len(set(row)) for row in ours) > 2  # not a trivial answer
+
+    # `sample` with one input streams its text as it is decoded, a piece a token; the same tokens, the same text.
+    pieces = []
+    streamed = generate_targets(*model_of(run), inputs, n, BOS, EOS, Sampling(temperature=0.0), seed=0,
+                                on_token=text_stream(tokenizer, pieces.append))
+    assert streamed == ours and len(pieces) == len(ours[0]) and "".join(pieces) == tokenizer.decode(ours[0])
 
 
 def test_inputs_in_one_bucket_compile_once(run):

@@ -118,6 +118,21 @@ def _decode(graphdef, params, tokens_BP, pad_B, key, max_new_tokens: int, sampli
     return out_BN
 
 
+def text_stream(tokenizer, on_text: Callable[[str], None], prefix: list[int] = ()) -> Callable:
+    """An `on_token(i, tokens_B, done_B)` that gives `on_text` row 0's new text as its tokens come (after the
+    token ids `prefix`). Decoding the whole text each time keeps pieces that only make sense together (spaces,
+    the bytes of one character) right."""
+    streamed: list[int] = []
+
+    def on_token(i, tokens_B, done_B) -> None:
+        if not bool(done_B[0]) and int(tokens_B[0]) != tokenizer.eos_id:
+            before = tokenizer.decode([*prefix, *streamed])
+            streamed.append(int(tokens_B[0]))
+            on_text(tokenizer.decode([*prefix, *streamed])[len(before):])
+
+    return on_token
+
+
 MIN_BUCKET = 16
 
 

@@ -21,7 +21,7 @@ from jaxgen.data.tokenizer import Tokenizer, load_tokenizer
 from jaxgen.errors import ConfigError, UsageError
 from jaxgen.models.transformer import flops_per_token
 from jaxgen.tasks.base import Weights
-from jaxgen.tasks.decode import Sampling, Vocabulary, generate
+from jaxgen.tasks.decode import Sampling, Vocabulary, generate, text_stream
 from jaxgen.tasks.layout import MAIN_GROUP
 from jaxgen.tasks.text_inputs import OneTextModel
 
@@ -109,19 +109,10 @@ class LanguageModelTask(OneTextModel):
             log.warning("the longest prompt leaves room for %d new tokens in the model's context "
                         "(model.max_seq_len=%d), not the %d asked for", room, max_len, max_new_tokens)
         new_tokens = min(DEFAULT_NEW_TOKENS if max_new_tokens is None else max_new_tokens, room)
-        streamed: list[int] = []
-
-        def stream(i, tokens_B, done_B) -> None:
-            # Decoding the whole text each time keeps pieces that only make sense together (spaces, bytes) right.
-            if not bool(done_B[0]) and int(tokens_B[0]) != tokenizer.eos_id:
-                before = tokenizer.decode(ids[0][1:] + streamed)
-                streamed.append(int(tokens_B[0]))
-                on_text(tokenizer.decode(ids[0][1:] + streamed)[len(before):])
-
         if on_text is not None:
             on_text(prompts[0])
         outputs = generate(weights.graphdefs[MAIN_GROUP], weights.params[MAIN_GROUP], ids, new_tokens,
                            Vocabulary(tokenizer.eos_id, tokenizer.vocab_size), sampling, seed,
-                           on_token=stream if on_text else None)
+                           on_token=text_stream(tokenizer, on_text, ids[0][1:]) if on_text else None)
         # Decoding prompt and continuation together keeps the space between them.
         return [(tokenizer.decode(p[1:]), tokenizer.decode(p[1:] + new)) for p, new in zip(ids, outputs)]

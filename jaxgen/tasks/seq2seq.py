@@ -36,7 +36,7 @@ from jaxgen.data.bidirectional import (
 from jaxgen.data.tokenizer import Tokenizer, load_tokenizer
 from jaxgen.errors import ConfigError, UsageError
 from jaxgen.tasks.base import Weights
-from jaxgen.tasks.decode import Sampling
+from jaxgen.tasks.decode import Sampling, text_stream
 from jaxgen.tasks.layout import MAIN_GROUP
 from jaxgen.tasks.text_inputs import OneTextModel, global_batches, spaces_taken
 
@@ -117,9 +117,11 @@ class Seq2SeqTask(OneTextModel):
                              for (s, t), g in list(zip(pairs, generated))[:5]]}
 
     def targets_for(self, inputs: list[str], weights: Weights, tokenizer: Tokenizer, max_new_tokens: int,
-                    sampling: Sampling, seed: int, name_cut: bool = False) -> list[str]:
+                    sampling: Sampling, seed: int, name_cut: bool = False,
+                    on_text: Callable[[str], None] | None = None) -> list[str]:
         """The decoder's text for each input, generated in batches; an input is cut to data.seq_len as in
-        training (`name_cut`: with a warning naming it)."""
+        training (`name_cut`: with a warning naming it). `on_text` receives the first input's text piece by
+        piece as it is decoded."""
         from jaxgen.tasks.seq2seq_decode import generate_targets
 
         limit = self.cfg.data.seq_len
@@ -135,7 +137,8 @@ class Seq2SeqTask(OneTextModel):
         for i in range(0, len(encoded), GENERATE_BATCH):
             ids = generate_targets(weights.graphdefs[MAIN_GROUP], weights.params[MAIN_GROUP],
                                    encoded[i:i + GENERATE_BATCH], max_new_tokens, start, tokenizer.eos_id, sampling,
-                                   seed + i, vocab_size=tokenizer.vocab_size)
+                                   seed + i, vocab_size=tokenizer.vocab_size,
+                                   on_token=text_stream(tokenizer, on_text) if on_text and i == 0 else None)
             out += [tokenizer.decode(target) for target in ids]
         return out
 
@@ -154,9 +157,8 @@ class Seq2SeqTask(OneTextModel):
         tokenizer = load_tokenizer(run_dir)
         sampling = Sampling(temperature=options["temperature"], top_k=options["top_k"], top_p=options["top_p"])
         targets = self.targets_for(prompts, weights, tokenizer, options["max_new_tokens"] or self.cfg.data.target_len,
-                                   sampling, options["seed"], name_cut=True)
-        if on_text is not None and len(prompts) == 1:
-            on_text(targets[0])
+                                   sampling, options["seed"], name_cut=True,
+                                   on_text=on_text if len(prompts) == 1 else None)
         return [{"prompt": prompt, "text": target} for prompt, target in zip(prompts, targets)]
 
 

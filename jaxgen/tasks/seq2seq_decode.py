@@ -11,11 +11,13 @@ is the LM decoder's (`decode.sample_logits`): greedy at temperature 0.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import io_callback
 
 from jaxgen.models.layers import each_layer
 from jaxgen.tasks.decode import Sampling, Vocabulary, sample_logits, without_padding
@@ -28,9 +30,9 @@ def bucket_length(n: int) -> int:
     return max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length())
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "vocabulary"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "vocabulary", "stream"))
 def _generate(graphdef, params, tokens_BL, segments_BL, start_id, key, max_new_tokens: int, sampling: Sampling,
-              vocabulary: Vocabulary):
+              vocabulary: Vocabulary, stream: Callable | None = None):
     model = nnx.merge(graphdef, params)
     eos_id = vocabulary.eos_id
     b = tokens_BL.shape[0]
@@ -47,6 +49,8 @@ def _generate(graphdef, params, tokens_BL, segments_BL, start_id, key, max_new_t
         key, step_key = jax.random.split(key)
         token_B = sample_logits(without_padding(logits_B1V[:, 0], vocabulary), step_key, sampling)
         token_B = jnp.where(done_B, eos_id, token_B)
+        if stream is not None:
+            io_callback(stream, None, i, token_B, done_B, ordered=True)
         out_BN = out_BN.at[:, i].set(token_B)
         return i + 1, token_B, cache, out_BN, done_B | (token_B == eos_id), key
 
@@ -56,10 +60,12 @@ def _generate(graphdef, params, tokens_BL, segments_BL, start_id, key, max_new_t
 
 
 def generate_targets(graphdef, params, inputs: list[list[int]], max_new_tokens: int, start_id: int, eos_id: int,
-                     sampling: Sampling, seed: int, vocab_size: int | None = None) -> list[list[int]]:
+                     sampling: Sampling, seed: int, vocab_size: int | None = None,
+                     on_token: Callable[[int, np.ndarray, np.ndarray], None] | None = None) -> list[list[int]]:
     """Each input's generated target ids, without the start token, cut before EOS.
 
     `vocab_size` (the tokenizer's): ids from it up are never generated, should the model's vocabulary be larger.
+    `on_token(i, tokens_B, done_B)` is called on the host for every decoding step.
     """
     if not inputs:
         return []
@@ -70,6 +76,6 @@ def generate_targets(graphdef, params, inputs: list[list[int]], max_new_tokens: 
     segments_BL = (np.arange(width)[None, :] < np.asarray([len(ids) for ids in inputs])[:, None]).astype(np.int32)
     vocabulary = Vocabulary(eos_id=eos_id, size=vocab_size or params["embed"].shape[0])
     out_BN = _generate(graphdef, params, jnp.asarray(tokens_BL), jnp.asarray(segments_BL), jnp.int32(start_id),
-                       jax.random.PRNGKey(seed), max_new_tokens, sampling, vocabulary)
+                       jax.random.PRNGKey(seed), max_new_tokens, sampling, vocabulary, on_token)
     rows = np.asarray(jax.device_get(out_BN)).tolist()
     return [row[: row.index(eos_id)] if eos_id in row else row for row in rows]
