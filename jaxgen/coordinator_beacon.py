@@ -89,7 +89,10 @@ def start_beacon(port: int, identity: dict) -> Beacon | None:
     """A beacon on UDP `port` of every interface (both IP versions where the host has them), or None where the
     port cannot be bound (another program holds it): the run goes on without one."""
     for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
-        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock = socket.socket(family, socket.SOCK_DGRAM)  # fails where the host has no IPv6 at all
+        except OSError:
+            continue
         try:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)

@@ -1,5 +1,6 @@
 """Multi-process settings: where they come from, what is rejected, when JAX is asked to join."""
 
+import errno
 import os
 import socket
 
@@ -191,3 +192,19 @@ def test_a_beacon_says_which_run_it_coordinates_and_when_every_process_has_joine
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as unused:
         unused.bind(("127.0.0.1", 0))
         assert ask(f"127.0.0.1:{unused.getsockname()[1]}") is None  # no beacon: join as without one
+
+
+def test_a_host_without_ipv6_gets_a_beacon_on_ipv4(monkeypatch):
+    real_socket = socket.socket
+
+    def without_ipv6(family=socket.AF_INET, *args, **kwargs):
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        return real_socket(family, *args, **kwargs)
+
+    with real_socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setattr(socket, "socket", without_ipv6)
+    assert start_beacon(port, {"command": "train"}) is not None
+    assert ask(f"127.0.0.1:{port}")["identity"] == {"command": "train"}
