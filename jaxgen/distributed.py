@@ -255,19 +255,26 @@ def is_multiprocess() -> bool:
     return jax.distributed.is_initialized() and jax.process_count() > 1
 
 
-def exit_status(code: int) -> int:
-    """Return `code`; but a multi-process run that fails leaves at once.
+PEERS_REPORT_S = 2.0
 
-    A normal exit waits in JAX's shutdown barrier for every peer (up to 5
-    minutes), while a peer may wait in a collective for this process. Leaving at
-    once stops this process's heartbeats, so the peers are stopped within the
-    heartbeat timeout, sooner where a collective notices the closed connection.
+
+def exit_status(code: int) -> int:
+    """Return `code`; but a multi-process run that fails leaves within moments, without JAX's shutdown barrier.
+
+    A normal exit waits in that barrier for every peer (up to 5 minutes), while
+    a peer may wait in a collective for this process. Leaving stops this
+    process's heartbeats, so the peers are stopped within the heartbeat timeout,
+    sooner where a collective notices the closed connection.
     """
     if code == 0 or not is_multiprocess():
         return code
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()
+    # Most failures before training (a config or data mistake) are met by every process within moments of
+    # each other: a short wait lets each report its own one line, where leaving first would have JAX's
+    # coordination service abort the others mid-way, with a C++ stack dump instead of the error.
+    time.sleep(PEERS_REPORT_S)
     os._exit(code)
 
 
