@@ -399,8 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", parents=[checkpoint, devices, overrides],
                                    help="held-out loss, perplexity, bits per byte; or benchmark tasks (--tasks)")
-    evaluate.add_argument("--all", action="store_true", help="evaluate every checkpoint of the run (a damaged one is skipped, "
-                          "and named in the error once the others are done)")
+    evaluate.add_argument("--all", action="store_true",
+                          help="evaluate every checkpoint of the run (a damaged one is skipped, and named in the "
+                               "error once the others are done)")
     benchmarks = evaluate.add_argument_group("benchmark tasks (language models; results in RUN_DIR/evals/<step>.json)")
     benchmarks.add_argument("--tasks", action="append", metavar="NAMES",
                             help="score these tasks instead of the held-out loss: comma-separated hellaswag, "
