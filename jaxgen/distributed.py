@@ -9,8 +9,8 @@ JAX's own detection of the cluster; a single process needs nothing at all.
 
 Before joining, a process asks process 0 which run it coordinates
 (`jaxgen.coordinator_beacon`), so that a process of another run never joins
-this one. Also here: how a failing process leaves (`exit_status`: at once, so its peers
-fail fast instead of hanging in a collective), and process 0's bytes shared with
+this one. Also here: how a failing process leaves (`exit_status`: within moments, so its
+peers fail fast instead of hanging in a collective), and process 0's bytes shared with
 the others (`bytes_from_process_0`).
 """
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -118,17 +118,18 @@ def _decode(graphdef, params, tokens_BP, pad_B, key, max_new_tokens: int, sampli
     return out_BN
 
 
-def text_stream(tokenizer, on_text: Callable[[str], None], prefix: list[int] = ()) -> Callable:
+def text_stream(tokenizer, on_text: Callable[[str], None], prefix: Sequence[int] = ()) -> Callable:
     """An `on_token(i, tokens_B, done_B)` that gives `on_text` row 0's new text as its tokens come (after the
     token ids `prefix`). Decoding the whole text each time keeps pieces that only make sense together (spaces,
-    the bytes of one character) right."""
-    streamed: list[int] = []
+    the bytes of one character) right; the text so far is kept, so each token is decoded once."""
+    ids = list(prefix)
+    text = [tokenizer.decode(ids)]
 
     def on_token(i, tokens_B, done_B) -> None:
         if not bool(done_B[0]) and int(tokens_B[0]) != tokenizer.eos_id:
-            before = tokenizer.decode([*prefix, *streamed])
-            streamed.append(int(tokens_B[0]))
-            on_text(tokenizer.decode([*prefix, *streamed])[len(before):])
+            ids.append(int(tokens_B[0]))
+            before, text[0] = text[0], tokenizer.decode(ids)
+            on_text(text[0][len(before):])
 
     return on_token
 
