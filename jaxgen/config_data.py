@@ -106,7 +106,8 @@ class DataConfig(_SourceFields):
     # many documents. A larger window mixes documents from more places, but each reader stream
     # holds a window of documents in memory and reads one before its first batch and on resume.
     shuffle_window: int = Field(10_000, gt=0)
-    # Worker processes that tokenize and pack; 0 = a background thread in the trainer.
+    # Worker processes that tokenize and pack, at most the CPU cores the trainer may use;
+    # 0 = a background thread in the trainer.
     workers: int = Field(0, ge=0)
     # Batches made ahead, per worker.
     prefetch: int = Field(4, gt=0)

@@ -4,6 +4,9 @@
   same directory, reach the disk, and are renamed over the target. Readers see
   the old file or the new one; a full disk or a kill leaves no partial file
   under the real name.
+- `append_line`: a record added to a log of lines (metrics.jsonl, eval.jsonl);
+  a line an earlier writer left cut short (killed, or the disk full mid-write)
+  stays a line of its own rather than swallowing the new record.
 - `building(target)`: a directory is built under a hidden temporary name and
   renamed into place only when the block completes.
 - `DirectoryLock`: an OS lock (flock) on a lock file. The OS drops it when the
@@ -91,6 +94,20 @@ def write_atomic(path: str | pathlib.Path, data: bytes | str) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
+
+
+def append_line(path: str | pathlib.Path, line: str) -> None:
+    """Add `line` (no newline) to the end of `path` as one line, in one write.
+
+    Readers of such logs skip a line that does not parse; ending an unfinished one
+    first keeps that loss to the damaged line alone.
+    """
+    with open(path, "a+b") as f:
+        unfinished = False
+        if f.seek(0, os.SEEK_END) > 0:
+            f.seek(-1, os.SEEK_END)
+            unfinished = f.read(1) != b"\n"
+        os.write(f.fileno(), (b"\n" if unfinished else b"") + line.encode() + b"\n")
 
 
 @contextlib.contextmanager

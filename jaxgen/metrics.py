@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgen.errors import Preempted
-from jaxgen.files import user_cache_dir, write_atomic
+from jaxgen.files import append_line, user_cache_dir, write_atomic
 
 if TYPE_CHECKING:
     from jaxgen.trackers import Outcome, Trackers
@@ -275,8 +275,7 @@ class MetricsWriter:
         # Non-finite values (a skipped step's loss) are null: metrics.jsonl stays strict JSON.
         finite = {k: float(v) for k, v in values.items() if math.isfinite(float(v))}
         record = {"step": step, **{k: finite.get(k) for k in values}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.path, json.dumps(record))
         if self._tb:
             self._tb.add_scalars(step, finite)
         if self.trackers:

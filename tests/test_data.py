@@ -62,6 +62,15 @@ def test_resume_gives_exactly_the_uninterrupted_stream(tokenizer, small_corpus, 
     assert_resumes_exactly(lambda: train_batches(cfg.data, tokenizer, Shard()), consumed)
 
 
+def test_more_workers_than_cores_is_refused_before_any_process_starts(tokenizer, monkeypatch):
+    """data.workers=1000000000000 took the host's memory for minutes before anything said why."""
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    cfg = tiny_config("data.workers=3")
+    with pytest.raises(ConfigError, match=r"^data.workers=3 asks for more worker processes than the 2 CPU cores "
+                                          r"this process may use; give at most 2 \(0 reads"):
+        train_batches(cfg.data, tokenizer, Shard())
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_the_global_batch_and_its_position_do_not_depend_on_the_process_count(tokenizer, small_corpus, workers):
     cfg = tiny_config(f"data.text={small_corpus}", "data.batch_size=8", "data.seq_len=16",

@@ -243,6 +243,19 @@ def test_on_a_file_system_without_locks_the_holder_record_stands_in_with_a_warni
         assert files.DirectoryLock(lock_file, "run directory 'r'", "choose another").acquire()["host"] == host
 
 
+def test_a_log_line_cut_short_never_swallows_the_records_written_after_it(tmp_path):
+    """metrics.jsonl and eval.jsonl are appended to; a kill or a full disk mid-write leaves a last line without its
+    end, and the next record written onto it made one unreadable line of both, losing the new record too."""
+    log_file = tmp_path / "eval.jsonl"
+    files.append_line(log_file, json.dumps({"step": 4}))
+    with open(log_file, "a") as f:
+        f.write('{"step": 8, "eval_lo')  # what a write cut short leaves
+    files.append_line(log_file, json.dumps({"step": 12}))
+    files.append_line(log_file, json.dumps({"step": 16}))
+    assert [r["step"] for r in read_metrics(log_file)] == [4, 12, 16]
+    assert log_file.read_text().count("\n") == 4
+
+
 def test_kills_and_full_disks_before_the_first_checkpoint_never_block_a_restart(straight, tokenizer, tmp_path):
     """A run killed (or failing) before its first committed checkpoint restarts from step 0 when rerun."""
     run_dir = tmp_path / "early"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import os
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
@@ -134,6 +135,12 @@ def prefetched(dataset: grain.IterDataset, workers: int, buffer: int) -> grain.I
     """Batches made ahead of time: in `workers` processes, or in one background thread when 0."""
     if workers == 0:
         return grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=buffer)
+    cores = len(os.sched_getaffinity(0))
+    if workers > cores:
+        # Each worker is a process holding its own copy of the sources' index and buffers: past the
+        # cores it may run on, more only take memory (thousands would exhaust the host's).
+        raise ConfigError(f"data.workers={workers} asks for more worker processes than the {cores} CPU cores this "
+                          f"process may use; give at most {cores} (0 reads in a background thread of the trainer)")
     # grain's worker processes read absl flags, which a non-absl program never parses.
     from absl import flags
 

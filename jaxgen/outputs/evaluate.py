@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 
 from jaxgen import strict_json
 from jaxgen.data.pipeline import padded, to_global
+from jaxgen.files import append_line
 from jaxgen.outputs.runs import OpenedRun, chosen_checkpoints
 from jaxgen.sharding import data_parallel_size
 from jaxgen.tasks.layout import held_out_sums
@@ -56,8 +57,7 @@ def evaluate_run(run_dir: str | pathlib.Path, step: int | None = None, overrides
             path = run_dir / "evals" / f"guidance_step{result['step']:07d}.png"
             result["guidance_plot"] = str(plot_guidance_sweep(result["guidance_sweep"], path))
         if jax.process_index() == 0:
-            with (run_dir / "eval.jsonl").open("a") as f:
-                f.write(strict_json.dumps(result) + "\n")
+            append_line(run_dir / "eval.jsonl", strict_json.dumps(result))
         if on_result is not None:
             on_result(result)
         results.append(result)
