@@ -10,6 +10,7 @@ from flax import nnx
 
 from jaxgen.data.tokenizer import load_tokenizer
 from jaxgen.errors import ConfigError, DataError
+from jaxgen.evals import benchmark
 from jaxgen.evals.benchmark import Benchmarks, evaluate_benchmarks, load_tasks, make_scorer
 from jaxgen.evals.loglikelihood import bucket_length
 from jaxgen.metrics import read_metrics
@@ -222,3 +223,16 @@ def test_acc_norm_divides_by_characters_as_the_harness_does():
     assert choice_predictions([-4.5, -4.0], ["ééé", "bb"]) == (1, 0)
     assert choice_predictions([-1.0, -1.0], ["a", "a"]) == (0, 0)  # ties go to the first choice
     assert mean_stderr([1.0, 0.0, 1.0, 0.0]) == pytest.approx((0.5, np.std([1, 0, 1, 0], ddof=1) / 2))
+
+
+def test_a_plot_that_fails_after_scoring_stopped_never_hides_why_it_stopped(tmp_path, monkeypatch, caplog):
+    def no_space(run_dir):
+        raise OSError(28, "No space left on device", str(run_dir / "evals_acc.png"))
+
+    monkeypatch.setattr("jaxgen.evals.benchmark.plot_benchmarks", no_space)
+    benchmark.plot_scored(tmp_path, [])  # nothing scored: nothing to plot
+    with caplog.at_level("WARNING", logger="jaxgen"):
+        benchmark.plot_scored(tmp_path, [{"step": 4}], stopped=DataError("checkpoint 8 is damaged"))
+    assert "could not plot the results scored so far: [Errno 28] No space left on device" in caplog.text
+    with pytest.raises(OSError, match="No space left"):  # when scoring finished, the plot's failure is the error
+        benchmark.plot_scored(tmp_path, [{"step": 4}])

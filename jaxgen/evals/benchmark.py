@@ -141,10 +141,24 @@ def evaluate_benchmarks(run_dir: str | pathlib.Path, task_names: list[str], task
             if on_result is not None:
                 on_result(record)
             records.append(record)
-    finally:  # the checkpoints scored before one that could not be read are plotted too
-        if records and jax.process_index() == 0:
-            plot_benchmarks(run_dir)
+    except Exception as stopped:  # the checkpoints scored before one that could not be read are plotted too
+        plot_scored(run_dir, records, stopped)
+        raise
+    plot_scored(run_dir, records)
     return records
+
+
+def plot_scored(run_dir: pathlib.Path, records: list[dict], stopped: Exception | None = None) -> None:
+    """The plots of the run's results, once some were scored; when scoring `stopped` early, a failure to plot
+    is a warning, never the error reported in place of why it stopped."""
+    if not records or jax.process_index() != 0:
+        return
+    try:
+        plot_benchmarks(run_dir)
+    except Exception as err:
+        if stopped is None:
+            raise
+        log.warning("could not plot the results scored so far: %s", err)
 
 
 def print_table(record: dict) -> None:
