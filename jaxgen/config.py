@@ -247,7 +247,9 @@ class DiffusionConfig(_Section):
     guidance_interval: tuple[float, float] = (0.0, 1.0)
     # Sample grids every this many steps (and always at the end); 0 = only at the end.
     sample_every: int = Field(0, ge=0)
-    samples_per_class: int = Field(10, gt=0)
+    # A grid's row per class (or held-out caption) holds this many samples: a picture to look at, held in
+    # memory whole, so at most 100 (`jaxgen sample` draws any number).
+    samples_per_class: int = Field(10, gt=0, le=100)
     # Held-out loss is measured on this many evenly spaced noise levels, with fixed noise.
     eval_timesteps: int = Field(8, gt=0)
     # At the end of a run (`jaxgen eval` always): Frechet distance and conditional accuracy of samples in the

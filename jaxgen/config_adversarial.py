@@ -91,5 +91,6 @@ class GANTrainingConfig(_Section):
     ema_warmup: int = Field(100, ge=0)
     # Sample grids (one row per class) every this many steps and at the end; 0 = only at the end.
     sample_every: int = Field(0, ge=0)
-    samples_per_class: int = Field(10, gt=0)
+    # Samples in each row: a picture to look at, held in memory whole, so at most 100.
+    samples_per_class: int = Field(10, gt=0, le=100)
     discriminator_optimizer: GANDiscriminatorOptimizerConfig = Field(default_factory=GANDiscriminatorOptimizerConfig)

@@ -119,6 +119,9 @@ class EncoderDecoderConfig(_Section):
         if self.relative_max_distance <= self.relative_buckets // 2:
             raise ValueError(f"model.relative_max_distance={self.relative_max_distance} must exceed half of "
                              f"model.relative_buckets={self.relative_buckets}: the log-spaced buckets need room")
+        if self.decoder_start_id is not None and self.decoder_start_id >= self.vocab_size:
+            raise ValueError(f"model.decoder_start_id={self.decoder_start_id} is not a token of the vocabulary; "
+                             f"valid: 0 to model.vocab_size - 1 = {self.vocab_size - 1}, or null for the tokenizer's BOS")
         return self
 
 

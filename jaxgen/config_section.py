@@ -1,15 +1,20 @@
-"""The base of every config section: frozen, no unknown keys, no booleans or inf/nan where numbers go."""
+"""The base of every config section: frozen, no unknown keys, no booleans or inf/nan where numbers go, and no
+integer JAX could not hold."""
 
 from __future__ import annotations
 
 import typing
 from typing import Any
 
+import annotated_types
 import pydantic
 from pydantic import BaseModel, ConfigDict
 
 # Seeds become 32-bit random keys (JAX's PRNGKey, NumPy's generators): larger ones overflow deep inside.
 MAX_SEED = 2**32 - 1
+# Counts (steps, sizes, sampling steps) become JAX's default int32 arrays, or sizes of arrays: larger ones
+# overflow inside a compiled computation, or ask for more memory than any machine has, after training.
+MAX_INT = 2**31 - 1
 
 
 class Section(BaseModel):
@@ -22,6 +27,15 @@ class Section(BaseModel):
         # YAML reads yes/no/true/false as booleans, which pydantic would take as 1 and 0.
         if isinstance(value, bool) and _wants_number(cls.model_fields[info.field_name].annotation):
             raise ValueError(f"{str(value).lower()} is a boolean; a number is expected here")
+        return value
+
+    @pydantic.field_validator("*", mode="after")
+    @classmethod
+    def _integers_jax_can_hold(cls, value: Any, info: pydantic.ValidationInfo) -> Any:
+        field = cls.model_fields[info.field_name]
+        has_own_bound = any(isinstance(rule, (annotated_types.Le, annotated_types.Lt)) for rule in field.metadata)
+        if type(value) is int and abs(value) > MAX_INT and not has_own_bound:
+            raise ValueError(f"{value} is beyond {MAX_INT:,}, the largest integer JAX holds (int32)")
         return value
 
 

@@ -60,6 +60,16 @@ def test_numbers_in_exponent_notation_are_numbers_in_files_and_overrides(tmp_pat
         tiny_config("train.steps=1.5e0")
 
 
+def test_an_integer_jax_cannot_hold_is_refused_by_the_config():
+    """diffusion.sample_steps=1000000000000 trained a whole run, then failed drawing its samples with an
+    unexpected OverflowError; larger counts of things took the host's memory for minutes."""
+    for setting in ("diffusion.sample_steps=1000000000000", "model.d_model=1e12", "train.steps=3e9"):
+        key = setting.split("=")[0]
+        with pytest.raises(ConfigError, match=rf"{key}: -?\d+ is beyond 2,147,483,647, the largest integer JAX "):
+            tiny_config(setting)
+    assert tiny_config("train.seed=4294967295", "data.index_max_mb=1e12").train.seed == 2**32 - 1  # their own bounds
+
+
 def test_wrong_type_names_field_and_expected_type():
     with pytest.raises(ConfigError, match=r"'train.steps' = 'many'.*expected int"):
         tiny_config("train.steps=many")
@@ -72,6 +82,10 @@ def test_cross_field_errors_name_both_values():
         tiny_config("model.n_kv_heads=3")
     with pytest.raises(ConfigError, match=r"data.seq_len=128 exceeds model.max_seq_len=64"):
         tiny_config("data.seq_len=128")
+    # A start token past the vocabulary trained a whole run on a NaN loss.
+    with pytest.raises(ConfigError, match=r"model.decoder_start_id=2048 is not a token of the vocabulary; valid: 0 "
+                                          r"to model.vocab_size - 1 = 2047, or null"):
+        load_config(TINY_CONFIG.with_name("t5_tiny.yaml"), ["model.decoder_start_id=2048"])
 
 
 def test_bad_override_syntax_and_missing_file():

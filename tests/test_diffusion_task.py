@@ -29,6 +29,9 @@ def test_held_out_batches_carry_a_fixed_time_grid_and_fixed_noise(tmp_path):
         for key in ("images", "labels", "t", "noise"):
             np.testing.assert_array_equal(a[key], b[key])
     np.testing.assert_allclose(first[0]["t"][:5], [0.125, 0.375, 0.625, 0.875, 0.125])
+    # More times than held-out rows: each row its own time, and no array of all the times (it ran out of memory).
+    many = DiffusionTask(tiny_dit_config("diffusion.eval_timesteps=2147483647")).make_data(tmp_path).eval
+    np.testing.assert_allclose(many[0]["t"][:2], np.array([0.5, 1.5]) / 2147483647)
 
 
 def test_overfitting_one_batch_drives_the_loss_near_zero(devices):

@@ -49,26 +49,30 @@ ACT_BLHd = ("act_batch", "act_length", "act_heads", None)
 # ----------------------------------------------------------------------------- relative positions
 
 
-def distance_buckets(n_buckets: int, max_distance: int) -> np.ndarray:
+def distance_buckets(n_buckets: int, max_distance: int, reach: int | None = None) -> np.ndarray:
     """T5's bucket of each distance 0..max_distance (farther ones share the last), as T5 computes it.
 
     Below n_buckets / 2 each distance has its own bucket; above, buckets grow
     logarithmically up to max_distance. Worked out on the host in float32 as T5 does
     (the boundaries then never depend on a device's log), and looked up on the device.
+    `reach`: the largest distance that can occur; the table stops there (a table up to a
+    max_distance of billions took the host's memory).
     """
     exact = n_buckets // 2
-    distance = np.arange(max_distance + 1)
+    distance = np.arange(min(max_distance, max_distance if reach is None else reach) + 1)
     log_ratio = (np.log(np.maximum(distance, 1).astype(np.float32) / np.float32(exact))
                  / np.float32(math.log(max_distance / exact)))
     large = np.minimum(exact + (log_ratio * np.float32(n_buckets - exact)).astype(np.int32), n_buckets - 1)
     return np.where(distance < exact, distance, large).astype(np.int32)
 
 
-def relative_buckets(relative: jax.Array, *, bidirectional: bool, n_buckets: int, max_distance: int) -> jax.Array:
+def relative_buckets(relative: jax.Array, *, bidirectional: bool, n_buckets: int, max_distance: int,
+                     reach: int | None = None) -> jax.Array:
     """The bucket of each key's offset from its query (key position - query position).
 
     Bidirectional: half the buckets for keys after the query, half for keys at or before
     it. Causal: every bucket for keys at or before it (later keys are masked anyway).
+    `reach`: no offset is larger (positions lie within a row, or within the decoder's cache).
     """
     if bidirectional:
         n_buckets //= 2
@@ -77,8 +81,8 @@ def relative_buckets(relative: jax.Array, *, bidirectional: bool, n_buckets: int
     else:
         offset = 0
         distance = jnp.maximum(-relative, 0)
-    table = jnp.asarray(distance_buckets(n_buckets, max_distance))
-    return offset + jnp.take(table, jnp.minimum(distance, max_distance))
+    table = jnp.asarray(distance_buckets(n_buckets, max_distance, reach))
+    return offset + jnp.take(table, jnp.minimum(distance, len(table) - 1))
 
 
 # ----------------------------------------------------------------------------- layers
@@ -205,7 +209,7 @@ class Stack(nnx.Module):
         cfg = self.cfg
         relative_BLS = k_positions_BS[:, None, :] - q_positions_BL[:, :, None]
         buckets_BLS = relative_buckets(relative_BLS, bidirectional=self.bidirectional, n_buckets=cfg.relative_buckets,
-                                       max_distance=cfg.relative_max_distance)
+                                       max_distance=cfg.relative_max_distance, reach=max(relative_BLS.shape[1:]) - 1)
         bias_BLSH = jnp.take(self.relative_bias[...].astype(jnp.float32), buckets_BLS, axis=0)
         return constrain(bias_BLSH.transpose(0, 3, 1, 2), ("act_batch", "act_heads", None, None))
 

@@ -121,12 +121,11 @@ class DiffusionTask:
 
     def with_fixed_noise(self, batches: list[dict]) -> list[dict]:
         """Row i of every held-out batch is scored at grid time i mod K, with noise fixed by the data seed."""
-        grid = self.objective.eval_times(self.cfg.diffusion.eval_timesteps)
         rng = np.random.default_rng([self.cfg.data.seed, 1])
         out = []
         for batch in batches:
             rows = len(batch["labels"])
-            t = grid[np.arange(rows) % len(grid)]
+            t = self.objective.eval_times(self.cfg.diffusion.eval_timesteps, rows)
             m = self.cfg.model  # the model's input: latents when the batch holds images to encode
             noise = rng.standard_normal((rows, m.image_size, m.image_size, m.channels)).astype(np.float32)
             out.append({**batch, "t": t, "noise": noise})
