@@ -25,6 +25,7 @@ from jaxgen import __version__, distributed, strict_json
 from jaxgen.cli_arguments import (
     Parser,
     cpu_device_count,
+    directory_to_write,
     file_to_write,
     non_negative_float,
     non_negative_int,
@@ -45,20 +46,14 @@ def default_run_dir(config_path: str | None) -> pathlib.Path:
     return pathlib.Path("runs") / f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
 
 
-def _file_in_the_way(directory: pathlib.Path) -> pathlib.Path | None:
-    """`directory` itself or the nearest existing folder above it, when that is not a directory."""
-    for path in (directory, *directory.parents):
-        if path.exists():
-            return None if path.is_dir() else path
-    return None
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     startup = {"imports": time.time()}  # the phases before training starts, for the run's start-up times
     advise("; run the same command again to continue")  # stopped before the loop: it starts or resumes anew
-    if args.run_dir and (in_the_way := _file_in_the_way(pathlib.Path(args.run_dir))):
-        where = "is a file" if in_the_way == pathlib.Path(args.run_dir) else f"is under {str(in_the_way)!r}, a file"
-        raise UsageError(f"--run-dir {args.run_dir!r} {where}; give a directory (a new one, or a run to continue)")
+    if args.run_dir:
+        try:
+            directory_to_write(args.run_dir)
+        except argparse.ArgumentTypeError as err:
+            raise UsageError(f"--run-dir {err}") from None
     config = args.config
     if config is None and args.run_dir and (pathlib.Path(args.run_dir) / "config.yaml").is_file():
         config = str(pathlib.Path(args.run_dir) / "config.yaml")  # a run continues with its own settings
@@ -330,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                               help="convert text/JSONL/Parquet files into an ArrayRecord dataset (data.path), or "
                                    "encode an image dataset with a frozen autoencoder (images.latents)")
     prepare.add_argument("--input", metavar="GLOB", help=input_help)
-    prepare.add_argument("--out", required=True, metavar="DIR", help="new dataset directory")
+    prepare.add_argument("--out", type=directory_to_write, required=True, metavar="DIR", help="new dataset directory")
     prepare.add_argument("--images", metavar="SOURCE",
                          help="instead of --input: the image dataset to encode, as the config names one: "
                               "folder:DIR, idx:DIR, tfds:NAME, digits or shapes")
@@ -363,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     shapes = synth.add_parser("shapes", help="one or two coloured shapes with compositional captions (\"a small red "
                                              "circle above a large blue square\") as an image folder with "
                                              "metadata.jsonl; test/ holds colour-kind pairs train/ never shows")
-    shapes.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) directory")
+    shapes.add_argument("--out", type=directory_to_write, required=True, metavar="DIR", help="a new (or empty) directory")
     shapes.add_argument("--count", type=positive_int, required=True, metavar="N", help="images in both splits")
     shapes.add_argument("--seed", type=seed, default=0, help="the scenes' random seed")
     shapes.add_argument("--size", type=positive_int, default=32, help="image side in pixels (at least 32)")
@@ -372,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "shade and width (\"a light wide ankle boot\")")
     fashion.add_argument("--idx", required=True, metavar="DIR",
                          help="the IDX files (apt-get install dataset-fashion-mnist: /usr/share/datasets/fashion-mnist)")
-    fashion.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) directory")
+    fashion.add_argument("--out", type=directory_to_write, required=True, metavar="DIR", help="a new (or empty) directory")
     fashion.set_defaults(func=cmd_data_fashion_captions)
     inspect = data.add_parser("inspect", parents=[overrides],
                               help="print, as JSON, which documents the first training batches and the held-out "
@@ -452,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "AutoencoderKL")
     export.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="the dtype tensors are written in")
-    export.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) output directory")
+    export.add_argument("--out", type=directory_to_write, required=True, metavar="DIR", help="a new (or empty) output directory")
     export.set_defaults(func=cmd_export)
 
     import_ = commands.add_parser("import", help="a local Hugging Face Llama, Mistral, Qwen2, Qwen3, Gemma 2, "
@@ -462,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a directory with config.json, safetensors weights and the tokenizer "
                               "(tokenizer.model, or tokenizer.json with tokenizer_config.json); for an "
                               "AutoencoderKL, config.json and diffusion_pytorch_model.safetensors")
-    import_.add_argument("--out", required=True, metavar="DIR", help="the new run directory to write")
+    import_.add_argument("--out", type=directory_to_write, required=True, metavar="DIR", help="the new run directory to write")
     import_.set_defaults(func=cmd_import)
     return parser
 

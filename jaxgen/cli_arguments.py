@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import pathlib
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -85,5 +87,33 @@ def file_to_write(suffix: str = "", kind: str = "") -> Callable[[str], str]:
                                              f"{os.path.join(text, 'NAME' + suffix)}")
         if not text.lower().endswith(suffix):
             raise argparse.ArgumentTypeError(f"{text!r} does not end in {suffix}; the file written is {kind}")
+        refuse_unwritable_place(text)
         return text
     return checked
+
+
+def refuse_unwritable_place(text: str, directory: bool = False) -> None:
+    """Output path `text` (a file, or a `directory`) must be one this process can make: its nearest existing
+    folder (parents are made when it is written) is a directory that takes new files. Tried as writing would,
+    with a trial file, so a read-only, foreign or special folder is named before the work, not after it."""
+    path = pathlib.Path(os.path.abspath(text))
+    place = next(p for p in ((path,) if directory else ()) + (path.parent, *path.parent.parents) if p.exists())
+    if not place.is_dir():
+        wanted = "give a directory" if directory else "give a file's path in a directory"
+        raise argparse.ArgumentTypeError(f"{text!r} is a file; {wanted}" if place == path
+                                         else f"{text!r} is under {str(place)!r}, a file; {wanted}")
+    try:
+        with tempfile.TemporaryFile(dir=place):
+            pass
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} cannot be written: {str(place)!r} takes no new files "
+                                         f"(a trial file there failed: {(err.strerror or str(err)).lower()})") from None
+
+
+def directory_to_write(text: str) -> str:
+    """An argparse type for an output directory: not empty, not a file or under one, and in a place that takes
+    new files (whether it may already exist is the command's own check)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; give a directory")
+    refuse_unwritable_place(text, directory=True)
+    return text

@@ -35,10 +35,10 @@ def capacity() -> tuple[int, int, str]:
     stats = device.memory_stats() if device.platform != "cpu" else None
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"]), 1, f"a {device.device_kind} device holds"
-    return _host_available_bytes(), jax.local_device_count(), "this host has available"
+    return host_available_bytes(), jax.local_device_count(), "this host has available"
 
 
-def _host_available_bytes() -> int:
+def host_available_bytes() -> int:
     try:
         with open("/proc/meminfo") as f:
             fields = dict(line.split(":", 1) for line in f)

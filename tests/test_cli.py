@@ -200,6 +200,11 @@ def test_file_system_errors_are_named_in_words(tmp_path):
             says=f"--run-dir '{a_file / 'run' / '1'}' is under '{a_file}', a file; give a directory")
     refused(run_jaxgen("train", "--run-dir", str(a_file)), says=f"--run-dir '{a_file}' is a file; give a directory")
     refused(run_jaxgen("eval", "--run-dir", str(a_file)), says=f"run directory '{a_file}' is a file")
+    # Output directories are tried before any work (export named its hidden temporary after reading the run).
+    refused(run_jaxgen("data", "prepare", "--input", str(a_file), "--out", str(a_file / "d")),
+            says=f"--out: '{a_file / 'd'}' is under '{a_file}', a file; give a directory")
+    refused(run_jaxgen("export", "--run-dir", str(tmp_path), "--out", "/proc/exported"),
+            says="--out: '/proc/exported' cannot be written: '/proc' takes no new files (a trial file there failed")
     assert a_file.read_text() == "x"
 
 
@@ -216,8 +221,15 @@ def test_a_file_that_could_not_be_written_is_named_and_the_old_one_kept(tmp_path
     assert describe(failed.value)[0] == f"error: {kept}: file too large (a file-size limit was reached)"
     assert kept.read_bytes() == b"before" and [p.name for p in tmp_path.iterdir()] == ["grid.png"]
     # A folder where no file can be made: the temporary file's open fails first, and the user's path is named.
-    refused(run_jaxgen("data", "g2p", "--out", "/proc/words.jsonl"), status=1,
-            says="jaxgen: error: /proc/words.jsonl: no such file or directory")
+    with pytest.raises(OSError) as failed:
+        write_atomic("/proc/words.jsonl", b"x")
+    assert describe(failed.value)[0] == "error: /proc/words.jsonl: no such file or directory"
+    # An output option is tried before any work (`sample --out` drew every image, then failed to write the grid).
+    refused(run_jaxgen("data", "g2p", "--out", "/proc/words.jsonl"),
+            says="--out: '/proc/words.jsonl' cannot be written: '/proc' takes no new files (a trial file there "
+                 "failed: no such file or directory)")
+    refused(run_jaxgen("sample", "--run-dir", str(tmp_path), "--out", str(kept / "x.png")),
+            says=f"--out: '{kept / 'x.png'}' is under '{kept}', a file; give a file's path in a directory")
 
 
 def start(args, *, cwd=REPO):

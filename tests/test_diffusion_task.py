@@ -1,6 +1,7 @@
 """The diffusion task end to end: held-out loss, overfitting, `jaxgen train`, sample quality figures."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from jaxgen.tasks.layout import held_out_sums
 from jaxgen.train.build import build_training
 from jaxgen.train.state import sampling_params
 
-from helpers import DIT_CONFIG, jaxgen_cli, tiny_dit_config
+from helpers import DIT_CONFIG, error_lines, jaxgen_cli, tiny_dit_config
 
 
 def test_held_out_batches_carry_a_fixed_time_grid_and_fixed_noise(tmp_path):
@@ -131,6 +132,13 @@ def test_jaxgen_sample_writes_a_grid_and_the_arrays_from_the_ema(dit_run, tmp_pa
     assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
     bad = jaxgen_cli("sample", "--run-dir", str(dit_run), "--labels", "0,12")
     assert bad.returncode == 2 and "each label must be in 0..9" in bad.stderr
+    # Drawn in batches but held whole: a grid no host holds is refused before the model is read (it drew
+    # for minutes, then took the host's memory).
+    huge = jaxgen_cli("sample", "--run-dir", str(dit_run), "--labels", "0,3", "--num-per-label", "1000000000000")
+    assert huge.returncode == 2 and "loaded" not in huge.stderr
+    assert re.search(r"error: --num-per-label 1000000000000 asks for 2,000,000,000,000 images, about 1.15 PB held at "
+                     r"once for the grid, more than the .* this host has available; give at most \d+ per label",
+                     error_lines(huge.stderr)[0])
     every = jaxgen_cli("sample", "--run-dir", str(dit_run), "--num-per-label", "1", "--steps", "2",
                        "--save-array", str(tmp_path / "every.npz"))  # no --labels: one row per class
     assert every.returncode == 0, every.stderr[-3000:]

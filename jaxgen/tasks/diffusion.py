@@ -36,6 +36,7 @@ from jaxgen.tasks.base import ModelSpec, Phase, Weights
 from jaxgen.tasks.conditions import CaptionConditions, make_conditions
 from jaxgen.tasks.image_outputs import (
     check_image_inputs,
+    check_sample_fits,
     draw_progress,
     image_inputs,
     quality_images,
@@ -225,8 +226,10 @@ class DiffusionTask:
 
     def check_sample_options(self, options: dict[str, Any]) -> list[str]:
         """The sampler overrides `--sampler` and `--steps` make (a sampler must fit the objective)."""
-        if not self.text:
-            requested_labels(options["labels"], self.cfg.model.num_classes)
+        rows = len(options["prompt"] or [""]) if self.text else len(
+            requested_labels(options["labels"], self.cfg.model.num_classes))
+        pixels = self.cfg.model if self.latents is None else self.latents.ae_cfg
+        check_sample_fits(rows, options["num_per_label"], (pixels.image_size, pixels.image_size, pixels.channels))
         overrides = [*([f"diffusion.sampler={options['sampler']}"] if options["sampler"] else []),
                      *([f"diffusion.sample_steps={options['steps']}"] if options["steps"] else [])]
         with_overrides(self.cfg, overrides)

@@ -30,6 +30,7 @@ from jaxgen.tasks.adversarial import discriminator_loss, generator_loss, r1_pena
 from jaxgen.tasks.base import ModelSpec, Phase, Weights
 from jaxgen.tasks.image_outputs import (
     check_image_inputs,
+    check_sample_fits,
     draw_progress,
     image_inputs,
     quality_images,
@@ -141,7 +142,9 @@ class GANTask:
                 **sample_report(samples, held_out.labels, data.train_set, held_out)}
 
     def check_sample_options(self, options: dict[str, Any]) -> None:
-        requested_labels(options["labels"], self.cfg.model.num_classes)
+        m = self.cfg.model
+        rows = len(requested_labels(options["labels"], m.num_classes))
+        check_sample_fits(rows, options["num_per_label"], (m.image_size, m.image_size, m.channels))
 
     def generate(self, weights: Weights, run_dir: pathlib.Path, step: int, options: dict[str, Any],
                  on_text: Callable[[str], None] | None) -> list[dict]:

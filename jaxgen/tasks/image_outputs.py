@@ -13,7 +13,7 @@ from jaxgen.config import Config
 from jaxgen.data.image_data import ImageData
 from jaxgen.data.images import ImageSet
 from jaxgen.diffusion.grid import image_grid, save_png
-from jaxgen.errors import CheckpointError, ConfigError
+from jaxgen.errors import CheckpointError, ConfigError, UsageError
 from jaxgen.files import write_atomic
 from jaxgen.metrics import tensorboardx
 
@@ -26,6 +26,20 @@ def check_image_inputs(saved: dict, current: dict) -> None:
     if saved.get("images") != current.get("images"):
         raise CheckpointError(f"the checkpoint was trained on {saved.get('images')}, but this run reads "
                               f"{current.get('images')}; resume with the checkpoint's images")
+
+
+def check_sample_fits(rows: int, per_row: int, image_shape: tuple[int, ...]) -> None:
+    """Refuse, before the model is read, a `jaxgen sample` grid of `rows` x `per_row` images of `image_shape`
+    (H, W, C) that this host cannot hold: they are drawn in batches, but kept whole for the grid and the arrays."""
+    from jaxgen.device_memory import host_available_bytes, human_bytes
+
+    # The float32 draws joined into one array, their [0, 1] copy for --save-array, and the grid.
+    per_image = int(np.prod(image_shape)) * (4 + 4 + 1)
+    count, limit = rows * per_row, host_available_bytes()
+    if count * per_image > limit:
+        raise UsageError(f"--num-per-label {per_row} asks for {count:,} images, about {human_bytes(count * per_image)}"
+                         f" held at once for the grid, more than the {human_bytes(limit)} this host has available; "
+                         f"give at most {limit // per_image // rows} per label (or fewer labels or prompts)")
 
 
 def draw_progress(cfg: Config, what: str) -> str | None:
