@@ -168,13 +168,21 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# The commands whose processes join one JAX run; any other would run once per process, side by side.
+MULTI_PROCESS_COMMANDS = ("train", "eval")
+
+
 def cmd_launch_local(args: argparse.Namespace) -> int:
     from jaxgen.launch import launch_local
 
     command = args.jaxgen_args[1:] if args.jaxgen_args[:1] == ["--"] else args.jaxgen_args
     if not command:
         raise ConfigError("jaxgen launch local: give the command after --, e.g. -- train --config configs/lm_tiny.yaml")
-    parse_args(command)  # a mistyped command is one line here, not one per process after they all started
+    launched = parse_args(command)  # a mistyped command is one line here, not one per process after they all started
+    if launched.command not in MULTI_PROCESS_COMMANDS:
+        name = " ".join(a for a in (launched.command, getattr(launched, "action", None)) if a)
+        raise UsageError(f"jaxgen launch local runs {' or '.join(MULTI_PROCESS_COMMANDS)}, whose processes join one "
+                         f"run; not `jaxgen {name}`, which each process would run on its own, side by side")
     return launch_local([sys.executable, "-m", "jaxgen", *command], args.processes, args.devices_per_process, args.port)
 
 
@@ -303,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
         usage="jaxgen launch local [--processes N] [--devices-per-process M] [--port P] -- train ARGS...",
     )
     local.add_argument("--processes", type=positive_int, default=2, metavar="N", help="JAX processes")
-    local.add_argument("--devices-per-process", type=positive_int, default=4, metavar="M",
+    local.add_argument("--devices-per-process", type=cpu_device_count, default=4, metavar="M",
                        help="simulated CPU devices per process")
     local.add_argument("--port", type=port_number, metavar="P",
                        help="coordinator port on 127.0.0.1 (default: a free one)")

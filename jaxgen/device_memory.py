@@ -4,7 +4,8 @@ A model too large for its devices (say `model.n_layers=1000000000`) would
 otherwise spend minutes allocating before failing, or take the host down with
 it. The figures come from abstract arrays (`jax.eval_shape`) and their
 shardings alone. On CPU every (simulated) device shares the host's memory, so
-the whole mesh's share is held against the host's available memory.
+the whole mesh's share is held against the host's available memory. JAX is imported
+only where devices are asked, so the launcher can weigh host memory without it.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import math
 import os
 from typing import Any
 
-import jax
-
 from jaxgen.errors import ConfigError
 
 
 def bytes_per_device(abstract_tree: Any) -> int:
     """Bytes the largest device holds of `abstract_tree` (ShapeDtypeStructs carrying shardings)."""
+    import jax
+
     per_device: dict = {}
     for leaf in jax.tree.leaves(abstract_tree):
         shard = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
@@ -31,6 +32,8 @@ def bytes_per_device(abstract_tree: Any) -> int:
 
 def capacity() -> tuple[int, int, str]:
     """(bytes one device may use, devices sharing that memory, what it is) for this process's devices."""
+    import jax
+
     device = jax.local_devices()[0]
     stats = device.memory_stats() if device.platform != "cpu" else None
     if stats and stats.get("bytes_limit"):

@@ -32,8 +32,9 @@ import time
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import TextIO
 
+from jaxgen.device_memory import host_available_bytes, human_bytes
 from jaxgen.distributed import ENV, refuse_busy_port
-from jaxgen.errors import EXIT_PREEMPTED
+from jaxgen.errors import EXIT_PREEMPTED, ConfigError
 
 # After one process fails, how long the others get to exit by themselves before SIGKILL.
 STOP_GRACE_S = 5.0
@@ -47,6 +48,8 @@ LAUNCHER_POLL_S = 0.5
 # come (a peer already dead, a process stuck in a collective or still compiling),
 # and the old processes must be gone before a requeued launcher starts new ones.
 ORPHAN_GRACE_S = 20.0
+# What one process holds before any model or data (Python, JAX, XLA's CPU client and jaxgen), at least.
+PROCESS_BYTES = 512 * 2**20
 
 
 def free_port() -> int:
@@ -85,6 +88,10 @@ def launch_local(command: Sequence[str], processes: int, devices_per_process: in
         raise ValueError(f"--devices-per-process {devices_per_process} must be at least 1")
     if not command:
         raise ValueError("no command to launch; put it after --, e.g. -- train --config configs/lm_tiny.yaml")
+    if processes * PROCESS_BYTES > (available := host_available_bytes()):
+        raise ConfigError(f"--processes {processes} would start {processes} JAX processes on this machine, about "
+                          f"{human_bytes(PROCESS_BYTES)} each before any model or data, more than the "
+                          f"{human_bytes(available)} it has available; give at most {available // PROCESS_BYTES}")
     if port is not None:
         refuse_busy_port(port, "--port, or leave --port out to take one that is free")
     port = port or free_port()

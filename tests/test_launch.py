@@ -145,6 +145,18 @@ def test_launch_without_a_command_explains_itself():
                              "--bogus"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr == "jaxgen: error: unrecognized arguments: --bogus (see `jaxgen train --help`)\n"
+    # Only commands whose processes join one run: `-- sample` ran once per process, `-- launch local` nested
+    # launchers; 100,000 processes (or simulated devices each) started until the host gave out.
+    for args, says in [(["--", "sample", "--run-dir", "r"], "jaxgen launch local runs train or eval, whose processes "
+                        "join one run; not `jaxgen sample`, which each process would run on its own, side by side"),
+                       (["--", "launch", "local", "--", "train"], "not `jaxgen launch`"),
+                       (["--processes", "100000", "--", "train"], "--processes 100000 would start 100000 JAX "
+                        "processes on this machine, about 537 MB each before any model or data, more than the "),
+                       (["--devices-per-process", "100000", "--", "train"], "argument --devices-per-process: 100000 "
+                        "is not a simulated device count; give 1 to 4096")]:
+        result = subprocess.run([sys.executable, "-m", "jaxgen", "launch", "local", *args], cwd=REPO,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and len(result.stderr.splitlines()) == 1 and says in result.stderr, result.stderr
 
 
 # ----------------------------------------------------------------------------- when the launcher dies
