@@ -17,6 +17,7 @@ from jaxgen.data.corpus import BUNDLED_CORPUS, iter_documents, resolve_files
 from jaxgen.data.lm import build_lm_data, prepare_tokenizer, train_batches
 from jaxgen.data.sources import one_pass_documents
 from jaxgen.data.splits import Shard
+from jaxgen.data.sentencepiece_tokenizer import pieces_within
 from jaxgen.data.tokenizer import SentencepieceTokenizer, load_tokenizer, train_tokenizer
 from jaxgen.errors import DataError
 
@@ -140,6 +141,17 @@ def test_a_vocabulary_too_small_for_the_characters_names_the_least_possible(tmp_
 def test_no_documents_to_train_on_says_so(tmp_path):
     with pytest.raises(DataError, match="no documents to train a 300-piece bpe tokenizer on were found"):
         train_tokenizer(iter([]), 300, tmp_path / "t.model")
+
+
+def test_documents_longer_than_sentencepieces_limit_train_the_tokenizer_too(tmp_path):
+    """Sentencepiece silently skips sentences over 4192 bytes: documents as long as web pages trained the
+    tokenizer on the short ones alone, and a corpus of only long ones was 'no documents'."""
+    books = [" ".join(VERSES[i:i + 60]) for i in range(0, 400, 60)]  # ~7 documents of about 8 kB each
+    assert min(len(book.encode()) for book in books) > 4192
+    tokenizer = train_tokenizer(books, 400, tmp_path / "t.model")
+    assert tokenizer.decode(tokenizer.encode(books[0])) == books[0]
+    pieces = pieces_within("in the beginning \u6f22\u6f22\u6f22\u6f22 was", 8)
+    assert pieces == ["in the", " beginni", "ng", " \u6f22\u6f22", "\u6f22\u6f22", " was"]  # at spaces, else characters
 
 
 def test_a_run_whose_documents_are_too_few_for_model_vocab_size_names_the_source_and_key(tmp_path):

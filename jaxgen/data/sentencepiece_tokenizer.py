@@ -27,6 +27,10 @@ ModelType = Literal["bpe", "unigram"]
 # Sentencepiece holds its training sentences in memory; beyond this many it trains on a
 # uniform sample of them, so a corpus of any size can be streamed in.
 MAX_TRAINING_SENTENCES = 2_000_000
+# Sentencepiece silently skips training sentences longer than 4192 bytes (its max_sentence_length): a
+# corpus of long documents (web pages, books on one line) trained on its short ones alone, or on none.
+# Longer documents are cut into pieces of at most this many bytes, at whitespace where there is some.
+TRAINING_PIECE_BYTES = 4096
 
 GIVE_A_TOKENIZER = "give a sentencepiece .model (e.g. from `jaxgen tokenizer train`) or a Hugging Face tokenizer.json"
 
@@ -42,7 +46,7 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, out: str | pathli
     """
     out = pathlib.Path(out)
     proto = io.BytesIO()
-    reading = _KeepingErrors(documents)
+    reading = _KeepingErrors(piece for document in documents for piece in pieces_within(document, TRAINING_PIECE_BYTES))
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=reading, model_writer=proto, vocab_size=vocab_size, model_type=model_type,
@@ -59,6 +63,25 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, out: str | pathli
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, proto.getvalue())
     return SentencepieceTokenizer(out)
+
+
+def pieces_within(text: str, limit: int) -> list[str]:
+    """`text` cut into consecutive pieces of at most `limit` UTF-8 bytes: before the last whitespace that keeps
+    a piece within the limit (the whitespace starts the next piece, as it starts a word for sentencepiece), or,
+    in a run without any, at the last character boundary."""
+    data = text.encode()
+    if len(data) <= limit:
+        return [text]
+    pieces, start = [], 0
+    while len(data) - start > limit:
+        end = max(data.rfind(b" ", start + 1, start + limit + 1), data.rfind(b"\n", start + 1, start + limit + 1))
+        if end <= start:
+            end = start + limit
+            while data[end] & 0xC0 == 0x80:  # a UTF-8 continuation byte: the character began earlier
+                end -= 1
+        pieces.append(data[start:end].decode())
+        start = end
+    return [*pieces, data[start:].decode()]
 
 
 class _KeepingErrors:
