@@ -15,9 +15,9 @@ from sentencepiece import sentencepiece_model_pb2
 
 from jaxgen.data.corpus import BUNDLED_CORPUS, iter_documents, resolve_files
 from jaxgen.data.lm import build_lm_data, prepare_tokenizer, train_batches
+from jaxgen.data.sentencepiece_tokenizer import pieces_within
 from jaxgen.data.sources import one_pass_documents
 from jaxgen.data.splits import Shard
-from jaxgen.data.sentencepiece_tokenizer import pieces_within
 from jaxgen.data.tokenizer import SentencepieceTokenizer, load_tokenizer, train_tokenizer
 from jaxgen.errors import DataError
 
