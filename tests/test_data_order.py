@@ -16,6 +16,7 @@ import pytest
 from scipy import stats
 
 from jaxgen.config import with_overrides
+from jaxgen.data.corpus import iter_documents
 from jaxgen.data.inspect import inspect_data
 from jaxgen.data.lm import eval_batches, held_out_set, train_batches
 from jaxgen.data.pipeline import merged_position
@@ -157,6 +158,41 @@ def test_a_streamed_reader_resumes_exactly_from_any_position(tmp_path):
         resumed = iter(reader())
         resumed.set_state(position)
         assert [next(resumed), next(resumed)] == documents[k:k + 2], position
+
+
+def test_a_line_longer_than_many_pieces_is_read_once_and_a_line_of_no_text_file_is_refused(tmp_path, monkeypatch):
+    """Every piece inside a long line read that line to its end (a 300 MB file without newlines: 4,600 reads of
+    it, minutes before the first step); a line past 64 MiB is no document but a file that is not text."""
+    import jaxgen.data.streaming as streaming
+
+    long_line = "word " * (30 * PIECE_BYTES // 5)  # spans 30 pieces
+    (tmp_path / "a.txt").write_text(f"first\n{long_line}\nlast\n")
+    read = []
+
+    class Counted:  # the stream's files, counting the bytes read from them
+        def __init__(self, handle):
+            self.handle = handle
+
+        def readline(self, size=-1):
+            line = self.handle.readline(size)
+            read.append(len(line))
+            return line
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+    real_open = streaming.open_binary
+    monkeypatch.setattr(streaming, "open_binary", lambda path: Counted(real_open(path)))
+    stream = DocumentStream([tmp_path / "a.txt"], field=None, holdout=None, shard=Shard(), invalid_utf8="skip",
+                            name="test", epochs=1)
+    assert [len(doc) for _, doc in stream] == [5, len(long_line.rstrip("\n")), 4]
+    assert sum(read) < 2 * (tmp_path / "a.txt").stat().st_size
+    monkeypatch.setattr("jaxgen.data.corpus.MAX_LINE_BYTES", PIECE_BYTES)
+    with pytest.raises(DataError, match=r"a.txt: the line at byte 6 runs past 0.0625 MiB without a newline; documents "
+                                        r"are lines of text: leave a file that is not text out of the data"):
+        list(stream)
+    with pytest.raises(DataError, match="the line at byte 6 runs past"):  # the one-pass reader too
+        list(iter_documents([tmp_path / "a.txt"]))
 
 
 def test_a_streamed_global_batch_does_not_depend_on_the_process_count(tokenizer, small_streamed):

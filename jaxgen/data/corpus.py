@@ -135,6 +135,20 @@ def decode_utf8(raw: bytes, policy: InvalidUtf8, invalid: Callable[[UnicodeDecod
             f"{invalid(err)}; set data.invalid_utf8=skip (or --invalid-utf8 skip) to skip such records") from None
 
 
+# A document is a line; one longer than this is no document but a file that is not text (a binary file
+# in a glob, a dump without newlines): held whole it took gigabytes, and it was read for minutes.
+MAX_LINE_BYTES = 64 * 2**20
+
+
+def read_line(handle: IO[bytes], path: pathlib.Path, offset: int) -> bytes:
+    """The next line of `handle` (at byte `offset` of `path`; b"" at the end), never more than MAX_LINE_BYTES."""
+    raw = handle.readline(MAX_LINE_BYTES + 1)
+    if len(raw) > MAX_LINE_BYTES:
+        raise DataError(f"{path}: the line at byte {offset} runs past {MAX_LINE_BYTES / 2**20:g} MiB without a "
+                        "newline; documents are lines of text: leave a file that is not text out of the data")
+    return raw
+
+
 def decode_line(raw: bytes, path: pathlib.Path, offset: int, policy: InvalidUtf8, skipped: SkippedLines) -> str | None:
     """The text of the line at byte `offset` of `path`, or None when it is skipped as invalid UTF-8."""
     line = decode_utf8(raw, policy, lambda err: (
@@ -207,7 +221,7 @@ def file_documents(path: pathlib.Path, field: str | None, invalid_utf8: InvalidU
     skipped = SkippedLines(path, whole_file=True)
     offset = 0
     with open_binary(path) as f, damaged_gzip_named(path):
-        for raw in f:
+        while raw := read_line(f, path, offset):
             line = decode_line(raw, path, offset, invalid_utf8, skipped)
             document = None if line is None else line_document(line, field, path, offset)
             offset += len(raw)

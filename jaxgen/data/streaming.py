@@ -36,6 +36,7 @@ from jaxgen.data.corpus import (
     line_document,
     mark_reported,
     open_binary,
+    read_line,
 )
 from jaxgen.data.pipeline import ShardedStream
 from jaxgen.data.splits import HoldOut, Shard
@@ -140,7 +141,7 @@ class _DocumentIterator(grain.DatasetIterator):
             raw = b""
             if reading.end is None or offset < reading.end:
                 with damaged_gzip_named(reading.path):
-                    raw = self._handle(slot).readline()
+                    raw = read_line(self._handle(slot), reading.path, offset)
             if not raw:
                 self._finish(slot)
                 continue
@@ -172,7 +173,7 @@ class _DocumentIterator(grain.DatasetIterator):
         file, start, end = stream.pieces.span(piece)
         path = stream.pieces.files[file]
         with damaged_gzip_named(path):
-            handle = open_binary(path) if start == 0 else _at_line_after(path, start)
+            handle = open_binary(path) if start == 0 else _at_line_after(path, start, end)
         reading = _Reading(stream.pieces, piece, handle, whole_file=start == 0 and end == stream.pieces.ends[file],
                            quiet=stream.shard.index != 0)
         opened = [piece, handle.tell() if start else 0, 0]
@@ -234,9 +235,13 @@ def _fresh(position: dict[str, Any], **changes: int) -> dict[str, Any]:
     return {**position, "open": [list(piece) for piece in position["open"]], **changes}
 
 
-def _at_line_after(path: pathlib.Path, start: int) -> IO[bytes]:
-    """`path` (plain, not gzip) open at the first line that starts at or after byte `start`."""
+def _at_line_after(path: pathlib.Path, start: int, end: int) -> IO[bytes]:
+    """`path` (plain, not gzip) open at the first line that starts at or after byte `start`, or at `end` when
+    none starts before it (the piece [start, end) holds no line's start).
+
+    The rest of the line holding byte start - 1 is read only up to `end`: a file with a line far longer than a
+    piece (a binary file, a dump without newlines) had every one of its pieces read it to its end."""
     handle = open_binary(path)
     handle.seek(start - 1)
-    handle.readline()  # the rest of the line holding byte start - 1 (just its newline if it ends there)
+    handle.readline(end - start + 1)  # through its newline (just that, if it ends there), or up to `end`
     return handle
