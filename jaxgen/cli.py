@@ -69,6 +69,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     # Processes start seconds apart; all must use process 0's timestamped default.
     run_dir = pathlib.Path(distributed.bytes_from_process_0(str(run_dir).encode()).decode())
     summary = train(cfg, run_dir, startup)
+    if not distributed.reports_results():
+        return 0
     sample = summary.pop("sample", None)
     print(strict_json.dumps(summary, indent=2))
     if sample is not None:
@@ -194,12 +196,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from jaxgen.evals.benchmark import evaluate_benchmarks, print_table
 
         evaluate_benchmarks(args.run_dir, args.tasks, args.task_data, args.step, args.overrides, all_steps=args.all,
-                            batch_size=args.batch_size, on_result=print_table)
+                            batch_size=args.batch_size, on_result=print_table if distributed.reports_results() else None)
         return 0
     from jaxgen.outputs.evaluate import evaluate_run
 
     evaluate_run(args.run_dir, args.step, args.overrides, all_steps=args.all,
-                 on_result=lambda result: print(strict_json.dumps(result), flush=True))
+                 on_result=(lambda result: print(strict_json.dumps(result), flush=True))
+                 if distributed.reports_results() else None)
     return 0
 
 

@@ -255,6 +255,14 @@ def is_multiprocess() -> bool:
     return jax.distributed.is_initialized() and jax.process_count() > 1
 
 
+def reports_results() -> bool:
+    """Whether this process prints a command's results: process 0 alone (every process computes them, and a
+    cluster collects every process's output into one log)."""
+    import jax
+
+    return jax.process_index() == 0
+
+
 PEERS_REPORT_S = 2.0
 
 

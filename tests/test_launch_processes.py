@@ -211,6 +211,8 @@ def test_launch_local_trains_with_prefixed_output_and_one_writer(launched_run):
     lines = output.splitlines()
     assert any(line.startswith("[0] ") and "process 0 of 2: 4 local devices of 8" in line for line in lines)
     assert any(line.startswith("[1] ") and "process 1 of 2: 4 local devices of 8" in line for line in lines)
+    # The results are printed once, by process 0 (a cluster's log held them once per process).
+    assert [line for line in lines if "run directory: " in line] == [f"[0] run directory: {run_dir}"]
     records = read_metrics(run_dir / "metrics.jsonl")
     # Only process 0 writes: each step appears once, not once per process.
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
