@@ -3,6 +3,7 @@
 import errno
 import logging
 import os
+import pathlib
 import re
 import resource
 import signal
@@ -16,6 +17,7 @@ import pytest
 from jaxgen.cli import build_parser
 from jaxgen.errors import UsageError, describe
 from jaxgen.files import write_atomic
+from jaxgen.metrics import read_metrics
 
 from conftest import TINY_CONFIG
 from helpers import REPO, cli_env, error_lines, run_jaxgen
@@ -282,6 +284,38 @@ def test_ctrl_c_at_any_moment_is_one_line_and_never_a_crash(tmp_path, moment, pr
             "training": "preempted: saved a checkpoint"}[moment]
     assert final.startswith(f"jaxgen: {says}"), final
     assert ("Ctrl-C: saving a checkpoint after this step" in stderr) == (moment == "training")
+
+
+def test_data_worker_processes_stop_quietly_with_the_trainer_and_never_outlive_it(tmp_path):
+    """Ctrl-C reaches the whole process group: each grain worker printed a KeyboardInterrupt traceback while the
+    trainer saved, and the resource tracker warned of their leaked shared memory. Ignoring it, they must still
+    go when the trainer goes at once (SIGKILL, the out-of-memory killer)."""
+    run_dir = tmp_path / "run"
+
+    def workers_of(pid: int) -> list[int]:
+        return [int(child) for task in pathlib.Path(f"/proc/{pid}/task").iterdir()
+                for child in (task / "children").read_text().split()]
+
+    for stop in ("ctrl-c", "kill"):
+        process = start(["train", "--config", str(TINY_CONFIG), "--run-dir", str(run_dir), "train.steps=100000",
+                         "logging.every=1", "checkpoint.every=null", "train.sample_tokens=0", "data.workers=2"])
+        deadline = time.monotonic() + 180
+        while len(read_metrics(run_dir / "metrics.jsonl")) < 3 + (stop == "kill") * 3:
+            assert time.monotonic() < deadline and process.poll() is None, "training never started"
+            time.sleep(0.05)
+        workers = workers_of(process.pid)
+        assert len(workers) >= 2  # the data workers (and multiprocessing's resource tracker)
+        if stop == "ctrl-c":
+            stderr = interrupt_when(process, None)
+            assert process.returncode == 75 and "leaked" not in stderr, stderr[-3000:]
+            assert one_final_line(stderr).startswith("jaxgen: preempted: saved a checkpoint")
+        else:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(timeout=60)
+        deadline = time.monotonic() + 10
+        while any(pathlib.Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in workers if pathlib.Path(f"/proc/{pid}").exists()], stop
 
 
 @pytest.mark.parametrize("signum,says,status", [(signal.SIGINT, "interrupted", 130),

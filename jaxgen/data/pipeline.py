@@ -19,6 +19,9 @@ from __future__ import annotations
 import ast
 import contextlib
 import os
+import signal
+import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
@@ -146,7 +149,33 @@ def prefetched(dataset: grain.IterDataset, workers: int, buffer: int) -> grain.I
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
-    return dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=buffer))
+    return dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=buffer),
+                               worker_init_fn=leave_stopping_to_the_trainer)
+
+
+# How often a data worker checks that the trainer that started it is still there.
+WORKER_WATCH_S = 0.5
+
+
+def leave_stopping_to_the_trainer(worker_index: int, worker_count: int) -> None:
+    """In a worker process: ignore Ctrl-C and SIGTERM, which reach the trainer's whole process group, and
+    leave when the trainer is gone.
+
+    The trainer saves a checkpoint and then stops its workers itself (grain's stop event); a worker that acted
+    on the signal printed a traceback mid-save and left its shared memory for the resource tracker to warn of.
+    A trainer that stops at once (a second Ctrl-C, SIGKILL, the out-of-memory killer) stops nothing: its
+    workers notice they were orphaned and exit.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), name="watch-trainer", daemon=True).start()
+
+
+def _exit_when_orphaned(trainer_pid: int) -> None:
+    # An orphan is adopted by init (or a subreaper): its parent PID changes for good.
+    while os.getppid() == trainer_pid:
+        time.sleep(WORKER_WATCH_S)
+    os._exit(1)
 
 
 def record_epochs(records: RandomAccessSource, shard: Shard, seed: int | None, what: str,
