@@ -365,6 +365,13 @@ def test_eval_all_scores_the_checkpoints_it_can_read_and_names_the_damaged_ones_
                               "is damaged")
     assert "TensorStore" not in refusal and "bound method" not in refusal
     assert committed_steps(checkpoint_dir(run_dir)) == [4, 8, 12]  # readers change nothing
+    # The record cannot be written (here a directory in its place, as a full disk would fail it): the figures
+    # are printed all the same, before the one line that says so.
+    (run_dir / "eval.jsonl").unlink()
+    (run_dir / "eval.jsonl").mkdir()
+    result = run_jaxgen("eval", "--run-dir", str(run_dir))
+    assert result.returncode != 0 and [json.loads(line)["step"] for line in result.stdout.splitlines()] == [12]
+    assert error_lines(result.stderr) == [f"jaxgen: error: {run_dir / 'eval.jsonl'}: is a directory"]
 
 
 def test_two_writers_of_one_output_directory_keep_the_first_whole_and_say_so(tmp_path):

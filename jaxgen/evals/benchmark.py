@@ -96,12 +96,16 @@ def make_scorer(cfg, mesh, graphdef, param_shardings, batch_size: int) -> Scorer
     return Scorer(graphdef, param_shardings, mesh, rules, cfg.model.max_seq_len, batch_size)
 
 
-def write_result(run_dir: pathlib.Path, step: int, results: dict[str, TaskScores]) -> dict:
-    """RUN_DIR/evals/<step>.json, written atomically on process 0; returns what it holds."""
-    record = {"step": step, "tasks": {name: r.figures for name, r in results.items()}}
+def result_record(step: int, results: dict[str, TaskScores]) -> dict:
+    """What RUN_DIR/evals/<step>.json holds: the step and each task's figures."""
+    return {"step": step, "tasks": {name: r.figures for name, r in results.items()}}
+
+
+def write_result(run_dir: pathlib.Path, record: dict) -> dict:
+    """RUN_DIR/evals/<step>.json holding `record`, written atomically on process 0; returns `record`."""
     if jax.process_index() == 0:
         (run_dir / "evals").mkdir(exist_ok=True)
-        write_atomic(run_dir / "evals" / f"{step}.json", strict_json.dumps(record, indent=2) + "\n")
+        write_atomic(run_dir / "evals" / f"{record['step']}.json", strict_json.dumps(record, indent=2) + "\n")
     return record
 
 
@@ -137,10 +141,10 @@ def evaluate_benchmarks(run_dir: str | pathlib.Path, task_names: list[str], task
             if benchmarks is None:
                 benchmarks = Benchmarks(tasks, tokenizer, make_scorer(
                     run.cfg, run.mesh, run.layout.graphdefs[MAIN_GROUP], run.layout.shardings[MAIN_GROUP], batch_size))
-            record = write_result(run_dir, run.step, benchmarks.run(run.weights.params[MAIN_GROUP]))
-            if on_result is not None:
+            record = result_record(run.step, benchmarks.run(run.weights.params[MAIN_GROUP]))
+            if on_result is not None:  # first: a full disk failing the file below still leaves the figures shown
                 on_result(record)
-            records.append(record)
+            records.append(write_result(run_dir, record))
     except Exception as stopped:  # the checkpoints scored before one that could not be read are plotted too
         plot_scored(run_dir, records, stopped)
         raise

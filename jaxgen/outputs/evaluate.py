@@ -56,9 +56,9 @@ def evaluate_run(run_dir: str | pathlib.Path, step: int | None = None, overrides
 
             path = run_dir / "evals" / f"guidance_step{result['step']:07d}.png"
             result["guidance_plot"] = str(plot_guidance_sweep(result["guidance_sweep"], path))
+        if on_result is not None:  # first: a full disk failing the record below still leaves the figures shown
+            on_result(result)
         if jax.process_index() == 0:
             append_line(run_dir / "eval.jsonl", strict_json.dumps(result))
-        if on_result is not None:
-            on_result(result)
         results.append(result)
     return results

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from jaxgen.checkpoint import Checkpointer
 from jaxgen.config import Config
-from jaxgen.evals.benchmark import Benchmarks, metric_values, write_result
+from jaxgen.evals.benchmark import Benchmarks, metric_values, result_record, write_result
 from jaxgen.metrics import MetricsWriter, ThroughputMeter
 from jaxgen.tasks import Task, TaskData
 from jaxgen.tasks.layout import MAIN_GROUP, held_out_sums
@@ -126,7 +126,7 @@ class EvaluateTasks:
 
     def run(self, step: int) -> None:  # every process takes part: the parameters are sharded
         results = self.benchmarks.run(sampling_params(self.progress.state)[MAIN_GROUP], progress=False)
-        self.writer.write(step, metric_values(write_result(self.run_dir, step, results)))
+        self.writer.write(step, metric_values(write_result(self.run_dir, result_record(step, results))))
         self.meter.restart(step)
 
 
