@@ -216,7 +216,10 @@ def how_to_hold_out_more(data: DataConfig) -> str:
     sources = data.mixture or [data]
     ways = []
     if any(s.path is None and s.tfds is None for s in sources):  # held out by rule (an hf dataset may be)
-        ways.append(f"hold out more with a smaller data.eval_every_nth_doc (now {data.eval_every_nth_doc})")
+        n, block = data.eval_every_nth_doc, data.eval_block
+        ways.append(f"hold out more with a smaller data.eval_every_nth_doc (now {n})" + (
+            f" or data.eval_block (now {block}: held-out documents come in runs of it, the first after "
+            f"{(n - 1) * block:,} documents)" if block > 1 else ""))
     if any(s.path is not None for s in sources):
         ways.append("prepare data.path again with a smaller --validation-every-nth")
     if any(s.tfds is not None or s.hf is not None for s in sources):
