@@ -11,6 +11,7 @@ import pathlib
 import tempfile
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from jaxgen.config import Config
 from jaxgen.data.lm import document_starts, held_out_set, prepare_tokenizer, train_batches
@@ -34,22 +35,28 @@ def inspection_tokenizer(cfg: Config) -> Tokenizer:
 def inspect_data(cfg: Config, batches: int, tokenizer: Tokenizer) -> dict:
     """The documents of the first `batches` global training batches and of the held-out batches, as JSON."""
     data = cfg.data
+
+    def starting(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(source, index) of each document starting in `batch`, row-major: all of a batch that is kept."""
+        starts = document_starts(batch, tokenizer)
+        return batch[ORIGIN_SOURCE][starts], batch[ORIGIN_INDEX][starts]
+
     train = train_batches(data, tokenizer, Shard(), origins=True)
     try:
-        first = [next(train) for _ in range(batches)]
+        first = [starting(next(train)) for _ in tqdm(range(batches), unit="batch", desc="inspect", leave=False,
+                                                    disable=batches < 10)]
     finally:
         train.close()
     held_out = held_out_set(data, tokenizer, cfg.train.eval_batches, origins=True)
     sources = data.mixture or [data]
 
-    def documents(taken: list[dict[str, np.ndarray]]) -> list[list]:
-        starts = [document_starts(batch, tokenizer) for batch in taken]  # row-major: batch, row, token
-        source = np.concatenate([batch[ORIGIN_SOURCE][s] for batch, s in zip(taken, starts)]).tolist()
-        index = np.concatenate([batch[ORIGIN_INDEX][s] for batch, s in zip(taken, starts)]).tolist()
+    def documents(taken: list[tuple[np.ndarray, np.ndarray]]) -> list[list]:
+        source = np.concatenate([s for s, _ in taken]).tolist()
+        index = np.concatenate([i for _, i in taken]).tolist()
         where = {k: iter(places(sources[k], data, [i for s, i in zip(source, index) if s == k])) for k in set(source)}
         return [[s, next(where[s])] for s in source]
 
-    eval_documents = documents(held_out.batches)
+    eval_documents = documents([starting(batch) for batch in held_out.batches])
     return {
         "batches": batches,
         "sources": [describe(source) for source in sources],
