@@ -11,13 +11,17 @@ import os
 import pathlib
 import subprocess
 import sys
+from unittest import mock
 
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
+from jaxgen.config import load_config
+from jaxgen.errors import UsageError
 from jaxgen.metrics import read_metrics
+from jaxgen.tasks import make_task
 
 from helpers import saved_state
 from test_image_folders import write_idx
@@ -121,6 +125,13 @@ def test_the_autoencoder_reconstructs_given_images(trained, tmp_path):
     assert wrong.returncode == 2 and "--labels cannot be used" in wrong.stderr and "--images" in wrong.stderr
     none = jaxgen("sample", "--run-dir", str(run), "--images", str(tmp_path / "nothing*.png"))
     assert none.returncode != 0 and "matches no files" in none.stderr.strip().splitlines()[-1]
+    # More images than the host holds (here a host with room for 5 of these images) are refused before any is read.
+    task = make_task(load_config(run / "config.yaml"))
+    with mock.patch("jaxgen.device_memory.host_available_bytes", return_value=5 * 28 * 28 * 9):
+        with pytest.raises(UsageError, match=r"--images '.*in\*.png' \(3 files, each with its reconstruction\) asks "
+                                             r"for 6 images, about 42.3 kB held at once for the grid, more than the "
+                                             r"35.3 kB this host has available \(room for at most 5\)"):
+            task.check_sample_options({"images": str(tmp_path / "in*.png")})
 
 
 def test_the_gan_draws_grids_for_the_labels_asked(trained, tmp_path):

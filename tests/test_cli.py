@@ -293,8 +293,15 @@ def test_data_worker_processes_stop_quietly_with_the_trainer_and_never_outlive_i
     run_dir = tmp_path / "run"
 
     def workers_of(pid: int) -> list[int]:
-        return [int(child) for task in pathlib.Path(f"/proc/{pid}/task").iterdir()
-                for child in (task / "children").read_text().split()]
+        children = []
+        for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+            try:
+                parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):  # gone meanwhile
+                continue
+            if parent == pid:
+                children.append(int(stat.parent.name))
+        return children
 
     for stop in ("ctrl-c", "kill"):
         process = start(["train", "--config", str(TINY_CONFIG), "--run-dir", str(run_dir), "train.steps=100000",
@@ -303,7 +310,8 @@ def test_data_worker_processes_stop_quietly_with_the_trainer_and_never_outlive_i
         while len(read_metrics(run_dir / "metrics.jsonl")) < 3 + (stop == "kill") * 3:
             assert time.monotonic() < deadline and process.poll() is None, "training never started"
             time.sleep(0.05)
-        workers = workers_of(process.pid)
+        while len(workers := workers_of(process.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert len(workers) >= 2  # the data workers (and multiprocessing's resource tracker)
         if stop == "ctrl-c":
             stderr = interrupt_when(process, None)

@@ -31,7 +31,14 @@ from jaxgen.models.layers import Dtypes
 from jaxgen.models.patchgan import PatchGAN
 from jaxgen.tasks.adversarial import adaptive_weight, discriminator_loss, generator_loss
 from jaxgen.tasks.base import ModelSpec, Phase, Weights
-from jaxgen.tasks.image_outputs import check_image_inputs, image_inputs, save_arrays, to_unit_range, write_training_grid
+from jaxgen.tasks.image_outputs import (
+    check_image_inputs,
+    check_sample_fits,
+    image_inputs,
+    save_arrays,
+    to_unit_range,
+    write_training_grid,
+)
 from jaxgen.tasks.layout import MAIN_GROUP
 
 DISCRIMINATOR = "discriminator"
@@ -182,6 +189,9 @@ class AutoencoderTask:
         files = sorted(glob.glob(options["images"], recursive=True))
         if not files:
             raise ConfigError(f"--images {options['images']!r} matches no files")
+        m = self.cfg.model  # each image and its reconstruction
+        check_sample_fits(2 * len(files), (m.image_size, m.image_size, m.channels),
+                          f"--images {options['images']!r} ({len(files):,} files, each with its reconstruction)")
         return files
 
     def generate(self, weights: Weights, run_dir: pathlib.Path, step: int, options: dict[str, Any],

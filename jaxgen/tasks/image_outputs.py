@@ -28,18 +28,19 @@ def check_image_inputs(saved: dict, current: dict) -> None:
                               f"{current.get('images')}; resume with the checkpoint's images")
 
 
-def check_sample_fits(rows: int, per_row: int, image_shape: tuple[int, ...]) -> None:
-    """Refuse, before the model is read, a `jaxgen sample` grid of `rows` x `per_row` images of `image_shape`
-    (H, W, C) that this host cannot hold: they are drawn in batches, but kept whole for the grid and the arrays."""
+def check_sample_fits(count: int, image_shape: tuple[int, ...], asked: str) -> None:
+    """Refuse, before the model is read, a `jaxgen sample` grid of `count` images of `image_shape` (H, W, C) that
+    this host cannot hold: they are drawn in batches, but kept whole for the grid and the arrays. `asked` names
+    the options that ask for them."""
     from jaxgen.device_memory import host_available_bytes, human_bytes
 
-    # The float32 draws joined into one array, their [0, 1] copy for --save-array, and the grid.
+    # The float32 images in one array, their [0, 1] copy for --save-array, and the grid.
     per_image = int(np.prod(image_shape)) * (4 + 4 + 1)
-    count, limit = rows * per_row, host_available_bytes()
+    limit = host_available_bytes()
     if count * per_image > limit:
-        raise UsageError(f"--num-per-label {per_row} asks for {count:,} images, about {human_bytes(count * per_image)}"
-                         f" held at once for the grid, more than the {human_bytes(limit)} this host has available; "
-                         f"give at most {limit // per_image // rows} per label (or fewer labels or prompts)")
+        raise UsageError(f"{asked} asks for {count:,} images, about {human_bytes(count * per_image)} held at once "
+                         f"for the grid, more than the {human_bytes(limit)} this host has available (room for at "
+                         f"most {limit // per_image:,})")
 
 
 def draw_progress(cfg: Config, what: str) -> str | None:
