@@ -196,7 +196,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from jaxgen.evals.benchmark import evaluate_benchmarks, print_table
 
         evaluate_benchmarks(args.run_dir, args.tasks, args.task_data, args.step, args.overrides, all_steps=args.all,
-                            batch_size=args.batch_size, on_result=print_table if distributed.reports_results() else None)
+                            batch_size=args.batch_size,
+                            on_result=print_table if distributed.reports_results() else None)
         return 0
     from jaxgen.outputs.evaluate import evaluate_run
 
@@ -369,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     shapes = synth.add_parser("shapes", help="one or two coloured shapes with compositional captions (\"a small red "
                                              "circle above a large blue square\") as an image folder with "
                                              "metadata.jsonl; test/ holds colour-kind pairs train/ never shows")
-    shapes.add_argument("--out", type=directory_to_write, required=True, metavar="DIR", help="a new (or empty) directory")
+    shapes.add_argument("--out", type=directory_to_write, required=True, metavar="DIR",
+                        help="a new (or empty) directory")
     shapes.add_argument("--count", type=positive_int, required=True, metavar="N", help="images in both splits")
     shapes.add_argument("--seed", type=seed, default=0, help="the scenes' random seed")
     shapes.add_argument("--size", type=positive_int, default=32, help="image side in pixels (at least 32)")
@@ -378,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "shade and width (\"a light wide ankle boot\")")
     fashion.add_argument("--idx", required=True, metavar="DIR",
                          help="the IDX files (apt-get install dataset-fashion-mnist: /usr/share/datasets/fashion-mnist)")
-    fashion.add_argument("--out", type=directory_to_write, required=True, metavar="DIR", help="a new (or empty) directory")
+    fashion.add_argument("--out", type=directory_to_write, required=True, metavar="DIR",
+                         help="a new (or empty) directory")
     fashion.set_defaults(func=cmd_data_fashion_captions)
     inspect = data.add_parser("inspect", parents=[overrides],
                               help="print, as JSON, which documents the first training batches and the held-out "
@@ -458,7 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "AutoencoderKL")
     export.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="the dtype tensors are written in")
-    export.add_argument("--out", type=directory_to_write, required=True, metavar="DIR", help="a new (or empty) output directory")
+    export.add_argument("--out", type=directory_to_write, required=True, metavar="DIR",
+                        help="a new (or empty) output directory")
     export.set_defaults(func=cmd_export)
 
     import_ = commands.add_parser("import", help="a local Hugging Face Llama, Mistral, Qwen2, Qwen3, Gemma 2, "
@@ -468,7 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a directory with config.json, safetensors weights and the tokenizer "
                               "(tokenizer.model, or tokenizer.json with tokenizer_config.json); for an "
                               "AutoencoderKL, config.json and diffusion_pytorch_model.safetensors")
-    import_.add_argument("--out", type=directory_to_write, required=True, metavar="DIR", help="the new run directory to write")
+    import_.add_argument("--out", type=directory_to_write, required=True, metavar="DIR",
+                         help="the new run directory to write")
     import_.set_defaults(func=cmd_import)
     return parser
 

@@ -121,7 +121,8 @@ class EncoderDecoderConfig(_Section):
                              f"model.relative_buckets={self.relative_buckets}: the log-spaced buckets need room")
         if self.decoder_start_id is not None and self.decoder_start_id >= self.vocab_size:
             raise ValueError(f"model.decoder_start_id={self.decoder_start_id} is not a token of the vocabulary; "
-                             f"valid: 0 to model.vocab_size - 1 = {self.vocab_size - 1}, or null for the tokenizer's BOS")
+                             f"valid: 0 to model.vocab_size - 1 = {self.vocab_size - 1}, or null for the "
+                             "tokenizer's BOS")
         return self
 
 
