@@ -41,6 +41,11 @@ def capacity() -> tuple[int, int, str]:
     return host_available_bytes(), jax.local_device_count(), "this host has available"
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, as a container or `taskset` limits it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def host_available_bytes() -> int:
     try:
         with open("/proc/meminfo") as f:

@@ -97,17 +97,18 @@ def write_atomic(path: str | pathlib.Path, data: bytes | str) -> None:
 
 
 def append_line(path: str | pathlib.Path, line: str) -> None:
-    """Add `line` (no newline) to the end of `path` as one line, in one write.
+    """Add `line` (no newline) to the end of `path` as one line.
 
     Readers of such logs skip a line that does not parse; ending an unfinished one
-    first keeps that loss to the damaged line alone.
+    first keeps that loss to the damaged line alone. The buffered write goes on after
+    a short write and raises when the disk is full, so no failure passes unseen.
     """
     with open(path, "a+b") as f:
         unfinished = False
         if f.seek(0, os.SEEK_END) > 0:
             f.seek(-1, os.SEEK_END)
             unfinished = f.read(1) != b"\n"
-        os.write(f.fileno(), (b"\n" if unfinished else b"") + line.encode() + b"\n")
+        f.write((b"\n" if unfinished else b"") + line.encode() + b"\n")
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgen.device_memory import usable_cores
 from jaxgen.errors import Preempted
 from jaxgen.files import append_line, user_cache_dir, write_atomic
 
@@ -67,8 +68,7 @@ class PeakCache:
 
     @staticmethod
     def key(dtype: str) -> str:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        return f"{socket.gethostname()}|{cpu_model()}|{cores} cores|{dtype}"
+        return f"{socket.gethostname()}|{cpu_model()}|{usable_cores()} cores|{dtype}"
 
     def read(self) -> dict[str, float]:
         try:

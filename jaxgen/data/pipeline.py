@@ -32,6 +32,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxgen.data.splits import Shard
+from jaxgen.device_memory import usable_cores
 from jaxgen.errors import ConfigError, DataError, JaxgenError
 from jaxgen.sharding import batch_sharding
 
@@ -138,8 +139,7 @@ def prefetched(dataset: grain.IterDataset, workers: int, buffer: int) -> grain.I
     """Batches made ahead of time: in `workers` processes, or in one background thread when 0."""
     if workers == 0:
         return grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=buffer)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if workers > cores:
+    if workers > (cores := usable_cores()):
         # Each worker is a process holding its own copy of the sources' index and buffers: past the
         # cores it may run on, more only take memory (thousands would exhaust the host's).
         raise ConfigError(f"data.workers={workers} asks for more worker processes than the {cores} CPU cores this "
