@@ -103,12 +103,17 @@ def append_line(path: str | pathlib.Path, line: str) -> None:
     first keeps that loss to the damaged line alone. The buffered write goes on after
     a short write and raises when the disk is full, so no failure passes unseen.
     """
-    with open(path, "a+b") as f:
-        unfinished = False
-        if f.seek(0, os.SEEK_END) > 0:
-            f.seek(-1, os.SEEK_END)
-            unfinished = f.read(1) != b"\n"
-        f.write((b"\n" if unfinished else b"") + line.encode() + b"\n")
+    try:
+        with open(path, "a+b") as f:
+            unfinished = False
+            if f.seek(0, os.SEEK_END) > 0:
+                f.seek(-1, os.SEEK_END)
+                unfinished = f.read(1) != b"\n"
+            f.write((b"\n" if unfinished else b"") + line.encode() + b"\n")
+    except OSError as err:
+        if err.filename is None:  # a failed write names no file; the user's log is the one to name
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
 
 
 @contextlib.contextmanager

@@ -254,6 +254,15 @@ def test_a_log_line_cut_short_never_swallows_the_records_written_after_it(tmp_pa
     files.append_line(log_file, json.dumps({"step": 16}))
     assert [r["step"] for r in read_metrics(log_file)] == [4, 12, 16]
     assert log_file.read_text().count("\n") == 4
+    # A write the disk refuses is an error naming the log (it named no file), never a record silently cut.
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (log_file.stat().st_size + 8, limits[1]))  # Python ignores SIGXFSZ
+    try:
+        with pytest.raises(OSError) as refused:
+            files.append_line(log_file, json.dumps({"step": 20, "eval_loss": 1.5}))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    assert refused.value.filename == str(log_file)
 
 
 def test_kills_and_full_disks_before_the_first_checkpoint_never_block_a_restart(straight, tokenizer, tmp_path):
