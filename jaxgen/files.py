@@ -30,6 +30,7 @@ import pathlib
 import shutil
 import socket
 import sys
+import time
 from collections.abc import Iterator
 
 from jaxgen.errors import DirectoryInUse
@@ -140,16 +141,36 @@ def building(target: str | pathlib.Path) -> Iterator[pathlib.Path]:
             raise DirectoryInUse(f"{str(target)!r} was written by another process while this one built it; "
                                  "nothing of this one's was kept: name a new directory") from None
     except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_for_good(tmp)
         # Name the output the user asked for: a failed write may name no file, or one under the hidden name.
         named = str(target) if err.filename is None else str(err.filename).replace(str(tmp), str(target), 1)
         if named != err.filename and err.errno:
             raise OSError(err.errno, err.strerror, named) from err
         raise
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_for_good(tmp)
         raise
     _fsync_directory(target.parent)
+
+
+def _remove_for_good(tree: pathlib.Path, quiet_s: float = 0.5, give_up_s: float = 30.0) -> None:
+    """Remove `tree` and see that it stays removed.
+
+    A library's background writes can land moments after the failure that ended the block
+    (Orbax's other array writes go on after the first fails, and TensorStore makes the
+    folders it writes into), so one removal could leave a hidden partial tree behind.
+    """
+    deadline = time.monotonic() + give_up_s
+    quiet_since = None
+    while time.monotonic() < deadline:
+        if tree.exists():
+            shutil.rmtree(tree, ignore_errors=True)
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= quiet_s:
+            return
+        time.sleep(0.05)
 
 
 def _holder_now() -> dict:

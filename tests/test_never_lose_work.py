@@ -414,3 +414,22 @@ def test_a_failed_write_while_building_an_output_names_the_output(tmp_path):
             raise OSError(errno.ENOSPC, "No space left on device", str(partial / "train" / "0.png"))
     assert describe(hidden.value)[0] == f"error: {out / 'train' / '0.png'}: no space left on device"
     assert not any(tmp_path.iterdir())
+
+
+def test_a_write_landing_after_a_failed_build_leaves_nothing_behind(tmp_path):
+    """`jaxgen import` onto a full disk left its hidden partial directory now and then: Orbax's other array
+    writes go on after the first one fails, and TensorStore makes the folders a late write lands in."""
+    import threading
+
+    def late_writer(partial):
+        time.sleep(0.2)  # after the block has failed and its directory was first removed
+        (partial / "checkpoints" / "0" / "d").mkdir(parents=True, exist_ok=True)
+        (partial / "checkpoints" / "0" / "d" / "late").write_bytes(b"x")
+
+    with pytest.raises(OSError, match="File too large"):
+        with building(tmp_path / "out") as partial:
+            writer = threading.Thread(target=late_writer, args=(partial,))
+            writer.start()
+            raise OSError(errno.EFBIG, "File too large")
+    writer.join()
+    assert not any(tmp_path.iterdir())
