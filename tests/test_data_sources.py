@@ -5,6 +5,7 @@ import gzip
 import itertools
 import json
 import logging
+import shutil
 import subprocess
 import sys
 
@@ -271,3 +272,53 @@ def test_too_few_documents_for_the_readers_is_explained(tmp_path, read, says):
 
     with pytest.raises(DataError, match=says):
         list(itertools.islice(open_documents(cfg.data, cfg.data, "train", Shard(1, 2), seed=None), 1))
+
+
+def test_the_training_files_are_told_by_name_under_their_folder_and_size(tmp_path):
+    from jaxgen.data.fingerprint import changed_files, data_files
+
+    (tmp_path / "corpus").mkdir()
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / "corpus" / name).write_text("one line\n" * 10)
+    (tmp_path / "prepared" / "train").mkdir(parents=True)  # read as data.path lays it out, not opened here
+    (tmp_path / "prepared" / "manifest.json").write_text("{}")
+    (tmp_path / "prepared" / "train" / "shard-0").write_bytes(b"x" * 5)
+    cfg = tiny_config(f"data.mixture=[{{text: '{tmp_path}/corpus/*.txt'}}, {{path: '{tmp_path}/prepared'}}]")
+    saved = data_files(cfg.data)
+    assert saved["data.mixture[0].text"] == {"a.txt": 90, "b.txt": 90}
+    assert saved["data.mixture[1].path"] == {"manifest.json": 2, "train/shard-0": 5}
+    assert data_files(tiny_config().data) == {}  # the bundled corpus
+
+    staged = tmp_path / "local-disk"  # a job's copy on a node's own disk is the same data
+    shutil.copytree(tmp_path / "corpus", staged / "corpus")
+    shutil.copytree(tmp_path / "prepared", staged / "prepared")
+    moved = tiny_config(f"data.mixture=[{{text: '{staged}/corpus/*.txt'}}, {{path: '{staged}/prepared'}}]")
+    assert changed_files(saved, data_files(moved.data)) == []
+
+    with open(tmp_path / "corpus" / "a.txt", "a") as f:
+        f.write("appended\n")
+    (tmp_path / "corpus" / "b.txt").rename(tmp_path / "corpus" / "c.txt")
+    assert changed_files(saved, data_files(cfg.data)) == [
+        "data.mixture[0].text: a.txt 90 -> 99 bytes", "data.mixture[0].text: b.txt gone",
+        "data.mixture[0].text: c.txt new"]
+    assert changed_files(saved, data_files(tiny_config(f"data.text={tmp_path}/corpus/a.txt").data)) == [
+        "data.mixture[0].text: no longer read", "data.mixture[1].path: no longer read", "data.text: now read"]
+
+
+def test_a_resume_on_changed_training_files_says_which_and_goes_on(tmp_path, tokenizer, caplog):
+    from jaxgen.train.loop import train
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(itertools.islice(iter_documents([BUNDLED_CORPUS]), 3000)) + "\n")
+    overrides = [f"data.text={corpus}", f"data.tokenizer={tokenizer.path}", "checkpoint.every=2",
+                 "logging.tensorboard=false"]
+    train(tiny_config(*overrides, "train.steps=2"), tmp_path / "run")
+    with open(corpus, "a") as f:
+        f.write("And it came to pass.\n")
+    with caplog.at_level(logging.WARNING, logger="jaxgen"):
+        summary = train(tiny_config(*overrides, "train.steps=3"), tmp_path / "run")
+    assert summary["resumed_from"] == 2
+    size = corpus.stat().st_size
+    assert (f"continuing step 2 on training files changed since it was saved (data.text: corpus.txt {size - 21:,} -> "
+            f"{size:,} bytes): the run goes on, but no longer in the data order nor with the held-out set it had"
+            ) in caplog.text

@@ -25,6 +25,7 @@ from jaxgen import __version__, strict_json
 from jaxgen.allocator import loaded_allocator
 from jaxgen.checkpoint import Checkpointer, checkpoint_dir, restore_subtree
 from jaxgen.config import Config, changed_settings
+from jaxgen.data.fingerprint import changed_files, data_files
 from jaxgen.data.lockstep import next_in_lockstep
 from jaxgen.data.pipeline import merged_position, process_streams, this_process, to_global
 from jaxgen.device_memory import check_fits
@@ -137,7 +138,7 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
     # ------------------------------------------------------------------ data
     data = task.make_data(run_dir)
     eval_set = [to_global(batch, mesh) for batch in data.eval]
-    meta = {"config": cfg.model_dump(mode="json"), "inputs": task.inputs(data),
+    meta = {"config": cfg.model_dump(mode="json"), "inputs": task.inputs(data), "data_files": data_files(cfg.data),
             "process_count": jax.process_count(), "jaxgen_version": __version__}
     clock.mark("data")
     if resumed is not None:
@@ -145,6 +146,9 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
         if "config" in resumed.meta and (changes := changed_settings(resumed.meta["config"], meta["config"])):
             log.warning("continuing step %d with settings changed since it was saved (config.yaml now holds the "
                         "new ones): %s", resumed.step, listed(changes, 8))
+        if "data_files" in resumed.meta and (changes := changed_files(resumed.meta["data_files"], meta["data_files"])):
+            log.warning("continuing step %d on training files changed since it was saved (%s): the run goes on, but "
+                        "no longer in the data order nor with the held-out set it had", resumed.step, listed(changes, 4))
         state = resumed.state
         data.train.set_state(merged_position(resumed.data_states))  # saved on any process count
         log.info("resumed from %s at step %d", ckpt.directory, resumed.step)

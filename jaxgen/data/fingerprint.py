@@ -1,0 +1,75 @@
+"""What a run's training files were when a checkpoint was saved, to say so when a resume finds them changed.
+
+A corpus appended to, cut short or replaced, or a glob that now matches other files, changes
+which documents the saved data position points at and which are held out: the run goes on,
+but neither in the data order nor with the held-out set it had. Files are told apart by their
+names under the glob's fixed folder and their sizes, not their paths or times, so data staged
+to another folder (a node's local disk) for a resumed job counts as the same data.
+"""
+
+from __future__ import annotations
+
+import glob
+import pathlib
+
+from jaxgen.config_data import SOURCE_KINDS, DataConfig
+
+# Kinds read from local files by glob; `path` is a prepared dataset's directory.
+GLOBBED = ("text", "jsonl", "array_record", "parquet")
+MAX_FILES = 10_000  # per source: beyond it only the count and total size are kept
+
+
+def data_files(data: DataConfig) -> dict[str, dict[str, int]]:
+    """{source key: {file name under its folder: size in bytes}} for every local file source."""
+    found = {}
+    for i, source in enumerate(data.mixture or [data]):
+        prefix = f"data.mixture[{i}]." if data.mixture else "data."
+        for kind in SOURCE_KINDS:
+            pattern = getattr(source, kind)
+            if pattern is None or "://" in pattern or kind not in (*GLOBBED, "path"):
+                continue
+            root, files = _files(pattern, kind == "path")
+            sizes = {_name(f, root): f.stat().st_size for f in files}
+            if len(sizes) > MAX_FILES:
+                sizes = {f"{len(sizes)} files": sum(sizes.values())}
+            found[prefix + kind] = sizes
+    return found
+
+
+def _files(pattern: str, directory: bool) -> tuple[pathlib.Path, list[pathlib.Path]]:
+    expanded = pathlib.Path(pattern).expanduser()
+    if directory:
+        return expanded, sorted(f for f in expanded.rglob("*") if f.is_file())
+    fixed = []
+    for part in expanded.parts:
+        if glob.has_magic(part):
+            break
+        fixed.append(part)
+    root = pathlib.Path(*fixed) if fixed else pathlib.Path(".")
+    files = sorted(pathlib.Path(p) for p in glob.glob(str(expanded), recursive=True))
+    return (root.parent if root == expanded else root), [f for f in files if f.is_file()]
+
+
+def _name(path: pathlib.Path, root: pathlib.Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def changed_files(saved: dict[str, dict[str, int]], now: dict[str, dict[str, int]]) -> list[str]:
+    """Each difference between two `data_files` records, for people ("data.text: a.txt 2,048 -> 1,024 bytes")."""
+    changes = []
+    for key in dict.fromkeys([*saved, *now]):
+        before, after = saved.get(key), now.get(key)
+        if before is None or after is None:
+            changes.append(f"{key}: {'now read' if before is None else 'no longer read'}")
+            continue
+        for name in dict.fromkeys([*before, *after]):
+            if name not in after:
+                changes.append(f"{key}: {name} gone")
+            elif name not in before:
+                changes.append(f"{key}: {name} new")
+            elif before[name] != after[name]:
+                changes.append(f"{key}: {name} {before[name]:,} -> {after[name]:,} bytes")
+    return changes
