@@ -284,25 +284,33 @@ def test_the_training_files_are_told_by_name_under_their_folder_and_size(tmp_pat
     (tmp_path / "prepared" / "manifest.json").write_text("{}")
     (tmp_path / "prepared" / "train" / "shard-0").write_bytes(b"x" * 5)
     cfg = tiny_config(f"data.mixture=[{{text: '{tmp_path}/corpus/*.txt'}}, {{path: '{tmp_path}/prepared'}}]")
-    saved = data_files(cfg.data)
+    saved = data_files(cfg)
     assert saved["data.mixture[0].text"] == {"a.txt": 90, "b.txt": 90}
     assert saved["data.mixture[1].path"] == {"manifest.json": 2, "train/shard-0": 5}
-    assert data_files(tiny_config().data) == {}  # the bundled corpus
+    assert data_files(tiny_config()) == {}  # the bundled corpus
 
     staged = tmp_path / "local-disk"  # a job's copy on a node's own disk is the same data
     shutil.copytree(tmp_path / "corpus", staged / "corpus")
     shutil.copytree(tmp_path / "prepared", staged / "prepared")
     moved = tiny_config(f"data.mixture=[{{text: '{staged}/corpus/*.txt'}}, {{path: '{staged}/prepared'}}]")
-    assert changed_files(saved, data_files(moved.data)) == []
+    assert changed_files(saved, data_files(moved)) == []
 
     with open(tmp_path / "corpus" / "a.txt", "a") as f:
         f.write("appended\n")
     (tmp_path / "corpus" / "b.txt").rename(tmp_path / "corpus" / "c.txt")
-    assert changed_files(saved, data_files(cfg.data)) == [
+    assert changed_files(saved, data_files(cfg)) == [
         "data.mixture[0].text: a.txt 90 -> 99 bytes", "data.mixture[0].text: b.txt gone",
         "data.mixture[0].text: c.txt new"]
-    assert changed_files(saved, data_files(tiny_config(f"data.text={tmp_path}/corpus/a.txt").data)) == [
+    assert changed_files(saved, data_files(tiny_config(f"data.text={tmp_path}/corpus/a.txt"))) == [
         "data.mixture[0].text: no longer read", "data.mixture[1].path: no longer read", "data.text: now read"]
+    (tmp_path / "images" / "cat").mkdir(parents=True)  # an image folder: a class folder more is a change too
+    (tmp_path / "images" / "cat" / "0.png").write_bytes(b"p" * 7)
+    folder = tiny_config("images.source=folder", f"images.folder={tmp_path}/images")
+    saved = data_files(folder)
+    assert saved["images.folder"] == {"cat/0.png": 7}
+    (tmp_path / "images" / "dog").mkdir()
+    (tmp_path / "images" / "dog" / "0.png").write_bytes(b"p" * 7)
+    assert changed_files(saved, data_files(folder)) == ["images.folder: dog/0.png new"]
 
 
 def test_a_resume_on_changed_training_files_says_which_and_goes_on(tmp_path, tokenizer, caplog):

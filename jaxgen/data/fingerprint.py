@@ -12,28 +12,33 @@ from __future__ import annotations
 import glob
 import pathlib
 
-from jaxgen.config_data import SOURCE_KINDS, DataConfig
+from jaxgen.config import Config
+from jaxgen.config_data import SOURCE_KINDS
 
-# Kinds read from local files by glob; `path` is a prepared dataset's directory.
+# Text sources read from local files by glob; `path` is a prepared dataset's directory.
 GLOBBED = ("text", "jsonl", "array_record", "parquet")
+# Image sources that are directories (a folder of images, IDX files, a latent dataset).
+IMAGE_DIRECTORIES = ("folder", "idx", "latents")
 MAX_FILES = 10_000  # per source: beyond it only the count and total size are kept
 
 
-def data_files(data: DataConfig) -> dict[str, dict[str, int]]:
+def data_files(cfg: Config) -> dict[str, dict[str, int]]:
     """{source key: {file name under its folder: size in bytes}} for every local file source."""
-    found = {}
+    data, found = cfg.data, {}
     for i, source in enumerate(data.mixture or [data]):
         prefix = f"data.mixture[{i}]." if data.mixture else "data."
         for kind in SOURCE_KINDS:
             pattern = getattr(source, kind)
-            if pattern is None or "://" in pattern or kind not in (*GLOBBED, "path"):
-                continue
-            root, files = _files(pattern, kind == "path")
-            sizes = {_name(f, root): f.stat().st_size for f in files}
-            if len(sizes) > MAX_FILES:
-                sizes = {f"{len(sizes)} files": sum(sizes.values())}
-            found[prefix + kind] = sizes
+            if pattern is not None and "://" not in pattern and kind in (*GLOBBED, "path"):
+                found[prefix + kind] = _sizes(*_files(pattern, kind == "path"))
+    if cfg.images.source in IMAGE_DIRECTORIES:
+        found[f"images.{cfg.images.source}"] = _sizes(*_files(getattr(cfg.images, cfg.images.source), True))
     return found
+
+
+def _sizes(root: pathlib.Path, files: list[pathlib.Path]) -> dict[str, int]:
+    sizes = {_name(f, root): f.stat().st_size for f in files}
+    return {f"{len(sizes)} files": sum(sizes.values())} if len(sizes) > MAX_FILES else sizes
 
 
 def _files(pattern: str, directory: bool) -> tuple[pathlib.Path, list[pathlib.Path]]:

@@ -138,7 +138,7 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
     # ------------------------------------------------------------------ data
     data = task.make_data(run_dir)
     eval_set = [to_global(batch, mesh) for batch in data.eval]
-    meta = {"config": cfg.model_dump(mode="json"), "inputs": task.inputs(data), "data_files": data_files(cfg.data),
+    meta = {"config": cfg.model_dump(mode="json"), "inputs": task.inputs(data), "data_files": data_files(cfg),
             "process_count": jax.process_count(), "jaxgen_version": __version__}
     clock.mark("data")
     if resumed is not None:
