@@ -254,7 +254,7 @@ def test_held_out_batches_hold_every_held_out_document_exactly_once(corpora, tok
         np.testing.assert_array_equal(whole["inputs"], np.concatenate([p["inputs"] for p in parts]))
 
 
-def test_a_held_out_set_smaller_than_one_batch_is_refused_naming_the_key(corpora, tokenizer):
+def test_a_held_out_set_smaller_than_one_batch_is_refused_naming_the_key(corpora, tokenizer, tmp_path):
     too_few = [f"data.text={corpora['one file']}", "data.eval_every_nth_doc=5000", "data.eval_block=2"]
     with pytest.raises(DataError, match=r"the held-out documents hold \d+ tokens, fewer than one batch of "
                                         r"data.batch_size x data.seq_len = 16 x 64 = 1024; hold out more with a "
@@ -265,6 +265,12 @@ def test_a_held_out_set_smaller_than_one_batch_is_refused_naming_the_key(corpora
                         "model.vocab_size=512")
     [line] = error_lines(result.stderr)
     assert result.returncode == 2 and "smaller data.eval_every_nth_doc (now 5000)" in line
+    # A corpus of one long line: no held-out key can help, and the error says why first.
+    (tmp_path / "one_line.txt").write_text(" ".join(document(i) for i in range(300)) + "\n")
+    with pytest.raises(DataError, match=r"1024; the training data holds only 1 document \(each line of text is one\) "
+                                        r"and document 491 would be the first held out: give more documents, or "
+                                        r"hold out more with a smaller data.eval_every_nth_doc \(now 50\)"):
+        held_out_set(tiny_config(f"data.text={tmp_path}/one_line.txt").data, tokenizer, 8)
 
 
 # ----------------------------------------------------------------------------- jaxgen data inspect

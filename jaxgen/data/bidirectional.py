@@ -33,7 +33,7 @@ import grain
 import numpy as np
 
 from jaxgen.config import Config, DataConfig
-from jaxgen.data.lm import check_holds_one_batch, how_to_hold_out_more, prepare_tokenizer
+from jaxgen.data.lm import check_holds_one_batch, how_to_hold_out_more, prepare_tokenizer, too_few_documents
 from jaxgen.data.masking import mask_tokens, ordinary_ids
 from jaxgen.data.pipeline import (
     BatchIterator,
@@ -240,8 +240,9 @@ def held_out_batches(cfg: Config, tokenizer: Tokenizer, shard: Shard) -> list[di
         taken = list(itertools.islice(iter(rows), cfg.train.eval_batches))
     n_rows = sum(len(batch["weights"]) for batch in taken)
     if n_rows < data.batch_size:
+        why = too_few_documents(data) if n_rows == 0 else ""
         raise DataError(f"the held-out documents fill {n_rows} rows, fewer than one batch of data.batch_size="
-                        f"{data.batch_size}; {how_to_hold_out_more(data)}")
+                        f"{data.batch_size}; {why}{how_to_hold_out_more(data)}")
     taken[-1] = padded(taken[-1], data.batch_size)
     log.info("held-out: %d rows in %d batches, %d target tokens", n_rows, len(taken),
              int(sum(batch["weights"].sum() for batch in taken)))

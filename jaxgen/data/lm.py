@@ -200,7 +200,8 @@ def held_out_set(data: DataConfig, tokenizer: Tokenizer, max_batches: int, origi
     tokens = int(sum(batch["weights"].sum() for batch in taken))
     if tokens < full:
         raise DataError(f"the held-out documents hold {tokens} tokens, fewer than one batch of data.batch_size x "
-                        f"data.seq_len = {data.batch_size} x {data.seq_len} = {full}; {how_to_hold_out_more(data)}")
+                        f"data.seq_len = {data.batch_size} x {data.seq_len} = {full}; "
+                        f"{too_few_documents(data) if tokens == 0 else ''}{how_to_hold_out_more(data)}")
     taken[-1] = padded(taken[-1], data.batch_size)
     documents = int(sum(document_starts(batch, tokenizer).sum() for batch in taken))
     return HeldOutSet(batches=taken, documents=documents, tokens=tokens, whole=whole)
@@ -209,6 +210,21 @@ def held_out_set(data: DataConfig, tokenizer: Tokenizer, max_batches: int, origi
 def document_starts(batch: dict[str, np.ndarray], tokenizer: Tokenizer) -> np.ndarray:
     """Where documents begin: their BOS (the tokenizer's; padding, 0 too, is never one)."""
     return (batch["inputs"] == tokenizer.bos_id) & (batch["segment_ids"] > 0)
+
+
+def too_few_documents(data: DataConfig) -> str:
+    """Why no document is held out of a single source that holds them out by rule, when it holds fewer documents
+    than come before the first held-out one (a corpus of one long line, say); "" otherwise."""
+    if data.mixture or data.path is not None or data.tfds is not None or data.hf is not None:
+        return ""
+    first = (data.eval_every_nth_doc - 1) * data.eval_block + 1
+    count = sum(1 for _ in itertools.islice(one_pass_documents(data, "train"), first))
+    if count >= first:
+        return ""
+    kind = ("line of JSONL" if data.jsonl is not None else "record" if data.array_record is not None
+            else "row" if data.parquet is not None else "line of text")
+    return (f"the training data holds only {count:,} document{'s' if count != 1 else ''} (each {kind} is one) "
+            f"and document {first:,} would be the first held out: give more documents, or ")
 
 
 def how_to_hold_out_more(data: DataConfig) -> str:
