@@ -236,3 +236,20 @@ def test_a_plot_that_fails_after_scoring_stopped_never_hides_why_it_stopped(tmp_
     assert "could not plot the results scored so far: [Errno 28] No space left on device" in caplog.text
     with pytest.raises(OSError, match="No space left"):  # when scoring finished, the plot's failure is the error
         benchmark.plot_scored(tmp_path, [{"step": 4}])
+
+
+def test_a_step_scored_again_on_other_tasks_keeps_the_earlier_tasks(tmp_path, caplog):
+    """`eval --tasks hellaswag` then `eval --tasks arc_easy` left only arc_easy in evals/<step>.json."""
+    benchmark.write_result(tmp_path, {"step": 8, "tasks": {"hellaswag": {"acc": 0.3}, "piqa": {"acc": 0.6}}})
+    benchmark.write_result(tmp_path, {"step": 8, "tasks": {"arc_easy": {"acc": 0.4}, "piqa": {"acc": 0.7}}})
+    saved = json.loads((tmp_path / "evals" / "8.json").read_text())
+    assert saved == {"step": 8, "tasks": {"hellaswag": {"acc": 0.3}, "piqa": {"acc": 0.7}, "arc_easy": {"acc": 0.4}}}
+    (tmp_path / "evals" / "8.json").write_text('{"step": 8, "tasks": {"hella')  # cut short by hand or a tool
+    with caplog.at_level("WARNING", logger="jaxgen"):
+        benchmark.write_result(tmp_path, {"step": 8, "tasks": {"lambada": {"acc": 0.2}}})
+    assert f"{tmp_path / 'evals' / '8.json'} cannot be read (" in caplog.text
+    assert json.loads((tmp_path / "evals" / "8.json").read_text())["tasks"] == {"lambada": {"acc": 0.2}}
+    (tmp_path / "evals" / "4.json").write_text("{")  # another step's damaged file is left out of the plots
+    with caplog.at_level("WARNING", logger="jaxgen"):
+        assert [p.name for p in benchmark.plot_benchmarks(tmp_path)] == ["evals_acc.png"]
+    assert f"{tmp_path / 'evals' / '4.json'} is left out of the plots: Expecting" in caplog.text

@@ -9,6 +9,7 @@ tokenizing anything again. Results go to RUN_DIR/evals/<step>.json.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import pathlib
 from collections.abc import Callable
@@ -102,11 +103,28 @@ def result_record(step: int, results: dict[str, TaskScores]) -> dict:
 
 
 def write_result(run_dir: pathlib.Path, record: dict) -> dict:
-    """RUN_DIR/evals/<step>.json holding `record`, written atomically on process 0; returns `record`."""
+    """RUN_DIR/evals/<step>.json holding `record`'s tasks beside those scored on the step before (a task scored
+    again is replaced), written atomically on process 0; returns `record`."""
     if jax.process_index() == 0:
-        (run_dir / "evals").mkdir(exist_ok=True)
-        write_atomic(run_dir / "evals" / f"{record['step']}.json", strict_json.dumps(record, indent=2) + "\n")
+        path = run_dir / "evals" / f"{record['step']}.json"
+        path.parent.mkdir(exist_ok=True)
+        tasks = {**earlier_tasks(path), **record["tasks"]}
+        write_atomic(path, strict_json.dumps({**record, "tasks": tasks}, indent=2) + "\n")
     return record
+
+
+def earlier_tasks(path: pathlib.Path) -> dict:
+    """The figures of the tasks an earlier evaluation wrote to `path` (none where there is no readable file):
+    `eval --tasks arc_easy` after `eval --tasks hellaswag` keeps both."""
+    try:
+        earlier = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        log.warning("%s cannot be read (%s); this evaluation's results replace it", path, err)
+        return {}
+    tasks = earlier.get("tasks") if isinstance(earlier, dict) else None
+    return tasks if isinstance(tasks, dict) else {}
 
 
 def metric_values(record: dict) -> dict[str, float]:

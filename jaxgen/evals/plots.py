@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 
 from jaxgen.metrics import write_against_step
 
 METRICS = ("acc", "acc_norm", "perplexity")
+log = logging.getLogger("jaxgen")
 
 
 def read_results(run_dir: pathlib.Path) -> list[dict]:
-    """Every RUN_DIR/evals/<step>.json, by step."""
+    """Every readable RUN_DIR/evals/<step>.json, by step (one that is not is left out of the plots, with a warning)."""
     paths = [p for p in (run_dir / "evals").glob("*.json") if p.stem.isdigit()]
-    return [json.loads(p.read_text()) for p in sorted(paths, key=lambda p: int(p.stem))]
+    results = []
+    for path in sorted(paths, key=lambda p: int(p.stem)):
+        try:
+            result = json.loads(path.read_text())
+            if isinstance(result, dict) and isinstance(result.get("tasks"), dict) and "step" in result:
+                results.append(result)
+                continue
+            reason = "not a result of jaxgen eval --tasks"
+        except (OSError, ValueError) as err:
+            reason = str(err)
+        log.warning("%s is left out of the plots: %s", path, reason)
+    return results
 
 
 def plot_benchmarks(run_dir: pathlib.Path) -> list[pathlib.Path]:
