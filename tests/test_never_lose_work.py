@@ -353,7 +353,10 @@ def test_eval_all_scores_every_checkpoint_and_reproduces_the_loop(straight):
     reports = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["step"] for r in reports] == committed_steps(checkpoint_dir(run_dir)) == [4, 8, 12]
     logged = {r["step"]: r["eval_loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "eval_loss" in r}
-    assert reports[-1]["eval_loss"] == pytest.approx(logged[STEPS], rel=1e-6)
+    assert reports[-1]["eval_loss"] == pytest.approx(logged[STEPS], rel=1e-6) and "overrides" not in reports[-1]
+    other = run_jaxgen("eval", "--run-dir", str(run_dir), "train.eval_batches=1")  # scored on less: it says so
+    assert json.loads(other.stdout)["overrides"] == ["train.eval_batches=1"]
+    assert json.loads((run_dir / "eval.jsonl").read_text().splitlines()[-1])["overrides"] == ["train.eval_batches=1"]
 
 
 def test_eval_all_scores_the_checkpoints_it_can_read_and_names_the_damaged_ones_last(straight, tmp_path):

@@ -51,6 +51,8 @@ def evaluate_run(run_dir: str | pathlib.Path, step: int | None = None, overrides
     for run in chosen_checkpoints(run_dir, step, overrides, all_steps):
         data = run.task.make_data(run_dir) if data is None else data
         result = evaluate(run, data)
+        if overrides:  # what it was scored on: a record of `eval data.text=OTHER` is told from the run's own
+            result["overrides"] = list(overrides)
         if "guidance_sweep" in result and jax.process_index() == 0:
             from jaxgen.quality.prompt_adherence import plot_guidance_sweep
 
