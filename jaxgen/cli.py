@@ -189,6 +189,9 @@ def cmd_launch_local(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.all and args.step is not None:
+        raise UsageError(f"--step {args.step} and --all choose the checkpoints twice; give --step N for one, "
+                         "--all for every one")
     if args.task_data and not args.tasks:
         raise UsageError("--task-data names where benchmark tasks' files are; give the tasks with --tasks")
     distributed.initialize(distributed_settings(args))

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from jaxgen.cli import build_parser
+from jaxgen.cli import build_parser, cmd_eval
 from jaxgen.errors import UsageError, describe
 from jaxgen.files import write_atomic
 from jaxgen.metrics import read_metrics
@@ -381,3 +381,10 @@ def test_orbax_failures_it_raises_later_are_not_logged_twice_but_the_others_are(
     assert not not_raised_later(record(raised))  # jaxgen says it in one line when Orbax raises it
     assert not_raised_later(record("Failed to remove checkpoint (runs/x/checkpoints/4)"))  # never raised: shown
     assert not_raised_later(record(raised, failed=False))
+
+
+def test_eval_refuses_a_step_and_all_together():
+    """`eval --step 8 --all` scored every checkpoint and said nothing of --step."""
+    with pytest.raises(UsageError, match=r"^--step 8 and --all choose the checkpoints twice; give --step N for one, "
+                                         r"--all for every one$"):
+        cmd_eval(build_parser().parse_args(["eval", "--run-dir", "r", "--step", "8", "--all"]))
