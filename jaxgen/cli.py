@@ -413,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    help="held-out loss, perplexity, bits per byte; or benchmark tasks (--tasks)")
     evaluate.add_argument("--all", action="store_true",
                           help="evaluate every checkpoint of the run (a damaged one is skipped, and named in the "
-                               "error once the others are done)")
+                               "error once the others are done; one eval.jsonl holds a result of, with the same "
+                               "overrides, is shown from there, not scored again)")
     benchmarks = evaluate.add_argument_group("benchmark tasks (language models; results in RUN_DIR/evals/<step>.json)")
     benchmarks.add_argument("--tasks", action="append", metavar="NAMES",
                             help="score these tasks instead of the held-out loss: comma-separated hellaswag, "

@@ -354,6 +354,13 @@ def test_eval_all_scores_every_checkpoint_and_reproduces_the_loop(straight):
     assert [r["step"] for r in reports] == committed_steps(checkpoint_dir(run_dir)) == [4, 8, 12]
     logged = {r["step"]: r["eval_loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "eval_loss" in r}
     assert reports[-1]["eval_loss"] == pytest.approx(logged[STEPS], rel=1e-6) and "overrides" not in reports[-1]
+    # An --all stopped after two checkpoints (a preempted job) goes on with the third.
+    lines = (run_dir / "eval.jsonl").read_text().splitlines()
+    (run_dir / "eval.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    again = run_jaxgen("eval", "--run-dir", str(run_dir), "--all")
+    assert [json.loads(line) for line in again.stdout.splitlines()] == reports
+    assert [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()] == reports
+    assert "checkpoints 4, 8, scored before with these settings, shown from eval.jsonl, not scored" in again.stderr
     other = run_jaxgen("eval", "--run-dir", str(run_dir), "train.eval_batches=1")  # scored on less: it says so
     assert json.loads(other.stdout)["overrides"] == ["train.eval_batches=1"]
     assert json.loads((run_dir / "eval.jsonl").read_text().splitlines()[-1])["overrides"] == ["train.eval_batches=1"]

@@ -9,6 +9,8 @@ once; each further checkpoint only reads its parameters.
 
 from __future__ import annotations
 
+import json
+import logging
 import pathlib
 from collections.abc import Callable
 
@@ -17,11 +19,16 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxgen import strict_json
+from jaxgen.checkpoint import checkpoint_dir, committed_steps
 from jaxgen.data.pipeline import padded, to_global
+from jaxgen.distributed import bytes_from_process_0
 from jaxgen.files import append_line
-from jaxgen.outputs.runs import OpenedRun, chosen_checkpoints
+from jaxgen.metrics import read_metrics
+from jaxgen.outputs.runs import OpenedRun, chosen_checkpoints, each_checkpoint
 from jaxgen.sharding import data_parallel_size
 from jaxgen.tasks.layout import held_out_sums
+
+log = logging.getLogger("jaxgen")
 
 
 def evaluate(run: OpenedRun, data) -> dict:
@@ -29,6 +36,18 @@ def evaluate(run: OpenedRun, data) -> dict:
     batches = [to_global(split_evenly(batch, run.mesh), run.mesh) for batch in data.eval]
     loss_sum, weight_sum = held_out_sums(run.eval_step, run.weights.params, batches)
     return {"step": run.step, **run.task.evaluate(run.weights, data, loss_sum, weight_sum)}
+
+
+def scored_before(run_dir: pathlib.Path, steps: list[int], overrides: list[str]) -> dict[int, dict]:
+    """{step: its latest result in RUN_DIR/eval.jsonl scored with `overrides`} for each of `steps`, as process 0
+    reads the file (every process then skips the same checkpoints)."""
+    found = {}
+    if jax.process_index() == 0:
+        for record in read_metrics(run_dir / "eval.jsonl"):
+            if isinstance(record, dict) and record.get("step") in steps and record.get("overrides", []) == overrides:
+                found[record["step"]] = record
+    agreed = json.loads(bytes_from_process_0(json.dumps([found[s] for s in steps if s in found]).encode()))
+    return {record["step"]: record for record in agreed}
 
 
 def split_evenly(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, np.ndarray]:
@@ -45,10 +64,30 @@ def evaluate_run(run_dir: str | pathlib.Path, step: int | None = None, overrides
                  all_steps: bool = False, on_result: Callable[[dict], None] | None = None) -> list[dict]:
     """Evaluate one checkpoint (the newest by default) or all of them; each result is appended to
     RUN_DIR/eval.jsonl and given to `on_result` as it comes (a damaged checkpoint among all is skipped,
-    and named in the error raised once the others are done)."""
+    and named in the error raised once the others are done).
+
+    With `all_steps`, a checkpoint eval.jsonl holds a result of, scored with the same `overrides`, is not
+    scored again: its recorded result is given instead. So an `--all` stopped part-way (a preempted job)
+    goes on where it stopped, and one run again as training goes on scores only the new checkpoints.
+    """
     run_dir = pathlib.Path(run_dir)
     data, results = None, []
-    for run in chosen_checkpoints(run_dir, step, overrides, all_steps):
+    if all_steps:
+        steps = committed_steps(checkpoint_dir(run_dir))
+        earlier = scored_before(run_dir, steps, list(overrides))
+        if earlier:
+            log.info("checkpoint%s %s, scored before with these settings, shown from eval.jsonl, not scored again "
+                     "(remove their lines there to score them again)", "s" * (len(earlier) > 1),
+                     ", ".join(map(str, earlier)))
+        for result in earlier.values():
+            if on_result is not None:
+                on_result(result)
+            results.append(result)
+        left = [s for s in steps if s not in earlier]
+        runs = each_checkpoint(run_dir, left, overrides) if left or not steps else []  # none: the run's error
+    else:
+        runs = chosen_checkpoints(run_dir, step, overrides, all_steps)
+    for run in runs:
         data = run.task.make_data(run_dir) if data is None else data
         result = evaluate(run, data)
         if overrides:  # what it was scored on: a record of `eval data.text=OTHER` is told from the run's own
