@@ -153,7 +153,7 @@ def building(target: str | pathlib.Path) -> Iterator[pathlib.Path]:
     _fsync_directory(target.parent)
 
 
-def _remove_for_good(tree: pathlib.Path, quiet_s: float = 0.5, give_up_s: float = 30.0) -> None:
+def _remove_for_good(tree: pathlib.Path, quiet_s: float = 0.5, give_up_s: float = 5.0) -> None:
     """Remove `tree` and see that it stays removed.
 
     A library's background writes can land moments after the failure that ended the block
