@@ -134,7 +134,7 @@ def cmd_data_g2p(args: argparse.Namespace) -> int:
 def cmd_data_synth_shapes(args: argparse.Namespace) -> int:
     from jaxgen.data.synth_shapes import write_shapes_folder
 
-    print(json.dumps(write_shapes_folder(pathlib.Path(args.out), args.count, args.seed, args.size)))
+    print(json.dumps(write_shapes_folder(pathlib.Path(args.out), args.count, args.seed, args.size, progress=True)))
     return 0
 
 
@@ -377,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a new (or empty) directory")
     shapes.add_argument("--count", type=positive_int, required=True, metavar="N", help="images in both splits")
     shapes.add_argument("--seed", type=seed, default=0, help="the scenes' random seed")
-    shapes.add_argument("--size", type=positive_int, default=32, help="image side in pixels (at least 32)")
+    shapes.add_argument("--size", type=positive_int, default=32, help="image side in pixels (32 to 4096)")
     shapes.set_defaults(func=cmd_data_synth_shapes)
     fashion = data.add_parser("fashion-captions", help="Fashion-MNIST as an image folder with captions of class, "
                                                        "shade and width (\"a light wide ankle boot\")")

@@ -25,10 +25,17 @@ _advice = {"text": ""}
 def exit_interrupted(line: str | None = None, status: int | None = None, signum: int = signal.SIGINT) -> None:
     """Print the interruption's one line and leave at once."""
     ending, ending_status = _ENDINGS[signum]
-    sys.stderr.write(f"jaxgen: {line or ending + _advice['text']}\n")
+    sys.stderr.write(("\n" if _progress_bar_open() else "") + f"jaxgen: {line or ending + _advice['text']}\n")
     sys.stderr.flush()
     sys.stdout.flush()
     os._exit(ending_status if status is None else status)
+
+
+def _progress_bar_open() -> bool:
+    """Whether a progress bar may be part-way along the console's last line (tqdm redraws its line with a
+    carriage return), where the interruption's line would otherwise be appended to it."""
+    bars = sys.modules.get("tqdm.std")
+    return bool(bars is not None and getattr(bars.tqdm, "_instances", None))
 
 
 def _on_signal(signum, frame) -> None:

@@ -131,6 +131,9 @@ def test_the_folder_is_read_by_the_folder_source_with_captions(tmp_path):
 @pytest.mark.parametrize("arguments, says", [
     ({"count": 1}, "count=1: the shapes dataset needs at least 2 scenes"),
     ({"count": 10, "size": 16}, "size=16: shapes images must be at least 32 px"),
+    ({"count": 10, "size": 100_000}, "size=100000: shapes images are at most 4096 px"),
+    ({"count": 10**12}, r"--count 1,000,000,000,000 scenes of 32x32 px take about .* PB on disk \(.* each\), more "
+                        r"than the .* free at .*; give at most [\d,]+$"),
     ({"count": 10, "held_out_fraction": 1.0}, "held_out_fraction=1.0 must lie strictly between 0 and 1"),
     ({"count": 10, "held_out_fraction": 0}, "held_out_fraction=0 must lie strictly between 0 and 1"),
 ])

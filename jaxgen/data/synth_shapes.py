@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from jaxgen.data.images import shape_coverage
 from jaxgen.errors import DataError
@@ -41,6 +43,8 @@ BACKGROUND = (16, 16, 20)
 HELD_OUT = frozenset({("green", "triangle"), ("blue", "circle"), ("yellow", "square"), ("red", "cross")})
 SPLITS = ("train", "test")  # test: the held-out combinations
 MIN_SIZE = 32  # a small triangle is about 7 px across at 32
+MAX_SIZE = 4096
+ROOM_SAMPLES = 8  # scenes encoded to estimate a dataset's size on disk
 TWO_SHAPES = 0.5  # chance a scene has two shapes
 # Between two shapes' boxes and from a box to the border, fractions of the side: 2 px at 32, as the
 # anti-aliasing ramp reaches up to a pixel beyond a box (at the triangle's apex).
@@ -169,8 +173,35 @@ def split_counts(count: int, held_out_fraction: float) -> dict[str, int]:
     return {"train": count - held_out, "test": held_out}
 
 
+def check_room(out: pathlib.Path, count: int, seed: int, size: int) -> None:
+    """Refuse, before any is drawn, `count` scenes the disk under `out` cannot hold: each file takes at least a
+    block, and a few scenes encoded here say how large one is."""
+    import io
+
+    from PIL import Image
+
+    from jaxgen.device_memory import human_bytes
+
+    absolute = pathlib.Path(os.path.abspath(out))
+    place = next(p for p in (absolute, *absolute.parents) if p.exists())
+    stats = os.statvfs(place)
+    block = stats.f_frsize or 4096
+    samples = [draw_scene(seed, "train", index) for index in range(min(count, ROOM_SAMPLES))]
+    per_scene = 0
+    for scene in samples:
+        png = io.BytesIO()
+        Image.fromarray(render(scene, size)).save(png, format="PNG")
+        per_scene += -(-len(png.getvalue()) // block) * block + len(json.dumps(metadata_row(scene, "0.png"))) + 1
+    per_scene = per_scene // len(samples)
+    free = stats.f_bavail * stats.f_frsize
+    if count * per_scene > free:
+        raise DataError(f"--count {count:,} scenes of {size}x{size} px take about {human_bytes(count * per_scene)} "
+                        f"on disk ({human_bytes(per_scene)} each), more than the {human_bytes(free)} free at {place}; "
+                        f"give at most {free // per_scene:,}")
+
+
 def write_shapes_folder(out: pathlib.Path, count: int, seed: int = 0, size: int = 32,
-                        held_out_fraction: float = 0.1) -> dict:
+                        held_out_fraction: float = 0.1, progress: bool = False) -> dict:
     """`count` captioned scenes as an image folder (train/ and test/, PNGs and a metadata.jsonl each), built
     under a hidden name and renamed into place when complete; returns counts per split and the held-out pairs."""
     out = pathlib.Path(out)
@@ -178,6 +209,8 @@ def write_shapes_folder(out: pathlib.Path, count: int, seed: int = 0, size: int 
         raise DataError(f"count={count}: the shapes dataset needs at least 2 scenes, one training and one held out")
     if size < MIN_SIZE:
         raise DataError(f"size={size}: shapes images must be at least {MIN_SIZE} px, or small shapes are unreadable")
+    if size > MAX_SIZE:
+        raise DataError(f"size={size}: shapes images are at most {MAX_SIZE} px (each is rendered whole in memory)")
     if not 0 < held_out_fraction < 1:
         raise DataError(f"held_out_fraction={held_out_fraction} must lie strictly between 0 and 1")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -185,16 +218,17 @@ def write_shapes_folder(out: pathlib.Path, count: int, seed: int = 0, size: int 
     from PIL import Image
 
     counts = split_counts(count, held_out_fraction)
+    check_room(out, count, seed, size)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with building(out) as tmp:
+    with building(out) as tmp, tqdm(total=count, unit="image", desc="shapes", leave=False, disable=not progress) as bar:
         for split, n in counts.items():
             (tmp / split).mkdir()
-            rows = []
-            for index in range(n):
-                scene = draw_scene(seed, split, index)
-                file_name = f"{index:06d}.png"
-                Image.fromarray(render(scene, size)).save(tmp / split / file_name)
-                rows.append(json.dumps(metadata_row(scene, file_name)))
-            (tmp / split / "metadata.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+            with open(tmp / split / "metadata.jsonl", "w", encoding="utf-8") as metadata:
+                for index in range(n):
+                    scene = draw_scene(seed, split, index)
+                    file_name = f"{index:06d}.png"
+                    Image.fromarray(render(scene, size)).save(tmp / split / file_name)
+                    metadata.write(json.dumps(metadata_row(scene, file_name)) + "\n")
+                    bar.update()
     return {"out": str(out), "seed": seed, "size": size, **counts,
             "held_out": sorted(f"{colour} {kind}" for colour, kind in HELD_OUT)}
