@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from jaxgen.cli import build_parser, cmd_eval
+from jaxgen.cli import build_parser
+from jaxgen.commands import cmd_eval
 from jaxgen.errors import UsageError, describe
 from jaxgen.files import write_atomic
 from jaxgen.metrics import read_metrics

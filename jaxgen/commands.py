@@ -1,0 +1,264 @@
+"""What each `jaxgen` command does with its parsed arguments: checks that need no library, then one call into
+the library and what it prints. The parser (`jaxgen.cli`) names these as each command's `func`."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import logging
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Iterator
+
+from jaxgen import distributed, strict_json
+from jaxgen.cli_arguments import directory_to_write
+from jaxgen.config import load_config
+from jaxgen.errors import ConfigError, UsageError
+from jaxgen.interrupts import advise
+
+
+def default_run_dir(config_path: str | None) -> pathlib.Path:
+    name = pathlib.Path(config_path).stem if config_path else "lm_default"
+    return pathlib.Path("runs") / f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    startup = {"imports": time.time()}  # the phases before training starts, for the run's start-up times
+    advise("; run the same command again to continue")  # stopped before the loop: it starts or resumes anew
+    if args.run_dir:
+        try:
+            directory_to_write(args.run_dir)
+        except argparse.ArgumentTypeError as err:
+            raise UsageError(f"--run-dir {err}") from None
+    config = args.config
+    if config is None and args.run_dir and (pathlib.Path(args.run_dir) / "config.yaml").is_file():
+        config = str(pathlib.Path(args.run_dir) / "config.yaml")  # a run continues with its own settings
+        logging.getLogger("jaxgen").info("continuing %s with its config.yaml (overrides apply on top)", args.run_dir)
+    cfg = load_config(config, args.overrides)  # every config error surfaces before JAX starts
+    startup["config"] = time.time()
+    distributed.initialize(distributed_settings(args))
+    with ipython_hidden():
+        from jaxgen.train.loop import train
+    startup["train_imports"] = time.time()
+
+    run_dir = pathlib.Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
+    # Processes start seconds apart; all must use process 0's timestamped default.
+    run_dir = pathlib.Path(distributed.bytes_from_process_0(str(run_dir).encode()).decode())
+    summary = train(cfg, run_dir, startup)
+    if not distributed.reports_results():
+        return 0
+    sample = summary.pop("sample", None)
+    print(strict_json.dumps(summary, indent=2))
+    if sample is not None:
+        print(f"\nsample: {sample}")
+    print(f"\nrun directory: {run_dir}")
+    return 0
+
+
+# `data prepare` options of text datasets and of latent datasets; each kind refuses the other's.
+PREPARE_TEXT_OPTIONS = ("input", "field", "invalid_utf8", "tokenizer", "validation_every_nth", "validation_block")
+PREPARE_IMAGE_OPTIONS = ("autoencoder", "caption_key", "label_key")
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from jaxgen.data.prepare import prepare_dataset
+    from jaxgen.data.tokenizer import load_tokenizer
+
+    if args.images is not None:
+        return cmd_data_prepare_latents(args)
+    image_options = [f"--{name.replace('_', '-')}" for name in PREPARE_IMAGE_OPTIONS if getattr(args, name)]
+    if image_options:
+        raise UsageError(f"{', '.join(image_options)} go with --images SOURCE (a latent dataset), not --input")
+    if args.input is None:
+        raise UsageError("jaxgen data prepare: give --input GLOB (a text dataset) or --images SOURCE "
+                         "--autoencoder RUN_DIR (a latent dataset)")
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    summary = prepare_dataset(args.input, args.out, field=args.field, tokenizer=tokenizer,
+                              validation_every_nth=args.validation_every_nth, validation_block=args.validation_block,
+                              invalid_utf8=args.invalid_utf8)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_data_prepare_latents(args: argparse.Namespace) -> int:
+    import inspect
+
+    from jaxgen.data.prepare import prepare_dataset
+    from jaxgen.outputs.latent_dataset_writer import prepare_latent_dataset
+
+    text_defaults = {name: p.default for name, p in inspect.signature(prepare_dataset).parameters.items()}
+    text_options = [f"--{name.replace('_', '-')}" for name in PREPARE_TEXT_OPTIONS
+                    if getattr(args, name) != text_defaults.get(name)]
+    if text_options:
+        raise UsageError(f"{', '.join(text_options)} are options of text datasets (--input), not of --images")
+    if args.autoencoder is None:
+        raise UsageError("--images SOURCE needs --autoencoder RUN_DIR: the autoencoder run that encodes the images")
+    manifest = prepare_latent_dataset(args.images, args.autoencoder, args.out, caption_key=args.caption_key,
+                                      label_key=args.label_key)
+    print(json.dumps(manifest, indent=2))
+    return 0
+
+
+def cmd_data_g2p(args: argparse.Namespace) -> int:
+    from jaxgen.data.g2p import write_g2p_jsonl
+
+    count = write_g2p_jsonl(pathlib.Path(args.out))
+    print(json.dumps({"out": args.out, "pairs": count}))
+    return 0
+
+
+def cmd_data_synth_shapes(args: argparse.Namespace) -> int:
+    from jaxgen.data.synth_shapes import write_shapes_folder
+
+    print(json.dumps(write_shapes_folder(pathlib.Path(args.out), args.count, args.seed, args.size, progress=True)))
+    return 0
+
+
+def cmd_data_fashion_captions(args: argparse.Namespace) -> int:
+    from jaxgen.data.fashion_captions import write_fashion_captions
+
+    print(json.dumps(write_fashion_captions(pathlib.Path(args.idx), pathlib.Path(args.out))))
+    return 0
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from jaxgen.data.inspect import inspect_data, inspection_tokenizer
+
+    print(json.dumps(inspect_data(cfg, args.batches, inspection_tokenizer(cfg))))
+    return 0
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from jaxgen.data.corpus import iter_documents, resolve_files
+    from jaxgen.data.tokenizer import train_tokenizer
+
+    files = resolve_files(args.input, "--input")
+    if any(os.path.exists(args.out) and os.path.samefile(args.out, f) for f in files):
+        raise UsageError(f"--out {args.out!r} is one of the --input files; the tokenizer would overwrite the corpus")
+    if os.path.lexists(args.out):  # runs and datasets made with it could no longer be read, sampled or resumed
+        raise UsageError(f"--out {args.out!r} already exists (runs or datasets made with that tokenizer need it); "
+                         "choose a new path, or delete it first")
+    documents = iter_documents(files, args.field, args.invalid_utf8)
+    tokenizer = train_tokenizer(documents, args.vocab_size, args.out, args.model_type,
+                                source=f"--input {args.input!r}", vocab_option="--vocab-size")
+    print(json.dumps({"out": str(tokenizer.path), "vocab_size": tokenizer.vocab_size, "sha256": tokenizer.sha256}))
+    return 0
+
+
+# The commands whose processes join one JAX run; any other would run once per process, side by side.
+MULTI_PROCESS_COMMANDS = ("train", "eval")
+
+
+def cmd_launch_local(args: argparse.Namespace) -> int:
+    from jaxgen.launch import launch_local
+
+    command = args.jaxgen_args[1:] if args.jaxgen_args[:1] == ["--"] else args.jaxgen_args
+    if not command:
+        raise ConfigError("jaxgen launch local: give the command after --, e.g. -- train --config configs/lm_tiny.yaml")
+    from jaxgen.cli import parse_args  # the parser names these handlers: imported here, when it is loaded
+
+    launched = parse_args(command)  # a mistyped command is one line here, not one per process after they all started
+    if launched.command not in MULTI_PROCESS_COMMANDS:
+        name = " ".join(a for a in (launched.command, getattr(launched, "action", None)) if a)
+        raise UsageError(f"jaxgen launch local runs {' or '.join(MULTI_PROCESS_COMMANDS)}, whose processes join one "
+                         f"run; not `jaxgen {name}`, which each process would run on its own, side by side")
+    return launch_local([sys.executable, "-m", "jaxgen", *command], args.processes, args.devices_per_process, args.port)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    if args.all and args.step is not None:
+        raise UsageError(f"--step {args.step} and --all choose the checkpoints twice; give --step N for one, "
+                         "--all for every one")
+    if args.task_data and not args.tasks:
+        raise UsageError("--task-data names where benchmark tasks' files are; give the tasks with --tasks")
+    distributed.initialize(distributed_settings(args))
+    if args.tasks:
+        from jaxgen.evals.benchmark import evaluate_benchmarks, print_table
+
+        evaluate_benchmarks(args.run_dir, args.tasks, args.task_data, args.step, args.overrides, all_steps=args.all,
+                            batch_size=args.batch_size,
+                            on_result=print_table if distributed.reports_results() else None)
+        return 0
+    from jaxgen.outputs.evaluate import evaluate_run
+
+    evaluate_run(args.run_dir, args.step, args.overrides, all_steps=args.all,
+                 on_result=(lambda result: print(strict_json.dumps(result), flush=True))
+                 if distributed.reports_results() else None)
+    return 0
+
+
+# Every `jaxgen sample` option a model family may take; which ones a run takes is its task's business.
+SAMPLE_OPTIONS = ("prompt", "negative_prompt", "temperature", "top_k", "top_p", "max_new_tokens",
+                  "labels", "num_per_label", "guidance", "sampler", "steps", "out", "save_array", "images")
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from jaxgen.outputs.sample import sample_run
+
+    given = {name: getattr(args, name) for name in SAMPLE_OPTIONS}
+    if given["labels"] is not None:
+        try:
+            given["labels"] = [int(x) for x in given["labels"].split(",")]
+        except ValueError:
+            raise UsageError(f"--labels {given['labels']!r} is not a comma-separated list of integers, "
+                             "e.g. 0,1,2") from None
+    streaming = given["prompt"] is None or len(given["prompt"]) == 1
+    on_text = (lambda piece: print(piece, end="", flush=True)) if streaming else None
+    records = sample_run(args.run_dir, given, args.seed, args.step, args.overrides, on_text=on_text)
+    streamed = streaming and "text" in records[0]
+    if streamed:
+        print()
+    for record in records if not streamed else []:
+        print(json.dumps(record))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from jaxgen.outputs.export import export_run
+
+    out = export_run(args.run_dir, args.out, args.format, args.dtype, args.step, args.overrides)
+    print(f"exported to {out}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from jaxgen.outputs.diffusers_vae import import_diffusers, is_diffusers_vae
+    from jaxgen.outputs.hf_bert import import_bert, is_bert_dir
+    from jaxgen.outputs.hf_import import import_hf
+    from jaxgen.outputs.hf_t5 import import_t5, is_t5_dir
+
+    if is_diffusers_vae(args.source):
+        out = import_diffusers(args.source, args.out)
+        print(f"imported into {out}; fine-tune with checkpoint.init_from={out}")
+        return 0
+    importer = import_bert if is_bert_dir(args.source) else import_t5 if is_t5_dir(args.source) else import_hf
+    out = importer(args.source, args.out)
+    print(f"imported into {out}; fine-tune with checkpoint.init_from={out} data.tokenizer={out}")
+    return 0
+
+
+def distributed_settings(args: argparse.Namespace) -> distributed.DistributedSettings:
+    return distributed.settings_from({name: getattr(args, name) for name in distributed.ENV})
+
+
+@contextlib.contextmanager
+def ipython_hidden() -> Iterator[None]:
+    """Imports in this block find no IPython, as if it were not installed.
+
+    Flax imports IPython (a large share of the train command's imports) only to ask whether
+    an IPython shell is running, to colour its printouts; in a command-line process none
+    ever is, so the failed import gives the same answer at once.
+    """
+    if "IPython" in sys.modules:
+        yield
+        return
+    sys.modules["IPython"] = None  # makes `import IPython` raise ImportError
+    try:
+        yield
+    finally:
+        del sys.modules["IPython"]
