@@ -13,6 +13,7 @@ from typing import Any
 
 from jaxgen.config_section import MAX_SEED
 from jaxgen.errors import UsageError
+from jaxgen.files import nearest_existing
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -97,7 +98,7 @@ def refuse_unwritable_place(text: str, directory: bool = False) -> None:
     folder (parents are made when it is written) is a directory that takes new files. Tried as writing would,
     with a trial file, so a read-only, foreign or special folder is named before the work, not after it."""
     path = pathlib.Path(os.path.abspath(text))
-    place = next(p for p in ((path,) if directory else ()) + (path.parent, *path.parent.parents) if p.exists())
+    place = nearest_existing(path if directory else path.parent)
     if not place.is_dir():
         wanted = "give a directory" if directory else "give a file's path in a directory"
         raise argparse.ArgumentTypeError(f"{text!r} is a file; {wanted}" if place == path

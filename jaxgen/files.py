@@ -51,6 +51,12 @@ def _temporary_sibling(path: pathlib.Path, kind: str) -> pathlib.Path:
     return path.with_name(f"{prefix}{os.getpid()}")
 
 
+def nearest_existing(path: str | pathlib.Path) -> pathlib.Path:
+    """`path` made absolute, or its nearest ancestor that exists: where an output not made yet will go."""
+    absolute = pathlib.Path(os.path.abspath(path))
+    return next(p for p in (absolute, *absolute.parents) if p.exists())
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

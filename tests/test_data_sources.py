@@ -274,7 +274,8 @@ def test_too_few_documents_for_the_readers_is_explained(tmp_path, read, says):
         list(itertools.islice(open_documents(cfg.data, cfg.data, "train", Shard(1, 2), seed=None), 1))
 
 
-def test_the_training_files_are_told_by_name_under_their_folder_and_size(tmp_path):
+def test_the_training_files_are_told_by_name_under_their_folder_and_size(tmp_path, monkeypatch):
+    from jaxgen.data import fingerprint
     from jaxgen.data.fingerprint import changed_files, data_files
 
     (tmp_path / "corpus").mkdir()
@@ -311,6 +312,11 @@ def test_the_training_files_are_told_by_name_under_their_folder_and_size(tmp_pat
     (tmp_path / "images" / "dog").mkdir()
     (tmp_path / "images" / "dog" / "0.png").write_bytes(b"p" * 7)
     assert changed_files(saved, data_files(folder)) == ["images.folder: dog/0.png new"]
+    monkeypatch.setattr(fingerprint, "MAX_FILES", 1)  # past it, the total size alone, under a name that stays
+    saved = data_files(folder)
+    (tmp_path / "images" / "dog" / "1.png").write_bytes(b"p" * 7)
+    assert saved["images.folder"] == {"all files": 14}
+    assert changed_files(saved, data_files(folder)) == ["images.folder: all files 14 -> 21 bytes"]
 
 
 def test_a_resume_on_changed_training_files_says_which_and_goes_on(tmp_path, tokenizer, caplog):

@@ -19,7 +19,7 @@ from jaxgen.config_data import SOURCE_KINDS
 GLOBBED = ("text", "jsonl", "array_record", "parquet")
 # Image sources that are directories (a folder of images, IDX files, a latent dataset).
 IMAGE_DIRECTORIES = ("folder", "idx", "latents")
-MAX_FILES = 10_000  # per source: beyond it only the count and total size are kept
+MAX_FILES = 10_000  # per source: beyond it only the total size is kept
 
 
 def data_files(cfg: Config) -> dict[str, dict[str, int]]:
@@ -38,7 +38,7 @@ def data_files(cfg: Config) -> dict[str, dict[str, int]]:
 
 def _sizes(root: pathlib.Path, files: list[pathlib.Path]) -> dict[str, int]:
     sizes = {_name(f, root): f.stat().st_size for f in files}
-    return {f"{len(sizes)} files": sum(sizes.values())} if len(sizes) > MAX_FILES else sizes
+    return {"all files": sum(sizes.values())} if len(sizes) > MAX_FILES else sizes
 
 
 def _files(pattern: str, directory: bool) -> tuple[pathlib.Path, list[pathlib.Path]]:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from jaxgen.data.images import shape_coverage
 from jaxgen.errors import DataError
-from jaxgen.files import building
+from jaxgen.files import building, nearest_existing
 
 KINDS = ("circle", "square", "triangle", "cross")
 COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 240), "yellow": (235, 215, 40),
@@ -182,8 +182,7 @@ def check_room(out: pathlib.Path, count: int, seed: int, size: int) -> None:
 
     from jaxgen.device_memory import human_bytes
 
-    absolute = pathlib.Path(os.path.abspath(out))
-    place = next(p for p in (absolute, *absolute.parents) if p.exists())
+    place = nearest_existing(out)
     stats = os.statvfs(place)
     block = stats.f_frsize or 4096
     samples = [draw_scene(seed, "train", index) for index in range(min(count, ROOM_SAMPLES))]
