@@ -9,6 +9,8 @@
   stays a line of its own rather than swallowing the new record.
 - `building(target)`: a directory is built under a hidden temporary name and
   renamed into place only when the block completes.
+- `updating_alone`: a short wait for the one process that reads, changes and
+  rewrites a file others update too, so neither drops what the other added.
 - `DirectoryLock`: an OS lock (flock) on a lock file. The OS drops it when the
   holder dies, so a stale lock is simply taken over; the file names its holder
   (host, PID, command) so that a refused second writer is told who has it.
@@ -268,6 +270,24 @@ class DirectoryLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+@contextlib.contextmanager
+def updating_alone(lock_file: str | pathlib.Path) -> Iterator[None]:
+    """Held while this process reads a file that other processes update too, changes it and writes it back
+    (the trainer and a user's `eval` merging tasks into one evals/<step>.json): without it, the later write
+    drops what the other added. Waits for the holder, whose update is a moment's work; where the file system
+    has no locks, goes on unguarded as before."""
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as err:
+            if err.errno not in _NO_LOCKS:
+                raise
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock
 
 
 # What flock fails with where a file system has no locks: Lustre mounted without `flock`, NFS without a lock

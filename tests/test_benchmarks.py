@@ -2,6 +2,8 @@
 
 import json
 import re
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -253,3 +255,16 @@ def test_a_step_scored_again_on_other_tasks_keeps_the_earlier_tasks(tmp_path, ca
     with caplog.at_level("WARNING", logger="jaxgen"):
         assert [p.name for p in benchmark.plot_benchmarks(tmp_path)] == ["evals_acc.png"]
     assert f"{tmp_path / 'evals' / '4.json'} is left out of the plots: Expecting" in caplog.text
+
+
+def test_evaluations_of_one_step_at_once_keep_every_task(tmp_path):
+    """The trainer's `train.eval_tasks` and a user's `eval --tasks` on one step: each read evals/<step>.json,
+    added its tasks and wrote it back, so the later write dropped the other's tasks."""
+    script = ("import sys; from jaxgen.evals.benchmark import write_result\n"
+              "for i in range(25):\n"
+              "    write_result(__import__('pathlib').Path(sys.argv[1]), {'step': 8, 'tasks': {f'{sys.argv[2]}_{i}': {}}})")
+    writers = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), f"w{w}"]) for w in range(3)]
+    assert [w.wait(timeout=120) for w in writers] == [0, 0, 0]
+    saved = json.loads((tmp_path / "evals" / "8.json").read_text())
+    assert sorted(saved["tasks"]) == sorted(f"w{w}_{i}" for w in range(3) for i in range(25))
+    assert [p.name for p in (tmp_path / "evals").iterdir() if not p.name.startswith(".")] == ["8.json"]

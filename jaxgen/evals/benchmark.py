@@ -23,7 +23,7 @@ from jaxgen.evals.loglikelihood import Score, Scorer, TokenRequest, encode_reque
 from jaxgen.evals.metrics import choice_predictions, cloze_figures, format_table, multiple_choice_figures
 from jaxgen.evals.plots import plot_benchmarks
 from jaxgen.evals.tasks import Cloze, Task, known_names, load_task, parse_task_names
-from jaxgen.files import write_atomic
+from jaxgen.files import updating_alone, write_atomic
 from jaxgen.outputs.runs import chosen_checkpoints, load_run_config
 from jaxgen.sharding import resolve_rules
 from jaxgen.tasks.layout import MAIN_GROUP
@@ -104,12 +104,13 @@ def result_record(step: int, results: dict[str, TaskScores]) -> dict:
 
 def write_result(run_dir: pathlib.Path, record: dict) -> dict:
     """RUN_DIR/evals/<step>.json holding `record`'s tasks beside those scored on the step before (a task scored
-    again is replaced), written atomically on process 0; returns `record`."""
+    again is replaced), written atomically on process 0, one process at a time; returns `record`."""
     if jax.process_index() == 0:
         path = run_dir / "evals" / f"{record['step']}.json"
         path.parent.mkdir(exist_ok=True)
-        tasks = {**earlier_tasks(path), **record["tasks"]}
-        write_atomic(path, strict_json.dumps({**record, "tasks": tasks}, indent=2) + "\n")
+        with updating_alone(path.parent / ".update.lock"):  # another `eval --tasks` on the step may be merging
+            tasks = {**earlier_tasks(path), **record["tasks"]}
+            write_atomic(path, strict_json.dumps({**record, "tasks": tasks}, indent=2) + "\n")
     return record
 
 
