@@ -23,6 +23,7 @@ from jaxgen.cli_arguments import (
     file_to_write,
     non_negative_float,
     non_negative_int,
+    path_given,
     port_number,
     positive_int,
     probability_mass,
@@ -88,11 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     overrides.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                            help="dotted config overrides, anywhere after the command, e.g. train.steps=50")
 
+    config_file = path_given("a YAML file, or leave --config out for the embedded default")
     train = commands.add_parser("train", parents=[devices, overrides],
                                 help="train a model (defaults: a small LM on the bundled corpus)")
-    train.add_argument("--config", help="YAML config file (default: the embedded default config)")
-    train.add_argument("--run-dir", help="output directory; the same one again continues the run "
-                                         "(default: runs/<config-name>-<timestamp>)")
+    train.add_argument("--config", type=config_file, help="YAML config file (default: the embedded default config)")
+    train.add_argument("--run-dir", type=path_given("a directory, or leave --run-dir out for a new one under runs/"),
+                       help="output directory; the same one again continues the run "
+                            "(default: runs/<config-name>-<timestamp>)")
     add_distributed_flags(train)
     train.set_defaults(func=cmd_train)
 
@@ -117,26 +120,27 @@ def build_parser() -> argparse.ArgumentParser:
                               help="skip lines that are not UTF-8 (counted in a warning) or fail")
     input_help = "text files (a document per line), .jsonl or .parquet files; .gz accepted"
     inputs = Parser(add_help=False, parents=[text_options])
-    inputs.add_argument("--input", required=True, metavar="GLOB", help=input_help)
+    inputs.add_argument("--input", type=path_given("a file or a glob"), required=True, metavar="GLOB", help=input_help)
 
     data = commands.add_parser("data", help="prepare and inspect datasets").add_subparsers(
         dest="action", required=True, parser_class=Parser, metavar="ACTION", help="what to do with data")
     prepare = data.add_parser("prepare", parents=[text_options],
                               help="convert text/JSONL/Parquet files into an ArrayRecord dataset (data.path), or "
                                    "encode an image dataset with a frozen autoencoder (images.latents)")
-    prepare.add_argument("--input", metavar="GLOB", help=input_help)
+    prepare.add_argument("--input", type=path_given("a file or a glob"), metavar="GLOB", help=input_help)
     prepare.add_argument("--out", type=directory_to_write, required=True, metavar="DIR", help="new dataset directory")
-    prepare.add_argument("--images", metavar="SOURCE",
+    prepare.add_argument("--images", type=path_given("folder:DIR, idx:DIR, tfds:NAME, digits or shapes"),
+                         metavar="SOURCE",
                          help="instead of --input: the image dataset to encode, as the config names one: "
                               "folder:DIR, idx:DIR, tfds:NAME, digits or shapes")
-    prepare.add_argument("--autoencoder", metavar="RUN_DIR",
+    prepare.add_argument("--autoencoder", type=path_given("an autoencoder's run directory"), metavar="RUN_DIR",
                          help="with --images: the autoencoder run (trained, or imported from diffusers) whose "
                               "scaled latents are stored")
     prepare.add_argument("--caption-key", help="with --images folder:DIR: the metadata.jsonl caption column "
                                                "(default: images.caption_key's)")
     prepare.add_argument("--label-key", help="with --images: the label column or feature "
                                              "(default: images.label_key's)")
-    prepare.add_argument("--tokenizer", metavar="FILE",
+    prepare.add_argument("--tokenizer", type=path_given("a .model or tokenizer.json file"), metavar="FILE",
                          help="store token ids made with this tokenizer (a sentencepiece .model or a Hugging Face "
                               "tokenizer.json) instead of text")
     # The validation split is held out as training holds out text, with training's defaults.
@@ -166,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.set_defaults(func=cmd_data_synth_shapes)
     fashion = data.add_parser("fashion-captions", help="Fashion-MNIST as an image folder with captions of class, "
                                                        "shade and width (\"a light wide ankle boot\")")
-    fashion.add_argument("--idx", required=True, metavar="DIR",
+    fashion.add_argument("--idx", type=path_given("the folder of the IDX files"), required=True, metavar="DIR",
                          help="the IDX files (apt-get install dataset-fashion-mnist: /usr/share/datasets/fashion-mnist)")
     fashion.add_argument("--out", type=directory_to_write, required=True, metavar="DIR",
                          help="a new (or empty) directory")
@@ -174,8 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = data.add_parser("inspect", parents=[overrides],
                               help="print, as JSON, which documents the first training batches and the held-out "
                                    "batches hold, and the shuffle settings")
-    inspect.add_argument("--config", help="YAML config file (default: the embedded default config); give "
-                                          "data.tokenizer=RUN_DIR to see a run's own batches")
+    inspect.add_argument("--config", type=config_file,
+                         help="YAML config file (default: the embedded default config); give "
+                              "data.tokenizer=RUN_DIR to see a run's own batches")
     inspect.add_argument("--batches", type=positive_int, required=True, metavar="N",
                          help="how many global training batches, from the first")
     inspect.set_defaults(func=cmd_data_inspect)
@@ -191,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     tok_train.set_defaults(func=cmd_tokenizer_train)
 
     checkpoint = Parser(add_help=False)
-    checkpoint.add_argument("--run-dir", required=True, metavar="DIR", help="a run directory with checkpoints")
+    checkpoint.add_argument("--run-dir", type=path_given("a run directory"), required=True, metavar="DIR",
+                            help="a run directory with checkpoints")
     checkpoint.add_argument("--step", type=int, metavar="N", help="checkpoint step (default: the newest)")
 
     evaluate = commands.add_parser("eval", parents=[checkpoint, devices, overrides],
@@ -204,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     benchmarks.add_argument("--tasks", action="append", metavar="NAMES",
                             help="score these tasks instead of the held-out loss: comma-separated hellaswag, "
                                  "arc_easy, arc_challenge, piqa, lambada, multiple_choice=FILE.jsonl; repeatable")
-    benchmarks.add_argument("--task-data", metavar="DIR",
+    benchmarks.add_argument("--task-data", type=path_given("the folder of the tasks' files"), metavar="DIR",
                             help="where the named tasks' files are: DIR/<task>.jsonl, DIR/<task>.parquet or DIR/<task>/")
     benchmarks.add_argument("--batch-size", type=positive_int, default=32, metavar="N",
                             help="sequences scored at once")
@@ -238,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the PNG grid to write (default: RUN_DIR/samples/sample_step<N>.png)")
     image.add_argument("--save-array", type=file_to_write(".npz", "a NumPy .npz archive"), metavar="FILE.npz",
                        help="also save images (N,H,W[,C] in [0,1]) and labels")
-    image.add_argument("--images", metavar="GLOB", help="image files an autoencoder reconstructs (quote the glob)")
+    image.add_argument("--images", type=path_given("image files (a glob)"), metavar="GLOB",
+                       help="image files an autoencoder reconstructs (quote the glob)")
     sample.set_defaults(func=cmd_sample)
 
     export = commands.add_parser("export", parents=[checkpoint, devices, overrides],

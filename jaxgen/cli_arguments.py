@@ -77,6 +77,17 @@ cpu_device_count = _argument(_integer, lambda n: 1 <= n <= MAX_CPU_DEVICES,
                              f"{{}} is not a simulated device count; give 1 to {MAX_CPU_DEVICES}")
 
 
+def path_given(gives: str) -> Callable[[str], str]:
+    """An argparse type for a path a command reads: not empty. An empty one is most often a variable that was
+    not set (`--run-dir "$RUN_DIR"` in a job script); taken as no value or as the current folder, it would start
+    a new run where the job meant to continue one, or read the wrong thing."""
+    def checked(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"an empty path (a variable not set?); give {gives}")
+        return text
+    return checked
+
+
 def file_to_write(suffix: str = "", kind: str = "") -> Callable[[str], str]:
     """An argparse type for an output file, checked before any work (writing it at the end would fail then):
     not empty, not a directory, and named `suffix` when given (`kind` says what the file holds)."""

@@ -166,6 +166,19 @@ def test_a_file_to_write_is_checked_by_the_parser(tmp_path, args, suffix):
     assert getattr(build_parser().parse_args([*args, f"Out{suffix.upper()}"]), args[-1][2:].replace("-", "_"))
 
 
+@pytest.mark.parametrize("args", [
+    ["train", "--run-dir"], ["train", "--config"], ["eval", "--run-dir"], ["sample", "--run-dir"],
+    ["eval", "--run-dir", "r", "--tasks", "piqa", "--task-data"], ["export", "--out", "o", "--run-dir"],
+    ["data", "inspect", "--batches", "1", "--config"], ["data", "prepare", "--out", "o", "--input"],
+    ["data", "fashion-captions", "--out", "o", "--idx"]])
+def test_an_empty_path_is_refused_by_the_parser(args):
+    """`--run-dir "$RUN_DIR"` with the variable unset: train started a new run under runs/ where the job meant to
+    continue its own, and eval read the current folder."""
+    with pytest.raises(UsageError) as refusal:
+        build_parser().parse_args([*args, ""])
+    assert f"argument {args[-1]}: an empty path (a variable not set?); give " in str(refusal.value)
+
+
 def test_a_tokenizer_is_never_trained_over_an_existing_file(tmp_path):
     """`tokenizer train --out RUN/tokenizer.model` replaced a run's tokenizer: its checkpoints could no longer be
     sampled, evaluated or resumed (they are refused with another tokenizer) and the original was gone."""
