@@ -403,8 +403,15 @@ class Config(_Section):
 # ----------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | pathlib.Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults, then the YAML file (if any), then dotted overrides; validated once."""
+# What to do about a run's own config.yaml found empty (jaxgen writes it whole, so someone emptied it).
+RUN_CONFIG_EMPTY = ("jaxgen train wrote the run's settings there: put back a copy (those each checkpoint was "
+                    "trained with are under \"config\" in checkpoints/<step>/meta/metadata)")
+
+
+def load_config(path: str | pathlib.Path | None = None, overrides: list[str] = (),
+                empty_advice: str | None = None) -> Config:
+    """Defaults, then the YAML file (if any), then dotted overrides; validated once. A file with no settings is
+    refused, saying `empty_advice` (by default, what to do about a --config file)."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = pathlib.Path(path)
@@ -420,7 +427,10 @@ def load_config(path: str | pathlib.Path | None = None, overrides: list[str] = (
             text = path.read_text()
         except UnicodeDecodeError:
             raise ConfigError(f"config file {str(path)!r} is not UTF-8 text") from None
-        raw = load_yaml(text, f"config file {str(path)!r}") or {}
+        raw = load_yaml(text, f"config file {str(path)!r}")
+        if raw is None:  # a copy cut short or a `>` that emptied the file would otherwise train the defaults
+            raise ConfigError(f"config file {str(path)!r} holds no settings (it is empty, or only comments); "
+                              f"{empty_advice or 'give its settings, or leave --config out for the embedded default'}")
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(raw).__name__}")
     raw = deep_merge(raw, parse_overrides(list(overrides)))

@@ -5,6 +5,7 @@ import pytest
 from jaxgen.config import Config, changed_settings, load_config, parse_overrides
 from jaxgen.config_text import load_yaml
 from jaxgen.errors import ConfigError
+from jaxgen.outputs.runs import load_run_config
 from jaxgen.sharding import mesh_shape
 
 from conftest import TINY_CONFIG, tiny_config
@@ -47,6 +48,24 @@ def test_a_key_given_twice_in_a_config_file_is_refused_naming_its_line(tmp_path)
     # A merge key's values may be overridden: that is not a repeat.
     assert load_yaml("base: &b {x: 1, y: 2}\nuse: {<<: *b, x: 3}", "text") == {"base": {"x": 1, "y": 2},
                                                                                "use": {"x": 3, "y": 2}}
+
+
+@pytest.mark.parametrize("text", ["", "\n", "# model:\n#   d_model: 64\n", "---\n"])
+def test_a_config_file_with_no_settings_is_refused(tmp_path, text):
+    """A copy cut short, or a `>` that emptied the file, trained the embedded default model instead."""
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(text)
+    with pytest.raises(ConfigError) as refusal:
+        load_config(empty)
+    assert str(refusal.value) == (f"config file {str(empty)!r} holds no settings (it is empty, or only comments); "
+                                  "give its settings, or leave --config out for the embedded default")
+    (tmp_path / "braces.yaml").write_text("{}\n")  # saying "the defaults" in so many words is fine
+    assert load_config(tmp_path / "braces.yaml") == Config()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(text)  # a run's own: eval, sample and export have no --config
+    with pytest.raises(ConfigError, match=r"holds no settings \(it is empty, or only comments\); jaxgen train "
+                                          r"wrote the run's settings there: put back a copy"):
+        load_run_config(tmp_path / "run")
 
 
 def test_numbers_in_exponent_notation_are_numbers_in_files_and_overrides(tmp_path):

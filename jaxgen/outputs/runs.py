@@ -28,7 +28,7 @@ from jaxgen.checkpoint import (
     read_step_meta,
     restore_subtree,
 )
-from jaxgen.config import Config, changed_settings, load_config
+from jaxgen.config import RUN_CONFIG_EMPTY, Config, changed_settings, load_config
 from jaxgen.data.tokenizer import kept_tokenizer_files, load_tokenizer, tokenizer_file_in
 from jaxgen.device_memory import check_fits
 from jaxgen.errors import CheckpointError, CheckpointWriteError, ConfigError, listed
@@ -61,7 +61,7 @@ def load_run_config(run_dir: str | pathlib.Path, overrides: list[str] = ()) -> C
         raise ConfigError(f"run directory {str(run_dir)!r} " + ("is a file" if run_dir.exists() else "does not exist"))
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{str(run_dir)!r} is not a jaxgen run directory (no config.yaml)")
-    return load_config(run_dir / "config.yaml", [*DEFAULT_MESH, *overrides])
+    return load_config(run_dir / "config.yaml", [*DEFAULT_MESH, *overrides], RUN_CONFIG_EMPTY)
 
 
 def require_checkpoint(run_dir: pathlib.Path) -> list[int]:
