@@ -10,8 +10,8 @@ JAX's own detection of the cluster; a single process needs nothing at all.
 Before joining, a process asks process 0 which run it coordinates
 (`jaxgen.coordinator_beacon`), so that a process of another run never joins
 this one. Also here: how a failing process leaves (`exit_status`: within moments, so its
-peers fail fast instead of hanging in a collective), and process 0's bytes shared with
-the others (`bytes_from_process_0`).
+peers fail fast instead of hanging in a collective), process 0's bytes shared with
+the others (`bytes_from_process_0`) and each process's yes or no (`answers_of_every_process`).
 """
 
 from __future__ import annotations
@@ -300,3 +300,15 @@ def bytes_from_process_0(payload: bytes | None) -> bytes:
         return b""
     buffer = np.frombuffer(payload, np.uint8) if is_0 else np.zeros(size, np.uint8)
     return np.asarray(multihost_utils.broadcast_one_to_all(buffer)).tobytes()
+
+
+def answers_of_every_process(answer: bool) -> list[bool]:
+    """Every process's `answer`, by process index, on every process: so that all of them stop together when
+    one cannot go on."""
+    import jax
+
+    if jax.process_count() == 1:
+        return [answer]
+    from jax.experimental import multihost_utils
+
+    return [bool(a) for a in np.asarray(multihost_utils.process_allgather(np.array([answer], np.int32))).ravel()]

@@ -210,6 +210,7 @@ class DirectoryLock:
         self.lock_file = pathlib.Path(lock_file)
         self.what, self.advice = what, advice
         self._fd: int | None = None
+        self.record = b""  # what this holder wrote into the lock file
 
     def acquire(self) -> dict | None:
         """Take the lock or raise DirectoryInUse naming its holder.
@@ -241,7 +242,7 @@ class DirectoryLock:
         except BaseException:
             os.close(fd)  # closing drops the lock
             raise
-        self._fd = fd
+        self._fd, self.record = fd, payload
         return previous
 
     def _without_os_lock(self, fd: int, err: OSError) -> None:

@@ -179,6 +179,48 @@ def test_too_few_training_documents_for_the_reader_streams_stop_every_process_wi
         assert "Traceback" not in log.read_text()
 
 
+def can_give_a_process_its_own_mounts() -> bool:
+    try:
+        return subprocess.run(["unshare", "--mount", "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+# Process 1 runs with another folder mounted over the run directory's parent: the same path, not the same files,
+# as on a host whose --run-dir is on its own disk.
+OWN_DISK_FOR_PROCESS_1 = """if [ "$JAXGEN_PROCESS_ID" = 1 ]; then
+  exec unshare --mount sh -c 'mount --bind "$0" "$1" && shift && exec "$@"' "$OWN" "$SHARED" "$@"
+fi
+exec "$@"
+"""
+
+
+@pytest.mark.skipif(not can_give_a_process_its_own_mounts(),
+                    reason="`unshare --mount` is not allowed here (it needs root or user namespaces)")
+def test_a_run_directory_the_processes_do_not_share_is_refused_on_every_process(runs, tmp_path, small_corpus):
+    """`--run-dir /tmp/run` on each host's own disk: both processes trained, then the first checkpoint's save
+    waited for ever for the parts process 0 could not see, until the job's time limit."""
+    shared, own = tmp_path / "shared", tmp_path / "own"
+    shared.mkdir(), own.mkdir()
+    driver = tmp_path / "own_disk.sh"
+    driver.write_text(OWN_DISK_FOR_PROCESS_1.replace("$OWN", str(own)).replace("$SHARED", str(shared)))
+    impatient = ("import sys; from jaxgen.train import run_dir; run_dir.SHARED_PATIENCE_S = 3; "
+                 "from jaxgen.cli import main; sys.exit(main(sys.argv[1:]))")
+    args = tiny_train_args(small_corpus, shared / "run", "train.steps=3", *ACROSS_PROCESSES)
+    run = runs(["sh", str(driver), sys.executable, "-c", impatient, *args], 2, 4, tmp_path / "logs")
+    assert run.wait(timeout=120) == [2, 2], run.output()
+    for log in run.logs:
+        [error] = [line for line in log.read_text().splitlines() if "jaxgen: error:" in line]
+        assert error == (f"jaxgen: error: --run-dir '{shared / 'run'}' is not shared by the run's processes: process 1 "
+                         "does not see the lock file process 0 wrote there (a folder on each host's own disk?); a "
+                         "multi-process run needs its run directory on a file system they all share (NFS, Lustre, a "
+                         "bucket mount), else its first checkpoint never completes"), run.output()
+        assert "Traceback" not in log.read_text()
+    assert "process 1 does not see process 0's lock file in" in run.logs[1].read_text()
+    assert sorted(p.name for p in (shared / "run").iterdir()) == [".jaxgen.lock"]  # nothing trained
+    assert list(own.iterdir()) == []  # process 1 wrote nothing on its own disk either
+
+
 def launch_local(*argv: str) -> tuple[int, str]:
     """`jaxgen launch local ARGV...` under a watchdog; (exit status, combined output)."""
     launcher = subprocess.Popen([sys.executable, "-m", "jaxgen", "launch", "local", *argv], cwd=REPO,

@@ -4,6 +4,8 @@
   run; every process learns whether it got it, so a refused start stops all of
   them together. The lock dies with its holder, so a stale one is taken over.
   Another tool's directory holding files a run writes is refused, untouched.
+  A directory the processes of a multi-process run do not share (each host's
+  own disk) is refused before training: its checkpoints could never complete.
 - `starting_point(...)`: the newest intact checkpoint to resume from (damaged
   newer ones are set aside with a warning), or a fresh start from step 0 (a run
   killed before its first checkpoint is simply started again), or the news that
@@ -16,6 +18,7 @@ import contextlib
 import json
 import logging
 import pathlib
+import time
 from collections.abc import Iterator
 
 import jax
@@ -23,13 +26,16 @@ import jax
 from jaxgen.checkpoint import Checkpointer, CheckpointMismatch, Restored
 from jaxgen.config import Config, changed_settings, load_config
 from jaxgen.data.tokenizer import kept_tokenizer_files, tokenizer_file_in
-from jaxgen.distributed import bytes_from_process_0
+from jaxgen.distributed import answers_of_every_process, bytes_from_process_0
 from jaxgen.errors import CheckpointError, ConfigError, DirectoryInUse, listed
 from jaxgen.files import DirectoryLock, describe_holder
 
 log = logging.getLogger("jaxgen")
 
 LOCK_FILE = ".jaxgen.lock"
+# How long a process of a multi-process run looks for process 0's lock record in the run directory: an NFS
+# client may trust its cached view of a directory for up to a minute (acdirmax).
+SHARED_PATIENCE_S = 60.0
 # What training writes into a run directory besides config.yaml, and may overwrite or delete there.
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard", "samples", "evals", "eval.jsonl",
                "loss_curve.png")
@@ -81,10 +87,43 @@ def holding(run_dir: pathlib.Path, tokenizer: str | None = None) -> Iterator[Non
     if refusal:
         raise (ConfigError if refusal[0] == "F" else DirectoryInUse)(refusal[1:])
     try:
+        refuse_unshared(run_dir, lock.record if lock is not None else b"")
         yield
     finally:
         if lock is not None:
             lock.release()
+
+
+def refuse_unshared(run_dir: pathlib.Path, record: bytes) -> None:
+    """Refuse, on every process, a run directory some process does not see as process 0 does: process 0's lock
+    `record` is not in its lock file there. On each host's own disk (`--run-dir /tmp/run` under SLURM or
+    Kubernetes), every process writes its part of a checkpoint where process 0 cannot see it, and the first
+    save waits for them for ever. A process that does not see the record yet looks again for
+    SHARED_PATIENCE_S: an NFS client may keep its view of a directory that long."""
+    if jax.process_count() == 1:
+        return
+    written = bytes_from_process_0(record)
+    start, told = time.monotonic(), False
+    while not (seen := _lock_record(run_dir) == written) and time.monotonic() - start < SHARED_PATIENCE_S:
+        if not told and time.monotonic() - start >= 2:
+            log.info("process %d does not see process 0's lock file in %s yet; looking again for up to %.0f s "
+                     "(a network file system's view can lag)", jax.process_index(), run_dir, SHARED_PATIENCE_S)
+            told = True
+        time.sleep(0.5)
+    blind = [index for index, sees in enumerate(answers_of_every_process(seen)) if not sees]
+    if blind:
+        them = f"process {blind[0]} does" if len(blind) == 1 else f"processes {listed([str(i) for i in blind], 8)} do"
+        raise ConfigError(f"--run-dir {str(run_dir)!r} is not shared by the run's processes: {them} not see the "
+                          f"lock file process 0 wrote there (a folder on each host's own disk?); a multi-process run "
+                          "needs its run directory on a file system they all share (NFS, Lustre, a bucket mount), "
+                          "else its first checkpoint never completes")
+
+
+def _lock_record(run_dir: pathlib.Path) -> bytes | None:
+    try:
+        return (run_dir / LOCK_FILE).read_bytes()
+    except OSError:
+        return None
 
 
 def starting_point(ckpt: Checkpointer, target, cfg: Config, run_dir: pathlib.Path) -> Restored | None:
