@@ -11,7 +11,7 @@ Before joining, a process asks process 0 which run it coordinates
 (`jaxgen.coordinator_beacon`), so that a process of another run never joins
 this one. Also here: how a failing process leaves (`exit_status`: within moments, so its
 peers fail fast instead of hanging in a collective), process 0's bytes shared with
-the others (`bytes_from_process_0`) and each process's yes or no (`answers_of_every_process`).
+the others (`bytes_from_process_0`) and every process's bytes shared with all (`from_every_process`).
 """
 
 from __future__ import annotations
@@ -302,13 +302,17 @@ def bytes_from_process_0(payload: bytes | None) -> bytes:
     return np.asarray(multihost_utils.broadcast_one_to_all(buffer)).tobytes()
 
 
-def answers_of_every_process(answer: bool) -> list[bool]:
-    """Every process's `answer`, by process index, on every process: so that all of them stop together when
-    one cannot go on."""
+def from_every_process(payload: bytes) -> list[bytes]:
+    """Every process's `payload`, by process index, on every process: so that all of them stop together, with
+    the same words, when one cannot go on."""
     import jax
 
     if jax.process_count() == 1:
-        return [answer]
+        return [payload]
     from jax.experimental import multihost_utils
 
-    return [bool(a) for a in np.asarray(multihost_utils.process_allgather(np.array([answer], np.int32))).ravel()]
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([len(payload)], np.int32))).ravel()
+    padded = np.zeros(max(int(sizes.max()), 1), np.uint8)
+    padded[:len(payload)] = np.frombuffer(payload, np.uint8)
+    gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return [row[:size].tobytes() for row, size in zip(gathered, sizes)]

@@ -195,19 +195,28 @@ exec "$@"
 """
 
 
-@pytest.mark.skipif(not can_give_a_process_its_own_mounts(),
-                    reason="`unshare --mount` is not allowed here (it needs root or user namespaces)")
+def own_folder_for_process_1(tmp_path, own, shared) -> list[str]:
+    """The start of a command line that runs process 1 with folder `own` mounted over `shared`."""
+    driver = tmp_path / "own_disk.sh"
+    driver.write_text(OWN_DISK_FOR_PROCESS_1.replace("$OWN", str(own)).replace("$SHARED", str(shared)))
+    return ["sh", str(driver)]
+
+
+own_mounts = pytest.mark.skipif(not can_give_a_process_its_own_mounts(),
+                                reason="`unshare --mount` is not allowed here (it needs root or user namespaces)")
+
+
+@own_mounts
 def test_a_run_directory_the_processes_do_not_share_is_refused_on_every_process(runs, tmp_path, small_corpus):
     """`--run-dir /tmp/run` on each host's own disk: both processes trained, then the first checkpoint's save
     waited for ever for the parts process 0 could not see, until the job's time limit."""
     shared, own = tmp_path / "shared", tmp_path / "own"
     shared.mkdir(), own.mkdir()
-    driver = tmp_path / "own_disk.sh"
-    driver.write_text(OWN_DISK_FOR_PROCESS_1.replace("$OWN", str(own)).replace("$SHARED", str(shared)))
     impatient = ("import sys; from jaxgen.train import run_dir; run_dir.SHARED_PATIENCE_S = 3; "
                  "from jaxgen.cli import main; sys.exit(main(sys.argv[1:]))")
     args = tiny_train_args(small_corpus, shared / "run", "train.steps=3", *ACROSS_PROCESSES)
-    run = runs(["sh", str(driver), sys.executable, "-c", impatient, *args], 2, 4, tmp_path / "logs")
+    run = runs([*own_folder_for_process_1(tmp_path, own, shared), sys.executable, "-c", impatient, *args], 2, 4,
+               tmp_path / "logs")
     assert run.wait(timeout=120) == [2, 2], run.output()
     for log in run.logs:
         [error] = [line for line in log.read_text().splitlines() if "jaxgen: error:" in line]
@@ -219,6 +228,27 @@ def test_a_run_directory_the_processes_do_not_share_is_refused_on_every_process(
     assert "process 1 does not see process 0's lock file in" in run.logs[1].read_text()
     assert sorted(p.name for p in (shared / "run").iterdir()) == [".jaxgen.lock"]  # nothing trained
     assert list(own.iterdir()) == []  # process 1 wrote nothing on its own disk either
+
+
+@own_mounts
+def test_training_files_a_process_sees_otherwise_than_process_0_stop_every_process(runs, tmp_path, small_corpus):
+    """The corpus staged to each host's own disk, one copy cut short: that process trained on other documents
+    than the run's data order says, and nothing said so."""
+    staged, own = tmp_path / "staged", tmp_path / "own"
+    staged.mkdir(), own.mkdir()
+    shutil.copy(small_corpus, staged / "verses.txt")
+    (own / "verses.txt").write_bytes(small_corpus.read_bytes()[:100_000])
+    args = tiny_train_args(small_corpus, tmp_path / "run", f"data.text={staged / 'verses.txt'}", "train.steps=3")
+    run = runs([*own_folder_for_process_1(tmp_path, own, staged), sys.executable, "-m", "jaxgen", *args], 2, 4,
+               tmp_path / "logs")
+    assert run.wait(timeout=120) == [2, 2], run.output()
+    for log in run.logs:
+        [error] = [line for line in log.read_text().splitlines() if "jaxgen: error:" in line]
+        assert error == (f"jaxgen: error: process 1 does not see the training files process 0 does (process 0's -> "
+                         f"its own: data.text: verses.txt {small_corpus.stat().st_size:,} -> 100,000 bytes): every "
+                         "process must read the same files; a copy staged to each host's own disk may be incomplete "
+                         "or out of date"), run.output()
+    assert not (tmp_path / "run" / "tokenizer.model").exists()  # refused before any data was read
 
 
 def launch_local(*argv: str) -> tuple[int, str]:

@@ -5,15 +5,21 @@ which documents the saved data position points at and which are held out: the ru
 but neither in the data order nor with the held-out set it had. Files are told apart by their
 names under the glob's fixed folder and their sizes, not their paths or times, so data staged
 to another folder (a node's local disk) for a resumed job counts as the same data.
+
+The same record tells, before a multi-process run reads any data, a process whose files are not
+process 0's: a copy staged to each host's own disk that is incomplete or out of date.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import pathlib
 
 from jaxgen.config import Config
 from jaxgen.config_data import SOURCE_KINDS
+from jaxgen.distributed import bytes_from_process_0, from_every_process, is_multiprocess
+from jaxgen.errors import DataError, listed
 
 # Text sources read from local files by glob; `path` is a prepared dataset's directory.
 GLOBBED = ("text", "jsonl", "array_record", "parquet")
@@ -78,3 +84,20 @@ def changed_files(saved: dict[str, dict[str, int]], now: dict[str, dict[str, int
             elif before[name] != after[name]:
                 changes.append(f"{key}: {name} {before[name]:,} -> {after[name]:,} bytes")
     return changes
+
+
+def refuse_other_files_than_process_0(files: dict[str, dict[str, int]]) -> None:
+    """Raise DataError on every process of a multi-process run when some process's `files` (its `data_files`)
+    are not process 0's: each process reads its share of every batch from its own view of the files, so one
+    reading a cut or older copy trains on other documents than the run's data order says, unseen."""
+    if not is_multiprocess():
+        return
+    process_0 = json.loads(bytes_from_process_0(json.dumps(files).encode()))
+    differences = [json.loads(raw) for raw in from_every_process(json.dumps(changed_files(process_0, files)).encode())]
+    differing = [index for index, changes in enumerate(differences) if changes]
+    if differing:
+        first, more = differing[0], len(differing) - 1
+        others = f"; {more} other process{'es' if more > 1 else ''} too" if more else ""
+        raise DataError(f"process {first} does not see the training files process 0 does (process 0's -> its "
+                        f"own: {listed(differences[first], 4)}{others}): every process must read the same files; "
+                        "a copy staged to each host's own disk may be incomplete or out of date")

@@ -25,7 +25,7 @@ from jaxgen import __version__, strict_json
 from jaxgen.allocator import loaded_allocator
 from jaxgen.checkpoint import Checkpointer, checkpoint_dir, restore_subtree
 from jaxgen.config import Config, changed_settings
-from jaxgen.data.fingerprint import changed_files, data_files
+from jaxgen.data.fingerprint import changed_files, data_files, refuse_other_files_than_process_0
 from jaxgen.data.lockstep import next_in_lockstep
 from jaxgen.data.pipeline import merged_position, process_streams, this_process, to_global
 from jaxgen.device_memory import check_fits
@@ -136,9 +136,11 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
     clock.mark("checkpoint")
 
     # ------------------------------------------------------------------ data
+    files = data_files(cfg)
+    refuse_other_files_than_process_0(files)
     data = task.make_data(run_dir)
     eval_set = [to_global(batch, mesh) for batch in data.eval]
-    meta = {"config": cfg.model_dump(mode="json"), "inputs": task.inputs(data), "data_files": data_files(cfg),
+    meta = {"config": cfg.model_dump(mode="json"), "inputs": task.inputs(data), "data_files": files,
             "process_count": jax.process_count(), "jaxgen_version": __version__}
     clock.mark("data")
     if resumed is not None:

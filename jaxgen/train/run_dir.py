@@ -26,7 +26,7 @@ import jax
 from jaxgen.checkpoint import Checkpointer, CheckpointMismatch, Restored
 from jaxgen.config import Config, changed_settings, load_config
 from jaxgen.data.tokenizer import kept_tokenizer_files, tokenizer_file_in
-from jaxgen.distributed import answers_of_every_process, bytes_from_process_0
+from jaxgen.distributed import bytes_from_process_0, from_every_process
 from jaxgen.errors import CheckpointError, ConfigError, DirectoryInUse, listed
 from jaxgen.files import DirectoryLock, describe_holder
 
@@ -110,7 +110,7 @@ def refuse_unshared(run_dir: pathlib.Path, record: bytes) -> None:
                      "(a network file system's view can lag)", jax.process_index(), run_dir, SHARED_PATIENCE_S)
             told = True
         time.sleep(0.5)
-    blind = [index for index, sees in enumerate(answers_of_every_process(seen)) if not sees]
+    blind = [index for index, sees in enumerate(from_every_process(b"1" if seen else b"")) if not sees]
     if blind:
         them = f"process {blind[0]} does" if len(blind) == 1 else f"processes {listed([str(i) for i in blind], 8)} do"
         raise ConfigError(f"--run-dir {str(run_dir)!r} is not shared by the run's processes: {them} not see the "
