@@ -11,25 +11,27 @@ Before joining, a process asks process 0 which run it coordinates
 (`jaxgen.coordinator_beacon`), so that a process of another run never joins
 this one. Also here: how a failing process leaves (`exit_status`: within moments, so its
 peers fail fast instead of hanging in a collective), process 0's bytes shared with
-the others (`bytes_from_process_0`) and every process's bytes shared with all (`from_every_process`).
+the others (`bytes_from_process_0`), every process's bytes shared with all (`from_every_process`) and
+checks that stop every process together when one fails them (`stop_together`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import logging
 import os
 import socket
 import sys
 import time
-from collections.abc import Mapping
-from typing import Any, Literal, get_args
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, TypeVar, get_args
 
 import numpy as np
 
 from jaxgen.coordinator_beacon import ask, refusal, run_identity, start_beacon
-from jaxgen.errors import ConfigError
+from jaxgen.errors import ConfigError, JaxgenError
 
 log = logging.getLogger("jaxgen")
 
@@ -316,3 +318,30 @@ def from_every_process(payload: bytes) -> list[bytes]:
     padded[:len(payload)] = np.frombuffer(payload, np.uint8)
     gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
     return [row[:size].tobytes() for row, size in zip(gathered, sizes)]
+
+
+Checked = TypeVar("Checked")
+
+
+def stop_together(check: Callable[[], Checked]) -> Checked:
+    """`check()`, run on every process; when it raises a jaxgen error on any of them, every process raises one.
+    A process that fails alone leaves the others waiting in their next collective until JAX's coordination
+    service aborts them with a C++ stack dump and no word of why: a run directory only some hosts can see
+    (`eval --run-dir /tmp/run`) read so. The others now say which process failed, and its line."""
+    if not is_multiprocess():
+        return check()
+    result, failure = None, None
+    try:
+        result = check()
+    except JaxgenError as err:
+        failure = err
+    report = json.dumps([failure.exit_status, str(failure)]).encode() if failure is not None else b""
+    failed = [(index, json.loads(raw)) for index, raw in enumerate(from_every_process(report)) if raw]
+    if failure is not None:
+        raise failure
+    if failed:
+        index, (status, message) = failed[0]
+        error = JaxgenError(f"process {index} stopped: {message}")
+        error.exit_status = status
+        raise error
+    return result

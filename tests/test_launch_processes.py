@@ -251,6 +251,23 @@ def test_training_files_a_process_sees_otherwise_than_process_0_stop_every_proce
     assert not (tmp_path / "run" / "tokenizer.model").exists()  # refused before any data was read
 
 
+@own_mounts
+def test_a_run_directory_one_process_cannot_see_stops_eval_on_every_process_with_one_line(runs, tmp_path):
+    """`eval --run-dir /tmp/run` on several hosts, the run on one host's disk: the process that could not see it
+    said so and left, and the others waited in their next collective until JAX aborted them with a C++ stack
+    dump and no word of why."""
+    shared, own = tmp_path / "shared", tmp_path / "own"
+    (shared / "run").mkdir(parents=True), own.mkdir()
+    shutil.copy(TINY_CONFIG, shared / "run" / "config.yaml")
+    run = runs([*own_folder_for_process_1(tmp_path, own, shared), sys.executable, "-m", "jaxgen", "eval",
+                "--run-dir", str(shared / "run")], 2, 4, tmp_path / "logs")
+    assert run.wait(timeout=120) == [2, 2], run.output()
+    errors = [[line for line in log.read_text().splitlines() if "jaxgen: error:" in line] for log in run.logs]
+    assert errors == [[f"jaxgen: error: process 1 stopped: run directory '{shared / 'run'}' does not exist"],
+                      [f"jaxgen: error: run directory '{shared / 'run'}' does not exist"]], run.output()
+    assert "Check failure" not in run.output()
+
+
 def launch_local(*argv: str) -> tuple[int, str]:
     """`jaxgen launch local ARGV...` under a watchdog; (exit status, combined output)."""
     launcher = subprocess.Popen([sys.executable, "-m", "jaxgen", "launch", "local", *argv], cwd=REPO,

@@ -31,6 +31,7 @@ from jaxgen.checkpoint import (
 from jaxgen.config import RUN_CONFIG_EMPTY, Config, changed_settings, load_config
 from jaxgen.data.tokenizer import kept_tokenizer_files, load_tokenizer, tokenizer_file_in
 from jaxgen.device_memory import check_fits
+from jaxgen.distributed import stop_together
 from jaxgen.errors import CheckpointError, CheckpointWriteError, ConfigError, listed
 from jaxgen.sharding import make_mesh, resolve_rules
 from jaxgen.tasks import Task, Weights, make_task
@@ -56,7 +57,11 @@ class OpenedRun:
 
 
 def load_run_config(run_dir: str | pathlib.Path, overrides: list[str] = ()) -> Config:
-    run_dir = pathlib.Path(run_dir)
+    """The run's config.yaml with `overrides`; a process that cannot read it stops every process."""
+    return stop_together(lambda: _load_run_config(pathlib.Path(run_dir), overrides))
+
+
+def _load_run_config(run_dir: pathlib.Path, overrides: list[str]) -> Config:
     if not run_dir.is_dir():
         raise ConfigError(f"run directory {str(run_dir)!r} " + ("is a file" if run_dir.exists() else "does not exist"))
     if not (run_dir / "config.yaml").is_file():
@@ -154,7 +159,7 @@ def chosen_checkpoints(run_dir: str | pathlib.Path, step: int | None, overrides:
 def _without_params(run_dir: pathlib.Path, overrides: list[str]) -> OpenedRun:
     """The run's config, task, mesh and model layout, checked to hold a checkpoint; no parameters read yet."""
     cfg = load_run_config(run_dir, overrides)
-    require_checkpoint(run_dir)
+    stop_together(lambda: require_checkpoint(run_dir))
     task, mesh, rules = make_task(cfg), make_mesh(cfg.mesh), resolve_rules(cfg.sharding.preset, cfg.sharding.rules)
     layout = plan_models(task, mesh, rules, cfg.train.seed)
     check_fits("reading this model's parameters", {"parameters": layout.bytes_per_device()})
