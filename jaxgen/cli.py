@@ -351,8 +351,10 @@ def main(argv: list[str] | None = None) -> int:
     if not debug:
         quiet_libraries()
     end_cleanly_on_ctrl_c()
+    args = None
     try:
-        status = run_command(argv)
+        args = parse_args(argv)
+        status = run_parsed(args)
     except SystemExit:
         raise  # --help and --version
     except BaseException as err:
@@ -362,11 +364,16 @@ def main(argv: list[str] | None = None) -> int:
             exit_interrupted()
         line, status = describe(err, command=next((a for a in argv if not a.startswith("-")), None))
         print(f"jaxgen: {line}", file=sys.stderr, flush=True)
+        distributed.tell_process_0_of_stop({name: getattr(args, name, None) for name in distributed.ENV}, line,
+                                           status)
     return distributed.exit_status(status)
 
 
 def run_command(argv: list[str]) -> int:
-    args = parse_args(argv)
+    return run_parsed(parse_args(argv))
+
+
+def run_parsed(args: argparse.Namespace) -> int:
     if getattr(args, "cpu_devices", None):
         simulate_cpu_devices(args.cpu_devices)
     return args.func(args)

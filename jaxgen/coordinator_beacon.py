@@ -10,10 +10,17 @@ of its processes have joined; every other process asks before it connects, and
 stops with one line where joining would break that run. Where no answer comes (a
 firewall that drops UDP, no beacon because the UDP port was taken), a process
 joins as it would without one.
+
+A process that stops before it joins (its own config file missing on its host, a
+bad flag) tells the beacon why (`report_stop`): process 0, waiting for it, would
+otherwise wait out its whole join timeout and then be aborted by JAX with a C++
+stack dump. The beacon hands the report of a process of its own run to
+`on_stopped`, which ends process 0 with that process's line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,12 +28,18 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 log = logging.getLogger("jaxgen")
 
 QUESTION = b"jaxgen: which run do you coordinate?"
 ANSWER_WAIT_S = 0.5  # per try; a beacon on a live process 0 answers within milliseconds
 TRIES = 3
+STOPPED = b"jaxgen: stopped before joining: "
+NOTED = b"jaxgen: noted"
+# How long a process that stopped before joining keeps telling process 0: long enough for processes started
+# together (srun, launch local) to have their beacon up, short enough not to hold up a run that failed everywhere.
+REPORT_S = 5.0
 
 
 def run_identity(argv: list[str], processes: int) -> dict:
@@ -63,9 +76,10 @@ def refusal(answer: dict, mine: dict, address: str) -> str | None:
 class Beacon:
     """Process 0's answer to QUESTION on UDP `port`, from a daemon thread, for as long as the process lives."""
 
-    def __init__(self, sock: socket.socket, identity: dict):
+    def __init__(self, sock: socket.socket, identity: dict, on_stopped: Callable[[dict], None] | None = None):
         self._sock = sock
         self._joined = False
+        self._identity, self._on_stopped = identity, on_stopped
         self._facts = {"identity": identity, "host": socket.gethostname(), "pid": os.getpid(),
                        "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
                        "command": " ".join(["jaxgen", *sys.argv[1:]])[:200]}
@@ -77,15 +91,27 @@ class Beacon:
     def _serve(self) -> None:
         while True:
             try:
-                question, sender = self._sock.recvfrom(512)
+                question, sender = self._sock.recvfrom(4096)
                 if question == QUESTION:
                     self._sock.sendto(json.dumps({**self._facts, "joined": self._joined}).encode(), sender)
+                elif question.startswith(STOPPED):
+                    self._sock.sendto(NOTED, sender)
+                    self._stopped(question.removeprefix(STOPPED))
             except OSError:
                 if self._sock.fileno() < 0:  # closed: nothing more to answer
                     return
 
 
-def start_beacon(port: int, identity: dict) -> Beacon | None:
+    def _stopped(self, raw: bytes) -> None:
+        """A process stopped before joining: the end of the run, if it is one of this run's still to join."""
+        with contextlib.suppress(ValueError):
+            report = json.loads(raw)
+            if (isinstance(report, dict) and report.get("identity") == self._identity and not self._joined
+                    and self._on_stopped is not None):
+                self._on_stopped(report)
+
+
+def start_beacon(port: int, identity: dict, on_stopped: Callable[[dict], None] | None = None) -> Beacon | None:
     """A beacon on UDP `port` of every interface (both IP versions where the host has them), or None where the
     port cannot be bound (another program holds it): the run goes on without one."""
     for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
@@ -100,7 +126,7 @@ def start_beacon(port: int, identity: dict) -> Beacon | None:
         except OSError:
             sock.close()
             continue
-        return Beacon(sock, identity)
+        return Beacon(sock, identity, on_stopped)
     log.info("UDP port %d is taken: processes of another run given this coordinator address cannot be told apart "
              "from this run's before they join", port)
     return None
@@ -123,3 +149,24 @@ def ask(address: str) -> dict | None:
                 continue
             return answer if isinstance(answer, dict) else None
     return None
+
+
+def report_stop(address: str, report: dict, within_s: float = REPORT_S) -> bool:
+    """Tell the beacon at coordinator `address` that this process stopped before joining (`report`: its
+    identity, process id, line and exit status), trying for `within_s`; whether it was noted."""
+    host, _, port = address.rpartition(":")
+    try:
+        family, kind, proto, _, where = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_DGRAM)[0]
+    except (OSError, ValueError):
+        return False
+    deadline = time.monotonic() + within_s
+    with socket.socket(family, kind, proto) as sock:
+        sock.settimeout(ANSWER_WAIT_S)
+        while time.monotonic() < deadline:
+            try:
+                sock.sendto(STOPPED + json.dumps(report).encode(), where)
+                if sock.recvfrom(64)[0] == NOTED:
+                    return True
+            except OSError:  # no beacon yet (refused, or no answer in time): process 0 may still be starting
+                time.sleep(ANSWER_WAIT_S)
+    return False

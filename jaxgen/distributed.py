@@ -30,8 +30,8 @@ from typing import Any, Literal, TypeVar, get_args
 
 import numpy as np
 
-from jaxgen.coordinator_beacon import ask, refusal, run_identity, start_beacon
-from jaxgen.errors import ConfigError, JaxgenError
+from jaxgen.coordinator_beacon import ask, refusal, report_stop, run_identity, start_beacon
+from jaxgen.errors import ConfigError, JaxgenError, describe_os_error
 
 log = logging.getLogger("jaxgen")
 
@@ -230,7 +230,7 @@ def initialize(settings: DistributedSettings) -> None:
     if settings.explicit and settings.process_id == 0:
         port = int(settings.coordinator_address.rpartition(":")[2])
         refuse_busy_port(port, f"--coordinator-address ({ENV['coordinator_address']})")
-        beacon = start_beacon(port, identity)
+        beacon = start_beacon(port, identity, on_stopped=stop_with_peer)
     import jax
 
     where = kwargs.get("coordinator_address") or f"{detect_cluster() or 'JAX cluster detection'}"
@@ -249,6 +249,30 @@ def initialize(settings: DistributedSettings) -> None:
              jax.local_device_count(), jax.device_count())
     if beacon is not None:  # every process has joined: any other that asks is a stranger
         beacon.all_joined()
+
+
+def stop_with_peer(report: dict) -> None:
+    """Process 0, still waiting for the others to join, ends with the line of one that stopped before joining."""
+    line = str(report.get("line", "")).removeprefix("error: ")
+    print(f"jaxgen: error: process {report.get('process')} stopped before joining the run: {line}", file=sys.stderr,
+          flush=True)
+    status = report.get("status")
+    os._exit(status if isinstance(status, int) and 0 < status < 256 else 1)
+
+
+def tell_process_0_of_stop(flags: Mapping[str, Any], line: str, status: int) -> None:
+    """Where this process of a multi-process run (explicit settings: `flags`, else JAXGEN_* variables) stops
+    before it joins, tell process 0's beacon its line, so that process 0 stops with it rather than waiting out
+    its join timeout."""
+    try:
+        settings = settings_from(flags)
+    except ConfigError:
+        return
+    jax_module = sys.modules.get("jax")  # not imported: not joined (and no reason to import it now)
+    joined = jax_module is not None and jax_module.distributed.is_initialized()
+    if settings.explicit and settings.process_id not in (None, 0) and not joined:
+        report_stop(settings.coordinator_address, {"identity": run_identity(sys.argv[1:], settings.num_processes),
+                                                   "process": settings.process_id, "line": line, "status": status})
 
 
 def is_multiprocess() -> bool:
@@ -324,18 +348,19 @@ Checked = TypeVar("Checked")
 
 
 def stop_together(check: Callable[[], Checked]) -> Checked:
-    """`check()`, run on every process; when it raises a jaxgen error on any of them, every process raises one.
+    """`check()`, run on every process; when it raises a jaxgen error or an OSError on any, every process raises one.
     A process that fails alone leaves the others waiting in their next collective until JAX's coordination
     service aborts them with a C++ stack dump and no word of why: a run directory only some hosts can see
     (`eval --run-dir /tmp/run`) read so. The others now say which process failed, and its line."""
     if not is_multiprocess():
         return check()
-    result, failure = None, None
+    result, failure, report = None, None, b""
     try:
         result = check()
     except JaxgenError as err:
-        failure = err
-    report = json.dumps([failure.exit_status, str(failure)]).encode() if failure is not None else b""
+        failure, report = err, json.dumps([err.exit_status, str(err)]).encode()
+    except OSError as err:  # a file it may not read, say
+        failure, report = err, json.dumps([1, describe_os_error(err)]).encode()
     failed = [(index, json.loads(raw)) for index, raw in enumerate(from_every_process(report)) if raw]
     if failure is not None:
         raise failure

@@ -3,12 +3,13 @@
 import errno
 import os
 import socket
+import time
 
 import jax
 import pytest
 
 from jaxgen import distributed
-from jaxgen.coordinator_beacon import ask, refusal, run_identity, start_beacon
+from jaxgen.coordinator_beacon import ask, refusal, report_stop, run_identity, start_beacon
 from jaxgen.data.lockstep import DataExhausted, next_in_lockstep
 from jaxgen.distributed import DistributedError, DistributedSettings, settings_from
 from jaxgen.errors import DataError
@@ -192,6 +193,28 @@ def test_a_beacon_says_which_run_it_coordinates_and_when_every_process_has_joine
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as unused:
         unused.bind(("127.0.0.1", 0))
         assert ask(f"127.0.0.1:{unused.getsockname()[1]}") is None  # no beacon: join as without one
+
+
+def test_a_process_that_stops_before_joining_tells_the_beacon_of_its_own_run_only():
+    """Process 1 without its config file on its host: process 0 waited out its join timeout, then JAX aborted it
+    with a C++ stack dump. The beacon now hands process 0 the line of a process of its own run still to join."""
+    mine, reports = run_identity(["train", "--run-dir", "a"], 2), []
+    with listening() as server:
+        port = server.getsockname()[1]
+        beacon = start_beacon(port, mine, on_stopped=reports.append)
+        address = f"127.0.0.1:{port}"
+        report = {"identity": mine, "process": 1, "line": "error: config file 'c.yaml' does not exist", "status": 2}
+        assert report_stop(address, report)
+        assert reports == [report]
+        assert report_stop(address, {**report, "identity": {**mine, "run_dir": "b"}})  # another run's: noted only
+        beacon.all_joined()
+        assert report_stop(address, report)  # once all have joined, JAX's heartbeats see a process die
+        assert reports == [report]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as unused:
+        unused.bind(("127.0.0.1", 0))
+        started = time.monotonic()
+        assert not report_stop(f"127.0.0.1:{unused.getsockname()[1]}", report, within_s=1)  # no beacon: given up
+        assert time.monotonic() - started < 3
 
 
 def test_a_host_without_ipv6_gets_a_beacon_on_ipv4(monkeypatch):

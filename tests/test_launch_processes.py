@@ -268,6 +268,25 @@ def test_a_run_directory_one_process_cannot_see_stops_eval_on_every_process_with
     assert "Check failure" not in run.output()
 
 
+@own_mounts
+def test_a_process_that_stops_before_joining_ends_process_0_with_its_line(runs, tmp_path):
+    """The config file on one host's disk only: process 1 stopped with its line, and process 0 waited out its
+    join timeout (300 s by default), then JAX aborted it with a C++ stack dump and no word of why."""
+    configs, own = tmp_path / "configs", tmp_path / "own"
+    configs.mkdir(), own.mkdir()
+    shutil.copy(TINY_CONFIG, configs / "my.yaml")
+    run = runs([*own_folder_for_process_1(tmp_path, own, configs), sys.executable, "-m", "jaxgen", "train",
+                "--config", str(configs / "my.yaml"), "--run-dir", str(tmp_path / "run")], 2, 4, tmp_path / "logs")
+    started = time.monotonic()
+    assert run.wait(timeout=120) == [2, 2], run.output()
+    assert time.monotonic() - started < 60, run.output()
+    errors = [[line for line in log.read_text().splitlines() if "jaxgen: error:" in line] for log in run.logs]
+    missing = f"config file '{configs / 'my.yaml'}' does not exist"
+    assert errors == [[f"jaxgen: error: process 1 stopped before joining the run: {missing}"],
+                      [f"jaxgen: error: {missing}"]], run.output()
+    assert "Check failure" not in run.output() and not (tmp_path / "run").exists()
+
+
 def launch_local(*argv: str) -> tuple[int, str]:
     """`jaxgen launch local ARGV...` under a watchdog; (exit status, combined output)."""
     launcher = subprocess.Popen([sys.executable, "-m", "jaxgen", "launch", "local", *argv], cwd=REPO,
