@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, TypeVar, get_args
@@ -241,14 +242,40 @@ def initialize(settings: DistributedSettings) -> None:
         stranger = answer and refusal(answer, identity, settings.coordinator_address)
         if stranger:
             raise DistributedError(stranger)
+    returned = threading.Event()
+    watchdog = threading.Timer(join_watch_s(settings.init_timeout_s), stop_unjoined, (settings, where, returned))
+    watchdog.daemon = True
+    watchdog.start()
     try:
         jax.distributed.initialize(**kwargs)
     except (RuntimeError, ValueError) as err:  # e.g. called twice, or after JAX already ran a computation
         raise DistributedError(f"could not join the multi-process run via {where}: {err}") from None
+    finally:
+        returned.set()
+        watchdog.cancel()
     log.info("process %d of %d: %d local devices of %d", jax.process_index(), jax.process_count(),
              jax.local_device_count(), jax.device_count())
     if beacon is not None:  # every process has joined: any other that asks is a stranger
         beacon.all_joined()
+
+
+def join_watch_s(init_timeout_s: float) -> float:
+    """When to give up on the others joining: just before JAX's own timeout, which aborts the process from C++
+    with a stack dump and no word of why."""
+    return max(init_timeout_s - min(2.0, 0.1 * init_timeout_s), 0.5)
+
+
+def stop_unjoined(settings: DistributedSettings, where: str, returned: threading.Event) -> None:
+    """Run in a timer thread: unless `jax.distributed.initialize` has `returned`, end this process with one line."""
+    if returned.is_set():
+        return
+    count = settings.num_processes
+    this = f"process {settings.process_id} of {count}" if settings.process_id is not None and count else "this process"
+    start = f"start all {count}, or give --num-processes the number started" if count else "start every process"
+    print(f"jaxgen: error: not every process of the run joined via {where} within {settings.init_timeout_s} s "
+          f"(--init-timeout; this is {this}): {start}, or a longer --init-timeout where hosts start slowly",
+          file=sys.stderr, flush=True)
+    os._exit(DistributedError.exit_status)
 
 
 def stop_with_peer(report: dict) -> None:

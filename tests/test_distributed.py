@@ -13,6 +13,7 @@ from jaxgen.coordinator_beacon import ask, refusal, report_stop, run_identity, s
 from jaxgen.data.lockstep import DataExhausted, next_in_lockstep
 from jaxgen.distributed import DistributedError, DistributedSettings, settings_from
 from jaxgen.errors import DataError
+from jaxgen.launch import free_port
 
 from helpers import jaxgen_cli
 
@@ -114,6 +115,21 @@ def test_missing_peers_end_in_a_clear_error_not_a_hang(tmp_path):
                         "--num-processes", "2", "--process-id", "1", "--init-timeout", "2")
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"no coordinator answered at {address} within 2s" in result.stderr
+
+
+def test_a_process_0_whose_peers_never_join_ends_with_one_line_before_jax_aborts_it(tmp_path):
+    """Two processes started with --num-processes 3 (or a node that never came up): every one waited out the
+    join timeout, then JAX aborted it from C++ (RegisterTask: a stack dump, exit 134, no word of why)."""
+    port = free_port()
+    result = jaxgen_cli("train", "--run-dir", str(tmp_path / "r"), "--coordinator-address", f"127.0.0.1:{port}",
+                        "--num-processes", "3", "--process-id", "0", "--init-timeout", "4")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.splitlines()[-1] == (
+        f"jaxgen: error: not every process of the run joined via 127.0.0.1:{port} within 4 s (--init-timeout; this "
+        "is process 0 of 3): start all 3, or give --num-processes the number started, or a longer --init-timeout "
+        "where hosts start slowly")
+    assert "Check failure" not in result.stderr and not (tmp_path / "r").exists()
+    assert [distributed.join_watch_s(t) for t in (300, 10, 4, 0.1)] == [298, 9, 3.6, 0.5]
 
 
 def listening(reuse_port: bool = False) -> socket.socket:
