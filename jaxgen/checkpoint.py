@@ -46,12 +46,14 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from jaxgen.config import CheckpointConfig
+from jaxgen.distributed import stop_together
 from jaxgen.errors import (
     CheckpointError,
     CheckpointWriteError,
     NonFiniteError,
     first_line,
     listed,
+    lost_a_peer,
     os_error_words,
     system_error_code,
 )
@@ -322,7 +324,11 @@ def _damage_as_error(where: str, read):
     except CheckpointError:
         raise
     except Exception as err:
-        raise DamagedCheckpoint(f"{where} is damaged or incomplete: {read_failure(err)}") from None
+        reason = read_failure(err)
+        if lost_a_peer(reason):  # a collective of the read, not the files, failed
+            raise CheckpointError(f"reading {where} stopped: another process of the run stopped ({reason}); its "
+                                  "own error says why") from None
+        raise DamagedCheckpoint(f"{where} is damaged or incomplete: {reason}") from None
 
 
 # TensorStore's words for a file it could not read: 'FAILED_PRECONDITION: Error reading "params.x.kernel/0.0" in
@@ -425,6 +431,30 @@ def restore_subtree(path: str | pathlib.Path, keys: tuple[str, ...], target: Any
     Read only: a damaged checkpoint is refused, never renamed or replaced.
     `what` names the source in messages (e.g. "checkpoint.init_from='runs/a'").
     """
+    # Every process must find it: one that cannot (a folder on another host's disk) stops them all, where it
+    # used to leave the others to fail in the read's first collective, blaming the checkpoint.
+    path, step, checksums, key = stop_together(lambda: _locate_subtree(path, keys, target, step, what))
+    where = f"checkpoint {path}/{step}"
+    subtree = target
+    for part in reversed(key.split("/")):
+        subtree = {part: subtree}
+    # Only this step's directory is opened: a manager of the whole directory would list every step and
+    # read each one's metadata, which fails when the writer's retention deletes another step meanwhile.
+    restore_args = ocp.args.PyTreeRestore(
+        subtree, restore_args=jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), subtree),
+        partial_restore=True)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:  # PyTree (not Standard): restores a subtree
+        restored = _damage_as_error(where, lambda: reader.restore(path / str(step) / "state", args=restore_args))
+    for part in key.split("/"):
+        restored = restored[part]
+    _verify_arrays(restored, checksums, where, prefix=f"{key}/")
+    log.info("loaded %s from %s step %d", key, path, step)
+    return restored, key, step
+
+
+def _locate_subtree(path: str | pathlib.Path, keys: tuple[str, ...], target: Any, step: int | None,
+                    what: str) -> tuple[pathlib.Path, int, dict, str]:
+    """restore_subtree's checkpoint, before any read: its directory, step, checksums and the subtree's key."""
     path = pathlib.Path(path).absolute()
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
@@ -442,21 +472,7 @@ def restore_subtree(path: str | pathlib.Path, keys: tuple[str, ...], target: Any
     checksums = _read_checksums(path / str(step), where)
     key = next((k for k in keys if any(p.startswith(f"{k}/") for p in checksums["arrays"])), keys[-1])
     check_fits(checksums, target, where, prefix=f"{key}/")
-    subtree = target
-    for part in reversed(key.split("/")):
-        subtree = {part: subtree}
-    # Only this step's directory is opened: a manager of the whole directory would list every step and
-    # read each one's metadata, which fails when the writer's retention deletes another step meanwhile.
-    restore_args = ocp.args.PyTreeRestore(
-        subtree, restore_args=jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), subtree),
-        partial_restore=True)
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:  # PyTree (not Standard): restores a subtree
-        restored = _damage_as_error(where, lambda: reader.restore(path / str(step) / "state", args=restore_args))
-    for part in key.split("/"):
-        restored = restored[part]
-    _verify_arrays(restored, checksums, where, prefix=f"{key}/")
-    log.info("loaded %s from %s step %d", key, path, step)
-    return restored, key, step
+    return path, step, checksums, key
 
 
 def read_step_meta(directory: pathlib.Path, step: int) -> dict:

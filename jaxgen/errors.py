@@ -154,10 +154,22 @@ def describe(err: BaseException, command: str | None = None) -> tuple[str, int]:
         return f"error: {describe_os_error(os_error)}", 1
     if isinstance(err, MemoryError):
         return "error: out of host memory; make the model, batch or prefetch smaller", 1
+    if lost_a_peer(str(err)):
+        return (f"error: another process of the run stopped, breaking this one's collective ({first_line(err, 200)}); "
+                "that process's own error says why"), 1
     if "RESOURCE_EXHAUSTED" in str(err):
         advice = OUT_OF_MEMORY_ADVICE.get(command or "train", READER_OUT_OF_MEMORY_ADVICE)
         return f"error: a device ran out of memory ({first_line(err, 200)}); {advice}", 1
     return f"error: unexpected {type(err).__name__}: {first_line(err)} (run with --debug for the traceback)", 1
+
+
+# What a collective fails with when another process of the run has gone (Gloo, JAX's collectives on CPU): this
+# process is not the one to blame, nor is the file it was reading.
+PEER_LOST = ("Connection closed by peer", "Gloo AllGather failed", "Gloo AllReduce failed", "Gloo Broadcast failed")
+
+
+def lost_a_peer(message: str) -> bool:
+    return any(words in message for words in PEER_LOST)
 
 
 def _chain(err: BaseException):

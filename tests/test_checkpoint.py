@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxgen.checkpoint import Checkpointer, checkpoint_dir, restore_subtree
+from jaxgen.checkpoint import Checkpointer, DamagedCheckpoint, _damage_as_error, checkpoint_dir, restore_subtree
 from jaxgen.config import load_config
 from jaxgen.data.pipeline import to_global
 from jaxgen.errors import EXIT_PREEMPTED, CheckpointError, NonFiniteError
@@ -348,3 +348,25 @@ def test_a_reader_ignores_other_steps_coming_and_going(tmp_path, devices):
     finally:
         stop.set()
         churning.join()
+
+
+def test_a_read_whose_collective_lost_a_peer_does_not_call_the_checkpoint_damaged():
+    """checkpoint.init_from on one host's disk: the other process's read failed in its first collective, and it
+    said 'checkpoint ... is damaged or incomplete', inviting the user to delete a good checkpoint."""
+    def lost_peer():
+        raise RuntimeError("UNKNOWN: Gloo AllGather failed: [external/gloo/gloo/transport/tcp/pair.cc:547] "
+                           "Connection closed by peer [127.0.0.1]:44467")
+
+    with pytest.raises(CheckpointError) as refusal:
+        _damage_as_error("checkpoint runs/a/checkpoints/4", lost_peer)
+    assert not isinstance(refusal.value, DamagedCheckpoint)
+    assert str(refusal.value) == ("reading checkpoint runs/a/checkpoints/4 stopped: another process of the run "
+                                  "stopped (RuntimeError: UNKNOWN: Gloo AllGather failed: [external/gloo/gloo/"
+                                  "transport/tcp/pair.cc:547] Connection closed by peer [127.0.0.1]:44467); its own "
+                                  "error says why")
+
+    def garbled():
+        raise ValueError("ZSTD_decompressStream() failed: Data corruption detected")
+
+    with pytest.raises(DamagedCheckpoint, match="is damaged or incomplete: ValueError: ZSTD"):
+        _damage_as_error("checkpoint runs/a/checkpoints/4", garbled)

@@ -210,6 +210,12 @@ def test_file_system_errors_are_named_in_words(tmp_path):
     assert describe(exhausted, "sample")[0].endswith("bytes.); ask for less at once (fewer prompts or images, a "
                                                      "smaller --batch-size or --max-new-tokens), or read the model "
                                                      "over more devices (mesh.fsdp=N with sharding.preset=fsdp)")
+    # A collective broken by another process's exit: this process is not the one to blame.
+    broken = RuntimeError("UNKNOWN: Gloo AllReduce failed: [external/gloo/gloo/transport/tcp/pair.cc:547] Connection "
+                          "closed by peer [127.0.0.1]:44467")
+    assert describe(broken) == ("error: another process of the run stopped, breaking this one's collective (UNKNOWN: "
+                                "Gloo AllReduce failed: [external/gloo/gloo/transport/tcp/pair.cc:547] Connection "
+                                "closed by peer [127.0.0.1]:44467); that process's own error says why", 1)
     a_file = tmp_path / "file"
     a_file.write_text("x")
     refused(run_jaxgen("train", "--run-dir", str(a_file / "run" / "1"), "train.steps=1"),

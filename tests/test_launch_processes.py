@@ -370,6 +370,25 @@ def preempted_run(launched_run, one_process_run, small_corpus, tmp_path_factory)
     return run_dir, run, statuses
 
 
+@own_mounts
+def test_an_init_from_one_process_cannot_see_stops_every_process_naming_it(launched_run, runs, tmp_path,
+                                                                          small_corpus):
+    """checkpoint.init_from on one host's disk: the process that could not see it said so, and the other, its
+    read's first collective broken, called the checkpoint 'damaged or incomplete'."""
+    source, _, _ = launched_run
+    args = tiny_train_args(small_corpus, tmp_path / "run", "train.steps=4", f"checkpoint.init_from={source}",
+                           f"data.tokenizer={source / 'tokenizer.model'}", *ACROSS_PROCESSES)
+    own = tmp_path / "own"
+    own.mkdir()
+    run = runs([*own_folder_for_process_1(tmp_path, own, source.parent), sys.executable, "-m", "jaxgen", *args], 2,
+               4, tmp_path / "logs")
+    assert run.wait(timeout=120) == [2, 2], run.output()
+    missing = f"checkpoint.init_from='{source}': '{source}' is not a run or checkpoint directory"
+    errors = [[line for line in log.read_text().splitlines() if "jaxgen: error:" in line] for log in run.logs]
+    assert errors == [[f"jaxgen: error: process 1 stopped: {missing}"], [f"jaxgen: error: {missing}"]], run.output()
+    assert "damaged" not in run.output()
+
+
 def test_one_process_checkpoint_restores_in_two_processes_resharded(one_process_run, preempted_run):
     run_dir, _, _ = preempted_run
     np.testing.assert_allclose(eval_losses(run_dir)[0], eval_losses(one_process_run)[3], rtol=1e-5)

@@ -23,12 +23,13 @@ def sample_run(run_dir: str | pathlib.Path, given: dict[str, Any], seed: int = 0
                overrides: list[str] = (), on_text: Callable[[str], None] | None = None) -> list[dict]:
     """`given`: options set by the user (None = not given); returns the records to print."""
     cfg = load_run_config(run_dir, overrides)
-    accepted = make_task(cfg).sample_options
+    task = make_task(cfg)  # once: a text-to-image task loads its frozen text encoder's checkpoint
+    accepted = task.sample_options
     foreign = [name for name, value in given.items() if value is not None and name not in accepted]
     if foreign:  # before the restore, the expensive part
         raise UsageError(f"{', '.join(map(flag, foreign))} cannot be used with {run_dir}, a model.kind="
                          f"{cfg.model.kind} run; its options: {', '.join(map(flag, accepted))}")
     options = {name: default if given.get(name) is None else given[name] for name, default in accepted.items()}
-    make_task(cfg).check_sample_options(options)  # before the restore, the expensive part
+    task.check_sample_options(options)  # before the restore, the expensive part
     run = open_run(run_dir, step, overrides)
     return run.task.generate(run.weights, run.run_dir, run.step, {**options, "seed": seed}, on_text)
