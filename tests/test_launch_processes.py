@@ -389,6 +389,22 @@ def test_an_init_from_one_process_cannot_see_stops_every_process_naming_it(launc
     assert "damaged" not in run.output()
 
 
+@own_mounts
+def test_a_task_file_one_process_cannot_see_stops_eval_on_every_process_naming_it(launched_run, runs, tmp_path):
+    source, _, _ = launched_run
+    tasks, own = tmp_path / "tasks", tmp_path / "own"
+    tasks.mkdir(), own.mkdir()
+    (tasks / "mc.jsonl").write_text('{"context": "Our Father which art in", "choices": ["heaven", "Egypt"], '
+                                    '"label": 0}\n')
+    run = runs([*own_folder_for_process_1(tmp_path, own, tasks), sys.executable, "-m", "jaxgen", "eval", "--run-dir",
+                str(source), "--tasks", f"multiple_choice={tasks / 'mc.jsonl'}"], 2, 4, tmp_path / "logs")
+    assert run.wait(timeout=120) == [2, 2], run.output()
+    missing = f"task file '{tasks / 'mc.jsonl'}' does not exist"
+    errors = [[line for line in log.read_text().splitlines() if "jaxgen: error:" in line] for log in run.logs]
+    assert errors == [[f"jaxgen: error: process 1 stopped: {missing}"], [f"jaxgen: error: {missing}"]], run.output()
+    assert not (source / "evals").exists()
+
+
 def test_one_process_checkpoint_restores_in_two_processes_resharded(one_process_run, preempted_run):
     run_dir, _, _ = preempted_run
     np.testing.assert_allclose(eval_losses(run_dir)[0], eval_losses(one_process_run)[3], rtol=1e-5)

@@ -18,6 +18,7 @@ import jax
 
 from jaxgen import strict_json
 from jaxgen.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_file_in
+from jaxgen.distributed import stop_together
 from jaxgen.errors import ConfigError, DataError
 from jaxgen.evals.loglikelihood import Score, Scorer, TokenRequest, encode_requests
 from jaxgen.evals.metrics import choice_predictions, cloze_figures, format_table, multiple_choice_figures
@@ -152,8 +153,7 @@ def evaluate_benchmarks(run_dir: str | pathlib.Path, task_names: list[str], task
     if not parse_task_names(task_names):
         raise ConfigError(f"--tasks {','.join(task_names)!r} names no task; known tasks: {known_names()}")
     require_language_model(load_run_config(run_dir, overrides))
-    tokenizer = run_tokenizer(run_dir)
-    tasks = load_tasks(task_names, task_data)
+    tokenizer, tasks = stop_together(lambda: (run_tokenizer(run_dir), load_tasks(task_names, task_data)))
     benchmarks, records = None, []
     try:
         for run in chosen_checkpoints(run_dir, step, overrides, all_steps):

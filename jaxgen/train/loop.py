@@ -29,6 +29,7 @@ from jaxgen.data.fingerprint import changed_files, data_files, refuse_other_file
 from jaxgen.data.lockstep import next_in_lockstep
 from jaxgen.data.pipeline import merged_position, process_streams, this_process, to_global
 from jaxgen.device_memory import check_fits
+from jaxgen.distributed import stop_together
 from jaxgen.errors import EXIT_PREEMPTED, ConfigError, Preempted, listed
 from jaxgen.evals.benchmark import Benchmarks, load_tasks, make_scorer, require_language_model
 from jaxgen.evals.plots import plot_benchmarks
@@ -70,7 +71,8 @@ def train(cfg: Config, run_dir: str | pathlib.Path, startup: dict[str, float] | 
     """
     run_dir, wall_start = pathlib.Path(run_dir), time.perf_counter()
     clock = StartupClock((process_start_time() or min(startup.values())) if startup else time.time(), startup)
-    cache_dir = use_compilation_cache(cfg.train.compilation_cache_dir)
+    # Each on every process, which stop together when one fails (its host's files differ, say).
+    cache_dir = stop_together(lambda: use_compilation_cache(cfg.train.compilation_cache_dir))
     cache_events.clear()  # this run's, in a process that trains more than once
     require_libraries(cfg.logging)
     mesh = make_mesh(cfg.mesh)
@@ -82,7 +84,7 @@ def train(cfg: Config, run_dir: str | pathlib.Path, startup: dict[str, float] | 
     log.info("mesh %s on %d %s devices", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
     training = build_training(cfg, mesh)  # abstract: nothing is allocated yet
     check_fits("training this model", training.layout.bytes_per_device())
-    eval_tasks = load_eval_tasks(cfg)  # a missing or malformed task file stops the run before any work
+    eval_tasks = stop_together(lambda: load_eval_tasks(cfg))  # a missing or malformed task file: before any work
     # What the run opens closes however it ends.
     with holding(run_dir, cfg.data.tokenizer), contextlib.ExitStack() as closing:
         ckpt = Checkpointer(checkpoint_dir(run_dir), cfg.checkpoint)
