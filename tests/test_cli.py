@@ -6,6 +6,7 @@ import os
 import pathlib
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -127,6 +128,18 @@ def test_sample_options_belong_to_a_model_kind(tmp_path):
     line = refused(run_jaxgen("sample", "--run-dir", str(t5), "--prompt", "a", "--max-new-tokens", str(10**12)),
                    says=f"--max-new-tokens {10**12} needs about ")  # was an allocation failure naming train options
     assert re.search(r"for the decoder's cache of 1 input at once, more than the .* available; give at most \d+$", line)
+
+
+def test_a_prompt_longer_than_the_context_is_refused_before_the_checkpoint_is_read(tmp_path, tokenizer):
+    """It was refused after the restore: minutes for a large model, for a mistake the tokenizer alone shows."""
+    run = tmp_path / "lm"
+    (run / "checkpoints" / "4").mkdir(parents=True)
+    (run / "config.yaml").write_text(TINY_CONFIG.read_text())
+    shutil.copy(tokenizer.path, run / "tokenizer.model")
+    (run / "checkpoints" / "4" / "jaxgen_checksums.json").write_text("{}")  # no arrays: any read would fail
+    line = refused(run_jaxgen("sample", "--run-dir", str(run), "--prompt", "a", "--prompt", "And God said " * 40),
+                   says="the longest prompt (")
+    assert line.endswith("tokens with BOS) fills the model's context (model.max_seq_len=64); shorten it")
 
 
 @pytest.mark.parametrize("flag,value,says", [

@@ -10,8 +10,9 @@ import pathlib
 from collections.abc import Callable
 from typing import Any
 
+from jaxgen.distributed import stop_together
 from jaxgen.errors import UsageError
-from jaxgen.outputs.runs import load_run_config, open_run
+from jaxgen.outputs.runs import load_run_config, open_run, require_checkpoint
 from jaxgen.tasks import make_task
 
 
@@ -31,5 +32,7 @@ def sample_run(run_dir: str | pathlib.Path, given: dict[str, Any], seed: int = 0
                          f"{cfg.model.kind} run; its options: {', '.join(map(flag, accepted))}")
     options = {name: default if given.get(name) is None else given[name] for name, default in accepted.items()}
     task.check_sample_options(options)  # before the restore, the expensive part
+    stop_together(lambda: require_checkpoint(pathlib.Path(run_dir)))  # the commoner mistake is named first
+    stop_together(lambda: task.check_sample_inputs(options, pathlib.Path(run_dir)))
     run = open_run(run_dir, step, overrides)
     return run.task.generate(run.weights, run.run_dir, run.step, {**options, "seed": seed}, on_text)

@@ -181,6 +181,9 @@ class AutoencoderTask:
                                        latent_numbers)
         return {"eval_loss": loss_sum / max(weight_sum, 1.0), **report}
 
+    def check_sample_inputs(self, options: dict[str, Any], run_dir: pathlib.Path) -> None:
+        """Nothing here needs the run's files (Task.check_sample_inputs)."""
+
     def check_sample_options(self, options: dict[str, Any]) -> list[str]:
         """The files `--images` names."""
         if not options["images"]:

@@ -108,6 +108,10 @@ class Task(Protocol):
         is read; `generate` checks them too, for library callers. A task may return what the check worked out
         (the files a glob matched, the sampler overrides) for its `generate` to use; the CLI ignores it."""
 
+    def check_sample_inputs(self, options: dict[str, Any], run_dir: pathlib.Path) -> None:
+        """Refuse inputs of `jaxgen sample` that only the run's own files can judge (a prompt too long for the
+        context, in the run's tokens), before any checkpoint is read: a large model's takes minutes."""
+
     def generate(self, weights: Weights, run_dir: pathlib.Path, step: int, options: dict[str, Any],
                  on_text: Callable[[str], None] | None) -> list[dict]:
         """`jaxgen sample` with `options` (sample_options, filled in); records to print."""

@@ -224,6 +224,9 @@ class DiffusionTask:
             result["guidance_sweep"] = [reports[scale] for scale in scales]
         return result
 
+    def check_sample_inputs(self, options: dict[str, Any], run_dir: pathlib.Path) -> None:
+        """Nothing here needs the run's files (Task.check_sample_inputs)."""
+
     def check_sample_options(self, options: dict[str, Any]) -> list[str]:
         """The sampler overrides `--sampler` and `--steps` make (a sampler must fit the objective)."""
         rows = len(options["prompt"] or [""]) if self.text else len(

@@ -141,6 +141,9 @@ class GANTask:
         return {"eval_loss": loss_sum / max(weight_sum, 1.0),
                 **sample_report(samples, held_out.labels, data.train_set, held_out)}
 
+    def check_sample_inputs(self, options: dict[str, Any], run_dir: pathlib.Path) -> None:
+        """Nothing here needs the run's files (Task.check_sample_inputs)."""
+
     def check_sample_options(self, options: dict[str, Any]) -> None:
         m = self.cfg.model
         rows = len(requested_labels(options["labels"], m.num_classes))

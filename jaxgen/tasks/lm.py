@@ -82,6 +82,20 @@ class LanguageModelTask(OneTextModel):
             raise UsageError(f"--max-new-tokens {wanted} does not fit this run's context (model.max_seq_len="
                              f"{max_len}, one of them the BOS token); give 1 to {max_len - 1}")
 
+    def check_sample_inputs(self, options: dict[str, Any], run_dir: pathlib.Path) -> None:
+        """A prompt must leave room for a token in the model's context."""
+        tokenizer = load_tokenizer(run_dir)
+        self.room_after_prompts([[tokenizer.bos_id, *tokenizer.encode([p])[0]] for p in options["prompt"] or [""]])
+
+    def room_after_prompts(self, ids: list[list[int]]) -> int:
+        """How many tokens the model's context leaves after the longest of the prompts `ids` (BOS included)."""
+        max_len = self.cfg.model.max_seq_len
+        room = max_len - max(len(i) for i in ids)
+        if room < 1:
+            raise ConfigError(f"the longest prompt ({max(len(i) for i in ids)} tokens with BOS) fills the model's "
+                              f"context (model.max_seq_len={max_len}); shorten it")
+        return room
+
     def generate(self, weights: Weights, run_dir: pathlib.Path, step: int, options: dict[str, Any],
                  on_text: Callable[[str], None] | None) -> list[dict]:
         self.check_sample_options(options)
@@ -101,10 +115,7 @@ class LanguageModelTask(OneTextModel):
         `max_new_tokens` asks for more); None asks for DEFAULT_NEW_TOKENS or what is left, quietly."""
         max_len = self.cfg.model.max_seq_len
         ids = [[tokenizer.bos_id, *tokenizer.encode([p])[0]] for p in prompts]
-        room = max_len - max(len(i) for i in ids)
-        if room < 1:
-            raise ConfigError(f"the longest prompt ({max(len(i) for i in ids)} tokens with BOS) fills the model's "
-                              f"context (model.max_seq_len={max_len}); shorten it")
+        room = self.room_after_prompts(ids)
         if name_cut and max_new_tokens is not None and max_new_tokens > room:
             log.warning("the longest prompt leaves room for %d new tokens in the model's context "
                         "(model.max_seq_len=%d), not the %d asked for", room, max_len, max_new_tokens)

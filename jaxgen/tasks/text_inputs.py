@@ -10,6 +10,7 @@ the batches as global arrays on the parameters' mesh (`global_batches`).
 
 from __future__ import annotations
 
+import pathlib
 from typing import Any
 
 import jax
@@ -49,6 +50,9 @@ class OneTextModel:
         token_loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
         weights = batch["weights"].astype(jnp.float32)
         return jnp.sum(token_loss * weights), jnp.sum(weights)
+
+    def check_sample_inputs(self, options: dict[str, Any], run_dir: pathlib.Path) -> None:
+        """Nothing here needs the run's files (Task.check_sample_inputs)."""
 
     def check_sample_options(self, options: dict[str, Any]) -> None:
         vocab = self.cfg.model.vocab_size
