@@ -117,18 +117,24 @@ def test_missing_peers_end_in_a_clear_error_not_a_hang(tmp_path):
     assert f"no coordinator answered at {address} within 2s" in result.stderr
 
 
+def refused_process_0(run_dir, port: int, processes: int, init_timeout: int) -> tuple[str, str]:
+    """`jaxgen train` as process 0 of `processes` on 127.0.0.1:`port`, no other process started, which must fail
+    with status 2: (its last line, all it wrote to stderr)."""
+    result = jaxgen_cli("train", "--run-dir", str(run_dir), "--coordinator-address", f"127.0.0.1:{port}",
+                        "--num-processes", str(processes), "--process-id", "0", "--init-timeout", str(init_timeout))
+    assert result.returncode == 2, result.stderr[-2000:]
+    return result.stderr.splitlines()[-1], result.stderr
+
+
 def test_a_process_0_whose_peers_never_join_ends_with_one_line_before_jax_aborts_it(tmp_path):
     """Two processes started with --num-processes 3 (or a node that never came up): every one waited out the
     join timeout, then JAX aborted it from C++ (RegisterTask: a stack dump, exit 134, no word of why)."""
     port = free_port()
-    result = jaxgen_cli("train", "--run-dir", str(tmp_path / "r"), "--coordinator-address", f"127.0.0.1:{port}",
-                        "--num-processes", "3", "--process-id", "0", "--init-timeout", "4")
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert result.stderr.splitlines()[-1] == (
-        f"jaxgen: error: not every process of the run joined via 127.0.0.1:{port} within 4 s (--init-timeout; this "
-        "is process 0 of 3): start all 3, or give --num-processes the number started, or a longer --init-timeout "
-        "where hosts start slowly")
-    assert "Check failure" not in result.stderr and not (tmp_path / "r").exists()
+    line, stderr = refused_process_0(tmp_path / "r", port, processes=3, init_timeout=4)
+    assert line == (f"jaxgen: error: not every process of the run joined via 127.0.0.1:{port} within 4 s "
+                    "(--init-timeout; this is process 0 of 3): start all 3, or give --num-processes the number "
+                    "started, or a longer --init-timeout where hosts start slowly")
+    assert "Check failure" not in stderr and not (tmp_path / "r").exists()
     assert [distributed.join_watch_s(t) for t in (300, 10, 4, 0.1)] == [298, 9, 3.6, 0.5]
 
 
@@ -162,10 +168,7 @@ def test_a_second_run_on_a_busy_coordinator_port_is_refused_before_it_starts(tmp
     process 1 then joined the wrong one and the first run died with a C++ stack dump."""
     with listening(reuse_port=True) as server:
         port = server.getsockname()[1]
-        result = jaxgen_cli("train", "--run-dir", str(tmp_path / "r"), "--coordinator-address", f"127.0.0.1:{port}",
-                            "--num-processes", "2", "--process-id", "0", "--init-timeout", "5")
-        assert result.returncode == 2, result.stderr[-2000:]
-        assert result.stderr.splitlines()[-1] == (
+        assert refused_process_0(tmp_path / "r", port, processes=2, init_timeout=5)[0] == (
             f"jaxgen: error: coordinator port {port} is already in use on this machine (another run's coordinator, "
             "or another program); a second coordinator there would let processes join the wrong run. Give a free "
             "port in --coordinator-address (JAXGEN_COORDINATOR_ADDRESS)")
