@@ -151,15 +151,15 @@ def ask(address: str) -> dict | None:
     return None
 
 
-def report_stop(address: str, report: dict, within_s: float = REPORT_S) -> bool:
+def report_stop(address: str, report: dict, within_s: float | None = None) -> bool:
     """Tell the beacon at coordinator `address` that this process stopped before joining (`report`: its
-    identity, process id, line and exit status), trying for `within_s`; whether it was noted."""
+    identity, process id, line and exit status), trying for `within_s` (default REPORT_S); whether it was noted."""
     host, _, port = address.rpartition(":")
     try:
         family, kind, proto, _, where = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_DGRAM)[0]
     except (OSError, ValueError):
         return False
-    deadline = time.monotonic() + within_s
+    deadline = time.monotonic() + (REPORT_S if within_s is None else within_s)
     with socket.socket(family, kind, proto) as sock:
         sock.settimeout(ANSWER_WAIT_S)
         while time.monotonic() < deadline:

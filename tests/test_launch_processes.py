@@ -275,7 +275,9 @@ def test_a_process_that_stops_before_joining_ends_process_0_with_its_line(runs, 
     configs, own = tmp_path / "configs", tmp_path / "own"
     configs.mkdir(), own.mkdir()
     shutil.copy(TINY_CONFIG, configs / "my.yaml")
-    run = runs([*own_folder_for_process_1(tmp_path, own, configs), sys.executable, "-m", "jaxgen", "train",
+    patient = ("import sys; from jaxgen import coordinator_beacon; coordinator_beacon.REPORT_S = 60; "  # a busy machine
+               "from jaxgen.cli import main; sys.exit(main(sys.argv[1:]))")
+    run = runs([*own_folder_for_process_1(tmp_path, own, configs), sys.executable, "-c", patient, "train",
                 "--config", str(configs / "my.yaml"), "--run-dir", str(tmp_path / "run")], 2, 4, tmp_path / "logs")
     started = time.monotonic()
     assert run.wait(timeout=120) == [2, 2], run.output()
