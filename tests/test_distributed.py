@@ -224,10 +224,14 @@ def test_a_process_that_stops_before_joining_tells_the_beacon_of_its_own_run_onl
         address = f"127.0.0.1:{port}"
         report = {"identity": mine, "process": 1, "line": "error: config file 'c.yaml' does not exist", "status": 2}
         assert report_stop(address, report)
+        deadline = time.monotonic() + 10
+        while not reports and time.monotonic() < deadline:  # noted first, then handed on by the beacon's thread
+            time.sleep(0.01)
         assert reports == [report]
         assert report_stop(address, {**report, "identity": {**mine, "run_dir": "b"}})  # another run's: noted only
         beacon.all_joined()
         assert report_stop(address, report)  # once all have joined, JAX's heartbeats see a process die
+        time.sleep(0.2)
         assert reports == [report]
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as unused:
         unused.bind(("127.0.0.1", 0))
