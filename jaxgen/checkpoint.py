@@ -46,7 +46,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from jaxgen.config import CheckpointConfig
-from jaxgen.distributed import stop_together
+from jaxgen.distributed import from_every_process, stop_together
 from jaxgen.errors import (
     CheckpointError,
     CheckpointWriteError,
@@ -410,14 +410,7 @@ def _verify_arrays(tree: Any, checksums: dict, where: str, prefix: str = "") -> 
 
 def gather_process_states(local: dict) -> list[dict]:
     """Every process's data-iterator state, in process order (identical on all processes)."""
-    if jax.process_count() == 1:
-        return [local]
-    encoded = np.frombuffer(json.dumps(local).encode(), np.uint8)
-    lengths = multihost_utils.process_allgather(np.asarray([encoded.size]))
-    padded = np.zeros(int(lengths.max()), np.uint8)
-    padded[: encoded.size] = encoded
-    rows = multihost_utils.process_allgather(padded)
-    return [json.loads(bytes(row[: int(n)]).decode()) for row, n in zip(rows, lengths.reshape(-1))]
+    return [json.loads(raw) for raw in from_every_process(json.dumps(local).encode())]
 
 
 def restore_subtree(path: str | pathlib.Path, keys: tuple[str, ...], target: Any, step: int | None = None,
