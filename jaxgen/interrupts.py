@@ -8,6 +8,15 @@ JAX half-initialised, crash the interpreter's teardown, or be swallowed. The
 training loop replaces the handler while it trains (Ctrl-C then saves at the
 next step and exits 75; a second Ctrl-C leaves at once). Only the standard
 library is imported here, so the handler is installed before anything heavy.
+
+Python runs a signal's handler on the main thread, between bytecodes: while
+that thread waits in C++ code that does not look for signals
+(`jax.distributed.initialize` waiting for the other processes of a run, up to
+its timeout; a collective whose peer hung) the handler waits too, and Ctrl-C
+seemed to do nothing for minutes. So every signal a
+handler here catches is also written to a pipe (`signal.set_wakeup_fd`) that a
+watcher thread reads: where the handler would leave at once, the watcher
+leaves for it, whatever the main thread is doing.
 """
 
 from __future__ import annotations
@@ -16,14 +25,22 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 
 # What each stopping signal prints and exits with; a command may add what to do next (`advise`).
 _ENDINGS = {signal.SIGINT: ["interrupted", 130], signal.SIGTERM: ["stopped by SIGTERM", 128 + signal.SIGTERM]}
 _advice = {"text": ""}
+# Taken by the first thread to leave (the main thread's handler or the watcher), so the line is printed once.
+_leaving = threading.Lock()
+# What the watcher does, at once, with a signal whose handler is not `_on_signal` (the training loop's), if anything.
+_while_busy: dict[str, Callable[[int], None] | None] = {"act": None}
+_watching = {"started": False}
 
 
 def exit_interrupted(line: str | None = None, status: int | None = None, signum: int = signal.SIGINT) -> None:
     """Print the interruption's one line and leave at once."""
+    if not _leaving.acquire(blocking=False):
+        threading.Event().wait()  # another thread is printing the line and leaving
     ending, ending_status = _ENDINGS[signum]
     sys.stderr.write(("\n" if _progress_bar_open() else "") + f"jaxgen: {line or ending + _advice['text']}\n")
     sys.stderr.flush()
@@ -48,8 +65,51 @@ def end_cleanly_on_ctrl_c() -> None:
     if threading.current_thread() is threading.main_thread():
         for signum in _ENDINGS:
             signal.signal(signum, _on_signal)
+        _watch_signals()
         # Blocked across jaxgen.allocator's re-execution: a Ctrl-C that came meanwhile arrives now.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def _watch_signals() -> None:
+    """Start the watcher thread (once; from the main thread) that acts on signals the main thread is too busy
+    to see."""
+    if _watching["started"]:
+        return
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)  # the interpreter's C signal handler must never block on it
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    # A forked child keeps the wakeup descriptor but not the thread: its signals would end the parent.
+    os.register_at_fork(after_in_child=lambda: _silence(write_fd))
+    threading.Thread(target=_watch, args=(read_fd,), name="jaxgen-signals", daemon=True).start()
+    _watching["started"] = True
+
+
+def _silence(write_fd: int) -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, write_fd)
+    os.close(devnull)
+
+
+def _watch(read_fd: int) -> None:
+    while True:
+        try:
+            received = os.read(read_fd, 64)
+        except InterruptedError:
+            continue
+        except OSError:
+            return
+        for signum in received:
+            act = _while_busy["act"]
+            if signal.getsignal(signum) is _on_signal:
+                exit_interrupted(signum=signum)
+            elif act is not None:
+                act(signum)
+
+
+def while_busy(act: Callable[[int], None] | None) -> None:
+    """Have the watcher thread call `act(signum)` at once for each signal whose handler is not this module's
+    (the training loop's, which runs only between the main thread's bytecodes); None: nothing."""
+    _while_busy["act"] = act
 
 
 def advise(text: str) -> None:

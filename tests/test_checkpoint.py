@@ -153,6 +153,31 @@ def test_ctrl_c_says_at_once_that_it_saves_and_a_second_one_says_what_it_abandon
         watch.close()
 
 
+def test_while_the_main_thread_is_busy_the_signal_watcher_says_it_saves_and_leaves_on_a_second_ctrl_c(
+        monkeypatch, caplog):
+    """A process waiting in C++ (a collective whose peer hung) runs no Python handler: a second Ctrl-C did nothing
+    until JAX aborted the process. jaxgen.interrupts' watcher thread calls `_at_once` with every signal."""
+    from jaxgen.train import preemption
+
+    def leave(line):
+        raise SystemExit(line)
+
+    monkeypatch.setattr(preemption, "exit_interrupted", leave)
+    watch = preemption.PreemptionWatch()
+    try:
+        with caplog.at_level("WARNING", logger="jaxgen"):
+            watch._at_once(signal.SIGINT)
+            watch._on_signal(signal.SIGINT, None)  # the main thread's handler, later: said already
+        assert caplog.messages == ["Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again stops "
+                                   "at once, without it)"]
+        watch._at_once(signal.SIGINT)  # the same keypress, passed on by `jaxgen launch`
+        monkeypatch.setattr(preemption, "ONE_KEYPRESS_S", 0.0)
+        with pytest.raises(SystemExit, match="interrupted again before the checkpoint was saved"):
+            watch._at_once(signal.SIGINT)
+    finally:
+        watch.close()
+
+
 def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
     run_dir = tmp_path / "torn"
     died = run(train_args(run_dir), driver=["during-save", "8"])

@@ -3,6 +3,8 @@
 import errno
 import os
 import socket
+import subprocess
+import sys
 import time
 
 import jax
@@ -15,7 +17,8 @@ from jaxgen.distributed import DistributedError, DistributedSettings, settings_f
 from jaxgen.errors import DataError
 from jaxgen.launch import free_port
 
-from helpers import jaxgen_cli
+from helpers import REPO, jaxgen_cli
+from test_cli import interrupt_when, one_final_line, start
 
 EXPLICIT_ENV = {"JAXGEN_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAXGEN_NUM_PROCESSES": "4", "JAXGEN_PROCESS_ID": "3"}
 
@@ -136,6 +139,43 @@ def test_a_process_0_whose_peers_never_join_ends_with_one_line_before_jax_aborts
                     "started, or a longer --init-timeout where hosts start slowly")
     assert "Check failure" not in stderr and not (tmp_path / "r").exists()
     assert [distributed.join_watch_s(t) for t in (300, 10, 4, 0.1)] == [298, 9, 3.6, 0.5]
+
+
+def test_ctrl_c_while_waiting_for_the_others_to_join_stops_at_once(tmp_path):
+    """JAX waits for the others in C++, where Python's signal handler cannot run: Ctrl-C did nothing until the
+    join timeout (300 s by default). jaxgen.interrupts' watcher thread acts on it at once."""
+    port = free_port()
+    process = start(["train", "--run-dir", str(tmp_path / "r"), "--coordinator-address", f"127.0.0.1:{port}",
+                     "--num-processes", "2", "--process-id", "0", "--init-timeout", "60"])
+    started = time.monotonic()
+    stderr = interrupt_when(process, "joining a multi-process run", after_s=2.0)
+    assert process.returncode == 130, stderr[-2000:]
+    assert one_final_line(stderr) == "jaxgen: interrupted; run the same command again to continue"
+    assert time.monotonic() - started < 40  # the watchdog's own line would come at 58 s
+
+
+FORKS_AND_IS_SIGNALLED = """
+import os, signal, sys, time
+from jaxgen.interrupts import end_cleanly_on_ctrl_c
+end_cleanly_on_ctrl_c()
+child = os.fork()
+if child == 0:
+    os.kill(os.getpid(), signal.SIGTERM)  # the child leaves with its own line
+    time.sleep(10)
+    os._exit(0)
+os.waitpid(child, 0)
+time.sleep(1)  # time for the parent's signal watcher to act on anything the child wrote to it
+print("the parent goes on")
+"""
+
+
+def test_a_forked_childs_signal_does_not_end_the_parent():
+    """The child of a fork keeps the interpreter's wakeup descriptor, not the thread that reads it: without care,
+    its signals reach the parent's watcher, which ends the parent."""
+    result = subprocess.run([sys.executable, "-c", FORKS_AND_IS_SIGNALLED], capture_output=True, text=True,
+                            timeout=60, cwd=REPO)
+    assert (result.returncode, result.stdout) == (0, "the parent goes on\n"), result.stderr
+    assert result.stderr == "jaxgen: stopped by SIGTERM\n"
 
 
 def listening(reuse_port: bool = False) -> socket.socket:

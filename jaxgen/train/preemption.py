@@ -18,11 +18,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 
 import jax
 from jax.experimental import multihost_utils
 
-from jaxgen.interrupts import exit_interrupted
+from jaxgen.interrupts import exit_interrupted, while_busy
 
 log = logging.getLogger("jaxgen")
 
@@ -31,6 +32,8 @@ log = logging.getLogger("jaxgen")
 SAVING = {signal.SIGINT: "Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again stops at once, "
                          "without it)",
           signal.SIGTERM: "SIGTERM: saving a checkpoint after this step, then stopping"}
+# Ctrl-Cs closer together than this are taken for one keypress passed on twice.
+ONE_KEYPRESS_S = 1.0
 AGAIN = "interrupted again before the checkpoint was saved; run the same command again to continue from the last one"
 
 
@@ -45,13 +48,34 @@ class PreemptionWatch:
         signals = [signal.SIGINT] if self._multi_process else [signal.SIGTERM, signal.SIGINT]
         self._previous = {s: signal.signal(s, self._on_signal) for s in signals}
         self._previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_hangup)
+        self._first_ctrl_c: float | None = None  # when the watcher thread saw it
+        self._told = False
+        while_busy(self._at_once)
+
+    def _at_once(self, signum: int) -> None:
+        """From jaxgen.interrupts' watcher thread, while the main thread may be busy (waiting in C++ for a
+        collective whose peer hung): say at once that the run will save, and stop at once on a second Ctrl-C.
+        One keypress can arrive twice (from the terminal and from `jaxgen launch`, which passes it on): the
+        watcher sees each, where the main thread's handler runs once for both."""
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._first_ctrl_c is None:
+                self._first_ctrl_c = now
+            elif now - self._first_ctrl_c >= ONE_KEYPRESS_S:
+                exit_interrupted(AGAIN)
+        self._tell(signum)
+
+    def _tell(self, signum: int) -> None:
+        if not self._told and signum in SAVING and jax.process_index() == 0:
+            self._told = True
+            log.warning(SAVING[signum])
 
     def _on_signal(self, signum, frame) -> None:
         if signum == signal.SIGINT and self._ctrl_c:
             exit_interrupted(AGAIN)  # Ctrl-C twice: stop now, without waiting for the save
         self._ctrl_c = self._ctrl_c or signum == signal.SIGINT
-        if self._signalled is None and jax.process_index() == 0:
-            log.warning(SAVING[signum])
+        if self._signalled is None:
+            self._tell(signum)
         if self._multi_process:  # JAX's SIGTERM handler makes every process stop at the same step
             os.kill(os.getpid(), signal.SIGTERM)
         self._signalled = signum
@@ -69,6 +93,7 @@ class PreemptionWatch:
         return self._signalled is not None
 
     def close(self) -> None:
+        while_busy(None)
         for s, handler in self._previous.items():
             signal.signal(s, handler)
 
