@@ -133,9 +133,26 @@ def test_a_corpus_too_small_for_the_vocabulary_names_the_largest_possible(tmp_pa
 
 def test_a_vocabulary_too_small_for_the_characters_names_the_least_possible(tmp_path):
     with pytest.raises(DataError) as err:
-        train_tokenizer(VERSES[:100], 100, tmp_path / "t.model")
-    assert re.fullmatch(r"a 100-piece bpe tokenizer is too small for the text of the given documents: .* need at "
+        train_tokenizer(VERSES[:100], 270, tmp_path / "t.model")
+    assert re.fullmatch(r"a 270-piece bpe tokenizer is too small for the text of the given documents: .* need at "
                         r"least (\d+); set the vocabulary size to at least \1", one_line(err))
+
+
+@pytest.mark.parametrize("vocab_size, specials", [(1, ()), (258, ()), (260, ("[MASK]", "<extra_id_0>"))])
+def test_a_vocabulary_too_small_for_the_byte_and_special_pieces_is_refused_before_reading(tmp_path, vocab_size,
+                                                                                          specials):
+    """Below the byte and special pieces sentencepiece failed with an empty reason after reading the corpus."""
+    def never_read():
+        raise AssertionError("the documents were read")
+        yield
+
+    with pytest.raises(DataError) as err:
+        train_tokenizer(never_read(), vocab_size, tmp_path / "t.model", vocab_option="model.vocab_size",
+                        special_pieces=specials)
+    least = 259 + len(specials)
+    assert one_line(err) == (f"a {vocab_size}-piece bpe tokenizer is too small: its 256 byte pieces and "
+                             f"{3 + len(specials)} special pieces alone need {least}, the text's characters more; "
+                             f"set model.vocab_size to at least {least}")
 
 
 def test_no_documents_to_train_on_says_so(tmp_path):

@@ -20,6 +20,7 @@ from jaxgen.files import write_atomic
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 SPECIAL_IDS = {"unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID}
+BYTE_PIECES = 256  # byte fallback: a piece for every byte, so that any text can be encoded
 
 
 ModelType = Literal["bpe", "unigram"]
@@ -45,6 +46,12 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, out: str | pathli
     span corruption's sentinels) get ids 3, 4, ... and are never split.
     """
     out = pathlib.Path(out)
+    # Sentencepiece's own failure below this says nothing a user can act on ("insert_id(bos_id, ...)").
+    least = BYTE_PIECES + len(SPECIAL_IDS) + len(special_pieces)
+    if vocab_size < least:
+        raise DataError(f"a {vocab_size}-piece {model_type} tokenizer is too small: its {BYTE_PIECES} byte pieces and "
+                        f"{least - BYTE_PIECES} special pieces alone need {least}, the text's characters more; set "
+                        f"{vocab_option} to at least {least}")
     proto = io.BytesIO()
     reading = _KeepingErrors(piece for document in documents for piece in pieces_within(document, TRAINING_PIECE_BYTES))
     try:
