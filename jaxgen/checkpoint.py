@@ -94,6 +94,15 @@ def committed_steps(directory: pathlib.Path) -> list[int]:
     return [step for step in _step_dirs(directory) if (pathlib.Path(directory) / str(step) / CHECKSUMS).is_file()]
 
 
+def checkpoint_digest(directory: pathlib.Path, step: int) -> str | None:
+    """What tells checkpoint `step` from another saved at the same step (by a run continued from an earlier
+    checkpoint with other settings): the start of its checksums' digest; None where they cannot be read."""
+    try:
+        return str(json.loads((pathlib.Path(directory) / str(step) / CHECKSUMS).read_bytes())["self_sha256"])[:16]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _step_dirs(directory: pathlib.Path) -> list[int]:
     """Every plainly numbered step directory (Orbax's atomic rename gave it its number)."""
     directory = pathlib.Path(directory)

@@ -366,6 +366,29 @@ def test_eval_all_scores_every_checkpoint_and_reproduces_the_loop(straight):
     assert json.loads((run_dir / "eval.jsonl").read_text().splitlines()[-1])["overrides"] == ["train.eval_batches=1"]
 
 
+def test_eval_all_scores_anew_a_step_saved_again_since_its_result(straight, tokenizer, tmp_path):
+    """A run taken back to an earlier checkpoint and continued with a lower learning rate saves new checkpoints
+    at the steps eval.jsonl already holds results of: `eval --all` showed the old branch's figures for them."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight[0], run_dir)
+    first = run_jaxgen("eval", "--run-dir", str(run_dir), "--all")
+    assert first.returncode == 0, first.stderr[-2000:]
+    old = {r["step"]: r for r in map(json.loads, first.stdout.splitlines())}
+    shutil.rmtree(run_dir / "checkpoints" / str(STEPS))
+    again = run_jaxgen(*train_args(run_dir, tokenizer, "optimizer.lr=0.001"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    rescored = run_jaxgen("eval", "--run-dir", str(run_dir), "--all")
+    assert rescored.returncode == 0, rescored.stderr[-2000:]
+    new = {r["step"]: r for r in map(json.loads, rescored.stdout.splitlines())}
+    assert [new[4], new[8]] == [old[4], old[8]]  # the same checkpoints: shown from eval.jsonl
+    assert new[STEPS]["checkpoint"] != old[STEPS]["checkpoint"]
+    assert new[STEPS]["eval_loss"] != old[STEPS]["eval_loss"]
+    logged = {r["step"]: r["eval_loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "eval_loss" in r}
+    assert new[STEPS]["eval_loss"] == pytest.approx(logged[STEPS], rel=1e-6)  # the new branch's own
+    assert (f"checkpoint {STEPS}: the result eval.jsonl holds is of another checkpoint saved at that step"
+            in rescored.stderr)
+
+
 def test_eval_all_scores_the_checkpoints_it_can_read_and_names_the_damaged_ones_last(straight, tmp_path):
     """`eval --all` stopped at the first damaged checkpoint, losing the evaluation of every later one."""
     run_dir = tmp_path / "run"

@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxgen import strict_json
-from jaxgen.checkpoint import checkpoint_dir, committed_steps
+from jaxgen.checkpoint import checkpoint_digest, checkpoint_dir, committed_steps
 from jaxgen.data.pipeline import padded, to_global
 from jaxgen.distributed import bytes_from_process_0
 from jaxgen.files import append_line
@@ -35,17 +35,35 @@ def evaluate(run: OpenedRun, data) -> dict:
     """The task's figures for the run's current parameters."""
     batches = [to_global(split_evenly(batch, run.mesh), run.mesh) for batch in data.eval]
     loss_sum, weight_sum = held_out_sums(run.eval_step, run.weights.params, batches)
-    return {"step": run.step, **run.task.evaluate(run.weights, data, loss_sum, weight_sum)}
+    return {"step": run.step, "checkpoint": checkpoint_digest(checkpoint_dir(run.run_dir), run.step),
+            **run.task.evaluate(run.weights, data, loss_sum, weight_sum)}
+
+
+SAVED_AGAIN = "the result eval.jsonl holds is of another checkpoint saved at that step (the run was continued from " \
+              "an earlier one)"
+NOT_NAMED = "the result eval.jsonl holds does not say which checkpoint it is of (written by an earlier jaxgen)"
 
 
 def scored_before(run_dir: pathlib.Path, steps: list[int], overrides: list[str]) -> dict[int, dict]:
-    """{step: its latest result in RUN_DIR/eval.jsonl scored with `overrides`} for each of `steps`, as process 0
-    reads the file (every process then skips the same checkpoints)."""
-    found = {}
+    """{step: its latest result in RUN_DIR/eval.jsonl scored with `overrides` on the checkpoint now at that step}
+    for each of `steps`, as process 0 reads the file (every process then skips the same checkpoints).
+
+    Each result names the checkpoint it scored (`checkpoint`: its digest); a result of another checkpoint saved
+    at the same step (a run continued from an earlier checkpoint, with other settings) is not this one's."""
+    found, other = {}, {SAVED_AGAIN: set(), NOT_NAMED: set()}
     if jax.process_index() == 0:
+        digests = {step: checkpoint_digest(checkpoint_dir(run_dir), step) for step in steps}
         for record in read_metrics(run_dir / "eval.jsonl"):
             if isinstance(record, dict) and record.get("step") in steps and record.get("overrides", []) == overrides:
-                found[record["step"]] = record
+                if record.get("checkpoint") is None:
+                    other[NOT_NAMED].add(record["step"])
+                elif record["checkpoint"] == digests[record["step"]]:
+                    found[record["step"]] = record
+                else:
+                    other[SAVED_AGAIN].add(record["step"])
+        for why, scored in other.items():
+            if scored := sorted(scored - set(found)):
+                log.info("checkpoint%s %s: %s; scored anew", "s" * (len(scored) > 1), ", ".join(map(str, scored)), why)
     agreed = json.loads(bytes_from_process_0(json.dumps([found[s] for s in steps if s in found]).encode()))
     return {record["step"]: record for record in agreed}
 
