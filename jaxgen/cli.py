@@ -363,9 +363,11 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(err, KeyboardInterrupt):  # raised by code, not by Ctrl-C (jaxgen.interrupts handles that)
             exit_interrupted()
         line, status = describe(err, command=next((a for a in argv if not a.startswith("-")), None))
+        distributed.before_last_line(err)
         print(f"jaxgen: {line}", file=sys.stderr, flush=True)
         distributed.tell_process_0_of_stop({name: getattr(args, name, None) for name in distributed.ENV}, line,
                                            status)
+        distributed.tell_peers_of_stop(err, line, status)
     return distributed.exit_status(status)
 
 

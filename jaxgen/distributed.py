@@ -31,8 +31,10 @@ from typing import Any, Literal, TypeVar, get_args
 
 import numpy as np
 
+from jaxgen import peer_stops
 from jaxgen.coordinator_beacon import ask, refusal, report_stop, run_identity, start_beacon
-from jaxgen.errors import ConfigError, JaxgenError, describe_os_error
+from jaxgen.errors import ConfigError, JaxgenError, Preempted, describe_os_error, lost_a_peer
+from jaxgen.interrupts import claim_last_word
 
 log = logging.getLogger("jaxgen")
 
@@ -255,6 +257,8 @@ def initialize(settings: DistributedSettings) -> None:
         watchdog.cancel()
     log.info("process %d of %d: %d local devices of %d", jax.process_index(), jax.process_count(),
              jax.local_device_count(), jax.device_count())
+    if jax.process_count() > 1:
+        peer_stops.watch(jax.process_index())
     if beacon is not None:  # every process has joined: any other that asks is a stranger
         beacon.all_joined()
 
@@ -303,9 +307,31 @@ def tell_process_0_of_stop(flags: Mapping[str, Any], line: str, status: int) -> 
 
 
 def is_multiprocess() -> bool:
-    import jax
+    jax = sys.modules.get("jax")  # not imported: not joined (and no reason to import it now)
+    return jax is not None and jax.distributed.is_initialized() and jax.process_count() > 1
 
-    return jax.distributed.is_initialized() and jax.process_count() > 1
+
+# How long a process whose collective broke waits for the line of the process that stopped (peer_stops).
+PEER_LINE_WAIT_S = 3.0
+
+
+def before_last_line(err: BaseException) -> None:
+    """Before a failing process prints its line: where the error is another process's stop breaking a
+    collective, give that process's posted line (`jaxgen.peer_stops`) a moment to end this one; then make this
+    thread the one that prints the last line."""
+    if is_multiprocess() and lost_a_peer(str(err)):
+        deadline = time.monotonic() + PEER_LINE_WAIT_S
+        while time.monotonic() < deadline:  # the watcher thread leaves with the peer's line if one comes
+            time.sleep(0.1)
+    claim_last_word()
+
+
+def tell_peers_of_stop(err: BaseException, line: str, status: int) -> None:
+    """A process of a joined run that stops on its own error posts its line, with which the others stop."""
+    if is_multiprocess() and not isinstance(err, Preempted) and not lost_a_peer(str(err)):
+        import jax
+
+        peer_stops.announce(jax.process_index(), line, status)
 
 
 def reports_results() -> bool:
@@ -334,8 +360,12 @@ def exit_status(code: int) -> int:
     logging.shutdown()
     # Most failures before training (a config or data mistake) are met by every process within moments of
     # each other: a short wait lets each report its own one line, where leaving first would have JAX's
-    # coordination service abort the others mid-way, with a C++ stack dump instead of the error.
-    time.sleep(PEERS_REPORT_S)
+    # coordination service abort the others mid-way, with a C++ stack dump instead of the error. A process
+    # that posted its line for the others (jaxgen.peer_stops) leaves at once, unless it hosts that service.
+    import jax
+
+    if not (peer_stops.announced() and jax.process_index() != 0):  # else told: process 0 must outlive it
+        time.sleep(PEERS_REPORT_S)
     os._exit(code)
 
 

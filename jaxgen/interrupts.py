@@ -30,8 +30,9 @@ from collections.abc import Callable
 # What each stopping signal prints and exits with; a command may add what to do next (`advise`).
 _ENDINGS = {signal.SIGINT: ["interrupted", 130], signal.SIGTERM: ["stopped by SIGTERM", 128 + signal.SIGTERM]}
 _advice = {"text": ""}
-# Taken by the first thread to leave (the main thread's handler or the watcher), so the line is printed once.
-_leaving = threading.Lock()
+# Taken by the first thread to leave (the main thread, the signal watcher, a peer's stop), so that one thread
+# prints the last line; re-entrant, as a signal's handler can run on the main thread while it is leaving.
+_leaving = threading.RLock()
 # What the watcher does, at once, with a signal whose handler is not `_on_signal` (the training loop's), if anything.
 _while_busy: dict[str, Callable[[int], None] | None] = {"act": None}
 _watching = {"started": False}
@@ -39,13 +40,24 @@ _watching = {"started": False}
 
 def exit_interrupted(line: str | None = None, status: int | None = None, signum: int = signal.SIGINT) -> None:
     """Print the interruption's one line and leave at once."""
-    if not _leaving.acquire(blocking=False):
-        threading.Event().wait()  # another thread is printing the line and leaving
     ending, ending_status = _ENDINGS[signum]
-    sys.stderr.write(("\n" if _progress_bar_open() else "") + f"jaxgen: {line or ending + _advice['text']}\n")
+    leave_with(line or ending + _advice["text"], ending_status if status is None else status)
+
+
+def leave_with(line: str, status: int) -> None:
+    """Print `jaxgen: <line>` and leave at once (unless another thread has the last word: see `claim_last_word`)."""
+    claim_last_word()
+    sys.stderr.write(("\n" if _progress_bar_open() else "") + f"jaxgen: {line}\n")
     sys.stderr.flush()
     sys.stdout.flush()
-    os._exit(ending_status if status is None else status)
+    os._exit(status)
+
+
+def claim_last_word() -> None:
+    """Make this thread the one that prints the process's final line: returns at once, or never, where another
+    thread (a signal's, a peer's stop) already prints its own and ends the process."""
+    if not _leaving.acquire(blocking=False):
+        threading.Event().wait()
 
 
 def _progress_bar_open() -> bool:

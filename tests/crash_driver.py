@@ -2,8 +2,10 @@
 
     python crash_driver.py after-commit STEP -- train ARGS...   # checkpoint STEP is durable, then os._exit
     python crash_driver.py during-save STEP -- train ARGS...    # os._exit while STEP is being written
+    python crash_driver.py full-disk-on-1 STEP -- train ARGS... # process 1 alone fails to write STEP (ENOSPC)
 """
 
+import errno
 import os
 import sys
 
@@ -14,6 +16,12 @@ original_save = checkpoint.Checkpointer.save
 
 
 def save_then_die(self, step, *args, **kwargs):
+    if mode == "full-disk-on-1":
+        import jax
+
+        if step == crash_step and jax.process_index() == 1:
+            raise OSError(errno.ENOSPC, "No space left on device", "/scratch/x")
+        return original_save(self, step, *args, **kwargs)
     original_save(self, step, *args, **kwargs)
     if step == crash_step:
         if mode == "after-commit":

@@ -144,6 +144,25 @@ def test_killing_one_process_makes_the_other_exit_nonzero_within_a_minute(runs, 
     assert survivor_status != 0, run.output()
 
 
+def test_one_process_failing_mid_run_stops_the_others_with_its_line(runs, tmp_path, small_corpus):
+    """Process 1 alone fails (a full disk on its host): it said so and left, and process 0, whose log people
+    read, waited out the heartbeat timeout in a collective, then JAX aborted it from C++ (exit 134, a stack
+    dump, no word of why)."""
+    argv = [sys.executable, str(REPO / "tests" / "crash_driver.py"), "full-disk-on-1", "4", "--",
+            *tiny_train_args(small_corpus, tmp_path / "run", "train.steps=100000", "checkpoint.every=4",
+                             *ACROSS_PROCESSES)]
+    run = runs(argv, 2, 4, tmp_path / "logs")
+    run.wait_for_line(0, "compiled in")
+    started = time.monotonic()
+    assert run.wait(timeout=60) == [1, 1], run.output()
+    assert time.monotonic() - started < 25  # the heartbeat timeout (30 s) never came into it
+    output = run.output()
+    assert "Check failure" not in output and "terminate called" not in output, output
+    last = [log.read_text().splitlines()[-1] for log in run.logs]
+    assert last == ["jaxgen: error: process 1 stopped: /scratch/x: no space left on device",
+                    "jaxgen: error: /scratch/x: no space left on device"], output
+
+
 @pytest.mark.parametrize("end, message", [
     ("stop", "training data ran out on process 1 before step 3 (2 processes); every process stops at step 3"),
     ("error", "training data failed on process 1 (see its log) before step 3 (2 processes)"),

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import pathlib
+import sys
 import time
 
 import jax
@@ -29,13 +30,13 @@ from jaxgen.data.fingerprint import changed_files, data_files, refuse_other_file
 from jaxgen.data.lockstep import next_in_lockstep
 from jaxgen.data.pipeline import merged_position, process_streams, this_process, to_global
 from jaxgen.device_memory import check_fits
-from jaxgen.distributed import stop_together
-from jaxgen.errors import EXIT_PREEMPTED, ConfigError, Preempted, listed
+from jaxgen.distributed import is_multiprocess, stop_together
+from jaxgen.errors import EXIT_PREEMPTED, ConfigError, DataError, NonFiniteError, Preempted, listed
 from jaxgen.evals.benchmark import Benchmarks, load_tasks, make_scorer, require_language_model
 from jaxgen.evals.plots import plot_benchmarks
 from jaxgen.evals.tasks import Task as BenchmarkTask
 from jaxgen.files import user_cache_dir, write_atomic
-from jaxgen.interrupts import after_ctrl_c
+from jaxgen.interrupts import after_ctrl_c, claim_last_word
 from jaxgen.metrics import (
     MetricsWriter,
     StartupClock,
@@ -91,6 +92,17 @@ def train(cfg: Config, run_dir: str | pathlib.Path, startup: dict[str, float] | 
         closing.callback(ckpt.close)  # a refused start too: Orbax's threads must not outlive it
         clock.mark("setup")
         return _train(cfg, run_dir, training, ckpt, closing, wall_start, eval_tasks, clock, cache_dir)
+
+
+def stopping_together(failure: BaseException | None) -> bool:
+    """Whether every process of the run leaves the loop now (or this process runs alone), so that they can wait
+    for a started save together (a multi-process save is a collective). A failure only one process may meet
+    (its host's disk, its device) leaves the others stepping: waiting for the save there hung every process
+    for ever. Stops every process meets at the same step: a signal, the data (`next_in_lockstep`), a
+    non-finite loss."""
+    if failure is None or not is_multiprocess():
+        return True
+    return isinstance(failure, (Preempted, DataError, NonFiniteError))
 
 
 def use_compilation_cache(setting: str | None) -> str | None:
@@ -229,7 +241,11 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
         bar.close()  # ends the bar's line, so whatever is printed next starts on its own
         preemption.close()
         writer.flush()
-        ckpt.wait()  # a started save always completes: it is a good checkpoint
+        failure = sys.exc_info()[1]
+        if failure is not None and is_multiprocess():  # it ends with its own line: a peer's posted stop
+            claim_last_word()  # (jaxgen.peer_stops) must not cut its wait for a save short
+        if stopping_together(failure):
+            ckpt.wait()  # a started save always completes: it is a good checkpoint
 
     # ------------------------------------------------------------------ wrap-up
     after_ctrl_c(EXIT_PREEMPTED, f"interrupted after the final checkpoint (step {progress.last_saved}) was saved; "
