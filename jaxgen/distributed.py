@@ -320,9 +320,7 @@ def before_last_line(err: BaseException) -> None:
     collective, give that process's posted line (`jaxgen.peer_stops`) a moment to end this one; then make this
     thread the one that prints the last line."""
     if is_multiprocess() and lost_a_peer(str(err)):
-        deadline = time.monotonic() + PEER_LINE_WAIT_S
-        while time.monotonic() < deadline:  # the watcher thread leaves with the peer's line if one comes
-            time.sleep(0.1)
+        time.sleep(PEER_LINE_WAIT_S)  # the watcher thread ends the process with the peer's line, if one comes
     claim_last_word()
 
 

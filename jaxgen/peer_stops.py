@@ -10,6 +10,9 @@ it is the cause, later ones its consequences), and a thread on every process,
 waiting on that key from the moment the process joined, prints `jaxgen: error:
 process N stopped: <its line>` and leaves with its exit status. The wait is one
 blocking call to the service, which JAX's shutdown cancels at a normal exit.
+
+Process 0 hosts the service, and every process still joined when it ends is
+aborted from C++: so the process that posted leaves at once, process 0 last.
 """
 
 from __future__ import annotations
@@ -106,14 +109,3 @@ def announced() -> bool:
     """Whether this process posted its stop (so the others are told, and it may leave at once)."""
     return _posted.is_set()
 
-
-def posted_by_another(process_index: int) -> bool:
-    """Whether another process has posted its stop (whose line the watcher thread is printing, or will)."""
-    client = _client()
-    if client is None:
-        return False
-    try:
-        report = json.loads(client.key_value_try_get(KEY))
-        return int(report["process"]) != process_index
-    except Exception:  # noqa: BLE001 - nothing posted, or the service is gone
-        return False
