@@ -257,6 +257,29 @@ def test_a_step_scored_again_on_other_tasks_keeps_the_earlier_tasks(tmp_path, ca
     assert f"{tmp_path / 'evals' / '4.json'} is left out of the plots: Expecting" in caplog.text
 
 
+def test_tasks_scored_on_another_checkpoint_of_the_step_are_set_aside_not_merged(tmp_path, caplog):
+    """A run continued from an earlier checkpoint saves a new one at a step evals/<step>.json holds tasks of:
+    `eval --tasks` on it merged the old checkpoint's tasks in as its own (and plotted them)."""
+    benchmark.write_result(tmp_path, {"step": 8, "tasks": {"hellaswag": {"acc": 0.3}}, "checkpoint": "old"})
+    benchmark.write_result(tmp_path, {"step": 8, "tasks": {"piqa": {"acc": 0.6}}})  # the trainer's: no checkpoint
+    with caplog.at_level("WARNING", logger="jaxgen"):
+        benchmark.write_result(tmp_path, {"step": 8, "tasks": {"arc_easy": {"acc": 0.4}}, "checkpoint": "new"})
+    assert "scored on another checkpoint" not in caplog.text  # the trainer's record left it unknown
+    saved = json.loads((tmp_path / "evals" / "8.json").read_text())
+    assert saved == {"step": 8, "tasks": {"hellaswag": {"acc": 0.3}, "piqa": {"acc": 0.6}, "arc_easy": {"acc": 0.4}},
+                     "checkpoint": "new"}  # after the trainer's record the file's checkpoint is unknown: merged
+    with caplog.at_level("WARNING", logger="jaxgen"):
+        benchmark.write_result(tmp_path, {"step": 8, "tasks": {"lambada": {"acc": 0.2}}, "checkpoint": "newer"})
+    assert "8.json held arc_easy, hellaswag, piqa, scored on another checkpoint saved at step 8" in caplog.text
+    saved = json.loads((tmp_path / "evals" / "8.json").read_text())
+    assert saved == {"step": 8, "tasks": {"lambada": {"acc": 0.2}}, "checkpoint": "newer",
+                     "replaced": [{"checkpoint": "new", "tasks": {"hellaswag": {"acc": 0.3}, "piqa": {"acc": 0.6},
+                                                                  "arc_easy": {"acc": 0.4}}}]}
+    benchmark.write_result(tmp_path, {"step": 8, "tasks": {"piqa": {"acc": 0.7}}, "checkpoint": "newer"})
+    assert json.loads((tmp_path / "evals" / "8.json").read_text())["tasks"] == {"lambada": {"acc": 0.2},
+                                                                                 "piqa": {"acc": 0.7}}
+
+
 def test_evaluations_of_one_step_at_once_keep_every_task(tmp_path):
     """The trainer's `train.eval_tasks` and a user's `eval --tasks` on one step: each read evals/<step>.json,
     added its tasks and wrote it back, so the later write dropped the other's tasks."""

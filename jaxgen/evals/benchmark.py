@@ -25,7 +25,7 @@ from jaxgen.evals.metrics import choice_predictions, cloze_figures, format_table
 from jaxgen.evals.plots import plot_benchmarks
 from jaxgen.evals.tasks import Cloze, Task, known_names, load_task, parse_task_names
 from jaxgen.files import updating_alone, write_atomic
-from jaxgen.outputs.runs import chosen_checkpoints, load_run_config
+from jaxgen.outputs.runs import chosen_checkpoints, load_run_config, scored_checkpoint
 from jaxgen.sharding import resolve_rules
 from jaxgen.tasks.layout import MAIN_GROUP
 
@@ -105,18 +105,31 @@ def result_record(step: int, results: dict[str, TaskScores]) -> dict:
 
 def write_result(run_dir: pathlib.Path, record: dict) -> dict:
     """RUN_DIR/evals/<step>.json holding `record`'s tasks beside those scored on the step before (a task scored
-    again is replaced), written atomically on process 0, one process at a time; returns `record`."""
+    again is replaced), written atomically on process 0, one process at a time; returns `record`.
+
+    A checkpoint's record (`eval --tasks`) names it (`checkpoint`: its digest); tasks scored before on another
+    checkpoint saved at the step (a run continued from an earlier one) move under "replaced", out of the plots,
+    rather than pass for its own."""
     if jax.process_index() == 0:
         path = run_dir / "evals" / f"{record['step']}.json"
         path.parent.mkdir(exist_ok=True)
         with updating_alone(path.parent / ".update.lock"):  # another `eval --tasks` on the step may be merging
-            tasks = {**earlier_tasks(path), **record["tasks"]}
-            write_atomic(path, strict_json.dumps({**record, "tasks": tasks}, indent=2) + "\n")
+            earlier = earlier_record(path)
+            scored = earlier.get("checkpoint"), record.get("checkpoint")
+            kept, replaced = earlier.get("tasks", {}), earlier.get("replaced", [])
+            if None not in scored and scored[0] != scored[1] and kept:
+                log.warning("%s held %s, scored on another checkpoint saved at step %d: kept there under "
+                            "'replaced', out of the plots", path, ", ".join(sorted(kept)), record["step"])
+                kept, replaced = {}, [*replaced, {"checkpoint": scored[0], "tasks": kept}]
+            # Named by the checkpoint of the newest record only: the trainer's, of its training state, names none.
+            merged = {**{k: v for k, v in earlier.items() if k != "checkpoint"}, **record}
+            merged = {**merged, "tasks": {**kept, **record["tasks"]}, **({"replaced": replaced} if replaced else {})}
+            write_atomic(path, strict_json.dumps(merged, indent=2) + "\n")
     return record
 
 
-def earlier_tasks(path: pathlib.Path) -> dict:
-    """The figures of the tasks an earlier evaluation wrote to `path` (none where there is no readable file):
+def earlier_record(path: pathlib.Path) -> dict:
+    """What an earlier evaluation wrote to `path` (nothing where there is no readable file), its tasks a dict:
     `eval --tasks arc_easy` after `eval --tasks hellaswag` keeps both."""
     try:
         earlier = json.loads(path.read_text())
@@ -125,8 +138,10 @@ def earlier_tasks(path: pathlib.Path) -> dict:
     except (OSError, ValueError) as err:
         log.warning("%s cannot be read (%s); this evaluation's results replace it", path, err)
         return {}
-    tasks = earlier.get("tasks") if isinstance(earlier, dict) else None
-    return tasks if isinstance(tasks, dict) else {}
+    if not isinstance(earlier, dict):
+        return {}
+    tasks = earlier.get("tasks")
+    return {**earlier, "tasks": tasks if isinstance(tasks, dict) else {}}
 
 
 def metric_values(record: dict) -> dict[str, float]:
@@ -160,7 +175,8 @@ def evaluate_benchmarks(run_dir: str | pathlib.Path, task_names: list[str], task
             if benchmarks is None:
                 benchmarks = Benchmarks(tasks, tokenizer, make_scorer(
                     run.cfg, run.mesh, run.layout.graphdefs[MAIN_GROUP], run.layout.shardings[MAIN_GROUP], batch_size))
-            record = result_record(run.step, benchmarks.run(run.weights.params[MAIN_GROUP]))
+            record = {**result_record(run.step, benchmarks.run(run.weights.params[MAIN_GROUP])),
+                      "checkpoint": scored_checkpoint(run)}
             if on_result is not None:  # first: a full disk failing the file below still leaves the figures shown
                 on_result(record)
             records.append(write_result(run_dir, record))

@@ -24,7 +24,7 @@ from jaxgen.data.pipeline import padded, to_global
 from jaxgen.distributed import bytes_from_process_0
 from jaxgen.files import append_line
 from jaxgen.metrics import read_metrics
-from jaxgen.outputs.runs import OpenedRun, chosen_checkpoints, each_checkpoint
+from jaxgen.outputs.runs import OpenedRun, chosen_checkpoints, each_checkpoint, scored_checkpoint
 from jaxgen.sharding import data_parallel_size
 from jaxgen.tasks.layout import held_out_sums
 
@@ -35,7 +35,7 @@ def evaluate(run: OpenedRun, data) -> dict:
     """The task's figures for the run's current parameters."""
     batches = [to_global(split_evenly(batch, run.mesh), run.mesh) for batch in data.eval]
     loss_sum, weight_sum = held_out_sums(run.eval_step, run.weights.params, batches)
-    return {"step": run.step, "checkpoint": checkpoint_digest(checkpoint_dir(run.run_dir), run.step),
+    return {"step": run.step, "checkpoint": scored_checkpoint(run),
             **run.task.evaluate(run.weights, data, loss_sum, weight_sum)}
 
 

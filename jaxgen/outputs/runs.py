@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 from jaxgen.checkpoint import (
     Checkpointer,
     DamagedCheckpoint,
+    checkpoint_digest,
     checkpoint_dir,
     committed_steps,
     on_every_process,
@@ -54,6 +55,12 @@ class OpenedRun:
     step: int
     weights: Weights | None  # None until a checkpoint's parameters are read
     eval_step: Callable  # (params by group, global batch) -> (loss sum, weight sum)
+
+
+def scored_checkpoint(run: OpenedRun) -> str | None:
+    """What a result names as the checkpoint it scored: its digest, unlike any other checkpoint's at that step
+    (one saved again by a run continued from an earlier checkpoint)."""
+    return checkpoint_digest(checkpoint_dir(run.run_dir), run.step)
 
 
 def load_run_config(run_dir: str | pathlib.Path, overrides: list[str] = ()) -> Config:
