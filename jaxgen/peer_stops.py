@@ -56,12 +56,23 @@ def _end_before_exit(waiting: threading.Thread) -> None:
     """At a normal exit, JAX's clean-up (which shuts the coordination client down, cancelling the wait), then
     the thread's end: a thread left waiting inside JAX's C++ while the interpreter finalises aborts the
     process ("terminate called after throwing ..."). JAX's own call at exit then finds nothing left to do."""
-    from jax._src import api
-
     try:
-        api.clean_up()
+        jax_clean_up()()
     finally:
         waiting.join(timeout=10)
+
+
+def jax_clean_up():
+    """JAX's own clean-up at exit (backends first, then the coordination client), private in JAX; where a JAX
+    release moved it, the public shutdown of the client, which is what cancels the wait."""
+    try:
+        from jax._src import api
+
+        return api.clean_up
+    except (ImportError, AttributeError):
+        import jax
+
+        return jax.distributed.shutdown
 
 
 def _wait_for_stop(client, process_index: int) -> None:

@@ -294,3 +294,13 @@ def test_a_host_without_ipv6_gets_a_beacon_on_ipv4(monkeypatch):
     monkeypatch.setattr(socket, "socket", without_ipv6)
     assert start_beacon(port, {"command": "train"}) is not None
     assert ask(f"127.0.0.1:{port}")["identity"] == {"command": "train"}
+
+
+def test_the_exit_clean_up_that_cancels_the_peer_watch_survives_jax_moving_its_private_one(monkeypatch):
+    from jax._src import api
+
+    from jaxgen import peer_stops
+
+    assert peer_stops.jax_clean_up() is api.clean_up
+    monkeypatch.delattr(api, "clean_up")
+    assert peer_stops.jax_clean_up() is jax.distributed.shutdown
