@@ -36,6 +36,7 @@ import time
 from collections.abc import Iterator
 
 from jaxgen.errors import DirectoryInUse
+from jaxgen.interrupts import undone_on_leaving
 
 log = logging.getLogger("jaxgen")
 
@@ -47,7 +48,7 @@ def _temporary_sibling(path: pathlib.Path, kind: str) -> pathlib.Path:
     """
     prefix = f".{path.name}.{kind}-{socket.gethostname()}-"
     for leftover in path.parent.glob(glob.escape(prefix) + "*"):
-        pid = leftover.name[len(prefix):]
+        pid = leftover.name[len(prefix):].removesuffix(".removed")  # (.removed: see _discard)
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
     return path.with_name(f"{prefix}{os.getpid()}")
@@ -89,7 +90,7 @@ def write_atomic(path: str | pathlib.Path, data: bytes | str) -> None:
     tmp = _temporary_sibling(path, "tmp")
     payload = data.encode() if isinstance(data, str) else data
     try:
-        with open(tmp, "wb") as f:
+        with undone_on_leaving(lambda: tmp.unlink(missing_ok=True)), open(tmp, "wb") as f:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
@@ -138,7 +139,8 @@ def building(target: str | pathlib.Path) -> Iterator[pathlib.Path]:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        yield tmp
+        with undone_on_leaving(lambda: _discard(tmp)):
+            yield tmp
         if target.is_dir() and not any(target.iterdir()):
             target.rmdir()
         try:
@@ -159,6 +161,17 @@ def building(target: str | pathlib.Path) -> Iterator[pathlib.Path]:
         _remove_for_good(tmp)
         raise
     _fsync_directory(target.parent)
+
+
+def _discard(tree: pathlib.Path) -> None:
+    """Remove `tree` while another thread may still be writing into it: first out of the way under a name of
+    its own (files opened by their old path then fail instead of making it anew), then for good."""
+    doomed = tree.with_name(tree.name + ".removed")
+    try:
+        os.rename(tree, doomed)
+    except OSError:
+        doomed = tree
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _remove_for_good(tree: pathlib.Path, quiet_s: float = 0.5, give_up_s: float = 5.0) -> None:

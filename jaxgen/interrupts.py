@@ -17,15 +17,22 @@ seemed to do nothing for minutes. So every signal a
 handler here catches is also written to a pipe (`signal.set_wakeup_fd`) that a
 watcher thread reads: where the handler would leave at once, the watcher
 leaves for it, whatever the main thread is doing.
+
+Leaving at once skips the `finally` blocks that remove what a command was still
+building under a hidden name (an export's folder, a prepared dataset, a file's
+temporary copy): those are registered here (`undone_on_leaving`) and removed
+before the last line, so an interrupted command leaves nothing behind. Only
+`kill -9` leaves them, and the next command writing the same output removes them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 # What each stopping signal prints and exits with; a command may add what to do next (`advise`).
 _ENDINGS = {signal.SIGINT: ["interrupted", 130], signal.SIGTERM: ["stopped by SIGTERM", 128 + signal.SIGTERM]}
@@ -36,6 +43,8 @@ _leaving = threading.RLock()
 # What the watcher does, at once, with a signal whose handler is not `_on_signal` (the training loop's), if anything.
 _while_busy: dict[str, Callable[[int], None] | None] = {"act": None}
 _watching = {"started": False}
+# What to undo before leaving at once: the unfinished outputs of the blocks in progress, by registration.
+_undo_on_leaving: dict[int, Callable[[], None]] = {}
 
 
 def exit_interrupted(line: str | None = None, status: int | None = None, signum: int = signal.SIGINT) -> None:
@@ -47,10 +56,26 @@ def exit_interrupted(line: str | None = None, status: int | None = None, signum:
 def leave_with(line: str, status: int) -> None:
     """Print `jaxgen: <line>` and leave at once (unless another thread has the last word: see `claim_last_word`)."""
     claim_last_word()
+    for undo in reversed(list(_undo_on_leaving.values())):
+        try:
+            undo()
+        except Exception:  # noqa: BLE001 - what cannot be undone is left for the next run to remove
+            pass
     sys.stderr.write(("\n" if _progress_bar_open() else "") + f"jaxgen: {line}\n")
     sys.stderr.flush()
     sys.stdout.flush()
     os._exit(status)
+
+
+@contextlib.contextmanager
+def undone_on_leaving(undo: Callable[[], None]) -> Iterator[None]:
+    """For the block's length, `undo()` runs if the process leaves at once (a signal, a peer's stop)."""
+    key = id(undo)
+    _undo_on_leaving[key] = undo
+    try:
+        yield
+    finally:
+        _undo_on_leaving.pop(key, None)
 
 
 def claim_last_word() -> None:

@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import jax
@@ -466,3 +467,36 @@ def test_a_write_landing_after_a_failed_build_leaves_nothing_behind(tmp_path):
             raise OSError(errno.EFBIG, "File too large")
     writer.join()
     assert not any(tmp_path.iterdir())
+
+
+LEFT_MID_WRITE = """
+import pathlib, sys
+from jaxgen.files import building, write_atomic
+from jaxgen.interrupts import end_cleanly_on_ctrl_c
+
+end_cleanly_on_ctrl_c()
+out = pathlib.Path(sys.argv[1])
+with building(out / "export") as partial:
+    write_atomic(out / "summary.json", "{}")
+    with open(partial / "model.safetensors", "wb") as f:
+        f.write(b"x" * 2**20)
+        print("writing", flush=True)
+        while True:
+            f.write(b"x" * 2**16)
+"""
+
+
+@pytest.mark.parametrize("signum, status, line", [(signal.SIGTERM, 143, "jaxgen: stopped by SIGTERM"),
+                                                  (signal.SIGINT, 130, "jaxgen: interrupted")])
+def test_an_output_interrupted_while_it_is_written_leaves_no_hidden_partial_behind(tmp_path, signum, status, line):
+    """Ctrl-C or SIGTERM to an export, import or prepare left its hidden `.NAME.partial-host-pid` folder (tens
+    of megabytes) until the same --out was written again: leaving at once skipped the block's clean-up."""
+    out = tmp_path / "out"
+    out.mkdir()
+    writer = subprocess.Popen([sys.executable, "-c", LEFT_MID_WRITE, str(out)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    assert writer.stdout.readline() == "writing\n"
+    writer.send_signal(signum)
+    _, stderr = writer.communicate(timeout=30)
+    assert (writer.returncode, stderr.strip().splitlines()) == (status, [line])
+    assert [p.name for p in out.iterdir()] == ["summary.json"]
