@@ -144,7 +144,7 @@ def _wait(procs: list[subprocess.Popen], out: TextIO, lock: threading.Lock) -> i
             index, code = failed[0]
             status = exit_code(code)
             what = ("saved a checkpoint and stopped (status 75); waiting for the others" if status == EXIT_PREEMPTED
-                    else f"exited with status {status}; stopping the others")
+                    else f"{how_it_ended(code)}; stopping the others")
             with lock:
                 _write(out, f"[launch] process {index} {what}\n")
             _stop(procs)
@@ -152,6 +152,19 @@ def _wait(procs: list[subprocess.Popen], out: TextIO, lock: threading.Lock) -> i
         if all(c == 0 for c in codes):
             return 0
         time.sleep(0.1)
+
+
+def how_it_ended(returncode: int) -> str:
+    """A failed process's end in words: a signal is named, and SIGKILL, which no process sends itself, says who
+    usually sends it (the others then die of missed heartbeats, with a stack dump that does not say why)."""
+    if returncode >= 0:
+        return f"exited with status {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    cause = " (the out-of-memory killer, or kill -9)" if -returncode == signal.SIGKILL else ""
+    return f"was killed by {name}{cause}, status {exit_code(returncode)}"
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:

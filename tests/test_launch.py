@@ -58,6 +58,19 @@ def test_one_failure_fails_the_run_and_stops_the_others():
     assert "[launch] process 1 exited with status 3; stopping the others" in out.getvalue()
 
 
+def test_a_process_killed_outright_is_named_with_its_signal_and_the_usual_sender():
+    code = """
+        import os, signal, time
+        if os.environ['JAXGEN_PROCESS_ID'] == '1':
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(300)
+    """
+    out = io.StringIO()
+    assert launch_local(python(code), 2, 1, out=out) == 137
+    assert ("[launch] process 1 was killed by SIGKILL (the out-of-memory killer, or kill -9), status 137; "
+            "stopping the others") in out.getvalue()
+
+
 def wait_until_ready(launcher: subprocess.Popen, processes: int) -> None:
     """Until each launched process has printed its 'ready' line."""
     ready = 0
