@@ -164,12 +164,14 @@ def describe(err: BaseException, command: str | None = None) -> tuple[str, int]:
 
 
 # What a collective fails with when another process of the run has gone (Gloo, JAX's collectives on CPU): this
-# process is not the one to blame, nor is the file it was reading.
-PEER_LOST = ("Connection closed by peer", "Gloo AllGather failed", "Gloo AllReduce failed", "Gloo Broadcast failed")
+# process is not the one to blame, nor is the file it was reading. Gloo words it in several ways: "Gloo AllReduce
+# failed: ... Connection closed by peer" where the other process exited, "Gloo all-reduce failed: ... Read error
+# ...: Connection reset by peer" where it was killed outright (kill -9, the out-of-memory killer).
+PEER_LOST = re.compile(r"connection (closed|reset) by peer|gloo ?[\w-]* failed", re.IGNORECASE)
 
 
 def lost_a_peer(message: str) -> bool:
-    return any(words in message for words in PEER_LOST)
+    return PEER_LOST.search(message) is not None
 
 
 def _chain(err: BaseException):

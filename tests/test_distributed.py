@@ -304,3 +304,16 @@ def test_the_exit_clean_up_that_cancels_the_peer_watch_survives_jax_moving_its_p
     assert peer_stops.jax_clean_up() is api.clean_up
     monkeypatch.delattr(api, "clean_up")
     assert peer_stops.jax_clean_up() is jax.distributed.shutdown
+
+
+def test_a_peer_killed_outright_reads_as_a_lost_peer_not_as_this_processs_unexpected_error():
+    """kill -9 of process 1 mid-run ended process 0 with 'unexpected JaxRuntimeError: UNKNOWN: Gloo all-reduce
+    failed: ... Connection reset by peer': Gloo words a killed peer otherwise than one that exited."""
+    from jaxgen.errors import describe, lost_a_peer
+
+    killed = RuntimeError("UNKNOWN: Gloo all-reduce failed: [external/gloo/gloo/transport/tcp/pair.cc:538] Read "
+                          "error [127.0.0.1]:63621: Connection reset by peer")
+    assert lost_a_peer(str(killed))
+    assert describe(killed)[0].startswith("error: another process of the run stopped, breaking this one's")
+    exited = "UNKNOWN: Gloo AllReduce failed: [external/gloo/gloo/transport/tcp/pair.cc:547] Connection closed by peer"
+    assert lost_a_peer(exited) and not lost_a_peer("UNKNOWN: gloo.cc: unrecognised option")
