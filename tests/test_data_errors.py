@@ -9,6 +9,8 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow
+import pyarrow.parquet
 import pytest
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
@@ -155,6 +157,19 @@ def test_a_vocabulary_too_small_for_the_byte_and_special_pieces_is_refused_befor
                              f"set model.vocab_size to at least {least}")
 
 
+@pytest.mark.parametrize("vocab_size", [2**31, 2**20 + 1])
+def test_a_vocabulary_too_large_is_refused_before_reading(tmp_path, vocab_size):
+    """Above int32 sentencepiece failed with 'cannot parse "2147483648" as int' after reading the corpus."""
+    def never_read():
+        raise AssertionError("the documents were read")
+        yield
+
+    with pytest.raises(DataError) as err:
+        train_tokenizer(never_read(), vocab_size, tmp_path / "t.model", vocab_option="--vocab-size")
+    assert one_line(err) == (f"a {vocab_size}-piece bpe tokenizer is too large: jaxgen trains at most 1048576 "
+                             "pieces (the largest tokenizers in use have ~256k); set --vocab-size to at most 1048576")
+
+
 def test_no_documents_to_train_on_says_so(tmp_path):
     with pytest.raises(DataError, match="no documents to train a 300-piece bpe tokenizer on were found"):
         train_tokenizer(iter([]), 300, tmp_path / "t.model")
@@ -209,7 +224,7 @@ INVALID_LINE = (r"bad.txt: line at byte \d+ is not valid UTF-8 \(invalid start b
 
 def test_invalid_utf8_while_the_tokenizer_trains_is_reported_as_itself(tmp_path):
     bad = verses_with_invalid_utf8(tmp_path / "bad.txt", [300])
-    with pytest.raises(DataError, match=INVALID_LINE) as err:
+    with pytest.raises(DataError, match=INVALID_LINE.replace("data.invalid_utf8=", "--invalid-utf8 ")) as err:
         train_tokenizer(iter_documents([bad], invalid_utf8="error"), 512, tmp_path / "t.model")
     assert "sentencepiece" not in one_line(err)
 
@@ -243,6 +258,7 @@ def test_tokenizer_train_cli_reports_invalid_utf8_in_one_line(tmp_path):
     error = jaxgen_fails("tokenizer", "train", "--input", "bad.txt", "--invalid-utf8", "error", "--vocab-size", "512",
                          "--out", "t.model", cwd=tmp_path)
     assert error.startswith("jaxgen: error: bad.txt: line at byte") and "of line 301)" in error
+    assert error.endswith("; set --invalid-utf8 skip to skip such records")  # a flag: it takes no config keys
 
 
 # ----------------------------------------------------------------------------- 4. skipped lines counted once
@@ -289,10 +305,28 @@ def test_a_pass_that_stops_early_reports_nothing_and_a_whole_pass_reports_once(t
 def test_a_jsonl_line_that_is_not_json_names_file_line_and_field(tmp_path):
     path = write_lines(tmp_path / "a.jsonl", [b'{"text": "one"}', b"{'text': 'two'}"])
     with pytest.raises(DataError) as err:
-        list(iter_documents([path]))
+        list(one_pass_documents(tiny_config(f"data.jsonl={path}").data, "train"))
     assert one_line(err) == (f"{path}: line at byte 16 is not valid JSON (Expecting property name enclosed in double "
                              "quotes at column 2 of line 2); each line of a .jsonl file must be one JSON object "
                              "holding its document in field 'text' (data.field)")
+
+
+def test_data_prepare_and_tokenizer_train_advise_the_flags_they_take(tmp_path, caplog):
+    """They read with `iter_documents` and refuse config keys: 'set data.field' was advice they could not take."""
+    path = write_lines(tmp_path / "a.jsonl", [b'{"text": "one"}', b'{"body": "two"}'])
+    with pytest.raises(DataError) as err:
+        list(iter_documents([path]))
+    assert one_line(err) == (f"{path}: line at byte 16 has no field 'text' (--field); it holds ['body'] (line 2); "
+                             "set --field to the key of the text")
+    pyarrow.parquet.write_table(pyarrow.table({"body": ["a"]}), tmp_path / "a.parquet")
+    with pytest.raises(DataError) as err:
+        list(iter_documents([tmp_path / "a.parquet"]))
+    assert one_line(err) == (f"'{tmp_path}/a.parquet' has no column 'text' (--field); it has ['body']; "
+                             "set --field to the column of the text")
+    bad = verses_with_invalid_utf8(tmp_path / "bad.txt", [2])
+    with caplog.at_level(logging.WARNING, logger="jaxgen"):
+        list(iter_documents([bad]))
+    assert skip_warnings(caplog)[0].endswith("; set --invalid-utf8 error to stop at them instead")
 
 
 def test_a_jsonl_line_without_the_field_names_file_line_and_keys(tmp_path):

@@ -181,6 +181,23 @@ def test_sharded_bf16_export_and_import_round_trip(trained, tmp_path):
     assert (half / "config.yaml").exists()
 
 
+@pytest.mark.parametrize("config, kind, formats", [
+    ("bert_tiny.yaml", "encoder", "--format hf or --format safetensors"),
+    ("t5_tiny.yaml", "encoder_decoder", "--format hf or --format safetensors"),
+    ("dit_digits.yaml", "dit", "--format safetensors"),
+])
+def test_a_format_that_does_not_fit_names_those_that_do(tmp_path, config, kind, formats):
+    """A BERT run was told '--format diffusers ...; use --format safetensors', although --format hf exports it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text((REPO / "configs" / config).read_text())
+    with pytest.raises(ExportError) as raised:
+        export_run(run, tmp_path / "out", fmt="diffusers")
+    assert str(raised.value) == (f"--format diffusers writes diffusers' AutoencoderKL, but model.kind={kind!r}; "
+                                 f"use {formats}")
+    assert not (tmp_path / "out").exists()
+
+
 def test_export_and_import_errors_name_the_problem(trained, tmp_path):
     with pytest.raises(Exception, match="does not exist"):
         export_run(tmp_path / "missing", tmp_path / "o1")
@@ -350,6 +367,17 @@ def test_top_k_and_top_p_truncate_the_distribution():
     for bad in ({"temperature": -1.0}, {"temperature": float("nan")}, {"top_k": -1}, {"top_p": 0.0}, {"top_p": 1.5}):
         with pytest.raises(ValueError, match=f"{next(iter(bad))} .* must be"):
             Sampling(**bad)
+
+
+def test_a_tiny_temperature_samples_the_greedy_token():
+    """Logits over T overflowed to inf from T ~ 1e-38, and inf - inf gave NaN: nothing sensible was drawn."""
+    logits = jnp.asarray([[1.0, 3.0, 2.5, -jnp.inf], [50.0, -20.0, 49.0, 0.0]])
+    keys = jax.random.split(jax.random.PRNGKey(0), 20)
+    for sampling in (Sampling(temperature=1e-40), Sampling(temperature=1e-300), Sampling(temperature=1e-40, top_k=2),
+                     Sampling(temperature=1e-40, top_p=0.5), Sampling(temperature=1e-40, top_k=3, top_p=0.9)):
+        for dtype in (jnp.float32, jnp.bfloat16):
+            drawn = {tuple(sample_logits(logits.astype(dtype), k, sampling).tolist()) for k in keys}
+            assert drawn == {(1, 0)}, (sampling, dtype)
 
 
 def test_cli_sample_is_greedy_and_deterministic(trained):

@@ -208,6 +208,30 @@ def test_a_malformed_config_is_one_line_naming_the_key(hf, tmp_path, content, ma
     refused(hf, tmp_path / "out", match)
 
 
+def test_what_is_no_model_directory_says_what_it_is(tiny_run, tmp_path):
+    """Each was 'is not a Hugging Face model directory (no config.json)', or an architecture ['unknown']."""
+    imports = ("LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, "
+               "BertForMaskedLM, T5ForConditionalGeneration and diffusers' AutoencoderKL")
+    missing, a_file, unet = tmp_path / "missing", tmp_path / "a_file", tmp_path / "unet"
+    a_file.write_text("x")
+    unet.mkdir()
+    (unet / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel", "in_channels": 4}))
+    weights_only = export_safetensors(tiny_run, tmp_path / "weights_only")
+    for source, message in [
+        (missing, f"'{missing}' does not exist; give a local Hugging Face model directory (with its config.json)"),
+        (a_file, f"'{a_file}' is a file; give a local Hugging Face model directory (with its config.json)"),
+        (weights_only, (f"'{weights_only}' is a weights-only jaxgen export (--format safetensors), which import "
+                        "cannot read; export the run with --format hf (or --format diffusers for an autoencoder), "
+                        "or fine-tune from the run directory itself with checkpoint.init_from=RUN_DIR")),
+        (unet, (f"{unet}/config.json: diffusers' 'UNet2DConditionModel' is not supported; jaxgen imports {imports} "
+                "checkpoints")),
+    ]:
+        with pytest.raises(ExportError) as raised:
+            import_hf(source, tmp_path / "out")
+        assert str(raised.value) == message
+        assert not (tmp_path / "out").exists()
+
+
 def test_a_non_empty_out_is_refused_before_any_work(hf, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -14,7 +14,7 @@ import pytest
 from array_record.python import array_record_module
 
 from jaxgen.data.prepare import prepare_dataset, read_prepared_metadata
-from jaxgen.errors import DataError
+from jaxgen.errors import DataError, describe
 
 from conftest import REPO
 
@@ -158,8 +158,43 @@ def test_a_full_disk_leaves_no_dataset_and_no_lock(corpus, tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
 
     result = run_prepare(corpus, out, preexec_fn=small_file_size_limit)
-    assert result.returncode != 0 and "File too large" in result.stderr
+    assert result.returncode != 0
+    assert result.stderr.splitlines()[-1] == (f"jaxgen: error: {out}/train-00000.unnumbered: "
+                                              "file too large (a file-size limit was reached)")
     assert list(tmp_path.iterdir()) == []
     result = run_prepare(corpus, out)
     assert result.returncode == 0, result.stderr[-2000:]
     assert_complete(out)
+
+
+class FullDiskWriter(DroppingWriter):
+    """... that fails to close as array_record does on a full disk: a RuntimeError naming the cause in words."""
+
+    def close(self):
+        raise RuntimeError(f"write() failed: No space left on device; writing {self.path}; at byte 65536; "
+                           "Failed to close chunk_writer")
+
+
+def test_a_full_disk_reads_as_every_other_commands_one_line(corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(array_record_module, "ArrayRecordWriter", FullDiskWriter)
+    with pytest.raises(OSError) as raised:
+        prepare_dataset(str(corpus), tmp_path / "ds", progress=False)
+    assert describe(raised.value) == (f"error: {tmp_path / 'ds'}/train-00000.unnumbered: no space left on device", 1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_corpus_of_no_documents_says_so_not_to_hold_out_fewer(tmp_path):
+    """A binary file (its lines skipped as invalid UTF-8) was '0 documents, too few for a validation split'."""
+    binary = tmp_path / "corrupt.png"
+    binary.write_bytes(b"\x89PNG\x1a\x00\x00\x00\rIHDR\xff\xfe" * 50 + b"\n" + b"\x00\xc3" * 100)
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n\n")
+    with pytest.raises(DataError) as raised:
+        prepare_dataset(str(binary), tmp_path / "ds", progress=False)
+    assert str(raised.value) == (f"--input '{binary}' holds no text documents ({binary} looks binary); give text "
+                                 "files (a document a line), .jsonl or .parquet files")
+    with pytest.raises(DataError) as raised:
+        prepare_dataset(str(blank), tmp_path / "ds", progress=False)
+    assert str(raised.value) == (f"--input '{blank}' holds no text documents; give text files (a document a line), "
+                                 ".jsonl or .parquet files")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blank.txt", "corrupt.png"]

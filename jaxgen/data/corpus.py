@@ -11,6 +11,7 @@ line; provenance in KJV_PROVENANCE.md beside it).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import gzip
 import json
@@ -27,6 +28,19 @@ BUNDLED_CORPUS = pathlib.Path(__file__).with_name("kjv.txt.gz")
 InvalidUtf8 = Literal["skip", "error"]
 
 log = logging.getLogger("jaxgen")
+
+
+@dataclasses.dataclass(frozen=True)
+class SettingNames:
+    """How the command reading the documents spells the settings its messages advise: `train` takes config
+    keys, `data prepare` and `tokenizer train` flags."""
+
+    field: str
+    invalid_utf8: str  # "{}" stands for the value
+
+
+CONFIG_KEYS = SettingNames("data.field", "data.invalid_utf8={}")
+COMMAND_FLAGS = SettingNames("--field", "--invalid-utf8 {}")
 
 
 def resolve_files(pattern: str, key: str) -> list[pathlib.Path]:
@@ -99,8 +113,8 @@ class SkippedLines:
     reports the first line it skips, uncounted, unless told to stay quiet.
     """
 
-    def __init__(self, path: pathlib.Path, whole_file: bool, quiet: bool = False):
-        self.path, self.whole_file, self.quiet = path, whole_file, quiet
+    def __init__(self, path: pathlib.Path, whole_file: bool, quiet: bool = False, names: SettingNames = CONFIG_KEYS):
+        self.path, self.whole_file, self.quiet, self.names = path, whole_file, quiet, names
         self.count, self.first_offset = 0, 0
 
     def skip(self, offset: int) -> None:
@@ -108,8 +122,8 @@ class SkippedLines:
             self.first_offset = offset
             if not self.whole_file and not self.quiet:
                 warn_once(str(self.path.resolve()), f"{self.path}: skipping lines of invalid UTF-8 (the first met: "
-                                                    f"line at byte {offset}); set data.invalid_utf8=error to stop at "
-                                                    "them instead")
+                                                    f"line at byte {offset}); set "
+                                                    f"{self.names.invalid_utf8.format('error')} to stop at them instead")
         self.count += 1
 
     def report(self) -> None:
@@ -118,10 +132,11 @@ class SkippedLines:
             first = f"line at byte {self.first_offset}, line {line_number(self.path, self.first_offset)}"
             warn_once(str(self.path.resolve()),
                       f"{self.path}: skipped {self.count} lines of invalid UTF-8 (the first: {first}); "
-                      "set data.invalid_utf8=error to stop at them instead")
+                      f"set {self.names.invalid_utf8.format('error')} to stop at them instead")
 
 
-def decode_utf8(raw: bytes, policy: InvalidUtf8, invalid: Callable[[UnicodeDecodeError], str]) -> str | None:
+def decode_utf8(raw: bytes, policy: InvalidUtf8, invalid: Callable[[UnicodeDecodeError], str],
+                names: SettingNames = CONFIG_KEYS) -> str | None:
     """The text of `raw`, or None if it is invalid UTF-8 and the policy is to skip it (the caller counts it).
 
     `invalid(err)` says which record is invalid, and where, for the error.
@@ -131,8 +146,7 @@ def decode_utf8(raw: bytes, policy: InvalidUtf8, invalid: Callable[[UnicodeDecod
     except UnicodeDecodeError as err:
         if policy == "skip":
             return None
-        raise DataError(
-            f"{invalid(err)}; set data.invalid_utf8=skip (or --invalid-utf8 skip) to skip such records") from None
+        raise DataError(f"{invalid(err)}; set {names.invalid_utf8.format('skip')} to skip such records") from None
 
 
 # A document is a line; one longer than this is no document but a file that is not text (a binary file
@@ -153,35 +167,36 @@ def decode_line(raw: bytes, path: pathlib.Path, offset: int, policy: InvalidUtf8
     """The text of the line at byte `offset` of `path`, or None when it is skipped as invalid UTF-8."""
     line = decode_utf8(raw, policy, lambda err: (
         f"{path}: line at byte {offset} is not valid UTF-8 "
-        f"({err.reason} at byte {err.start} of line {line_number(path, offset)})"))
+        f"({err.reason} at byte {err.start} of line {line_number(path, offset)})"), skipped.names)
     if line is None:
         skipped.skip(offset)
     return line
 
 
-def line_document(line: str, field: str | None, path: pathlib.Path, offset: int) -> str | None:
+def line_document(line: str, field: str | None, path: pathlib.Path, offset: int,
+                  names: SettingNames = CONFIG_KEYS) -> str | None:
     """The document a line holds (None for a blank line): the line itself, or its JSON `field`."""
     if not line.strip():
         return None
     if field is None:
         return line.rstrip("\r\n")
-    where = f"{path}: line at byte {offset}"
+    where, setting = f"{path}: line at byte {offset}", names.field
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
         raise DataError(
             f"{where} is not valid JSON ({err.msg} at column {err.colno} of line {line_number(path, offset)}); "
-            f"each line of a .jsonl file must be one JSON object holding its document in field {field!r} (data.field)"
+            f"each line of a .jsonl file must be one JSON object holding its document in field {field!r} ({setting})"
         ) from None
     if not isinstance(record, dict):
-        raise DataError(f"{where} has no field {field!r} (data.field); it holds {_json_kind(record)} "
+        raise DataError(f"{where} has no field {field!r} ({setting}); it holds {_json_kind(record)} "
                         f"(line {line_number(path, offset)}), not a JSON object")
     if field not in record:
-        raise DataError(f"{where} has no field {field!r} (data.field); it holds {sorted(record)} "
-                        f"(line {line_number(path, offset)}); set data.field to the key of the text")
+        raise DataError(f"{where} has no field {field!r} ({setting}); it holds {sorted(record)} "
+                        f"(line {line_number(path, offset)}); set {setting} to the key of the text")
     text = record[field]
     if not isinstance(text, str):
-        raise DataError(f"{where}: field {field!r} (data.field) holds {_json_kind(text)}, not a string "
+        raise DataError(f"{where}: field {field!r} ({setting}) holds {_json_kind(text)}, not a string "
                         f"(line {line_number(path, offset)})")
     return text
 
@@ -199,31 +214,45 @@ def is_parquet(path: pathlib.Path) -> bool:
     return path.suffix == ".parquet"
 
 
-def iter_documents(files: list[pathlib.Path], field: str = "text", invalid_utf8: InvalidUtf8 = "skip") -> Iterator[str]:
+def looks_binary(path: pathlib.Path) -> bool:
+    """Whether a text or JSONL file's first bytes are those of no text (a NUL byte, or bytes that are not UTF-8)."""
+    with open_binary(path) as f, damaged_gzip_named(path):
+        head = f.read(8192)
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return err.reason != "unexpected end of data"  # a character cut off by the 8192 bytes is text all the same
+    return b"\0" in head
+
+
+def iter_documents(files: list[pathlib.Path], field: str = "text", invalid_utf8: InvalidUtf8 = "skip",
+                   names: SettingNames = COMMAND_FLAGS) -> Iterator[str]:
     """Every document of the files once, in order: lines of text files, `field` of `.jsonl` lines
     and of `.parquet` files (whose footers are all checked before the first document).
 
-    For one-pass readers (tokenizer training, `data prepare`); training streams use streaming.py.
+    For one-pass readers (`tokenizer train`, `data prepare`, so messages name their flags); training streams
+    use streaming.py.
     """
     from jaxgen.data.parquet import local_parquet  # parquet.py resolves its globs with this module
 
     parquet = [path for path in files if is_parquet(path)]
-    columns = local_parquet(parquet, field) if parquet else None
+    columns = local_parquet(parquet, field, names.field) if parquet else None
     for path in files:
         if is_parquet(path):
             yield from columns.file_documents(parquet.index(path))
         else:
-            yield from file_documents(path, field if is_jsonl(path) else None, invalid_utf8)
+            yield from file_documents(path, field if is_jsonl(path) else None, invalid_utf8, names)
 
 
-def file_documents(path: pathlib.Path, field: str | None, invalid_utf8: InvalidUtf8) -> Iterator[str]:
+def file_documents(path: pathlib.Path, field: str | None, invalid_utf8: InvalidUtf8,
+                   names: SettingNames = CONFIG_KEYS) -> Iterator[str]:
     """The documents of one file in order: its lines, or their JSON `field` (field=None: plain text)."""
-    skipped = SkippedLines(path, whole_file=True)
+    skipped = SkippedLines(path, whole_file=True, names=names)
     offset = 0
     with open_binary(path) as f, damaged_gzip_named(path):
         while raw := read_line(f, path, offset):
             line = decode_line(raw, path, offset, invalid_utf8, skipped)
-            document = None if line is None else line_document(line, field, path, offset)
+            document = None if line is None else line_document(line, field, path, offset, names)
             offset += len(raw)
             if document is not None:
                 yield document

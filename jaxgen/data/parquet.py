@@ -57,9 +57,12 @@ class ParquetDocuments:
     Pickles (to grain's worker processes) without open files; each copy opens them as it reads.
     """
 
-    def __init__(self, filesystem: Any, paths: list[str], names: list[str], field: str):
-        """`paths` on `filesystem` (a `pyarrow.fs.FileSystem`), `names` as errors show them."""
+    def __init__(self, filesystem: Any, paths: list[str], names: list[str], field: str,
+                 field_setting: str = "data.field"):
+        """`paths` on `filesystem` (a `pyarrow.fs.FileSystem`), `names` as errors show them, and `field_setting`
+        how the command the user ran sets `field` ("data.field", "--field")."""
         self.filesystem, self.paths, self.names, self.field = filesystem, list(paths), list(names), field
+        self.field_setting = field_setting
         with ThreadPoolExecutor(_FOOTER_READERS) as pool:
             rows = list(pool.map(self._row_groups, range(len(self.paths))))  # the first bad file's error
         # One entry per row group of every file: its file, its index within the file, its first row.
@@ -125,13 +128,13 @@ class ParquetDocuments:
         with self._opened(i) as parquet_file:
             schema, metadata = parquet_file.schema_arrow, parquet_file.metadata
         if self.field not in schema.names:
-            raise DataError(f"{self.names[i]!r} has no column {self.field!r} (data.field); it has {schema.names}; "
-                            "set data.field to the column of the text")
+            raise DataError(f"{self.names[i]!r} has no column {self.field!r} ({self.field_setting}); it has "
+                            f"{schema.names}; set {self.field_setting} to the column of the text")
         kind = schema.field(self.field).type
         if not (pyarrow.types.is_string(kind) or pyarrow.types.is_large_string(kind)
                 or pyarrow.types.is_string_view(kind)):
-            raise DataError(f"{self.names[i]!r}: column {self.field!r} (data.field) holds {kind}, not strings; "
-                            "set data.field to the column of the text")
+            raise DataError(f"{self.names[i]!r}: column {self.field!r} ({self.field_setting}) holds {kind}, "
+                            f"not strings; set {self.field_setting} to the column of the text")
         return [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
 
     def __len__(self) -> int:
@@ -185,11 +188,11 @@ def open_parquet(pattern: str, field: str, key: str = "data.parquet") -> Parquet
     return ParquetDocuments(filesystem, paths, [f"{scheme}://{path}" for path in paths], field)
 
 
-def local_parquet(files: list[pathlib.Path], field: str) -> ParquetDocuments:
+def local_parquet(files: list[pathlib.Path], field: str, field_setting: str = "data.field") -> ParquetDocuments:
     import pyarrow.fs
 
     return ParquetDocuments(pyarrow.fs.LocalFileSystem(), [str(path.absolute()) for path in files],
-                            [str(path) for path in files], field)
+                            [str(path) for path in files], field, field_setting)
 
 
 def _remote_files(pattern: str, key: str) -> tuple[Any, list[str]]:

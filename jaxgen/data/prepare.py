@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -37,10 +38,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxgen.config import DataConfig
-from jaxgen.data.corpus import InvalidUtf8, iter_documents, resolve_files
+from jaxgen.data.corpus import InvalidUtf8, is_parquet, iter_documents, looks_binary, resolve_files
 from jaxgen.data.splits import HoldOut
 from jaxgen.data.tokenizer import Tokenizer, keep_tokenizer
-from jaxgen.errors import ConfigError, DataError
+from jaxgen.errors import ConfigError, DataError, listed
 from jaxgen.files import DirectoryLock, building, write_atomic
 
 PREPARED_MARKER = "jaxgen_dataset.json"
@@ -118,14 +119,22 @@ class ShardedSplitWriter:
             file.path = file.path.rename(self.directory / f"{stem}.array_record-{i:05d}-of-{n:05d}")
 
 
+# The failures a write can meet, which array_record names only in its message's words.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+
+
 @contextlib.contextmanager
 def _as_os_error(path: pathlib.Path) -> Iterator[None]:
-    # array_record reports a failed write (full disk, file too large) as RuntimeError;
-    # it is an I/O failure and is raised as one, naming the file.
+    # array_record reports a failed write (full disk, file too large) as RuntimeError, its cause in the system's
+    # words ("write() failed: No space left on device"); it is raised as the OSError it was, naming the file,
+    # so it reads as every other command's ("PATH: no space left on device").
     try:
         yield
     except RuntimeError as err:
-        raise OSError(f"writing {str(path)!r}: {err}") from err
+        code = next((code for code in _WRITE_ERRNOS if os.strerror(code) in str(err)), None)
+        if code is None:
+            raise OSError(f"writing {str(path)!r}: {err}") from err
+        raise OSError(code, os.strerror(code), str(path)) from err
 
 
 def prepare_dataset(input_pattern: str, out: str | pathlib.Path, *, field: str = "text",
@@ -204,6 +213,11 @@ def _write_dataset(files: list[pathlib.Path], input_pattern: str, partial: pathl
             example = {"text": text}
         writers["validation" if validation.keeps(ordinal) else "train"].write(features.serialize_example(example))
     counts = {split: sum(w.shard_lengths) for split, w in writers.items()}
+    if counts["train"] == 0:
+        binary = [str(path) for path in files if not is_parquet(path) and looks_binary(path)]
+        why = f" ({listed(binary, 3)} {'looks' if len(binary) == 1 else 'look'} binary)" if binary else ""
+        raise DataError(f"--input {input_pattern!r} holds no text documents{why}; give text files (a document a "
+                        "line), .jsonl or .parquet files")
     if counts["validation"] == 0:
         first = (validation.every_nth - 1) * validation.block + 1
         raise DataError(

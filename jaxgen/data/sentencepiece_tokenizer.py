@@ -32,6 +32,9 @@ MAX_TRAINING_SENTENCES = 2_000_000
 # corpus of long documents (web pages, books on one line) trained on its short ones alone, or on none.
 # Longer documents are cut into pieces of at most this many bytes, at whitespace where there is some.
 TRAINING_PIECE_BYTES = 4096
+# Sentencepiece reads the size as an int32, and the largest tokenizers in use hold ~256k pieces; more pieces
+# than this would only make an embedding no corpus can train.
+MAX_VOCAB_SIZE = 1 << 20
 
 GIVE_A_TOKENIZER = "give a sentencepiece .model (e.g. from `jaxgen tokenizer train`) or a Hugging Face tokenizer.json"
 
@@ -52,6 +55,10 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, out: str | pathli
         raise DataError(f"a {vocab_size}-piece {model_type} tokenizer is too small: its {BYTE_PIECES} byte pieces and "
                         f"{least - BYTE_PIECES} special pieces alone need {least}, the text's characters more; set "
                         f"{vocab_option} to at least {least}")
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise DataError(f"a {vocab_size}-piece {model_type} tokenizer is too large: jaxgen trains at most "
+                        f"{MAX_VOCAB_SIZE} pieces (the largest tokenizers in use have ~256k); set {vocab_option} "
+                        f"to at most {MAX_VOCAB_SIZE}")
     proto = io.BytesIO()
     reading = _KeepingErrors(piece for document in documents for piece in pieces_within(document, TRAINING_PIECE_BYTES))
     try:

@@ -37,6 +37,14 @@ log = logging.getLogger("jaxgen")
 
 EXPORT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 DEFAULT_MAX_SHARD_BYTES = 2 * 2**30
+# The formats each model.kind exports to (every kind: safetensors), so a format that does not fit names those that do.
+FORMATS = {"transformer": ("hf", "safetensors"), "encoder": ("hf", "safetensors"),
+           "encoder_decoder": ("hf", "safetensors"), "autoencoder": ("diffusers", "safetensors")}
+
+
+def formats_for(kind: str) -> str:
+    """'--format hf or --format safetensors': what a model of `kind` can be exported as."""
+    return " or ".join(f"--format {fmt}" for fmt in FORMATS.get(kind, ("safetensors",)))
 
 
 def special_token_ids(tokenizer: Tokenizer) -> dict:
@@ -150,7 +158,7 @@ def export_run(run_dir: str | pathlib.Path, out: str | pathlib.Path, fmt: str = 
         cfg = load_run_config(run_dir, overrides)
         if cfg.model.kind == "autoencoder":
             raise ExportError("model.kind='autoencoder' has no Hugging Face transformers equivalent; "
-                              "use --format diffusers (diffusers' AutoencoderKL)")
+                              "use --format diffusers (diffusers' AutoencoderKL) or --format safetensors")
         writer = export_hf
         if cfg.model.kind in ("encoder", "encoder_decoder"):  # their layouts build on this module
             from jaxgen.outputs.hf_bert import bert_config, export_bert
@@ -169,7 +177,11 @@ def export_run(run_dir: str | pathlib.Path, out: str | pathlib.Path, fmt: str = 
     elif fmt == "diffusers":
         from jaxgen.outputs.diffusers_vae import diffusers_config, export_diffusers  # it builds on this module
 
-        diffusers_config(load_run_config(run_dir, overrides).model)  # other kinds fail here, before any restore
+        model = load_run_config(run_dir, overrides).model
+        if model.kind != "autoencoder":
+            raise ExportError(f"--format diffusers writes diffusers' AutoencoderKL, but model.kind={model.kind!r}; "
+                              f"use {formats_for(model.kind)}")
+        diffusers_config(model)  # a model AutoencoderKL cannot hold fails here, before any restore
         writer = export_diffusers
     refuse_nonempty_output(out)  # before the restore, the expensive part
     run = open_run(run_dir, step, overrides)

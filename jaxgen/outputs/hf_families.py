@@ -117,6 +117,9 @@ FAMILIES: dict[str, Family] = {
     ),
 }
 ARCHITECTURES = ", ".join(f.architecture for f in FAMILIES.values())
+# Everything `jaxgen import` reads, for the message refusing the rest: the families above, BERT (hf_bert), T5
+# (hf_t5) and diffusers' AutoencoderKL (diffusers_vae), which build on this module and cannot be imported here.
+IMPORTABLE = f"{ARCHITECTURES}, BertForMaskedLM, T5ForConditionalGeneration and diffusers' AutoencoderKL"
 
 
 class HFTensor(NamedTuple):

@@ -28,11 +28,11 @@ from jaxgen.errors import DataError, ExportError
 from jaxgen.files import building
 from jaxgen.outputs.export import refuse_nonempty_output
 from jaxgen.outputs.hf_families import (
-    ARCHITECTURES,
     COMMON_DEFAULTS,
     COMMON_KEYS,
     DESCRIPTIVE_KEYS,
     FAMILIES,
+    IMPORTABLE,
     REQUIRED_KEYS,
     ROPE_KEYS,
     Family,
@@ -92,7 +92,7 @@ def read_hf_config(hf_dir: pathlib.Path) -> tuple[TransformerConfig, str | None]
     """jaxgen's model config, and the dtype the checkpoint declares (None when it declares none)."""
     path = file_inside(hf_dir, "config.json", "config file")
     if not path.is_file():
-        raise ExportError(f"{str(hf_dir)!r} is not a Hugging Face model directory (no config.json)")
+        raise ExportError(_not_a_model_directory(hf_dir))
     try:
         hf = json.loads(path.read_text())
     except ValueError as err:  # invalid JSON or invalid UTF-8
@@ -103,13 +103,31 @@ def read_hf_config(hf_dir: pathlib.Path) -> tuple[TransformerConfig, str | None]
     return _transformer_config(hf, path, family), declared_dtype(hf, path)
 
 
+def _not_a_model_directory(hf_dir: pathlib.Path) -> str:
+    """Why `hf_dir`, which has no config.json, cannot be imported."""
+    if not hf_dir.exists():
+        return f"{str(hf_dir)!r} does not exist; give a local Hugging Face model directory (with its config.json)"
+    if not hf_dir.is_dir():
+        return f"{str(hf_dir)!r} is a file; give a local Hugging Face model directory (with its config.json)"
+    if (hf_dir / "config.yaml").is_file():  # what `jaxgen export --format safetensors` writes beside the weights
+        return (f"{str(hf_dir)!r} is a weights-only jaxgen export (--format safetensors), which import cannot read; "
+                "export the run with --format hf (or --format diffusers for an autoencoder), or fine-tune from the "
+                "run directory itself with checkpoint.init_from=RUN_DIR")
+    return f"{str(hf_dir)!r} is not a Hugging Face model directory (no config.json)"
+
+
 def _family(hf: dict, path: pathlib.Path) -> str:
     """The checkpoint's family, refused unless every key of its config.json is one jaxgen honours."""
-    architectures = hf.get("architectures") or [hf.get("model_type", "unknown")]
     name = hf.get("model_type")
+    architectures = hf.get("architectures") or ([name] if name is not None else [])
     if name not in FAMILIES or architectures != [FAMILIES[name].architecture]:
-        raise ExportError(f"{path}: architecture {architectures} (model_type {name!r}) is not supported; "
-                          f"jaxgen imports {ARCHITECTURES} checkpoints")
+        if architectures or name is not None:
+            what = f"architecture {architectures} (model_type {name!r})"
+        elif "_class_name" in hf:  # diffusers names the class of the model instead
+            what = f"diffusers' {hf['_class_name']!r}"
+        else:
+            what = "a model that names no architectures, model_type or _class_name"
+        raise ExportError(f"{path}: {what} is not supported; jaxgen imports {IMPORTABLE} checkpoints")
     family = FAMILIES[name]
     for key, accepted in family.constants.items():
         if key in hf and hf[key] not in accepted:

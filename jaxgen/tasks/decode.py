@@ -44,7 +44,11 @@ def sample_logits(logits_BV: jax.Array, key: jax.Array, sampling: Sampling) -> j
     """Next token per row: argmax at temperature 0, else a draw from the truncated, tempered softmax."""
     if sampling.temperature == 0:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    logits_BV = logits_BV / sampling.temperature
+    # Shifted so the largest logit is 0: dividing by any temperature > 0 then gives values in [-inf, 0], never
+    # inf - inf = NaN. A temperature below float32's smallest normal would round to 0, so it is raised to it.
+    logits_BV = logits_BV.astype(jnp.float32)
+    logits_BV = logits_BV - jnp.max(logits_BV, axis=-1, keepdims=True)
+    logits_BV = logits_BV / max(sampling.temperature, float(np.finfo(np.float32).tiny))
     if sampling.top_k:
         kth_B1 = jax.lax.top_k(logits_BV, sampling.top_k)[0][:, -1:]
         logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
