@@ -198,3 +198,19 @@ def test_a_corpus_of_no_documents_says_so_not_to_hold_out_fewer(tmp_path):
     assert str(raised.value) == (f"--input '{blank}' holds no text documents; give text files (a document a line), "
                                  ".jsonl or .parquet files")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blank.txt", "corrupt.png"]
+
+
+def test_a_prepare_stopped_by_sigterm_leaves_no_lock_file_behind(tmp_path):
+    """SIGTERM to `data prepare` left `.NAME.prepare.lock` beside --out: the process leaves at once, past the
+    block that removes it."""
+    holding = ("import pathlib, sys\nfrom jaxgen.data.prepare import prepare_lock\n"
+               "from jaxgen.interrupts import end_cleanly_on_ctrl_c\nend_cleanly_on_ctrl_c()\n"
+               "with prepare_lock(pathlib.Path(sys.argv[1])):\n    print('holding', flush=True)\n"
+               "    while True:\n        pass\n")
+    holder = subprocess.Popen([sys.executable, "-c", holding, str(tmp_path / "out")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "holding\n" and (tmp_path / ".out.prepare.lock").exists()
+    holder.send_signal(signal.SIGTERM)
+    _, stderr = holder.communicate(timeout=30)
+    assert (holder.returncode, stderr.strip()) == (143, "jaxgen: stopped by SIGTERM")
+    assert not any(tmp_path.iterdir())

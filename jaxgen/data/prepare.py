@@ -43,6 +43,7 @@ from jaxgen.data.splits import HoldOut
 from jaxgen.data.tokenizer import Tokenizer, keep_tokenizer
 from jaxgen.errors import ConfigError, DataError, listed
 from jaxgen.files import DirectoryLock, building, write_atomic
+from jaxgen.interrupts import undone_on_leaving
 
 PREPARED_MARKER = "jaxgen_dataset.json"
 DATASET_NAME = "corpus"
@@ -178,7 +179,8 @@ def prepare_lock(out: pathlib.Path) -> Iterator[None]:
             break
         lock.release()
     try:
-        yield
+        with undone_on_leaving(lambda: lock_file.unlink(missing_ok=True)):  # Ctrl-C leaves at once, it too
+            yield
     finally:
         with contextlib.suppress(OSError):  # a lock file left behind is harmless: nobody holds it
             lock_file.unlink(missing_ok=True)
