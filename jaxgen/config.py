@@ -164,7 +164,9 @@ class ImagesConfig(_Section):
     # images.idx=/usr/share/datasets/fashion-mnist).
     # latents: a latent dataset written by `jaxgen data prepare --images ... --autoencoder RUN --out DIR`
     # (images.latents=DIR): the frozen autoencoder's scaled latents, labels and captions, encoded once.
-    source: Literal["digits", "shapes", "tfds", "folder", "idx", "latents"] = "digits"
+    # none: no images yet (an imported autoencoder whose image size no built-in source has); a command that
+    # reads images then asks for a source.
+    source: Literal["digits", "shapes", "tfds", "folder", "idx", "latents", "none"] = "digits"
     folder: str | None = None
     idx: str | None = None
     latents: str | None = None

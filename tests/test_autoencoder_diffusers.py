@@ -219,3 +219,17 @@ def test_flops_per_image_is_three_forward_passes_as_xla_counts_them():
     x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
     forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)[0]).lower(state, x).compile()
     assert forward.cost_analysis()["flops"] == pytest.approx(flops_per_image(cfg) / 3, rel=0.1)
+
+
+def test_an_imported_vae_of_no_built_in_size_names_no_images_and_asks_for_some(imported):
+    """Its import wrote the --from directory as images.folder, and `jaxgen eval` then said that folder holds no
+    images in class sub-folders: a setting the user never made."""
+    from jaxgen.data.images import open_images
+    from jaxgen.errors import ConfigError
+    from jaxgen.outputs.runs import load_run_config
+
+    cfg = load_run_config(imported)
+    assert cfg.images.source == "none" and cfg.images.folder is None
+    with pytest.raises(ConfigError, match=r"^images.source=none: this run names no images of its 16x16x3 size; give "
+                                          r"them with images.source=folder images.folder=DIR, "):
+        open_images(cfg)

@@ -20,6 +20,7 @@ from jaxgen.config import Config
 from jaxgen.data.image_source import ImageSource
 from jaxgen.data.pipeline import RandomAccessSource
 from jaxgen.data.splits import HeldOutView, HoldOut, Part
+from jaxgen.errors import ConfigError
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "ring", "cross", "diamond")
 DIGIT_LEVELS = 16  # sklearn's digits count ink in 0..16
@@ -109,6 +110,10 @@ def open_images(cfg: Config, model=None) -> ImageSource:
     (and TFDS is imported only then). `model`: the config of the model the images are read for, when it is not
     `cfg.model` (a latent DiT reads images of its autoencoder's size)."""
     images, model = cfg.images, model or cfg.model
+    if images.source == "none":
+        raise ConfigError(f"images.source=none: this run names no images of its {model.image_size}x"
+                          f"{model.image_size}x{model.channels} size; give them with images.source=folder "
+                          "images.folder=DIR, images.source=idx images.idx=DIR or images.source=tfds images.tfds=NAME")
     if images.source == "tfds":
         from jaxgen.data.tfds_images import open_tfds_images
 

@@ -200,7 +200,7 @@ def import_diffusers(source: str | pathlib.Path, out: str | pathlib.Path) -> pat
     refuse_nonempty_output(out)
     model = read_diffusers_config(source)
     stored = stored_tensors(source, WEIGHTS_STEM)
-    cfg = Config(model=model, images=_images_for(model, source))
+    cfg = Config(model=model, images=_images_for(model))
     rules = resolve_rules(cfg.sharding.preset, cfg.sharding.rules)
     layout = plan_models(make_task(cfg), make_mesh(cfg.mesh), rules, cfg.train.seed)  # nothing allocated yet
     plan = diffusers_plan(flat_params(layout.abstract[MAIN_GROUP]))
@@ -220,12 +220,13 @@ def import_diffusers(source: str | pathlib.Path, out: str | pathlib.Path) -> pat
     return out
 
 
-def _images_for(model: AutoencoderConfig, source: pathlib.Path) -> dict:
-    """A built-in image source of the model's shape, else a folder (the import's own, until the user names theirs).
-
-    The model needs an images section that fits it; a fine-tuning run names its own data.
-    """
+def _images_for(model: AutoencoderConfig) -> dict:
+    """A built-in image source of the model's shape, else none: a command that reads images then asks for some
+    (naming the import's own directory as an image folder sent `jaxgen eval` looking for images in it)."""
     for name, (side, channels, _) in IMAGE_SOURCES.items():
         if (side, channels) == (model.image_size, model.channels):
             return {"source": name}
-    return {"source": "folder", "folder": str(source)}
+    log.info("no built-in image source has the model's %dx%dx%d images: give yours (images.source=folder "
+             "images.folder=DIR, or idx, tfds) to evaluate or fine-tune it", model.image_size, model.image_size,
+             model.channels)
+    return {"source": "none"}
