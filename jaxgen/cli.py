@@ -21,6 +21,8 @@ from jaxgen.cli_arguments import (
     cpu_device_count,
     directory_to_write,
     file_to_write,
+    guidance_scale,
+    label_list,
     non_negative_float,
     non_negative_int,
     path_given,
@@ -232,10 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--max-new-tokens", type=positive_int,
                       help="tokens to generate after each prompt, at most the context left (default 64)")
     image = sample.add_argument_group("image models (DiT, GAN; --images, --out and --save-array: autoencoders)")
-    image.add_argument("--labels", help="comma-separated class labels, e.g. 0,1,2 (default: every class)")
+    image.add_argument("--labels", type=label_list,
+                       help="comma-separated class labels, e.g. 0,1,2 (default: every class)")
     image.add_argument("--num-per-label", "--num", dest="num_per_label", type=positive_int,
                        help="samples per label or prompt (default 8)")
-    image.add_argument("--guidance", type=non_negative_float,
+    image.add_argument("--guidance", type=guidance_scale,
                        help="classifier-free guidance scale (default: the config's)")
     image.add_argument("--sampler", choices=get_args(DiffusionConfig.model_fields["sampler"].annotation),
                        help="the sampler (default: the config's)")

@@ -7,6 +7,7 @@ import argparse
 import math
 import os
 import pathlib
+import re
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -71,10 +72,27 @@ probability_mass = _argument(_finite, lambda x: 0 < x <= 1,
                              "{:g} is not a probability mass; give a number above 0, at most 1")
 port_number = _argument(_integer, lambda n: 1 <= n <= 65535, "{} is not a TCP port; give 1 to 65535")
 
+# Classifier-free guidance is used at 1 to about 10 (DiT 1.5 to 4, Imagen up to 20); 100 is far past any useful
+# push, and larger scales only overflow the sampler into NaN images.
+MAX_GUIDANCE = 100.0
+guidance_scale = _argument(_finite, lambda x: 0 <= x <= MAX_GUIDANCE,
+                           f"{{:g}} is not a guidance scale; give 0 to {MAX_GUIDANCE:g} (1 = no guidance)")
+
 # Simulated devices take XLA seconds per thousand to create; 100,000 hung for minutes, then crashed.
 MAX_CPU_DEVICES = 4096
 cpu_device_count = _argument(_integer, lambda n: 1 <= n <= MAX_CPU_DEVICES,
                              f"{{}} is not a simulated device count; give 1 to {MAX_CPU_DEVICES}")
+
+
+def label_list(text: str) -> list[int]:
+    """An argparse type for comma-separated class labels: plain decimal integers (int() would also take '0_1' as
+    label 1, or other scripts' digits); whether each is a class of the model is the command's check."""
+    pieces = [piece.strip() for piece in text.split(",")]
+    bad = next((piece for piece in pieces if not re.fullmatch(r"-?[0-9]+", piece)), None)
+    if bad is not None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers ({bad!r} is not one), "
+                                         "e.g. 0,1,2")
+    return [int(piece) for piece in pieces]
 
 
 def path_given(gives: str) -> Callable[[str], str]:

@@ -202,12 +202,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from jaxgen.outputs.sample import sample_run
 
     given = {name: getattr(args, name) for name in SAMPLE_OPTIONS}
-    if given["labels"] is not None:
-        try:
-            given["labels"] = [int(x) for x in given["labels"].split(",")]
-        except ValueError:
-            raise UsageError(f"--labels {given['labels']!r} is not a comma-separated list of integers, "
-                             "e.g. 0,1,2") from None
     streaming = given["prompt"] is None or len(given["prompt"]) == 1
     on_text = (lambda piece: print(piece, end="", flush=True)) if streaming else None
     records = sample_run(args.run_dir, given, args.seed, args.step, args.overrides, on_text=on_text)

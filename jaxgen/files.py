@@ -7,6 +7,9 @@
 - `append_line`: a record added to a log of lines (metrics.jsonl, eval.jsonl);
   a line an earlier writer left cut short (killed, or the disk full mid-write)
   stays a line of its own rather than swallowing the new record.
+- `written_together`: the files a command writes in a block (`write_output`: a
+  grid and its arrays) are renamed into place together when it completes; a
+  failure at the second leaves the first as it was.
 - `building(target)`: a directory is built under a hidden temporary name and
   renamed into place only when the block completes.
 - `updating_alone`: a short wait for the one process that reads, changes and
@@ -21,6 +24,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime
 import errno
 import fcntl
@@ -104,6 +108,51 @@ def write_atomic(path: str | pathlib.Path, data: bytes | str) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
+
+
+# The outputs written so far in the innermost `written_together` block: (hidden name, the user's path).
+_STAGED: contextvars.ContextVar[list[tuple[pathlib.Path, pathlib.Path]] | None] = contextvars.ContextVar(
+    "staged_outputs", default=None)
+
+
+@contextlib.contextmanager
+def written_together() -> Iterator[None]:
+    """The files `write_output` writes in the block go to hidden names beside their paths and are renamed into place
+    only when the block completes: a failure (a full disk at the second file) leaves every path as it was."""
+    staged: list[tuple[pathlib.Path, pathlib.Path]] = []
+    token = _STAGED.set(staged)
+
+    def discard() -> None:
+        for hidden, _ in staged:
+            hidden.unlink(missing_ok=True)
+
+    try:
+        with undone_on_leaving(discard):
+            yield
+            for hidden, path in staged:
+                os.replace(hidden, path)
+    finally:
+        _STAGED.reset(token)
+        for hidden, _ in staged:
+            hidden.unlink(missing_ok=True)
+
+
+def write_output(path: str | pathlib.Path, data: bytes) -> None:
+    """`path` replaced by `data` atomically, or, inside `written_together`, when the block completes."""
+    path = pathlib.Path(path)
+    staged = _STAGED.get()
+    if staged is None:
+        write_atomic(path, data)
+        return
+    hidden = _temporary_sibling(path, "together")
+    try:
+        write_atomic(hidden, data)
+    except OSError as err:
+        if err.filename == str(hidden) and err.errno:  # the hidden name means nothing to the user; theirs does
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
+    if (hidden, path) not in staged:
+        staged.append((hidden, path))
 
 
 def append_line(path: str | pathlib.Path, line: str) -> None:

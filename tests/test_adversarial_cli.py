@@ -123,6 +123,14 @@ def test_the_autoencoder_reconstructs_given_images(trained, tmp_path):
         assert 0 <= saved["reconstructions"].min() and saved["reconstructions"].max() <= 1
     wrong = jaxgen("sample", "--run-dir", str(run), "--labels", "1")
     assert wrong.returncode == 2 and "--labels cannot be used" in wrong.stderr and "--images" in wrong.stderr
+    # An output that is one of the inputs is refused before the model is read (the grid replaced the image).
+    before = (tmp_path / "in1.png").read_bytes()
+    over = jaxgen("sample", "--run-dir", str(run), "--images", str(tmp_path / "in*.png"), "--out",
+                  str(tmp_path / "in1.png"))
+    assert over.returncode == 2 and "loaded" not in over.stderr
+    assert over.stderr.strip().splitlines()[-1] == (f"jaxgen: error: --out '{tmp_path / 'in1.png'}' is one of the "
+                                                    "--images files, which it would overwrite; give another path")
+    assert (tmp_path / "in1.png").read_bytes() == before
     none = jaxgen("sample", "--run-dir", str(run), "--images", str(tmp_path / "nothing*.png"))
     assert none.returncode != 0 and "matches no files" in none.stderr.strip().splitlines()[-1]
     # More images than the host holds (here a host with room for 5 of these images) are refused before any is read.

@@ -116,7 +116,7 @@ def test_sample_options_belong_to_a_model_kind(tmp_path):
     refused(run_jaxgen("sample", "--run-dir", str(dit), "--labels", "0,10"),
             says="--labels 0,10: each label must be in 0..9 (model.num_classes=10)")
     refused(run_jaxgen("sample", "--run-dir", str(dit), "--sampler", "ddim"),
-            says="diffusion.sampler='ddim' does not fit diffusion.objective='flow'; valid: euler, heun")
+            says="--sampler ddim does not fit this run's diffusion.objective='flow'; valid: euler, heun")
     vae = tmp_path / "vae"
     vae.mkdir()
     (vae / "config.yaml").write_text((REPO / "configs" / "vae_fashion.yaml").read_text())
@@ -150,6 +150,10 @@ def test_a_prompt_longer_than_the_context_is_refused_before_the_checkpoint_is_re
     ("--top-p", "0", "argument --top-p: 0 is not a probability mass; give a number above 0, at most 1"),
     ("--top-p", "7", "argument --top-p: 7 is not a probability mass"),
     ("--guidance", "inf", "argument --guidance: inf is not a finite number"),
+    ("--guidance", "1e308", "argument --guidance: 1e+308 is not a guidance scale; give 0 to 100 (1 = no guidance)"),
+    ("--labels", "0_1", "argument --labels: '0_1' is not a comma-separated list of integers ('0_1' is not one), "
+                        "e.g. 0,1,2"),
+    ("--labels", "1,٣", "argument --labels: '1,٣' is not a comma-separated list of integers ('٣' is not one)"),
     ("--seed", "99999999999999999999", "argument --seed: 99999999999999999999 is not a seed; give an integer from 0 "
                                        "to 4294967295"),
     ("--seed", "-1", "argument --seed: -1 is not a seed"),
@@ -159,6 +163,7 @@ def test_numbers_out_of_range_are_refused_by_the_parser(flag, value, says):
     with pytest.raises(UsageError) as refusal:
         build_parser().parse_args(["sample", "--run-dir", "r", flag, value])
     assert says in str(refusal.value) and "\n" not in str(refusal.value)
+    assert build_parser().parse_args(["sample", "--run-dir", "r", "--labels", "0, 3,-1"]).labels == [0, 3, -1]
 
 
 @pytest.mark.parametrize("args,suffix", [(["sample", "--run-dir", "r", "--out"], ".png"),
@@ -265,6 +270,32 @@ def test_a_file_that_could_not_be_written_is_named_and_the_old_one_kept(tmp_path
                  "failed: no such file or directory)")
     refused(run_jaxgen("sample", "--run-dir", str(tmp_path), "--out", str(kept / "x.png")),
             says=f"--out: '{kept / 'x.png'}' is under '{kept}', a file; give a file's path in a directory")
+
+
+def test_the_outputs_of_one_command_are_written_all_or_none(tmp_path):
+    """`sample --out t.png --save-array t.npz` on a full disk failed at the .npz with t.png already replaced."""
+    from jaxgen.files import write_output, written_together
+
+    grid, arrays = tmp_path / "t.png", tmp_path / "t.npz"
+    grid.write_bytes(b"old grid")
+    arrays.write_bytes(b"old arrays")
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limits[1]))  # Python ignores SIGXFSZ: the write fails, EFBIG
+    try:
+        with pytest.raises(OSError) as failed, written_together():
+            write_output(grid, b"new grid")
+            write_output(arrays, b"x" * 100_000)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    assert describe(failed.value)[0] == f"error: {arrays}: file too large (a file-size limit was reached)"
+    assert grid.read_bytes() == b"old grid" and arrays.read_bytes() == b"old arrays"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.npz", "t.png"]  # no hidden leftovers
+    with written_together():
+        write_output(grid, b"new grid")
+        write_output(arrays, b"new arrays")
+        assert grid.read_bytes() == b"old grid"  # nothing in place before the last one is written
+    assert grid.read_bytes() == b"new grid" and arrays.read_bytes() == b"new arrays"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.npz", "t.png"]
 
 
 def start(args, *, cwd=REPO):

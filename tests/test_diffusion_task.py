@@ -81,6 +81,48 @@ def test_samples_are_drawn_in_batches_of_one_compiled_size(devices, monkeypatch)
     assert sampler._cache_size() == 1  # both requests ran as batches of 4: one program
 
 
+def test_a_grid_of_many_images_wraps_and_stays_viewable_and_non_finite_images_are_refused(caplog):
+    """100,000 images of one label made a 5,700,001x58 PNG no viewer opens; NaN images were written as black."""
+    from jaxgen.diffusion.grid import MAX_GRID_SIDE, image_grid
+    from jaxgen.errors import NonFiniteError
+
+    cell = 33  # 8x8 digits enlarged 4x, plus a one-pixel gap
+    assert image_grid(np.zeros((30, 8, 8, 1)), rows=10).shape == (10 * cell + 1, 3 * cell + 1, 3)  # as it was
+    wrapped = image_grid(np.zeros((2 * 400, 8, 8, 1)), rows=2)  # 248 columns fit: each label wraps onto 2 rows
+    assert wrapped.shape == (2 * (2 * cell + cell // 4) - cell // 4 + 1, 248 * cell + 1, 3)
+    with caplog.at_level("WARNING", logger="jaxgen"):
+        capped = image_grid(np.zeros((100_000, 8, 8, 1)), rows=1)
+    assert max(capped.shape[:2]) <= MAX_GRID_SIDE
+    assert "the grid shows 61,504 of the 100,000 images of each row" in caplog.text
+    assert "--save-array keeps them all" in caplog.text
+    images = np.zeros((6, 8, 8, 1), np.float32)
+    images[4, 2, 2, 0] = np.nan
+    with pytest.raises(NonFiniteError, match=r"^1 of the 6 images drawn hold NaN or infinite values: the model, or its "
+                                             r"sampler with these settings, diverged .*; nothing was written$"):
+        image_grid(images, rows=2)
+    assert image_grid(images, rows=2, finite_only=False).shape == (2 * cell + 1, 3 * cell + 1, 3)  # training's grid
+
+
+@pytest.mark.parametrize("overrides, options, says", [
+    ([], {"sampler": "ddpm", "steps": None},
+     "--sampler ddpm does not fit this run's diffusion.objective='flow'; valid: euler, heun"),
+    ([], {"sampler": None, "steps": 100_000_000},
+     "--steps 100,000,000 is more than jaxgen samples a flow model with; "
+     "give --steps 1 to 1,000"),
+    (["diffusion.objective=eps", "diffusion.sampler=ddim", "diffusion.timesteps=50"], {"sampler": None, "steps": 51},
+     "--steps 51 is more than the run's diffusion.timesteps=50; give --steps 1 to 50"),
+])
+def test_sampler_options_are_refused_naming_the_flag_before_the_checkpoint_is_read(overrides, options, says):
+    """`--sampler ddpm` on a flow run was 'invalid config: ... diffusion.sampler'; `--steps 100000000` ran for ever."""
+    from jaxgen.errors import UsageError
+    from jaxgen.outputs.sample import check_sampler
+
+    with pytest.raises(UsageError) as refusal:
+        check_sampler(tiny_dit_config(*overrides), options)
+    assert str(refusal.value) == says
+    check_sampler(tiny_dit_config(), {"sampler": "euler", "steps": 1000})
+
+
 def test_frechet_distance_matches_the_matrix_square_root_formula():
     rng = np.random.default_rng(0)
     a = rng.standard_normal((400, 5))

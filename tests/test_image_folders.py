@@ -128,6 +128,39 @@ def test_a_bad_image_is_named_or_skipped_when_asked(class_folders, tmp_path, dam
     assert f"skipped: image '{bad}'" in caplog.text
 
 
+def test_sixteen_bit_images_are_scaled_to_eight_bits_not_saturated(tmp_path):
+    """A 16-bit grey PNG (Pillow mode I;16) came out [0, 1, 1, 1, ...]: Pillow's conversion clips it at 255."""
+    from jaxgen.data.folder_images import read_image_files
+
+    gradient = np.arange(64, dtype=np.uint16).reshape(8, 8) * 4 * 257  # 8-bit 0, 4, ..., 252 in 16 bits
+    Image.fromarray(gradient).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    for channels in (1, 3):
+        [image] = read_image_files([str(tmp_path / "deep.png")], 8, channels, resize=False)
+        eight_bits = np.round((image + 1) * 127.5).astype(int)
+        assert image.shape == (8, 8, channels) and (eight_bits == (gradient // 257)[..., None]).all()
+
+
+def test_a_pipe_or_an_image_too_large_to_decode_is_named_before_it_is_read(tmp_path, monkeypatch):
+    """A named pipe hung `sample --images` for ever; a huge PNG ended in 'unexpected DecompressionBombError'."""
+    from PIL import Image as PILImage
+
+    from jaxgen.data.folder_images import open_image, read_image_files
+
+    os.mkfifo(tmp_path / "fifo.png")
+    with pytest.raises(DataError, match=rf"^image '{tmp_path / 'fifo.png'}' is not a regular file \(a pipe, device or "
+                                        r"folder\); give image files$"):
+        open_image(tmp_path / "fifo.png")
+    with pytest.raises(DataError, match=r"is not a regular file \(a pipe, device or folder\); give image files$"):
+        read_image_files([str(tmp_path / "fifo.png")], 8, 1)  # as the folder source and `sample --images` read
+    save_png(tmp_path / "big.png", pixels(0, 40))
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 500)  # 40x40 is over twice that: Pillow refuses it
+    with pytest.raises(DataError, match=rf"^image '{tmp_path / 'big.png'}' is 1,600 pixels, more than the 1,000 "
+                                        r"Pillow decodes \(a guard against decompression bombs\); scale it down "
+                                        r"first$"):
+        open_image(tmp_path / "big.png")
+
+
 @pytest.mark.parametrize("layout, says", [
     ("empty", "holds no PNG or JPEG images in class sub-folders"),
     ("loose images", "images lie in it directly (a.png...): put them in class sub-folders or list them"),

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pathlib
+import re
+import stat
 
 import numpy as np
 
@@ -59,12 +62,11 @@ class FolderImages:
         raise DataError(f"none of the {len(self.files)} images from {self.files[0].parent} can be read")
 
     def decode(self, path: pathlib.Path) -> np.ndarray:
-        from PIL import Image, UnidentifiedImageError
-
+        opened = open_image(path)
         try:
-            with Image.open(path) as opened:
-                image = opened.convert("RGB" if self.channels == 3 else "L")
-        except (OSError, UnidentifiedImageError, ValueError) as err:  # missing, truncated, not an image
+            with opened:
+                image = eight_bit(opened).convert("RGB" if self.channels == 3 else "L")
+        except (OSError, ValueError) as err:  # truncated: found when the pixels are read
             raise DataError(f"image {str(path)!r} cannot be read: {err}") from None
         if image.size != (self.size, self.size):
             if not self.resize:
@@ -73,6 +75,36 @@ class FolderImages:
             image = scaled_and_cropped(image, self.size)
         pixels = np.asarray(image, np.uint8)
         return pixels if pixels.ndim == 3 else pixels[..., None]
+
+
+def open_image(path: str | pathlib.Path):
+    """`path` opened by Pillow (its header read, the pixels not yet), or a DataError naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+        if regular:  # a named pipe or a device would block the read for ever
+            return Image.open(path)
+    except Image.DecompressionBombError as err:  # Pillow's words name neither the file nor what to do
+        pixels = re.search(r"\((\d+) pixels\) exceeds limit of (\d+)", str(err))
+        size = (f"{int(pixels[1]):,} pixels, more than the {int(pixels[2]):,}" if pixels
+                else f"too large ({err}) for the")
+        raise DataError(f"image {str(path)!r} is {size} Pillow decodes (a guard against decompression bombs); "
+                        "scale it down first") from None
+    except (OSError, UnidentifiedImageError, ValueError) as err:  # missing, not an image
+        raise DataError(f"image {str(path)!r} cannot be read: {err}") from None
+    raise DataError(f"image {str(path)!r} is not a regular file (a pipe, device or folder); give image files")
+
+
+def eight_bit(image):
+    """A 16-bit grey image (Pillow modes I;16*, and I as 16-bit PNGs open) scaled to 8 bits, value / 65535:
+    Pillow's own conversion clips it at 255, so a full-range picture came out white. Others as they are."""
+    from PIL import Image
+
+    if not image.mode.startswith("I"):
+        return image
+    values = np.asarray(image, np.float64)
+    return Image.fromarray(np.round(np.clip(values, 0, 65535) * (255 / 65535)).astype(np.uint8), "L")
 
 
 def read_image_files(files: list[str], size: int, channels: int, resize: bool = True) -> np.ndarray:

@@ -32,6 +32,20 @@ from jaxgen.diffusion.schedules import spaced_timesteps
 
 Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
 
+FLOW_SAMPLERS, DDPM_SAMPLERS = ("euler", "heun"), ("ddpm", "ddim")
+# DDPM-family samplers take at most diffusion.timesteps steps (1000 by default: every level of the schedule).
+# Flow's Euler and Heun steps are as many equal slices of one integral, whose samplers take tens of steps; the
+# same bound holds them (100,000,000 ran for ever without a word).
+MAX_FLOW_STEPS = 1000
+
+
+def samplers_for(objective: str) -> tuple[str, ...]:
+    return FLOW_SAMPLERS if objective == "flow" else DDPM_SAMPLERS
+
+
+def max_sample_steps(cfg: DiffusionConfig) -> int:
+    return MAX_FLOW_STEPS if cfg.objective == "flow" else cfg.timesteps
+
 
 def _ddpm_family_step(denoise: Denoiser, objective: Objective, steps: int, clip: bool = True):
     """Shared set-up: the step indices and, per loop position, (t, a, a_prev, x0, eps, frac)."""

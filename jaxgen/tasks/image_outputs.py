@@ -4,6 +4,7 @@ and `jaxgen sample`'s arrays."""
 from __future__ import annotations
 
 import io
+import logging
 import pathlib
 
 import jax
@@ -14,8 +15,10 @@ from jaxgen.data.image_data import ImageData
 from jaxgen.data.images import ImageSet
 from jaxgen.diffusion.grid import image_grid, save_png
 from jaxgen.errors import CheckpointError, ConfigError, UsageError
-from jaxgen.files import write_atomic
+from jaxgen.files import write_output
 from jaxgen.metrics import tensorboardx
+
+log = logging.getLogger("jaxgen")
 
 
 def image_inputs(data: ImageData) -> dict:
@@ -58,7 +61,10 @@ def write_training_grid(cfg: Config, images_NHWC: np.ndarray, rows: int, run_dir
     path = run_dir / "samples" / grid_name(step)
     if jax.process_index() != 0:
         return str(path)
-    picture = image_grid(images_NHWC, rows=rows)
+    if not np.isfinite(images_NHWC).all():  # a picture of progress, not a reason to stop the run
+        log.warning("the samples of %s hold NaN or infinite values (drawn black in %s)",
+                    "the end" if step is None else f"step {step}", path)
+    picture = image_grid(images_NHWC, rows=rows, finite_only=False)
     save_png(picture, path)
     if cfg.logging.tensorboard:
         with tensorboardx().SummaryWriter(str(run_dir / "tensorboard")) as tb:
@@ -73,10 +79,11 @@ def to_unit_range(images_NHWC: np.ndarray) -> np.ndarray:
 
 
 def save_arrays(path: str, **arrays: np.ndarray) -> str:
-    """An .npz of `arrays`, written atomically."""
+    """An .npz of `arrays`, written atomically (with the command's other outputs: `written_together`)."""
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    write_atomic(path, buffer.getvalue())
+    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_output(path, buffer.getvalue())
     return str(path)
 
 
