@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
+from jaxgen.config import MAX_GUIDANCE
 from jaxgen.config_section import MAX_SEED
 from jaxgen.errors import UsageError
 from jaxgen.files import nearest_existing
@@ -72,9 +73,6 @@ probability_mass = _argument(_finite, lambda x: 0 < x <= 1,
                              "{:g} is not a probability mass; give a number above 0, at most 1")
 port_number = _argument(_integer, lambda n: 1 <= n <= 65535, "{} is not a TCP port; give 1 to 65535")
 
-# Classifier-free guidance is used at 1 to about 10 (DiT 1.5 to 4, Imagen up to 20); 100 is far past any useful
-# push, and larger scales only overflow the sampler into NaN images.
-MAX_GUIDANCE = 100.0
 guidance_scale = _argument(_finite, lambda x: 0 <= x <= MAX_GUIDANCE,
                            f"{{:g}} is not a guidance scale; give 0 to {MAX_GUIDANCE:g} (1 = no guidance)")
 

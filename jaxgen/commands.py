@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import pathlib
+import shlex
 import sys
 import time
 from collections.abc import Iterator
@@ -168,6 +169,15 @@ def cmd_launch_local(args: argparse.Namespace) -> int:
         name = " ".join(a for a in (launched.command, getattr(launched, "action", None)) if a)
         raise UsageError(f"jaxgen launch local runs {' or '.join(MULTI_PROCESS_COMMANDS)}, whose processes join one "
                          f"run; not `jaxgen {name}`, which each process would run on its own, side by side")
+    # Each process's place in the run is the launcher's to give: one flag given to all of them (--process-id 1)
+    # left every process waiting for the others to join, until the join timeout.
+    placed = {"coordinator_address": "--coordinator-address", "num_processes": "--num-processes",
+              "process_id": "--process-id", "cluster": "--cluster", "cpu_devices": "--cpu-devices"}
+    given = [flag for name, flag in placed.items() if getattr(launched, name, None) is not None]
+    if given:
+        raise UsageError(f"jaxgen launch local gives each process its {', '.join(given)} itself; remove "
+                         f"{'it' if len(given) == 1 else 'them'} from the command (choose --processes, "
+                         "--devices-per-process and --port of the launcher instead)")
     return launch_local([sys.executable, "-m", "jaxgen", *command], args.processes, args.devices_per_process, args.port)
 
 
@@ -229,11 +239,12 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     if is_diffusers_vae(args.source):
         out = import_diffusers(args.source, args.out)
-        print(f"imported into {out}; fine-tune with checkpoint.init_from={out}")
+        print(f"imported into {out}; fine-tune with checkpoint.init_from={shlex.quote(str(out))}")
         return 0
     importer = import_bert if is_bert_dir(args.source) else import_t5 if is_t5_dir(args.source) else import_hf
     out = importer(args.source, args.out)
-    print(f"imported into {out}; fine-tune with checkpoint.init_from={out} data.tokenizer={out}")
+    where = shlex.quote(str(out))  # a line to paste into a shell, whatever the path holds
+    print(f"imported into {out}; fine-tune with checkpoint.init_from={where} data.tokenizer={where}")
     return 0
 
 

@@ -214,6 +214,15 @@ class ImagesConfig(_Section):
 IMAGE_SOURCES = {"digits": (8, 1, 10), "shapes": (32, 3, 6)}
 
 
+# Classifier-free guidance is used at 1 to about 10 (DiT 1.5 to 4, Imagen up to 20); 100 is far past any useful
+# push, and larger scales only overflow the sampler into NaN images.
+MAX_GUIDANCE = 100.0
+# DDPM-family samplers take at most diffusion.timesteps steps (1000 by default: every level of the schedule).
+# Flow's Euler and Heun steps are as many equal slices of one integral, whose samplers take tens of steps; the
+# same bound holds them (100,000,000 ran for ever without a word).
+MAX_FLOW_STEPS = 1000
+
+
 class DiffusionConfig(_Section):
     """How images are noised, what the model predicts, and how samples are drawn."""
 
@@ -239,9 +248,9 @@ class DiffusionConfig(_Section):
     ema_decay: float = Field(0.999, ge=0, lt=1)
     ema_warmup: int = Field(100, ge=0)
     sampler: Literal["ddpm", "ddim", "euler", "heun"] = "heun"
-    sample_steps: int = Field(32, gt=0)
+    sample_steps: int = Field(32, gt=0)  # flow: at most MAX_FLOW_STEPS; DDPM: at most diffusion.timesteps
     ddim_eta: float = Field(0.0, ge=0)
-    guidance_scale: float = Field(2.0, ge=0)
+    guidance_scale: float = Field(2.0, ge=0, le=MAX_GUIDANCE)
     # Text-to-image runs: `jaxgen eval` also scores samples at each of these guidance scales (quality and,
     # for the synthetic shapes, prompt adherence) and plots them against the scale.
     eval_guidance_scales: tuple[float, ...] = ()
@@ -264,6 +273,9 @@ class DiffusionConfig(_Section):
             raise ValueError(
                 f"diffusion.sample_steps={self.sample_steps} exceeds diffusion.timesteps={self.timesteps}"
             )
+        if self.objective == "flow" and self.sample_steps > MAX_FLOW_STEPS:
+            raise ValueError(f"diffusion.sample_steps={self.sample_steps} is more than jaxgen samples a flow model "
+                             f"with; give 1 to {MAX_FLOW_STEPS}")
         lo, hi = self.guidance_interval
         if not 0 <= lo <= hi <= 1:
             raise ValueError(f"diffusion.guidance_interval={[lo, hi]} must be [low, high] with 0 <= low <= high <= 1")

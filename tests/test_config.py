@@ -89,6 +89,16 @@ def test_an_integer_jax_cannot_hold_is_refused_by_the_config():
     assert tiny_config("train.seed=4294967295", "data.index_max_mb=1e12").train.seed == 2**32 - 1  # their own bounds
 
 
+def test_diffusion_sampling_settings_past_any_use_are_refused_by_the_config():
+    """`jaxgen sample` refused --guidance 1e308 (NaN images) and flow --steps 100,000,000 (ran for ever); the
+    config keys they stand for are held to the same bounds, so a training run's own grids are too."""
+    with pytest.raises(ConfigError, match=r"'diffusion.guidance_scale' = 1e\+300: Input should be less than or "):
+        tiny_config("model.kind=dit", "diffusion.guidance_scale=1e300")
+    with pytest.raises(ConfigError, match=r"diffusion.sample_steps=1001 is more than jaxgen samples a flow model "
+                                          r"with; give 1 to 1000"):
+        tiny_config("model.kind=dit", "diffusion.objective=flow", "diffusion.sample_steps=1001")
+
+
 def test_wrong_type_names_field_and_expected_type():
     with pytest.raises(ConfigError, match=r"'train.steps' = 'many'.*expected int"):
         tiny_config("train.steps=many")

@@ -170,7 +170,11 @@ def test_launch_without_a_command_explains_itself():
                        (["--processes", "100000", "--", "train"], "--processes 100000 would start 100000 JAX "
                         "processes on this machine, about 537 MB each before any model or data, more than the "),
                        (["--devices-per-process", "100000", "--", "train"], "argument --devices-per-process: 100000 "
-                        "is not a simulated device count; give 1 to 4096")]:
+                        "is not a simulated device count; give 1 to 4096"),
+                       # Given to every process, it left them all waiting for each other until the join timeout.
+                       (["--", "train", "--process-id", "1"], "jaxgen launch local gives each process its "
+                        "--process-id itself; remove it from the command (choose --processes, --devices-per-process "
+                        "and --port of the launcher instead)")]:
         result = subprocess.run([sys.executable, "-m", "jaxgen", "launch", "local", *args], cwd=REPO,
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 2 and len(result.stderr.splitlines()) == 1 and says in result.stderr, result.stderr

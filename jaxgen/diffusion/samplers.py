@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxgen.config import DiffusionConfig
+from jaxgen.config import MAX_FLOW_STEPS, DiffusionConfig
 from jaxgen.diffusion.guidance import guided
 from jaxgen.diffusion.objectives import (
     Objective,
@@ -33,10 +33,6 @@ from jaxgen.diffusion.schedules import spaced_timesteps
 Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
 
 FLOW_SAMPLERS, DDPM_SAMPLERS = ("euler", "heun"), ("ddpm", "ddim")
-# DDPM-family samplers take at most diffusion.timesteps steps (1000 by default: every level of the schedule).
-# Flow's Euler and Heun steps are as many equal slices of one integral, whose samplers take tens of steps; the
-# same bound holds them (100,000,000 ran for ever without a word).
-MAX_FLOW_STEPS = 1000
 
 
 def samplers_for(objective: str) -> tuple[str, ...]:
