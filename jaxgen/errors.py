@@ -156,7 +156,8 @@ def describe(err: BaseException, command: str | None = None) -> tuple[str, int]:
         return "error: out of host memory; make the model, batch or prefetch smaller", 1
     if lost_a_peer(str(err)):
         return (f"error: another process of the run stopped, breaking this one's collective ({first_line(err, 200)}); "
-                "that process's own error says why"), 1
+                "that process's own log says why, or nothing where it was killed outright (kill -9, the "
+                "out-of-memory killer)"), 1
     if "RESOURCE_EXHAUSTED" in str(err):
         advice = OUT_OF_MEMORY_ADVICE.get(command or "train", READER_OUT_OF_MEMORY_ADVICE)
         return f"error: a device ran out of memory ({first_line(err, 200)}); {advice}", 1

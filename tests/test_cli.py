@@ -233,7 +233,8 @@ def test_file_system_errors_are_named_in_words(tmp_path):
                           "closed by peer [127.0.0.1]:44467")
     assert describe(broken) == ("error: another process of the run stopped, breaking this one's collective (UNKNOWN: "
                                 "Gloo AllReduce failed: [external/gloo/gloo/transport/tcp/pair.cc:547] Connection "
-                                "closed by peer [127.0.0.1]:44467); that process's own error says why", 1)
+                                "closed by peer [127.0.0.1]:44467); that process's own log says why, or nothing "
+                                "where it was killed outright (kill -9, the out-of-memory killer)", 1)
     a_file = tmp_path / "file"
     a_file.write_text("x")
     refused(run_jaxgen("train", "--run-dir", str(a_file / "run" / "1"), "train.steps=1"),
