@@ -83,6 +83,26 @@ def test_a_finished_run_started_again_changes_nothing(straight, tokenizer):
     assert snapshot(run_dir) == before
 
 
+def test_a_run_stopped_after_its_final_checkpoint_writes_its_end_of_run_outputs_when_started_again(
+        straight, tokenizer, tmp_path):
+    """kill -9 (or a full disk) between the final checkpoint and summary.json lost the run's summary, final
+    samples and plots for good: started again, the run called itself complete, with nothing to do."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight[0], run_dir)
+    original = json.loads((run_dir / "summary.json").read_text())
+    for output in ("summary.json", "loss_curve.png"):
+        (run_dir / output).unlink()
+    checkpoints = snapshot(run_dir / "checkpoints")
+    again = run_jaxgen(*train_args(run_dir, tokenizer))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "saved its final step (12) but was stopped before its end-of-run outputs" in again.stderr
+    assert "compiled in" not in again.stderr  # no step is left to train
+    written = json.loads((run_dir / "summary.json").read_text())
+    assert (written["final_loss"], written["eval_loss_final"]) == (original["final_loss"], original["eval_loss_final"])
+    assert (run_dir / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert snapshot(run_dir / "checkpoints") == checkpoints and sorted(losses(run_dir)) == list(range(1, STEPS + 1))
+
+
 def test_damaged_newest_checkpoint_falls_back_and_training_matches(straight, tokenizer, tmp_path):
     expected = losses(straight[0])
     run_dir = tmp_path / "damaged"

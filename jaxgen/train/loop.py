@@ -30,7 +30,7 @@ from jaxgen.data.fingerprint import changed_files, data_files, refuse_other_file
 from jaxgen.data.lockstep import next_in_lockstep
 from jaxgen.data.pipeline import merged_position, process_streams, this_process, to_global
 from jaxgen.device_memory import check_fits
-from jaxgen.distributed import is_multiprocess, stop_together
+from jaxgen.distributed import bytes_from_process_0, is_multiprocess, stop_together
 from jaxgen.errors import EXIT_PREEMPTED, ConfigError, DataError, NonFiniteError, Preempted, listed
 from jaxgen.evals.benchmark import Benchmarks, load_tasks, make_scorer, require_language_model
 from jaxgen.evals.plots import plot_benchmarks
@@ -43,6 +43,7 @@ from jaxgen.metrics import (
     ThroughputMeter,
     plot_loss_curve,
     process_start_time,
+    read_metrics,
     run_peak,
 )
 from jaxgen.sharding import data_parallel_size, make_mesh
@@ -130,6 +131,11 @@ def use_compilation_cache(setting: str | None) -> str | None:
     return directory
 
 
+def last_logged(run_dir: pathlib.Path, key: str) -> float | None:
+    """The last value of `key` in the run's metrics.jsonl: what a summary written by a later process reports."""
+    return next((record[key] for record in reversed(read_metrics(run_dir / "metrics.jsonl")) if key in record), None)
+
+
 def load_eval_tasks(cfg: Config) -> list[BenchmarkTask]:
     if not cfg.train.eval_tasks:
         return []
@@ -143,8 +149,13 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
     # ------------------------------------------------------------------ state: resumed, complete or fresh
     task, layout, mesh = training.task, training.layout, training.mesh
     resumed = starting_point(ckpt, layout.target, cfg, run_dir)
-    if resumed is not None and resumed.step >= cfg.train.steps:
+    wrap_up_only = resumed is not None and resumed.step >= cfg.train.steps
+    # Process 0's view, on every process: all of them return here, or all go on to the wrap-up's collectives.
+    if wrap_up_only and bytes_from_process_0(b"1" if (run_dir / "summary.json").exists() else b"") == b"1":
         return completed_summary(run_dir, resumed.step)
+    if wrap_up_only:  # stopped after its final checkpoint, before its end: what it had left to write is written
+        log.info("run directory %s saved its final step (%d) but was stopped before its end-of-run outputs "
+                 "(summary.json, final samples, plots): writing them", run_dir, resumed.step)
     if resumed is None:
         forget_unfinished_start(run_dir, cfg)
     clock.mark("checkpoint")
@@ -183,10 +194,11 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
 
     # ------------------------------------------------------------------ compile
     compile_start = time.perf_counter()
-    batch = to_global(next_in_lockstep(data.train, start_step + 1), mesh)
-    train_step = training.train_step.lower(state, batch).compile()
+    if not wrap_up_only:
+        batch = to_global(next_in_lockstep(data.train, start_step + 1), mesh)
+        train_step = training.train_step.lower(state, batch).compile()
+        log.info("compiled in %.1fs", time.perf_counter() - compile_start)
     compile_s = time.perf_counter() - compile_start
-    log.info("compiled in %.1fs", compile_s)
     clock.mark("compile")
 
     # ------------------------------------------------------------------ actions
@@ -248,16 +260,18 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
             ckpt.wait()  # a started save always completes: it is a good checkpoint
 
     # ------------------------------------------------------------------ wrap-up
-    after_ctrl_c(EXIT_PREEMPTED, f"interrupted after the final checkpoint (step {progress.last_saved}) was saved; "
-                                 "only summary.json was not written")
+    after_ctrl_c(EXIT_PREEMPTED, f"interrupted after the final checkpoint (step {progress.last_saved}) was saved, "
+                                 "before the end-of-run outputs (summary.json, final samples, plots); run the same "
+                                 "command again to write them")
     peak.refresh(every_s=60)  # the device is idle: a last chance at a better peak, unless one is a minute old
     rates = meter.median()
     summary = {
         "steps": cfg.train.steps, "resumed_from": resumed.step if resumed is not None else None,
         "params": n_params, "devices": mesh.size, "mesh": dict(mesh.shape),
-        "final_loss": records.last.get("loss"),
+        "final_loss": records.last.get("loss", last_logged(run_dir, "loss") if wrap_up_only else None),
         "eval_loss_initial": evaluate.history[0] if evaluate.history and start_step == 0 else None,
-        "eval_loss_final": evaluate.history[-1] if evaluate.history else None,
+        "eval_loss_final": evaluate.history[-1] if evaluate.history else (
+            last_logged(run_dir, "eval_loss") if wrap_up_only else None),
         "nonfinite_steps": int(progress.state.nonfinite_steps),
         f"{task.unit}_per_s_median": rates["units_per_s"], "mfu_median": rates["mfu"],
         "peak_flops": peak.flops, "peak_source": peak.source, **({"mfu_note": peak.note} if peak.note else {}),
