@@ -15,7 +15,7 @@ from jaxgen.data.idx_images import read_idx
 from jaxgen.data.image_batches import held_out_batches, train_batches
 from jaxgen.data.images import open_images
 from jaxgen.data.splits import Shard
-from jaxgen.errors import ConfigError, DataError
+from jaxgen.errors import CheckpointError, ConfigError, DataError
 
 from helpers import DIT_CONFIG, assert_resumes_exactly, jaxgen_cli, run_jaxgen, tiny_dit_config
 
@@ -169,6 +169,7 @@ def test_a_pipe_or_an_image_too_large_to_decode_is_named_before_it_is_read(tmp_p
     ("escaping path", r"metadata.jsonl:1 names '../outside.png', which is not a file inside"),
     ("mixed labels", "'label' must be all non-negative integers or all class names"),
     ("too many classes", "holds 11 classes (c00, c01, c02, c03, c04, ...), more than model.num_classes=10"),
+    ("not UTF-8", "metadata.jsonl:2 is not UTF-8 text (byte 0xe9 at column 48); save metadata.jsonl as UTF-8"),
 ])
 def test_a_folder_that_cannot_serve_is_refused_in_one_line(tmp_path, layout, says):
     root = tmp_path / "data"
@@ -184,11 +185,72 @@ def test_a_folder_that_cannot_serve_is_refused_in_one_line(tmp_path, layout, say
         rows = {"missing file": [{"file_name": "a.png", "label": 0}, {"file_name": "gone.png", "label": 1}],
                 "no file_name": [{"label": 0}],
                 "escaping path": [{"file_name": "../outside.png", "label": 0}],
-                "mixed labels": [{"file_name": "a.png", "label": 0}, {"file_name": "a.png", "label": "x"}]}[layout]
+                "mixed labels": [{"file_name": "a.png", "label": 0}, {"file_name": "a.png", "label": "x"}],
+                "not UTF-8": [{"file_name": "a.png", "label": 0}, {"file_name": "a.png", "label": 0, "text": "cafX"}],
+                }[layout]
         (root / "metadata.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
+        if layout == "not UTF-8":  # a Latin-1 file: ended in "unexpected UnicodeDecodeError", naming no file
+            (root / "metadata.jsonl").write_bytes((root / "metadata.jsonl").read_bytes().replace(b"X", b"\xe9"))
     with pytest.raises((DataError, ConfigError)) as err:
         open_images(config("images.source=folder", f"images.folder={root}"))
     assert says in str(err.value) and "\n" not in str(err.value)
+
+
+def write_split(root: pathlib.Path, labels: list[int], captioned: bool = True) -> pathlib.Path:
+    """A folder of one image per label with its metadata.jsonl (each line captioned, or all but the 3rd)."""
+    rows = [{"file_name": f"{i}.png", "label": label, **({"text": f"picture {i}"} if captioned or i != 2 else {})}
+            for i, label in enumerate(labels)]
+    for i in range(len(labels)):
+        save_png(root / f"{i}.png", pixels(i))
+    (root / "metadata.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
+    return root / "metadata.jsonl"
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_label_outside_the_models_classes_is_named_in_either_split(tmp_path, split):
+    """Held-out labels 1 and 7 with model.num_classes=5 trained and evaluated (accuracy 0.0), exit status 0."""
+    labels = {"train": [0, 1, 2, 3, 4] * 2, "test": [1, 7]}
+    labels[split] = [*labels[split], 9] if split == "train" else labels[split]
+    written = {part: write_split(tmp_path / part, part_labels) for part, part_labels in labels.items()}
+    line = {"train": 11, "test": 2}[split]
+    with pytest.raises(DataError) as err:
+        open_images(config("images.source=folder", f"images.folder={tmp_path}", "model.num_classes=5"))
+    assert str(err.value) == (f"{written[split]}:{line} has 'label' {labels[split][line - 1]}, outside the model's "
+                              f"classes 0..4; correct the label, or set model.num_classes={max(labels[split]) + 1}")
+
+
+def test_text_conditioning_names_the_first_line_without_a_caption(tmp_path):
+    """One caption missing of many said 'conditioning.by=text needs captions, but <dir> has none'."""
+    from jaxgen.data.image_data import build_image_data
+
+    metadata = write_split(tmp_path, [0, 1] * 5, captioned=False)
+    with pytest.raises(DataError, match=rf"^conditioning.by=text needs a caption for every image, but {metadata}:3 "
+                                        r"has no 'text' caption \(1 of 10 lines lack one\); give each line a caption"):
+        build_image_data(config("images.source=folder", f"images.folder={tmp_path}", "model.num_classes=2"),
+                         caption_tokens=lambda captions: None)  # refused before any caption is tokenized
+
+
+def test_a_resume_refuses_class_folders_removed_or_added(class_folders, tmp_path):
+    """`rm -rf DIR/ant` renumbered bee and cat to the labels ant and bee had, and the resumed run went on."""
+    import shutil
+
+    from jaxgen.data.fingerprint import CLASSES, changed_files, data_files
+
+    root = tmp_path / "imgs"
+    shutil.copytree(class_folders, root)
+    cfg = config("images.source=folder", f"images.folder={root}", "model.num_classes=4")
+    saved = data_files(cfg)
+    assert saved[CLASSES] == {"ant": 0, "bee": 1, "cat": 2}
+    assert changed_files(saved, data_files(cfg)) == []
+    shutil.rmtree(root / "ant")
+    save_png(root / "dog" / "x.png", pixels(0))
+    with pytest.raises(CheckpointError) as err:
+        changed_files(saved, data_files(cfg))
+    assert str(err.value) == ("images.folder holds other classes than this run was trained on (removed ant; added "
+                              "dog): its labels would no longer name the classes the model learned; restore the "
+                              "folder's classes, or start a new run in another --run-dir")
+    before_classes_were_recorded = {key: files for key, files in saved.items() if key != CLASSES}
+    assert changed_files(before_classes_were_recorded, data_files(cfg))[0] == "images.folder: ant/02.png gone"
 
 
 # ----------------------------------------------------------------------------- IDX

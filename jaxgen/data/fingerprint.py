@@ -8,6 +8,10 @@ to another folder (a node's local disk) for a resumed job counts as the same dat
 
 The same record tells, before a multi-process run reads any data, a process whose files are not
 process 0's: a copy staged to each host's own disk that is incomplete or out of date.
+
+An image folder's class names and the labels they number are recorded beside its files: a class
+folder removed or added renumbers the others, and a model resumed on them would learn every label
+anew under another name, so a resume that finds them changed is refused, not warned about.
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ import pathlib
 from jaxgen.config import Config
 from jaxgen.config_data import SOURCE_KINDS
 from jaxgen.distributed import bytes_from_process_0, from_every_process, is_multiprocess
-from jaxgen.errors import DataError, listed
+from jaxgen.errors import CheckpointError, DataError, listed
 
 # Text sources read from local files by glob; `path` is a prepared dataset's directory.
 GLOBBED = ("text", "jsonl", "array_record", "parquet")
 # Image sources that are directories (a folder of images, IDX files, a latent dataset).
 IMAGE_DIRECTORIES = ("folder", "idx", "latents")
 MAX_FILES = 10_000  # per source: beyond it only the total size is kept
+CLASSES = "images.folder classes"  # the record of {class name: label}, where labels are the model's input
 
 
 def data_files(cfg: Config) -> dict[str, dict[str, int]]:
@@ -39,6 +44,11 @@ def data_files(cfg: Config) -> dict[str, dict[str, int]]:
                 found[prefix + kind] = _sizes(*_files(pattern, kind == "path"))
     if cfg.images.source in IMAGE_DIRECTORIES:
         found[f"images.{cfg.images.source}"] = _sizes(*_files(getattr(cfg.images, cfg.images.source), True))
+    if cfg.images.source == "folder" and cfg.conditioning.by == "class" and hasattr(cfg.model, "num_classes"):
+        from jaxgen.data.folder_images import folder_listings
+
+        _, classes = folder_listings(cfg.images, cfg.model.num_classes)
+        found[CLASSES] = {name: label for label, name in enumerate(classes)}
     return found
 
 
@@ -69,10 +79,33 @@ def _name(path: pathlib.Path, root: pathlib.Path) -> str:
 
 
 def changed_files(saved: dict[str, dict[str, int]], now: dict[str, dict[str, int]]) -> list[str]:
-    """Each difference between two `data_files` records, for people ("data.text: a.txt 2,048 -> 1,024 bytes")."""
+    """Each difference between a resumed checkpoint's `data_files` record and this run's, for people
+    ("data.text: a.txt 2,048 -> 1,024 bytes"); CheckpointError where the classes' labels changed."""
+    refuse_changed_classes(saved.get(CLASSES), now.get(CLASSES))
+    return _differences(saved, now)
+
+
+def refuse_changed_classes(saved: dict[str, int] | None, now: dict[str, int] | None) -> None:
+    """Raise CheckpointError when an image folder's {class name: label} is not the one the run was trained on
+    (a checkpoint from before classes were recorded has none, and resumes)."""
+    if saved is None or now is None or saved == now:
+        return
+    removed, added = [c for c in saved if c not in now], [c for c in now if c not in saved]
+    moved = [f"{c} {saved[c]} -> {now[c]}" for c in saved if c in now and saved[c] != now[c]]
+    changes = [f"{what} {', '.join(names[:5])}{f' and {len(names) - 5} more' if len(names) > 5 else ''}"
+               for what, names in (("removed", removed), ("added", added)) if names]
+    changes = changes or [f"relabelled {listed(moved, 3)}"]
+    raise CheckpointError(f"images.folder holds other classes than this run was trained on ({'; '.join(changes)}): "
+                          "its labels would no longer name the classes the model learned; restore the folder's "
+                          "classes, or start a new run in another --run-dir")
+
+
+def _differences(saved: dict[str, dict[str, int]], now: dict[str, dict[str, int]]) -> list[str]:
     changes = []
     for key in dict.fromkeys([*saved, *now]):
         before, after = saved.get(key), now.get(key)
+        if key == CLASSES and before is None:  # recorded since; nothing to compare with
+            continue
         if before is None or after is None:
             changes.append(f"{key}: {'now read' if before is None else 'no longer read'}")
             continue
@@ -82,7 +115,7 @@ def changed_files(saved: dict[str, dict[str, int]], now: dict[str, dict[str, int
             elif name not in before:
                 changes.append(f"{key}: {name} new")
             elif before[name] != after[name]:
-                changes.append(f"{key}: {name} {before[name]:,} -> {after[name]:,} bytes")
+                changes.append(f"{key}: {name} {before[name]:,} -> {after[name]:,}{'' if key == CLASSES else ' bytes'}")
     return changes
 
 
@@ -93,7 +126,7 @@ def refuse_other_files_than_process_0(files: dict[str, dict[str, int]]) -> None:
     if not is_multiprocess():
         return
     process_0 = json.loads(bytes_from_process_0(json.dumps(files).encode()))
-    differences = [json.loads(raw) for raw in from_every_process(json.dumps(changed_files(process_0, files)).encode())]
+    differences = [json.loads(raw) for raw in from_every_process(json.dumps(_differences(process_0, files)).encode())]
     differing = [index for index, changes in enumerate(differences) if changes]
     if differing:
         first, more = differing[0], len(differing) - 1

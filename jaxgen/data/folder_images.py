@@ -4,6 +4,7 @@
 - `metadata.jsonl` beside the images: one JSON object per line with `file_name` (relative
   to the folder holding metadata.jsonl) and a label column (`images.label_key`, integers or
   names) and/or a caption column (`images.caption_key`).
+  Integer labels must lie below `model.num_classes`, in the held-out part too.
 - Either one inside `train/` and `test/` (or `validation/`) sub-folders: those are the two
   parts. Otherwise every `images.eval_every_nth` image is held out.
 
@@ -21,6 +22,7 @@ import os
 import pathlib
 import re
 import stat
+from typing import NamedTuple
 
 import numpy as np
 
@@ -125,14 +127,25 @@ def scaled_and_cropped(image, size: int):
     return image.crop((left, top, left + size, top + size))
 
 
-def listed_images(root: pathlib.Path, label_key: str, caption_key: str,
-                  classes: list[str] | None = None) -> tuple[list, list, list | None, list[str]]:
-    """(files, labels, captions or None, class names) of one folder, from metadata.jsonl or class sub-folders.
+class Listing(NamedTuple):
+    """One folder's images as metadata.jsonl or its class sub-folders list them, none yet decoded."""
+
+    files: list[pathlib.Path]
+    labels: list[int]
+    captions: list[str] | None  # None unless every image has one
+    classes: list[str]  # the class names its labels number, in label order
+    uncaptioned: str | None = None  # where metadata.jsonl lacks captions, for the error that needs them
+
+
+def listed_images(root: pathlib.Path, label_key: str, caption_key: str, classes: list[str] | None = None,
+                  num_classes: int | None = None) -> Listing:
+    """One folder's listing, from metadata.jsonl or class sub-folders.
 
     `classes`: names already numbered (the train part's), which the held-out part must use too.
+    `num_classes`: the model's, which integer labels must lie below (None: labels are not the model's input).
     """
     if (root / METADATA).is_file():
-        return _from_metadata(root, label_key, caption_key, classes)
+        return _from_metadata(root, label_key, caption_key, classes, num_classes)
     names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     classes = classes or names
     files, labels = [], []
@@ -148,15 +161,20 @@ def listed_images(root: pathlib.Path, label_key: str, caption_key: str,
         hint = (f"; images lie in it directly ({', '.join(loose)}...): put them in class sub-folders or list them "
                 f"in a {METADATA}") if loose else ""
         raise DataError(f"images.folder {str(root)!r} holds no PNG or JPEG images in class sub-folders{hint}")
-    return files, labels, None, classes
+    return Listing(files, labels, None, classes)
 
 
-def _from_metadata(root: pathlib.Path, label_key: str, caption_key: str,
-                   classes: list[str] | None) -> tuple[list, list, list | None, list[str]]:
+def _metadata_rows(root: pathlib.Path, label_key: str, caption_key: str) -> list[tuple]:
+    """(line number, file, label or None, caption or None) of each listed image."""
     path, inside = root / METADATA, root.resolve()
     rows = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
+    with path.open("rb") as lines:  # decoded line by line, so that a bad byte is named by its line
+        for number, raw in enumerate(lines, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{number} is not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
+                                f"{err.start + 1}); save {METADATA} as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -174,50 +192,80 @@ def _from_metadata(root: pathlib.Path, label_key: str, caption_key: str,
             rows.append((number, file, row.get(label_key), row.get(caption_key)))
     if not rows:
         raise DataError(f"{path} lists no images")
+    return rows
+
+
+def _from_metadata(root: pathlib.Path, label_key: str, caption_key: str, classes: list[str] | None,
+                   num_classes: int | None) -> Listing:
+    path, rows = root / METADATA, _metadata_rows(root, label_key, caption_key)
     files = [file for _, file, _, _ in rows]
-    captions = [str(caption) for *_, caption in rows] if all(r[3] is not None for r in rows) else None
+    lacking = [number for number, _, _, caption in rows if caption is None]
+    captions = None if lacking else [str(caption) for *_, caption in rows]
+    uncaptioned = None if not lacking else (
+        f"{path} gives no {caption_key!r} caption" if len(lacking) == len(rows) else
+        f"{path}:{lacking[0]} has no {caption_key!r} caption ({len(lacking):,} of {len(rows):,} lines lack one)")
     given = [label for _, _, label, _ in rows]
     if all(label is None for label in given):
-        return files, [0] * len(rows), captions, ["unlabelled"]
+        return Listing(files, [0] * len(rows), captions, ["unlabelled"], uncaptioned)
     missing = next((number for number, _, label, _ in rows if label is None), None)
     if missing is not None:
         raise DataError(f"{path}:{missing} has no {label_key!r} though other lines have one")
     if all(isinstance(label, int) and not isinstance(label, bool) and label >= 0 for label in given):
-        return files, given, captions, classes or [str(c) for c in range(max(given) + 1)]
+        beyond = next(((number, label) for number, _, label, _ in rows
+                       if num_classes is not None and label >= num_classes), None)
+        if beyond is not None:
+            raise DataError(f"{path}:{beyond[0]} has {label_key!r} {beyond[1]}, outside the model's classes "
+                            f"0..{num_classes - 1}; correct the label, or set model.num_classes={max(given) + 1}")
+        count = max(max(given) + 1, len(classes or ()))
+        return Listing(files, given, captions, [str(c) for c in range(count)], uncaptioned)
     if all(isinstance(label, str) for label in given):
         classes = classes or sorted(set(given))
         unknown = next((label for label in given if label not in classes), None)
         if unknown is not None:
             raise DataError(f"{path}: class {unknown!r} is not among the training classes")
-        return files, [classes.index(label) for label in given], captions, classes
+        return Listing(files, [classes.index(label) for label in given], captions, classes, uncaptioned)
     raise DataError(f"{path}: {label_key!r} must be all non-negative integers or all class names")
 
 
-def open_folder_images(images: ImagesConfig, model: DiTConfig) -> ImageSource:
-    """The configured folder's parts, their labels checked against the model before any image is decoded."""
+def folder_listings(images: ImagesConfig, num_classes: int | None) -> tuple[list[tuple[pathlib.Path, Listing]],
+                                                                             list[str]]:
+    """([(folder, its listing)] of the train and held-out split folders, or of the one folder without them;
+    the class names the labels number), read from listings alone: no image is decoded."""
     root = pathlib.Path(images.folder)
     if not root.is_dir():
         raise DataError(f"images.folder {images.folder!r} is not a directory")
     split_dirs = {part: next((root / n for n in names if (root / n).is_dir()), None) for part, names in SPLITS.items()}
+    if not all(split_dirs.values()):
+        listing = listed_images(root, images.label_key, images.caption_key, num_classes=num_classes)
+        return [(root, listing)], listing.classes
+    train = listed_images(split_dirs["train"], images.label_key, images.caption_key, num_classes=num_classes)
+    held_out = listed_images(split_dirs["eval"], images.label_key, images.caption_key, train.classes, num_classes)
+    classes = max(train.classes, held_out.classes, key=len)  # integer labels: the larger range
+    return [(split_dirs["train"], train), (split_dirs["eval"], held_out)], classes
+
+
+def open_folder_images(images: ImagesConfig, model: DiTConfig) -> ImageSource:
+    """The configured folder's parts, their labels checked against the model before any image is decoded."""
+    root, num_classes = pathlib.Path(images.folder), getattr(model, "num_classes", None)  # an autoencoder has none
+    listings, classes = folder_listings(images, num_classes)
     options = dict(size=model.image_size, channels=model.channels, resize=images.resize,
                    skip_bad=images.bad_images == "skip")
-    if all(split_dirs.values()):
-        train = listed_images(split_dirs["train"], images.label_key, images.caption_key)
-        held_out = listed_images(split_dirs["eval"], images.label_key, images.caption_key, classes=train[3])
-        classes = max(train[3], held_out[3], key=len)  # integer labels: the larger range
+    uncaptioned = next((listing.uncaptioned for _, listing in listings if listing.uncaptioned), None)
+    if len(listings) == 2:
+        (_, train), (eval_dir, held_out) = listings
         parts = {"train": FolderImages(*train[:3], **options), "eval": FolderImages(*held_out[:3], **options)}
-        larger = f"add images to {split_dirs['eval']}"
-        captions = None if train[2] is None or held_out[2] is None else {"train": tuple(train[2]),
-                                                                            "eval": tuple(held_out[2])}
+        larger = f"add images to {eval_dir}"
+        captions = None if train.captions is None or held_out.captions is None else {
+            "train": tuple(train.captions), "eval": tuple(held_out.captions)}
     else:
-        files, labels, captions, classes = listed_images(root, images.label_key, images.caption_key)
-        parts = held_out_parts(FolderImages(files, labels, captions, **options), images.eval_every_nth)
+        [(_, listing)] = listings
+        parts = held_out_parts(FolderImages(*listing[:3], **options), images.eval_every_nth)
         larger = f"hold out more with a smaller images.eval_every_nth (now {images.eval_every_nth})"
-        captions = None if captions is None else {
+        captions = None if listing.captions is None else {
             part: tuple(view[i] for i in range(len(view)))
-            for part, view in held_out_parts(captions, images.eval_every_nth).items()}
-    if hasattr(model, "num_classes") and len(classes) > model.num_classes:  # an autoencoder takes any labels
+            for part, view in held_out_parts(listing.captions, images.eval_every_nth).items()}
+    if num_classes is not None and len(classes) > num_classes:
         raise ConfigError(f"images.folder {images.folder!r} holds {len(classes)} classes ({', '.join(classes[:5])}"
-                          f"{', ...' if len(classes) > 5 else ''}), more than model.num_classes={model.num_classes}; "
+                          f"{', ...' if len(classes) > 5 else ''}), more than model.num_classes={num_classes}; "
                           f"set model.num_classes={len(classes)}")
-    return ImageSource(root.name or str(root), parts, larger, part_captions=captions)
+    return ImageSource(root.name or str(root), parts, larger, part_captions=captions, uncaptioned=uncaptioned)

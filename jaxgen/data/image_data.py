@@ -37,6 +37,9 @@ def build_image_data(cfg: Config, caption_tokens: CaptionTokens | None = None, i
     anything is read); with `caption_tokens`, batches also carry each image's caption as tokens."""
     source = open_images(cfg, image_model)
     log.info("data: %s, %d train and %d held-out images", source.name, source.size("train"), source.size("eval"))
+    if caption_tokens is not None and not source.has_captions and source.uncaptioned:
+        raise DataError(f"conditioning.by=text needs a caption for every image, but {source.uncaptioned}; give each "
+                        f"line a caption (images.caption_key={cfg.images.caption_key!r})")
     if caption_tokens is not None and not source.has_captions:
         raise DataError(f"conditioning.by=text needs captions, but {source.name} has none; give images with a "
                         f"caption column (images.caption_key={cfg.images.caption_key!r} in metadata.jsonl)")

@@ -30,6 +30,8 @@ class ImageSource:
     # Each part's captions in record order, where the records have captions: checks, reports and
     # evaluation read them without decoding images.
     part_captions: dict[Part, tuple[str, ...]] | None = None
+    # Where some records lack the captions others have (a file's line, how many), to say so when captions are needed.
+    uncaptioned: str | None = None
     # Threads reading records ahead: None = grain's default (files); records in memory need none.
     read_threads: int | None = None
 
