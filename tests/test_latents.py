@@ -134,6 +134,21 @@ def test_the_reader_refuses_an_unfinished_or_missing_dataset(world, tmp_path):
         latent_source(tmp_path / "none")
 
 
+def test_a_damaged_dataset_file_is_named_in_one_line(world, tmp_path):
+    root, _, _, manifest = world
+    shutil.copytree(root / "latents", tmp_path / "latents")
+    damaged = tmp_path / "latents" / manifest["files"]["train"][0]
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 10] ^= 0xFF  # one byte of the first chunk's data
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(DataError) as refused:
+        source = latent_source(tmp_path / "latents")
+        [source.parts["train"][i] for i in range(len(source.parts["train"]))]
+    message, _ = describe(refused.value)
+    assert f"{str(damaged)!r} is damaged" in message and "prepare the dataset again" in message
+    assert "\n" not in message
+
+
 def test_prepare_refuses_mistakes_in_one_line(world, tmp_path):
     root = world[0]
     shapes, ae = f"folder:{root / 'shapes'}", str(root / "ae")

@@ -160,6 +160,28 @@ def test_a_latent_dataset_of_another_autoencoder_is_refused(world, tmp_path):
         DiffusionTask(cfg).make_data(tmp_path)
 
 
+def test_latents_prepared_again_by_a_newer_autoencoder_are_not_decoded_by_the_one_the_run_froze(world, tmp_path):
+    """A run froze the autoencoder that wrote its latents; latents of the autoencoder run's newer checkpoint
+    (here: another one's) are refused where they are decoded, not decoded by the wrong autoencoder."""
+    cfg = t2i_config(world, "mesh.data=1")
+    training = build_training(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
+    task = training.task
+    task.make_data(world)
+    weights = training.layout.models.weights(training.init_state().params)
+    latents = np.zeros((2, 8, 8, 4), np.float32)
+    assert task.latents.decode(weights, latents).shape == (2, 16, 16, 3)
+    ae_cfg = load_config(world / "ae" / "config.yaml")
+    (tmp_path / "newer").mkdir()
+    save_imported_run(tmp_path / "newer", ae_cfg, jax.jit(lambda: fresh_params(make_task(ae_cfg), 1))(),
+                      "tests/test_text_to_image.py", inputs={})
+    task.latents.manifest = prepare_latent_dataset(f"folder:{world / 'shapes'}", tmp_path / "newer",
+                                                   tmp_path / "latents", progress=False)
+    with pytest.raises(ConfigError, match=r"was encoded by the autoencoder of .*newer \(step 0\), not by the one "
+                                          r"this run froze .*start a new run$") as refused:
+        task.latents.decode(weights, latents)
+    assert "\n" not in str(refused.value)
+
+
 def text_batches(cfg, n):
     rng = np.random.default_rng(0)
     b, m = cfg.data.batch_size, cfg.model

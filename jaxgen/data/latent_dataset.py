@@ -59,18 +59,29 @@ def decode_record(record: bytes, shape: tuple[int, int, int]) -> dict:
 
 
 class LatentRecords:
-    """Random access to one part's records, decoded."""
+    """Random access to one part's records, decoded; a damaged file is named in one line."""
 
     def __init__(self, files: list[pathlib.Path], shape: tuple[int, int, int]):
         import grain
 
-        self.source, self.shape = grain.sources.ArrayRecordDataSource([str(f) for f in files]), shape
+        self.files, self.shape = files, shape
+        self.sources = [grain.sources.ArrayRecordDataSource([str(f)]) for f in files]
+        self.starts = np.cumsum([0] + [len(source) for source in self.sources])
 
     def __len__(self) -> int:
-        return len(self.source)
+        return int(self.starts[-1])
 
     def __getitem__(self, index: int) -> dict:
-        return decode_record(self.source[index], self.shape)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        i = int(np.searchsorted(self.starts, index, side="right")) - 1
+        try:
+            record = self.sources[i][index - int(self.starts[i])]
+        except RuntimeError as err:  # array_record's report of a damaged file
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise DataError(f"latent dataset file {str(self.files[i])!r} is damaged ({reason}); prepare the "
+                            f"dataset again with {PREPARE}") from None
+        return decode_record(record, self.shape)
 
 
 def read_manifest(directory: str | pathlib.Path) -> dict:

@@ -6,9 +6,12 @@ scale and shift, saved in every checkpoint. The scale comes from the latent
 dataset's manifest (`images.source: latents`, where `jaxgen data prepare`
 measured it), or is measured at the start of training from the first
 `SCALE_IMAGES` training images when batches hold images to encode in the
-step. A latent dataset written by another autoencoder, or latents whose
-shape the model does not take, are refused in one line before anything is
-built.
+step. A latent dataset written by another autoencoder than the one a new
+run is about to freeze, or latents whose shape the model does not take, are
+refused in one line before anything is built; cached latents are decoded
+only by the autoencoder that wrote them: a run whose frozen autoencoder (its
+checkpoints' own, not the autoencoder run's newest) did not is refused in one
+line when they are decoded.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class Latents:
             self.manifest = read_manifest(cfg.images.latents)
         self.scale: float | None = None if self.manifest is None else float(self.manifest["scale"])
         self.autoencoder = None  # FrozenAutoencoder, loaded by `prepare` (training, evaluation)
+        self._checked = None  # (frozen group's params, latents' digest) last found to agree
         self._decode = jax.jit(lambda graphdef, params, z: nnx.merge(graphdef, params).decode(z), static_argnums=0)
 
     def image_model(self):
@@ -107,8 +111,26 @@ class Latents:
     def decode(self, weights: Weights, latents_NhwZ: jax.Array) -> np.ndarray:
         """Images (N, H, W, C) in [-1, 1] of sampled latents, through the run's own autoencoder and scale."""
         graphdef, params = weights.graphdefs[AUTOENCODER_GROUP], weights.params[AUTOENCODER_GROUP]
+        self.check_frozen(params)
         return map_chunks(lambda chunk, _: self._decode(graphdef, params, jnp.asarray(chunk)),
                           np.asarray(jax.device_get(latents_NhwZ)), DECODE_BATCH)
+
+    def check_frozen(self, params) -> None:
+        """Refuse cached latents that the run's frozen autoencoder group (`params`) did not write: latents
+        prepared again with a newer checkpoint of the autoencoder run would be decoded by the one frozen when
+        the run began."""
+        checked, digest = self._checked or (None, None)
+        if self.manifest is None or (checked is params and digest == self.manifest["autoencoder"]["digest"]):
+            return
+        from jaxgen.diffusion.latents import params_digest
+
+        writer, digest = self.manifest["autoencoder"], params_digest(params["autoencoder"])
+        if digest != writer["digest"]:
+            raise ConfigError(f"images.latents={self.cfg.images.latents!r} was encoded by the autoencoder of "
+                              f"{writer['run_dir']} (step {writer['step']}), not by the one this run froze in its "
+                              f"checkpoints (parameter digest {digest[:12]}); set images.latents to latents "
+                              "prepared with that autoencoder, or start a new run")
+        self._checked = (params, writer["digest"])
 
     def pixel_set(self, weights: Weights, latents: ImageSet) -> ImageSet:
         """Cached latents as the images the autoencoder makes of them (what sample quality compares with)."""
