@@ -121,9 +121,9 @@ class SkippedLines:
         if not self.count:
             self.first_offset = offset
             if not self.whole_file and not self.quiet:
+                stop = self.names.invalid_utf8.format("error")
                 warn_once(str(self.path.resolve()), f"{self.path}: skipping lines of invalid UTF-8 (the first met: "
-                                                    f"line at byte {offset}); set "
-                                                    f"{self.names.invalid_utf8.format('error')} to stop at them instead")
+                                                    f"line at byte {offset}); set {stop} to stop at them instead")
         self.count += 1
 
     def report(self) -> None:
