@@ -133,8 +133,7 @@ def written_together() -> Iterator[None]:
                 os.replace(hidden, path)
     finally:
         _STAGED.reset(token)
-        for hidden, _ in staged:
-            hidden.unlink(missing_ok=True)
+        discard()  # what was renamed into place is no longer there to remove
 
 
 def write_output(path: str | pathlib.Path, data: bytes) -> None:

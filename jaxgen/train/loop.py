@@ -131,9 +131,13 @@ def use_compilation_cache(setting: str | None) -> str | None:
     return directory
 
 
-def last_logged(run_dir: pathlib.Path, key: str) -> float | None:
-    """The last value of `key` in the run's metrics.jsonl: what a summary written by a later process reports."""
-    return next((record[key] for record in reversed(read_metrics(run_dir / "metrics.jsonl")) if key in record), None)
+def last_logged(run_dir: pathlib.Path, *keys: str) -> dict[str, float]:
+    """The last value of each of `keys` in the run's metrics.jsonl (read once): what a summary written by a
+    later process reports."""
+    last: dict[str, float] = {}
+    for record in read_metrics(run_dir / "metrics.jsonl"):
+        last.update((key, record[key]) for key in keys if key in record)
+    return last
 
 
 def load_eval_tasks(cfg: Config) -> list[BenchmarkTask]:
@@ -265,13 +269,13 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
                                  "command again to write them")
     peak.refresh(every_s=60)  # the device is idle: a last chance at a better peak, unless one is a minute old
     rates = meter.median()
+    logged = last_logged(run_dir, "loss", "eval_loss") if wrap_up_only else {}  # no step of this process logged
     summary = {
         "steps": cfg.train.steps, "resumed_from": resumed.step if resumed is not None else None,
         "params": n_params, "devices": mesh.size, "mesh": dict(mesh.shape),
-        "final_loss": records.last.get("loss", last_logged(run_dir, "loss") if wrap_up_only else None),
+        "final_loss": records.last.get("loss", logged.get("loss")),
         "eval_loss_initial": evaluate.history[0] if evaluate.history and start_step == 0 else None,
-        "eval_loss_final": evaluate.history[-1] if evaluate.history else (
-            last_logged(run_dir, "eval_loss") if wrap_up_only else None),
+        "eval_loss_final": evaluate.history[-1] if evaluate.history else logged.get("eval_loss"),
         "nonfinite_steps": int(progress.state.nonfinite_steps),
         f"{task.unit}_per_s_median": rates["units_per_s"], "mfu_median": rates["mfu"],
         "peak_flops": peak.flops, "peak_source": peak.source, **({"mfu_note": peak.note} if peak.note else {}),
