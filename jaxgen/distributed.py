@@ -33,7 +33,7 @@ import numpy as np
 
 from jaxgen import peer_stops
 from jaxgen.coordinator_beacon import ask, refusal, report_stop, run_identity, start_beacon
-from jaxgen.errors import ConfigError, JaxgenError, Preempted, describe_os_error, lost_a_peer
+from jaxgen.errors import ConfigError, JaxgenError, PeerStopped, Preempted, describe_os_error, lost_a_peer
 from jaxgen.interrupts import claim_last_word
 
 log = logging.getLogger("jaxgen")
@@ -325,8 +325,10 @@ def before_last_line(err: BaseException) -> None:
 
 
 def tell_peers_of_stop(err: BaseException, line: str, status: int) -> None:
-    """A process of a joined run that stops on its own error posts its line, with which the others stop."""
-    if is_multiprocess() and not isinstance(err, Preempted) and not lost_a_peer(str(err)):
+    """A process of a joined run that stops on its own error posts its line, with which the others stop; not
+    one every process raised alike (`JaxgenError.every_process_knows`)."""
+    if (is_multiprocess() and not isinstance(err, Preempted) and not getattr(err, "every_process_knows", False)
+            and not lost_a_peer(str(err))):
         import jax
 
         peer_stops.announce(jax.process_index(), line, status)
@@ -421,7 +423,5 @@ def stop_together(check: Callable[[], Checked]) -> Checked:
         raise failure
     if failed:
         index, (status, message) = failed[0]
-        error = JaxgenError(f"process {index} stopped: {message}")
-        error.exit_status = status
-        raise error
+        raise PeerStopped(index, message, status)
     return result

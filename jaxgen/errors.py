@@ -11,12 +11,26 @@ from __future__ import annotations
 import errno
 import os
 import re
+from typing import TypeVar
 
 
 class JaxgenError(Exception):
     """A mistake or failure the user can act on; the message says what and how."""
 
     exit_status = 2
+    # Raised alike by every process of a multi-process run (a check they made together), so none tells the
+    # others of it (jaxgen.peer_stops): one that did could reach another first, as `process 0 stopped: <the
+    # same line>` in place of its own.
+    every_process_knows = False
+
+
+Known = TypeVar("Known", bound=JaxgenError)
+
+
+def on_every_process(err: Known) -> Known:
+    """`err`, marked as raised alike by every process of the run."""
+    err.every_process_knows = True
+    return err
 
 
 class ConfigError(JaxgenError, ValueError):
@@ -71,6 +85,16 @@ class NonFiniteError(JaxgenError, RuntimeError):
     """A step produced non-finite values and the run stopped without saving them."""
 
     exit_status = 1
+
+
+class PeerStopped(JaxgenError):
+    """Another process of the run failed a check every process made together: its line."""
+
+    every_process_knows = True
+
+    def __init__(self, process: int, message: str, status: int):
+        super().__init__(f"process {process} stopped: {message}")
+        self.exit_status = status
 
 
 class UsageError(JaxgenError):

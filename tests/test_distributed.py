@@ -317,3 +317,24 @@ def test_a_peer_killed_outright_reads_as_a_lost_peer_not_as_this_processs_unexpe
     assert describe(killed)[0].startswith("error: another process of the run stopped, breaking this one's")
     exited = "UNKNOWN: Gloo AllReduce failed: [external/gloo/gloo/transport/tcp/pair.cc:547] Connection closed by peer"
     assert lost_a_peer(exited) and not lost_a_peer("UNKNOWN: gloo.cc: unrecognised option")
+
+
+def test_only_a_processs_own_failure_is_posted_for_the_others(monkeypatch):
+    """`eval --run-dir` a run one host cannot see: process 0 posted the line it had from process 1 as its own
+    failure, and where that post came first, process 1 printed `process 0 stopped: process 1 stopped: ...` in
+    place of its own line (seen in CI). Nor is a check every process fails alike posted by any."""
+    from jaxgen import peer_stops
+    from jaxgen.errors import ConfigError, PeerStopped, Preempted, on_every_process
+
+    posted = []
+    monkeypatch.setattr(distributed, "is_multiprocess", lambda: True)
+    monkeypatch.setattr(peer_stops, "announce", lambda process, line, status: posted.append(line))
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    relayed = PeerStopped(1, "run directory '/shared/run' does not exist", 2)
+    assert (str(relayed), relayed.exit_status) == ("process 1 stopped: run directory '/shared/run' does not exist", 2)
+    for err in (relayed, on_every_process(ConfigError("--run-dir '/r' is not shared")), Preempted(3),
+                RuntimeError("Gloo AllReduce failed: Connection closed by peer")):
+        distributed.tell_peers_of_stop(err, f"error: {err}", 2)
+    assert posted == []
+    distributed.tell_peers_of_stop(DataError("/scratch/x: no space left on device"), "error: own", 1)
+    assert posted == ["error: own"]

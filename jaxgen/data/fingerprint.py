@@ -23,7 +23,7 @@ import pathlib
 from jaxgen.config import Config
 from jaxgen.config_data import SOURCE_KINDS
 from jaxgen.distributed import bytes_from_process_0, from_every_process, is_multiprocess
-from jaxgen.errors import CheckpointError, DataError, listed
+from jaxgen.errors import CheckpointError, DataError, listed, on_every_process
 
 # Text sources read from local files by glob; `path` is a prepared dataset's directory.
 GLOBBED = ("text", "jsonl", "array_record", "parquet")
@@ -131,6 +131,7 @@ def refuse_other_files_than_process_0(files: dict[str, dict[str, int]]) -> None:
     if differing:
         first, more = differing[0], len(differing) - 1
         others = f"; {more} other process{'es' if more > 1 else ''} too" if more else ""
-        raise DataError(f"process {first} does not see the training files process 0 does (process 0's -> its "
-                        f"own: {listed(differences[first], 4)}{others}): every process must read the same files; "
-                        "a copy staged to each host's own disk may be incomplete or out of date")
+        raise on_every_process(DataError(
+            f"process {first} does not see the training files process 0 does (process 0's -> its own: "
+            f"{listed(differences[first], 4)}{others}): every process must read the same files; a copy staged to "
+            "each host's own disk may be incomplete or out of date"))

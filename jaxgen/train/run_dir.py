@@ -27,7 +27,7 @@ from jaxgen.checkpoint import Checkpointer, CheckpointMismatch, Restored
 from jaxgen.config import Config, changed_settings, load_config
 from jaxgen.data.tokenizer import kept_tokenizer_files, tokenizer_file_in
 from jaxgen.distributed import bytes_from_process_0, from_every_process
-from jaxgen.errors import CheckpointError, ConfigError, DirectoryInUse, listed
+from jaxgen.errors import CheckpointError, ConfigError, DirectoryInUse, listed, on_every_process
 from jaxgen.files import DirectoryLock, describe_holder
 
 log = logging.getLogger("jaxgen")
@@ -113,10 +113,10 @@ def refuse_unshared(run_dir: pathlib.Path, record: bytes) -> None:
     blind = [index for index, sees in enumerate(from_every_process(b"1" if seen else b"")) if not sees]
     if blind:
         them = f"process {blind[0]} does" if len(blind) == 1 else f"processes {listed([str(i) for i in blind], 8)} do"
-        raise ConfigError(f"--run-dir {str(run_dir)!r} is not shared by the run's processes: {them} not see the "
-                          f"lock file process 0 wrote there (a folder on each host's own disk?); a multi-process run "
-                          "needs its run directory on a file system they all share (NFS, Lustre, a bucket mount), "
-                          "else its first checkpoint never completes")
+        raise on_every_process(ConfigError(
+            f"--run-dir {str(run_dir)!r} is not shared by the run's processes: {them} not see the lock file process "
+            "0 wrote there (a folder on each host's own disk?); a multi-process run needs its run directory on a "
+            "file system they all share (NFS, Lustre, a bucket mount), else its first checkpoint never completes"))
 
 
 def _lock_record(run_dir: pathlib.Path) -> bytes | None:
