@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--autoencoder", type=path_given("an autoencoder's run directory"), metavar="RUN_DIR",
                          help="with --images: the autoencoder run (trained, or imported from diffusers) whose "
                               "scaled latents are stored")
+    prepare.add_argument("--step", type=non_negative_int, metavar="N",
+                         help="with --autoencoder: its run's checkpoint to encode with (default: the newest); a "
+                              "latent diffusion run's resume names the one it froze")
     prepare.add_argument("--caption-key", help="with --images folder:DIR: the metadata.jsonl caption column "
                                                "(default: images.caption_key's)")
     prepare.add_argument("--label-key", help="with --images: the label column or feature "

@@ -63,7 +63,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # `data prepare` options of text datasets and of latent datasets; each kind refuses the other's.
 PREPARE_TEXT_OPTIONS = ("input", "field", "invalid_utf8", "tokenizer", "validation_every_nth", "validation_block")
-PREPARE_IMAGE_OPTIONS = ("autoencoder", "caption_key", "label_key")
+PREPARE_IMAGE_OPTIONS = ("autoencoder", "step", "caption_key", "label_key")
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
@@ -72,7 +72,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
     if args.images is not None:
         return cmd_data_prepare_latents(args)
-    image_options = [f"--{name.replace('_', '-')}" for name in PREPARE_IMAGE_OPTIONS if getattr(args, name)]
+    image_options = [f"--{name.replace('_', '-')}" for name in PREPARE_IMAGE_OPTIONS if getattr(args, name) is not None]
     if image_options:
         raise UsageError(f"{', '.join(image_options)} go with --images SOURCE (a latent dataset), not --input")
     if args.input is None:
@@ -100,7 +100,7 @@ def cmd_data_prepare_latents(args: argparse.Namespace) -> int:
     if args.autoencoder is None:
         raise UsageError("--images SOURCE needs --autoencoder RUN_DIR: the autoencoder run that encodes the images")
     manifest = prepare_latent_dataset(args.images, args.autoencoder, args.out, caption_key=args.caption_key,
-                                      label_key=args.label_key)
+                                      label_key=args.label_key, step=args.step)
     print(json.dumps(manifest, indent=2))
     return 0
 

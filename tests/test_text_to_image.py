@@ -326,3 +326,56 @@ def test_a_frozen_encoder_run_embeds_the_captions_and_stays_frozen(world, tokeni
     for key in ("tokens", "pooled"):
         np.testing.assert_allclose(many[key], np.tile(condition[key], (40,) + (1,) * (condition[key].ndim - 1)),
                                    atol=1e-5)
+
+
+def test_a_resumed_run_checks_cached_latents_against_the_autoencoder_it_froze_not_the_newest(cli_runs, world,
+                                                                                           tmp_path, monkeypatch):
+    """Once the autoencoder run trained on, the correct continuation (latents of the step the run froze) was
+    refused, and latents of the newer step were taken until they were first decoded: at the end of training."""
+    from jaxgen.outputs import frozen_autoencoder
+
+    straight, _, _ = cli_runs
+    ae_cfg = load_config(world / "ae" / "config.yaml")
+    (tmp_path / "newer").mkdir()  # the autoencoder run's newest checkpoint, since the DiT run froze step 0
+    save_imported_run(tmp_path / "newer", ae_cfg, jax.jit(lambda: fresh_params(make_task(ae_cfg), 1))(),
+                      "tests/test_text_to_image.py", inputs={})
+    monkeypatch.setattr(frozen_autoencoder, "load_autoencoder", lambda *a, **k: pytest.fail("loaded the newest"))
+    task = DiffusionTask(t2i_config(world, f"diffusion.autoencoder={tmp_path / 'newer'}"))
+    frozen = task.inputs(task.make_data(straight))["autoencoder"]
+    manifest = json.loads((world / "latents" / "latents.json").read_text())
+    assert frozen == {**manifest["autoencoder"], "scale": manifest["scale"]}  # what the run's checkpoints record
+
+    monkeypatch.undo()
+    prepare_latent_dataset(f"folder:{world / 'shapes'}", tmp_path / "newer", tmp_path / "latents", progress=False)
+    task = DiffusionTask(t2i_config(world, f"images.latents={tmp_path / 'latents'}"))
+    with pytest.raises(ConfigError) as refused:
+        task.make_data(straight)
+    assert str(refused.value) == (
+        f"images.latents='{tmp_path / 'latents'}' was encoded by the autoencoder of {tmp_path / 'newer'} (step 0), "
+        f"not by the one this run froze in its checkpoints; prepare the latents again with it: jaxgen data prepare "
+        f"--autoencoder {world / 'ae'} --step 0 --images ... --out ...")
+
+
+def test_data_prepare_encodes_with_the_autoencoder_checkpoint_step_given(world, tmp_path):
+    made = run_jaxgen("data", "prepare", "--images", f"folder:{world / 'shapes'}", "--autoencoder", str(world / "ae"),
+                      "--step", "0", "--out", str(tmp_path / "latents"))
+    assert made.returncode == 0, made.stderr[-3000:]
+    assert json.loads((tmp_path / "latents" / "latents.json").read_text())["autoencoder"]["step"] == 0
+    missing = run_jaxgen("data", "prepare", "--images", f"folder:{world / 'shapes'}", "--autoencoder",
+                         str(world / "ae"), "--step", "3", "--out", str(tmp_path / "other"))
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
+        f"jaxgen: error: run directory '{world / 'ae'}' has no checkpoint for step 3; available: [0]"]
+    assert not (tmp_path / "other").exists()
+    text = run_jaxgen("data", "prepare", "--input", str(world / "shapes" / "train" / "metadata.jsonl"), "--step", "0",
+                      "--out", str(tmp_path / "text"))
+    assert text.returncode == 2 and "--step go with --images SOURCE" in text.stderr, text.stderr
+
+
+def test_an_autoencoder_run_not_found_names_the_setting_and_where_a_relative_path_is_read_from(world, tmp_path,
+                                                                                              monkeypatch):
+    """`cd / && jaxgen sample --run-dir /abs/t2i` of a run trained with diffusion.autoencoder=vae said only
+    `run directory 'vae' does not exist`."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as refused:
+        DiffusionTask(t2i_config(world, "diffusion.autoencoder=vae"))
+    assert str(refused.value) == f"diffusion.autoencoder='vae' (from {tmp_path}): run directory 'vae' does not exist"

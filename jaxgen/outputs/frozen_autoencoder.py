@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jaxgen.checkpoint import CheckpointError, checkpoint_dir, committed_steps, read_step_meta
 from jaxgen.chunks import map_chunks
 from jaxgen.config import AutoencoderConfig
 from jaxgen.diffusion.latents import checked_scale, decode_latents, encode_latents, params_digest
@@ -86,3 +87,18 @@ def load_autoencoder(run_dir: str | pathlib.Path, step: int | None = None,
                              graphdef=run.weights.graphdefs[MAIN_GROUP], params=params,
                              scale=checked_scale(model.scaling_factor if scale is None else scale),
                              shift=float(model.shift_factor or 0.0), digest=params_digest(params))
+
+
+def frozen_in_run(run_dir: str | pathlib.Path) -> dict | None:
+    """What the checkpoints of latent diffusion run `run_dir` record of the autoencoder it froze: its run
+    directory, step, parameter digest and latent scale. None where the run has no checkpoint yet; {} where they
+    were saved before jaxgen recorded it. Every checkpoint of a run records the same (the group is never
+    trained): a damaged newest one is passed over, as training passes it over to resume from an older one."""
+    directory = checkpoint_dir(pathlib.Path(run_dir))
+    steps = committed_steps(directory)
+    for step in reversed(steps):
+        try:
+            return dict(read_step_meta(directory, step).get("inputs", {}).get("autoencoder") or {})
+        except CheckpointError:
+            continue
+    return {} if steps else None

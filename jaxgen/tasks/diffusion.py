@@ -116,7 +116,7 @@ class DiffusionTask:
         if self.text:
             self.conditions.report_collisions(data.source.part_captions["train"])
         if self.latents is not None:
-            self.latents.prepare(data.source)
+            self.latents.prepare(data.source, run_dir)
         data.eval = self.with_fixed_noise(data.eval)
         return data
 
@@ -134,7 +134,8 @@ class DiffusionTask:
 
     # ------------------------------------------------------------------ what a run records about its inputs
     def inputs(self, data: ImageData) -> dict:
-        return image_inputs(data)
+        frozen = self.latents.identity() if self.latents is not None else {}
+        return {**image_inputs(data), **({"autoencoder": frozen} if frozen else {})}
 
     def check_inputs(self, saved: dict, current: dict) -> None:
         check_image_inputs(saved, current)

@@ -6,17 +6,19 @@ scale and shift, saved in every checkpoint. The scale comes from the latent
 dataset's manifest (`images.source: latents`, where `jaxgen data prepare`
 measured it), or is measured at the start of training from the first
 `SCALE_IMAGES` training images when batches hold images to encode in the
-step. A latent dataset written by another autoencoder than the one a new
-run is about to freeze, or latents whose shape the model does not take, are
-refused in one line before anything is built; cached latents are decoded
-only by the autoencoder that wrote them: a run whose frozen autoencoder (its
-checkpoints' own, not the autoencoder run's newest) did not is refused in one
-line when they are decoded.
+step. A fresh run freezes the autoencoder run's newest checkpoint, and its
+checkpoints record which (`identity`). Cached latents are decoded only by the
+autoencoder that wrote them: a latent dataset written by another autoencoder
+than the one the run freezes, or froze (a resumed or evaluated run: its
+record, not the autoencoder run's newest), is refused in one line before
+anything is built, and so are latents whose shape the model does not take.
 """
 
 from __future__ import annotations
 
 import logging
+import pathlib
+import shlex
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +47,11 @@ class Latents:
         from jaxgen.outputs.frozen_autoencoder import autoencoder_config
 
         self.cfg, self.cached = cfg, cfg.images.source == "latents"
-        self.ae_cfg = autoencoder_config(cfg.diffusion.autoencoder)
+        try:
+            self.ae_cfg = autoencoder_config(cfg.diffusion.autoencoder)
+        except ConfigError as err:  # a relative path is read from where the command runs, not the run's folder
+            where = "" if pathlib.Path(cfg.diffusion.autoencoder).is_absolute() else f" (from {pathlib.Path.cwd()})"
+            raise ConfigError(f"diffusion.autoencoder={cfg.diffusion.autoencoder!r}{where}: {err}") from None
         h, z = self.ae_cfg.latent_size, self.ae_cfg.latent_channels
         m = cfg.model
         if (m.image_size, m.channels) != (h, z):
@@ -57,7 +63,8 @@ class Latents:
 
             self.manifest = read_manifest(cfg.images.latents)
         self.scale: float | None = None if self.manifest is None else float(self.manifest["scale"])
-        self.autoencoder = None  # FrozenAutoencoder, loaded by `prepare` (training, evaluation)
+        self.autoencoder = None  # FrozenAutoencoder, loaded by `prepare` for a fresh run
+        self.frozen: dict | None = None  # what the run's checkpoints record of the autoencoder they froze
         self._checked = None  # (frozen group's params, latents' digest) last found to agree
         self._decode = jax.jit(lambda graphdef, params, z: nnx.merge(graphdef, params).decode(z), static_argnums=0)
 
@@ -80,27 +87,55 @@ class Latents:
 
         return {AUTOENCODER_GROUP: ModelSpec(build=build, trained=False)}
 
-    def prepare(self, source: ImageSource) -> None:
-        """Before a fresh state is made: the autoencoder's parameters, checked against cached latents, and the
-        scale of images encoded in the step, measured from the data."""
+    def prepare(self, source: ImageSource, run_dir: pathlib.Path) -> None:
+        """Before the state is made. A run whose checkpoints record the autoencoder they froze (one resumed or
+        evaluated) needs nothing of the autoencoder run: cached latents are checked against that record. A
+        fresh run loads the autoencoder run's newest checkpoint, checks cached latents against it and, for
+        images encoded in the step, measures their scale from the data."""
         from jaxgen.diffusion.latents import measure_scale
-        from jaxgen.outputs.frozen_autoencoder import load_autoencoder
+        from jaxgen.outputs.frozen_autoencoder import frozen_in_run, load_autoencoder
 
+        recorded = frozen_in_run(run_dir)
+        if recorded:
+            self.frozen = recorded
+            self._refuse_latents_of_another(recorded, "the one this run froze in its checkpoints")
+            return
         if self.autoencoder is None:
             self.autoencoder = load_autoencoder(self.cfg.diffusion.autoencoder)
-        if self.manifest is not None:
-            writer = self.manifest["autoencoder"]
-            if writer["digest"] != self.autoencoder.digest:
-                raise ConfigError(f"images.latents={self.cfg.images.latents!r} was encoded by the autoencoder of "
-                                  f"{writer['run_dir']} (step {writer['step']}), not by diffusion.autoencoder="
-                                  f"{self.cfg.diffusion.autoencoder!r} (step {self.autoencoder.step}); prepare "
-                                  "the latents again with it")
+        ae = self.autoencoder
+        if recorded is None:  # a fresh run: what it freezes (checkpoints saved before the record carry none)
+            self.frozen = {"run_dir": str(ae.run_dir), "step": ae.step, "digest": ae.digest, "scale": self.scale}
+        self._refuse_latents_of_another({"run_dir": str(ae.run_dir), "step": ae.step, "digest": ae.digest},
+                                        f"diffusion.autoencoder={self.cfg.diffusion.autoencoder!r} (step {ae.step})")
         if self.scale is not None:
             return
         images = part_examples(source, "train", SCALE_IMAGES)["images"]
-        self.scale = measure_scale(self.autoencoder.with_scale(1.0).encode(images))
+        self.scale = measure_scale(ae.with_scale(1.0).encode(images))
+        if self.frozen is not None:
+            self.frozen["scale"] = self.scale
         log.info("latent scale %.4f: unit variance over the latents of the first %d training images",
                  self.scale, len(images))
+
+    def identity(self) -> dict:
+        """What a checkpoint records of the frozen autoencoder ({}: not known, a run saved before the record)."""
+        return dict(self.frozen or {})
+
+    def _refuse_latents_of_another(self, autoencoder: dict, named: str) -> None:
+        """Refuse cached latents that `autoencoder` (its run_dir, step, digest and, where known, scale) did not
+        write: the run would decode them through another autoencoder than the one that encoded them."""
+        if self.manifest is None:
+            return
+        writer = self.manifest["autoencoder"]
+        if writer["digest"] != autoencoder["digest"]:
+            raise ConfigError(f"images.latents={self.cfg.images.latents!r} was encoded by the autoencoder of "
+                              f"{writer['run_dir']} (step {writer['step']}), not by {named}; prepare the latents "
+                              f"again with it: jaxgen data prepare --autoencoder {shlex.quote(autoencoder['run_dir'])}"
+                              f" --step {autoencoder['step']} --images ... --out ...")
+        scale = autoencoder.get("scale")
+        if scale is not None and float(self.manifest["scale"]) != float(scale):
+            raise ConfigError(f"images.latents={self.cfg.images.latents!r} are scaled by {self.manifest['scale']:.6g}"
+                              f", but {named} scales its latents by {scale:.6g}; prepare the latents again with the "
+                              "images the run started with, or start a new run")
 
     def model_input(self, models: dict[str, nnx.Module], images_BHWC: jax.Array) -> jax.Array:
         """What the DiT denoises: cached latents as they are, images encoded by the frozen autoencoder."""
