@@ -221,7 +221,9 @@ def test_one_writer_per_run_directory_and_readers_never_fail_while_it_trains(tok
         evaluations = [run_jaxgen("eval", "--run-dir", str(run_dir)) for _ in range(2)]
         for evaluation in evaluations:  # retention keeps 2 and deletes under the reader all the time
             assert evaluation.returncode == 0, evaluation.stderr[-3000:]
-            assert json.loads(evaluation.stdout.splitlines()[-1])["eval_loss"] > 0
+            result = json.loads(evaluation.stdout.splitlines()[-1])
+            assert result["eval_loss"] > 0
+            assert result["checkpoint"], result  # named as read: retention may delete it while it is scored
         # Many more reads, in this process: each reads the newest checkpoint, which may vanish while it reads.
         read_steps = []
         deadline = time.monotonic() + 8
@@ -408,6 +410,23 @@ def test_eval_all_scores_anew_a_step_saved_again_since_its_result(straight, toke
     assert new[STEPS]["eval_loss"] == pytest.approx(logged[STEPS], rel=1e-6)  # the new branch's own
     assert (f"checkpoint {STEPS}: the result eval.jsonl holds is of another checkpoint saved at that step"
             in rescored.stderr)
+
+
+def test_a_result_names_the_checkpoint_it_scored_though_retention_deleted_it_meanwhile(straight, tmp_path):
+    """`eval --all` while the run trained with checkpoint.keep=1 recorded `"checkpoint": null`: the step was
+    deleted while it was scored, and its digest was read only afterwards."""
+    from jaxgen.checkpoint import checkpoint_digest
+    from jaxgen.outputs.runs import each_checkpoint, scored_checkpoint
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight[0], run_dir)
+    steps = committed_steps(checkpoint_dir(run_dir))
+    digests = [checkpoint_digest(checkpoint_dir(run_dir), step) for step in steps]
+    named = []
+    for run in each_checkpoint(run_dir, steps, [f"mesh.data={jax.device_count()}"]):
+        shutil.rmtree(checkpoint_dir(run_dir) / str(run.step))  # retention, while the step is scored
+        named.append(scored_checkpoint(run))
+    assert named == digests and all(digests)
 
 
 def test_eval_all_scores_the_checkpoints_it_can_read_and_names_the_damaged_ones_last(straight, tmp_path):

@@ -55,12 +55,14 @@ class OpenedRun:
     step: int
     weights: Weights | None  # None until a checkpoint's parameters are read
     eval_step: Callable  # (params by group, global batch) -> (loss sum, weight sum)
+    checkpoint: str | None = None  # the digest of the checkpoint read, taken as it was read (scored_checkpoint)
 
 
 def scored_checkpoint(run: OpenedRun) -> str | None:
     """What a result names as the checkpoint it scored: its digest, unlike any other checkpoint's at that step
-    (one saved again by a run continued from an earlier checkpoint)."""
-    return checkpoint_digest(checkpoint_dir(run.run_dir), run.step)
+    (one saved again by a run continued from an earlier checkpoint). Taken as its parameters were read: the
+    run's retention may delete the checkpoint while it is scored."""
+    return run.checkpoint or checkpoint_digest(checkpoint_dir(run.run_dir), run.step)
 
 
 def load_run_config(run_dir: str | pathlib.Path, overrides: list[str] = ()) -> Config:
@@ -84,9 +86,10 @@ def require_checkpoint(run_dir: pathlib.Path) -> list[int]:
     return steps
 
 
-def read_params(run_dir: pathlib.Path, step: int | None, target: dict) -> tuple[dict, int]:
+def read_params(run_dir: pathlib.Path, step: int | None, target: dict) -> tuple[dict, int, str | None]:
     """Verified parameters of every group (its EMA where the run keeps one) of checkpoint `step` (default: newest),
-    which must have been trained with the run's tokenizer (and, or a warning says so, its config.yaml's model)."""
+    which must have been trained with the run's tokenizer (and, or a warning says so, its config.yaml's model);
+    with the step read and the checkpoint's digest."""
     directory = checkpoint_dir(run_dir)
     while True:
         steps = require_checkpoint(run_dir)
@@ -96,10 +99,11 @@ def read_params(run_dir: pathlib.Path, step: int | None, target: dict) -> tuple[
                                   f"available: {steps}")
         try:
             check_against_checkpoint(run_dir, wanted)  # in here: retention may delete the step meanwhile
+            digest = checkpoint_digest(directory, wanted)
             params = {group: restore_subtree(directory, (f"ema_params/{group}", f"params/{group}"), group_target,
                                              wanted)[0]
                       for group, group_target in target.items()}
-            return params, wanted
+            return params, wanted, digest
         except CheckpointError:
             if (directory / str(wanted)).is_dir():
                 raise
@@ -114,14 +118,14 @@ def open_run(run_dir: str | pathlib.Path, step: int | None = None, overrides: li
     """The run's config, task and the parameters of checkpoint `step` (default: the newest)."""
     opened = _without_params(pathlib.Path(run_dir), overrides)
     try:
-        params, step = read_params(opened.run_dir, step, opened.layout.target)
+        params, step, digest = read_params(opened.run_dir, step, opened.layout.target)
     except DamagedCheckpoint as err:
         steps = committed_steps(checkpoint_dir(opened.run_dir))
         others = [s for s in steps if s != (steps[-1] if step is None else step)]
         if not others:
             raise
         raise DamagedCheckpoint(f"{err}; read another with --step (available: {others})") from None
-    return dataclasses.replace(opened, step=step, weights=opened.layout.weights(params))
+    return dataclasses.replace(opened, step=step, weights=opened.layout.weights(params), checkpoint=digest)
 
 
 def each_checkpoint(run_dir: str | pathlib.Path, steps: list[int], overrides: list[str] = ()) -> Iterator[OpenedRun]:
@@ -136,7 +140,7 @@ def each_checkpoint(run_dir: str | pathlib.Path, steps: list[int], overrides: li
     for step in steps:
         failure = None
         try:
-            params, _ = read_params(opened.run_dir, step, opened.layout.target)
+            params, _, digest = read_params(opened.run_dir, step, opened.layout.target)
         except DamagedCheckpoint as err:
             failure = str(err)
         except CheckpointError:
@@ -148,7 +152,7 @@ def each_checkpoint(run_dir: str | pathlib.Path, steps: list[int], overrides: li
             damaged[step] = failure or f"checkpoint {step} could not be read by another process"
             log.warning("%s; skipped", damaged[step])
             continue
-        opened.step, opened.weights = step, opened.layout.weights(params)
+        opened.step, opened.weights, opened.checkpoint = step, opened.layout.weights(params), digest
         yield opened
     if damaged:
         which = f"checkpoint{'s' * (len(damaged) > 1)} {', '.join(map(str, damaged))}"
