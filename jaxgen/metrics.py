@@ -110,11 +110,13 @@ class Peak:
     bound of what the machine can do, so it only rises: it is measured when the device is idle
     after the first step (not before, which would delay that step), again at idle moments every
     REMEASURE_S and whenever a step outran it; where the step still outruns every matmul
-    measured, the step's own FLOP/s is the best figure there is and becomes the peak (MFU 1).
+    measured, the step's own steady FLOP/s is the best figure there is and becomes the peak (MFU 1).
     A configured or data-sheet peak is a claim about the hardware, not a measurement: a step
-    faster than it proves the claim (or the model's FLOP count) wrong, and no corrected figure
-    is known, so MFU is not reported from then on and `note` says why. Either way no
-    utilisation above 1 is ever reported.
+    steadily faster than it proves the claim (or the model's FLOP count) wrong, and no corrected
+    figure is known, so MFU is not reported from then on and `note` says why. Either way no
+    utilisation above 1 is ever reported. "Steadily": the median of the recent readings, not one
+    reading, whose short window a host's hiccup can shorten many times over; such a reading
+    above the peak gets no MFU (not known) and changes nothing.
     """
 
     REMEASURE_S = 300.0
@@ -140,23 +142,28 @@ class Peak:
         if self._flops is None or flops > self._flops:
             self._flops, self.source = flops, source
 
-    def utilisation(self, achieved: float) -> float | None:
-        """`achieved` FLOP/s as a share of the peak, at most 1; None once a fixed peak proved too low."""
+    def utilisation(self, achieved: float, steady: float | None = None) -> float | None:
+        """`achieved` FLOP/s as a share of the peak, at most 1; None where it is above the peak, and from then on
+        once a fixed peak proved too low. `steady`: the rate of recent readings together (default `achieved`),
+        which alone may raise a measured peak or prove a fixed one too low."""
+        steady = achieved if steady is None else steady
         if achieved > self.flops and self.note is None:
             if self._measure is not None:
                 # The machine may be quieter than when the peak was measured; once the step's own rate is
                 # the peak, a faster step simply raises it (no matmul every reading).
                 self.refresh(every_s=self.REMEASURE_S if self.source == "achieved" else 0)
-                if achieved > self._flops:
+                if steady > self._flops:
                     log.info("the train step ran at %.3g FLOP/s, above every matmul measured (best %.3g): "
-                             "MFU is taken against the step's own rate", achieved, self._flops)
-                    self._flops, self.source = achieved, "achieved"
-            else:
-                self.note = (f"the train step ran at {achieved:.3g} FLOP/s, above the {self.source} peak of "
+                             "MFU is taken against the step's own rate", steady, self._flops)
+                    self._flops, self.source = steady, "achieved"
+            elif steady > self._flops:
+                self.note = (f"the train step ran at {steady:.3g} FLOP/s, above the {self.source} peak of "
                              f"{self._flops:.3g}: that peak (or the model's FLOP count) is too low, so MFU is "
                              "not reported")
                 log.warning("%s; set train.peak_flops_per_device to the devices' real peak", self.note)
-        return None if self.note else min(achieved / self._flops, 1.0)
+        if self.note or (achieved > self._flops and self.source != "achieved"):
+            return None
+        return min(achieved / self._flops, 1.0)
 
 
 def run_peak(configured: float | None, compute_dtype: str, devices: int, cache: PeakCache | None = None) -> Peak:
@@ -185,6 +192,8 @@ def run_peak(configured: float | None, compute_dtype: str, devices: int, cache: 
 class ThroughputMeter:
     """Units per second over the steps since the last reading; time spent outside training steps is left out."""
 
+    STEADY_READINGS = 9  # the recent readings whose median may raise the peak (Peak.utilisation)
+
     def __init__(self, units_per_step: float, flops_per_unit: float, peak: Peak, step: int):
         self.units_per_step, self.flops_per_unit, self.peak = units_per_step, flops_per_unit, peak
         self.readings: list[float] = []
@@ -205,7 +214,9 @@ class ThroughputMeter:
         """{units_per_s, mfu} since the last reading, as the record of `step` carries them (mfu nan: not known)."""
         rate = (step - self._step) * self.units_per_step / max(time.perf_counter() - self._time, 1e-9)
         self.readings.append(rate)
-        mfu = self.peak.utilisation(rate * self.flops_per_unit)  # may measure the peak: not in the next reading
+        steady = float(np.median(self.readings[-self.STEADY_READINGS:]))
+        # May measure the peak: not in the next reading.
+        mfu = self.peak.utilisation(rate * self.flops_per_unit, steady * self.flops_per_unit)
         self.restart(step)
         return {"units_per_s": rate, "mfu": math.nan if mfu is None else mfu}
 

@@ -105,3 +105,22 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+def test_one_short_reading_above_the_peak_gets_no_mfu_and_leaves_the_peak_alone(monkeypatch):
+    """A GAN run logged 41,509 images/s at MFU 1.0 for the one step an evaluation settled early, between
+    readings of about 100: that reading became the peak, and every MFU after it was 40 times too low."""
+    now = [0.0]
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: now[0])
+    peak = Peak(None, "measured", lambda: (1e12, "measured"))
+    meter = ThroughputMeter(units_per_step=10, flops_per_unit=1e10, peak=peak, step=0)  # 1e11 FLOP per step
+    figures = []
+    for step, seconds in enumerate([0.2, 0.2, 0.2, 0.2, 0.001, 0.2, 0.2], start=1):
+        now[0] += seconds
+        figures.append(meter.read(step)["mfu"])
+    assert figures[:4] + figures[5:] == [pytest.approx(0.5)] * 6 and math.isnan(figures[4])  # 100x: not known
+    assert (peak.flops, peak.source) == (1e12, "measured")
+    assert meter.median()["mfu"] == pytest.approx(0.5)
+    fixed = Peak(1e12, "data_sheet")  # nor does one such reading prove a claimed peak wrong for the whole run
+    assert fixed.utilisation(5e13, steady=5e11) is None and fixed.note is None
+    assert fixed.utilisation(5e11) == pytest.approx(0.5)
