@@ -189,6 +189,17 @@ def test_a_glob_matching_nothing_names_the_pattern(key, tmp_path):
         documents_of(f"data.{key}={tmp_path}/nothing*")
 
 
+@pytest.mark.parametrize("key", ["text", "jsonl", "array_record", "parquet"])
+def test_a_folder_given_for_files_is_named_as_one_with_the_glob_it_may_mean(key, tmp_path):
+    """`tokenizer train --input corpus/` and `data.text=corpus/` said only 'matches no files'."""
+    (tmp_path / "corpus").mkdir()
+    suffix = {"text": "txt"}.get(key, key)
+    with pytest.raises(DataError) as refused:
+        documents_of(f"data.{key}={tmp_path / 'corpus'}")
+    assert str(refused.value) == (f"data.{key} '{tmp_path / 'corpus'}' is a folder; give a file or a glob of files in "
+                                  f"it, e.g. '{tmp_path / 'corpus'}/**/*.{suffix}'")
+
+
 def test_a_missing_prepared_dataset_names_the_path(tmp_path):
     with pytest.raises(DataError, match=rf"data.path '{tmp_path}/absent' is not a directory"):
         documents_of(f"data.path={tmp_path}/absent")

@@ -43,17 +43,26 @@ CONFIG_KEYS = SettingNames("data.field", "data.invalid_utf8={}")
 COMMAND_FLAGS = SettingNames("--field", "--invalid-utf8 {}")
 
 
-def resolve_files(pattern: str, key: str) -> list[pathlib.Path]:
-    """Files matched by a glob, sorted for determinism; `key` names the config key in errors."""
+def resolve_files(pattern: str, key: str, suffix: str = ".txt") -> list[pathlib.Path]:
+    """Files matched by a glob, sorted for determinism; `key` names the config key in errors, `suffix` the
+    files' kind in the glob a folder given for them is told to write."""
     files = sorted(pathlib.Path(p) for p in glob.glob(str(pathlib.Path(pattern).expanduser()), recursive=True))
     files = [f for f in files if f.is_file()]
     if not files:
-        raise DataError(f"{key} {pattern!r} matches no files")
+        raise DataError(no_files(key, pattern, suffix))
     for path in files:
         with open_binary(path) as f, damaged_gzip_named(path):  # a .gz that is not gzip fails here, before any work
             if not f.read(1):
                 raise DataError(f"{key} {pattern!r}: file {str(path)!r} is empty")
     return files
+
+
+def no_files(key: str, pattern: str, suffix: str = ".txt") -> str:
+    """The message for a pattern that matches no files; a folder is named as one, with the glob it may mean."""
+    if pathlib.Path(pattern).expanduser().is_dir():
+        return (f"{key} {pattern!r} is a folder; give a file or a glob of files in it, e.g. "
+                f"{str(pathlib.Path(pattern) / '**' / ('*' + suffix))!r}")
+    return f"{key} {pattern!r} matches no files"
 
 
 def open_binary(path: pathlib.Path) -> IO[bytes]:

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxgen.data.corpus import resolve_files
+from jaxgen.data.corpus import no_files, resolve_files
 from jaxgen.errors import DataError, first_line
 
 # Files whose reader (an open file and its last row group) is kept; bounds memory and open files.
@@ -182,7 +182,7 @@ class ParquetDocuments:
 def open_parquet(pattern: str, field: str, key: str = "data.parquet") -> ParquetDocuments:
     """The `field` column of the Parquet files matching `pattern` (a local glob or a URI glob)."""
     if not is_uri(pattern):
-        return local_parquet(resolve_files(pattern, key), field)
+        return local_parquet(resolve_files(pattern, key, ".parquet"), field)
     filesystem, paths = _remote_files(pattern, key)
     scheme = pattern.split("://", 1)[0]
     return ParquetDocuments(filesystem, paths, [f"{scheme}://{path}" for path in paths], field)
@@ -212,5 +212,5 @@ def _remote_files(pattern: str, key: str) -> tuple[Any, list[str]]:
         raise DataError(f"{key} {pattern!r} cannot be listed ({first_line(err)})") from None
     paths = sorted(info.path for info in infos if info.type == pyarrow.fs.FileType.File)
     if not paths:
-        raise DataError(f"{key} {pattern!r} matches no files")
+        raise DataError(no_files(key, pattern, ".parquet"))
     return filesystem, paths

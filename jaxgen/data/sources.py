@@ -114,7 +114,7 @@ def open_tfds(name: str, data_dir: str | None, split: str) -> RandomAccessSource
 
 
 def open_array_records(pattern: str) -> RandomAccessSource:
-    files = resolve_files(pattern, "data.array_record")
+    files = resolve_files(pattern, "data.array_record", ".array_record")
     try:
         return grain.sources.ArrayRecordDataSource([str(f) for f in files])
     except RuntimeError as err:  # array_record's report of a file it cannot read, which it does not name
@@ -155,7 +155,8 @@ def text_files(source: DataConfig | SourceConfig) -> list[pathlib.Path] | None:
         return [BUNDLED_CORPUS]
     if source.text is None and source.jsonl is None:
         return None
-    return resolve_files(source.text or source.jsonl, "data.text" if source.text else "data.jsonl")
+    key, suffix = ("data.text", ".txt") if source.text else ("data.jsonl", ".jsonl")
+    return resolve_files(source.text or source.jsonl, key, suffix)
 
 
 def line_field(source: DataConfig | SourceConfig, data: DataConfig) -> str | None:
