@@ -62,6 +62,20 @@ def test_class_folders_give_their_pixels_and_sorted_labels(class_folders):
         assert record["label"] == {"ant": 0, "bee": 1, "cat": 2}[["bee", "cat", "ant"][i % 3]]
 
 
+def test_images_of_kinds_not_read_are_named_not_skipped_silently(class_folders, tmp_path, caplog):
+    """A class folder of .webp and .bmp files beside its PNGs trained on the PNGs alone, without a word."""
+    import shutil
+
+    root = tmp_path / "mixed"
+    shutil.copytree(class_folders, root)
+    for i, suffix in enumerate([".webp", ".webp", ".bmp"]):
+        Image.fromarray(pixels(40 + i)[..., 0]).save(root / "ant" / f"{40 + i}{suffix}")
+    with caplog.at_level(logging.WARNING, logger="jaxgen"):
+        source = open_images(config("images.source=folder", f"images.folder={root}", "images.resize=false"))
+    assert source.size("train") + source.size("eval") == 30
+    assert f"images.folder {root}: 2 .webp, 1 .bmp files not read (only PNG and JPEG images are)" in caplog.text
+
+
 def test_folder_batches_resume_exactly_and_hold_out_each_image_once(class_folders):
     cfg = config("images.source=folder", f"images.folder={class_folders}", "images.hflip=true")
     assert_resumes_exactly(lambda: train_batches(open_images(cfg), cfg, Shard()), consumed=9, following=4)

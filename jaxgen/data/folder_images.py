@@ -16,6 +16,7 @@ is replaced by the next readable one listed after it, with a warning naming it.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from typing import NamedTuple
 import numpy as np
 
 from jaxgen.config import DiTConfig, ImagesConfig
+from jaxgen.data.corpus import warn_once
 from jaxgen.data.image_source import ImageSource
 from jaxgen.data.images import held_out_parts, to_model_range
 from jaxgen.errors import ConfigError, DataError
@@ -34,6 +36,9 @@ from jaxgen.errors import ConfigError, DataError
 log = logging.getLogger("jaxgen")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# Images of other kinds a class sub-folder may hold: not read, but named, so that a folder of .webp files does not
+# train on a fraction of its images without a word.
+OTHER_IMAGE_SUFFIXES = (".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif", ".heic")
 METADATA = "metadata.jsonl"
 SPLITS = {"train": ("train",), "eval": ("test", "validation")}
 
@@ -148,14 +153,20 @@ def listed_images(root: pathlib.Path, label_key: str, caption_key: str, classes:
         return _from_metadata(root, label_key, caption_key, classes, num_classes)
     names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     classes = classes or names
-    files, labels = [], []
+    files, labels, others = [], [], collections.Counter()
     for name in names:
         if name not in classes:
             raise DataError(f"class folder {str(root / name)!r} is not among the training classes "
                             f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})")
-        found = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        inside = list((root / name).rglob("*"))
+        found = sorted(p for p in inside if p.suffix.lower() in IMAGE_SUFFIXES)
+        others.update(p.suffix.lower() for p in inside if p.suffix.lower() in OTHER_IMAGE_SUFFIXES)
         files += found
         labels += [classes.index(name)] * len(found)
+    if others:
+        kinds = ", ".join(f"{count:,} {suffix}" for suffix, count in others.most_common())
+        warn_once(f"{root} other image kinds", f"images.folder {root}: {kinds} files not read (only PNG and JPEG "
+                                                "images are); convert them to PNG to train on them")
     if not files:
         loose = [p.name for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES][:3]
         hint = (f"; images lie in it directly ({', '.join(loose)}...): put them in class sub-folders or list them "
