@@ -242,6 +242,10 @@ class DiffusionConfig(_Section):
     # images. With images.source=latents the latents were encoded once by `jaxgen data prepare`; with
     # any other source each batch is encoded as it is read. null: the model works on pixels.
     autoencoder: str | None = None
+    # The model settings of diffusion.autoencoder's run, which training keeps here in the run's config.yaml:
+    # the run then opens (eval, sample, resume) where that run has moved or is gone, as its checkpoints hold
+    # the autoencoder's parameters. Not for setting by hand: that run's own settings win wherever it is found.
+    autoencoder_model: AutoencoderConfig | None = None
     # Probability a training label is replaced by the null class, so one model is also unconditional.
     label_dropout: float = Field(0.1, ge=0, le=1)
     # Exponential moving average of parameters: decay ramps linearly from 0 to ema_decay over ema_warmup steps.

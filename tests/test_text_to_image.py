@@ -379,3 +379,26 @@ def test_an_autoencoder_run_not_found_names_the_setting_and_where_a_relative_pat
     with pytest.raises(ConfigError) as refused:
         DiffusionTask(t2i_config(world, "diffusion.autoencoder=vae"))
     assert str(refused.value) == f"diffusion.autoencoder='vae' (from {tmp_path}): run directory 'vae' does not exist"
+
+
+def test_a_run_opens_and_draws_the_same_where_its_autoencoders_run_has_moved(cli_runs, tmp_path):
+    """The checkpoints hold the frozen autoencoder, but sample and eval read its settings from the autoencoder
+    run, so a run whose autoencoder run was moved or deleted could no longer be opened: its work was lost."""
+    import shutil
+
+    import yaml
+
+    straight, _, _ = cli_runs
+    moved = tmp_path / "t2i"
+    shutil.copytree(straight, moved)
+    kept = yaml.safe_load((moved / "config.yaml").read_text())
+    assert kept["diffusion"]["autoencoder_model"]["latent_channels"] == AE["latent_channels"]
+    kept["diffusion"]["autoencoder"] = str(tmp_path / "gone")
+    (moved / "config.yaml").write_text(yaml.safe_dump(kept))
+    drawn = {}
+    for run in (straight, moved):
+        out = run_jaxgen("sample", "--run-dir", str(run), "--prompt", "a large green cross", "--num", "2",
+                         "--out", str(tmp_path / f"{run.name}.png"), "--save-array", str(tmp_path / f"{run.name}.npz"))
+        assert out.returncode == 0, out.stderr[-3000:]
+        drawn[run] = np.load(tmp_path / f"{run.name}.npz")["images"]
+    np.testing.assert_array_equal(drawn[moved], drawn[straight])

@@ -8,7 +8,7 @@ from __future__ import annotations
 from jaxgen.config import Config
 from jaxgen.tasks.base import ModelSpec, Phase, Task, TaskData, Weights
 
-__all__ = ["ModelSpec", "Phase", "Task", "TaskData", "Weights", "make_task"]
+__all__ = ["ModelSpec", "Phase", "Task", "TaskData", "Weights", "make_task", "with_frozen_settings"]
 
 
 def make_task(cfg: Config) -> Task:
@@ -36,3 +36,14 @@ def make_task(cfg: Config) -> Task:
     from jaxgen.tasks.lm import LanguageModelTask
 
     return LanguageModelTask(cfg)
+
+
+def with_frozen_settings(cfg: Config) -> Config:
+    """`cfg` as a run keeps it in its config.yaml: with the model settings of the autoencoder it freezes (latent
+    diffusion), so that the run opens where that autoencoder's run has moved or is gone."""
+    if cfg.model.kind != "dit" or cfg.diffusion.autoencoder is None:
+        return cfg
+    from jaxgen.tasks.latents import frozen_autoencoder_settings
+
+    diffusion = cfg.diffusion.model_copy(update={"autoencoder_model": frozen_autoencoder_settings(cfg)})
+    return cfg.model_copy(update={"diffusion": diffusion})

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from jaxgen.chunks import map_chunks
-from jaxgen.config import Config
+from jaxgen.config import AutoencoderConfig, Config
 from jaxgen.data.image_batches import part_examples
 from jaxgen.data.image_source import ImageSource
 from jaxgen.data.images import ImageSet
@@ -41,17 +41,29 @@ SCALE_IMAGES = 1024
 DECODE_BATCH = 64
 
 
+def frozen_autoencoder_settings(cfg: Config) -> AutoencoderConfig:
+    """The model settings of the autoencoder a latent diffusion run freezes: its run's (diffusion.autoencoder),
+    or where that run is not found, those the run kept of it (diffusion.autoencoder_model)."""
+    from jaxgen.outputs.frozen_autoencoder import autoencoder_config
+
+    path = cfg.diffusion.autoencoder
+    kept = cfg.diffusion.autoencoder_model
+    if kept is not None and not pathlib.Path(path, "config.yaml").is_file():
+        log.info("diffusion.autoencoder=%r is not found: the run opens with the autoencoder settings it kept of it "
+                 "(its checkpoints hold the parameters)", path)
+        return kept
+    try:
+        return autoencoder_config(path)
+    except ConfigError as err:  # a relative path is read from where the command runs, not the run's folder
+        where = "" if pathlib.Path(path).is_absolute() else f" (from {pathlib.Path.cwd()})"
+        raise ConfigError(f"diffusion.autoencoder={path!r}{where}: {err}") from None
+
+
 class Latents:
     def __init__(self, cfg: Config):
         """Reads only configs and the manifest: opening a run to sample or evaluate loads no autoencoder twice."""
-        from jaxgen.outputs.frozen_autoencoder import autoencoder_config
-
         self.cfg, self.cached = cfg, cfg.images.source == "latents"
-        try:
-            self.ae_cfg = autoencoder_config(cfg.diffusion.autoencoder)
-        except ConfigError as err:  # a relative path is read from where the command runs, not the run's folder
-            where = "" if pathlib.Path(cfg.diffusion.autoencoder).is_absolute() else f" (from {pathlib.Path.cwd()})"
-            raise ConfigError(f"diffusion.autoencoder={cfg.diffusion.autoencoder!r}{where}: {err}") from None
+        self.ae_cfg = frozen_autoencoder_settings(cfg)
         h, z = self.ae_cfg.latent_size, self.ae_cfg.latent_channels
         m = cfg.model
         if (m.image_size, m.channels) != (h, z):

@@ -47,6 +47,7 @@ from jaxgen.metrics import (
     run_peak,
 )
 from jaxgen.sharding import data_parallel_size, make_mesh
+from jaxgen.tasks import with_frozen_settings
 from jaxgen.tasks.layout import MAIN_GROUP
 from jaxgen.trackers import open_trackers, require_libraries
 from jaxgen.train.actions import Evaluate, EvaluateTasks, Progress, Sample, Save, StepRecords
@@ -72,6 +73,7 @@ def train(cfg: Config, run_dir: str | pathlib.Path, startup: dict[str, float] | 
     Raises `Preempted` after saving when SIGTERM/SIGINT asked the run to stop.
     """
     run_dir, wall_start = pathlib.Path(run_dir), time.perf_counter()
+    cfg = with_frozen_settings(cfg)  # config.yaml keeps them: the run opens where the runs it froze are gone
     clock = StartupClock((process_start_time() or min(startup.values())) if startup else time.time(), startup)
     # Each on every process, which stop together when one fails (its host's files differ, say).
     cache_dir = stop_together(lambda: use_compilation_cache(cfg.train.compilation_cache_dir))
