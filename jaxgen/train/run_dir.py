@@ -140,14 +140,20 @@ def starting_point(ckpt: Checkpointer, target, cfg: Config, run_dir: pathlib.Pat
         raise CheckpointMismatch(_other_model(run_dir, cfg) or str(err)) from None
 
 
+SHAPING_SECTIONS = ("conditioning.", "diffusion.autoencoder", "autoencoder.adversarial.", "optimizer.")
+
+
 def _other_model(run_dir: pathlib.Path, cfg: Config) -> str | None:
     """Which model settings of this config differ from those the run was trained with, as one line."""
     try:
         saved = load_config(run_dir / "config.yaml")
     except (ConfigError, OSError):
         return None
-    changes = [change for change in changed_settings(saved.model_dump(mode="json"), cfg.model_dump(mode="json"))
-               if change.startswith("model.")]
+    changed = changed_settings(saved.model_dump(mode="json"), cfg.model_dump(mode="json"))
+    # The model's own settings first; else those that shape its other groups and state (a text-to-image run's
+    # caption encoder, a frozen autoencoder, a discriminator, the optimizer's state).
+    changes = ([change for change in changed if change.startswith("model.")]
+               or [change for change in changed if change.startswith(SHAPING_SECTIONS)])
     if not changes:
         return None
     changes = [change for change in changes if change.startswith("model.kind:")] or changes  # then all differ
