@@ -1,6 +1,8 @@
 """Image-quality figures: PSNR, SSIM (as scikit-image computes it), the PCA baseline, Fréchet distance,
 and the cached feature classifier, on tiny synthetic images."""
 
+import logging
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -135,6 +137,20 @@ def test_the_classifier_is_cached_and_a_damaged_cache_file_is_retrained(cache, t
     assert len(trainings) == 2
     image_classifier(train, ClassifierConfig(**{**TINY.__dict__, "features": 8}))  # other hyper-parameters
     assert len(trainings) == 3
+
+
+def test_a_cache_setting_that_names_a_file_is_said_so_not_called_damaged(tmp_path, monkeypatch, trainings, caplog):
+    monkeypatch.setenv("JAXGEN_CACHE", str(tmp_path / "notes.txt"))
+    (tmp_path / "notes.txt").write_text("not a folder")
+    with caplog.at_level(logging.WARNING, logger="jaxgen"):
+        image_classifier(bright_quadrant_set(64, seed=7), TINY)
+    assert len(trainings) == 1 and "damaged" not in caplog.text
+    assert f"image classifier not cached at {tmp_path / 'notes.txt'}/image_classifier_" in caplog.text
+    assert f"({tmp_path / 'notes.txt'}: not a directory)" in caplog.text
+    assert (tmp_path / "notes.txt").read_text() == "not a folder"
+    monkeypatch.delenv("JAXGEN_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # unset: the user's cache, as the rest of jaxgen's
+    assert classifier_module.cache_dir() == tmp_path / "xdg" / "jaxgen"
 
 
 def test_reports_on_a_trivially_separable_dataset(cache):

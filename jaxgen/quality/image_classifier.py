@@ -3,7 +3,8 @@
 Fréchet distances and class accuracies of generated images are measured in its
 dense feature layer. It trains on the real training images with light pixel
 noise, so it does not lean on single pixels a generator may get slightly wrong.
-The parameters are cached under $JAXGEN_CACHE (default ~/.cache/jaxgen), keyed by
+The parameters are cached under $JAXGEN_CACHE (default $XDG_CACHE_HOME/jaxgen, else
+~/.cache/jaxgen), keyed by
 a hash of the images, the labels and the hyper-parameters; a cache file that
 cannot be read, or holds other shapes, is retrained and replaced.
 """
@@ -11,6 +12,7 @@ cannot be read, or holds other shapes, is retrained and replaced.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import hashlib
 import io
@@ -26,7 +28,8 @@ import numpy as np
 import optax
 
 from jaxgen.data.images import ImageSet
-from jaxgen.files import write_atomic
+from jaxgen.errors import describe_os_error
+from jaxgen.files import user_cache_dir, write_atomic
 
 log = logging.getLogger("jaxgen")
 
@@ -48,7 +51,8 @@ class ClassifierConfig:
 
 
 def cache_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("JAXGEN_CACHE", pathlib.Path.home() / ".cache" / "jaxgen"))
+    """$JAXGEN_CACHE, else jaxgen's cache of the user (where the matmul peak and compiled programs are kept)."""
+    return pathlib.Path(os.environ["JAXGEN_CACHE"]) if os.environ.get("JAXGEN_CACHE") else user_cache_dir()
 
 
 def init_params(cfg: ClassifierConfig, image_shape: tuple[int, int, int], num_classes: int,
@@ -128,7 +132,7 @@ def load_params(path: pathlib.Path, expected: dict[str, tuple[int, ...]]) -> Par
     try:
         with np.load(path, allow_pickle=False) as saved:
             params = {name: saved[name] for name in saved.files}
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a cache folder that is a file: saving says so
         return None
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
         log.warning("image classifier cache %s is damaged (%s); retraining", path, err)
@@ -142,6 +146,8 @@ def load_params(path: pathlib.Path, expected: dict[str, tuple[int, ...]]) -> Par
 def save_params(path: pathlib.Path, params: Params) -> None:
     buffer = io.BytesIO()
     np.savez(buffer, **params)
+    if path.parent.exists() and not path.parent.is_dir():  # mkdir would say only that it "exists"
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path.parent))
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, buffer.getvalue())  # concurrent runs never read half a file
 
@@ -159,7 +165,7 @@ def image_classifier(train_set: ImageSet, cfg: ClassifierConfig = ClassifierConf
         try:
             save_params(path, params)
         except OSError as err:  # a read-only or full cache costs a retraining next time, not this run
-            log.warning("image classifier not cached at %s: %s", path, err)
+            log.warning("image classifier not cached at %s (%s)", path, describe_os_error(err))
     return params
 
 
