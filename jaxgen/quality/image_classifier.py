@@ -4,9 +4,9 @@ Fréchet distances and class accuracies of generated images are measured in its
 dense feature layer. It trains on the real training images with light pixel
 noise, so it does not lean on single pixels a generator may get slightly wrong.
 The parameters are cached under $JAXGEN_CACHE (default $XDG_CACHE_HOME/jaxgen, else
-~/.cache/jaxgen), keyed by
-a hash of the images, the labels and the hyper-parameters; a cache file that
-cannot be read, or holds other shapes, is retrained and replaced.
+~/.cache/jaxgen), keyed by a hash of the images, the labels and the
+hyper-parameters; a cache file that cannot be read, or holds other shapes, is
+retrained and replaced.
 """
 
 from __future__ import annotations
