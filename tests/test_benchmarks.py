@@ -122,6 +122,18 @@ def test_scores_equal_a_per_example_reference(trained, task_data):
             assert figures["truncated"] == 0
 
 
+def test_a_batch_size_beyond_the_requests_scores_them_in_one_batch_of_their_number(trained, task_data):
+    """`--batch-size 100000000` allocated and compiled a batch of a hundred million rows for a few hundred
+    requests, and ran out of memory half a minute later."""
+    run = open_run(trained)
+    tasks = load_tasks(TASKS[:1], task_data)
+    params = run.weights.params[MAIN_GROUP]
+    results = [Benchmarks(tasks, load_tokenizer(trained), make_scorer(
+        run.cfg, run.mesh, run.layout.graphdefs[MAIN_GROUP], run.layout.shardings[MAIN_GROUP], batch_size=size)
+    ).run(params, progress=False)[tasks[0].name].figures for size in (8, 10**6)]
+    assert results[0] == results[1]
+
+
 def test_rows_are_bucketed_to_few_lengths():
     assert [bucket_length(n, 64) for n in (1, 16, 17, 33, 64)] == [16, 16, 32, 64, 64]
     assert bucket_length(100, 80) == 80

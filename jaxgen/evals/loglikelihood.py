@@ -88,9 +88,9 @@ class Scorer:
 
     def __init__(self, graphdef: nnx.GraphDef, param_shardings, mesh: Mesh, rules: Rules, window: int,
                  batch_size: int = 32):
-        dp = data_parallel_size(mesh)
+        self.dp = data_parallel_size(mesh)
         self.window, self.mesh = window, mesh
-        self.batch_size = -(-batch_size // dp) * dp  # every data-parallel device gets rows
+        self.batch_size = -(-batch_size // self.dp) * self.dp  # every data-parallel device gets rows
         self.rows = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
         def scores(params, inputs_BL, targets_BL, mask_BL):
@@ -104,13 +104,15 @@ class Scorer:
         """A Score per request, in order; `progress` names a progress bar (None: no bar)."""
         rows = [window_row(r, self.window) for r in requests]
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # similar lengths share a batch
-        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        # No larger than the requests: a --batch-size of millions allocated, and compiled for, millions of rows.
+        size = min(self.batch_size, -(-len(rows) // self.dp) * self.dp)
+        batches = [order[i:i + size] for i in range(0, len(order), size)]
         results: list[Score | None] = [None] * len(rows)
         show = progress is not None and jax.process_index() == 0
         pending = None  # the batch on the device: fetched after the next is dispatched, so the host never idles it
         for batch in tqdm(batches, desc=progress, unit="batch", disable=not show, dynamic_ncols=True):
             length = bucket_length(len(rows[batch[0]][0]), self.window)
-            inputs, targets, mask = (np.zeros((self.batch_size, length), dtype) for dtype in (np.int32, np.int32, bool))
+            inputs, targets, mask = (np.zeros((size, length), dtype) for dtype in (np.int32, np.int32, bool))
             for row, i in enumerate(batch):
                 tokens, predicted, scored, _ = rows[i]
                 inputs[row, :len(tokens)], targets[row, :len(predicted)] = tokens, predicted
