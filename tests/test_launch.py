@@ -56,6 +56,9 @@ def test_one_failure_fails_the_run_and_stops_the_others():
     assert launch_local(python(code), 2, 1, out=out) == 3
     assert time.monotonic() - start < 30  # the sleeper was killed, not waited for
     assert "[launch] process 1 exited with status 3; stopping the others" in out.getvalue()
+    alone = io.StringIO()  # with no others, none is said to be stopped
+    assert launch_local(python("import sys; sys.exit(3)"), 1, 1, out=alone) == 3
+    assert alone.getvalue().splitlines()[-1] == "[launch] process 0 exited with status 3"
 
 
 def test_a_process_killed_outright_is_named_with_its_signal_and_the_usual_sender():
