@@ -415,3 +415,35 @@ def test_continuing_with_other_caption_settings_names_them_not_array_shapes(cli_
         f"jaxgen: error: run directory '{run}' holds a model trained with other settings (conditioning.max_length: "
         f"12 -> 16); continue it with its own (`jaxgen train --run-dir {run}`, without --config) or train this config "
         "in a new --run-dir"), refused.stderr[-3000:]
+
+
+def test_a_run_with_a_frozen_text_encoder_opens_and_draws_the_same_once_that_encoders_run_has_moved(
+        world, tokenizer, tmp_path):
+    """Sample and eval loaded the frozen encoder's run (its newest checkpoint, config and tokenizer) to open a
+    text-to-image run whose own checkpoints hold that encoder: once the run moved, the work could not be used."""
+    from jaxgen.data.tokenizer import keep_tokenizer
+
+    encoder_cfg = Config(model={"kind": "encoder", "vocab_size": 512, "d_model": 24, "n_layers": 1, "n_heads": 2,
+                                "d_ff": 48})
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    save_imported_run(bert, encoder_cfg, jax.jit(lambda: fresh_params(make_task(encoder_cfg), 3))(),
+                      "tests/test_text_to_image.py", inputs={})
+    keep_tokenizer(tokenizer, bert)
+    run = tmp_path / "t2i"
+    trained = run_jaxgen("train", "--config", str(CONFIG), "--run-dir", str(run), *TINY, "train.steps=2",
+                         f"diffusion.autoencoder={world / 'ae'}", f"images.latents={world / 'latents'}",
+                         f"conditioning.text_encoder={bert}", "diffusion.quality_eval=false")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    kept = run / "text_encoder"  # the encoder run's settings and tokenizer; its parameters are in the checkpoints
+    assert (kept / "config.yaml").is_file() and (kept / "tokenizer.model").read_bytes() == tokenizer.files()[
+        "tokenizer.model"]
+    drawn = []
+    for moved in (False, True):
+        if moved:
+            bert.rename(tmp_path / "bert-elsewhere")
+        out = run_jaxgen("sample", "--run-dir", str(run), "--prompt", "a large green cross", "--num", "2",
+                         "--save-array", str(tmp_path / f"{moved}.npz"), "--out", str(tmp_path / f"{moved}.png"))
+        assert out.returncode == 0, out.stderr[-3000:]
+        drawn.append(np.load(tmp_path / f"{moved}.npz")["images"])
+    np.testing.assert_array_equal(drawn[1], drawn[0])

@@ -171,7 +171,8 @@ def _without_params(run_dir: pathlib.Path, overrides: list[str]) -> OpenedRun:
     """The run's config, task, mesh and model layout, checked to hold a checkpoint; no parameters read yet."""
     cfg = load_run_config(run_dir, overrides)
     stop_together(lambda: require_checkpoint(run_dir))
-    task, mesh, rules = make_task(cfg), make_mesh(cfg.mesh), resolve_rules(cfg.sharding.preset, cfg.sharding.rules)
+    task, mesh = make_task(cfg, run_dir), make_mesh(cfg.mesh)
+    rules = resolve_rules(cfg.sharding.preset, cfg.sharding.rules)
     layout = plan_models(task, mesh, rules, cfg.train.seed)
     check_fits("reading this model's parameters", {"parameters": layout.bytes_per_device()})
     return OpenedRun(run_dir=run_dir, cfg=cfg, task=task, mesh=mesh, layout=layout, step=-1, weights=None,

@@ -35,7 +35,7 @@ def sample_run(run_dir: str | pathlib.Path, given: dict[str, Any], seed: int = 0
                overrides: list[str] = (), on_text: Callable[[str], None] | None = None) -> list[dict]:
     """`given`: options set by the user (None = not given); returns the records to print."""
     cfg = load_run_config(run_dir, overrides)
-    task = make_task(cfg)  # once: a text-to-image task loads its frozen text encoder's checkpoint
+    task = make_task(cfg, pathlib.Path(run_dir))  # to check the options: nothing is read of the checkpoints
     accepted = task.sample_options
     foreign = [name for name, value in given.items() if value is not None and name not in accepted]
     if foreign:  # before the restore, the expensive part

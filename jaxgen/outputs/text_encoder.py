@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -22,9 +23,11 @@ import numpy as np
 from flax import nnx
 
 from jaxgen.chunks import chunk_size, map_chunks
-from jaxgen.data.tokenizer import Tokenizer, load_tokenizer
+from jaxgen.data.tokenizer import Tokenizer, keep_tokenizer, load_tokenizer
 from jaxgen.errors import ConfigError
+from jaxgen.files import building, write_atomic
 from jaxgen.outputs.runs import load_run_config, open_run
+from jaxgen.tasks import make_task
 from jaxgen.tasks.layout import MAIN_GROUP
 
 TEXT_ENCODER_KINDS = ("encoder", "encoder_decoder")
@@ -44,8 +47,9 @@ class TextEncoder:
     max_length: int  # L
     tokenizer: Tokenizer
     graphdef: nnx.GraphDef
-    params: dict
-    step: int  # the checkpoint read
+    params: dict | None  # None: a kept copy's, whose parameters a run's own checkpoints hold
+    step: int  # the checkpoint read (-1: none)
+    build: Callable[[nnx.Rngs], nnx.Module] | None = None  # a freshly initialised encoder of this shape
 
     def token_ids(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(ids, mask), each (B, max_length): the texts as the run saw them, cut and padded."""
@@ -97,10 +101,11 @@ _embed_jit = jax.jit(embed, static_argnums=(0, 1))
 EMBED_BATCH = 64
 
 
-def load_text_encoder(run_dir: str | pathlib.Path, step: int | None = None,
-                      max_length: int | None = None) -> TextEncoder:
+def load_text_encoder(run_dir: str | pathlib.Path, step: int | None = None, max_length: int | None = None,
+                      with_params: bool = True) -> TextEncoder:
     """The frozen encoder of run `run_dir` (checkpoint `step`, default the newest); `max_length` defaults to the
-    run's data.seq_len."""
+    run's data.seq_len. Without params (`with_params=False`: a copy `keep_text_encoder` made, whose parameters a
+    run's own checkpoints hold) `params` is None and `step` -1."""
     cfg = load_run_config(run_dir)
     if cfg.model.kind not in TEXT_ENCODER_KINDS:
         raise ConfigError(f"run {str(run_dir)!r} trains model.kind={cfg.model.kind!r}; a text encoder is an encoder "
@@ -109,7 +114,23 @@ def load_text_encoder(run_dir: str | pathlib.Path, step: int | None = None,
     minimum = 3 if cfg.model.kind == "encoder" else 2
     if length < minimum:
         raise ConfigError(f"max_length={length} leaves no room for text (at least {minimum} tokens)")
+    tokenizer = load_tokenizer(run_dir)
+    if not with_params:
+        build = make_task(cfg).models()[MAIN_GROUP].build
+        graphdef, _ = nnx.split(nnx.eval_shape(lambda: build(nnx.Rngs(0))))
+        return TextEncoder(kind=cfg.model.kind, width=cfg.model.d_model, max_length=length, tokenizer=tokenizer,
+                           graphdef=graphdef, params=None, step=-1, build=build)
     run = open_run(run_dir, step)
-    return TextEncoder(kind=cfg.model.kind, width=cfg.model.d_model, max_length=length,
-                       tokenizer=load_tokenizer(run_dir), graphdef=run.weights.graphdefs[MAIN_GROUP],
-                       params=run.weights.params[MAIN_GROUP], step=run.step)
+    return TextEncoder(kind=cfg.model.kind, width=cfg.model.d_model, max_length=length, tokenizer=tokenizer,
+                       graphdef=run.weights.graphdefs[MAIN_GROUP], params=run.weights.params[MAIN_GROUP],
+                       step=run.step)
+
+
+def keep_text_encoder(run_dir: str | pathlib.Path, out: pathlib.Path) -> None:
+    """What another run needs of encoder run `run_dir` to open without it: its config and tokenizer (its
+    parameters are in that run's checkpoints), written to `out` all at once."""
+    cfg = load_run_config(run_dir)
+    tokenizer = load_tokenizer(run_dir)
+    with building(out) as partial:
+        keep_tokenizer(tokenizer, partial)
+        write_atomic(partial / "config.yaml", cfg.to_yaml())

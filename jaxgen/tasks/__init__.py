@@ -5,18 +5,22 @@ See `jaxgen.tasks.base` for the contract a new family implements.
 
 from __future__ import annotations
 
+import pathlib
+
 from jaxgen.config import Config
 from jaxgen.tasks.base import ModelSpec, Phase, Task, TaskData, Weights
 
-__all__ = ["ModelSpec", "Phase", "Task", "TaskData", "Weights", "make_task", "with_frozen_settings"]
+__all__ = ["ModelSpec", "Phase", "Task", "TaskData", "Weights", "keep_frozen_inputs", "make_task", "with_frozen_settings"]
 
 
-def make_task(cfg: Config) -> Task:
+def make_task(cfg: Config, run_dir: pathlib.Path | None = None) -> Task:
+    """The task of `cfg`; `run_dir`: the run's, where a task opens what the run kept there (a frozen text
+    encoder's settings and tokenizer)."""
     # Each family's module is imported only for its runs (keeps image dependencies out of LM runs).
     if cfg.model.kind == "dit":
         from jaxgen.tasks.diffusion import DiffusionTask
 
-        return DiffusionTask(cfg)
+        return DiffusionTask(cfg, run_dir)
     if cfg.model.kind == "autoencoder":
         from jaxgen.tasks.autoencoder import AutoencoderTask
 
@@ -47,3 +51,11 @@ def with_frozen_settings(cfg: Config) -> Config:
 
     diffusion = cfg.diffusion.model_copy(update={"autoencoder_model": frozen_autoencoder_settings(cfg)})
     return cfg.model_copy(update={"diffusion": diffusion})
+
+
+def keep_frozen_inputs(task: Task, run_dir: pathlib.Path) -> None:
+    """Keep in a new run's directory what it needs of the runs it froze to open without them (a text encoder's
+    settings and tokenizer; their parameters are in the run's checkpoints)."""
+    keep = getattr(task, "keep_frozen", None)  # the families with frozen runs of their own
+    if keep is not None:
+        keep(run_dir)

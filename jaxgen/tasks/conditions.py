@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import pathlib
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -56,20 +58,41 @@ class ClassConditions:
 
 
 class CaptionConditions:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, run_dir: pathlib.Path | None = None):
+        """`run_dir`: the run's, where it has one. A run with checkpoints opens its frozen encoder from the copy
+        it kept (`keep`), not from the encoder run: that run may have moved, and its parameters are in the
+        run's own checkpoints."""
         self.cfg, self.cond = cfg, cfg.conditioning
-        self.frozen = None
-        if self.cond.text_encoder is not None:
-            from jaxgen.outputs.text_encoder import load_text_encoder
+        self.frozen, self.kept = None, False
+        if self.cond.text_encoder is None:
+            return
+        from jaxgen.outputs.text_encoder import load_text_encoder
 
-            self.frozen = load_text_encoder(self.cond.text_encoder, max_length=self.cond.max_length)
-            log.info("captions: frozen %s of run %s (step %d, width %d)", self.frozen.kind, self.cond.text_encoder,
-                     self.frozen.step, self.frozen.width)
+        kept = kept_text_encoder(run_dir)
+        if kept is not None:
+            self.frozen, self.kept = load_text_encoder(kept, max_length=self.cond.max_length, with_params=False), True
+            log.info("captions: the frozen %s this run kept (%s)", self.frozen.kind, kept)
+            return
+        self.frozen = load_text_encoder(self.cond.text_encoder, max_length=self.cond.max_length)
+        log.info("captions: frozen %s of run %s (step %d, width %d)", self.frozen.kind, self.cond.text_encoder,
+                 self.frozen.step, self.frozen.width)
+
+    def keep(self, run_dir: pathlib.Path) -> None:
+        """Keep in a new run's `run_dir` what it needs of the frozen encoder's run to open without it."""
+        if self.frozen is None or self.kept:
+            return
+        from jaxgen.outputs.text_encoder import keep_text_encoder
+
+        out = run_dir / KEPT_TEXT_ENCODER
+        shutil.rmtree(out, ignore_errors=True)  # a copy a start killed before its first checkpoint left
+        keep_text_encoder(self.cond.text_encoder, out)
 
     def models(self) -> dict[str, ModelSpec]:
         if self.frozen is None:
             return {}
         frozen = self.frozen
+        if frozen.params is None:  # a kept copy: the run's checkpoints hold the parameters
+            return {TEXT_ENCODER_GROUP: ModelSpec(build=frozen.build, trained=False)}
         return {TEXT_ENCODER_GROUP: ModelSpec(build=lambda rngs: nnx.merge(frozen.graphdef, frozen.params),
                                               trained=False)}
 
@@ -127,5 +150,18 @@ class CaptionConditions:
         return {"tokens": tokens_BLT, "mask": mask_BL, "pooled": pooled_BT, "keep": keep_B}
 
 
-def make_conditions(cfg: Config) -> ClassConditions | CaptionConditions:
-    return CaptionConditions(cfg) if cfg.conditioning.by == "text" else ClassConditions(cfg)
+def make_conditions(cfg: Config, run_dir: pathlib.Path | None = None) -> ClassConditions | CaptionConditions:
+    return CaptionConditions(cfg, run_dir) if cfg.conditioning.by == "text" else ClassConditions(cfg)
+
+
+# Where a run keeps the config and tokenizer of its frozen text encoder's run.
+KEPT_TEXT_ENCODER = "text_encoder"
+
+
+def kept_text_encoder(run_dir: pathlib.Path | None) -> pathlib.Path | None:
+    """The copy of its frozen text encoder's run that run `run_dir` kept, once it has a checkpoint to go with."""
+    from jaxgen.checkpoint import checkpoint_dir, committed_steps
+
+    if run_dir is None or not (pathlib.Path(run_dir) / KEPT_TEXT_ENCODER / "config.yaml").is_file():
+        return None
+    return pathlib.Path(run_dir) / KEPT_TEXT_ENCODER if committed_steps(checkpoint_dir(run_dir)) else None

@@ -51,10 +51,10 @@ from jaxgen.tasks.layout import MAIN_GROUP
 class DiffusionTask:
     unit = "images"
     loss_name = "denoising loss (mean squared error)"
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, run_dir: pathlib.Path | None = None):
         self.cfg = cfg
         self.objective = make_objective(cfg)
-        self.conditions = make_conditions(cfg)
+        self.conditions = make_conditions(cfg, run_dir)
         self.text = isinstance(self.conditions, CaptionConditions)
         self.latents = None
         if cfg.diffusion.autoencoder is not None:
@@ -131,6 +131,11 @@ class DiffusionTask:
             noise = rng.standard_normal((rows, m.image_size, m.image_size, m.channels)).astype(np.float32)
             out.append({**batch, "t": t, "noise": noise})
         return out
+
+    def keep_frozen(self, run_dir: pathlib.Path) -> None:
+        """A new run keeps what it needs of its frozen text encoder's run (config.yaml keeps the autoencoder's)."""
+        if self.text:
+            self.conditions.keep(run_dir)
 
     # ------------------------------------------------------------------ what a run records about its inputs
     def inputs(self, data: ImageData) -> dict:

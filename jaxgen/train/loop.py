@@ -47,7 +47,7 @@ from jaxgen.metrics import (
     run_peak,
 )
 from jaxgen.sharding import data_parallel_size, make_mesh
-from jaxgen.tasks import with_frozen_settings
+from jaxgen.tasks import keep_frozen_inputs, make_task, with_frozen_settings
 from jaxgen.tasks.layout import MAIN_GROUP
 from jaxgen.trackers import open_trackers, require_libraries
 from jaxgen.train.actions import Evaluate, EvaluateTasks, Progress, Sample, Save, StepRecords
@@ -86,7 +86,7 @@ def train(cfg: Config, run_dir: str | pathlib.Path, startup: dict[str, float] | 
                           f"(mesh.data x mesh.fsdp = {dp}) times train.microbatches={cfg.train.microbatches}")
     process_streams(cfg.data.reader_streams, this_process())  # refused now, not after a restore
     log.info("mesh %s on %d %s devices", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
-    training = build_training(cfg, mesh)  # abstract: nothing is allocated yet
+    training = build_training(cfg, mesh, make_task(cfg, run_dir))  # abstract: nothing is allocated yet
     check_fits("training this model", training.layout.bytes_per_device())
     eval_tasks = stop_together(lambda: load_eval_tasks(cfg))  # a missing or malformed task file: before any work
     # What the run opens closes however it ends.
@@ -193,6 +193,8 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
             state = with_params(state, params)
     if jax.process_index() == 0:  # only once the state is known to fit: a refused resume changes nothing
         write_atomic(run_dir / "config.yaml", cfg.to_yaml())
+        if resumed is None:
+            keep_frozen_inputs(task, run_dir)
     start_step = int(state.step)
     n_params = sum(int(x.size) for x in jax.tree.leaves(layout.abstract.params))
     log.info("model: %s parameters", f"{n_params:,}")
