@@ -279,17 +279,23 @@ def test_eval_scores_adherence_at_each_guidance_scale_and_plots_it(cli_runs):
     assert logged and result["eval_loss"] == pytest.approx(logged[-1], rel=1e-4)  # the loop's own held-out loss
 
 
-def test_a_frozen_encoder_run_embeds_the_captions_and_stays_frozen(world, tokenizer, tmp_path, monkeypatch):
+def encoder_run(run: pathlib.Path, tokenizer) -> pathlib.Path:
+    """A tiny BERT-style encoder run of random weights, with `tokenizer`."""
     from jaxgen.data.tokenizer import keep_tokenizer
-    from jaxgen.outputs.text_encoder import load_text_encoder
 
     encoder_cfg = Config(model={"kind": "encoder", "vocab_size": 512, "d_model": 24, "n_layers": 1, "n_heads": 2,
                                 "d_ff": 48})
-    run = tmp_path / "bert"
     run.mkdir()
     save_imported_run(run, encoder_cfg, jax.jit(lambda: fresh_params(make_task(encoder_cfg), 3))(),
                       "tests/test_text_to_image.py", inputs={})
     keep_tokenizer(tokenizer, run)
+    return run
+
+
+def test_a_frozen_encoder_run_embeds_the_captions_and_stays_frozen(world, tokenizer, tmp_path, monkeypatch):
+    from jaxgen.outputs.text_encoder import load_text_encoder
+
+    run = encoder_run(tmp_path / "bert", tokenizer)
     cfg = t2i_config(world, f"conditioning.text_encoder={run}", "mesh.data=1")
     training = build_training(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
     task = training.task
@@ -421,15 +427,7 @@ def test_a_run_with_a_frozen_text_encoder_opens_and_draws_the_same_once_that_enc
         world, tokenizer, tmp_path):
     """Sample and eval loaded the frozen encoder's run (its newest checkpoint, config and tokenizer) to open a
     text-to-image run whose own checkpoints hold that encoder: once the run moved, the work could not be used."""
-    from jaxgen.data.tokenizer import keep_tokenizer
-
-    encoder_cfg = Config(model={"kind": "encoder", "vocab_size": 512, "d_model": 24, "n_layers": 1, "n_heads": 2,
-                                "d_ff": 48})
-    bert = tmp_path / "bert"
-    bert.mkdir()
-    save_imported_run(bert, encoder_cfg, jax.jit(lambda: fresh_params(make_task(encoder_cfg), 3))(),
-                      "tests/test_text_to_image.py", inputs={})
-    keep_tokenizer(tokenizer, bert)
+    bert = encoder_run(tmp_path / "bert", tokenizer)
     run = tmp_path / "t2i"
     trained = run_jaxgen("train", "--config", str(CONFIG), "--run-dir", str(run), *TINY, "train.steps=2",
                          f"diffusion.autoencoder={world / 'ae'}", f"images.latents={world / 'latents'}",
