@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxgen.checkpoint import checkpoint_dir, committed_steps
 from jaxgen.chunks import chunk_size, map_chunks
 from jaxgen.data.tokenizer import Tokenizer, keep_tokenizer, load_tokenizer
 from jaxgen.errors import ConfigError
@@ -124,6 +125,17 @@ def load_text_encoder(run_dir: str | pathlib.Path, step: int | None = None, max_
     return TextEncoder(kind=cfg.model.kind, width=cfg.model.d_model, max_length=length, tokenizer=tokenizer,
                        graphdef=run.weights.graphdefs[MAIN_GROUP], params=run.weights.params[MAIN_GROUP],
                        step=run.step)
+
+
+# Where a run keeps the config and tokenizer of its frozen text encoder's run.
+KEPT_TEXT_ENCODER = "text_encoder"
+
+
+def kept_text_encoder(run_dir: pathlib.Path | None) -> pathlib.Path | None:
+    """The copy of its frozen text encoder's run that run `run_dir` kept, once it has a checkpoint to go with."""
+    if run_dir is None or not (pathlib.Path(run_dir) / KEPT_TEXT_ENCODER / "config.yaml").is_file():
+        return None
+    return pathlib.Path(run_dir) / KEPT_TEXT_ENCODER if committed_steps(checkpoint_dir(run_dir)) else None
 
 
 def keep_text_encoder(run_dir: str | pathlib.Path, out: pathlib.Path) -> None:

@@ -66,7 +66,7 @@ class CaptionConditions:
         self.frozen, self.kept = None, False
         if self.cond.text_encoder is None:
             return
-        from jaxgen.outputs.text_encoder import load_text_encoder
+        from jaxgen.outputs.text_encoder import kept_text_encoder, load_text_encoder
 
         kept = kept_text_encoder(run_dir)
         if kept is not None:
@@ -81,7 +81,7 @@ class CaptionConditions:
         """Keep in a new run's `run_dir` what it needs of the frozen encoder's run to open without it."""
         if self.frozen is None or self.kept:
             return
-        from jaxgen.outputs.text_encoder import keep_text_encoder
+        from jaxgen.outputs.text_encoder import KEPT_TEXT_ENCODER, keep_text_encoder
 
         out = run_dir / KEPT_TEXT_ENCODER
         shutil.rmtree(out, ignore_errors=True)  # a copy a start killed before its first checkpoint left
@@ -152,16 +152,3 @@ class CaptionConditions:
 
 def make_conditions(cfg: Config, run_dir: pathlib.Path | None = None) -> ClassConditions | CaptionConditions:
     return CaptionConditions(cfg, run_dir) if cfg.conditioning.by == "text" else ClassConditions(cfg)
-
-
-# Where a run keeps the config and tokenizer of its frozen text encoder's run.
-KEPT_TEXT_ENCODER = "text_encoder"
-
-
-def kept_text_encoder(run_dir: pathlib.Path | None) -> pathlib.Path | None:
-    """The copy of its frozen text encoder's run that run `run_dir` kept, once it has a checkpoint to go with."""
-    from jaxgen.checkpoint import checkpoint_dir, committed_steps
-
-    if run_dir is None or not (pathlib.Path(run_dir) / KEPT_TEXT_ENCODER / "config.yaml").is_file():
-        return None
-    return pathlib.Path(run_dir) / KEPT_TEXT_ENCODER if committed_steps(checkpoint_dir(run_dir)) else None
