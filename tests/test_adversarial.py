@@ -13,6 +13,8 @@ from jaxgen.tasks.adversarial import adaptive_weight, discriminator_loss, genera
 from jaxgen.tasks.autoencoder import kl_divergence, reconstruction_error
 from jaxgen.train.build import build_training
 
+from helpers import REPO
+
 ONE_DEVICE = ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"]
 
 
@@ -193,3 +195,16 @@ def test_the_generators_gradient_holds_with_labels_split_over_two_mesh_axes(devi
     one = gan_step(devices[:1], *ONE_DEVICE)[2]
     sharded = gan_step(devices, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "sharding.preset=fsdp_tp")[2]
     np.testing.assert_allclose([sharded["loss"], sharded["grad_norm"]], [one["loss"], one["grad_norm"]], rtol=1e-5)
+
+
+def test_a_gan_steps_flops_per_image_are_those_xla_counts():
+    """The FLOPs MFU is taken from: both phases (generator, then discriminator on real and fake images), as XLA
+    counts the compiled step; norms, activations and the optimizers are the few percent it has besides."""
+    cfg = load_config(REPO / "configs" / "gan_fashion.yaml", [*ONE_DEVICE, "data.batch_size=8"])
+    training = build_training(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
+    m = cfg.model
+    batch = {"images": jax.ShapeDtypeStruct((8, m.image_size, m.image_size, m.channels), jnp.float32),
+             "labels": jax.ShapeDtypeStruct((8,), jnp.int32)}
+    state = jax.eval_shape(training.init_state)
+    counted = training.train_step.lower(state, batch).compile().cost_analysis()["flops"]
+    assert counted == pytest.approx(8 * training.task.flops_per_unit(), rel=0.1)
