@@ -244,7 +244,7 @@ class DiffusionConfig(_Section):
     autoencoder: str | None = None
     # The model settings of diffusion.autoencoder's run, which training keeps here in the run's config.yaml:
     # the run then opens (eval, sample, resume) where that run has moved or is gone, as its checkpoints hold
-    # the autoencoder's parameters. Not for setting by hand: that run's own settings win wherever it is found.
+    # the autoencoder's parameters. Not for setting by hand: a new run refuses settings that are not its run's.
     autoencoder_model: AutoencoderConfig | None = None
     # Probability a training label is replaced by the null class, so one model is also unconditional.
     label_dropout: float = Field(0.1, ge=0, le=1)

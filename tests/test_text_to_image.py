@@ -444,3 +444,12 @@ def test_a_run_with_a_frozen_text_encoder_opens_and_draws_the_same_once_that_enc
         assert out.returncode == 0, out.stderr[-3000:]
         drawn.append(np.load(tmp_path / f"{moved}.npz")["images"])
     np.testing.assert_array_equal(drawn[1], drawn[0])
+
+
+def test_autoencoder_settings_kept_from_another_run_are_refused_by_a_new_run(world, tmp_path):
+    cfg = t2i_config(world)
+    kept = load_config(world / "ae" / "config.yaml").model.model_copy(update={"block_channels": (8, 8)})
+    cfg = cfg.model_copy(update={"diffusion": cfg.diffusion.model_copy(update={"autoencoder_model": kept})})
+    with pytest.raises(ConfigError, match=r"^diffusion.autoencoder_model holds other settings than diffusion.autoen"
+                                          r"coder='.*' has; remove diffusion.autoencoder_model from the config"):
+        DiffusionTask(cfg).make_data(tmp_path)

@@ -42,16 +42,14 @@ DECODE_BATCH = 64
 
 
 def frozen_autoencoder_settings(cfg: Config) -> AutoencoderConfig:
-    """The model settings of the autoencoder a latent diffusion run freezes: its run's (diffusion.autoencoder),
-    or where that run is not found, those the run kept of it (diffusion.autoencoder_model)."""
+    """The model settings of the autoencoder a latent diffusion run freezes: those the run kept of it
+    (diffusion.autoencoder_model, in its config.yaml), else its run's (diffusion.autoencoder). The same on every
+    process: whether a process sees that run does not decide it."""
+    if cfg.diffusion.autoencoder_model is not None:
+        return cfg.diffusion.autoencoder_model
     from jaxgen.outputs.frozen_autoencoder import autoencoder_config
 
     path = cfg.diffusion.autoencoder
-    kept = cfg.diffusion.autoencoder_model
-    if kept is not None and not pathlib.Path(path, "config.yaml").is_file():
-        log.info("diffusion.autoencoder=%r is not found: the run opens with the autoencoder settings it kept of it "
-                 "(its checkpoints hold the parameters)", path)
-        return kept
     try:
         return autoencoder_config(path)
     except ConfigError as err:  # a relative path is read from where the command runs, not the run's folder
@@ -115,6 +113,10 @@ class Latents:
         if self.autoencoder is None:
             self.autoencoder = load_autoencoder(self.cfg.diffusion.autoencoder)
         ae = self.autoencoder
+        if ae.cfg != self.ae_cfg:  # a config.yaml of another run taken as this one's
+            raise ConfigError(f"diffusion.autoencoder_model holds other settings than diffusion.autoencoder="
+                              f"{self.cfg.diffusion.autoencoder!r} has; remove diffusion.autoencoder_model from the "
+                              "config (training keeps it itself)")
         if recorded is None:  # a fresh run: what it freezes (checkpoints saved before the record carry none)
             self.frozen = {"run_dir": str(ae.run_dir), "step": ae.step, "digest": ae.digest, "scale": self.scale}
         self._refuse_latents_of_another({"run_dir": str(ae.run_dir), "step": ae.step, "digest": ae.digest},
