@@ -19,7 +19,7 @@ from jaxgen import distributed, strict_json
 from jaxgen.cli_arguments import directory_to_write
 from jaxgen.config import RUN_CONFIG_EMPTY, load_config
 from jaxgen.errors import ConfigError, UsageError
-from jaxgen.interrupts import advise
+from jaxgen.interrupts import advise, again, name_the_run_dir
 
 
 def default_run_dir(config_path: str | None) -> pathlib.Path:
@@ -50,6 +50,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir = pathlib.Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
     # Processes start seconds apart; all must use process 0's timestamped default.
     run_dir = pathlib.Path(distributed.bytes_from_process_0(str(run_dir).encode()).decode())
+    if not args.run_dir:  # the same command would start a new run: a stop's advice names this one
+        name_the_run_dir(str(run_dir))
+        advise(f"; {again()} to continue")
     summary = train(cfg, run_dir, startup)
     if not distributed.reports_results():
         return 0

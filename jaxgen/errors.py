@@ -62,9 +62,9 @@ class Preempted(JaxgenError):
 
     exit_status = EXIT_PREEMPTED
 
-    def __init__(self, step: int | None):
+    def __init__(self, step: int | None, again: str = "run the same command again"):
         saved = f"saved a checkpoint at step {step}" if step is not None else "nothing was saved"
-        super().__init__(f"preempted: {saved} and stopped; run the same command again to resume")
+        super().__init__(f"preempted: {saved} and stopped; {again} to resume")
         self.step = step
 
 

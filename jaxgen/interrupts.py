@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -147,6 +148,20 @@ def while_busy(act: Callable[[int], None] | None) -> None:
     """Have the watcher thread call `act(signum)` at once for each signal whose handler is not this module's
     (the training loop's, which runs only between the main thread's bytecodes); None: nothing."""
     _while_busy["act"] = act
+
+
+_again = {"text": "run the same command again"}
+
+
+def again() -> str:
+    """How a user goes on after a stop: "run the same command again", naming the run directory where the
+    command chose it itself (`train` without --run-dir: the same command would start a new one)."""
+    return _again["text"]
+
+
+def name_the_run_dir(run_dir: str) -> None:
+    """The stopped command's run directory was not given: `again()` names it."""
+    _again["text"] = f"run the same command again with --run-dir {shlex.quote(str(run_dir))}"
 
 
 def advise(text: str) -> None:

@@ -351,6 +351,24 @@ def test_ctrl_c_at_any_moment_is_one_line_and_never_a_crash(tmp_path, moment, pr
     assert ("Ctrl-C: saving a checkpoint after this step" in stderr) == (moment == "training")
 
 
+def test_a_run_stopped_without_run_dir_names_the_directory_to_continue_in(tmp_path):
+    """`jaxgen train` without --run-dir makes a new timestamped directory each time: 'run the same command again
+    to resume' started over from step 0 in another one, and a requeued job never got past its first steps."""
+    process = start(["train", "--config", str(TINY_CONFIG), "train.steps=100000", "logging.every=1",
+                     "train.sample_tokens=0"], cwd=tmp_path)
+    deadline = time.monotonic() + 180
+    while not list(tmp_path.glob("runs/*/metrics.jsonl")) or len(read_metrics(
+            next(tmp_path.glob("runs/*/metrics.jsonl")))) < 3:
+        assert time.monotonic() < deadline and process.poll() is None, "training never started"
+        time.sleep(0.05)
+    [run_dir] = [path.relative_to(tmp_path) for path in tmp_path.glob("runs/*")]
+    stderr = interrupt_when(process, None)
+    assert process.returncode == 75, stderr[-3000:]
+    final = one_final_line(stderr)
+    assert final.startswith("jaxgen: preempted: saved a checkpoint at step ") and final.endswith(
+        f"; run the same command again with --run-dir {run_dir} to resume"), final
+
+
 def test_data_worker_processes_stop_quietly_with_the_trainer_and_never_outlive_it(tmp_path):
     """Ctrl-C reaches the whole process group: each grain worker printed a KeyboardInterrupt traceback while the
     trainer saved, and the resource tracker warned of their leaked shared memory. Ignoring it, they must still

@@ -36,7 +36,7 @@ from jaxgen.evals.benchmark import Benchmarks, load_tasks, make_scorer, require_
 from jaxgen.evals.plots import plot_benchmarks
 from jaxgen.evals.tasks import Task as BenchmarkTask
 from jaxgen.files import user_cache_dir, write_atomic
-from jaxgen.interrupts import after_ctrl_c, claim_last_word
+from jaxgen.interrupts import after_ctrl_c, again, claim_last_word
 from jaxgen.metrics import (
     MetricsWriter,
     StartupClock,
@@ -256,7 +256,7 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
                 for action in due:
                     action.run(step)
                 if stop:
-                    raise Preempted(step)
+                    raise Preempted(step, again())
     finally:
         bar.close()  # ends the bar's line, so whatever is printed next starts on its own
         preemption.close()
@@ -269,8 +269,8 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
 
     # ------------------------------------------------------------------ wrap-up
     after_ctrl_c(EXIT_PREEMPTED, f"interrupted after the final checkpoint (step {progress.last_saved}) was saved, "
-                                 "before the end-of-run outputs (summary.json, final samples, plots); run the same "
-                                 "command again to write them")
+                                 f"before the end-of-run outputs (summary.json, final samples, plots); {again()} to "
+                                 "write them")
     peak.refresh(every_s=60)  # the device is idle: a last chance at a better peak, unless one is a minute old
     rates = meter.median()
     logged = last_logged(run_dir, "loss", "eval_loss") if wrap_up_only else {}  # no step of this process logged

@@ -23,7 +23,7 @@ import time
 import jax
 from jax.experimental import multihost_utils
 
-from jaxgen.interrupts import exit_interrupted, while_busy
+from jaxgen.interrupts import again, exit_interrupted, while_busy
 
 log = logging.getLogger("jaxgen")
 
@@ -34,7 +34,10 @@ SAVING = {signal.SIGINT: "Ctrl-C: saving a checkpoint after this step, then stop
           signal.SIGTERM: "SIGTERM: saving a checkpoint after this step, then stopping"}
 # Ctrl-Cs closer together than this are taken for one keypress passed on twice.
 ONE_KEYPRESS_S = 1.0
-AGAIN = "interrupted again before the checkpoint was saved; run the same command again to continue from the last one"
+
+
+def again_line() -> str:
+    return f"interrupted again before the checkpoint was saved; {again()} to continue from the last one"
 
 
 class PreemptionWatch:
@@ -62,7 +65,7 @@ class PreemptionWatch:
             if self._first_ctrl_c is None:
                 self._first_ctrl_c = now
             elif now - self._first_ctrl_c >= ONE_KEYPRESS_S:
-                exit_interrupted(AGAIN)
+                exit_interrupted(again_line())
         self._tell(signum)
 
     def _tell(self, signum: int) -> None:
@@ -72,7 +75,7 @@ class PreemptionWatch:
 
     def _on_signal(self, signum, frame) -> None:
         if signum == signal.SIGINT and self._ctrl_c:
-            exit_interrupted(AGAIN)  # Ctrl-C twice: stop now, without waiting for the save
+            exit_interrupted(again_line())  # Ctrl-C twice: stop now, without waiting for the save
         self._ctrl_c = self._ctrl_c or signum == signal.SIGINT
         if self._signalled is None:
             self._tell(signum)
