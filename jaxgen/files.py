@@ -155,19 +155,28 @@ def write_output(path: str | pathlib.Path, data: bytes) -> None:
 
 
 def append_line(path: str | pathlib.Path, line: str) -> None:
-    """Add `line` (no newline) to the end of `path` as one line.
+    """Add `line` (no newline) to the end of `path` as one line, whole or not at all.
 
-    Readers of such logs skip a line that does not parse; ending an unfinished one
-    first keeps that loss to the damaged line alone. The buffered write goes on after
-    a short write and raises when the disk is full, so no failure passes unseen.
+    A write that fails part-way (a full disk) is cut off again, so no half record stays
+    behind for every later reader. Readers of such logs skip a line that does not parse
+    (one a kill cut short); ending an unfinished one first keeps that loss to the damaged
+    line alone.
     """
     try:
-        with open(path, "a+b") as f:
+        with open(path, "a+b", buffering=0) as f:  # unbuffered: what is written is known, write by write
+            size = f.seek(0, os.SEEK_END)
             unfinished = False
-            if f.seek(0, os.SEEK_END) > 0:
+            if size > 0:
                 f.seek(-1, os.SEEK_END)
                 unfinished = f.read(1) != b"\n"
-            f.write((b"\n" if unfinished else b"") + line.encode() + b"\n")
+            data = (b"\n" if unfinished else b"") + line.encode() + b"\n"
+            try:
+                written = 0
+                while written < len(data):  # a raw write may be short
+                    written += f.write(data[written:])
+            except OSError:
+                f.truncate(size)
+                raise
     except OSError as err:
         if err.filename is None:  # a failed write names no file; the user's log is the one to name
             raise OSError(err.errno, err.strerror, str(path)) from err

@@ -278,6 +278,8 @@ def test_a_log_line_cut_short_never_swallows_the_records_written_after_it(tmp_pa
     assert [r["step"] for r in read_metrics(log_file)] == [4, 12, 16]
     assert log_file.read_text().count("\n") == 4
     # A write the disk refuses is an error naming the log (it named no file), never a record silently cut.
+    # Nor does it leave half the record behind, which every later reader of the log would trip over.
+    before = log_file.read_bytes()
     limits = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (log_file.stat().st_size + 8, limits[1]))  # Python ignores SIGXFSZ
     try:
@@ -286,6 +288,7 @@ def test_a_log_line_cut_short_never_swallows_the_records_written_after_it(tmp_pa
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
     assert refused.value.filename == str(log_file)
+    assert log_file.read_bytes() == before
 
 
 def test_kills_and_full_disks_before_the_first_checkpoint_never_block_a_restart(straight, tokenizer, tmp_path):
