@@ -119,6 +119,27 @@ def param_path(path: tuple) -> str:
     return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
+# The logical axes of activations (`constrain`); those of parameters are in their metadata (`logical_axes`).
+ACTIVATION_AXES = ("act_batch", "act_length", "act_embed", "act_heads", "act_kv_heads", "act_mlp", "act_vocab")
+
+
+def logical_axes(abstract_state: nnx.State) -> set[str]:
+    """The logical axis names a model's parameters carry."""
+    names = set()
+    for _, variable in nnx.to_flat_state(abstract_state):
+        names.update(name for name in variable.get_metadata().get("out_sharding") or () if isinstance(name, str))
+    return names
+
+
+def refuse_unknown_rules(custom: Mapping[str, object] | None, parameter_axes: set[str]) -> None:
+    """A `sharding.rules` entry for a logical axis the model does not have is a typo that shards nothing."""
+    known = parameter_axes | set(ACTIVATION_AXES)
+    unknown = sorted(set(custom or {}) - known)
+    if unknown:
+        raise ConfigError(f"sharding.rules.{unknown[0]}: this model has no logical axis {unknown[0]!r}; its axes: "
+                          f"{', '.join(sorted(known))}")
+
+
 def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules: Rules, name_prefix: str = "") -> dict:
     """Pure dict of NamedShardings from the logical axes in each Variable's metadata.
 

@@ -6,6 +6,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxgen.data.pipeline import to_global
+from jaxgen.errors import ConfigError
 from jaxgen.sharding import make_mesh
 from jaxgen.train.build import build_training
 
@@ -80,6 +81,14 @@ def test_custom_rules_override_the_preset(devices):
     training = build_training(cfg, make_mesh(cfg.mesh, devices))
     spec = training.layout.shardings.params["model"]["layers"]["mlp"]["w_up"]["kernel"].spec
     assert spec == P(None, None, "fsdp")
+
+
+def test_a_rule_for_an_axis_the_model_does_not_have_is_refused(devices):
+    """`sharding.rules.mlpp=fsdp` trained with no word, recorded a rule that shards nothing."""
+    cfg = tiny_config("sharding.preset=fsdp", "mesh.data=2", "mesh.fsdp=4", "sharding.rules.mlpp=fsdp")
+    with pytest.raises(ConfigError, match=r"^sharding.rules.mlpp: this model has no logical axis 'mlpp'; its axes: "
+                                          r"act_batch, .*, mlp, .*vocab$"):
+        build_training(cfg, make_mesh(cfg.mesh, devices))
 
 
 def test_indivisible_parameter_names_path_and_axes(devices):

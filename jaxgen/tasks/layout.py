@@ -17,7 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxgen.device_memory import bytes_per_device
-from jaxgen.sharding import BATCH_AXES, Rules, param_shardings, replicated, with_rules
+from jaxgen.sharding import BATCH_AXES, Rules, logical_axes, param_shardings, replicated, with_rules
 from jaxgen.tasks.base import Task, Weights
 
 
@@ -26,6 +26,7 @@ class ModelLayout:
     graphdefs: dict[str, nnx.GraphDef]
     abstract: dict[str, Any]  # ShapeDtypeStructs of every group's parameters
     shardings: dict[str, Any]  # NamedShardings, same structure
+    axes: frozenset[str] = frozenset()  # the logical axis names the parameters carry
 
     @property
     def target(self) -> dict[str, Any]:
@@ -60,14 +61,15 @@ def fresh_params(task: Task, seed: int) -> dict[str, Any]:
 
 def plan_models(task: Task, mesh: Mesh, rules: Rules, seed: int) -> ModelLayout:
     """Graph definitions, parameter shapes and shardings of every group; nothing is allocated."""
-    graphdefs, abstract, shardings = {}, {}, {}
+    graphdefs, abstract, shardings, axes = {}, {}, {}, set()
     for group, spec in task.models().items():
         rng = group_rng(seed, group)
         graphdef, state = nnx.eval_shape(lambda spec=spec, rng=rng: nnx.split(spec.build(nnx.Rngs(params=rng))))
         graphdefs[group] = graphdef
+        axes |= logical_axes(state)
         shardings[group] = param_shardings(state, mesh, rules, "" if group == MAIN_GROUP else f"{group}/")
         abstract[group] = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(state))
-    return ModelLayout(graphdefs=graphdefs, abstract=abstract, shardings=shardings)
+    return ModelLayout(graphdefs=graphdefs, abstract=abstract, shardings=shardings, axes=frozenset(axes))
 
 
 def compile_eval_step(task: Task, layout: ModelLayout, mesh: Mesh, rules: Rules):

@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 
 from jaxgen.config import Config
 from jaxgen.errors import ConfigError
-from jaxgen.sharding import Rules, resolve_rules
+from jaxgen.sharding import Rules, refuse_unknown_rules, resolve_rules
 from jaxgen.tasks import Task, make_task
 from jaxgen.tasks.layout import compile_eval_step
 from jaxgen.train.optimizer import learning_rate_schedule, make_optimizer
@@ -50,6 +50,7 @@ def build_training(cfg: Config, mesh: Mesh, task: Task | None = None) -> Trainin
     txs = {group: make_optimizer(specs[group].optimizer or cfg.optimizer, cfg.train.steps)[0] for group in trained}
     schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
     layout = plan_state(task, txs, mesh, rules, cfg.train.seed)
+    refuse_unknown_rules(cfg.sharding.rules, set(layout.models.axes))
     train_step = make_train_step(task, txs, schedule, layout.models.graphdefs, cfg.train.microbatches)
     return Training(
         cfg=cfg, mesh=mesh, rules=rules, task=task, txs=txs, layout=layout,
