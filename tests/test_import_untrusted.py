@@ -217,6 +217,9 @@ def test_what_is_no_model_directory_says_what_it_is(tiny_run, tmp_path):
     unet.mkdir()
     (unet / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel", "in_channels": 4}))
     weights_only = export_safetensors(tiny_run, tmp_path / "weights_only")
+    run_dir = tmp_path / "run"  # a training run: its config.yaml and checkpoints
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(tiny_run.cfg.to_yaml())
     for source, message in [
         (missing, f"'{missing}' does not exist; give a local Hugging Face model directory (with its config.json)"),
         (a_file, f"'{a_file}' is a file; give a local Hugging Face model directory (with its config.json)"),
@@ -225,6 +228,8 @@ def test_what_is_no_model_directory_says_what_it_is(tiny_run, tmp_path):
                         "or fine-tune from the run directory itself with checkpoint.init_from=RUN_DIR")),
         (unet, (f"{unet}/config.json: diffusers' 'UNet2DConditionModel' is not supported; jaxgen imports {imports} "
                 "checkpoints")),
+        (run_dir, (f"'{run_dir}' is a jaxgen run directory, which needs no import: sample, eval and export it as "
+                   "it is, or fine-tune from it with checkpoint.init_from=RUN_DIR")),
     ]:
         with pytest.raises(ExportError) as raised:
             import_hf(source, tmp_path / "out")

@@ -109,6 +109,9 @@ def _not_a_model_directory(hf_dir: pathlib.Path) -> str:
         return f"{str(hf_dir)!r} does not exist; give a local Hugging Face model directory (with its config.json)"
     if not hf_dir.is_dir():
         return f"{str(hf_dir)!r} is a file; give a local Hugging Face model directory (with its config.json)"
+    if (hf_dir / "config.yaml").is_file() and (hf_dir / "checkpoints").is_dir():
+        return (f"{str(hf_dir)!r} is a jaxgen run directory, which needs no import: sample, eval and export it as it "
+                "is, or fine-tune from it with checkpoint.init_from=RUN_DIR")
     if (hf_dir / "config.yaml").is_file():  # what `jaxgen export --format safetensors` writes beside the weights
         return (f"{str(hf_dir)!r} is a weights-only jaxgen export (--format safetensors), which import cannot read; "
                 "export the run with --format hf (or --format diffusers for an autoencoder), or fine-tune from the "
