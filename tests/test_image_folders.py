@@ -138,8 +138,9 @@ def test_a_bad_image_is_named_or_skipped_when_asked(class_folders, tmp_path, dam
                                   "images.bad_images=skip"))
     with caplog.at_level(logging.WARNING, logger="jaxgen"):
         record = skipping.parts["train"][index]
+        skipping.parts["train"][index]  # read again, as every epoch does: named once
     assert int(record["image"][0, 0, 0]) == 5  # the next file of its part (ant/05.png)
-    assert f"skipped: image '{bad}'" in caplog.text
+    assert caplog.text.count(f"skipped: image '{bad}'") == 1
 
 
 def test_sixteen_bit_images_are_scaled_to_eight_bits_not_saturated(tmp_path):

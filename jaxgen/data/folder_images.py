@@ -62,7 +62,7 @@ class FolderImages:
             except DataError as err:
                 if not self.skip_bad:
                     raise
-                log.warning("skipped: %s (images.bad_images=skip)", err)
+                warn_once(f"bad image {self.files[i]}", f"skipped: {err} (images.bad_images=skip)")  # each epoch
                 continue
             record = {"image": image, "label": np.int32(self.labels[i])}
             return record if self.captions is None else {**record, "caption": self.captions[i]}
