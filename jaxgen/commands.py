@@ -19,7 +19,7 @@ from jaxgen import distributed, strict_json
 from jaxgen.cli_arguments import directory_to_write
 from jaxgen.config import RUN_CONFIG_EMPTY, load_config
 from jaxgen.errors import ConfigError, UsageError
-from jaxgen.interrupts import advise, again, name_the_run_dir
+from jaxgen.interrupts import advise, again, name_the_run_dir, streamed
 
 
 def default_run_dir(config_path: str | None) -> pathlib.Path:
@@ -216,12 +216,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     given = {name: getattr(args, name) for name in SAMPLE_OPTIONS}
     streaming = given["prompt"] is None or len(given["prompt"]) == 1
-    on_text = (lambda piece: print(piece, end="", flush=True)) if streaming else None
+    on_text = (lambda piece: print(piece, end="", flush=True) or streamed(piece)) if streaming else None
     records = sample_run(args.run_dir, given, args.seed, args.step, args.overrides, on_text=on_text)
-    streamed = streaming and "text" in records[0]
-    if streamed:
+    shown = streaming and "text" in records[0]
+    if shown:
         print()
-    for record in records if not streamed else []:
+    for record in records if not shown else []:
         print(json.dumps(record))
     return 0
 

@@ -62,7 +62,7 @@ def leave_with(line: str, status: int) -> None:
             undo()
         except Exception:  # noqa: BLE001 - what cannot be undone is left for the next run to remove
             pass
-    sys.stderr.write(("\n" if _progress_bar_open() else "") + f"jaxgen: {line}\n")
+    sys.stderr.write(("\n" if _progress_bar_open() or _console["mid_line"] else "") + f"jaxgen: {line}\n")
     sys.stderr.flush()
     sys.stdout.flush()
     os._exit(status)
@@ -84,6 +84,16 @@ def claim_last_word() -> None:
     thread (a signal's, a peer's stop) already prints its own and ends the process."""
     if not _leaving.acquire(blocking=False):
         threading.Event().wait()
+
+
+_console = {"mid_line": False}
+
+
+def streamed(text: str) -> None:
+    """`text` was just written to the console as it came (a sample's tokens): a line that ends the command
+    must start on a line of its own."""
+    if text:
+        _console["mid_line"] = not text.endswith("\n")
 
 
 def _progress_bar_open() -> bool:

@@ -351,6 +351,15 @@ def test_ctrl_c_at_any_moment_is_one_line_and_never_a_crash(tmp_path, moment, pr
     assert ("Ctrl-C: saving a checkpoint after this step" in stderr) == (moment == "training")
 
 
+def test_an_interruption_while_text_streams_starts_its_own_line():
+    """Ctrl-C during `jaxgen sample`'s streamed text printed `...prep prepjaxgen: interrupted` on one line."""
+    code = ("import sys; from jaxgen.interrupts import leave_with, streamed\n"
+            "for piece in ('In the', ' beginning'):\n    print(piece, end='', flush=True); streamed(piece)\n"
+            "leave_with('interrupted', 130)")
+    ended = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (ended.returncode, ended.stdout, ended.stderr) == (130, "In the beginning", "\njaxgen: interrupted\n")
+
+
 def test_a_run_stopped_without_run_dir_names_the_directory_to_continue_in(tmp_path):
     """`jaxgen train` without --run-dir makes a new timestamped directory each time: 'run the same command again
     to resume' started over from step 0 in another one, and a requeued job never got past its first steps."""
