@@ -376,6 +376,14 @@ def test_a_run_stopped_without_run_dir_names_the_directory_to_continue_in(tmp_pa
     final = one_final_line(stderr)
     assert final.startswith("jaxgen: preempted: saved a checkpoint at step ") and final.endswith(
         f"; run the same command again with --run-dir {run_dir} to resume"), final
+    # Continued with fewer steps than it was started with: its learning-rate schedule changes, and it says so.
+    step = int(final.split("at step ")[1].split()[0])
+    lowered = subprocess.run([sys.executable, "-m", "jaxgen", "train", "--run-dir", str(run_dir),
+                              f"train.steps={step + 1}"], cwd=tmp_path, env=cli_env(1), capture_output=True,
+                             text=True, timeout=300)
+    assert lowered.returncode == 0, lowered.stderr[-3000:]
+    assert (f"continuing step {step} with train.steps lowered (100000 -> {step + 1}): the learning rate now follows "
+            f"the schedule of a {step + 1}-step run") in lowered.stderr
 
 
 def test_data_worker_processes_stop_quietly_with_the_trainer_and_never_outlive_it(tmp_path):

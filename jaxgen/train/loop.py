@@ -176,6 +176,10 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
     clock.mark("data")
     if resumed is not None:
         task.check_inputs(resumed.meta.get("inputs", {}), meta["inputs"])
+        saved_steps = resumed.meta.get("config", {}).get("train", {}).get("steps")
+        if isinstance(saved_steps, int) and saved_steps > cfg.train.steps > resumed.step:  # larger: extended
+            log.warning("continuing step %d with train.steps lowered (%d -> %d): the learning rate now follows the "
+                        "schedule of a %d-step run", resumed.step, saved_steps, cfg.train.steps, cfg.train.steps)
         if "config" in resumed.meta and (changes := changed_settings(resumed.meta["config"], meta["config"])):
             log.warning("continuing step %d with settings changed since it was saved (config.yaml now holds the "
                         "new ones): %s", resumed.step, listed(changes, 8))
