@@ -216,12 +216,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     given = {name: getattr(args, name) for name in SAMPLE_OPTIONS}
     streaming = given["prompt"] is None or len(given["prompt"]) == 1
-    on_text = (lambda piece: print(piece, end="", flush=True) or streamed(piece)) if streaming else None
-    records = sample_run(args.run_dir, given, args.seed, args.step, args.overrides, on_text=on_text)
-    shown = streaming and "text" in records[0]
-    if shown:
+    pieces: list[str] = []
+
+    def show(piece: str) -> None:
+        print(piece, end="", flush=True)
+        streamed(piece)
+        pieces.append(piece)
+
+    records = sample_run(args.run_dir, given, args.seed, args.step, args.overrides,
+                         on_text=show if streaming else None)
+    if pieces:  # the text was shown as it came: the record is that text
         print()
-    for record in records if not shown else []:
+    for record in records if not pieces else []:
         print(json.dumps(record))
     return 0
 

@@ -107,6 +107,8 @@ def test_the_masked_lm_is_evaluated_beside_the_unigram_baseline_and_fills_masks(
     assert filled.returncode == 0, filled.stderr[-3000:]
     records = [json.loads(line) for line in filled.stdout.strip().splitlines()]
     assert len(records) == 2 and "[MASK]" not in records[0]["text"] and len(records[1]["candidates"][0]) == 5
+    one = jaxgen("sample", "--run-dir", str(run), "--prompt", "the [MASK] of the LORD")  # its candidates too
+    assert one.returncode == 0 and json.loads(one.stdout) == records[1], one.stdout
     refused = jaxgen("sample", "--run-dir", str(run), "--prompt", "no mask here")
     assert refused.returncode != 0 and "[MASK]" in refused.stderr.strip().splitlines()[-1]
 

@@ -121,9 +121,7 @@ class MaskedLMTask(OneTextModel):
                 filled[j] = int(ranked[0])
                 candidates.append([{"token": tokenizer.decode([int(t)]), "p": round(float(probs[t]), 4)}
                                    for t in ranked])
-            text = tokenizer.decode(filled[1:-1])
-            if on_text is not None and len(prompts) == 1:
-                on_text(text)
+            text = tokenizer.decode(filled[1:-1])  # not streamed (`on_text`): the record holds the candidates too
             results.append({"prompt": prompt, "text": text, "candidates": candidates})
         return results
 
