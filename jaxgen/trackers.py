@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import pathlib
+import socket
 import time
 import urllib.parse
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -179,6 +180,22 @@ def _is_sqlite(tracking_uri: str | None) -> bool:
     return tracking_uri is None or tracking_uri.startswith("sqlite:")  # None: the default, RUN_DIR/mlflow.db
 
 
+def refuse_unreachable(uri: str, timeout_s: float = 10.0) -> None:
+    """An MLflow server that refuses the connection, named at once: MLflow's client retries for minutes first.
+    Not where a proxy is configured, which may reach what this host cannot."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or any(
+            os.environ.get(name) for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")):
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout_s).close()
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise ConfigError(f"logging.mlflow: tracking_uri {uri!r} cannot be reached ({reason}); start the MLflow "
+                          "server there, or give one that runs") from None
+
+
 class MlflowTracker:
     """An MLflow run: scalars as metrics, pictures as step images, the config as params."""
 
@@ -189,6 +206,7 @@ class MlflowTracker:
         from mlflow.tracking import MlflowClient
 
         uri = cfg.tracking_uri or f"sqlite:///{(run_dir / 'mlflow.db').absolute()}"
+        refuse_unreachable(uri)
         if urllib.parse.urlparse(uri).scheme in ("", "file"):
             # MLflow 3 keeps its file store behind an opt-in; configuring a file: URI is that opt-in.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
