@@ -47,7 +47,7 @@ from jaxgen.commands import (
 )
 from jaxgen.config import DataConfig, DiffusionConfig
 from jaxgen.errors import UsageError, describe
-from jaxgen.interrupts import end_cleanly_on_ctrl_c, exit_interrupted
+from jaxgen.interrupts import after_ctrl_c, end_cleanly_on_ctrl_c, exit_interrupted
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+=")
 
@@ -361,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         status = run_parsed(args)
+        if status == 0:  # done: a Ctrl-C while the process ends (JAX's teardown) must not call it failed
+            after_ctrl_c(0, "interrupted after the command had finished; what it wrote is complete")
     except SystemExit:
         raise  # --help and --version
     except BaseException as err:

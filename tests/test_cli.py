@@ -351,6 +351,21 @@ def test_ctrl_c_at_any_moment_is_one_line_and_never_a_crash(tmp_path, moment, pr
     assert ("Ctrl-C: saving a checkpoint after this step" in stderr) == (moment == "training")
 
 
+def test_a_ctrl_c_after_the_command_finished_does_not_call_it_failed(tmp_path):
+    """`export` printed 'exported to DIR' and then exited 130 on a Ctrl-C during the process's end (JAX's
+    teardown): a script that trusted the status ran it again, and was told the output exists."""
+    code = ("import os, signal, sys, time, threading\nimport jaxgen.cli as cli\nrun = cli.run_parsed\n"
+            "def finished_then_ctrl_c(args):\n    status = run(args)\n"
+            "    threading.Timer(0.2, lambda: os.kill(os.getpid(), signal.SIGINT)).start()\n    return status\n"
+            "cli.run_parsed = finished_then_ctrl_c\nstatus = cli.main(sys.argv[1:])\ntime.sleep(30)\n"
+            "sys.exit(status)")
+    ended = subprocess.run([sys.executable, "-c", code, "data", "g2p", "--out", str(tmp_path / "g2p.jsonl")],
+                           capture_output=True, text=True, timeout=120)
+    assert ended.returncode == 0, ended.stderr[-2000:]
+    assert one_final_line(ended.stderr) == ("jaxgen: interrupted after the command had finished; what it wrote is "
+                                            "complete")
+
+
 def test_an_interruption_while_text_streams_starts_its_own_line():
     """Ctrl-C during `jaxgen sample`'s streamed text printed `...prep prepjaxgen: interrupted` on one line."""
     code = ("import sys; from jaxgen.interrupts import leave_with, streamed\n"
