@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import pathlib
+import shutil
 import time
 from collections.abc import Iterator
 
@@ -65,8 +66,9 @@ def holding(run_dir: pathlib.Path, tokenizer: str | None = None) -> Iterator[Non
     """Hold `run_dir` (created if needed) for the duration of the block; raise DirectoryInUse if another
     process holds it, ConfigError if it is another tool's directory whose files training would overwrite
     (`tokenizer`: the one the run is given, which may already be there)."""
-    lock, refusal = None, b""
+    lock, refusal, created = None, b"", False
     if jax.process_index() == 0:
+        created = not run_dir.exists()
         at_risk = outputs_at_risk(run_dir, tokenizer)
         if at_risk:
             refusal = ("F" + f"--run-dir {str(run_dir)!r} is not a jaxgen run directory, and training would "
@@ -86,12 +88,28 @@ def holding(run_dir: pathlib.Path, tokenizer: str | None = None) -> Iterator[Non
     refusal = bytes_from_process_0(refusal).decode()
     if refusal:
         raise (ConfigError if refusal[0] == "F" else DirectoryInUse)(refusal[1:])
+    kept = False
     try:
         refuse_unshared(run_dir, lock.record if lock is not None else b"")
         yield
+        kept = True
     finally:
         if lock is not None:
             lock.release()
+            if created and not kept:
+                remove_if_nothing_written(run_dir)
+
+
+def remove_if_nothing_written(run_dir: pathlib.Path) -> None:
+    """Remove a run directory a refused start created, where it holds nothing but the lock file, the tokenizer
+    copied in (bound to the directory only by a first checkpoint) and empty folders: a mistake named before any
+    step leaves no directory behind."""
+    removable = {run_dir / LOCK_FILE, *kept_tokenizer_files(run_dir)}
+    try:
+        if all(path in removable for path in run_dir.rglob("*") if not path.is_dir()):
+            shutil.rmtree(run_dir)
+    except OSError:  # another process's directory now, or a file system that refuses: it stays
+        pass
 
 
 def refuse_unshared(run_dir: pathlib.Path, record: bytes) -> None:
