@@ -453,3 +453,16 @@ def test_autoencoder_settings_kept_from_another_run_are_refused_by_a_new_run(wor
     with pytest.raises(ConfigError, match=r"^diffusion.autoencoder_model holds other settings than diffusion.autoen"
                                           r"coder='.*' has; remove diffusion.autoencoder_model from the config"):
         DiffusionTask(cfg).make_data(tmp_path)
+
+
+def test_a_prompt_longer_than_the_captions_the_model_reads_is_named(world, caplog):
+    """A 100-word prompt was cut to conditioning.max_length=12 words without a word."""
+    import logging
+
+    from jaxgen.tasks.conditions import CaptionConditions
+
+    conditions = CaptionConditions(t2i_config(world))
+    with caplog.at_level(logging.WARNING, logger="jaxgen"):
+        conditions.warn_of_cut_prompts(["a small red circle", " ".join(["word"] * 100)])
+    assert caplog.text.count("prompt") == 1
+    assert "is 100 words long; the model reads only the first 12 (conditioning.max_length)" in caplog.text

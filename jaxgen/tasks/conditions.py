@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from jaxgen.config import Config
-from jaxgen.data.caption_words import caption_ids, colliding_words
+from jaxgen.data.caption_words import caption_ids, colliding_words, words
 from jaxgen.diffusion.guidance import drop_captions, drop_labels
 from jaxgen.tasks.base import ModelSpec, Weights
 
@@ -110,6 +110,20 @@ class CaptionConditions:
             return ids[0], mask[0]
 
         return frozen_tokens
+
+    def warn_of_cut_prompts(self, prompts: list[str]) -> None:
+        """Name each prompt longer than the captions the model reads (conditioning.max_length), which is cut."""
+        limit, unit = self.cond.max_length, "words" if self.frozen is None else "tokens"
+        for prompt in prompts:
+            if self.frozen is None:
+                length = len(words(prompt))
+            else:  # with the encoder's own markers ([CLS] ... [SEP], or the end token)
+                markers = 2 if self.frozen.kind == "encoder" else 1
+                length = len(self.frozen.tokenizer.encode_document(prompt)) + markers
+            if length > limit:
+                shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+                log.warning("prompt %r is %d %s long; the model reads only the first %d (conditioning.max_length)",
+                            shown, length, unit, limit)
 
     def report_collisions(self, captions: list[str]) -> None:
         if self.frozen is None and (groups := colliding_words(captions, self.cond.joint_vocab)):

@@ -15,6 +15,7 @@ evaluation use the parameter average (EMA).
 
 from __future__ import annotations
 
+import logging
 import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -46,6 +47,8 @@ from jaxgen.tasks.image_outputs import (
     write_training_grid,
 )
 from jaxgen.tasks.layout import MAIN_GROUP
+
+log = logging.getLogger("jaxgen")
 
 
 class DiffusionTask:
@@ -253,6 +256,10 @@ class DiffusionTask:
         overrides = self.check_sample_options(options)
         if self.text:
             requests = options["prompt"] or [""]
+            if not options["prompt"]:
+                log.warning("no --prompt: drawing for the empty caption (what the model makes of no text)")
+            self.conditions.warn_of_cut_prompts([*requests, *([options["negative_prompt"]]
+                                                               if options.get("negative_prompt") else [])])
         else:
             requests = requested_labels(options["labels"], self.cfg.model.num_classes)
         scale = self.cfg.diffusion.guidance_scale if options["guidance"] is None else options["guidance"]
