@@ -432,6 +432,21 @@ def test_a_result_names_the_checkpoint_it_scored_though_retention_deleted_it_mea
     assert named == digests and all(digests)
 
 
+def test_a_checkpoint_given_as_the_run_directory_is_named_with_the_flags_that_mean_it(straight):
+    """`--run-dir runs/try/checkpoints/9` said only that it is not a run directory (no config.yaml)."""
+    from jaxgen.errors import ConfigError
+    from jaxgen.outputs.runs import load_run_config
+
+    run_dir = straight[0]
+    for given, says in [(run_dir / "checkpoints" / "4", f"is a checkpoint of run '{run_dir}', not a run directory; "
+                                                         f"give --run-dir '{run_dir}' --step 4"),
+                        (run_dir / "checkpoints", f"holds the checkpoints of run '{run_dir}'; give --run-dir "
+                                                  f"'{run_dir}'")]:
+        with pytest.raises(ConfigError) as refused:
+            load_run_config(given)
+        assert str(refused.value) == f"'{given}' {says}"
+
+
 def test_eval_all_scores_the_checkpoints_it_can_read_and_names_the_damaged_ones_last(straight, tmp_path):
     """`eval --all` stopped at the first damaged checkpoint, losing the evaluation of every later one."""
     run_dir = tmp_path / "run"

@@ -74,6 +74,14 @@ def _load_run_config(run_dir: pathlib.Path, overrides: list[str]) -> Config:
     if not run_dir.is_dir():
         raise ConfigError(f"run directory {str(run_dir)!r} " + ("is a file" if run_dir.exists() else "does not exist"))
     if not (run_dir / "config.yaml").is_file():
+        owner = run_dir.absolute().parent.parent
+        if run_dir.absolute().parent.name == "checkpoints" and (owner / "config.yaml").is_file():
+            run = run_dir.parent.parent
+            raise ConfigError(f"{str(run_dir)!r} is a checkpoint of run {str(run)!r}, not a run directory; give "
+                              f"--run-dir {str(run)!r}" + (f" --step {run_dir.name}" if run_dir.name.isdigit() else ""))
+        if run_dir.absolute().name == "checkpoints" and (run_dir.absolute().parent / "config.yaml").is_file():
+            raise ConfigError(f"{str(run_dir)!r} holds the checkpoints of run {str(run_dir.parent)!r}; give --run-dir "
+                              f"{str(run_dir.parent)!r}")
         raise ConfigError(f"{str(run_dir)!r} is not a jaxgen run directory (no config.yaml)")
     return load_config(run_dir / "config.yaml", [*DEFAULT_MESH, *overrides], RUN_CONFIG_EMPTY)
 
