@@ -195,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     tok_train = tokenizer.add_parser("train", parents=[inputs],
                                      help="train a lossless sentencepiece model (data.tokenizer)")
     tok_train.add_argument("--vocab-size", type=positive_int, required=True, metavar="N", help="pieces in the model")
-    tok_train.add_argument("--out", type=file_to_write(), required=True, metavar="FILE.model",
+    tok_train.add_argument("--out", type=file_to_write(".model", "a sentencepiece model"), required=True,
+                           metavar="FILE.model",
                            help="the model file to write")
     tok_train.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe", help="sentencepiece algorithm")
     tok_train.set_defaults(func=cmd_tokenizer_train)

@@ -169,7 +169,7 @@ def test_numbers_out_of_range_are_refused_by_the_parser(flag, value, says):
 @pytest.mark.parametrize("args,suffix", [(["sample", "--run-dir", "r", "--out"], ".png"),
                                          (["sample", "--run-dir", "r", "--save-array"], ".npz"),
                                          (["data", "g2p", "--out"], ".jsonl"),
-                                         (["tokenizer", "train", "--input", "x", "--vocab-size", "9", "--out"], "")])
+                                         (["tokenizer", "train", "--input", "x", "--vocab-size", "9", "--out"], ".model")])
 def test_a_file_to_write_is_checked_by_the_parser(tmp_path, args, suffix):
     def refusal(path: str) -> str:
         with pytest.raises(UsageError) as refused_:

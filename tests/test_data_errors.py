@@ -203,16 +203,19 @@ def test_tokenizer_train_cli_says_the_corpus_is_too_small(tmp_path):
 
 
 def test_tokenizer_train_never_writes_over_its_corpus_or_onto_a_directory(tmp_path):
-    corpus = write_lines(tmp_path / "small.txt", [v.encode() for v in VERSES[:100]])
+    corpus = write_lines(tmp_path / "small.model", [v.encode() for v in VERSES[:100]])  # a text, oddly named
     before = corpus.read_bytes()
-    error = jaxgen_fails("tokenizer", "train", "--input", "*.txt", "--vocab-size", "300", "--out", "./small.txt",
+    error = jaxgen_fails("tokenizer", "train", "--input", "*.model", "--vocab-size", "300", "--out", "./small.model",
                          cwd=tmp_path)
-    assert error == ("jaxgen: error: --out './small.txt' is one of the --input files; the tokenizer would overwrite "
-                     "the corpus")
+    assert error == ("jaxgen: error: --out './small.model' is one of the --input files; the tokenizer would "
+                     "overwrite the corpus")
+    error = jaxgen_fails("tokenizer", "train", "--input", "*.model", "--vocab-size", "300", "--out", "t.json",
+                         cwd=tmp_path)  # a sentencepiece model under another kind's name
+    assert "argument --out: 't.json' does not end in .model; the file written is a sentencepiece model" in error
     (tmp_path / "models").mkdir()
-    error = jaxgen_fails("tokenizer", "train", "--input", "*.txt", "--vocab-size", "300", "--out", "models",
+    error = jaxgen_fails("tokenizer", "train", "--input", "*.model", "--vocab-size", "300", "--out", "models",
                          cwd=tmp_path)
-    assert "argument --out: 'models' is a directory; give the file to write, e.g. models/NAME" in error
+    assert "argument --out: 'models' is a directory; give the file to write, e.g. models/NAME.model" in error
     assert corpus.read_bytes() == before and not any((tmp_path / "models").iterdir())
 
 
