@@ -166,10 +166,10 @@ def test_numbers_out_of_range_are_refused_by_the_parser(flag, value, says):
     assert build_parser().parse_args(["sample", "--run-dir", "r", "--labels", "0, 3,-1"]).labels == [0, 3, -1]
 
 
-@pytest.mark.parametrize("args,suffix", [(["sample", "--run-dir", "r", "--out"], ".png"),
-                                         (["sample", "--run-dir", "r", "--save-array"], ".npz"),
-                                         (["data", "g2p", "--out"], ".jsonl"),
-                                         (["tokenizer", "train", "--input", "x", "--vocab-size", "9", "--out"], ".model")])
+@pytest.mark.parametrize("args,suffix", [
+    (["sample", "--run-dir", "r", "--out"], ".png"), (["sample", "--run-dir", "r", "--save-array"], ".npz"),
+    (["data", "g2p", "--out"], ".jsonl"),
+    (["tokenizer", "train", "--input", "x", "--vocab-size", "9", "--out"], ".model")])
 def test_a_file_to_write_is_checked_by_the_parser(tmp_path, args, suffix):
     def refusal(path: str) -> str:
         with pytest.raises(UsageError) as refused_:

@@ -10,7 +10,8 @@ import pathlib
 from jaxgen.config import Config
 from jaxgen.tasks.base import ModelSpec, Phase, Task, TaskData, Weights
 
-__all__ = ["ModelSpec", "Phase", "Task", "TaskData", "Weights", "keep_frozen_inputs", "make_task", "with_frozen_settings"]
+__all__ = ["ModelSpec", "Phase", "Task", "TaskData", "Weights", "keep_frozen_inputs", "make_task",
+           "with_frozen_settings"]
 
 
 def make_task(cfg: Config, run_dir: pathlib.Path | None = None) -> Task:
