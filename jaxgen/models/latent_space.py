@@ -6,8 +6,8 @@ a latent is (posterior mean - shift) x scale, so that the latents of the
 training images have unit variance (Rombach et al. 2022's scale factor,
 measured from the data). It is a frozen model group of the run: checkpoints
 carry it, so samples decode through exactly the autoencoder and scale the
-DiT was trained on, even after the autoencoder's run trains on (its
-config.yaml, the autoencoder's shape, is still read where the run is opened).
+DiT was trained on, even after the autoencoder's run trains on, moves or is
+gone (the run's config.yaml keeps the autoencoder's settings).
 """
 
 from __future__ import annotations
