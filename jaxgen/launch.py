@@ -143,7 +143,7 @@ def _wait(procs: list[subprocess.Popen], out: TextIO, lock: threading.Lock) -> i
         if failed:
             index, code = failed[0]
             status = exit_code(code)
-            others = len(procs) > 1 and any(c is None for c in codes)
+            others = len(procs) > 1
             what = (("saved a checkpoint and stopped (status 75)" + "; waiting for the others" * others)
                     if status == EXIT_PREEMPTED else f"{how_it_ended(code)}" + "; stopping the others" * others)
             with lock:
