@@ -24,6 +24,7 @@ from flax import nnx
 
 from jaxgen.checkpoint import checkpoint_dir, committed_steps
 from jaxgen.chunks import chunk_size, map_chunks
+from jaxgen.config import Config
 from jaxgen.data.tokenizer import Tokenizer, keep_tokenizer, load_tokenizer
 from jaxgen.errors import ConfigError
 from jaxgen.files import building, write_atomic
@@ -51,6 +52,7 @@ class TextEncoder:
     params: dict | None  # None: a kept copy's, whose parameters a run's own checkpoints hold
     step: int  # the checkpoint read (-1: none)
     build: Callable[[nnx.Rngs], nnx.Module] | None = None  # a freshly initialised encoder of this shape
+    run_config: Config | None = None  # the encoder run's config, as read
 
     def token_ids(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(ids, mask), each (B, max_length): the texts as the run saw them, cut and padded."""
@@ -120,11 +122,11 @@ def load_text_encoder(run_dir: str | pathlib.Path, step: int | None = None, max_
         build = make_task(cfg).models()[MAIN_GROUP].build
         graphdef, _ = nnx.split(nnx.eval_shape(lambda: build(nnx.Rngs(0))))
         return TextEncoder(kind=cfg.model.kind, width=cfg.model.d_model, max_length=length, tokenizer=tokenizer,
-                           graphdef=graphdef, params=None, step=-1, build=build)
+                           graphdef=graphdef, params=None, step=-1, build=build, run_config=cfg)
     run = open_run(run_dir, step)
     return TextEncoder(kind=cfg.model.kind, width=cfg.model.d_model, max_length=length, tokenizer=tokenizer,
                        graphdef=run.weights.graphdefs[MAIN_GROUP], params=run.weights.params[MAIN_GROUP],
-                       step=run.step)
+                       step=run.step, run_config=cfg)
 
 
 # Where a run keeps the config and tokenizer of its frozen text encoder's run.
@@ -138,11 +140,10 @@ def kept_text_encoder(run_dir: pathlib.Path | None) -> pathlib.Path | None:
     return pathlib.Path(run_dir) / KEPT_TEXT_ENCODER if committed_steps(checkpoint_dir(run_dir)) else None
 
 
-def keep_text_encoder(run_dir: str | pathlib.Path, out: pathlib.Path) -> None:
-    """What another run needs of encoder run `run_dir` to open without it: its config and tokenizer (its
-    parameters are in that run's checkpoints), written to `out` all at once."""
-    cfg = load_run_config(run_dir)
-    tokenizer = load_tokenizer(run_dir)
+def keep_text_encoder(encoder: TextEncoder, out: pathlib.Path) -> None:
+    """What another run needs of `encoder`'s run to open without it: its config and tokenizer as they were read
+    (its parameters are in that run's checkpoints), written to `out` all at once. No collective: process 0
+    alone keeps it."""
     with building(out) as partial:
-        keep_tokenizer(tokenizer, partial)
-        write_atomic(partial / "config.yaml", cfg.to_yaml())
+        keep_tokenizer(encoder.tokenizer, partial)
+        write_atomic(partial / "config.yaml", encoder.run_config.to_yaml())

@@ -85,7 +85,7 @@ class CaptionConditions:
 
         out = run_dir / KEPT_TEXT_ENCODER
         shutil.rmtree(out, ignore_errors=True)  # a copy a start killed before its first checkpoint left
-        keep_text_encoder(self.cond.text_encoder, out)
+        keep_text_encoder(self.frozen, out)
 
     def models(self) -> dict[str, ModelSpec]:
         if self.frozen is None:
