@@ -392,6 +392,26 @@ def test_eval_all_scores_every_checkpoint_and_reproduces_the_loop(straight):
     assert json.loads((run_dir / "eval.jsonl").read_text().splitlines()[-1])["overrides"] == ["train.eval_batches=1"]
 
 
+def test_a_second_eval_of_a_run_while_one_scores_it_is_refused_naming_the_first(straight):
+    """Two `eval --all` of one run at once scored the same checkpoints and wrote each record twice."""
+    from jaxgen.outputs.evaluate import EVAL_LOCK
+
+    run_dir = straight[0]
+    records = run_dir / "eval.jsonl"
+    before = records.read_bytes() if records.exists() else None
+    with files.DirectoryLock(run_dir / EVAL_LOCK, "eval", "") as first:
+        result = run_jaxgen("eval", "--run-dir", str(run_dir), "--all")
+        holder = json.loads(first.record)
+    assert result.returncode != 0 and result.stdout == ""
+    assert error_lines(result.stderr) == [
+        f"jaxgen: error: eval.jsonl of run {str(run_dir)!r} is in use by process {holder['pid']} on host "
+        f"{holder['host']} (since {holder['since']}: {holder['command']}); run this again once it ends (with --all, "
+        "what it scored is then shown from eval.jsonl, not scored again)"]
+    assert (records.read_bytes() if records.exists() else None) == before
+    after = run_jaxgen("eval", "--run-dir", str(run_dir), "--step", "4")  # the first gone, its lock with it
+    assert after.returncode == 0, after.stderr[-2000:]
+
+
 def test_eval_all_scores_anew_a_step_saved_again_since_its_result(straight, tokenizer, tmp_path):
     """A run taken back to an earlier checkpoint and continued with a lower learning rate saves new checkpoints
     at the steps eval.jsonl already holds results of: `eval --all` showed the old branch's figures for them."""

@@ -9,10 +9,11 @@ once; each further checkpoint only reads its parameters.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import jax
 import numpy as np
@@ -22,7 +23,8 @@ from jaxgen import strict_json
 from jaxgen.checkpoint import checkpoint_digest, checkpoint_dir, committed_steps
 from jaxgen.data.pipeline import padded, to_global
 from jaxgen.distributed import bytes_from_process_0
-from jaxgen.files import append_line
+from jaxgen.errors import DirectoryInUse
+from jaxgen.files import DirectoryLock, append_line
 from jaxgen.metrics import read_metrics
 from jaxgen.outputs.runs import OpenedRun, chosen_checkpoints, each_checkpoint, scored_checkpoint
 from jaxgen.sharding import data_parallel_size
@@ -68,6 +70,37 @@ def scored_before(run_dir: pathlib.Path, steps: list[int], overrides: list[str])
     return {record["step"]: record for record in agreed}
 
 
+EVAL_LOCK = ".jaxgen-eval.lock"
+
+
+@contextlib.contextmanager
+def scoring_alone(run_dir: pathlib.Path) -> Iterator[None]:
+    """Held while an `eval` scores a run and appends to its eval.jsonl; a second `eval` of the run meanwhile is
+    refused, on every process, naming the first. Two at once scored the same checkpoints and wrote each record
+    twice; one run after the first ends shows what the first scored (with --all) instead of scoring it again.
+    The lock dies with its holder. A run directory this user cannot write to is scored unguarded (its record
+    cannot be written either, which the append says after the figures are shown)."""
+    lock, refusal = None, b""
+    if jax.process_index() == 0 and run_dir.is_dir():
+        lock = DirectoryLock(run_dir / EVAL_LOCK, f"eval.jsonl of run {str(run_dir)!r}",
+                             "run this again once it ends (with --all, what it scored is then shown from eval.jsonl, "
+                             "not scored again)")
+        try:
+            lock.acquire()
+        except DirectoryInUse as err:
+            lock, refusal = None, str(err).encode()
+        except OSError:  # read-only: nothing will be written
+            lock = None
+    refusal = bytes_from_process_0(refusal).decode()
+    if refusal:
+        raise DirectoryInUse(refusal)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def split_evenly(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, np.ndarray]:
     """`batch` (this process's rows) padded with zero-weight rows until the mesh's batch axes split it evenly.
 
@@ -89,6 +122,12 @@ def evaluate_run(run_dir: str | pathlib.Path, step: int | None = None, overrides
     goes on where it stopped, and one run again as training goes on scores only the new checkpoints.
     """
     run_dir = pathlib.Path(run_dir)
+    with scoring_alone(run_dir):
+        return _scored(run_dir, step, overrides, all_steps, on_result)
+
+
+def _scored(run_dir: pathlib.Path, step: int | None, overrides: list[str], all_steps: bool,
+            on_result: Callable[[dict], None] | None) -> list[dict]:
     data, results = None, []
     if all_steps:
         steps = committed_steps(checkpoint_dir(run_dir))
