@@ -128,6 +128,9 @@ def test_sample_options_belong_to_a_model_kind(tmp_path):
     line = refused(run_jaxgen("sample", "--run-dir", str(t5), "--prompt", "a", "--max-new-tokens", str(10**12)),
                    says=f"--max-new-tokens {10**12} needs about ")  # was an allocation failure naming train options
     assert re.search(r"for the decoder's cache of 1 input at once, more than the .* available; give at most \d+$", line)
+    beyond = run_jaxgen("sample", "--run-dir", str(t5), "--prompt", "a", "--max-new-tokens", "1000")
+    assert ("--max-new-tokens 1000 is more than the 32 target tokens the model was trained to write (data.target_len)"
+            in beyond.stderr)
 
 
 def test_a_prompt_longer_than_the_context_is_refused_before_the_checkpoint_is_read(tmp_path, tokenizer):

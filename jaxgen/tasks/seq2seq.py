@@ -149,6 +149,10 @@ class Seq2SeqTask(OneTextModel):
         wanted = options.get("max_new_tokens")
         if wanted is not None:
             check_decoding_fits(self.cfg, wanted, min(len(options["prompt"]), GENERATE_BATCH))
+            if wanted > self.cfg.data.target_len:  # relative positions let it go on; what it says there is untrained
+                log.warning("--max-new-tokens %d is more than the %d target tokens the model was trained to write "
+                            "(data.target_len); what it writes beyond them it never learned, and greedy decoding "
+                            "without an EOS runs to the end", wanted, self.cfg.data.target_len)
 
     def generate(self, weights: Weights, run_dir: pathlib.Path, step: int, options: dict[str, Any],
                  on_text: Callable[[str], None] | None) -> list[dict]:
