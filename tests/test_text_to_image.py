@@ -4,6 +4,7 @@ with prompts, evaluate prompt adherence against guidance)."""
 
 import json
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -275,6 +276,8 @@ def test_eval_scores_adherence_at_each_guidance_scale_and_plots_it(cli_runs):
     assert [r["guidance_scale"] for r in result["guidance_sweep"]] == [1.0, 3.0]
     assert all("adherence" in r and "chance" in r["adherence"] for r in result["guidance_sweep"])
     assert pathlib.Path(result["guidance_plot"]).is_file()
+    scales = re.findall(r"sample quality at guidance scale ([\d.]+):", out.stderr)  # each line names its scale
+    assert sorted(map(float, scales)) == sorted({result["guidance_scale"], 1.0, 3.0})
     logged = [r["eval_loss"] for r in read_metrics(straight / "metrics.jsonl") if "eval_loss" in r and r["step"] == 8]
     assert logged and result["eval_loss"] == pytest.approx(logged[-1], rel=1e-4)  # the loop's own held-out loss
 

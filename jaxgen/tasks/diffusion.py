@@ -214,7 +214,7 @@ class DiffusionTask:
         requests = (list(data.source.part_captions["eval"][:len(held_out)]) if self.text
                     else held_out.labels.tolist())
         samples = self.draw(weights, requests, seed=1, scale=scale)
-        report = {**sample_quality(samples, held_out.labels, train_set, held_out), "guidance_scale": scale}
+        report = {**sample_quality(samples, held_out.labels, train_set, held_out, scale), "guidance_scale": scale}
         if self.text and shapes_captions(requests):
             from jaxgen.quality.shape_checker import adherence
 
