@@ -460,10 +460,11 @@ def _locate_subtree(path: str | pathlib.Path, keys: tuple[str, ...], target: Any
     path = pathlib.Path(path).absolute()
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
-    if path.name.isdigit() and (path / "state").is_dir():
-        path, step = path.parent, int(path.name)
+    if path.name.isdigit() and ((path / "state").is_dir() or path.parent.name == "checkpoints"):
+        path, step = path.parent, int(path.name)  # a step missing there is named below, with those there are
     if not path.is_dir():
-        raise CheckpointError(f"{what}: {str(path)!r} is not a run or checkpoint directory")
+        why = "is not a run or checkpoint directory" if path.exists() else "does not exist"
+        raise CheckpointError(f"{what}: {str(path)!r} {why}")
     steps = committed_steps(path)
     if not steps:
         raise CheckpointError(f"{what}: {str(path)!r} holds no committed checkpoint")

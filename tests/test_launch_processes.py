@@ -404,7 +404,7 @@ def test_an_init_from_one_process_cannot_see_stops_every_process_naming_it(launc
     run = runs([*own_folder_for_process_1(tmp_path, own, source.parent), sys.executable, "-m", "jaxgen", *args], 2,
                4, tmp_path / "logs")
     assert run.wait(timeout=120) == [2, 2], run.output()
-    missing = f"checkpoint.init_from='{source}': '{source}' is not a run or checkpoint directory"
+    missing = f"checkpoint.init_from='{source}': '{source}' does not exist"
     errors = [[line for line in log.read_text().splitlines() if "jaxgen: error:" in line] for log in run.logs]
     assert errors == [[f"jaxgen: error: process 1 stopped: {missing}"], [f"jaxgen: error: {missing}"]], run.output()
     assert "damaged" not in run.output()

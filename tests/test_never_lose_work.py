@@ -348,6 +348,19 @@ def test_init_from_starts_a_new_run_from_saved_params(straight, tokenizer, tmp_p
     assert evals[0] == pytest.approx(source[STEPS], rel=1e-5)
 
 
+def test_an_init_from_step_the_run_has_not_saved_is_named_with_those_it_has(straight, tmp_path):
+    """`checkpoint.init_from=RUN/checkpoints/7` (no step 7) was 'not a run or checkpoint directory'."""
+    from jaxgen.checkpoint import restore_subtree
+    from jaxgen.errors import CheckpointError
+
+    saved = straight[0] / "checkpoints"
+    for given, says in [(saved / "7", f"{saved} has no checkpoint for step 7; available: [4, 8, 12]"),
+                        (tmp_path / "gone", f"{str(tmp_path / 'gone')!r} does not exist")]:
+        with pytest.raises(CheckpointError) as refused:
+            restore_subtree(given, ("params/model",), None, what=f"checkpoint.init_from={given}")
+        assert str(refused.value) == f"checkpoint.init_from={given}: {says}"
+
+
 def refusal(result) -> str:
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     [line] = error_lines(result.stderr)
