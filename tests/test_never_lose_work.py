@@ -74,6 +74,26 @@ def test_a_refused_start_copies_nothing_in_and_leaves_the_directory_usable(strai
     assert sorted(losses(run_dir)) == list(range(1, STEPS + 1))  # the next start on it trained normally
 
 
+def test_a_start_left_at_once_removes_the_directory_it_made_where_nothing_was_written(tmp_path):
+    """Ctrl-C during start-up leaves at once (os._exit), skipping the `finally` that removes a refused start's
+    directory: it left a folder holding only the lock file and an empty checkpoints/."""
+    script = ("import pathlib, sys\n"
+              "from jaxgen.interrupts import leave_with\n"
+              "from jaxgen.train.run_dir import holding\n"
+              "run_dir = pathlib.Path(sys.argv[1])\n"
+              "with holding(run_dir):\n"
+              "    (run_dir / 'checkpoints').mkdir()\n"
+              "    if len(sys.argv) > 2:\n"
+              "        (run_dir / 'config.yaml').write_text('a run from here on')\n"
+              "    leave_with('interrupted', 130)\n")
+    made, started = tmp_path / "made", tmp_path / "started"
+    for run_dir, *more in [(made,), (started, "config")]:
+        left = subprocess.run([sys.executable, "-c", script, str(run_dir), *more], capture_output=True, text=True)
+        assert left.returncode == 130 and left.stderr.endswith("jaxgen: interrupted\n"), left.stderr[-2000:]
+    assert not made.exists()
+    assert sorted(p.name for p in started.iterdir()) == [".jaxgen.lock", "checkpoints", "config.yaml"]
+
+
 def test_a_finished_run_started_again_changes_nothing(straight, tokenizer):
     run_dir, _, _ = straight
     before = snapshot(run_dir)

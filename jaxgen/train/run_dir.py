@@ -30,6 +30,7 @@ from jaxgen.data.tokenizer import kept_tokenizer_files, tokenizer_file_in
 from jaxgen.distributed import bytes_from_process_0, from_every_process
 from jaxgen.errors import CheckpointError, ConfigError, DirectoryInUse, listed, on_every_process
 from jaxgen.files import DirectoryLock, describe_holder
+from jaxgen.interrupts import undone_on_leaving
 
 log = logging.getLogger("jaxgen")
 
@@ -89,9 +90,13 @@ def holding(run_dir: pathlib.Path, tokenizer: str | None = None) -> Iterator[Non
     if refusal:
         raise (ConfigError if refusal[0] == "F" else DirectoryInUse)(refusal[1:])
     kept = False
+    # A start left at once (Ctrl-C, a peer's stop) skips the `finally` below: what it made goes the same way.
+    leaving = (undone_on_leaving(lambda: remove_if_nothing_written(run_dir)) if created and lock is not None
+               else contextlib.nullcontext())
     try:
-        refuse_unshared(run_dir, lock.record if lock is not None else b"")
-        yield
+        with leaving:
+            refuse_unshared(run_dir, lock.record if lock is not None else b"")
+            yield
         kept = True
     finally:
         if lock is not None:
