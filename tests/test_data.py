@@ -193,3 +193,28 @@ def test_held_out_split_is_the_same_every_nth_rule_everywhere():
     rule = HoldOut(3, "train")
     assert [rule.ordinal(i) for i in range(5)] == [i for i in range(8) if rule.keeps(i)][:5]
     assert rule.size(7) == 5 and HoldOut(3, "eval").size(7) == 2
+
+
+@pytest.mark.parametrize("config", ["dit_digits", "gan_fashion"])
+def test_held_out_noise_and_times_do_not_depend_on_the_process_count(config, monkeypatch):
+    """Each process drew the held-out batches' fixed noise (and a DiT's grid times) for its own rows alone: two
+    processes scored other noise than one, and the loop's eval_loss depended on the process count."""
+    from jaxgen.config import load_config
+    from jaxgen.tasks import make_task
+
+    from helpers import REPO
+
+    cfg = load_config(REPO / "configs" / f"{config}.yaml", ["data.batch_size=8"])
+    task = make_task(cfg)
+    module = __import__(type(task).__module__, fromlist=["this_process"])
+
+    def held_out(shard: Shard) -> list[dict]:
+        monkeypatch.setattr(module, "this_process", lambda: shard)
+        rows = 8 // shard.count
+        return task.with_fixed_noise([{"labels": np.arange(rows) + shard.index * rows} for _ in range(3)])
+
+    one, halves = held_out(Shard(0, 1)), [held_out(Shard(index, 2)) for index in range(2)]
+    for whole, first, second in zip(one, *halves, strict=True):
+        for key in whole:
+            np.testing.assert_array_equal(np.concatenate([first[key], second[key]]), whole[key])
+    assert not np.array_equal(one[0]["noise"], one[1]["noise"])  # each batch its own noise
