@@ -147,6 +147,11 @@ def test_a_damaged_dataset_file_is_named_in_one_line(world, tmp_path):
     message, _ = describe(refused.value)
     assert f"{str(damaged)!r} is damaged" in message and "prepare the dataset again" in message
     assert "\n" not in message
+    os.truncate(damaged, len(data) // 2)  # cut short: its reader failed as it opened, naming no file
+    with pytest.raises(DataError) as refused:
+        latent_source(tmp_path / "latents")
+    message, _ = describe(refused.value)
+    assert f"{str(damaged)!r} is damaged" in message and "\n" not in message
 
 
 def test_prepare_refuses_mistakes_in_one_line(world, tmp_path):

@@ -214,3 +214,36 @@ def test_a_prepare_stopped_by_sigterm_leaves_no_lock_file_behind(tmp_path):
     _, stderr = holder.communicate(timeout=30)
     assert (holder.returncode, stderr.strip()) == (143, "jaxgen: stopped by SIGTERM")
     assert not any(tmp_path.iterdir())
+
+
+def test_a_prepared_dataset_damaged_since_is_named_in_one_line_where_it_is_read(corpus, tmp_path):
+    """A train file cut short, or damaged inside, after prepare: training failed with grain's RuntimeError from a
+    reader thread ('Failed to read RiegeliPostscript'), exit 1, naming no file."""
+    import shutil
+
+    from jaxgen.data.sources import one_pass_documents
+
+    from conftest import tiny_config
+
+    small = tmp_path / "small.txt"
+    small.write_text("".join(corpus.read_text().splitlines(keepends=True)[:10_000]))
+    prepare_dataset(str(small), tmp_path / "ds", progress=False)
+    cut, inside = tmp_path / "cut", tmp_path / "inside"
+    for copy in (cut, inside):
+        shutil.copytree(tmp_path / "ds", copy)
+    train_file = "corpus-train.array_record-00000-of-00001"
+    os.truncate(cut / train_file, os.path.getsize(cut / train_file) // 2)
+    data = bytearray((inside / train_file).read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 4096, 64):
+        data[i] ^= 0xFF
+    (inside / train_file).write_bytes(bytes(data))
+    for damaged, says in [(cut, f"data.path '{cut}': file '{cut / train_file}' is damaged ("),
+                          (inside, f"data.path '{inside}': record ")]:
+        with pytest.raises(DataError) as refused:
+            list(one_pass_documents(tiny_config(f"data.path={damaged}").data, "train"))
+        message, _ = describe(refused.value)
+        assert message.startswith("error: " + says)
+        assert message.endswith("prepare the dataset again with `jaxgen data prepare`")
+        assert "\n" not in message
+    assert "cannot be read, its file is damaged (" in message
+    assert len(list(one_pass_documents(tiny_config(f"data.path={tmp_path / 'ds'}").data, "train"))) > 9000

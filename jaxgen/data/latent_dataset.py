@@ -30,6 +30,7 @@ import pathlib
 import numpy as np
 
 from jaxgen.config import DiTConfig, ImagesConfig
+from jaxgen.data.array_record_files import damaged_array_record
 from jaxgen.data.image_source import ImageSource
 from jaxgen.data.splits import Part
 from jaxgen.errors import ConfigError, DataError
@@ -65,6 +66,10 @@ class LatentRecords:
         import grain
 
         self.files, self.shape = files, shape
+        damaged = damaged_array_record(files)
+        if damaged is not None:
+            raise DataError(f"latent dataset file {str(damaged[0])!r} is damaged ({damaged[1]}); prepare the "
+                            f"dataset again with {PREPARE}")
         self.sources = [grain.sources.ArrayRecordDataSource([str(f)]) for f in files]
         self.starts = np.cumsum([0] + [len(source) for source in self.sources])
 

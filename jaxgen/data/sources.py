@@ -23,6 +23,7 @@ import grain
 import numpy as np
 
 from jaxgen.config import DataConfig, SourceConfig
+from jaxgen.data.array_record_files import damaged_array_record
 from jaxgen.data.corpus import BUNDLED_CORPUS, InvalidUtf8, decode_utf8, resolve_files, warn_once
 from jaxgen.data.hf_datasets import open_hf
 from jaxgen.data.indexed_text import fits_in_memory, indexed_documents
@@ -33,7 +34,7 @@ from jaxgen.data.splits import HeldOutView, HoldOut, Part, Shard
 from jaxgen.data.streaming import PIECE_BYTES, PIECES_AT_ONCE, DocumentStream, document_place
 from jaxgen.data.tfds_builders import description, open_builder, open_split
 from jaxgen.data.tfrecord import SHUFFLE_BUFFER, TfdsTfRecordStream
-from jaxgen.errors import DataError
+from jaxgen.errors import DataError, first_line
 
 Document = str | np.ndarray
 UNNUMBERED = -1  # TFRecord datasets are read through a shuffle buffer that does not say where a record was
@@ -105,7 +106,15 @@ def open_prepared(path: str, split: str) -> RandomAccessSource:
     builder = tfds.builder_from_directory(str(directory))
     if split not in builder.info.splits:
         raise DataError(f"data.path {path!r} has no split {split!r}; it has {sorted(builder.info.splits)}")
+    damaged = damaged_array_record(sorted(directory.glob(f"*-{split}.array_record-*")))
+    if damaged is not None:
+        raise DataError(f"data.path {path!r}: file {str(damaged[0])!r} is damaged ({damaged[1]}); {PREPARE_AGAIN}")
     return builder.as_data_source(split=split)
+
+
+PREPARE_AGAIN = "prepare the dataset again with `jaxgen data prepare`"
+WRITE_AGAIN = "give files written by ArrayRecordWriter or `jaxgen data prepare`"
+
 
 
 def open_tfds(name: str, data_dir: str | None, split: str) -> RandomAccessSource | None:
@@ -115,38 +124,37 @@ def open_tfds(name: str, data_dir: str | None, split: str) -> RandomAccessSource
 
 def open_array_records(pattern: str) -> RandomAccessSource:
     files = resolve_files(pattern, "data.array_record", ".array_record")
-    try:
-        return grain.sources.ArrayRecordDataSource([str(f) for f in files])
-    except RuntimeError as err:  # array_record's report of a file it cannot read, which it does not name
-        raise _unreadable_array_record(pattern, files, err) from None
-
-
-def _unreadable_array_record(pattern: str, files: list[pathlib.Path], err: RuntimeError) -> DataError:
-    """The error naming the first of `files` that cannot be opened alone (`err`: opening them together)."""
-    from array_record.python.array_record_module import ArrayRecordReader
-
-    culprit, reason = "its files", err
-    for path in files:
+    damaged = damaged_array_record(files)
+    if damaged is None:
         try:
-            ArrayRecordReader(str(path)).close()
-        except RuntimeError as file_err:
-            culprit, reason = f"file {str(path)!r}", file_err
-            break
-    return DataError(f"data.array_record {pattern!r}: {culprit} cannot be read as ArrayRecord ({reason}); "
-                     "give files written by ArrayRecordWriter or `jaxgen data prepare`")
+            return grain.sources.ArrayRecordDataSource([str(f) for f in files])
+        except RuntimeError as err:  # array_record's report of a file it cannot read, which it does not name
+            damaged = None, first_line(err, 200)
+    culprit = "its files" if damaged[0] is None else f"file {str(damaged[0])!r}"
+    raise DataError(f"data.array_record {pattern!r}: {culprit} cannot be read as ArrayRecord ({damaged[1]}); "
+                    f"{WRITE_AGAIN}")
 
 
 class NumberedRecords:
-    """(number, record) by position in `records`; a part held out by rule numbers them in the whole source."""
+    """(number, record) by position in `records`; a part held out by rule numbers them in the whole source.
 
-    def __init__(self, records: RandomAccessSource):
-        self.records = records
+    A record the storage cannot give (damage inside an ArrayRecord file: a chunk's checksum) is named in one
+    line with `name` (the source) and `advice`, not as the reader's RuntimeError."""
+
+    def __init__(self, records: RandomAccessSource, name: str, advice: str):
+        self.records, self.name, self.advice = records, name, advice
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> tuple[int, Any]:
-        return (self.records.ordinal(i) if isinstance(self.records, HeldOutView) else i), self.records[i]
+        number = self.records.ordinal(i) if isinstance(self.records, HeldOutView) else i
+        try:
+            return number, self.records[i]
+        except RuntimeError as err:
+            reason = first_line(err, 200)
+            raise DataError(f"{self.name}: record {number} cannot be read, its file is damaged ({reason}); "
+                            f"{self.advice}") from None
 
 
 def text_files(source: DataConfig | SourceConfig) -> list[pathlib.Path] | None:
@@ -212,7 +220,9 @@ def numbered_documents(source: DataConfig | SourceConfig, data: DataConfig, part
     if records is None:
         stream = TfdsTfRecordStream(source.tfds, source.tfds_data_dir, split, shard, seed, epochs)
         return stream.map(unnumbered).map(to_document).filter(is_document)
-    dataset = record_epochs(NumberedRecords(records), shard, seed, f"the {part} part of {name}", epochs)
+    advice = (PREPARE_AGAIN if source.path is not None else WRITE_AGAIN if source.array_record is not None
+              else "build the dataset again" if source.tfds is not None else "replace the damaged file")
+    dataset = record_epochs(NumberedRecords(records, name, advice), shard, seed, f"the {part} part of {name}", epochs)
     return dataset.map(to_document).to_iter_dataset(None if read_ahead else IN_THREAD)
 
 
