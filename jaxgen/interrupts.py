@@ -27,6 +27,7 @@ before the last line, so an interrupted command leaves nothing behind. Only
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shlex
@@ -129,7 +130,18 @@ def _watch_signals() -> None:
     # A forked child keeps the wakeup descriptor but not the thread: its signals would end the parent.
     os.register_at_fork(after_in_child=lambda: _silence(write_fd))
     threading.Thread(target=_watch, args=(read_fd,), name="jaxgen-signals", daemon=True).start()
+    atexit.register(_ignored_while_ending)  # first registered: the last exit handler to run
     _watching["started"] = True
+
+
+def _ignored_while_ending() -> None:
+    """What is left after the exit handlers is the interpreter's teardown (JAX's and XLA's objects freed, which
+    takes a while), during which Python gives every signal it handled back its default action: a signal then
+    ended a command that had finished (export printed its result, then exited 143 without a word). Nothing is
+    left to lose or to say by then, so they are ignored: the exit status stays the command's own."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in _ENDINGS:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def _silence(write_fd: int) -> None:

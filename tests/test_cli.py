@@ -369,6 +369,18 @@ def test_a_ctrl_c_after_the_command_finished_does_not_call_it_failed(tmp_path):
                                             "complete")
 
 
+def test_a_signal_during_the_interpreters_teardown_leaves_the_commands_status(tmp_path):
+    """Python gives every signal back its default action as its teardown starts (freeing JAX's objects takes
+    most of a second): `export` printed 'exported to DIR', a SIGTERM then ended it 143 without a word."""
+    code = ("import time\nfrom jaxgen.interrupts import end_cleanly_on_ctrl_c\nend_cleanly_on_ctrl_c()\n"
+            "class SlowToFree:\n    def __del__(self):\n        print('freeing', flush=True)\n        time.sleep(2)\n"
+            "kept = SlowToFree()\n")
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "freeing\n"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0, process.stderr.read()[-2000:]
+
+
 def test_an_interruption_while_text_streams_starts_its_own_line():
     """Ctrl-C during `jaxgen sample`'s streamed text printed `...prep prepjaxgen: interrupted` on one line."""
     code = ("import sys; from jaxgen.interrupts import leave_with, streamed\n"
