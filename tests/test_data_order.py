@@ -334,3 +334,22 @@ def test_data_inspect_on_the_command_line_prints_one_json_object(tokenizer, corp
     report = json.loads(result.stdout)
     assert report == json.loads(json.dumps(inspect_data(tiny_config(*overrides), 2, tokenizer)))
     assert report["shuffle"]["streams"] == 8 and report["eval_distinct"] == report["eval_total"]
+
+
+@pytest.mark.parametrize("config, reads", [("bert_tiny", "text as masked-token rows or input-target pairs"),
+                                           ("t5_tiny", "text as masked-token rows or input-target pairs"),
+                                           ("dit_digits", "images (images.*)")])
+def test_inspect_names_what_another_kind_of_model_reads(config, reads):
+    """An encoder's config was told it 'reads images'."""
+    from jaxgen.config import load_config
+    from jaxgen.data.inspect import inspection_tokenizer
+    from jaxgen.errors import ConfigError
+
+    from helpers import REPO
+
+    cfg = load_config(REPO / "configs" / f"{config}.yaml")
+    with pytest.raises(ConfigError) as refused:
+        inspection_tokenizer(cfg)
+    assert str(refused.value) == (f"jaxgen data inspect shows a decoder language model's packed documents, but "
+                                  f"model.kind={cfg.model.kind} reads {reads}; give a config with "
+                                  "model.kind=transformer")

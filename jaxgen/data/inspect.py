@@ -14,6 +14,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxgen.config import Config
+from jaxgen.config_models import TEXT_MODEL_KINDS
 from jaxgen.data.lm import document_starts, held_out_set, prepare_tokenizer, train_batches
 from jaxgen.data.packing import ORIGIN_INDEX, ORIGIN_SOURCE
 from jaxgen.data.sources import describe, places, shuffle_settings
@@ -26,8 +27,10 @@ def inspection_tokenizer(cfg: Config) -> Tokenizer:
     """The tokenizer a new run of `cfg` would use: data.tokenizer, a prepared dataset's own, or one
     trained on the training documents (as the run would train it)."""
     if cfg.model.kind != "transformer":
-        raise ConfigError(f"jaxgen data inspect reads a language model's documents, but model.kind={cfg.model.kind} "
-                          "reads images (images.*); give a config with model.kind=transformer")
+        reads = ("text as masked-token rows or input-target pairs, which it does not show" if cfg.model.kind in
+                 TEXT_MODEL_KINDS else "images (images.*)")
+        raise ConfigError(f"jaxgen data inspect shows a decoder language model's packed documents, but "
+                          f"model.kind={cfg.model.kind} reads {reads}; give a config with model.kind=transformer")
     with tempfile.TemporaryDirectory(prefix="jaxgen-inspect-") as directory:
         return prepare_tokenizer(cfg, pathlib.Path(directory))
 
