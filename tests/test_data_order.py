@@ -336,8 +336,10 @@ def test_data_inspect_on_the_command_line_prints_one_json_object(tokenizer, corp
     assert report["shuffle"]["streams"] == 8 and report["eval_distinct"] == report["eval_total"]
 
 
-@pytest.mark.parametrize("config, reads", [("bert_tiny", "text as masked-token rows or input-target pairs"),
-                                           ("t5_tiny", "text as masked-token rows or input-target pairs"),
+TEXT_ROWS = "text as masked-token rows or input-target pairs, which it does not show"
+
+
+@pytest.mark.parametrize("config, reads", [("bert_tiny", TEXT_ROWS), ("t5_tiny", TEXT_ROWS),
                                            ("dit_digits", "images (images.*)")])
 def test_inspect_names_what_another_kind_of_model_reads(config, reads):
     """An encoder's config was told it 'reads images'."""
