@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 from jaxgen import distributed, strict_json
 from jaxgen.cli_arguments import directory_to_write
-from jaxgen.config import RUN_CONFIG_EMPTY, load_config
+from jaxgen.config import RUN_CONFIG_DAMAGED, load_config
 from jaxgen.errors import ConfigError, UsageError
 from jaxgen.interrupts import advise, again, name_the_run_dir, streamed
 
@@ -35,12 +35,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             directory_to_write(args.run_dir)
         except argparse.ArgumentTypeError as err:
             raise UsageError(f"--run-dir {err}") from None
-    config, empty_advice = args.config, None
+    config, damaged_advice = args.config, None
     if config is None and args.run_dir and (pathlib.Path(args.run_dir) / "config.yaml").is_file():
         config = str(pathlib.Path(args.run_dir) / "config.yaml")  # a run continues with its own settings
-        empty_advice = RUN_CONFIG_EMPTY
+        damaged_advice = RUN_CONFIG_DAMAGED
         logging.getLogger("jaxgen").info("continuing %s with its config.yaml (overrides apply on top)", args.run_dir)
-    cfg = load_config(config, args.overrides, empty_advice)  # every config error surfaces before JAX starts
+    cfg = load_config(config, args.overrides, damaged_advice)  # every config error surfaces before JAX starts
     startup["config"] = time.time()
     distributed.initialize(distributed_settings(args))
     with ipython_hidden():

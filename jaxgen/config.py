@@ -421,15 +421,17 @@ class Config(_Section):
 # ----------------------------------------------------------------------------- loading
 
 
-# What to do about a run's own config.yaml found empty (jaxgen writes it whole, so someone emptied it).
-RUN_CONFIG_EMPTY = ("jaxgen train wrote the run's settings there: put back a copy (those each checkpoint was "
+# What to do about a run's own config.yaml found empty or not YAML (jaxgen writes it whole, so someone emptied,
+# cut or edited it).
+RUN_CONFIG_DAMAGED = ("jaxgen train wrote the run's settings there: put back a copy (those each checkpoint was "
                     "trained with are under \"config\" in checkpoints/<step>/meta/metadata)")
 
 
 def load_config(path: str | pathlib.Path | None = None, overrides: list[str] = (),
-                empty_advice: str | None = None) -> Config:
+                damaged_advice: str | None = None) -> Config:
     """Defaults, then the YAML file (if any), then dotted overrides; validated once. A file with no settings is
-    refused, saying `empty_advice` (by default, what to do about a --config file)."""
+    refused, saying `damaged_advice` (by default, what to do about a --config file), as is one that is not YAML
+    where `damaged_advice` is given (a run's own config.yaml)."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = pathlib.Path(path)
@@ -445,10 +447,13 @@ def load_config(path: str | pathlib.Path | None = None, overrides: list[str] = (
             text = path.read_text()
         except UnicodeDecodeError:
             raise ConfigError(f"config file {str(path)!r} is not UTF-8 text") from None
-        raw = load_yaml(text, f"config file {str(path)!r}")
+        try:
+            raw = load_yaml(text, f"config file {str(path)!r}")
+        except ConfigError as err:
+            raise ConfigError(f"{err}; {damaged_advice}" if damaged_advice else str(err)) from None
         if raw is None:  # a copy cut short or a `>` that emptied the file would otherwise train the defaults
-            raise ConfigError(f"config file {str(path)!r} holds no settings (it is empty, or only comments); "
-                              f"{empty_advice or 'give its settings, or leave --config out for the embedded default'}")
+            advice = damaged_advice or "give its settings, or leave --config out for the embedded default"
+            raise ConfigError(f"config file {str(path)!r} holds no settings (it is empty, or only comments); {advice}")
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(raw).__name__}")
     raw = deep_merge(raw, parse_overrides(list(overrides)))

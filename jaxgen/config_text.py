@@ -74,9 +74,19 @@ def load_yaml(text: str, where: str) -> Any:
     except _RepeatedKey as err:
         raise ConfigError(f"{where}, {err}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{where} is not valid YAML: {' '.join(str(err).split())}") from None
+        raise ConfigError(f"{where} is not valid YAML: {yaml_problem(err)}") from None
     _count_values(value, where, {}, set())
     return value
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's error as a person reads it: 'line 10, column 5: could not find expected ':'' (its own text
+    quotes the whole input as "<unicode string>" and repeats the place)."""
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if mark is None or not problem:
+        return " ".join(str(err).split())
+    context = getattr(err, "context", None)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" + (f" ({context})" if context else "")
 
 
 def _count_values(value: Any, where: str, sizes: dict[int, int], open_nodes: set[int]) -> int:

@@ -68,6 +68,23 @@ def test_a_config_file_with_no_settings_is_refused(tmp_path, text):
         load_run_config(tmp_path / "run")
 
 
+def test_a_config_file_that_is_not_yaml_is_named_with_its_place_and_a_runs_own_with_what_to_do(tmp_path):
+    """PyYAML's own text quoted '<unicode string>' twice and said nothing of where a run's settings are kept."""
+    (tmp_path / "run").mkdir()
+    cut = tmp_path / "run" / "config.yaml"
+    cut.write_text("model:\n  kind: transformer\n  d_model: 64\n  n_la")  # cut short mid-key
+    with pytest.raises(ConfigError) as refusal:
+        load_config(cut)
+    assert str(refusal.value) == (f"config file {str(cut)!r} is not valid YAML: line 4, column 7: could not find "
+                                  "expected ':' (while scanning a simple key)")
+    with pytest.raises(ConfigError) as refusal:
+        load_run_config(tmp_path / "run")
+    assert str(refusal.value).startswith(f"config file {str(cut)!r} is not valid YAML: line 4, column 7: ")
+    assert str(refusal.value).endswith("; jaxgen train wrote the run's settings there: put back a copy (those each "
+                                       "checkpoint was trained with are under \"config\" in "
+                                       "checkpoints/<step>/meta/metadata)")
+
+
 def test_numbers_in_exponent_notation_are_numbers_in_files_and_overrides(tmp_path):
     """PyYAML (YAML 1.1) read `1e3` and `1e-4` as strings: `train.steps=1e3` was refused as not an integer."""
     assert [load_yaml(text, "text") for text in ("1e3", "1e-4", "-2.5E+2", "1.0e3", "1e", "e3")] == [

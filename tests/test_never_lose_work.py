@@ -359,6 +359,22 @@ def test_a_different_tokenizer_is_refused_on_resume_and_nothing_is_touched(strai
     assert snapshot(run_dir) == before
 
 
+def test_a_runs_config_yaml_cut_at_a_line_is_named_against_the_checkpoints_settings(straight, tmp_path):
+    """A config.yaml cut short between lines is valid YAML: the settings cut off took their defaults, and the resume
+    was refused as 'does not fit this model (N arrays differ)', a line of every array's shape."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight[0], run_dir)
+    lines = (run_dir / "config.yaml").read_text().splitlines(keepends=True)
+    (run_dir / "config.yaml").write_text("".join(lines[:lines.index("  d_ff: 192\n")]))
+    before = snapshot(run_dir)
+    result = run_jaxgen("train", "--run-dir", str(run_dir))
+    assert refusal(result) == (f"jaxgen: error: {str(run_dir / 'config.yaml')!r} holds other settings than the "
+                               "run's checkpoints were trained with (model.d_ff: 192 -> 768; model.max_seq_len: 64 -> "
+                               "128): it was edited or cut short; put back those settings (under \"config\" in "
+                               "checkpoints/<step>/meta/metadata), or train in a new --run-dir")
+    assert snapshot(run_dir) == before
+
+
 def test_init_from_starts_a_new_run_from_saved_params(straight, tokenizer, tmp_path):
     tuned = tmp_path / "tuned"
     result = run_jaxgen(*train_args(tuned, tokenizer, "train.steps=2", f"checkpoint.init_from={straight[0]}"))

@@ -29,7 +29,7 @@ from jaxgen.checkpoint import (
     read_step_meta,
     restore_subtree,
 )
-from jaxgen.config import RUN_CONFIG_EMPTY, Config, changed_settings, load_config
+from jaxgen.config import RUN_CONFIG_DAMAGED, Config, changed_settings, load_config
 from jaxgen.data.tokenizer import kept_tokenizer_files, load_tokenizer, tokenizer_file_in
 from jaxgen.device_memory import check_fits
 from jaxgen.distributed import stop_together
@@ -83,7 +83,7 @@ def _load_run_config(run_dir: pathlib.Path, overrides: list[str]) -> Config:
             raise ConfigError(f"{str(run_dir)!r} holds the checkpoints of run {str(run_dir.parent)!r}; give --run-dir "
                               f"{str(run_dir.parent)!r}")
         raise ConfigError(f"{str(run_dir)!r} is not a jaxgen run directory (no config.yaml)")
-    return load_config(run_dir / "config.yaml", [*DEFAULT_MESH, *overrides], RUN_CONFIG_EMPTY)
+    return load_config(run_dir / "config.yaml", [*DEFAULT_MESH, *overrides], RUN_CONFIG_DAMAGED)
 
 
 def require_checkpoint(run_dir: pathlib.Path) -> list[int]:

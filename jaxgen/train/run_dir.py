@@ -24,7 +24,14 @@ from collections.abc import Iterator
 
 import jax
 
-from jaxgen.checkpoint import Checkpointer, CheckpointMismatch, Restored
+from jaxgen.checkpoint import (
+    Checkpointer,
+    CheckpointMismatch,
+    Restored,
+    checkpoint_dir,
+    committed_steps,
+    read_step_meta,
+)
 from jaxgen.config import Config, changed_settings, load_config
 from jaxgen.data.tokenizer import kept_tokenizer_files, tokenizer_file_in
 from jaxgen.distributed import bytes_from_process_0, from_every_process
@@ -167,12 +174,16 @@ SHAPING_SECTIONS = ("conditioning.", "diffusion.autoencoder", "autoencoder.adver
 
 
 def _other_model(run_dir: pathlib.Path, cfg: Config) -> str | None:
-    """Which model settings of this config differ from those the run was trained with, as one line."""
+    """Which model settings of this config differ from those the run was trained with (its newest checkpoint's,
+    else its config.yaml's), as one line."""
     try:
-        saved = load_config(run_dir / "config.yaml")
+        written = load_config(run_dir / "config.yaml")
     except (ConfigError, OSError):
+        written = None
+    saved = _trained_settings(run_dir) or (written.model_dump(mode="json") if written is not None else None)
+    if saved is None:
         return None
-    changed = changed_settings(saved.model_dump(mode="json"), cfg.model_dump(mode="json"))
+    changed = changed_settings(saved, cfg.model_dump(mode="json"))
     # The model's own settings first; else those that shape its other groups and state (a text-to-image run's
     # caption encoder, a frozen autoencoder, a discriminator, the optimizer's state).
     changes = ([change for change in changed if change.startswith("model.")]
@@ -180,9 +191,23 @@ def _other_model(run_dir: pathlib.Path, cfg: Config) -> str | None:
     if not changes:
         return None
     changes = [change for change in changes if change.startswith("model.kind:")] or changes  # then all differ
+    if written is not None and written.model == cfg.model and changed_settings(saved, written.model_dump(mode="json")):
+        return (f"{str(run_dir / 'config.yaml')!r} holds other settings than the run's checkpoints were trained "
+                f"with ({listed(changes, 6)}): it was edited or cut short; put back those settings (under \"config\" "
+                "in checkpoints/<step>/meta/metadata), or train in a new --run-dir")
     return (f"run directory {str(run_dir)!r} holds a model trained with other settings ({listed(changes, 6)}); "
             f"continue it with its own (`jaxgen train --run-dir {run_dir}`, without --config) or train this "
             "config in a new --run-dir")
+
+
+def _trained_settings(run_dir: pathlib.Path) -> dict | None:
+    """The config (as JSON) the run's newest committed checkpoint was trained with; None where none can be read."""
+    steps = committed_steps(checkpoint_dir(run_dir))
+    try:
+        saved = read_step_meta(checkpoint_dir(run_dir), steps[-1])["config"] if steps else None
+    except (CheckpointError, OSError, KeyError, TypeError):
+        return None
+    return saved if isinstance(saved, dict) else None
 
 
 def forget_unfinished_start(run_dir: pathlib.Path, cfg: Config) -> None:
