@@ -119,6 +119,7 @@ def test_a_run_stopped_after_its_final_checkpoint_writes_its_end_of_run_outputs_
     assert "compiled in" not in again.stderr  # no step is left to train
     written = json.loads((run_dir / "summary.json").read_text())
     assert (written["final_loss"], written["eval_loss_final"]) == (original["final_loss"], original["eval_loss_final"])
+    assert written["eval_loss_initial"] == original["eval_loss_initial"] > 0  # logged by the first process
     assert (run_dir / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert snapshot(run_dir / "checkpoints") == checkpoints and sorted(losses(run_dir)) == list(range(1, STEPS + 1))
 
@@ -146,7 +147,9 @@ def test_damaged_newest_checkpoint_falls_back_and_training_matches(straight, tok
     resumed = run_jaxgen(*args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "checkpoints/8 is damaged" in resumed.stderr and "falling back" in resumed.stderr
-    assert json.loads((run_dir / "summary.json").read_text())["resumed_from"] == 4
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed_from"] == 4
+    assert summary["eval_loss_initial"] == json.loads((straight[0] / "summary.json").read_text())["eval_loss_initial"]
     assert logged_steps(run_dir) == list(range(1, STEPS + 1))  # every step once
     assert losses(run_dir) == expected  # bit-identical to the uninterrupted run
     # keep=2, yet 4 stays: it is the newest checkpoint known to read back intact.

@@ -133,12 +133,13 @@ def use_compilation_cache(setting: str | None) -> str | None:
     return directory
 
 
-def last_logged(run_dir: pathlib.Path, *keys: str) -> dict[str, float]:
-    """The last value of each of `keys` in the run's metrics.jsonl (read once): what a summary written by a
-    later process reports."""
+def last_logged(run_dir: pathlib.Path, *keys: str, step: int | None = None) -> dict[str, float]:
+    """The last value of each of `keys` in the run's metrics.jsonl (read once), of `step` only where given: what
+    a summary written by a later process reports."""
     last: dict[str, float] = {}
     for record in read_metrics(run_dir / "metrics.jsonl"):
-        last.update((key, record[key]) for key in keys if key in record)
+        if step is None or record.get("step") == step:
+            last.update((key, record[key]) for key in keys if key in record)
     return last
 
 
@@ -282,7 +283,9 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
         "steps": cfg.train.steps, "resumed_from": resumed.step if resumed is not None else None,
         "params": n_params, "devices": mesh.size, "mesh": dict(mesh.shape),
         "final_loss": records.last.get("loss", logged.get("loss")),
-        "eval_loss_initial": evaluate.history[0] if evaluate.history and start_step == 0 else None,
+        # A resumed run's process did not evaluate step 0: the one that did logged it.
+        "eval_loss_initial": (evaluate.history[0] if evaluate.history and start_step == 0
+                              else last_logged(run_dir, "eval_loss", step=0).get("eval_loss")),
         "eval_loss_final": evaluate.history[-1] if evaluate.history else logged.get("eval_loss"),
         "nonfinite_steps": int(progress.state.nonfinite_steps),
         f"{task.unit}_per_s_median": rates["units_per_s"], "mfu_median": rates["mfu"],
