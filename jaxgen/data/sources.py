@@ -116,7 +116,6 @@ PREPARE_AGAIN = "prepare the dataset again with `jaxgen data prepare`"
 WRITE_AGAIN = "give files written by ArrayRecordWriter or `jaxgen data prepare`"
 
 
-
 def open_tfds(name: str, data_dir: str | None, split: str) -> RandomAccessSource | None:
     """A TFDS split stored as ArrayRecord; None when it is stored as TFRecord (read by `tfrecord.py`)."""
     return open_split(open_builder("data.tfds", name, data_dir), split, description("data.tfds", name, data_dir))
