@@ -139,6 +139,15 @@ class Restored:
     meta: dict
 
 
+def _free_space(directory: pathlib.Path) -> str:
+    from jaxgen.device_memory import human_bytes
+
+    try:
+        return f"{human_bytes(shutil.disk_usage(directory).free)} free there now"
+    except OSError:
+        return "its free space unknown"
+
+
 class Checkpointer:
     """Saves and restores one directory of checkpoints.
 
@@ -159,7 +168,8 @@ class Checkpointer:
         )
         self._pending: collections.deque[_PendingChecksums] = collections.deque()
         if writer and cfg.async_save:
-            options.async_options = ocp.AsyncOptions(post_finalization_callback=self._write_checksums_before_commit)
+            options.async_options = ocp.AsyncOptions(timeout_secs=max(1, round(cfg.save_timeout_minutes * 60)),
+                                                     post_finalization_callback=self._write_checksums_before_commit)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
         self._verified_step: int | None = None  # newest step this process read back intact
         self._closed = False
@@ -224,6 +234,10 @@ class Checkpointer:
             safe = f"step {committed[-1]} is intact" if committed else "no earlier checkpoint exists"
             code = system_error_code(err)
             reason = os_error_words(code) if code else first_line(err, 400)
+            if "Barrier timed out" in str(err):  # a process's own write error stays behind the barrier
+                reason = (f"the processes did not all finish their parts within checkpoint.save_timeout_minutes="
+                          f"{self.cfg.save_timeout_minutes:g} (a write that failed on some host, e.g. a full disk, "
+                          f"or one slower than that; {_free_space(self.directory)})")
             raise CheckpointWriteError(f"writing a checkpoint to {self.directory} failed: {reason}; {safe}",
                                        reason, code) from err
 

@@ -152,6 +152,10 @@ class CheckpointConfig(_Section):
     init_from: str | None = None
     # Write in the background while training continues.
     async_save: bool = True
+    # How long a background save may take, all processes together, before it counts as failed. In a
+    # multi-process run a write that fails on one process (its host's full disk) holds the others at the
+    # save's end until then; checkpoint.async_save=false fails every process at once instead.
+    save_timeout_minutes: float = Field(20.0, gt=0)
 
 
 class ImagesConfig(_Section):

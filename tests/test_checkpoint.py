@@ -395,3 +395,27 @@ def test_a_read_whose_collective_lost_a_peer_does_not_call_the_checkpoint_damage
 
     with pytest.raises(DamagedCheckpoint, match="is damaged or incomplete: ValueError: ZSTD"):
         _damage_as_error("checkpoint runs/a/checkpoints/4", garbled)
+
+
+def test_a_save_that_times_out_across_processes_says_how_long_it_waited_and_the_space_left(tmp_path):
+    """With background saves, a write failing on one process of a multi-process run (its host's full disk) held
+    every process at the save's end for Orbax's 20 minutes, then failed as 'DEADLINE_EXCEEDED: Barrier timed out.
+    Id: ThreadSaveMultiHostValueHolder...', naming neither the setting nor the disk."""
+    from jaxgen.config import CheckpointConfig
+    from jaxgen.errors import CheckpointWriteError
+
+    ckpt = Checkpointer(tmp_path / "checkpoints", CheckpointConfig(save_timeout_minutes=0.5))
+    try:
+        assert ckpt.manager._options.async_options.timeout_secs == 30  # noqa: SLF001 - what Orbax is given
+
+        def timed_out():
+            raise RuntimeError("DEADLINE_EXCEEDED: Barrier timed out. Id: ThreadSaveMultiHostValueHolder:set_value")
+
+        with pytest.raises(CheckpointWriteError) as failed:
+            ckpt._surface_write_errors(timed_out)  # noqa: SLF001
+        assert re.fullmatch(rf"writing a checkpoint to {re.escape(str(tmp_path))}/checkpoints failed: the processes "
+                            r"did not all finish their parts within checkpoint.save_timeout_minutes=0.5 \(a write "
+                            r"that failed on some host, e.g. a full disk, or one slower than that; \S+ \S+ free there "
+                            r"now\); no earlier checkpoint exists", str(failed.value)), str(failed.value)
+    finally:
+        ckpt.close()
