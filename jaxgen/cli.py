@@ -330,6 +330,9 @@ def quiet_libraries() -> None:
     # ... and a write it abandoned after the failure is reported by Python as it exits.
     warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # tasks an aborted restore leaves behind
+    # A read-only home (compute nodes, containers): matplotlib then keeps its font cache in a temporary folder,
+    # with two long warnings about a setting the user never chose.
+    logging.getLogger("matplotlib").setLevel(logging.ERROR)
     previous = sys.unraisablehook
 
     def hook(unraisable) -> None:

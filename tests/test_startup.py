@@ -65,3 +65,34 @@ def test_the_startup_benchmark_output_reads_back():
     assert records[2]["cache_hits"] == 14
     with pytest.raises(ValueError, match="summary"):
         parse_records(lines[:-1])
+
+
+def test_an_unwritable_cache_directory_trains_uncached_by_default_and_is_refused_where_given(tmp_path, monkeypatch,
+                                                                                            caplog):
+    """A read-only home (a compute node, a container) refused every `jaxgen train`, for a cache nobody asked for."""
+    import jax
+
+    from jaxgen.train import loop
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    before = jax.config.jax_enable_compilation_cache, jax.config.jax_compilation_cache_dir
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setattr(loop, "user_cache_dir", lambda: blocker / "cache")
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        with caplog.at_level("WARNING", logger="jaxgen"):
+            assert loop.use_compilation_cache("auto") is None
+        assert not jax.config.jax_enable_compilation_cache
+        [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert warning.startswith(f"train.compilation_cache_dir='auto': cannot create '{blocker}/cache/compilation' (")
+        assert warning.endswith("training without the compilation cache (give a writable directory to keep compiled "
+                                "programs between runs)")
+        with pytest.raises(ConfigError) as refused:
+            loop.use_compilation_cache(str(blocker / "mine"))
+        assert str(refused.value).startswith(f"train.compilation_cache_dir='{blocker}/mine': cannot create ")
+        assert str(refused.value).endswith("give a writable directory, 'auto' (the user cache), or null to disable "
+                                           "the cache")
+    finally:
+        jax.config.update("jax_enable_compilation_cache", before[0])
+        jax.config.update("jax_compilation_cache_dir", before[1])

@@ -122,15 +122,32 @@ def use_compilation_cache(setting: str | None) -> str | None:
                      or str(user_cache_dir() / "compilation"))
     else:
         directory = str(pathlib.Path(setting).expanduser())
-    try:
-        pathlib.Path(directory).mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"train.compilation_cache_dir={setting!r}: cannot create {directory!r} ({err.strerror}); "
-                          "give a writable directory, 'auto', or null to disable the cache") from None
+    problem = unwritable_directory(pathlib.Path(directory))
+    if problem and setting == "auto":  # the default: a read-only home (a compute node, a container) trains uncached
+        log.warning("train.compilation_cache_dir='auto': %s %r (%s); training without the compilation cache "
+                    "(give a writable directory to keep compiled programs between runs)", problem[0], directory,
+                    problem[1])
+        jax.config.update("jax_enable_compilation_cache", False)
+        return None
+    if problem:
+        raise ConfigError(f"train.compilation_cache_dir={setting!r}: {problem[0]} {directory!r} ({problem[1]}); "
+                          "give a writable directory, 'auto' (the user cache), or null to disable the cache")
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return directory
+
+
+def unwritable_directory(directory: pathlib.Path) -> tuple[str, str] | None:
+    """(what failed, why) where `directory` cannot be made or written in (JAX would warn at every compiled
+    program, many lines each, and cache nothing), else None."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        return "cannot create", err.strerror or str(err)
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return "cannot write in", "permission denied or a read-only file system"
+    return None
 
 
 def last_logged(run_dir: pathlib.Path, *keys: str, step: int | None = None) -> dict[str, float]:
