@@ -17,6 +17,7 @@ import os
 import pathlib
 import sys
 import time
+import warnings
 
 import jax
 from tqdm.auto import tqdm
@@ -129,9 +130,14 @@ def use_compilation_cache(setting: str | None) -> str | None:
                     problem[1])
         jax.config.update("jax_enable_compilation_cache", False)
         return None
-    if problem:
+    if problem and problem[0] == "cannot create":
         raise ConfigError(f"train.compilation_cache_dir={setting!r}: {problem[0]} {directory!r} ({problem[1]}); "
                           "give a writable directory, 'auto' (the user cache), or null to disable the cache")
+    if problem:  # a read-only cache (one a site shares): its programs are read; JAX's many-line warning at each
+        # write it cannot make is said here once instead
+        log.warning("train.compilation_cache_dir=%r: %s it (%s); programs found there are used, new ones are not "
+                    "kept", setting, problem[0], problem[1])
+        warnings.filterwarnings("ignore", message="Error writing persistent compilation cache entry")
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -310,7 +316,9 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
         "allocator": loaded_allocator(), "compile_s": compile_s, "startup_s": clock.phases(),
     }
     if cache_dir is not None:  # what this process's compilations found in, and wrote to, the persistent cache
-        summary["compilation_cache"] = {"dir": cache_dir, **{name: cache_events[name] for name in ("hits", "writes")}}
+        kept = unwritable_directory(pathlib.Path(cache_dir)) is None  # JAX counts a write it could not make too
+        summary["compilation_cache"] = {"dir": cache_dir, "hits": cache_events["hits"],
+                                        "writes": cache_events["writes"] if kept else 0}
     # Every process takes part in sampling from sharded params; the task writes files on process 0 only.
     samples = task.sample(layout.models.weights(sampling_params(progress.state)), data, run_dir, step=None)
     summary["wall_s"] = time.perf_counter() - wall_start
