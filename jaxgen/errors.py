@@ -182,6 +182,11 @@ def describe(err: BaseException, command: str | None = None) -> tuple[str, int]:
         return (f"error: another process of the run stopped, breaking this one's collective ({first_line(err, 200)}); "
                 "that process's own log says why, or nothing where it was killed outright (kill -9, the "
                 "out-of-memory killer)"), 1
+    if str(err).startswith("Unable to initialize backend"):  # the machine's setting, not the code: a user error
+        asked = os.environ.get("JAX_PLATFORMS", "")
+        where = f"JAX_PLATFORMS={asked!r}" if asked else "the JAX platform asked for"
+        return (f"error: {where}: JAX cannot start it here ({first_line(err, 240)}); unset JAX_PLATFORMS to use what "
+                "this machine has, or name what it has (cpu, cuda, rocm, tpu)"), 2
     if "RESOURCE_EXHAUSTED" in str(err):
         advice = OUT_OF_MEMORY_ADVICE.get(command or "train", READER_OUT_OF_MEMORY_ADVICE)
         return f"error: a device ran out of memory ({first_line(err, 200)}); {advice}", 1

@@ -213,7 +213,7 @@ def test_a_tokenizer_is_never_trained_over_an_existing_file(tmp_path):
     assert kept.read_bytes() == b"the run's own"
 
 
-def test_file_system_errors_are_named_in_words(tmp_path):
+def test_file_system_errors_are_named_in_words(tmp_path, monkeypatch):
     assert describe(OSError(errno.ENOSPC, "No space left on device", "/data/x")) == (
         "error: /data/x: no space left on device", 1)
     assert describe(OSError(errno.EROFS, "Read-only file system", "/ro/y"))[0] == "error: /ro/y: read-only file system"
@@ -231,6 +231,13 @@ def test_file_system_errors_are_named_in_words(tmp_path):
     assert describe(exhausted, "sample")[0].endswith("bytes.); ask for less at once (fewer prompts or images, a "
                                                      "smaller --batch-size or --max-new-tokens), or read the model "
                                                      "over more devices (mesh.fsdp=N with sharding.preset=fsdp)")
+    # A platform the machine has not (JAX_PLATFORMS): its setting, not the code, and not a crash.
+    monkeypatch.setenv("JAX_PLATFORMS", "bogus")
+    assert describe(RuntimeError("Unable to initialize backend 'bogus': Backend 'bogus' is not in the list of known "
+                                 "backends: ['cpu', 'tpu'].")) == (
+        "error: JAX_PLATFORMS='bogus': JAX cannot start it here (Unable to initialize backend 'bogus': Backend 'bogus' "
+        "is not in the list of known backends: ['cpu', 'tpu'].); unset JAX_PLATFORMS to use what this machine has, "
+        "or name what it has (cpu, cuda, rocm, tpu)", 2)
     # A collective broken by another process's exit: this process is not the one to blame.
     broken = RuntimeError("UNKNOWN: Gloo AllReduce failed: [external/gloo/gloo/transport/tcp/pair.cc:547] Connection "
                           "closed by peer [127.0.0.1]:44467")
