@@ -319,6 +319,16 @@ def test_executable_scripts_are_executable():
             assert os.access(script, os.X_OK), f"{script} is not executable"
 
 
+def test_the_sbatch_script_run_outside_slurm_or_without_a_run_dir_says_so_in_one_line(tmp_path):
+    """Run by hand, it stopped at `SLURM_JOB_ID: unbound variable` (status 1)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    for args, says in [(["--run-dir", str(tmp_path)], "not inside a SLURM job (SLURM_JOB_ID is not set)"),
+                       ([], "pass --run-dir on shared storage")]:
+        ran = subprocess.run(["bash", str(LAUNCH / "slurm" / "train.sbatch"), *args], env=env, capture_output=True,
+                             text=True, timeout=60)
+        assert (ran.returncode, ran.stdout) == (2, "") and ran.stderr.count("\n") == 1 and says in ran.stderr
+
+
 def k8s_documents(name: str) -> list[dict]:
     return list(yaml.safe_load_all((LAUNCH / "k8s" / name).read_text()))
 
