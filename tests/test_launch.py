@@ -167,7 +167,7 @@ def test_launch_without_a_command_explains_itself():
     assert result.stderr == "jaxgen: error: unrecognized arguments: --bogus (see `jaxgen train --help`)\n"
     # Only commands whose processes join one run: `-- sample` ran once per process, `-- launch local` nested
     # launchers; 100,000 processes (or simulated devices each) started until the host gave out.
-    for args, says in [(["--", "sample", "--run-dir", "r"], "jaxgen launch local runs train or eval, whose processes "
+    for args, says in [(["--", "sample"], "jaxgen launch local runs train or eval, whose processes "
                         "join one run; not `jaxgen sample`, which each process would run on its own, side by side"),
                        (["--", "launch", "local", "--", "train"], "not `jaxgen launch`"),
                        (["--processes", "100000", "--", "train"], "--processes 100000 would start 100000 JAX "
