@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import json
 import pathlib
+import types
 import typing
 from typing import Any, Literal
 
@@ -543,4 +544,10 @@ def _explain(err: pydantic.ValidationError) -> str:
 
 
 def _type_name(annotation: Any) -> str:
+    """A field's type as a person reads it: `int or null`, `'online' or 'offline' or null` (not `Optional`)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join([_type_name(a) for a in args if a is not type(None)] + ["null"] * (type(None) in args))
+    if origin is typing.Literal:
+        return " or ".join(map(repr, args))
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")

@@ -85,6 +85,16 @@ def test_a_config_file_that_is_not_yaml_is_named_with_its_place_and_a_runs_own_w
                                        "checkpoints/<step>/meta/metadata)")
 
 
+def test_a_wrong_value_names_the_type_expected_as_a_person_reads_it():
+    """An optional setting said `(expected Optional)`."""
+    for override, expected in [("checkpoint.every_minutes=x", "(expected float or null)"),
+                               ("logging.wandb.mode=foo", "(expected 'online' or 'offline' or null)"),
+                               ("train.steps=abc", "(expected int)")]:
+        with pytest.raises(ConfigError) as refusal:
+            load_config(None, [override])
+        assert str(refusal.value).endswith(expected), str(refusal.value)
+
+
 def test_numbers_in_exponent_notation_are_numbers_in_files_and_overrides(tmp_path):
     """PyYAML (YAML 1.1) read `1e3` and `1e-4` as strings: `train.steps=1e3` was refused as not an integer."""
     assert [load_yaml(text, "text") for text in ("1e3", "1e-4", "-2.5E+2", "1.0e3", "1e", "e3")] == [
