@@ -476,6 +476,16 @@ def with_overrides(cfg: Config, overrides: list[str]) -> Config:
         raise ConfigError(_explain(err)) from None
 
 
+def as_saved_now(settings: dict) -> dict:
+    """A config a checkpoint saved (as JSON) with the settings jaxgen gained since at their defaults, as this
+    jaxgen would write it, so that comparing it with today's names only what the user changed; as saved where it
+    no longer validates (a setting since removed)."""
+    try:
+        return Config.model_validate(settings).model_dump(mode="json")
+    except pydantic.ValidationError:
+        return settings
+
+
 def changed_settings(before: dict, after: dict, ignored: tuple[str, ...] = ("train.steps",)) -> list[str]:
     """'key: old -> new' for every setting that differs between two configs as JSON (`model_dump(mode="json")`),
     in key order, except `ignored` ones (extending a run's steps is how it is continued)."""

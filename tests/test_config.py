@@ -1,8 +1,10 @@
 """A user's config mistakes each get one clear message before any device work."""
 
+import json
+
 import pytest
 
-from jaxgen.config import Config, changed_settings, load_config, parse_overrides
+from jaxgen.config import Config, as_saved_now, changed_settings, load_config, parse_overrides
 from jaxgen.config_text import load_yaml
 from jaxgen.errors import ConfigError
 from jaxgen.outputs.runs import load_run_config
@@ -93,6 +95,20 @@ def test_a_wrong_value_names_the_type_expected_as_a_person_reads_it():
         with pytest.raises(ConfigError) as refusal:
             load_config(None, [override])
         assert str(refusal.value).endswith(expected), str(refusal.value)
+
+
+def test_a_setting_added_since_a_checkpoint_was_saved_is_not_named_as_changed():
+    """A run saved before `checkpoint.save_timeout_minutes` existed was resumed with the warning 'settings changed
+    since it was saved: checkpoint.save_timeout_minutes: (absent) -> 20.0', a change nobody made."""
+    now = Config().model_dump(mode="json")
+    saved = json.loads(json.dumps(now))
+    del saved["checkpoint"]["save_timeout_minutes"]
+    assert changed_settings(saved, now) == ["checkpoint.save_timeout_minutes: (absent) -> 20.0"]
+    assert changed_settings(as_saved_now(saved), now) == []
+    saved["optimizer"]["lr"] = 0.5  # what the user did change is still named
+    assert changed_settings(as_saved_now(saved), now) == [f"optimizer.lr: 0.5 -> {now['optimizer']['lr']}"]
+    saved["checkpoint"]["a_setting_since_removed"] = 1  # no longer valid: compared as saved
+    assert as_saved_now(saved) == saved
 
 
 def test_numbers_in_exponent_notation_are_numbers_in_files_and_overrides(tmp_path):

@@ -1,6 +1,7 @@
 """Time to the first step: the persistent compilation cache option, a warm second run, the benchmark's output."""
 
 import json
+import pathlib
 
 import pytest
 from startup import parse_records, run_record, summarize
@@ -93,6 +94,17 @@ def test_an_unwritable_cache_directory_trains_uncached_by_default_and_is_refused
         assert str(refused.value).startswith(f"train.compilation_cache_dir='{blocker}/mine': cannot create ")
         assert str(refused.value).endswith("give a writable directory, 'auto' (the user cache), or null to disable "
                                            "the cache")
+        # A given directory that exists but cannot be written (a site's read-only cache) is read, said once.
+        shared = tmp_path / "shared"
+        shared.mkdir()
+        monkeypatch.setattr(loop.os, "access", lambda path, mode: pathlib.Path(path) != shared)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="jaxgen"):
+            assert loop.use_compilation_cache(str(shared)) == str(shared)
+        assert jax.config.jax_compilation_cache_dir == str(shared)
+        assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+            f"train.compilation_cache_dir='{shared}': cannot write in it (permission denied or a read-only file "
+            "system); programs found there are used, new ones are not kept"]
     finally:
         jax.config.update("jax_enable_compilation_cache", before[0])
         jax.config.update("jax_compilation_cache_dir", before[1])

@@ -26,7 +26,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from jaxgen import __version__, strict_json
 from jaxgen.allocator import loaded_allocator
 from jaxgen.checkpoint import Checkpointer, checkpoint_dir, restore_subtree
-from jaxgen.config import Config, changed_settings
+from jaxgen.config import Config, as_saved_now, changed_settings
 from jaxgen.data.fingerprint import changed_files, data_files, refuse_other_files_than_process_0
 from jaxgen.data.lockstep import next_in_lockstep
 from jaxgen.data.pipeline import merged_position, process_streams, this_process, to_global
@@ -204,7 +204,7 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
         if isinstance(saved_steps, int) and saved_steps > cfg.train.steps > resumed.step:  # larger: extended
             log.warning("continuing step %d with train.steps lowered (%d -> %d): the learning rate now follows the "
                         "schedule of a %d-step run", resumed.step, saved_steps, cfg.train.steps, cfg.train.steps)
-        if "config" in resumed.meta and (changes := changed_settings(resumed.meta["config"], meta["config"])):
+        if "config" in resumed.meta and (changes := changed_settings(as_saved_now(resumed.meta["config"]), meta["config"])):
             log.warning("continuing step %d with settings changed since it was saved (config.yaml now holds the "
                         "new ones): %s", resumed.step, listed(changes, 8))
         if "data_files" in resumed.meta and (changes := changed_files(resumed.meta["data_files"], meta["data_files"])):

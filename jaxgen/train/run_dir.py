@@ -32,7 +32,7 @@ from jaxgen.checkpoint import (
     committed_steps,
     read_step_meta,
 )
-from jaxgen.config import Config, changed_settings, load_config
+from jaxgen.config import Config, as_saved_now, changed_settings, load_config
 from jaxgen.data.tokenizer import kept_tokenizer_files, tokenizer_file_in
 from jaxgen.distributed import bytes_from_process_0, from_every_process
 from jaxgen.errors import CheckpointError, ConfigError, DirectoryInUse, listed, on_every_process
@@ -207,7 +207,7 @@ def _trained_settings(run_dir: pathlib.Path) -> dict | None:
         saved = read_step_meta(checkpoint_dir(run_dir), steps[-1])["config"] if steps else None
     except (CheckpointError, OSError, KeyError, TypeError):
         return None
-    return saved if isinstance(saved, dict) else None
+    return as_saved_now(saved) if isinstance(saved, dict) else None
 
 
 def forget_unfinished_start(run_dir: pathlib.Path, cfg: Config) -> None:
