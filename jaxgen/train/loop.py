@@ -204,7 +204,8 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
         if isinstance(saved_steps, int) and saved_steps > cfg.train.steps > resumed.step:  # larger: extended
             log.warning("continuing step %d with train.steps lowered (%d -> %d): the learning rate now follows the "
                         "schedule of a %d-step run", resumed.step, saved_steps, cfg.train.steps, cfg.train.steps)
-        if "config" in resumed.meta and (changes := changed_settings(as_saved_now(resumed.meta["config"]), meta["config"])):
+        saved_config = as_saved_now(resumed.meta["config"]) if "config" in resumed.meta else None
+        if saved_config is not None and (changes := changed_settings(saved_config, meta["config"])):
             log.warning("continuing step %d with settings changed since it was saved (config.yaml now holds the "
                         "new ones): %s", resumed.step, listed(changes, 8))
         if "data_files" in resumed.meta and (changes := changed_files(resumed.meta["data_files"], meta["data_files"])):
