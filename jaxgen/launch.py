@@ -4,7 +4,8 @@ The same multi-controller program a cluster runs, on one host: each process
 gets M simulated CPU devices and the JAXGEN_* variables that `jaxgen.distributed`
 reads. Output lines are prefixed with the process index. When one process
 fails, the others are stopped (they could only wait for it); the launcher's
-exit status is the first failure's. SIGTERM / SIGINT to the launcher reach every
+exit status is the first failure's, and where that process only relayed another's
+failure (`jaxgen.peer_stops`), the launcher names the one that failed. SIGTERM / SIGINT to the launcher reach every
 process, so a run saves its checkpoint as it would under a cluster scheduler; a
 hang-up (SIGHUP: the terminal or SSH session closed) reaches them as SIGTERM, and
 the launcher keeps draining their output, wherever its own can no longer go, until
@@ -23,6 +24,7 @@ writing there.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -48,6 +50,10 @@ LAUNCHER_POLL_S = 0.5
 # come (a peer already dead, a process stuck in a collective or still compiling),
 # and the old processes must be gone before a requeued launcher starts new ones.
 ORPHAN_GRACE_S = 20.0
+# The line a process prints when it stops because another process of the run failed (jaxgen.peer_stops).
+RELAYED_STOP = re.compile(r"jaxgen: error: process (\d+) stopped: ")
+# How long the launcher waits for a failed process's last lines to be copied before it says why it stopped.
+LAST_LINES_S = 1.0
 # What one process holds before any model or data (Python, JAX, XLA's CPU client and jaxgen), at least.
 PROCESS_BYTES = 512 * 2**20
 
@@ -99,7 +105,8 @@ def launch_local(command: Sequence[str], processes: int, devices_per_process: in
                for i in range(processes)]
     procs = [proc for proc, _ in started]
     lock = threading.Lock()
-    copiers = [threading.Thread(target=_copy_prefixed, args=(output, f"[{i}] ", out, lock), daemon=True)
+    last_words: dict[int, str] = {}
+    copiers = [threading.Thread(target=_copy_prefixed, args=(output, i, out, lock, last_words), daemon=True)
                for i, (_, output) in enumerate(started)]
     for t in copiers:
         t.start()
@@ -111,7 +118,7 @@ def launch_local(command: Sequence[str], processes: int, devices_per_process: in
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
-        status = _wait(procs, out, lock)
+        status = _wait(procs, out, lock, copiers, last_words)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -135,7 +142,8 @@ def _start(command: Sequence[str], env: Mapping[str, str]) -> tuple[subprocess.P
     return proc, open(read_end, errors="replace")
 
 
-def _wait(procs: list[subprocess.Popen], out: TextIO, lock: threading.Lock) -> int:
+def _wait(procs: list[subprocess.Popen], out: TextIO, lock: threading.Lock, copiers: list[threading.Thread],
+          last_words: Mapping[int, str]) -> int:
     """Wait for all; on the first failure stop the rest. Returns 0 or the first failure's status."""
     while True:
         codes = [p.poll() for p in procs]
@@ -144,8 +152,11 @@ def _wait(procs: list[subprocess.Popen], out: TextIO, lock: threading.Lock) -> i
             index, code = failed[0]
             status = exit_code(code)
             others = len(procs) > 1
+            copiers[index].join(timeout=LAST_LINES_S)  # its last line, copied, says whether it only relayed
+            cause = failed_first(index, last_words.get(index, ""), len(procs))
+            after = f" after process {cause} failed (its line says why)" if cause is not None else ""
             what = (("saved a checkpoint and stopped (status 75)" + "; waiting for the others" * others)
-                    if status == EXIT_PREEMPTED else f"{how_it_ended(code)}" + "; stopping the others" * others)
+                    if status == EXIT_PREEMPTED else how_it_ended(code) + after + "; stopping the others" * others)
             with lock:
                 _write(out, f"[launch] process {index} {what}\n")
             _stop(procs)
@@ -153,6 +164,17 @@ def _wait(procs: list[subprocess.Popen], out: TextIO, lock: threading.Lock) -> i
         if all(c == 0 for c in codes):
             return 0
         time.sleep(0.1)
+
+
+def failed_first(index: int, last_line: str, processes: int) -> int | None:
+    """The process whose failure process `index` relayed, by its last `jaxgen:` line; None where it failed itself.
+
+    Process 0 hosts the coordination service and so leaves last when it fails
+    (`jaxgen.peer_stops`): the first process to exit is then one that relayed its line.
+    """
+    relayed = RELAYED_STOP.match(last_line)
+    cause = int(relayed.group(1)) if relayed else None
+    return cause if cause is not None and cause != index and cause < processes else None
 
 
 def how_it_ended(returncode: int) -> str:
@@ -182,12 +204,15 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.wait()
 
 
-def _copy_prefixed(stream: TextIO, prefix: str, out: TextIO, lock: threading.Lock) -> None:
+def _copy_prefixed(stream: TextIO, index: int, out: TextIO, lock: threading.Lock,
+                   last_words: dict[int, str]) -> None:
     # Reading goes on when writing fails (a closed terminal or pipe): a process whose
     # output pipe fills up would block in the middle of saving.
     for line in stream:
+        if line.startswith("jaxgen: "):
+            last_words[index] = line
         with lock:
-            _write(out, prefix + line)
+            _write(out, f"[{index}] {line}")
 
 
 def _write(out: TextIO, text: str) -> None:

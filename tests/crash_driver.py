@@ -2,7 +2,8 @@
 
     python crash_driver.py after-commit STEP -- train ARGS...   # checkpoint STEP is durable, then os._exit
     python crash_driver.py during-save STEP -- train ARGS...    # os._exit while STEP is being written
-    python crash_driver.py full-disk-on-1 STEP -- train ARGS... # process 1 alone fails to write STEP (ENOSPC)
+    python crash_driver.py full-disk-on-1 STEP -- train ARGS... # process 1 alone fails to write STEP (ENOSPC);
+                                                                # full-disk-on-0: process 0 alone
 """
 
 import errno
@@ -16,10 +17,10 @@ original_save = checkpoint.Checkpointer.save
 
 
 def save_then_die(self, step, *args, **kwargs):
-    if mode == "full-disk-on-1":
+    if mode.startswith("full-disk-on-"):
         import jax
 
-        if step == crash_step and jax.process_index() == 1:
+        if step == crash_step and jax.process_index() == int(mode.removeprefix("full-disk-on-")):
             raise OSError(errno.ENOSPC, "No space left on device", "/scratch/x")
         return original_save(self, step, *args, **kwargs)
     original_save(self, step, *args, **kwargs)

@@ -74,6 +74,25 @@ def test_a_process_killed_outright_is_named_with_its_signal_and_the_usual_sender
             "stopping the others") in out.getvalue()
 
 
+def test_a_process_that_only_relayed_another_s_failure_is_not_named_as_the_one_that_failed():
+    """Process 0 hosts JAX's coordination service, so when it fails it leaves last: the first process to exit
+    is one that printed its line (jaxgen.peer_stops), and the launcher named that one as the failure."""
+    code = """
+        import os, sys, time
+        if os.environ['JAXGEN_PROCESS_ID'] == '0':
+            print('jaxgen: error: /scratch/x: no space left on device', file=sys.stderr, flush=True)
+            time.sleep(2)
+            sys.exit(1)
+        time.sleep(0.5)
+        print('jaxgen: error: process 0 stopped: /scratch/x: no space left on device', file=sys.stderr, flush=True)
+        sys.exit(1)
+    """
+    out = io.StringIO()
+    assert launch_local(python(code), 2, 1, out=out) == 1
+    assert out.getvalue().splitlines()[-1] == ("[launch] process 1 exited with status 1 after process 0 failed "
+                                               "(its line says why); stopping the others")
+
+
 def wait_until_ready(launcher: subprocess.Popen, processes: int) -> None:
     """Until each launched process has printed its 'ready' line."""
     ready = 0
