@@ -22,6 +22,7 @@ from jaxgen.data.tokenizer import load_tokenizer
 from jaxgen.errors import CheckpointError, ExportError
 from jaxgen.metrics import read_metrics
 from jaxgen.models import build_model
+from jaxgen.outputs.evaluate import evaluate_run
 from jaxgen.outputs.export import export_hf, export_run
 from jaxgen.outputs.hf_import import import_hf
 from jaxgen.outputs.hf_tokenizer import write_sentencepiece_as_hf
@@ -262,6 +263,27 @@ def test_a_checkpoint_read_with_other_model_settings_than_it_was_trained_with_is
         open_run(edited)
     assert caplog.messages == [f"checkpoint 10 was trained with other model settings than {edited}/config.yaml "
                                "holds: model.rope_theta: 10000.0 -> 500000.0"]
+
+
+def test_a_result_scored_with_edited_model_settings_is_recorded_so_and_never_shown_for_the_checkpoint(trained,
+                                                                                                        tmp_path):
+    """A model setting edited in config.yaml: `eval` warned, scored with it, and recorded the result under the
+    checkpoint's digest alone; `eval --all` then showed it as the checkpoint's own (and, before, the other way
+    round: with config.yaml edited, the unedited result was shown from eval.jsonl, not scored)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    config = run_dir / "config.yaml"
+    text = config.read_text()
+    [own] = evaluate_run(run_dir, all_steps=True)
+    assert "config_edits" not in own
+    config.write_text(text.replace("rope_theta: 10000.0", "rope_theta: 500000.0"))
+    [edited] = evaluate_run(run_dir, all_steps=True)
+    assert edited["config_edits"] == ["model.rope_theta: 10000.0 -> 500000.0"]
+    assert edited["checkpoint"] == own["checkpoint"] and edited["eval_loss"] != own["eval_loss"]
+    assert evaluate_run(run_dir, all_steps=True) == [edited]  # shown from eval.jsonl while the edit stands
+    config.write_text(text)
+    assert evaluate_run(run_dir, all_steps=True) == [own]
+    assert len(list(read_metrics(run_dir / "eval.jsonl"))) == 2
 
 
 def test_kv_cache_generation_equals_full_recomputation():

@@ -26,7 +26,7 @@ from jaxgen.distributed import bytes_from_process_0
 from jaxgen.errors import DirectoryInUse
 from jaxgen.files import DirectoryLock, append_line
 from jaxgen.metrics import read_metrics
-from jaxgen.outputs.runs import OpenedRun, chosen_checkpoints, each_checkpoint, scored_checkpoint
+from jaxgen.outputs.runs import OpenedRun, chosen_checkpoints, each_checkpoint, edited_model_settings, scored_checkpoint
 from jaxgen.sharding import data_parallel_size
 from jaxgen.tasks.layout import held_out_sums
 
@@ -37,13 +37,15 @@ def evaluate(run: OpenedRun, data) -> dict:
     """The task's figures for the run's current parameters."""
     batches = [to_global(split_evenly(batch, run.mesh), run.mesh) for batch in data.eval]
     loss_sum, weight_sum = held_out_sums(run.eval_step, run.weights.params, batches)
-    return {"step": run.step, "checkpoint": scored_checkpoint(run),
+    edits = edited_model_settings(run.run_dir, run.step)
+    return {"step": run.step, "checkpoint": scored_checkpoint(run), **({"config_edits": edits} if edits else {}),
             **run.task.evaluate(run.weights, data, loss_sum, weight_sum)}
 
 
 SAVED_AGAIN = "the result eval.jsonl holds is of another checkpoint saved at that step (the run was continued from " \
               "an earlier one)"
 NOT_NAMED = "the result eval.jsonl holds does not say which checkpoint it is of (written by an earlier jaxgen)"
+EDITED_OTHERWISE = "the result eval.jsonl holds was scored with other model settings in config.yaml than it holds now"
 
 
 def scored_before(run_dir: pathlib.Path, steps: list[int], overrides: list[str]) -> dict[int, dict]:
@@ -51,18 +53,23 @@ def scored_before(run_dir: pathlib.Path, steps: list[int], overrides: list[str])
     for each of `steps`, as process 0 reads the file (every process then skips the same checkpoints).
 
     Each result names the checkpoint it scored (`checkpoint`: its digest); a result of another checkpoint saved
-    at the same step (a run continued from an earlier checkpoint, with other settings) is not this one's."""
-    found, other = {}, {SAVED_AGAIN: set(), NOT_NAMED: set()}
+    at the same step (a run continued from an earlier checkpoint, with other settings) is not this one's; nor is
+    one scored while config.yaml's model settings were edited otherwise than they are now (`config_edits`)."""
+    found, other = {}, {SAVED_AGAIN: set(), NOT_NAMED: set(), EDITED_OTHERWISE: set()}
     if jax.process_index() == 0:
         digests = {step: checkpoint_digest(checkpoint_dir(run_dir), step) for step in steps}
+        edits = {}
         for record in read_metrics(run_dir / "eval.jsonl"):
             if isinstance(record, dict) and record.get("step") in steps and record.get("overrides", []) == overrides:
+                step = record["step"]
                 if record.get("checkpoint") is None:
-                    other[NOT_NAMED].add(record["step"])
-                elif record["checkpoint"] == digests[record["step"]]:
-                    found[record["step"]] = record
+                    other[NOT_NAMED].add(step)
+                elif record["checkpoint"] != digests[step]:
+                    other[SAVED_AGAIN].add(step)
+                elif record.get("config_edits", []) != edits.setdefault(step, edited_model_settings(run_dir, step)):
+                    other[EDITED_OTHERWISE].add(step)
                 else:
-                    other[SAVED_AGAIN].add(record["step"])
+                    found[step] = record
         for why, scored in other.items():
             if scored := sorted(scored - set(found)):
                 log.info("checkpoint%s %s: %s; scored anew", "s" * (len(scored) > 1), ", ".join(map(str, scored)), why)

@@ -195,15 +195,25 @@ def check_against_checkpoint(run_dir: pathlib.Path, step: int) -> None:
     so was every checkpoint of a run whose config.yaml was edited by hand."""
     meta = read_step_meta(checkpoint_dir(run_dir), step)
     check_kept_tokenizer(run_dir, step, meta.get("inputs", {}))
+    if changes := _model_edits(run_dir, meta):
+        log.warning("checkpoint %d was trained with other model settings than %s holds: %s",
+                    step, run_dir / "config.yaml", listed(changes, 6))
+
+
+def edited_model_settings(run_dir: pathlib.Path, step: int) -> list[str]:
+    """config.yaml's model settings unlike those checkpoint `step` was trained with ('key: trained -> now'):
+    what a result scored with them records, so that it is never taken for the checkpoint's own."""
+    return _model_edits(run_dir, read_step_meta(checkpoint_dir(run_dir), step))
+
+
+def _model_edits(run_dir: pathlib.Path, meta: dict) -> list[str]:
     trained = meta.get("config", {}).get("model")
-    if trained:  # against config.yaml alone: a setting given on the command line is no surprise
-        configured = load_config(run_dir / "config.yaml").model.model_dump(mode="json")
-        shared = set(trained) & set(configured)  # a setting added to jaxgen since is not a change
-        changes = changed_settings({"model": {k: trained[k] for k in shared}},
-                                   {"model": {k: configured[k] for k in shared}})
-        if changes:
-            log.warning("checkpoint %d was trained with other model settings than %s holds: %s",
-                        step, run_dir / "config.yaml", listed(changes, 6))
+    if not trained:
+        return []
+    # Against config.yaml alone: a setting given on the command line is no surprise (a result records those).
+    configured = load_config(run_dir / "config.yaml").model.model_dump(mode="json")
+    shared = set(trained) & set(configured)  # a setting added to jaxgen since is not a change
+    return changed_settings({"model": {k: trained[k] for k in shared}}, {"model": {k: configured[k] for k in shared}})
 
 
 def check_kept_tokenizer(run_dir: pathlib.Path, step: int, inputs: dict) -> None:
