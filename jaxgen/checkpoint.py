@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -139,6 +140,18 @@ class Restored:
     meta: dict
 
 
+def _bytes_under(directory: pathlib.Path) -> int:
+    """What the files under `directory` take (their sizes; 0 for one removed meanwhile)."""
+    total = 0
+    for root, _, files in os.walk(directory):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
 def _free_space(directory: pathlib.Path) -> str:
     from jaxgen.device_memory import human_bytes
 
@@ -188,6 +201,7 @@ class Checkpointer:
         data = {"processes": gather_process_states(data_state)}
         self._surface_write_errors(self.manager.wait_until_finished)  # Orbax would wait for it anyway
         self._apply_retention()
+        stop_together(lambda: self._refuse_without_room(step, state))
         pending = _PendingChecksums(step, digests, shapes, json_digest(data), json_digest(meta))
         self._pending.append(pending)
         args = ocp.args.Composite(
@@ -200,6 +214,35 @@ class Checkpointer:
         if not self.cfg.async_save:  # committed already: the checksums follow (readers wait for them)
             self._pending.popleft()
             self._write_checksums(self.directory / str(step), pending)
+
+    def _refuse_without_room(self, step: int, state: Any) -> None:
+        """A save the disk has no room for is refused before it starts. Started, it fails on the hosts whose
+        write fails, while the others wait for them in Orbax's barrier until checkpoint.save_timeout_minutes
+        (in one process, the failure surfaces only at the next save). The bound is what the newest checkpoint
+        takes on disk (the next holds as many numbers, compressed alike), or before the first, half of the
+        state's arrays: Orbax compresses, so their size alone could refuse a save that fits."""
+        if not self.writer:
+            return
+        try:
+            usage = shutil.disk_usage(self.directory)
+        except OSError:  # where the disk cannot say, the write will
+            return
+        if usage.total == 0:  # a file system that reports no sizes at all (some FUSE mounts of object stores)
+            return
+        free = usage.free
+        steps = committed_steps(self.directory)
+        size = (_bytes_under(self.directory / str(steps[-1])) if steps
+                else sum(int(getattr(leaf, "nbytes", 0)) for leaf in jax.tree.leaves(state)))
+        if free < (size if steps else size // 2):
+            from jaxgen.device_memory import human_bytes
+
+            taken = f"checkpoint {steps[-1]} takes {human_bytes(size)}" if steps else \
+                f"the state's arrays are {human_bytes(size)}"
+            safe = f"step {steps[-1]} is intact" if steps else "no earlier checkpoint exists"
+            raise CheckpointWriteError(
+                f"no room for checkpoint {step} in {self.directory}: {human_bytes(free)} free there, and {taken}; "
+                f"free space there (or keep fewer: checkpoint.keep={self.cfg.keep}); {safe}",
+                os_error_words(errno.ENOSPC), errno.ENOSPC)
 
     def _write_checksums_before_commit(self) -> None:
         """Orbax's background thread, after the items are written and before the rename that commits them."""

@@ -1,5 +1,6 @@
 """Runs die and come back: exact resume, resharding restore, preemption, crashes, bad checkpoints."""
 
+import errno
 import json
 import os
 import pathlib
@@ -373,6 +374,42 @@ def test_a_reader_ignores_other_steps_coming_and_going(tmp_path, devices):
     finally:
         stop.set()
         churning.join()
+
+
+def test_a_save_the_disk_has_no_room_for_is_refused_before_it_starts(tmp_path, devices, monkeypatch):
+    """A disk that filled up between saves: the write started and failed in Orbax's background thread, found at
+    the next save (one process) or, in a multi-process run, only when checkpoint.save_timeout_minutes ran out
+    (the other processes waiting for the failed one in Orbax's barrier)."""
+    from jaxgen import checkpoint
+    from jaxgen.errors import CheckpointWriteError
+
+    cfg = tiny_config("mesh.data=1")
+    training = build_training(cfg, make_mesh(cfg.mesh, devices[:1]))
+    saver = Checkpointer(tmp_path / "ck", cfg.checkpoint)
+    state = training.init_state()
+    arrays = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+    free = {"bytes": arrays // 2 - 1, "total": 10**12}
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage",
+                        lambda path: shutil._ntuple_diskusage(free["total"], 0, free["bytes"]))  # noqa: SLF001
+    with pytest.raises(CheckpointWriteError, match=rf"^no room for checkpoint 2 in {re.escape(str(tmp_path))}/ck: "
+                       r"\S+ \S+ free there, and the state's arrays are \S+ \S+; free space there \(or keep fewer: "
+                       r"checkpoint.keep=3\); no earlier checkpoint exists$"):
+        saver.save(2, state, {"step": 2}, {})
+    free["bytes"] = arrays // 2  # Orbax compresses: the first save is refused only below half the arrays
+    saver.save(2, state, {"step": 2}, {})
+    saver.wait()
+    taken = sum(f.stat().st_size for f in (tmp_path / "ck" / "2").rglob("*") if f.is_file())
+    free["bytes"] = taken - 1
+    with pytest.raises(CheckpointWriteError, match=r"^no room for checkpoint 4 in \S+: \S+ \S+ free there, and "
+                       r"checkpoint 2 takes \S+ \S+; free space there \(or keep fewer: checkpoint.keep=3\); step 2 is "
+                       r"intact$") as refused:
+        saver.save(4, state, {"step": 4}, {})
+    assert refused.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["2"]  # nothing of step 4 was started
+    free["total"] = free["bytes"] = 0  # a file system that reports no sizes: left to the write itself
+    saver.save(4, state, {"step": 4}, {})
+    saver.wait()
+    assert checkpoint.committed_steps(tmp_path / "ck") == [2, 4]
 
 
 def test_a_read_whose_collective_lost_a_peer_does_not_call_the_checkpoint_damaged():
