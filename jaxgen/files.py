@@ -309,8 +309,10 @@ class DirectoryLock:
             os.ftruncate(fd, 0)
             os.pwrite(fd, payload, 0)
             os.fsync(fd)
-        except BaseException:
+        except BaseException as err:
             os.close(fd)  # closing drops the lock
+            if isinstance(err, OSError) and err.filename is None:  # a full disk: say where
+                raise OSError(err.errno, err.strerror, str(self.lock_file)) from None
             raise
         self._fd, self.record = fd, payload
         return previous

@@ -172,7 +172,13 @@ def prepare_lock(out: pathlib.Path) -> Iterator[None]:
     lock = DirectoryLock(lock_file, f"--out {str(out)!r}",
                          "wait for that prepare to finish, or choose another --out")
     while True:
-        lock.acquire()
+        try:
+            lock.acquire()
+        except OSError:  # its record could not be written (a full disk): the empty file it made goes too
+            with contextlib.suppress(OSError):
+                if lock_file.stat().st_size == 0:
+                    lock_file.unlink()
+            raise
         # The holder removes the file before releasing it, so we may have locked a removed
         # file while another process locks a new one; the file at the path names its holder.
         if _names_this_process(lock_file):
