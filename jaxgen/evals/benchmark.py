@@ -25,7 +25,7 @@ from jaxgen.evals.metrics import choice_predictions, cloze_figures, format_table
 from jaxgen.evals.plots import plot_benchmarks
 from jaxgen.evals.tasks import Cloze, Task, known_names, load_task, parse_task_names
 from jaxgen.files import updating_alone, write_atomic
-from jaxgen.outputs.runs import chosen_checkpoints, edited_model_settings, load_run_config, scored_checkpoint
+from jaxgen.outputs.runs import chosen_checkpoints, load_run_config, scored_as
 from jaxgen.sharding import resolve_rules
 from jaxgen.tasks.layout import MAIN_GROUP
 
@@ -175,9 +175,7 @@ def evaluate_benchmarks(run_dir: str | pathlib.Path, task_names: list[str], task
             if benchmarks is None:
                 benchmarks = Benchmarks(tasks, tokenizer, make_scorer(
                     run.cfg, run.mesh, run.layout.graphdefs[MAIN_GROUP], run.layout.shardings[MAIN_GROUP], batch_size))
-            edits = edited_model_settings(run.run_dir, run.step)
-            record = {**result_record(run.step, benchmarks.run(run.weights.params[MAIN_GROUP])),
-                      "checkpoint": scored_checkpoint(run), **({"config_edits": edits} if edits else {})}
+            record = {**result_record(run.step, benchmarks.run(run.weights.params[MAIN_GROUP])), **scored_as(run)}
             if on_result is not None:  # first: a full disk failing the file below still leaves the figures shown
                 on_result(record)
             records.append(write_result(run_dir, record))

@@ -26,7 +26,7 @@ from jaxgen.distributed import bytes_from_process_0
 from jaxgen.errors import DirectoryInUse
 from jaxgen.files import DirectoryLock, append_line
 from jaxgen.metrics import read_metrics
-from jaxgen.outputs.runs import OpenedRun, chosen_checkpoints, each_checkpoint, edited_model_settings, scored_checkpoint
+from jaxgen.outputs.runs import OpenedRun, chosen_checkpoints, each_checkpoint, edited_model_settings, scored_as
 from jaxgen.sharding import data_parallel_size
 from jaxgen.tasks.layout import held_out_sums
 
@@ -37,9 +37,7 @@ def evaluate(run: OpenedRun, data) -> dict:
     """The task's figures for the run's current parameters."""
     batches = [to_global(split_evenly(batch, run.mesh), run.mesh) for batch in data.eval]
     loss_sum, weight_sum = held_out_sums(run.eval_step, run.weights.params, batches)
-    edits = edited_model_settings(run.run_dir, run.step)
-    return {"step": run.step, "checkpoint": scored_checkpoint(run), **({"config_edits": edits} if edits else {}),
-            **run.task.evaluate(run.weights, data, loss_sum, weight_sum)}
+    return {"step": run.step, **scored_as(run), **run.task.evaluate(run.weights, data, loss_sum, weight_sum)}
 
 
 SAVED_AGAIN = "the result eval.jsonl holds is of another checkpoint saved at that step (the run was continued from " \

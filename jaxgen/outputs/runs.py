@@ -56,6 +56,14 @@ class OpenedRun:
     weights: Weights | None  # None until a checkpoint's parameters are read
     eval_step: Callable  # (params by group, global batch) -> (loss sum, weight sum)
     checkpoint: str | None = None  # the digest of the checkpoint read, taken as it was read (scored_checkpoint)
+    config_edits: list[str] = dataclasses.field(default_factory=list)  # config.yaml's model unlike the checkpoint's
+
+
+def scored_as(run: OpenedRun) -> dict:
+    """What a result records of what it scored: the checkpoint (`scored_checkpoint`) and, where config.yaml's
+    model settings are not those it was trained with, them (`config_edits`: 'key: trained -> now'), so that
+    the result is never taken for the checkpoint's own. Both taken as its parameters were read."""
+    return {"checkpoint": scored_checkpoint(run), **({"config_edits": run.config_edits} if run.config_edits else {})}
 
 
 def scored_checkpoint(run: OpenedRun) -> str | None:
@@ -94,10 +102,10 @@ def require_checkpoint(run_dir: pathlib.Path) -> list[int]:
     return steps
 
 
-def read_params(run_dir: pathlib.Path, step: int | None, target: dict) -> tuple[dict, int, str | None]:
+def read_params(run_dir: pathlib.Path, step: int | None, target: dict) -> tuple[dict, int, str | None, list[str]]:
     """Verified parameters of every group (its EMA where the run keeps one) of checkpoint `step` (default: newest),
     which must have been trained with the run's tokenizer (and, or a warning says so, its config.yaml's model);
-    with the step read and the checkpoint's digest."""
+    with the step read, the checkpoint's digest and config.yaml's model settings unlike those it was trained with."""
     directory = checkpoint_dir(run_dir)
     while True:
         steps = require_checkpoint(run_dir)
@@ -106,12 +114,12 @@ def read_params(run_dir: pathlib.Path, step: int | None, target: dict) -> tuple[
             raise CheckpointError(f"run directory {str(run_dir)!r} has no checkpoint for step {wanted}; "
                                   f"available: {steps}")
         try:
-            check_against_checkpoint(run_dir, wanted)  # in here: retention may delete the step meanwhile
+            edits = check_against_checkpoint(run_dir, wanted)  # in here: retention may delete the step meanwhile
             digest = checkpoint_digest(directory, wanted)
             params = {group: restore_subtree(directory, (f"ema_params/{group}", f"params/{group}"), group_target,
                                              wanted)[0]
                       for group, group_target in target.items()}
-            return params, wanted, digest
+            return params, wanted, digest, edits
         except CheckpointError:
             if (directory / str(wanted)).is_dir():
                 raise
@@ -126,14 +134,15 @@ def open_run(run_dir: str | pathlib.Path, step: int | None = None, overrides: li
     """The run's config, task and the parameters of checkpoint `step` (default: the newest)."""
     opened = _without_params(pathlib.Path(run_dir), overrides)
     try:
-        params, step, digest = read_params(opened.run_dir, step, opened.layout.target)
+        params, step, digest, edits = read_params(opened.run_dir, step, opened.layout.target)
     except DamagedCheckpoint as err:
         steps = committed_steps(checkpoint_dir(opened.run_dir))
         others = [s for s in steps if s != (steps[-1] if step is None else step)]
         if not others:
             raise
         raise DamagedCheckpoint(f"{err}; read another with --step (available: {others})") from None
-    return dataclasses.replace(opened, step=step, weights=opened.layout.weights(params), checkpoint=digest)
+    return dataclasses.replace(opened, step=step, weights=opened.layout.weights(params), checkpoint=digest,
+                               config_edits=edits)
 
 
 def each_checkpoint(run_dir: str | pathlib.Path, steps: list[int], overrides: list[str] = ()) -> Iterator[OpenedRun]:
@@ -148,7 +157,7 @@ def each_checkpoint(run_dir: str | pathlib.Path, steps: list[int], overrides: li
     for step in steps:
         failure = None
         try:
-            params, _, digest = read_params(opened.run_dir, step, opened.layout.target)
+            params, _, digest, edits = read_params(opened.run_dir, step, opened.layout.target)
         except DamagedCheckpoint as err:
             failure = str(err)
         except CheckpointError:
@@ -160,7 +169,8 @@ def each_checkpoint(run_dir: str | pathlib.Path, steps: list[int], overrides: li
             damaged[step] = failure or f"checkpoint {step} could not be read by another process"
             log.warning("%s; skipped", damaged[step])
             continue
-        opened.step, opened.weights, opened.checkpoint = step, opened.layout.weights(params), digest
+        opened.step, opened.weights = step, opened.layout.weights(params)
+        opened.checkpoint, opened.config_edits = digest, edits
         yield opened
     if damaged:
         which = f"checkpoint{'s' * (len(damaged) > 1)} {', '.join(map(str, damaged))}"
@@ -187,23 +197,27 @@ def _without_params(run_dir: pathlib.Path, overrides: list[str]) -> OpenedRun:
                      eval_step=compile_eval_step(task, layout, mesh, rules))
 
 
-def check_against_checkpoint(run_dir: pathlib.Path, step: int) -> None:
+def check_against_checkpoint(run_dir: pathlib.Path, step: int) -> list[str]:
     """What checkpoint `step` records against the run directory: the run's tokenizer must be the one it was
     trained with; config.yaml's model settings that differ from those it was trained with are named in a
     warning (shapes that differ are refused by the restore). config.yaml holds a run's latest settings: an
     older step of a run continued with, say, another `model.rope_theta` was trained with the earlier one, and
-    so was every checkpoint of a run whose config.yaml was edited by hand."""
+    so was every checkpoint of a run whose config.yaml was edited by hand. Returns those settings."""
     meta = read_step_meta(checkpoint_dir(run_dir), step)
     check_kept_tokenizer(run_dir, step, meta.get("inputs", {}))
     if changes := _model_edits(run_dir, meta):
         log.warning("checkpoint %d was trained with other model settings than %s holds: %s",
                     step, run_dir / "config.yaml", listed(changes, 6))
+    return changes
 
 
-def edited_model_settings(run_dir: pathlib.Path, step: int) -> list[str]:
-    """config.yaml's model settings unlike those checkpoint `step` was trained with ('key: trained -> now'):
-    what a result scored with them records, so that it is never taken for the checkpoint's own."""
-    return _model_edits(run_dir, read_step_meta(checkpoint_dir(run_dir), step))
+def edited_model_settings(run_dir: pathlib.Path, step: int) -> list[str] | None:
+    """config.yaml's model settings unlike those checkpoint `step` was trained with, as a result scored now
+    would record them (`scored_as`); None where the checkpoint cannot be read (deleted meanwhile, say)."""
+    try:
+        return _model_edits(run_dir, read_step_meta(checkpoint_dir(run_dir), step))
+    except CheckpointError:
+        return None
 
 
 def _model_edits(run_dir: pathlib.Path, meta: dict) -> list[str]:
