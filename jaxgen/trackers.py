@@ -12,7 +12,10 @@ steps a killed run had sent past its last checkpoint come again (the resumed run
 repeats them bit for bit). MLflow stored them at once, so they are not sent
 again. W&B keeps the first copy of a step in a resumed online run by itself, and
 offline, a hard-killed session may not have written its last records (its
-wandb-core process dies with it), so W&B gets them again.
+wandb-core process dies with it), so W&B gets them again; so does every record
+metrics.jsonl keeps (up to the checkpoint) since the last step a session closed
+W&B cleanly at (`held_through` in trackers.json), from the step an online run's
+server does not hold yet.
 """
 
 from __future__ import annotations
@@ -54,6 +57,10 @@ class Tracker(Protocol):
 
     def close(self, outcome: Outcome) -> None: ...
 
+    def next_step(self) -> int:
+        """The first step the tracker's own store is known not to hold yet (0 where it cannot say)."""
+        ...
+
 
 def require_libraries(cfg: LoggingConfig) -> None:
     """Refuse, before any work, a configured tracker whose library is not installed."""
@@ -91,20 +98,34 @@ def open_trackers(cfg: Config, run_dir: pathlib.Path, resumed_at: int | None) ->
     except ConfigError:
         Trackers(trackers).close("failed")  # the ones already open
         raise
-    write_atomic(state_path, json.dumps({t.name: t.where for t in trackers}, indent=2) + "\n")
     from jaxgen.metrics import read_metrics
 
-    sent_through = max((r["step"] for r in read_metrics(run_dir / "metrics.jsonl")), default=-1)
-    return Trackers(trackers, {t.name: sent_through for t in trackers if t.continued and t.durable})
+    records = read_metrics(run_dir / "metrics.jsonl")
+    sent_through = max((r["step"] for r in records), default=-1)
+    held = {t.name: stored[t.name]["held_through"] for t in trackers
+            if t.continued and not t.durable and isinstance(stored[t.name].get("held_through"), int)}
+    opened = Trackers(trackers, {t.name: sent_through for t in trackers if t.continued and t.durable}, state_path,
+                      held)
+    opened.save_state()
+    for tracker in trackers:
+        if tracker.continued and not tracker.durable:
+            opened.send_again(tracker, records, through=resumed_at)
+    return opened
 
 
 class Trackers:
     """The open trackers as one; a tracker that fails says so once, and training goes on without it."""
 
-    def __init__(self, trackers: list[Tracker], sent_through: dict[str, int] | None = None):
+    def __init__(self, trackers: list[Tracker], sent_through: dict[str, int] | None = None,
+                 state_path: pathlib.Path | None = None, held_through: dict[str, int] | None = None):
         self.trackers = trackers
         self._sent_through = sent_through or {}  # per continued tracker: the last step it already holds
         self._failed: set[str] = set()
+        self._state_path = state_path
+        # Per tracker: the last step a session sent it and then closed it cleanly (its store holds everything
+        # up to there), and the last step this session sent it.
+        self._held_through = dict(held_through or {})
+        self._sent: dict[str, int] = {}
 
     def __bool__(self) -> bool:
         return bool(self.trackers)
@@ -112,7 +133,26 @@ class Trackers:
     def log_scalars(self, step: int, values: dict[str, float]) -> None:
         for tracker in self._working():
             if step > self._sent_through.get(tracker.name, -1):
-                self._call(tracker, tracker.log_scalars, step, values)
+                self._send(tracker, step, values)
+
+    def send_again(self, tracker: Tracker, records: list[dict], through: int) -> None:
+        """To a continued tracker that stores what it is sent late (W&B), the records of metrics.jsonl a killed
+        session may have sent it without its store keeping them: those after the last step a session closed it
+        cleanly at, and that its store does not hold, through step `through` (the checkpoint resumed from)."""
+        start = max(self._held_through.get(tracker.name, -1) + 1, self._ask(tracker, tracker.next_step, 0))
+        again = [r for r in records if start <= r["step"] <= through]
+        if again:
+            log.info("logging.%s: sending steps %d-%d again (%d records): the session that sent them was killed "
+                     "before closing it, and its store may not have kept them", tracker.name, again[0]["step"],
+                     again[-1]["step"], len(again))
+        for record in again:
+            if tracker.name not in self._failed:
+                self._send(tracker, record["step"], {key: value for key, value in record.items() if key != "step"
+                                                     and isinstance(value, (int, float)) and not isinstance(value, bool)})
+
+    def _send(self, tracker: Tracker, step: int, values: dict[str, float]) -> None:
+        self._call(tracker, tracker.log_scalars, step, values)
+        self._sent[tracker.name] = max(step, self._sent.get(tracker.name, -1))
 
     def log_image(self, step: int, name: str, png: pathlib.Path) -> None:
         for tracker in self._working():
@@ -120,18 +160,43 @@ class Trackers:
 
     def close(self, outcome: Outcome) -> None:
         for tracker in self.trackers:  # one that failed too: W&B still finishes what it has on disk
-            self._call(tracker, tracker.close, outcome)
+            closed = self._call(tracker, tracker.close, outcome)
+            if closed and not tracker.durable and tracker.name not in self._failed:
+                self._held_through[tracker.name] = max(self._held_through.get(tracker.name, -1),
+                                                       self._sent.get(tracker.name, -1))
+        self.save_state()
+
+    def save_state(self) -> None:
+        """trackers.json: where each tracker's run is (a resumed run continues it), and the step its store is
+        known to hold everything up to."""
+        if self._state_path is None or not self.trackers:
+            return
+        state = {t.name: {**t.where, **({"held_through": self._held_through[t.name]}
+                                        if t.name in self._held_through else {})} for t in self.trackers}
+        try:
+            write_atomic(self._state_path, json.dumps(state, indent=2) + "\n")
+        except OSError as err:  # at close: the records are safe, only what a resume sends again is more
+            log.warning("could not write %s (%s)", self._state_path, first_line(err))
 
     def _working(self) -> list[Tracker]:
         return [tracker for tracker in self.trackers if tracker.name not in self._failed]
 
-    def _call(self, tracker: Tracker, method, *args) -> None:
+    def _call(self, tracker: Tracker, method, *args) -> bool:
+        """`method(*args)`; False where it failed (said once)."""
         try:
             method(*args)
+            return True
         except Exception as err:  # noqa: BLE001 -- an unreachable tracker server must not cost the training run
             if tracker.name not in self._failed:
                 log.warning("logging.%s failed (%s); training goes on without it", tracker.name, first_line(err))
             self._failed.add(tracker.name)
+            return False
+
+    def _ask(self, tracker: Tracker, method, otherwise):
+        try:
+            return method()
+        except Exception:  # noqa: BLE001 -- what cannot be asked is sent again
+            return otherwise
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -169,6 +234,11 @@ class WandbTracker:
         import wandb
 
         self.run.log({name: wandb.Image(str(png))}, step=step)
+
+    def next_step(self) -> int:
+        # Online, the W&B step of the next log is the server's (a resumed run's history goes on from there);
+        # offline there is no server to ask.
+        return 0 if self.run.offline else int(self.run.step)
 
     def close(self, outcome: Outcome) -> None:
         if outcome == "preempted":
@@ -256,6 +326,9 @@ class MlflowTracker:
 
         with Image.open(png) as image:
             self.client.log_image(self.run_id, image.copy(), key=name, step=step)
+
+    def next_step(self) -> int:
+        return 0  # never asked: a durable tracker is not sent anything again
 
     def close(self, outcome: Outcome) -> None:
         self.client.set_terminated(self.run_id, {"finished": "FINISHED", "preempted": "KILLED", "failed": "FAILED"}[outcome])

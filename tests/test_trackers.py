@@ -151,7 +151,7 @@ def test_resumed_run_continues_the_same_mlflow_run_with_each_step_once(resumed_r
     run_dir, first, sent_before_kill = resumed_run
     assert sent_before_kill == [1, 2, 3, 4]  # steps 3 and 4 were sent, then lost with the unfinished checkpoint
     stored = json.loads((run_dir / "trackers.json").read_text())
-    assert stored == first
+    assert stored["mlflow"] == first["mlflow"] and stored["wandb"]["id"] == first["wandb"]["id"]
     assert stored["mlflow"]["tracking_uri"] == f"sqlite:///{run_dir / 'mlflow.db'}"
     client = mlflow_client(stored["mlflow"]["tracking_uri"])
     run = client.get_run(stored["mlflow"]["run_id"])
@@ -170,9 +170,12 @@ def test_resumed_run_continues_the_same_wandb_run_with_each_step_once(resumed_ru
     runs = [r["run"] for records in sessions for r in records if r["type"] == "run"]
     assert {run["run_id"] for run in runs} == {first["wandb"]["id"]}
     assert {run["display_name"] for run in runs} == {"resumed"}
-    # The killed session's wandb-core died with it, maybe before writing 3 and 4: they are sent again.
-    assert [step for step, _ in wandb_history(sessions[1], "loss")] == [3, 4, 5, 6]
-    assert_same_series(wandb_history(sessions[1], "loss"), jsonl(run_dir, "loss")[-4:], "loss")
+    # The killed session's wandb-core died with it, maybe before writing any of its records: those up to the
+    # checkpoint (1, 2) are sent again from metrics.jsonl, and 3 and 4 come again with the steps repeated.
+    assert [step for step, _ in wandb_history(sessions[1], "loss")] == [1, 2, 3, 4, 5, 6]
+    assert_same_series(wandb_history(sessions[1], "loss"), jsonl(run_dir, "loss"), "loss")
+    assert "held_through" not in first["wandb"]  # killed: W&B was never closed
+    assert json.loads((run_dir / "trackers.json").read_text())["wandb"]["held_through"] == 6
 
 
 # ----------------------------------------------------------------------------- refusals and failures
@@ -233,6 +236,43 @@ def test_a_failing_tracker_warns_once_and_the_others_go_on(tmp_path, caplog):
                              ("image", 2, "samples", "final.png"), ("close", "finished")]
     [warning] = [r.getMessage() for r in caplog.records]
     assert warning == "logging.mlflow failed (tracking server unreachable); training goes on without it"
+
+
+class LateTracker(FakeTracker):
+    """A tracker that stores what it is sent late (as W&B's wandb-core), whose server holds steps below `next`."""
+
+    continued, durable = True, False
+
+    def __init__(self, name: str, next_step: int = 0):
+        super().__init__(name)
+        self.next = next_step
+        self.where = {"id": "abc"}
+
+    def next_step(self):
+        return self.next
+
+
+RECORDS = [{"step": step, "loss": 10.0 - step, "eval_loss": None} for step in range(0, 12, 2)]
+
+
+@pytest.mark.parametrize("held_through, next_step, sent", [
+    (None, 0, [0, 2, 4, 6]),  # never closed cleanly, offline: every record up to the checkpoint
+    (2, 0, [4, 6]),  # closed cleanly at step 2 by an earlier session: what came after
+    (2, 6, [6]),  # an online server holds steps below 6
+    (6, 0, []),  # the killed session was a clean one's continuation at the checkpoint: nothing
+])
+def test_a_tracker_that_stores_late_gets_a_killed_session_s_records_again(held_through, next_step, sent, tmp_path):
+    """W&B offline after a kill -9: the killed session's wandb-core died with it before writing its records up
+    to the checkpoint resumed from, and the resumed session sent only the steps after the checkpoint: the
+    checkpoint's own step (and those before it the killed session had not written) were never in W&B."""
+    tracker = LateTracker("wandb", next_step)
+    trackers = Trackers([tracker], state_path=tmp_path / "trackers.json",
+                        held_through={} if held_through is None else {"wandb": held_through})
+    trackers.send_again(tracker, RECORDS, through=6)
+    assert tracker.calls == [("scalars", step, {"loss": 10.0 - step}) for step in sent]
+    trackers.log_scalars(8, {"loss": 2.0})
+    trackers.close("finished")
+    assert json.loads((tmp_path / "trackers.json").read_text()) == {"wandb": {"id": "abc", "held_through": 8}}
 
 
 def test_trackers_learn_how_the_run_ended(tmp_path):
