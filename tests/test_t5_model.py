@@ -29,6 +29,7 @@ from jaxgen.tasks import make_task
 from jaxgen.tasks.decode import Sampling, Vocabulary, text_stream
 from jaxgen.tasks.layout import MAIN_GROUP, compile_eval_step, fresh_params, plan_models
 from jaxgen.tasks.seq2seq_decode import _generate, bucket_length, generate_targets
+from jaxgen.tasks.text_inputs import spaces_taken
 
 from helpers import copies_in_token_loop
 
@@ -147,9 +148,12 @@ def test_transformers_gives_jaxgen_logits_on_a_padded_batch(run, exported):
 def test_export_carries_the_tokenizer_with_its_sentinels_whole(run, exported, tmp_path):
     theirs = transformers.AutoTokenizer.from_pretrained(exported)
     ours = load_tokenizer(run.run_dir)
-    text = "In the beginning <extra_id_0> created the heaven <extra_id_7> the earth."
-    assert theirs(text, add_special_tokens=False).input_ids == ours.encode([text])[0]
     sentinels = [sentinel_piece(i) for i in range(SENTINELS)]
+    whole = {ours.piece_id(p) for p in sentinels}
+    for text in ("In the beginning <extra_id_0> created the heaven  <extra_id_7> the earth.", "<extra_id_1> and"):
+        # As `jaxgen sample` reads a prompt: a sentinel takes the spaces before it, as in training.
+        assert theirs(text, add_special_tokens=False).input_ids == spaces_taken(ours.encode([text])[0], whole, ours)
+    text = "In the beginning <extra_id_0> created the heaven <extra_id_7> the earth."
     assert theirs.convert_tokens_to_ids(sentinels) == [ours.piece_id(p) for p in sentinels]
     assert {ours.piece_id(sentinels[0]), ours.piece_id(sentinels[7])} <= set(ours.encode([text])[0])  # whole
     config = json.loads((exported / "config.json").read_text())

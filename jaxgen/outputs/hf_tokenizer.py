@@ -86,9 +86,8 @@ def hf_tokenizer_json(model: sentencepiece_model_pb2.ModelProto) -> dict:
     pre_tokenizer = None
     if whole:
         # Pieces trained whole are taken out of the text before it is normalised; each part left would get
-        # its own dummy prefix, so the pre-tokeniser gives it to the text's first part only. Two texts then
-        # tokenize differently from sentencepiece: one starting with a space (sentencepiece adds "▁" anyway)
-        # and one starting with such a piece (sentencepiece puts a lone "▁" before it).
+        # its own dummy prefix, so the pre-tokeniser gives it to the text's first part only. A text starting
+        # with a space then tokenizes differently from sentencepiece (which adds "▁" anyway).
         pre_tokenizer = {"type": "Metaspace", "replacement": "▁", "split": False,
                          "prepend_scheme": "first" if norm.add_dummy_prefix else "never"}
     else:
@@ -104,8 +103,10 @@ def hf_tokenizer_json(model: sentencepiece_model_pb2.ModelProto) -> dict:
               "normalized": False, "special": True}
              for i, p in enumerate(pieces) if p.type in (Piece.CONTROL, Piece.UNKNOWN)]
     # Pieces trained whole ([MASK], <extra_id_0>, ...) are found in the text wherever they are; not special,
-    # so split_special_tokens leaves them whole.
-    added += [{"id": i, "content": p.piece, "single_word": False, "lstrip": False, "rstrip": False,
+    # so split_special_tokens leaves them whole. Each takes the space before it (lstrip), as jaxgen's prompts
+    # do (`jaxgen.tasks.text_inputs.spaces_taken`): "be [MASK]" is "▁be", "[MASK]", as in training, where
+    # sentencepiece gives "▁be", "▁", "[MASK]".
+    added += [{"id": i, "content": p.piece, "single_word": False, "lstrip": True, "rstrip": False,
                "normalized": False, "special": False}
               for i, p in enumerate(pieces) if p.type == Piece.USER_DEFINED]
     return {

@@ -77,14 +77,18 @@ class OneTextModel:
 
 
 def spaces_taken(ids: list[int], pieces: set[int], tokenizer) -> list[int]:
-    """A prompt's ids without the lone space piece before each of `pieces` ([MASK], sentinels).
+    """A prompt's ids without the lone space pieces before each of `pieces` ([MASK], sentinels).
 
     "be [MASK]" tokenizes to "▁be", "▁", "[MASK]": the hidden word would be one without its leading
     space, unlike every word the model learnt to fill in; without the lone space the piece stands for
-    "▁light", as in training.
+    "▁light", as in training. An exported tokenizer does the same (each such piece takes the spaces
+    before it: `jaxgen.outputs.hf_tokenizer`).
     """
-    space = tokenizer.piece_id("\u2581")
-    return [t for i, t in enumerate(ids) if not (t == space and i + 1 < len(ids) and ids[i + 1] in pieces)]
+    space, kept = tokenizer.piece_id("\u2581"), []
+    for t in reversed(ids):
+        if not (t == space and kept and kept[-1] in pieces):
+            kept.append(t)
+    return kept[::-1]
 
 
 def global_batches(params, batches: list[dict[str, np.ndarray]]) -> list[dict[str, jax.Array]]:
