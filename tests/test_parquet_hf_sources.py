@@ -257,6 +257,21 @@ def test_hf_split_rules(corpus, tmp_path):
         documents(f"data.hf={corpus}/hf_splits", "data.train_split=training")
 
 
+def test_a_saved_dataset_that_is_empty_or_damaged_is_named(tmp_path):
+    """A save_to_disk dataset of no rows (datasets writes no data file, then cannot read it back) failed as
+    `unexpected IndexError: list index out of range`, naming nothing."""
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": []})}).save_to_disk(tmp_path / "empty")
+    with pytest.raises(DataError, match=rf"^data.hf '{tmp_path}/empty' holds no rows \(split 'train' was saved "
+                                        r"with none, which datasets cannot read back\); give a dataset with documents$"):
+        documents(f"data.hf={tmp_path}/empty")
+    datasets.Dataset.from_dict({"text": ["a", "b"]}).save_to_disk(tmp_path / "cut")
+    for arrow in (tmp_path / "cut").glob("*.arrow"):
+        arrow.unlink()
+    with pytest.raises(DataError, match=rf"^data.hf '{tmp_path}/cut' cannot be read by datasets' load_from_disk "
+                                        r"\(FileNotFoundError: .*\): its files are missing or damaged; write it again"):
+        documents(f"data.hf={tmp_path}/cut")
+
+
 def test_hf_without_the_datasets_library_names_the_extra(corpus, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
     with pytest.raises(ConfigError, match=r'^data.hf needs the datasets library: pip install -e "\.\[hf\]"$'):

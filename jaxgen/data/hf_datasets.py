@@ -13,6 +13,7 @@ as the other sources without splits do; an explicitly set data.eval_split must e
 
 from __future__ import annotations
 
+import json
 import pathlib
 from typing import Any
 
@@ -76,15 +77,35 @@ def _load(datasets: Any, name: str, config: str | None) -> Any:
     if saved and config is not None:
         raise ConfigError(f"data.hf_config {config!r} chooses a configuration of a dataset load_dataset builds; "
                           f"data.hf {name!r} was written by save_to_disk and has none: leave data.hf_config out")
-    try:
-        if saved:
+    if saved:
+        try:
             return datasets.load_from_disk(str(directory))
+        except Exception as err:  # noqa: BLE001 - datasets' own failures on a damaged directory take many types
+            if empty := _saved_empty(datasets, directory):
+                raise DataError(f"data.hf {name!r} holds no rows ({empty} was saved with none, which datasets "
+                                "cannot read back); give a dataset with documents") from None
+            raise DataError(f"data.hf {name!r} cannot be read by datasets' load_from_disk ({type(err).__name__}: "
+                            f"{first_line(err)}): its files are missing or damaged; write it again with "
+                            "save_to_disk") from None
+    try:
         return datasets.load_dataset(str(directory) if directory.is_dir() else name, config)
     except (OSError, ValueError) as err:  # not found, no data files, an unknown configuration, no network
         config_named = f" (data.hf_config {config!r})" if config is not None else ""
         where = "" if directory.is_dir() else ", not a local directory,"
         raise DataError(f"data.hf {name!r}{config_named}{where} cannot be loaded by datasets "
                         f"({first_line(err)})") from None
+
+
+def _saved_empty(datasets: Any, directory: pathlib.Path) -> str | None:
+    """Which part of a save_to_disk directory was saved with no rows (it lists no data files), if one was."""
+    for state in sorted(directory.glob(f"**/{datasets.config.DATASET_STATE_JSON_FILENAME}")):
+        try:
+            files = json.loads(state.read_text()).get("_data_files")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if files == []:
+            return "it" if state.parent == directory else f"split {state.parent.name!r}"
+    return None
 
 
 def _documents(datasets: Any, dataset: Any, field: str, name: str) -> HfDocuments:
