@@ -122,6 +122,23 @@ def test_a_missing_tensor_is_refused(hf, tmp_path):
     refused(hf, tmp_path / "out", "tensors that config.json implies are missing: lm_head.weight")
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_a_tensor_holding_nan_or_infinity_is_refused_by_its_name(hf, tmp_path, dtype):
+    """Refused only as the checkpoint was written: `refused to commit checkpoint 0: non-finite values in
+    params/model/layers/mlp/w_down/kernel`, jaxgen's path rather than the tensor, and status 1."""
+    name = "model.layers.1.mlp.down_proj.weight"
+
+    def spoil(tensors):
+        for other in tensors:
+            tensors[other] = tensors[other].astype(dtype)
+        tensors[name][0, :2] = [np.nan, np.inf]
+
+    rewrite_tensors(hf, spoil)
+    rewrite_config(hf, lambda c: c.update(torch_dtype=np.dtype(dtype).name))
+    refused(hf, tmp_path / "out", rf"^tensor '{name}' in \S*hf/{WEIGHTS} holds 2 non-finite values \(NaN or infinity\) "
+                                  r"of 12,288: the checkpoint is damaged, or was saved from a run that diverged")
+
+
 def test_float16_weights_widen_exactly_into_float32_params(hf, tmp_path, tiny_run):
     rewrite_config(hf, lambda c: c.update(torch_dtype="float16"))
     rewrite_tensors(hf, lambda t: t.update({name: array.astype(np.float16) for name, array in t.items()}))

@@ -186,7 +186,16 @@ def _header(file: pathlib.Path) -> dict[str, StoredTensor]:
 
 
 def read_tensor(name: str, stored: StoredTensor) -> np.ndarray:
+    """Tensor `name`, whose values must be finite: a NaN or an infinity was refused only as the checkpoint was
+    written, under jaxgen's own parameter path and as a failed save (status 1), not as the input it is."""
     from safetensors import safe_open
 
     with safe_open(stored.file, framework="numpy") as f:
-        return f.get_tensor(name)
+        tensor = f.get_tensor(name)
+    if np.issubdtype(tensor.dtype, np.inexact) or tensor.dtype.kind == "V" or "float" in str(tensor.dtype):
+        bad = int(np.size(tensor) - np.count_nonzero(np.isfinite(tensor)))
+        if bad:
+            raise ExportError(f"tensor {name!r} in {stored.file} holds {bad:,} non-finite value{'s' * (bad > 1)} (NaN or "
+                              f"infinity) of {np.size(tensor):,}: the checkpoint is damaged, or was saved from a run that "
+                              "diverged; import a healthy one")
+    return tensor
