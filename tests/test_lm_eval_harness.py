@@ -162,6 +162,18 @@ def test_registering_jaxgen_keeps_the_harness_models():
     assert result.stdout.split() == ["JaxgenLM", "HFLM"], result.stderr[-2000:]
 
 
+def test_model_args_the_jaxgen_model_does_not_take_are_one_line():
+    """`--model_args run_dir=lm,foo=1` was a traceback: TypeError: JaxgenLM.__init__() got an unexpected keyword."""
+    from jaxgen.errors import ConfigError
+    from jaxgen.evals.harness import JaxgenLM
+
+    with pytest.raises(ConfigError, match=r"^--model_args 'run_dir=lm,foo=1' for the jaxgen model: 'foo' is not among "
+                                          r"its keys; give run_dir, step, max_gen_toks \(run_dir required\)"):
+        JaxgenLM.create_from_arg_string("run_dir=lm,foo=1", {"batch_size": 8, "device": None})
+    with pytest.raises(ConfigError, match=r"^--model_args 'step=3' for the jaxgen model: run_dir is missing; "):
+        JaxgenLM.create_from_arg_obj({"step": 3})
+
+
 def test_rolling_windows_are_the_harness_windows():
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 

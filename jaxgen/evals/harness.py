@@ -57,6 +57,10 @@ def cut_at_stops(text: str, stops: list[str]) -> str:
     return text[:cut]
 
 
+# What `--model_args` may set (the harness passes batch_size and the rest itself).
+MODEL_ARGS = ("run_dir", "step", "max_gen_toks")
+
+
 @register_model("jaxgen")
 class JaxgenLM(LM):
     def __init__(self, run_dir: str, step: int | None = None, batch_size: int | str | None = 32,
@@ -71,6 +75,25 @@ class JaxgenLM(LM):
         self.scorer = make_scorer(self.run.cfg, self.run.mesh, layout.graphdefs[MAIN_GROUP],
                                   layout.shardings[MAIN_GROUP], rows)
         self.window, self.max_gen_toks = self.run.cfg.model.max_seq_len, int(max_gen_toks)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> JaxgenLM:
+        from lm_eval import utils
+
+        return cls.create_from_arg_obj(utils.simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> JaxgenLM:
+        """The model of `--model_args`, whose keys are checked first: an unknown one was a TypeError traceback."""
+        unknown = sorted(set(arg_dict) - set(MODEL_ARGS))
+        if unknown or "run_dir" not in arg_dict:
+            given = ",".join(f"{k}={v}" for k, v in arg_dict.items())
+            problem = (f"{', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} not among its keys"
+                       if unknown else "run_dir is missing")
+            raise ConfigError(f"--model_args {given!r} for the jaxgen model: {problem}; give "
+                              f"{', '.join(MODEL_ARGS)} (run_dir required), e.g. run_dir=runs/lm,step=500")
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        return cls(**arg_dict, **extra)
 
     @property
     def params(self):
