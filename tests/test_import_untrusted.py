@@ -122,6 +122,13 @@ def test_a_missing_tensor_is_refused(hf, tmp_path):
     refused(hf, tmp_path / "out", "tensors that config.json implies are missing: lm_head.weight")
 
 
+def test_a_config_naming_its_model_type_but_no_architectures_is_read_as_transformers_reads_it(hf, tmp_path):
+    """Refused as `architecture ['llama'] (model_type 'llama') is not supported`, which transformers loads."""
+    rewrite_config(hf, lambda c: c.pop("architectures"))
+    import_hf(hf, tmp_path / "out")
+    assert (tmp_path / "out" / "config.yaml").is_file()
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_a_tensor_holding_nan_or_infinity_is_refused_by_its_name(hf, tmp_path, dtype):
     """Refused only as the checkpoint was written: `refused to commit checkpoint 0: non-finite values in

@@ -122,7 +122,10 @@ def _not_a_model_directory(hf_dir: pathlib.Path) -> str:
 def _family(hf: dict, path: pathlib.Path) -> str:
     """The checkpoint's family, refused unless every key of its config.json is one jaxgen honours."""
     name = hf.get("model_type")
-    architectures = hf.get("architectures") or ([name] if name is not None else [])
+    # No architectures: as transformers' Auto classes do, the model_type's (a base model's tensors, without the
+    # language-model head's names, are refused by the tensor check that follows).
+    architectures = hf.get("architectures") or (
+        [FAMILIES[name].architecture] if name in FAMILIES else [name] if name is not None else [])
     if name not in FAMILIES or architectures != [FAMILIES[name].architecture]:
         if architectures or name is not None:
             what = f"architecture {architectures} (model_type {name!r})"
