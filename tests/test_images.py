@@ -233,6 +233,20 @@ def test_only_a_name_among_the_prepared_ones_is_handed_to_tfds(name, expected):
     assert might_be_prepared(name, ["mnist", "tiny_images/png"]) is expected
 
 
+def test_a_prepared_tfds_dataset_tfds_cannot_read_is_called_damaged_not_missing(tfds_dir, tmp_path):
+    """Its files cut or edited: `no such prepared dataset (prepared there: ['tiny_images/png'])`, contradicting
+    itself."""
+    damaged = shutil.copytree(tfds_dir, tmp_path / "tfds")
+    [info] = (damaged / "tiny_images" / "png").glob("*/dataset_info.json")
+    info.write_text(json.dumps({**json.loads(info.read_text()), "version": ""}))
+    with pytest.raises(DataError, match=r"^images.tfds 'tiny_images/png' in \S+: \S+/tiny_images/png holds a "
+                                        r"dataset_info.json, but tfds cannot read it as a prepared dataset "
+                                        r"\(AssertionError: Failed to construct dataset .*\); its files are "
+                                        r"incomplete or damaged, or another tfds wrote them: prepare it again: "
+                                        r"tfds build tiny_images/png "):
+        open_images(tfds_config(damaged, name="tiny_images/png"))
+
+
 def test_tfds_errors_name_the_dataset_and_what_would_be_valid(tfds_dir, tmp_path, monkeypatch):
     temp = tmp_path / "system-temp"
     temp.mkdir()

@@ -14,7 +14,7 @@ from typing import Any
 
 from jaxgen.data.pipeline import RandomAccessSource
 from jaxgen.data.tfrecord import tensorflow_available
-from jaxgen.errors import DataError
+from jaxgen.errors import DataError, first_line
 
 
 def description(key: str, name: str, data_dir: str | None) -> str:
@@ -49,18 +49,43 @@ def open_builder(key: str, name: str, data_dir: str | None) -> Any:
     if data_dir is not None and not root.is_dir():
         raise DataError(f"{key}_data_dir {data_dir!r} is not a directory")
     found = prepared_names(root) if root.is_dir() else []
-    builder = None
+    builder, failure = None, None
     if might_be_prepared(name, found):
         try:
             builder = tfds.builder(name, data_dir=data_dir)
         except tfds.core.registered.DatasetNotFoundError:
             pass
+        except Exception as err:  # noqa: BLE001 - a registered builder that cannot read what is prepared there
+            failure = f"{type(err).__name__}: {first_line(err, 200)}"
+    if (builder is None or not builder.is_prepared()) and (folder := _prepared_folder(name, found)) is not None:
+        raise DataError(
+            f"{description(key, name, data_dir)}: {root / folder} holds a dataset_info.json, but tfds cannot read "
+            f"it as a prepared dataset ({failure or _why_unreadable(root / folder)}); its files are incomplete or "
+            f"damaged, or another tfds wrote them: prepare it again: tfds build {name} --data_dir={root} "
+            "--file_format=array_record")
     if builder is None or not builder.is_prepared():
         raise DataError(
             f"{description(key, name, data_dir)}: no such prepared dataset (prepared there: {found or 'none'}); "
             f"prepare it first: tfds build {name} --data_dir={root} --file_format=array_record"
         )
     return builder
+
+
+def _prepared_folder(name: str, found: list[str]) -> str | None:
+    """The prepared-looking folder `name` (with no namespace or version: a version not prepared is not a
+    damaged one) names among `found`, if it is there."""
+    return None if ":" in name else next((prepared for prepared in found if prepared == name), None)
+
+
+def _why_unreadable(folder: pathlib.Path) -> str:
+    import tensorflow_datasets as tfds
+
+    versions = sorted(info.parent for info in folder.glob("**/dataset_info.json"))
+    try:
+        tfds.builder_from_directory(str(versions[-1]))
+    except Exception as err:  # noqa: BLE001 - what tfds says of it, whatever it raises
+        return f"{type(err).__name__}: {first_line(err, 200)}"
+    return "it is not marked complete"
 
 
 def split_size(builder: Any, split: str, what: str) -> int:
