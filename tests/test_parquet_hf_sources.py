@@ -5,6 +5,7 @@ input one clear line before anything is written."""
 
 import itertools
 import json
+import logging
 import pickle
 import sys
 
@@ -246,6 +247,15 @@ def test_a_column_that_is_missing_or_not_text_is_named_with_what_there_is(tmp_pa
     with pytest.raises(DataError, match=rf"^{named} has no column 'words' \(data.field\); it has \['text', 'body'\]"):
         documents(given, "data.field=words")
     assert documents(given, "data.field=body") == ["a", "b", "c"]
+
+
+def test_null_text_cells_are_left_out_with_a_warning_that_counts_them(tmp_path, caplog):
+    """A JSONL document that is null is named; a Parquet row whose text is null was left out without a word."""
+    pq.write_table(pa.table({"text": ["a", None, "b", None, "c"]}), tmp_path / "x.parquet", row_group_size=2)
+    with caplog.at_level(logging.WARNING, logger="jaxgen"):
+        assert documents(f"data.parquet={tmp_path}/x.parquet", "data.eval_every_nth_doc=100") == ["a", "b", "c"]
+    assert caplog.messages == [f"'{tmp_path}/x.parquet': 2 of 5 rows have no 'text' (data.field) value (null); "
+                               "they are left out"]
 
 
 def test_hf_split_rules(corpus, tmp_path):

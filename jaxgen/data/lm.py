@@ -159,8 +159,9 @@ def check_holds_one_batch(data: DataConfig, tokenizer: Tokenizer) -> None:
         found += 1 + (len(tokenizer.encode_document(document)) if isinstance(document, str) else len(document))
         if found >= needed:
             return
+    sources = ", ".join(describe(source) for source in data.mixture or [data])
     raise DataError(
-        f"the training documents hold {found} tokens, fewer than one batch of "
+        f"the training documents of {sources} hold {found} tokens, fewer than one batch of "
         f"data.batch_size x data.seq_len = {data.batch_size} x {data.seq_len} = {needed}"
     )
 

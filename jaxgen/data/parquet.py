@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxgen.data.corpus import no_files, resolve_files
+from jaxgen.data.corpus import no_files, resolve_files, warn_once
 from jaxgen.errors import DataError, first_line
 
 # Files whose reader (an open file and its last row group) is kept; bounds memory and open files.
@@ -135,7 +135,15 @@ class ParquetDocuments:
                 or pyarrow.types.is_string_view(kind)):
             raise DataError(f"{self.names[i]!r}: column {self.field!r} ({self.field_setting}) holds {kind}, "
                             f"not strings; set {self.field_setting} to the column of the text")
-        return [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+        sizes = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+        column = schema.get_field_index(self.field)
+        stats = [metadata.row_group(g).column(column).statistics for g in range(metadata.num_row_groups)]
+        nulls = sum(int(s.null_count) for s in stats if s is not None and s.has_null_count)
+        if nulls:  # as a JSONL document that is null is named, rather than trained on silently without it
+            warn_once(f"{self.names[i]} nulls", f"{self.names[i]!r}: {nulls:,} of {sum(sizes):,} rows have no "
+                                                f"{self.field!r} ({self.field_setting}) value (null); they are left "
+                                                "out")
+        return sizes
 
     def __len__(self) -> int:
         return int(self._group_start[-1])
