@@ -11,7 +11,7 @@ over from pair to pair; run it once before timing if the installation itself is 
 The phases come from the run's summary.json (`startup_s`: seconds from process start to the
 end of each: interpreter and CLI imports, config, the train loop's imports, setup (mesh,
 abstract model, run directory, Orbax), checkpoint search, data (tokenizer, pipelines, held-out
-batches), state init, compile, logs (writers, trackers), the step-0 evaluation, the first step).
+batches), state init, logs (writers, trackers), compile, actions, the step-0 evaluation, the first step).
 `help_s` is the wall time of `jaxgen train --help` (the CLI's own import cost).
 
 One record per run, then the summary: `first_step_s_cold`, `first_step_s_warm` (medians over

@@ -197,6 +197,16 @@ def test_a_tracker_without_its_library_is_refused_before_anything_starts(overrid
     assert not (tmp_path / "run").exists()
 
 
+def test_a_tracker_that_cannot_start_is_refused_before_the_compile_and_leaves_no_run_directory(tmp_path):
+    """An MLflow tracking_uri of no store (or W&B online without a key) was named after the compile, which can
+    take minutes, and left a run directory holding config.yaml, which a later start then read."""
+    from jaxgen.train.loop import train as train_in_process
+
+    with pytest.raises(ConfigError, match=r"^logging.mlflow: could not open a run at tracking_uri 'bogus://x': "):
+        train_in_process(tiny_config("logging.mlflow={tracking_uri: 'bogus://x'}"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_trackers_are_off_unless_configured(tmp_path):
     from jaxgen.trackers import open_trackers
 

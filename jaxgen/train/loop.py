@@ -220,6 +220,13 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
             params, _, _ = restore_subtree(cfg.checkpoint.init_from, ("params",), layout.models.target,
                                            what=f"checkpoint.init_from={cfg.checkpoint.init_from!r}")
             state = with_params(state, params)
+    clock.mark("state")
+
+    # ------------------------------------------------------------------ logs: a tracker that cannot start (no
+    # W&B key, an MLflow URI of no store) is named before the run's config is written and before the compile
+    progress = Progress(state=state, last_saved=resumed.step if resumed is not None else None)
+    trackers = open_trackers(cfg, run_dir, resumed_at=progress.last_saved)  # first: it reads what the writer drops
+    writer = closing.enter_context(MetricsWriter(run_dir, cfg.logging.tensorboard, progress.last_saved, trackers))
     if jax.process_index() == 0:  # only once the state is known to fit: a refused resume changes nothing
         write_atomic(run_dir / "config.yaml", cfg.to_yaml())
         if resumed is None:
@@ -227,7 +234,7 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
     start_step = int(state.step)
     n_params = sum(int(x.size) for x in jax.tree.leaves(layout.abstract.params))
     log.info("model: %s parameters", f"{n_params:,}")
-    clock.mark("state")
+    clock.mark("logs")
 
     # ------------------------------------------------------------------ compile
     compile_start = time.perf_counter()
@@ -239,9 +246,6 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
     clock.mark("compile")
 
     # ------------------------------------------------------------------ actions
-    progress = Progress(state=state, last_saved=resumed.step if resumed is not None else None)
-    trackers = open_trackers(cfg, run_dir, resumed_at=progress.last_saved)  # first: it reads what the writer drops
-    writer = closing.enter_context(MetricsWriter(run_dir, cfg.logging.tensorboard, progress.last_saved, trackers))
     peak = run_peak(cfg.train.peak_flops_per_device, cfg.model.compute_dtype, mesh.size)  # measured when first read
     meter = ThroughputMeter(task.units_per_batch(), task.flops_per_unit(), peak, start_step)
     bar = tqdm(total=cfg.train.steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=0.5,
@@ -256,7 +260,7 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
                              cfg.data.batch_size)
         actions.insert(1, EvaluateTasks(cfg, Benchmarks(eval_tasks, data.tokenizer, scorer), run_dir, writer, meter,
                                         progress))
-    clock.mark("logs")
+    clock.mark("actions")
 
     # ------------------------------------------------------------------ loop
     preemption = PreemptionWatch()
