@@ -9,6 +9,7 @@ jaxgen, so every layer can raise them.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 from typing import TypeVar
@@ -142,6 +143,11 @@ def describe_os_error(err: OSError) -> str:
     words = (os_error_words(err.errno) if err.errno else None) or err.strerror or str(err)
     names = [str(n) for n in (err.filename, err.filename2) if n is not None]
     return f"{' -> '.join(names)}: {words}" if names else words
+
+
+def json_problem(err: json.JSONDecodeError) -> str:
+    """'Expecting value at column 5': the decoder's words (some end in "at" already) and the column."""
+    return f"{err.msg.removesuffix(' at')} at column {err.colno}"
 
 
 def listed(items: list[str], limit: int) -> str:

@@ -314,6 +314,13 @@ def test_a_jsonl_line_that_is_not_json_names_file_line_and_field(tmp_path):
                              "holding its document in field 'text' (data.field)")
 
 
+def test_a_raw_control_character_in_a_jsonl_line_is_named_once(tmp_path):
+    """Python's decoder says 'Invalid control character at': the message read '... at at column 12'."""
+    path = write_lines(tmp_path / "a.jsonl", [b'{"text": "a\tb"}'])
+    with pytest.raises(DataError, match=r"is not valid JSON \(Invalid control character at column 12 of line 1\)"):
+        list(one_pass_documents(tiny_config(f"data.jsonl={path}").data, "train"))
+
+
 def test_data_prepare_and_tokenizer_train_advise_the_flags_they_take(tmp_path, caplog):
     """They read with `iter_documents` and refuse config keys: 'set data.field' was advice they could not take."""
     path = write_lines(tmp_path / "a.jsonl", [b'{"text": "one"}', b'{"body": "two"}'])

@@ -21,7 +21,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Literal
 
-from jaxgen.errors import DataError
+from jaxgen.errors import DataError, json_problem
 
 BUNDLED_CORPUS = pathlib.Path(__file__).with_name("kjv.txt.gz")
 
@@ -194,7 +194,7 @@ def line_document(line: str, field: str | None, path: pathlib.Path, offset: int,
         record = json.loads(line)
     except json.JSONDecodeError as err:
         raise DataError(
-            f"{where} is not valid JSON ({err.msg} at column {err.colno} of line {line_number(path, offset)}); "
+            f"{where} is not valid JSON ({json_problem(err)} of line {line_number(path, offset)}); "
             f"each line of a .jsonl file must be one JSON object holding its document in field {field!r} ({setting})"
         ) from None
     if not isinstance(record, dict):

@@ -13,14 +13,14 @@ from collections.abc import Iterable, Iterator
 import grain
 
 from jaxgen.config import DataConfig
-from jaxgen.errors import DataError
+from jaxgen.errors import DataError, json_problem
 
 
 def read_pair(line: str, input_field: str, target_field: str) -> tuple[str, str]:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
-        raise DataError(f"a line of data.jsonl is not JSON ({err.msg} at column {err.colno}): "
+        raise DataError(f"a line of data.jsonl is not JSON ({json_problem(err)}): "
                         f"{line[:80]!r}") from None
     if not isinstance(record, dict):
         raise DataError(f"a line of data.jsonl holds {type(record).__name__}, not a JSON object with fields "

@@ -76,9 +76,13 @@ class Benchmarks:
         return results
 
 
+def article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
 def require_language_model(cfg) -> None:
     if cfg.model.kind != "transformer":
-        raise ConfigError(f"benchmark tasks score language models; this run's model is a {cfg.model.kind}")
+        raise ConfigError(f"benchmark tasks score language models; this run's model is {article(cfg.model.kind)} {cfg.model.kind}")
 
 
 def run_tokenizer(run_dir: pathlib.Path) -> Tokenizer:
