@@ -88,6 +88,15 @@ def test_a_validation_split_smaller_than_one_batch_names_the_prepare_option(json
         held_out_set(tiny_config(f"data.path={tmp_path / 'ds'}").data, tokenizer, 2)
 
 
+def test_held_out_documents_that_are_empty_are_called_so(tokenizer, tmp_path):
+    """Empty documents were met with advice to hold out more of them (a smaller data.eval_every_nth_doc)."""
+    path = tmp_path / "empty.jsonl"
+    path.write_text('{"text": ""}\n' * 600)
+    with pytest.raises(DataError, match=rf"^the held-out documents of data.jsonl '{path}' are empty: \d+ documents, "
+                                        r"\d+ tokens, their beginning and end markers alone; give documents that hold"):
+        held_out_set(tiny_config(f"data.jsonl={path}").data, tokenizer, 2)
+
+
 def test_pretokenized_dataset_brings_its_tokenizer_and_refuses_another(jsonl_corpus, tokenizer, tmp_path):
     prepare_dataset(f"{jsonl_corpus}/*.jsonl.gz", tmp_path / "ids", field="body", tokenizer=tokenizer, progress=False)
     cfg = tiny_config(f"data.path={tmp_path / 'ids'}", "data.batch_size=4", "data.seq_len=16")

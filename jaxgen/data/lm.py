@@ -199,12 +199,16 @@ def held_out_set(data: DataConfig, tokenizer: Tokenizer, max_batches: int, origi
         whole = next(batches, None) is None
     full = data.batch_size * data.seq_len
     tokens = int(sum(batch["weights"].sum() for batch in taken))
+    documents = int(sum(document_starts(batch, tokenizer).sum() for batch in taken))
+    if tokens < full and documents and tokens <= 2 * documents:  # their BOS and EOS alone: holding out more is no cure
+        sources = ", ".join(describe(source) for source in data.mixture or [data])
+        raise DataError(f"the held-out documents of {sources} are empty: {documents} documents, {tokens} tokens, "
+                        "their beginning and end markers alone; give documents that hold text")
     if tokens < full:
         raise DataError(f"the held-out documents hold {tokens} tokens, fewer than one batch of data.batch_size x "
                         f"data.seq_len = {data.batch_size} x {data.seq_len} = {full}; "
                         f"{too_few_documents(data) if tokens == 0 else ''}{how_to_hold_out_more(data)}")
     taken[-1] = padded(taken[-1], data.batch_size)
-    documents = int(sum(document_starts(batch, tokenizer).sum() for batch in taken))
     return HeldOutSet(batches=taken, documents=documents, tokens=tokens, whole=whole)
 
 
