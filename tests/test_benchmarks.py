@@ -158,7 +158,8 @@ def test_cli_scores_every_checkpoint_into_json_and_a_table(trained, task_data):
 
 
 def test_bad_input_is_one_clear_error(trained, task_data, tmp_path):
-    with pytest.raises(ConfigError, match="unknown task 'hellaswagg'; known tasks: hellaswag, arc_easy"):
+    with pytest.raises(ConfigError, match=r"unknown task 'hellaswagg' \(did you mean 'hellaswag'\?\); known tasks: "
+                                          "hellaswag, arc_easy"):
         load_tasks(["hellaswagg"], task_data)
     broken = write_jsonl(tmp_path / "broken.jsonl", [MULTIPLE_CHOICE[0], {"context": "x", "label": 0}])
     with pytest.raises(DataError, match=r"broken.jsonl:2: missing field 'choices'"):
@@ -212,7 +213,8 @@ def test_tasks_scored_in_the_loop_are_logged_at_the_configured_steps(tmp_path, t
 
 
 def test_config_refuses_unknown_eval_tasks():
-    with pytest.raises(ConfigError, match="train.eval_tasks: unknown task 'hellaswagg'; known tasks: hellaswag"):
+    with pytest.raises(ConfigError, match=r"train.eval_tasks: unknown task 'hellaswagg' \(did you mean "
+                                          r"'hellaswag'\?\); known tasks: hellaswag"):
         tiny_config("train.eval_tasks=[hellaswagg]")
     assert tiny_config("train.eval_tasks=hellaswag,piqa").train.eval_tasks == ("hellaswag", "piqa")
 

@@ -9,6 +9,7 @@ the last word (`" " + word`) after the rest of the passage.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import pathlib
 import re
 from collections.abc import Callable
@@ -135,7 +136,9 @@ def parse_task_names(specs: list[str]) -> list[str]:
         if kind == GENERIC and not path:
             raise ConfigError(f"task {name!r} needs its file: {GENERIC}=FILE.jsonl")
         if kind != GENERIC and name not in KNOWN:
-            raise ConfigError(f"unknown task {name!r}; known tasks: {known_names()}")
+            close = difflib.get_close_matches(name, [*KNOWN, GENERIC], n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown task {name!r}{hint}; known tasks: {known_names()}")
     if len(set(names)) != len(names):
         raise ConfigError(f"a task is named twice in {','.join(names)}")
     return names
