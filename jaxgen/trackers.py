@@ -210,6 +210,12 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+def moved(name: str, before: str, now: str, tracker: str) -> None:
+    """A resumed run whose tracker settings changed: it cannot continue the tracker's run, and says so."""
+    log.warning("logging.%s: this run's %s run was at %s, and is now set to %s: a new %s run is opened there, and "
+                "the steps logged so far stay in the earlier one", name, tracker, before, now, tracker)
+
+
 class WandbTracker:
     """A W&B run; its files (offline too) under RUN_DIR/wandb."""
 
@@ -219,6 +225,8 @@ class WandbTracker:
         import wandb
 
         self.continued = bool(stored and stored.get("project") == cfg.project)
+        if stored and not self.continued:
+            moved(self.name, f"project {stored.get('project')!r}", f"project {cfg.project!r}", "W&B")
         try:
             self.run = wandb.init(project=cfg.project, name=cfg.name or run_dir.absolute().name, mode=cfg.mode,
                                   dir=str(run_dir.absolute()), config=params,
@@ -281,6 +289,9 @@ class MlflowTracker:
             # MLflow 3 keeps its file store behind an opt-in; configuring a file: URI is that opt-in.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.continued = bool(stored and stored.get("tracking_uri") == uri and stored.get("experiment") == cfg.experiment)
+        if stored and not self.continued:
+            moved(self.name, f"tracking_uri {stored.get('tracking_uri')!r}, experiment {stored.get('experiment')!r}",
+                  f"tracking_uri {uri!r}, experiment {cfg.experiment!r}", "MLflow")
         try:
             self.client = MlflowClient(uri)
             if self.continued:

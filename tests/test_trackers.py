@@ -207,6 +207,22 @@ def test_a_tracker_that_cannot_start_is_refused_before_the_compile_and_leaves_no
     assert not (tmp_path / "run").exists()
 
 
+def test_a_resume_whose_tracker_settings_changed_says_that_a_new_run_is_opened(tmp_path, caplog):
+    """A resumed run given another MLflow tracking_uri opened a new MLflow run without a word of it."""
+    from jaxgen.config import MlflowConfig
+    from jaxgen.trackers import MlflowTracker
+
+    stored = {"tracking_uri": f"sqlite:///{tmp_path}/old.db", "experiment": "jaxgen", "run_id": "abc"}
+    with caplog.at_level(logging.WARNING, logger="jaxgen"):
+        tracker = MlflowTracker(MlflowConfig(tracking_uri=f"sqlite:///{tmp_path}/new.db"), tmp_path, {}, stored)
+    tracker.close("finished")
+    assert not tracker.continued
+    assert caplog.messages == [
+        f"logging.mlflow: this run's MLflow run was at tracking_uri 'sqlite:///{tmp_path}/old.db', experiment "
+        f"'jaxgen', and is now set to tracking_uri 'sqlite:///{tmp_path}/new.db', experiment 'jaxgen': a new MLflow "
+        "run is opened there, and the steps logged so far stay in the earlier one"]
+
+
 def test_trackers_are_off_unless_configured(tmp_path):
     from jaxgen.trackers import open_trackers
 
