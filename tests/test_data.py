@@ -10,6 +10,7 @@ import pytest
 
 from jaxgen.data.lm import build_lm_data, eval_batches, train_batches
 from jaxgen.data.packing import batch_rows, pack_documents
+from jaxgen.data import pipeline as data_pipeline
 from jaxgen.data.pipeline import merged_position
 from jaxgen.data.sources import mixed_documents, one_pass_documents, open_documents
 from jaxgen.data.splits import HoldOut, Shard
@@ -206,10 +207,9 @@ def test_held_out_noise_and_times_do_not_depend_on_the_process_count(config, mon
 
     cfg = load_config(REPO / "configs" / f"{config}.yaml", ["data.batch_size=8"])
     task = make_task(cfg)
-    module = __import__(type(task).__module__, fromlist=["this_process"])
 
     def held_out(shard: Shard) -> list[dict]:
-        monkeypatch.setattr(module, "this_process", lambda: shard)
+        monkeypatch.setattr(data_pipeline, "this_process", lambda: shard)
         rows = 8 // shard.count
         return task.with_fixed_noise([{"labels": np.arange(rows) + shard.index * rows} for _ in range(3)])
 

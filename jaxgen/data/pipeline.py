@@ -130,6 +130,12 @@ def process_rows(global_batch: int, shard: Shard) -> slice:
     return slice(shard.index * per, (shard.index + 1) * per)
 
 
+def this_process_rows(values: np.ndarray) -> np.ndarray:
+    """This process's rows of `values`, drawn for a whole global batch: the same numbers, whatever the number
+    of processes that share the batch."""
+    return values[process_rows(len(values), this_process())]
+
+
 def padded(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
     """`batch` with rows of zeros added up to `rows`: the end of a finite set, given zero weight."""
     return {name: np.pad(field, [(0, rows - len(field))] + [(0, 0)] * (field.ndim - 1)) for name, field in batch.items()}

@@ -28,7 +28,7 @@ from jaxgen.chunks import chunk_size, map_chunks
 from jaxgen.config import Config, with_overrides
 from jaxgen.data.image_data import ImageData, build_image_data
 from jaxgen.data.images import ImageSet
-from jaxgen.data.pipeline import process_rows, this_process
+from jaxgen.data.pipeline import this_process_rows
 from jaxgen.diffusion.grid import image_grid, save_png
 from jaxgen.diffusion.objectives import make_objective
 from jaxgen.diffusion.samplers import make_sampler
@@ -127,12 +127,12 @@ class DiffusionTask:
     def with_fixed_noise(self, batches: list[dict]) -> list[dict]:
         """Row i of every global held-out batch is scored at grid time i mod K, with noise fixed by the data seed;
         each process keeps its rows of both, so the held-out loss is the same on any number of processes."""
-        rng = np.random.default_rng([self.cfg.data.seed, 1])
-        rows, mine = self.cfg.data.batch_size, process_rows(self.cfg.data.batch_size, this_process())
+        rng, rows = np.random.default_rng([self.cfg.data.seed, 1]), self.cfg.data.batch_size
         m = self.cfg.model  # the model's input: latents when the batch holds images to encode
-        t = self.objective.eval_times(self.cfg.diffusion.eval_timesteps, rows)[mine]
-        return [{**batch, "t": t, "noise": rng.standard_normal((rows, m.image_size, m.image_size, m.channels))
-                 .astype(np.float32)[mine]} for batch in batches]
+        t = this_process_rows(self.objective.eval_times(self.cfg.diffusion.eval_timesteps, rows))
+        shape = (rows, m.image_size, m.image_size, m.channels)
+        return [{**batch, "t": t, "noise": this_process_rows(rng.standard_normal(shape).astype(np.float32))}
+                for batch in batches]
 
     def keep_frozen(self, run_dir: pathlib.Path) -> None:
         """A new run keeps what it needs of its frozen text encoder's run (config.yaml keeps the autoencoder's)."""

@@ -24,7 +24,7 @@ import numpy as np
 from jaxgen.chunks import map_chunks
 from jaxgen.config import Config
 from jaxgen.data.image_data import ImageData, build_image_data
-from jaxgen.data.pipeline import process_rows, this_process
+from jaxgen.data.pipeline import this_process_rows
 from jaxgen.diffusion.grid import image_grid, save_png
 from jaxgen.models.gan import Discriminator, Generator, discriminator_flops, generator_flops
 from jaxgen.tasks.adversarial import discriminator_loss, generator_loss, r1_penalty
@@ -109,10 +109,9 @@ class GANTask:
     def with_fixed_noise(self, batches: list[dict]) -> list[dict]:
         """Each held-out batch with the generator's noise, fixed by the data seed and drawn for the global batch,
         of which each process keeps its rows: the held-out loss is the same on any number of processes."""
-        rng = np.random.default_rng([self.cfg.data.seed, 2])
-        rows, mine = self.cfg.data.batch_size, process_rows(self.cfg.data.batch_size, this_process())
-        return [{**batch, "noise": rng.standard_normal((rows, self.cfg.model.noise_dim)).astype(np.float32)[mine]}
-                for batch in batches]
+        rng, rows = np.random.default_rng([self.cfg.data.seed, 2]), self.cfg.data.batch_size
+        return [{**batch, "noise": this_process_rows(rng.standard_normal((rows, self.cfg.model.noise_dim))
+                                                     .astype(np.float32))} for batch in batches]
 
     def inputs(self, data: ImageData) -> dict:
         return image_inputs(data)
