@@ -281,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_names() -> list[str]:
+    """The commands `jaxgen COMMAND` takes."""
+    [commands] = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]  # noqa: SLF001
+    return list(commands.choices)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Arguments, with KEY=VALUE overrides accepted anywhere after the command."""
     parser = build_parser()

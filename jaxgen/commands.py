@@ -157,7 +157,6 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 # The commands whose processes join one JAX run; any other would run once per process, side by side.
 MULTI_PROCESS_COMMANDS = ("train", "eval")
-SINGLE_PROCESS_COMMANDS = ("sample", "export", "import", "data", "tokenizer", "launch")
 
 
 def cmd_launch_local(args: argparse.Namespace) -> int:
@@ -166,14 +165,14 @@ def cmd_launch_local(args: argparse.Namespace) -> int:
     command = args.jaxgen_args[1:] if args.jaxgen_args[:1] == ["--"] else args.jaxgen_args
     if not command:
         raise ConfigError("jaxgen launch local: give the command after --, e.g. -- train --config configs/lm_tiny.yaml")
-    from jaxgen.cli import parse_args  # the parser names these handlers: imported here, when it is loaded
+    from jaxgen.cli import command_names, parse_args  # the parser names these handlers: imported here
 
     def refuse(name: str) -> None:
         raise UsageError(f"jaxgen launch local runs {' or '.join(MULTI_PROCESS_COMMANDS)}, whose processes join one "
                          f"run; not `jaxgen {name}`, which each process would run on its own, side by side")
 
-    if command[0] in SINGLE_PROCESS_COMMANDS:  # before its own arguments are checked, which would be beside the point
-        refuse(command[0])
+    if command[0] in command_names() and command[0] not in MULTI_PROCESS_COMMANDS:  # before its own arguments,
+        refuse(command[0])  # whose check would be beside the point
     launched = parse_args(command)  # a mistyped command is one line here, not one per process after they all started
     if launched.command not in MULTI_PROCESS_COMMANDS:
         refuse(" ".join(a for a in (launched.command, getattr(launched, "action", None)) if a))
