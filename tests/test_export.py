@@ -272,6 +272,7 @@ def test_a_result_scored_with_edited_model_settings_is_recorded_so_and_never_sho
     round: with config.yaml edited, the unedited result was shown from eval.jsonl, not scored)."""
     run_dir = tmp_path / "run"
     shutil.copytree(trained, run_dir)
+    (run_dir / "eval.jsonl").unlink(missing_ok=True)  # what other tests of the shared run scored
     config = run_dir / "config.yaml"
     text = config.read_text()
     [own] = evaluate_run(run_dir, all_steps=True)
