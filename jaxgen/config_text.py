@@ -60,10 +60,31 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-# YAML 1.1, which PyYAML follows, reads `1e-4` and `3e5` as strings (a float needs a dot and a signed exponent);
-# YAML 1.2 and every user reads them as numbers.
-_UniqueKeyLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+# Plain scalars are read as YAML 1.2's core schema reads them, not as YAML 1.1, which PyYAML follows: there
+# `1e-4` is a string (a float needs a dot and a signed exponent), `010` is 8 (octal), `1:30` is 90 (base 60),
+# `1_0` is 10, yes/no/on/off are booleans and 2024-01-31 a date, none of which a user means.
+_CORE_SCHEMA = {
+    "tag:yaml.org,2002:bool": (r"true|True|TRUE|false|False|FALSE", "tTfF"),
+    "tag:yaml.org,2002:int": (r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+", "-+0123456789"),
+    "tag:yaml.org,2002:float": (r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                                r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)", "-+0123456789."),
+}
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _CORE_SCHEMA and not tag.endswith(":timestamp")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _tag, (_pattern, _first) in _CORE_SCHEMA.items():
+    _UniqueKeyLoader.add_implicit_resolver(_tag, re.compile(f"^(?:{_pattern})$"), list(_first))
+
+
+def _core_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    for prefix, base in (("0o", 8), ("0x", 16)):
+        if text.startswith(prefix):
+            return int(text[2:], base)
+    return int(text, 10)  # `010` is ten
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _core_int)
 
 
 def load_yaml(text: str, where: str) -> Any:

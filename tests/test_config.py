@@ -70,6 +70,23 @@ def test_a_config_file_with_no_settings_is_refused(tmp_path, text):
         load_run_config(tmp_path / "run")
 
 
+@pytest.mark.parametrize("text, value", [
+    ("010", 10), ("1e-4", 1e-4), ("3e5", 3e5), ("0x1F", 31), ("0o17", 15), (".5", 0.5), ("-.inf", float("-inf")),
+    ("1:30", "1:30"), ("1_0", "1_0"), ("yes", "yes"), ("on", "on"), ("2024-01-31", "2024-01-31"), ("true", True),
+])
+def test_plain_scalars_are_read_as_yaml_1_2_reads_them(text, value):
+    """PyYAML follows YAML 1.1: `train.steps=010` trained 8 steps (octal), `train.seed=1:30` was 90 (base 60)."""
+    assert load_yaml(f"a: {text}", "t") == {"a": value}
+
+
+def test_a_leading_zero_or_a_colon_never_changes_a_setting(tmp_path):
+    assert tiny_config("train.steps=010").train.steps == 10
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  steps: 010\n  seed: 1:30\n")
+    with pytest.raises(ConfigError, match=r"'train.seed' = '1:30': Input should be a valid integer"):
+        load_config(config)
+
+
 def test_a_config_file_that_is_not_yaml_is_named_with_its_place_and_a_runs_own_with_what_to_do(tmp_path):
     """PyYAML's own text quoted '<unicode string>' twice and said nothing of where a run's settings are kept."""
     (tmp_path / "run").mkdir()
