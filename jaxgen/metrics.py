@@ -355,32 +355,41 @@ class TensorBoardFile:
 
     def __init__(self, directory: pathlib.Path, purge_step: int):
         tensorboardx()
-        from tensorboardX.event_file_writer import EventsWriter
-        from tensorboardX.proto.event_pb2 import Event, SessionLog
-
-        directory.mkdir(parents=True, exist_ok=True)
-        self._events = EventsWriter(str(directory / "events"))
-        # TensorBoard hides the earlier files' events from purge_step on: a resumed run's steps appear once.
-        self._events.write_event(Event(wall_time=time.time(), step=purge_step,
-                                       session_log=SessionLog(status=SessionLog.START)))
+        self._directory, self._purge_step = directory, purge_step
+        self._events = None  # the file is made with the first record: a start refused before it leaves none
         self._last_flush = time.monotonic()
+
+    def _file(self):
+        if self._events is None:
+            from tensorboardX.event_file_writer import EventsWriter
+            from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+            self._directory.mkdir(parents=True, exist_ok=True)
+            self._events = EventsWriter(str(self._directory / "events"))
+            # TensorBoard hides the earlier files' events from purge_step on: a resumed run's steps appear once.
+            self._events.write_event(Event(wall_time=time.time(), step=self._purge_step,
+                                           session_log=SessionLog(status=SessionLog.START)))
+        return self._events
 
     def add_scalars(self, step: int, values: dict[str, float]) -> None:
         from tensorboardX.proto.event_pb2 import Event
         from tensorboardX.summary import scalar
 
+        events = self._file()
         for key, value in values.items():
-            self._events.write_event(Event(wall_time=time.time(), step=step, summary=scalar(key, value)))
+            events.write_event(Event(wall_time=time.time(), step=step, summary=scalar(key, value)))
         if time.monotonic() - self._last_flush > self.FLUSH_EVERY_S:
             self.flush()
 
     def flush(self) -> None:
-        self._events.flush()
+        if self._events is not None:
+            self._events.flush()
         self._last_flush = time.monotonic()
 
     def close(self) -> None:
-        self.flush()
-        self._events.close()
+        if self._events is not None:
+            self.flush()
+            self._events.close()
 
 
 def read_metrics(path: pathlib.Path) -> list[dict]:

@@ -227,10 +227,6 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
     progress = Progress(state=state, last_saved=resumed.step if resumed is not None else None)
     trackers = open_trackers(cfg, run_dir, resumed_at=progress.last_saved)  # first: it reads what the writer drops
     writer = closing.enter_context(MetricsWriter(run_dir, cfg.logging.tensorboard, progress.last_saved, trackers))
-    if jax.process_index() == 0:  # only once the state is known to fit: a refused resume changes nothing
-        write_atomic(run_dir / "config.yaml", cfg.to_yaml())
-        if resumed is None:
-            keep_frozen_inputs(task, run_dir)
     start_step = int(state.step)
     n_params = sum(int(x.size) for x in jax.tree.leaves(layout.abstract.params))
     log.info("model: %s parameters", f"{n_params:,}")
@@ -243,6 +239,12 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
         train_step = training.train_step.lower(state, batch).compile()
         log.info("compiled in %.1fs", time.perf_counter() - compile_start)
     compile_s = time.perf_counter() - compile_start
+    # Only once the state fits and the step compiles: a refused resume changes nothing, and a refused start (a
+    # sharding the model's shapes do not split over, found by the compile) leaves no config a rerun would read.
+    if jax.process_index() == 0:
+        write_atomic(run_dir / "config.yaml", cfg.to_yaml())
+        if resumed is None:
+            keep_frozen_inputs(task, run_dir)
     clock.mark("compile")
 
     # ------------------------------------------------------------------ actions
