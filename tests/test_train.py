@@ -120,3 +120,16 @@ def test_schedule_warms_up_then_decays_to_the_floor(decay):
     np.testing.assert_allclose(values[10], cfg.lr, rtol=1e-6)
     assert all(a >= b for a, b in zip(values[10:], values[11:]))
     np.testing.assert_allclose(values[100], cfg.lr * 0.1, rtol=1e-5)
+
+
+def test_a_sample_prompt_longer_than_the_context_is_refused_before_any_step(tmp_path):
+    """It was refused only by the end-of-run sample, after every step was trained: no summary.json, and the same
+    command failed the same way again."""
+    from jaxgen.errors import ConfigError
+    from jaxgen.train.loop import train
+
+    with pytest.raises(ConfigError, match=r"^train.sample_prompt is \d+ tokens with BOS, which fills the model's "
+                                          r"context \(model.max_seq_len=64\); shorten it, or set "
+                                          r"train.sample_tokens=0"):
+        train(tiny_config("train.sample_prompt=" + "And God said " * 30), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

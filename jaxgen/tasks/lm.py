@@ -51,7 +51,15 @@ class LanguageModelTask(OneTextModel):
         return flops_per_token(self.cfg.model, self.cfg.data.seq_len)
 
     def make_data(self, run_dir: pathlib.Path) -> LMData:
-        return build_lm_data(self.cfg, run_dir)
+        data = build_lm_data(self.cfg, run_dir)
+        train = self.cfg.train
+        if train.sample_tokens:  # the end-of-run sample's prompt, refused before any step rather than after all
+            ids = [data.tokenizer.bos_id, *data.tokenizer.encode([train.sample_prompt])[0]]
+            if len(ids) >= self.cfg.model.max_seq_len:
+                raise ConfigError(f"train.sample_prompt is {len(ids)} tokens with BOS, which fills the model's context "
+                                  f"(model.max_seq_len={self.cfg.model.max_seq_len}); shorten it, or set "
+                                  "train.sample_tokens=0 for no sample")
+        return data
 
     # ------------------------------------------------------------------ samples, evaluation, generation
     def sample(self, weights: Weights, data: LMData, run_dir: pathlib.Path, step: int | None) -> dict:
