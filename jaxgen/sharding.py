@@ -53,6 +53,9 @@ def resolve_rules(preset: str, custom: Mapping[str, str | list[str] | None] | No
                 raise ConfigError(
                     f"sharding.rules.{logical}: unknown mesh axis {axis!r}; valid: {', '.join(MESH_AXES)}"
                 )
+        if isinstance(axes, tuple) and len(set(axes)) < len(axes):
+            raise ConfigError(f"sharding.rules.{logical}: {list(axes)} names a mesh axis twice; an array dimension is "
+                              "split over each axis once (give each at most once)")
         rules[logical] = axes
     return rules
 

@@ -103,3 +103,12 @@ def test_indivisible_heads_name_the_activation_axis(devices):
     batch = to_global(random_batches(cfg, 1)[0], training.mesh)
     with pytest.raises(ValueError, match=r"activation .*act_heads.*\(\d+, 64, 4, 16\).*\('tensor',\).*4 is not divisible by 8"):
         training.train_step.lower(training.init_state(), batch)
+
+
+def test_a_rule_naming_a_mesh_axis_twice_is_one_line():
+    """`sharding.rules.mlp=[fsdp,fsdp]` failed as `unexpected DuplicateSpecError`, exit 1, naming no setting."""
+    from jaxgen.sharding import resolve_rules
+
+    with pytest.raises(ConfigError, match=r"^sharding.rules.mlp: \['fsdp', 'fsdp'\] names a mesh axis twice"):
+        resolve_rules("fsdp", {"mlp": ["fsdp", "fsdp"]})
+    assert resolve_rules("fsdp", {"mlp": ["data", "fsdp"]})["mlp"] == ("data", "fsdp")
