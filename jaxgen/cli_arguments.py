@@ -8,6 +8,7 @@ import math
 import os
 import pathlib
 import re
+import sys
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -143,5 +144,10 @@ def directory_to_write(text: str) -> str:
     new files (whether it may already exist is the command's own check)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path; give a directory")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a non-UTF-8 locale's bytes: the checkpoint writer takes only UTF-8 paths
+        raise argparse.ArgumentTypeError(f"{text!r} is not a UTF-8 path (the locale is {sys.getfilesystemencoding()}); "
+                                         "set a UTF-8 locale (e.g. LANG=C.UTF-8) or give another path") from None
     refuse_unwritable_place(text, directory=True)
     return text

@@ -21,20 +21,23 @@ from jaxgen.config import RUN_CONFIG_DAMAGED, load_config
 from jaxgen.errors import ConfigError, UsageError
 from jaxgen.interrupts import advise, again, name_the_run_dir, streamed
 
+RUNS_FOLDER = "runs"  # where a train without --run-dir puts its run, under the working directory
+
 
 def default_run_dir(config_path: str | None) -> pathlib.Path:
     name = pathlib.Path(config_path).stem if config_path else "lm_default"
-    return pathlib.Path("runs") / f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    return pathlib.Path(RUNS_FOLDER) / f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     startup = {"imports": time.time()}  # the phases before training starts, for the run's start-up times
     advise("; run the same command again to continue")  # stopped before the loop: it starts or resumes anew
-    if args.run_dir:
-        try:
-            directory_to_write(args.run_dir)
-        except argparse.ArgumentTypeError as err:
-            raise UsageError(f"--run-dir {err}") from None
+    try:
+        directory_to_write(args.run_dir or str(default_run_dir(args.config).parent))
+    except argparse.ArgumentTypeError as err:
+        given = "--run-dir" if args.run_dir else f"--run-dir (left out: a new run under {RUNS_FOLDER!r})"
+        raise UsageError(f"{given} {err}{'' if args.run_dir else '; give --run-dir in a folder you can write'}") \
+            from None
     config, damaged_advice = args.config, None
     if config is None and args.run_dir and (pathlib.Path(args.run_dir) / "config.yaml").is_file():
         config = str(pathlib.Path(args.run_dir) / "config.yaml")  # a run continues with its own settings
@@ -49,7 +52,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     run_dir = pathlib.Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
     # Processes start seconds apart; all must use process 0's timestamped default.
-    run_dir = pathlib.Path(distributed.bytes_from_process_0(str(run_dir).encode()).decode())
+    run_dir = pathlib.Path(os.fsdecode(distributed.bytes_from_process_0(os.fsencode(run_dir))))  # any path's bytes
     if not args.run_dir:  # the same command would start a new run: a stop's advice names this one
         name_the_run_dir(str(run_dir))
         advise(f"; {again()} to continue")

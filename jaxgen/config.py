@@ -46,7 +46,7 @@ from jaxgen.config_optimizer import OptimizerConfig
 from jaxgen.config_section import MAX_SEED
 from jaxgen.config_section import Section as _Section
 from jaxgen.config_text import MAX_CONFIG_BYTES, deep_merge, excerpt, load_yaml, parse_overrides
-from jaxgen.errors import ConfigError
+from jaxgen.errors import ConfigError, describe_os_error
 
 
 class MeshConfig(_Section):
@@ -443,13 +443,20 @@ def load_config(path: str | pathlib.Path | None = None, overrides: list[str] = (
         if path.is_dir():
             raise ConfigError(f"config file {str(path)!r} is a directory; give a YAML file, "
                               "e.g. configs/lm_tiny.yaml")
-        if not path.is_file():
+        if str(path) == "-":
+            raise ConfigError("--config - (standard input) is not read; give a YAML file, e.g. configs/lm_tiny.yaml")
+        if not path.exists():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"config file {str(path)!r} is {path.stat().st_size:,} bytes; "
+        try:  # a pipe (`--config <(...)`) or a device reads as a file does; its size is known once read
+            with path.open("rb") as f:
+                data = f.read(MAX_CONFIG_BYTES + 1)
+        except OSError as err:
+            raise ConfigError(f"config file {str(path)!r} cannot be read ({describe_os_error(err)})") from None
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {str(path)!r} is over {MAX_CONFIG_BYTES:,} bytes; "
                               f"a config is a few kB (at most {MAX_CONFIG_BYTES:,})")
         try:
-            text = path.read_text()
+            text = data.decode("utf-8")
         except UnicodeDecodeError:
             raise ConfigError(f"config file {str(path)!r} is not UTF-8 text") from None
         try:

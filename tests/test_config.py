@@ -205,3 +205,31 @@ def test_changed_settings_name_each_key_with_both_values():
     assert changed_settings(before, before) == []
     assert changed_settings({"a": {"b": 1}}, {"a": {"b": 1, "c": [1]}, "d": None}) == ["a.c: (absent) -> [1]",
                                                                                       "d: (absent) -> null"]
+
+
+def test_a_config_given_as_a_pipe_or_a_device_is_read_and_standard_input_is_refused(tmp_path):
+    """`--config <(...)` (a pipe), `--config /dev/null` and `--config -` were each said not to exist."""
+    import os
+    import threading
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("train:\n  steps: 7\n"))
+    writer.start()
+    assert load_config(fifo).train.steps == 7
+    writer.join()
+    with pytest.raises(ConfigError, match=r"^config file '/dev/null' holds no settings"):
+        load_config("/dev/null")
+    with pytest.raises(ConfigError, match=r"^--config - \(standard input\) is not read; give a YAML file"):
+        load_config("-")
+
+
+def test_a_run_directory_that_is_not_utf_8_is_refused_before_anything_starts():
+    """In a non-UTF-8 locale, a non-ASCII --run-dir failed as `unexpected UnicodeEncodeError`, then (once past
+    that) as a checkpoint write the writer's C++ could not take."""
+    import argparse
+
+    from jaxgen.cli_arguments import directory_to_write
+
+    with pytest.raises(argparse.ArgumentTypeError, match=r"is not a UTF-8 path \(the locale is \S+\); set a UTF-8 "):
+        directory_to_write("runs/caf\udcc3\udca9")
