@@ -4,6 +4,7 @@ argument, the value and what would be valid, before any command runs."""
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import os
 import pathlib
@@ -36,6 +37,10 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
+        # argparse's "invalid choice: 'trian' (choose from 'train', ...)": the choice meant, where one is close
+        if (wrong := re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)$", message)) is not None:
+            close = difflib.get_close_matches(wrong[1], re.findall(r"'([^']*)'", wrong[2]), n=1, cutoff=0.6)
+            message += f"; did you mean {close[0]!r}?" if close else ""
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 

@@ -525,3 +525,14 @@ def test_eval_refuses_a_step_and_all_together():
     with pytest.raises(UsageError, match=r"^--step 8 and --all choose the checkpoints twice; give --step N for one, "
                                          r"--all for every one$"):
         cmd_eval(build_parser().parse_args(["eval", "--run-dir", "r", "--step", "8", "--all"]))
+
+
+def test_a_mistyped_command_gets_a_did_you_mean():
+    from jaxgen.cli import parse_args
+    from jaxgen.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"invalid choice: 'trian' \(choose from .*\); did you mean 'train'\? "
+                                         r"\(see `jaxgen --help`\)$"):
+        parse_args(["trian"])
+    with pytest.raises(UsageError, match=r"invalid choice: 'xyz' \(choose from [^;]*\) \(see `jaxgen --help`\)$"):
+        parse_args(["xyz"])
