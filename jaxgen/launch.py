@@ -4,8 +4,9 @@ The same multi-controller program a cluster runs, on one host: each process
 gets M simulated CPU devices and the JAXGEN_* variables that `jaxgen.distributed`
 reads. Output lines are prefixed with the process index. When one process
 fails, the others are stopped (they could only wait for it); the launcher's
-exit status is the first failure's, and where that process only relayed another's
-failure (`jaxgen.peer_stops`), the launcher names the one that failed. SIGTERM / SIGINT to the launcher reach every
+exit status is the first failure's, and where that process only relayed
+another's failure (`jaxgen.peer_stops`), the launcher names the one that
+failed. SIGTERM / SIGINT to the launcher reach every
 process, so a run saves its checkpoint as it would under a cluster scheduler; a
 hang-up (SIGHUP: the terminal or SSH session closed) reaches them as SIGTERM, and
 the launcher keeps draining their output, wherever its own can no longer go, until
