@@ -214,10 +214,11 @@ def test_a_config_given_as_a_pipe_or_a_device_is_read_and_standard_input_is_refu
 
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
-    writer = threading.Thread(target=lambda: fifo.write_text("train:\n  steps: 7\n"))
+    # A daemon: were the pipe never opened for reading, the test would fail here, not hang on the writer.
+    writer = threading.Thread(target=lambda: fifo.write_text("train:\n  steps: 7\n"), daemon=True)
     writer.start()
     assert load_config(fifo).train.steps == 7
-    writer.join()
+    writer.join(timeout=10)
     with pytest.raises(ConfigError, match=r"^config file '/dev/null' holds no settings"):
         load_config("/dev/null")
     with pytest.raises(ConfigError, match=r"^--config - \(standard input\) is not read; give a YAML file"):
