@@ -46,6 +46,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from jaxgen.checkpoint_layout import CHECKSUMS, committed_steps, step_dirs
 from jaxgen.config import CheckpointConfig
 from jaxgen.distributed import from_every_process, stop_together
 from jaxgen.errors import (
@@ -64,7 +65,6 @@ from jaxgen.integrity import differing, json_digest, start_tree_digest, tree_dig
 log = logging.getLogger("jaxgen")
 
 DAMAGED_SUFFIX = ".damaged"
-CHECKSUMS = "jaxgen_checksums.json"
 _DELETING_PREFIX = ".deleting-"
 _ORBAX_TEMPORARY = ".orbax-checkpoint-tmp"
 
@@ -84,32 +84,6 @@ def _handlers(state_handler=None) -> dict:
         "data": ocp.JsonCheckpointHandler(),
         "meta": ocp.JsonCheckpointHandler(),
     }
-
-
-def checkpoint_dir(run_dir: pathlib.Path) -> pathlib.Path:
-    return pathlib.Path(run_dir).absolute() / "checkpoints"
-
-
-def committed_steps(directory: pathlib.Path) -> list[int]:
-    """Steps committed with their checksums: the only ones anybody reads."""
-    return [step for step in _step_dirs(directory) if (pathlib.Path(directory) / str(step) / CHECKSUMS).is_file()]
-
-
-def checkpoint_digest(directory: pathlib.Path, step: int) -> str | None:
-    """What tells checkpoint `step` from another saved at the same step (by a run continued from an earlier
-    checkpoint with other settings): the start of its checksums' digest; None where they cannot be read."""
-    try:
-        return str(json.loads((pathlib.Path(directory) / str(step) / CHECKSUMS).read_bytes())["self_sha256"])[:16]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _step_dirs(directory: pathlib.Path) -> list[int]:
-    """Every plainly numbered step directory (Orbax's atomic rename gave it its number)."""
-    directory = pathlib.Path(directory)
-    if not directory.is_dir():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
 
 
 @dataclasses.dataclass
@@ -193,7 +167,7 @@ class Checkpointer:
     # ------------------------------------------------------------------ save
     def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
         """Start an asynchronous save; returns once the arrays are copied off the devices."""
-        if step in _step_dirs(self.directory):
+        if step in step_dirs(self.directory):
             return
         digests = start_tree_digest(state)  # queued before the caller's next step can donate the arrays
         shapes = {path: {"shape": list(leaf.shape), "dtype": str(leaf.dtype)}
@@ -317,7 +291,7 @@ class Checkpointer:
     # ------------------------------------------------------------------ restore
     def steps(self) -> list[int]:
         """Every numbered step directory, committed with checksums or not (the writer's view)."""
-        return _step_dirs(self.directory)
+        return step_dirs(self.directory)
 
     def restore(self, target: Any, step: int) -> Restored:
         """Checkpoint `step` read into `target`'s shardings and verified.

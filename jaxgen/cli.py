@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint = Parser(add_help=False)
     checkpoint.add_argument("--run-dir", type=path_given("a run directory"), required=True, metavar="DIR",
                             help="a run directory with checkpoints")
-    checkpoint.add_argument("--step", type=int, metavar="N", help="checkpoint step (default: the newest)")
+    checkpoint.add_argument("--step", type=non_negative_int, metavar="N", help="checkpoint step (default: the newest)")
 
     evaluate = commands.add_parser("eval", parents=[checkpoint, devices, overrides],
                                    help="held-out loss, perplexity, bits per byte; or benchmark tasks (--tasks)")

@@ -20,6 +20,7 @@ from jaxgen.cli_arguments import directory_to_write
 from jaxgen.config import RUN_CONFIG_DAMAGED, load_config
 from jaxgen.errors import ConfigError, UsageError
 from jaxgen.interrupts import advise, again, name_the_run_dir, streamed
+from jaxgen.outputs.run_dir_check import check_outside_checkpoints, check_run_dir, check_step
 
 RUNS_FOLDER = "runs"  # where a train without --run-dir puts its run, under the working directory
 
@@ -197,6 +198,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                          "--all for every one")
     if args.task_data and not args.tasks:
         raise UsageError("--task-data names where benchmark tasks' files are; give the tasks with --tasks")
+    check_checkpoint_arguments(args)
     distributed.initialize(distributed_settings(args))
     if args.tasks:
         from jaxgen.evals.benchmark import evaluate_benchmarks, print_table
@@ -219,6 +221,7 @@ SAMPLE_OPTIONS = ("prompt", "negative_prompt", "temperature", "top_k", "top_p", 
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    check_checkpoint_arguments(args)
     from jaxgen.outputs.sample import sample_run
 
     given = {name: getattr(args, name) for name in SAMPLE_OPTIONS}
@@ -240,6 +243,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    check_checkpoint_arguments(args)
+    check_outside_checkpoints(args.out, "--out")
     from jaxgen.outputs.export import export_run
 
     out = export_run(args.run_dir, args.out, args.format, args.dtype, args.step, args.overrides)
@@ -262,6 +267,15 @@ def cmd_import(args: argparse.Namespace) -> int:
     where = shlex.quote(str(out))  # a line to paste into a shell, whatever the path holds
     print(f"imported into {out}; fine-tune with checkpoint.init_from={where} data.tokenizer={where}")
     return 0
+
+
+def check_checkpoint_arguments(args: argparse.Namespace) -> None:
+    """`--run-dir` is a run, holding checkpoint `--step` where one is given: a mistake there is named at once,
+    not after JAX's import. A run with no checkpoint yet is named so later, after the options are checked
+    against its model; the run is checked again as it is opened (it may be training meanwhile)."""
+    check_run_dir(args.run_dir)
+    if args.step is not None:
+        check_step(pathlib.Path(args.run_dir), args.step)
 
 
 def distributed_settings(args: argparse.Namespace) -> distributed.DistributedSettings:

@@ -164,7 +164,8 @@ def saved_state(run_dir: pathlib.Path, step: int):
     """The whole train state of checkpoint `step` of a run, on the host (for bit-exact resume checks)."""
     import jax
 
-    from jaxgen.checkpoint import Checkpointer, checkpoint_dir
+    from jaxgen.checkpoint import Checkpointer
+    from jaxgen.checkpoint_layout import checkpoint_dir
     from jaxgen.config import load_config
     from jaxgen.sharding import make_mesh
     from jaxgen.train.build import build_training

@@ -17,7 +17,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxgen.checkpoint import Checkpointer, DamagedCheckpoint, _damage_as_error, checkpoint_dir, restore_subtree
+from jaxgen.checkpoint import Checkpointer, DamagedCheckpoint, _damage_as_error, restore_subtree
+from jaxgen.checkpoint_layout import checkpoint_dir
 from jaxgen.config import load_config
 from jaxgen.data.pipeline import to_global
 from jaxgen.errors import EXIT_PREEMPTED, CheckpointError, NonFiniteError

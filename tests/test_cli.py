@@ -1,6 +1,7 @@
 """Every mistake a user makes on the command line is one clear line: no traceback, no hang, the value named."""
 
 import errno
+import json
 import logging
 import os
 import pathlib
@@ -536,3 +537,31 @@ def test_a_mistyped_command_gets_a_did_you_mean():
         parse_args(["trian"])
     with pytest.raises(UsageError, match=r"invalid choice: 'xyz' \(choose from [^;]*\) \(see `jaxgen --help`\)$"):
         parse_args(["xyz"])
+
+
+def test_a_wrong_run_dir_step_or_export_target_is_refused_before_jax_starts(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "2").mkdir(parents=True)
+    (run / "config.yaml").write_text(TINY_CONFIG.read_text())
+    (run / "checkpoints" / "2" / "jaxgen_checksums.json").write_text("{}")  # committed, as far as names go
+    (run / "checkpoints" / "5").mkdir()  # a save in progress: not a checkpoint yet
+    commands = [
+        (["sample", "--run-dir", str(run), "--step", "5"],
+         f"run directory '{run}' has no checkpoint for step 5; available: [2]"),
+        (["eval", "--run-dir", str(run), "--step", "99"],
+         f"run directory '{run}' has no checkpoint for step 99; available: [2]"),
+        (["eval", "--run-dir", str(run / "checkpoints" / "2")],
+         f"'{run / 'checkpoints' / '2'}' is a checkpoint of run '{run}', not a run directory; give --run-dir "
+         f"'{run}' --step 2"),
+        (["sample", "--run-dir", str(tmp_path / "nowhere")], f"run directory '{tmp_path / 'nowhere'}' does not exist"),
+        (["export", "--run-dir", str(run), "--out", str(run / "checkpoints" / "99")],
+         f"--out '{run / 'checkpoints' / '99'}' is inside the checkpoints of run '{run}', which the run renames "
+         "and deletes; give a directory outside them"),
+    ]
+    script = ("import json, sys\nfrom jaxgen.cli import main\n"
+              "print(json.dumps([main(argv) for argv in json.loads(sys.argv[1])] + ['jax' in sys.modules]))")
+    result = subprocess.run([sys.executable, "-c", script, json.dumps([argv for argv, _ in commands])],
+                            env=cli_env(1), capture_output=True, text=True, timeout=120)
+    assert json.loads(result.stdout) == [2] * len(commands) + [False]  # JAX was never imported
+    assert error_lines(result.stderr) == [f"jaxgen: error: {says}" for _, says in commands]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2", "5"]

@@ -11,7 +11,8 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxgen.checkpoint import Checkpointer, DamagedCheckpoint, committed_steps, read_failure, restore_subtree
+from jaxgen.checkpoint import Checkpointer, DamagedCheckpoint, read_failure, restore_subtree
+from jaxgen.checkpoint_layout import committed_steps
 from jaxgen.config import CheckpointConfig
 from jaxgen.errors import CheckpointError, NonFiniteError
 from jaxgen.integrity import _digests, _packs, all_finite, differing, tree_digest

@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 
 from jaxgen import files
-from jaxgen.checkpoint import checkpoint_dir, committed_steps, restore_subtree
+from jaxgen.checkpoint import restore_subtree
+from jaxgen.checkpoint_layout import checkpoint_dir, committed_steps
 from jaxgen.config import load_config
 from jaxgen.errors import DirectoryInUse, describe
 from jaxgen.files import building
@@ -490,7 +491,7 @@ def test_eval_all_scores_anew_a_step_saved_again_since_its_result(straight, toke
 def test_a_result_names_the_checkpoint_it_scored_though_retention_deleted_it_meanwhile(straight, tmp_path):
     """`eval --all` while the run trained with checkpoint.keep=1 recorded `"checkpoint": null`: the step was
     deleted while it was scored, and its digest was read only afterwards."""
-    from jaxgen.checkpoint import checkpoint_digest
+    from jaxgen.checkpoint_layout import checkpoint_digest
     from jaxgen.outputs.runs import each_checkpoint, scored_checkpoint
 
     run_dir = tmp_path / "run"

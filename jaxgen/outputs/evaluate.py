@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxgen import strict_json
-from jaxgen.checkpoint import checkpoint_digest, checkpoint_dir, committed_steps
+from jaxgen.checkpoint_layout import checkpoint_digest, checkpoint_dir, committed_steps
 from jaxgen.data.pipeline import padded, to_global
 from jaxgen.distributed import bytes_from_process_0
 from jaxgen.errors import DirectoryInUse

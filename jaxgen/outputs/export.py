@@ -29,7 +29,8 @@ from jaxgen.errors import ExportError
 from jaxgen.files import building
 from jaxgen.outputs.hf_families import HFTensor, flat_params, hf_config, hf_plan
 from jaxgen.outputs.hf_tokenizer import check_exportable, write_hf_tokenizer
-from jaxgen.outputs.runs import OpenedRun, load_run_config, open_run, require_checkpoint
+from jaxgen.outputs.run_dir_check import require_checkpoint
+from jaxgen.outputs.runs import OpenedRun, load_run_config, open_run
 from jaxgen.outputs.safetensors_stream import write_sharded
 from jaxgen.tasks.layout import MAIN_GROUP
 

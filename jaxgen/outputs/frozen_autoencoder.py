@@ -20,7 +20,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxgen.checkpoint import CheckpointError, checkpoint_dir, committed_steps, read_step_meta
+from jaxgen.checkpoint import CheckpointError, read_step_meta
+from jaxgen.checkpoint_layout import checkpoint_dir, committed_steps
 from jaxgen.chunks import map_chunks
 from jaxgen.config import AutoencoderConfig
 from jaxgen.diffusion.latents import checked_scale, decode_latents, encode_latents, params_digest

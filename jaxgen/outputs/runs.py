@@ -19,21 +19,14 @@ from collections.abc import Callable, Iterable, Iterator
 
 from jax.sharding import Mesh
 
-from jaxgen.checkpoint import (
-    Checkpointer,
-    DamagedCheckpoint,
-    checkpoint_digest,
-    checkpoint_dir,
-    committed_steps,
-    on_every_process,
-    read_step_meta,
-    restore_subtree,
-)
+from jaxgen.checkpoint import Checkpointer, DamagedCheckpoint, on_every_process, read_step_meta, restore_subtree
+from jaxgen.checkpoint_layout import checkpoint_digest, checkpoint_dir, committed_steps
 from jaxgen.config import RUN_CONFIG_DAMAGED, Config, changed_settings, load_config
 from jaxgen.data.tokenizer import kept_tokenizer_files, load_tokenizer, tokenizer_file_in
 from jaxgen.device_memory import check_fits
 from jaxgen.distributed import stop_together
-from jaxgen.errors import CheckpointError, CheckpointWriteError, ConfigError, listed
+from jaxgen.errors import CheckpointError, CheckpointWriteError, listed
+from jaxgen.outputs.run_dir_check import check_run_dir, check_step, require_checkpoint
 from jaxgen.sharding import make_mesh, resolve_rules
 from jaxgen.tasks import Task, Weights, make_task
 from jaxgen.tasks.layout import ModelLayout, compile_eval_step, plan_models
@@ -79,27 +72,8 @@ def load_run_config(run_dir: str | pathlib.Path, overrides: list[str] = ()) -> C
 
 
 def _load_run_config(run_dir: pathlib.Path, overrides: list[str]) -> Config:
-    if not run_dir.is_dir():
-        raise ConfigError(f"run directory {str(run_dir)!r} " + ("is a file" if run_dir.exists() else "does not exist"))
-    if not (run_dir / "config.yaml").is_file():
-        owner = run_dir.absolute().parent.parent
-        if run_dir.absolute().parent.name == "checkpoints" and (owner / "config.yaml").is_file():
-            run = run_dir.parent.parent
-            raise ConfigError(f"{str(run_dir)!r} is a checkpoint of run {str(run)!r}, not a run directory; give "
-                              f"--run-dir {str(run)!r}" + (f" --step {run_dir.name}" if run_dir.name.isdigit() else ""))
-        if run_dir.absolute().name == "checkpoints" and (run_dir.absolute().parent / "config.yaml").is_file():
-            raise ConfigError(f"{str(run_dir)!r} holds the checkpoints of run {str(run_dir.parent)!r}; give --run-dir "
-                              f"{str(run_dir.parent)!r}")
-        raise ConfigError(f"{str(run_dir)!r} is not a jaxgen run directory (no config.yaml)")
+    check_run_dir(run_dir)
     return load_config(run_dir / "config.yaml", [*DEFAULT_MESH, *overrides], RUN_CONFIG_DAMAGED)
-
-
-def require_checkpoint(run_dir: pathlib.Path) -> list[int]:
-    """The run's committed steps; none is an error, which readers report before anything else about the run."""
-    steps = committed_steps(checkpoint_dir(run_dir))
-    if not steps:
-        raise CheckpointError(f"run directory {str(run_dir)!r} holds no checkpoint")
-    return steps
 
 
 def read_params(run_dir: pathlib.Path, step: int | None, target: dict) -> tuple[dict, int, str | None, list[str]]:
@@ -108,11 +82,7 @@ def read_params(run_dir: pathlib.Path, step: int | None, target: dict) -> tuple[
     with the step read, the checkpoint's digest and config.yaml's model settings unlike those it was trained with."""
     directory = checkpoint_dir(run_dir)
     while True:
-        steps = require_checkpoint(run_dir)
-        wanted = steps[-1] if step is None else step
-        if wanted not in steps:
-            raise CheckpointError(f"run directory {str(run_dir)!r} has no checkpoint for step {wanted}; "
-                                  f"available: {steps}")
+        wanted = check_step(run_dir, step)
         try:
             edits = check_against_checkpoint(run_dir, wanted)  # in here: retention may delete the step meanwhile
             digest = checkpoint_digest(directory, wanted)

@@ -20,7 +20,8 @@ from jaxgen.diffusion.samplers import max_sample_steps, samplers_for
 from jaxgen.distributed import stop_together
 from jaxgen.errors import UsageError
 from jaxgen.files import written_together
-from jaxgen.outputs.runs import load_run_config, open_run, require_checkpoint
+from jaxgen.outputs.run_dir_check import require_checkpoint
+from jaxgen.outputs.runs import load_run_config, open_run
 from jaxgen.tasks import make_task
 from jaxgen.tasks.image_outputs import requested_labels
 

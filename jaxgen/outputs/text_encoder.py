@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxgen.checkpoint import checkpoint_dir, committed_steps
+from jaxgen.checkpoint_layout import checkpoint_dir, committed_steps
 from jaxgen.chunks import chunk_size, map_chunks
 from jaxgen.config import Config
 from jaxgen.data.tokenizer import Tokenizer, keep_tokenizer, load_tokenizer

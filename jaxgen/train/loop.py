@@ -25,7 +25,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from jaxgen import __version__, strict_json
 from jaxgen.allocator import loaded_allocator
-from jaxgen.checkpoint import Checkpointer, checkpoint_dir, restore_subtree
+from jaxgen.checkpoint import Checkpointer, restore_subtree
+from jaxgen.checkpoint_layout import checkpoint_dir
 from jaxgen.config import Config, as_saved_now, changed_settings
 from jaxgen.data.fingerprint import changed_files, data_files, refuse_other_files_than_process_0
 from jaxgen.data.lockstep import next_in_lockstep

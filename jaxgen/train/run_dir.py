@@ -24,14 +24,8 @@ from collections.abc import Iterator
 
 import jax
 
-from jaxgen.checkpoint import (
-    Checkpointer,
-    CheckpointMismatch,
-    Restored,
-    checkpoint_dir,
-    committed_steps,
-    read_step_meta,
-)
+from jaxgen.checkpoint import Checkpointer, CheckpointMismatch, Restored, read_step_meta
+from jaxgen.checkpoint_layout import checkpoint_dir, committed_steps
 from jaxgen.config import Config, as_saved_now, changed_settings, load_config
 from jaxgen.data.tokenizer import kept_tokenizer_files, tokenizer_file_in
 from jaxgen.distributed import bytes_from_process_0, from_every_process
