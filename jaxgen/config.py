@@ -546,8 +546,8 @@ def _explain(err: pydantic.ValidationError) -> str:
             lines.append(
                 f"unknown config key '{dotted}'.{hint} Valid keys{' in ' + parent if parent else ''}: {', '.join(valid)}"
             )
-        elif e["type"] == "value_error":
-            lines.append(f"{dotted}: {e['msg'].removeprefix('Value error, ')}")
+        elif e["type"] == "value_error":  # a check across sections names its keys itself
+            lines.append(("" if not loc else f"{dotted}: ") + e["msg"].removeprefix("Value error, "))
         elif e["type"] == "union_tag_invalid":  # model.kind names no model family
             lines.append(f"{dotted}.kind={e['ctx']['tag']!r} is not a model kind; valid: {', '.join(MODEL_CONFIGS)}")
         else:

@@ -29,6 +29,16 @@ class Section(BaseModel):
             raise ValueError(f"{str(value).lower()} is a boolean; a number is expected here")
         return value
 
+    @pydantic.field_validator("*", mode="before")
+    @classmethod
+    def _whole_floats_jax_can_hold(cls, value: Any, info: pydantic.ValidationInfo) -> Any:
+        # `1e30` for an integer: named like `10**30`, not as pydantic's "exceeded maximum size" (beyond int64;
+        # smaller whole floats pydantic turns into the integers the bound below names).
+        if (isinstance(value, float) and value.is_integer() and abs(value) >= 2**63
+                and _wants_integer(cls.model_fields[info.field_name].annotation)):
+            raise ValueError(f"{value:g} is beyond {MAX_INT:,}, the largest integer JAX holds (int32)")
+        return value
+
     @pydantic.field_validator("*", mode="after")
     @classmethod
     def _integers_jax_can_hold(cls, value: Any, info: pydantic.ValidationInfo) -> Any:
@@ -41,10 +51,21 @@ class Section(BaseModel):
 
 def _wants_number(annotation: Any) -> bool:
     """Whether a field takes int or float values and never a boolean."""
+    found = _types_in(annotation)
+    return bool({int, float} & found) and bool not in found
+
+
+def _wants_integer(annotation: Any) -> bool:
+    """Whether a field takes int values and never a float."""
+    found = _types_in(annotation)
+    return int in found and float not in found
+
+
+def _types_in(annotation: Any) -> set:
     found: set = set()
     pending = [annotation]
     while pending:
         item = pending.pop()
         found.add(item)
         pending.extend(typing.get_args(item))
-    return bool({int, float} & found) and bool not in found
+    return found
