@@ -143,6 +143,24 @@ def refuse_unknown_rules(custom: Mapping[str, object] | None, parameter_axes: se
                           f"{', '.join(sorted(known))}")
 
 
+def idle_mesh_axes(mesh_sizes: Mapping[str, int], rules: Rules, parameter_axes: set[str]) -> list[str]:
+    """Mesh axes of more than one device that split neither the batch nor any parameter the model has: every
+    device along one computes what the others do."""
+    used = set(BATCH_AXES)
+    for logical in parameter_axes:
+        target = rules.get(logical)
+        used.update((target,) if isinstance(target, str) else target or ())
+    return [axis for axis in MESH_AXES if mesh_sizes.get(axis, 1) > 1 and axis not in used]
+
+
+def presets_splitting(axis: str) -> list[str]:
+    """The sharding presets that split some parameter over mesh axis `axis`."""
+    def names(target) -> tuple:
+        return (target,) if isinstance(target, str) else tuple(target or ())
+    return [name for name, rules in PRESETS.items()
+            if any(axis in names(target) for logical, target in rules.items() if logical not in ACTIVATION_AXES)]
+
+
 def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules: Rules, name_prefix: str = "") -> dict:
     """Pure dict of NamedShardings from the logical axes in each Variable's metadata.
 

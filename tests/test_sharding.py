@@ -91,6 +91,26 @@ def test_a_rule_for_an_axis_the_model_does_not_have_is_refused(devices):
         build_training(cfg, make_mesh(cfg.mesh, devices))
 
 
+def test_a_mesh_axis_that_splits_nothing_and_a_warmup_past_the_end_are_named(devices, caplog):
+    """`mesh.tensor=2` with the fsdp preset made 2 devices compute the same, and a warmup longer than the run
+    was cut to it, both without a word."""
+    idle = tiny_config("sharding.preset=fsdp", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "train.steps=3",
+                       "optimizer.warmup_steps=10")
+    with caplog.at_level("WARNING", logger="jaxgen"):
+        build_training(idle, make_mesh(idle.mesh, devices))
+    assert [record.getMessage() for record in caplog.records] == [
+        "optimizer.warmup_steps=10 is more than train.steps=3: the learning rate warms up over all 3 steps and never "
+        "decays",
+        "mesh.tensor=2: sharding.preset=fsdp splits no parameter of this model over the tensor axis, so its 2 devices "
+        "all compute the same; give them to mesh.data, or use sharding.preset=tp or fsdp_tp (or sharding.rules)"]
+    caplog.clear()
+    split = tiny_config("sharding.preset=fsdp_tp", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "train.steps=3",
+                        "optimizer.warmup_steps=3")
+    with caplog.at_level("WARNING", logger="jaxgen"):
+        build_training(split, make_mesh(split.mesh, devices))
+    assert caplog.records == []
+
+
 def test_indivisible_parameter_names_path_and_axes(devices):
     cfg = tiny_config("sharding.preset=tp", "mesh.data=1", "mesh.tensor=8", "model.d_ff=100")
     with pytest.raises(ValueError, match=r"parameter layers/mlp/w_down/kernel of shape \(2, 100, 64\).*\('tensor',\).*not divisible by 8"):

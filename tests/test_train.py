@@ -1,6 +1,7 @@
 """The user's story: train through the CLI, see the loss fall, find the run's files."""
 
 import json
+import re
 
 import jax
 import numpy as np
@@ -133,3 +134,15 @@ def test_a_sample_prompt_longer_than_the_context_is_refused_before_any_step(tmp_
                                           r"train.sample_tokens=0"):
         train(tiny_config("train.sample_prompt=" + "And God said " * 30), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_sample_longer_than_the_context_leaves_is_named_before_any_step(tmp_path, caplog):
+    """`train.sample_tokens=500` with a 64-token context drew a shorter sample without a word."""
+    from jaxgen.tasks import make_task
+
+    cfg = tiny_config("train.sample_tokens=500", "train.sample_prompt=And God said")
+    with caplog.at_level("WARNING", logger="jaxgen"):
+        make_task(cfg, tmp_path).make_data(tmp_path)
+    [line] = [r.getMessage() for r in caplog.records if "sample_tokens" in r.getMessage()]
+    assert re.fullmatch(r"train.sample_tokens=500: train.sample_prompt leaves room for (\d+) new tokens in the "
+                        r"model's context \(model.max_seq_len=64\); the end-of-run sample has \1", line)

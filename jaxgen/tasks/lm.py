@@ -59,6 +59,11 @@ class LanguageModelTask(OneTextModel):
                 raise ConfigError(f"train.sample_prompt is {len(ids)} tokens with BOS, which fills the model's context "
                                   f"(model.max_seq_len={self.cfg.model.max_seq_len}); shorten it, or set "
                                   "train.sample_tokens=0 for no sample")
+            room = self.room_after_prompts([ids])
+            if train.sample_tokens > room:
+                log.warning("train.sample_tokens=%d: train.sample_prompt leaves room for %d new tokens in the "
+                            "model's context (model.max_seq_len=%d); the end-of-run sample has %d",
+                            train.sample_tokens, room, self.cfg.model.max_seq_len, room)
         return data
 
     # ------------------------------------------------------------------ samples, evaluation, generation

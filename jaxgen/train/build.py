@@ -7,6 +7,7 @@ exactly the same program.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Callable
 
 import optax
@@ -14,12 +15,14 @@ from jax.sharding import Mesh
 
 from jaxgen.config import Config
 from jaxgen.errors import ConfigError
-from jaxgen.sharding import Rules, refuse_unknown_rules, resolve_rules
+from jaxgen.sharding import Rules, idle_mesh_axes, presets_splitting, refuse_unknown_rules, resolve_rules
 from jaxgen.tasks import Task, make_task
 from jaxgen.tasks.layout import compile_eval_step
 from jaxgen.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxgen.train.state import StateLayout, TrainState, init_state, plan_state
 from jaxgen.train.step import compile_train_step, make_train_step
+
+log = logging.getLogger("jaxgen")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +52,16 @@ def build_training(cfg: Config, mesh: Mesh, task: Task | None = None) -> Trainin
     # `optimizer:` section unless the task gives the group settings of its own.
     txs = {group: make_optimizer(specs[group].optimizer or cfg.optimizer, cfg.train.steps)[0] for group in trained}
     schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
+    if cfg.optimizer.warmup_steps > cfg.train.steps:
+        log.warning("optimizer.warmup_steps=%d is more than train.steps=%d: the learning rate warms up over all %d "
+                    "steps and never decays", cfg.optimizer.warmup_steps, cfg.train.steps, cfg.train.steps)
     layout = plan_state(task, txs, mesh, rules, cfg.train.seed)
     refuse_unknown_rules(cfg.sharding.rules, set(layout.models.axes))
+    for axis in idle_mesh_axes(dict(mesh.shape), rules, set(layout.models.axes)):
+        log.warning("mesh.%s=%d: sharding.preset=%s splits no parameter of this model over the %s axis, so its %d "
+                    "devices all compute the same; give them to mesh.data, or use sharding.preset=%s (or "
+                    "sharding.rules)", axis, mesh.shape[axis], cfg.sharding.preset, axis, mesh.shape[axis],
+                    " or ".join(presets_splitting(axis)))
     train_step = make_train_step(task, txs, schedule, layout.models.graphdefs, cfg.train.microbatches)
     return Training(
         cfg=cfg, mesh=mesh, rules=rules, task=task, txs=txs, layout=layout,
