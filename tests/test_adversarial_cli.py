@@ -140,6 +140,14 @@ def test_the_autoencoder_reconstructs_given_images(trained, tmp_path):
                                              r"for 6 images, about 42.3 kB held at once for the grid, more than the "
                                              r"35.3 kB this host has available \(room for at most 5\)"):
             task.check_sample_options({"images": str(tmp_path / "in*.png")})
+    # Nor outputs their disk has no room for: found full only once drawn, the images were lost.
+    with mock.patch("jaxgen.tasks.image_outputs.shutil.disk_usage", return_value=mock.Mock(free=1000)):
+        with pytest.raises(UsageError, match=r"^--save-array '.*s.npz': --images '.*in\*.png' \(3 files, each with its "
+                                             r"reconstruction\) takes up to [\d.]+ kB there, and its disk has 1 kB "
+                                             r"free; free space or write it elsewhere$"):
+            task.check_sample_options({"images": str(tmp_path / "in*.png"), "save_array": str(tmp_path / "s.npz")})
+        with pytest.raises(UsageError, match=r"^--out '.*g.png': "):
+            task.check_sample_options({"images": str(tmp_path / "in*.png"), "out": str(tmp_path / "g.png")})
 
 
 def test_the_gan_draws_grids_for_the_labels_asked(trained, tmp_path):

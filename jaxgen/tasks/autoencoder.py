@@ -194,7 +194,8 @@ class AutoencoderTask:
             raise ConfigError(f"--images {options['images']!r} matches no files")
         m = self.cfg.model  # each image and its reconstruction
         check_sample_fits(2 * len(files), (m.image_size, m.image_size, m.channels),
-                          f"--images {options['images']!r} ({len(files):,} files, each with its reconstruction)")
+                          f"--images {options['images']!r} ({len(files):,} files, each with its reconstruction)",
+                          options)
         return files
 
     def generate(self, weights: Weights, run_dir: pathlib.Path, step: int, options: dict[str, Any],

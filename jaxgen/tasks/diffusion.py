@@ -242,7 +242,7 @@ class DiffusionTask:
         pixels = self.cfg.model if self.latents is None else self.latents.ae_cfg
         asked = f"--num-per-label {options['num_per_label']} for {rows} {'prompts' if self.text else 'labels'}"
         check_sample_fits(rows * options["num_per_label"], (pixels.image_size, pixels.image_size, pixels.channels),
-                          asked)
+                          asked, options)
         overrides = [*([f"diffusion.sampler={options['sampler']}"] if options["sampler"] else []),
                      *([f"diffusion.sample_steps={options['steps']}"] if options["steps"] else [])]
         with_overrides(self.cfg, overrides)

@@ -154,7 +154,7 @@ class GANTask:
         m = self.cfg.model
         rows = len(requested_labels(options["labels"], m.num_classes))
         check_sample_fits(rows * options["num_per_label"], (m.image_size, m.image_size, m.channels),
-                          f"--num-per-label {options['num_per_label']} for {rows} labels")
+                          f"--num-per-label {options['num_per_label']} for {rows} labels", options)
 
     def generate(self, weights: Weights, run_dir: pathlib.Path, step: int, options: dict[str, Any],
                  on_text: Callable[[str], None] | None) -> list[dict]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import pathlib
+import shutil
 
 import jax
 import numpy as np
@@ -15,7 +16,7 @@ from jaxgen.data.image_data import ImageData
 from jaxgen.data.images import ImageSet
 from jaxgen.diffusion.grid import image_grid, save_png
 from jaxgen.errors import CheckpointError, ConfigError, UsageError
-from jaxgen.files import write_output
+from jaxgen.files import nearest_existing, write_output
 from jaxgen.metrics import tensorboardx
 
 log = logging.getLogger("jaxgen")
@@ -31,19 +32,32 @@ def check_image_inputs(saved: dict, current: dict) -> None:
                               f"{current.get('images')}; resume with the checkpoint's images")
 
 
-def check_sample_fits(count: int, image_shape: tuple[int, ...], asked: str) -> None:
+def check_sample_fits(count: int, image_shape: tuple[int, ...], asked: str, options: dict | None = None) -> None:
     """Refuse, before the model is read, a `jaxgen sample` grid of `count` images of `image_shape` (H, W, C) that
     this host cannot hold: they are drawn in batches, but kept whole for the grid and the arrays. `asked` names
-    the options that ask for them."""
+    the options that ask for them. The `--out` and `--save-array` files of `options` must have room on their
+    disks too: found full only once drawn, the images were lost."""
     from jaxgen.device_memory import host_available_bytes, human_bytes
 
     # The float32 images in one array, their [0, 1] copy for --save-array, and the grid.
-    per_image = int(np.prod(image_shape)) * (4 + 4 + 1)
+    pixels = int(np.prod(image_shape))
+    per_image = pixels * (4 + 4 + 1)
     limit = host_available_bytes()
     if count * per_image > limit:
         raise UsageError(f"{asked} asks for {count:,} images, about {human_bytes(count * per_image)} held at once "
                          f"for the grid, more than the {human_bytes(limit)} this host has available (room for at "
                          f"most {limit // per_image:,})")
+    # At most: the grid's 8-bit pixels (PNG compresses them) and the arrays' float32 ones, with room for headers.
+    sizes = {"out": count * pixels * 2 + 2**12, "save_array": count * pixels * 4 + 2**12}
+    for name, size in sizes.items():
+        path = (options or {}).get(name)
+        if path is None:
+            continue
+        free = shutil.disk_usage(nearest_existing(pathlib.Path(path).parent)).free
+        if size > free:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"{flag} {str(path)!r}: {asked} takes up to {human_bytes(size)} there, and its disk has "
+                             f"{human_bytes(free)} free; free space or write it elsewhere")
 
 
 def draw_progress(cfg: Config, what: str) -> str | None:
