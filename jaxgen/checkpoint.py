@@ -514,6 +514,10 @@ def read_step_meta(directory: pathlib.Path, step: int) -> dict:
     its checksum: the config it was trained with and its `inputs` (e.g. the tokenizer's digest)."""
     where = f"checkpoint {directory}/{step}"
     checksums = _read_checksums(directory / str(step), where)
-    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as reader:  # this step only, as restore_subtree reads
+    # This step only, as restore_subtree reads; and by this process alone: Orbax's reader ends with a barrier
+    # of every process, where a caller on process 0 alone (eval's scored_before) waited for ever.
+    alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                               active_processes={jax.process_index()})
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler(), multiprocessing_options=alone) as reader:
         meta = _damage_as_error(where, lambda: reader.restore((directory / str(step) / "meta").absolute()))
     return _checked_meta(meta, checksums, where)

@@ -19,7 +19,7 @@ from jaxgen import distributed, strict_json
 from jaxgen.cli_arguments import directory_to_write
 from jaxgen.config import RUN_CONFIG_DAMAGED, load_config
 from jaxgen.errors import ConfigError, UsageError
-from jaxgen.interrupts import advise, again, name_the_run_dir, streamed
+from jaxgen.interrupts import advise, again, end_cleanly_on_ctrl_c, name_the_run_dir, streamed
 from jaxgen.outputs.run_dir_check import check_outside_checkpoints, check_run_dir, check_step
 
 RUNS_FOLDER = "runs"  # where a train without --run-dir puts its run, under the working directory
@@ -200,6 +200,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError("--task-data names where benchmark tasks' files are; give the tasks with --tasks")
     check_checkpoint_arguments(args)
     distributed.initialize(distributed_settings(args))
+    # Joining a multi-process run gave SIGTERM to JAX's preemption notice, which only a training loop acts on:
+    # an eval ignored it. Taken back, it ends the eval at once, with its line.
+    end_cleanly_on_ctrl_c()
     if args.tasks:
         from jaxgen.evals.benchmark import evaluate_benchmarks, print_table
 

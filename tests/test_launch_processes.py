@@ -282,7 +282,9 @@ def test_a_run_directory_one_process_cannot_see_stops_eval_on_every_process_with
                 "--run-dir", str(shared / "run")], 2, 4, tmp_path / "logs")
     assert run.wait(timeout=120) == [2, 2], run.output()
     errors = [[line for line in log.read_text().splitlines() if "jaxgen: error:" in line] for log in run.logs]
-    assert errors == [[f"jaxgen: error: process 1 stopped: run directory '{shared / 'run'}' does not exist"],
+    # Checked before JAX starts: process 1 never joins, and process 0 hears of it through the join's beacon.
+    assert errors == [[f"jaxgen: error: process 1 stopped before joining the run: run directory '{shared / 'run'}' "
+                       "does not exist"],
                       [f"jaxgen: error: run directory '{shared / 'run'}' does not exist"]], run.output()
     assert "Check failure" not in run.output()
 
@@ -424,6 +426,32 @@ def test_a_task_file_one_process_cannot_see_stops_eval_on_every_process_naming_i
     errors = [[line for line in log.read_text().splitlines() if "jaxgen: error:" in line] for log in run.logs]
     assert errors == [[f"jaxgen: error: process 1 stopped: {missing}"], [f"jaxgen: error: {missing}"]], run.output()
     assert not (source / "evals").exists()
+
+
+def test_a_two_process_eval_shows_what_eval_jsonl_holds_and_stops_on_sigterm(launched_run, runs, tmp_path):
+    """`eval --all` on two processes hung for ever once eval.jsonl held a result (process 0 alone read a
+    checkpoint's settings through Orbax, whose reader ends in a barrier of every process); and a SIGTERM went to
+    JAX's preemption notice, which no eval acts on: it scored on."""
+    source, status, output = launched_run
+    assert status == 0, output[-5000:]
+    run_dir = tmp_path / "run"
+    shutil.copytree(source, run_dir)
+    eval_all = [sys.executable, "-m", "jaxgen", "eval", "--run-dir", str(run_dir), "--all"]
+    scored = subprocess.run(eval_all, cwd=REPO, capture_output=True, text=True, timeout=WATCHDOG_S)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    run = runs(eval_all, 2, 4, tmp_path / "logs")
+    assert run.wait(timeout=120) == [0, 0], run.output()
+    assert "shown from eval.jsonl, not scored again" in run.logs[0].read_text()
+    assert [json.loads(line) for line in run.logs[0].read_text().splitlines() if line.startswith("{")] == \
+        [json.loads(line) for line in scored.stdout.splitlines()]
+    (run_dir / "eval.jsonl").unlink()
+    stopped = runs(eval_all, 2, 4, tmp_path / "stopped")
+    stopped.wait_for_line(1, "process 1 of 2")
+    for process in stopped.procs:
+        process.send_signal(signal.SIGTERM)
+    assert stopped.wait(timeout=60) == [143, 143], stopped.output()
+    assert all(log.read_text().splitlines()[-1] == "jaxgen: stopped by SIGTERM" for log in stopped.logs), \
+        stopped.output()
 
 
 def test_one_process_checkpoint_restores_in_two_processes_resharded(one_process_run, preempted_run):
