@@ -185,6 +185,26 @@ def test_bad_input_is_one_clear_error(trained, task_data, tmp_path):
         evaluate_benchmarks(trained, [",,"], task_data)
 
 
+@pytest.mark.parametrize("choices,says", [
+    (["b"], r"field 'choices' holds 1 choice; a multiple-choice question needs at least 2"),
+    ([" Let there be light", ""], r"choice 1 of field 'choices' is ''; every choice needs text to score"),
+    (["", " "], r"choice 0 of field 'choices' is ''"),
+])
+def test_a_question_every_model_answers_right_is_refused(tmp_path, choices, says):
+    """An empty choice scores no loss and always wins, a single one is always right: both gave a higher
+    accuracy, exit 0, without a word."""
+    path = write_jsonl(tmp_path / "mc.jsonl", [MULTIPLE_CHOICE[0], {"context": "a", "choices": choices, "label": 0}])
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:2: {says}"):
+        load_tasks([f"multiple_choice={path}"], None)
+
+
+def test_every_missing_field_is_named_at_once(tmp_path):
+    path = write_jsonl(tmp_path / "mc.jsonl", [{"choices": ["a", "b"]}])
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:1: missing fields 'context', 'label' \(fields "
+                                        r"there: \['choices'\]\)$"):
+        load_tasks([f"multiple_choice={path}"], None)
+
+
 def test_tasks_scored_in_the_loop_are_logged_at_the_configured_steps(tmp_path, task_data):
     run_dir, mine = tmp_path / "run", task_data / "mine.jsonl"
     result = jaxgen_cli("train", "--config", str(TINY_CONFIG), "--run-dir", str(run_dir), "train.steps=10",

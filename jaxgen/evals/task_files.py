@@ -71,6 +71,14 @@ def read_records(path: pathlib.Path) -> Iterator[tuple[str, dict]]:
             yield f"{path}:{number}", record
 
 
+def require_fields(record: dict, names: tuple[str, ...], where: str) -> None:
+    """Every field of `names` in `record`: those missing are named together, not one per attempt."""
+    missing = [name for name in names if name not in record]
+    if missing:
+        listed = ", ".join(map(repr, missing))
+        raise DataError(f"{where}: missing field{'s' * (len(missing) > 1)} {listed} (fields there: {sorted(record)})")
+
+
 def field(record: dict, name: str, where: str, kind: type | tuple[type, ...]):
     """`record[name]`, refused in one line naming the field and where the record is when absent or mistyped."""
     if name not in record:

@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable
 
 from jaxgen.errors import ConfigError, DataError
-from jaxgen.evals.task_files import field, read_records, split_files
+from jaxgen.evals.task_files import field, read_records, require_fields, split_files
 
 TARGET_DELIMITER = " "  # between a context and its continuation, as the harness's default
 
@@ -55,27 +55,31 @@ def _hellaswag_text(text: str) -> str:
 
 
 def _hellaswag(record: dict, where: str) -> MultipleChoice:
+    require_fields(record, ("activity_label", "ctx_a", "ctx_b", "endings", "label"), where)
     ctx = field(record, "ctx_a", where, str) + " " + field(record, "ctx_b", where, str).capitalize()
     endings = field(record, "endings", where, list)
     return MultipleChoice(_hellaswag_text(field(record, "activity_label", where, str) + ": " + ctx),
-                          tuple(_hellaswag_text(_text(e, "endings", where)) for e in endings),
+                          _choices([_hellaswag_text(_text(e, "endings", where)) for e in endings], "endings", where),
                           _label(field(record, "label", where, (int, str)), len(endings), where))
 
 
 def _arc(record: dict, where: str) -> MultipleChoice:
+    require_fields(record, ("question", "choices", "answerKey"), where)
     choices = field(record, "choices", where, dict)
     texts = [_text(t, "choices.text", where) for t in field(choices, "text", where, list)]
     labels = field(choices, "label", where, list)
     key = field(record, "answerKey", where, str)
     if key not in labels:
         raise DataError(f"{where}: answerKey {key!r} is not one of the choice labels {labels}")
-    return MultipleChoice(f"Question: {field(record, 'question', where, str)}\nAnswer:", tuple(texts),
-                          labels.index(key))
+    return MultipleChoice(f"Question: {field(record, 'question', where, str)}\nAnswer:",
+                          _choices(texts, "choices.text", where), labels.index(key))
 
 
 def _piqa(record: dict, where: str) -> MultipleChoice:
+    require_fields(record, ("goal", "sol1", "sol2", "label"), where)
     return MultipleChoice(f"Question: {field(record, 'goal', where, str)}\nAnswer:",
-                          (field(record, "sol1", where, str), field(record, "sol2", where, str)),
+                          _choices([field(record, "sol1", where, str), field(record, "sol2", where, str)],
+                                   "sol1/sol2", where),
                           _label(field(record, "label", where, (int, str)), 2, where))
 
 
@@ -85,10 +89,24 @@ def _lambada(record: dict, where: str) -> Cloze:
 
 
 def _multiple_choice(record: dict, where: str) -> MultipleChoice:
+    require_fields(record, ("context", "choices", "label"), where)
     choices = field(record, "choices", where, list)
     return MultipleChoice(field(record, "context", where, str),
-                          tuple(_text(c, "choices", where) for c in choices),
+                          _choices([_text(c, "choices", where) for c in choices], "choices", where),
                           _label(field(record, "label", where, int), len(choices), where))
+
+
+def _choices(texts: list[str], name: str, where: str) -> tuple[str, ...]:
+    """At least two choices, none empty: an empty continuation scores no loss at all and always wins, and a
+    single choice is always right; either inflated the task's accuracy without a word."""
+    if len(texts) < 2:
+        raise DataError(f"{where}: field {name!r} holds {len(texts)} choice{'s' * (len(texts) != 1)}; a "
+                        "multiple-choice question needs at least 2")
+    empty = [i for i, text in enumerate(texts) if not text.strip()]
+    if empty:
+        raise DataError(f"{where}: choice {empty[0]} of field {name!r} is {texts[empty[0]]!r}; every choice needs "
+                        "text to score (an empty one always wins)")
+    return tuple(texts)
 
 
 def _text(value, name: str, where: str) -> str:
