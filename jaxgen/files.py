@@ -262,6 +262,22 @@ def _holder_now() -> dict:
     }
 
 
+RUN_LOCK_FILE = ".jaxgen.lock"  # in a run directory: held by the run's training process (jaxgen.train.run_dir)
+
+
+def lock_holder(lock_file: str | pathlib.Path) -> dict | None:
+    """What the last holder of `lock_file` wrote of itself, read without taking the lock (taking it, even for a
+    moment, could refuse the holder's own start); None where it holds nothing readable."""
+    try:
+        fd = os.open(lock_file, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        return _read_holder(fd)
+    finally:
+        os.close(fd)
+
+
 def describe_holder(holder: dict | None) -> str:
     if not holder:
         return "another process (it left no name)"

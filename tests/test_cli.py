@@ -545,6 +545,10 @@ def test_a_wrong_run_dir_step_or_export_target_is_refused_before_jax_starts(tmp_
     (run / "config.yaml").write_text(TINY_CONFIG.read_text())
     (run / "checkpoints" / "2" / "jaxgen_checksums.json").write_text("{}")  # committed, as far as names go
     (run / "checkpoints" / "5").mkdir()  # a save in progress: not a checkpoint yet
+    starting = tmp_path / "starting"  # a run whose first step compiles: config.yaml comes after
+    (starting / "checkpoints").mkdir(parents=True)
+    (starting / ".jaxgen.lock").write_text(json.dumps({"host": "h1", "pid": 4242, "since": "2026-12-07T04:35:09",
+                                                       "command": f"jaxgen train --run-dir {starting}"}))
     commands = [
         (["sample", "--run-dir", str(run), "--step", "5"],
          f"run directory '{run}' has no checkpoint for step 5; available: [2]"),
@@ -554,6 +558,10 @@ def test_a_wrong_run_dir_step_or_export_target_is_refused_before_jax_starts(tmp_
          f"'{run / 'checkpoints' / '2'}' is a checkpoint of run '{run}', not a run directory; give --run-dir "
          f"'{run}' --step 2"),
         (["sample", "--run-dir", str(tmp_path / "nowhere")], f"run directory '{tmp_path / 'nowhere'}' does not exist"),
+        (["eval", "--run-dir", str(starting)],
+         f"'{starting}' holds no config.yaml yet: process 4242 on host h1 (since 2026-12-07T04:35:09: jaxgen train "
+         f"--run-dir {starting}), which started the run there, writes it once the first step compiles (if that "
+         "process stopped before, its train command starts the run again)"),
         (["export", "--run-dir", str(run), "--out", str(run / "checkpoints" / "99")],
          f"--out '{run / 'checkpoints' / '99'}' is inside the checkpoints of run '{run}', which the run renames "
          "and deletes; give a directory outside them"),

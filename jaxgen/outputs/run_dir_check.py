@@ -8,6 +8,7 @@ import pathlib
 
 from jaxgen.checkpoint_layout import checkpoint_dir, committed_steps
 from jaxgen.errors import CheckpointError, ConfigError
+from jaxgen.files import RUN_LOCK_FILE, describe_holder, lock_holder
 
 
 def check_run_dir(run_dir: str | pathlib.Path) -> None:
@@ -25,6 +26,11 @@ def check_run_dir(run_dir: str | pathlib.Path) -> None:
     if run_dir.absolute().name == "checkpoints" and (run_dir.absolute().parent / "config.yaml").is_file():
         raise ConfigError(f"{str(run_dir)!r} holds the checkpoints of run {str(run_dir.parent)!r}; give --run-dir "
                           f"{str(run_dir.parent)!r}")
+    holder = lock_holder(run_dir / RUN_LOCK_FILE)
+    if holder:  # config.yaml is written once the run's first step compiles
+        raise ConfigError(f"{str(run_dir)!r} holds no config.yaml yet: {describe_holder(holder)}, which started "
+                          "the run there, writes it once the first step compiles (if that process stopped before, "
+                          "its train command starts the run again)")
     raise ConfigError(f"{str(run_dir)!r} is not a jaxgen run directory (no config.yaml)")
 
 

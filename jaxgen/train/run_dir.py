@@ -30,12 +30,12 @@ from jaxgen.config import Config, as_saved_now, changed_settings, load_config
 from jaxgen.data.tokenizer import kept_tokenizer_files, tokenizer_file_in
 from jaxgen.distributed import bytes_from_process_0, from_every_process
 from jaxgen.errors import CheckpointError, ConfigError, DirectoryInUse, listed, on_every_process
-from jaxgen.files import DirectoryLock, describe_holder
+from jaxgen.files import RUN_LOCK_FILE, DirectoryLock, describe_holder
 from jaxgen.interrupts import undone_on_leaving
 
 log = logging.getLogger("jaxgen")
 
-LOCK_FILE = ".jaxgen.lock"
+LOCK_FILE = RUN_LOCK_FILE
 # How long a process of a multi-process run looks for process 0's lock record in the run directory: an NFS
 # client may trust its cached view of a directory for up to a minute (acdirmax).
 SHARED_PATIENCE_S = 60.0
