@@ -466,6 +466,15 @@ def test_a_prompt_longer_than_the_captions_the_model_reads_is_named(world, caplo
 
     conditions = CaptionConditions(t2i_config(world))
     with caplog.at_level(logging.WARNING, logger="jaxgen"):
-        conditions.warn_of_cut_prompts(["a small red circle", " ".join(["word"] * 100)])
+        conditions.warn_of_prompts_read_in_part(["a small red circle", " ".join(["word"] * 100)])
     assert caplog.text.count("prompt") == 1
     assert "is 100 words long; the model reads only the first 12 (conditioning.max_length)" in caplog.text
+    caplog.clear()
+    # Letters the hashed-word encoder leaves out: `日本語 😀` drew for the empty caption, `café` for `caf`, silently.
+    with caplog.at_level(logging.WARNING, logger="jaxgen"):
+        conditions.warn_of_prompts_read_in_part(["日本語 😀 ¿¡", "a red café", "a small red circle!"])
+    assert [r.getMessage() for r in caplog.records] == [
+        "prompt '日本語 😀 ¿¡': the model's caption encoder reads only letters a-z and digits, so it is read as the "
+        "empty caption (日本語 left out)",
+        "prompt 'a red café': the model's caption encoder reads only letters a-z and digits, so it is read as "
+        "'a red caf' (é left out)"]

@@ -111,8 +111,9 @@ class CaptionConditions:
 
         return frozen_tokens
 
-    def warn_of_cut_prompts(self, prompts: list[str]) -> None:
-        """Name each prompt longer than the captions the model reads (conditioning.max_length), which is cut."""
+    def warn_of_prompts_read_in_part(self, prompts: list[str]) -> None:
+        """Name each prompt longer than the captions the model reads (conditioning.max_length), which is cut, and
+        each holding letters the hashed-word encoder leaves out (é, 日): a prompt of nothing else is no caption."""
         limit, unit = self.cond.max_length, "words" if self.frozen is None else "tokens"
         for prompt in prompts:
             if self.frozen is None:
@@ -120,10 +121,16 @@ class CaptionConditions:
             else:  # with the encoder's own markers ([CLS] ... [SEP], or the end token)
                 markers = 2 if self.frozen.kind == "encoder" else 1
                 length = len(self.frozen.tokenizer.encode_document(prompt)) + markers
+            shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
             if length > limit:
-                shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
                 log.warning("prompt %r is %d %s long; the model reads only the first %d (conditioning.max_length)",
                             shown, length, unit, limit)
+            dropped = sorted({c for c in prompt.lower() if c.isalnum() and not ("a" <= c <= "z" or "0" <= c <= "9")})
+            if self.frozen is None and dropped:  # the hashed-word encoder reads runs of a-z and 0-9 alone
+                read = " ".join(words(prompt))
+                log.warning("prompt %r: the model's caption encoder reads only letters a-z and digits, so it is read "
+                            "as %s (%s left out)", shown, repr(read) if read else "the empty caption",
+                            "".join(dropped[:20]))
 
     def report_collisions(self, captions: list[str]) -> None:
         if self.frozen is None and (groups := colliding_words(captions, self.cond.joint_vocab)):

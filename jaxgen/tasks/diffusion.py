@@ -257,7 +257,7 @@ class DiffusionTask:
             requests = options["prompt"] or [""]
             if not options["prompt"]:
                 log.warning("no --prompt: drawing for the empty caption (what the model makes of no text)")
-            self.conditions.warn_of_cut_prompts([*requests, *([options["negative_prompt"]]
+            self.conditions.warn_of_prompts_read_in_part([*requests, *([options["negative_prompt"]]
                                                                if options.get("negative_prompt") else [])])
         else:
             requests = requested_labels(options["labels"], self.cfg.model.num_classes)
