@@ -382,7 +382,8 @@ def read_failure(err: BaseException) -> str:
     chain = [err]
     while (cause := chain[-1].__cause__ or chain[-1].__context__) is not None and cause not in chain:
         chain.append(cause)
-    innermost = next((e for e in reversed(chain) if str(e).strip()), err)
+    # A StopIteration is a decoder's control flow (json's, under its "Expecting value"), not a reason.
+    innermost = next((e for e in reversed(chain) if str(e).strip() and not isinstance(e, StopIteration)), err)
     line = (str(innermost).strip().splitlines() or [""])[0]
     if match := _TENSORSTORE_READ.search(line):
         return f"array {match['array']}: {match['reason']}"[:300]

@@ -1,5 +1,6 @@
 """Checkpoints are verified: digests, damage of every kind of file, fallback, readers, retention, records."""
 
+import json
 import logging
 import pathlib
 import shutil
@@ -181,6 +182,10 @@ def test_a_failed_read_is_told_by_its_innermost_reason_and_the_array_it_read():
                                          "Data corruption detected")
     assert read_failure(FileNotFoundError("no such file: _METADATA")) == "FileNotFoundError: no such file: _METADATA"
     assert read_failure(KeyError()) == "KeyError: "
+    try:  # an emptied _METADATA: json's decode error hides its StopIteration, which was named instead
+        json.loads("")
+    except json.JSONDecodeError as emptied:
+        assert read_failure(emptied) == "JSONDecodeError: Expecting value: line 1 column 1 (char 0)"
 
 
 def test_when_every_checkpoint_is_damaged_nothing_is_set_aside(two_checkpoints, tmp_path, mesh):
