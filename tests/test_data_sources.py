@@ -5,6 +5,7 @@ import gzip
 import itertools
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -207,6 +208,19 @@ def test_a_folder_given_for_files_is_named_as_one_with_the_glob_it_may_mean(key,
         documents_of(f"data.{key}={tmp_path / 'corpus'}")
     assert str(refused.value) == (f"data.{key} '{tmp_path / 'corpus'}' is a folder; give a file or a glob of files in "
                                   f"it, e.g. '{tmp_path / 'corpus'}/**/*.{suffix}'")
+
+
+def test_a_path_that_is_no_regular_file_is_named_for_what_it_is(tmp_path):
+    """A FIFO, a link to /dev/zero and a loop of links each said 'matches no files', though something was there."""
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "zero").symlink_to("/dev/zero")
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    for name, what in [("fifo", "a pipe (FIFO)"), ("zero", "a character device"),
+                       ("a", "a link that leads to no file (too many levels of symbolic links)")]:
+        with pytest.raises(DataError) as refused:
+            documents_of(f"data.text={tmp_path / name}")
+        assert str(refused.value) == f"data.text '{tmp_path / name}': '{tmp_path / name}' is {what}; give regular files"
 
 
 def test_a_missing_prepared_dataset_names_the_path(tmp_path):

@@ -17,6 +17,7 @@ import gzip
 import json
 import logging
 import pathlib
+import stat
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Literal
@@ -46,15 +47,29 @@ COMMAND_FLAGS = SettingNames("--field", "--invalid-utf8 {}")
 def resolve_files(pattern: str, key: str, suffix: str = ".txt") -> list[pathlib.Path]:
     """Files matched by a glob, sorted for determinism; `key` names the config key in errors, `suffix` the
     files' kind in the glob a folder given for them is told to write."""
-    files = sorted(pathlib.Path(p) for p in glob.glob(str(pathlib.Path(pattern).expanduser()), recursive=True))
-    files = [f for f in files if f.is_file()]
+    matched = sorted(pathlib.Path(p) for p in glob.glob(str(pathlib.Path(pattern).expanduser()), recursive=True))
+    files = [f for f in matched if f.is_file()]
     if not files:
+        others = [f for f in matched if not f.is_dir()]
+        if others:  # a FIFO, a device, a link that leads nowhere: something is there, but no file to read
+            raise DataError(f"{key} {pattern!r}: {str(others[0])!r} is {not_a_file(others[0])}; give regular files")
         raise DataError(no_files(key, pattern, suffix))
     for path in files:
         with open_binary(path) as f, damaged_gzip_named(path):  # a .gz that is not gzip fails here, before any work
             if not f.read(1):
                 raise DataError(f"{key} {pattern!r}: file {str(path)!r} is empty")
     return files
+
+
+def not_a_file(path: pathlib.Path) -> str:
+    """What `path`, which is neither a regular file nor a folder, is."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:  # a link to nothing, or a loop of links
+        return f"a link that leads to no file ({err.strerror.lower()})" if path.is_symlink() else err.strerror.lower()
+    kinds = {stat.S_ISFIFO: "a pipe (FIFO)", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device",
+             stat.S_ISSOCK: "a socket"}
+    return next((name for test, name in kinds.items() if test(mode)), "not a regular file")
 
 
 def no_files(key: str, pattern: str, suffix: str = ".txt") -> str:
