@@ -486,9 +486,10 @@ def restore_subtree(path: str | pathlib.Path, keys: tuple[str, ...], target: Any
     return restored, key, step
 
 
-def _locate_subtree(path: str | pathlib.Path, keys: tuple[str, ...], target: Any, step: int | None,
-                    what: str) -> tuple[pathlib.Path, int, dict, str]:
-    """restore_subtree's checkpoint, before any read: its directory, step, checksums and the subtree's key."""
+def committed_checkpoint(path: str | pathlib.Path, step: int | None, what: str) -> tuple[pathlib.Path, int]:
+    """(checkpoints directory, step) of the committed checkpoint `path` names: a run directory, its `checkpoints`
+    directory or one step directory (then `step` must be None); default step: the newest. `what` names the
+    source in messages."""
     path = pathlib.Path(path).absolute()
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
@@ -503,6 +504,13 @@ def _locate_subtree(path: str | pathlib.Path, keys: tuple[str, ...], target: Any
     step = steps[-1] if step is None else step
     if step not in steps:
         raise CheckpointError(f"{what}: {str(path)} has no checkpoint for step {step}; available: {steps}")
+    return path, step
+
+
+def _locate_subtree(path: str | pathlib.Path, keys: tuple[str, ...], target: Any, step: int | None,
+                    what: str) -> tuple[pathlib.Path, int, dict, str]:
+    """restore_subtree's checkpoint, before any read: its directory, step, checksums and the subtree's key."""
+    path, step = committed_checkpoint(path, step, what)
     where = f"checkpoint {path}/{step}"
     checksums = _read_checksums(path / str(step), where)
     key = next((k for k in keys if any(p.startswith(f"{k}/") for p in checksums["arrays"])), keys[-1])

@@ -25,7 +25,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from jaxgen import __version__, strict_json
 from jaxgen.allocator import loaded_allocator
-from jaxgen.checkpoint import Checkpointer, restore_subtree
+from jaxgen.checkpoint import Checkpointer, committed_checkpoint, read_step_meta, restore_subtree
 from jaxgen.checkpoint_layout import checkpoint_dir
 from jaxgen.config import Config, as_saved_now, changed_settings
 from jaxgen.data.fingerprint import changed_files, data_files, refuse_other_files_than_process_0
@@ -55,7 +55,15 @@ from jaxgen.trackers import open_trackers, require_libraries
 from jaxgen.train.actions import Evaluate, EvaluateTasks, Progress, Sample, Save, StepRecords
 from jaxgen.train.build import Training, build_training
 from jaxgen.train.preemption import PreemptionWatch
-from jaxgen.train.run_dir import completed_summary, forget_unfinished_start, holding, starting_point
+from jaxgen.train.run_dir import (
+    completed_summary,
+    forget_unfinished_start,
+    holding,
+    refuse_fewer_steps,
+    refuse_other_tokenizer,
+    starting_point,
+    summarizes,
+)
 from jaxgen.train.state import sampling_params, with_params
 
 log = logging.getLogger("jaxgen")
@@ -180,9 +188,12 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
     # ------------------------------------------------------------------ state: resumed, complete or fresh
     task, layout, mesh = training.task, training.layout, training.mesh
     resumed = starting_point(ckpt, layout.target, cfg, run_dir)
+    if resumed is not None and resumed.step > cfg.train.steps:
+        refuse_fewer_steps(cfg, resumed.step, resumed.meta)
     wrap_up_only = resumed is not None and resumed.step >= cfg.train.steps
-    # Process 0's view, on every process: all of them return here, or all go on to the wrap-up's collectives.
-    if wrap_up_only and bytes_from_process_0(b"1" if (run_dir / "summary.json").exists() else b"") == b"1":
+    # Process 0's view, on every process: all of them return here, or all go on to the wrap-up's collectives. A
+    # summary.json of an earlier end (the run was extended since) is not this step's: the wrap-up writes it.
+    if wrap_up_only and bytes_from_process_0(b"1" if summarizes(run_dir, resumed.step) else b"") == b"1":
         return completed_summary(run_dir, resumed.step)
     if wrap_up_only:  # stopped after its final checkpoint, before its end: what it had left to write is written
         log.info("run directory %s saved its final step (%d) but was stopped before its end-of-run outputs "
@@ -218,8 +229,11 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
     else:
         state = training.init_state()
         if cfg.checkpoint.init_from:
-            params, _, _ = restore_subtree(cfg.checkpoint.init_from, ("params",), layout.models.target,
-                                           what=f"checkpoint.init_from={cfg.checkpoint.init_from!r}")
+            what = f"checkpoint.init_from={cfg.checkpoint.init_from!r}"
+            source = stop_together(lambda: committed_checkpoint(cfg.checkpoint.init_from, None, what))
+            stop_together(lambda: refuse_other_tokenizer(what, read_step_meta(*source).get("inputs", {}),
+                                                         meta["inputs"], source[0].parent))
+            params, _, _ = restore_subtree(source[0], ("params",), layout.models.target, source[1], what=what)
             state = with_params(state, params)
     clock.mark("state")
 

@@ -218,6 +218,36 @@ def forget_unfinished_start(run_dir: pathlib.Path, cfg: Config) -> None:
             path.unlink(missing_ok=True)
 
 
+def refuse_other_tokenizer(what: str, source: dict, current: dict, source_run: pathlib.Path) -> None:
+    """Parameters to fine-tune (`checkpoint.init_from`) trained with another tokenizer than this run's are
+    refused: each embedding row would stand for another token. `source`/`current`: the checkpoint's and this
+    run's recorded inputs; families without a tokenizer record none."""
+    theirs, ours = source.get("tokenizer_sha256"), current.get("tokenizer_sha256")
+    if theirs and ours and theirs != ours:
+        raise CheckpointError(f"{what}: its parameters were trained with tokenizer {source.get('tokenizer_path')} "
+                              f"(sha256 {theirs[:12]}...), but this run reads {current.get('tokenizer_path')} "
+                              f"(sha256 {ours[:12]}...); give data.tokenizer={str(source_run)!r}, the tokenizer its "
+                              "run keeps")
+
+
+def summarizes(run_dir: pathlib.Path, step: int) -> bool:
+    """Whether the run's summary.json is that of its end at `step` (one of an earlier end, the run extended
+    since, is not)."""
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("steps") == step
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def refuse_fewer_steps(cfg: Config, step: int, meta: dict) -> None:
+    """A run past `train.steps` was asked to end before where it is: said so, rather than called complete."""
+    saved = meta.get("config", {}).get("train", {}).get("steps")
+    planned = f" (it was saved with train.steps={saved})" if isinstance(saved, int) else ""
+    raise ConfigError(f"train.steps={cfg.train.steps} is below step {step}, which the run's newest checkpoint "
+                      f"holds{planned}; give train.steps={step} or more to continue it, or another --run-dir to "
+                      "train anew")
+
+
 def completed_summary(run_dir: pathlib.Path, step: int) -> dict:
     """What a complete run reports when its command runs again: its summary, untouched."""
     log.info("run directory %s is complete (step %d); nothing to do", run_dir, step)
