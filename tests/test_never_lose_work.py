@@ -125,6 +125,26 @@ def test_a_run_stopped_after_its_final_checkpoint_writes_its_end_of_run_outputs_
     assert snapshot(run_dir / "checkpoints") == checkpoints and sorted(losses(run_dir)) == list(range(1, STEPS + 1))
 
 
+def test_a_summary_of_an_earlier_end_or_fewer_steps_never_make_a_run_complete(straight, tokenizer, tmp_path):
+    """A run extended past an earlier end, stopped after its final checkpoint, called itself complete with the
+    earlier end's summary.json; one asked for fewer steps than it had trained did too (exit 0 both)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight[0], run_dir)
+    before = snapshot(run_dir)
+    fewer = run_jaxgen(*train_args(run_dir, tokenizer), "train.steps=5")
+    assert fewer.returncode == 2 and error_lines(fewer.stderr) == [
+        f"jaxgen: error: train.steps=5 is below step {STEPS}, which the run's newest checkpoint holds (it was saved "
+        f"with train.steps={STEPS}); give train.steps={STEPS} or more to continue it, or another --run-dir to train "
+        "anew"]
+    assert snapshot(run_dir) == before
+    original = json.loads((run_dir / "summary.json").read_text())
+    (run_dir / "summary.json").write_text(json.dumps({**original, "steps": STEPS - 4}))  # an end before extending
+    again = run_jaxgen(*train_args(run_dir, tokenizer))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"saved its final step ({STEPS}) but was stopped before its end-of-run outputs" in again.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == STEPS
+
+
 def test_damaged_newest_checkpoint_falls_back_and_training_matches(straight, tokenizer, tmp_path):
     expected = losses(straight[0])
     run_dir = tmp_path / "damaged"
@@ -386,6 +406,36 @@ def test_init_from_starts_a_new_run_from_saved_params(straight, tokenizer, tmp_p
     evals = {r["step"]: r["eval_loss"] for r in read_metrics(tuned / "metrics.jsonl") if "eval_loss" in r}
     source = {r["step"]: r["eval_loss"] for r in read_metrics(straight[0] / "metrics.jsonl") if "eval_loss" in r}
     assert evals[0] == pytest.approx(source[STEPS], rel=1e-5)
+
+
+def test_eval_all_of_a_run_whose_retention_deleted_every_listed_checkpoint_scores_its_newest(straight, caplog):
+    """`eval --all` beside a run keeping one checkpoint, saving every step: each listed step was deleted before it
+    was read, and it scored nothing, exit 0."""
+    from jaxgen.outputs.runs import each_checkpoint
+
+    with caplog.at_level("INFO", logger="jaxgen"):
+        read = [opened.step for opened in each_checkpoint(straight[0], [1, 2])]  # listed, then deleted
+    assert read == [STEPS]
+    assert "deleted every checkpoint listed before it was read; reading its newest" in caplog.text
+
+
+def test_init_from_parameters_of_another_tokenizer_are_refused(straight, tmp_path):
+    """Fine-tuning with another tokenizer than the source's loaded its embeddings under other tokens' ids, exit 0:
+    only resuming compared tokenizers."""
+    import itertools
+
+    from jaxgen.data.corpus import BUNDLED_CORPUS, iter_documents
+    from jaxgen.data.tokenizer import train_tokenizer
+
+    other = train_tokenizer(itertools.islice(iter_documents([BUNDLED_CORPUS]), 3000, 6000), 512,
+                            tmp_path / "other512.model")
+    tuned = tmp_path / "tuned"
+    result = run_jaxgen(*train_args(tuned, other, "train.steps=2", f"checkpoint.init_from={straight[0]}"))
+    [line] = error_lines(result.stderr)
+    assert result.returncode == 2 and line.startswith(f"jaxgen: error: checkpoint.init_from='{straight[0]}': its "
+                                                      "parameters were trained with tokenizer ")
+    assert line.endswith(f"; give data.tokenizer='{straight[0]}', the tokenizer its run keeps")
+    assert not tuned.exists()
 
 
 def test_an_init_from_step_the_run_has_not_saved_is_named_with_those_it_has(straight, tmp_path):

@@ -118,12 +118,14 @@ def open_run(run_dir: str | pathlib.Path, step: int | None = None, overrides: li
 def each_checkpoint(run_dir: str | pathlib.Path, steps: list[int], overrides: list[str] = ()) -> Iterator[OpenedRun]:
     """The run opened once, with the parameters of each of `steps` in turn.
 
-    A step the run's retention deleted meanwhile is skipped. So is a damaged one, with a warning: one bad
+    A step the run's retention deleted meanwhile is skipped (where it deleted every one, its newest is read
+    instead: something is always scored). So is a damaged one, with a warning: one bad
     checkpoint does not cost the evaluation of the others, but once they are done a DamagedCheckpoint names
     every one skipped, so that the result never looks complete when it is not.
     """
     opened = _without_params(pathlib.Path(run_dir), overrides)
     damaged: dict[int, str] = {}
+    scored, deleted = 0, 0
     for step in steps:
         failure = None
         try:
@@ -134,11 +136,19 @@ def each_checkpoint(run_dir: str | pathlib.Path, steps: list[int], overrides: li
             if (checkpoint_dir(opened.run_dir) / str(step)).is_dir():
                 raise
             log.warning("checkpoint %d was deleted by the run's retention before it was read; skipped", step)
+            deleted += 1
             continue
         if not on_every_process(failure is None):  # all skip it together, or they would wait for each other
             damaged[step] = failure or f"checkpoint {step} could not be read by another process"
             log.warning("%s; skipped", damaged[step])
             continue
+        opened.step, opened.weights = step, opened.layout.weights(params)
+        opened.checkpoint, opened.config_edits = digest, edits
+        scored += 1
+        yield opened
+    if not scored and deleted:  # a run keeping few checkpoints deleted every one listed: it keeps a newer one
+        log.info("the run's retention deleted every checkpoint listed before it was read; reading its newest")
+        params, step, digest, edits = read_params(opened.run_dir, None, opened.layout.target)
         opened.step, opened.weights = step, opened.layout.weights(params)
         opened.checkpoint, opened.config_edits = digest, edits
         yield opened
