@@ -17,11 +17,13 @@ def checkpoint_dir(run_dir: pathlib.Path) -> pathlib.Path:
 
 
 def step_dirs(directory: pathlib.Path) -> list[int]:
-    """Every plainly numbered step directory (Orbax's atomic rename gave it its number)."""
+    """Every plainly numbered step directory (Orbax's atomic rename gave it its number): `7`, never a folder a
+    person made, such as `007`, which is no step's name."""
     directory = pathlib.Path(directory)
     if not directory.is_dir():
         return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+    return sorted(int(p.name) for p in directory.iterdir()
+                  if p.name.isdigit() and p.name == str(int(p.name)) and p.is_dir())
 
 
 def committed_steps(directory: pathlib.Path) -> list[int]:

@@ -457,3 +457,13 @@ def test_a_save_that_times_out_across_processes_says_how_long_it_waited_and_the_
                             r"now\); no earlier checkpoint exists", str(failed.value)), str(failed.value)
     finally:
         ckpt.close()
+
+
+def test_a_hand_made_folder_with_a_number_for_a_name_is_no_step(tmp_path):
+    """`checkpoints/007` was taken for step 7: every resume then failed renaming `checkpoints/7`, which does not
+    exist, to `7.damaged`."""
+    from jaxgen.checkpoint_layout import step_dirs
+
+    for name in ("7", "007", "08", "notes", "12"):
+        (tmp_path / name).mkdir()
+    assert step_dirs(tmp_path) == [7, 12]
