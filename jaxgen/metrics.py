@@ -5,6 +5,7 @@ Only process 0 writes; other processes get a writer that drops everything.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -15,6 +16,7 @@ import platform
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Callable, Self
 
 import jax
@@ -375,21 +377,34 @@ class TensorBoardFile:
         from tensorboardX.proto.event_pb2 import Event
         from tensorboardX.summary import scalar
 
-        events = self._file()
-        for key, value in values.items():
-            events.write_event(Event(wall_time=time.time(), step=step, summary=scalar(key, value)))
+        with self._named():
+            events = self._file()
+            for key, value in values.items():
+                events.write_event(Event(wall_time=time.time(), step=step, summary=scalar(key, value)))
         if time.monotonic() - self._last_flush > self.FLUSH_EVERY_S:
             self.flush()
 
     def flush(self) -> None:
         if self._events is not None:
-            self._events.flush()
+            with self._named():
+                self._events.flush()
         self._last_flush = time.monotonic()
 
     def close(self) -> None:
         if self._events is not None:
             self.flush()
-            self._events.close()
+            with self._named():
+                self._events.close()
+
+    @contextlib.contextmanager
+    def _named(self) -> Iterator[None]:
+        """A failed write (a full disk) names the event file's folder: tensorboardX's error names no file."""
+        try:
+            yield
+        except OSError as err:
+            if err.filename is None:
+                raise OSError(err.errno, err.strerror, str(self._directory)) from err
+            raise
 
 
 def read_metrics(path: pathlib.Path) -> list[dict]:

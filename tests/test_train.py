@@ -146,3 +146,19 @@ def test_a_sample_longer_than_the_context_leaves_is_named_before_any_step(tmp_pa
     [line] = [r.getMessage() for r in caplog.records if "sample_tokens" in r.getMessage()]
     assert re.fullmatch(r"train.sample_tokens=500: train.sample_prompt leaves room for (\d+) new tokens in the "
                         r"model's context \(model.max_seq_len=64\); the end-of-run sample has \1", line)
+
+
+def test_a_tensorboard_write_that_fails_names_its_folder(tmp_path):
+    """A full disk under tensorboard/ stopped the run with `no space left on device`, naming no file."""
+    from unittest import mock
+
+    from jaxgen.errors import describe
+    from jaxgen.metrics import TensorBoardFile
+
+    events = TensorBoardFile(tmp_path / "tensorboard", purge_step=0)
+    events.add_scalars(1, {"loss": 1.0})
+    full = OSError(28, "No space left on device")
+    with mock.patch.object(events._events, "flush", side_effect=full), pytest.raises(OSError) as failed:
+        events.flush()
+    assert failed.value.filename == str(tmp_path / "tensorboard")
+    assert describe(failed.value)[0] == f"error: {tmp_path / 'tensorboard'}: no space left on device"
