@@ -419,6 +419,21 @@ def test_eval_all_of_a_run_whose_retention_deleted_every_listed_checkpoint_score
     assert "deleted every checkpoint listed before it was read; reading its newest" in caplog.text
 
 
+def test_an_init_from_given_to_a_resumed_run_is_not_recorded_as_its_source(straight, tokenizer, tmp_path):
+    """config.yaml took the new checkpoint.init_from, which the resumed run never read, as its source. And a
+    resumed run that changed the held-out set's size said only that the setting changed."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight[0], run_dir)
+    again = run_jaxgen(*train_args(run_dir, tokenizer, f"train.steps={STEPS + 1}", "train.eval_batches=1",
+                                   f"checkpoint.init_from={tmp_path / 'elsewhere'}"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (f"train.eval_batches changed: the held-out set is train.eval_batches batches of data.batch_size rows of "
+            f"data.seq_len tokens, so eval_loss from step {STEPS} on is measured on another set") in again.stderr
+    assert (f"checkpoint.init_from='{tmp_path / 'elsewhere'}' is not applied: it sets where a run starts, and this "
+            f"one continues from its own step {STEPS} (config.yaml keeps None)") in again.stderr
+    assert load_config(run_dir / "config.yaml").checkpoint.init_from is None
+
+
 def test_init_from_parameters_of_another_tokenizer_are_refused(straight, tmp_path):
     """Fine-tuning with another tokenizer than the source's loaded its embeddings under other tokens' ids, exit 0:
     only resuming compared tokenizers."""
@@ -464,7 +479,8 @@ def test_a_run_continues_with_its_own_config_and_another_model_is_refused_by_nam
     other = run_jaxgen(*train_args(straight[0], tokenizer, "model.d_ff=256", "train.steps=14"))
     assert refusal(other) == (f"jaxgen: error: run directory {str(straight[0])!r} holds a model trained with other "
                               "settings (model.d_ff: 192 -> 256); continue it with its own (`jaxgen train --run-dir "
-                              f"{straight[0]}`, without --config) or train this config in a new --run-dir")
+                              f"{straight[0]}`, without the --config or overrides that change them) or train this "
+                              "config in a new --run-dir")
     assert snapshot(straight[0]) == before
     run_dir = tmp_path / "run"
     shutil.copytree(straight[0], run_dir)

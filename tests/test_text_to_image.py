@@ -421,8 +421,8 @@ def test_continuing_with_other_caption_settings_names_them_not_array_shapes(cli_
     cfg = load_config(straight / "config.yaml", ["conditioning.max_length=16"])
     assert _other_model(straight, cfg) == (
         f"run directory '{straight}' holds a model trained with other settings (conditioning.max_length: 12 -> 16); "
-        f"continue it with its own (`jaxgen train --run-dir {straight}`, without --config) or train this config in a "
-        "new --run-dir")
+        f"continue it with its own (`jaxgen train --run-dir {straight}`, without the --config or overrides that "
+        "change them) or train this config in a new --run-dir")
 
 
 def test_a_run_with_a_frozen_text_encoder_opens_and_draws_the_same_once_that_encoders_run_has_moved(

@@ -63,6 +63,7 @@ from jaxgen.train.run_dir import (
     refuse_other_tokenizer,
     starting_point,
     summarizes,
+    with_start_kept,
 )
 from jaxgen.train.state import sampling_params, with_params
 
@@ -182,12 +183,18 @@ def load_eval_tasks(cfg: Config) -> list[BenchmarkTask]:
     return load_tasks(list(cfg.train.eval_tasks), cfg.train.eval_task_data)
 
 
+# The settings that size the held-out set: a resumed run that changes one is evaluated on another set.
+HELD_OUT_SIZE = ("data.batch_size", "data.seq_len", "train.eval_batches")
+
+
 def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpointer,
            closing: contextlib.ExitStack, wall_start: float, eval_tasks: list[BenchmarkTask],
            clock: StartupClock, cache_dir: str | None) -> dict:
     # ------------------------------------------------------------------ state: resumed, complete or fresh
     task, layout, mesh = training.task, training.layout, training.mesh
     resumed = starting_point(ckpt, layout.target, cfg, run_dir)
+    if resumed is not None:
+        cfg = with_start_kept(cfg, resumed.meta, resumed.step)
     if resumed is not None and resumed.step > cfg.train.steps:
         refuse_fewer_steps(cfg, resumed.step, resumed.meta)
     wrap_up_only = resumed is not None and resumed.step >= cfg.train.steps
@@ -220,6 +227,10 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
         if saved_config is not None and (changes := changed_settings(saved_config, meta["config"])):
             log.warning("continuing step %d with settings changed since it was saved (config.yaml now holds the "
                         "new ones): %s", resumed.step, listed(changes, 8))
+            if held_out := [c.split(":")[0] for c in changes if c.split(":")[0] in HELD_OUT_SIZE]:
+                log.warning("%s changed: the held-out set is train.eval_batches batches of data.batch_size rows of "
+                            "data.seq_len tokens, so eval_loss from step %d on is measured on another set than "
+                            "before", " and ".join(held_out), resumed.step)
         if "data_files" in resumed.meta and (changes := changed_files(resumed.meta["data_files"], meta["data_files"])):
             log.warning("continuing step %d on training files changed since it was saved (%s): the run goes on, but "
                         "no longer in the data order nor with the held-out set it had", resumed.step, listed(changes, 4))

@@ -190,8 +190,8 @@ def _other_model(run_dir: pathlib.Path, cfg: Config) -> str | None:
                 f"with ({listed(changes, 6)}): it was edited or cut short; put back those settings (under \"config\" "
                 "in checkpoints/<step>/meta/metadata), or train in a new --run-dir")
     return (f"run directory {str(run_dir)!r} holds a model trained with other settings ({listed(changes, 6)}); "
-            f"continue it with its own (`jaxgen train --run-dir {run_dir}`, without --config) or train this "
-            "config in a new --run-dir")
+            f"continue it with its own (`jaxgen train --run-dir {run_dir}`, without the --config or overrides "
+            "that change them) or train this config in a new --run-dir")
 
 
 def _trained_settings(run_dir: pathlib.Path) -> dict | None:
@@ -228,6 +228,18 @@ def refuse_other_tokenizer(what: str, source: dict, current: dict, source_run: p
                               f"(sha256 {theirs[:12]}...), but this run reads {current.get('tokenizer_path')} "
                               f"(sha256 {ours[:12]}...); give data.tokenizer={str(source_run)!r}, the tokenizer its "
                               "run keeps")
+
+
+def with_start_kept(cfg: Config, meta: dict, step: int) -> Config:
+    """`cfg` with the `checkpoint.init_from` the run started from (recorded in checkpoint `step`'s `meta`): it
+    sets where a run starts, and a resumed run goes on from its own checkpoint. Another value was written to
+    config.yaml, which then named a source the run never read."""
+    saved = meta.get("config", {}).get("checkpoint", {})
+    if "init_from" not in saved or saved["init_from"] == cfg.checkpoint.init_from:
+        return cfg
+    log.warning("checkpoint.init_from=%r is not applied: it sets where a run starts, and this one continues from "
+                "its own step %d (config.yaml keeps %r)", cfg.checkpoint.init_from, step, saved["init_from"])
+    return cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"init_from": saved["init_from"]})})
 
 
 def summarizes(run_dir: pathlib.Path, step: int) -> bool:
