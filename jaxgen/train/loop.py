@@ -207,6 +207,10 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
                  "(summary.json, final samples, plots): writing them", run_dir, resumed.step)
     if resumed is None:
         forget_unfinished_start(run_dir, cfg)
+    init_from = f"checkpoint.init_from={cfg.checkpoint.init_from!r}"
+    # A source that is not there is named before the data is read; its tokenizer is compared once ours is made.
+    source = stop_together(lambda: committed_checkpoint(cfg.checkpoint.init_from, None, init_from)) \
+        if resumed is None and cfg.checkpoint.init_from else None
     clock.mark("checkpoint")
 
     # ------------------------------------------------------------------ data
@@ -239,12 +243,10 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
         log.info("resumed from %s at step %d", ckpt.directory, resumed.step)
     else:
         state = training.init_state()
-        if cfg.checkpoint.init_from:
-            what = f"checkpoint.init_from={cfg.checkpoint.init_from!r}"
-            source = stop_together(lambda: committed_checkpoint(cfg.checkpoint.init_from, None, what))
-            stop_together(lambda: refuse_other_tokenizer(what, read_step_meta(*source).get("inputs", {}),
+        if source is not None:
+            stop_together(lambda: refuse_other_tokenizer(init_from, read_step_meta(*source).get("inputs", {}),
                                                          meta["inputs"], source[0].parent))
-            params, _, _ = restore_subtree(source[0], ("params",), layout.models.target, source[1], what=what)
+            params, _, _ = restore_subtree(source[0], ("params",), layout.models.target, source[1], what=init_from)
             state = with_params(state, params)
     clock.mark("state")
 
