@@ -98,7 +98,7 @@ def logical_to_spec(logical_axes: tuple[str | None, ...], rules: Rules) -> Parti
     spec = []
     for name in logical_axes:
         target = rules.get(name) if name else None
-        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        axes = mesh_axes_of(target)
         axes = tuple(a for a in axes if a not in used)
         used.update(axes)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
@@ -107,7 +107,7 @@ def logical_to_spec(logical_axes: tuple[str | None, ...], rules: Rules) -> Parti
 
 def _check_divisible(what: str, shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh) -> None:
     for dim, axes in zip(shape, spec):
-        axes = (axes,) if isinstance(axes, str) else axes or ()
+        axes = mesh_axes_of(axes)
         parts = math.prod(mesh.shape[a] for a in axes)
         if dim % parts:
             raise ConfigError(
@@ -143,22 +143,24 @@ def refuse_unknown_rules(custom: Mapping[str, object] | None, parameter_axes: se
                           f"{', '.join(sorted(known))}")
 
 
+def mesh_axes_of(target: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
+    """A rule's mesh axes as a tuple: one name, several, or none."""
+    return (target,) if isinstance(target, str) else tuple(target or ())
+
+
 def idle_mesh_axes(mesh_sizes: Mapping[str, int], rules: Rules, parameter_axes: set[str]) -> list[str]:
     """Mesh axes of more than one device that split neither the batch nor any parameter the model has: every
     device along one computes what the others do."""
     used = set(BATCH_AXES)
     for logical in parameter_axes:
-        target = rules.get(logical)
-        used.update((target,) if isinstance(target, str) else target or ())
+        used.update(mesh_axes_of(rules.get(logical)))
     return [axis for axis in MESH_AXES if mesh_sizes.get(axis, 1) > 1 and axis not in used]
 
 
 def presets_splitting(axis: str) -> list[str]:
     """The sharding presets that split some parameter over mesh axis `axis`."""
-    def names(target) -> tuple:
-        return (target,) if isinstance(target, str) else tuple(target or ())
     return [name for name, rules in PRESETS.items()
-            if any(axis in names(target) for logical, target in rules.items() if logical not in ACTIVATION_AXES)]
+            if any(axis in mesh_axes_of(target) for logical, target in rules.items() if logical not in ACTIVATION_AXES)]
 
 
 def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules: Rules, name_prefix: str = "") -> dict:
