@@ -22,6 +22,11 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
+def left_out(text: str) -> list[str]:
+    """The letters and digits of `text` that no word of it keeps (é, 日): the encoder never sees them."""
+    return sorted({c for c in text.lower() if c.isalnum() and not _WORD.fullmatch(c)})
+
+
 def word_id(word: str, vocab: int) -> int:
     return 1 + zlib.crc32(word.encode()) % (vocab - 1)
 

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from jaxgen.config import Config
-from jaxgen.data.caption_words import caption_ids, colliding_words, words
+from jaxgen.data.caption_words import caption_ids, colliding_words, left_out, words
 from jaxgen.diffusion.guidance import drop_captions, drop_labels
 from jaxgen.tasks.base import ModelSpec, Weights
 
@@ -125,8 +125,7 @@ class CaptionConditions:
             if length > limit:
                 log.warning("prompt %r is %d %s long; the model reads only the first %d (conditioning.max_length)",
                             shown, length, unit, limit)
-            dropped = sorted({c for c in prompt.lower() if c.isalnum() and not ("a" <= c <= "z" or "0" <= c <= "9")})
-            if self.frozen is None and dropped:  # the hashed-word encoder reads runs of a-z and 0-9 alone
+            if self.frozen is None and (dropped := left_out(prompt)):  # the hashed-word encoder reads a-z, 0-9
                 read = " ".join(words(prompt))
                 log.warning("prompt %r: the model's caption encoder reads only letters a-z and digits, so it is read "
                             "as %s (%s left out)", shown, repr(read) if read else "the empty caption",
