@@ -82,6 +82,13 @@ class CheckpointWriteError(JaxgenError, RuntimeError):
         self.reason, self.errno = reason or message, code
 
 
+class OutputWriteError(JaxgenError, RuntimeError):
+    """A file a run writes while training (its records, samples, results) failed; the message says what was saved
+    first."""
+
+    exit_status = 1
+
+
 class NonFiniteError(JaxgenError, RuntimeError):
     """A step produced non-finite values and the run stopped without saving them."""
 

@@ -281,6 +281,9 @@ class MetricsWriter:
         self._tb = None
         if self.enabled and tensorboard:
             self._tb = TensorBoardFile(run_dir / "tensorboard", purge_step=0 if resumed_at is None else resumed_at + 1)
+        # The first write that failed (a full disk): the run stops on it, and nothing retries the broken file,
+        # whose second failure would hide what the loop did about the first.
+        self.failure: OSError | None = None
 
     def write(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -288,11 +291,20 @@ class MetricsWriter:
         # Non-finite values (a skipped step's loss) are null: metrics.jsonl stays strict JSON.
         finite = {k: float(v) for k, v in values.items() if math.isfinite(float(v))}
         record = {"step": step, **{k: finite.get(k) for k in values}}
-        append_line(self.path, json.dumps(record))
-        if self._tb:
-            self._tb.add_scalars(step, finite)
+        with self._noting_failure():
+            append_line(self.path, json.dumps(record))
+            if self._tb:
+                self._tb.add_scalars(step, finite)
         if self.trackers:
             self.trackers.log_scalars(step, finite)
+
+    @contextlib.contextmanager
+    def _noting_failure(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as err:
+            self.failure = self.failure or err
+            raise
 
     def log_image(self, step: int, name: str, png: str | pathlib.Path) -> None:
         """A picture the run wrote (loss curve, sample grid), for the trackers; TensorBoard gets its own."""
@@ -307,13 +319,15 @@ class MetricsWriter:
 
     def flush(self) -> None:
         """Make everything written so far durable (at checkpoints and when the run stops)."""
-        if self._tb:
-            self._tb.flush()
+        if self._tb and self.failure is None:
+            with self._noting_failure():
+                self._tb.flush()
 
     def close(self, outcome: Outcome = "finished") -> None:
         """`outcome`: how the run ended, as the trackers record it."""
         if self._tb:
-            self._tb.close()
+            with contextlib.suppress(*(() if self.failure is None else (OSError,))):  # it failed once: no second word
+                self._tb.close()
         if self.trackers:
             self.trackers.close(outcome)
 

@@ -4,13 +4,15 @@
     python crash_driver.py during-save STEP -- train ARGS...    # os._exit while STEP is being written
     python crash_driver.py full-disk-on-1 STEP -- train ARGS... # process 1 alone fails to write STEP (ENOSPC);
                                                                 # full-disk-on-0: process 0 alone
+    python crash_driver.py full-log-at STEP -- train ARGS...    # metrics.jsonl cannot take STEP's record (ENOSPC)
 """
 
 import errno
+import json
 import os
 import sys
 
-from jaxgen import checkpoint, cli
+from jaxgen import checkpoint, cli, metrics
 
 mode, crash_step = sys.argv[1], int(sys.argv[2])
 original_save = checkpoint.Checkpointer.save
@@ -30,5 +32,15 @@ def save_then_die(self, step, *args, **kwargs):
         os._exit(137)
 
 
-checkpoint.Checkpointer.save = save_then_die
+def append_until_full(path, line):
+    if json.loads(line)["step"] == crash_step:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    original_append(path, line)
+
+
+original_append = metrics.append_line
+if mode == "full-log-at":
+    metrics.append_line = append_until_full
+else:
+    checkpoint.Checkpointer.save = save_then_die
 sys.exit(cli.main(sys.argv[sys.argv.index("--") + 1:]))

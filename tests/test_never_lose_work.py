@@ -370,6 +370,25 @@ def test_kills_and_full_disks_before_the_first_checkpoint_never_block_a_restart(
     shutil.rmtree(run_dir)
 
 
+def test_a_log_the_disk_refuses_stops_the_run_after_saving_its_steps(straight, tokenizer, tmp_path):
+    """A full disk under metrics.jsonl or tensorboard/ stopped the run where it stood: every step since the last
+    checkpoint (up to checkpoint.every) was lost to a log file."""
+    run_dir = tmp_path / "full_log"
+    # Step 6's record is written as step 7 is dispatched (one step late): steps 5-7 are past checkpoint 4.
+    failed = run_jaxgen(*train_args(run_dir, tokenizer), crash=("full-log-at", 6))
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    assert error_lines(failed.stderr) == [
+        f"jaxgen: error: {run_dir / 'metrics.jsonl'}: no space left on device; checkpoint 7 was saved first, so no "
+        "step is lost; run the same command again once it is mended"]
+    assert committed_steps(checkpoint_dir(run_dir)) == [4, 7]
+    again = run_jaxgen(*train_args(run_dir, tokenizer))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["resumed_from"] == 7
+    # The record the disk refused is the one thing missing; the run goes on exactly as one never stopped.
+    assert logged_steps(run_dir) == [s for s in range(1, STEPS + 1) if s != 6]
+    assert losses(run_dir) == {s: loss for s, loss in losses(straight[0]).items() if s != 6}
+
+
 def test_a_different_tokenizer_is_refused_on_resume_and_nothing_is_touched(straight, tmp_path):
     from jaxgen.data.corpus import BUNDLED_CORPUS, iter_documents
     from jaxgen.data.tokenizer import train_tokenizer

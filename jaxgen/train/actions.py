@@ -9,6 +9,7 @@ stops first settles them, so nothing runs past an unchecked step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import pathlib
@@ -21,7 +22,9 @@ from tqdm.auto import tqdm
 
 from jaxgen.checkpoint import Checkpointer
 from jaxgen.config import Config
+from jaxgen.errors import JaxgenError, NonFiniteError, OutputWriteError, describe_os_error, first_line
 from jaxgen.evals.benchmark import Benchmarks, metric_values, result_record, write_result
+from jaxgen.interrupts import again
 from jaxgen.metrics import MetricsWriter, ThroughputMeter
 from jaxgen.tasks import Task, TaskData
 from jaxgen.tasks.layout import MAIN_GROUP, held_out_sums
@@ -74,19 +77,35 @@ class StepRecords:
 
     def observe(self, step: int, metrics: dict) -> None:
         """Take step `step`'s metrics (still on the device); settle the previous step's."""
-        self.settle()
-        self.pending = (step, metrics)
+        previous, self.pending = self.pending, (step, metrics)  # pending first: a failed record leaves it to check
+        self._settle(previous)
         self.bar.update()
 
     def settle(self, stopping: bool = False) -> None:
         """Fetch and check the pending step now; a stopping step is always recorded."""
-        if self.pending is None:
+        pending, self.pending = self.pending, None
+        self._settle(pending, stopping)
+
+    def settle_after_failure(self) -> NonFiniteError | None:
+        """Check the pending step, and record it if the logs still take it (a write just failed): the stop the step
+        calls for, if any. Its check comes before its record, so a write that fails again leaves it checked."""
+        try:
+            self.settle(stopping=True)
+        except NonFiniteError as stop:
+            return stop
+        except OSError:
+            pass
+        return None
+
+    def _settle(self, pending: tuple[int, dict] | None, stopping: bool = False) -> None:
+        if pending is None:
             return
-        (step, metrics), self.pending = self.pending, None
+        step, metrics = pending
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
         skipped, stop_error = self.nonfinite.check(step, int(host.pop("nonfinite_cause")), self.progress.last_saved)
         if stop_error is not None:
-            self.writer.write(step, {**host, "skipped": 1.0})
+            with contextlib.suppress(OSError):  # the run stops on the non-finite step, recorded or not
+                self.writer.write(step, {**host, "skipped": 1.0})
             raise stop_error
         if not (skipped or stopping or self.cadence.due(step, step == self.cfg.train.steps)):
             return
@@ -157,3 +176,28 @@ class Save:
         self.ckpt.save(step, self.progress.state, self.progress.data_state, self.meta)
         self.progress.last_saved = step
         self.cadence.ran()
+
+    def after_os_error(self, failure: OSError, records: StepRecords) -> JaxgenError:
+        """What a run stops with when a file it writes while training fails (a full disk under tensorboard/ or
+        samples/), once the steps since its last checkpoint are saved: a log file must not cost them. Not where
+        processes save together: a failure on one host leaves the others stepping on (only process 0 writes
+        records), and a save alone would wait for them."""
+        if (stop := records.settle_after_failure()) is not None:  # a last step the run must not save
+            return stop
+        step, last = int(self.progress.state.step), self.progress.last_saved
+        failed = describe_os_error(failure)
+        kept = f"checkpoint {last} is the newest" if last is not None else "no checkpoint was saved"
+        if step == last or self.progress.data_state is None:  # nothing trained since the last checkpoint
+            return OutputWriteError(f"{failed}; no step is lost ({kept}); {again()} once it is mended")
+        if jax.process_count() > 1:
+            return OutputWriteError(f"{failed}; {kept} (a run of {jax.process_count()} processes saves together, "
+                                    f"so step {step} was not saved); {again()} once it is mended")
+        try:
+            self.ckpt.save(step, self.progress.state, self.progress.data_state, self.meta)
+            self.ckpt.wait()
+        except Exception as err:  # the same full disk, most likely
+            why = getattr(err, "reason", None) or first_line(err, 200)  # a CheckpointWriteError's says it shortest
+            return OutputWriteError(f"{failed}; saving step {step} before stopping failed too ({why}); {kept}")
+        self.progress.last_saved = step
+        return OutputWriteError(f"{failed}; checkpoint {step} was saved first, so no step is lost; {again()} once it "
+                                "is mended")
