@@ -9,6 +9,7 @@ from jaxgen.data.pipeline import to_global
 from jaxgen.errors import ConfigError
 from jaxgen.sharding import make_mesh
 from jaxgen.train.build import build_training
+from jaxgen.train.optimizer import warn_of_long_warmup
 
 from conftest import tiny_config
 from helpers import random_batches
@@ -98,16 +99,18 @@ def test_a_mesh_axis_that_splits_nothing_and_a_warmup_past_the_end_are_named(dev
                        "optimizer.warmup_steps=10")
     with caplog.at_level("WARNING", logger="jaxgen"):
         build_training(idle, make_mesh(idle.mesh, devices))
+        warn_of_long_warmup(idle.optimizer, idle.train.steps)
     assert [record.getMessage() for record in caplog.records] == [
-        "optimizer.warmup_steps=10 is more than train.steps=3: the learning rate warms up over all 3 steps and never "
-        "decays",
         "mesh.tensor=2: sharding.preset=fsdp splits no parameter of this model over the tensor axis, so its 2 devices "
-        "all compute the same; give them to mesh.data, or use sharding.preset=tp or fsdp_tp (or sharding.rules)"]
+        "all compute the same; give them to mesh.data, or use sharding.preset=tp or fsdp_tp (or sharding.rules)",
+        "optimizer.warmup_steps=10 is more than train.steps=3: the learning rate warms up over all 3 steps and never "
+        "decays"]
     caplog.clear()
     split = tiny_config("sharding.preset=fsdp_tp", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "train.steps=3",
                         "optimizer.warmup_steps=3")
     with caplog.at_level("WARNING", logger="jaxgen"):
         build_training(split, make_mesh(split.mesh, devices))
+        warn_of_long_warmup(split.optimizer, split.train.steps)
     assert caplog.records == []
 
 

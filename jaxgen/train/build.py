@@ -52,9 +52,6 @@ def build_training(cfg: Config, mesh: Mesh, task: Task | None = None) -> Trainin
     # `optimizer:` section unless the task gives the group settings of its own.
     txs = {group: make_optimizer(specs[group].optimizer or cfg.optimizer, cfg.train.steps)[0] for group in trained}
     schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
-    if cfg.optimizer.warmup_steps > cfg.train.steps:
-        log.warning("optimizer.warmup_steps=%d is more than train.steps=%d: the learning rate warms up over all %d "
-                    "steps and never decays", cfg.optimizer.warmup_steps, cfg.train.steps, cfg.train.steps)
     layout = plan_state(task, txs, mesh, rules, cfg.train.seed)
     refuse_unknown_rules(cfg.sharding.rules, set(layout.models.axes))
     for axis in idle_mesh_axes(dict(mesh.shape), rules, set(layout.models.axes)):

@@ -54,6 +54,7 @@ from jaxgen.tasks.layout import MAIN_GROUP
 from jaxgen.trackers import open_trackers, require_libraries
 from jaxgen.train.actions import Evaluate, EvaluateTasks, Progress, Sample, Save, StepRecords
 from jaxgen.train.build import Training, build_training
+from jaxgen.train.optimizer import warn_of_long_warmup
 from jaxgen.train.preemption import PreemptionWatch
 from jaxgen.train.run_dir import (
     completed_summary,
@@ -198,6 +199,8 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
     if resumed is not None and resumed.step > cfg.train.steps:
         refuse_fewer_steps(cfg, resumed.step, resumed.meta)
     wrap_up_only = resumed is not None and resumed.step >= cfg.train.steps
+    if not wrap_up_only:  # after the refusal of fewer steps, which the warning would only precede as noise
+        warn_of_long_warmup(cfg.optimizer, cfg.train.steps)
     # Process 0's view, on every process: all of them return here, or all go on to the wrap-up's collectives. A
     # summary.json of an earlier end (the run was extended since) is not this step's: the wrap-up writes it.
     if wrap_up_only and bytes_from_process_0(b"1" if summarizes(run_dir, resumed.step) else b"") == b"1":

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import optax
 
 from jaxgen.config import OptimizerConfig
+
+log = logging.getLogger("jaxgen")
 
 
 def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -20,6 +24,13 @@ def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Sche
     # Warmup from lr/warmup (not 0) so the first step already learns.
     warm = optax.linear_schedule(cfg.lr / max(warmup, 1), cfg.lr, max(warmup - 1, 1))
     return optax.join_schedules([warm, decay], [warmup])
+
+
+def warn_of_long_warmup(cfg: OptimizerConfig, total_steps: int) -> None:
+    """A warmup longer than the run is cut to it (`learning_rate_schedule`): the run never decays."""
+    if cfg.warmup_steps > total_steps:
+        log.warning("optimizer.warmup_steps=%d is more than train.steps=%d: the learning rate warms up over all %d "
+                    "steps and never decays", cfg.warmup_steps, total_steps, total_steps)
 
 
 def weight_decay_mask(params: dict, decay_embeddings: bool) -> dict:
