@@ -76,6 +76,8 @@ class DamagedCheckpoint(CheckpointError):
 class CheckpointMismatch(CheckpointError):
     """An intact checkpoint of another model (other array shapes or dtypes); the message lists them."""
 
+    problems: list[str] = []  # each array that differs, as "path: checkpoint SHAPE, model SHAPE"
+
 
 def _handlers(state_handler=None) -> dict:
     # Named up front so a fresh manager can read any item before a restore names it.
@@ -424,8 +426,10 @@ def check_fits(checksums: dict, target: Any, where: str, prefix: str = "") -> No
         if saved.get(path) != wanted.get(path)
     ]
     if problems:
-        raise CheckpointMismatch(f"{where} does not fit this model ({len(problems)} arrays differ): "
-                                 + listed(problems, 6))
+        mismatch = CheckpointMismatch(f"{where} does not fit this model ({len(problems)} arrays differ): "
+                                      + listed(problems, 6))
+        mismatch.problems = problems
+        raise mismatch
 
 
 def _shape_text(entry: tuple | None) -> str:

@@ -418,6 +418,17 @@ def test_a_runs_config_yaml_cut_at_a_line_is_named_against_the_checkpoints_setti
     assert snapshot(run_dir) == before
 
 
+def test_a_reader_given_an_override_of_the_models_shape_names_it(straight):
+    """`eval model.d_model=96` said the checkpoint "does not fit this model", then listed six arrays: it read as a
+    damaged run, not as the override given."""
+    result = run_jaxgen("eval", "--run-dir", str(straight[0]), "model.d_model=96", "mesh.data=1")
+    assert result.returncode == 2
+    assert error_lines(result.stderr) == [
+        "jaxgen: error: model.d_model=96: the run's checkpoints hold a model of other shapes (12 arrays differ, e.g. "
+        "params/model/embed: checkpoint (512, 64) float32, model (512, 96) float32); a reader keeps the model the "
+        "run trained: drop it"]
+
+
 def test_init_from_starts_a_new_run_from_saved_params(straight, tokenizer, tmp_path):
     tuned = tmp_path / "tuned"
     result = run_jaxgen(*train_args(tuned, tokenizer, "train.steps=2", f"checkpoint.init_from={straight[0]}"))

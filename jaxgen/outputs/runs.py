@@ -19,7 +19,14 @@ from collections.abc import Callable, Iterable, Iterator
 
 from jax.sharding import Mesh
 
-from jaxgen.checkpoint import Checkpointer, DamagedCheckpoint, on_every_process, read_step_meta, restore_subtree
+from jaxgen.checkpoint import (
+    Checkpointer,
+    CheckpointMismatch,
+    DamagedCheckpoint,
+    on_every_process,
+    read_step_meta,
+    restore_subtree,
+)
 from jaxgen.checkpoint_layout import checkpoint_digest, checkpoint_dir, committed_steps
 from jaxgen.config import RUN_CONFIG_DAMAGED, Config, changed_settings, load_config
 from jaxgen.data.tokenizer import kept_tokenizer_files, load_tokenizer, tokenizer_file_in
@@ -76,10 +83,30 @@ def _load_run_config(run_dir: pathlib.Path, overrides: list[str]) -> Config:
     return load_config(run_dir / "config.yaml", [*DEFAULT_MESH, *overrides], RUN_CONFIG_DAMAGED)
 
 
-def read_params(run_dir: pathlib.Path, step: int | None, target: dict) -> tuple[dict, int, str | None, list[str]]:
+# Overrides of what the parameters' shapes follow: a reader given one meets a checkpoint of another model.
+MODEL_SECTIONS = ("model.", "conditioning.", "diffusion.autoencoder", "autoencoder.")
+
+
+def read_params(run_dir: pathlib.Path, step: int | None, target: dict,
+                overrides: list[str] = ()) -> tuple[dict, int, str | None, list[str]]:
     """Verified parameters of every group (its EMA where the run keeps one) of checkpoint `step` (default: newest),
     which must have been trained with the run's tokenizer (and, or a warning says so, its config.yaml's model);
-    with the step read, the checkpoint's digest and config.yaml's model settings unlike those it was trained with."""
+    with the step read, the checkpoint's digest and config.yaml's model settings unlike those it was trained with.
+    `overrides`: the command's; one that changed the model's shapes is named where the checkpoint does not fit."""
+    try:
+        return _read_params(run_dir, step, target)
+    except CheckpointMismatch as mismatch:
+        reshaping = [o for o in overrides if o.startswith(MODEL_SECTIONS)]
+        if not reshaping:
+            raise
+        them = "it" if len(reshaping) == 1 else "them"
+        raise CheckpointMismatch(
+            f"{', '.join(reshaping)}: the run's checkpoints hold a model of other shapes ({len(mismatch.problems)} "
+            f"arrays differ, e.g. {mismatch.problems[0]}); a reader keeps the model the run trained: drop "
+            f"{them}") from None
+
+
+def _read_params(run_dir: pathlib.Path, step: int | None, target: dict) -> tuple[dict, int, str | None, list[str]]:
     directory = checkpoint_dir(run_dir)
     while True:
         wanted = check_step(run_dir, step)
@@ -104,7 +131,7 @@ def open_run(run_dir: str | pathlib.Path, step: int | None = None, overrides: li
     """The run's config, task and the parameters of checkpoint `step` (default: the newest)."""
     opened = _without_params(pathlib.Path(run_dir), overrides)
     try:
-        params, step, digest, edits = read_params(opened.run_dir, step, opened.layout.target)
+        params, step, digest, edits = read_params(opened.run_dir, step, opened.layout.target, overrides)
     except DamagedCheckpoint as err:
         steps = committed_steps(checkpoint_dir(opened.run_dir))
         others = [s for s in steps if s != (steps[-1] if step is None else step)]
@@ -129,7 +156,7 @@ def each_checkpoint(run_dir: str | pathlib.Path, steps: list[int], overrides: li
     for step in steps:
         failure = None
         try:
-            params, _, digest, edits = read_params(opened.run_dir, step, opened.layout.target)
+            params, _, digest, edits = read_params(opened.run_dir, step, opened.layout.target, overrides)
         except DamagedCheckpoint as err:
             failure = str(err)
         except CheckpointError:
@@ -148,7 +175,7 @@ def each_checkpoint(run_dir: str | pathlib.Path, steps: list[int], overrides: li
         yield opened
     if not scored and deleted:  # a run keeping few checkpoints deleted every one listed: it keeps a newer one
         log.info("the run's retention deleted every checkpoint listed before it was read; reading its newest")
-        params, step, digest, edits = read_params(opened.run_dir, None, opened.layout.target)
+        params, step, digest, edits = read_params(opened.run_dir, None, opened.layout.target, overrides)
         opened.step, opened.weights = step, opened.layout.weights(params)
         opened.checkpoint, opened.config_edits = digest, edits
         yield opened
