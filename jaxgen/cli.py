@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     overrides = Parser(add_help=False)
     overrides.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                            help="dotted config overrides, anywhere after the command, e.g. train.steps=50")
+    read_overrides = Parser(add_help=False)  # a reader's settings are the run's: only how it is read may change
+    read_overrides.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                                help="dotted overrides of the run's config.yaml, anywhere after the command, e.g. "
+                                     "mesh.fsdp=2 (the model's own settings stay the checkpoint's)")
 
     config_file = path_given("a YAML file, or leave --config out for the embedded default")
     train = commands.add_parser("train", parents=[devices, overrides],
@@ -206,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="a run directory with checkpoints")
     checkpoint.add_argument("--step", type=non_negative_int, metavar="N", help="checkpoint step (default: the newest)")
 
-    evaluate = commands.add_parser("eval", parents=[checkpoint, devices, overrides],
+    evaluate = commands.add_parser("eval", parents=[checkpoint, devices, read_overrides],
                                    help="held-out loss, perplexity, bits per byte; or benchmark tasks (--tasks)")
     evaluate.add_argument("--all", action="store_true",
                           help="evaluate every checkpoint of the run (a damaged one is skipped, and named in the "
@@ -223,9 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_distributed_flags(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
-    sample = commands.add_parser("sample", parents=[checkpoint, devices, overrides],
+    sample = commands.add_parser("sample", parents=[checkpoint, devices, read_overrides],
                                  help="generate text (LM), an image grid (DiT, GAN) or reconstructions (autoencoder)")
-    sample.add_argument("--seed", type=seed, default=0, help="random seed of the sampler")
+    sample.add_argument("--seed", type=seed, help="random seed of the sampler (default 0; for the families that draw "
+                                                  "at random: not an autoencoder nor a masked LM)")
     text = sample.add_argument_group("language models (an encoder-decoder generates a target for each --prompt; "
                                      "a masked LM fills the [MASK]s of each; a text-to-image DiT draws a grid row "
                                      "for each)")
@@ -255,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="image files an autoencoder reconstructs (quote the glob)")
     sample.set_defaults(func=cmd_sample)
 
-    export = commands.add_parser("export", parents=[checkpoint, devices, overrides],
+    export = commands.add_parser("export", parents=[checkpoint, devices, read_overrides],
                                  help="write weights for other tools")
     export.add_argument("--format", choices=["hf", "safetensors", "diffusers"], default="hf",
                         help="hf: a Hugging Face directory of the model's family (model.family; BertForMaskedLM "

@@ -220,7 +220,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # Every `jaxgen sample` option a model family may take; which ones a run takes is its task's business.
 SAMPLE_OPTIONS = ("prompt", "negative_prompt", "temperature", "top_k", "top_p", "max_new_tokens",
-                  "labels", "num_per_label", "guidance", "sampler", "steps", "out", "save_array", "images")
+                  "labels", "num_per_label", "guidance", "sampler", "steps", "out", "save_array", "images", "seed")
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -236,7 +236,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         streamed(piece)
         pieces.append(piece)
 
-    records = sample_run(args.run_dir, given, args.seed, args.step, args.overrides,
+    records = sample_run(args.run_dir, given, args.step, args.overrides,
                          on_text=show if streaming else None)
     if pieces:  # the text was shown as it came: the record is that text
         print()

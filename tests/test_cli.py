@@ -123,6 +123,9 @@ def test_sample_options_belong_to_a_model_kind(tmp_path):
     (vae / "config.yaml").write_text((REPO / "configs" / "vae_fashion.yaml").read_text())
     refused(run_jaxgen("sample", "--run-dir", str(vae), "--images", str(tmp_path / "none*.png")),
             says=f"--images '{tmp_path}/none*.png' matches no files")
+    refused(run_jaxgen("sample", "--run-dir", str(vae), "--images", str(tmp_path / "none*.png"), "--seed", "3"),
+            says=f"--seed cannot be used with {vae}, a model.kind=autoencoder run; its options: --images, --out, "
+                 "--save-array")  # reconstructions draw nothing at random: the seed was taken and unused
     t5 = tmp_path / "t5"
     t5.mkdir()
     (t5 / "config.yaml").write_text((REPO / "configs" / "t5_tiny.yaml").read_text())

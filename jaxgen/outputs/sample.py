@@ -32,7 +32,7 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def sample_run(run_dir: str | pathlib.Path, given: dict[str, Any], seed: int = 0, step: int | None = None,
+def sample_run(run_dir: str | pathlib.Path, given: dict[str, Any], step: int | None = None,
                overrides: list[str] = (), on_text: Callable[[str], None] | None = None) -> list[dict]:
     """`given`: options set by the user (None = not given); returns the records to print."""
     cfg = load_run_config(run_dir, overrides)
@@ -53,7 +53,7 @@ def sample_run(run_dir: str | pathlib.Path, given: dict[str, Any], seed: int = 0
         log.info("drawing %s images, %s %s steps each", f"{images_asked(cfg, options):,}",
                  f"{options['steps'] or cfg.diffusion.sample_steps:,}", options["sampler"] or cfg.diffusion.sampler)
     with written_together():
-        return run.task.generate(run.weights, run.run_dir, run.step, {**options, "seed": seed}, on_text)
+        return run.task.generate(run.weights, run.run_dir, run.step, options, on_text)
 
 
 def check_sampler(cfg: Config, options: dict[str, Any]) -> None:

@@ -68,7 +68,8 @@ class DiffusionTask:
         self.sample_every = cfg.diffusion.sample_every
         self.sample_options: dict[str, Any] = {
             **({"prompt": None, "negative_prompt": None} if self.text else {"labels": None}),
-            "num_per_label": 8, "guidance": None, "sampler": None, "steps": None, "out": None, "save_array": None}
+            "num_per_label": 8, "guidance": None, "sampler": None, "steps": None, "out": None, "save_array": None,
+            "seed": 0}
         self._samplers: dict = {}
         self._real: tuple[ImageData, tuple[ImageSet, ImageSet]] | None = None  # real_images' last (data, result)
 

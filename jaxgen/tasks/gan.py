@@ -46,7 +46,8 @@ GENERATOR, DISCRIMINATOR = "generator", "discriminator"
 
 class GANTask:
     unit = "images"
-    sample_options: dict[str, Any] = {"labels": None, "num_per_label": 8, "out": None, "save_array": None}
+    sample_options: dict[str, Any] = {"labels": None, "num_per_label": 8, "out": None, "save_array": None,
+                                      "seed": 0}
 
     def __init__(self, cfg: Config):
         self.cfg = cfg

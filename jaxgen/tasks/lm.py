@@ -37,7 +37,7 @@ class LanguageModelTask(OneTextModel):
     sample_every = 0
     # max_new_tokens None: DEFAULT_NEW_TOKENS, or what the context leaves after the prompt, without a word.
     sample_options: dict[str, Any] = {"prompt": None, "temperature": 0.8, "top_k": 0, "top_p": 1.0,
-                                      "max_new_tokens": None}
+                                      "max_new_tokens": None, "seed": 0}
 
     def logits(self, model, batch):
         if self.cfg.model.document_mask:

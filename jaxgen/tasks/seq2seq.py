@@ -53,7 +53,7 @@ class Seq2SeqTask(OneTextModel):
     loss_name = "target cross-entropy (nats / target token)"
     sample_every = 0
     sample_options: dict[str, Any] = {"prompt": None, "temperature": 0.0, "top_k": 0, "top_p": 1.0,
-                                      "max_new_tokens": None}
+                                      "max_new_tokens": None, "seed": 0}
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
