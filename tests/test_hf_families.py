@@ -21,7 +21,7 @@ from safetensors.numpy import load_file
 from jaxgen.errors import ExportError
 from jaxgen.outputs.export import export_hf
 from jaxgen.outputs.hf_families import FAMILIES, hf_config
-from jaxgen.outputs.hf_import import import_hf
+from jaxgen.outputs.hf_import import import_hf, read_hf_config
 from jaxgen.outputs.runs import OpenedRun, open_run
 from jaxgen.sharding import make_mesh, resolve_rules
 from jaxgen.tasks import make_task
@@ -253,6 +253,23 @@ def test_what_jaxgen_cannot_represent_is_refused_naming_the_key(config_only, nam
     with pytest.raises(ExportError, match=match):
         import_hf(config_only, config_only / "out")
     assert not (config_only / "out").exists()
+
+
+def test_a_gemma2_soft_cap_of_null_is_off_as_in_transformers(config_only):
+    """`"attn_logit_softcapping": null` was imported as Gemma 2's default cap (50, and 30 on the logits): the model
+    then computed other log-probabilities than the checkpoint's, without a word."""
+    without = {"attn_logit_softcapping": None, "final_logit_softcapping": None}
+    theirs = transformers.Gemma2Config(**COMMON, **without)
+    assert (theirs.attn_logit_softcapping, theirs.final_logit_softcapping) == (None, None)
+    caps = {}
+    for case, change in {"null": without, "absent": {}}.items():
+        written = {k: v for k, v in config_json("gemma2").items() if k not in without}
+        (config_only / "config.json").write_text(json.dumps({**written, **change}))
+        model, _ = read_hf_config(config_only)
+        caps[case] = (model.attn_logit_softcap, model.final_logit_softcap)
+    default = transformers.Gemma2Config(**COMMON)
+    assert caps == {"null": (None, None),
+                    "absent": (default.attn_logit_softcapping, default.final_logit_softcapping)}
 
 
 @pytest.mark.parametrize("switches, match", [

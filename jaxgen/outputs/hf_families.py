@@ -84,6 +84,8 @@ class Family:
     defaults: dict[str, Any]  # transformers' defaults for the family's keys, beyond COMMON_DEFAULTS
     constants: dict[str, tuple]  # keys that must hold one of these values when present (what jaxgen computes)
     renamed: dict[str, str] = dataclasses.field(default_factory=dict)  # param path -> its tensor, where not Llama's
+    # Its keys whose null switches a feature off in transformers (no soft-capping), not "the default".
+    null_means_off: tuple[str, ...] = ()
 
 
 QWEN_WINDOWS = ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types")
@@ -114,6 +116,7 @@ FAMILIES: dict[str, Family] = {
         {"hidden_activation": ("gelu_pytorch_tanh",), "hidden_act": ("gelu_pytorch_tanh",),
          "attention_bias": (False,), "use_bidirectional_attention": (None, False)},
         renamed={"layers/mlp_norm/scale": "model.layers.{i}.pre_feedforward_layernorm.weight"},
+        null_means_off=("attn_logit_softcapping", "final_logit_softcapping"),
     ),
 }
 ARCHITECTURES = ", ".join(f.architecture for f in FAMILIES.values())

@@ -155,7 +155,8 @@ def _transformer_config(hf: dict, path: pathlib.Path, name: str) -> TransformerC
         raise ExportError(f"{path}: required key {missing[0]!r} is missing")
     family = FAMILIES[name]
     keys = {**COMMON_KEYS, **family.keys}
-    given = {key: value for key, value in hf.items() if key in keys and value is not None}
+    given = {key: value for key, value in hf.items()
+             if key in keys and (value is not None or key in family.null_means_off)}
     values = {**COMMON_DEFAULTS, **family.defaults, "num_key_value_heads": hf["num_attention_heads"], **given}
     fields = {keys[key]: value for key, value in values.items() if key in keys}
     fields.update(_rope_fields(hf, path), **family.fixed, family=name)
