@@ -5,6 +5,7 @@ documents, the modern variant attends both ways, and a sharded forward pass equa
 import gzip
 import itertools
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -16,16 +17,19 @@ from flax import nnx
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from jaxgen.config import Config
+from jaxgen.config import Config, load_config
 from jaxgen.config_encoders import EncoderConfig
 from jaxgen.data.corpus import BUNDLED_CORPUS
 from jaxgen.data.tokenizer import keep_tokenizer, train_tokenizer
-from jaxgen.errors import ExportError
+from jaxgen.errors import DataError, ExportError
 from jaxgen.models.encoder import Encoder, flops_per_token, param_count
 from jaxgen.outputs.hf_bert import bert_config, encoder_layout, export_bert, import_bert, is_bert_dir
 from jaxgen.outputs.runs import OpenedRun, open_run
 from jaxgen.sharding import resolve_rules, with_rules
+from jaxgen.tasks import make_task
 from jaxgen.tasks.layout import MAIN_GROUP
+
+from conftest import REPO
 
 BERT = {"kind": "encoder", "d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 64, "max_seq_len": 32}
 MODERN = {**BERT, "positions": "rope", "norm_placement": "pre", "norm": "rmsnorm", "gated_mlp": True, "bias": False,
@@ -289,3 +293,26 @@ def test_import_refuses_what_jaxgen_cannot_represent(theirs, changes, message, t
     with pytest.raises(ExportError, match=message):
         import_bert(source, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_without_mask_is_refused_by_import(theirs, tokenizer, tmp_path):
+    """A BertForMaskedLM beside a tokenizer with no [MASK] imported, and `sample` then filled nothing: "[MASK]" in
+    a prompt was read as letters, exit 0 with no candidates."""
+    source = tmp_path / "bert"
+    source.mkdir()
+    config = json.loads((theirs[1] / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "vocab_size": 512}))
+    shutil.copyfile(tokenizer.path, source / "tokenizer.model")  # a plain sentencepiece model: no [MASK]
+    with pytest.raises(ExportError, match=rf"^the tokenizer in {source} \(tokenizer.model\) has no \[MASK\] token, "
+                                          r"which a masked LM fills in; give the checkpoint's own tokenizer"):
+        import_bert(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_whose_tokenizer_has_no_mask_is_refused_by_sample(tokenizer, tmp_path):
+    """A run imported before that refusal: its sample must say why nothing can be filled, not print no candidates."""
+    shutil.copyfile(tokenizer.path, tmp_path / "tokenizer.model")
+    task = make_task(load_config(REPO / "configs" / "bert_tiny.yaml"))
+    with pytest.raises(DataError, match=rf"^the tokenizer of {tmp_path} has no \[MASK\] token, so this model has "
+                                        "nothing to fill in"):
+        task.generate(None, tmp_path, 0, {"prompt": ["In the [MASK] God"]}, None)

@@ -259,6 +259,10 @@ def import_bert(source: str | pathlib.Path, out: str | pathlib.Path) -> pathlib.
     refuse_nonempty_output(out)
     model, declared_dtype = read_bert_config(source)
     tokenizer = _bert_tokenizer(source, model.vocab_size)
+    if tokenizer.piece_id(MASK_PIECE) is None:  # a masked LM fills [MASK]s: without one, sample fills nothing
+        raise ExportError(f"the tokenizer in {source} ({tokenizer.file_name}) has no {MASK_PIECE} token, which a "
+                          f"masked LM fills in; give the checkpoint's own tokenizer (a tokenizer.json or "
+                          f"sentencepiece model holding {MASK_PIECE})")
     stored = stored_tensors(source)
     kept_as = out / tokenizer.file_name
     cfg = Config(model=model, data={"seq_len": min(model.max_seq_len, 128), "tokenizer": str(kept_as)})

@@ -21,7 +21,7 @@ import numpy as np
 from jaxgen.config import Config
 from jaxgen.data.bidirectional import TextRows, build_text_rows, unigram_counts
 from jaxgen.data.tokenizer import MASK_PIECE, load_tokenizer
-from jaxgen.errors import ConfigError
+from jaxgen.errors import ConfigError, DataError
 from jaxgen.tasks.base import Weights
 from jaxgen.tasks.layout import MAIN_GROUP
 from jaxgen.tasks.text_inputs import OneTextModel, global_batches, spaces_taken, summed_over_processes
@@ -98,6 +98,9 @@ class MaskedLMTask(OneTextModel):
         tokenizer = load_tokenizer(run_dir)
         prompts = options["prompt"]
         mask_id = tokenizer.piece_id(MASK_PIECE)
+        if mask_id is None:  # a run imported before import refused such a tokenizer: "[MASK]" would be letters
+            raise DataError(f"the tokenizer of {run_dir} has no {MASK_PIECE} token, so this model has nothing to "
+                            "fill in; import the checkpoint again with its own tokenizer")
         length = self.cfg.data.seq_len
         rows = [[tokenizer.bos_id, *spaces_taken(tokenizer.encode_document(p).tolist(), {mask_id}, tokenizer),
                  tokenizer.eos_id] for p in prompts]
