@@ -209,8 +209,12 @@ class ImagesConfig(_Section):
     @pydantic.model_validator(mode="after")
     def _location_named(self) -> ImagesConfig:
         for source, where in (("tfds", "NAME"), ("folder", "DIR"), ("idx", "DIR"), ("latents", "DIR")):
-            if (self.source == source) != (getattr(self, source) is not None):
-                raise ValueError(f"images.source={source} and images.{source}={where} go together: set both or neither")
+            if self.source == source and getattr(self, source) is None:
+                raise ValueError(f"images.source={source} needs images.{source}={where}")
+            if self.source != source and getattr(self, source) is not None:  # a config file's, with another source
+                raise ValueError(f"images.{source}={getattr(self, source)!r} is read only with images.source={source}, "
+                                 f"and images.source is {self.source!r}; give images.source={source}, or "
+                                 f"images.{source}=null to read {self.source!r}")
         return self
 
 

@@ -326,8 +326,13 @@ def test_idx_errors_name_the_key(idx_dir, tmp_path):
         open_images(config("images.source=idx", f"images.idx={tmp_path / 'x'}"))
     with pytest.raises(ConfigError, match="holds 8x8x1 images in 10 classes, but model.image_size=16"):
         open_images(config("images.source=idx", f"images.idx={idx_dir}", "model.image_size=16"))
-    with pytest.raises(ConfigError, match="images.source=idx and images.idx=DIR go together"):
+    with pytest.raises(ConfigError, match="images.source=idx needs images.idx=DIR"):
         config("images.source=idx")
+    # A config file's images.idx with another source given on the command line (it read as the user's mistake).
+    with pytest.raises(ConfigError, match=rf"images.idx='{idx_dir}' is read only with images.source=idx, and "
+                                          rf"images.source is 'digits'; give images.source=idx, or images.idx=null "
+                                          "to read 'digits'"):
+        config(f"images.idx={idx_dir}", "images.source=digits")
 
 
 @pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")

@@ -270,7 +270,7 @@ def test_tfds_errors_name_the_dataset_and_what_would_be_valid(tfds_dir, tmp_path
         open_images(tfds_config(tfds_dir, "model.image_size=16", "model.num_classes=12"))
     with pytest.raises(DataError, match=r"no feature 'pixels' \(images.image_key\); its features: \['image', 'label'\]"):
         open_images(tfds_config(tfds_dir, "images.image_key=pixels"))
-    with pytest.raises(ConfigError, match="images.source=tfds and images.tfds=NAME go together"):
+    with pytest.raises(ConfigError, match="images.source=tfds needs images.tfds=NAME"):
         tiny_dit_config("images.source=tfds")
 
 
