@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -194,3 +195,24 @@ def test_jaxgen_eval_reports_the_loops_held_out_loss_and_sample_quality(dit_run)
     logged = [r["eval_loss"] for r in read_metrics(dit_run / "metrics.jsonl") if r["step"] == 10 and "eval_loss" in r]
     assert report["eval_loss"] == pytest.approx(logged[0], rel=1e-6)
     assert {"frechet_distance", "frechet_floor", "conditional_accuracy"} <= set(report)
+
+
+def test_a_resumed_dit_refuses_another_objective_and_names_its_held_out_rows_as_images(dit_run, tmp_path):
+    """`diffusion.objective: flow -> eps` on resume only warned: the network went on learning another target from
+    weights that predict the first. A changed data.batch_size was explained in tokens of data.seq_len."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(dit_run, run_dir)
+    before = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
+    refused = jaxgen_cli("train", "--run-dir", str(run_dir), "train.steps=11", "diffusion.objective=eps",
+                         "diffusion.sampler=ddim")
+    assert refused.returncode == 2
+    assert error_lines(refused.stderr) == [
+        "jaxgen: error: diffusion.objective='eps': the run's step 10 was trained to predict for "
+        "diffusion.objective='flow', and continuing would train the same output toward another target; give "
+        "diffusion.objective='flow' to continue it, or fine-tune for 'eps' in a new --run-dir with "
+        "checkpoint.init_from=RUN_DIR"]
+    assert sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")) == before
+    resumed = jaxgen_cli("train", "--run-dir", str(run_dir), "train.steps=11", "data.batch_size=16")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert ("data.batch_size changed: the held-out set is train.eval_batches batches of data.batch_size images, so "
+            "eval_loss from step 10 on is measured on another set than before") in resumed.stderr

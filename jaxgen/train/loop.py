@@ -61,6 +61,7 @@ from jaxgen.train.run_dir import (
     forget_unfinished_start,
     holding,
     refuse_fewer_steps,
+    refuse_other_objective,
     refuse_other_tokenizer,
     starting_point,
     summarizes,
@@ -184,8 +185,10 @@ def load_eval_tasks(cfg: Config) -> list[BenchmarkTask]:
     return load_tasks(list(cfg.train.eval_tasks), cfg.train.eval_task_data)
 
 
-# The settings that size the held-out set: a resumed run that changes one is evaluated on another set.
+# The settings that size the held-out set: a resumed run that changes one is evaluated on another set. An image
+# task's rows are images: data.seq_len sizes nothing there.
 HELD_OUT_SIZE = ("data.batch_size", "data.seq_len", "train.eval_batches")
+HELD_OUT_ROWS = {"tokens": "rows of data.seq_len tokens", "images": "images"}
 
 
 def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpointer,
@@ -198,6 +201,8 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
         cfg = with_start_kept(cfg, resumed.meta, resumed.step)
     if resumed is not None and resumed.step > cfg.train.steps:
         refuse_fewer_steps(cfg, resumed.step, resumed.meta)
+    if resumed is not None:
+        refuse_other_objective(cfg, resumed.step, resumed.meta)
     wrap_up_only = resumed is not None and resumed.step >= cfg.train.steps
     if not wrap_up_only:  # after the refusal of fewer steps, which the warning would only precede as noise
         warn_of_long_warmup(cfg.optimizer, cfg.train.steps)
@@ -234,10 +239,11 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
         if saved_config is not None and (changes := changed_settings(saved_config, meta["config"])):
             log.warning("continuing step %d with settings changed since it was saved (config.yaml now holds the "
                         "new ones): %s", resumed.step, listed(changes, 8))
-            if held_out := [c.split(":")[0] for c in changes if c.split(":")[0] in HELD_OUT_SIZE]:
-                log.warning("%s changed: the held-out set is train.eval_batches batches of data.batch_size rows of "
-                            "data.seq_len tokens, so eval_loss from step %d on is measured on another set than "
-                            "before", " and ".join(held_out), resumed.step)
+            sizing = [k for k in HELD_OUT_SIZE if task.unit == "tokens" or k != "data.seq_len"]
+            if held_out := [c.split(":")[0] for c in changes if c.split(":")[0] in sizing]:
+                log.warning("%s changed: the held-out set is train.eval_batches batches of data.batch_size %s, so "
+                            "eval_loss from step %d on is measured on another set than before", " and ".join(held_out),
+                            HELD_OUT_ROWS[task.unit], resumed.step)
         if "data_files" in resumed.meta and (changes := changed_files(resumed.meta["data_files"], meta["data_files"])):
             log.warning("continuing step %d on training files changed since it was saved (%s): the run goes on, but "
                         "no longer in the data order nor with the held-out set it had", resumed.step, listed(changes, 4))

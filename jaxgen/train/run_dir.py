@@ -260,6 +260,19 @@ def refuse_fewer_steps(cfg: Config, step: int, meta: dict) -> None:
                       "train anew")
 
 
+def refuse_other_objective(cfg: Config, step: int, meta: dict) -> None:
+    """A diffusion run continued under another objective: the network's output (noise, v or velocity) would be
+    trained to mean another quantity from weights that predict the first, with no shape to tell. Changing it is
+    fine-tuning, which starts a new run from the parameters."""
+    saved = meta.get("config", {}).get("diffusion", {}).get("objective")
+    if cfg.model.kind != "dit" or saved is None or saved == cfg.diffusion.objective:
+        return
+    raise ConfigError(f"diffusion.objective={cfg.diffusion.objective!r}: the run's step {step} was trained to predict "
+                      f"for diffusion.objective={saved!r}, and continuing would train the same output toward another "
+                      f"target; give diffusion.objective={saved!r} to continue it, or fine-tune for "
+                      f"{cfg.diffusion.objective!r} in a new --run-dir with checkpoint.init_from=RUN_DIR")
+
+
 def completed_summary(run_dir: pathlib.Path, step: int) -> dict:
     """What a complete run reports when its command runs again: its summary, untouched."""
     log.info("run directory %s is complete (step %d); nothing to do", run_dir, step)
