@@ -243,16 +243,33 @@ def config_json(name: str) -> dict:
     ("llama", {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                    "high_freq_factor": 4.0, "attention_factor": 2.0}},
      r"rope_parameters.attention_factor=2.0 is not supported for rope_type 'llama3'"),
+    # Both: transformers computes rope_scaling's (test_rope_scaling_beside_rope_parameters_is_what_transformers_reads)
+    ("llama", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4},
+               "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+     r"rope_scaling.rope_type='linear' is not supported \(only 'default', 'llama3'\)"),
     ("gemma2", {"hidden_activation": "gelu"}, r"hidden_activation='gelu' is not supported by jaxgen"),
     ("qwen2", {"layer_types": ["full_attention"]}, r"key 'layer_types' = \['full_attention'\]: expected a list of 2"),
     ("mistral", {"sliding_window": "4096"}, r"key 'sliding_window' = '4096': Input should be a valid integer"),
-], ids=["moe_family", "experts_key", "yarn_rope", "rope_key_missing", "rope_key_unknown", "activation",
-        "layer_types", "window_type"])
+], ids=["moe_family", "experts_key", "yarn_rope", "rope_key_missing", "rope_key_unknown", "rope_scaling_beside",
+        "activation", "layer_types", "window_type"])
 def test_what_jaxgen_cannot_represent_is_refused_naming_the_key(config_only, name, change, match):
     (config_only / "config.json").write_text(json.dumps({**config_json(name), **change}))
     with pytest.raises(ExportError, match=match):
         import_hf(config_only, config_only / "out")
     assert not (config_only / "out").exists()
+
+
+def test_rope_scaling_beside_rope_parameters_is_what_transformers_reads(config_only):
+    """A config.json holding both imported with rope_parameters' default rope, while transformers computes the
+    linear scaling of rope_scaling: other logits, without a word (refused above, as jaxgen has no linear rope)."""
+    both = {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4},
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 16}}
+    (config_only / "config.json").write_text(json.dumps({**config_json("llama"), **both}))
+    theirs = transformers.AutoConfig.from_pretrained(config_only).rope_parameters
+    ours, _ = read_hf_config(config_only)
+    assert theirs["rope_type"] == "llama3" and theirs["factor"] == 8.0
+    assert ours.rope_scaling is not None and ours.rope_scaling.factor == theirs["factor"]
 
 
 def test_a_gemma2_soft_cap_of_null_is_off_as_in_transformers(config_only):

@@ -174,8 +174,9 @@ def _validated(fields: dict, path: pathlib.Path) -> TransformerConfig:
 
 
 def _rope_fields(hf: dict, path: pathlib.Path) -> dict:
-    """rope_theta and rope_scaling from `rope_parameters` (newer transformers) or `rope_scaling` (older)."""
-    key = "rope_parameters" if hf.get("rope_parameters") is not None else "rope_scaling"
+    """rope_theta and rope_scaling from `rope_parameters` (newer transformers) or `rope_scaling` (older). Where a
+    config.json holds both, transformers reads `rope_scaling` (`convert_rope_params_to_dict`): so does this."""
+    key = "rope_scaling" if hf.get("rope_scaling") is not None else "rope_parameters"
     rope = hf.get(key) or {}
     if not isinstance(rope, dict):
         raise ExportError(f"{path}: key {key!r} = {rope!r}: expected an object")
