@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     read_overrides = Parser(add_help=False)  # a reader's settings are the run's: only how it is read may change
     read_overrides.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                                 help="dotted overrides of the run's config.yaml, anywhere after the command, e.g. "
-                                     "mesh.fsdp=2 (the model's own settings stay the checkpoint's)")
+                                     "mesh.fsdp=2 (a model setting unlike the checkpoint's: eval and sample warn, "
+                                     "export refuses)")
 
     config_file = path_given("a YAML file, or leave --config out for the embedded default")
     train = commands.add_parser("train", parents=[devices, overrides],

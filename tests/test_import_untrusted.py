@@ -7,6 +7,8 @@ that fail halfway leave no output behind either.
 """
 
 import json
+import os
+import pathlib
 import pickle
 import re
 import shutil
@@ -268,6 +270,23 @@ def test_a_non_empty_out_is_refused_before_any_work(hf, tmp_path):
     with pytest.raises(ExportError, match="exists and is not an empty directory"):
         import_hf(hf, out)
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_an_out_that_cannot_be_renamed_onto_is_refused_before_any_work(hf, tmp_path, monkeypatch):
+    """A link to an empty directory, or an empty mount point, passed the check; the whole output was then built
+    beside it and failed at the last rename (`not a directory`, `Device or resource busy`)."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to("empty")
+    with pytest.raises(ExportError, match=rf"^output '{tmp_path / 'link'}' is a symbolic link \(to 'empty'\); "):
+        import_hf(hf, tmp_path / "link")
+    mounted = tmp_path / "mounted"
+    mounted.mkdir()
+    monkeypatch.setattr(os.path, "ismount", lambda path: pathlib.Path(path) == mounted)  # mounting needs root
+    with pytest.raises(ExportError, match=rf"^output '{mounted}' is a mount point, which the output .* cannot "
+                                          rf"replace; name a new directory inside it, e.g. '{mounted / 'export'}'$"):
+        import_hf(hf, mounted)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing was built beside them
+    assert not any((tmp_path / "empty").iterdir()) and not any(mounted.iterdir())
 
 
 # ----------------------------------------------------------------------------- atomic outputs

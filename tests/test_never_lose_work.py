@@ -418,7 +418,7 @@ def test_a_runs_config_yaml_cut_at_a_line_is_named_against_the_checkpoints_setti
     assert snapshot(run_dir) == before
 
 
-def test_a_reader_given_an_override_of_the_models_shape_names_it(straight):
+def test_a_reader_given_an_override_of_the_models_shape_names_it(straight, tmp_path):
     """`eval model.d_model=96` said the checkpoint "does not fit this model", then listed six arrays: it read as a
     damaged run, not as the override given."""
     result = run_jaxgen("eval", "--run-dir", str(straight[0]), "model.d_model=96", "mesh.data=1")
@@ -427,6 +427,16 @@ def test_a_reader_given_an_override_of_the_models_shape_names_it(straight):
         "jaxgen: error: model.d_model=96: the run's checkpoints hold a model of other shapes (12 arrays differ, e.g. "
         "params/model/embed: checkpoint (512, 64) float32, model (512, 96) float32); a reader keeps the model the "
         "run trained: drop it"]
+    # One that changes only what the model computes: an export wrote it into config.json, eval used it, silently.
+    export = run_jaxgen("export", "--run-dir", str(straight[0]), "--out", str(tmp_path / "hf"), "model.norm_eps=0.5")
+    assert error_lines(export.stderr) == [
+        f"jaxgen: error: model.norm_eps: 1e-05 -> 0.5: an export writes the model checkpoint {STEPS} trained, and "
+        "these overrides would write another; drop them (to run it otherwise, edit the exported config)"]
+    assert not (tmp_path / "hf").exists()
+    scored = run_jaxgen("eval", "--run-dir", str(straight[0]), "model.norm_eps=0.5", "mesh.data=1")
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    assert (f"model.norm_eps: 1e-05 -> 0.5 given on the command line: checkpoint {STEPS} was trained with the first, "
+            "so this command computes another model than the one trained") in scored.stderr
 
 
 def test_init_from_starts_a_new_run_from_saved_params(straight, tokenizer, tmp_path):

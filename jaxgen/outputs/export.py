@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pathlib
 import shutil
 from collections.abc import Callable
@@ -25,12 +26,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxgen.data.tokenizer import Tokenizer, kept_tokenizer_files, load_tokenizer, tokenizer_file_in
-from jaxgen.errors import ExportError
+from jaxgen.errors import ExportError, listed
 from jaxgen.files import building
 from jaxgen.outputs.hf_families import HFTensor, flat_params, hf_config, hf_plan
 from jaxgen.outputs.hf_tokenizer import check_exportable, write_hf_tokenizer
-from jaxgen.outputs.run_dir_check import require_checkpoint
-from jaxgen.outputs.runs import OpenedRun, load_run_config, open_run
+from jaxgen.outputs.run_dir_check import check_step, require_checkpoint
+from jaxgen.outputs.runs import OpenedRun, load_run_config, open_run, overridden_model_settings
 from jaxgen.outputs.safetensors_stream import write_sharded
 from jaxgen.tasks.layout import MAIN_GROUP
 
@@ -68,8 +69,14 @@ def to_host(array: jax.Array) -> np.ndarray:
 def refuse_nonempty_output(out: str | pathlib.Path) -> None:
     """Refuse, before any work, an output that `files.building` could not rename into place."""
     out = pathlib.Path(out)
+    if out.is_symlink():  # a link cannot be replaced by the directory built beside it
+        raise ExportError(f"output {str(out)!r} is a symbolic link (to {os.readlink(out)!r}); name the directory "
+                          "itself, or a new one")
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise ExportError(f"output {str(out)!r} exists and is not an empty directory; name a new or empty one")
+    if out.is_dir() and os.path.ismount(out):
+        raise ExportError(f"output {str(out)!r} is a mount point, which the output (built beside it, then renamed "
+                          f"into place) cannot replace; name a new directory inside it, e.g. {str(out / 'export')!r}")
 
 
 def export_hf(run: OpenedRun, out: str | pathlib.Path, dtype: str = "float32",
@@ -185,6 +192,10 @@ def export_run(run_dir: str | pathlib.Path, out: str | pathlib.Path, fmt: str = 
         diffusers_config(model)  # a model AutoencoderKL cannot hold fails here, before any restore
         writer = export_diffusers
     refuse_nonempty_output(out)  # before the restore, the expensive part
+    wanted = check_step(pathlib.Path(run_dir), step)
+    if given := overridden_model_settings(pathlib.Path(run_dir), wanted, overrides):
+        raise ExportError(f"{listed(given, 4)}: an export writes the model checkpoint {wanted} trained, and these "
+                          "overrides would write another; drop them (to run it otherwise, edit the exported config)")
     run = open_run(run_dir, step, overrides)
     path = writer(run, out, dtype)
     log.info("exported step %d of %s to %s (%s, %s)", run.step, run_dir, path, fmt, dtype)

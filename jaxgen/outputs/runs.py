@@ -94,7 +94,7 @@ def read_params(run_dir: pathlib.Path, step: int | None, target: dict,
     with the step read, the checkpoint's digest and config.yaml's model settings unlike those it was trained with.
     `overrides`: the command's; one that changed the model's shapes is named where the checkpoint does not fit."""
     try:
-        return _read_params(run_dir, step, target)
+        params, step, digest, edits = _read_params(run_dir, step, target)
     except CheckpointMismatch as mismatch:
         reshaping = [o for o in overrides if o.startswith(MODEL_SECTIONS)]
         if not reshaping:
@@ -104,6 +104,27 @@ def read_params(run_dir: pathlib.Path, step: int | None, target: dict,
             f"{', '.join(reshaping)}: the run's checkpoints hold a model of other shapes ({len(mismatch.problems)} "
             f"arrays differ, e.g. {mismatch.problems[0]}); a reader keeps the model the run trained: drop "
             f"{them}") from None
+    if given := overridden_model_settings(run_dir, step, overrides):
+        log.warning("%s given on the command line: checkpoint %d was trained with the first, so this command "
+                    "computes another model than the one trained", listed(given, 4), step)
+    return params, step, digest, edits
+
+
+# Model settings of how the function is computed (precision, memory, kernels), not of which function: a reader
+# may choose its own.
+HOW_COMPUTED = ("compute_dtype", "param_dtype", "scan_layers", "remat", "attention", "batch_slices", "init_std")
+
+
+def overridden_model_settings(run_dir: pathlib.Path, step: int, overrides: list[str]) -> list[str]:
+    """The model settings `overrides` give otherwise than checkpoint `step` was trained with ('key: trained -> now').
+    One that changes shapes is refused by the restore; these (model.norm_eps, say) change only what it computes."""
+    given = [o for o in overrides if o.startswith("model.")]
+    if not given:
+        return []
+    trained = read_step_meta(checkpoint_dir(run_dir), step).get("config", {}).get("model") or {}
+    now = load_config(run_dir / "config.yaml", given).model.model_dump(mode="json")
+    keys = {o.split("=", 1)[0].split(".")[1] for o in given} & set(trained) & set(now) - set(HOW_COMPUTED)
+    return changed_settings({"model": {k: trained[k] for k in keys}}, {"model": {k: now[k] for k in keys}})
 
 
 def _read_params(run_dir: pathlib.Path, step: int | None, target: dict) -> tuple[dict, int, str | None, list[str]]:
