@@ -40,7 +40,11 @@ MAX_CONFIG_BYTES = 1_000_000
 MAX_CONFIG_VALUES = 100_000
 
 
-class _RepeatedKey(yaml.YAMLError):
+class _KeyProblem(yaml.YAMLError):
+    """Valid YAML with a key no config can hold; the message names its line."""
+
+
+class _RepeatedKey(_KeyProblem):
     def __init__(self, key: Any, line: int):
         super().__init__(f"line {line}: key {key!r} is given twice in one mapping; keep one")
 
@@ -54,6 +58,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`, whose keys the mapping may override
                 continue
             key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (list, dict)):  # `? [a, b]`: YAML allows it, a dict cannot hold it
+                raise _KeyProblem(f"line {key_node.start_mark.line + 1}: key {key!r} is a {type(key).__name__}; a "
+                                  "config key is a name")
             if key in seen:
                 raise _RepeatedKey(key, key_node.start_mark.line + 1)
             seen.add(key)
@@ -81,6 +88,9 @@ def _core_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
     for prefix, base in (("0o", 8), ("0x", 16)):
         if text.startswith(prefix):
             return int(text[2:], base)
+    if len(text.lstrip("+-")) > 1000:  # Python refuses to read ints past 4300 digits; no setting takes 1000
+        raise yaml.constructor.ConstructorError(None, None, f"a {len(text.lstrip('+-'))}-digit integer is larger "
+                                                "than any setting takes", node.start_mark)
     return int(text, 10)  # `010` is ten
 
 
@@ -92,7 +102,7 @@ def load_yaml(text: str, where: str) -> Any:
     beyond MAX_CONFIG_VALUES."""
     try:
         value = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
-    except _RepeatedKey as err:
+    except _KeyProblem as err:
         raise ConfigError(f"{where}, {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{where} is not valid YAML: {yaml_problem(err)}") from None

@@ -52,6 +52,19 @@ def test_a_key_given_twice_in_a_config_file_is_refused_naming_its_line(tmp_path)
                                                                                "use": {"x": 3, "y": 2}}
 
 
+def test_a_list_for_a_key_or_an_integer_of_thousands_of_digits_is_named(tmp_path):
+    """Both were raw Python errors: `unhashable type: 'list'`, and `Exceeds the limit (4300 digits)`."""
+    listed_key = tmp_path / "key.yaml"
+    listed_key.write_text("model:\n  ? [a, b]\n  : 1\n")
+    with pytest.raises(ConfigError) as refusal:
+        load_config(listed_key)
+    assert str(refusal.value) == (f"config file {str(listed_key)!r}, line 2: key ['a', 'b'] is a list; a config key "
+                                  "is a name")
+    with pytest.raises(ConfigError, match=r"^override 'model.d_model=9+\.\.\. is not valid YAML: line 1, column 1: "
+                                          r"a 5000-digit integer is larger than any setting takes$"):
+        load_config(None, ["model.d_model=" + "9" * 5000])
+
+
 @pytest.mark.parametrize("text", ["", "\n", "# model:\n#   d_model: 64\n", "---\n"])
 def test_a_config_file_with_no_settings_is_refused(tmp_path, text):
     """A copy cut short, or a `>` that emptied the file, trained the embedded default model instead."""
