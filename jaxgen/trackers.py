@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 import jax
 
-from jaxgen.errors import EXIT_PREEMPTED, ConfigError, first_line
+from jaxgen.errors import EXIT_PREEMPTED, ConfigError, first_line, os_error_words
 from jaxgen.files import write_atomic
 
 if TYPE_CHECKING:
@@ -274,6 +274,58 @@ def refuse_unreachable(uri: str, timeout_s: float = 10.0) -> None:
                           "server there, or give one that runs") from None
 
 
+def refuse_unusable_local_store(uri: str) -> None:
+    """A local store MLflow cannot open, named at once: a file that is no SQLite database, a directory where a file
+    belongs (or the reverse), or one it cannot create, failed with SQLAlchemy's words, some after minutes of
+    MLflow's retries."""
+    parsed = urllib.parse.urlparse(uri)
+    why = None
+    if parsed.scheme == "sqlite" and uri.startswith("sqlite:///"):
+        path = pathlib.Path(uri.removeprefix("sqlite:///").split("?")[0])  # sqlite:////abs/x.db -> /abs/x.db
+        if path.is_dir():
+            why = f"{str(path)!r} is a directory; an SQLite store is a file"
+        elif path.exists():
+            why = _sqlite_problem(path)
+        else:
+            why = _unwritable_directory(path.parent)
+    elif parsed.scheme in ("", "file") and parsed.path:
+        path = pathlib.Path(parsed.path)
+        why = (f"{str(path)!r} is a file; a file: store is a directory" if path.exists() and not path.is_dir()
+               else None if path.exists() else _unwritable_directory(path.parent))
+    if why:
+        raise ConfigError(f"logging.mlflow: tracking_uri {uri!r} cannot be used: {why}; give another, or leave "
+                          "tracking_uri out for RUN_DIR/mlflow.db")
+
+
+def _sqlite_problem(path: pathlib.Path) -> str | None:
+    import sqlite3
+
+    try:
+        connection = sqlite3.connect(f"file:{path}?mode=rw", uri=True)  # never creates: it exists
+        try:
+            connection.execute("pragma schema_version").fetchall()
+        finally:
+            connection.close()
+    except sqlite3.Error as err:
+        return f"{str(path)!r}: {err}"
+    return None
+
+
+def _unwritable_directory(directory: pathlib.Path) -> str | None:
+    """Why a new store cannot be made in `directory`, which MLflow creates where it is missing, or None."""
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    if not directory.is_dir():
+        return f"{str(directory)!r} is not a directory"
+    import tempfile
+
+    try:
+        tempfile.TemporaryFile(dir=directory).close()
+    except OSError as err:
+        return f"no file can be made in {str(directory)!r} ({os_error_words(err.errno) or err.strerror})"
+    return None
+
+
 class MlflowTracker:
     """An MLflow run: scalars as metrics, pictures as step images, the config as params."""
 
@@ -285,6 +337,7 @@ class MlflowTracker:
 
         uri = cfg.tracking_uri or f"sqlite:///{(run_dir / 'mlflow.db').absolute()}"
         refuse_unreachable(uri)
+        refuse_unusable_local_store(uri)
         if urllib.parse.urlparse(uri).scheme in ("", "file"):
             # MLflow 3 keeps its file store behind an opt-in; configuring a file: URI is that opt-in.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")

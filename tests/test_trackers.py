@@ -328,3 +328,30 @@ def test_an_mlflow_server_that_refuses_the_connection_is_named_at_once(monkeypat
         refuse_unreachable("http://127.0.0.1:1")
     assert time.monotonic() - start < 5
     refuse_unreachable("sqlite:///runs/mlflow.db")  # local stores are not probed
+
+
+def test_a_local_mlflow_store_that_cannot_be_used_is_named_at_once(tmp_path):
+    """A text file as the SQLite store, a store under a file, a file as a file: store: SQLAlchemy's words
+    (`unexpected DatabaseError: file is not a database`), some after minutes of MLflow's retries."""
+    import sqlite3
+
+    from jaxgen.trackers import refuse_unusable_local_store
+
+    (tmp_path / "notes").write_text("mine")
+    sqlite3.connect(tmp_path / "kept.db").execute("create table t (x)").connection.close()
+    refused = {
+        f"sqlite:///{tmp_path}/notes": f"'{tmp_path}/notes': file is not a database",
+        f"sqlite:///{tmp_path}/notes/mlflow.db": f"'{tmp_path}/notes' is not a directory",
+        f"sqlite:///{tmp_path}": f"'{tmp_path}' is a directory; an SQLite store is a file",
+        f"file:{tmp_path}/notes": f"'{tmp_path}/notes' is a file; a file: store is a directory",
+    }
+    for uri, why in refused.items():
+        with pytest.raises(ConfigError) as refusal:
+            refuse_unusable_local_store(uri)
+        assert str(refusal.value) == (f"logging.mlflow: tracking_uri {uri!r} cannot be used: {why}; give another, or "
+                                      "leave tracking_uri out for RUN_DIR/mlflow.db")
+    for usable in (f"sqlite:///{tmp_path}/kept.db", f"sqlite:///{tmp_path}/new/dirs/mlflow.db",  # MLflow makes them
+                   f"file:{tmp_path}/store", "http://127.0.0.1:5000"):
+        refuse_unusable_local_store(usable)
+    assert (tmp_path / "notes").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["kept.db",
+                                                                                                          "notes"]
