@@ -170,10 +170,13 @@ class Save:
     def __init__(self, cfg: Config, ckpt: Checkpointer, meta: dict, writer: MetricsWriter, progress: Progress):
         self.cadence = Cadence(cfg.checkpoint.every, cfg.checkpoint.every_minutes)
         self.ckpt, self.meta, self.writer, self.progress = ckpt, meta, writer, progress
+        self.saving = False
 
     def run(self, step: int) -> None:
         self.writer.flush()  # the records up to a checkpoint survive whatever kills the run after it
+        self.saving = True  # left so by a failed save: the error is the checkpoint's own, with nothing to rescue
         self.ckpt.save(step, self.progress.state, self.progress.data_state, self.meta)
+        self.saving = False
         self.progress.last_saved = step
         self.cadence.ran()
 

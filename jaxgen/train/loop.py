@@ -330,6 +330,8 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
                 if stop:
                     raise Preempted(step, again())
     except OSError as err:  # a file written besides checkpoints (records, samples): the steps are saved first
+        if save.saving:
+            raise
         raise save.after_os_error(err, records) from err
     finally:
         bar.close()  # ends the bar's line, so whatever is printed next starts on its own
