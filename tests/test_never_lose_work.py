@@ -433,7 +433,9 @@ def test_a_reader_given_an_override_of_the_models_shape_names_it(straight, tmp_p
         f"jaxgen: error: model.norm_eps: 1e-05 -> 0.5: an export writes the model checkpoint {STEPS} trained, and "
         "these overrides would write another; drop them (to run it otherwise, edit the exported config)"]
     assert not (tmp_path / "hf").exists()
-    scored = run_jaxgen("eval", "--run-dir", str(straight[0]), "model.norm_eps=0.5", "mesh.data=1")
+    copy = tmp_path / "run"  # eval records its result in the run: the shared run's eval.jsonl is another test's
+    shutil.copytree(straight[0], copy)
+    scored = run_jaxgen("eval", "--run-dir", str(copy), "model.norm_eps=0.5", "mesh.data=1")
     assert scored.returncode == 0, scored.stderr[-2000:]
     assert (f"model.norm_eps: 1e-05 -> 0.5 given on the command line: checkpoint {STEPS} was trained with the first, "
             "so this command computes another model than the one trained") in scored.stderr
