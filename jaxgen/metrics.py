@@ -326,8 +326,11 @@ class MetricsWriter:
     def close(self, outcome: Outcome = "finished") -> None:
         """`outcome`: how the run ended, as the trackers record it."""
         if self._tb:
-            with contextlib.suppress(*(() if self.failure is None else (OSError,))):  # it failed once: no second word
+            try:
                 self._tb.close()
+            except OSError:
+                if self.failure is None:  # a file that failed once has said its word
+                    raise
         if self.trackers:
             self.trackers.close(outcome)
 
