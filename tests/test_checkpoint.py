@@ -278,6 +278,34 @@ def test_nonfinite_abort_stops_without_saving_the_bad_state(tmp_path, monkeypatc
     assert steps == [2]
 
 
+def test_a_log_failure_beside_an_aborting_step_saves_nothing(tmp_path, monkeypatch):
+    """A full log disk saves the steps since the last checkpoint before stopping, but not past a non-finite step
+    under train.nonfinite=abort: the run stops on that step, as it would have with the log still writable."""
+    from jaxgen import metrics
+    from jaxgen.tasks.lm import LanguageModelTask
+
+    make_data = LanguageModelTask.make_data
+    append_line = metrics.append_line
+
+    def poisoned(self, run_dir):
+        data = make_data(self, run_dir)
+        data.train = PoisonedBatches(data.train, poisoned_batch=3)
+        return data
+
+    def refuse_step_2(path, line):  # written as step 3 (the non-finite one) is observed: it is still pending
+        if json.loads(line)["step"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        append_line(path, line)
+
+    monkeypatch.setattr(LanguageModelTask, "make_data", poisoned)
+    monkeypatch.setattr(metrics, "append_line", refuse_step_2)
+    cfg = tiny_config("train.nonfinite=abort", "train.steps=6", "checkpoint.every=4", "logging.every=1",
+                      "train.sample_tokens=0")
+    with pytest.raises(NonFiniteError, match="step 3: non-finite"):
+        train(cfg, tmp_path / "nan")
+    assert not [p for p in (tmp_path / "nan" / "checkpoints").iterdir() if p.name.isdigit()]
+
+
 def test_shape_mismatch_lists_differing_parameters(tmp_path, devices):
     cfg = tiny_config("mesh.data=1")
     training = build_training(cfg, make_mesh(cfg.mesh, devices[:1]))
