@@ -7,6 +7,7 @@ Every failure that reaches `main` is printed as one `jaxgen: error: ...` line
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -388,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
             exit_interrupted()
         line, status = describe(err, command=next((a for a in argv if not a.startswith("-")), None))
         distributed.before_last_line(err)
-        print(f"jaxgen: {line}", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):  # stderr's reader gone: the status still says it, and the peers hear
+            print(f"jaxgen: {line}", file=sys.stderr, flush=True)
         distributed.tell_process_0_of_stop({name: getattr(args, name, None) for name in distributed.ENV}, line,
                                            status)
         distributed.tell_peers_of_stop(err, line, status)

@@ -123,7 +123,11 @@ _OS_ERROR_WORDS = {
     errno.EEXIST: "already exists",
     errno.ENAMETOOLONG: "file name too long",
     errno.EMFILE: "too many open files",
+    errno.EPIPE: "broken pipe",
 }
+# A broken pipe names no file: it is the command's own output, whose reader (`| head`, a `| tee` that was killed)
+# stopped reading.
+_CLOSED_OUTPUT = "the pipe this command's output or log goes to was closed by its reader (broken pipe)"
 
 
 # TensorStore (Orbax's writer) reports a failed system call inside its message text, not as an OSError.
@@ -149,6 +153,8 @@ def describe_os_error(err: OSError) -> str:
     """'PATH: no space left on device' — the file and the reason in words."""
     words = (os_error_words(err.errno) if err.errno else None) or err.strerror or str(err)
     names = [str(n) for n in (err.filename, err.filename2) if n is not None]
+    if not names and err.errno == errno.EPIPE:
+        return _CLOSED_OUTPUT
     return f"{' -> '.join(names)}: {words}" if names else words
 
 

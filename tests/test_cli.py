@@ -221,6 +221,9 @@ def test_file_system_errors_are_named_in_words(tmp_path, monkeypatch):
     assert describe(OSError(errno.ENOSPC, "No space left on device", "/data/x")) == (
         "error: /data/x: no space left on device", 1)
     assert describe(OSError(errno.EROFS, "Read-only file system", "/ro/y"))[0] == "error: /ro/y: read-only file system"
+    # `jaxgen ... | head`: a broken pipe names no file, and "Broken pipe" alone said nothing of whose pipe.
+    assert describe(BrokenPipeError(errno.EPIPE, "Broken pipe"))[0] == (
+        "error: the pipe this command's output or log goes to was closed by its reader (broken pipe)")
     try:
         try:
             raise PermissionError(errno.EACCES, "Permission denied", "/secret")

@@ -389,6 +389,23 @@ def test_a_log_the_disk_refuses_stops_the_run_after_saving_its_steps(straight, t
     assert losses(run_dir) == {s: loss for s, loss in losses(straight[0]).items() if s != 6}
 
 
+def test_a_log_reader_that_goes_away_stops_the_run_after_saving_its_steps(straight, tokenizer, tmp_path):
+    """`jaxgen train 2>&1 | tee log` with the tee killed: the next progress line fails with a broken pipe, met as any
+    log write the run cannot make. Its steps are saved first, and the resumed run is the uninterrupted one."""
+    run_dir = tmp_path / "closed_log"
+    run = start_jaxgen(*train_args(run_dir, tokenizer))
+    while "first step done" not in (line := run.stderr.readline()):
+        assert line, "the run ended before its first step"
+    run.stderr.close()  # the reader goes away mid-run
+    assert run.wait(timeout=120) == 1
+    saved = committed_steps(checkpoint_dir(run_dir))
+    assert saved and saved[-1] < STEPS and saved[-1] % 4 != 0, saved  # a rescue, not a scheduled checkpoint
+    again = run_jaxgen(*train_args(run_dir, tokenizer))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["resumed_from"] == saved[-1]
+    assert losses(run_dir) == losses(straight[0])
+
+
 def test_a_different_tokenizer_is_refused_on_resume_and_nothing_is_touched(straight, tmp_path):
     from jaxgen.data.corpus import BUNDLED_CORPUS, iter_documents
     from jaxgen.data.tokenizer import train_tokenizer

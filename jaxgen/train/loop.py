@@ -334,7 +334,8 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
             raise
         raise save.after_os_error(err, records) from err
     finally:
-        bar.close()  # ends the bar's line, so whatever is printed next starts on its own
+        with contextlib.suppress(OSError):  # a log whose reader has gone must not replace the failure stopped on
+            bar.close()  # ends the bar's line, so whatever is printed next starts on its own
         preemption.close()
         writer.flush()
         failure = sys.exc_info()[1]
