@@ -63,9 +63,11 @@ def leave_with(line: str, status: int) -> None:
             undo()
         except Exception:  # noqa: BLE001 - what cannot be undone is left for the next run to remove
             pass
-    sys.stderr.write(("\n" if _progress_bar_open() or _console["mid_line"] else "") + f"jaxgen: {line}\n")
-    sys.stderr.flush()
-    sys.stdout.flush()
+    with contextlib.suppress(OSError):  # a log whose reader has gone (broken pipe) must not keep the process here
+        sys.stderr.write(("\n" if _progress_bar_open() or _console["mid_line"] else "") + f"jaxgen: {line}\n")
+        sys.stderr.flush()
+    with contextlib.suppress(OSError):
+        sys.stdout.flush()
     os._exit(status)
 
 

@@ -483,6 +483,13 @@ def test_a_command_stopped_by_a_signal_says_so_in_one_line(tmp_path, signum, say
     stderr = interrupt_when(process, None, after_s=1.0, signum=signal.SIGTERM)
     assert process.returncode == 143
     assert one_final_line(stderr) == "jaxgen: stopped by SIGTERM; run the same command again to continue"
+    # With its log's reader gone (`| tee` killed), the last line could not be written, and that broken pipe was
+    # the exit status: 1, where a scheduler looks for 143.
+    process = start(["train", "--config", str(TINY_CONFIG), "--run-dir", str(tmp_path / "unheard")])
+    process.stderr.close()
+    time.sleep(1.0)
+    os.killpg(process.pid, signal.SIGTERM)
+    assert process.wait(timeout=120) == 143
 
 
 def test_an_abandoned_read_closed_at_shutdown_prints_nothing():
