@@ -47,7 +47,7 @@ from jaxgen.commands import (
     cmd_train,
 )
 from jaxgen.config import DataConfig, DiffusionConfig
-from jaxgen.errors import UsageError, describe
+from jaxgen.errors import UsageError, describe, on_one_line
 from jaxgen.interrupts import after_ctrl_c, end_cleanly_on_ctrl_c, exit_interrupted
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+=")
@@ -388,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(err, KeyboardInterrupt):  # raised by code, not by Ctrl-C (jaxgen.interrupts handles that)
             exit_interrupted()
         line, status = describe(err, command=next((a for a in argv if not a.startswith("-")), None))
+        line = on_one_line(line)
         distributed.before_last_line(err)
         with contextlib.suppress(OSError):  # stderr's reader gone: the status still says it, and the peers hear
             print(f"jaxgen: {line}", file=sys.stderr, flush=True)

@@ -168,6 +168,11 @@ def listed(items: list[str], limit: int) -> str:
     return "; ".join(items[:limit] + ([f"... and {len(items) - limit} more"] if len(items) > limit else []))
 
 
+def on_one_line(text: str) -> str:
+    """`text` with its control characters escaped (a path holding a newline): a message is one line."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def first_line(err: BaseException, limit: int = 300) -> str:
     text = str(err).strip()
     line = text.splitlines()[0] if text else type(err).__name__

@@ -221,6 +221,12 @@ def test_file_system_errors_are_named_in_words(tmp_path, monkeypatch):
     assert describe(OSError(errno.ENOSPC, "No space left on device", "/data/x")) == (
         "error: /data/x: no space left on device", 1)
     assert describe(OSError(errno.EROFS, "Read-only file system", "/ro/y"))[0] == "error: /ro/y: read-only file system"
+    # A path holding a newline (or any control character) is escaped: the last line stays one line.
+    code = ("import errno, sys\nimport jaxgen.cli as cli\n"
+            "def fails(args):\n    raise OSError(errno.ENOSPC, 'No space left on device', '/a\\nb')\n"
+            "cli.run_parsed = fails\nsys.exit(cli.main(['data', 'g2p', '--out', 'x.jsonl']))")
+    ended = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert (ended.returncode, ended.stderr) == (1, "jaxgen: error: /a\\nb: no space left on device\n")
     # `jaxgen ... | head`: a broken pipe names no file, and "Broken pipe" alone said nothing of whose pipe.
     assert describe(BrokenPipeError(errno.EPIPE, "Broken pipe"))[0] == (
         "error: the pipe this command's output or log goes to was closed by its reader (broken pipe)")
