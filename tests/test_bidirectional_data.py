@@ -144,6 +144,28 @@ def test_supervised_pairs_keep_each_input_with_its_own_target(pairs_file, tmp_pa
     assert all(t == " ".join(s.replace(" ", "")[::-1].upper()) for s, t in held)
 
 
+def test_pairs_longer_than_their_rows_are_cut_and_said_to_be(pairs_file, tmp_path, caplog):
+    """Pairs longer than data.seq_len / data.target_len were cut to fit without a word, and a cut target (ending
+    in EOS) teaches the model to stop early."""
+    fields = [f"data.jsonl={pairs_file}", "data.input_field=spelling", "data.target_field=reversed",
+              "data.eval_every_nth_doc=5", "data.eval_block=1", "model.vocab_size=280"]
+    with caplog.at_level("WARNING", logger="jaxgen"):
+        rows_of("encoder_decoder", tmp_path / "fits", *fields, "data.target_len=32")
+    assert "do not fit their rows" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="jaxgen"):
+        cfg, data = rows_of("encoder_decoder", tmp_path / "cut", *fields, "data.target_len=4")
+    lengths = [len(data.tokenizer.encode_document(t)) + 1 for _, t in training_pairs(cfg.data, 1000)]
+    longer = [n for n in lengths if n > 4]
+    assert 0 < len(longer) < len(lengths)
+    assert (f"{len(longer)} of the first 480 training pairs of data.jsonl do not fit their rows: {len(longer)} "
+            f"targets longer than data.target_len=4 (the longest {max(longer)} tokens, EOS included); they are cut "
+            f"to fit, so the model learns from cut text (a cut target teaches it to stop early); raise "
+            f"data.target_len to {max(longer)} to hold them") in caplog.text
+    batch = take(data.train, 1)[0]
+    assert batch["target_segments"].shape[1] == 4 and data.tokenizer.eos_id in batch["targets"][0]
+
+
 def test_a_pairs_line_without_its_field_is_one_line_naming_it(pairs_file, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(pairs_file.read_text() + json.dumps({"spelling": "a b"}) + "\n")

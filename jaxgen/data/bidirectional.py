@@ -46,7 +46,7 @@ from jaxgen.data.pipeline import (
 from jaxgen.data.sources import document_of, held_out_documents, mixed_numbered_documents, one_pass_documents
 from jaxgen.data.span_corruption import corrupt, noise_mask, raw_length, span_count
 from jaxgen.data.splits import Shard
-from jaxgen.data.text_pairs import ReadPair, pair_texts, read_pair
+from jaxgen.data.text_pairs import ReadPair, cut_pairs_note, pair_texts, read_pair
 from jaxgen.data.tokenizer import MASK_PIECE, Tokenizer, sentinel_piece
 from jaxgen.errors import DataError
 
@@ -231,6 +231,18 @@ def train_batches(cfg: Config, tokenizer: Tokenizer, shard: Shard) -> BatchItera
     return stream_batches(stream, data.batch_size, streams, shard, workers=data.workers, prefetch=data.prefetch)
 
 
+# Training pairs whose lengths are checked at start-up against the rows they are cut to.
+PAIRS_CHECKED = 1000
+
+
+def warn_of_cut_pairs(data: DataConfig, tokenizer: Tokenizer) -> None:
+    """Warn where pairs among the first PAIRS_CHECKED are longer than their rows (PairTokens cuts them)."""
+    lengths = [tuple(len(tokenizer.encode_document(text)) + 1 for text in pair)
+               for pair in training_pairs(data, PAIRS_CHECKED)]
+    if note := cut_pairs_note(lengths, data.seq_len, data.target_len):
+        log.warning(note)
+
+
 def held_out_batches(cfg: Config, tokenizer: Tokenizer, shard: Shard) -> list[dict[str, np.ndarray]]:
     """This process's rows of at most train.eval_batches global held-out batches, the last padded."""
     data = cfg.data
@@ -255,6 +267,8 @@ def build_text_rows(cfg: Config, run_dir: pathlib.Path, shard: Shard | None = No
     texts = (lambda lines: pair_texts(lines, cfg.data)) if is_pairs(cfg) else None
     tokenizer = prepare_tokenizer(cfg, run_dir, special_pieces(cfg), texts)
     check_holds_one_batch(cfg.data, tokenizer)
+    if is_pairs(cfg):
+        warn_of_cut_pairs(cfg.data, tokenizer)
     held_out = held_out_batches(cfg, tokenizer, shard)
     return TextRows(tokenizer=tokenizer, train=train_batches(cfg, tokenizer, shard), eval=held_out)
 

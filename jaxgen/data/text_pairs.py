@@ -2,7 +2,9 @@
 
 The document sources hand a pairs source's lines over whole (`sources.line_field`);
 this module reads the two fields, refusing a line that lacks one in one message
-naming the field and what the line holds.
+naming the field and what the line holds. A pair longer than its row is cut to
+fit; `cut_pairs_note` says how many a sample of them are, so that a target cut
+short (the model then learns to stop early) is never silent.
 """
 
 from __future__ import annotations
@@ -51,3 +53,22 @@ def pair_texts(lines: Iterable[str], data: DataConfig) -> Iterator[str]:
     """Every input and target text of the lines (what a tokenizer for the pairs is trained on)."""
     for line in lines:
         yield from read_pair(line, data.input_field, data.target_field)
+
+
+def cut_pairs_note(lengths: Iterable[tuple[int, int]], seq_len: int, target_len: int) -> str | None:
+    """What a warning says of pairs whose (input, target) token counts (EOS included) exceed data.seq_len or
+    data.target_len, and so are cut to fit; None where every pair fits."""
+    lengths = list(lengths)
+    over = [(what, key, limit, [n for n in counts if n > limit])
+            for what, key, limit, counts in (("inputs", "data.seq_len", seq_len, [i for i, _ in lengths]),
+                                             ("targets", "data.target_len", target_len, [t for _, t in lengths]))]
+    over = [(what, key, limit, longer) for what, key, limit, longer in over if longer]
+    if not over:
+        return None
+    cut = sum(i > seq_len or t > target_len for i, t in lengths)
+    found = " and ".join(f"{len(longer)} {what} longer than {key}={limit} (the longest {max(longer)} tokens, EOS "
+                         "included)" for what, key, limit, longer in over)
+    raise_to = " and ".join(f"{key} to {max(longer)}" for _, key, _, longer in over)
+    return (f"{cut} of the first {len(lengths)} training pairs of data.jsonl do not fit their rows: {found}; they "
+            f"are cut to fit, so the model learns from cut text (a cut target teaches it to stop early); raise "
+            f"{raise_to} to hold them")
