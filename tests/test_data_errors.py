@@ -359,6 +359,31 @@ def test_a_gz_file_that_is_not_gzip_is_refused_before_reading(tmp_path):
     assert "rename it without .gz if it is plain text" in str(err.value)
 
 
+def test_data_text_refuses_a_structured_or_binary_file_its_glob_matches(tmp_path):
+    """`data.text=d/good.*` also matched good.jsonl and good.parquet: each JSON line was trained on, braces and all,
+    and so was every line of the Parquet bytes that decoded, exit 0; 200 kB of random bytes named .txt gave a run
+    of 3 "documents"."""
+    (tmp_path / "good.txt").write_text("\n".join(VERSES) + "\n")
+    (tmp_path / "good.jsonl").write_text("".join(json.dumps({"text": v}) + "\n" for v in VERSES))
+    pyarrow.parquet.write_table(pyarrow.table({"text": VERSES}), tmp_path / "only.parquet")
+    (tmp_path / "noise.txt.gz").write_bytes(gzip.compress(bytes(range(256)) * 100))
+
+    def refusal(pattern):
+        with pytest.raises(DataError) as err:
+            list(one_pass_documents(tiny_config(f"data.text={pattern}").data, "train"))
+        return one_line(err)
+
+    assert refusal(f"{tmp_path}/good.*") == (
+        f"data.text '{tmp_path}/good.*' matches '{tmp_path}/good.jsonl', a JSON-lines file, which data.text would "
+        "read as lines of plain text; give it as data.jsonl, or narrow the glob to text files")
+    assert "a Parquet file, which data.text would read as lines of plain text; give it as data.parquet" in refusal(
+        f"{tmp_path}/*.parquet")
+    assert refusal(f"{tmp_path}/*.txt*") == (
+        f"data.text '{tmp_path}/*.txt*': '{tmp_path}/noise.txt.gz' is not text (a NUL byte in its first 8 kB: a "
+        "binary file, or text in UTF-16); give text files in UTF-8, a document a line")
+    assert list(one_pass_documents(tiny_config(f"data.text={tmp_path}/good.txt").data, "train"))
+
+
 def test_a_truncated_gz_file_is_named(tmp_path):
     compressed = gzip.compress(b"".join(v.encode() + b"\n" for v in VERSES))
     (tmp_path / "cut.txt.gz").write_bytes(compressed[: len(compressed) // 2])

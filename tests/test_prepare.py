@@ -202,19 +202,27 @@ def test_a_disk_too_full_for_the_lock_s_record_names_the_lock_and_leaves_no_file
 
 def test_a_corpus_of_no_documents_says_so_not_to_hold_out_fewer(tmp_path):
     """A binary file (its lines skipped as invalid UTF-8) was '0 documents, too few for a validation split'."""
-    binary = tmp_path / "corrupt.png"
-    binary.write_bytes(b"\x89PNG\x1a\x00\x00\x00\rIHDR\xff\xfe" * 50 + b"\n" + b"\x00\xc3" * 100)
+    binary = tmp_path / "corrupt.bin"  # no NUL byte (refused before any work, below): only invalid UTF-8
+    binary.write_bytes(b"\x89PNG\x1a\xff\xfe\rIHDR\xff\xfe" * 50 + b"\n" + b"\xc3\xc3" * 100)
     blank = tmp_path / "blank.txt"
     blank.write_text("\n  \n\n")
     with pytest.raises(DataError) as raised:
         prepare_dataset(str(binary), tmp_path / "ds", progress=False)
     assert str(raised.value) == (f"--input '{binary}' holds no text documents ({binary} looks binary); give text "
                                  "files (a document a line), .jsonl or .parquet files")
+    # A file with a NUL byte is no text at all: 200 kB of random bytes gave a "dataset" of 3 documents.
+    noise = tmp_path / "noise.txt"
+    noise.write_bytes(bytes(range(256)) * 800)
+    with pytest.raises(DataError) as raised:
+        prepare_dataset(str(noise), tmp_path / "ds", progress=False)
+    assert str(raised.value) == (f"--input '{noise}' is not text (a NUL byte in its first 8 kB: a binary file, or "
+                                 "text in UTF-16); give text files in UTF-8, a document a line")
+    noise.unlink()
     with pytest.raises(DataError) as raised:
         prepare_dataset(str(blank), tmp_path / "ds", progress=False)
     assert str(raised.value) == (f"--input '{blank}' holds no text documents; give text files (a document a line), "
                                  ".jsonl or .parquet files")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["blank.txt", "corrupt.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blank.txt", "corrupt.bin"]
 
 
 def test_a_prepare_stopped_by_sigterm_leaves_no_lock_file_behind(tmp_path):

@@ -238,6 +238,26 @@ def is_parquet(path: pathlib.Path) -> bool:
     return path.suffix == ".parquet"
 
 
+def refuse_what_is_not_text(files: list[pathlib.Path], key: str, pattern: str, by_extension: bool) -> None:
+    """Refuse, before any work, files that a text source would read as lines of garbage: binary ones (a NUL byte
+    early on; no text holds one, UTF-8 or Latin-1), and, where the reader is not chosen by each file's extension
+    (`by_extension`: `data prepare`), JSONL or Parquet files, whose lines would be trained on markup and all."""
+    for path in files:
+        if not by_extension and (is_jsonl(path) or is_parquet(path)):
+            kind, other = ("JSON-lines", "data.jsonl") if is_jsonl(path) else ("Parquet", "data.parquet")
+            raise DataError(f"{key} {pattern!r} matches {str(path)!r}, a {kind} file, which {key} would read as "
+                            f"lines of plain text; give it as {other}, or narrow the glob to text files")
+        if not is_parquet(path) and has_nul_early(path):
+            named = f"{key} {pattern!r}" + (f": {str(path)!r}" if str(path) != pattern else "")
+            raise DataError(f"{named} is not text (a NUL byte in its first 8 kB: a binary file, or text in UTF-16); "
+                            "give text files in UTF-8, a document a line")
+
+
+def has_nul_early(path: pathlib.Path) -> bool:
+    with open_binary(path) as f, damaged_gzip_named(path):
+        return b"\0" in f.read(8192)
+
+
 def looks_binary(path: pathlib.Path) -> bool:
     """Whether a text or JSONL file's first bytes are those of no text (a NUL byte, or bytes that are not UTF-8)."""
     with open_binary(path) as f, damaged_gzip_named(path):

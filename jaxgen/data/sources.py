@@ -24,7 +24,14 @@ import numpy as np
 
 from jaxgen.config import DataConfig, SourceConfig
 from jaxgen.data.array_record_files import damaged_array_record
-from jaxgen.data.corpus import BUNDLED_CORPUS, InvalidUtf8, decode_utf8, resolve_files, warn_once
+from jaxgen.data.corpus import (
+    BUNDLED_CORPUS,
+    InvalidUtf8,
+    decode_utf8,
+    refuse_what_is_not_text,
+    resolve_files,
+    warn_once,
+)
 from jaxgen.data.hf_datasets import open_hf
 from jaxgen.data.indexed_text import fits_in_memory, indexed_documents
 from jaxgen.data.parquet import open_parquet
@@ -163,7 +170,10 @@ def text_files(source: DataConfig | SourceConfig) -> list[pathlib.Path] | None:
     if source.text is None and source.jsonl is None:
         return None
     key, suffix = ("data.text", ".txt") if source.text else ("data.jsonl", ".jsonl")
-    return resolve_files(source.text or source.jsonl, key, suffix)
+    files = resolve_files(source.text or source.jsonl, key, suffix)
+    if source.text:
+        refuse_what_is_not_text(files, key, source.text, by_extension=False)
+    return files
 
 
 def line_field(source: DataConfig | SourceConfig, data: DataConfig) -> str | None:
