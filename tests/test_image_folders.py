@@ -76,6 +76,19 @@ def test_images_of_kinds_not_read_are_named_not_skipped_silently(class_folders, 
     assert f"images.folder {root}: 2 .webp, 1 .bmp files not read (only PNG and JPEG images are)" in caplog.text
 
 
+def test_hidden_files_and_folders_in_a_class_folder_are_passed_over(class_folders, tmp_path):
+    """A copy from a Mac leaves `._0.png` (AppleDouble metadata, not an image) beside each image: it was counted as
+    an image and stopped the run when its batch came up, after checkpoints had been written."""
+    import shutil
+
+    root = tmp_path / "from_a_mac"
+    shutil.copytree(class_folders, root)
+    (root / "ant" / "._00.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")
+    save_png(root / "bee" / ".thumbnails" / "01.png", pixels(1))
+    source = open_images(config("images.source=folder", f"images.folder={root}", "images.resize=false"))
+    assert source.size("train") + source.size("eval") == 30
+
+
 def test_folder_batches_resume_exactly_and_hold_out_each_image_once(class_folders):
     cfg = config("images.source=folder", f"images.folder={class_folders}", "images.hflip=true")
     assert_resumes_exactly(lambda: train_batches(open_images(cfg), cfg, Shard()), consumed=9, following=4)

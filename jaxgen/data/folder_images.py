@@ -158,7 +158,7 @@ def listed_images(root: pathlib.Path, label_key: str, caption_key: str, classes:
         if name not in classes:
             raise DataError(f"class folder {str(root / name)!r} is not among the training classes "
                             f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})")
-        inside = list((root / name).rglob("*"))
+        inside = [p for p in (root / name).rglob("*") if not hidden(p.relative_to(root / name))]
         found = sorted(p for p in inside if p.suffix.lower() in IMAGE_SUFFIXES)
         others.update(p.suffix.lower() for p in inside if p.suffix.lower() in OTHER_IMAGE_SUFFIXES)
         files += found
@@ -168,11 +168,19 @@ def listed_images(root: pathlib.Path, label_key: str, caption_key: str, classes:
         warn_once(f"{root} other image kinds", f"images.folder {root}: {kinds} files not read (only PNG and JPEG "
                                                 "images are); convert them to PNG to train on them")
     if not files:
-        loose = [p.name for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES][:3]
+        loose = [p.name for p in root.iterdir()
+                 if p.suffix.lower() in IMAGE_SUFFIXES and not hidden(pathlib.Path(p.name))][:3]
         hint = (f"; images lie in it directly ({', '.join(loose)}...): put them in class sub-folders or list them "
                 f"in a {METADATA}") if loose else ""
         raise DataError(f"images.folder {str(root)!r} holds no PNG or JPEG images in class sub-folders{hint}")
     return Listing(files, labels, None, classes)
+
+
+def hidden(relative: pathlib.Path) -> bool:
+    """Whether a path inside a class folder is hidden (a name starting with "."), or lies in a hidden folder: what
+    a copy from a Mac leaves beside each image (`._0.png`, AppleDouble metadata, not an image), or `.thumbnails/`.
+    Text globs pass them over too."""
+    return any(part.startswith(".") for part in relative.parts)
 
 
 def _metadata_rows(root: pathlib.Path, label_key: str, caption_key: str) -> list[tuple]:
