@@ -192,11 +192,14 @@ def check_room(out: pathlib.Path, count: int, seed: int, size: int) -> None:
         Image.fromarray(render(scene, size)).save(png, format="PNG")
         per_scene += -(-len(png.getvalue()) // block) * block + len(json.dumps(metadata_row(scene, "0.png"))) + 1
     per_scene = per_scene // len(samples)
+    # Beyond the scenes: the folders (out, train/, test/) and the two metadata.jsonl files' last blocks, which the
+    # scenes' lines were counted without.
+    fixed = 5 * block
     free = stats.f_bavail * stats.f_frsize
-    if count * per_scene > free:
-        raise DataError(f"--count {count:,} scenes of {size}x{size} px take about {human_bytes(count * per_scene)} "
-                        f"on disk ({human_bytes(per_scene)} each), more than the {human_bytes(free)} free at {place}; "
-                        f"give at most {free // per_scene:,}")
+    if fixed + count * per_scene > free:
+        raise DataError(f"--count {count:,} scenes of {size}x{size} px take about "
+                        f"{human_bytes(fixed + count * per_scene)} on disk ({human_bytes(per_scene)} each), more than "
+                        f"the {human_bytes(free)} free at {place}; give at most {max(free - fixed, 0) // per_scene:,}")
 
 
 def write_shapes_folder(out: pathlib.Path, count: int, seed: int = 0, size: int = 32,
