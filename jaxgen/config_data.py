@@ -13,6 +13,7 @@ from jaxgen.config_section import MAX_SEED
 from jaxgen.config_section import Section as _Section
 
 SOURCE_KINDS = ("path", "tfds", "array_record", "text", "jsonl", "parquet", "hf")
+MIN_EVAL_EVERY_NTH_DOC = 2  # every other document held out: any more would leave none to train on
 
 
 class _SourceFields(_Section):
@@ -91,7 +92,7 @@ class DataConfig(_SourceFields):
     # packs held-out documents, each once, in a fixed shuffled order, into at most
     # train.eval_batches batches. A held-out split smaller than one batch is refused.
     # `jaxgen data prepare` chooses its validation split by the same rule and defaults.
-    eval_every_nth_doc: int = Field(50, ge=2)
+    eval_every_nth_doc: int = Field(50, ge=MIN_EVAL_EVERY_NTH_DOC)
     # Held-out documents come in runs of this many, so that few sit next to training documents
     # that continue them (a passage's verses, a site's pages); 1 = every n-th document.
     eval_block: int = Field(10, gt=0)

@@ -271,6 +271,12 @@ def test_a_held_out_set_smaller_than_one_batch_is_refused_naming_the_key(corpora
                                         r"and document 491 would be the first held out: give more documents, or "
                                         r"hold out more with a smaller data.eval_every_nth_doc \(now 50\)"):
         held_out_set(tiny_config(f"data.text={tmp_path}/one_line.txt").data, tokenizer, 8)
+    # At data.eval_every_nth_doc's least there is no key to lower: it advised "a smaller one (now 2)".
+    with pytest.raises(DataError, match=r"and document 2 would be the first held out: give more documents "
+                                        r"\(data.eval_every_nth_doc=2, its least, already holds out every other "
+                                        r"one\)$"):
+        held_out_set(tiny_config(f"data.text={tmp_path}/one_line.txt", "data.eval_every_nth_doc=2",
+                                 "data.eval_block=1").data, tokenizer, 8)
 
 
 # ----------------------------------------------------------------------------- jaxgen data inspect

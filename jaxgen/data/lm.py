@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from jaxgen.config import Config, DataConfig
+from jaxgen.config_data import MIN_EVAL_EVERY_NTH_DOC
 from jaxgen.data.packing import batch_rows, pack_documents
 from jaxgen.data.pipeline import (
     BatchIterator,
@@ -228,8 +229,9 @@ def too_few_documents(data: DataConfig) -> str:
         return ""
     kind = ("line of JSONL" if data.jsonl is not None else "record" if data.array_record is not None
             else "row" if data.parquet is not None else "line of text")
+    more = "give more documents, or " if data.eval_every_nth_doc > MIN_EVAL_EVERY_NTH_DOC or data.eval_block > 1 else ""
     return (f"the training data holds only {count:,} document{'s' if count != 1 else ''} (each {kind} is one) "
-            f"and document {first:,} would be the first held out: give more documents, or ")
+            f"and document {first:,} would be the first held out: {more}")
 
 
 def how_to_hold_out_more(data: DataConfig) -> str:
@@ -238,9 +240,11 @@ def how_to_hold_out_more(data: DataConfig) -> str:
     ways = []
     if any(s.path is None and s.tfds is None for s in sources):  # held out by rule (an hf dataset may be)
         n, block = data.eval_every_nth_doc, data.eval_block
-        ways.append(f"hold out more with a smaller data.eval_every_nth_doc (now {n})" + (
-            f" or data.eval_block (now {block}: held-out documents come in runs of it, the first after "
-            f"{(n - 1) * block:,} documents)" if block > 1 else ""))
+        keys = [*([f"data.eval_every_nth_doc (now {n})"] if n > MIN_EVAL_EVERY_NTH_DOC else []),
+                *([f"data.eval_block (now {block}: held-out documents come in runs of it, the first after "
+                   f"{(n - 1) * block:,} documents)"] if block > 1 else [])]
+        ways.append(f"hold out more with a smaller {' or '.join(keys)}" if keys else
+                    f"give more documents (data.eval_every_nth_doc={n}, its least, already holds out every other one)")
     if any(s.path is not None for s in sources):
         ways.append("prepare data.path again with a smaller --validation-every-nth")
     if any(s.tfds is not None or s.hf is not None for s in sources):
