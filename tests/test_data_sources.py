@@ -308,6 +308,25 @@ def test_too_few_documents_for_the_readers_is_explained(tmp_path, read, says):
         list(itertools.islice(open_documents(cfg.data, cfg.data, "train", Shard(1, 2), seed=None), 1))
 
 
+def test_a_streamed_file_emptied_under_a_running_job_is_named_as_changed(tmp_path):
+    """`: > corpus.txt` while a streamed run read it: the next epoch found no documents, and the error blamed too
+    many readers and advised setting data.streams lower."""
+    from jaxgen.data.sources import open_documents
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"document {i}\n" for i in range(20)))
+    cfg = tiny_config(f"data.text={corpus}", "data.index_max_mb=0")
+    documents = iter(open_documents(cfg.data, cfg.data, "train", Shard(0, 2), seed=None))
+    first = list(itertools.islice(documents, 5))
+    assert len(first) == 5
+    corpus.write_text("")
+    with pytest.raises(DataError) as err:
+        list(itertools.islice(documents, 100))
+    assert str(err.value).endswith(f": {str(corpus)!r} changed while the run read it (230 bytes at start-up, 0 now), "
+                                   "leaving 0 documents for the train split; a file the run reads must stay as it "
+                                   "is: put it back, or train on the new data in a new run")
+
+
 def test_the_training_files_are_told_by_name_under_their_folder_and_size(tmp_path, monkeypatch):
     from jaxgen.data import fingerprint
     from jaxgen.data.fingerprint import changed_files, data_files

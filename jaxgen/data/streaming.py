@@ -66,6 +66,13 @@ class Pieces:
     def __len__(self) -> int:
         return int(self.first[-1])
 
+    def changed(self) -> list[tuple[pathlib.Path, int, int]]:
+        """(path, size when the stream started, size now) of each uncompressed file whose size has changed since;
+        a file gone counts as 0 bytes."""
+        sizes = [(path, end, path.stat().st_size if path.exists() else 0)
+                 for path, end in zip(self.files, self.ends) if end is not None]
+        return [(path, then, now) for path, then, now in sizes if now != then]
+
     def span(self, piece: int) -> tuple[int, int, int | None]:
         """(file, first byte, end byte or None for the end of the file)."""
         file = int(np.searchsorted(self.first, piece, side="right")) - 1
@@ -208,6 +215,12 @@ class _DocumentIterator(grain.DatasetIterator):
         stream, pos = self._stream, self._position
         if stream.epochs is None and pos["selected"] <= stream.shard.index:  # endless, it would never yield
             part = stream.holdout.part if stream.holdout else "all"
+            if changed := stream.pieces.changed():  # cut short (or emptied) under the running job
+                path, then, now = changed[0]
+                raise DataError(f"{stream.name}: {str(path)!r} changed while the run read it ({then:,} bytes at "
+                                f"start-up, {now:,} now), leaving {pos['selected']} documents for the {part} "
+                                "split; a file the run reads must stay as it is: put it back, or train on the new "
+                                "data in a new run")
             raise DataError(
                 f"{stream.name} holds {pos['selected']} documents for the {part} split, too few for "
                 f"{stream.shard.count} readers (data.streams x data.workers) to get one each; "
