@@ -267,6 +267,16 @@ def test_hf_split_rules(corpus, tmp_path):
         documents(f"data.hf={corpus}/hf_splits", "data.train_split=training")
 
 
+def test_a_mistyped_local_hf_path_is_not_asked_of_the_hub(tmp_path, monkeypatch):
+    """`data.hf=d/hf_nonexistent` beside a folder `d` read as a Hub name "owner/dataset": about 25 s of Hub retries
+    (no network) before the error."""
+    (tmp_path / "d").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("the Hub was asked"))
+    with pytest.raises(DataError, match=r"^data.hf 'd/hf_nonexistent' does not exist; give a directory"):
+        documents("data.hf=d/hf_nonexistent")
+
+
 def test_a_saved_dataset_that_is_empty_or_damaged_is_named(tmp_path):
     """A save_to_disk dataset of no rows (datasets writes no data file, then cannot read it back) failed as
     `unexpected IndexError: list index out of range`, naming nothing."""

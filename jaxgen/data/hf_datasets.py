@@ -71,7 +71,11 @@ def _load(datasets: Any, name: str, config: str | None) -> Any:
     directory = pathlib.Path(name).expanduser()
     saved = any((directory / marker).is_file() for marker in (
         datasets.config.DATASETDICT_JSON_FILENAME, datasets.config.DATASET_STATE_JSON_FILENAME))
-    if not directory.exists() and (directory.is_absolute() or name.startswith((".", "~"))):
+    # A Hub name is "dataset" or "owner/dataset"; one whose first part is a folder here is a mistyped path, which the
+    # Hub would be asked for (retrying for about half a minute where there is no network).
+    local = directory.is_absolute() or name.startswith((".", "~")) or len(directory.parts) > 2 or (
+        len(directory.parts) == 2 and pathlib.Path(directory.parts[0]).is_dir())
+    if not directory.exists() and local:
         raise DataError(f"data.hf {name!r} does not exist; give a directory written by save_to_disk, "
                         "a folder of Parquet/JSON/CSV/Arrow files, or a dataset name on the Hugging Face Hub")
     if saved and config is not None:
