@@ -156,6 +156,20 @@ def test_a_bad_image_is_named_or_skipped_when_asked(class_folders, tmp_path, dam
     assert caplog.text.count(f"skipped: image '{bad}'") == 1
 
 
+def test_a_folder_of_unreadable_images_names_the_folder_over_every_class(class_folders, tmp_path):
+    """It named the first class folder alone, though every class's images had been tried."""
+    import shutil
+
+    root = tmp_path / "all_bad"
+    shutil.copytree(class_folders, root)
+    for image in root.rglob("*.png"):
+        image.write_text("not a png")
+    source = open_images(config("images.source=folder", f"images.folder={root}", "images.bad_images=skip"))
+    with pytest.raises(DataError, match=rf"^none of the 30 images under {root} can be read \(images.bad_images=skip "
+                                        r"passed over each one\)$"):
+        source.parts["train"][0]
+
+
 def test_sixteen_bit_images_are_scaled_to_eight_bits_not_saturated(tmp_path):
     """A 16-bit grey PNG (Pillow mode I;16) came out [0, 1, 1, 1, ...]: Pillow's conversion clips it at 255."""
     from jaxgen.data.folder_images import read_image_files

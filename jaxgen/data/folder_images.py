@@ -66,7 +66,9 @@ class FolderImages:
                 continue
             record = {"image": image, "label": np.int32(self.labels[i])}
             return record if self.captions is None else {**record, "caption": self.captions[i]}
-        raise DataError(f"none of the {len(self.files)} images from {self.files[0].parent} can be read")
+        where = os.path.commonpath([str(f.parent) for f in self.files])  # the folder over every class's
+        raise DataError(f"none of the {len(self.files)} images under {where} can be read (images.bad_images=skip "
+                        "passed over each one)")
 
     def decode(self, path: pathlib.Path) -> np.ndarray:
         opened = open_image(path)
