@@ -60,8 +60,7 @@ def run_identity(argv: list[str], processes: int) -> dict:
 def refusal(answer: dict, mine: dict, address: str) -> str | None:
     """Why this process (of run `mine`) must not join the coordinator at `address` that gave `answer`, or None."""
     theirs = answer.get("identity", {})
-    who = (f"process 0 is pid {answer.get('pid')} on host {answer.get('host')}, since {answer.get('since')}: "
-           f"{answer.get('command')}")
+    who = f"process 0 is {holder(answer)}"
     advice = "joining would stop that run; give this run its own --coordinator-address (a free port)"
     if answer.get("joined"):
         return (f"the coordinator at {address} serves a run whose {theirs.get('processes')} processes have all "
@@ -71,6 +70,11 @@ def refusal(answer: dict, mine: dict, address: str) -> str | None:
     if differing:
         return f"the coordinator at {address} serves another run ({'; '.join(differing)}; {who}); {advice}"
     return None
+
+
+def holder(answer: dict) -> str:
+    """The process 0 a beacon's `answer` comes from, in words."""
+    return f"pid {answer.get('pid')} on host {answer.get('host')}, since {answer.get('since')}: {answer.get('command')}"
 
 
 class Beacon:

@@ -32,7 +32,7 @@ from typing import Any, Literal, TypeVar, get_args
 import numpy as np
 
 from jaxgen import peer_stops
-from jaxgen.coordinator_beacon import ask, refusal, report_stop, run_identity, start_beacon
+from jaxgen.coordinator_beacon import ask, holder, refusal, report_stop, run_identity, start_beacon
 from jaxgen.errors import ConfigError, JaxgenError, PeerStopped, Preempted, describe_os_error, lost_a_peer
 from jaxgen.interrupts import claim_last_word
 
@@ -234,6 +234,10 @@ def initialize(settings: DistributedSettings) -> None:
         port = int(settings.coordinator_address.rpartition(":")[2])
         refuse_busy_port(port, f"--coordinator-address ({ENV['coordinator_address']})")
         beacon = start_beacon(port, identity, on_stopped=stop_with_peer)
+        if beacon is None and (other := ask(f"127.0.0.1:{port}")) is not None:  # two runs started on one port at once
+            raise DistributedError(f"coordinator port {port} was taken a moment ago by the process 0 of another run "
+                                   f"({holder(other)}); two coordinators on it would let processes join the wrong "
+                                   f"run. Give each run its own port (--port, or --coordinator-address)")
     import jax
 
     where = kwargs.get("coordinator_address") or f"{detect_cluster() or 'JAX cluster detection'}"

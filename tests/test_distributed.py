@@ -254,6 +254,24 @@ def test_a_beacon_says_which_run_it_coordinates_and_when_every_process_has_joine
         assert ask(f"127.0.0.1:{unused.getsockname()[1]}") is None  # no beacon: join as without one
 
 
+def test_a_second_process_0_on_a_port_whose_coordinator_is_starting_is_refused():
+    """Two launches started at once with one --port: both found the TCP port free, and the process 0 that lost the
+    beacon's UDP port went on ("cannot be told apart"); processes of the two runs then joined each other and JAX
+    aborted one process 0 with a C++ stack dump."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert start_beacon(port, run_identity(["train", "--run-dir", "b"], 2)) is not None  # the other run, starting
+    result = jaxgen_cli("train", "--run-dir", "a", "--coordinator-address", f"127.0.0.1:{port}", "--num-processes",
+                        "2", "--process-id", "0", "--init-timeout", "5")
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = result.stderr.splitlines()[-1]
+    assert line.startswith(f"jaxgen: error: coordinator port {port} was taken a moment ago by the process 0 of "
+                           f"another run (pid {os.getpid()} on host ")
+    assert line.endswith("two coordinators on it would let processes join the wrong run. Give each run its own port "
+                         "(--port, or --coordinator-address)")
+
+
 def test_a_process_that_stops_before_joining_tells_the_beacon_of_its_own_run_only():
     """Process 1 without its config file on its host: process 0 waited out its join timeout, then JAX aborted it
     with a C++ stack dump. The beacon now hands process 0 the line of a process of its own run still to join."""
