@@ -31,7 +31,7 @@ from typing import Any, Literal, TypeVar, get_args
 
 import numpy as np
 
-from jaxgen import peer_stops
+from jaxgen import cluster_environment, peer_stops
 from jaxgen.coordinator_beacon import ask, holder, refusal, report_stop, run_identity, start_beacon
 from jaxgen.errors import ConfigError, JaxgenError, PeerStopped, Preempted, describe_os_error, lost_a_peer
 from jaxgen.interrupts import claim_last_word
@@ -226,6 +226,10 @@ def refuse_busy_port(port: int, named_by: str) -> None:
 
 def initialize(settings: DistributedSettings) -> None:
     """Join the other processes of this run; must run before any JAX computation."""
+    if not settings.explicit and settings.cluster != "none":
+        cluster = detect_cluster()
+        if why := cluster_environment.problem(cluster, os.environ):
+            raise DistributedError(f"could not join the multi-process run via {cluster or 'SLURM'}: {why}")
     kwargs = initialize_kwargs(settings)
     if kwargs is None:
         return
@@ -255,6 +259,10 @@ def initialize(settings: DistributedSettings) -> None:
     try:
         jax.distributed.initialize(**kwargs)
     except (RuntimeError, ValueError) as err:  # e.g. called twice, or after JAX already ran a computation
+        if "coordinator_address should be defined" in str(err):  # JAX's detection found no run in this environment
+            raise DistributedError(f"could not join the multi-process run via {where}: JAX found no coordinator "
+                                   "address in this environment; give --coordinator-address, --num-processes and "
+                                   "--process-id (or their JAXGEN_* variables) instead") from None
         raise DistributedError(f"could not join the multi-process run via {where}: {err}") from None
     finally:
         returned.set()

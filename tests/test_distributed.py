@@ -70,6 +70,24 @@ def test_only_multi_process_cluster_jobs_are_detected(environ, cluster):
     assert distributed.detect_cluster(environ) == cluster
 
 
+@pytest.mark.parametrize("environ, says", [
+    ({**SLURM, "SLURM_NTASKS": "2"}, None),
+    ({**SLURM, "SLURM_NTASKS": "2", "SLURM_PROCID": "abc"}, "SLURM_PROCID='abc' is not in 0..1: it is the task's rank"),
+    ({**SLURM, "SLURM_NTASKS": "2", "SLURM_PROCID": "5"}, "SLURM_PROCID='5' is not in 0..1"),
+    ({**SLURM, "SLURM_NTASKS": "2", "SLURM_PROCID": "-1"}, "SLURM_PROCID='-1' is not in 0..1"),
+    ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n", "SLURM_NTASKS": "2"},  # JAX: "coordinator_address should be"
+     "SLURM_PROCID is not set: it is the task's rank, which srun sets, without which JAX cannot tell"),
+    ({**SLURM, "SLURM_NTASKS": "abc"}, "SLURM_NTASKS='abc' is not a number of tasks"),  # it trained alone, silently
+    ({"TPU_WORKER_HOSTNAMES": "h0,h1", "TPU_WORKER_ID": "2"}, "TPU_WORKER_ID='2' is not in 0..1"),
+    ({"TPU_WORKER_HOSTNAMES": "h0,h1", "TPU_WORKER_ID": "1"}, None),
+])
+def test_a_cluster_environment_jax_cannot_place_this_process_in_is_named_by_its_variable(environ, says):
+    from jaxgen.cluster_environment import problem
+
+    found = problem(distributed.detect_cluster(environ), environ)
+    assert (found is None) if says is None else found.startswith(says), found
+
+
 def test_when_jax_distributed_is_initialised():
     timeouts = {"initialization_timeout": 300, "heartbeat_timeout_seconds": 30}
     assert distributed.initialize_kwargs(DistributedSettings(), {}) is None
