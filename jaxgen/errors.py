@@ -173,6 +173,12 @@ def on_one_line(text: str) -> str:
     return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def listed_or(values: list) -> str:
+    """'1, 2 or 4': the choices a message offers."""
+    words = [str(v) for v in values]
+    return " or ".join([", ".join(words[:-1]), words[-1]] if len(words) > 1 else words)
+
+
 def first_line(err: BaseException, limit: int = 300) -> str:
     text = str(err).strip()
     line = text.splitlines()[0] if text else type(err).__name__

@@ -15,7 +15,7 @@ from jaxgen.data.pipeline import merged_position
 from jaxgen.data.sources import mixed_documents, one_pass_documents, open_documents
 from jaxgen.data.splits import HoldOut, Shard
 from jaxgen.data.sentencepiece_tokenizer import BOS_ID, EOS_ID
-from jaxgen.errors import ConfigError
+from jaxgen.errors import ConfigError, DataError
 
 from conftest import tiny_config
 from helpers import assert_resumes_exactly, assert_same_batches, take
@@ -74,8 +74,8 @@ def test_more_workers_than_cores_is_refused_before_any_process_starts(tokenizer,
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_the_global_batch_and_its_position_do_not_depend_on_the_process_count(tokenizer, small_corpus, workers):
-    cfg = tiny_config(f"data.text={small_corpus}", "data.batch_size=8", "data.seq_len=16",
-                      "data.shuffle_window=20", f"data.workers={workers}")
+    base = [f"data.text={small_corpus}", "data.seq_len=16", "data.shuffle_window=20", f"data.workers={workers}"]
+    cfg = tiny_config(*base, "data.batch_size=8")
 
     def pipelines(processes: int, position: dict | None = None) -> list:
         made = [train_batches(cfg.data, tokenizer, Shard(i, processes)) for i in range(processes)]
@@ -98,8 +98,17 @@ def test_the_global_batch_and_its_position_do_not_depend_on_the_process_count(to
     assert merged_position([one[0].get_state()])["streams"].keys() == {str(s) for s in range(8)}
     assert (tiny_config("data.batch_size=8", "data.streams=4").data.reader_streams,
             tiny_config("data.batch_size=12").data.reader_streams) == (4, 4)
-    with pytest.raises(ConfigError, match="data.streams=8 must be a multiple of the 3 processes"):
+    # A resume cannot take other streams than it saved: the advice to set data.streams led to a second refusal.
+    with pytest.raises(ConfigError, match=r"data.streams=8 must be a multiple of the 3 processes, which share the "
+                                          r"streams; run on 1, 2, 4 or 8 processes, or, in a new run, set "
+                                          r"data.streams to a multiple of 3 \(a run resumes only with the streams"):
         train_batches(cfg.data, tokenizer, Shard(0, 3))
+    more = train_batches(tiny_config(*base, "data.batch_size=16", "data.streams=16").data, tokenizer, Shard())
+    with pytest.raises(DataError, match=r"^the saved data position holds 8 reader streams, not the 16 of data.streams "
+                                        r"now \(none for streams \['8', .*\]\): resume with data.streams=8 on a "
+                                        r"process count that divides it, or start a new run from these weights with "
+                                        r"checkpoint.init_from$"):
+        more.set_state(from_one)
 
 
 def test_sixty_batches_of_the_small_corpus_cross_an_epoch_boundary(tokenizer, small_corpus):

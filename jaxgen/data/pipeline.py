@@ -33,7 +33,7 @@ from jax.sharding import Mesh
 
 from jaxgen.data.splits import Shard
 from jaxgen.device_memory import usable_cores
-from jaxgen.errors import ConfigError, DataError, JaxgenError
+from jaxgen.errors import ConfigError, DataError, JaxgenError, listed_or
 from jaxgen.sharding import batch_sharding
 
 
@@ -116,8 +116,11 @@ def this_process() -> Shard:
 def process_streams(streams: int, shard: Shard) -> range:
     """The reader streams whose rows the process `shard` supplies (their rows are contiguous)."""
     if streams % shard.count:
+        fitting = [n for n in range(1, streams + 1) if streams % n == 0]
         raise ConfigError(f"data.streams={streams} must be a multiple of the {shard.count} processes, which share "
-                          f"the streams; set data.streams to a multiple of {shard.count} (this changes the data order)")
+                          f"the streams; run on {listed_or(fitting)} process{'es' if fitting != [1] else ''}, or, "
+                          f"in a new run, set "
+                          f"data.streams to a multiple of {shard.count} (a run resumes only with the streams it saved)")
     per = streams // shard.count
     return range(shard.index * per, (shard.index + 1) * per)
 
@@ -366,8 +369,11 @@ class GrainBatches:
         ids = (mine[WORKER_STATES][0] if WORKER_STATES in mine else mine)[STREAMS]
         missing = sorted(set(ids) - set(position.get(STREAMS, {})), key=int)
         if missing:
-            raise DataError(f"the saved data position holds no state for reader streams {missing}; it was "
-                            f"saved with other data.streams than {len(ids) * jax.process_count()}")
+            saved = len(position.get(STREAMS, {}))
+            raise DataError(f"the saved data position holds {saved} reader streams, not the "
+                            f"{len(ids) * jax.process_count()} of data.streams now (none for streams {missing}): resume "
+                            f"with data.streams={saved} on a process count that divides it, or start a new run from "
+                            "these weights with checkpoint.init_from")
         streams = {s: position[STREAMS][s] for s in ids}
         if WORKER_STATES not in mine:
             if "interleave" in position:

@@ -237,8 +237,8 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
                         "schedule of a %d-step run", resumed.step, saved_steps, cfg.train.steps, cfg.train.steps)
         saved_config = as_saved_now(resumed.meta["config"]) if "config" in resumed.meta else None
         if saved_config is not None and (changes := changed_settings(saved_config, meta["config"])):
-            log.warning("continuing step %d with settings changed since it was saved (config.yaml now holds the "
-                        "new ones): %s", resumed.step, listed(changes, 8))
+            log.warning("continuing step %d with settings changed since it was saved (config.yaml takes the new "
+                        "ones as training starts): %s", resumed.step, listed(changes, 8))
             sizing = [k for k in HELD_OUT_SIZE if task.unit == "tokens" or k != "data.seq_len"]
             if held_out := [c.split(":")[0] for c in changes if c.split(":")[0] in sizing]:
                 log.warning("%s changed: the held-out set is train.eval_batches batches of data.batch_size %s, so "
