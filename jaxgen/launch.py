@@ -24,6 +24,7 @@ writing there.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -57,6 +58,15 @@ RELAYED_STOP = re.compile(r"jaxgen: error: process (\d+) stopped: ")
 LAST_LINES_S = 1.0
 # What one process holds before any model or data (Python, JAX, XLA's CPU client and jaxgen), at least.
 PROCESS_BYTES = 512 * 2**20
+
+
+@dataclasses.dataclass
+class Copied:
+    """What the launcher has passed on of its processes' output: each one's last `jaxgen:` line, and how many
+    lines in all."""
+
+    last_words: dict[int, str] = dataclasses.field(default_factory=dict)
+    lines: int = 0
 
 
 def free_port() -> int:
@@ -106,8 +116,8 @@ def launch_local(command: Sequence[str], processes: int, devices_per_process: in
                for i in range(processes)]
     procs = [proc for proc, _ in started]
     lock = threading.Lock()
-    last_words: dict[int, str] = {}
-    copiers = [threading.Thread(target=_copy_prefixed, args=(output, i, out, lock, last_words), daemon=True)
+    copied = Copied()
+    copiers = [threading.Thread(target=_copy_prefixed, args=(output, i, out, lock, copied), daemon=True)
                for i, (_, output) in enumerate(started)]
     for t in copiers:
         t.start()
@@ -119,12 +129,14 @@ def launch_local(command: Sequence[str], processes: int, devices_per_process: in
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
-        status = _wait(procs, out, lock, copiers, last_words)
+        status, ending = _wait(procs, out, lock, copiers, copied)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
         for t in copiers:
             t.join(timeout=STOP_GRACE_S)
+    if ending is not None and copied.lines > ending[1]:  # the others' last lines (a C++ stack dump of a
+        _write(out, f"[launch] the run stopped: {ending[0]}\n")  # process aborted by JAX) came after its line
     return status
 
 
@@ -144,8 +156,9 @@ def _start(command: Sequence[str], env: Mapping[str, str]) -> tuple[subprocess.P
 
 
 def _wait(procs: list[subprocess.Popen], out: TextIO, lock: threading.Lock, copiers: list[threading.Thread],
-          last_words: Mapping[int, str]) -> int:
-    """Wait for all; on the first failure stop the rest. Returns 0 or the first failure's status."""
+          copied: Copied) -> tuple[int, tuple[str, int] | None]:
+    """Wait for all; on the first failure stop the rest. Returns 0 or the first failure's status, and what the
+    launcher said of that failure with the number of lines copied until then (None where all succeeded)."""
     while True:
         codes = [p.poll() for p in procs]
         failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
@@ -154,16 +167,18 @@ def _wait(procs: list[subprocess.Popen], out: TextIO, lock: threading.Lock, copi
             status = exit_code(code)
             others = len(procs) > 1
             copiers[index].join(timeout=LAST_LINES_S)  # its last line, copied, says whether it only relayed
-            cause = failed_first(index, last_words.get(index, ""), len(procs))
+            cause = failed_first(index, copied.last_words.get(index, ""), len(procs))
             after = f" after process {cause} failed (its line says why)" if cause is not None else ""
             what = (("saved a checkpoint and stopped (status 75)" + "; waiting for the others" * others)
                     if status == EXIT_PREEMPTED else how_it_ended(code) + after + "; stopping the others" * others)
             with lock:
                 _write(out, f"[launch] process {index} {what}\n")
+                lines = copied.lines
             _stop(procs)
-            return exit_code(code)
+            ended = "saved a checkpoint and stopped (status 75)" if status == EXIT_PREEMPTED else how_it_ended(code)
+            return status, (f"process {index} {ended}{after}", lines)
         if all(c == 0 for c in codes):
-            return 0
+            return 0, None
         time.sleep(0.1)
 
 
@@ -205,15 +220,15 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.wait()
 
 
-def _copy_prefixed(stream: TextIO, index: int, out: TextIO, lock: threading.Lock,
-                   last_words: dict[int, str]) -> None:
+def _copy_prefixed(stream: TextIO, index: int, out: TextIO, lock: threading.Lock, copied: Copied) -> None:
     # Reading goes on when writing fails (a closed terminal or pipe): a process whose
     # output pipe fills up would block in the middle of saving.
     for line in stream:
         if line.startswith("jaxgen: "):
-            last_words[index] = line
+            copied.last_words[index] = line
         with lock:
             _write(out, f"[{index}] {line}")
+            copied.lines += 1
 
 
 def _write(out: TextIO, text: str) -> None:

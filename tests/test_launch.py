@@ -74,6 +74,25 @@ def test_a_process_killed_outright_is_named_with_its_signal_and_the_usual_sender
             "stopping the others") in out.getvalue()
 
 
+def test_the_launchers_line_is_said_again_last_when_the_others_printed_after_it():
+    """Process 1 killed: the launcher's line came first, and JAX's C++ stack dump of the process it then aborted
+    ended the output."""
+    code = """
+        import os, sys, time
+        if os.environ['JAXGEN_PROCESS_ID'] == '1':
+            sys.exit(3)
+        time.sleep(1)
+        print('*** Check failure stack trace: ***', flush=True)
+        print('    @     0x7fc2954eb505  (unknown)', flush=True)
+        sys.exit(134)
+    """
+    out = io.StringIO()
+    assert launch_local(python(code), 2, 1, out=out) == 3
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "[launch] process 1 exited with status 3; stopping the others"
+    assert lines[-1] == "[launch] the run stopped: process 1 exited with status 3"
+
+
 def test_a_process_that_only_relayed_another_s_failure_is_not_named_as_the_one_that_failed():
     """Process 0 hosts JAX's coordination service, so when it fails it leaves last: the first process to exit
     is one that printed its line (jaxgen.peer_stops), and the launcher named that one as the failure."""
