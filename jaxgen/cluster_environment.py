@@ -38,6 +38,16 @@ def problem(cluster: str | None, environ: Mapping[str, str]) -> str | None:
     return None
 
 
+def place(cluster: str | None, environ: Mapping[str, str]) -> str | None:
+    """This process's place in `cluster`'s run, in the variables that give it, for a message; None where unknown."""
+    names = {"SLURM": ("SLURM_PROCID", "SLURM_NTASKS"), "Kubernetes indexed Job": ("JOB_COMPLETION_INDEX", None),
+             "Cloud TPU on GKE": ("TPU_WORKER_ID", None)}.get(cluster or "")
+    if names is None or names[0] not in environ:
+        return None
+    rank, count = names
+    return f"{rank}={environ[rank]}" + (f" of {count}={environ[count]}" if count and count in environ else "")
+
+
 def _index(name: str, environ: Mapping[str, str], count: int | None, what: str) -> str | None:
     """A variable that must hold an index below `count` (any, where None); `what` says what it is."""
     if name not in environ:

@@ -286,11 +286,13 @@ def stop_unjoined(settings: DistributedSettings, where: str, returned: threading
     if returned.is_set():
         return
     count = settings.num_processes
-    this = f"process {settings.process_id} of {count}" if settings.process_id is not None and count else "this process"
-    start = f"start all {count}, or give --num-processes the number started" if count else "start every process"
+    this = (f"process {settings.process_id} of {count}" if settings.process_id is not None and count
+            else cluster_environment.place(detect_cluster(), os.environ))
+    start = (f"start all {count}, or give --num-processes the number started" if count
+             else "start every process, each with a rank of its own")
     print(f"jaxgen: error: not every process of the run joined via {where} within {settings.init_timeout_s} s "
-          f"(--init-timeout; this is {this}): {start}, or a longer --init-timeout where hosts start slowly",
-          file=sys.stderr, flush=True)
+          f"(--init-timeout{f'; this is {this}' if this else ''}): {start}, or a longer --init-timeout where hosts "
+          "start slowly", file=sys.stderr, flush=True)
     os._exit(DistributedError.exit_status)
 
 

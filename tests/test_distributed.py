@@ -88,6 +88,14 @@ def test_a_cluster_environment_jax_cannot_place_this_process_in_is_named_by_its_
     assert (found is None) if says is None else found.startswith(says), found
 
 
+def test_a_process_of_a_detected_run_is_named_by_its_rank_in_the_clusters_variables():
+    from jaxgen.cluster_environment import place
+
+    assert place("SLURM", {**SLURM, "SLURM_NTASKS": "2"}) == "SLURM_PROCID=0 of SLURM_NTASKS=2"
+    assert place("Kubernetes indexed Job", {"JOB_COMPLETION_INDEX": "3"}) == "JOB_COMPLETION_INDEX=3"
+    assert place("JAX cluster detection", SLURM) is None and place(None, {}) is None
+
+
 def test_when_jax_distributed_is_initialised():
     timeouts = {"initialization_timeout": 300, "heartbeat_timeout_seconds": 30}
     assert distributed.initialize_kwargs(DistributedSettings(), {}) is None
