@@ -367,6 +367,25 @@ def test_the_sbatch_script_run_outside_slurm_or_without_a_run_dir_says_so_in_one
         assert (ran.returncode, ran.stdout) == (2, "") and ran.stderr.count("\n") == 1 and says in ran.stderr
 
 
+@pytest.mark.parametrize("status, requeued", [(75, True), (143, True), (1, False), (0, False)])
+def test_the_sbatch_script_requeues_a_run_stopped_by_the_time_limit(tmp_path, status, requeued):
+    """75: saved on SIGTERM. 143: a SIGTERM that came before training started, with nothing to save; it was not
+    requeued, and the job ended there."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f"#!/bin/sh\nexit {status}\n")
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, "SLURM_JOB_ID": "99",
+           "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n[1-2]", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    ran = subprocess.run(["bash", str(LAUNCH / "slurm" / "train.sbatch"), "--run-dir", str(tmp_path / "run")],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert ran.returncode == status, ran.stderr
+    log = tmp_path / "scontrol.log"
+    assert (log.read_text() if log.exists() else "") == ("requeue 99\n" if requeued else "")
+
+
 def k8s_documents(name: str) -> list[dict]:
     return list(yaml.safe_load_all((LAUNCH / "k8s" / name).read_text()))
 
