@@ -369,11 +369,10 @@ class GrainBatches:
         ids = (mine[WORKER_STATES][0] if WORKER_STATES in mine else mine)[STREAMS]
         missing = sorted(set(ids) - set(position.get(STREAMS, {})), key=int)
         if missing:
-            saved = len(position.get(STREAMS, {}))
-            raise DataError(f"the saved data position holds {saved} reader streams, not the "
-                            f"{len(ids) * jax.process_count()} of data.streams now (none for streams {missing}): resume "
-                            f"with data.streams={saved} on a process count that divides it, or start a new run from "
-                            "these weights with checkpoint.init_from")
+            saved, now = len(position.get(STREAMS, {})), len(ids) * jax.process_count()
+            raise DataError(f"the saved data position holds {saved} reader streams, not the {now} of data.streams "
+                            f"now (none for streams {missing}): resume with data.streams={saved} on a process count "
+                            "that divides it, or start a new run from these weights with checkpoint.init_from")
         streams = {s: position[STREAMS][s] for s in ids}
         if WORKER_STATES not in mine:
             if "interleave" in position:
