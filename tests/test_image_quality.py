@@ -104,6 +104,8 @@ def test_pca_fits_on_a_subsample_of_many_train_images():
 def test_frechet_distance_is_zero_for_one_set_and_a_shift_adds_its_squared_length():
     a = np.random.default_rng(5).standard_normal((400, 5))
     assert abs(frechet_distance(a, a)) < 1e-9
+    rank_deficient = np.random.default_rng(6).standard_normal((50, 30))  # more features than a PCA of few images
+    assert frechet_distance(rank_deficient, rank_deficient) == 0.0  # rounding left it below zero (-6e-14)
     np.testing.assert_allclose(frechet_distance(a, a + 2.0), 5 * 4.0, rtol=1e-9)
 
 

@@ -99,7 +99,8 @@ def gaussian_frechet_distance(mu_a: np.ndarray, cov_a: np.ndarray, mu_b: np.ndar
     sqrt_a = (v * np.sqrt(np.maximum(w, 0.0))) @ v.T
     cross = np.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a)
     trace_sqrt = np.sum(np.sqrt(np.maximum(cross, 0.0)))
-    return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2.0 * trace_sqrt)
+    distance = float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2.0 * trace_sqrt)
+    return max(distance, 0.0)  # a distance: below zero is only the rounding of two equal sets (printed as -7e-05)
 
 
 def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
