@@ -194,8 +194,8 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from"] in (4, 8)  # 8 only if its commit beat the kill
-    assert (f"continuing step {summary['resumed_from']} with settings changed since it was saved (config.yaml now "
-            "holds the new ones): logging.every: 1 -> 2\n") in resumed.stderr
+    assert (f"continuing step {summary['resumed_from']} with settings changed since it was saved (config.yaml takes "
+            "the new ones as training starts): logging.every: 1 -> 2\n") in resumed.stderr
     assert [p.name for p in (run_dir / "checkpoints").iterdir() if "tmp" in p.name] == []
 
 
