@@ -143,11 +143,10 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from jaxgen.data.corpus import iter_documents, refuse_what_is_not_text, resolve_files
+    from jaxgen.data.corpus import iter_documents, resolve_files
     from jaxgen.data.tokenizer import train_tokenizer
 
-    files = resolve_files(args.input, "--input")
-    refuse_what_is_not_text(files, "--input", args.input, by_extension=True)
+    files = resolve_files(args.input, "--input", text=True)
     if any(os.path.exists(args.out) and os.path.samefile(args.out, f) for f in files):
         raise UsageError(f"--out {args.out!r} is one of the --input files; the tokenizer would overwrite the corpus")
     if os.path.lexists(args.out):  # runs and datasets made with it could no longer be read, sampled or resumed

@@ -44,9 +44,10 @@ CONFIG_KEYS = SettingNames("data.field", "data.invalid_utf8={}")
 COMMAND_FLAGS = SettingNames("--field", "--invalid-utf8 {}")
 
 
-def resolve_files(pattern: str, key: str, suffix: str = ".txt") -> list[pathlib.Path]:
+def resolve_files(pattern: str, key: str, suffix: str = ".txt", text: bool = False) -> list[pathlib.Path]:
     """Files matched by a glob, sorted for determinism; `key` names the config key in errors, `suffix` the
-    files' kind in the glob a folder given for them is told to write."""
+    files' kind in the glob a folder given for them is told to write. With `text`, a file (Parquet aside) with a
+    NUL byte in its first 8 kB is refused: no text holds one, UTF-8 or Latin-1, so it is binary, or UTF-16."""
     matched = sorted(pathlib.Path(p) for p in glob.glob(str(pathlib.Path(pattern).expanduser()), recursive=True))
     files = [f for f in matched if f.is_file()]
     if not files:
@@ -56,8 +57,13 @@ def resolve_files(pattern: str, key: str, suffix: str = ".txt") -> list[pathlib.
         raise DataError(no_files(key, pattern, suffix))
     for path in files:
         with open_binary(path) as f, damaged_gzip_named(path):  # a .gz that is not gzip fails here, before any work
-            if not f.read(1):
-                raise DataError(f"{key} {pattern!r}: file {str(path)!r} is empty")
+            head = f.read(8192 if text else 1)
+        if not head:
+            raise DataError(f"{key} {pattern!r}: file {str(path)!r} is empty")
+        if text and b"\0" in head and not is_parquet(path):
+            named = f"{key} {pattern!r}" + (f": {str(path)!r}" if str(path) != pattern else "")
+            raise DataError(f"{named} is not text (a NUL byte in its first 8 kB: a binary file, or text in UTF-16); "
+                            "give text files in UTF-8, a document a line")
     return files
 
 
@@ -238,24 +244,14 @@ def is_parquet(path: pathlib.Path) -> bool:
     return path.suffix == ".parquet"
 
 
-def refuse_what_is_not_text(files: list[pathlib.Path], key: str, pattern: str, by_extension: bool) -> None:
-    """Refuse, before any work, files that a text source would read as lines of garbage: binary ones (a NUL byte
-    early on; no text holds one, UTF-8 or Latin-1), and, where the reader is not chosen by each file's extension
-    (`by_extension`: `data prepare`), JSONL or Parquet files, whose lines would be trained on markup and all."""
+def refuse_structured(files: list[pathlib.Path], key: str, pattern: str) -> None:
+    """Refuse JSONL or Parquet files among a plain-text source's (`data.text`) files, whose lines it would train
+    on, markup and all; `data prepare` picks each file's reader by its extension instead."""
     for path in files:
-        if not by_extension and (is_jsonl(path) or is_parquet(path)):
+        if is_jsonl(path) or is_parquet(path):
             kind, other = ("JSON-lines", "data.jsonl") if is_jsonl(path) else ("Parquet", "data.parquet")
             raise DataError(f"{key} {pattern!r} matches {str(path)!r}, a {kind} file, which {key} would read as "
                             f"lines of plain text; give it as {other}, or narrow the glob to text files")
-        if not is_parquet(path) and has_nul_early(path):
-            named = f"{key} {pattern!r}" + (f": {str(path)!r}" if str(path) != pattern else "")
-            raise DataError(f"{named} is not text (a NUL byte in its first 8 kB: a binary file, or text in UTF-16); "
-                            "give text files in UTF-8, a document a line")
-
-
-def has_nul_early(path: pathlib.Path) -> bool:
-    with open_binary(path) as f, damaged_gzip_named(path):
-        return b"\0" in f.read(8192)
 
 
 def looks_binary(path: pathlib.Path) -> bool:

@@ -38,14 +38,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxgen.config import DataConfig
-from jaxgen.data.corpus import (
-    InvalidUtf8,
-    is_parquet,
-    iter_documents,
-    looks_binary,
-    refuse_what_is_not_text,
-    resolve_files,
-)
+from jaxgen.data.corpus import InvalidUtf8, is_parquet, iter_documents, looks_binary, resolve_files
 from jaxgen.data.splits import HoldOut
 from jaxgen.data.tokenizer import Tokenizer, keep_tokenizer
 from jaxgen.errors import ConfigError, DataError, listed
@@ -164,8 +157,7 @@ def prepare_dataset(input_pattern: str, out: str | pathlib.Path, *, field: str =
     with prepare_lock(out):
         if out.exists():
             raise DataError(f"--out {str(out)!r} already exists; choose a new directory")
-        files = resolve_files(input_pattern, "--input")
-        refuse_what_is_not_text(files, "--input", input_pattern, by_extension=True)
+        files = resolve_files(input_pattern, "--input", text=True)
         with building(out) as partial:
             summary = _write_dataset(files, input_pattern, partial, out, field=field, tokenizer=tokenizer,
                                      validation=HoldOut(validation_every_nth, "eval", validation_block),

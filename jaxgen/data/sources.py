@@ -28,7 +28,7 @@ from jaxgen.data.corpus import (
     BUNDLED_CORPUS,
     InvalidUtf8,
     decode_utf8,
-    refuse_what_is_not_text,
+    refuse_structured,
     resolve_files,
     warn_once,
 )
@@ -170,9 +170,9 @@ def text_files(source: DataConfig | SourceConfig) -> list[pathlib.Path] | None:
     if source.text is None and source.jsonl is None:
         return None
     key, suffix = ("data.text", ".txt") if source.text else ("data.jsonl", ".jsonl")
-    files = resolve_files(source.text or source.jsonl, key, suffix)
+    files = resolve_files(source.text or source.jsonl, key, suffix, text=bool(source.text))
     if source.text:
-        refuse_what_is_not_text(files, key, source.text, by_extension=False)
+        refuse_structured(files, key, source.text)
     return files
 
 
