@@ -322,8 +322,8 @@ def test_a_streamed_file_emptied_under_a_running_job_is_named_as_changed(tmp_pat
     corpus.write_text("")
     with pytest.raises(DataError) as err:
         list(itertools.islice(documents, 100))
-    assert str(err.value).endswith(f": {str(corpus)!r} changed while the run read it (230 bytes at start-up, 0 now), "
-                                   "leaving 0 documents for the train split; a file the run reads must stay as it "
+    assert str(err.value).endswith(f"data.text {str(corpus)!r} changed while the run read it (230 bytes at start-up, "
+                                   "0 now), leaving 0 documents for the train split; a file the run reads must stay as it "
                                    "is: put it back, or train on the new data in a new run")
 
 

@@ -217,10 +217,10 @@ class _DocumentIterator(grain.DatasetIterator):
             part = stream.holdout.part if stream.holdout else "all"
             if changed := stream.pieces.changed():  # cut short (or emptied) under the running job
                 path, then, now = changed[0]
-                raise DataError(f"{stream.name}: {str(path)!r} changed while the run read it ({then:,} bytes at "
-                                f"start-up, {now:,} now), leaving {pos['selected']} documents for the {part} "
-                                "split; a file the run reads must stay as it is: put it back, or train on the new "
-                                "data in a new run")
+                named = stream.name if repr(str(path)) in stream.name else f"{stream.name}: {str(path)!r}"
+                raise DataError(f"{named} changed while the run read it ({then:,} bytes at start-up, {now:,} now), "
+                                f"leaving {pos['selected']} documents for the {part} split; a file the run reads must "
+                                "stay as it is: put it back, or train on the new data in a new run")
             raise DataError(
                 f"{stream.name} holds {pos['selected']} documents for the {part} split, too few for "
                 f"{stream.shard.count} readers (data.streams x data.workers) to get one each; "
