@@ -323,8 +323,8 @@ def test_a_streamed_file_emptied_under_a_running_job_is_named_as_changed(tmp_pat
     with pytest.raises(DataError) as err:
         list(itertools.islice(documents, 100))
     assert str(err.value).endswith(f"data.text {str(corpus)!r} changed while the run read it (230 bytes at start-up, "
-                                   "0 now), leaving 0 documents for the train split; a file the run reads must stay as it "
-                                   "is: put it back, or train on the new data in a new run")
+                                   "0 now), leaving 0 documents for the train split; a file the run reads must stay "
+                                   "as it is: put it back, or train on the new data in a new run")
 
 
 def test_the_training_files_are_told_by_name_under_their_folder_and_size(tmp_path, monkeypatch):
