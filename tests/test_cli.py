@@ -485,15 +485,18 @@ def test_a_command_stopped_by_a_signal_says_so_in_one_line(tmp_path, signum, say
     stderr = interrupt_when(process, None, after_s=3.0, signum=signum)
     assert process.returncode == status and one_final_line(stderr) == f"jaxgen: {says}", stderr[-2000:]
     assert not (tmp_path / "shapes").exists()  # its hidden leftovers go when the command runs again
+    # Signalled once train has begun (its model is built): before, it may still be importing, with no run yet.
     process = start(["train", "--config", str(TINY_CONFIG), "--run-dir", str(tmp_path / "run")])
-    stderr = interrupt_when(process, None, after_s=1.0, signum=signal.SIGTERM)
+    stderr = interrupt_when(process, "model: ", signum=signal.SIGTERM)
     assert process.returncode == 143
     assert one_final_line(stderr) == "jaxgen: stopped by SIGTERM; run the same command again to continue"
     # With its log's reader gone (`| tee` killed), the last line could not be written, and that broken pipe was
     # the exit status: 1, where a scheduler looks for 143.
     process = start(["train", "--config", str(TINY_CONFIG), "--run-dir", str(tmp_path / "unheard")])
     process.stderr.close()
-    time.sleep(1.0)
+    deadline = time.monotonic() + 180  # its run directory exists once train has begun (a slow machine may take long)
+    while not (tmp_path / "unheard").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
     os.killpg(process.pid, signal.SIGTERM)
     assert process.wait(timeout=120) == 143
 
