@@ -8,6 +8,7 @@ attends to another; and the stream resumes exactly where it was.
 
 import itertools
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -167,12 +168,24 @@ def test_pairs_longer_than_their_rows_are_cut_and_said_to_be(pairs_file, tmp_pat
 
 
 def test_a_pairs_line_without_its_field_is_one_line_naming_it(pairs_file, tmp_path):
+    """The pair is read after its place in the files is dropped; the message still names the file and line."""
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(pairs_file.read_text() + json.dumps({"spelling": "a b"}) + "\n")
-    with pytest.raises(DataError, match=r"no field 'reversed' \(data.target_field\)"):
+    lines = pairs_file.read_text().splitlines(keepends=True)
+    bad.write_text("".join(lines) + json.dumps({"spelling": "a b"}) + "\n")
+    with pytest.raises(DataError, match=rf"^line {len(lines) + 1} of '{bad}' \(data.jsonl\) has no field 'reversed' "
+                                        r"\(data.target_field\); it holds \['spelling'\]"):
         cfg, data = rows_of("encoder_decoder", tmp_path, f"data.jsonl={bad}", "data.input_field=spelling",
                             "data.target_field=reversed", "data.index_max_mb=0", "model.vocab_size=280")
         take(data.train, 200)
+
+
+def test_a_refused_pair_names_its_file_and_line_where_it_can_be_found():
+    from jaxgen.data.text_pairs import read_pair
+
+    with pytest.raises(DataError, match=r"^a line of data.jsonl is not JSON"):  # no files to search
+        read_pair("{", "x", "y")
+    with pytest.raises(DataError, match=r"^field 'y' \(data.target_field\) of a line of data.jsonl holds int"):
+        read_pair('{"x": "a", "y": 3}', "x", "y", lambda: [pathlib.Path("/nonexistent.jsonl")])
 
 
 def test_a_given_tokenizer_without_the_mask_piece_is_refused(verses, tmp_path):

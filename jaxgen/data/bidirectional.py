@@ -46,7 +46,7 @@ from jaxgen.data.pipeline import (
 from jaxgen.data.sources import document_of, held_out_documents, mixed_numbered_documents, one_pass_documents
 from jaxgen.data.span_corruption import corrupt, noise_mask, raw_length, span_count
 from jaxgen.data.splits import Shard
-from jaxgen.data.text_pairs import ReadPair, cut_pairs_note, pair_texts, read_pair
+from jaxgen.data.text_pairs import ReadPair, cut_pairs_note, pair_files, pair_texts, read_pair
 from jaxgen.data.tokenizer import MASK_PIECE, Tokenizer, sentinel_piece
 from jaxgen.errors import DataError
 
@@ -280,13 +280,13 @@ def held_out_pairs(data: DataConfig, limit: int) -> list[tuple[str, str]]:
     """The first `limit` held-out (input, target) pairs, in the held-out order evaluation reads."""
     with user_errors_unwrapped():
         lines = itertools.islice(iter(held_out_documents(data).map(document_of)), limit)
-        return [read_pair(line, data.input_field, data.target_field) for line in lines]
+        return [read_pair(line, data.input_field, data.target_field, lambda: pair_files(data)) for line in lines]
 
 
 def training_pairs(data: DataConfig, limit: int) -> list[tuple[str, str]]:
     """At most `limit` training pairs, in file order (what a nearest-input baseline looks up)."""
     lines = itertools.islice(one_pass_documents(data, "train"), limit)
-    return [read_pair(line, data.input_field, data.target_field) for line in lines]
+    return [read_pair(line, data.input_field, data.target_field, lambda: pair_files(data)) for line in lines]
 
 
 def unigram_counts(data: DataConfig, tokenizer: Tokenizer, max_tokens: int) -> np.ndarray:

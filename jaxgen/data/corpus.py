@@ -113,6 +113,21 @@ def line_number(path: pathlib.Path, offset: int) -> int:
     return newlines + 1
 
 
+def find_line(files: Iterable[pathlib.Path], line: str) -> tuple[pathlib.Path, int] | None:
+    """The first file of `files` holding `line` (without its line ending), and its 1-based line number there;
+    searched only for an error's message, where the reader that met the line no longer knows its place."""
+    wanted = line.rstrip("\r\n").encode("utf-8", "surrogateescape")
+    for path in files:
+        try:
+            with open_binary(path) as f:
+                for number, raw in enumerate(f, start=1):
+                    if raw.rstrip(b"\r\n") == wanted:
+                        return path, number
+        except (OSError, EOFError, zlib.error):  # gone or damaged since: the message names no place
+            continue
+    return None
+
+
 # Sources whose skipped records were reported in this process. Several passes read the same files
 # (tokenizer training, the one-batch check, the training and held-out streams, every epoch) and
 # would otherwise each report the same lines again.
