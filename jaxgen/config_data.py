@@ -47,9 +47,16 @@ class _SourceFields(_Section):
     train_split: str = "train"
     eval_split: str = "validation"
 
+    # Where this source's settings sit in the config: "data." or, for a mixture entry, "data.mixture[i]."
+    _place: str = pydantic.PrivateAttr("data.")
+
     @property
     def kinds(self) -> list[str]:
         return [kind for kind in SOURCE_KINDS if getattr(self, kind) is not None]
+
+    def key(self, name: str) -> str:
+        """The config key of this source's setting `name`, as a message names it (`data.mixture[1].field`)."""
+        return f"{self._place}{name}"
 
     @pydantic.field_validator(*SOURCE_KINDS, "tfds_data_dir", "hf_config", "field", "train_split", "eval_split")
     @classmethod
@@ -134,4 +141,6 @@ class DataConfig(_SourceFields):
             raise ValueError(f"set only one data source, got {', '.join(f'data.{k}' for k in self.kinds)}")
         if self.kinds and self.mixture:
             raise ValueError(f"data.{self.kinds[0]} and data.mixture are exclusive; put every source in data.mixture")
+        for index, source in enumerate(self.mixture):
+            source._place = f"data.mixture[{index}]."
         return self

@@ -399,3 +399,19 @@ def test_a_file_that_is_not_array_record_is_named(tmp_path):
         list(one_pass_documents(tiny_config(f"data.array_record={tmp_path}/*.array_record").data, "train"))
     assert one_line(err).startswith(f"data.array_record '{tmp_path}/*.array_record': "
                                     f"file '{tmp_path}/x.array_record' cannot be read as ArrayRecord (")
+
+
+def test_a_mixture_entry_is_named_by_its_place_in_the_mixture(tmp_path):
+    """Each entry's settings were named as the single source's (`data.text`, `data.field`), which a config with a
+    mixture does not have."""
+    (tmp_path / "a.txt").write_text("\n".join(VERSES) + "\n")
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"body": verse}) + "\n" for verse in VERSES))
+    missing = tiny_config(f"data.mixture=[{{text: '{tmp_path}/a.txt'}}, {{text: '{tmp_path}/none*.txt'}}]")
+    with pytest.raises(DataError) as err:
+        list(one_pass_documents(missing.data, "train"))
+    assert one_line(err).startswith(f"data.mixture[1].text '{tmp_path}/none*.txt' matches no files")
+    unfielded = tiny_config(f"data.mixture=[{{jsonl: '{tmp_path}/b.jsonl'}}, {{text: '{tmp_path}/a.txt'}}]")
+    with pytest.raises(DataError) as err:
+        list(one_pass_documents(unfielded.data, "train"))
+    assert "has no field 'text' (data.mixture[0].field)" in one_line(err)
+    assert "set data.mixture[0].field to the key of the text" in one_line(err)

@@ -322,7 +322,8 @@ def test_data_inspect_names_the_documents_the_trainer_consumes(mixture, tokenize
         expected = document(where(source, place))
         assert expected.startswith(text) or text.startswith(expected), (source, place, text)
     assert {s for s, _ in named} == {0, 1}
-    assert report["sources"] == [f"data.text {cfg.data.mixture[0].text!r}", f"data.jsonl {cfg.data.mixture[1].jsonl!r}"]
+    assert report["sources"] == [f"data.mixture[0].text {cfg.data.mixture[0].text!r}",
+                                 f"data.mixture[1].jsonl {cfg.data.mixture[1].jsonl!r}"]
     assert [s["shuffle"] for s in report["shuffle"]["sources"]] == ["window", "whole source, a new permutation every epoch"]
 
     held_out = held_out_set(cfg.data, tokenizer, 3)

@@ -136,7 +136,7 @@ def test_a_mixture_of_parquet_and_text_draws_both_by_weight(corpus, tmp_path):
     (tmp_path / "b.txt").write_text("".join(f"beta {i}\n" for i in range(500)))
     cfg = tiny_config(f"data.mixture=[{{parquet: '{corpus}/parquet/*.parquet', weight: 3}}, "
                       f"{{text: '{tmp_path}/b.txt', weight: 1}}]")
-    assert describe(cfg.data.mixture[0]) == f"data.parquet '{corpus}/parquet/*.parquet'"
+    assert describe(cfg.data.mixture[0]) == f"data.mixture[0].parquet '{corpus}/parquet/*.parquet'"
     drawn = list(itertools.islice(mixed_documents(cfg.data, "train", Shard()), 400))
     assert sum(d.startswith("doc ") for d in drawn) == 300 and sum(d.startswith("beta") for d in drawn) == 100
 

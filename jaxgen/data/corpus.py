@@ -41,6 +41,11 @@ class SettingNames:
 
 
 CONFIG_KEYS = SettingNames("data.field", "data.invalid_utf8={}")
+
+
+def config_keys(field_key: str) -> SettingNames:
+    """The config keys of a source whose field is set by `field_key` (`data.mixture[1].field`, say)."""
+    return SettingNames(field_key, CONFIG_KEYS.invalid_utf8)
 COMMAND_FLAGS = SettingNames("--field", "--invalid-utf8 {}")
 
 

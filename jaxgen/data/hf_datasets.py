@@ -47,27 +47,27 @@ def open_hf(source: DataConfig | SourceConfig, part: Part, holdout: HoldOut):
         import datasets
     except ImportError:
         raise ConfigError('data.hf needs the datasets library: pip install -e ".[hf]"') from None
-    name = source.hf
-    loaded = _load(datasets, name, source.hf_config)
+    loaded = _load(datasets, source)
     if isinstance(loaded, datasets.Dataset):
-        return HeldOutView(_documents(datasets, loaded, source.field, name), holdout)
+        return HeldOutView(_documents(datasets, loaded, source), holdout)
     splits = list(loaded)
     if source.train_split not in loaded:
-        raise _no_split(name, source.train_split, "data.train_split", splits)
+        raise _no_split(source, source.train_split, "train_split", splits)
     if source.eval_split in loaded:
         split = source.train_split if part == "train" else source.eval_split
-        return _documents(datasets, loaded[split], source.field, name)
+        return _documents(datasets, loaded[split], source)
     if splits == [source.train_split] and "eval_split" not in source.model_fields_set:
-        return HeldOutView(_documents(datasets, loaded[source.train_split], source.field, name), holdout)
-    raise _no_split(name, source.eval_split, "data.eval_split", splits)
+        return HeldOutView(_documents(datasets, loaded[source.train_split], source), holdout)
+    raise _no_split(source, source.eval_split, "eval_split", splits)
 
 
-def _no_split(name: str, split: str, key: str, splits: list[str]) -> DataError:
-    return DataError(f"data.hf {name!r} has no split {split!r} ({key}); it has {splits}")
+def _no_split(source: DataConfig | SourceConfig, split: str, setting: str, splits: list[str]) -> DataError:
+    return DataError(f"{source.key('hf')} {source.hf!r} has no split {split!r} ({source.key(setting)}); it has {splits}")
 
 
-def _load(datasets: Any, name: str, config: str | None) -> Any:
+def _load(datasets: Any, source: DataConfig | SourceConfig) -> Any:
     """A `Dataset` (no splits) or a `DatasetDict` (splits by name)."""
+    name, config, hf, hf_config = source.hf, source.hf_config, source.key("hf"), source.key("hf_config")
     directory = pathlib.Path(name).expanduser()
     saved = any((directory / marker).is_file() for marker in (
         datasets.config.DATASETDICT_JSON_FILENAME, datasets.config.DATASET_STATE_JSON_FILENAME))
@@ -76,27 +76,27 @@ def _load(datasets: Any, name: str, config: str | None) -> Any:
     local = directory.is_absolute() or name.startswith((".", "~")) or len(directory.parts) > 2 or (
         len(directory.parts) == 2 and pathlib.Path(directory.parts[0]).is_dir())
     if not directory.exists() and local:
-        raise DataError(f"data.hf {name!r} does not exist; give a directory written by save_to_disk, "
+        raise DataError(f"{hf} {name!r} does not exist; give a directory written by save_to_disk, "
                         "a folder of Parquet/JSON/CSV/Arrow files, or a dataset name on the Hugging Face Hub")
     if saved and config is not None:
-        raise ConfigError(f"data.hf_config {config!r} chooses a configuration of a dataset load_dataset builds; "
-                          f"data.hf {name!r} was written by save_to_disk and has none: leave data.hf_config out")
+        raise ConfigError(f"{hf_config} {config!r} chooses a configuration of a dataset load_dataset builds; "
+                          f"{hf} {name!r} was written by save_to_disk and has none: leave {hf_config} out")
     if saved:
         try:
             return datasets.load_from_disk(str(directory))
         except Exception as err:  # noqa: BLE001 - datasets' own failures on a damaged directory take many types
             if empty := _saved_empty(datasets, directory):
-                raise DataError(f"data.hf {name!r} holds no rows ({empty} was saved with none, which datasets "
+                raise DataError(f"{hf} {name!r} holds no rows ({empty} was saved with none, which datasets "
                                 "cannot read back); give a dataset with documents") from None
-            raise DataError(f"data.hf {name!r} cannot be read by datasets' load_from_disk ({type(err).__name__}: "
+            raise DataError(f"{hf} {name!r} cannot be read by datasets' load_from_disk ({type(err).__name__}: "
                             f"{first_line(err)}): its files are missing or damaged; write it again with "
                             "save_to_disk") from None
     try:
         return datasets.load_dataset(str(directory) if directory.is_dir() else name, config)
     except (OSError, ValueError) as err:  # not found, no data files, an unknown configuration, no network
-        config_named = f" (data.hf_config {config!r})" if config is not None else ""
+        config_named = f" ({hf_config} {config!r})" if config is not None else ""
         where = "" if directory.is_dir() else ", not a local directory,"
-        raise DataError(f"data.hf {name!r}{config_named}{where} cannot be loaded by datasets "
+        raise DataError(f"{hf} {name!r}{config_named}{where} cannot be loaded by datasets "
                         f"({first_line(err)})") from None
 
 
@@ -112,14 +112,14 @@ def _saved_empty(datasets: Any, directory: pathlib.Path) -> str | None:
     return None
 
 
-def _documents(datasets: Any, dataset: Any, field: str, name: str) -> HfDocuments:
-    features = dataset.features
+def _documents(datasets: Any, dataset: Any, source: DataConfig | SourceConfig) -> HfDocuments:
+    features, field, name, hf, field_key = dataset.features, source.field, source.hf, source.key("hf"), source.key("field")
     if field not in features:
-        raise DataError(f"data.hf {name!r} has no column {field!r} (data.field); it has {list(features)}; "
-                        "set data.field to the column of the text")
+        raise DataError(f"{hf} {name!r} has no column {field!r} ({field_key}); it has {list(features)}; "
+                        f"set {field_key} to the column of the text")
     feature = features[field]
     if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
         kind = feature.dtype if isinstance(feature, datasets.Value) else type(feature).__name__
-        raise DataError(f"data.hf {name!r}: column {field!r} (data.field) holds {kind}, not strings; "
-                        "set data.field to the column of the text")
+        raise DataError(f"{hf} {name!r}: column {field!r} ({field_key}) holds {kind}, not strings; "
+                        f"set {field_key} to the column of the text")
     return HfDocuments(dataset, field)

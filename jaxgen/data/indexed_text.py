@@ -14,7 +14,7 @@ import pathlib
 
 import numpy as np
 
-from jaxgen.data.corpus import InvalidUtf8, file_documents
+from jaxgen.data.corpus import CONFIG_KEYS, InvalidUtf8, SettingNames, file_documents
 
 # Sources read in this process, by their files (name, size, modification time) and how they are read.
 # A run opens a source once per part and reader stream, and for its tokenizer and checks.
@@ -41,12 +41,14 @@ def fits_in_memory(files: list[pathlib.Path], max_mb: float) -> bool:
     return sum(path.stat().st_size for path in files) <= max_mb * 2**20
 
 
-def indexed_documents(files: list[pathlib.Path], field: str | None, invalid_utf8: InvalidUtf8) -> IndexedDocuments:
-    """The documents of `files` (field=None: text lines) in memory, read once per process."""
+def indexed_documents(files: list[pathlib.Path], field: str | None, invalid_utf8: InvalidUtf8,
+                      names: SettingNames = CONFIG_KEYS) -> IndexedDocuments:
+    """The documents of `files` (field=None: text lines) in memory, read once per process; `names`: the
+    settings its messages name."""
     key = (tuple((str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns) for path in files),
            field, invalid_utf8)
     if key not in _read:
-        documents = [document.encode("utf-8") for path in files for document in file_documents(path, field, invalid_utf8)]
+        documents = [document.encode("utf-8") for path in files for document in file_documents(path, field, invalid_utf8, names)]
         _read[key] = IndexedDocuments(b"".join(documents),
                                       np.cumsum([0, *map(len, documents)], dtype=np.int64))
     return _read[key]

@@ -187,13 +187,15 @@ class ParquetDocuments:
         return f"ParquetDocuments({len(self.paths)} files, column {self.field!r}, {len(self)} rows)"
 
 
-def open_parquet(pattern: str, field: str, key: str = "data.parquet") -> ParquetDocuments:
-    """The `field` column of the Parquet files matching `pattern` (a local glob or a URI glob)."""
+def open_parquet(pattern: str, field: str, key: str = "data.parquet",
+                 field_setting: str = "data.field") -> ParquetDocuments:
+    """The `field` column of the Parquet files matching `pattern` (a local glob or a URI glob); `key` and
+    `field_setting` name their settings."""
     if not is_uri(pattern):
-        return local_parquet(resolve_files(pattern, key, ".parquet"), field)
+        return local_parquet(resolve_files(pattern, key, ".parquet"), field, field_setting)
     filesystem, paths = _remote_files(pattern, key)
     scheme = pattern.split("://", 1)[0]
-    return ParquetDocuments(filesystem, paths, [f"{scheme}://{path}" for path in paths], field)
+    return ParquetDocuments(filesystem, paths, [f"{scheme}://{path}" for path in paths], field, field_setting)
 
 
 def local_parquet(files: list[pathlib.Path], field: str, field_setting: str = "data.field") -> ParquetDocuments:

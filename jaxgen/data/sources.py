@@ -27,6 +27,7 @@ from jaxgen.data.array_record_files import damaged_array_record
 from jaxgen.data.corpus import (
     BUNDLED_CORPUS,
     InvalidUtf8,
+    config_keys,
     decode_utf8,
     refuse_structured,
     resolve_files,
@@ -60,8 +61,8 @@ class RecordDocument(grain.transforms.Map):
     """(number, source record) -> (number, its document); None (dropped by grain) for a null (Parquet, hf)
     and for invalid UTF-8 when skipping."""
 
-    def __init__(self, field: str, invalid_utf8: InvalidUtf8, name: str):
-        self.field, self.invalid_utf8, self.name = field, invalid_utf8, name
+    def __init__(self, field: str, invalid_utf8: InvalidUtf8, name: str, field_key: str = "data.field"):
+        self.field, self.invalid_utf8, self.name, self.field_key = field, invalid_utf8, name, field_key
 
     def map(self, numbered: tuple[int, Any]) -> tuple[int, Document] | None:
         number, record = numbered
@@ -75,7 +76,8 @@ class RecordDocument(grain.transforms.Map):
             if "tokens" in record:
                 return np.asarray(record["tokens"], np.int32)
             if self.field not in record:
-                raise DataError(f"{self.name} records have no field {self.field!r} (data.field); they hold {sorted(record)}")
+                raise DataError(f"{self.name} records have no field {self.field!r} ({self.field_key}); they hold "
+                                f"{sorted(record)}")
             record = record[self.field]
         if isinstance(record, bytes):
             return self._text(record)
@@ -95,27 +97,28 @@ class RecordDocument(grain.transforms.Map):
 
 def describe(source: DataConfig | SourceConfig) -> str:
     kind = source.kinds[0] if source.kinds else None
-    return f"data.{kind} {getattr(source, kind)!r}" if kind else "the bundled corpus"
+    return f"{source.key(kind)} {getattr(source, kind)!r}" if kind else "the bundled corpus"
 
 
-def open_prepared(path: str, split: str) -> RandomAccessSource:
-    """A split of a dataset directory written by `jaxgen data prepare` (read through TFDS)."""
+def open_prepared(path: str, split: str, key: str = "data.path") -> RandomAccessSource:
+    """A split of a dataset directory written by `jaxgen data prepare` (read through TFDS); `key` names its setting."""
     import tensorflow_datasets as tfds
 
     directory = pathlib.Path(path).expanduser()
     if not directory.is_dir():
-        raise DataError(f"data.path {path!r} is not a directory; create one with `jaxgen data prepare --input GLOB --out {path}`")
+        raise DataError(f"{key} {path!r} is not a directory; create one with `jaxgen data prepare --input GLOB --out "
+                        f"{path}`")
     if not (directory / PREPARED_MARKER).is_file():
         raise DataError(
-            f"data.path {path!r} is not a complete prepared dataset (no {PREPARED_MARKER}); "
+            f"{key} {path!r} is not a complete prepared dataset (no {PREPARED_MARKER}); "
             "an interrupted `jaxgen data prepare` leaves this state; run it again"
         )
     builder = tfds.builder_from_directory(str(directory))
     if split not in builder.info.splits:
-        raise DataError(f"data.path {path!r} has no split {split!r}; it has {sorted(builder.info.splits)}")
+        raise DataError(f"{key} {path!r} has no split {split!r}; it has {sorted(builder.info.splits)}")
     damaged = damaged_array_record(sorted(directory.glob(f"*-{split}.array_record-*")))
     if damaged is not None:
-        raise DataError(f"data.path {path!r}: file {str(damaged[0])!r} is damaged ({damaged[1]}); {PREPARE_AGAIN}")
+        raise DataError(f"{key} {path!r}: file {str(damaged[0])!r} is damaged ({damaged[1]}); {PREPARE_AGAIN}")
     return builder.as_data_source(split=split)
 
 
@@ -128,8 +131,8 @@ def open_tfds(name: str, data_dir: str | None, split: str) -> RandomAccessSource
     return open_split(open_builder("data.tfds", name, data_dir), split, description("data.tfds", name, data_dir))
 
 
-def open_array_records(pattern: str) -> RandomAccessSource:
-    files = resolve_files(pattern, "data.array_record", ".array_record")
+def open_array_records(pattern: str, key: str = "data.array_record") -> RandomAccessSource:
+    files = resolve_files(pattern, key, ".array_record")
     damaged = damaged_array_record(files)
     if damaged is None:
         try:
@@ -137,7 +140,7 @@ def open_array_records(pattern: str) -> RandomAccessSource:
         except RuntimeError as err:  # array_record's report of a file it cannot read, which it does not name
             damaged = None, first_line(err, 200)
     culprit = "its files" if damaged[0] is None else f"file {str(damaged[0])!r}"
-    raise DataError(f"data.array_record {pattern!r}: {culprit} cannot be read as ArrayRecord ({damaged[1]}); "
+    raise DataError(f"{key} {pattern!r}: {culprit} cannot be read as ArrayRecord ({damaged[1]}); "
                     f"{WRITE_AGAIN}")
 
 
@@ -169,7 +172,7 @@ def text_files(source: DataConfig | SourceConfig) -> list[pathlib.Path] | None:
         return [BUNDLED_CORPUS]
     if source.text is None and source.jsonl is None:
         return None
-    key, suffix = ("data.text", ".txt") if source.text else ("data.jsonl", ".jsonl")
+    key, suffix = (source.key("text"), ".txt") if source.text else (source.key("jsonl"), ".jsonl")
     files = resolve_files(source.text or source.jsonl, key, suffix, text=bool(source.text))
     if source.text:
         refuse_structured(files, key, source.text)
@@ -206,26 +209,27 @@ def numbered_documents(source: DataConfig | SourceConfig, data: DataConfig, part
     files = text_files(source)
     if files is not None and not fits_in_memory(files, data.index_max_mb):
         stream = DocumentStream(files, field=line_field(source, data), holdout=holdout, shard=shard,
-                                invalid_utf8=data.invalid_utf8, name=name, seed=seed, epochs=epochs)
+                                invalid_utf8=data.invalid_utf8, name=name, seed=seed, epochs=epochs,
+                                names=config_keys(source.key("field")))
         if seed is None:
             return stream
         return grain.experimental.WindowShuffleIterDataset(stream, window_size=data.shuffle_window, seed=seed)
 
     split = source.train_split if part == "train" else source.eval_split
     if files is not None:
-        records = HeldOutView(indexed_documents(files, line_field(source, data), data.invalid_utf8),
-                              holdout)
+        records = HeldOutView(indexed_documents(files, line_field(source, data), data.invalid_utf8,
+                                                config_keys(source.key("field"))), holdout)
     elif source.path is not None:
-        records = open_prepared(source.path, split)
+        records = open_prepared(source.path, split, source.key("path"))
     elif source.tfds is not None:
         records = open_tfds(source.tfds, source.tfds_data_dir, split)
     elif source.hf is not None:
         records = open_hf(source, part, holdout)
     else:
-        documents = (open_parquet(source.parquet, source.field) if source.parquet is not None
-                     else open_array_records(source.array_record))
+        documents = (open_parquet(source.parquet, source.field, source.key("parquet"), source.key("field"))
+                     if source.parquet is not None else open_array_records(source.array_record, source.key("array_record")))
         records = HeldOutView(documents, holdout)
-    to_document = RecordDocument(source.field, data.invalid_utf8, name)
+    to_document = RecordDocument(source.field, data.invalid_utf8, name, source.key("field"))
     if records is None:
         stream = TfdsTfRecordStream(source.tfds, source.tfds_data_dir, split, shard, seed, epochs)
         return stream.map(unnumbered).map(to_document).filter(is_document)

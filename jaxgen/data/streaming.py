@@ -28,7 +28,9 @@ import grain
 import numpy as np
 
 from jaxgen.data.corpus import (
+    CONFIG_KEYS,
     InvalidUtf8,
+    SettingNames,
     SkippedLines,
     already_reported,
     damaged_gzip_named,
@@ -88,11 +90,11 @@ class DocumentStream(ShardedStream):
 
     def __init__(self, files: list[pathlib.Path], *, field: str | None, holdout: HoldOut | None,
                  shard: Shard, invalid_utf8: InvalidUtf8, name: str, seed: int | None = None,
-                 epochs: int | None = None):
+                 epochs: int | None = None, names: SettingNames = CONFIG_KEYS):
         super().__init__(shard)
         self.pieces = Pieces(list(files))
         self.field, self.holdout, self.seed = field, holdout, seed
-        self.invalid_utf8, self.name, self.epochs = invalid_utf8, name, epochs
+        self.invalid_utf8, self.name, self.epochs, self.names = invalid_utf8, name, epochs, names
         # Travels to grain's worker processes, which must not report skipped lines again.
         self.reported_before = already_reported()
 
@@ -155,7 +157,7 @@ class _DocumentIterator(grain.DatasetIterator):
             pos["open"][slot][1] += len(raw)
             pos["turn"] = slot + 1
             line = decode_line(raw, reading.path, offset, stream.invalid_utf8, reading.skipped)
-            doc = None if line is None else line_document(line, stream.field, reading.path, offset)
+            doc = None if line is None else line_document(line, stream.field, reading.path, offset, stream.names)
             if doc is None:
                 continue
             pos["open"][slot][2] += 1
