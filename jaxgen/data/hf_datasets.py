@@ -62,7 +62,8 @@ def open_hf(source: DataConfig | SourceConfig, part: Part, holdout: HoldOut):
 
 
 def _no_split(source: DataConfig | SourceConfig, split: str, setting: str, splits: list[str]) -> DataError:
-    return DataError(f"{source.key('hf')} {source.hf!r} has no split {split!r} ({source.key(setting)}); it has {splits}")
+    return DataError(f"{source.key('hf')} {source.hf!r} has no split {split!r} ({source.key(setting)}); "
+                     f"it has {splits}")
 
 
 def _load(datasets: Any, source: DataConfig | SourceConfig) -> Any:
@@ -113,7 +114,8 @@ def _saved_empty(datasets: Any, directory: pathlib.Path) -> str | None:
 
 
 def _documents(datasets: Any, dataset: Any, source: DataConfig | SourceConfig) -> HfDocuments:
-    features, field, name, hf, field_key = dataset.features, source.field, source.hf, source.key("hf"), source.key("field")
+    features, field, name = dataset.features, source.field, source.hf
+    hf, field_key = source.key("hf"), source.key("field")
     if field not in features:
         raise DataError(f"{hf} {name!r} has no column {field!r} ({field_key}); it has {list(features)}; "
                         f"set {field_key} to the column of the text")

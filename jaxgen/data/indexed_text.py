@@ -48,7 +48,8 @@ def indexed_documents(files: list[pathlib.Path], field: str | None, invalid_utf8
     key = (tuple((str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns) for path in files),
            field, invalid_utf8)
     if key not in _read:
-        documents = [document.encode("utf-8") for path in files for document in file_documents(path, field, invalid_utf8, names)]
+        documents = [document.encode("utf-8") for path in files
+                     for document in file_documents(path, field, invalid_utf8, names)]
         _read[key] = IndexedDocuments(b"".join(documents),
                                       np.cumsum([0, *map(len, documents)], dtype=np.int64))
     return _read[key]

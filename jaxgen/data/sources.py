@@ -227,7 +227,8 @@ def numbered_documents(source: DataConfig | SourceConfig, data: DataConfig, part
         records = open_hf(source, part, holdout)
     else:
         documents = (open_parquet(source.parquet, source.field, source.key("parquet"), source.key("field"))
-                     if source.parquet is not None else open_array_records(source.array_record, source.key("array_record")))
+                     if source.parquet is not None
+                     else open_array_records(source.array_record, source.key("array_record")))
         records = HeldOutView(documents, holdout)
     to_document = RecordDocument(source.field, data.invalid_utf8, name, source.key("field"))
     if records is None:
