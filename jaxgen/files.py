@@ -100,14 +100,21 @@ def write_atomic(path: str | pathlib.Path, data: bytes | str) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         if err.filename in (None, str(tmp)):  # the temporary file's name means nothing to the user; theirs does
             raise OSError(err.errno, err.strerror, str(path)) from err
         raise
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise
     _fsync_directory(path.parent)
+
+
+def _remove(leftover: pathlib.Path) -> None:
+    """Remove a temporary file a failed write may have left; its removal must not replace the failure (on a
+    read-only file system removing even a name that was never made fails, naming the temporary file)."""
+    with contextlib.suppress(OSError):
+        leftover.unlink(missing_ok=True)
 
 
 # The outputs written so far in the innermost `written_together` block: (hidden name, the user's path).
@@ -124,7 +131,7 @@ def written_together() -> Iterator[None]:
 
     def discard() -> None:
         for hidden, _ in staged:
-            hidden.unlink(missing_ok=True)
+            _remove(hidden)
 
     try:
         with undone_on_leaving(discard):

@@ -1,5 +1,6 @@
 """Every mistake a user makes on the command line is one clear line: no traceback, no hang, the value named."""
 
+import contextlib
 import errno
 import json
 import logging
@@ -320,6 +321,24 @@ def test_the_outputs_of_one_command_are_written_all_or_none(tmp_path):
         assert grid.read_bytes() == b"old grid"  # nothing in place before the last one is written
     assert grid.read_bytes() == b"new grid" and arrays.read_bytes() == b"new arrays"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.npz", "t.png"]
+
+
+def test_a_read_only_file_system_names_the_users_path_not_a_temporary_one(tmp_path, monkeypatch):
+    """There removing even a name never made fails (EROFS): the clean-up's error, naming the hidden temporary file
+    (`..grid.png.together-host-pid.tmp-host-pid`), replaced the write's own."""
+    import jaxgen.files
+    from jaxgen.files import write_output, written_together
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(args[0]))
+
+    monkeypatch.setattr(jaxgen.files, "open", read_only, raising=False)
+    monkeypatch.setattr(pathlib.Path, "unlink", lambda self, missing_ok=False: read_only(self))
+    grid = tmp_path / "samples" / "grid.png"
+    for together in (False, True):
+        with pytest.raises(OSError) as failed, written_together() if together else contextlib.nullcontext():
+            write_output(grid, b"grid")
+        assert describe(failed.value)[0] == f"error: {grid}: read-only file system", together
 
 
 def start(args, *, cwd=REPO):
