@@ -7,17 +7,15 @@ import argparse
 import difflib
 import math
 import os
-import pathlib
 import re
 import sys
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
 from jaxgen.config import MAX_GUIDANCE
 from jaxgen.config_section import MAX_SEED
 from jaxgen.errors import UsageError
-from jaxgen.files import nearest_existing
+from jaxgen.files import unwritable_place
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -127,21 +125,9 @@ def file_to_write(suffix: str = "", kind: str = "") -> Callable[[str], str]:
 
 
 def refuse_unwritable_place(text: str, directory: bool = False) -> None:
-    """Output path `text` (a file, or a `directory`) must be one this process can make: its nearest existing
-    folder (parents are made when it is written) is a directory that takes new files. Tried as writing would,
-    with a trial file, so a read-only, foreign or special folder is named before the work, not after it."""
-    path = pathlib.Path(os.path.abspath(text))
-    place = nearest_existing(path if directory else path.parent)
-    if not place.is_dir():
-        wanted = "give a directory" if directory else "give a file's path in a directory"
-        raise argparse.ArgumentTypeError(f"{text!r} is a file; {wanted}" if place == path
-                                         else f"{text!r} is under {str(place)!r}, a file; {wanted}")
-    try:
-        with tempfile.TemporaryFile(dir=place):
-            pass
-    except OSError as err:
-        raise argparse.ArgumentTypeError(f"{text!r} cannot be written: {str(place)!r} takes no new files "
-                                         f"(a trial file there failed: {(err.strerror or str(err)).lower()})") from None
+    """Output path `text` (a file, or a `directory`) must be one this process can make (`files.unwritable_place`)."""
+    if (why := unwritable_place(text, directory)) is not None:
+        raise argparse.ArgumentTypeError(why)
 
 
 def directory_to_write(text: str) -> str:

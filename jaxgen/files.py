@@ -36,6 +36,7 @@ import pathlib
 import shutil
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 
@@ -62,6 +63,25 @@ def nearest_existing(path: str | pathlib.Path) -> pathlib.Path:
     """`path` made absolute, or its nearest ancestor that exists: where an output not made yet will go."""
     absolute = pathlib.Path(os.path.abspath(path))
     return next(p for p in (absolute, *absolute.parents) if p.exists())
+
+
+def unwritable_place(text: str, directory: bool = False) -> str | None:
+    """Why output path `text` (a file, or a `directory`) is not one this process can make, else None: its nearest
+    existing folder (parents are made when it is written) must be a directory that takes new files. Tried as
+    writing would, with a trial file, so a read-only, foreign or special folder is named before the work."""
+    path = pathlib.Path(os.path.abspath(text))
+    place = nearest_existing(path if directory else path.parent)
+    if not place.is_dir():
+        wanted = "give a directory" if directory else "give a file's path in a directory"
+        return (f"{text!r} is a file; {wanted}" if place == path
+                else f"{text!r} is under {str(place)!r}, a file; {wanted}")
+    try:
+        with tempfile.TemporaryFile(dir=place):
+            pass
+    except OSError as err:
+        return (f"{text!r} cannot be written: {str(place)!r} takes no new files "
+                f"(a trial file there failed: {(err.strerror or str(err)).lower()})")
+    return None
 
 
 def _alive(pid: int) -> bool:

@@ -4,6 +4,8 @@ import contextlib
 import itertools
 import json
 import logging
+import os
+import pathlib
 import re
 import shutil
 import warnings
@@ -285,6 +287,43 @@ def test_a_result_scored_with_edited_model_settings_is_recorded_so_and_never_sho
     config.write_text(text)
     assert evaluate_run(run_dir, all_steps=True) == [own]
     assert len(list(read_metrics(run_dir / "eval.jsonl"))) == 2
+
+
+def test_a_run_that_cannot_be_written_is_scored_and_shown_not_recorded(trained, tmp_path, monkeypatch, caplog):
+    """A colleague's run, or one on a read-only file system: `eval` scored it and showed the figures, then failed
+    (exit 1) on eval.jsonl, and `--all` stopped after the first checkpoint it scored."""
+    import errno
+    import tempfile
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    (run_dir / "eval.jsonl").unlink(missing_ok=True)  # what other tests of the shared run scored
+    trial_file = tempfile.TemporaryFile
+
+    def read_only_run_dir(*args, dir=None, **kwargs):
+        if dir is not None and pathlib.Path(dir) == run_dir:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return trial_file(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only_run_dir)
+    shown = []
+    with caplog.at_level(logging.WARNING, logger="jaxgen"):
+        results = evaluate_run(run_dir, all_steps=True, on_result=shown.append)
+    assert results == shown and len(results) == len(list((run_dir / "checkpoints").glob("[0-9]*")))
+    assert f"run directory {run_dir} cannot be written (read-only file system): results are shown, not recorded " \
+           "in its eval.jsonl" in caplog.text
+    assert not (run_dir / "eval.jsonl").exists()  # this file system takes it: only the check made it read-only
+
+
+def test_images_with_no_place_to_go_are_refused_before_the_model_is_read(tmp_path):
+    from jaxgen.errors import UsageError
+    from jaxgen.outputs.sample import check_samples_folder
+
+    check_samples_folder(tmp_path / "samples")  # made when the first image is written
+    (tmp_path / "samples").write_text("not a folder")
+    with pytest.raises(UsageError, match=r"^images go to the run's samples folder without --out, but '.*samples' "
+                                         r"is a file; give a directory; give --out a path you can write$"):
+        check_samples_folder(tmp_path / "samples")
 
 
 def test_kv_cache_generation_equals_full_recomputation():

@@ -25,6 +25,7 @@ from jaxgen.evals.metrics import choice_predictions, cloze_figures, format_table
 from jaxgen.evals.plots import plot_benchmarks
 from jaxgen.evals.tasks import Cloze, Task, known_names, load_task, parse_task_names
 from jaxgen.files import updating_alone, write_atomic
+from jaxgen.outputs.run_dir_check import unrecordable
 from jaxgen.outputs.runs import chosen_checkpoints, load_run_config, scored_as
 from jaxgen.sharding import resolve_rules
 from jaxgen.tasks.layout import MAIN_GROUP
@@ -173,6 +174,10 @@ def evaluate_benchmarks(run_dir: str | pathlib.Path, task_names: list[str], task
         raise ConfigError(f"--tasks {','.join(task_names)!r} names no task; known tasks: {known_names()}")
     require_language_model(load_run_config(run_dir, overrides))
     tokenizer, tasks = stop_together(lambda: (run_tokenizer(run_dir), load_tasks(task_names, task_data)))
+    why = unrecordable(run_dir) if jax.process_index() == 0 else None
+    if why is not None:
+        log.warning("run directory %s cannot be written (%s): results are shown, not recorded in its evals/",
+                    run_dir, why)
     benchmarks, records = None, []
     try:
         for run in chosen_checkpoints(run_dir, step, overrides, all_steps):
@@ -182,11 +187,13 @@ def evaluate_benchmarks(run_dir: str | pathlib.Path, task_names: list[str], task
             record = {**result_record(run.step, benchmarks.run(run.weights.params[MAIN_GROUP])), **scored_as(run)}
             if on_result is not None:  # first: a full disk failing the file below still leaves the figures shown
                 on_result(record)
-            records.append(write_result(run_dir, record))
+            records.append(write_result(run_dir, record) if why is None else record)
     except Exception as stopped:  # the checkpoints scored before one that could not be read are plotted too
-        plot_scored(run_dir, records, stopped)
+        if why is None:
+            plot_scored(run_dir, records, stopped)
         raise
-    plot_scored(run_dir, records)
+    if why is None:
+        plot_scored(run_dir, records)
     return records
 
 

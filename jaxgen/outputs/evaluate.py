@@ -26,6 +26,7 @@ from jaxgen.distributed import bytes_from_process_0
 from jaxgen.errors import DirectoryInUse
 from jaxgen.files import DirectoryLock, append_line
 from jaxgen.metrics import read_metrics
+from jaxgen.outputs.run_dir_check import unrecordable
 from jaxgen.outputs.runs import OpenedRun, chosen_checkpoints, each_checkpoint, edited_model_settings, scored_as
 from jaxgen.sharding import data_parallel_size
 from jaxgen.tasks.layout import held_out_sums
@@ -79,14 +80,18 @@ EVAL_LOCK = ".jaxgen-eval.lock"
 
 
 @contextlib.contextmanager
-def scoring_alone(run_dir: pathlib.Path) -> Iterator[None]:
+def scoring_alone(run_dir: pathlib.Path) -> Iterator[bool]:
     """Held while an `eval` scores a run and appends to its eval.jsonl; a second `eval` of the run meanwhile is
     refused, on every process, naming the first. Two at once scored the same checkpoints and wrote each record
     twice; one run after the first ends shows what the first scored (with --all) instead of scoring it again.
-    The lock dies with its holder. A run directory this user cannot write to is scored unguarded (its record
-    cannot be written either, which the append says after the figures are shown)."""
-    lock, refusal = None, b""
-    if jax.process_index() == 0 and run_dir.is_dir():
+    The lock dies with its holder. A run directory this user cannot write to (a read-only file system, a
+    colleague's run) is scored unguarded and unrecorded: it yields whether process 0 records results."""
+    lock, refusal, recording = None, b"", True
+    if jax.process_index() == 0 and run_dir.is_dir() and (why := unrecordable(run_dir)) is not None:
+        log.warning("run directory %s cannot be written (%s): results are shown, not recorded in its eval.jsonl",
+                    run_dir, why)
+        recording = False
+    elif jax.process_index() == 0 and run_dir.is_dir():
         lock = DirectoryLock(run_dir / EVAL_LOCK, f"eval.jsonl of run {str(run_dir)!r}",
                              "run this again once it ends (with --all, what it scored is then shown from eval.jsonl, "
                              "not scored again)")
@@ -100,7 +105,7 @@ def scoring_alone(run_dir: pathlib.Path) -> Iterator[None]:
     if refusal:
         raise DirectoryInUse(refusal)
     try:
-        yield
+        yield recording
     finally:
         if lock is not None:
             lock.release()
@@ -127,12 +132,12 @@ def evaluate_run(run_dir: str | pathlib.Path, step: int | None = None, overrides
     goes on where it stopped, and one run again as training goes on scores only the new checkpoints.
     """
     run_dir = pathlib.Path(run_dir)
-    with scoring_alone(run_dir):
-        return _scored(run_dir, step, overrides, all_steps, on_result)
+    with scoring_alone(run_dir) as recording:
+        return _scored(run_dir, step, overrides, all_steps, on_result, recording)
 
 
 def _scored(run_dir: pathlib.Path, step: int | None, overrides: list[str], all_steps: bool,
-            on_result: Callable[[dict], None] | None) -> list[dict]:
+            on_result: Callable[[dict], None] | None, recording: bool) -> list[dict]:
     data, results = None, []
     if all_steps:
         steps = committed_steps(checkpoint_dir(run_dir))
@@ -154,14 +159,14 @@ def _scored(run_dir: pathlib.Path, step: int | None, overrides: list[str], all_s
         result = evaluate(run, data)
         if overrides:  # what it was scored on: a record of `eval data.text=OTHER` is told from the run's own
             result["overrides"] = list(overrides)
-        if "guidance_sweep" in result and jax.process_index() == 0:
+        if "guidance_sweep" in result and jax.process_index() == 0 and recording:
             from jaxgen.quality.prompt_adherence import plot_guidance_sweep
 
             path = run_dir / "evals" / f"guidance_step{result['step']:07d}.png"
             result["guidance_plot"] = str(plot_guidance_sweep(result["guidance_sweep"], path))
         if on_result is not None:  # first: a full disk failing the record below still leaves the figures shown
             on_result(result)
-        if jax.process_index() == 0:
+        if jax.process_index() == 0 and recording:
             append_line(run_dir / "eval.jsonl", strict_json.dumps(result))
         results.append(result)
     return results

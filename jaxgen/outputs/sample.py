@@ -19,7 +19,7 @@ from jaxgen.config import Config
 from jaxgen.diffusion.samplers import max_sample_steps, samplers_for
 from jaxgen.distributed import stop_together
 from jaxgen.errors import UsageError
-from jaxgen.files import written_together
+from jaxgen.files import unwritable_place, written_together
 from jaxgen.outputs.run_dir_check import require_checkpoint
 from jaxgen.outputs.runs import load_run_config, open_run
 from jaxgen.tasks import make_task
@@ -47,6 +47,8 @@ def sample_run(run_dir: str | pathlib.Path, given: dict[str, Any], step: int | N
     task.check_sample_options(options)  # before the restore, the expensive part
     check_images(options)
     stop_together(lambda: require_checkpoint(pathlib.Path(run_dir)))  # the commoner mistake is named first
+    if "out" in options and not options["out"]:  # an image's default place, tried before the model is read
+        check_samples_folder(pathlib.Path(run_dir) / "samples")
     stop_together(lambda: task.check_sample_inputs(options, pathlib.Path(run_dir)))
     run = open_run(run_dir, step, overrides)
     if "steps" in options:  # a diffusion model: a draw takes steps times images model calls
@@ -54,6 +56,14 @@ def sample_run(run_dir: str | pathlib.Path, given: dict[str, Any], step: int | N
                  f"{options['steps'] or cfg.diffusion.sample_steps:,}", options["sampler"] or cfg.diffusion.sampler)
     with written_together():
         return run.task.generate(run.weights, run.run_dir, run.step, options, on_text)
+
+
+def check_samples_folder(folder: pathlib.Path) -> None:
+    """The run's samples/ folder, where images go without --out, must take new files (a read-only run, a
+    colleague's: drawing every image first, it failed at the end)."""
+    if (why := unwritable_place(str(folder), directory=True)) is not None:
+        raise UsageError(f"images go to the run's samples folder without --out, but {why}; give --out a path you "
+                         "can write")
 
 
 def check_sampler(cfg: Config, options: dict[str, Any]) -> None:
