@@ -261,14 +261,18 @@ def cmd_import(args: argparse.Namespace) -> int:
     from jaxgen.outputs.hf_import import import_hf
     from jaxgen.outputs.hf_t5 import import_t5, is_t5_dir
 
+    # Its own config.yaml first: a config of other settings alike in shapes would fine-tune another function.
     if is_diffusers_vae(args.source):
         out = import_diffusers(args.source, args.out)
-        print(f"imported into {out}; fine-tune with checkpoint.init_from={shlex.quote(str(out))}")
+        where = shlex.quote(str(out))  # a line to paste into a shell, whatever the path holds
+        print(f"imported into {out}; fine-tune with --config {shlex.quote(str(out / 'config.yaml'))} "
+              f"checkpoint.init_from={where}")
         return 0
     importer = import_bert if is_bert_dir(args.source) else import_t5 if is_t5_dir(args.source) else import_hf
     out = importer(args.source, args.out)
-    where = shlex.quote(str(out))  # a line to paste into a shell, whatever the path holds
-    print(f"imported into {out}; fine-tune with checkpoint.init_from={where} data.tokenizer={where}")
+    where = shlex.quote(str(out))
+    print(f"imported into {out}; fine-tune with --config {shlex.quote(str(out / 'config.yaml'))} "
+          f"checkpoint.init_from={where} data.tokenizer={where}")
     return 0
 
 

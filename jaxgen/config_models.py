@@ -15,6 +15,11 @@ RematPolicy = Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_
 AttentionImpl = Literal["auto", "xla", "cudnn", "cpu"]
 
 
+# Model settings of how the function is computed (precision, memory, kernels), not of which function: a reader,
+# or a fine-tune of the parameters, may choose its own.
+HOW_COMPUTED = ("compute_dtype", "param_dtype", "scan_layers", "remat", "attention", "batch_slices", "init_std")
+
+
 class RopeScaling(_Section):
     """Llama 3.1's rescaled rotary frequencies for long contexts (Hugging Face rope_type "llama3")."""
 

@@ -232,6 +232,12 @@ def test_a_qwen_checkpoint_with_only_tokenizer_json_imports_fine_tunes_and_expor
     assert (imported / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
     assert (imported / "tokenizer_config.json").read_bytes() == (hf_dir / "tokenizer_config.json").read_bytes()
 
+    # An import holds parameters alone: continued, its restore listed the optimizer's state as missing arrays.
+    continued = run_jaxgen("train", "--run-dir", str(imported), "train.steps=2")
+    assert continued.returncode == 2 and continued.stderr.splitlines()[-1] == (
+        f"jaxgen: error: run directory '{imported}' is an import of '{hf_dir}': parameters alone, with no training "
+        f"state to continue; fine-tune them in a new run: jaxgen train --run-dir NEW --config {imported}/config.yaml "
+        f"checkpoint.init_from={imported} data.tokenizer={imported}"), continued.stderr[-2000:]
     tuned = tmp_path / "tuned"
     result = run_jaxgen("train", "--config", str(imported / "config.yaml"), "--run-dir", str(tuned),
                         f"checkpoint.init_from={imported}", f"data.tokenizer={imported}", "train.steps=6",

@@ -465,6 +465,15 @@ def test_init_from_starts_a_new_run_from_saved_params(straight, tokenizer, tmp_p
     evals = {r["step"]: r["eval_loss"] for r in read_metrics(tuned / "metrics.jsonl") if "eval_loss" in r}
     source = {r["step"]: r["eval_loss"] for r in read_metrics(straight[0] / "metrics.jsonl") if "eval_loss" in r}
     assert evals[0] == pytest.approx(source[STEPS], rel=1e-5)
+    assert "trained as another model" not in result.stderr
+    # Settings unlike the source's, alike in shapes: the restore took the parameters, and the fine-tune started
+    # from another function than the one saved, without a word.
+    other = run_jaxgen(*train_args(tmp_path / "other", tokenizer, "train.steps=2",
+                                   f"checkpoint.init_from={straight[0]}", "model.norm_eps=0.5",
+                                   "model.compute_dtype=bfloat16"))
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert (f"checkpoint.init_from='{straight[0]}': its parameters were trained as another model than this run's "
+            "config sets (model.norm_eps: 1e-05 -> 0.5), alike in shapes") in other.stderr  # bfloat16: how, not what
 
 
 def test_eval_all_of_a_run_whose_retention_deleted_every_listed_checkpoint_scores_its_newest(straight, caplog):

@@ -29,6 +29,7 @@ from jaxgen.checkpoint import (
 )
 from jaxgen.checkpoint_layout import checkpoint_digest, checkpoint_dir, committed_steps
 from jaxgen.config import RUN_CONFIG_DAMAGED, Config, changed_settings, load_config
+from jaxgen.config_models import HOW_COMPUTED
 from jaxgen.data.tokenizer import kept_tokenizer_files, load_tokenizer, tokenizer_file_in
 from jaxgen.device_memory import check_fits
 from jaxgen.distributed import stop_together
@@ -108,11 +109,6 @@ def read_params(run_dir: pathlib.Path, step: int | None, target: dict,
         log.warning("%s given on the command line: checkpoint %d was trained with the first, so this command "
                     "computes another model than the one trained", listed(given, 4), step)
     return params, step, digest, edits
-
-
-# Model settings of how the function is computed (precision, memory, kernels), not of which function: a reader
-# may choose its own.
-HOW_COMPUTED = ("compute_dtype", "param_dtype", "scan_layers", "remat", "attention", "batch_slices", "init_std")
 
 
 def overridden_model_settings(run_dir: pathlib.Path, step: int, overrides: list[str]) -> list[str]:

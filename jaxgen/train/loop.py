@@ -65,6 +65,7 @@ from jaxgen.train.run_dir import (
     refuse_other_tokenizer,
     starting_point,
     summarizes,
+    warn_of_another_function,
     with_start_kept,
 )
 from jaxgen.train.state import sampling_params, with_params
@@ -253,10 +254,12 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
     else:
         state = training.init_state()
         if source is not None:
-            stop_together(lambda: refuse_other_tokenizer(init_from, read_step_meta(*source).get("inputs", {}),
-                                                         meta["inputs"], source[0].parent))
+            source_meta = stop_together(lambda: read_step_meta(*source))
+            stop_together(lambda: refuse_other_tokenizer(init_from, source_meta.get("inputs", {}), meta["inputs"],
+                                                         source[0].parent))
             params, _, _ = restore_subtree(source[0], ("params",), layout.models.target, source[1], what=init_from)
             state = with_params(state, params)
+            warn_of_another_function(init_from, source_meta.get("config", {}), cfg)
     clock.mark("state")
 
     # ------------------------------------------------------------------ logs: a tracker that cannot start (no

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import pathlib
+import shlex
 import shutil
 import time
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ import jax
 from jaxgen.checkpoint import Checkpointer, CheckpointMismatch, Restored, read_step_meta
 from jaxgen.checkpoint_layout import checkpoint_dir, committed_steps
 from jaxgen.config import Config, as_saved_now, changed_settings, load_config
+from jaxgen.config_models import HOW_COMPUTED
 from jaxgen.data.tokenizer import kept_tokenizer_files, tokenizer_file_in
 from jaxgen.distributed import bytes_from_process_0, from_every_process
 from jaxgen.errors import CheckpointError, ConfigError, DirectoryInUse, listed, on_every_process
@@ -152,6 +154,7 @@ def _lock_record(run_dir: pathlib.Path) -> bytes | None:
 
 def starting_point(ckpt: Checkpointer, target, cfg: Config, run_dir: pathlib.Path) -> Restored | None:
     """The verified checkpoint to continue from, or None to start from step 0."""
+    refuse_continuing_an_import(ckpt, run_dir)
     if cfg.checkpoint.resume == "never":
         if ckpt.steps():
             raise CheckpointError(
@@ -162,6 +165,56 @@ def starting_point(ckpt: Checkpointer, target, cfg: Config, run_dir: pathlib.Pat
         return ckpt.restore_newest_intact(target)
     except CheckpointMismatch as err:
         raise CheckpointMismatch(_other_model(run_dir, cfg) or str(err)) from None
+
+
+def refuse_continuing_an_import(ckpt: Checkpointer, run_dir: pathlib.Path) -> None:
+    """A run directory `jaxgen import` wrote holds parameters alone, no training state: continued, its restore
+    listed the optimizer's state as missing arrays, as if the checkpoint were damaged. It starts new runs."""
+    steps = ckpt.steps()
+    try:
+        source = read_step_meta(ckpt.directory, steps[-1]).get("imported_from") if steps else None
+    except CheckpointError:  # a damaged newest checkpoint: the restore names it, and reads an older one
+        return
+    if source is None:
+        return
+    tokenizer = f" data.tokenizer={shlex.quote(str(run_dir))}" if kept_tokenizer_files(run_dir) else ""
+    raise CheckpointError(
+        f"run directory {str(run_dir)!r} is an import of {source!r}: parameters alone, with no training state to "
+        f"continue; fine-tune them in a new run: jaxgen train --run-dir NEW --config "
+        f"{shlex.quote(str(run_dir / 'config.yaml'))} checkpoint.init_from={shlex.quote(str(run_dir))}{tokenizer}")
+
+
+# Model settings a fine-tune may set otherwise than the parameters it starts from were trained with: how the
+# function is computed, and how long a context it is trained on (rotary positions extend).
+FINE_TUNE_MAY_CHANGE = (*HOW_COMPUTED, "max_seq_len")
+
+
+def warn_of_another_function(what: str, source_config: dict, cfg: Config) -> None:
+    """Parameters to fine-tune (`checkpoint.init_from`) trained as another function than this run's model
+    computes (its rope_theta, norm_eps or rope_scaling: shapes alike, so the restore took them, and the fine-tune
+    started from a model other than the one saved) are named in a warning, with the config that keeps theirs."""
+    try:
+        theirs = Config.model_validate(as_saved_now(source_config)).model
+    except ValueError:  # saved by a jaxgen whose settings this one no longer reads: nothing to compare
+        return
+    ours = cfg.model
+    if type(theirs) is not type(ours):
+        return
+    changes = []
+    for name in type(ours).model_fields:
+        # A default left unset (head_dim: null) is the value it resolves to.
+        was, now = (getattr(model, f"resolved_{name}", getattr(model, name)) for model in (theirs, ours))
+        if name not in FINE_TUNE_MAY_CHANGE and was != now:
+            changes.append(f"model.{name}: {_shown(was)} -> {_shown(now)}")
+    if changes:
+        log.warning("%s: its parameters were trained as another model than this run's config sets (%s), alike in "
+                    "shapes: this run starts from a model that computes otherwise; to fine-tune the model saved, give "
+                    "its settings (--config with its run's config.yaml)", what, listed(changes, 6))
+
+
+def _shown(value: object) -> str:
+    text = json.dumps(value.model_dump(mode="json") if hasattr(value, "model_dump") else value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 SHAPING_SECTIONS = ("conditioning.", "diffusion.autoencoder", "autoencoder.adversarial.", "optimizer.")
