@@ -223,8 +223,19 @@ SAMPLE_OPTIONS = ("prompt", "negative_prompt", "temperature", "top_k", "top_p", 
                   "labels", "num_per_label", "guidance", "sampler", "steps", "out", "save_array", "images", "seed")
 
 
+def on_process_0_alone(command: str) -> bool:
+    """Whether this process runs one-process `command`; one started on every process of a job runs on process 0."""
+    if (rank := distributed.another_process_does_it()) is None:
+        return True
+    logging.getLogger("jaxgen").info("%s runs in one process, process 0 of the job; this is %s: nothing to do here",
+                                     command, rank)
+    return False
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     check_checkpoint_arguments(args)
+    if not on_process_0_alone("sample"):
+        return 0
     from jaxgen.outputs.sample import sample_run
 
     given = {name: getattr(args, name) for name in SAMPLE_OPTIONS}
@@ -248,6 +259,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     check_checkpoint_arguments(args)
     check_outside_checkpoints(args.out, "--out")
+    if not on_process_0_alone("export"):
+        return 0
     from jaxgen.outputs.export import export_run
 
     out = export_run(args.run_dir, args.out, args.format, args.dtype, args.step, args.overrides)

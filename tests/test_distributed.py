@@ -70,6 +70,30 @@ def test_only_multi_process_cluster_jobs_are_detected(environ, cluster):
     assert distributed.detect_cluster(environ) == cluster
 
 
+def test_a_one_process_command_started_on_every_process_of_a_job_runs_on_process_0(tmp_path):
+    """`export` under `srun` with 2 tasks (or JAXGEN_* set by hand): both processes wrote one --out, and the one
+    that lost the race failed the job; `sample` printed its text once per process."""
+    explicit = {"JAXGEN_NUM_PROCESSES": "2", "JAXGEN_COORDINATOR_ADDRESS": "127.0.0.1:1"}
+    assert distributed.another_process_does_it({**explicit, "JAXGEN_PROCESS_ID": "0"}) is None
+    assert distributed.another_process_does_it({**explicit, "JAXGEN_PROCESS_ID": "1"}) == \
+        "JAXGEN_PROCESS_ID=1 of JAXGEN_NUM_PROCESSES=2"
+    assert distributed.another_process_does_it({**SLURM, "SLURM_NTASKS": "2", "SLURM_PROCID": "1"}) == "SLURM_PROCID=1"
+    assert distributed.another_process_does_it({**SLURM, "SLURM_NTASKS": "2", "SLURM_PROCID": "0"}) is None
+    assert distributed.another_process_does_it({**SLURM, "SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) is None
+    assert distributed.another_process_does_it({}) is None
+    # The others check the arguments, as process 0 does, and leave before reading the model.
+    run = tmp_path / "run"
+    (run / "checkpoints" / "2").mkdir(parents=True)
+    (run / "config.yaml").write_text("")
+    (run / "checkpoints" / "2" / "jaxgen_checksums.json").write_text("{}")  # committed, as far as names go
+    result = subprocess.run([sys.executable, "-m", "jaxgen", "export", "--run-dir", str(run), "--out",
+                             str(tmp_path / "out")], env={**os.environ, **explicit, "JAXGEN_PROCESS_ID": "1"},
+                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0 and "export runs in one process, process 0 of the job; this is JAXGEN_PROCESS_ID=1 " \
+        "of JAXGEN_NUM_PROCESSES=2: nothing to do here" in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("environ, says", [
     ({**SLURM, "SLURM_NTASKS": "2"}, None),
     ({**SLURM, "SLURM_NTASKS": "2", "SLURM_PROCID": "abc"}, "SLURM_PROCID='abc' is not in 0..1: it is the task's rank"),
