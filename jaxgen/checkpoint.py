@@ -449,7 +449,8 @@ def _verify_arrays(tree: Any, checksums: dict, where: str, prefix: str = "") -> 
     bad = differing(checksums["arrays"], restored)
     if bad:
         raise DamagedCheckpoint(
-            f"{where} is damaged: {len(bad)} arrays read back differ from what was saved "
+            f"{where} is damaged: {len(bad)} array{'s' if len(bad) > 1 else ''} read back "
+            f"differ{'' if len(bad) > 1 else 's'} from what was saved "
             f"({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''})")
 
 

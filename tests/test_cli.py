@@ -596,8 +596,8 @@ def test_a_wrong_run_dir_step_or_export_target_is_refused_before_jax_starts(tmp_
         (["eval", "--run-dir", str(run), "--step", "99"],
          f"run directory '{run}' has no checkpoint for step 99; available: [2]"),
         (["export", "--run-dir", str(run), "--step", "1", "--out", str(tmp_path / "out")],
-         f"run directory '{run}' has no checkpoint for step 1; available: [2] (a run keeps only the checkpoints its "
-         "retention says, checkpoint.keep and keep_every, deleting older ones as it saves)"),
+         f"run directory '{run}' has no checkpoint for step 1; available: [2] (if it was saved, the run's retention, "
+         "checkpoint.keep and keep_every, has deleted it since: a run deletes older checkpoints as it saves)"),
         (["eval", "--run-dir", str(run / "checkpoints" / "2")],
          f"'{run / 'checkpoints' / '2'}' is a checkpoint of run '{run}', not a run directory; give --run-dir "
          f"'{run}' --step 2"),

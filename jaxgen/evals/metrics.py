@@ -37,12 +37,12 @@ def multiple_choice_figures(labels: Sequence[int], predictions: Sequence[tuple[i
 
 
 def cloze_figures(loglikelihoods: Sequence[float], greedy: Sequence[bool]) -> dict:
-    """Accuracy of greedy matches and perplexity; `acc_norm` is `acc` (one candidate: its length changes nothing)."""
+    """Accuracy of greedy matches and perplexity. No `acc_norm`, which the harness's LAMBADA has not either: with one
+    candidate its length changes nothing, and a copy of `acc` read as a measure of its own."""
     acc, acc_stderr = mean_stderr([float(g) for g in greedy])
     mean_ll, mean_ll_stderr = mean_stderr(loglikelihoods)
     perplexity = math.exp(-mean_ll)
-    return {"acc": acc, "acc_stderr": acc_stderr, "acc_norm": acc, "acc_norm_stderr": acc_stderr,
-            "perplexity": perplexity, "perplexity_stderr": perplexity * mean_ll_stderr,  # delta method
+    return {"acc": acc, "acc_stderr": acc_stderr, "perplexity": perplexity, "perplexity_stderr": perplexity * mean_ll_stderr,  # delta method
             "n": len(greedy)}
 
 

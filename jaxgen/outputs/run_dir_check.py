@@ -63,8 +63,8 @@ def check_step(run_dir: pathlib.Path, step: int | None) -> int:
         return steps[-1]
     if step not in steps:
         # A reader asking for a step the run listed a moment ago: training's retention may have deleted it since.
-        retention = (" (a run keeps only the checkpoints its retention says, checkpoint.keep and keep_every, "
-                     "deleting older ones as it saves)" if step < steps[-1] else "")
+        retention = (" (if it was saved, the run's retention, checkpoint.keep and keep_every, has deleted it since: "
+                     "a run deletes older checkpoints as it saves)" if step < steps[-1] else "")
         raise CheckpointError(f"run directory {str(run_dir)!r} has no checkpoint for step {step}; available: "
                               f"{steps}{retention}")
     return step
