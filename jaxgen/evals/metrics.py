@@ -42,7 +42,8 @@ def cloze_figures(loglikelihoods: Sequence[float], greedy: Sequence[bool]) -> di
     acc, acc_stderr = mean_stderr([float(g) for g in greedy])
     mean_ll, mean_ll_stderr = mean_stderr(loglikelihoods)
     perplexity = math.exp(-mean_ll)
-    return {"acc": acc, "acc_stderr": acc_stderr, "perplexity": perplexity, "perplexity_stderr": perplexity * mean_ll_stderr,  # delta method
+    return {"acc": acc, "acc_stderr": acc_stderr, "perplexity": perplexity,
+            "perplexity_stderr": perplexity * mean_ll_stderr,  # delta method
             "n": len(greedy)}
 
 
