@@ -38,13 +38,17 @@ def problem(cluster: str | None, environ: Mapping[str, str]) -> str | None:
     return None
 
 
+# Each cluster engine's variable of a process's rank in its job, and of the job's process count where it has one.
+RANK_VARIABLES = {"SLURM": "SLURM_PROCID", "Open MPI": "OMPI_COMM_WORLD_RANK",
+                  "Kubernetes indexed Job": "JOB_COMPLETION_INDEX", "Cloud TPU on GKE": "TPU_WORKER_ID"}
+COUNT_VARIABLES = {"SLURM": "SLURM_NTASKS", "Open MPI": "OMPI_COMM_WORLD_SIZE"}
+
+
 def place(cluster: str | None, environ: Mapping[str, str]) -> str | None:
     """This process's place in `cluster`'s run, in the variables that give it, for a message; None where unknown."""
-    names = {"SLURM": ("SLURM_PROCID", "SLURM_NTASKS"), "Kubernetes indexed Job": ("JOB_COMPLETION_INDEX", None),
-             "Cloud TPU on GKE": ("TPU_WORKER_ID", None)}.get(cluster or "")
-    if names is None or names[0] not in environ:
+    rank, count = RANK_VARIABLES.get(cluster or ""), COUNT_VARIABLES.get(cluster or "")
+    if rank is None or rank not in environ:
         return None
-    rank, count = names
     return f"{rank}={environ[rank]}" + (f" of {count}={environ[count]}" if count and count in environ else "")
 
 

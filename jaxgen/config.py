@@ -513,7 +513,12 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _shown(settings: dict[str, Any], key: str) -> str:
-    text = json.dumps(settings[key]) if key in settings else "(absent)"
+    return shown(settings[key]) if key in settings else "(absent)"
+
+
+def shown(value: Any) -> str:
+    """A setting's value (as JSON; a section as its settings) for a message, cut to 60 characters."""
+    text = json.dumps(value.model_dump(mode="json") if isinstance(value, BaseModel) else value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 

@@ -171,11 +171,6 @@ def initialize_kwargs(s: DistributedSettings, environ: Mapping[str, str] = os.en
     return None
 
 
-# Each cluster engine's variable of a process's rank in its job.
-RANK_VARIABLES = {"SLURM": "SLURM_PROCID", "Open MPI": "OMPI_COMM_WORLD_RANK",
-                  "Kubernetes indexed Job": "JOB_COMPLETION_INDEX", "Cloud TPU on GKE": "TPU_WORKER_ID"}
-
-
 def another_process_does_it(environ: Mapping[str, str] = os.environ) -> str | None:
     """Where a command that runs in one process (`sample`, `export`) was started on every process of a job (a
     scheduler's `srun`, JAXGEN_* set by hand) and this is not process 0, the variable saying so, else None: each
@@ -183,9 +178,9 @@ def another_process_does_it(environ: Mapping[str, str] = os.environ) -> str | No
     count, index = environ.get(ENV["num_processes"], ""), environ.get(ENV["process_id"], "")
     if count.isdigit() and int(count) > 1 and index.isdigit():
         return None if int(index) == 0 else f"{ENV['process_id']}={index} of {ENV['num_processes']}={count}"
-    rank = RANK_VARIABLES.get(detect_cluster(environ) or "")
-    value = environ.get(rank or "", "")
-    return f"{rank}={value}" if value.isdigit() and int(value) != 0 else None
+    cluster = detect_cluster(environ)
+    value = environ.get(cluster_environment.RANK_VARIABLES.get(cluster or "", ""), "")
+    return cluster_environment.place(cluster, environ) if value.isdigit() and int(value) != 0 else None
 
 
 def wait_for_coordinator(address: str, timeout_s: float) -> None:

@@ -75,12 +75,20 @@ def unwritable_place(text: str, directory: bool = False) -> str | None:
         wanted = "give a directory" if directory else "give a file's path in a directory"
         return (f"{text!r} is a file; {wanted}" if place == path
                 else f"{text!r} is under {str(place)!r}, a file; {wanted}")
-    try:
-        with tempfile.TemporaryFile(dir=place):
-            pass
-    except OSError as err:
+    if (err := trial_file_fails(place)) is not None:
         return (f"{text!r} cannot be written: {str(place)!r} takes no new files "
                 f"(a trial file there failed: {(err.strerror or str(err)).lower()})")
+    return None
+
+
+def trial_file_fails(folder: str | pathlib.Path) -> OSError | None:
+    """Why a new file cannot be made in `folder` (a read-only file system, another user's folder), tried as a
+    write would; None where it can."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        return err
     return None
 
 

@@ -77,7 +77,8 @@ def test_a_one_process_command_started_on_every_process_of_a_job_runs_on_process
     assert distributed.another_process_does_it({**explicit, "JAXGEN_PROCESS_ID": "0"}) is None
     assert distributed.another_process_does_it({**explicit, "JAXGEN_PROCESS_ID": "1"}) == \
         "JAXGEN_PROCESS_ID=1 of JAXGEN_NUM_PROCESSES=2"
-    assert distributed.another_process_does_it({**SLURM, "SLURM_NTASKS": "2", "SLURM_PROCID": "1"}) == "SLURM_PROCID=1"
+    assert distributed.another_process_does_it({**SLURM, "SLURM_NTASKS": "2", "SLURM_PROCID": "1"}) == \
+        "SLURM_PROCID=1 of SLURM_NTASKS=2"
     assert distributed.another_process_does_it({**SLURM, "SLURM_NTASKS": "2", "SLURM_PROCID": "0"}) is None
     assert distributed.another_process_does_it({**SLURM, "SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) is None
     assert distributed.another_process_does_it({}) is None

@@ -41,12 +41,12 @@ class SettingNames:
 
 
 CONFIG_KEYS = SettingNames("data.field", "data.invalid_utf8={}")
+COMMAND_FLAGS = SettingNames("--field", "--invalid-utf8 {}")
 
 
 def config_keys(field_key: str) -> SettingNames:
     """The config keys of a source whose field is set by `field_key` (`data.mixture[1].field`, say)."""
     return SettingNames(field_key, CONFIG_KEYS.invalid_utf8)
-COMMAND_FLAGS = SettingNames("--field", "--invalid-utf8 {}")
 
 
 def resolve_files(pattern: str, key: str, suffix: str = ".txt", text: bool = False) -> list[pathlib.Path]:

@@ -2,9 +2,9 @@
 
 The document sources hand a pairs source's lines over whole (`sources.line_field`);
 this module reads the two fields, refusing a line that lacks one in one message
-naming the file and line, the field and what the line holds. A pair longer than its row is cut to
-fit; `cut_pairs_note` says how many a sample of them are, so that a target cut
-short (the model then learns to stop early) is never silent.
+naming the file and line, the field and what the line holds. A pair longer than
+its row is cut to fit; `cut_pairs_note` says how many a sample of them are, so
+that a target cut short (the model then learns to stop early) is never silent.
 """
 
 from __future__ import annotations

@@ -6,22 +6,18 @@ from __future__ import annotations
 
 import errno
 import pathlib
-import tempfile
 
 from jaxgen.checkpoint_layout import checkpoint_dir, committed_steps
 from jaxgen.errors import CheckpointError, ConfigError
-from jaxgen.files import RUN_LOCK_FILE, describe_holder, lock_holder
+from jaxgen.files import RUN_LOCK_FILE, describe_holder, lock_holder, trial_file_fails
 
 
 def unrecordable(run_dir: pathlib.Path) -> str | None:
     """Why a reader cannot record what it found in run directory `run_dir` (a read-only file system, another
     user's run: it can show its results, not keep them), tried with a trial file as a write would; else None."""
-    try:
-        with tempfile.TemporaryFile(dir=run_dir):
-            pass
-    except OSError as err:
-        if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-            return (err.strerror or str(err)).lower()
+    err = trial_file_fails(run_dir)
+    if err is not None and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return (err.strerror or str(err)).lower()
     return None
 
 

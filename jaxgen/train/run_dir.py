@@ -27,7 +27,7 @@ import jax
 
 from jaxgen.checkpoint import Checkpointer, CheckpointMismatch, Restored, read_step_meta
 from jaxgen.checkpoint_layout import checkpoint_dir, committed_steps
-from jaxgen.config import Config, as_saved_now, changed_settings, load_config
+from jaxgen.config import Config, as_saved_now, changed_settings, load_config, shown
 from jaxgen.config_models import HOW_COMPUTED
 from jaxgen.data.tokenizer import kept_tokenizer_files, tokenizer_file_in
 from jaxgen.distributed import bytes_from_process_0, from_every_process
@@ -154,9 +154,9 @@ def _lock_record(run_dir: pathlib.Path) -> bytes | None:
 
 def starting_point(ckpt: Checkpointer, target, cfg: Config, run_dir: pathlib.Path) -> Restored | None:
     """The verified checkpoint to continue from, or None to start from step 0."""
-    refuse_continuing_an_import(ckpt, run_dir)
     if cfg.checkpoint.resume == "never":
         if ckpt.steps():
+            refuse_continuing_an_import(ckpt, run_dir)
             raise CheckpointError(
                 f"run directory {str(run_dir)!r} already holds checkpoints (steps {ckpt.steps()}) and "
                 "checkpoint.resume=never; set checkpoint.resume=auto to continue it, or choose another --run-dir")
@@ -164,12 +164,14 @@ def starting_point(ckpt: Checkpointer, target, cfg: Config, run_dir: pathlib.Pat
     try:
         return ckpt.restore_newest_intact(target)
     except CheckpointMismatch as err:
+        refuse_continuing_an_import(ckpt, run_dir)  # first: an import mismatches by the training state it lacks
         raise CheckpointMismatch(_other_model(run_dir, cfg) or str(err)) from None
 
 
 def refuse_continuing_an_import(ckpt: Checkpointer, run_dir: pathlib.Path) -> None:
     """A run directory `jaxgen import` wrote holds parameters alone, no training state: continued, its restore
-    listed the optimizer's state as missing arrays, as if the checkpoint were damaged. It starts new runs."""
+    listed the optimizer's state as missing arrays, as if the checkpoint were damaged. It starts new runs.
+    Asked only once a continuation failed, so a resume reads nothing more."""
     steps = ckpt.steps()
     try:
         source = read_step_meta(ckpt.directory, steps[-1]).get("imported_from") if steps else None
@@ -181,7 +183,8 @@ def refuse_continuing_an_import(ckpt: Checkpointer, run_dir: pathlib.Path) -> No
     raise CheckpointError(
         f"run directory {str(run_dir)!r} is an import of {source!r}: parameters alone, with no training state to "
         f"continue; fine-tune them in a new run: jaxgen train --run-dir NEW --config "
-        f"{shlex.quote(str(run_dir / 'config.yaml'))} checkpoint.init_from={shlex.quote(str(run_dir))}{tokenizer}")
+        f"{shlex.quote(str(run_dir / 'config.yaml'))} checkpoint.init_from={shlex.quote(str(run_dir))}{tokenizer}"
+    ) from None
 
 
 # Model settings a fine-tune may set otherwise than the parameters it starts from were trained with: how the
@@ -205,16 +208,11 @@ def warn_of_another_function(what: str, source_config: dict, cfg: Config) -> Non
         # A default left unset (head_dim: null) is the value it resolves to.
         was, now = (getattr(model, f"resolved_{name}", getattr(model, name)) for model in (theirs, ours))
         if name not in FINE_TUNE_MAY_CHANGE and was != now:
-            changes.append(f"model.{name}: {_shown(was)} -> {_shown(now)}")
+            changes.append(f"model.{name}: {shown(was)} -> {shown(now)}")
     if changes:
         log.warning("%s: its parameters were trained as another model than this run's config sets (%s), alike in "
                     "shapes: this run starts from a model that computes otherwise; to fine-tune the model saved, give "
                     "its settings (--config with its run's config.yaml)", what, listed(changes, 6))
-
-
-def _shown(value: object) -> str:
-    text = json.dumps(value.model_dump(mode="json") if hasattr(value, "model_dump") else value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 SHAPING_SECTIONS = ("conditioning.", "diffusion.autoencoder", "autoencoder.adversarial.", "optimizer.")
