@@ -270,10 +270,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     from jaxgen.outputs.diffusers_vae import import_diffusers, is_diffusers_vae
+    from jaxgen.outputs.export import refuse_output_inside
     from jaxgen.outputs.hf_bert import import_bert, is_bert_dir
     from jaxgen.outputs.hf_import import import_hf
     from jaxgen.outputs.hf_t5 import import_t5, is_t5_dir
 
+    refuse_output_inside(args.out, args.source, "--from")
     # Its own config.yaml first: a config of other settings alike in shapes would fine-tune another function.
     if is_diffusers_vae(args.source):
         out = import_diffusers(args.source, args.out)

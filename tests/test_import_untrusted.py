@@ -158,6 +158,22 @@ def test_float16_weights_widen_exactly_into_float32_params(hf, tmp_path, tiny_ru
     jax.tree.map(np.testing.assert_array_equal, expected, jax.device_get(imported))
 
 
+def test_rotary_buffers_older_transformers_saved_are_ignored_as_transformers_ignores_them(hf, tmp_path, tiny_run):
+    """Llama checkpoints of transformers before 4.31 hold each layer's `rotary_emb.inv_freq`; transformers
+    computes the frequencies from config.json instead, and so does jaxgen: the weights import unchanged."""
+    config = json.loads((hf / "config.json").read_text())
+    half = config["hidden_size"] // config["num_attention_heads"] // 2
+    buffers = {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": np.ones(half, np.float32) for i in range(2)}
+    rewrite_tensors(hf, lambda t: t.update(buffers))
+    imported = open_run(import_hf(hf, tmp_path / "out")).weights.params
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(tiny_run.weights.params), jax.device_get(imported))
+
+    rewrite_tensors(hf, lambda t: t.update({"model.rotary_emb.inv_freq": np.ones(half + 1, np.float32)}))
+    refused(hf, tmp_path / "again", rf"^tensor 'model.rotary_emb.inv_freq' in \S*hf/{WEIGHTS} has shape "
+                                    rf"\({half + 1},\), but config.json implies \({half},\) \(half the head "
+                                    rf"dimension {2 * half}\)$")
+
+
 # ----------------------------------------------------------------------------- files
 
 
@@ -205,6 +221,17 @@ def test_a_broadcastable_tensor_is_refused_by_the_cli_in_one_line(hf, tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("jaxgen: error:")]
     assert len(errors) == 1 and "Traceback" not in result.stderr
     assert f"tensor '{name}' in {hf}/{WEIGHTS} has shape (1, 64), but config.json implies (512, 64)" in errors[0]
+    assert not out.exists()
+
+
+def test_an_out_inside_the_checkpoint_is_refused_by_the_cli_in_one_line(hf, tmp_path):
+    out = hf / "imported"
+    result = subprocess.run([sys.executable, "-m", "jaxgen", "import", "--from", str(hf), "--out", str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"jaxgen: error: --out '{out}' lies inside --from '{hf}', the directory it is made from; name a directory "
+        "outside it")
     assert not out.exists()
 
 

@@ -79,6 +79,14 @@ def refuse_nonempty_output(out: str | pathlib.Path) -> None:
                           f"into place) cannot replace; name a new directory inside it, e.g. {str(out / 'export')!r}")
 
 
+def refuse_output_inside(out: str | pathlib.Path, source: str | pathlib.Path, source_flag: str) -> None:
+    """Refuse an output inside the directory it is made from, which would then hold a copy of itself."""
+    inner, outer = pathlib.Path(os.path.realpath(out)), pathlib.Path(os.path.realpath(source))
+    if outer in inner.parents:
+        raise ExportError(f"--out {str(out)!r} lies inside {source_flag} {str(source)!r}, the directory it is made "
+                          "from; name a directory outside it")
+
+
 def export_hf(run: OpenedRun, out: str | pathlib.Path, dtype: str = "float32",
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> pathlib.Path:
     """A directory `transformers.AutoModelForCausalLM.from_pretrained` loads."""

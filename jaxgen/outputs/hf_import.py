@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+import re
 from collections.abc import Mapping
 
 import jax
@@ -56,6 +57,8 @@ JAXGEN_TO_HF = {field: key for key, field in HF_TO_JAXGEN.items()}
 LAYER_TYPES = {"sliding_attention": True, "full_attention": False}
 # Each widens exactly into jaxgen's float32 parameters; anything else would lose precision or is not a float.
 IMPORTABLE_DTYPES = ("float32", "bfloat16", "float16")
+# The rotary frequencies older transformers saved with the weights, per layer or once.
+ROTARY_BUFFER = re.compile(r"(.+\.)?rotary_emb\.inv_freq")
 
 
 def import_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path) -> pathlib.Path:
@@ -68,7 +71,7 @@ def import_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path) -> pathlib.Pa
     refuse_nonempty_output(out)
     model_cfg, declared_dtype = read_hf_config(hf_dir)
     tokenizer = checked_tokenizer(hf_dir, model_cfg.vocab_size)
-    stored = stored_tensors(hf_dir)
+    stored = without_rotary_buffers(stored_tensors(hf_dir), model_cfg.resolved_head_dim)
     kept_as = out / tokenizer.file_name
     cfg = Config(model=model_cfg, data={"seq_len": min(model_cfg.max_seq_len, 128), "tokenizer": str(kept_as)})
     rules = resolve_rules(cfg.sharding.preset, cfg.sharding.rules)
@@ -265,6 +268,24 @@ def checked_tokenizer(hf_dir: pathlib.Path, vocab_size: int) -> Tokenizer:
 
 
 # ----------------------------------------------------------------------------- tensors
+
+
+def without_rotary_buffers(stored: dict[str, StoredTensor], head_dim: int) -> dict[str, StoredTensor]:
+    """`stored` less the rotary frequencies older transformers saved (`...rotary_emb.inv_freq`), each refused
+    unless of the shape config.json implies.
+
+    They are no weights: transformers ignores them on loading and computes the frequencies from config.json's
+    rope settings, and so does jaxgen's transformer.
+    """
+    buffers = [name for name in stored if ROTARY_BUFFER.fullmatch(name)]
+    for name in buffers:
+        if stored[name].shape != (head_dim // 2,):
+            raise ExportError(f"tensor {name!r} in {stored[name].file} has shape {stored[name].shape}, but "
+                              f"config.json implies ({head_dim // 2},) (half the head dimension {head_dim})")
+    if buffers:
+        log.info("%d rotary_emb.inv_freq buffers ignored, as transformers ignores them: the frequencies come from "
+                 "config.json's rope settings", len(buffers))
+    return {name: tensor for name, tensor in stored.items() if name not in buffers}
 
 
 def check_tensors(hf_dir: pathlib.Path, plan: list[HFTensor], stored: dict[str, StoredTensor],
