@@ -42,6 +42,7 @@ _advice = {"text": ""}
 # Taken by the first thread to leave (the main thread, the signal watcher, a peer's stop), so that one thread
 # prints the last line; re-entrant, as a signal's handler can run on the main thread while it is leaving.
 _leaving = threading.RLock()
+_leaving_calls = {"count": 0}
 # What the watcher does, at once, with a signal whose handler is not `_on_signal` (the training loop's), if anything.
 _while_busy: dict[str, Callable[[int], None] | None] = {"act": None}
 _watching = {"started": False}
@@ -56,8 +57,15 @@ def exit_interrupted(line: str | None = None, status: int | None = None, signum:
 
 
 def leave_with(line: str, status: int) -> None:
-    """Print `jaxgen: <line>` and leave at once (unless another thread has the last word: see `claim_last_word`)."""
+    """Print `jaxgen: <line>` and leave at once (unless another thread has the last word: see `claim_last_word`).
+
+    Returns only where this thread is leaving already: a second signal (`kill` to a process group, then a
+    launcher passing it on) whose handler ran on the main thread while it left, which printed a second line.
+    """
     claim_last_word()
+    _leaving_calls["count"] += 1  # only the thread with the last word gets here
+    if _leaving_calls["count"] > 1:
+        return
     for undo in reversed(list(_undo_on_leaving.values())):
         try:
             undo()

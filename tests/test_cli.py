@@ -429,6 +429,24 @@ def test_an_interruption_while_text_streams_starts_its_own_line():
     assert (ended.returncode, ended.stdout, ended.stderr) == (130, "In the beginning", "\njaxgen: interrupted\n")
 
 
+def test_a_second_signal_while_leaving_prints_no_second_line():
+    """SIGTERM to a launched job's process group reaches each process twice (from the group, then passed on by
+    the launcher): a second handler, run on the main thread as it left, printed `stopped by SIGTERM` again;
+    one during the clean-up of what the command was building printed its own line instead of the first's."""
+    code = ("import os, signal, sys, time\n"
+            "from jaxgen.interrupts import end_cleanly_on_ctrl_c, leave_with, undone_on_leaving\n"
+            "end_cleanly_on_ctrl_c()\n"
+            "def second_signal():\n    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(0.5)\n"
+            "class SlowToFlush:\n    write = lambda self, text: None\n"
+            "    def flush(self):\n        self.flush = lambda: None\n        second_signal()\n"
+            "if sys.argv[1] == 'after_the_line':\n    sys.stdout = SlowToFlush()\n"
+            "with undone_on_leaving(second_signal if sys.argv[1] == 'during_clean_up' else lambda: None):\n"
+            "    leave_with('interrupted', 130)\n")
+    for moment in ("after_the_line", "during_clean_up"):
+        ended = subprocess.run([sys.executable, "-c", code, moment], capture_output=True, text=True, timeout=60)
+        assert (ended.returncode, ended.stderr) == (130, "jaxgen: interrupted\n"), moment
+
+
 def test_a_run_stopped_without_run_dir_names_the_directory_to_continue_in(tmp_path):
     """`jaxgen train` without --run-dir makes a new timestamped directory each time: 'run the same command again
     to resume' started over from step 0 in another one, and a requeued job never got past its first steps."""
