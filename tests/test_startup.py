@@ -2,6 +2,8 @@
 
 import json
 import pathlib
+import subprocess
+import sys
 
 import pytest
 from startup import parse_records, run_record, summarize
@@ -73,34 +75,34 @@ def test_an_unwritable_cache_directory_trains_uncached_by_default_and_is_refused
     """A read-only home (a compute node, a container) refused every `jaxgen train`, for a cache nobody asked for."""
     import jax
 
-    from jaxgen.train import loop
+    from jaxgen.train import compilation_cache as cache
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     before = jax.config.jax_enable_compilation_cache, jax.config.jax_compilation_cache_dir
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
-    monkeypatch.setattr(loop, "user_cache_dir", lambda: blocker / "cache")
+    monkeypatch.setattr(cache, "user_cache_dir", lambda: blocker / "cache")
     try:
         jax.config.update("jax_compilation_cache_dir", None)
         with caplog.at_level("WARNING", logger="jaxgen"):
-            assert loop.use_compilation_cache("auto") is None
+            assert cache.use_compilation_cache("auto") is None
         assert not jax.config.jax_enable_compilation_cache
         [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
         assert warning.startswith(f"train.compilation_cache_dir='auto': cannot create '{blocker}/cache/compilation' (")
         assert warning.endswith("training without the compilation cache (give a writable directory to keep compiled "
                                 "programs between runs)")
         with pytest.raises(ConfigError) as refused:
-            loop.use_compilation_cache(str(blocker / "mine"))
+            cache.use_compilation_cache(str(blocker / "mine"))
         assert str(refused.value).startswith(f"train.compilation_cache_dir='{blocker}/mine': cannot create ")
         assert str(refused.value).endswith("give a writable directory, 'auto' (the user cache), or null to disable "
                                            "the cache")
         # A given directory that exists but cannot be written (a site's read-only cache) is read, said once.
         shared = tmp_path / "shared"
         shared.mkdir()
-        monkeypatch.setattr(loop.os, "access", lambda path, mode: pathlib.Path(path) != shared)
+        monkeypatch.setattr(cache.os, "access", lambda path, mode: pathlib.Path(path) != shared)
         caplog.clear()
         with caplog.at_level("WARNING", logger="jaxgen"):
-            assert loop.use_compilation_cache(str(shared)) == str(shared)
+            assert cache.use_compilation_cache(str(shared)) == str(shared)
         assert jax.config.jax_compilation_cache_dir == str(shared)
         assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
             f"train.compilation_cache_dir='{shared}': cannot write in it (permission denied or a read-only file "
@@ -108,3 +110,55 @@ def test_an_unwritable_cache_directory_trains_uncached_by_default_and_is_refused
     finally:
         jax.config.update("jax_enable_compilation_cache", before[0])
         jax.config.update("jax_compilation_cache_dir", before[1])
+
+
+CACHE_USER = """
+import logging, resource, sys
+from jaxgen.train.compilation_cache import cache_events, use_compilation_cache
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+use_compilation_cache(sys.argv[1])
+if int(sys.argv[2]):  # Python ignores SIGXFSZ: a write past the limit fails (EFBIG) as on a full disk
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), resource.RLIM_INFINITY))
+import jax, jax.numpy as jnp, numpy as np
+def program(x):
+    return jnp.sum(jnp.sin(x) @ x.T)
+print(float(jax.jit(program)(np.ones((64, 64), np.float32))))
+print({"hits": cache_events["hits"], "writes": cache_events["writes"] - cache_events["failed"]})
+"""
+
+
+def test_a_cache_entry_a_full_disk_cut_short_is_removed_not_read_for_ever(tmp_path):
+    """JAX writes an entry in place and never replaces one: a write a full disk cut short left an entry every
+    later run failed to read (two raw warning lines each time) and compiled again, for good."""
+    cache = tmp_path / "cache"
+
+    def use(limit=0):
+        ran = subprocess.run([sys.executable, "-c", CACHE_USER, str(cache), str(limit)], capture_output=True,
+                             text=True, timeout=300, check=False)
+        assert ran.returncode == 0, ran.stderr[-2000:]
+        assert "UserWarning" not in ran.stderr and "warnings.warn" not in ran.stderr
+        return json.loads(ran.stdout.splitlines()[-1].replace("'", '"')), [
+            line for line in ran.stderr.splitlines() if line.startswith(("INFO compilation", "WARNING"))]
+
+    def entries():
+        return sorted(cache.glob("jit_program-*-cache"))
+
+    counts, said = use(limit=2048)  # the disk fills as the entry is written
+    assert counts == {"hits": 0, "writes": 0} and not entries()
+    assert len(said) == 1 and said[0].startswith(f"WARNING compilation cache {cache}: a compiled program could not "
+                                                 "be kept (OSError: [Errno 27] File too large")
+
+    (cache / "jit_program-0123-cache").write_bytes(b"")  # what a write on a disk already full leaves
+    counts, said = use()
+    assert said == [f"INFO compilation cache {cache}: removed 1 empty entries, left by writes a full disk cut short; "
+                    "their programs are compiled and kept again"]
+    [entry] = entries()
+    assert counts == {"hits": 0, "writes": 1} and entry.stat().st_size > 2048
+
+    entry.write_bytes(entry.read_bytes()[:2048])  # cut short: no longer decompresses
+    counts, said = use()
+    assert counts == {"hits": 0, "writes": 1}
+    assert len(said) == 1 and said[0].startswith(f"WARNING compilation cache {cache}: a compiled program of "
+                                                 "'jit_program' could not be read (")
+    assert said[0].endswith("; 1 damaged entry of it (cut short by a full disk or a kill) removed; compiled instead")
+    assert use() == ({"hits": 1, "writes": 0}, [])  # written whole again, and read

@@ -10,14 +10,11 @@ where a value is needed.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
-import os
 import pathlib
 import sys
 import time
-import warnings
 
 import jax
 from tqdm.auto import tqdm
@@ -37,7 +34,7 @@ from jaxgen.errors import EXIT_PREEMPTED, ConfigError, DataError, NonFiniteError
 from jaxgen.evals.benchmark import Benchmarks, load_tasks, make_scorer, require_language_model
 from jaxgen.evals.plots import plot_benchmarks
 from jaxgen.evals.tasks import Task as BenchmarkTask
-from jaxgen.files import user_cache_dir, write_atomic
+from jaxgen.files import write_atomic
 from jaxgen.interrupts import after_ctrl_c, again, claim_last_word
 from jaxgen.metrics import (
     MetricsWriter,
@@ -54,6 +51,7 @@ from jaxgen.tasks.layout import MAIN_GROUP
 from jaxgen.trackers import open_trackers, require_libraries
 from jaxgen.train.actions import Evaluate, EvaluateTasks, Progress, Sample, Save, StepRecords
 from jaxgen.train.build import Training, build_training
+from jaxgen.train.compilation_cache import cache_events, unwritable_directory, use_compilation_cache
 from jaxgen.train.optimizer import warn_of_long_warmup
 from jaxgen.train.preemption import PreemptionWatch
 from jaxgen.train.run_dir import (
@@ -71,13 +69,6 @@ from jaxgen.train.run_dir import (
 from jaxgen.train.state import sampling_params, with_params
 
 log = logging.getLogger("jaxgen")
-
-# JAX's persistent-cache events, counted for the summary: whether a run loaded its programs or compiled them.
-CACHE_EVENTS = {"/jax/compilation_cache/cache_hits": "hits", "/jax/compilation_cache/cache_misses": "writes"}
-cache_events: collections.Counter = collections.Counter()
-jax.monitoring.register_event_listener(
-    lambda event, **_: cache_events.update([CACHE_EVENTS[event]]) if event in CACHE_EVENTS else None)
-
 
 def train(cfg: Config, run_dir: str | pathlib.Path, startup: dict[str, float] | None = None) -> dict:
     """Train per `cfg`, writing everything to `run_dir`; returns the run summary.
@@ -120,53 +111,6 @@ def stopping_together(failure: BaseException | None) -> bool:
     if failure is None or not is_multiprocess():
         return True
     return isinstance(failure, (Preempted, DataError, NonFiniteError))
-
-
-def use_compilation_cache(setting: str | None) -> str | None:
-    """Point JAX's persistent compilation cache where `train.compilation_cache_dir` says; the directory, if any.
-
-    Every program is cached, however quickly it compiled: the many small ones of a run's
-    start (initialisation, evaluation, sampling) add up to seconds on a CPU.
-    """
-    if not setting:
-        jax.config.update("jax_enable_compilation_cache", False)
-        return None
-    if setting == "auto":
-        directory = (jax.config.jax_compilation_cache_dir or os.environ.get("JAX_COMPILATION_CACHE_DIR")
-                     or str(user_cache_dir() / "compilation"))
-    else:
-        directory = str(pathlib.Path(setting).expanduser())
-    problem = unwritable_directory(pathlib.Path(directory))
-    if problem and setting == "auto":  # the default: a read-only home (a compute node, a container) trains uncached
-        log.warning("train.compilation_cache_dir='auto': %s %r (%s); training without the compilation cache "
-                    "(give a writable directory to keep compiled programs between runs)", problem[0], directory,
-                    problem[1])
-        jax.config.update("jax_enable_compilation_cache", False)
-        return None
-    if problem and problem[0] == "cannot create":
-        raise ConfigError(f"train.compilation_cache_dir={setting!r}: {problem[0]} {directory!r} ({problem[1]}); "
-                          "give a writable directory, 'auto' (the user cache), or null to disable the cache")
-    if problem:  # a read-only cache (one a site shares): its programs are read; JAX's many-line warning at each
-        # write it cannot make is said here once instead
-        log.warning("train.compilation_cache_dir=%r: %s it (%s); programs found there are used, new ones are not "
-                    "kept", setting, problem[0], problem[1])
-        warnings.filterwarnings("ignore", message="Error writing persistent compilation cache entry")
-    jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return directory
-
-
-def unwritable_directory(directory: pathlib.Path) -> tuple[str, str] | None:
-    """(what failed, why) where `directory` cannot be made or written in (JAX would warn at every compiled
-    program, many lines each, and cache nothing), else None."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        return "cannot create", err.strerror or str(err)
-    if not os.access(directory, os.W_OK | os.X_OK):
-        return "cannot write in", "permission denied or a read-only file system"
-    return None
 
 
 def last_logged(run_dir: pathlib.Path, *keys: str, step: int | None = None) -> dict[str, float]:
@@ -370,7 +314,7 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
     if cache_dir is not None:  # what this process's compilations found in, and wrote to, the persistent cache
         kept = unwritable_directory(pathlib.Path(cache_dir)) is None  # JAX counts a write it could not make too
         summary["compilation_cache"] = {"dir": cache_dir, "hits": cache_events["hits"],
-                                        "writes": cache_events["writes"] if kept else 0}
+                                        "writes": cache_events["writes"] - cache_events["failed"] if kept else 0}
     # Every process takes part in sampling from sharded params; the task writes files on process 0 only.
     samples = task.sample(layout.models.weights(sampling_params(progress.state)), data, run_dir, step=None)
     summary["wall_s"] = time.perf_counter() - wall_start
