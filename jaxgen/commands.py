@@ -153,8 +153,12 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {args.out!r} already exists (runs or datasets made with that tokenizer need it); "
                          "choose a new path, or delete it first")
     documents = iter_documents(files, args.field, args.invalid_utf8)
-    tokenizer = train_tokenizer(documents, args.vocab_size, args.out, args.model_type,
-                                source=f"--input {args.input!r}", vocab_option="--vocab-size")
+    try:
+        tokenizer = train_tokenizer(documents, args.vocab_size, args.out, args.model_type,
+                                    source=f"--input {args.input!r}", vocab_option="--vocab-size", replace=False)
+    except FileExistsError:  # a tokenizer someone trained meanwhile (two jobs, one --out) is never replaced
+        raise UsageError(f"--out {args.out!r} was written by another process while this one trained; it is kept "
+                         "as that process wrote it, and this one's tokenizer is not: choose a new path") from None
     print(json.dumps({"out": str(tokenizer.path), "vocab_size": tokenizer.vocab_size, "sha256": tokenizer.sha256}))
     return 0
 

@@ -116,8 +116,12 @@ def _fsync_directory(directory: pathlib.Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str | pathlib.Path, data: bytes | str) -> None:
-    """Replace `path` with `data` in one step: afterwards it holds all of `data` or what it held before."""
+def write_atomic(path: str | pathlib.Path, data: bytes | str, replace: bool = True) -> None:
+    """Replace `path` with `data` in one step: afterwards it holds all of `data` or what it held before.
+
+    `replace=False`: only where no `path` exists, else FileExistsError (another process's, written meanwhile,
+    is kept whole); checked as the file is put in place, so two writers cannot both succeed.
+    """
     path = pathlib.Path(path)
     tmp = _temporary_sibling(path, "tmp")
     payload = data.encode() if isinstance(data, str) else data
@@ -126,7 +130,10 @@ def write_atomic(path: str | pathlib.Path, data: bytes | str) -> None:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _put_in_place_if_absent(tmp, path)
     except OSError as err:
         _remove(tmp)
         if err.filename in (None, str(tmp)):  # the temporary file's name means nothing to the user; theirs does
@@ -136,6 +143,22 @@ def write_atomic(path: str | pathlib.Path, data: bytes | str) -> None:
         _remove(tmp)
         raise
     _fsync_directory(path.parent)
+
+
+def _put_in_place_if_absent(tmp: pathlib.Path, path: pathlib.Path) -> None:
+    """Rename `tmp` to `path` unless `path` exists (FileExistsError): a hard link fails where the name is taken."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
+    except OSError as err:  # a file system without hard links: checked, then renamed (a narrow race remains)
+        if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
 
 
 def _remove(leftover: pathlib.Path) -> None:

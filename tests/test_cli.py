@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from jaxgen.cli import build_parser
+from jaxgen.cli import build_parser, run_command
 from jaxgen.commands import cmd_eval
 from jaxgen.errors import UsageError, describe
 from jaxgen.files import write_atomic
@@ -216,6 +216,26 @@ def test_a_tokenizer_is_never_trained_over_an_existing_file(tmp_path):
             says=f"--out '{kept}' already exists (runs or datasets made with that tokenizer need it); choose a new "
                  "path, or delete it first")
     assert kept.read_bytes() == b"the run's own"
+
+
+def test_of_two_tokenizers_trained_at_once_to_one_out_the_first_written_is_kept(tmp_path, monkeypatch):
+    """Two `tokenizer train --out SAME` started together both passed the check above, both printed their
+    tokenizer's sha256, and the second replaced the first's without a word."""
+    from jaxgen.data import corpus
+
+    out, reading = tmp_path / "tokenizer.model", corpus.iter_documents
+
+    def while_training(*args, **kwargs):
+        out.write_bytes(b"the other process's")  # it finishes first
+        yield from reading(*args, **kwargs)
+
+    monkeypatch.setattr(corpus, "iter_documents", while_training)
+    with pytest.raises(UsageError) as refusal:
+        run_command(["tokenizer", "train", "--input", str(REPO / "jaxgen" / "data" / "kjv.txt.gz"), "--vocab-size",
+                     "512", "--out", str(out)])
+    assert str(refusal.value) == (f"--out '{out}' was written by another process while this one trained; it is "
+                                  "kept as that process wrote it, and this one's tokenizer is not: choose a new path")
+    assert out.read_bytes() == b"the other process's" and [p.name for p in tmp_path.iterdir()] == [out.name]
 
 
 def test_file_system_errors_are_named_in_words(tmp_path, monkeypatch):

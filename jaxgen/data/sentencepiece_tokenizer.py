@@ -41,8 +41,9 @@ GIVE_A_TOKENIZER = "give a sentencepiece .model (e.g. from `jaxgen tokenizer tra
 
 def train_tokenizer(documents: Iterable[str], vocab_size: int, out: str | pathlib.Path, model_type: ModelType = "bpe",
                     *, source: str = "the given documents", vocab_option: str = "the vocabulary size",
-                    special_pieces: Sequence[str] = ()) -> SentencepieceTokenizer:
-    """Train on streamed documents and write `out` atomically (never a half-written model).
+                    special_pieces: Sequence[str] = (), replace: bool = True) -> SentencepieceTokenizer:
+    """Train on streamed documents and write `out` atomically (never a half-written model); with
+    `replace=False` only where no `out` exists then (FileExistsError, see `files.write_atomic`).
 
     `source` names the documents and `vocab_option` the setting of `vocab_size` in messages
     (e.g. "--input 'corpus.txt'" and "--vocab-size"). `special_pieces` (a masked LM's [MASK],
@@ -75,7 +76,7 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, out: str | pathli
             raise reading.error from None
         raise _training_failure(str(err), vocab_size, model_type, source, vocab_option) from None
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, proto.getvalue())
+    write_atomic(out, proto.getvalue(), replace=replace)
     return SentencepieceTokenizer(out)
 
 
