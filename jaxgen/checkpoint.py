@@ -215,9 +215,12 @@ class Checkpointer:
             taken = f"checkpoint {steps[-1]} takes {human_bytes(size)}" if steps else \
                 f"the state's arrays are {human_bytes(size)}"
             safe = f"step {steps[-1]} is intact" if steps else "no earlier checkpoint exists"
+            # Only where older checkpoints are kept could keeping fewer make room.
+            fewer = f" (or keep fewer than the {len(steps)} kept now: checkpoint.keep={len(steps) - 1})" \
+                if len(steps) > 1 else ""
             raise CheckpointWriteError(
                 f"no room for checkpoint {step} in {self.directory}: {human_bytes(free)} free there, and {taken}; "
-                f"free space there (or keep fewer: checkpoint.keep={self.cfg.keep}); {safe}",
+                f"free space there{fewer}; {safe}",
                 os_error_words(errno.ENOSPC), errno.ENOSPC)
 
     def _write_checksums_before_commit(self) -> None:

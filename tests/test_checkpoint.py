@@ -421,8 +421,8 @@ def test_a_save_the_disk_has_no_room_for_is_refused_before_it_starts(tmp_path, d
     monkeypatch.setattr(checkpoint.shutil, "disk_usage",
                         lambda path: shutil._ntuple_diskusage(free["total"], 0, free["bytes"]))  # noqa: SLF001
     with pytest.raises(CheckpointWriteError, match=rf"^no room for checkpoint 2 in {re.escape(str(tmp_path))}/ck: "
-                       r"\S+ \S+ free there, and the state's arrays are \S+ \S+; free space there \(or keep fewer: "
-                       r"checkpoint.keep=3\); no earlier checkpoint exists$"):
+                       r"\S+ \S+ free there, and the state's arrays are \S+ \S+; free space there; no earlier "
+                       r"checkpoint exists$"):
         saver.save(2, state, {"step": 2}, {})
     free["bytes"] = arrays // 2  # Orbax compresses: the first save is refused only below half the arrays
     saver.save(2, state, {"step": 2}, {})
@@ -430,8 +430,7 @@ def test_a_save_the_disk_has_no_room_for_is_refused_before_it_starts(tmp_path, d
     taken = sum(f.stat().st_size for f in (tmp_path / "ck" / "2").rglob("*") if f.is_file())
     free["bytes"] = taken - 1
     with pytest.raises(CheckpointWriteError, match=r"^no room for checkpoint 4 in \S+: \S+ \S+ free there, and "
-                       r"checkpoint 2 takes \S+ \S+; free space there \(or keep fewer: checkpoint.keep=3\); step 2 is "
-                       r"intact$") as refused:
+                       r"checkpoint 2 takes \S+ \S+; free space there; step 2 is intact$") as refused:
         saver.save(4, state, {"step": 4}, {})
     assert refused.value.errno == errno.ENOSPC
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["2"]  # nothing of step 4 was started
@@ -439,6 +438,10 @@ def test_a_save_the_disk_has_no_room_for_is_refused_before_it_starts(tmp_path, d
     saver.save(4, state, {"step": 4}, {})
     saver.wait()
     assert checkpoint.committed_steps(tmp_path / "ck") == [2, 4]
+    free["total"], free["bytes"] = 10**12, 0  # keeping fewer than the two kept would make room
+    with pytest.raises(CheckpointWriteError, match=r"; free space there \(or keep fewer than the 2 kept now: "
+                                                   r"checkpoint.keep=1\); step 4 is intact$"):
+        saver.save(6, state, {"step": 6}, {})
 
 
 def test_a_read_whose_collective_lost_a_peer_does_not_call_the_checkpoint_damaged():
