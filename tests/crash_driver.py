@@ -5,6 +5,7 @@
     python crash_driver.py full-disk-on-1 STEP -- train ARGS... # process 1 alone fails to write STEP (ENOSPC);
                                                                 # full-disk-on-0: process 0 alone
     python crash_driver.py full-log-at STEP -- train ARGS...    # metrics.jsonl cannot take STEP's record (ENOSPC)
+    python crash_driver.py full-at-end 0 -- train ARGS...       # the loss curve of the run's end cannot be written
 """
 
 import errno
@@ -38,9 +39,17 @@ def append_until_full(path, line):
     original_append(path, line)
 
 
+def plot_on_a_full_disk(metrics_path, out_png, *args):
+    raise OSError(errno.ENOSPC, "No space left on device", str(out_png))
+
+
 original_append = metrics.append_line
 if mode == "full-log-at":
     metrics.append_line = append_until_full
+elif mode == "full-at-end":
+    from jaxgen.train import loop
+
+    loop.plot_loss_curve = plot_on_a_full_disk
 else:
     checkpoint.Checkpointer.save = save_then_die
 sys.exit(cli.main(sys.argv[sys.argv.index("--") + 1:]))

@@ -389,6 +389,22 @@ def test_a_log_the_disk_refuses_stops_the_run_after_saving_its_steps(straight, t
     assert losses(run_dir) == {s: loss for s, loss in losses(straight[0]).items() if s != 6}
 
 
+def test_a_disk_full_at_the_runs_end_says_every_step_is_saved(straight, tokenizer, tmp_path):
+    """The end-of-run outputs failing on a full disk said only `RUN/loss_curve.png: no space left on device`."""
+    run_dir = tmp_path / "full_at_end"
+    failed = run_jaxgen(*train_args(run_dir, tokenizer), crash=("full-at-end", 0))
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    assert error_lines(failed.stderr) == [
+        f"jaxgen: error: {run_dir / 'loss_curve.png'}: no space left on device; the final checkpoint (step {STEPS}) "
+        "is saved, so no step is lost; run the same command again to write the end-of-run outputs (summary.json, "
+        "final samples, plots) once it is mended"]
+    assert not (run_dir / "summary.json").exists()
+    again = run_jaxgen(*train_args(run_dir, tokenizer))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (run_dir / "loss_curve.png").exists() and json.loads((run_dir / "summary.json").read_text())["steps"] == STEPS
+    assert losses(run_dir) == losses(straight[0])
+
+
 def test_a_log_reader_that_goes_away_stops_the_run_after_saving_its_steps(straight, tokenizer, tmp_path):
     """`jaxgen train 2>&1 | tee log` with the tee killed: the next progress line fails with a broken pipe, met as any
     log write the run cannot make. Its steps are saved first, and the resumed run is the uninterrupted one."""

@@ -30,7 +30,16 @@ from jaxgen.data.lockstep import next_in_lockstep
 from jaxgen.data.pipeline import merged_position, process_streams, this_process, to_global
 from jaxgen.device_memory import check_fits
 from jaxgen.distributed import bytes_from_process_0, is_multiprocess, stop_together
-from jaxgen.errors import EXIT_PREEMPTED, ConfigError, DataError, NonFiniteError, Preempted, listed
+from jaxgen.errors import (
+    EXIT_PREEMPTED,
+    ConfigError,
+    DataError,
+    NonFiniteError,
+    OutputWriteError,
+    Preempted,
+    describe_os_error,
+    listed,
+)
 from jaxgen.evals.benchmark import Benchmarks, load_tasks, make_scorer, require_language_model
 from jaxgen.evals.plots import plot_benchmarks
 from jaxgen.evals.tasks import Task as BenchmarkTask
@@ -315,14 +324,19 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
         kept = unwritable_directory(pathlib.Path(cache_dir)) is None  # JAX counts a write it could not make too
         summary["compilation_cache"] = {"dir": cache_dir, "hits": cache_events["hits"],
                                         "writes": cache_events["writes"] - cache_events["failed"] if kept else 0}
-    # Every process takes part in sampling from sharded params; the task writes files on process 0 only.
-    samples = task.sample(layout.models.weights(sampling_params(progress.state)), data, run_dir, step=None)
-    summary["wall_s"] = time.perf_counter() - wall_start
-    if jax.process_index() == 0:
-        summary.update(samples)
-        plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png", task.loss_name)
-        if eval_tasks:
-            plot_benchmarks(run_dir)
-        writer.log_pictures(cfg.train.steps, {**samples, "loss_curve": str(run_dir / "loss_curve.png")})
-        write_atomic(run_dir / "summary.json", strict_json.dumps(summary, indent=2) + "\n")
+    try:
+        # Every process takes part in sampling from sharded params; the task writes files on process 0 only.
+        samples = task.sample(layout.models.weights(sampling_params(progress.state)), data, run_dir, step=None)
+        summary["wall_s"] = time.perf_counter() - wall_start
+        if jax.process_index() == 0:
+            summary.update(samples)
+            plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png", task.loss_name)
+            if eval_tasks:
+                plot_benchmarks(run_dir)
+            writer.log_pictures(cfg.train.steps, {**samples, "loss_curve": str(run_dir / "loss_curve.png")})
+            write_atomic(run_dir / "summary.json", strict_json.dumps(summary, indent=2) + "\n")
+    except OSError as err:  # a full disk at the very end: every step is saved, only these outputs are missing
+        raise OutputWriteError(f"{describe_os_error(err)}; the final checkpoint (step {progress.last_saved}) is "
+                               f"saved, so no step is lost; {again()} to write the end-of-run outputs (summary.json, "
+                               "final samples, plots) once it is mended") from err
     return summary
