@@ -336,6 +336,15 @@ def lock_holder(lock_file: str | pathlib.Path) -> dict | None:
         os.close(fd)
 
 
+def live_holder(lock_file: str | pathlib.Path) -> dict | None:
+    """`lock_holder`, where that process may still hold it: one on another host, or alive on this one (a killed
+    holder leaves its record behind)."""
+    holder = lock_holder(lock_file)
+    if holder is None or (holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", 0)))):
+        return None
+    return holder
+
+
 def describe_holder(holder: dict | None) -> str:
     if not holder:
         return "another process (it left no name)"

@@ -14,6 +14,7 @@ import pytest
 from array_record.python import array_record_module
 
 from jaxgen.data.prepare import prepare_dataset, read_prepared_metadata
+from jaxgen.data.sources import open_prepared
 from jaxgen.errors import DataError, describe
 
 from conftest import REPO
@@ -235,10 +236,16 @@ def test_a_prepare_stopped_by_sigterm_leaves_no_lock_file_behind(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", holding, str(tmp_path / "out")], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "holding\n" and (tmp_path / ".out.prepare.lock").exists()
+    # Training on it meanwhile was told to create it with `jaxgen data prepare`, which is refused while in use.
+    with pytest.raises(DataError, match=rf"^data.path '{tmp_path}/out' is being written by `jaxgen data prepare` "
+                                        rf"\(process {holder.pid} on host .*\); train on it once that has finished$"):
+        open_prepared(str(tmp_path / "out"), "train")
     holder.send_signal(signal.SIGTERM)
     _, stderr = holder.communicate(timeout=30)
     assert (holder.returncode, stderr.strip()) == (143, "jaxgen: stopped by SIGTERM")
     assert not any(tmp_path.iterdir())
+    with pytest.raises(DataError, match=r"is not a directory; create one with `jaxgen data prepare"):
+        open_prepared(str(tmp_path / "out"), "train")
 
 
 def test_a_prepared_dataset_damaged_since_is_named_in_one_line_where_it_is_read(corpus, tmp_path):

@@ -165,10 +165,14 @@ def prepare_dataset(input_pattern: str, out: str | pathlib.Path, *, field: str =
     return summary
 
 
+def prepare_lock_file(out: pathlib.Path) -> pathlib.Path:
+    return out.with_name(f".{out.name}.prepare.lock")
+
+
 @contextlib.contextmanager
 def prepare_lock(out: pathlib.Path) -> Iterator[None]:
     """Hold `out`'s prepare lock for the block, then remove its file (a finished prepare leaves no trace)."""
-    lock_file = out.with_name(f".{out.name}.prepare.lock")
+    lock_file = prepare_lock_file(out)
     lock = DirectoryLock(lock_file, f"--out {str(out)!r}",
                          "wait for that prepare to finish, or choose another --out")
     while True:

@@ -37,12 +37,13 @@ from jaxgen.data.hf_datasets import open_hf
 from jaxgen.data.indexed_text import fits_in_memory, indexed_documents
 from jaxgen.data.parquet import open_parquet
 from jaxgen.data.pipeline import Interleaved, RandomAccessSource, record_epochs, user_errors_unwrapped
-from jaxgen.data.prepare import PREPARED_MARKER
+from jaxgen.data.prepare import PREPARED_MARKER, prepare_lock_file
 from jaxgen.data.splits import HeldOutView, HoldOut, Part, Shard
 from jaxgen.data.streaming import PIECE_BYTES, PIECES_AT_ONCE, DocumentStream, document_place
 from jaxgen.data.tfds_builders import description, open_builder, open_split
 from jaxgen.data.tfrecord import SHUFFLE_BUFFER, TfdsTfRecordStream
 from jaxgen.errors import DataError, first_line
+from jaxgen.files import describe_holder, live_holder
 
 Document = str | np.ndarray
 UNNUMBERED = -1  # TFRecord datasets are read through a shuffle buffer that does not say where a record was
@@ -105,6 +106,9 @@ def open_prepared(path: str, split: str, key: str = "data.path") -> RandomAccess
     import tensorflow_datasets as tfds
 
     directory = pathlib.Path(path).expanduser()
+    if not directory.is_dir() and (holder := live_holder(prepare_lock_file(directory))) is not None:
+        raise DataError(f"{key} {path!r} is being written by `jaxgen data prepare` ({describe_holder(holder)}); "
+                        "train on it once that has finished")
     if not directory.is_dir():
         raise DataError(f"{key} {path!r} is not a directory; create one with `jaxgen data prepare --input GLOB --out "
                         f"{path}`")
