@@ -4,6 +4,7 @@ scores prompts that belong to other images near chance, and the folder is what j
 
 import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
@@ -141,6 +142,16 @@ def test_bad_arguments_are_refused_in_one_line(tmp_path, arguments, says):
     with pytest.raises(DataError, match=says) as refused:
         write_shapes_folder(tmp_path / "out", **arguments)
     assert "\n" not in str(refused.value) and not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_is_not_told_to_give_at_most_0_scenes(tmp_path, monkeypatch):
+    from jaxgen.data import synth_shapes
+
+    real = os.statvfs(tmp_path)
+    full = os.statvfs_result((real.f_bsize, real.f_frsize, real.f_blocks, 0, 0, *real[5:]))
+    monkeypatch.setattr(synth_shapes.os, "statvfs", lambda path: full)
+    with pytest.raises(DataError, match=r"more than the 0 B free at .*; free space there, or give --out elsewhere$"):
+        write_shapes_folder(tmp_path / "out", count=200)
 
 
 def test_an_existing_folder_and_a_foreign_caption_are_refused(tmp_path):

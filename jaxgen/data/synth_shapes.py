@@ -197,9 +197,11 @@ def check_room(out: pathlib.Path, count: int, seed: int, size: int) -> None:
     fixed = 5 * block
     free = stats.f_bavail * stats.f_frsize
     if fixed + count * per_scene > free:
+        fits = max(free - fixed, 0) // per_scene
         raise DataError(f"--count {count:,} scenes of {size}x{size} px take about "
                         f"{human_bytes(fixed + count * per_scene)} on disk ({human_bytes(per_scene)} each), more than "
-                        f"the {human_bytes(free)} free at {place}; give at most {max(free - fixed, 0) // per_scene:,}")
+                        f"the {human_bytes(free)} free at {place}; "
+                        + (f"give at most {fits:,}" if fits else "free space there, or give --out elsewhere"))
 
 
 def write_shapes_folder(out: pathlib.Path, count: int, seed: int = 0, size: int = 32,
