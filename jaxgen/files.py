@@ -220,6 +220,7 @@ def append_line(path: str | pathlib.Path, line: str) -> None:
     (one a kill cut short); ending an unfinished one first keeps that loss to the damaged
     line alone.
     """
+    made = not os.path.exists(path)
     try:
         with open(path, "a+b", buffering=0) as f:  # unbuffered: what is written is known, write by write
             size = f.seek(0, os.SEEK_END)
@@ -236,6 +237,10 @@ def append_line(path: str | pathlib.Path, line: str) -> None:
                 f.truncate(size)
                 raise
     except OSError as err:
+        if made:  # an empty log this call made would read as one whose records were lost
+            with contextlib.suppress(OSError):
+                if os.path.getsize(path) == 0:
+                    os.unlink(path)
         if err.filename is None:  # a failed write names no file; the user's log is the one to name
             raise OSError(err.errno, err.strerror, str(path)) from err
         raise

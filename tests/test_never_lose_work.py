@@ -333,6 +333,14 @@ def test_a_log_line_cut_short_never_swallows_the_records_written_after_it(tmp_pa
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
     assert refused.value.filename == str(log_file)
     assert log_file.read_bytes() == before
+    # A first record the disk refuses leaves no empty log, which would read as one whose records were lost.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (8, limits[1]))
+    try:
+        with pytest.raises(OSError):
+            files.append_line(tmp_path / "new.jsonl", json.dumps({"step": 20, "eval_loss": 1.5}))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    assert not (tmp_path / "new.jsonl").exists()
 
 
 def test_kills_and_full_disks_before_the_first_checkpoint_never_block_a_restart(straight, tokenizer, tmp_path):
