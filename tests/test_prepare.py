@@ -184,9 +184,9 @@ def test_a_full_disk_reads_as_every_other_commands_one_line(corpus, tmp_path, mo
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_disk_too_full_for_the_lock_s_record_names_the_lock_and_leaves_no_file(corpus, tmp_path, monkeypatch):
-    """The disk full before anything was written: `jaxgen: error: no space left on device`, naming no path,
-    and the empty lock file stayed beside --out."""
+def test_a_disk_too_full_for_the_lock_s_record_names_out_and_leaves_no_file(corpus, tmp_path, monkeypatch):
+    """The disk full before anything was written: `jaxgen: error: no space left on device`, naming no path (then
+    the hidden lock file beside --out), and the empty lock file stayed beside --out."""
     import errno
 
     from jaxgen import files
@@ -197,7 +197,7 @@ def test_a_disk_too_full_for_the_lock_s_record_names_the_lock_and_leaves_no_file
     monkeypatch.setattr(files.os, "pwrite", full)
     with pytest.raises(OSError) as raised:
         prepare_dataset(str(corpus), tmp_path / "ds", progress=False)
-    assert describe(raised.value) == (f"error: {tmp_path / '.ds.prepare.lock'}: no space left on device", 1)
+    assert describe(raised.value) == (f"error: {tmp_path / 'ds'}: no space left on device", 1)
     assert list(tmp_path.iterdir()) == []
 
 

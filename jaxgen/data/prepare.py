@@ -178,11 +178,13 @@ def prepare_lock(out: pathlib.Path) -> Iterator[None]:
     while True:
         try:
             lock.acquire()
-        except OSError:  # its record could not be written (a full disk): the empty file it made goes too
+        except OSError as err:  # its record could not be written (a full disk): the empty file it made goes too
             with contextlib.suppress(OSError):
                 if lock_file.stat().st_size == 0:
                     lock_file.unlink()
-            raise
+            if err.errno is None or err.filename != str(lock_file):
+                raise
+            raise OSError(err.errno, err.strerror, str(out)) from err  # the user's --out, not a hidden file
         # The holder removes the file before releasing it, so we may have locked a removed
         # file while another process locks a new one; the file at the path names its holder.
         if _names_this_process(lock_file):
