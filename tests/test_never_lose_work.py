@@ -409,7 +409,8 @@ def test_a_disk_full_at_the_runs_end_says_every_step_is_saved(straight, tokenize
     assert not (run_dir / "summary.json").exists()
     again = run_jaxgen(*train_args(run_dir, tokenizer))
     assert again.returncode == 0, again.stderr[-3000:]
-    assert (run_dir / "loss_curve.png").exists() and json.loads((run_dir / "summary.json").read_text())["steps"] == STEPS
+    assert (run_dir / "loss_curve.png").exists()
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == STEPS
     assert losses(run_dir) == losses(straight[0])
 
 
