@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import pathlib
+import warnings
 
 import numpy as np
 import pytest
@@ -183,6 +184,21 @@ def test_sixteen_bit_images_are_scaled_to_eight_bits_not_saturated(tmp_path):
         assert image.shape == (8, 8, channels) and (eight_bits == (gradient // 257)[..., None]).all()
 
 
+def test_a_photo_is_read_upright_as_its_exif_orientation_says(tmp_path):
+    """Phones store a portrait photo sideways with an EXIF orientation tag: it was trained on sideways."""
+    from jaxgen.data.folder_images import read_image_files
+
+    stored = np.zeros((16, 16), np.uint8)
+    stored[:8] = 255  # the top half white, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise: the white half on the right
+    Image.fromarray(stored).save(tmp_path / "photo.jpg", quality=100, exif=exif)
+    Image.fromarray(stored).save(tmp_path / "plain.jpg", quality=100)
+    photo, plain = read_image_files([str(tmp_path / "photo.jpg"), str(tmp_path / "plain.jpg")], 16, 1)[..., 0]
+    assert photo[:, 8:].mean() > 0.9 and photo[:, :8].mean() < -0.9  # in the model's range, [-1, 1]
+    assert plain[:8].mean() > 0.9 and plain[8:].mean() < -0.9
+
+
 def test_a_pipe_or_an_image_too_large_to_decode_is_named_before_it_is_read(tmp_path, monkeypatch):
     """A named pipe hung `sample --images` for ever; a huge PNG ended in 'unexpected DecompressionBombError'."""
     from PIL import Image as PILImage
@@ -197,10 +213,16 @@ def test_a_pipe_or_an_image_too_large_to_decode_is_named_before_it_is_read(tmp_p
         read_image_files([str(tmp_path / "fifo.png")], 8, 1)  # as the folder source and `sample --images` read
     save_png(tmp_path / "big.png", pixels(0, 40))
     monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 500)  # 40x40 is over twice that: Pillow refuses it
-    with pytest.raises(DataError, match=rf"^image '{tmp_path / 'big.png'}' is 1,600 pixels, more than the 1,000 "
-                                        r"Pillow decodes \(a guard against decompression bombs\); scale it down "
-                                        r"first$"):
+    with pytest.raises(DataError, match=rf"^image '{tmp_path / 'big.png'}' is 1,600 pixels, more than the 500 "
+                                        r"Pillow decodes safely \(a guard against decompression bombs\); scale it "
+                                        r"down first$"):
         open_image(tmp_path / "big.png")
+    # Below twice the limit Pillow only warned, and decoding a 12000x12000 PNG in every reader ran out of memory.
+    save_png(tmp_path / "large.png", pixels(0, 30))
+    with warnings.catch_warnings(record=True) as warned:
+        with pytest.raises(DataError, match=r"^image '.*large.png' is 30x30, 900 pixels, more than the 500 Pillow "):
+            open_image(tmp_path / "large.png")
+    assert not [w for w in warned if issubclass(w.category, PILImage.DecompressionBombWarning)]
 
 
 @pytest.mark.parametrize("layout, says", [

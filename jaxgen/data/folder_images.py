@@ -8,7 +8,8 @@
 - Either one inside `train/` and `test/` (or `validation/`) sub-folders: those are the two
   parts. Otherwise every `images.eval_every_nth` image is held out.
 
-Images are decoded when read (Pillow), converted to RGB or grey as `model.channels` says,
+Images are decoded when read (Pillow), turned upright as their EXIF orientation says (a phone's
+photo is stored sideways with a tag), converted to RGB or grey as `model.channels` says,
 and with `images.resize` scaled so their shorter side is `model.image_size` and centre-cropped
 to a square. An unreadable image fails naming its file, or with `images.bad_images: skip`
 is replaced by the next readable one listed after it, with a warning naming it.
@@ -23,6 +24,7 @@ import os
 import pathlib
 import re
 import stat
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -40,6 +42,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # train on a fraction of its images without a word.
 OTHER_IMAGE_SUFFIXES = (".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif", ".heic")
 METADATA = "metadata.jsonl"
+EXIF_ORIENTATION = 0x0112
 SPLITS = {"train": ("train",), "eval": ("test", "validation")}
 
 
@@ -74,7 +77,7 @@ class FolderImages:
         opened = open_image(path)
         try:
             with opened:
-                image = eight_bit(opened).convert("RGB" if self.channels == 3 else "L")
+                image = eight_bit(upright(opened)).convert("RGB" if self.channels == 3 else "L")
         except (OSError, ValueError) as err:  # truncated: found when the pixels are read
             raise DataError(f"image {str(path)!r} cannot be read: {err}") from None
         if image.size != (self.size, self.size):
@@ -87,22 +90,51 @@ class FolderImages:
 
 
 def open_image(path: str | pathlib.Path):
-    """`path` opened by Pillow (its header read, the pixels not yet), or a DataError naming it."""
+    """`path` opened by Pillow (its header read, the pixels not yet), or a DataError naming it.
+
+    Images of more pixels than Pillow's decompression-bomb guard (`Image.MAX_IMAGE_PIXELS`) are refused from
+    the header: Pillow refuses only twice that many and warns below, and decoding one (a 140 kB PNG can
+    declare 12000 x 12000) in every reader ran the machine out of memory.
+    """
     from PIL import Image, UnidentifiedImageError
 
+    # Below twice the limit Pillow only warns, naming no file: such an image is refused below instead. (Each
+    # time: a test framework, or any caller's `catch_warnings`, restores the filters as they were.)
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     try:
         regular = stat.S_ISREG(os.stat(path).st_mode)
         if regular:  # a named pipe or a device would block the read for ever
-            return Image.open(path)
+            image = Image.open(path)
     except Image.DecompressionBombError as err:  # Pillow's words name neither the file nor what to do
         pixels = re.search(r"\((\d+) pixels\) exceeds limit of (\d+)", str(err))
-        size = (f"{int(pixels[1]):,} pixels, more than the {int(pixels[2]):,}" if pixels
-                else f"too large ({err}) for the")
-        raise DataError(f"image {str(path)!r} is {size} Pillow decodes (a guard against decompression bombs); "
-                        "scale it down first") from None
+        raise _too_large(path, int(pixels[1]) if pixels else None) from None
     except (OSError, UnidentifiedImageError, ValueError) as err:  # missing, not an image
         raise DataError(f"image {str(path)!r} cannot be read: {err}") from None
-    raise DataError(f"image {str(path)!r} is not a regular file (a pipe, device or folder); give image files")
+    if not regular:
+        raise DataError(f"image {str(path)!r} is not a regular file (a pipe, device or folder); give image files")
+    if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:
+        image.close()
+        raise _too_large(path, image.width * image.height, image.size)
+    return image
+
+
+def _too_large(path: str | pathlib.Path, pixels: int | None, size: tuple[int, int] | None = None) -> DataError:
+    from PIL import Image
+
+    shape = f"{size[0]}x{size[1]}, " if size else ""
+    count = f"{pixels:,} pixels" if pixels else "too many pixels"
+    return DataError(f"image {str(path)!r} is {shape}{count}, more than the {Image.MAX_IMAGE_PIXELS:,} Pillow "
+                     "decodes safely (a guard against decompression bombs); scale it down first")
+
+
+def upright(image):
+    """`image` turned as its EXIF orientation tag says (what cameras and phones write instead of turning the
+    pixels); as it is where it has none."""
+    from PIL import ImageOps
+
+    if image.getexif().get(EXIF_ORIENTATION, 1) in (None, 1):
+        return image
+    return ImageOps.exif_transpose(image)
 
 
 def eight_bit(image):
