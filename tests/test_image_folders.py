@@ -233,6 +233,8 @@ def test_a_pipe_or_an_image_too_large_to_decode_is_named_before_it_is_read(tmp_p
     ("escaping path", r"metadata.jsonl:1 names '../outside.png', which is not a file inside"),
     ("mixed labels", "'label' must be all non-negative integers or all class names"),
     ("too many classes", "holds 11 classes (c00, c01, c02, c03, c04, ...), more than model.num_classes=10"),
+    ("empty class", "class folder '{root}/b' holds no PNG or JPEG images, yet would be class 1 and number the "
+                    "classes after it; add images to it or remove it"),
     ("not UTF-8", "metadata.jsonl:2 is not UTF-8 text (byte 0xe9 at column 48); save metadata.jsonl as UTF-8"),
 ])
 def test_a_folder_that_cannot_serve_is_refused_in_one_line(tmp_path, layout, says):
@@ -243,6 +245,10 @@ def test_a_folder_that_cannot_serve_is_refused_in_one_line(tmp_path, layout, say
     elif layout == "too many classes":
         for c in range(11):
             save_png(root / f"c{c:02d}" / "x.png", pixels(c))
+    elif layout == "empty class":  # torchvision's ImageFolder refuses it too
+        for name in ("a", "c"):
+            save_png(root / name / "x.png", pixels(0))
+        (root / "b").mkdir()
     elif layout != "empty":
         save_png(root / "a.png", pixels(0))
         save_png(tmp_path / "outside.png", pixels(1))
@@ -257,7 +263,7 @@ def test_a_folder_that_cannot_serve_is_refused_in_one_line(tmp_path, layout, say
             (root / "metadata.jsonl").write_bytes((root / "metadata.jsonl").read_bytes().replace(b"X", b"\xe9"))
     with pytest.raises((DataError, ConfigError)) as err:
         open_images(config("images.source=folder", f"images.folder={root}"))
-    assert says in str(err.value) and "\n" not in str(err.value)
+    assert says.format(root=root) in str(err.value) and "\n" not in str(err.value)
 
 
 def write_split(root: pathlib.Path, labels: list[int], captioned: bool = True) -> pathlib.Path:

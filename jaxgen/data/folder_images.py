@@ -187,7 +187,7 @@ def listed_images(root: pathlib.Path, label_key: str, caption_key: str, classes:
         return _from_metadata(root, label_key, caption_key, classes, num_classes)
     names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     classes = classes or names
-    files, labels, others = [], [], collections.Counter()
+    files, labels, others, empty = [], [], collections.Counter(), []
     for name in names:
         if name not in classes:
             raise DataError(f"class folder {str(root / name)!r} is not among the training classes "
@@ -195,6 +195,8 @@ def listed_images(root: pathlib.Path, label_key: str, caption_key: str, classes:
         inside = [p for p in (root / name).rglob("*") if not hidden(p.relative_to(root / name))]
         found = sorted(p for p in inside if p.suffix.lower() in IMAGE_SUFFIXES)
         others.update(p.suffix.lower() for p in inside if p.suffix.lower() in OTHER_IMAGE_SUFFIXES)
+        if not found:
+            empty.append(name)
         files += found
         labels += [classes.index(name)] * len(found)
     if others:
@@ -207,6 +209,9 @@ def listed_images(root: pathlib.Path, label_key: str, caption_key: str, classes:
         hint = (f"; images lie in it directly ({', '.join(loose)}...): put them in class sub-folders or list them "
                 f"in a {METADATA}") if loose else ""
         raise DataError(f"images.folder {str(root)!r} holds no PNG or JPEG images in class sub-folders{hint}")
+    if empty and classes is names:  # a label learned from no image, and every later class's moved up by one
+        raise DataError(f"class folder {str(root / empty[0])!r} holds no PNG or JPEG images, yet would be class "
+                        f"{names.index(empty[0])} and number the classes after it; add images to it or remove it")
     return Listing(files, labels, None, classes)
 
 
