@@ -199,6 +199,43 @@ def test_a_question_every_model_answers_right_is_refused(tmp_path, choices, says
         load_tasks([f"multiple_choice={path}"], None)
 
 
+def test_only_the_scored_split_is_read_never_another(tmp_path):
+    """A task folder without its scored split's file was scored on whatever it held: the train split, or train and
+    test together, without a word."""
+    piqa = tmp_path / "piqa"
+    piqa.mkdir()
+    row = {"goal": "Let there be", "sol1": " light", "sol2": " dark", "label": 0}
+    write_jsonl(piqa / "train.jsonl", [row] * 3)
+    with pytest.raises(DataError, match=rf"^directory '{piqa}' holds no file of the validation split of task "
+                                        r"'piqa', only of other splits \(train.jsonl\); give it a validation file \(one whose "
+                                        r"name says validation or valid or val or dev\)$"):
+        load_tasks(["piqa"], tmp_path)
+    write_jsonl(piqa / "piqa.jsonl", [row])  # a file naming no split is the split
+    write_jsonl(piqa / "test.jsonl", [row] * 5)
+    [task] = load_tasks(["piqa"], tmp_path)
+    assert len(task.examples) == 1
+
+
+@pytest.mark.parametrize("text", ["", "   ", "word", "ends in a space "])
+def test_a_lambada_passage_without_a_last_word_to_predict_is_refused(tmp_path, text):
+    """Scored anyway, an empty passage counted in n and put the perplexity in the hundreds of thousands."""
+    lambada = write_jsonl(tmp_path / "lambada.jsonl", [{"text": "In the beginning God created"}, {"text": text}])
+    with pytest.raises(DataError, match=rf"^{re.escape(str(lambada))}:2: field 'text' is .*; a LAMBADA passage "
+                                        "needs words before its last word, and the last word to predict$"):
+        load_tasks(["lambada"], tmp_path)
+
+
+def test_a_task_file_not_utf8_or_a_directory_is_named(tmp_path):
+    path = write_jsonl(tmp_path / "mc.jsonl", [MULTIPLE_CHOICE[0], {"context": "cafX", "choices": ["a", "b"],
+                                                                  "label": 0}])
+    path.write_bytes(path.read_bytes().replace(b"cafX", b"caf\xe9"))  # a Latin-1 file
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:2: not UTF-8 text \(byte 0xe9 at column \d+\); "
+                                        r"save mc.jsonl as UTF-8$"):
+        load_tasks([f"multiple_choice={path}"], None)
+    with pytest.raises(DataError, match=rf"^task file '{tmp_path}' is a directory; give a JSONL file"):
+        load_tasks([f"multiple_choice={tmp_path}"], None)
+
+
 def test_every_missing_field_is_named_at_once(tmp_path):
     path = write_jsonl(tmp_path / "mc.jsonl", [{"choices": ["a", "b"]}])
     with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:1: missing fields 'context', 'label' \(fields "

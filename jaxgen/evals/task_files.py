@@ -2,9 +2,9 @@
 
 A task's data is found under `--task-data DIR` as `DIR/<task>.jsonl`, `DIR/<task>.parquet`,
 or a directory `DIR/<task>/` holding the files of its evaluation split (files whose name
-names the split, e.g. `validation-00000-of-00001.parquet`, `hellaswag_val.jsonl`; or every
-data file there when none does). Each record comes with where it was read, so a message
-can name the file and line.
+names the split, e.g. `validation-00000-of-00001.parquet`, `hellaswag_val.jsonl`; or, when
+none does, every data file there that names no other split: a `train.jsonl` is never scored).
+Each record comes with where it was read, so a message can name the file and line.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from jaxgen.errors import DataError
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 # How file names spell each split (Hugging Face writes "validation", the original releases "val"/"dev").
-SPLIT_NAMES = {"validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
+SPLIT_NAMES = {"validation": ("validation", "valid", "val", "dev"), "test": ("test",), "train": ("train",)}
 
 
 def split_files(data_dir: pathlib.Path, task: str, split: str, subset: str | None = None) -> list[pathlib.Path]:
@@ -37,12 +37,23 @@ def split_files(data_dir: pathlib.Path, task: str, split: str, subset: str | Non
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name.endswith(DATA_SUFFIXES))
     if not files:
         raise DataError(f"directory {str(directory)!r} holds no .jsonl or .parquet file for task {task!r}")
-    named = re.compile(rf"(^|[^a-z])({'|'.join(SPLIT_NAMES[split])})([^a-z]|$)")
-    files = [p for p in files if named.search(p.name.lower())] or files
+    others = [name for other, names in SPLIT_NAMES.items() if other != split for name in names]
+    kept = ([p for p in files if _names(p, SPLIT_NAMES[split])]
+            or [p for p in files if not _names(p, others)])
+    if not kept:  # scoring a train split (the examples a model may have been tuned on) would flatter it
+        raise DataError(f"directory {str(directory)!r} holds no file of the {split} split of task {task!r}, only of "
+                        f"other splits ({', '.join(p.name for p in files[:3])}{', ...' if len(files) > 3 else ''}); "
+                        f"give it a {split} file (one whose name says {' or '.join(SPLIT_NAMES[split])})")
+    files = kept
     if subset is not None:
         words = [re.split(r"[^a-z0-9-]+", str(p.relative_to(directory)).lower()) for p in files]
         files = [p for p, w in zip(files, words) if subset.lower() in w] or files
     return files
+
+
+def _names(path: pathlib.Path, split_names: list[str] | tuple[str, ...]) -> bool:
+    """Whether `path`'s file name names one of `split_names` as a word (`hellaswag_val.jsonl`, not `interval`)."""
+    return re.search(rf"(^|[^a-z])({'|'.join(split_names)})([^a-z]|$)", path.name.lower()) is not None
 
 
 def read_records(path: pathlib.Path) -> Iterator[tuple[str, dict]]:
@@ -58,8 +69,13 @@ def read_records(path: pathlib.Path) -> Iterator[tuple[str, dict]]:
         for i, row in enumerate(rows):
             yield f"{path} row {i}", row
         return
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{number}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
+                                f"{err.start + 1}); save {path.name} as UTF-8") from None
             if not line.strip():
                 continue
             try:

@@ -84,8 +84,14 @@ def _piqa(record: dict, where: str) -> MultipleChoice:
 
 
 def _lambada(record: dict, where: str) -> Cloze:
-    words = field(record, "text", where, str).split(" ")
-    return Cloze(" ".join(words[:-1]), " " + words[-1])
+    """The passage less its last word, and that word to predict. A passage without both was scored anyway
+    (an empty text: the loss of a lone space) and counted in `n` and the perplexity."""
+    text = field(record, "text", where, str)
+    context, _, word = text.rpartition(" ")
+    if not context.strip() or not word.strip():
+        raise DataError(f"{where}: field 'text' is {text!r:.60}; a LAMBADA passage needs words before its last "
+                        "word, and the last word to predict")
+    return Cloze(context, " " + word)
 
 
 def _multiple_choice(record: dict, where: str) -> MultipleChoice:
@@ -167,6 +173,8 @@ def load_task(name: str, task_data: str | pathlib.Path | None) -> Task:
     kind, _, path = name.partition("=")
     if kind == GENERIC:
         files, read = [pathlib.Path(path)], _multiple_choice
+        if files[0].is_dir():
+            raise DataError(f"task file {path!r} is a directory; give a JSONL file of {GENERIC} questions")
         if not files[0].is_file():
             raise DataError(f"task file {path!r} does not exist")
     else:
