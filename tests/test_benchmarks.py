@@ -207,8 +207,8 @@ def test_only_the_scored_split_is_read_never_another(tmp_path):
     row = {"goal": "Let there be", "sol1": " light", "sol2": " dark", "label": 0}
     write_jsonl(piqa / "train.jsonl", [row] * 3)
     with pytest.raises(DataError, match=rf"^directory '{piqa}' holds no file of the validation split of task "
-                                        r"'piqa', only of other splits \(train.jsonl\); give it a validation file \(one whose "
-                                        r"name says validation or valid or val or dev\)$"):
+                                        r"'piqa', only of other splits \(train.jsonl\); give it a validation file "
+                                        r"\(one whose name says validation or valid or val or dev\)$"):
         load_tasks(["piqa"], tmp_path)
     write_jsonl(piqa / "piqa.jsonl", [row])  # a file naming no split is the split
     write_jsonl(piqa / "test.jsonl", [row] * 5)
