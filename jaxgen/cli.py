@@ -31,6 +31,7 @@ from jaxgen.cli_arguments import (
     positive_int,
     probability_mass,
     seed,
+    utf8_text,
 )
 from jaxgen.commands import (
     cmd_data_fashion_captions,
@@ -236,8 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     text = sample.add_argument_group("language models (an encoder-decoder generates a target for each --prompt; "
                                      "a masked LM fills the [MASK]s of each; a text-to-image DiT draws a grid row "
                                      "for each)")
-    text.add_argument("--prompt", action="append", help="a prompt; repeat for a batch (default: one empty prompt)")
-    text.add_argument("--negative-prompt", metavar="TEXT",
+    text.add_argument("--prompt", action="append", type=utf8_text,
+                      help="a prompt; repeat for a batch (default: one empty prompt)")
+    text.add_argument("--negative-prompt", metavar="TEXT", type=utf8_text,
                       help="text-to-image: guidance pushes away from this caption instead of the null caption")
     text.add_argument("--temperature", type=non_negative_float, help="0 = greedy (default 0.8)")
     text.add_argument("--top-k", type=non_negative_int, help="keep the k likeliest tokens (default 0 = off)")

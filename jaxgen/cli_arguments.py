@@ -97,6 +97,20 @@ def label_list(text: str) -> list[int]:
     return [int(piece) for piece in pieces]
 
 
+def utf8_text(text: str) -> str:
+    """An argparse type for text to encode (a prompt, a caption): what the command line held was UTF-8. Other
+    bytes reach Python as lone surrogates, which the LM's tokenizer refused with an internal error and the
+    text encoder took as text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        byte = ord(text[err.start]) - 0xDC00 if 0xDC80 <= ord(text[err.start]) <= 0xDCFF else None
+        what = f"byte 0x{byte:02x}" if byte is not None else f"{text[err.start]!r}"
+        raise argparse.ArgumentTypeError(f"holds {what} at character {err.start + 1}, which is not UTF-8 text; "
+                                         "give UTF-8 text") from None
+    return text
+
+
 def path_given(gives: str) -> Callable[[str], str]:
     """An argparse type for a path a command reads: not empty. An empty one is most often a variable that was
     not set (`--run-dir "$RUN_DIR"` in a job script); taken as no value or as the current folder, it would start

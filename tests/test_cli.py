@@ -205,6 +205,17 @@ def test_an_empty_path_is_refused_by_the_parser(args):
     assert f"argument {args[-1]}: an empty path (a variable not set?); give " in str(refusal.value)
 
 
+def test_a_prompt_that_is_not_utf8_is_refused_by_the_parser():
+    """`--prompt $'caf\\xe9'` (a Latin-1 terminal) ended in sentencepiece's `unexpected TypeError`, exit 1, for an
+    LM, and was taken as text by a text-to-image run."""
+    for flag in ("--prompt", "--negative-prompt"):
+        with pytest.raises(UsageError) as refusal:
+            build_parser().parse_args(["sample", "--run-dir", "r", flag, "caf\udce9"])  # how Python holds 0xe9
+        assert str(refusal.value) == (f"argument {flag}: holds byte 0xe9 at character 4, which is not UTF-8 text; "
+                                      "give UTF-8 text (see `jaxgen sample --help`)")
+    assert build_parser().parse_args(["sample", "--run-dir", "r", "--prompt", "café ✓"]).prompt == ["café ✓"]
+
+
 def test_a_tokenizer_is_never_trained_over_an_existing_file(tmp_path):
     """`tokenizer train --out RUN/tokenizer.model` replaced a run's tokenizer: its checkpoints could no longer be
     sampled, evaluated or resumed (they are refused with another tokenizer) and the original was gone."""
