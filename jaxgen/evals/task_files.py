@@ -72,7 +72,7 @@ def read_records(path: pathlib.Path) -> Iterator[tuple[str, dict]]:
     with path.open("rb") as f:
         for number, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a byte-order mark (Windows) is no text
             except UnicodeDecodeError as err:
                 raise DataError(f"{path}:{number}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
                                 f"{err.start + 1}); save {path.name} as UTF-8") from None
@@ -81,7 +81,8 @@ def read_records(path: pathlib.Path) -> Iterator[tuple[str, dict]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number}: not a JSON object ({err.msg})") from None
+                array = " (a JSON array: task files are JSON Lines, one object per line)" * line.lstrip().startswith("[")
+                raise DataError(f"{path}:{number}: not a JSON object ({err.msg}){array}") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{number}: not a JSON object")
             yield f"{path}:{number}", record
