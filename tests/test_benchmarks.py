@@ -235,7 +235,7 @@ def test_a_task_file_not_utf8_or_a_directory_is_named(tmp_path):
     with pytest.raises(DataError, match=rf"^task file '{tmp_path}' is a directory; give a JSONL file"):
         load_tasks([f"multiple_choice={tmp_path}"], None)
     path.write_text(json.dumps([MULTIPLE_CHOICE[0]], indent=1))
-    with pytest.raises(DataError, match=r":1: not a JSON object \(.*\) \(a JSON array: task files are JSON Lines"):
+    with pytest.raises(DataError, match=r":1: not a JSON object \(.*\) \(a JSON array: task files are JSON Lines, "):
         load_tasks([f"multiple_choice={path}"], None)
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(MULTIPLE_CHOICE[0]).encode() + b"\n")  # saved on Windows
     [task] = load_tasks([f"multiple_choice={path}"], None)

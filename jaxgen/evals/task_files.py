@@ -81,7 +81,7 @@ def read_records(path: pathlib.Path) -> Iterator[tuple[str, dict]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                array = " (a JSON array: task files are JSON Lines, one object per line)" * line.lstrip().startswith("[")
+                array = line.lstrip().startswith("[") * " (a JSON array: task files are JSON Lines, one object a line)"
                 raise DataError(f"{path}:{number}: not a JSON object ({err.msg}){array}") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{number}: not a JSON object")
