@@ -383,6 +383,16 @@ def test_idx_errors_name_the_key(idx_dir, tmp_path):
         open_images(config("images.source=idx", f"images.idx={idx_dir}", "model.image_size=16"))
     with pytest.raises(ConfigError, match="images.source=idx needs images.idx=DIR"):
         config("images.source=idx")
+    # One damaged label among 0..9: the advice to train 43 classes is named as doubtful, with the record.
+    import shutil
+
+    shutil.copytree(idx_dir, tmp_path / "odd")
+    labels = np.arange(12) % 10
+    labels[5] = 42
+    write_idx(tmp_path / "odd" / "t10k-labels-idx1-ubyte", labels)
+    with pytest.raises(ConfigError, match=r"in 43 classes, but .* model.num_classes=43 \(but only 11 of labels "
+                                          r"0..42 occur: label 42 of record 5 of the t10k labels may be damaged\)$"):
+        open_images(config("images.source=idx", f"images.idx={tmp_path / 'odd'}"))
     # A config file's images.idx with another source given on the command line (it read as the user's mistake).
     with pytest.raises(ConfigError, match=rf"images.idx='{idx_dir}' is read only with images.source=idx, and "
                                           rf"images.source is 'digits'; give images.source=idx, or images.idx=null "

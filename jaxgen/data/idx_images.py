@@ -70,6 +70,18 @@ def idx_part(directory: pathlib.Path, prefix: str) -> InMemoryRecords:
     return InMemoryRecords(images[..., None], labels.astype(np.int32))
 
 
+def _label_gap(parts: dict[str, InMemoryRecords], classes: int) -> str:
+    """Where labels 0..classes-1 do not all occur, the record of the largest: more likely a damaged label
+    (one 42 among labels 0..9) than a dataset of that many classes, which the advice would follow."""
+    used = np.unique(np.concatenate([part.labels for part in parts.values()]))
+    if len(used) == classes:
+        return ""
+    part, records = next((name, part) for name, part in parts.items() if (part.labels == classes - 1).any())
+    index = int(np.argmax(records.labels == classes - 1))
+    return (f" (but only {len(used)} of labels 0..{classes - 1} occur: label {classes - 1} of record {index} of the "
+            f"{PARTS[part]} labels may be damaged)")
+
+
 def open_idx_images(images: ImagesConfig, model: DiTConfig) -> ImageSource:
     """The train and t10k parts of `images.idx`, checked against the model."""
     directory = pathlib.Path(images.idx)
@@ -89,6 +101,6 @@ def open_idx_images(images: ImagesConfig, model: DiTConfig) -> ImageSource:
         raise ConfigError(f"images.idx {images.idx!r} holds {side[0]}x{side[1]}x1 images in {classes} classes, but "
                           f"model.image_size={model.image_size}, model.channels={model.channels}, "
                           f"model.num_classes={model_classes}; set model.image_size={side[0]}, "
-                          f"model.channels=1, model.num_classes={classes}")
+                          f"model.channels=1, model.num_classes={classes}{_label_gap(parts, classes)}")
     return ImageSource(directory.name, parts, "the held-out part is the t10k files; add images to them",
                        read_threads=0)
