@@ -6,6 +6,7 @@
                                                                 # full-disk-on-0: process 0 alone
     python crash_driver.py full-log-at STEP -- train ARGS...    # metrics.jsonl cannot take STEP's record (ENOSPC)
     python crash_driver.py full-at-end 0 -- train ARGS...       # the loss curve of the run's end cannot be written
+    python crash_driver.py bad-batch-at STEP -- train ARGS...   # STEP's batch cannot be read (a damaged image)
 """
 
 import errno
@@ -50,6 +51,18 @@ elif mode == "full-at-end":
     from jaxgen.train import loop
 
     loop.plot_loss_curve = plot_on_a_full_disk
+elif mode == "bad-batch-at":
+    from jaxgen.errors import DataError
+    from jaxgen.train import loop
+
+    original_next = loop.next_in_lockstep
+
+    def next_or_damaged(iterator, step):
+        if step == crash_step:
+            raise DataError("image '/data/cats/7.png' cannot be read: image file is truncated")
+        return original_next(iterator, step)
+
+    loop.next_in_lockstep = next_or_damaged
 else:
     checkpoint.Checkpointer.save = save_then_die
 sys.exit(cli.main(sys.argv[sys.argv.index("--") + 1:]))

@@ -397,6 +397,22 @@ def test_a_log_the_disk_refuses_stops_the_run_after_saving_its_steps(straight, t
     assert losses(run_dir) == {s: loss for s, loss in losses(straight[0]).items() if s != 6}
 
 
+def test_a_batch_that_cannot_be_read_stops_the_run_after_saving_its_steps(straight, tokenizer, tmp_path):
+    """An image damaged since the run started, met mid-run, stopped it where it stood: the steps since the last
+    checkpoint (up to checkpoint.every) were lost."""
+    run_dir = tmp_path / "bad_batch"
+    failed = run_jaxgen(*train_args(run_dir, tokenizer), crash=("bad-batch-at", 7))  # fetched as step 6 runs
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    assert error_lines(failed.stderr) == [
+        "jaxgen: error: image '/data/cats/7.png' cannot be read: image file is truncated; checkpoint 6 was saved "
+        "first, so no step is lost; run the same command again once it is mended"]
+    assert committed_steps(checkpoint_dir(run_dir)) == [4, 6]
+    again = run_jaxgen(*train_args(run_dir, tokenizer))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["resumed_from"] == 6
+    assert losses(run_dir) == losses(straight[0])
+
+
 def test_a_disk_full_at_the_runs_end_says_every_step_is_saved(straight, tokenizer, tmp_path):
     """The end-of-run outputs failing on a full disk said only `RUN/loss_curve.png: no space left on device`."""
     run_dir = tmp_path / "full_at_end"

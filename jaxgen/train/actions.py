@@ -22,7 +22,14 @@ from tqdm.auto import tqdm
 
 from jaxgen.checkpoint import Checkpointer
 from jaxgen.config import Config
-from jaxgen.errors import JaxgenError, NonFiniteError, OutputWriteError, describe_os_error, first_line
+from jaxgen.errors import (
+    DataError,
+    JaxgenError,
+    NonFiniteError,
+    OutputWriteError,
+    describe_os_error,
+    first_line,
+)
 from jaxgen.evals.benchmark import Benchmarks, metric_values, result_record, write_result
 from jaxgen.interrupts import again
 from jaxgen.metrics import MetricsWriter, ThroughputMeter
@@ -185,22 +192,30 @@ class Save:
         samples/), once the steps since its last checkpoint are saved: a log file must not cost them. Not where
         processes save together: a failure on one host leaves the others stepping on (only process 0 writes
         records), and a save alone would wait for them."""
+        return self.saved_before_stopping(describe_os_error(failure), records, OutputWriteError)
+
+    def after_data_error(self, failure: DataError, records: StepRecords) -> JaxgenError:
+        """What a run of one process stops with when a batch cannot be read (an image damaged since the run
+        started), once the steps before it are saved: the resumed run reads that batch again, where
+        `images.bad_images=skip` passes over the image."""
+        return self.saved_before_stopping(str(failure), records, DataError)
+
+    def saved_before_stopping(self, failed: str, records: StepRecords, error: type[JaxgenError]) -> JaxgenError:
+        """`error` saying `failed`, once the steps since the last checkpoint are saved, and what is safe."""
         if (stop := records.settle_after_failure()) is not None:  # a last step the run must not save
             return stop
         step, last = int(self.progress.state.step), self.progress.last_saved
-        failed = describe_os_error(failure)
         kept = f"checkpoint {last} is the newest" if last is not None else "no checkpoint was saved"
         if step == last or self.progress.data_state is None:  # nothing trained since the last checkpoint
-            return OutputWriteError(f"{failed}; no step is lost ({kept}); {again()} once it is mended")
+            return error(f"{failed}; no step is lost ({kept}); {again()} once it is mended")
         if jax.process_count() > 1:
-            return OutputWriteError(f"{failed}; {kept} (a run of {jax.process_count()} processes saves together, "
-                                    f"so step {step} was not saved); {again()} once it is mended")
+            return error(f"{failed}; {kept} (a run of {jax.process_count()} processes saves together, so step "
+                         f"{step} was not saved); {again()} once it is mended")
         try:
             self.ckpt.save(step, self.progress.state, self.progress.data_state, self.meta)
             self.ckpt.wait()
         except Exception as err:  # the same full disk, most likely
             why = getattr(err, "reason", None) or first_line(err, 200)  # a CheckpointWriteError's says it shortest
-            return OutputWriteError(f"{failed}; saving step {step} before stopping failed too ({why}); {kept}")
+            return error(f"{failed}; saving step {step} before stopping failed too ({why}); {kept}")
         self.progress.last_saved = step
-        return OutputWriteError(f"{failed}; checkpoint {step} was saved first, so no step is lost; {again()} once it "
-                                "is mended")
+        return error(f"{failed}; checkpoint {step} was saved first, so no step is lost; {again()} once it is mended")

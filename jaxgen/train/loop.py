@@ -273,9 +273,9 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
                     log.info("first step done %.1fs after start", clock.phases()["total"])
                     meter.idle()  # the first peak measurement, while nothing else runs
                 progress.data_state = data.train.get_state()
+                records.observe(step, metrics)  # before the next batch, which may fail: the step is then saved
                 if not final:
                     batch = to_global(next_in_lockstep(data.train, step + 1), mesh)  # overlaps the device step
-                records.observe(step, metrics)
                 stop = preemption.reached(step)
                 due = [action for action in actions if action.cadence.due(step, final) or (stop and action is save)]
                 if due or stop:
@@ -289,6 +289,10 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
         if save.saving:
             raise
         raise save.after_os_error(err, records) from err
+    except DataError as err:  # a batch that cannot be read: where processes stop together, as they were
+        if save.saving or is_multiprocess():
+            raise
+        raise save.after_data_error(err, records) from err
     finally:
         with contextlib.suppress(OSError):  # a log whose reader has gone must not replace the failure stopped on
             bar.close()  # ends the bar's line, so whatever is printed next starts on its own
