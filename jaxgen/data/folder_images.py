@@ -132,9 +132,11 @@ def upright(image):
     pixels); as it is where it has none."""
     from PIL import ImageOps
 
-    if image.getexif().get(EXIF_ORIENTATION, 1) in (None, 1):
+    try:
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - an EXIF block Pillow cannot parse: the pixels as stored
         return image
-    return ImageOps.exif_transpose(image)
+    return image if orientation in (None, 1) else ImageOps.exif_transpose(image)
 
 
 def eight_bit(image):
