@@ -345,7 +345,9 @@ def live_holder(lock_file: str | pathlib.Path) -> dict | None:
     """`lock_holder`, where that process may still hold it: one on another host, or alive on this one (a killed
     holder leaves its record behind)."""
     holder = lock_holder(lock_file)
-    if holder is None or (holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", 0)))):
+    pid = holder.get("pid") if holder else None
+    if holder is None or (holder.get("host") == socket.gethostname()
+                          and not (isinstance(pid, int) and pid > 0 and _alive(pid))):
         return None
     return holder
 
