@@ -147,6 +147,10 @@ def test_ctrl_c_says_at_once_that_it_saves_and_a_second_one_says_what_it_abandon
         assert watch.reached(1)
         assert caplog.messages == ["Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again stops "
                                    "at once, without it)"]
+        os.kill(os.getpid(), signal.SIGINT)  # the same keypress, passed on by `jaxgen launch` a moment later
+        time.sleep(0.1)
+        assert watch.reached(1)
+        monkeypatch.setattr(preemption, "ONE_KEYPRESS_S", 0.0)  # a second keypress
         with pytest.raises(SystemExit, match="interrupted again before the checkpoint was saved; run the same "
                                              "command again to continue from the last one"):
             os.kill(os.getpid(), signal.SIGINT)
