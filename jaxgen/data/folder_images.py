@@ -98,9 +98,11 @@ def open_image(path: str | pathlib.Path):
     """
     from PIL import Image, UnidentifiedImageError
 
-    # Below twice the limit Pillow only warns, naming no file: such an image is refused below instead. (Each
-    # time: a test framework, or any caller's `catch_warnings`, restores the filters as they were.)
-    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    # Below twice the limit Pillow only warns, naming no file: such an image is refused below instead. Added
+    # where missing (a caller's `catch_warnings` restores the filters), never again per image: each change
+    # of the filters resets every module's record of warnings shown once, which then show again.
+    if not any(f[0] == "ignore" and f[2] is Image.DecompressionBombWarning for f in warnings.filters):
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     try:
         regular = stat.S_ISREG(os.stat(path).st_mode)
         if regular:  # a named pipe or a device would block the read for ever

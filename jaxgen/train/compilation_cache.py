@@ -11,6 +11,7 @@ the directory, instead of JAX's two lines per program.
 from __future__ import annotations
 
 import collections
+import glob
 import logging
 import os
 import pathlib
@@ -107,7 +108,7 @@ def remove_unreadable_entries(directory: pathlib.Path, program: str) -> int:
     from jax._src.compilation_cache import decompress_executable
 
     removed = 0
-    for entry in directory.glob(f"{program}-*{ENTRY_SUFFIX}"):
+    for entry in directory.glob(f"{glob.escape(program)}-*{ENTRY_SUFFIX}"):
         try:
             decompress_executable(entry.read_bytes())
         except OSError:

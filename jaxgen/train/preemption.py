@@ -51,8 +51,7 @@ class PreemptionWatch:
         signals = [signal.SIGINT] if self._multi_process else [signal.SIGTERM, signal.SIGINT]
         self._previous = {s: signal.signal(s, self._on_signal) for s in signals}
         self._previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_hangup)
-        self._first_ctrl_c: float | None = None  # when the watcher thread saw it
-        self._ctrl_c_at: float | None = None  # when the main thread's handler ran for it
+        self._first_ctrl_c: float | None = None  # when the watcher thread, or the main thread's handler, saw it
         self._told = False
         while_busy(self._at_once)
 
@@ -75,16 +74,14 @@ class PreemptionWatch:
             log.warning(SAVING[signum])
 
     def _on_signal(self, signum, frame) -> None:
-        now = time.monotonic()
         if signum == signal.SIGINT and self._ctrl_c:
             # The same keypress passed on twice runs this handler twice where the main thread handled the first
             # before the second came (a launcher slow to pass it on): that took it for a second Ctrl-C.
-            first = min(t for t in (self._first_ctrl_c, self._ctrl_c_at) if t is not None)
-            if now - first >= ONE_KEYPRESS_S:
+            if time.monotonic() - self._first_ctrl_c >= ONE_KEYPRESS_S:
                 exit_interrupted(again_line())  # Ctrl-C twice: stop now, without waiting for the save
             return
-        if signum == signal.SIGINT:
-            self._ctrl_c_at = now
+        if signum == signal.SIGINT and self._first_ctrl_c is None:  # unless the watcher thread saw it first
+            self._first_ctrl_c = time.monotonic()
         self._ctrl_c = self._ctrl_c or signum == signal.SIGINT
         if self._signalled is None:
             self._tell(signum)
