@@ -283,6 +283,25 @@ def test_config_refuses_unknown_eval_tasks():
     assert tiny_config("train.eval_tasks=hellaswag,piqa").train.eval_tasks == ("hellaswag", "piqa")
 
 
+def test_a_task_file_is_named_by_its_absolute_path_so_two_folders_never_share_a_result(tmp_path, monkeypatch):
+    from jaxgen.evals.tasks import parse_task_names
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    [from_a] = parse_task_names(["multiple_choice=mine.jsonl"])
+    monkeypatch.chdir(tmp_path / "b")
+    [from_b] = parse_task_names(["multiple_choice=./mine.jsonl"])
+    assert (from_a, from_b) == (f"multiple_choice={tmp_path / 'a' / 'mine.jsonl'}",
+                                f"multiple_choice={tmp_path / 'b' / 'mine.jsonl'}")
+    (tmp_path / "b" / "mine.jsonl").touch()
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "b" / "mine.jsonl")
+    for twice in (f"multiple_choice=mine.jsonl,multiple_choice={tmp_path / 'b' / 'mine.jsonl'}",
+                  f"multiple_choice=mine.jsonl,multiple_choice={tmp_path / 'link.jsonl'}"):
+        with pytest.raises(ConfigError, match="a task is named twice"):
+            parse_task_names([twice])
+
+
 def test_scores_on_a_sharded_model_equal_the_replicated_ones(trained, task_data):
     tasks = load_tasks(["hellaswag", "lambada"], task_data)
     scores = []

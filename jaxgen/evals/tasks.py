@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import pathlib
 import re
 from collections.abc import Callable
@@ -154,18 +155,27 @@ def known_names() -> str:
 
 def parse_task_names(specs: list[str]) -> list[str]:
     """Task names from comma-separated lists (`--tasks a,b --tasks multiple_choice=f.jsonl`), checked."""
-    names = [name.strip() for spec in specs for name in spec.split(",") if name.strip()]
-    for name in names:
-        kind, _, path = name.partition("=")
-        if kind == GENERIC and not path:
-            raise ConfigError(f"task {name!r} needs its file: {GENERIC}=FILE.jsonl")
-        if kind != GENERIC and name not in KNOWN:
-            close = difflib.get_close_matches(name, [*KNOWN, GENERIC], n=1, cutoff=0.6)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown task {name!r}{hint}; known tasks: {known_names()}")
-    if len(set(names)) != len(names):
+    names = [_task_name(name.strip()) for spec in specs for name in spec.split(",") if name.strip()]
+    # One file named twice (relative and absolute, or through a link) would be scored twice under two names.
+    same = [os.path.realpath(name.partition("=")[2]) if name.startswith(f"{GENERIC}=") else name for name in names]
+    if len(set(same)) != len(same):
         raise ConfigError(f"a task is named twice in {','.join(names)}")
     return names
+
+
+def _task_name(name: str) -> str:
+    """`name` checked; a multiple_choice=FILE task is named by the file's absolute path, so that results
+    recorded from another working directory stay apart from (or land on) the same file's, not a namesake's."""
+    kind, _, path = name.partition("=")
+    if kind == GENERIC:
+        if not path:
+            raise ConfigError(f"task {name!r} needs its file: {GENERIC}=FILE.jsonl")
+        return f"{GENERIC}={os.path.abspath(os.path.expanduser(path))}"
+    if name not in KNOWN:
+        close = difflib.get_close_matches(name, [*KNOWN, GENERIC], n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown task {name!r}{hint}; known tasks: {known_names()}")
+    return name
 
 
 def load_task(name: str, task_data: str | pathlib.Path | None) -> Task:
