@@ -300,6 +300,30 @@ def test_text_conditioning_names_the_first_line_without_a_caption(tmp_path):
                          caption_tokens=lambda captions: None)  # refused before any caption is tokenized
 
 
+def test_metadata_listing_an_image_twice_an_empty_caption_or_missing_images_is_warned_of(tmp_path, caplog):
+    metadata = write_split(tmp_path, [0, 1] * 5)
+    rows = [json.loads(line) for line in metadata.read_text().splitlines()]
+    rows[4]["text"] = "  "
+    rows.append(dict(rows[1]))  # line 11 lists 1.png again
+    save_png(tmp_path / "more" / "extra.png", pixels(99))  # in the folder, listed by no line
+    save_png(tmp_path / ".thumbs" / "0.png", pixels(98))  # hidden: not an image of the data set
+    metadata.write_text("\n".join(map(json.dumps, rows[:9])) + "\n")  # 9.png listed by no line either
+    metadata.write_text(metadata.read_text() + json.dumps(rows[-1]) + "\n")
+    from jaxgen.data import corpus
+
+    corpus._reported.clear()
+    with caplog.at_level(logging.WARNING, logger="jaxgen"):
+        open_images(config("images.source=folder", f"images.folder={tmp_path}", "model.num_classes=2"))
+    said = [r.getMessage() for r in caplog.records]
+    assert f"{metadata}:10 lists a file an earlier line lists too (1 such lines); each listing is a separate " \
+           "example, so those images train more often" in said
+    assert f"{metadata}:5 has an empty 'text' caption (1 of 10 lines); those images train on an empty prompt" in said
+    assert f"2 images in {tmp_path} are not listed in metadata.jsonl and are not read (e.g. '9.png')" in said
+    metadata.write_text(json.dumps({"file_name": "0.png", "label": 0, "text": ["a", "b"]}) + "\n")
+    with pytest.raises(DataError, match=rf"^{metadata}:1 has 'text' \['a', 'b'\]; a caption is text$"):
+        open_images(config("images.source=folder", f"images.folder={tmp_path}", "model.num_classes=2"))
+
+
 def test_a_resume_refuses_class_folders_removed_or_added(class_folders, tmp_path):
     """`rm -rf DIR/ant` renumbered bee and cat to the labels ant and bee had, and the resumed run went on."""
     import shutil

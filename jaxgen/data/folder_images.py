@@ -248,6 +248,8 @@ def _metadata_rows(root: pathlib.Path, label_key: str, caption_key: str) -> list
             file = (root / row["file_name"]).resolve()
             if not file.is_relative_to(inside) or not file.is_file():
                 raise DataError(f"{path}:{number} names {row['file_name']!r}, which is not a file inside {root}")
+            if isinstance(row.get(caption_key), (dict, list, bool)):
+                raise DataError(f"{path}:{number} has {caption_key!r} {row[caption_key]!r}; a caption is text")
             if label_key not in row and caption_key not in row:
                 raise DataError(f"{path}:{number} has neither a label (images.label_key={label_key!r}) nor a caption "
                                 f"(images.caption_key={caption_key!r})")
@@ -261,6 +263,7 @@ def _from_metadata(root: pathlib.Path, label_key: str, caption_key: str, classes
                    num_classes: int | None) -> Listing:
     path, rows = root / METADATA, _metadata_rows(root, label_key, caption_key)
     files = [file for _, file, _, _ in rows]
+    _warn_of_odd_listings(root, rows, caption_key)
     lacking = [number for number, _, _, caption in rows if caption is None]
     captions = None if lacking else [str(caption) for *_, caption in rows]
     uncaptioned = None if not lacking else (
@@ -287,6 +290,27 @@ def _from_metadata(root: pathlib.Path, label_key: str, caption_key: str, classes
             raise DataError(f"{path}: class {unknown!r} is not among the training classes")
         return Listing(files, [classes.index(label) for label in given], captions, classes, uncaptioned)
     raise DataError(f"{path}: {label_key!r} must be all non-negative integers or all class names")
+
+
+def _warn_of_odd_listings(root: pathlib.Path, rows: list[tuple], caption_key: str) -> None:
+    """What metadata.jsonl most likely lists by mistake, as warnings: a file listed twice (it trains twice as
+    often), an empty caption, and images beside it that no line lists (they are never read)."""
+    path, first_line = root / METADATA, {}
+    twice = [number for number, file, _, _ in rows if first_line.setdefault(file, number) != number]
+    if twice:
+        warn_once(f"{path} twice", f"{path}:{twice[0]} lists a file an earlier line lists too ({len(twice):,} such "
+                                   "lines); each listing is a separate example, so those images train more often")
+    blank = [number for number, _, _, caption in rows if isinstance(caption, str) and not caption.strip()]
+    if blank:
+        warn_once(f"{path} blank", f"{path}:{blank[0]} has an empty {caption_key!r} caption ({len(blank):,} of "
+                                   f"{len(rows):,} lines); those images train on an empty prompt")
+    inside = root.resolve()  # the lines' files are resolved; an image is resolved only where that differs
+    unlisted = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                      and not hidden(p.relative_to(root)) and inside / p.relative_to(root) not in first_line
+                      and p.resolve() not in first_line)
+    if unlisted:
+        warn_once(f"{path} unlisted", f"{len(unlisted):,} images in {root} are not listed in {METADATA} and are "
+                                      f"not read (e.g. {str(unlisted[0].relative_to(root))!r})")
 
 
 def folder_listings(images: ImagesConfig, num_classes: int | None) -> tuple[list[tuple[pathlib.Path, Listing]],
