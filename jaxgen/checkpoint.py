@@ -59,7 +59,7 @@ from jaxgen.errors import (
     os_error_words,
     system_error_code,
 )
-from jaxgen.files import write_atomic
+from jaxgen.files import absolute, write_atomic
 from jaxgen.integrity import differing, json_digest, start_tree_digest, tree_digest
 
 log = logging.getLogger("jaxgen")
@@ -147,7 +147,7 @@ class Checkpointer:
     def __init__(self, directory: pathlib.Path, cfg: CheckpointConfig, writer: bool = True):
         self.cfg = cfg
         self.writer = writer
-        self.directory = pathlib.Path(directory)
+        self.directory = absolute(directory)  # as the kernel reads any ".." (TensorStore would read it as text)
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=cfg.async_save,
             # Leftovers of a save that died half-way are removed, never loaded.
@@ -255,7 +255,7 @@ class Checkpointer:
             committed = committed_steps(self.directory)
             safe = f"step {committed[-1]} is intact" if committed else "no earlier checkpoint exists"
             code = system_error_code(err)
-            reason = os_error_words(code) if code else first_line(err, 400)
+            reason = os_error_words(code, self.directory) if code else first_line(err, 400)
             if "Barrier timed out" in str(err):  # a process's own write error stays behind the barrier
                 reason = (f"the processes did not all finish their parts within checkpoint.save_timeout_minutes="
                           f"{self.cfg.save_timeout_minutes:g} (a write that failed on some host, e.g. a full disk, "
@@ -498,7 +498,7 @@ def committed_checkpoint(path: str | pathlib.Path, step: int | None, what: str) 
     """(checkpoints directory, step) of the committed checkpoint `path` names: a run directory, its `checkpoints`
     directory or one step directory (then `step` must be None); default step: the newest. `what` names the
     source in messages."""
-    path = pathlib.Path(path).absolute()
+    path = absolute(path)
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
     if path.name.isdigit() and ((path / "state").is_dir() or path.parent.name == "checkpoints"):

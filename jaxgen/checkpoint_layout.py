@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import pathlib
 
+from jaxgen.files import absolute
+
 CHECKSUMS = "jaxgen_checksums.json"  # written last: a step directory holding it is committed
 
 
 def checkpoint_dir(run_dir: pathlib.Path) -> pathlib.Path:
-    return pathlib.Path(run_dir).absolute() / "checkpoints"
+    return absolute(run_dir) / "checkpoints"
 
 
 def step_dirs(directory: pathlib.Path) -> list[int]:

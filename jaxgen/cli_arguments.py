@@ -151,8 +151,11 @@ def directory_to_write(text: str) -> str:
         raise argparse.ArgumentTypeError("an empty path; give a directory")
     try:
         text.encode("utf-8")
-    except UnicodeEncodeError:  # a non-UTF-8 locale's bytes: the checkpoint writer takes only UTF-8 paths
-        raise argparse.ArgumentTypeError(f"{text!r} is not a UTF-8 path (the locale is {sys.getfilesystemencoding()}); "
-                                         "set a UTF-8 locale (e.g. LANG=C.UTF-8) or give another path") from None
+    except UnicodeEncodeError:  # the checkpoint writer takes only UTF-8 paths
+        shown = os.fsencode(text).decode("ascii", "backslashreplace")
+        if sys.getfilesystemencoding().lower().replace("-", "") == "utf8":  # bytes that are no UTF-8 text
+            raise argparse.ArgumentTypeError(f"'{shown}' is not a UTF-8 path; give a UTF-8 name") from None
+        raise argparse.ArgumentTypeError(f"'{shown}' is not a UTF-8 path (the locale is {sys.getfilesystemencoding()}"
+                                         "); set a UTF-8 locale (e.g. LANG=C.UTF-8) or give another path") from None
     refuse_unwritable_place(text, directory=True)
     return text

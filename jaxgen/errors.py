@@ -134,8 +134,23 @@ _CLOSED_OUTPUT = "the pipe this command's output or log goes to was closed by it
 _TENSORSTORE_OS_ERROR = re.compile(r"\[os_error_code='(\d+)'\]")
 
 
-def os_error_words(code: int) -> str:
+def os_error_words(code: int, where: str | os.PathLike | None = None) -> str:
+    """`code` in words; a full disk at `where` that still has room for data but can take no new file is said to
+    be out of inodes, where `df -h` would show free space and the words 'no space left' mislead."""
+    if code == errno.ENOSPC and where is not None and _out_of_inodes(where):
+        return "no free inodes left on device (the file system can make no more files, though space remains)"
     return _OS_ERROR_WORDS.get(code) or os.strerror(code)
+
+
+def _out_of_inodes(where: str | os.PathLike) -> bool:
+    place = os.path.abspath(where)
+    while not os.path.exists(place) and os.path.dirname(place) != place:
+        place = os.path.dirname(place)
+    try:
+        usage = os.statvfs(place)
+    except OSError:
+        return False
+    return usage.f_files > 0 and usage.f_ffree == 0 and usage.f_bavail > 0
 
 
 def system_error_code(err: BaseException) -> int | None:
@@ -151,8 +166,8 @@ def system_error_code(err: BaseException) -> int | None:
 
 def describe_os_error(err: OSError) -> str:
     """'PATH: no space left on device' — the file and the reason in words."""
-    words = (os_error_words(err.errno) if err.errno else None) or err.strerror or str(err)
     names = [str(n) for n in (err.filename, err.filename2) if n is not None]
+    words = (os_error_words(err.errno, names[0] if names else None) if err.errno else None) or err.strerror or str(err)
     if not names and err.errno == errno.EPIPE:
         return _CLOSED_OUTPUT
     return f"{' -> '.join(names)}: {words}" if names else words

@@ -29,6 +29,7 @@ import datetime
 import errno
 import fcntl
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -51,7 +52,7 @@ def _temporary_sibling(path: pathlib.Path, kind: str) -> pathlib.Path:
 
     Leftovers of processes of this host that died (killed while writing) are removed first.
     """
-    prefix = f".{path.name}.{kind}-{socket.gethostname()}-"
+    prefix = f"{hidden_beside(path, kind).name}-{socket.gethostname()}-"
     for leftover in path.parent.glob(glob.escape(prefix) + "*"):
         pid = leftover.name[len(prefix):].removesuffix(".removed")  # (.removed: see _discard)
         if pid.isdigit() and not _alive(int(pid)):
@@ -59,17 +60,40 @@ def _temporary_sibling(path: pathlib.Path, kind: str) -> pathlib.Path:
     return path.with_name(f"{prefix}{os.getpid()}")
 
 
+def absolute(path: str | os.PathLike) -> pathlib.Path:
+    """`path` made absolute as the kernel follows it. A '..' after a symbolic link leads to the parent of the
+    link's target, not back beside the link; normalizing the text (os.path.abspath, and TensorStore does it to
+    every checkpoint path) gets that wrong and put one run's checkpoints half in each of two folders. So a path
+    holding '..' is resolved, links and all; any other keeps the names it was given."""
+    path = pathlib.Path(path)
+    return pathlib.Path(os.path.realpath(path)) if ".." in path.parts else path.absolute()
+
+
+def hidden_beside(path: pathlib.Path, kind: str) -> pathlib.Path:
+    """`.NAME.KIND` beside `path`; where NAME's UTF-8 is over 180 bytes, its start and a digest of the whole. A
+    hidden name built on an output's must fit the file system's 255 bytes a name (with a host, a process number
+    and `.removed` added) whatever the output's own name, and stay the same for the same name (leftovers and
+    locks are found by it)."""
+    encoded = path.name.encode("utf-8", "surrogateescape")
+    name = path.name if len(encoded) <= 180 else (
+        encoded[:163].decode("utf-8", "ignore") + "~" + hashlib.sha256(encoded).hexdigest()[:16])
+    return path.with_name(f".{name}.{kind}")
+
+
 def nearest_existing(path: str | pathlib.Path) -> pathlib.Path:
     """`path` made absolute, or its nearest ancestor that exists: where an output not made yet will go."""
-    absolute = pathlib.Path(os.path.abspath(path))
-    return next(p for p in (absolute, *absolute.parents) if p.exists())
+    path = absolute(path)
+    return next(p for p in (path, *path.parents) if p.exists())
 
 
 def unwritable_place(text: str, directory: bool = False) -> str | None:
     """Why output path `text` (a file, or a `directory`) is not one this process can make, else None: its nearest
     existing folder (parents are made when it is written) must be a directory that takes new files. Tried as
     writing would, with a trial file, so a read-only, foreign or special folder is named before the work."""
-    path = pathlib.Path(os.path.abspath(text))
+    path = absolute(text)
+    if (link := _dangling_link(path if directory else path.parent)) is not None:
+        what = "is" if link == path else f"leads through {str(link)!r},"
+        return f"{text!r} {what} a symbolic link to {os.readlink(link)!r}, {_leads_nowhere(link)}"
     place = nearest_existing(path if directory else path.parent)
     if not place.is_dir():
         wanted = "give a directory" if directory else "give a file's path in a directory"
@@ -79,6 +103,21 @@ def unwritable_place(text: str, directory: bool = False) -> str | None:
         return (f"{text!r} cannot be written: {str(place)!r} takes no new files "
                 f"(a trial file there failed: {(err.strerror or str(err)).lower()})")
     return None
+
+
+def _dangling_link(path: pathlib.Path) -> pathlib.Path | None:
+    """The first of `path` and its ancestors that is a symbolic link leading nowhere (its target missing, or a
+    loop of links): what would be made there cannot be, and `mkdir` says only that it already exists."""
+    return next((p for p in (*reversed(path.parents), path) if p.is_symlink() and not p.exists()), None)
+
+
+def _leads_nowhere(link: pathlib.Path) -> str:
+    try:
+        os.stat(link)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "one of a loop of links leading to each other; give another path"
+    return "which does not exist; make its target first, or give another path"
 
 
 def trial_file_fails(folder: str | pathlib.Path) -> OSError | None:

@@ -502,3 +502,22 @@ def test_a_hand_made_folder_with_a_number_for_a_name_is_no_step(tmp_path):
     for name in ("7", "007", "08", "notes", "12"):
         (tmp_path / name).mkdir()
     assert step_dirs(tmp_path) == [7, 12]
+
+
+def test_a_run_directory_named_with_dotdot_after_a_link_keeps_its_checkpoints_in_one_place(tmp_path, devices):
+    """`--run-dir runs/scratch/../r` with `scratch` a link elsewhere: the kernel puts `r` beside the link's target,
+    while TensorStore read '..' as text and wrote the arrays beside the link; every checkpoint then read as damaged."""
+    (tmp_path / "elsewhere" / "sub").mkdir(parents=True)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "scratch").symlink_to(tmp_path / "elsewhere" / "sub")
+    run_dir = tmp_path / "runs" / "scratch" / ".." / "r"
+    assert checkpoint_dir(run_dir) == tmp_path / "elsewhere" / "r" / "checkpoints"
+    cfg = tiny_config("mesh.data=1")
+    training = build_training(cfg, make_mesh(cfg.mesh, devices[:1]))
+    state = training.init_state()
+    saver = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+    saver.save(1, state, {}, {})
+    saver.wait()
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_dir() and p.name == "r") == ["r"]  # one place
+    restored = Checkpointer(checkpoint_dir(run_dir), cfg.checkpoint, writer=False).restore(training.layout.target, 1)
+    assert_trees_equal(jax.device_get(restored.state), jax.device_get(state))

@@ -304,6 +304,48 @@ def test_file_system_errors_are_named_in_words(tmp_path, monkeypatch):
     assert a_file.read_text() == "x"
 
 
+def test_a_file_system_out_of_inodes_is_not_called_out_of_space(tmp_path, monkeypatch):
+    """A tmpfs out of inodes said 'no space left on device' while `df -h` showed it half empty."""
+    import collections
+
+    from jaxgen.errors import os_error_words
+
+    usage = collections.namedtuple("usage", "f_files f_ffree f_bavail")
+    monkeypatch.setattr(os, "statvfs", lambda place: usage(64, 0, 12_000))
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "metrics.jsonl"))
+    assert describe(full)[0] == (f"error: {tmp_path / 'run' / 'metrics.jsonl'}: no free inodes left on device (the "
+                                 "file system can make no more files, though space remains)")
+    monkeypatch.setattr(os, "statvfs", lambda place: usage(64, 3, 0))
+    assert os_error_words(errno.ENOSPC, tmp_path) == "no space left on device"
+
+
+def test_a_link_leading_nowhere_is_named_and_a_name_of_any_legal_length_is_written(tmp_path):
+    """A dangling link as --run-dir said '<dir>: already exists' after the devices were set up; a 250-byte --out
+    failed at the end, naming a hidden temporary name 'too long' (the output's name plus a suffix)."""
+    from jaxgen.files import building, unwritable_place
+
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    (tmp_path / "loop1").symlink_to("loop2")
+    (tmp_path / "loop2").symlink_to("loop1")
+    refused(run_jaxgen("train", "--run-dir", str(tmp_path / "dangling"), "train.steps=1"),
+            says=f"--run-dir '{tmp_path / 'dangling'}' is a symbolic link to '{tmp_path / 'gone'}', which does not "
+                 "exist; make its target first, or give another path")
+    assert unwritable_place(str(tmp_path / "dangling" / "run"), directory=True) == (
+        f"'{tmp_path / 'dangling' / 'run'}' leads through '{tmp_path / 'dangling'}', a symbolic link to "
+        f"'{tmp_path / 'gone'}', which does not exist; make its target first, or give another path")
+    assert unwritable_place(str(tmp_path / "loop1" / "x.png")) == (
+        f"'{tmp_path / 'loop1' / 'x.png'}' leads through '{tmp_path / 'loop1'}', a symbolic link to 'loop2', one of "
+        "a loop of links leading to each other; give another path")
+    long_name = "é" * 127  # 254 bytes: legal, with no room for a suffix
+    write_atomic(tmp_path / long_name, b"x")
+    with building(tmp_path / (long_name[:-1] + "d")) as partial:
+        (partial / "f").write_bytes(b"y")
+    assert (tmp_path / long_name).read_bytes() == b"x"
+    assert (tmp_path / (long_name[:-1] + "d") / "f").read_bytes() == b"y"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["dangling", "loop1", "loop2", long_name,
+                                                                  long_name[:-1] + "d"])
+
+
 def test_a_file_that_could_not_be_written_is_named_and_the_old_one_kept(tmp_path):
     kept = tmp_path / "grid.png"
     kept.write_bytes(b"before")

@@ -1,6 +1,7 @@
 """A user's config mistakes each get one clear message before any device work."""
 
 import json
+import sys
 
 import pytest
 
@@ -239,12 +240,17 @@ def test_a_config_given_as_a_pipe_or_a_device_is_read_and_standard_input_is_refu
         load_config("-")
 
 
-def test_a_run_directory_that_is_not_utf_8_is_refused_before_anything_starts():
+def test_a_run_directory_that_is_not_utf_8_is_refused_before_anything_starts(monkeypatch):
     """In a non-UTF-8 locale, a non-ASCII --run-dir failed as `unexpected UnicodeEncodeError`, then (once past
     that) as a checkpoint write the writer's C++ could not take."""
     import argparse
 
     from jaxgen.cli_arguments import directory_to_write
 
-    with pytest.raises(argparse.ArgumentTypeError, match=r"is not a UTF-8 path \(the locale is \S+\); set a UTF-8 "):
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^'runs/bad\\xffname' is not a UTF-8 path; give a UTF-8 "
+                                                         r"name$"):  # a UTF-8 locale: the locale is not to blame
+        directory_to_write("runs/bad\udcffname")
+    monkeypatch.setattr(sys, "getfilesystemencoding", lambda: "ascii")
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^'runs/caf\\xc3\\xa9' is not a UTF-8 path \(the locale is "
+                                                         r"ascii\); set a UTF-8 locale"):
         directory_to_write("runs/caf\udcc3\udca9")

@@ -42,7 +42,7 @@ from jaxgen.data.corpus import InvalidUtf8, is_parquet, iter_documents, looks_bi
 from jaxgen.data.splits import HoldOut
 from jaxgen.data.tokenizer import Tokenizer, keep_tokenizer
 from jaxgen.errors import ConfigError, DataError, listed
-from jaxgen.files import DirectoryLock, building, write_atomic
+from jaxgen.files import DirectoryLock, building, hidden_beside, write_atomic
 from jaxgen.interrupts import undone_on_leaving
 
 PREPARED_MARKER = "jaxgen_dataset.json"
@@ -166,7 +166,7 @@ def prepare_dataset(input_pattern: str, out: str | pathlib.Path, *, field: str =
 
 
 def prepare_lock_file(out: pathlib.Path) -> pathlib.Path:
-    return out.with_name(f".{out.name}.prepare.lock")
+    return hidden_beside(out, "prepare.lock")
 
 
 @contextlib.contextmanager

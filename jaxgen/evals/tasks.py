@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from jaxgen.errors import ConfigError, DataError
 from jaxgen.evals.task_files import field, read_records, require_fields, split_files
+from jaxgen.files import absolute
 
 TARGET_DELIMITER = " "  # between a context and its continuation, as the harness's default
 
@@ -170,7 +171,7 @@ def _task_name(name: str) -> str:
     if kind == GENERIC:
         if not path:
             raise ConfigError(f"task {name!r} needs its file: {GENERIC}=FILE.jsonl")
-        return f"{GENERIC}={os.path.abspath(os.path.expanduser(path))}"
+        return f"{GENERIC}={absolute(os.path.expanduser(path))}"
     if name not in KNOWN:
         close = difflib.get_close_matches(name, [*KNOWN, GENERIC], n=1, cutoff=0.6)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
