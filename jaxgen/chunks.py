@@ -7,7 +7,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
+
+from jaxgen.progress import progress_bar
 
 
 def padded_chunks(rows: Any, size: int) -> Iterator[tuple[Any, int]]:
@@ -29,8 +30,8 @@ def map_chunks(fn: Callable[[Any, int], Any], rows: Any, size: int, progress: st
     chunks = padded_chunks(rows, size)
     if progress is not None:
         total = -(-len(jax.tree.leaves(rows)[0]) // size)
-        chunks = tqdm(chunks, total=total, desc=progress, unit="batch", leave=False, dynamic_ncols=True,
-                      disable=total < 2)
+        chunks = progress_bar(chunks, total=total, desc=progress, unit="batch", leave=False, dynamic_ncols=True,
+                              disable=total < 2)
     parts = [jax.tree.map(lambda out: np.asarray(out)[:count], jax.device_get(fn(chunk, index)))
              for index, (chunk, count) in enumerate(chunks)]
     if not parts:

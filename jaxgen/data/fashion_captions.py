@@ -17,11 +17,11 @@ import json
 import pathlib
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from jaxgen.data.idx_images import PARTS, idx_part
 from jaxgen.errors import DataError
 from jaxgen.files import building
+from jaxgen.progress import progress_bar
 
 CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
 SHADES = ("dark", "mid-grey", "light")
@@ -71,7 +71,7 @@ def write_fashion_captions(idx: pathlib.Path, out: pathlib.Path) -> dict:
             rows = captions(*shade_and_width(records.images[..., 0]), records.labels, shade_cuts, width_cuts)
             (tmp / split).mkdir()
             lines = []
-            for i, row in enumerate(tqdm(rows, desc=split, unit="image", mininterval=1.0)):
+            for i, row in enumerate(progress_bar(rows, desc=split, unit="image", mininterval=1.0)):
                 name = f"{i:05d}.png"
                 Image.fromarray(records.images[i, ..., 0]).save(tmp / split / name)
                 lines.append(json.dumps({"file_name": name, **row}))

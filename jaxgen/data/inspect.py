@@ -11,7 +11,6 @@ import pathlib
 import tempfile
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from jaxgen.config import Config
 from jaxgen.config_models import TEXT_MODEL_KINDS
@@ -21,6 +20,7 @@ from jaxgen.data.sources import describe, places, shuffle_settings
 from jaxgen.data.splits import Shard
 from jaxgen.data.tokenizer import Tokenizer
 from jaxgen.errors import ConfigError
+from jaxgen.progress import progress_bar
 
 
 def inspection_tokenizer(cfg: Config) -> Tokenizer:
@@ -46,8 +46,8 @@ def inspect_data(cfg: Config, batches: int, tokenizer: Tokenizer) -> dict:
 
     train = train_batches(data, tokenizer, Shard(), origins=True)
     try:
-        first = [starting(next(train)) for _ in tqdm(range(batches), unit="batch", desc="inspect", leave=False,
-                                                    disable=batches < 10)]
+        first = [starting(next(train)) for _ in progress_bar(range(batches), unit="batch", desc="inspect",
+                                                             leave=False, disable=batches < 10)]
     finally:
         train.close()
     held_out = held_out_set(data, tokenizer, cfg.train.eval_batches, origins=True)

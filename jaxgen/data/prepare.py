@@ -35,7 +35,6 @@ import socket
 from collections.abc import Iterator
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from jaxgen.config import DataConfig
 from jaxgen.data.corpus import InvalidUtf8, is_parquet, iter_documents, looks_binary, resolve_files
@@ -44,6 +43,7 @@ from jaxgen.data.tokenizer import Tokenizer, keep_tokenizer
 from jaxgen.errors import ConfigError, DataError, listed
 from jaxgen.files import DirectoryLock, building, hidden_beside, write_atomic
 from jaxgen.interrupts import undone_on_leaving
+from jaxgen.progress import progress_bar
 
 PREPARED_MARKER = "jaxgen_dataset.json"
 DATASET_NAME = "corpus"
@@ -218,7 +218,7 @@ def _write_dataset(files: list[pathlib.Path], input_pattern: str, partial: pathl
     writers = {split: ShardedSplitWriter(partial, split, shard_size) for split in SPLITS}
     n_tokens = 0
     documents = iter_documents(files, field, invalid_utf8)
-    for ordinal, text in enumerate(tqdm(documents, unit="doc", disable=not progress, desc="prepare")):
+    for ordinal, text in enumerate(progress_bar(documents, unit="doc", disable=not progress, desc="prepare")):
         if tokenizer:
             ids = tokenizer.encode_document(text)
             n_tokens += len(ids)

@@ -28,11 +28,11 @@ import os
 import pathlib
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from jaxgen.data.images import shape_coverage
 from jaxgen.errors import DataError
 from jaxgen.files import building, nearest_existing
+from jaxgen.progress import progress_bar
 
 KINDS = ("circle", "square", "triangle", "cross")
 COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 240), "yellow": (235, 215, 40),
@@ -224,7 +224,8 @@ def write_shapes_folder(out: pathlib.Path, count: int, seed: int = 0, size: int 
     counts = split_counts(count, held_out_fraction)
     check_room(out, count, seed, size)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with building(out) as tmp, tqdm(total=count, unit="image", desc="shapes", leave=False, disable=not progress) as bar:
+    with building(out) as tmp, progress_bar(total=count, unit="image", desc="shapes", leave=False,
+                                            disable=not progress) as bar:
         for split, n in counts.items():
             (tmp / split).mkdir()
             with open(tmp / split / "metadata.jsonl", "w", encoding="utf-8") as metadata:

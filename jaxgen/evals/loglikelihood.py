@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from tqdm.auto import tqdm
 
 from jaxgen.data.tokenizer import Tokenizer
+from jaxgen.progress import progress_bar
 from jaxgen.sharding import BATCH_AXES, Rules, data_parallel_size, replicated, with_rules
 
 MIN_BUCKET = 16
@@ -110,7 +110,7 @@ class Scorer:
         results: list[Score | None] = [None] * len(rows)
         show = progress is not None and jax.process_index() == 0
         pending = None  # the batch on the device: fetched after the next is dispatched, so the host never idles it
-        for batch in tqdm(batches, desc=progress, unit="batch", disable=not show, dynamic_ncols=True):
+        for batch in progress_bar(batches, desc=progress, unit="batch", disable=not show, dynamic_ncols=True):
             length = bucket_length(len(rows[batch[0]][0]), self.window)
             inputs, targets, mask = (np.zeros((size, length), dtype) for dtype in (np.int32, np.int32, bool))
             for row, i in enumerate(batch):

@@ -12,7 +12,6 @@ import pathlib
 from collections.abc import Iterator
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from jaxgen.config import IMAGE_SOURCES, Config
 from jaxgen.data.image_batches import ModelInput
@@ -25,6 +24,7 @@ from jaxgen.diffusion.latents import measure_scale
 from jaxgen.errors import ConfigError, DataError
 from jaxgen.files import building, write_atomic
 from jaxgen.outputs.frozen_autoencoder import BATCH, FrozenAutoencoder, autoencoder_config, load_autoencoder
+from jaxgen.progress import progress_bar
 
 log = logging.getLogger("jaxgen")
 
@@ -85,7 +85,8 @@ def _write(source: ImageSource, autoencoder: FrozenAutoencoder, description: str
     log.info("latent scale %.6g (%s)", autoencoder.scale, scale_from)
     writers = {part: ShardedSplitWriter(partial, f"latents-{part}", shard_size) for part in PARTS}
     captioned, num_classes = True, 0
-    with tqdm(total=sum(source.size(p) for p in PARTS), unit="image", desc="encode", disable=not progress) as bar:
+    with progress_bar(total=sum(source.size(p) for p in PARTS), unit="image", desc="encode",
+                      disable=not progress) as bar:
         for part, writer in writers.items():
             for images, labels, captions in _batches(source, part):
                 for latents, label, caption in zip(autoencoder.encode(images), labels, captions, strict=True):

@@ -17,7 +17,6 @@ import sys
 import time
 
 import jax
-from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from jaxgen import __version__, strict_json
@@ -54,6 +53,7 @@ from jaxgen.metrics import (
     read_metrics,
     run_peak,
 )
+from jaxgen.progress import progress_bar
 from jaxgen.sharding import data_parallel_size, make_mesh
 from jaxgen.tasks import keep_frozen_inputs, make_task, with_frozen_settings
 from jaxgen.tasks.layout import MAIN_GROUP
@@ -243,8 +243,8 @@ def _train(cfg: Config, run_dir: pathlib.Path, training: Training, ckpt: Checkpo
     # ------------------------------------------------------------------ actions
     peak = run_peak(cfg.train.peak_flops_per_device, cfg.model.compute_dtype, mesh.size)  # measured when first read
     meter = ThroughputMeter(task.units_per_batch(), task.flops_per_unit(), peak, start_step)
-    bar = tqdm(total=cfg.train.steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=0.5,
-               disable=not (jax.process_index() == 0 and cfg.logging.progress_bar))
+    bar = progress_bar(total=cfg.train.steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=0.5,
+                       disable=not (jax.process_index() == 0 and cfg.logging.progress_bar))
     records = StepRecords(cfg, task, writer, meter, bar, progress)
     evaluate = Evaluate(cfg, training, eval_set, writer, meter, bar, progress)
     save = Save(cfg, ckpt, meta, writer, progress)
