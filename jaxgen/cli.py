@@ -371,6 +371,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv or os.environ.get("JAXGEN_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]  # accepted anywhere, not only before the command
+    # A console that cannot show a character (PYTHONIOENCODING=ascii; a path's undecodable bytes) gets an escape
+    # for it: a finished run's summary or a sample's text must not fail over a character.
+    with contextlib.suppress(AttributeError, ValueError):
+        sys.stdout.reconfigure(errors="backslashreplace")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("jaxgen").setLevel(logging.INFO)
     if not debug:

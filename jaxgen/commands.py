@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import errno
 import json
 import logging
 import os
@@ -13,16 +14,57 @@ import pathlib
 import shlex
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from jaxgen import distributed, strict_json
 from jaxgen.cli_arguments import directory_to_write
 from jaxgen.config import RUN_CONFIG_DAMAGED, load_config
-from jaxgen.errors import ConfigError, UsageError
+from jaxgen.errors import ConfigError, OutputWriteError, UsageError, os_error_words
 from jaxgen.interrupts import advise, again, end_cleanly_on_ctrl_c, name_the_run_dir, streamed
 from jaxgen.outputs.run_dir_check import check_outside_checkpoints, check_run_dir, check_step
 
 RUNS_FOLDER = "runs"  # where a train without --run-dir puts its run, under the working directory
+
+
+def report(text: str, done: str) -> None:
+    """Print what a finished command made; `done` says where it is. Where stdout cannot take it (a reader that
+    has gone, a full disk behind it) the work is still whole: a warning says so and where, and the command
+    succeeds (a job script would otherwise retry, and be refused by the output it already made)."""
+    try:
+        print(text, flush=True)
+    except OSError as err:
+        logging.getLogger("jaxgen").warning("standard output could not be written (%s); %s", stdout_failure(err),
+                                            done)
+
+
+def stdout_failure(err: OSError) -> str:
+    """Why stdout failed, in words; and stdout is pointed at nothing from here on, so that Python's own flush as
+    the process ends does not fail again (with a traceback and status 120)."""
+    with contextlib.suppress(OSError, ValueError):
+        sink = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(sink, sys.stdout.fileno())
+        os.close(sink)
+    return "its reader has gone: broken pipe" if err.errno == errno.EPIPE else (
+        os_error_words(err.errno) if err.errno else str(err))
+
+
+class ShownWhileItCan:
+    """`on_result` for results that are also recorded: once showing one fails (stdout's reader gone, a full
+    disk behind it), the rest are scored and recorded without it, and `raise_failure` names it at the end."""
+
+    def __init__(self, show: Callable[[dict], None], recorded: str):
+        self.show, self.recorded, self.failure = show, recorded, None
+
+    def __call__(self, result: dict) -> None:
+        if self.failure is None:
+            try:
+                self.show(result)
+            except OSError as err:
+                self.failure = stdout_failure(err)
+
+    def raise_failure(self) -> None:
+        if self.failure is not None:
+            raise OutputWriteError(f"standard output could not be written ({self.failure}); {self.recorded}")
 
 
 def default_run_dir(config_path: str | None) -> pathlib.Path:
@@ -61,10 +103,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not distributed.reports_results():
         return 0
     sample = summary.pop("sample", None)
-    print(strict_json.dumps(summary, indent=2))
-    if sample is not None:
-        print(f"\nsample: {sample}")
-    print(f"\nrun directory: {run_dir}")
+    report(strict_json.dumps(summary, indent=2) + ("" if sample is None else f"\n\nsample: {sample}")
+           + f"\n\nrun directory: {run_dir}", f"the run is complete in {run_dir}")
     return 0
 
 
@@ -89,7 +129,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     summary = prepare_dataset(args.input, args.out, field=args.field, tokenizer=tokenizer,
                               validation_every_nth=args.validation_every_nth, validation_block=args.validation_block,
                               invalid_utf8=args.invalid_utf8)
-    print(json.dumps(summary, indent=2))
+    report(json.dumps(summary, indent=2), f"the dataset is complete in {args.out}")
     return 0
 
 
@@ -108,7 +148,7 @@ def cmd_data_prepare_latents(args: argparse.Namespace) -> int:
         raise UsageError("--images SOURCE needs --autoencoder RUN_DIR: the autoencoder run that encodes the images")
     manifest = prepare_latent_dataset(args.images, args.autoencoder, args.out, caption_key=args.caption_key,
                                       label_key=args.label_key, step=args.step)
-    print(json.dumps(manifest, indent=2))
+    report(json.dumps(manifest, indent=2), f"the dataset is complete in {args.out}")
     return 0
 
 
@@ -116,21 +156,23 @@ def cmd_data_g2p(args: argparse.Namespace) -> int:
     from jaxgen.data.g2p import write_g2p_jsonl
 
     count = write_g2p_jsonl(pathlib.Path(args.out))
-    print(json.dumps({"out": args.out, "pairs": count}))
+    report(json.dumps({"out": args.out, "pairs": count}), f"{args.out} is complete")
     return 0
 
 
 def cmd_data_synth_shapes(args: argparse.Namespace) -> int:
     from jaxgen.data.synth_shapes import write_shapes_folder
 
-    print(json.dumps(write_shapes_folder(pathlib.Path(args.out), args.count, args.seed, args.size, progress=True)))
+    summary = write_shapes_folder(pathlib.Path(args.out), args.count, args.seed, args.size, progress=True)
+    report(json.dumps(summary), f"the images are complete in {args.out}")
     return 0
 
 
 def cmd_data_fashion_captions(args: argparse.Namespace) -> int:
     from jaxgen.data.fashion_captions import write_fashion_captions
 
-    print(json.dumps(write_fashion_captions(pathlib.Path(args.idx), pathlib.Path(args.out))))
+    report(json.dumps(write_fashion_captions(pathlib.Path(args.idx), pathlib.Path(args.out))),
+           f"the images are complete in {args.out}")
     return 0
 
 
@@ -159,7 +201,8 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     except FileExistsError:  # a tokenizer someone trained meanwhile (two jobs, one --out) is never replaced
         raise UsageError(f"--out {args.out!r} was written by another process while this one trained; it is kept "
                          "as that process wrote it, and this one's tokenizer is not: choose a new path") from None
-    print(json.dumps({"out": str(tokenizer.path), "vocab_size": tokenizer.vocab_size, "sha256": tokenizer.sha256}))
+    report(json.dumps({"out": str(tokenizer.path), "vocab_size": tokenizer.vocab_size, "sha256": tokenizer.sha256}),
+           f"the tokenizer is complete in {tokenizer.path}")
     return 0
 
 
@@ -210,15 +253,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.tasks:
         from jaxgen.evals.benchmark import evaluate_benchmarks, print_table
 
+        shown = ShownWhileItCan(print_table, f"the results are recorded in {args.run_dir}/evals/")
         evaluate_benchmarks(args.run_dir, args.tasks, args.task_data, args.step, args.overrides, all_steps=args.all,
-                            batch_size=args.batch_size,
-                            on_result=print_table if distributed.reports_results() else None)
+                            batch_size=args.batch_size, on_result=shown if distributed.reports_results() else None)
+        shown.raise_failure()
         return 0
     from jaxgen.outputs.evaluate import evaluate_run
 
+    shown = ShownWhileItCan(lambda result: print(strict_json.dumps(result), flush=True),
+                            f"the results are recorded in {args.run_dir}/eval.jsonl")
     evaluate_run(args.run_dir, args.step, args.overrides, all_steps=args.all,
-                 on_result=(lambda result: print(strict_json.dumps(result), flush=True))
-                 if distributed.reports_results() else None)
+                 on_result=shown if distributed.reports_results() else None)
+    shown.raise_failure()
     return 0
 
 
@@ -246,13 +292,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
     streaming = given["prompt"] is None or len(given["prompt"]) == 1
     pieces: list[str] = []
 
-    def show(piece: str) -> None:
-        print(piece, end="", flush=True)
+    failure: list[str] = []
+
+    def show(piece: str) -> None:  # called inside the decoder (a JAX callback): a failure is kept, not raised
+        if not failure:
+            try:
+                print(piece, end="", flush=True)
+            except OSError as err:
+                failure.append(stdout_failure(err))
         streamed(piece)
         pieces.append(piece)
 
     records = sample_run(args.run_dir, given, args.step, args.overrides,
                          on_text=show if streaming else None)
+    if failure:
+        raise OutputWriteError(f"standard output could not be written ({failure[0]}) while the text was drawn")
     if pieces:  # the text was shown as it came: the record is that text
         print()
     for record in records if not pieces else []:
@@ -268,7 +322,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from jaxgen.outputs.export import export_run
 
     out = export_run(args.run_dir, args.out, args.format, args.dtype, args.step, args.overrides)
-    print(f"exported to {out}")
+    report(f"exported to {out}", f"the export is complete in {out}")
     return 0
 
 
@@ -284,14 +338,14 @@ def cmd_import(args: argparse.Namespace) -> int:
     if is_diffusers_vae(args.source):
         out = import_diffusers(args.source, args.out)
         where = shlex.quote(str(out))  # a line to paste into a shell, whatever the path holds
-        print(f"imported into {out}; fine-tune with --config {shlex.quote(str(out / 'config.yaml'))} "
-              f"checkpoint.init_from={where}")
+        report(f"imported into {out}; fine-tune with --config {shlex.quote(str(out / 'config.yaml'))} "
+               f"checkpoint.init_from={where}", f"the import is complete in {out}")
         return 0
     importer = import_bert if is_bert_dir(args.source) else import_t5 if is_t5_dir(args.source) else import_hf
     out = importer(args.source, args.out)
     where = shlex.quote(str(out))
-    print(f"imported into {out}; fine-tune with --config {shlex.quote(str(out / 'config.yaml'))} "
-          f"checkpoint.init_from={where} data.tokenizer={where}")
+    report(f"imported into {out}; fine-tune with --config {shlex.quote(str(out / 'config.yaml'))} "
+           f"checkpoint.init_from={where} data.tokenizer={where}", f"the import is complete in {out}")
     return 0
 
 

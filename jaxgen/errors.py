@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import re
+import traceback
 from typing import TypeVar
 
 
@@ -170,7 +171,18 @@ def describe_os_error(err: OSError) -> str:
     words = (os_error_words(err.errno, names[0] if names else None) if err.errno else None) or err.strerror or str(err)
     if not names and err.errno == errno.EPIPE:
         return _CLOSED_OUTPUT
+    if err.errno == errno.ENOENT and not all(map(os.path.isabs, names or ["."])) and _working_directory_gone():
+        words += (" (the current directory was removed after this command started in it: cd into one that exists, "
+                  "or give absolute paths)")
     return f"{' -> '.join(names)}: {words}" if names else words
+
+
+def _working_directory_gone() -> bool:
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return True
+    return False
 
 
 def json_problem(err: json.JSONDecodeError) -> str:
@@ -209,6 +221,12 @@ READER_OUT_OF_MEMORY_ADVICE = ("ask for less at once (fewer prompts or images, a
                                "sharding.preset=fsdp)")
 
 
+def _raised_in(err: BaseException, source: str) -> bool:
+    """Whether `err` was raised in the file `source` (its innermost frame)."""
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and frames[-1].filename.replace(os.sep, "/").endswith(source)
+
+
 def describe(err: BaseException, command: str | None = None) -> tuple[str, int]:
     """The one line (after 'jaxgen: ') and exit status for any failure that reaches the command line
     (`command`: the jaxgen command that failed, whose remedies an out-of-memory error names)."""
@@ -227,11 +245,16 @@ def describe(err: BaseException, command: str | None = None) -> tuple[str, int]:
         return (f"error: another process of the run stopped, breaking this one's collective ({first_line(err, 200)}); "
                 "that process's own log says why, or nothing where it was killed outright (kill -9, the "
                 "out-of-memory killer)"), 1
-    if str(err).startswith("Unable to initialize backend"):  # the machine's setting, not the code: a user error
+    # The machine's setting, not the code: a user error. A platform whose JAX plugin is not installed fails an
+    # assertion inside JAX's backend set-up (an attribute error where Python drops assertions).
+    unable = str(err).startswith("Unable to initialize backend")
+    if unable or (os.environ.get("JAX_PLATFORMS") and _raised_in(err, "jax/_src/xla_bridge.py")):
         asked = os.environ.get("JAX_PLATFORMS", "")
         where = f"JAX_PLATFORMS={asked!r}" if asked else "the JAX platform asked for"
-        return (f"error: {where}: JAX cannot start it here ({first_line(err, 240)}); unset JAX_PLATFORMS to use what "
-                "this machine has, or name what it has (cpu, cuda, rocm, tpu)"), 2
+        why = (first_line(err, 240) if unable
+               else "JAX has no backend for it: is its plugin, e.g. jax[cuda12], installed?")
+        return (f"error: {where}: JAX cannot start it here ({why}); unset JAX_PLATFORMS to use what this machine has, "
+                "or name what it has (cpu, cuda, rocm, tpu)"), 2
     if "RESOURCE_EXHAUSTED" in str(err):
         advice = OUT_OF_MEMORY_ADVICE.get(command or "train", READER_OUT_OF_MEMORY_ADVICE)
         return f"error: a device ran out of memory ({first_line(err, 200)}); {advice}", 1

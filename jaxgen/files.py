@@ -508,3 +508,14 @@ def _read_holder(fd: int) -> dict | None:
 def user_cache_dir() -> pathlib.Path:
     """What jaxgen keeps per user and machine between runs: $XDG_CACHE_HOME/jaxgen, else ~/.cache/jaxgen."""
     return pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "jaxgen"
+
+
+def make_private_directory(path: pathlib.Path) -> None:
+    """Make `path` (and its parents) where it does not exist, itself readable and writable by this user alone
+    whatever the umask: a compiled program read from a cache runs as the reader's code, so a cache others
+    could write in (umask 000) would run theirs."""
+    if path.is_dir():
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o700)

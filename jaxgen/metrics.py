@@ -25,7 +25,7 @@ import numpy as np
 
 from jaxgen.device_memory import usable_cores
 from jaxgen.errors import Preempted
-from jaxgen.files import append_line, user_cache_dir, write_atomic
+from jaxgen.files import append_line, make_private_directory, user_cache_dir, write_atomic
 
 if TYPE_CHECKING:
     from jaxgen.trackers import Outcome, Trackers
@@ -87,7 +87,7 @@ class PeakCache:
         if measured > entries.get(key, 0.0):
             entries[key] = measured
             try:  # only a help to later runs: a read-only home must not stop this one
-                self.path.parent.mkdir(parents=True, exist_ok=True)
+                make_private_directory(self.path.parent)
                 write_atomic(self.path, json.dumps(entries, indent=1, sort_keys=True) + "\n")
             except OSError as err:
                 log.debug("could not keep the matmul peak in %s: %s", self.path, err)

@@ -304,6 +304,41 @@ def test_file_system_errors_are_named_in_words(tmp_path, monkeypatch):
     assert a_file.read_text() == "x"
 
 
+def test_a_platform_without_its_plugin_and_a_removed_working_directory_are_named(tmp_path, monkeypatch):
+    """`JAX_PLATFORMS=cuda` without the CUDA plugin failed an assertion inside JAX: 'unexpected AssertionError';
+    a working directory removed under the shell said only 'no such file or directory'."""
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    try:  # raised where JAX raises it: its backend set-up
+        exec(compile("assert False", "/site-packages/jax/_src/xla_bridge.py", "exec"))
+    except AssertionError as err:
+        assert describe(err) == (
+            "error: JAX_PLATFORMS='cuda': JAX cannot start it here (JAX has no backend for it: is its plugin, e.g. "
+            "jax[cuda12], installed?); unset JAX_PLATFORMS to use what this machine has, or name what it has (cpu, "
+            "cuda, rocm, tpu)", 2)
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    assert describe(FileNotFoundError(errno.ENOENT, "No such file or directory"))[0] == (
+        "error: no such file or directory (the current directory was removed after this command started in it: cd "
+        "into one that exists, or give absolute paths)")
+    absolute = FileNotFoundError(errno.ENOENT, "No such file or directory", "/nowhere/x")
+    assert describe(absolute)[0] == "error: /nowhere/x: no such file or directory"  # not the working directory's
+
+
+def test_the_user_cache_is_private_whatever_the_umask(tmp_path):
+    """Under umask 000 the compilation cache was made world-writable: anyone could put a program there that the
+    next run would execute."""
+    from jaxgen.files import make_private_directory
+
+    before = os.umask(0)
+    try:
+        make_private_directory(tmp_path / "cache" / "jaxgen")
+    finally:
+        os.umask(before)
+    assert oct((tmp_path / "cache" / "jaxgen").stat().st_mode & 0o777) == oct(0o700)
+
+
 def test_a_file_system_out_of_inodes_is_not_called_out_of_space(tmp_path, monkeypatch):
     """A tmpfs out of inodes said 'no space left on device' while `df -h` showed it half empty."""
     import collections

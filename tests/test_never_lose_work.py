@@ -449,6 +449,32 @@ def test_a_console_that_goes_away_or_was_never_there_never_stops_the_run(straigh
     assert silent.returncode == 0 and sorted(p.name for p in (tmp_path / "shapes").iterdir()) == ["test", "train"]
 
 
+def test_results_are_recorded_though_stdout_fails_and_finished_work_succeeds_without_it(straight, tmp_path):
+    """`jaxgen eval --all > /dev/full` (or `| head -1`): the first print failed before its result was recorded,
+    and --all stopped there. `jaxgen export ... | true` exported whole, then exited 1 on its last line: a job
+    script retried it, and was refused by the export it had made."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight[0], run_dir)
+    (run_dir / "eval.jsonl").unlink(missing_ok=True)
+
+    def to_full_stdout(*args):
+        with open("/dev/full", "w") as full:
+            return subprocess.run([sys.executable, "-m", "jaxgen", *args], stdout=full, stderr=subprocess.PIPE,
+                                  text=True, timeout=300)
+
+    scored = to_full_stdout("eval", "--run-dir", str(run_dir), "--all")
+    assert scored.returncode == 1 and error_lines(scored.stderr) == [
+        "jaxgen: error: standard output could not be written (no space left on device); the results are recorded "
+        f"in {run_dir}/eval.jsonl"], scored.stderr[-2000:]
+    assert [r["step"] for r in read_metrics(run_dir / "eval.jsonl")] == committed_steps(checkpoint_dir(run_dir))
+    exported = to_full_stdout("export", "--run-dir", str(run_dir), "--format", "safetensors", "--out",
+                              str(tmp_path / "exported"))
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert ("WARNING standard output could not be written (no space left on device); the export is complete in "
+            f"{tmp_path / 'exported'}") in exported.stderr
+    assert (tmp_path / "exported" / "model.safetensors").is_file()
+
+
 def test_a_different_tokenizer_is_refused_on_resume_and_nothing_is_touched(straight, tmp_path):
     from jaxgen.data.corpus import BUNDLED_CORPUS, iter_documents
     from jaxgen.data.tokenizer import train_tokenizer

@@ -11,6 +11,7 @@ the directory, instead of JAX's two lines per program.
 from __future__ import annotations
 
 import collections
+import contextlib
 import glob
 import logging
 import os
@@ -21,7 +22,7 @@ import warnings
 import jax
 
 from jaxgen.errors import ConfigError
-from jaxgen.files import user_cache_dir
+from jaxgen.files import make_private_directory, user_cache_dir
 
 log = logging.getLogger("jaxgen")
 
@@ -49,6 +50,9 @@ def use_compilation_cache(setting: str | None) -> str | None:
     if setting == "auto":
         directory = (jax.config.jax_compilation_cache_dir or os.environ.get("JAX_COMPILATION_CACHE_DIR")
                      or str(user_cache_dir() / "compilation"))
+        if directory.startswith(str(user_cache_dir())):
+            with contextlib.suppress(OSError):  # one that cannot be made is named below
+                make_private_directory(user_cache_dir())
     else:
         directory = str(pathlib.Path(setting).expanduser())
     problem = unwritable_directory(pathlib.Path(directory))
