@@ -300,6 +300,10 @@ def test_a_task_file_is_named_by_its_absolute_path_so_two_folders_never_share_a_
                   f"multiple_choice=mine.jsonl,multiple_choice={tmp_path / 'link.jsonl'}"):
         with pytest.raises(ConfigError, match="a task is named twice"):
             parse_task_names([twice])
+    for clash in (f"multiple_choice=mine.jsonl,multiple_choice={tmp_path / 'a' / 'mine.jsonl'}",
+                  "piqa,multiple_choice=piqa.jsonl"):
+        with pytest.raises(ConfigError, match=r"two tasks would be logged as (mine|piqa)/acc \("):
+            parse_task_names([clash])
 
 
 def test_scores_on_a_sharded_model_equal_the_replicated_ones(trained, task_data):

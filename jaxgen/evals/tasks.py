@@ -161,6 +161,10 @@ def parse_task_names(specs: list[str]) -> list[str]:
     same = [os.path.realpath(name.partition("=")[2]) if name.startswith(f"{GENERIC}=") else name for name in names]
     if len(set(same)) != len(same):
         raise ConfigError(f"a task is named twice in {','.join(names)}")
+    stems = [pathlib.Path(name.partition("=")[2]).stem for name in names if name.startswith(f"{GENERIC}=")]
+    if clash := next((stem for stem in stems if stems.count(stem) > 1 or stem in names), None):
+        raise ConfigError(f"two tasks would be logged as {clash}/acc ({','.join(names)}): a {GENERIC} file is "
+                          "logged by its name without .jsonl; rename one")
     return names
 
 
