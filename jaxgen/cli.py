@@ -375,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     # for it: a finished run's summary or a sample's text must not fail over a character.
     with contextlib.suppress(AttributeError, ValueError):
         sys.stdout.reconfigure(errors="backslashreplace")
+    # The data loader's worker processes share memory through a tracker process, started with this process's
+    # warning options; after a failure (the line that says why) it warned of "leaked" segments it then removed.
+    sys.warnoptions.append("ignore:resource_tracker:UserWarning")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("jaxgen").setLevel(logging.INFO)
     if not debug:

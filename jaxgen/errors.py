@@ -140,6 +140,12 @@ def os_error_words(code: int, where: str | os.PathLike | None = None) -> str:
     be out of inodes, where `df -h` would show free space and the words 'no space left' mislead."""
     if code == errno.ENOSPC and where is not None and _out_of_inodes(where):
         return "no free inodes left on device (the file system can make no more files, though space remains)"
+    if code == errno.EMFILE:  # the limit is the process's, whichever file met it
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return (f"too many open files (this process may open {limit:,}: raise that with `ulimit -n`, or set "
+                "data.workers lower)")
     return _OS_ERROR_WORDS.get(code) or os.strerror(code)
 
 

@@ -326,6 +326,24 @@ def test_a_platform_without_its_plugin_and_a_removed_working_directory_are_named
     assert describe(absolute)[0] == "error: /nowhere/x: no such file or directory"  # not the working directory's
 
 
+def test_too_many_open_files_names_the_limit_and_a_hung_exit_is_cut_short(tmp_path):
+    """Under `ulimit -n 64` with data workers the run said 'too many open files' naming a cache folder, then hung
+    for ever as it exited: Orbax's threads of a half-started save waited for a signal that never came."""
+    import resource
+
+    from jaxgen.errors import os_error_words
+
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert os_error_words(errno.EMFILE) == (f"too many open files (this process may open {limit:,}: raise that with "
+                                            "`ulimit -n`, or set data.workers lower)")
+    stuck = ("import threading, jaxgen.__main__ as entry\n"
+             "threading.Thread(target=threading.Event().wait).start()  # never ends, and is waited for at exit\n"
+             "entry.leave_within(1.0, 3)\nraise SystemExit(3)")
+    started = time.monotonic()
+    ended = subprocess.run([sys.executable, "-c", stuck], timeout=60)
+    assert ended.returncode == 3 and time.monotonic() - started < 30
+
+
 def test_the_user_cache_is_private_whatever_the_umask(tmp_path):
     """Under umask 000 the compilation cache was made world-writable: anyone could put a program there that the
     next run would execute."""

@@ -415,3 +415,29 @@ def test_a_mixture_entry_is_named_by_its_place_in_the_mixture(tmp_path):
         list(one_pass_documents(unfielded.data, "train"))
     assert "has no field 'text' (data.mixture[0].field)" in one_line(err)
     assert "set data.mixture[0].field to the key of the text" in one_line(err)
+
+
+def test_a_data_loader_worker_that_dies_or_has_no_shared_memory_is_a_data_error_naming_why():
+    """A worker killed by the out-of-memory killer stopped the run as 'unexpected RuntimeError: Worker process was
+    terminated ... Search the logs above' (where nothing was), losing the steps since the last checkpoint; a full
+    /dev/shm said only 'no space left on device'. As data errors, a one-process run saves its steps first."""
+    import errno
+
+    from jaxgen.data.pipeline import user_errors_unwrapped
+
+    killed = RuntimeError("Worker process was terminated unexpectedly with exit code -9. Search the logs above for "
+                          "the source of the crash.")
+    with pytest.raises(DataError) as said, user_errors_unwrapped():
+        raise killed
+    assert str(said.value) == ("a data loader worker process (data.workers) was killed by SIGKILL (the out-of-memory "
+                               "killer, or kill -9); if memory ran out, set data.workers lower or data.prefetch "
+                               "smaller")
+    with pytest.raises(DataError, match=r"^a data loader worker process \(data.workers\) exited with status 3;"), \
+            user_errors_unwrapped():
+        raise RuntimeError("Worker process was terminated unexpectedly with exit code 3.")
+    with pytest.raises(DataError, match=r"^no space left in the shared memory \(/dev/shm\) the data loader's worker "
+                                        r"processes pass batches through; make /dev/shm larger"), \
+            user_errors_unwrapped():
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(RuntimeError, match="something else"), user_errors_unwrapped():
+        raise RuntimeError("something else")

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import errno
 import os
+import re
 import signal
 import threading
 import time
@@ -93,10 +95,35 @@ def user_errors_unwrapped() -> Iterator[None]:
     except Exception as err:
         original = _user_error_in_chain(err)
         if original is None:
+            if (failure := _worker_failure(err)) is not None:
+                raise DataError(failure) from None
             raise
         if hasattr(original, "__notes__"):
             del original.__notes__
         raise original from None
+
+
+# What grain raises when a worker process dies (its exit code negative: the signal that killed it).
+_WORKER_DIED = re.compile(r"Worker process was terminated unexpectedly with exit code (-?\d+)")
+
+
+def _worker_failure(err: BaseException) -> str | None:
+    """The line for a failure of the data loader's worker processes (data.workers > 0), else None: one killed
+    (grain said "Search the logs above", where nothing is), or no room in the shared memory they pass batches
+    through (the bare "no space left on device" of a semaphore or segment that names no file)."""
+    if died := _WORKER_DIED.search(str(err)):
+        code = int(died.group(1))
+        if code < 0:
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+            how = f"was killed by {name}" + (" (the out-of-memory killer, or kill -9)" if -code == 9 else "")
+        else:
+            how = f"exited with status {code}"
+        return (f"a data loader worker process (data.workers) {how}; if memory ran out, set data.workers lower "
+                "or data.prefetch smaller")
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC and not err.filename:
+        return ("no space left in the shared memory (/dev/shm) the data loader's worker processes pass batches "
+                "through; make /dev/shm larger (a container's --shm-size), or set data.workers=0")
+    return None
 
 
 def _user_error_in_chain(err: BaseException) -> JaxgenError | None:

@@ -120,7 +120,8 @@ class StepRecords:
         host.update({f"{self.unit}_per_s": rates["units_per_s"], "mfu": rates["mfu"]})
         self.writer.write(step, {**host, **({"skipped": 1.0} if skipped else {})})
         self.last = host
-        self.bar.set_postfix(loss=f"{host['loss']:.3f}", **{f"{self.unit}/s": f"{rates['units_per_s']:,.0f}"})
+        self.bar.set_postfix(loss=f"{host['loss']:.3f}", **{f"{self.unit}/s": f"{rates['units_per_s']:,.0f}"},
+                             refresh=False)  # drawn at the bar's own pace (a log file's is slow)
 
 
 class Evaluate:
@@ -137,7 +138,7 @@ class Evaluate:
         loss_sum, weight = held_out_sums(self.training.eval_step, sampling_params(self.progress.state), self.eval_set)
         self.history.append(loss_sum / max(weight, 1.0))
         self.writer.write(step, {"eval_loss": self.history[-1]})
-        self.bar.set_postfix(eval_loss=f"{self.history[-1]:.3f}")
+        self.bar.set_postfix(eval_loss=f"{self.history[-1]:.3f}", refresh=False)
         self.meter.restart(step)
 
 
@@ -216,6 +217,7 @@ class Save:
             self.ckpt.wait()
         except Exception as err:  # the same full disk, most likely
             why = getattr(err, "reason", None) or first_line(err, 200)  # a CheckpointWriteError's says it shortest
-            return error(f"{failed}; saving step {step} before stopping failed too ({why}); {kept}")
+            why = "for the same reason" if why in failed else f"({why})"
+            return error(f"{failed}; saving step {step} before stopping failed too {why}; {kept}")
         self.progress.last_saved = step
         return error(f"{failed}; checkpoint {step} was saved first, so no step is lost; {again()} once it is mended")
