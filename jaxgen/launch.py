@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pathlib
 import re
 import signal
 import socket
@@ -169,6 +170,9 @@ def _wait(procs: list[subprocess.Popen], out: TextIO, lock: threading.Lock, copi
             copiers[index].join(timeout=LAST_LINES_S)  # its last line, copied, says whether it only relayed
             cause = failed_first(index, copied.last_words.get(index, ""), len(procs))
             after = f" after process {cause} failed (its line says why)" if cause is not None else ""
+            if cause is None and (paused := suspended(procs)):  # JAX aborts the others when its heartbeats stop
+                after = (f" after process {paused[0]} was suspended (SIGSTOP or Ctrl-Z) and sent no heartbeats; "
+                         "resume a job with SIGCONT before --heartbeat-timeout")
             what = (("saved a checkpoint and stopped (status 75)" + "; waiting for the others" * others)
                     if status == EXIT_PREEMPTED else how_it_ended(code) + after + "; stopping the others" * others)
             with lock:
@@ -191,6 +195,19 @@ def failed_first(index: int, last_line: str, processes: int) -> int | None:
     relayed = RELAYED_STOP.match(last_line)
     cause = int(relayed.group(1)) if relayed else None
     return cause if cause is not None and cause != index and cause < processes else None
+
+
+def suspended(procs: list[subprocess.Popen]) -> list[int]:
+    """The processes still running but stopped by a signal (state T in /proc; none where there is no /proc)."""
+    paused = []
+    for index, proc in enumerate(procs):
+        try:
+            stat = pathlib.Path(f"/proc/{proc.pid}/stat").read_text()
+        except OSError:
+            continue
+        if proc.poll() is None and stat.rpartition(")")[2].split()[:1] in (["T"], ["t"]):
+            paused.append(index)
+    return paused
 
 
 def how_it_ended(returncode: int) -> str:

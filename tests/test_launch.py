@@ -441,3 +441,20 @@ def test_readme_names_every_launcher():
     readme = (LAUNCH / "README.md").read_text()
     for path in [*SHELL_SCRIPTS, *LAUNCH.rglob("*.yaml"), LAUNCH / "docker" / "Dockerfile"]:
         assert str(pathlib.Path(path).relative_to(REPO)) in readme, path
+
+
+def test_a_suspended_process_is_named_as_the_cause_of_the_others_abort():
+    """SIGSTOP on process 1: JAX aborted process 0 for its missing heartbeats, and the launcher blamed process 0."""
+    from jaxgen.launch import suspended
+
+    running, paused = subprocess.Popen(["sleep", "30"]), subprocess.Popen(["sleep", "30"])
+    try:
+        paused.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while suspended([running, paused]) != [1] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert suspended([running, paused]) == [1]
+    finally:
+        for proc in (running, paused):
+            proc.kill()
+            proc.wait()
