@@ -254,7 +254,8 @@ def describe(err: BaseException, command: str | None = None) -> tuple[str, int]:
     # The machine's setting, not the code: a user error. A platform whose JAX plugin is not installed fails an
     # assertion inside JAX's backend set-up (an attribute error where Python drops assertions).
     unable = str(err).startswith("Unable to initialize backend")
-    if unable or (os.environ.get("JAX_PLATFORMS") and _raised_in(err, "jax/_src/xla_bridge.py")):
+    if unable or (os.environ.get("JAX_PLATFORMS") and isinstance(err, (AssertionError, AttributeError))
+                  and _raised_in(err, "jax/_src/xla_bridge.py")):
         asked = os.environ.get("JAX_PLATFORMS", "")
         where = f"JAX_PLATFORMS={asked!r}" if asked else "the JAX platform asked for"
         why = (first_line(err, 240) if unable
