@@ -70,13 +70,13 @@ def absolute(path: str | os.PathLike) -> pathlib.Path:
 
 
 def hidden_beside(path: pathlib.Path, kind: str) -> pathlib.Path:
-    """`.NAME.KIND` beside `path`; where NAME's UTF-8 is over 180 bytes, its start and a digest of the whole. A
-    hidden name built on an output's must fit the file system's 255 bytes a name (with a host, a process number
-    and `.removed` added) whatever the output's own name, and stay the same for the same name (leftovers and
-    locks are found by it)."""
+    """`.NAME.KIND` beside `path`; where NAME's UTF-8 is over 150 bytes, its start and a digest of the whole. A
+    hidden name built on an output's must fit the file system's 255 bytes a name (with a host name of up to 64,
+    a process number and `.removed` added) whatever the output's own name, and stay the same for the same name
+    (leftovers and locks are found by it)."""
     encoded = path.name.encode("utf-8", "surrogateescape")
-    name = path.name if len(encoded) <= 180 else (
-        encoded[:163].decode("utf-8", "ignore") + "~" + hashlib.sha256(encoded).hexdigest()[:16])
+    name = path.name if len(encoded) <= 150 else (
+        encoded[:133].decode("utf-8", "ignore") + "~" + hashlib.sha256(encoded).hexdigest()[:16])
     return path.with_name(f".{name}.{kind}")
 
 
